@@ -1,0 +1,3 @@
+from zimage_serve.cli import main
+
+main()

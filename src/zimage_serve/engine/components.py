@@ -1,0 +1,128 @@
+"""Building one component (transformer, text encoder, VAE) from a checkpoint, checked before it loads.
+
+The model is constructed on the meta device from its config, the checkpoint's tensors are renamed and
+compared with the model's own (nothing missing, nothing left over, every shape equal), and only then
+are the tensors read, straight onto the target device in the target dtype, and assigned in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, ZImageTransformer2DModel
+from transformers import Qwen3Config, Qwen3Model
+
+from zimage_serve.engine import configs
+from zimage_serve.engine.checkpoint import Checkpoint, name_keys
+from zimage_serve.engine.keymap import Kind, is_ldm_vae, to_diffusers
+from zimage_serve.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class ComponentSource:
+    """Where one component's weights are, and its config when the layout ships one."""
+
+    kind: Kind
+    weights: Path  # a .safetensors file or a shard index
+    config: dict[str, Any] | None = None  # None: inferred from the tensor shapes
+
+    @property
+    def layout(self) -> str:
+        return "diffusers" if self.config is not None else "single file"
+
+
+@dataclass
+class PreparedComponent:
+    """A component checked against its checkpoint and ready to be read."""
+
+    source: ComponentSource
+    checkpoint: Checkpoint
+    config: dict[str, Any]
+    empty_model: torch.nn.Module  # parameters on the meta device until `load`
+
+    @property
+    def nbytes(self) -> int:
+        return self.checkpoint.nbytes
+
+
+def prepare(source: ComponentSource) -> PreparedComponent:
+    """Read headers, settle the config and check every key and shape. Reads no tensor data."""
+    checkpoint = Checkpoint.open(source.weights)
+    meta = checkpoint.meta_state_dict()
+    config = source.config
+    if config is None:
+        config = _infer_config(source.kind, meta, checkpoint.origin)
+    conversion = to_diffusers(source.kind, meta, config if source.kind == "vae" else None)
+    model = build_empty(source.kind, config, checkpoint.origin)
+    _check_keys(checkpoint.origin, source.kind, conversion.state, conversion.unused, model)
+    return PreparedComponent(source, checkpoint, config, model)
+
+
+def load(prepared: PreparedComponent, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Read the tensors onto `device` and fill the prepared model; call once per prepared component."""
+    source, checkpoint = prepared.source, prepared.checkpoint
+    tensors = checkpoint.load(checkpoint.tensors.keys(), device, dtype)
+    state = to_diffusers(source.kind, tensors, prepared.config if source.kind == "vae" else None).state
+    model = prepared.empty_model
+    model.load_state_dict({key: value.contiguous() for key, value in state.items()}, strict=True, assign=True)
+    # Parameters are already in place; this moves the buffers built at construction (e.g. RoPE tables).
+    model.to(device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def build_empty(kind: Kind, config: dict[str, Any], origin: Path) -> torch.nn.Module:
+    """The model with parameters on the meta device; buffers stay real so derived tables are kept."""
+    try:
+        with init_empty_weights(include_buffers=False):
+            if kind == "transformer":
+                module: torch.nn.Module = ZImageTransformer2DModel.from_config(config)
+            elif kind == "text_encoder":
+                settings = {k: v for k, v in config.items() if not k.startswith("_")}
+                qwen_config = Qwen3Config(**settings)
+                qwen_config._attn_implementation = "sdpa"
+                module = Qwen3Model(qwen_config)
+            else:
+                module = AutoencoderKL.from_config(config)
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        raise ModelLoadError(origin, f"the {kind} config does not describe a buildable model: {exc}") from exc
+    return module
+
+
+def _infer_config(kind: Kind, meta: dict[str, torch.Tensor], origin: Path) -> dict[str, Any]:
+    if kind == "vae":
+        if not is_ldm_vae(meta):
+            raise ModelLoadError(origin, "a single-file VAE must be in the original (ae.safetensors) layout")
+        return configs.vae_config(meta, origin)
+    renamed = to_diffusers(kind, meta).state
+    if kind == "transformer":
+        return configs.transformer_config(renamed, origin)
+    return configs.text_encoder_config(renamed, origin)
+
+
+def _check_keys(
+    origin: Path, kind: Kind, state: dict[str, torch.Tensor], unused: list[str], model: torch.nn.Module
+) -> None:
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problems = []
+    if unused:
+        problems.append(f"{len(unused)} tensors that no {kind} weight uses: {name_keys(unused)}")
+    unexpected = sorted(state.keys() - expected.keys())
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown tensors: {name_keys(unexpected)}")
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        problems.append(f"{len(missing)} missing tensors: {name_keys(missing)}")
+    wrong = [
+        f"{key} is {list(state[key].shape)}, expected {list(shape)}"
+        for key, shape in sorted(expected.items())
+        if key in state and tuple(state[key].shape) != shape
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} tensors of the wrong shape: {'; '.join(wrong[:8])}")
+    if problems:
+        raise ModelLoadError(origin, f"does not match the {kind} it should hold: " + " | ".join(problems))

@@ -1,0 +1,137 @@
+"""Where the model runs: device, dtypes and memory mode, chosen automatically or by the user."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from zimage_serve.errors import DeviceError
+
+GIB = 1024**3
+# Cards of this size and less stream weights layer by layer (sequential offload).
+SEQUENTIAL_OFFLOAD_MAX_VRAM = 12 * GIB
+# Headroom over the weights for activations, the CUDA context and the allocator's slack.
+ACTIVATION_HEADROOM = 1.25
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+class MemoryMode(str, enum.Enum):
+    GPU = "gpu"  # every component resident on the accelerator
+    MODEL = "model"  # one component on the accelerator at a time
+    SEQUENTIAL = "sequential"  # weights streamed to the accelerator module by module
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype  # transformer and text encoder
+    vae_dtype: torch.dtype  # never fp16: the Flux VAE overflows to black images in it
+    memory_mode: MemoryMode
+
+    @property
+    def load_device(self) -> torch.device:
+        """Offload modes keep weights in host memory and let hooks move them."""
+        return self.device if self.memory_mode is MemoryMode.GPU else torch.device("cpu")
+
+    def describe(self) -> str:
+        return (
+            f"device {self.device}, dtype {dtype_name(self.dtype)} "
+            f"(VAE {dtype_name(self.vae_dtype)}), memory mode {self.memory_mode}"
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next((name for name, value in DTYPES.items() if value == dtype), str(dtype))
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA > MPS > CPU for "auto"; otherwise the named device, checked to exist."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise DeviceError(f"device: {requested!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device: CUDA was requested but no CUDA GPU is visible to PyTorch")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device: cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError("device: MPS was requested but is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device: {requested!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
+def pick_dtypes(device: torch.device, requested: str = "auto") -> tuple[torch.dtype, torch.dtype]:
+    """(model dtype, VAE dtype). bf16 on accelerators, fp32 on the CPU where bf16 matmuls are slow."""
+    if requested == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        elif device.type == "mps":
+            dtype = torch.bfloat16
+        else:
+            dtype = torch.float32
+    else:
+        if requested not in DTYPES:
+            raise DeviceError(f"dtype: {requested!r} is not one of auto, {', '.join(DTYPES)}")
+        dtype = DTYPES[requested]
+    if dtype == torch.float16:
+        vae_dtype = torch.float32
+    elif device.type == "cuda":
+        vae_dtype = dtype
+    else:
+        vae_dtype = torch.float32
+    return dtype, vae_dtype
+
+
+def pick_memory_mode(
+    device: torch.device, requested: str, weight_bytes: int, total_memory: int | None = None
+) -> MemoryMode:
+    """Offload only where it is needed: all on the GPU when the weights fit with headroom."""
+    if requested != "auto":
+        try:
+            mode = MemoryMode(requested)
+        except ValueError as exc:
+            choices = ", ".join(m.value for m in MemoryMode)
+            raise DeviceError(f"memory_mode: {requested!r} is not one of auto, {choices}") from exc
+        if mode is not MemoryMode.GPU and device.type != "cuda":
+            raise DeviceError(
+                f"memory_mode: {mode} offloads to host memory from a CUDA GPU; the device here is {device}"
+            )
+        return mode
+    if device.type != "cuda":
+        return MemoryMode.GPU
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    return memory_mode_for(total_memory, weight_bytes)
+
+
+def memory_mode_for(total_memory: int, weight_bytes: int) -> MemoryMode:
+    if weight_bytes * ACTIVATION_HEADROOM <= total_memory:
+        return MemoryMode.GPU
+    if total_memory <= SEQUENTIAL_OFFLOAD_MAX_VRAM:
+        return MemoryMode.SEQUENTIAL
+    return MemoryMode.MODEL
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())

@@ -1,0 +1,125 @@
+"""A random-weight model of Z-Image's exact architecture, written as an official diffusers folder.
+
+It is the starting point of zimage-nano's training, the stand-in default until trained weights ship,
+and what the tests build their checkpoints from. Every weight is drawn at random (no zero-initialised
+layer), so a mis-mapped tensor anywhere changes the output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+from transformers import Qwen3Config, Qwen3Model
+
+from zimage_serve.engine import configs
+from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
+from zimage_serve.nano.tokenizer import train_tokenizer
+
+_COLOURS_EN = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan"]
+_COLOURS_ZH = ["红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "白色", "黑色", "粉色", "青色"]
+_SHAPES_EN = ["circle", "square", "triangle"]
+_SHAPES_ZH = ["圆形", "正方形", "三角形"]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of each component; field names follow the diffusers / transformers configs."""
+
+    transformer: dict[str, Any] = field(
+        default_factory=lambda: {"dim": 64, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2,
+                                 "n_kv_heads": 2, "cap_feat_dim": 32}
+    )
+    text_encoder: dict[str, Any] = field(
+        default_factory=lambda: {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                                 "max_position_embeddings": 1024}
+    )
+    vae: dict[str, Any] = field(
+        default_factory=lambda: {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
+    )
+    vocab_size: int = 384
+    native_size: int = 64
+
+
+def caption_corpus() -> list[str]:
+    """Short scene descriptions in English and Chinese, enough for a byte-level BPE to find merges."""
+    lines = []
+    for i, (colour_en, colour_zh) in enumerate(zip(_COLOURS_EN, _COLOURS_ZH, strict=True)):
+        for j, (shape_en, shape_zh) in enumerate(zip(_SHAPES_EN, _SHAPES_ZH, strict=True)):
+            back_en = _COLOURS_EN[(i + j + 1) % len(_COLOURS_EN)]
+            back_zh = _COLOURS_ZH[(i + j + 1) % len(_COLOURS_ZH)]
+            lines.append(f"a {colour_en} {shape_en} on a {back_en} background")
+            lines.append(f"{back_zh}背景上的一个{colour_zh}{shape_zh}")
+            lines.append(f"左边有一个{colour_zh}的{shape_zh}")
+    return lines
+
+
+def transformer_config(tiny: TinyConfig) -> dict[str, Any]:
+    config = dict(configs.TURBO_TRANSFORMER)
+    config.update(tiny.transformer)
+    head_dim = config["dim"] // config["n_heads"]
+    config["axes_dims"] = [head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8]
+    return config
+
+
+def write_random_model(folder: Path, tiny: TinyConfig | None = None, seed: int = 0,
+                       max_shard_size: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the five components and `model_index.json` under `folder`; return `folder`."""
+    tiny = tiny or TinyConfig()
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    tokenizer = train_tokenizer(caption_corpus(), tiny.vocab_size)
+    tokenizer.save_pretrained(folder / "tokenizer")
+
+    transformer = ZImageTransformer2DModel.from_config(transformer_config(tiny))
+    te_settings = dict(configs.TURBO_TEXT_ENCODER)
+    te_settings.update(tiny.text_encoder, vocab_size=len(tokenizer))
+    text_encoder = Qwen3Model(Qwen3Config(**te_settings))
+    vae_settings = dict(configs.FLUX_VAE)
+    vae_settings.update(tiny.vae)
+    levels = len(vae_settings["block_out_channels"])
+    vae_settings.update(down_block_types=["DownEncoderBlock2D"] * levels,
+                        up_block_types=["UpDecoderBlock2D"] * levels)
+    vae = AutoencoderKL.from_config(vae_settings)
+
+    shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    for name, module in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)):
+        randomise(module, generator)
+        module.to(dtype)
+        module.save_pretrained(folder / name, safe_serialization=True, **shard)
+    FlowMatchEulerDiscreteScheduler.from_config(TURBO_SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    return folder
+
+
+def model_index() -> dict[str, Any]:
+    return {
+        "_class_name": "ZImagePipeline",
+        "_diffusers_version": "0.36.0.dev0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Scaled Gaussian weights everywhere; norm scales near one so activations stay in range."""
+    for name, param in module.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        if "norm" in name and name.endswith("weight"):
+            param.copy_(1.0 + 0.1 * noise)
+        elif param.ndim >= 2:
+            fan_in = math.prod(param.shape[1:])
+            param.copy_(noise / math.sqrt(fan_in))
+        else:
+            param.copy_(0.02 * noise)
