@@ -44,9 +44,14 @@ class Placement:
         return self.device if self.memory_mode is MemoryMode.GPU else torch.device("cpu")
 
     def describe(self) -> str:
+        mode = {
+            MemoryMode.GPU: f"all on {self.device.type}",
+            MemoryMode.MODEL: "model offload (one component on the GPU at a time)",
+            MemoryMode.SEQUENTIAL: "sequential offload (weights streamed to the GPU)",
+        }[self.memory_mode]
         return (
             f"device {self.device}, dtype {dtype_name(self.dtype)} "
-            f"(VAE {dtype_name(self.vae_dtype)}), memory mode {self.memory_mode}"
+            f"(VAE {dtype_name(self.vae_dtype)}), memory mode: {mode}"
         )
 
 

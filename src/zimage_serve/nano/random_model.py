@@ -95,12 +95,14 @@ def write_random_model(folder: Path, tiny: TinyConfig | None = None, seed: int =
         module.to(dtype)
         module.save_pretrained(folder / name, safe_serialization=True, **shard)
     FlowMatchEulerDiscreteScheduler.from_config(TURBO_SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(model_index(tiny.native_size), indent=2) + "\n")
     return folder
 
 
-def model_index() -> dict[str, Any]:
+def model_index(native_size: int | None = None) -> dict[str, Any]:
+    extra = {"_zimage_serve": {"native_size": native_size}} if native_size else {}
     return {
+        **extra,
         "_class_name": "ZImagePipeline",
         "_diffusers_version": "0.36.0.dev0",
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

@@ -1,0 +1,45 @@
+"""The `zimage` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from zimage_serve.cli import generate, info, models
+from zimage_serve.cli.common import console_err, quiet_libraries
+from zimage_serve.errors import ZImageError
+
+app = typer.Typer(
+    name="zimage",
+    help="Generate images with Z-Image models; serve them over ComfyUI's API.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("generate")(generate.generate)
+app.command("models")(models.models)
+app.command("info")(info.info)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point; exits with 1 for a user error (message, no traceback), 2 for bad usage."""
+    quiet_libraries()
+    try:
+        app(args=args)
+    except ZImageError as exc:
+        console_err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console_err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for those who ask
+        if os.environ.get("ZIMAGE_DEBUG"):
+            raise
+        console_err.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            "This is a bug in zimage-serve; run again with ZIMAGE_DEBUG=1 for the traceback.",
+            highlight=False,
+        )
+        sys.exit(70)

@@ -1,0 +1,67 @@
+"""What the commands share: consoles, options, and the model the user means."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from zimage_serve.settings import MODEL_ENV, default_data_dir
+
+console = Console(soft_wrap=True)
+console_err = Console(stderr=True, soft_wrap=True)
+
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model", "-m", help="Diffusers folder, ComfyUI models folder or diffusion-model .safetensors "
+        f"[env {MODEL_ENV}; default: the built-in model]",
+    ),
+]
+TextEncoderOption = Annotated[
+    Path | None, typer.Option("--text-encoder", help="Qwen3-4B .safetensors (ComfyUI split files)")
+]
+VaeOption = Annotated[Path | None, typer.Option("--vae", help="Flux VAE ae.safetensors (ComfyUI split files)")]
+TokenizerOption = Annotated[
+    Path | None, typer.Option("--tokenizer", help="Tokenizer folder, or a diffusers Z-Image folder holding one")
+]
+DataDirOption = Annotated[
+    Path | None, typer.Option("--data-dir", help="Where zimage keeps its data [default: ~/.local/share/zimage]")
+]
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers log advice meant for their developers; our own output says what matters."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="transformers")
+    for name in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def chosen_model(model: Path | None, data_dir: Path | None) -> tuple[Path, str | None]:
+    """The model path, and a label to print when it is the built-in default."""
+    if model is not None:
+        return model, None
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV]), None
+    from zimage_serve.nano.default import default_model
+
+    default = default_model(data_dir or default_data_dir())
+    return default.path, default.label

@@ -1,0 +1,101 @@
+"""`zimage generate`: one prompt to PNG files, with a progress bar."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from zimage_serve.cli.common import (
+    DataDirOption,
+    ModelOption,
+    TextEncoderOption,
+    TokenizerOption,
+    VaeOption,
+    chosen_model,
+    console,
+    console_err,
+)
+from zimage_serve.engine import GenerationParams, StepInfo, open_engine
+from zimage_serve.engine.params import MAX_SEED
+from zimage_serve.png import png_info, save_png
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What the image should show (English or Chinese)")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file to write")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: random]")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps")] = 8,
+    width: Annotated[int | None, typer.Option(help="Multiple of 16 [default: the model's native size]")] = None,
+    height: Annotated[int | None, typer.Option(help="Multiple of 16 [default: the model's native size]")] = None,
+    guidance: Annotated[float, typer.Option(help="Guidance scale; 0 turns CFG off (Turbo)")] = 0.0,
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt (with --guidance > 0)")] = "",
+    shift: Annotated[float, typer.Option(help="Flow shift of the sigma schedule")] = 3.0,
+    batch: Annotated[int, typer.Option("--batch", "-n", help="Images to make; image i uses seed + i")] = 1,
+    model: ModelOption = None,
+    text_encoder: TextEncoderOption = None,
+    vae: VaeOption = None,
+    tokenizer: TokenizerOption = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (the VAE never runs in fp16)")] = "auto",
+    memory_mode: Annotated[str, typer.Option(help="auto, gpu, model or sequential")] = "auto",
+    data_dir: DataDirOption = None,
+) -> None:
+    """Generate images from a prompt and write them as PNG files."""
+    params = GenerationParams(
+        prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+        guidance_scale=guidance, shift=shift, seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
+        batch_size=batch,
+    )
+    params.validate()  # before the model loads: a typo should not cost a load
+    if output is not None and output.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{output} must end in .png", param_hint="--output")
+    model_path, label = chosen_model(model, data_dir)
+    if label:
+        console_err.print(f"[yellow]model:[/] {label}")
+    engine = open_engine(model_path, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+                         device=device, dtype=dtype, memory_mode=memory_mode)
+    console_err.print(f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}): "
+                      f"{engine.model.placement.describe()}", highlight=False)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console_err, transient=True) as progress:
+        task = progress.add_task("denoising", total=params.steps)
+
+        def advance(step: StepInfo) -> None:
+            progress.update(task, completed=step.step)
+
+        result = engine.generate(params, on_step=advance)
+    for warning in result.warnings:
+        console_err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+    base = result.params.to_metadata() | {"model": engine.model.sources.name}
+    paths = _output_paths(output, result.seeds)
+    for image, image_seed, path in zip(result.images, result.seeds, paths, strict=True):
+        save_png(image, path, png_info(base | {"seed": image_seed, "batch_size": 1}))
+        console.print(str(path), highlight=False)
+    t = result.timings
+    console_err.print(
+        f"seed {result.seeds[0]}, {result.params.width}x{result.params.height}, {params.steps} steps: "
+        f"encode {t['encode']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s, "
+        f"total {t['total']:.2f}s", highlight=False,
+    )
+
+
+def _output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
+    if output is not None:
+        if len(seeds) == 1:
+            return [output]
+        return [output.with_name(f"{output.stem}_{i:02d}{output.suffix}") for i in range(len(seeds))]
+    folder = Path("outputs")
+    return [_free_name(folder, f"zimage_{s}") for s in seeds]
+
+
+def _free_name(folder: Path, stem: str) -> Path:
+    counter = 1
+    while (path := folder / f"{stem}_{counter:05d}.png").exists():
+        counter += 1
+    return path

@@ -1,0 +1,98 @@
+"""`zimage models`: what model files are where, and why any of them cannot be used."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from zimage_serve.cli.common import DataDirOption, TokenizerOption, console
+from zimage_serve.engine import components, layouts, loader
+from zimage_serve.engine.components import ComponentSource
+from zimage_serve.errors import ZImageError
+from zimage_serve.settings import MODEL_ENV, default_data_dir
+
+MODELS_ROOT_ENV = "ZIMAGE_MODELS"
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: Path
+    kind: str
+    size: int
+    status: str  # "usable" or the reason it is not
+
+
+def models(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Folders or files to inspect")] = None,
+    tokenizer: TokenizerOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List the models found (the built-in one, $ZIMAGE_MODEL, $ZIMAGE_MODELS and PATHS) and check each."""
+    from zimage_serve.nano.default import default_model
+
+    targets = list(paths or [])
+    if not targets:
+        targets.append(default_model(data_dir or default_data_dir()).path)
+        targets += [Path(os.environ[var]) for var in (MODEL_ENV, MODELS_ROOT_ENV) if os.environ.get(var)]
+    table = Table("path", "kind", "size", "status", show_lines=False)
+    for finding in (f for target in targets for f in inspect(target, tokenizer)):
+        style = "green" if finding.status == "usable" else "red"
+        table.add_row(str(finding.path), finding.kind, _size(finding.size), f"[{style}]{finding.status}[/]")
+    console.print(table)
+
+
+def inspect(target: Path, tokenizer: Path | None = None) -> list[Finding]:
+    if not target.exists():
+        return [Finding(target, "?", 0, "not found")]
+    if target.is_dir() and (target / "model_index.json").exists():
+        return [_whole_model(target, tokenizer, "diffusers folder")]
+    if target.is_dir():
+        findings = [_file(file) for kind in layouts.ROOT_FOLDERS for file in layouts.root_files(target, kind)]
+        if any(f.kind == "transformer" and f.status == "usable" for f in findings):
+            findings.append(_whole_model(target, tokenizer, "ComfyUI models folder"))
+        return findings or [Finding(target, "?", 0, "no model files found here")]
+    return [_file(target)]
+
+
+def _whole_model(path: Path, tokenizer: Path | None, kind: str) -> Finding:
+    """Everything a generation needs, found and fitting together (tokenizer included)."""
+    try:
+        sources = layouts.resolve(path, tokenizer=tokenizer)
+        prepared = loader.prepare_all(sources)
+        loader.load_tokenizer(sources.tokenizer, prepared["text_encoder"].config["vocab_size"])
+        size = sum(p.nbytes for p in prepared.values())
+        return Finding(path, f"{kind} (complete model)", size, "usable")
+    except ZImageError as exc:
+        return Finding(path, f"{kind} (complete model)", 0, str(exc))
+
+
+def _file(path: Path) -> Finding:
+    size = path.stat().st_size if path.is_file() else 0
+    try:
+        kind = layouts.classify(path)
+    except ZImageError as exc:
+        return Finding(path, "?", size, str(exc))
+    if kind == "lora":
+        return Finding(path, "LoRA", size, "usable by workflows (LoraLoader)")
+    if kind == "unknown":
+        return Finding(path, "unknown", size, "not a Z-Image component (tensor names not recognised)")
+    try:
+        components.prepare(ComponentSource(kind, path))  # type: ignore[arg-type]
+    except ZImageError as exc:
+        return Finding(path, kind, size, str(exc))
+    return Finding(path, kind, size, "usable")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes <= 0:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024  # type: ignore[assignment]
+    return ""

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.checkpoints import write_comfy_root
+from zimage_serve.cli.common import quiet_libraries
+from zimage_serve.nano.random_model import write_random_model
+
+# The hub is unreachable here; make the tokenizer search say so at once instead of timing out.
+os.environ["HF_HUB_OFFLINE"] = "1"
+quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An official-layout diffusers folder with sharded weights and shard indexes."""
+    return write_random_model(tmp_path_factory.mktemp("diffusers") / "Z-Image-Tiny", seed=0,
+                              max_shard_size="60KB")
+
+
+@pytest.fixture(scope="session")
+def comfy_root(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ComfyUI models/ folder with the template's file names (no tokenizer: ComfyUI ships none)."""
+    return write_comfy_root(tiny_model, tmp_path_factory.mktemp("comfyui") / "models")
