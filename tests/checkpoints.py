@@ -21,8 +21,11 @@ COMFY_PREFIX = "model.diffusion_model."
 def diffusers_state(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of one component folder, shards or not."""
     index = next(folder.glob("*.safetensors.index.json"), None)
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index else \
-        [p.name for p in folder.glob("*.safetensors")]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index
+        else [p.name for p in folder.glob("*.safetensors")]
+    )
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(folder / name))
@@ -39,11 +42,13 @@ def comfy_transformer(state: dict[str, torch.Tensor], prefix: str = "") -> dict[
             fused = torch.cat([value, state[base + "to_k.weight"], state[base + "to_v.weight"]])
             out[base + "qkv.weight"] = fused
             continue
-        new = (key.replace(".attention.to_out.0.", ".attention.out.")
-               .replace(".attention.norm_q.", ".attention.q_norm.")
-               .replace(".attention.norm_k.", ".attention.k_norm.")
-               .replace("all_x_embedder.2-1.", "x_embedder.")
-               .replace("all_final_layer.2-1.", "final_layer."))
+        new = (
+            key.replace(".attention.to_out.0.", ".attention.out.")
+            .replace(".attention.norm_q.", ".attention.q_norm.")
+            .replace(".attention.norm_k.", ".attention.k_norm.")
+            .replace("all_x_embedder.2-1.", "x_embedder.")
+            .replace("all_final_layer.2-1.", "final_layer.")
+        )
         out[new] = value
     return {prefix + key: value for key, value in out.items()}
 
@@ -60,15 +65,23 @@ def ldm_vae(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tens
         new = key
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", new)
         new = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
-                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.", new)
-        new = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                     lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", new)
-        new = re.sub(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.",
-                     lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.", new)
+        new = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.",
+            new,
+        )
+        new = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+            lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.",
+            new,
+        )
+        new = re.sub(
+            r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}.", new
+        )
         new = new.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        match = re.match(r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$",
-                         new)
+        match = re.match(
+            r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(\w+)$", new
+        )
         if match:
             new = f"{match[1]}.mid.attn_1.{attn[match[2]]}.{match[3]}"
             if value.ndim == 2:
@@ -81,10 +94,14 @@ def write_comfy_root(diffusers_folder: Path, root: Path, prefix: str = "") -> Pa
     """A ComfyUI models/ folder holding the template's file names, converted from `diffusers_folder`."""
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    save_file(comfy_transformer(diffusers_state(diffusers_folder / "transformer"), prefix),
-              root / "diffusion_models" / "z_image_turbo_bf16.safetensors")
-    save_file(comfy_text_encoder(diffusers_state(diffusers_folder / "text_encoder")),
-              root / "text_encoders" / "qwen_3_4b.safetensors")
+    save_file(
+        comfy_transformer(diffusers_state(diffusers_folder / "transformer"), prefix),
+        root / "diffusion_models" / "z_image_turbo_bf16.safetensors",
+    )
+    save_file(
+        comfy_text_encoder(diffusers_state(diffusers_folder / "text_encoder")),
+        root / "text_encoders" / "qwen_3_4b.safetensors",
+    )
     levels = len(json.loads((diffusers_folder / "vae" / "config.json").read_text())["block_out_channels"])
     save_file(ldm_vae(diffusers_state(diffusers_folder / "vae"), levels), root / "vae" / "ae.safetensors")
     return root

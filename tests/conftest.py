@@ -17,8 +17,7 @@ quiet_libraries()
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An official-layout diffusers folder with sharded weights and shard indexes."""
-    return write_random_model(tmp_path_factory.mktemp("diffusers") / "Z-Image-Tiny", seed=0,
-                              max_shard_size="60KB")
+    return write_random_model(tmp_path_factory.mktemp("diffusers") / "Z-Image-Tiny", seed=0, max_shard_size="60KB")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,9 @@ console_err = Console(stderr=True, soft_wrap=True)
 ModelOption = Annotated[
     Path | None,
     typer.Option(
-        "--model", "-m", help="Diffusers folder, ComfyUI models folder or diffusion-model .safetensors "
+        "--model",
+        "-m",
+        help="Diffusers folder, ComfyUI models folder or diffusion-model .safetensors "
         f"[env {MODEL_ENV}; default: the built-in model]",
     ),
 ]

@@ -21,6 +21,7 @@ from zimage_serve.cli.common import (
 )
 from zimage_serve.engine import GenerationParams, StepInfo, open_engine
 from zimage_serve.engine.params import MAX_SEED
+from zimage_serve.errors import InvalidParameterError
 from zimage_serve.png import png_info, save_png
 
 
@@ -46,23 +47,44 @@ def generate(
 ) -> None:
     """Generate images from a prompt and write them as PNG files."""
     params = GenerationParams(
-        prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
-        guidance_scale=guidance, shift=shift, seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
+        prompt=prompt,
+        negative_prompt=negative,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        shift=shift,
+        seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
         batch_size=batch,
     )
     params.validate()  # before the model loads: a typo should not cost a load
     if output is not None and output.suffix.lower() != ".png":
-        raise typer.BadParameter(f"{output} must end in .png", param_hint="--output")
+        raise InvalidParameterError("output", f"{output} must end in .png")
     model_path, label = chosen_model(model, data_dir)
     if label:
         console_err.print(f"[yellow]model:[/] {label}")
-    engine = open_engine(model_path, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
-                         device=device, dtype=dtype, memory_mode=memory_mode)
-    console_err.print(f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}): "
-                      f"{engine.model.placement.describe()}", highlight=False)
+    engine = open_engine(
+        model_path,
+        text_encoder=text_encoder,
+        vae=vae,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        memory_mode=memory_mode,
+    )
+    console_err.print(
+        f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}): {engine.model.placement.describe()}",
+        highlight=False,
+    )
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console_err, transient=True) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console_err,
+        transient=True,
+    ) as progress:
         task = progress.add_task("denoising", total=params.steps)
 
         def advance(step: StepInfo) -> None:
@@ -81,7 +103,8 @@ def generate(
     console_err.print(
         f"seed {result.seeds[0]}, {result.params.width}x{result.params.height}, {params.steps} steps: "
         f"encode {t['encode']:.2f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s, "
-        f"total {t['total']:.2f}s", highlight=False,
+        f"total {t['total']:.2f}s",
+        highlight=False,
     )
 
 

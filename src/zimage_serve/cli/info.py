@@ -22,8 +22,12 @@ def info() -> None:
     table = Table(show_header=False)
     table.add_row("device (auto)", str(device))
     table.add_row("dtype", f"{dtype_name(dtype)} (VAE {dtype_name(vae_dtype)})")
-    table.add_row("memory mode (auto)", "chosen per model at load time from its size and the card's memory"
-                  if device.type == "cuda" else "all on the device")
+    table.add_row(
+        "memory mode (auto)",
+        "chosen per model at load time from its size and the card's memory"
+        if device.type == "cuda"
+        else "all on the device",
+    )
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)

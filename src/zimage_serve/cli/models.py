@@ -39,10 +39,15 @@ def models(
     if not targets:
         targets.append(default_model(data_dir or default_data_dir()).path)
         targets += [Path(os.environ[var]) for var in (MODEL_ENV, MODELS_ROOT_ENV) if os.environ.get(var)]
+    findings = [f for target in targets for f in inspect(target, tokenizer)]
+    if not console.is_terminal:  # piped: one tab-separated line per finding, nothing wrapped
+        for f in findings:
+            console.out("\t".join((str(f.path), f.kind, _size(f.size), f.status)), highlight=False)
+        return
     table = Table("path", "kind", "size", "status", show_lines=False)
-    for finding in (f for target in targets for f in inspect(target, tokenizer)):
-        style = "green" if finding.status == "usable" else "red"
-        table.add_row(str(finding.path), finding.kind, _size(finding.size), f"[{style}]{finding.status}[/]")
+    for f in findings:
+        style = "green" if f.status == "usable" else "red"
+        table.add_row(str(f.path), f.kind, _size(f.size), f"[{style}]{f.status}[/]")
     console.print(table)
 
 

@@ -17,11 +17,32 @@ from safetensors import SafetensorError, safe_open
 
 from zimage_serve.errors import ModelLoadError
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                 "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _MAX_NAMED = 8
 
 
@@ -113,7 +134,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {}
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not a dict
                 view = handle.get_slice(key)
                 tensors[key] = TensorInfo(path, tuple(view.get_shape()), view.get_dtype())
             return tensors

@@ -16,23 +16,54 @@ import torch
 from zimage_serve.errors import ModelLoadError
 
 TURBO_TRANSFORMER: dict[str, Any] = {
-    "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
-    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
-    "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
     "axes_lens": [1536, 512, 512],
 }
 TURBO_TEXT_ENCODER: dict[str, Any] = {
-    "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 1_000_000.0,
-    "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "tie_word_embeddings": True,
-    "hidden_act": "silu", "attention_bias": False,
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
 }
 FLUX_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32, "sample_size": 1024,
-    "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
-    "mid_block_add_attention": True, "force_upcast": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+    "force_upcast": True,
 }
 
 Shapes = Mapping[str, torch.Tensor]
@@ -48,8 +79,12 @@ def transformer_config(state: Shapes, origin: Path) -> dict[str, Any]:
         raise ModelLoadError(origin, f"head size {head_dim} (from norm_q) cannot be split into RoPE axes")
     config = dict(TURBO_TRANSFORMER)
     config.update(
-        dim=dim, cap_feat_dim=cap_feat_dim, n_heads=dim // head_dim, n_kv_heads=kv_dim // head_dim,
-        n_layers=_count_blocks(state, "layers"), n_refiner_layers=_count_blocks(state, "noise_refiner"),
+        dim=dim,
+        cap_feat_dim=cap_feat_dim,
+        n_heads=dim // head_dim,
+        n_kv_heads=kv_dim // head_dim,
+        n_layers=_count_blocks(state, "layers"),
+        n_refiner_layers=_count_blocks(state, "noise_refiner"),
         in_channels=in_channels,
         # Turbo's split of a 128-wide head: 32 for the sequence axis, 48 each for rows and columns.
         axes_dims=[head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8],
@@ -63,7 +98,9 @@ def text_encoder_config(state: Shapes, origin: Path) -> dict[str, Any]:
     head_dim = need("layers.0.self_attn.q_norm.weight").shape[0]
     config = dict(TURBO_TEXT_ENCODER)
     config.update(
-        vocab_size=vocab_size, hidden_size=hidden_size, head_dim=head_dim,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        head_dim=head_dim,
         intermediate_size=need("layers.0.mlp.gate_proj.weight").shape[0],
         num_hidden_layers=_count_blocks(state, "layers"),
         num_attention_heads=need("layers.0.self_attn.q_proj.weight").shape[0] // head_dim,

@@ -22,13 +22,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class MemoryMode(str, enum.Enum):
+class MemoryMode(enum.StrEnum):
     GPU = "gpu"  # every component resident on the accelerator
     MODEL = "model"  # one component on the accelerator at a time
     SEQUENTIAL = "sequential"  # weights streamed to the accelerator module by module
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def classify(path: Path) -> str:
     keys = read_header(path).keys()
     if any("lora_" in key or ".lora." in key or key.endswith(".alpha") for key in keys):
         return "lora"
-    if any(key.endswith("cap_embedder.1.weight") for key in keys):
+    if any("noise_refiner." in key or "context_refiner." in key or "cap_embedder." in key for key in keys):
         return "transformer"
     if any(key.endswith("self_attn.q_norm.weight") for key in keys) and any(
         key.endswith("embed_tokens.weight") for key in keys
@@ -150,8 +150,9 @@ def _diffusers_component(folder: Path, kind: Kind) -> ComponentSource:
     raise ModelLoadError(sub, f"holds no {stem}.safetensors weights (nor a .safetensors.index.json)")
 
 
-def _split_files(transformer: Path, text_encoder: Path | None, vae: Path | None,
-                 tokenizer: Path | None) -> ModelSources:
+def _split_files(
+    transformer: Path, text_encoder: Path | None, vae: Path | None, tokenizer: Path | None
+) -> ModelSources:
     root = models_root_of(transformer)
     te = text_encoder or _pick_in_root(root, "text_encoder", transformer)
     ae = vae or _pick_in_root(root, "vae", transformer)
@@ -166,11 +167,14 @@ def _split_files(transformer: Path, text_encoder: Path | None, vae: Path | None,
     )
 
 
-def _models_root(root: Path, text_encoder: Path | None, vae: Path | None,
-                 tokenizer: Path | None) -> ModelSources:
+def _models_root(root: Path, text_encoder: Path | None, vae: Path | None, tokenizer: Path | None) -> ModelSources:
     transformer = _pick_in_root(root, "transformer", root)
-    sources = _split_files(transformer, text_encoder or _pick_in_root(root, "text_encoder", root),
-                           vae or _pick_in_root(root, "vae", root), tokenizer)
+    sources = _split_files(
+        transformer,
+        text_encoder or _pick_in_root(root, "text_encoder", root),
+        vae or _pick_in_root(root, "vae", root),
+        tokenizer,
+    )
     return replace(sources, layout="ComfyUI models folder")
 
 
@@ -183,14 +187,19 @@ def _pick_in_root(root: Path | None, kind: str, wanted_by: Path) -> Path:
         )
     files = root_files(root, kind)
     preferred = [f for f in files if f.name == TEMPLATE_NAMES[kind]]
+    rejected: list[str] = []
     for candidate in preferred + [f for f in files if f not in preferred]:
         try:
-            if classify(candidate) == kind:
-                return candidate
-        except ZImageError:
+            found = classify(candidate)
+        except ZImageError as exc:
+            rejected.append(str(exc))
             continue
+        if found == kind:
+            return candidate
+        rejected.append(f"{candidate.name} holds a {found.replace('_', ' ')}")
     folders = " or ".join(f"{root / name}/" for name in ROOT_FOLDERS[kind])
-    raise ModelLoadError(root, f"found no usable {kind.replace('_', ' ')} file in {folders}")
+    why = f" ({'; '.join(rejected)})" if rejected else ""
+    raise ModelLoadError(root, f"found no usable {kind.replace('_', ' ')} file in {folders}{why}")
 
 
 def _single_file(kind: Kind, path: Path) -> ComponentSource:
@@ -205,8 +214,9 @@ def _single_file(kind: Kind, path: Path) -> ComponentSource:
     return ComponentSource(kind, path, None)
 
 
-def find_tokenizer(explicit: Path | None, *, default: Path | None = None,
-                   text_encoder_file: Path | None = None) -> Path:
+def find_tokenizer(
+    explicit: Path | None, *, default: Path | None = None, text_encoder_file: Path | None = None
+) -> Path:
     """Qwen3's tokenizer: ComfyUI's text-encoder file has none, so look where a user would keep one."""
     tried: list[str] = []
     candidates: list[Path] = []
@@ -232,7 +242,8 @@ def find_tokenizer(explicit: Path | None, *, default: Path | None = None,
         tried.append(f"the Hugging Face hub ({HUB_REPO}, tokenizer/)")
     raise ModelLoadError(
         candidates[0] if candidates else Path("tokenizer"),
-        "no Qwen3 tokenizer found (the text-encoder file holds none). Tried: " + "; ".join(tried)
+        "no Qwen3 tokenizer found (the text-encoder file holds none). Tried: "
+        + "; ".join(tried)
         + f". Pass --tokenizer with a tokenizer folder or a diffusers Z-Image folder, or set {TOKENIZER_ENV}",
     )
 

@@ -84,9 +84,7 @@ def load_model(
         vae=components.load(prepared["vae"], placement.load_device, vae_dtype),
         tokenizer=tokenizer,
     )
-    loaded.hooks = apply_memory_mode(
-        placement, [loaded.text_encoder, loaded.transformer, loaded.vae]
-    )
+    loaded.hooks = apply_memory_mode(placement, [loaded.text_encoder, loaded.transformer, loaded.vae])
     return loaded
 
 

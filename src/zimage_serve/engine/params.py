@@ -59,8 +59,7 @@ class GenerationParams:
             if not MIN_SIZE <= value <= MAX_SIZE or value % SIZE_MULTIPLE:
                 raise InvalidParameterError(
                     name,
-                    f"{value} is not allowed: use a multiple of {SIZE_MULTIPLE} "
-                    f"between {MIN_SIZE} and {MAX_SIZE}",
+                    f"{value} is not allowed: use a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}",
                 )
         _require_int("steps", self.steps)
         if not 1 <= self.steps <= MAX_STEPS:
@@ -74,9 +73,7 @@ class GenerationParams:
         if not 0 < self.shift <= 100:
             raise InvalidParameterError("shift", f"{self.shift} must be above 0 and at most 100")
         if self.sampler not in SAMPLERS:
-            raise InvalidParameterError(
-                "sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}"
-            )
+            raise InvalidParameterError("sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         _require_int("seed", self.seed)
         if not 0 <= self.seed <= MAX_SEED:
             raise InvalidParameterError("seed", f"{self.seed} is outside 0..{MAX_SEED}")

@@ -84,8 +84,7 @@ class ZImageEngine:
         """fp32 noise drawn on the CPU, one generator per image, so a seed gives the same image anywhere."""
         channels = self.model.transformer.config.in_channels
         shape = (channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32)
-                 for s in seeds]
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
         return torch.stack(noise).to(self.device)
 
     @torch.inference_mode()
@@ -122,8 +121,7 @@ class ZImageEngine:
                 model_input = torch.cat([model_input, model_input])
             # The network is fed t = 1 - σ (0 is noise) and predicts x0 - ε; the scheduler wants ε - x0.
             timestep = ((1000 - t) / 1000).expand(model_input.shape[0])
-            outputs = transformer(list(model_input.unsqueeze(2).unbind(0)), timestep, captions,
-                                  return_dict=False)[0]
+            outputs = transformer(list(model_input.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
             prediction = torch.stack([o.float() for o in outputs]).squeeze(2)
             if use_cfg:
                 pos, neg = prediction[:batch], prediction[batch:]
@@ -161,8 +159,9 @@ class ZImageEngine:
 
         started = time.perf_counter()
         positive = self.encode_prompt(params.prompt, params.max_sequence_length)
-        negative = self.encode_prompt(params.negative_prompt, params.max_sequence_length) \
-            if params.cfg_enabled else None
+        negative = (
+            self.encode_prompt(params.negative_prompt, params.max_sequence_length) if params.cfg_enabled else None
+        )
         for name, embedding in (("prompt", positive), ("negative prompt", negative)):
             if embedding is not None and embedding.truncated_tokens:
                 warnings.append(
@@ -174,9 +173,14 @@ class ZImageEngine:
         started = time.perf_counter()
         seeds = params.image_seeds()
         latents = self.denoise(
-            self.initial_noise(seeds, params.width, params.height), positive, negative,
-            steps=params.steps, shift=params.shift, guidance_scale=params.guidance_scale,
-            on_step=on_step, cancel=cancel,
+            self.initial_noise(seeds, params.width, params.height),
+            positive,
+            negative,
+            steps=params.steps,
+            shift=params.shift,
+            guidance_scale=params.guidance_scale,
+            on_step=on_step,
+            cancel=cancel,
         )
         timings["denoise"] = self._lap(started)
 

@@ -32,17 +32,27 @@ class TinyConfig:
     """Sizes of each component; field names follow the diffusers / transformers configs."""
 
     transformer: dict[str, Any] = field(
-        default_factory=lambda: {"dim": 64, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2,
-                                 "n_kv_heads": 2, "cap_feat_dim": 32}
+        default_factory=lambda: {
+            "dim": 64,
+            "n_layers": 2,
+            "n_refiner_layers": 1,
+            "n_heads": 2,
+            "n_kv_heads": 2,
+            "cap_feat_dim": 32,
+        }
     )
     text_encoder: dict[str, Any] = field(
-        default_factory=lambda: {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                                 "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                                 "max_position_embeddings": 1024}
+        default_factory=lambda: {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 1024,
+        }
     )
-    vae: dict[str, Any] = field(
-        default_factory=lambda: {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
-    )
+    vae: dict[str, Any] = field(default_factory=lambda: {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1})
     vocab_size: int = 384
     native_size: int = 64
 
@@ -68,8 +78,13 @@ def transformer_config(tiny: TinyConfig) -> dict[str, Any]:
     return config
 
 
-def write_random_model(folder: Path, tiny: TinyConfig | None = None, seed: int = 0,
-                       max_shard_size: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+def write_random_model(
+    folder: Path,
+    tiny: TinyConfig | None = None,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Write the five components and `model_index.json` under `folder`; return `folder`."""
     tiny = tiny or TinyConfig()
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,8 +100,7 @@ def write_random_model(folder: Path, tiny: TinyConfig | None = None, seed: int =
     vae_settings = dict(configs.FLUX_VAE)
     vae_settings.update(tiny.vae)
     levels = len(vae_settings["block_out_channels"])
-    vae_settings.update(down_block_types=["DownEncoderBlock2D"] * levels,
-                        up_block_types=["UpDecoderBlock2D"] * levels)
+    vae_settings.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
     vae = AutoencoderKL.from_config(vae_settings)
 
     shard = {"max_shard_size": max_shard_size} if max_shard_size else {}

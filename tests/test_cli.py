@@ -1,0 +1,210 @@
+"""The `zimage` command: in-process for the many cases, as a real process for the console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zimage_serve.cli import main
+from zimage_serve.png import read_png_text
+
+TRANSFORMER = "diffusion_models/z_image_turbo_bf16.safetensors"
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_writes_png_with_parameters(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cat.png"
+    code, stdout, stderr = run(
+        [
+            "generate",
+            "一只猫",
+            "-o",
+            str(out),
+            "--seed",
+            "5",
+            "--width",
+            "96",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--model",
+            str(tiny_model),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    assert "device cpu" in stderr and "memory mode" in stderr
+    assert Image.open(out).size == (96, 64)
+    meta = json.loads(read_png_text(out)["zimage"])
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["width"]) == ("一只猫", 5, 4, 96)
+
+
+def test_generate_batch_writes_one_file_per_seed(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b.png"
+    code, stdout, _ = run(
+        [
+            "generate",
+            "x",
+            "-o",
+            str(out),
+            "--seed",
+            "10",
+            "-n",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--model",
+            str(tiny_model),
+        ],
+        capsys,
+    )
+    assert code == 0
+    files = [Path(line) for line in stdout.split()]
+    assert [f.name for f in files] == ["b_00.png", "b_01.png"]
+    seeds = [json.loads(read_png_text(f)["zimage"])["seed"] for f in files]
+    assert seeds == [10, 11]
+
+
+def test_guidance_and_negative(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--seed", "1", "--width", "64", "--height", "64", "--model", str(tiny_model)]
+    assert run(["generate", "x", "-o", str(tmp_path / "a.png"), *common], capsys)[0] == 0
+    assert (
+        run(["generate", "x", "-o", str(tmp_path / "b.png"), "--guidance", "2", "--negative", "blur", *common], capsys)[
+            0
+        ]
+        == 0
+    )
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert not np.array_equal(a, b)
+    assert "Negative prompt: blur" in read_png_text(tmp_path / "b.png")["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["generate", "", "--model", "{model}"], "prompt: must be a non-empty text"),
+        (["generate", "x", "--width", "100", "--model", "{model}"], "width: 100 is not allowed"),
+        (["generate", "x", "--height", "4096", "--model", "{model}"], "height: 4096 is not allowed"),
+        (["generate", "x", "--steps", "0", "--model", "{model}"], "steps: 0 is outside"),
+        (["generate", "x", "--model", "{tmp}/missing"], "missing: no such file or folder"),
+        (["generate", "x", "--model", "{root}"], "no Qwen3 tokenizer found"),
+        (
+            [
+                "generate",
+                "x",
+                "--model",
+                "{root}/" + TRANSFORMER,
+                "--text-encoder",
+                "{tmp}/te.safetensors",
+                "--tokenizer",
+                "{model}",
+            ],
+            "te.safetensors: file not found",
+        ),
+        (["generate", "x", "--model", "{model}", "--device", "cuda"], "CUDA"),
+        (["generate", "x", "--model", "{model}", "--memory-mode", "model"], "memory_mode"),
+        (["generate", "x", "--model", "{model}", "--dtype", "int4"], "dtype"),
+        (["generate", "x", "--model", "{model}", "-o", "{tmp}/out.jpg"], "must end in .png"),
+    ],
+)
+def test_bad_input_is_a_clear_error(
+    args: list[str],
+    fragment: str,
+    tiny_model: Path,
+    comfy_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ZIMAGE_TOKENIZER", raising=False)
+    filled = [a.format(model=tiny_model, root=comfy_root, tmp=tmp_path) for a in args]
+    code, stdout, stderr = run(filled, capsys)
+    assert code != 0
+    assert fragment in stderr.replace("\n", " ") or fragment in stdout
+    assert "Traceback" not in stderr + stdout
+
+
+def test_corrupt_checkpoint_via_cli(
+    comfy_root: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((comfy_root / TRANSFORMER).read_bytes()[:1000])
+    code, _, stderr = run(["generate", "x", "--model", str(broken), "--tokenizer", str(tiny_model)], capsys)
+    assert code == 1
+    assert "broken.safetensors" in stderr and "Traceback" not in stderr
+
+
+def test_models_lists_layouts_and_problems(
+    tiny_model: Path, comfy_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = comfy_root.parent / "junk"
+    (junk / "vae").mkdir(parents=True)
+    (junk / "vae" / "broken.safetensors").write_bytes(b"garbage")
+    code, stdout, _ = run(
+        ["models", str(tiny_model), str(comfy_root), str(junk), "--tokenizer", str(tiny_model)], capsys
+    )
+    assert code == 0
+    flat = " ".join(stdout.split())
+    assert "diffusers folder (complete model)" in flat
+    assert "ComfyUI models folder (complete model)" in flat
+    assert flat.count("usable") >= 5
+    assert "not a valid safetensors file" in flat
+
+
+def test_models_explains_missing_tokenizer(comfy_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = run(["models", str(comfy_root)], capsys)
+    assert code == 0
+    assert "no Qwen3 tokenizer found" in " ".join(stdout.split())
+
+
+def test_info(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = run(["info"], capsys)
+    assert code == 0
+    for word in ("device (auto)", "torch", "diffusers", "transformers", "RAM"):
+        assert word in stdout
+
+
+def test_console_script_default_model_end_to_end(tmp_path: Path) -> None:
+    """A real process, as a user runs it: no model configured, fresh data dir."""
+    env = {**os.environ, "ZIMAGE_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    env.pop("ZIMAGE_MODEL", None)
+    zimage = Path(sys.executable).parent / "zimage"
+    done = subprocess.run(
+        [str(zimage), "generate", "一个红色的圆形在蓝色背景上", "-o", str(tmp_path / "s.png"), "--seed", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "random-weight placeholder" in done.stderr
+    assert Image.open(tmp_path / "s.png").size == (256, 256)
+    bad = subprocess.run(
+        [str(zimage), "generate", "x", "--width", "17"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 1
+    assert "width: 17" in bad.stderr and "Traceback" not in bad.stderr

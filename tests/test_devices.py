@@ -1,0 +1,84 @@
+"""Device, dtype and memory-mode choices (the CUDA branches are checked through their inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zimage_serve.engine.devices import (
+    GIB,
+    MemoryMode,
+    memory_mode_for,
+    pick_device,
+    pick_dtypes,
+    pick_memory_mode,
+)
+from zimage_serve.errors import DeviceError
+
+TURBO_BF16 = int(20.5 * GIB)  # transformer 12.3 + text encoder 8.0 + VAE 0.2
+
+
+def test_auto_device_here_is_cpu_in_fp32() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    device = pick_device("auto")
+    assert device.type in ("cpu", "mps")
+    if device.type == "cpu":
+        assert pick_dtypes(device) == (torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:3"])
+def test_unavailable_cuda_is_a_clear_error(requested: str) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceError, match="CUDA"):
+        pick_device(requested)
+
+
+def test_unknown_device_name() -> None:
+    with pytest.raises(DeviceError, match=r"not a device name|not supported"):
+        pick_device("tpu0")
+
+
+def test_vae_never_runs_in_fp16() -> None:
+    for device in (torch.device("cpu"), torch.device("cuda"), torch.device("mps")):
+        model_dtype, vae_dtype = pick_dtypes(device, "fp16")
+        assert model_dtype == torch.float16
+        assert vae_dtype != torch.float16
+    assert pick_dtypes(torch.device("cuda"), "bf16") == (torch.bfloat16, torch.bfloat16)
+
+
+def test_unknown_dtype() -> None:
+    with pytest.raises(DeviceError, match="dtype"):
+        pick_dtypes(torch.device("cpu"), "int4")
+
+
+@pytest.mark.parametrize(
+    ("vram_gib", "mode"),
+    [
+        (80, MemoryMode.GPU),
+        (48, MemoryMode.GPU),
+        (24, MemoryMode.MODEL),
+        (16, MemoryMode.MODEL),
+        (12, MemoryMode.SEQUENTIAL),
+        (8, MemoryMode.SEQUENTIAL),
+    ],
+)
+def test_auto_memory_mode_by_card_size(vram_gib: int, mode: MemoryMode) -> None:
+    assert memory_mode_for(vram_gib * GIB, TURBO_BF16) is mode
+    assert pick_memory_mode(torch.device("cuda"), "auto", TURBO_BF16, total_memory=vram_gib * GIB) is mode
+
+
+def test_small_model_stays_on_a_small_card() -> None:
+    assert memory_mode_for(8 * GIB, 50 * 1024**2) is MemoryMode.GPU
+
+
+def test_offload_needs_cuda() -> None:
+    with pytest.raises(DeviceError, match="memory_mode"):
+        pick_memory_mode(torch.device("cpu"), "model", TURBO_BF16)
+    assert pick_memory_mode(torch.device("cpu"), "auto", TURBO_BF16) is MemoryMode.GPU
+
+
+def test_unknown_memory_mode() -> None:
+    with pytest.raises(DeviceError, match="memory_mode: 'tiny'"):
+        pick_memory_mode(torch.device("cpu"), "tiny", 0)
