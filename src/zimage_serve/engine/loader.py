@@ -67,25 +67,37 @@ def load_tokenizer(folder: Path, vocab_size: int) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    sources: ModelSources, device: str = "auto", dtype: str = "auto", memory_mode: str = "auto"
+    sources: ModelSources,
+    device: str = "auto",
+    dtype: str = "auto",
+    memory_mode: str = "auto",
+    placement: Placement | None = None,
 ) -> LoadedModel:
+    """Check, place and load. An explicit `placement` overrides the device/dtype/mode choice."""
     prepared = prepare_all(sources)
     tokenizer = load_tokenizer(sources.tokenizer, prepared["text_encoder"].config["vocab_size"])
-    target = pick_device(device)
-    model_dtype, vae_dtype = pick_dtypes(target, dtype)
-    weight_bytes = sum(_bytes_at(p, model_dtype) for p in prepared.values())
-    placement = Placement(target, model_dtype, vae_dtype, pick_memory_mode(target, memory_mode, weight_bytes))
+    if placement is None:
+        placement = choose_placement(prepared, device, dtype, memory_mode)
     log.info("loading %s (%s) on %s", sources.name, sources.layout, placement.describe())
     loaded = LoadedModel(
         sources=sources,
         placement=placement,
-        transformer=components.load(prepared["transformer"], placement.load_device, model_dtype),
-        text_encoder=components.load(prepared["text_encoder"], placement.load_device, model_dtype),
-        vae=components.load(prepared["vae"], placement.load_device, vae_dtype),
+        transformer=components.load(prepared["transformer"], placement.load_device, placement.dtype),
+        text_encoder=components.load(prepared["text_encoder"], placement.load_device, placement.dtype),
+        vae=components.load(prepared["vae"], placement.load_device, placement.vae_dtype),
         tokenizer=tokenizer,
     )
     loaded.hooks = apply_memory_mode(placement, [loaded.text_encoder, loaded.transformer, loaded.vae])
     return loaded
+
+
+def choose_placement(
+    prepared: dict[str, PreparedComponent], device: str, dtype: str, memory_mode: str
+) -> Placement:
+    target = pick_device(device)
+    model_dtype, vae_dtype = pick_dtypes(target, dtype)
+    weight_bytes = sum(_bytes_at(p, model_dtype) for p in prepared.values())
+    return Placement(target, model_dtype, vae_dtype, pick_memory_mode(target, memory_mode, weight_bytes))
 
 
 def _bytes_at(prepared: PreparedComponent, dtype: torch.dtype) -> int:
