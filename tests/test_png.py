@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -43,5 +44,8 @@ def test_no_workflow_chunks_without_a_workflow(tmp_path: Path) -> None:
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    save_png(Image.new("RGB", (8, 8)), tmp_path / "sub" / "c.png")
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "sub" / "c.png")
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["c.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "output files follow the umask, not 0600"

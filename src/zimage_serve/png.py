@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,14 @@ def png_info(
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None, compress_level: int = 4) -> Path:
     """Write atomically (temp file, then rename) so a crash never leaves half a PNG under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    # Created with open(), not mkstemp, so the file gets the user's umask rather than mode 0600.
+    temp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temp, "xb") as file:
             image.save(file, format="PNG", pnginfo=info, compress_level=compress_level)
-        os.replace(temp_name, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return path
 

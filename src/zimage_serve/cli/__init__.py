@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from zimage_serve import __version__
 from zimage_serve.cli import generate, info, models
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
@@ -18,6 +19,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zimage-serve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version"),
+) -> None:
+    """Generate images with Z-Image models; serve them over ComfyUI's API."""
+
+
 app.command("generate")(generate.generate)
 app.command("models")(models.models)
 app.command("info")(info.info)

@@ -91,9 +91,7 @@ def load_model(
     return loaded
 
 
-def choose_placement(
-    prepared: dict[str, PreparedComponent], device: str, dtype: str, memory_mode: str
-) -> Placement:
+def choose_placement(prepared: dict[str, PreparedComponent], device: str, dtype: str, memory_mode: str) -> Placement:
     target = pick_device(device)
     model_dtype, vae_dtype = pick_dtypes(target, dtype)
     weight_bytes = sum(_bytes_at(p, model_dtype) for p in prepared.values())
