@@ -23,10 +23,15 @@ from zimage_serve.engine import GenerationParams, open_engine
 from zimage_serve.nano.random_model import TinyConfig, write_random_model
 
 SMALL = TinyConfig(
-    transformer={"dim": 256, "n_layers": 4, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4,
-                 "cap_feat_dim": 128},
-    text_encoder={"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32},
+    transformer={"dim": 256, "n_layers": 4, "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "cap_feat_dim": 128},
+    text_encoder={
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+    },
     vae={"block_out_channels": [32, 64, 64, 64], "layers_per_block": 1},
 )
 PROMPT = "一位穿着汉服的女孩站在樱花树下，阳光洒落，写实风格"
@@ -50,14 +55,17 @@ def main() -> None:
 
         samples: dict[str, list[float]] = {}
         for run in range(args.runs):
-            result = engine.generate(GenerationParams(PROMPT, width=args.size, height=args.size,
-                                                      steps=args.steps, seed=run))
+            result = engine.generate(
+                GenerationParams(PROMPT, width=args.size, height=args.size, steps=args.steps, seed=run)
+            )
             for stage, seconds in result.timings.items():
                 samples.setdefault(stage, []).append(seconds)
 
     transformer_params = sum(p.numel() for p in engine.model.transformer.parameters())
-    table = Table(title=f"engine stages, {args.size}x{args.size}, {args.steps} steps, {args.runs} runs, "
-                        f"{torch.get_num_threads()} CPU threads")
+    table = Table(
+        title=f"engine stages, {args.size}x{args.size}, {args.steps} steps, {args.runs} runs, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     for column in ("stage", "median ms", "min ms", "max ms"):
         table.add_column(column, justify="right" if column != "stage" else "left")
     for stage in ("encode", "denoise", "decode", "total"):
@@ -67,8 +75,9 @@ def main() -> None:
     table.add_row("load (once)", f"{load_s * 1000:.0f}", "", "")
     console = Console()
     console.print(table)
-    console.print(f"transformer: {transformer_params / 1e6:.1f} M parameters "
-                  f"(Turbo: 6,155 M); torch {torch.__version__}")
+    console.print(
+        f"transformer: {transformer_params / 1e6:.1f} M parameters (Turbo: 6,155 M); torch {torch.__version__}"
+    )
 
 
 if __name__ == "__main__":

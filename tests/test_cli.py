@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from zimage_serve.cli import main
+from zimage_serve.nano.checker import read
 from zimage_serve.png import read_png_text
 
 TRANSFORMER = "diffusion_models/z_image_turbo_bf16.safetensors"
@@ -189,8 +190,8 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script_default_model_end_to_end(tmp_path: Path) -> None:
-    """A real process, as a user runs it: no model configured, fresh data dir."""
-    env = {**os.environ, "ZIMAGE_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    """A real process, as a user runs it: no model configured, so the built-in zimage-nano draws it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("ZIMAGE_MODEL", None)
     zimage = Path(sys.executable).parent / "zimage"
     done = subprocess.run(
@@ -201,8 +202,11 @@ def test_console_script_default_model_end_to_end(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "random-weight placeholder" in done.stderr
-    assert Image.open(tmp_path / "s.png").size == (256, 256)
+    assert "zimage-nano" in done.stderr
+    image = Image.open(tmp_path / "s.png")
+    assert image.size == (128, 128)
+    reading = read(image)
+    assert (reading.background, reading.colour, reading.shape) == ("blue", "red", "circle")
     bad = subprocess.run(
         [str(zimage), "generate", "x", "--width", "17"], env=env, capture_output=True, text=True, timeout=300
     )

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from zimage_serve.settings import MODEL_ENV, default_data_dir
+from zimage_serve.settings import MODEL_ENV
 
 console = Console(soft_wrap=True)
 console_err = Console(stderr=True, soft_wrap=True)
@@ -31,9 +31,6 @@ TextEncoderOption = Annotated[
 VaeOption = Annotated[Path | None, typer.Option("--vae", help="Flux VAE ae.safetensors (ComfyUI split files)")]
 TokenizerOption = Annotated[
     Path | None, typer.Option("--tokenizer", help="Tokenizer folder, or a diffusers Z-Image folder holding one")
-]
-DataDirOption = Annotated[
-    Path | None, typer.Option("--data-dir", help="Where zimage keeps its data [default: ~/.local/share/zimage]")
 ]
 
 
@@ -57,13 +54,12 @@ def quiet_libraries() -> None:
         pass
 
 
-def chosen_model(model: Path | None, data_dir: Path | None) -> tuple[Path, str | None]:
+def chosen_model(model: Path | None) -> tuple[Path, str | None]:
     """The model path, and a label to print when it is the built-in default."""
     if model is not None:
         return model, None
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV]), None
-    from zimage_serve.nano.default import default_model
+    from zimage_serve.nano.default import LABEL, default_model
 
-    default = default_model(data_dir or default_data_dir())
-    return default.path, default.label
+    return default_model(), LABEL

@@ -10,7 +10,6 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zimage_serve.cli.common import (
-    DataDirOption,
     ModelOption,
     TextEncoderOption,
     TokenizerOption,
@@ -43,7 +42,6 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (the VAE never runs in fp16)")] = "auto",
     memory_mode: Annotated[str, typer.Option(help="auto, gpu, model or sequential")] = "auto",
-    data_dir: DataDirOption = None,
 ) -> None:
     """Generate images from a prompt and write them as PNG files."""
     params = GenerationParams(
@@ -60,7 +58,7 @@ def generate(
     params.validate()  # before the model loads: a typo should not cost a load
     if output is not None and output.suffix.lower() != ".png":
         raise InvalidParameterError("output", f"{output} must end in .png")
-    model_path, label = chosen_model(model, data_dir)
+    model_path, label = chosen_model(model)
     if label:
         console_err.print(f"[yellow]model:[/] {label}")
     engine = open_engine(

@@ -10,11 +10,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from zimage_serve.cli.common import DataDirOption, TokenizerOption, console
+from zimage_serve.cli.common import TokenizerOption, console
 from zimage_serve.engine import components, layouts, loader
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.errors import ZImageError
-from zimage_serve.settings import MODEL_ENV, default_data_dir
+from zimage_serve.settings import MODEL_ENV
 
 MODELS_ROOT_ENV = "ZIMAGE_MODELS"
 
@@ -30,14 +30,13 @@ class Finding:
 def models(
     paths: Annotated[list[Path] | None, typer.Argument(help="Folders or files to inspect")] = None,
     tokenizer: TokenizerOption = None,
-    data_dir: DataDirOption = None,
 ) -> None:
     """List the models found (the built-in one, $ZIMAGE_MODEL, $ZIMAGE_MODELS and PATHS) and check each."""
-    from zimage_serve.nano.default import default_model
+    from zimage_serve.nano.default import SHIPPED
 
     targets = list(paths or [])
     if not targets:
-        targets.append(default_model(data_dir or default_data_dir()).path)
+        targets.append(SHIPPED)
         targets += [Path(os.environ[var]) for var in (MODEL_ENV, MODELS_ROOT_ENV) if os.environ.get(var)]
     findings = [f for target in targets for f in inspect(target, tokenizer)]
     if not console.is_terminal:  # piped: one tab-separated line per finding, nothing wrapped

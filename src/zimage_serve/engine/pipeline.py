@@ -17,11 +17,10 @@ from PIL import Image
 
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
+from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.schedule import make_scheduler
 from zimage_serve.errors import GenerationCancelled
 
-# Qwen3's chat template for one user turn, as ComfyUI hard-codes it; used when a tokenizer has none.
-PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_NATIVE_SIZE = 1024
 LATENT_FACTOR = 8
 
@@ -64,15 +63,7 @@ class ZImageEngine:
     # -- stage 1 -------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_prompt(self, text: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> PromptEmbedding:
-        tokenizer = self.model.tokenizer
-        messages = [{"role": "user", "content": text}]
-        if getattr(tokenizer, "chat_template", None):
-            templated = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
-            )
-        else:
-            templated = PROMPT_TEMPLATE.format(text)
-        ids: list[int] = tokenizer(templated, add_special_tokens=False)["input_ids"]
+        ids = prompt_token_ids(self.model.tokenizer, text)
         # Unpadded: the encoder is causal, so padding would not change these tokens' states.
         kept = ids[:max_sequence_length]
         input_ids = torch.tensor([kept], dtype=torch.long, device=self.device)
