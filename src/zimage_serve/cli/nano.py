@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from zimage_serve.cli.common import console, console_err
+from zimage_serve.nano.default import SHIPPED
 
 app = typer.Typer(help="Train and evaluate zimage-nano, the built-in model.", no_args_is_help=True)
-SHIPPED = Path(__file__).resolve().parents[1] / "nano" / "weights"
 
 
 @app.command()
@@ -21,6 +21,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and noise")] = 0,
     steps: Annotated[int | None, typer.Option(help="Diffusion training steps [default: the recipe's]")] = None,
     vae_steps: Annotated[int | None, typer.Option(help="VAE training steps [default: the recipe's]")] = None,
+    restart_steps: Annotated[
+        int | None, typer.Option(help="Steps of the warm-restart cycle after --steps [default: the recipe's]")
+    ] = None,
 ) -> None:
     """Train the tokenizer, VAE, text encoder and transformer from scratch; write a diffusers folder."""
     from dataclasses import replace
@@ -32,6 +35,8 @@ def train(
         recipe = replace(recipe, steps=steps)
     if vae_steps is not None:
         recipe = replace(recipe, vae_steps=vae_steps)
+    if restart_steps is not None:
+        recipe = replace(recipe, restart_steps=restart_steps)
     started = time.perf_counter()
     Trainer(work_dir, recipe, log=lambda line: console_err.print(line, highlight=False)).run(output)
     console.print(f"{output} ({(time.perf_counter() - started) / 60:.1f} min)")

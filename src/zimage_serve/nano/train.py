@@ -33,6 +33,7 @@ from transformers import Qwen3Config, Qwen3Model
 from zimage_serve.engine import configs
 from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
+from zimage_serve.errors import ZImageError
 from zimage_serve.nano import scenes
 from zimage_serve.nano.random_model import model_index
 from zimage_serve.nano.tokenizer import train_tokenizer
@@ -53,6 +54,7 @@ class Recipe:
     vae_kl: float = 1e-6
     pool_scenes: int = 20000
     steps: int = 5500
+    restart_steps: int = 2000  # a second, lower cosine cycle after `steps` (a warm restart)
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 200
@@ -108,9 +110,33 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+def restart_lr_at(step: int, total: int, peak: float) -> float:
+    """The warm restart: cosine from 0.28 to 0.02 of the first cycle's peak."""
+    return peak * (0.02 + 0.13 * (1 + math.cos(math.pi * step / total)))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# Step counts may grow between runs of one work dir (training resumes); anything else changes the model.
+RESUMABLE_CHANGES = frozenset({"steps", "restart_steps"})
+
+
+def _check_same_run(path: Path, recipe: Recipe) -> None:
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ZImageError(f"{path}: unreadable ({exc}); use a fresh --work-dir") from exc
+    changed = sorted(k for k, v in asdict(recipe).items() if k not in RESUMABLE_CHANGES and previous.get(k) != v)
+    if changed:
+        raise ZImageError(
+            f"{path.parent} holds a run with other settings ({', '.join(changed)}); its checkpoints cannot be "
+            "resumed with these. Use a fresh --work-dir."
+        )
 
 
 def to_tensor(images: list[Any]) -> torch.Tensor:
@@ -122,6 +148,7 @@ class Trainer:
     def __init__(self, work: Path, recipe: Recipe, log: Log = print) -> None:
         self.work, self.recipe, self.log = work, recipe, log
         work.mkdir(parents=True, exist_ok=True)
+        _check_same_run(work / "recipe.json", recipe)
         (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
         self.timings: dict[str, float] = {}
 
@@ -219,13 +246,19 @@ class Trainer:
             rng.setstate(state["rng"])
             generator.set_state(state["generator"])
             first = state["step"] + 1
+            if first > r.steps + r.restart_steps + 1:
+                raise ZImageError(f"{path} is at step {state['step']}, past the {r.steps + r.restart_steps} asked for")
             self.log(f"resuming diffusion training at step {first}")
         started = time.perf_counter()
         transformer.train()
         text_encoder.train()
         pad = tokenizer.pad_token_id
-        for step in range(first, r.steps + 1):
-            set_lr(optimizer, lr_at(step, r.steps, r.lr, r.warmup))
+        total = r.steps + r.restart_steps
+        for step in range(first, total + 1):
+            if step <= r.steps:
+                set_lr(optimizer, lr_at(step, r.steps, r.lr, r.warmup))
+            else:
+                set_lr(optimizer, restart_lr_at(step - r.steps, r.restart_steps, r.lr))
             index = torch.randint(len(pool), (r.batch,), generator=generator)
             x0 = latents[index].float()
             ids = [
@@ -253,10 +286,8 @@ class Trainer:
                 decay = min(r.ema, (1 + step) / (10 + step))
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             if step % 50 == 0:
-                self.log(
-                    f"diffusion step {step}/{r.steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)"
-                )
-            if step % 500 == 0 or step == r.steps:
+                self.log(f"diffusion step {step}/{total} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
+            if step % 500 == 0 or step in (r.steps, total):
                 torch.save(
                     {
                         "transformer": transformer.state_dict(),
