@@ -37,6 +37,7 @@ def test_ships_in_the_official_layout_within_25_mb() -> None:
 
 def test_native_resolution_and_any_text(nano: ZImageEngine) -> None:
     assert nano.native_size >= 128
+    assert nano.model.sources.name == "zimage-nano"
     result = nano.generate(GenerationParams("emoji 🎨 and ñ, ü, 日本語 too", seed=1))
     assert result.images[0].size == (nano.native_size, nano.native_size)
 

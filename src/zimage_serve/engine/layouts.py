@@ -111,14 +111,16 @@ def models_root_of(file: Path) -> Path | None:
 
 def _diffusers_folder(folder: Path, tokenizer: Path | None) -> ModelSources:
     index = _read_json(folder / "model_index.json")
-    for name in ("transformer", "text_encoder", "vae", "tokenizer"):
-        if name not in index:
-            raise ModelLoadError(folder / "model_index.json", f"names no {name!r} component")
+    for component in ("transformer", "text_encoder", "vae", "tokenizer"):
+        if component not in index:
+            raise ModelLoadError(folder / "model_index.json", f"names no {component!r} component")
     components = {kind: _diffusers_component(folder, kind) for kind in ("transformer", "text_encoder", "vae")}
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.exists() else dict(TURBO_SCHEDULER_CONFIG)
+    extra = index.get("_zimage_serve")
+    name = extra.get("name") if isinstance(extra, dict) else None  # our own, optional display name
     return ModelSources(
-        name=folder.name,
+        name=name if isinstance(name, str) and name else folder.name,
         layout="diffusers folder",
         transformer=components["transformer"],
         text_encoder=components["text_encoder"],
