@@ -139,6 +139,13 @@ def _check_same_run(path: Path, recipe: Recipe) -> None:
         )
 
 
+def _save(state: Any, path: Path) -> None:
+    """Write aside, then rename: an interrupted save never leaves a corrupt checkpoint to resume from."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
 def to_tensor(images: list[Any]) -> torch.Tensor:
     array = np.stack([scenes.to_array(image) for image in images]).astype(np.float32)
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
@@ -196,7 +203,7 @@ class Trainer:
                     f"vae step {step}/{r.vae_steps} reconstruction {rec_loss.item():.4f} "
                     f"({time.perf_counter() - started:.0f}s)"
                 )
-        torch.save(vae.state_dict(), path)
+        _save(vae.state_dict(), path)
         self.timings["vae"] = time.perf_counter() - started
         return vae.eval()
 
@@ -217,7 +224,7 @@ class Trainer:
         raw = torch.cat(chunks)
         shift, scale = float(raw.mean()), float(1.0 / raw.std())
         latents = ((raw - shift) * scale).to(torch.float16)
-        torch.save({"latents": latents, "scenes": pool_scenes, "scale": scale, "shift": shift}, path)
+        _save({"latents": latents, "scenes": pool_scenes, "scale": scale, "shift": shift}, path)
         self.timings["pool"] = time.perf_counter() - started
         self.log(f"encoded {len(pool_scenes)} scenes; latent scale {scale:.4f} shift {shift:.4f}")
         return latents, pool_scenes, scale, shift
@@ -288,7 +295,7 @@ class Trainer:
             if step % 50 == 0:
                 self.log(f"diffusion step {step}/{total} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
             if step % 500 == 0 or step in (r.steps, total):
-                torch.save(
+                _save(
                     {
                         "transformer": transformer.state_dict(),
                         "text_encoder": text_encoder.state_dict(),
