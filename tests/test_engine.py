@@ -70,9 +70,12 @@ def test_prompt_changes_the_image(engine: ZImageEngine) -> None:
 
 
 def test_batch_image_i_equals_single_image_with_seed_plus_i(engine: ZImageEngine) -> None:
+    assert torch.equal(engine.initial_noise([7, 8, 9], 64, 64)[2], engine.initial_noise([9], 64, 64)[0])
     batch = pixels(engine, seed=7, batch_size=3)
     assert len(batch) == 3
-    assert np.array_equal(batch[2], pixels(engine, seed=9)[0])
+    # Same noise, same model; only the batched matrix products may round the last bit differently.
+    single = pixels(engine, seed=9)[0]
+    assert np.abs(batch[2].astype(int) - single.astype(int)).max() <= 1
     assert not np.array_equal(batch[0], batch[1])
 
 

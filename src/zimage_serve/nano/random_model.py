@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,8 @@ from transformers import Qwen3Config, Qwen3Model
 
 from zimage_serve.engine import configs
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
+from zimage_serve.nano import scenes
 from zimage_serve.nano.tokenizer import train_tokenizer
-
-_COLOURS_EN = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan"]
-_COLOURS_ZH = ["红色", "绿色", "蓝色", "黄色", "紫色", "橙色", "白色", "黑色", "粉色", "青色"]
-_SHAPES_EN = ["circle", "square", "triangle"]
-_SHAPES_ZH = ["圆形", "正方形", "三角形"]
 
 
 @dataclass(frozen=True)
@@ -57,17 +54,14 @@ class TinyConfig:
     native_size: int = 64
 
 
-def caption_corpus() -> list[str]:
-    """Short scene descriptions in English and Chinese, enough for a byte-level BPE to find merges."""
-    lines = []
-    for i, (colour_en, colour_zh) in enumerate(zip(_COLOURS_EN, _COLOURS_ZH, strict=True)):
-        for j, (shape_en, shape_zh) in enumerate(zip(_SHAPES_EN, _SHAPES_ZH, strict=True)):
-            back_en = _COLOURS_EN[(i + j + 1) % len(_COLOURS_EN)]
-            back_zh = _COLOURS_ZH[(i + j + 1) % len(_COLOURS_ZH)]
-            lines.append(f"a {colour_en} {shape_en} on a {back_en} background")
-            lines.append(f"{back_zh}背景上的一个{colour_zh}{shape_zh}")
-            lines.append(f"左边有一个{colour_zh}的{shape_zh}")
-    return lines
+def caption_corpus(lines: int = 400) -> list[str]:
+    """zimage-nano's own captions, English and Chinese: enough for a byte-level BPE to find merges."""
+    rng = random.Random(0)
+    return [
+        scenes.caption(scenes.random_scene(rng), language, rng)
+        for _ in range(lines // 2)
+        for language in scenes.LANGUAGES
+    ]
 
 
 def transformer_config(tiny: TinyConfig) -> dict[str, Any]:
