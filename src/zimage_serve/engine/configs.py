@@ -86,10 +86,14 @@ def transformer_config(state: Shapes, origin: Path) -> dict[str, Any]:
         n_layers=_count_blocks(state, "layers"),
         n_refiner_layers=_count_blocks(state, "noise_refiner"),
         in_channels=in_channels,
-        # Turbo's split of a 128-wide head: 32 for the sequence axis, 48 each for rows and columns.
-        axes_dims=[head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8],
+        axes_dims=rope_axes(head_dim),
     )
     return config
+
+
+def rope_axes(head_dim: int) -> list[int]:
+    """Turbo's split of a 128-wide head (32 for the sequence axis, 48 each for rows and columns), scaled."""
+    return [head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8]
 
 
 def text_encoder_config(state: Shapes, origin: Path) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def transformer_config(tiny: TinyConfig) -> dict[str, Any]:
     config = dict(configs.TURBO_TRANSFORMER)
     config.update(tiny.transformer)
     head_dim = config["dim"] // config["n_heads"]
-    config["axes_dims"] = [head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8]
+    config["axes_dims"] = configs.rope_axes(head_dim)
     return config
 
 

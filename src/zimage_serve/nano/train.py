@@ -76,7 +76,7 @@ def transformer_config(recipe: Recipe) -> dict[str, Any]:
         n_heads=recipe.heads,
         n_kv_heads=recipe.heads,
         cap_feat_dim=recipe.text_width,
-        axes_dims=[head // 4, head * 3 // 8, head * 3 // 8],
+        axes_dims=configs.rope_axes(head),
     )
     return config
 
