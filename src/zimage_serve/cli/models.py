@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import filesize
 from rich.table import Table
 
 from zimage_serve.cli.common import TokenizerOption, console
@@ -93,10 +94,4 @@ def _file(path: Path) -> Finding:
 
 
 def _size(nbytes: int) -> str:
-    if nbytes <= 0:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024  # type: ignore[assignment]
-    return ""
+    return filesize.decimal(nbytes) if nbytes > 0 else ""

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from zimage_serve.cli.common import console, console_err
-from zimage_serve.nano.default import SHIPPED
+from zimage_serve.nano.default import SHIPPED, default_model
 
 app = typer.Typer(help="Train and evaluate zimage-nano, the built-in model.", no_args_is_help=True)
 
@@ -62,7 +62,7 @@ def evaluate_command(
 
     if count < 2:
         raise typer.BadParameter("needs at least 2 images (one per language)", param_hint="--count")
-    engine = open_engine(model or SHIPPED, device="cpu")
+    engine = open_engine(model or default_model(), device="cpu")
     with Progress(console=console_err, transient=True) as bar:
         task = bar.add_task("generating", total=count)
         report = evaluate(engine, count, seed, steps, save, lambda done, _: bar.update(task, completed=done))
