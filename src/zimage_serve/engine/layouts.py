@@ -114,7 +114,7 @@ def _diffusers_folder(folder: Path, tokenizer: Path | None) -> ModelSources:
     for component in ("transformer", "text_encoder", "vae", "tokenizer"):
         if component not in index:
             raise ModelLoadError(folder / "model_index.json", f"names no {component!r} component")
-    components = {kind: _diffusers_component(folder, kind) for kind in ("transformer", "text_encoder", "vae")}
+    components = {kind: diffusers_component(folder, kind) for kind in ("transformer", "text_encoder", "vae")}
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.exists() else dict(TURBO_SCHEDULER_CONFIG)
     extra = index.get("_zimage_serve")
@@ -140,7 +140,7 @@ def _native_size(index: dict[str, Any], origin: Path) -> int:
     return size
 
 
-def _diffusers_component(folder: Path, kind: Kind) -> ComponentSource:
+def diffusers_component(folder: Path, kind: Kind) -> ComponentSource:
     sub = folder / kind
     if not sub.is_dir():
         raise ModelLoadError(sub, f"the {kind} folder named in model_index.json is missing")
@@ -161,9 +161,9 @@ def _split_files(
     return ModelSources(
         name=transformer.stem,
         layout="ComfyUI split files",
-        transformer=_single_file("transformer", transformer),
-        text_encoder=_single_file("text_encoder", te),
-        vae=_single_file("vae", ae),
+        transformer=single_file("transformer", transformer),
+        text_encoder=single_file("text_encoder", te),
+        vae=single_file("vae", ae),
         tokenizer=find_tokenizer(tokenizer, text_encoder_file=te),
         scheduler_config=dict(TURBO_SCHEDULER_CONFIG),
     )
@@ -204,7 +204,7 @@ def _pick_in_root(root: Path | None, kind: str, wanted_by: Path) -> Path:
     raise ModelLoadError(root, f"found no usable {kind.replace('_', ' ')} file in {folders}{why}")
 
 
-def _single_file(kind: Kind, path: Path) -> ComponentSource:
+def single_file(kind: Kind, path: Path) -> ComponentSource:
     if not path.exists():
         raise ModelLoadError(path, "file not found")
     if path.suffix != ".safetensors":

@@ -47,6 +47,7 @@ class Recipe:
     seed: int = 0
     size: int = 128  # native resolution
     vocab_size: int = 768
+    cjk_split: bool = True  # tokenizer merges stop at CJK character boundaries (False: first shipped model)
     vae_steps: int = 1500
     vae_batch: int = 16
     vae_crop: int = 64
@@ -167,7 +168,7 @@ class Trainer:
             corpus = [
                 scenes.caption(scenes.random_scene(rng), lang, rng) for _ in range(6000) for lang in scenes.LANGUAGES
             ]
-            train_tokenizer(corpus, self.recipe.vocab_size).save_pretrained(folder)
+            train_tokenizer(corpus, self.recipe.vocab_size, self.recipe.cjk_split).save_pretrained(folder)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder))

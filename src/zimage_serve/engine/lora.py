@@ -1,0 +1,115 @@
+"""LoRA files for Z-Image's transformer, in the formats they are published in, applied as weight deltas.
+
+Formats (all normalised by diffusers' own Z-Image LoRA converter, then by `_comfy_module_names`):
+- diffusers / PEFT and ai-toolkit: ``[diffusion_model.]layers.0.attention.to_q.lora_A.weight`` + ``lora_B``;
+- kohya / sd-scripts: ``lora_unet_layers_0_attention_to_q.lora_down.weight`` + ``lora_up`` + ``alpha``;
+- ComfyUI's module names: fused ``attention.qkv`` (split here into to_q/to_k/to_v) and ``attention.out``.
+
+A LoRA is applied the way ComfyUI patches a model: ``W += strength · (B @ A)`` on the weights in place for
+the duration of a sampling run, then the saved originals are put back, so the cached base model is shared
+by every workflow whatever LoRAs they stack on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zimage_serve.engine.checkpoint import read_header
+from zimage_serve.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """Low-rank pairs per module name of diffusers' ZImageTransformer2DModel: name → (down A, up B)."""
+
+    name: str
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    lora: LoraWeights
+    strength: float
+
+
+def load_lora(path: Path) -> LoraWeights:
+    from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
+
+    header = read_header(path)  # a clear error for a missing or non-safetensors file
+    if not header:
+        raise ModelLoadError(path, "holds no tensors")
+    try:
+        state = ZImageLoraLoaderMixin.lora_state_dict(str(path))
+    except Exception as exc:  # diffusers raises ValueError/KeyError for keys it cannot place
+        raise ModelLoadError(path, f"not a Z-Image LoRA this loader understands: {exc}") from exc
+    if isinstance(state, tuple):
+        state = state[0]
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        up = state.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if up is None:
+            raise ModelLoadError(path, f"{module} has a down (A) matrix but no up (B) matrix")
+        pairs.update(_comfy_module_names(module, down.float(), up.float()))
+    if not pairs:
+        raise ModelLoadError(path, "holds no LoRA pairs (expected lora_A/lora_B or lora_down/lora_up tensors)")
+    return LoraWeights(path.name, pairs)
+
+
+def _comfy_module_names(
+    module: str, down: torch.Tensor, up: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if module.endswith(".attention.qkv"):
+        block = module.removesuffix(".qkv")
+        return {f"{block}.to_{p}": (down, chunk) for p, chunk in zip("qkv", up.chunk(3, dim=0), strict=True)}
+    if module.endswith(".attention.out"):
+        return {module.removesuffix(".out") + ".to_out.0": (down, up)}
+    return {module: (down, up)}
+
+
+def check_fits(lora: LoraWeights, model: torch.nn.Module) -> None:
+    """Every pair names a linear layer of this model with matching shapes."""
+    modules = dict(model.named_modules())
+    for name, (down, up) in lora.pairs.items():
+        layer = modules.get(name)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise ModelLoadError(lora.name, f"targets {name}, which this diffusion model does not have")
+        if (up.shape[0], down.shape[1]) != tuple(weight.shape):
+            raise ModelLoadError(
+                lora.name,
+                f"{name}: LoRA gives a {up.shape[0]}×{down.shape[1]} update but the weight is "
+                f"{weight.shape[0]}×{weight.shape[1]} (a LoRA for another model size?)",
+            )
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[None]:
+    """Add the LoRA deltas to the weights for the duration of the block, then restore them exactly."""
+    active = [p for p in patches if p.strength != 0]
+    if not active:
+        yield
+        return
+    modules = dict(model.named_modules())
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for patch in active:
+                for name, (down, up) in patch.lora.pairs.items():
+                    weight = modules[name].weight
+                    if name not in originals:
+                        originals[name] = weight.detach().clone()
+                    delta = (up.to(weight.device) @ down.to(weight.device)) * patch.strength
+                    weight.add_(delta.to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                modules[name].weight.copy_(original)

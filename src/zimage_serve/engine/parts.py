@@ -1,0 +1,253 @@
+"""The three components loaded one by one, as ComfyUI's loader nodes do, and sampling over them.
+
+`DiffusionModel`, `TextEncoder` and `Vae` are what flow along a workflow's MODEL, CLIP and VAE links.
+They are immutable views: changing the shift or stacking a LoRA returns a new view over the same
+loaded weights, so the executor's cache can share one loaded model between many workflows.
+Latents on LATENT links are in the VAE's raw space (what `Vae.encode` returns), as in ComfyUI; the
+diffusion model's `LatentFormat` maps them to the normalised space the network was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zimage_serve.engine import components
+from zimage_serve.engine.components import ComponentSource
+from zimage_serve.engine.devices import pick_device, pick_dtypes
+from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
+from zimage_serve.engine.pipeline import PromptEmbedding
+from zimage_serve.engine.prompt import prompt_token_ids
+from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
+
+log = logging.getLogger(__name__)
+
+LATENT_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """Raw VAE latents ↔ the network's space: (raw - shift) · scale, as diffusers and ComfyUI both do."""
+
+    scale: float
+    shift: float
+
+    def process_in(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.shift) * self.scale
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / self.scale + self.shift
+
+
+FLUX_LATENT = LatentFormat(scale=0.3611, shift=0.1159)  # Z-Image-Turbo's (the Flux VAE's) factors
+
+
+@dataclass(frozen=True)
+class Placing:
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+    @classmethod
+    def choose(cls, device: str = "auto", dtype: str = "auto") -> Placing:
+        target = pick_device(device)
+        model_dtype, vae_dtype = pick_dtypes(target, dtype)
+        return cls(target, model_dtype, vae_dtype)
+
+
+@dataclass(frozen=True)
+class DiffusionModel:
+    """MODEL: the transformer, how its latents are scaled, its flow shift, and LoRAs to apply."""
+
+    name: str
+    transformer: Any  # diffusers ZImageTransformer2DModel
+    latent_format: LatentFormat
+    sampling: FlowSampling = field(default_factory=FlowSampling)
+    patches: tuple[LoraPatch, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = next(self.transformer.parameters()).device
+        return device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype: torch.dtype = next(self.transformer.parameters()).dtype
+        return dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    def with_shift(self, shift: float) -> DiffusionModel:
+        return replace(self, sampling=replace(self.sampling, shift=shift))
+
+    def with_lora(self, lora: LoraWeights, strength: float) -> DiffusionModel:
+        check_fits(lora, self.transformer)
+        return replace(self, patches=(*self.patches, LoraPatch(lora, strength)))
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[None]:
+        with patched(self.transformer, self.patches):
+            yield
+
+    def velocity(self, x: torch.Tensor, sigma: float, captions: list[torch.Tensor]) -> torch.Tensor:
+        """ε - x0 for each latent (the network predicts x0 - ε from t = 1 - σ)."""
+        timestep = torch.full((x.shape[0],), 1.0 - sigma, device=self.device, dtype=torch.float32)
+        model_input = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))
+        outputs = self.transformer(model_input, timestep, [c.to(self.device, self.dtype) for c in captions])[0]
+        return -torch.stack([o.float() for o in outputs]).squeeze(2).to(x.device)
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """CLIP: Qwen3 and its tokenizer; gives the second-to-last hidden state, as Z-Image is prompted."""
+
+    name: str
+    model: Any  # transformers Qwen3Model
+    tokenizer: Any
+
+    @torch.inference_mode()
+    def encode(self, text: str) -> PromptEmbedding:
+        # ComfyUI neither pads nor truncates Z-Image prompts; neither do we here.
+        ids = prompt_token_ids(self.tokenizer, text)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        hidden = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
+        return PromptEmbedding(hidden[0], len(ids), 0)
+
+
+@dataclass(frozen=True)
+class Vae:
+    """VAE: pixels (B, H, W, C in 0..1, ComfyUI's IMAGE layout) ↔ raw latents (B, C, H/8, W/8)."""
+
+    name: str
+    model: Any  # diffusers AutoencoderKL
+    scaling: LatentFormat = field(default=FLUX_LATENT)  # the factors in its config, for models that bring none
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = next(self.model.parameters()).device
+        return device
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        height = pixels.shape[1] // LATENT_FACTOR * LATENT_FACTOR
+        width = pixels.shape[2] // LATENT_FACTOR * LATENT_FACTOR
+        pixels = pixels[:, :height, :width, :3]
+        latents = []
+        for image in pixels:
+            x = image.permute(2, 0, 1)[None].to(self.device, self.model.dtype) * 2 - 1
+            latents.append(self.model.encode(x).latent_dist.mode().float().cpu())
+        return torch.cat(latents)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = []
+        for latent in latents:  # one at a time: decoding dominates peak memory at large sizes
+            pixels = self.model.decode(latent[None].to(self.device, self.model.dtype), return_dict=False)[0]
+            images.append(((pixels.float().cpu() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0))
+        return torch.stack(images)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+
+def load_diffusion_model(
+    name: str, source: ComponentSource, placing: Placing, latent_format: LatentFormat = FLUX_LATENT
+) -> DiffusionModel:
+    prepared = components.prepare(source)
+    transformer = components.load(prepared, placing.device, placing.dtype)
+    log.info("loaded diffusion model %s on %s", name, placing.device)
+    return DiffusionModel(name, transformer, latent_format)
+
+
+def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placing: Placing) -> TextEncoder:
+    from zimage_serve.engine.loader import load_tokenizer
+
+    prepared = components.prepare(source)
+    loaded_tokenizer = load_tokenizer(tokenizer, prepared.config["vocab_size"])
+    model = components.load(prepared, placing.device, placing.dtype)
+    log.info("loaded text encoder %s on %s", name, placing.device)
+    return TextEncoder(name, model, loaded_tokenizer)
+
+
+def load_vae(name: str, source: ComponentSource, placing: Placing) -> Vae:
+    prepared = components.prepare(source)
+    model = components.load(prepared, placing.device, placing.vae_dtype)
+    config = prepared.config
+    scaling = LatentFormat(float(config.get("scaling_factor", 0.3611)), float(config.get("shift_factor") or 0.0))
+    log.info("loaded VAE %s on %s", name, placing.device)
+    return Vae(name, model, scaling)
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+
+def prepare_noise(latent: torch.Tensor, seed: int, batch_index: list[int] | None = None) -> torch.Tensor:
+    """ComfyUI's noise: one CPU generator for the whole batch, so image i of a batch is not `seed + i`."""
+    generator = torch.Generator().manual_seed(seed)
+    if batch_index is None:
+        return torch.randn(latent.shape, dtype=torch.float32, generator=generator)
+    noises = []
+    unique = sorted(set(batch_index))
+    for index in range(unique[-1] + 1):
+        noise = torch.randn((1, *latent.shape[1:]), dtype=torch.float32, generator=generator)
+        if index in unique:
+            noises.append(noise)
+    by_index = dict(zip(unique, noises, strict=True))
+    return torch.cat([by_index[i] for i in batch_index])
+
+
+def sample(
+    model: DiffusionModel,
+    noise: torch.Tensor,
+    latent: torch.Tensor,
+    positive: list[PromptEmbedding],
+    negative: list[PromptEmbedding],
+    *,
+    cfg: float,
+    sampler: str,
+    sigmas: list[float],
+    seed: int | None,
+    on_step: StepHook | None = None,
+    cancel: CancelCheck | None = None,
+) -> torch.Tensor:
+    """KSampler's core: noise the (raw) latent to σ0, run the sampler, return raw latents.
+
+    Guidance is ComfyUI's: ``uncond + (cond - uncond) · cfg`` on the denoised predictions, and at cfg 1
+    the negative is never evaluated (so 8 steps cost 8 network calls).
+    """
+    if not sigmas or len(sigmas) < 2:
+        return latent
+    fmt = model.latent_format
+    x0_in = fmt.process_in(latent.float())
+    x = sigmas[0] * noise.float() + (1.0 - sigmas[0]) * x0_in
+    use_cfg = abs(cfg - 1.0) > 1e-9
+
+    def denoise_with(embeddings: list[PromptEmbedding], x: torch.Tensor, sigma: float) -> torch.Tensor:
+        # Several conditionings on one link are averaged, as ComfyUI does for entries without areas.
+        total = torch.zeros_like(x)
+        for embedding in embeddings:
+            captions = [embedding.embeds] * x.shape[0]
+            total += x - sigma * model.velocity(x, sigma, captions)
+        return total / len(embeddings)
+
+    def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        cond = denoise_with(positive, x, sigma)
+        if not use_cfg:
+            return cond
+        uncond = denoise_with(negative, x, sigma)
+        return uncond + (cond - uncond) * cfg
+
+    with torch.inference_mode(), model.patched():
+        result = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel)(denoiser, x, sigmas)
+    if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does
+        result = result / (1.0 - sigmas[-1])
+    return fmt.process_out(result)

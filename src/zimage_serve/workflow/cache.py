@@ -1,0 +1,122 @@
+"""Node outputs kept between runs, keyed by a signature of what produced them, within a memory bound.
+
+A node's signature hashes its class, its fingerprint (IS_CHANGED), its constant inputs and, for each
+link, the signature of the linked node and the output index. So a node's signature changes exactly when
+something it depends on changes, node ids do not matter, and identical sub-graphs share entries.
+Size is counted over distinct tensor storages (a MODEL with a new shift shares its weights with the
+loader's MODEL and is not counted twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+DEFAULT_CACHE_BYTES = 8 * 1024**3
+
+
+@dataclass
+class CacheEntry:
+    outputs: tuple[Any, ...]
+    ui: dict[str, list[Any]] | None
+
+
+def signature(class_type: str, fingerprint: Any, constants: dict[str, Any], links: dict[str, tuple[str, int]]) -> str:
+    """`links` maps input name → (signature of the source node, output index)."""
+    payload = {
+        "class": class_type,
+        "fingerprint": _jsonable(fingerprint),
+        "constants": {k: _jsonable(v) for k, v in sorted(constants.items())},
+        "links": {k: [s, i] for k, (s, i) in sorted(links.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+class OutputCache:
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> CacheEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, entry: CacheEntry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return _storage_bytes(e.outputs for e in self._entries.values())
+
+    def trim(self, keep: set[str]) -> None:
+        """Evict least recently used entries outside `keep` until the cache fits its bound."""
+        with self._lock:
+            for key in list(self._entries):
+                if _storage_bytes(e.outputs for e in self._entries.values()) <= self.max_bytes:
+                    return
+                if key not in keep:
+                    del self._entries[key]
+
+
+def _storage_bytes(values: Iterator[Any]) -> int:
+    seen: dict[int, int] = {}
+    for value in values:
+        for tensor in _tensors(value, set()):
+            if tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _tensors(value: Any, visited: set[int]) -> Iterator[torch.Tensor]:
+    if id(value) in visited:
+        return
+    visited.add(id(value))
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, torch.nn.Module):
+        yield from value.parameters()
+        yield from value.buffers()
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item, visited)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item, visited)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            yield from _tensors(getattr(value, item.name), visited)

@@ -1,0 +1,37 @@
+"""What a running node may use: the folders, the device, its hidden inputs, progress and interrupt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from zimage_serve.engine.parts import Placing
+from zimage_serve.workflow.folders import Folders
+
+
+class ResourceLists(Protocol):
+    def names(self, resource: str) -> list[str]: ...
+
+
+class Interrupted(Exception):
+    """Raised inside a node when the run was interrupted; the executor reports it, never as an error."""
+
+
+@dataclass
+class NodeContext:
+    folders: Folders
+    placing: Placing
+    node_id: str
+    prompt: dict[str, Any] = field(default_factory=dict)  # hidden PROMPT
+    extra_pnginfo: dict[str, Any] | None = None  # hidden EXTRA_PNGINFO
+    on_progress: Callable[[int, int], None] | None = None
+    interrupted: Callable[[], bool] = lambda: False
+
+    def progress(self, value: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(value, total)
+
+    def check_interrupt(self) -> None:
+        if self.interrupted():
+            raise Interrupted(f"interrupted in node {self.node_id}")

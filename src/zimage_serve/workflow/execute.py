@@ -1,0 +1,273 @@
+"""Running a validated prompt: topological order, cached outputs, progress, interrupt, errors.
+
+Events are ComfyUI's WebSocket messages (type and data), handed to an `emit` callback in ComfyUI's
+order: execution_start, execution_cached, then per node executing / progress / executed, then
+execution_success, execution_error or execution_interrupted. The caller (the queue, or `zimage run`)
+stores history and sends the closing `executing` with node null.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from zimage_serve.engine.parts import Placing
+from zimage_serve.errors import ZImageError
+from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
+from zimage_serve.workflow.context import Interrupted, NodeContext
+from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.spec import Link, Node
+from zimage_serve.workflow.validate import is_link, link_source
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    status: str  # "success", "error" or "interrupted"
+    outputs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # node id → ui (history "outputs")
+    messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # history "status.messages"
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Executor:
+    """Runs one prompt at a time; `interrupt` and `free` may be called from other threads."""
+
+    def __init__(
+        self,
+        nodes: Mapping[str, type[Node]],
+        folders: Folders,
+        placing: Placing | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.nodes, self.folders = nodes, folders
+        self.placing = placing or Placing.choose()
+        self.cache = OutputCache(cache_bytes)
+        self._interrupt = threading.Event()
+        self._lock = threading.Lock()
+        self.node_runs: dict[str, int] = {}  # class_type → executions, for tests and metrics
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def free(self) -> None:
+        """Drop every cached output (models included); the next run loads again."""
+        self.cache.clear()
+
+    # -- one run -------------------------------------------------------------------------------------
+    def run(
+        self,
+        prompt_id: str,
+        prompt: dict[str, Any],
+        outputs: list[str],
+        extra_data: dict[str, Any] | None = None,
+        emit: Emit | None = None,
+    ) -> RunResult:
+        with self._lock:
+            self._interrupt.clear()
+            return _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit).execute()
+
+
+class _Run:
+    def __init__(
+        self,
+        executor: Executor,
+        prompt_id: str,
+        prompt: dict[str, Any],
+        outputs: list[str],
+        extra_data: dict[str, Any],
+        emit: Emit | None,
+    ) -> None:
+        self.ex, self.prompt_id, self.prompt, self.outputs = executor, prompt_id, prompt, outputs
+        self.extra_data = extra_data
+        self._emit = emit
+        self.result = RunResult(prompt_id, "success")
+        self.values: dict[str, tuple[Any, ...]] = {}
+        self.signatures: dict[str, str] = {}
+        self.current_inputs: dict[str, Any] = {}
+
+    def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
+        if record:
+            self.result.messages.append((event, data))
+        if self._emit is not None:
+            self._emit(event, data)
+
+    def execute(self) -> RunResult:
+        self.emit("execution_start", {"prompt_id": self.prompt_id, "timestamp": now_ms()}, record=True)
+        order = self._order()
+        current = None
+        try:
+            for node_id in order:
+                self.signatures[node_id] = self._signature(node_id)
+            cached = [n for n in order if self.signatures[n] in self.ex.cache]
+            self.result.cached = cached
+            self.emit(
+                "execution_cached", {"nodes": cached, "prompt_id": self.prompt_id, "timestamp": now_ms()}, record=True
+            )
+            for node_id in order:
+                current = node_id
+                self._execute_node(node_id)
+        except Interrupted:
+            self._interrupted(current)
+        except Exception as exc:
+            self._failed(current, exc)
+        else:
+            self.emit("execution_success", {"prompt_id": self.prompt_id, "timestamp": now_ms()}, record=True)
+        finally:
+            self.ex.cache.trim(keep=set(self.signatures.values()))
+        return self.result
+
+    # -- ordering and signatures -----------------------------------------------------------------------
+    def _sources(self, node_id: str) -> dict[str, tuple[str, int]]:
+        node_class = self.ex.nodes[self.prompt[node_id]["class_type"]]
+        found = {}
+        for name in node_class.all_inputs():
+            value = self.prompt[node_id]["inputs"].get(name)
+            if is_link(value) and (source := link_source(value)) is not None:
+                found[name] = source
+        return found
+
+    def _order(self) -> list[str]:
+        """Dependencies before dependents, outputs in prompt order; a cycle is an error here too."""
+        order: list[str] = []
+        state: dict[str, int] = {}
+        for output in self.outputs:
+            stack: list[tuple[str, list[str]]] = [(output, [s for s, _ in self._sources(output).values()])]
+            if output in state:
+                continue
+            state[output] = 1
+            while stack:
+                node, pending = stack[-1]
+                if not pending:
+                    stack.pop()
+                    state[node] = 2
+                    order.append(node)
+                    continue
+                source = pending.pop(0)
+                if state.get(source) == 1:
+                    raise ZImageError(f"dependency cycle through node {source}")
+                if source not in state:
+                    state[source] = 1
+                    stack.append((source, [s for s, _ in self._sources(source).values()]))
+        return order
+
+    def _signature(self, node_id: str) -> str:
+        node = self.prompt[node_id]
+        node_class = self.ex.nodes[node["class_type"]]
+        links = {name: (self.signatures[s], i) for name, (s, i) in self._sources(node_id).items()}
+        constants = {k: v for k, v in node["inputs"].items() if k in node_class.all_inputs() and k not in links}
+        try:
+            fingerprint = node_class.fingerprint(self.ex.folders, **constants)
+        except Exception:  # a fingerprint that fails means "always re-run", as ComfyUI's NaN
+            fingerprint = f"unstable-{time.monotonic_ns()}"
+        return signature(node["class_type"], fingerprint, constants, links)
+
+    # -- running nodes -----------------------------------------------------------------------------------
+    def _execute_node(self, node_id: str) -> None:
+        node = self.prompt[node_id]
+        class_type = node["class_type"]
+        node_class = self.ex.nodes[class_type]
+        entry = self.ex.cache.get(self.signatures[node_id])
+        if entry is not None:
+            self.values[node_id] = entry.outputs
+            if node_class.output_node:
+                self._report_ui(node_id, entry.ui)
+            return
+        if self.ex._interrupt.is_set():
+            raise Interrupted(f"interrupted before node {node_id}")
+        self.emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id})
+        self.current_inputs = {}
+        inputs = self._inputs(node_id, node_class)
+        ctx = NodeContext(
+            folders=self.ex.folders,
+            placing=self.ex.placing,
+            node_id=node_id,
+            prompt=self.prompt,
+            extra_pnginfo=self.extra_data.get("extra_pnginfo"),
+            on_progress=lambda value, total: self.emit(
+                "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
+            ),
+            interrupted=self.ex._interrupt.is_set,
+        )
+        self.current_inputs = inputs
+        result = node_class().run(ctx, **inputs)
+        self.ex.node_runs[class_type] = self.ex.node_runs.get(class_type, 0) + 1
+        self.values[node_id] = result.outputs
+        self.result.executed.append(node_id)
+        self.ex.cache.put(self.signatures[node_id], CacheEntry(result.outputs, result.ui))
+        if result.ui is not None:
+            self._report_ui(node_id, result.ui)
+
+    def _report_ui(self, node_id: str, ui: dict[str, list[Any]] | None) -> None:
+        if ui is not None:
+            self.result.outputs[node_id] = ui
+        self.emit("executed", {"node": node_id, "display_node": node_id, "output": ui, "prompt_id": self.prompt_id})
+
+    def _inputs(self, node_id: str, node_class: type[Node]) -> dict[str, Any]:
+        raw = self.prompt[node_id]["inputs"]
+        inputs: dict[str, Any] = {}
+        sources = self._sources(node_id)
+        for name, declared in node_class.all_inputs().items():
+            if name in sources:
+                source, index = sources[name]
+                inputs[name] = self.values[source][index]
+            elif name in raw and not isinstance(declared, Link):
+                inputs[name] = raw[name]
+        return inputs
+
+    # -- endings ---------------------------------------------------------------------------------------
+    def _base(self, node_id: str | None) -> dict[str, Any]:
+        class_type = self.prompt[node_id]["class_type"] if node_id is not None else None
+        return {
+            "prompt_id": self.prompt_id,
+            "node_id": node_id,
+            "node_type": class_type,
+            "executed": list(self.result.executed),
+        }
+
+    def _interrupted(self, node_id: str | None) -> None:
+        self.result.status = "interrupted"
+        self.emit("execution_interrupted", {**self._base(node_id), "timestamp": now_ms()}, record=True)
+
+    def _failed(self, node_id: str | None, exc: Exception) -> None:
+        self.result.status = "error"
+        expected = isinstance(exc, ZImageError | ValueError)
+        if not expected:
+            log.error("node %s failed:\n%s", node_id, "".join(traceback.format_exception(exc)))
+        inputs = self.current_inputs if node_id is not None else {}
+        data = {
+            **self._base(node_id),
+            "exception_message": str(exc) or type(exc).__name__,
+            "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "traceback": [],  # kept in the server log; never shown to clients
+            "current_inputs": {k: [_formatted(v)] for k, v in inputs.items()},
+            "current_outputs": [n for n in self.values if n != node_id],
+            "timestamp": now_ms(),
+        }
+        self.result.error = data
+        self.emit("execution_error", data, record=True)
+
+
+def _formatted(value: Any) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "…"

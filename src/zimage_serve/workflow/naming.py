@@ -1,0 +1,68 @@
+"""Output file names as ComfyUI's SaveImage makes them, without collisions between concurrent runs.
+
+`prefix` may hold a subfolder (`portraits/zimage`) and date tokens (`%date:yyyy-MM-dd%`, `%year%` ...).
+Files are `<prefix>_<counter:05>_.png`, the counter one past the highest already there; the name is
+claimed by creating the file exclusively, so two runs saving at once never get the same one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from zimage_serve.errors import InvalidParameterError
+
+_DATE_TOKEN = re.compile(r"%date:([^%]+)%")
+_DATE_PARTS = (("yyyy", "%Y"), ("yy", "%y"), ("MM", "%m"), ("dd", "%d"), ("hh", "%H"), ("mm", "%M"), ("ss", "%S"))
+_SIMPLE = {"%year%": "%Y", "%month%": "%m", "%day%": "%d", "%hour%": "%H", "%minute%": "%M", "%second%": "%S"}
+
+
+@dataclass(frozen=True)
+class ClaimedName:
+    path: Path
+    filename: str
+    subfolder: str
+
+
+def expand_prefix(prefix: str, now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now()
+
+    def date(match: re.Match[str]) -> str:
+        pattern = match.group(1)
+        for token, code in _DATE_PARTS:
+            pattern = pattern.replace(token, code)
+        return now.strftime(pattern)
+
+    expanded = _DATE_TOKEN.sub(date, prefix)
+    for token, code in _SIMPLE.items():
+        expanded = expanded.replace(token, now.strftime(code))
+    return expanded
+
+
+def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
+    """Reserve the next free `<prefix>_NNNNN_.<ext>` under `folder`; the caller then writes over it."""
+    expanded = expand_prefix(prefix).replace("\\", "/")
+    parts = [p for p in expanded.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or expanded.startswith("/") or "\x00" in expanded:
+        raise InvalidParameterError(field, f"{prefix!r} must name a file inside the output folder")
+    subfolder, stem = "/".join(parts[:-1]), parts[-1]
+    target = folder.joinpath(*parts[:-1])
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
+    target.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(re.escape(stem) + r"_(\d+)_?\." + re.escape(extension) + "$")
+    counters = [int(m.group(1)) for name in os.listdir(target) if (m := pattern.match(name))]
+    counter = max(counters, default=0) + 1
+    while True:
+        filename = f"{stem}_{counter:05}_.{extension}"
+        path = target / filename
+        try:
+            with open(path, "xb"):
+                pass
+        except FileExistsError:
+            counter += 1
+            continue
+        return ClaimedName(path, filename, subfolder)

@@ -1,0 +1,41 @@
+"""The node set: ComfyUI's class names and input names for what Z-Image workflows use."""
+
+from __future__ import annotations
+
+from zimage_serve.workflow.nodes.conditioning import CLIPTextEncode, ConditioningZeroOut
+from zimage_serve.workflow.nodes.image import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
+from zimage_serve.workflow.nodes.latent import EmptyLatentImage, EmptySD3LatentImage
+from zimage_serve.workflow.nodes.loaders import (
+    CheckpointLoaderSimple,
+    CLIPLoader,
+    LoraLoader,
+    LoraLoaderModelOnly,
+    UNETLoader,
+    VAELoader,
+)
+from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
+from zimage_serve.workflow.spec import Node
+
+NODES: dict[str, type[Node]] = {
+    cls.__name__: cls
+    for cls in (
+        CheckpointLoaderSimple,
+        UNETLoader,
+        CLIPLoader,
+        VAELoader,
+        LoraLoader,
+        LoraLoaderModelOnly,
+        CLIPTextEncode,
+        ConditioningZeroOut,
+        EmptyLatentImage,
+        EmptySD3LatentImage,
+        ModelSamplingAuraFlow,
+        KSampler,
+        KSamplerAdvanced,
+        VAEDecode,
+        VAEEncode,
+        LoadImage,
+        SaveImage,
+        PreviewImage,
+    )
+}

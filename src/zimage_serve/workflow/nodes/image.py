@@ -1,0 +1,161 @@
+"""Images in and out: VAE encode/decode, loading uploaded images, saving and previewing results."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+
+from zimage_serve.png import png_info, save_png
+from zimage_serve.workflow.context import NodeContext, ResourceLists
+from zimage_serve.workflow.folders import UnknownFileError
+from zimage_serve.workflow.naming import claim
+from zimage_serve.workflow.spec import Combo, Node, NodeResult, Output, String, link
+
+
+class VAEDecode(Node):
+    display_name = "VAE Decode"
+    category = "latent"
+    description = "Decodes latent images back into pixel space images."
+    required = {
+        "samples": link("LATENT", "The latent to be decoded."),
+        "vae": link("VAE", "The VAE model used for decoding the latent."),
+    }
+    outputs = (Output("IMAGE", tooltip="The decoded image."),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        return NodeResult((inputs["vae"].decode(inputs["samples"]["samples"]),))
+
+
+class VAEEncode(Node):
+    display_name = "VAE Encode"
+    category = "latent"
+    description = "Encodes images into latents (the start of image-to-image)."
+    required = {"pixels": link("IMAGE"), "vae": link("VAE")}
+    outputs = (Output("LATENT"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        return NodeResult(({"samples": inputs["vae"].encode(inputs["pixels"])},))
+
+
+def open_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE (frames, H, W, 3) in 0..1 and MASK (frames, H, W) = 1 - alpha, as ComfyUI's LoadImage."""
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    with Image.open(path) as opened:
+        for frame in ImageSequence.Iterator(opened):
+            frame = ImageOps.exif_transpose(frame) or frame
+            if frame.mode == "I":
+                frame = frame.point(lambda value: value * (1 / 255))
+            rgb = np.asarray(frame.convert("RGB"), dtype=np.float32) / 255.0
+            if images and rgb.shape != images[0].shape:
+                break  # frames of another size are dropped, as in ComfyUI
+            images.append(rgb)
+            if "A" in frame.getbands():
+                alpha = np.asarray(frame.getchannel("A"), dtype=np.float32) / 255.0
+                masks.append(1.0 - alpha)
+            else:
+                masks.append(np.zeros((64, 64), dtype=np.float32))
+    image = torch.from_numpy(np.stack(images))
+    if any(m.shape != masks[0].shape for m in masks):
+        masks = [np.zeros((64, 64), dtype=np.float32) for _ in masks]
+    return image, torch.from_numpy(np.stack(masks))
+
+
+class LoadImage(Node):
+    display_name = "Load Image"
+    category = "image"
+    description = "Loads an image from the input folder (uploads land there)."
+    required = {"image": Combo(resource="input_images", options={"image_upload": True})}
+    outputs = (Output("IMAGE"), Output("MASK"))
+    custom_checks = ("image",)
+
+    @classmethod
+    def check(cls, lists: ResourceLists, **inputs: Any) -> str | None:
+        name = inputs.get("image")
+        try:
+            path = _input_path(lists, str(name))
+        except UnknownFileError:
+            return f"Invalid image file: {name}"
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            return f"Invalid image file: {name}"
+        return None
+
+    @classmethod
+    def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:
+        try:
+            path = _input_path(lists, str(inputs.get("image")))
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except (UnknownFileError, OSError):
+            return None
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        image, mask = open_image(ctx.folders.input_path(inputs["image"]))
+        return NodeResult((image, mask))
+
+
+def _input_path(lists: ResourceLists, name: str) -> Path:
+    resolve = getattr(lists, "input_path", None)
+    if resolve is None:
+        raise UnknownFileError("image", name, "cannot be looked up here")
+    path: Path = resolve(name)
+    return path
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    array = (image.clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def save_images(
+    ctx: NodeContext, images: torch.Tensor, folder: Path, prefix: str, kind: str, compress_level: int
+) -> list[dict[str, str]]:
+    info = png_info(prompt=ctx.prompt or None, extra_pnginfo=ctx.extra_pnginfo)
+    saved = []
+    for image in images:
+        name = claim(folder, prefix)
+        save_png(to_pil(image), name.path, info, compress_level=compress_level)
+        saved.append({"filename": name.filename, "subfolder": name.subfolder, "type": kind})
+    return saved
+
+
+class SaveImage(Node):
+    display_name = "Save Image"
+    category = "image"
+    description = "Saves the input images to your output folder."
+    required = {
+        "images": link("IMAGE", "The images to save."),
+        "filename_prefix": String(
+            default="ComfyUI",
+            tooltip="The prefix for the file to save. This may include formatting information such as "
+            "%date:yyyy-MM-dd%.",
+        ),
+    }
+    hidden = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    output_node = True
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        saved = save_images(ctx, inputs["images"], ctx.folders.output, inputs["filename_prefix"], "output", 4)
+        return NodeResult((), {"images": saved})
+
+
+class PreviewImage(Node):
+    display_name = "Preview Image"
+    category = "image"
+    description = "Saves the input images to the temp folder, to be shown and then discarded."
+    required = {"images": link("IMAGE")}
+    hidden = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    output_node = True
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        prefix = "ComfyUI_temp_" + "".join(secrets.choice("abcdefghijklmnopqrstupvxyz") for _ in range(5))
+        saved = save_images(ctx, inputs["images"], ctx.folders.temp, prefix, "temp", 1)
+        return NodeResult((), {"images": saved})

@@ -1,0 +1,144 @@
+"""The sampler nodes and the flow shift: where the diffusion model runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from zimage_serve.engine.parts import DiffusionModel, prepare_noise, sample
+from zimage_serve.engine.sampling import SAMPLERS, SCHEDULERS, denoise_schedule, schedule
+from zimage_serve.errors import GenerationCancelled
+from zimage_serve.workflow.context import Interrupted, NodeContext
+from zimage_serve.workflow.spec import MAX_SEED, Combo, Float, Int, Node, NodeResult, Output, link
+
+
+class ModelSamplingAuraFlow(Node):
+    category = "advanced/model"
+    description = "Sets the flow shift of the sigma schedule (Z-Image-Turbo's template uses 3)."
+    required = {
+        "model": link("MODEL"),
+        "shift": Float(default=1.73, min=0.0, max=100.0, step=0.01),
+    }
+    outputs = (Output("MODEL"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        return NodeResult((inputs["model"].with_shift(inputs["shift"]),))
+
+
+def _empty_to_model_channels(samples: torch.Tensor, model: DiffusionModel) -> torch.Tensor:
+    """An all-zero latent with another channel count (EmptyLatentImage's 4) becomes the model's, as in ComfyUI."""
+    channels = model.latent_channels
+    if samples.shape[1] != channels and not samples.any():
+        return torch.zeros((samples.shape[0], channels, *samples.shape[2:]), dtype=samples.dtype)
+    if samples.shape[1] != channels:
+        raise ValueError(f"the latent has {samples.shape[1]} channels but this model works on {channels}")
+    return samples
+
+
+def run_sampler(
+    ctx: NodeContext,
+    inputs: dict[str, Any],
+    *,
+    seed: int,
+    sigmas: list[float],
+    add_noise: bool,
+) -> NodeResult:
+    model: DiffusionModel = inputs["model"]
+    latent: dict[str, Any] = inputs["latent_image"]
+    samples = _empty_to_model_channels(latent["samples"], model)
+    if len(sigmas) < 2:
+        return NodeResult(({**latent, "samples": samples},))
+    noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
+    try:
+        result = sample(
+            model,
+            noise,
+            samples,
+            inputs["positive"],
+            inputs["negative"],
+            cfg=inputs["cfg"],
+            sampler=inputs["sampler_name"],
+            sigmas=sigmas,
+            seed=seed,
+            on_step=lambda step, total, _x: ctx.progress(step, total),
+            cancel=ctx.interrupted,
+        )
+    except GenerationCancelled as exc:
+        raise Interrupted(str(exc)) from exc
+    return NodeResult(({**latent, "samples": result.cpu()},))
+
+
+SAMPLER = Combo(choices=SAMPLERS, tooltip="The algorithm used when sampling.")
+SCHEDULER = Combo(choices=SCHEDULERS, tooltip="The scheduler controls how noise is gradually removed.")
+STEPS = Int(default=20, min=1, max=10000, tooltip="The number of steps used in the denoising process.")
+CFG = Float(
+    default=8.0,
+    min=0.0,
+    max=100.0,
+    step=0.1,
+    round=0.01,
+    tooltip="Classifier-free guidance scale; 1 turns it off (Z-Image-Turbo is run at 1).",
+)
+
+
+class KSampler(Node):
+    category = "sampling"
+    description = "Uses the provided model, positive and negative conditioning to denoise the latent image."
+    required = {
+        "model": link("MODEL", "The model used for denoising the input latent."),
+        "seed": Int(
+            default=0, min=0, max=MAX_SEED, control_after_generate=True, tooltip="The random seed used for the noise."
+        ),
+        "steps": STEPS,
+        "cfg": CFG,
+        "sampler_name": SAMPLER,
+        "scheduler": SCHEDULER,
+        "positive": link("CONDITIONING", "The conditioning describing what to include in the image."),
+        "negative": link("CONDITIONING", "The conditioning describing what to exclude from the image."),
+        "latent_image": link("LATENT", "The latent image to denoise."),
+        "denoise": Float(
+            default=1.0, min=0.0, max=1.0, step=0.01, tooltip="The amount of denoising applied (< 1 for img2img)."
+        ),
+    }
+    outputs = (Output("LATENT", tooltip="The denoised latent."),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        model: DiffusionModel = inputs["model"]
+        sigmas = denoise_schedule(model.sampling, inputs["scheduler"], inputs["steps"], inputs["denoise"])
+        return run_sampler(ctx, inputs, seed=inputs["seed"], sigmas=sigmas, add_noise=True)
+
+
+class KSamplerAdvanced(Node):
+    category = "sampling"
+    description = "KSampler over a window of the schedule, with the noise and the final step under control."
+    required = {
+        "model": link("MODEL"),
+        "add_noise": Combo(choices=("enable", "disable")),
+        "noise_seed": Int(default=0, min=0, max=MAX_SEED, control_after_generate=True),
+        "steps": Int(default=20, min=1, max=10000),
+        "cfg": CFG,
+        "sampler_name": SAMPLER,
+        "scheduler": SCHEDULER,
+        "positive": link("CONDITIONING"),
+        "negative": link("CONDITIONING"),
+        "latent_image": link("LATENT"),
+        "start_at_step": Int(default=0, min=0, max=10000),
+        "end_at_step": Int(default=10000, min=0, max=10000),
+        "return_with_leftover_noise": Combo(choices=("disable", "enable")),
+    }
+    outputs = (Output("LATENT"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        model: DiffusionModel = inputs["model"]
+        sigmas = schedule(model.sampling, inputs["scheduler"], inputs["steps"])
+        last, start = inputs["end_at_step"], inputs["start_at_step"]
+        if last < len(sigmas) - 1:
+            sigmas = sigmas[: last + 1]
+            if inputs["return_with_leftover_noise"] != "enable":
+                sigmas[-1] = 0.0
+        # Nothing left to run when the window starts at the end: the latent passes through.
+        sigmas = [] if start >= len(sigmas) - 1 else sigmas[start:]
+        return run_sampler(
+            ctx, inputs, seed=inputs["noise_seed"], sigmas=sigmas, add_noise=inputs["add_noise"] == "enable"
+        )

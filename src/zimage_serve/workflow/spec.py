@@ -1,0 +1,221 @@
+"""How a node declares itself, and the `object_info` entry generated from that declaration.
+
+A node class lists its inputs as typed fields (`Int`, `Float`, `String`, `Boolean`, `Combo`, `Link`),
+its outputs, category and whether it is an output node; `node_info` renders exactly the shape ComfyUI's
+`GET /object_info` returns, so the official frontend and API clients read our nodes as theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from zimage_serve.workflow.context import NodeContext, ResourceLists
+
+LINK_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK")
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+MAX_RESOLUTION = 16384
+
+
+@dataclass(frozen=True)
+class Input:
+    """One declared input. `options` are the extra keys ComfyUI's frontend understands."""
+
+    tooltip: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    type_name: ClassVar[str] = ""
+
+    def is_widget(self) -> bool:
+        return True
+
+    def spec_type(self, lists: ResourceLists) -> Any:
+        return self.type_name
+
+    def spec_options(self) -> dict[str, Any]:
+        return {}
+
+    def spec(self, lists: ResourceLists) -> list[Any]:
+        options = self.spec_options()
+        options.update(self.options)
+        if self.tooltip:
+            options["tooltip"] = self.tooltip
+        return [self.spec_type(lists), options] if options else [self.spec_type(lists)]
+
+
+@dataclass(frozen=True)
+class Int(Input):
+    default: int = 0
+    min: int = -(2**63)
+    max: int = 2**63 - 1
+    step: int = 1
+    control_after_generate: bool = False
+
+    type_name: ClassVar[str] = "INT"
+
+    def spec_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"default": self.default, "min": self.min, "max": self.max, "step": self.step}
+        if self.control_after_generate:
+            options["control_after_generate"] = True
+        return options
+
+
+@dataclass(frozen=True)
+class Float(Input):
+    default: float = 0.0
+    min: float = -1e300
+    max: float = 1e300
+    step: float = 0.01
+    round: float | None = None
+
+    type_name: ClassVar[str] = "FLOAT"
+
+    def spec_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"default": self.default, "min": self.min, "max": self.max, "step": self.step}
+        if self.round is not None:
+            options["round"] = self.round
+        return options
+
+
+@dataclass(frozen=True)
+class String(Input):
+    default: str = ""
+    multiline: bool = False
+    dynamic_prompts: bool = False
+
+    type_name: ClassVar[str] = "STRING"
+
+    def spec_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"default": self.default}
+        if self.multiline:
+            options["multiline"] = True
+            options["dynamicPrompts"] = self.dynamic_prompts
+        return options
+
+
+@dataclass(frozen=True)
+class Boolean(Input):
+    default: bool = False
+
+    type_name: ClassVar[str] = "BOOLEAN"
+
+    def spec_options(self) -> dict[str, Any]:
+        return {"default": self.default}
+
+
+@dataclass(frozen=True)
+class Combo(Input):
+    """A choice from a fixed list, or from a list read from disk when asked (`resource` names it)."""
+
+    choices: tuple[str, ...] = ()
+    resource: str | None = None  # e.g. "diffusion_models", "loras", "input_images"
+    default: str | None = None
+
+    type_name: ClassVar[str] = "COMBO"
+
+    def values(self, lists: ResourceLists) -> list[str]:
+        if self.resource is not None:
+            return lists.names(self.resource)
+        return list(self.choices)
+
+    def spec_type(self, lists: ResourceLists) -> Any:
+        return self.values(lists)
+
+    def spec_options(self) -> dict[str, Any]:
+        return {"default": self.default} if self.default is not None else {}
+
+
+@dataclass(frozen=True)
+class Link(Input):
+    """An input that only takes a link from another node's output of this type."""
+
+    link_type: str = ""
+
+    def is_widget(self) -> bool:
+        return False
+
+    def spec_type(self, lists: ResourceLists) -> Any:
+        return self.link_type
+
+
+def link(link_type: str, tooltip: str | None = None) -> Link:
+    if link_type not in LINK_TYPES:
+        raise ValueError(f"unknown link type {link_type}")
+    return Link(tooltip=tooltip, link_type=link_type)
+
+
+@dataclass(frozen=True)
+class Output:
+    type: str
+    name: str | None = None
+    tooltip: str | None = None
+
+
+@dataclass
+class NodeResult:
+    """What a node returns: one value per declared output, and what it shows in the UI (history)."""
+
+    outputs: tuple[Any, ...] = ()
+    ui: dict[str, list[Any]] | None = None
+
+
+class Node:
+    """Base of every node. Subclasses declare; `run` receives the validated inputs as keyword arguments."""
+
+    display_name: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+    category: ClassVar[str] = "sd"
+    required: ClassVar[dict[str, Input]] = {}
+    optional: ClassVar[dict[str, Input]] = {}
+    hidden: ClassVar[dict[str, str]] = {}  # name → PROMPT, EXTRA_PNGINFO, UNIQUE_ID
+    outputs: ClassVar[tuple[Output, ...]] = ()
+    output_node: ClassVar[bool] = False
+    # Inputs whose list/range check `check` replaces (ComfyUI's VALIDATE_INPUTS arguments).
+    custom_checks: ClassVar[tuple[str, ...]] = ()
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, lists: ResourceLists, **inputs: Any) -> str | None:
+        """Validation of the inputs named in `custom_checks`; an error message, or None when fine."""
+        return None
+
+    @classmethod
+    def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:
+        """A value that changes whenever the result would though the inputs did not (IS_CHANGED)."""
+        return None
+
+    @classmethod
+    def all_inputs(cls) -> dict[str, Input]:
+        return {**cls.required, **cls.optional}
+
+
+def node_info(name: str, node: type[Node], lists: ResourceLists) -> dict[str, Any]:
+    """ComfyUI's NodeInfo for one class (GET /object_info/{class})."""
+    inputs: dict[str, Any] = {"required": {k: v.spec(lists) for k, v in node.required.items()}}
+    order: dict[str, list[str]] = {"required": list(node.required)}
+    if node.optional:
+        inputs["optional"] = {k: v.spec(lists) for k, v in node.optional.items()}
+        order["optional"] = list(node.optional)
+    if node.hidden:
+        inputs["hidden"] = dict(node.hidden)
+        order["hidden"] = list(node.hidden)
+    info: dict[str, Any] = {
+        "input": inputs,
+        "input_order": order,
+        "output": [o.type for o in node.outputs],
+        "output_is_list": [False for _ in node.outputs],
+        "output_name": [o.name or o.type for o in node.outputs],
+        "name": name,
+        "display_name": node.display_name or name,
+        "description": node.description,
+        "python_module": "nodes",
+        "category": node.category,
+        "output_node": node.output_node,
+    }
+    if any(o.tooltip for o in node.outputs):
+        info["output_tooltips"] = [o.tooltip for o in node.outputs]
+    return info
