@@ -8,7 +8,7 @@ import sys
 import typer
 
 from zimage_serve import __version__
-from zimage_serve.cli import generate, info, models, nano
+from zimage_serve.cli import generate, info, models, nano, run
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
 
@@ -37,6 +37,7 @@ def _root(
 app.command("generate")(generate.generate)
 app.command("models")(models.models)
 app.command("info")(info.info)
+app.command("run")(run.run)
 app.add_typer(nano.app, name="nano")
 
 

@@ -295,11 +295,11 @@ class Validator:
         kind = {Int: "INT", Float: "FLOAT", String: "STRING", Boolean: "BOOLEAN"}.get(type(declared))
         try:
             if kind == "INT":
-                if isinstance(value, str | dict | list) or value is None:
+                if isinstance(value, dict | list) or value is None:
                     raise ValueError(f"{value!r} is not a number")
                 converted: Any = int(value)
             elif kind == "FLOAT":
-                if isinstance(value, str | dict | list) or value is None:
+                if isinstance(value, dict | list) or value is None:
                     raise ValueError(f"{value!r} is not a number")
                 converted = float(value)
                 if not math.isfinite(converted):

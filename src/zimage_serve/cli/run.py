@@ -1,0 +1,104 @@
+"""`zimage run WORKFLOW.json`: run a ComfyUI workflow (API or UI format) here, without a server."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from zimage_serve.cli.common import console, console_err
+from zimage_serve.engine.parts import Placing
+from zimage_serve.errors import ZImageError
+from zimage_serve.settings import MODELS_ENV
+from zimage_serve.workflow.execute import Executor
+from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.overrides import apply_overrides
+from zimage_serve.workflow.ui_format import to_api
+from zimage_serve.workflow.validate import Validator
+
+
+class WorkflowInvalid(ZImageError):
+    """A workflow that fails validation; the message lists every error by node and input."""
+
+
+def describe_errors(result: Any) -> str:
+    lines = [str(result.error["message"]) if result.error else "some outputs failed validation"]
+    for node_id, entry in result.node_errors.items():
+        for reason in entry["errors"]:
+            lines.append(f"  node {node_id} ({entry['class_type']}): {reason['message']}: {reason['details']}")
+    if result.error and not result.node_errors and result.error.get("details"):
+        lines.append(f"  {result.error['details']}")
+    return "\n".join(lines)
+
+
+def load_workflow(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ZImageError(f"{path}: file not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ZImageError(f"{path}: not a JSON workflow ({exc})") from exc
+
+
+def run(
+    workflow: Annotated[Path, typer.Argument(help="Workflow JSON: API format, or UI format as ComfyUI saves it")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help='Change an input: NODE_ID.INPUT=VALUE, e.g. 6.text="a cat" or 3.seed=42'),
+    ] = None,
+    models: Annotated[
+        list[Path] | None,
+        typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]"),
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where SaveImage writes")] = Path("outputs"),
+    input_dir: Annotated[Path, typer.Option(help="Where LoadImage reads")] = Path("input"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
+) -> None:
+    """Run a workflow and write its outputs; the built-in zimage-nano is listed as a model."""
+    roots = list(models or [])
+    if not roots and os.environ.get(MODELS_ENV):
+        roots = [Path(p) for p in os.environ[MODELS_ENV].split(os.pathsep) if p]
+    for root in roots:
+        if not root.is_dir():
+            raise typer.BadParameter(f"{root} is not a folder", param_hint="--models")
+    folders = Folders.default(output_dir, roots)
+    folders.input, folders.output, folders.temp = input_dir, output_dir, output_dir / "temp"
+
+    prompt = to_api(load_workflow(workflow), NODES)
+    apply_overrides(prompt, set_ or [], NODES)
+    checked = Validator(NODES, folders).validate(prompt)
+    if not checked.ok:
+        raise WorkflowInvalid(f"{workflow}: {describe_errors(checked)}")
+    if checked.node_errors:
+        console_err.print(f"[yellow]warning:[/] {describe_errors(checked)}", highlight=False)
+
+    executor = Executor(NODES, folders, Placing.choose(device, dtype))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console_err, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def on_event(event: str, data: dict[str, Any]) -> None:
+            if event == "executing":
+                node = checked.prompt[data["node"]]
+                bar.update(task, description=f"{data['node']} {node['class_type']}", total=None, completed=0)
+            elif event == "progress":
+                bar.update(task, total=data["max"], completed=data["value"])
+
+        result = executor.run(uuid.uuid4().hex, checked.prompt, checked.outputs, {}, on_event)
+    if result.status == "interrupted":
+        raise ZImageError("interrupted")
+    if result.error is not None:
+        raise ZImageError(
+            f"node {result.error['node_id']} ({result.error['node_type']}) failed: {result.error['exception_message']}"
+        )
+    for ui in result.outputs.values():
+        for image in ui.get("images", []):
+            folder = folders.output if image["type"] == "output" else folders.temp
+            console.print(str(folder / image["subfolder"] / image["filename"]), highlight=False)

@@ -1,0 +1,37 @@
+"""Shared helpers for workflow tests: the shipped workflows and a runner around validate + execute."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from zimage_serve.workflow.execute import Executor, RunResult
+from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.validate import ValidationResult, Validator
+
+ROOT = Path(__file__).resolve().parents[1]
+NANO_WORKFLOW = ROOT / "workflows" / "zimage_nano.api.json"
+TURBO_WORKFLOW = ROOT / "workflows" / "z_image_turbo.api.json"
+TEMPLATES = ROOT.parent / "shared" / "fixtures" / "workflows"
+
+
+def nano_prompt() -> dict[str, Any]:
+    return copy.deepcopy(json.loads(NANO_WORKFLOW.read_text()))
+
+
+def validate(prompt: Any, folders: Folders, targets: list[str] | None = None) -> ValidationResult:
+    return Validator(NODES, folders).validate(prompt, targets)
+
+
+def run(executor: Executor, prompt: dict[str, Any], prompt_id: str = "p", events: list[Any] | None = None) -> RunResult:
+    checked = validate(prompt, executor.folders)
+    assert checked.ok, (checked.error, checked.node_errors)
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        if events is not None:
+            events.append((event, data))
+
+    return executor.run(prompt_id, checked.prompt, checked.outputs, {}, emit)
