@@ -19,7 +19,7 @@ from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.overrides import apply_overrides
-from zimage_serve.workflow.ui_format import to_api
+from zimage_serve.workflow.ui_format import is_api_format, to_api
 from zimage_serve.workflow.validate import Validator
 
 
@@ -71,7 +71,10 @@ def run(
     folders = Folders.default(output_dir, roots)
     folders.input, folders.output, folders.temp = input_dir, output_dir, output_dir / "temp"
 
-    prompt = to_api(load_workflow(workflow), NODES)
+    data = load_workflow(workflow)
+    prompt = to_api(data, NODES)
+    # A UI-format file goes into the PNGs as ComfyUI's frontend puts it, so dropping one reopens the graph.
+    extra = {} if is_api_format(data) else {"extra_pnginfo": {"workflow": data}}
     apply_overrides(prompt, set_ or [], NODES)
     checked = Validator(NODES, folders).validate(prompt)
     if not checked.ok:
@@ -91,7 +94,7 @@ def run(
             elif event == "progress":
                 bar.update(task, total=data["max"], completed=data["value"])
 
-        result = executor.run(uuid.uuid4().hex, checked.prompt, checked.outputs, {}, on_event)
+        result = executor.run(uuid.uuid4().hex, checked.prompt, checked.outputs, extra, on_event)
     if result.status == "interrupted":
         raise ZImageError("interrupted")
     if result.error is not None:
