@@ -219,3 +219,8 @@ def node_info(name: str, node: type[Node], lists: ResourceLists) -> dict[str, An
     if any(o.tooltip for o in node.outputs):
         info["output_tooltips"] = [o.tooltip for o in node.outputs]
     return info
+
+
+def object_info(nodes: Mapping[str, type[Node]], lists: ResourceLists) -> dict[str, Any]:
+    """GET /object_info: every node's info, with file lists read from disk now."""
+    return {name: node_info(name, node, lists) for name, node in nodes.items()}
