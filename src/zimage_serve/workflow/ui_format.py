@@ -94,7 +94,8 @@ class _Converter:
         nodes = graph.get("nodes")
         if not isinstance(nodes, list):
             raise WorkflowFormatError("a graph's 'nodes' must be a list")
-        links = self._links(graph.get("links") or [])
+        raw_links = graph.get("links")
+        links = self._links([] if raw_links is None else raw_links)
         subgraph_inputs = [i.get("name") for i in graph.get("inputs") or [] if isinstance(i, dict)]
         local: dict[str, _Flat] = {}
         for raw in nodes:
