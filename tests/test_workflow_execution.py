@@ -212,3 +212,53 @@ def test_preview_image_writes_to_temp(executor: Executor) -> None:
     [image] = result.outputs["9"]["images"]
     assert image["type"] == "temp" and image["filename"].startswith("ComfyUI_temp_")
     assert (executor.folders.temp / image["filename"]).is_file()
+
+
+def test_ksampler_advanced_in_two_halves_equals_one_ksampler(executor: Executor) -> None:
+    whole = np.asarray(Image.open(saved(executor, run(executor, nano_prompt()))[0]), dtype=np.int16)
+    prompt = nano_prompt()
+    common = {
+        key: prompt["3"]["inputs"][key]
+        for key in ("steps", "cfg", "sampler_name", "scheduler", "model", "positive", "negative")
+    }
+    prompt["3"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            **common,
+            "add_noise": "enable",
+            "noise_seed": 42,
+            "latent_image": ["13", 0],
+            "start_at_step": 0,
+            "end_at_step": 4,
+            "return_with_leftover_noise": "enable",
+        },
+    }
+    prompt["4"] = {
+        "class_type": "KSamplerAdvanced",
+        "inputs": {
+            **common,
+            "add_noise": "disable",
+            "noise_seed": 0,
+            "latent_image": ["3", 0],
+            "start_at_step": 4,
+            "end_at_step": 10000,
+            "return_with_leftover_noise": "disable",
+        },
+    }
+    prompt["8"]["inputs"]["samples"] = ["4", 0]
+    halves = np.asarray(Image.open(saved(executor, run(executor, prompt))[0]), dtype=np.int16)
+    assert np.abs(halves - whole).max() <= 2
+
+
+def test_the_4_channel_empty_latent_and_the_checkpoint_loader(executor: Executor) -> None:
+    reference = np.asarray(Image.open(saved(executor, run(executor, nano_prompt()))[0]), dtype=np.int16)
+    prompt = nano_prompt()
+    prompt["13"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}
+    prompt["4"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "zimage-nano"}}
+    prompt["11"]["inputs"]["model"] = ["4", 0]
+    prompt["6"]["inputs"]["clip"] = ["4", 1]
+    prompt["8"]["inputs"]["vae"] = ["4", 2]
+    for unused in ("28", "29", "30"):
+        del prompt[unused]
+    image = np.asarray(Image.open(saved(executor, run(executor, prompt))[0]), dtype=np.int16)
+    assert np.abs(image - reference).max() <= 1
