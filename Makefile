@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_stages.py
 	$(BIN)/python benchmarks/nano_speed.py
+	$(BIN)/python benchmarks/workflow_overhead.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache

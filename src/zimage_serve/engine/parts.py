@@ -102,7 +102,7 @@ class DiffusionModel:
         timestep = torch.full((x.shape[0],), 1.0 - sigma, device=self.device, dtype=torch.float32)
         model_input = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))
         outputs = self.transformer(model_input, timestep, [c.to(self.device, self.dtype) for c in captions])[0]
-        return -torch.stack([o.float() for o in outputs]).squeeze(2).to(x.device)
+        return -torch.stack([o.float() for o in outputs]).squeeze(2)
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,9 @@ def sample(
     if not sigmas or len(sigmas) < 2:
         return latent
     fmt = model.latent_format
-    x0_in = fmt.process_in(latent.float())
-    x = sigmas[0] * noise.float() + (1.0 - sigmas[0]) * x0_in
+    device = model.device  # the whole trajectory stays on the model's device; only the result comes back
+    x0_in = fmt.process_in(latent.float().to(device))
+    x = sigmas[0] * noise.float().to(device) + (1.0 - sigmas[0]) * x0_in
     use_cfg = abs(cfg - 1.0) > 1e-9
 
     def denoise_with(embeddings: list[PromptEmbedding], x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -250,4 +251,4 @@ def sample(
         result = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel)(denoiser, x, sigmas)
     if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does
         result = result / (1.0 - sigmas[-1])
-    return fmt.process_out(result)
+    return fmt.process_out(result).cpu()
