@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.workflows import TEMPLATES
 from zimage_serve.workflow.nodes import NODES
@@ -185,3 +187,46 @@ def test_a_subgraph_that_contains_itself_is_refused() -> None:
     workflow = {"nodes": [node(5, "loop")], "links": [], "definitions": {"subgraphs": [sub]}}
     with pytest.raises(WorkflowFormatError, match="nested more than 32 deep"):
         to_api(workflow, NODES)
+
+
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 60) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "id",
+                    "type",
+                    "mode",
+                    "inputs",
+                    "links",
+                    "nodes",
+                    "widgets_values",
+                    "name",
+                    "link",
+                    "definitions",
+                    "subgraphs",
+                    "origin_id",
+                    "target_id",
+                    "origin_slot",
+                    "target_slot",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(workflow=st.fixed_dictionaries({"nodes": st.lists(JUNK, max_size=5), "links": JUNK}))
+def test_junk_ui_workflows_give_a_format_error_or_a_prompt(workflow: dict[str, Any]) -> None:
+    try:
+        prompt = to_api(workflow, NODES)
+    except WorkflowFormatError:
+        return
+    assert isinstance(prompt, dict)
+    json.dumps(prompt)

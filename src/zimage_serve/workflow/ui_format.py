@@ -43,7 +43,12 @@ def to_api(data: Any, nodes: Mapping[str, type[Node]]) -> dict[str, Any]:
             "not a ComfyUI workflow: expected an API-format prompt (an object of nodes with class_type) or a "
             "UI-format workflow (with a nodes list)"
         )
-    return _Converter(data, nodes).convert()
+    try:
+        return _Converter(data, nodes).convert()
+    except WorkflowFormatError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise WorkflowFormatError(f"malformed UI-format workflow: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass
@@ -96,7 +101,10 @@ class _Converter:
             raise WorkflowFormatError("a graph's 'nodes' must be a list")
         raw_links = graph.get("links")
         links = self._links([] if raw_links is None else raw_links)
-        subgraph_inputs = [i.get("name") for i in graph.get("inputs") or [] if isinstance(i, dict)]
+        declared_inputs = graph.get("inputs")
+        subgraph_inputs = (
+            [i.get("name") for i in declared_inputs if isinstance(i, dict)] if isinstance(declared_inputs, list) else []
+        )
         local: dict[str, _Flat] = {}
         for raw in nodes:
             if not isinstance(raw, dict) or "id" not in raw or "type" not in raw:
@@ -108,7 +116,9 @@ class _Converter:
                 mode=int(raw.get("mode") or 0),
                 title=raw.get("title"),
                 widgets_values=raw.get("widgets_values"),
-                inputs=[i for i in raw.get("inputs") or [] if isinstance(i, dict)],
+                inputs=[i for i in raw.get("inputs") or [] if isinstance(i, dict)]
+                if isinstance(raw.get("inputs"), list)
+                else [],
             )
             local[str(raw["id"])] = node
             self.flat[flat_id] = node
