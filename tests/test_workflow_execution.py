@@ -262,3 +262,12 @@ def test_the_4_channel_empty_latent_and_the_checkpoint_loader(executor: Executor
         del prompt[unused]
     image = np.asarray(Image.open(saved(executor, run(executor, prompt))[0]), dtype=np.int16)
     assert np.abs(image - reference).max() <= 1
+
+
+def test_sizes_off_the_patch_grid_are_padded(executor: Executor) -> None:
+    prompt = nano_prompt()
+    prompt["13"]["inputs"].update(width=136, height=120)  # latents 17×15: odd on both sides
+    [path] = saved(executor, run(executor, prompt))
+    image = Image.open(path)
+    assert image.size == (136, 120)
+    assert checker.read(image).background == "blue"

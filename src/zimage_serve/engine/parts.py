@@ -98,11 +98,19 @@ class DiffusionModel:
             yield
 
     def velocity(self, x: torch.Tensor, sigma: float, captions: list[torch.Tensor]) -> torch.Tensor:
-        """ε - x0 for each latent (the network predicts x0 - ε from t = 1 - σ)."""
+        """ε - x0 for each latent (the network predicts x0 - ε from t = 1 - σ).
+
+        Latents with an odd side are padded circularly to the 2×2 patch grid and cropped back, as
+        ComfyUI pads them, so any size a user picks in multiples of 8 pixels works.
+        """
+        height, width = x.shape[-2:]
+        padded = (
+            torch.nn.functional.pad(x, (0, width % 2, 0, height % 2), mode="circular") if (height | width) % 2 else x
+        )
         timestep = torch.full((x.shape[0],), 1.0 - sigma, device=self.device, dtype=torch.float32)
-        model_input = list(x.to(self.device, self.dtype).unsqueeze(2).unbind(0))
+        model_input = list(padded.to(self.device, self.dtype).unsqueeze(2).unbind(0))
         outputs = self.transformer(model_input, timestep, [c.to(self.device, self.dtype) for c in captions])[0]
-        return -torch.stack([o.float() for o in outputs]).squeeze(2)
+        return -torch.stack([o.float() for o in outputs]).squeeze(2)[..., :height, :width]
 
 
 @dataclass(frozen=True)
