@@ -1,0 +1,291 @@
+"""The persistent queue and history: one SQLite file (WAL) under the data dir.
+
+A job is a row that moves pending → running → success / error / interrupted. Claiming the next job is
+one UPDATE … RETURNING, so a job is handed out once even with several workers; a crash leaves rows in
+`running`, and `recover()` at the next start puts them back in the queue (or marks them failed) so every
+accepted job ends exactly once. Priorities are ComfyUI's: the lowest `number` runs first, ties in
+submission order.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zimage_serve.errors import ZImageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    extra_data TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'success', 'error', 'interrupted')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    result TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (number, seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, finished);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+FINISHED = ("success", "error", "interrupted")
+HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
+
+
+class QueueFull(ZImageError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the queue is full ({limit} jobs waiting); try again later")
+        self.limit = limit
+
+
+class DuplicateJob(ZImageError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"prompt_id {job_id} already exists")
+        self.job_id = job_id
+
+
+@dataclass
+class Job:
+    id: str
+    number: float
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any]
+    outputs: list[str]
+    state: str = "pending"
+    attempts: int = 0
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def queue_item(self) -> list[Any]:
+        """ComfyUI's QueueItem: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
+        number: float | int = int(self.number) if float(self.number).is_integer() else self.number
+        return [number, self.id, self.prompt, self.extra_data, self.outputs]
+
+    def history_entry(self) -> dict[str, Any]:
+        return {
+            "prompt": self.queue_item(),
+            "outputs": self.result.get("outputs", {}),
+            "status": {
+                "status_str": "success" if self.state == "success" else "error",
+                "completed": self.state == "success",
+                "messages": self.result.get("messages", []),
+            },
+            "meta": self.result.get("meta", {}),
+        }
+
+
+class JobStore:
+    def __init__(self, path: Path, max_pending: int = 10000) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.max_pending = path, max_pending
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash (SIGKILL); only a power cut can lose the
+        # last transactions. That is the trade ComfyUI users ask for at 1000s of submissions per second.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- submitting --------------------------------------------------------------------------------
+    def next_number(self) -> int:
+        """ComfyUI's server counter, kept across restarts so history numbers keep increasing."""
+        with self._lock:
+            row = self._db.execute(
+                "INSERT INTO counters (name, value) VALUES ('number', 1) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value - 1"
+            ).fetchone()
+            return int(row[0])
+
+    def enqueue(
+        self,
+        job_id: str,
+        number: float,
+        prompt: dict[str, Any],
+        extra_data: dict[str, Any],
+        outputs: list[str],
+    ) -> Job:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                waiting = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
+                if waiting >= self.max_pending:
+                    raise QueueFull(self.max_pending)
+                self._db.execute(
+                    "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    (job_id, number, json.dumps(prompt), json.dumps(extra_data), json.dumps(outputs), now),
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                self._db.execute("ROLLBACK")
+                raise DuplicateJob(job_id) from exc
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return Job(job_id, number, prompt, extra_data, outputs, created=now)
+
+    # -- working -----------------------------------------------------------------------------------
+    def claim(self) -> Job | None:
+        """Hand out the next pending job (lowest number, then oldest) and mark it running."""
+        with self._lock:
+            row = self._db.execute(
+                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 "
+                "WHERE seq = (SELECT seq FROM jobs WHERE state = 'pending' ORDER BY number, seq LIMIT 1) "
+                "RETURNING *",
+                (time.time(),),
+            ).fetchone()
+            return self._job(row) if row is not None else None
+
+    def finish(self, job_id: str, state: str, result: dict[str, Any]) -> None:
+        """Record a running job's end and its history entry (outputs, status messages, meta)."""
+        if state not in FINISHED:
+            raise ValueError(f"not a final state: {state}")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
+                (state, time.time(), json.dumps(result), job_id),
+            )
+            self._trim_history()
+            self._db.execute("COMMIT")
+
+    def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
+        """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
+            jobs = [self._job(r) for r in rows]
+            self._db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                if retry and job.attempts < max_attempts:
+                    self._db.execute("UPDATE jobs SET state = 'pending', started = NULL WHERE id = ?", (job.id,))
+                    job.state = "pending"
+                else:
+                    message = (
+                        "the server stopped while this prompt ran"
+                        + (f" ({job.attempts} times)" if job.attempts > 1 else "")
+                        + "; it was not run again"
+                    )
+                    result = {
+                        "outputs": {},
+                        "messages": [
+                            [
+                                "execution_error",
+                                {
+                                    "prompt_id": job.id,
+                                    "node_id": None,
+                                    "node_type": None,
+                                    "executed": [],
+                                    "exception_message": message,
+                                    "exception_type": "ServerRestart",
+                                    "traceback": [],
+                                    "current_inputs": {},
+                                    "current_outputs": [],
+                                    "timestamp": int(time.time() * 1000),
+                                },
+                            ]
+                        ],
+                    }
+                    self._db.execute(
+                        "UPDATE jobs SET state = 'error', finished = ?, result = ? WHERE id = ?",
+                        (time.time(), json.dumps(result), job.id),
+                    )
+                    job.state = "error"
+            self._db.execute("COMMIT")
+            return jobs
+
+    # -- reading -----------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row) if row is not None else None
+
+    def pending(self) -> list[Job]:
+        return self._select("state = 'pending' ORDER BY number, seq")
+
+    def running(self) -> list[Job]:
+        return self._select("state = 'running' ORDER BY started")
+
+    def count(self, state: str) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0])
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
+        """Finished jobs oldest first; `max_items` alone means the newest N (ComfyUI's rule)."""
+        total = self.count_finished()
+        if offset is None:
+            offset = max(0, total - max_items) if max_items is not None else 0
+        limit = max_items if max_items is not None else -1
+        return self._select(f"state IN {FINISHED} ORDER BY finished, seq LIMIT ? OFFSET ?", (limit, max(0, offset)))
+
+    def count_finished(self) -> int:
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {FINISHED}").fetchone()[0])
+
+    # -- removing ----------------------------------------------------------------------------------
+    def delete_pending(self, ids: Iterable[str] | None = None) -> int:
+        """Remove waiting jobs (all of them when `ids` is None); running and finished ones stay."""
+        with self._lock:
+            if ids is None:
+                return self._db.execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
+            return sum(
+                self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
+            )
+
+    def delete_history(self, ids: Iterable[str] | None = None) -> int:
+        with self._lock:
+            if ids is None:
+                return self._db.execute(f"DELETE FROM jobs WHERE state IN {FINISHED}").rowcount
+            return sum(
+                self._db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED}", (i,)).rowcount for i in ids
+            )
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _trim_history(self) -> None:
+        excess = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {FINISHED}").fetchone()[0] - HISTORY_LIMIT
+        if excess > 0:
+            self._db.execute(
+                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
+                "ORDER BY finished, seq LIMIT ?)",
+                (excess,),
+            )
+
+    def _select(self, where: str, args: tuple[Any, ...] = ()) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE {where}", args).fetchall()
+        return [self._job(r) for r in rows]
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        return Job(
+            id=row["id"],
+            number=row["number"],
+            prompt=json.loads(row["prompt"]),
+            extra_data=json.loads(row["extra_data"]),
+            outputs=json.loads(row["outputs"]),
+            state=row["state"],
+            attempts=row["attempts"],
+            created=row["created"],
+            started=row["started"],
+            finished=row["finished"],
+            result=json.loads(row["result"]) if row["result"] else {},
+        )

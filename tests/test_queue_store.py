@@ -1,0 +1,123 @@
+"""The SQLite queue: order, limits, history, and what a killed process leaves behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from zimage_serve.queue.store import DuplicateJob, JobStore, QueueFull
+
+
+def add(store: JobStore, job_id: str, number: float | None = None) -> None:
+    store.enqueue(job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
+
+
+def test_lowest_number_first_then_submission_order(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    for name in ("a", "b", "c"):
+        add(store, name)
+    add(store, "urgent", -1)
+    add(store, "tie", 1)  # same number as "b", submitted later
+    assert [j.id for j in store.pending()] == ["urgent", "a", "b", "tie", "c"]
+    claimed = [store.claim() for _ in range(5)]
+    assert [j.id for j in claimed if j] == ["urgent", "a", "b", "tie", "c"]
+    assert store.claim() is None
+    assert claimed[1] is not None and claimed[1].state == "running" and claimed[1].attempts == 1
+
+
+def test_numbers_keep_increasing_across_restarts(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    assert [store.next_number() for _ in range(3)] == [0, 1, 2]
+    store.close()
+    assert JobStore(tmp_path / "q.db").next_number() == 3
+
+
+def test_duplicates_and_a_full_queue_are_refused(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db", max_pending=2)
+    add(store, "a")
+    with pytest.raises(DuplicateJob, match="prompt_id a already exists"):
+        add(store, "a")
+    add(store, "b")
+    with pytest.raises(QueueFull, match="2 jobs waiting"):
+        add(store, "c")
+    store.claim()
+    add(store, "c")  # a running job no longer counts as waiting
+    assert store.count("pending") == 2
+
+
+def test_history_entries_have_comfyuis_shape(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    for name in ("a", "b", "c"):
+        add(store, name)
+    for state in ("success", "error", "interrupted"):
+        job = store.claim()
+        assert job is not None
+        store.finish(job.id, state, {"outputs": {"9": {"images": []}}, "messages": [["execution_start", {}]]})
+    entry = store.history()[0].history_entry()
+    assert entry == {
+        "prompt": [0, "a", {"1": {"class_type": "X"}}, {}, ["1"]],
+        "outputs": {"9": {"images": []}},
+        "status": {"status_str": "success", "completed": True, "messages": [["execution_start", {}]]},
+        "meta": {},
+    }
+    assert [j.history_entry()["status"]["status_str"] for j in store.history()] == ["success", "error", "error"]
+    assert [j.id for j in store.history(max_items=2)] == ["b", "c"]  # the newest two
+    assert [j.id for j in store.history(max_items=1, offset=0)] == ["a"]
+    assert store.delete_history(["a", "nope"]) == 1
+    assert store.delete_history() == 2 and store.history() == []
+
+
+def test_deleting_waiting_jobs_leaves_the_running_one(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    for name in ("a", "b", "c"):
+        add(store, name)
+    store.claim()
+    assert store.delete_pending(["b", "a"]) == 1
+    assert store.delete_pending() == 1
+    assert [j.id for j in store.running()] == ["a"] and store.pending() == []
+
+
+def test_a_job_left_running_by_a_crash_runs_again_then_fails(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    add(store, "a")
+    store.claim()
+    reopened = JobStore(tmp_path / "q.db")  # the first process "died" without finishing
+    [job] = reopened.recover()
+    assert (job.id, job.state, job.attempts) == ("a", "pending", 1)
+    again = reopened.claim()
+    assert again is not None and again.attempts == 2
+    [job] = JobStore(tmp_path / "q.db").recover()
+    assert job.state == "error"
+    entry = reopened.get("a")
+    assert entry is not None and entry.state == "error"
+    status = entry.history_entry()["status"]
+    assert status["status_str"] == "error" and not status["completed"]
+    assert "stopped while this prompt ran (2 times)" in status["messages"][0][1]["exception_message"]
+
+
+def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    child = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from zimage_serve.queue.store import JobStore
+        store = JobStore(Path({str(path)!r}))
+        for i in range(50):
+            store.enqueue(f"job{{i}}", store.next_number(), {{"1": {{}}}}, {{}}, ["1"])
+        store.claim()
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    process = subprocess.run([sys.executable, "-c", child], env={**os.environ}, check=False)
+    assert process.returncode == -signal.SIGKILL
+    store = JobStore(path)
+    assert store.count("pending") == 49 and [j.id for j in store.running()] == ["job0"]
+    store.recover()
+    assert [j.id for j in store.pending()] == [f"job{i}" for i in range(50)]
