@@ -8,7 +8,7 @@ import sys
 import typer
 
 from zimage_serve import __version__
-from zimage_serve.cli import generate, info, models, nano, run
+from zimage_serve.cli import generate, info, models, nano, run, serve
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
 
@@ -38,6 +38,7 @@ app.command("generate")(generate.generate)
 app.command("models")(models.models)
 app.command("info")(info.info)
 app.command("run")(run.run)
+app.command("serve")(serve.serve)
 app.add_typer(nano.app, name="nano")
 
 

@@ -1,0 +1,59 @@
+"""`zimage serve`: ComfyUI's API on 127.0.0.1:8188, with a persistent queue."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zimage_serve.cli.common import console_err
+from zimage_serve.settings import DATA_DIR_ENV, MODELS_ENV, default_data_dir
+
+
+def serve(
+    listen: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8188,
+    data_dir: Annotated[
+        Path | None, typer.Option(help=f"Queue, history, inputs and outputs [env {DATA_DIR_ENV}]")
+    ] = None,
+    models: Annotated[
+        list[Path] | None, typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
+    max_queue: Annotated[
+        int, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429", min=1)
+    ] = 10000,
+    job_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a prompt may run before it is stopped [default: no limit]")
+    ] = None,
+) -> None:
+    """Serve ComfyUI's HTTP and WebSocket API."""
+    import uvicorn
+
+    from zimage_serve.server.app import create_app
+    from zimage_serve.server.runtime import ServerSettings
+
+    roots = list(models or [])
+    if not roots and os.environ.get(MODELS_ENV):
+        roots = [Path(p) for p in os.environ[MODELS_ENV].split(os.pathsep) if p]
+    for root in roots:
+        if not root.is_dir():
+            raise typer.BadParameter(f"{root} is not a folder", param_hint="--models")
+    settings = ServerSettings(
+        data_dir=data_dir or default_data_dir(),
+        models=roots,
+        listen=listen,
+        port=port,
+        device=device,
+        dtype=dtype,
+        max_queue=max_queue,
+        job_timeout=job_timeout,
+    )
+    app = create_app(settings)
+    console_err.print(f"zimage-serve on http://{listen}:{port}  (data: {settings.data_dir})", highlight=False)
+    uvicorn.run(
+        app, host=listen, port=port, log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s)
+    )

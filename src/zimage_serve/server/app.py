@@ -1,0 +1,130 @@
+"""The FastAPI application: ComfyUI's routes, each also under /api, over one Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from zimage_serve import __version__
+from zimage_serve.server import routes_files, routes_info, routes_queue, routes_ws
+from zimage_serve.server.runtime import Runtime, ServerSettings
+
+log = logging.getLogger(__name__)
+ROUTERS = (routes_queue.router, routes_info.router, routes_files.router, routes_ws.router)
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with a 413, whether they declare a Content-Length or are chunked.
+
+    A declared length is refused before anything is read; a chunked body is read up to the limit and
+    then replayed to the route. Uploads have their own, larger limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int) -> None:
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        limit = self.upload_limit if path.endswith(("/upload/image", "/upload/mask")) else self.limit
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > limit:
+                await self._refuse(send, f"{int(length)} bytes; the limit is {limit}")
+                return
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await self._refuse(send, f"more than {limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    @staticmethod
+    async def _refuse(send: Send, details: str) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "type": "request_too_large",
+                    "message": "Request body too large",
+                    "details": details,
+                    "extra_info": {},
+                },
+                "node_errors": {},
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.hub.bind(asyncio.get_running_loop())
+        runtime.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(runtime.stop)
+            await runtime.hub.close()
+
+    app = FastAPI(title="zimage-serve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.runtime = runtime
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
+    for router in ROUTERS:
+        app.include_router(router, prefix="/api")
+        app.include_router(router)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {
+                "error": {
+                    "type": "internal_error",
+                    "message": "Internal server error",
+                    "details": "the error was logged on the server",
+                    "extra_info": {},
+                },
+                "node_errors": {},
+            },
+            status_code=500,
+        )
+
+    return app

@@ -1,0 +1,86 @@
+"""WebSocket sessions and who gets which message, as ComfyUI routes them.
+
+Execution events go to the client that queued the prompt (and nowhere when it gave no client_id);
+`progress` and `execution_interrupted` fall back to everyone; `status` goes to everyone. Messages come
+from the worker thread and are handed to the event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+log = logging.getLogger(__name__)
+
+TO_CLIENT_ONLY = frozenset(
+    {"execution_start", "execution_cached", "executing", "executed", "execution_success", "execution_error"}
+)
+
+
+class Hub:
+    """Sockets by session id, and one pump task that sends every message in the order it was published."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[str, WebSocket] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue[tuple[str, list[str] | None]] | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._outbox = asyncio.Queue()
+        self._pump_task = loop.create_task(self._pump())
+
+    async def close(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        for socket in list(self.sockets.values()):
+            with contextlib.suppress(Exception):  # already closed
+                await socket.close(code=1001)
+        self.sockets.clear()
+
+    async def add(self, sid: str, socket: WebSocket) -> None:
+        old = self.sockets.get(sid)
+        self.sockets[sid] = socket
+        if old is not None and old is not socket:
+            with contextlib.suppress(Exception):  # the old connection may already be gone
+                await old.close()
+
+    def remove(self, sid: str, socket: WebSocket) -> None:
+        if self.sockets.get(sid) is socket:
+            del self.sockets[sid]
+
+    # -- from any thread ---------------------------------------------------------------------------
+    def publish(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
+        """Route one execution message; safe to call from the worker thread."""
+        if client_id is None and event in TO_CLIENT_ONLY:
+            return
+        self._post(json.dumps({"type": event, "data": data}), [client_id] if client_id is not None else None)
+
+    def broadcast(self, event: str, data: dict[str, Any]) -> None:
+        self._post(json.dumps({"type": event, "data": data}), None)
+
+    def _post(self, text: str, targets: list[str] | None) -> None:
+        loop, outbox = self.loop, self._outbox
+        if loop is None or outbox is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(outbox.put_nowait, (text, targets))
+
+    async def _pump(self) -> None:
+        assert self._outbox is not None
+        while True:
+            text, targets = await self._outbox.get()
+            sids = list(self.sockets) if targets is None else [t for t in targets if t in self.sockets]
+            for sid in sids:
+                socket = self.sockets.get(sid)
+                if socket is None:
+                    continue
+                try:
+                    await socket.send_text(text)
+                except Exception:  # a client that went away; its handler removes it
+                    log.debug("could not send to %s", sid)

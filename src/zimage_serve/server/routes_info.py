@@ -1,0 +1,102 @@
+"""Read-only routes: node definitions, model lists, system stats, feature flags."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from zimage_serve import __version__
+from zimage_serve.server.routes_queue import runtime
+from zimage_serve.workflow.folders import MODEL_FOLDERS
+from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.spec import node_info, object_info
+
+router = APIRouter()
+
+
+@router.get("/object_info")
+async def get_object_info(request: Request) -> dict[str, Any]:
+    return object_info(NODES, runtime(request).folders)
+
+
+@router.get("/object_info/{node_class}")
+async def get_node_info(request: Request, node_class: str) -> dict[str, Any]:
+    node = NODES.get(node_class)
+    return {} if node is None else {node_class: node_info(node_class, node, runtime(request).folders)}
+
+
+@router.get("/models")
+async def get_model_folders() -> list[str]:
+    return list(MODEL_FOLDERS)
+
+
+@router.get("/models/{folder}")
+async def get_models(request: Request, folder: str) -> JSONResponse:
+    if folder not in MODEL_FOLDERS:
+        return JSONResponse({"error": f"unknown model folder {folder!r}"}, status_code=404)
+    return JSONResponse(runtime(request).folders.names(folder))
+
+
+@router.get("/embeddings")
+async def get_embeddings() -> list[str]:
+    return []  # Z-Image has no textual-inversion embeddings
+
+
+@router.get("/extensions")
+async def get_extensions() -> list[str]:
+    return []
+
+
+@router.get("/features")
+async def get_features(request: Request) -> dict[str, Any]:
+    return {"supports_preview_metadata": False, "max_upload_size": float(runtime(request).settings.max_upload_bytes)}
+
+
+@router.get("/system_stats")
+async def get_system_stats(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    device = rt.executor.placing.device
+    devices = []
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        devices.append(
+            {
+                "name": torch.cuda.get_device_name(device),
+                "type": "cuda",
+                "index": device.index or 0,
+                "vram_total": total,
+                "vram_free": free,
+                "torch_vram_total": total,
+                "torch_vram_free": free,
+            }
+        )
+    else:
+        devices.append(
+            {
+                "name": device.type,
+                "type": device.type,
+                "index": 0,
+                "vram_total": 0,
+                "vram_free": 0,
+                "torch_vram_total": 0,
+                "torch_vram_free": 0,
+            }
+        )
+    return {
+        "system": {
+            "os": platform.system().lower(),
+            "python_version": sys.version,
+            "pytorch_version": torch.__version__,
+            "comfyui_version": f"zimage-serve {__version__}",
+            "embedded_python": False,
+            "argv": sys.argv,
+            "ram_total": 0,
+            "ram_free": 0,
+        },
+        "devices": devices,
+    }

@@ -1,0 +1,206 @@
+"""ComfyUI's prompt, queue, history, interrupt and free routes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from zimage_serve.queue.service import PromptRejected
+from zimage_serve.queue.store import DuplicateJob, QueueFull
+from zimage_serve.server.runtime import Runtime
+
+router = APIRouter()
+
+
+def runtime(request: Request) -> Runtime:
+    value: Runtime = request.app.state.runtime
+    return value
+
+
+def comfy_error(kind: str, message: str, details: str = "", status: int = 400, **headers: str) -> JSONResponse:
+    body = {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+async def json_body(request: Request, *, empty_ok: bool = False) -> Any:
+    """The request's JSON; None for an empty body when allowed. Raises ValueError for anything else."""
+    raw = await request.body()
+    if not raw.strip():
+        if empty_ok:
+            return None
+        raise ValueError("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the request body is not valid JSON: {exc}") from exc
+
+
+@router.get("/prompt")
+async def get_prompt(request: Request) -> dict[str, Any]:
+    return {"exec_info": {"queue_remaining": runtime(request).service.remaining()}}
+
+
+@router.post("/prompt")
+async def post_prompt(request: Request) -> Response:
+    rt = runtime(request)
+    try:
+        body = await json_body(request)
+    except ValueError as exc:
+        return comfy_error("invalid_prompt", "Invalid request body", str(exc))
+    if not isinstance(body, dict):
+        return comfy_error("invalid_prompt", "Invalid request body", "the body must be a JSON object")
+    if "prompt" not in body:
+        return comfy_error("no_prompt", "No prompt provided", "No prompt provided")
+    prompt_id = body.get("prompt_id")
+    if prompt_id is not None and not _canonical_uuid(prompt_id):
+        return comfy_error("invalid_prompt_id", "Invalid prompt_id", "prompt_id must be a lowercase hyphenated UUID")
+    number = body.get("number")
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int | float)):
+        return comfy_error("invalid_prompt", "Invalid number", "number must be a number")
+    extra = body.get("extra_data", {})
+    if not isinstance(extra, dict):
+        return comfy_error("invalid_prompt", "Invalid extra_data", "extra_data must be an object")
+    client_id = body.get("client_id")
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        return comfy_error("invalid_prompt", "Invalid partial_execution_targets", "expected a list of node ids")
+    try:
+        submitted = rt.service.submit(
+            body["prompt"],
+            client_id=str(client_id) if client_id is not None else None,
+            extra_data=extra,
+            number=float(number) if number is not None else None,
+            front=bool(body.get("front")),
+            prompt_id=prompt_id,
+            partial_targets=targets,
+        )
+    except PromptRejected as exc:
+        return JSONResponse(exc.body, status_code=400)
+    except QueueFull as exc:
+        return comfy_error(
+            "queue_full", "Queue is full", str(exc), 429, **{"Retry-After": str(rt.settings.retry_after_s)}
+        )
+    except DuplicateJob:
+        return JSONResponse({"error": "prompt_id already exists"}, status_code=409)
+    rt.queue_changed()
+    job = submitted.job
+    shown = int(job.number) if number is None else job.number
+    return JSONResponse({"prompt_id": job.id, "number": shown, "node_errors": submitted.node_errors})
+
+
+def _canonical_uuid(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+@router.get("/queue")
+async def get_queue(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    return {
+        "queue_running": [j.queue_item() for j in rt.store.running()],
+        "queue_pending": [j.queue_item() for j in rt.store.pending()],
+    }
+
+
+@router.post("/queue")
+async def post_queue(request: Request) -> Response:
+    rt = runtime(request)
+    body = await _object_body(request)
+    if isinstance(body, Response):
+        return body
+    if body.get("clear"):
+        rt.store.delete_pending()
+    delete = body.get("delete")
+    if isinstance(delete, list):
+        rt.store.delete_pending([str(i) for i in delete])
+    rt.queue_changed()
+    return Response(status_code=200)
+
+
+@router.get("/history")
+async def get_history(request: Request) -> Response:
+    rt = runtime(request)
+    try:
+        max_items = _optional_int(request.query_params.get("max_items"), "max_items")
+        offset = _optional_int(request.query_params.get("offset"), "offset")
+    except ValueError as exc:
+        return comfy_error("invalid_query", "Invalid query parameter", str(exc))
+    jobs = rt.store.history(max_items=max_items, offset=offset)
+    return JSONResponse({job.id: job.history_entry() for job in jobs})
+
+
+@router.get("/history/{prompt_id}")
+async def get_history_entry(request: Request, prompt_id: str) -> dict[str, Any]:
+    job = runtime(request).store.get(prompt_id)
+    if job is None or job.state in ("pending", "running"):
+        return {}
+    return {job.id: job.history_entry()}
+
+
+@router.post("/history")
+async def post_history(request: Request) -> Response:
+    rt = runtime(request)
+    body = await _object_body(request)
+    if isinstance(body, Response):
+        return body
+    if body.get("clear"):
+        rt.store.delete_history()
+    delete = body.get("delete")
+    if isinstance(delete, list):
+        rt.store.delete_history([str(i) for i in delete])
+    return Response(status_code=200)
+
+
+@router.post("/interrupt")
+async def post_interrupt(request: Request) -> Response:
+    rt = runtime(request)
+    try:
+        body = await json_body(request, empty_ok=True)
+    except ValueError:
+        body = None  # ComfyUI treats an empty or invalid body as {}
+    prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
+    rt.worker.interrupt(str(prompt_id) if prompt_id is not None else None)
+    return Response(status_code=200)
+
+
+@router.post("/free")
+async def post_free(request: Request) -> Response:
+    rt = runtime(request)
+    body = await _object_body(request)
+    if isinstance(body, Response):
+        return body
+    if body.get("free_memory") or body.get("unload_models"):
+        rt.executor.free()
+    return Response(status_code=200)
+
+
+async def _object_body(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = await json_body(request, empty_ok=True)
+    except ValueError as exc:
+        return comfy_error("invalid_request", "Invalid request body", str(exc))
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        return comfy_error("invalid_request", "Invalid request body", "the body must be a JSON object")
+    return body
+
+
+def _optional_int(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from exc
+    if number < 0:
+        raise ValueError(f"{name} must not be negative")
+    return number

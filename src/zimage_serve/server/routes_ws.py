@@ -1,0 +1,44 @@
+"""WebSocket /ws?clientId=: ComfyUI's session, status on connect, feature flags."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from zimage_serve.server.runtime import Runtime
+
+router = APIRouter()
+
+
+@router.websocket("/ws")
+async def websocket(socket: WebSocket) -> None:
+    rt: Runtime = socket.app.state.runtime
+    sid = socket.query_params.get("clientId") or uuid.uuid4().hex
+    await socket.accept()
+    await rt.hub.add(sid, socket)
+    try:
+        status = rt.status()
+        status["sid"] = sid
+        await socket.send_text(json.dumps({"type": "status", "data": status}))
+        running = rt.worker.running
+        if running is not None and running.job.extra_data.get("client_id") == sid and running.node is not None:
+            await socket.send_text(json.dumps({"type": "executing", "data": {"node": running.node}}))
+        first = True
+        while True:
+            text = await socket.receive_text()
+            if not first:
+                continue
+            first = False
+            try:
+                message = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(message, dict) and message.get("type") == "feature_flags":
+                flags = {"supports_preview_metadata": False, "max_upload_size": rt.settings.max_upload_bytes}
+                await socket.send_text(json.dumps({"type": "feature_flags", "data": flags}))
+    except WebSocketDisconnect:
+        pass
+    finally:
+        rt.hub.remove(sid, socket)

@@ -1,0 +1,78 @@
+"""Everything one server process holds: settings, folders, the store, the executor, the worker, the hub."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zimage_serve.engine.parts import Placing
+from zimage_serve.queue.service import QueueService
+from zimage_serve.queue.store import Job, JobStore
+from zimage_serve.queue.worker import Worker
+from zimage_serve.server.hub import Hub
+from zimage_serve.workflow.execute import Executor
+from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.validate import Validator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    data_dir: Path
+    models: list[Path] = field(default_factory=list)
+    listen: str = "127.0.0.1"
+    port: int = 8188
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queue: int = 10000
+    job_timeout: float | None = None  # seconds; None: no limit
+    max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
+    max_upload_bytes: int = 100 * 1024 * 1024
+    retry_after_s: int = 5
+    shutdown_grace_s: float = 30.0
+
+
+class Runtime:
+    """Built once per process; the routes only talk to `service`, `store`, `hub` and `folders`."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        data = settings.data_dir
+        self.folders = Folders.default(data, settings.models)
+        for folder in (self.folders.input, self.folders.output, self.folders.temp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.hub = Hub()
+        self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
+        self.executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype))
+        self.validator = Validator(NODES, self.folders)
+        self.worker = Worker(self.store, self.executor, self, job_timeout=settings.job_timeout)
+        self.service = QueueService(self.store, self.validator, self.worker)
+
+    def start(self) -> None:
+        recovered = self.store.recover()
+        for job in recovered:
+            log.warning(
+                "prompt %s was running when the server stopped: %s",
+                job.id,
+                "queued again" if job.state == "pending" else "marked failed",
+            )
+        self.worker.start()
+
+    def stop(self) -> None:
+        if not self.worker.stop(timeout=self.settings.shutdown_grace_s):
+            log.error("the running prompt did not stop; it will be run again at the next start")
+        self.store.close()
+
+    # -- Listener: worker → clients ------------------------------------------------------------------
+    def job_event(self, job: Job, event: str, data: dict[str, Any]) -> None:
+        self.hub.publish(event, data, job.extra_data.get("client_id"))
+
+    def queue_changed(self) -> None:
+        self.hub.broadcast("status", self.status())
+
+    def status(self) -> dict[str, Any]:
+        return {"status": {"exec_info": {"queue_remaining": self.service.remaining()}}}

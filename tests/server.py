@@ -1,0 +1,127 @@
+"""A real `zimage serve` process on a free loopback port, and small HTTP / WebSocket clients for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        if data is not None and "Content-Type" not in (headers or {}):
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+    def oversized(self, path: str, size: int, chunked: bool = False) -> tuple[int, bytes]:
+        """Start sending a body of `size` bytes and read the answer as soon as it comes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as conn:
+            framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+            conn.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
+            )
+            block = b"x" * 65536
+            sent = 0
+            try:
+                while sent < size:
+                    conn.sendall(f"{len(block):x}\r\n".encode() + block + b"\r\n" if chunked else block)
+                    sent += len(block)
+                if chunked:
+                    conn.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server stopped reading: its answer is waiting
+            answer = b""
+            while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + 10:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), body
+
+    def json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        status, _, content = self.request(method, path, body)
+        return status, json.loads(content) if content else None
+
+
+@contextmanager
+def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    port = free_port()
+    log = data_dir.parent / f"server-{port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "zimage_serve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        *args,
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = Server(process, port, data_dir, log)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if server.request("GET", "/prompt")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
