@@ -4,7 +4,7 @@
 
 Both paths make the same zimage-nano image (128², 8 euler steps, a new seed per run, the prompt
 changing every run so text encoding is always paid): `ZImageEngine.generate`, and the shipped
-`workflows/zimage_nano.api.json` validated and executed with the loaders cached (PNG saving included).
+`zimage_serve/workflows/zimage_nano.api.json` validated and executed with the loaders cached (PNG saving included).
 Runs alternate between the two so machine noise hits both alike.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from zimage_serve import workflows
 from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import GenerationParams, open_engine
 from zimage_serve.engine.parts import Placing
@@ -29,7 +30,7 @@ from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.validate import Validator
 
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "zimage_nano.api.json"
+WORKFLOW = workflows.NANO
 PROMPTS = [
     "一个红色的圆形在蓝色背景上",
     "a small yellow triangle on the left",

@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zimage_serve import workflows
 from zimage_serve.workflow.execute import Executor, RunResult
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.validate import ValidationResult, Validator
 
 ROOT = Path(__file__).resolve().parents[1]
-NANO_WORKFLOW = ROOT / "workflows" / "zimage_nano.api.json"
-TURBO_WORKFLOW = ROOT / "workflows" / "z_image_turbo.api.json"
+NANO_WORKFLOW = workflows.NANO
+TURBO_WORKFLOW = workflows.TURBO
 TEMPLATES = ROOT.parent / "shared" / "fixtures" / "workflows"
 
 

@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_serve import __version__
-from zimage_serve.server import routes_files, routes_info, routes_queue, routes_ws
+from zimage_serve.server import openai_images, routes_files, routes_info, routes_queue, routes_ws, uploads
 from zimage_serve.server.runtime import Runtime, ServerSettings
 
 log = logging.getLogger(__name__)
-ROUTERS = (routes_queue.router, routes_info.router, routes_files.router, routes_ws.router)
+ROUTERS = (routes_queue.router, routes_info.router, routes_files.router, uploads.router, routes_ws.router)
 
 
 class BodyLimit:
@@ -110,6 +110,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router, prefix="/api")
         app.include_router(router)
+    app.include_router(openai_images.router)  # OpenAI clients use /v1 as their base URL
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

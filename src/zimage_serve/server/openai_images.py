@@ -1,0 +1,130 @@
+"""OpenAI's Images API on the same queue: POST /v1/images/generations and GET /v1/models.
+
+A request becomes the shipped workflow of the chosen model with the prompt, size, batch and seed set,
+is queued like any ComfyUI prompt, and is answered when the worker has run it. `seed` is our
+extension; `quality`, `style` and `user` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import secrets
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from zimage_serve import workflows
+from zimage_serve.queue.service import PromptRejected
+from zimage_serve.queue.store import QueueFull
+from zimage_serve.server.routes_queue import json_body, runtime
+from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.spec import MAX_SEED
+
+router = APIRouter()
+
+MAX_IMAGES = 10
+SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+TURBO_FILES = {
+    "diffusion_models": "z_image_turbo_bf16.safetensors",
+    "text_encoders": "qwen_3_4b.safetensors",
+    "vae": "ae.safetensors",
+}
+
+
+def models(folders: Folders) -> dict[str, tuple[dict[str, Any], int]]:
+    """Model id → (workflow, native size) for what is installed now."""
+    found: dict[str, tuple[dict[str, Any], int]] = {}
+    if "zimage-nano" in folders.builtin:
+        found["zimage-nano"] = (workflows.load(workflows.NANO), 128)
+    if all(name in folders.names(resource) for resource, name in TURBO_FILES.items()):
+        found["z-image-turbo"] = (workflows.load(workflows.TURBO), 1024)
+    return found
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    ids = models(runtime(request).folders)
+    return {
+        "object": "list",
+        "data": [{"id": i, "object": "model", "created": 0, "owned_by": "zimage-serve"} for i in ids],
+    }
+
+
+@router.post("/v1/images/generations")
+async def generate(request: Request) -> Response:
+    rt = runtime(request)
+    try:
+        body = await json_body(request)
+    except ValueError as exc:
+        return openai_error(400, str(exc))
+    if not isinstance(body, dict):
+        return openai_error(400, "the body must be a JSON object")
+    available = models(rt.folders)
+    model = body.get("model") or "zimage-nano"
+    if model not in available:
+        return openai_error(
+            404, f"model {model!r} does not exist; available: {', '.join(available)}", "model", "model_not_found"
+        )
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return openai_error(400, "prompt must be a non-empty string", "prompt")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        return openai_error(400, f"n must be a whole number from 1 to {MAX_IMAGES}", "n")
+    response_format = body.get("response_format") or "url"
+    if response_format not in ("url", "b64_json"):
+        return openai_error(400, "response_format must be url or b64_json", "response_format")
+    workflow, native = available[model]
+    size = body.get("size") or f"{native}x{native}"
+    match = SIZE.match(size) if isinstance(size, str) else None
+    width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if not match or not (64 <= width <= 2048 and 64 <= height <= 2048) or width % 16 or height % 16:
+        return openai_error(400, "size must be WIDTHxHEIGHT, multiples of 16 from 64 to 2048", "size")
+    seed = body.get("seed", secrets.randbelow(2**32))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        return openai_error(400, f"seed must be a whole number from 0 to {MAX_SEED}", "seed")
+
+    workflow["6"]["inputs"]["text"] = prompt
+    workflow["13"]["inputs"].update(width=width, height=height, batch_size=n)
+    workflow["3"]["inputs"]["seed"] = seed
+    workflow["9"]["inputs"]["filename_prefix"] = f"openai/{model}"
+    try:
+        submitted = await asyncio.to_thread(rt.service.submit, workflow, extra_data={"source": "openai"})
+    except PromptRejected as exc:
+        return openai_error(400, exc.body["error"]["details"] or exc.body["error"]["message"])
+    except QueueFull as exc:
+        response = openai_error(429, str(exc), code="rate_limit_exceeded")
+        response.headers["Retry-After"] = str(rt.settings.retry_after_s)
+        return response
+    rt.queue_changed()
+    job_id = submitted.job.id
+    while True:
+        job = rt.store.get(job_id)
+        if job is None:
+            return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")
+        if job.state not in ("pending", "running"):
+            break
+        await asyncio.sleep(0.02)
+    if job.state != "success":
+        errors = [d.get("exception_message") for e, d in job.result.get("messages", []) if e == "execution_error"]
+        return openai_error(500, errors[0] if errors and errors[0] else "the generation did not finish", code=job.state)
+    images = [i for ui in job.result.get("outputs", {}).values() for i in ui.get("images", [])]
+    data = []
+    for image in images:
+        if response_format == "b64_json":
+            path = rt.folders.output / image["subfolder"] / image["filename"]
+            data.append({"b64_json": base64.b64encode(path.read_bytes()).decode(), "revised_prompt": prompt})
+        else:
+            query = urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
+            data.append({"url": f"{str(request.base_url).rstrip('/')}/view?{query}", "revised_prompt": prompt})
+    return JSONResponse({"created": int(time.time()), "data": data})

@@ -1,0 +1,16 @@
+"""Ready API-format workflows shipped with the package: zimage-nano (no download) and Z-Image-Turbo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FOLDER = Path(__file__).parent
+NANO = FOLDER / "zimage_nano.api.json"
+TURBO = FOLDER / "z_image_turbo.api.json"
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
