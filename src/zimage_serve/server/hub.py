@@ -69,7 +69,10 @@ class Hub:
         loop, outbox = self.loop, self._outbox
         if loop is None or outbox is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(outbox.put_nowait, (text, targets))
+        # The loop may close between the check and the call while the server shuts down; a message
+        # that cannot be delivered then must not fail the job that produced it.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(outbox.put_nowait, (text, targets))
 
     async def _pump(self) -> None:
         assert self._outbox is not None
