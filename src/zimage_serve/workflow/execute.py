@@ -108,7 +108,10 @@ class _Run:
         if record:
             self.result.messages.append((event, data))
         if self._emit is not None:
-            self._emit(event, data)
+            try:
+                self._emit(event, data)
+            except Exception:  # a listener's failure (a closed socket, say) must not fail the run
+                log.exception("event listener failed on %s", event)
 
     def execute(self) -> RunResult:
         self.emit("execution_start", {"prompt_id": self.prompt_id, "timestamp": now_ms()}, record=True)
