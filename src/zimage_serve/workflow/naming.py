@@ -1,8 +1,9 @@
 """Output file names as ComfyUI's SaveImage makes them, without collisions between concurrent runs.
 
 `prefix` may hold a subfolder (`portraits/zimage`) and date tokens (`%date:yyyy-MM-dd%`, `%year%` ...).
-Files are `<prefix>_<counter:05>_.png`, the counter one past the highest already there; the name is
-claimed by creating the file exclusively, so two runs saving at once never get the same one.
+Files are `<prefix>_<counter:05>_.png`, the counter one past the highest already there (the folder is
+scanned once per prefix, then counted in memory); the name is claimed by creating the file
+exclusively, so two runs saving at once never get the same one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,11 @@ from zimage_serve.errors import InvalidParameterError
 _DATE_TOKEN = re.compile(r"%date:([^%]+)%")
 _DATE_PARTS = (("yyyy", "%Y"), ("yy", "%y"), ("MM", "%m"), ("dd", "%d"), ("hh", "%H"), ("mm", "%M"), ("ss", "%S"))
 _SIMPLE = {"%year%": "%Y", "%month%": "%m", "%day%": "%d", "%hour%": "%H", "%minute%": "%M", "%second%": "%S"}
+
+
+# The highest counter handed out per (folder, prefix, extension) in this process.
+_last_counter: dict[tuple[str, str, str], int] = {}
+_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -53,16 +60,21 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
     if not target.resolve().is_relative_to(folder.resolve()):
         raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
     target.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(re.escape(stem) + r"_(\d+)_?\." + re.escape(extension) + "$")
-    counters = [int(m.group(1)) for name in os.listdir(target) if (m := pattern.match(name))]
-    counter = max(counters, default=0) + 1
-    while True:
-        filename = f"{stem}_{counter:05}_.{extension}"
-        path = target / filename
-        try:
-            with open(path, "xb"):
-                pass
-        except FileExistsError:
-            counter += 1
-            continue
-        return ClaimedName(path, filename, subfolder)
+    key = (str(target.resolve()), stem, extension)
+    with _lock:
+        if key not in _last_counter:  # scan the folder once; later claims continue from memory
+            pattern = re.compile(re.escape(stem) + r"_(\d+)_?\." + re.escape(extension) + "$")
+            found = [int(m.group(1)) for name in os.listdir(target) if (m := pattern.match(name))]
+            _last_counter[key] = max(found, default=0)
+        counter = _last_counter[key] + 1
+        while True:
+            filename = f"{stem}_{counter:05}_.{extension}"
+            path = target / filename
+            try:
+                with open(path, "xb"):
+                    pass
+            except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
+                counter += 1
+                continue
+            _last_counter[key] = counter
+            return ClaimedName(path, filename, subfolder)

@@ -1,0 +1,50 @@
+"""Output names: ComfyUI's pattern, subfolders and dates, no collisions, nothing outside the folder."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pytest
+
+from zimage_serve.errors import InvalidParameterError
+from zimage_serve.workflow.naming import claim, expand_prefix
+
+
+def test_counter_continues_after_what_is_there(tmp_path: Path) -> None:
+    (tmp_path / "ComfyUI_00007_.png").write_bytes(b"")
+    (tmp_path / "Other_00020_.png").write_bytes(b"")
+    first = claim(tmp_path, "ComfyUI")
+    assert (first.filename, first.subfolder) == ("ComfyUI_00008_.png", "")
+    assert claim(tmp_path, "ComfyUI").filename == "ComfyUI_00009_.png"
+    (tmp_path / "ComfyUI_00010_.png").write_bytes(b"")  # another process wrote meanwhile
+    assert claim(tmp_path, "ComfyUI").filename == "ComfyUI_00011_.png"
+
+
+def test_subfolders_and_dates(tmp_path: Path) -> None:
+    name = claim(tmp_path, "portraits/zimage")
+    assert (name.subfolder, name.filename) == ("portraits", "zimage_00001_.png") and name.path.is_file()
+    when = dt.datetime(2026, 11, 26, 9, 5, 3)
+    assert expand_prefix("%date:yyyy-MM-dd%/img_%hour%%minute%", when) == "2026-11-26/img_0905"
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "/etc/x", "a/../../b", "", "a\x00b"])
+def test_prefixes_that_leave_the_folder_are_refused(tmp_path: Path, prefix: str) -> None:
+    with pytest.raises(InvalidParameterError, match="filename_prefix"):
+        claim(tmp_path / "out", prefix)
+
+
+def test_concurrent_claims_never_collide(tmp_path: Path) -> None:
+    names: list[str] = []
+
+    def take() -> None:
+        for _ in range(50):
+            names.append(claim(tmp_path, "job").filename)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(names) == len(set(names)) == 200
