@@ -27,7 +27,11 @@ def serve(
         int, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429", min=1)
     ] = 10000,
     job_timeout: Annotated[
-        float | None, typer.Option(help="Seconds a prompt may run before it is stopped [default: no limit]")
+        float | None,
+        typer.Option(
+            help="Seconds a prompt may run before it is stopped; 0: no limit [default: 30 on a GPU, none on the CPU]",
+            min=0,
+        ),
     ] = None,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API."""

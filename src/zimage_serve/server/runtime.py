@@ -18,6 +18,7 @@ from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.validate import Validator
 
 log = logging.getLogger(__name__)
+GPU_JOB_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ServerSettings:
     device: str = "auto"
     dtype: str = "auto"
     max_queue: int = 10000
-    job_timeout: float | None = None  # seconds; None: no limit
+    job_timeout: float | None = None  # seconds; None: 30 on a GPU, no limit on the CPU; 0: no limit
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
@@ -49,8 +50,15 @@ class Runtime:
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
         self.executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype))
         self.validator = Validator(NODES, self.folders)
-        self.worker = Worker(self.store, self.executor, self, job_timeout=settings.job_timeout)
+        self.worker = Worker(self.store, self.executor, self, job_timeout=self.job_timeout())
         self.service = QueueService(self.store, self.validator, self.worker)
+
+    def job_timeout(self) -> float | None:
+        """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow."""
+        limit = self.settings.job_timeout
+        if limit is None:
+            return GPU_JOB_TIMEOUT_S if self.executor.placing.device.type == "cuda" else None
+        return limit if limit > 0 else None
 
     def start(self) -> None:
         recovered = self.store.recover()
