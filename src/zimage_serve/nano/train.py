@@ -55,7 +55,7 @@ class Recipe:
     vae_kl: float = 1e-6
     pool_scenes: int = 20000
     steps: int = 5500
-    restart_steps: int = 2000  # a second, lower cosine cycle after `steps` (a warm restart)
+    restart_steps: int = 1300  # a second, lower cosine cycle after `steps` (a warm restart)
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 200
