@@ -124,7 +124,8 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
         job = submit(server, small_job("last", size=512, steps=8))
         wait_until(lambda: running_ids(server) == [job])
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(120) == 0
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it stopped.
+        assert server.process.wait(120) in (0, -signal.SIGTERM)
     with running_server(data) as server:
         entry = server.json("GET", f"/history/{job}")[1][job]
         assert entry["status"]["status_str"] == "success"
