@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.workflows import TEMPLATES
+from tests.workflows import SHARED_TEMPLATES, TEMPLATES
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_format import WorkflowFormatError, is_api_format, to_api
 
@@ -143,6 +143,12 @@ def test_version_1_links_are_objects() -> None:
         for k in workflow["links"]
     ]
     assert to_api(workflow, NODES) == to_api(graph(), NODES)
+
+
+@pytest.mark.skipif(not SHARED_TEMPLATES.is_dir(), reason="the project's shared fixtures are not beside this clone")
+def test_the_vendored_templates_are_the_shared_ones() -> None:
+    for name in ("image_z_image_turbo.subgraph.json", "image_z_image_turbo_lora.flat.json"):
+        assert (TEMPLATES / name).read_bytes() == (SHARED_TEMPLATES / name).read_bytes()
 
 
 def test_the_subgraph_template_flattens_with_colon_ids() -> None:

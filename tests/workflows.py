@@ -16,7 +16,8 @@ from zimage_serve.workflow.validate import ValidationResult, Validator
 ROOT = Path(__file__).resolve().parents[1]
 NANO_WORKFLOW = workflows.NANO
 TURBO_WORKFLOW = workflows.TURBO
-TEMPLATES = ROOT.parent / "shared" / "fixtures" / "workflows"
+TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "workflows"  # the official templates, vendored
+SHARED_TEMPLATES = ROOT.parent / "shared" / "fixtures" / "workflows"
 
 
 def nano_prompt() -> dict[str, Any]:
