@@ -115,9 +115,9 @@ class _Run:
 
     def execute(self) -> RunResult:
         self.emit("execution_start", {"prompt_id": self.prompt_id, "timestamp": now_ms()}, record=True)
-        order = self._order()
         current = None
         try:
+            order = self._order()
             for node_id in order:
                 self.signatures[node_id] = self._signature(node_id)
             cached = [n for n in order if self.signatures[n] in self.ex.cache]
