@@ -15,18 +15,20 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 DEFAULT_CACHE_BYTES = 8 * 1024**3
+DEFAULT_CACHE_ENTRIES = 2000
 
 
 @dataclass
 class CacheEntry:
     outputs: tuple[Any, ...]
     ui: dict[str, list[Any]] | None
+    storages: dict[int, int] = field(default_factory=dict)  # storage address → bytes, taken when stored
 
 
 def signature(class_type: str, fingerprint: Any, constants: dict[str, Any], links: dict[str, tuple[str, int]]) -> str:
@@ -49,8 +51,10 @@ def _jsonable(value: Any) -> Any:
 
 
 class OutputCache:
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
+    """LRU entries bounded by distinct tensor bytes and by count (many small outputs add up too)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        self.max_bytes, self.max_entries = max_bytes, max_entries
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -69,6 +73,7 @@ class OutputCache:
             return entry
 
     def put(self, key: str, entry: CacheEntry) -> None:
+        entry.storages = _storages(entry.outputs)
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
@@ -79,27 +84,33 @@ class OutputCache:
 
     def nbytes(self) -> int:
         with self._lock:
-            return _storage_bytes(e.outputs for e in self._entries.values())
+            return self._bytes()
 
     def trim(self, keep: set[str]) -> None:
-        """Evict least recently used entries outside `keep` until the cache fits its bound."""
+        """Evict least recently used entries outside `keep` until the cache fits both bounds."""
         with self._lock:
+            total = self._bytes()
             for key in list(self._entries):
-                if _storage_bytes(e.outputs for e in self._entries.values()) <= self.max_bytes:
+                if total <= self.max_bytes and len(self._entries) <= self.max_entries:
                     return
                 if key not in keep:
                     del self._entries[key]
+                    total = self._bytes()
+
+    def _bytes(self) -> int:
+        seen: dict[int, int] = {}
+        for entry in self._entries.values():
+            seen.update(entry.storages)
+        return sum(seen.values())
 
 
-def _storage_bytes(values: Iterator[Any]) -> int:
-    seen: dict[int, int] = {}
-    for value in values:
-        for tensor in _tensors(value, set()):
-            if tensor.device.type == "meta":
-                continue
+def _storages(outputs: tuple[Any, ...]) -> dict[int, int]:
+    found: dict[int, int] = {}
+    for tensor in _tensors(outputs, set()):
+        if tensor.device.type != "meta":
             storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+            found[storage.data_ptr()] = storage.nbytes()
+    return found
 
 
 def _tensors(value: Any, visited: set[int]) -> Iterator[torch.Tensor]:

@@ -1,9 +1,9 @@
 """Output file names as ComfyUI's SaveImage makes them, without collisions between concurrent runs.
 
 `prefix` may hold a subfolder (`portraits/zimage`) and date tokens (`%date:yyyy-MM-dd%`, `%year%` ...).
-Files are `<prefix>_<counter:05>_.png`, the counter one past the highest already there (the folder is
-scanned once per prefix, then counted in memory); the name is claimed by creating the file
-exclusively, so two runs saving at once never get the same one.
+Files are `<prefix>_<counter:05>_.png`, the counter one past the highest already there (each folder is
+listed once, then counted in memory); the name is claimed by creating the file exclusively, so two
+runs saving at once never get the same one.
 """
 
 from __future__ import annotations
@@ -22,9 +22,23 @@ _DATE_PARTS = (("yyyy", "%Y"), ("yy", "%y"), ("MM", "%m"), ("dd", "%d"), ("hh", 
 _SIMPLE = {"%year%": "%Y", "%month%": "%m", "%day%": "%d", "%hour%": "%H", "%minute%": "%M", "%second%": "%S"}
 
 
-# The highest counter handed out per (folder, prefix, extension) in this process.
-_last_counter: dict[tuple[str, str, str], int] = {}
+# Per (folder, extension): the highest counter seen or handed out for each prefix in this process.
+_counters: dict[tuple[str, str], dict[str, int]] = {}
 _lock = threading.Lock()
+
+
+def _folder_counters(folder: Path, extension: str) -> dict[str, int]:
+    """Read a folder's existing `<stem>_NNNNN_.<ext>` names once; later claims update the table."""
+    key = (str(folder.resolve()), extension)
+    if key not in _counters:
+        pattern = re.compile(r"^(.*)_(\d+)_?\." + re.escape(extension) + "$")
+        table: dict[str, int] = {}
+        for name in os.listdir(folder):
+            match = pattern.match(name)
+            if match:
+                table[match.group(1)] = max(table.get(match.group(1), 0), int(match.group(2)))
+        _counters[key] = table
+    return _counters[key]
 
 
 @dataclass(frozen=True)
@@ -60,13 +74,9 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
     if not target.resolve().is_relative_to(folder.resolve()):
         raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
     target.mkdir(parents=True, exist_ok=True)
-    key = (str(target.resolve()), stem, extension)
     with _lock:
-        if key not in _last_counter:  # scan the folder once; later claims continue from memory
-            pattern = re.compile(re.escape(stem) + r"_(\d+)_?\." + re.escape(extension) + "$")
-            found = [int(m.group(1)) for name in os.listdir(target) if (m := pattern.match(name))]
-            _last_counter[key] = max(found, default=0)
-        counter = _last_counter[key] + 1
+        counters = _folder_counters(target, extension)
+        counter = counters.get(stem, 0) + 1
         while True:
             filename = f"{stem}_{counter:05}_.{extension}"
             path = target / filename
@@ -76,5 +86,5 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
             except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
                 counter += 1
                 continue
-            _last_counter[key] = counter
+            counters[stem] = counter
             return ClaimedName(path, filename, subfolder)
