@@ -11,7 +11,9 @@ import typer
 from zimage_serve.cli.common import console, console_err
 from zimage_serve.nano.default import SHIPPED, default_model
 
-app = typer.Typer(help="Train and evaluate zimage-nano, the built-in model.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train and evaluate zimage-nano, the built-in model.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @app.command()
