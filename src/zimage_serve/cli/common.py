@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from zimage_serve.settings import MODEL_ENV
+from zimage_serve.settings import MODEL_ENV, MODELS_ENV
 
 console = Console(soft_wrap=True)
 console_err = Console(stderr=True, soft_wrap=True)
@@ -24,6 +24,10 @@ ModelOption = Annotated[
         help="Diffusers folder, ComfyUI models folder or diffusion-model .safetensors "
         f"[env {MODEL_ENV}; default: the built-in model]",
     ),
+]
+ModelsRootOption = Annotated[
+    list[Path] | None,
+    typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]"),
 ]
 TextEncoderOption = Annotated[
     Path | None, typer.Option("--text-encoder", help="Qwen3-4B .safetensors (ComfyUI split files)")
@@ -63,3 +67,14 @@ def chosen_model(model: Path | None) -> tuple[Path, str | None]:
     from zimage_serve.nano.default import LABEL, default_model
 
     return default_model(), LABEL
+
+
+def models_roots(models: list[Path] | None) -> list[Path]:
+    """--models folders, else those in $ZIMAGE_MODELS (separated like PATH); each must be a folder."""
+    roots = list(models or [])
+    if not roots and os.environ.get(MODELS_ENV):
+        roots = [Path(p) for p in os.environ[MODELS_ENV].split(os.pathsep) if p]
+    for root in roots:
+        if not root.is_dir():
+            raise typer.BadParameter(f"{root} is not a folder", param_hint="--models")
+    return roots

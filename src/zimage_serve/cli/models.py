@@ -15,9 +15,7 @@ from zimage_serve.cli.common import TokenizerOption, console
 from zimage_serve.engine import components, layouts, loader
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.errors import ZImageError
-from zimage_serve.settings import MODEL_ENV
-
-MODELS_ROOT_ENV = "ZIMAGE_MODELS"
+from zimage_serve.settings import MODEL_ENV, MODELS_ENV
 
 
 @dataclass(frozen=True)
@@ -38,7 +36,9 @@ def models(
     targets = list(paths or [])
     if not targets:
         targets.append(SHIPPED)
-        targets += [Path(os.environ[var]) for var in (MODEL_ENV, MODELS_ROOT_ENV) if os.environ.get(var)]
+        if os.environ.get(MODEL_ENV):
+            targets.append(Path(os.environ[MODEL_ENV]))
+        targets += [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
     findings = [f for target in targets for f in inspect(target, tokenizer)]
     if not console.is_terminal:  # piped: one tab-separated line per finding, nothing wrapped
         for f in findings:

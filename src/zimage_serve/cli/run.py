@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,12 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from zimage_serve.cli.common import console, console_err
+from zimage_serve.cli.common import ModelsRootOption, console, console_err, models_roots
 from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
-from zimage_serve.settings import MODELS_ENV
 from zimage_serve.workflow.execute import Executor
-from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.folders import Folders, builtin_models
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.overrides import apply_overrides
 from zimage_serve.workflow.ui_format import is_api_format, to_api
@@ -52,24 +50,15 @@ def run(
         list[str] | None,
         typer.Option("--set", "-s", help='Change an input: NODE_ID.INPUT=VALUE, e.g. 6.text="a cat" or 3.seed=42'),
     ] = None,
-    models: Annotated[
-        list[Path] | None,
-        typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]"),
-    ] = None,
+    models: ModelsRootOption = None,
     output_dir: Annotated[Path, typer.Option(help="Where SaveImage writes")] = Path("outputs"),
     input_dir: Annotated[Path, typer.Option(help="Where LoadImage reads")] = Path("input"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
 ) -> None:
     """Run a workflow and write its outputs; the built-in zimage-nano is listed as a model."""
-    roots = list(models or [])
-    if not roots and os.environ.get(MODELS_ENV):
-        roots = [Path(p) for p in os.environ[MODELS_ENV].split(os.pathsep) if p]
-    for root in roots:
-        if not root.is_dir():
-            raise typer.BadParameter(f"{root} is not a folder", param_hint="--models")
-    folders = Folders.default(output_dir, roots)
-    folders.input, folders.output, folders.temp = input_dir, output_dir, output_dir / "temp"
+    roots = models_roots(models)
+    folders = Folders(roots, input_dir, output_dir, output_dir / "temp", builtin_models())
 
     data = load_workflow(workflow)
     prompt = to_api(data, NODES)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from zimage_serve.cli.common import console_err
-from zimage_serve.settings import DATA_DIR_ENV, MODELS_ENV, default_data_dir
+from zimage_serve.cli.common import ModelsRootOption, console_err, models_roots
+from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
 
 
 def serve(
@@ -18,9 +17,7 @@ def serve(
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Queue, history, inputs and outputs [env {DATA_DIR_ENV}]")
     ] = None,
-    models: Annotated[
-        list[Path] | None, typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]")
-    ] = None,
+    models: ModelsRootOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
     max_queue: Annotated[
@@ -40,12 +37,7 @@ def serve(
     from zimage_serve.server.app import create_app
     from zimage_serve.server.runtime import ServerSettings
 
-    roots = list(models or [])
-    if not roots and os.environ.get(MODELS_ENV):
-        roots = [Path(p) for p in os.environ[MODELS_ENV].split(os.pathsep) if p]
-    for root in roots:
-        if not root.is_dir():
-            raise typer.BadParameter(f"{root} is not a folder", param_hint="--models")
+    roots = models_roots(models)
     settings = ServerSettings(
         data_dir=data_dir or default_data_dir(),
         models=roots,

@@ -13,20 +13,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zimage_serve.engine.layouts import ROOT_FOLDERS
 from zimage_serve.errors import ZImageError
 
-# ComfyUI's folder names, with the older ones it still reads.
+# ComfyUI's folder names, with the older ones it still reads; the engine's layout finder knows the same.
 MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "checkpoints": ("checkpoints",),
-    "diffusion_models": ("diffusion_models", "unet"),
-    "text_encoders": ("text_encoders", "clip"),
-    "vae": ("vae",),
-    "loras": ("loras",),
+    "diffusion_models": ROOT_FOLDERS["transformer"],
+    "text_encoders": ROOT_FOLDERS["text_encoder"],
+    "vae": ROOT_FOLDERS["vae"],
+    "loras": ROOT_FOLDERS["lora"],
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Folder models (diffusers layout) can stand in for any of these.
 FOLDER_MODEL_KINDS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
+
+
+def builtin_models() -> dict[str, Path]:
+    """The models that ship with the package, by the name loaders list them under."""
+    from zimage_serve.nano.default import SHIPPED
+
+    return {"zimage-nano": SHIPPED} if (SHIPPED / "model_index.json").is_file() else {}
 
 
 class UnknownFileError(ZImageError):
@@ -47,10 +55,7 @@ class Folders:
 
     @classmethod
     def default(cls, data_dir: Path, models: Iterable[Path] = ()) -> Folders:
-        from zimage_serve.nano.default import SHIPPED
-
-        builtin = {"zimage-nano": SHIPPED} if (SHIPPED / "model_index.json").is_file() else {}
-        return cls(list(models), data_dir / "input", data_dir / "output", data_dir / "temp", builtin)
+        return cls(list(models), data_dir / "input", data_dir / "output", data_dir / "temp", builtin_models())
 
     # -- lists -----------------------------------------------------------------------------------
     def names(self, resource: str) -> list[str]:
