@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve.errors import ZImageError
+from zimage_serve.workflow.execute import execution_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -185,26 +186,8 @@ class JobStore:
                         + (f" ({job.attempts} times)" if job.attempts > 1 else "")
                         + "; it was not run again"
                     )
-                    result = {
-                        "outputs": {},
-                        "messages": [
-                            [
-                                "execution_error",
-                                {
-                                    "prompt_id": job.id,
-                                    "node_id": None,
-                                    "node_type": None,
-                                    "executed": [],
-                                    "exception_message": message,
-                                    "exception_type": "ServerRestart",
-                                    "traceback": [],
-                                    "current_inputs": {},
-                                    "current_outputs": [],
-                                    "timestamp": int(time.time() * 1000),
-                                },
-                            ]
-                        ],
-                    }
+                    error = execution_error(job.id, message, "ServerRestart")
+                    result = {"outputs": {}, "messages": [["execution_error", error]]}
                     self._db.execute(
                         "UPDATE jobs SET state = 'error', finished = ?, result = ? WHERE id = ?",
                         (time.time(), json.dumps(result), job.id),

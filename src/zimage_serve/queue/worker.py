@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from zimage_serve.queue.store import Job, JobStore
-from zimage_serve.workflow.execute import Executor, RunResult, now_ms
+from zimage_serve.workflow.execute import Executor, RunResult, execution_error
 
 log = logging.getLogger(__name__)
 
@@ -136,32 +136,20 @@ class Worker:
         """A job stopped by the time limit is an error in history, with the limit named."""
         message = f"the prompt ran longer than the {self.job_timeout:g} s limit and was stopped"
         interrupted = next((d for e, d in result.messages if e == "execution_interrupted"), {})
-        data = {
-            **interrupted,
-            "exception_message": message,
-            "exception_type": "Timeout",
-            "traceback": [],
-            "current_inputs": {},
-            "current_outputs": [],
-            "timestamp": now_ms(),
-        }
+        data = execution_error(
+            job.id,
+            message,
+            "Timeout",
+            node_id=interrupted.get("node_id"),
+            node_type=interrupted.get("node_type"),
+            executed=interrupted.get("executed"),
+        )
         result.messages = [(e, d) for e, d in result.messages if e != "execution_interrupted"]
         result.messages.append(("execution_error", data))
         result.status = "error"
 
     def _record_failure(self, job: Job, message: str) -> None:
-        data: dict[str, Any] = {
-            "prompt_id": job.id,
-            "node_id": None,
-            "node_type": None,
-            "executed": [],
-            "exception_message": message,
-            "exception_type": "InternalError",
-            "traceback": [],
-            "current_inputs": {},
-            "current_outputs": [],
-            "timestamp": now_ms(),
-        }
+        data = execution_error(job.id, message, "InternalError")
         self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]], "meta": {}})
         self.running = None
         self.listener.job_event(job, "execution_error", data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -113,16 +114,10 @@ async def get_queue(request: Request) -> dict[str, Any]:
 @router.post("/queue")
 async def post_queue(request: Request) -> Response:
     rt = runtime(request)
-    body = await _object_body(request)
-    if isinstance(body, Response):
-        return body
-    if body.get("clear"):
-        rt.store.delete_pending()
-    delete = body.get("delete")
-    if isinstance(delete, list):
-        rt.store.delete_pending([str(i) for i in delete])
-    rt.queue_changed()
-    return Response(status_code=200)
+    answer = await _clear_or_delete(request, rt.store.delete_pending)
+    if answer.status_code == 200:
+        rt.queue_changed()
+    return answer
 
 
 @router.get("/history")
@@ -147,16 +142,7 @@ async def get_history_entry(request: Request, prompt_id: str) -> dict[str, Any]:
 
 @router.post("/history")
 async def post_history(request: Request) -> Response:
-    rt = runtime(request)
-    body = await _object_body(request)
-    if isinstance(body, Response):
-        return body
-    if body.get("clear"):
-        rt.store.delete_history()
-    delete = body.get("delete")
-    if isinstance(delete, list):
-        rt.store.delete_history([str(i) for i in delete])
-    return Response(status_code=200)
+    return await _clear_or_delete(request, runtime(request).store.delete_history)
 
 
 @router.post("/interrupt")
@@ -179,6 +165,19 @@ async def post_free(request: Request) -> Response:
         return body
     if body.get("free_memory") or body.get("unload_models"):
         rt.executor.free()
+    return Response(status_code=200)
+
+
+async def _clear_or_delete(request: Request, delete: Callable[[list[str] | None], int]) -> Response:
+    """POST /queue and /history: `{"clear": true}` removes all, `{"delete": [ids]}` those; 200, empty body."""
+    body = await _object_body(request)
+    if isinstance(body, Response):
+        return body
+    if body.get("clear"):
+        delete(None)
+    ids = body.get("delete")
+    if isinstance(ids, list):
+        delete([str(i) for i in ids])
     return Response(status_code=200)
 
 

@@ -48,6 +48,32 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def execution_error(
+    prompt_id: str,
+    message: str,
+    exception_type: str,
+    *,
+    node_id: str | None = None,
+    node_type: str | None = None,
+    executed: list[str] | None = None,
+    current_inputs: dict[str, Any] | None = None,
+    current_outputs: list[str] | None = None,
+) -> dict[str, Any]:
+    """ComfyUI's `execution_error` data. The traceback stays in the server log, never shown to clients."""
+    return {
+        "prompt_id": prompt_id,
+        "node_id": node_id,
+        "node_type": node_type,
+        "executed": executed or [],
+        "exception_message": message,
+        "exception_type": exception_type,
+        "traceback": [],
+        "current_inputs": current_inputs or {},
+        "current_outputs": current_outputs or [],
+        "timestamp": now_ms(),
+    }
+
+
 class Executor:
     """Runs one prompt at a time; `interrupt` and `free` may be called from other threads."""
 
@@ -256,15 +282,17 @@ class _Run:
         if not expected:
             log.error("node %s failed:\n%s", node_id, "".join(traceback.format_exception(exc)))
         inputs = self.current_inputs if node_id is not None else {}
-        data = {
-            **self._base(node_id),
-            "exception_message": str(exc) or type(exc).__name__,
-            "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "traceback": [],  # kept in the server log; never shown to clients
-            "current_inputs": {k: [_formatted(v)] for k, v in inputs.items()},
-            "current_outputs": [n for n in self.values if n != node_id],
-            "timestamp": now_ms(),
-        }
+        base = self._base(node_id)
+        data = execution_error(
+            self.prompt_id,
+            str(exc) or type(exc).__name__,
+            f"{type(exc).__module__}.{type(exc).__qualname__}",
+            node_id=node_id,
+            node_type=base["node_type"],
+            executed=base["executed"],
+            current_inputs={k: [_formatted(v)] for k, v in inputs.items()},
+            current_outputs=[n for n in self.values if n != node_id],
+        )
         self.result.error = data
         self.emit("execution_error", data, record=True)
 
