@@ -22,8 +22,7 @@ from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.devices import pick_device, pick_dtypes
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
-from zimage_serve.engine.pipeline import PromptEmbedding
-from zimage_serve.engine.prompt import prompt_token_ids
+from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
 
 log = logging.getLogger(__name__)
@@ -121,14 +120,9 @@ class TextEncoder:
     model: Any  # transformers Qwen3Model
     tokenizer: Any
 
-    @torch.inference_mode()
     def encode(self, text: str) -> PromptEmbedding:
         # ComfyUI neither pads nor truncates Z-Image prompts; neither do we here.
-        ids = prompt_token_ids(self.tokenizer, text)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        hidden = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
-        return PromptEmbedding(hidden[0], len(ids), 0)
+        return encode_text(self.model, self.tokenizer, text, next(self.model.parameters()).device)
 
 
 @dataclass(frozen=True)

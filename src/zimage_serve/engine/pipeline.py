@@ -50,6 +50,22 @@ class GenerationResult:
 
 
 StepCallback = Callable[[StepInfo], None]
+
+
+@torch.inference_mode()
+def encode_text(
+    text_encoder: Any, tokenizer: Any, text: str, device: torch.device, max_sequence_length: int | None = None
+) -> PromptEmbedding:
+    """The second-to-last hidden state of the templated prompt, as Z-Image is prompted.
+
+    Unpadded: the encoder is causal, so padding would not change these tokens' states. ComfyUI does not
+    truncate Z-Image prompts (`max_sequence_length` None); diffusers stops at 512 tokens.
+    """
+    ids = prompt_token_ids(tokenizer, text)
+    kept = ids if max_sequence_length is None else ids[:max_sequence_length]
+    input_ids = torch.tensor([kept], dtype=torch.long, device=device)
+    hidden = text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
+    return PromptEmbedding(hidden[0], len(ids), len(ids) - len(kept))
 CancelCheck = Callable[[], bool]
 
 
@@ -61,14 +77,8 @@ class ZImageEngine:
         self._image_processor = VaeImageProcessor(vae_scale_factor=LATENT_FACTOR * 2)
 
     # -- stage 1 -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def encode_prompt(self, text: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> PromptEmbedding:
-        ids = prompt_token_ids(self.model.tokenizer, text)
-        # Unpadded: the encoder is causal, so padding would not change these tokens' states.
-        kept = ids[:max_sequence_length]
-        input_ids = torch.tensor([kept], dtype=torch.long, device=self.device)
-        hidden = self.model.text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
-        return PromptEmbedding(hidden[0], len(ids), len(ids) - len(kept))
+        return encode_text(self.model.text_encoder, self.model.tokenizer, text, self.device, max_sequence_length)
 
     # -- stage 2 -------------------------------------------------------------------------------
     def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
