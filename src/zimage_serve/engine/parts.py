@@ -21,6 +21,7 @@ import torch
 from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.devices import pick_device, pick_dtypes
+from zimage_serve.engine.loader import load_tokenizer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
@@ -171,8 +172,6 @@ def load_diffusion_model(
 
 
 def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placing: Placing) -> TextEncoder:
-    from zimage_serve.engine.loader import load_tokenizer
-
     prepared = components.prepare(source)
     loaded_tokenizer = load_tokenizer(tokenizer, prepared.config["vocab_size"])
     model = components.load(prepared, placing.device, placing.dtype)
