@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from zimage_serve.queue import store as store_module
 from zimage_serve.queue.store import DuplicateJob, JobStore, QueueFull
 
 
@@ -33,9 +34,33 @@ def test_lowest_number_first_then_submission_order(tmp_path: Path) -> None:
 
 def test_numbers_keep_increasing_across_restarts(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "q.db")
-    assert [store.next_number() for _ in range(3)] == [0, 1, 2]
+    for name in ("a", "b", "c"):
+        add(store, name)
+    assert [j.number for j in store.pending()] == [0, 1, 2]
+    store.next_number()  # a prompt that then failed validation: counted, as ComfyUI does, but not stored
     store.close()
     assert JobStore(tmp_path / "q.db").next_number() == 3
+
+
+def test_counts_follow_every_change_and_match_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    store = JobStore(path)
+    for name in "abcdef":
+        add(store, name)
+    first, second = store.claim(), store.claim()
+    assert first is not None and second is not None
+    store.finish(first.id, "success", {})
+    store.delete_pending(["c"])
+    store.finish(second.id, "error", {})
+    store.claim()
+    store.delete_history([first.id])
+    expected = {"pending": 2, "running": 1, "success": 0, "error": 1, "interrupted": 0}
+    assert {s: store.count(s) for s in expected} == expected
+    store.close()
+    reopened = JobStore(path)
+    assert {s: reopened.count(s) for s in expected} == expected
+    reopened.recover()
+    assert reopened.count("running") == 0 and reopened.count("pending") == 3
 
 
 def test_duplicates_and_a_full_queue_are_refused(tmp_path: Path) -> None:
@@ -121,3 +146,15 @@ def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
     assert store.count("pending") == 49 and [j.id for j in store.running()] == ["job0"]
     store.recover()
     assert [j.id for j in store.pending()] == [f"job{i}" for i in range(50)]
+
+
+def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "HISTORY_LIMIT", 3)
+    store = JobStore(tmp_path / "q.db")
+    for name in "abcde":
+        add(store, name)
+        job = store.claim()
+        assert job is not None
+        store.finish(job.id, "success", {})
+    assert [j.id for j in store.history()] == ["c", "d", "e"]
+    assert store.count_finished() == 3 == store.count("success")

@@ -87,6 +87,21 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
         server.request("POST", "/interrupt")
 
 
+def test_the_concurrency_cap_runs_that_many_at_once_and_interrupt_picks_one(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data", "--concurrency", "2") as server:
+        first, second, third = (submit(server, slow_job(name)) for name in ("first", "second", "third"))
+        wait_until(lambda: sorted(running_ids(server)) == sorted([first, second]))
+        assert [item[1] for item in server.json("GET", "/queue")[1]["queue_pending"]] == [third]
+        assert server.request("POST", "/interrupt", {"prompt_id": first})[0] == 200
+        wait_until(lambda: first in history(server))
+        wait_until(lambda: sorted(running_ids(server)) == sorted([second, third]))
+        assert server.json("GET", "/prompt")[1] == {"exec_info": {"queue_remaining": 2}}
+        assert server.request("POST", "/interrupt")[0] == 200  # no prompt_id: every running prompt
+        wait_until(lambda: {second, third} <= history(server).keys())
+        done = history(server)
+        assert all(done[i]["status"]["messages"][-1][0] == "execution_interrupted" for i in (first, second, third))
+
+
 def test_a_job_past_its_time_limit_is_stopped_and_recorded(tmp_path: Path) -> None:
     with running_server(tmp_path / "data", "--job-timeout", "3") as server:
         slow = submit(server, slow_job("slow"))

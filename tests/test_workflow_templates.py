@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,38 @@ def test_lora_formats_agree_and_strength_zero_changes_nothing(executor: Executor
     # The patched weights are restored: the base model gives the same image afterwards.
     executor.free()
     assert np.array_equal(image(None), base)
+
+
+def test_concurrent_runs_share_one_model_and_a_lora_run_never_leaks_into_a_plain_one(executor: Executor) -> None:
+    alone = Executor(NODES, executor.folders, Placing.choose("cpu"))  # its own cache: loads its own model
+    base = pixels(output_image(alone, alone.run("alone", *_checked(executor, lora_graph(None)), {}, None)))
+    jobs = {f"job{i}": lora_graph("ai-toolkit.safetensors" if i % 2 else None) for i in range(6)}
+    for name, prompt in jobs.items():
+        prompt["9"]["inputs"]["filename_prefix"] = name
+    results: dict[str, RunResult] = {}
+
+    def work(name: str) -> None:
+        results[name] = executor.run(name, *_checked(executor, jobs[name]), {}, None)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r.ok for r in results.values()), [r.error for r in results.values()]
+    assert executor.node_runs["UNETLoader"] == 1  # started together, loaded once
+    for index, name in enumerate(jobs):
+        image = pixels(output_image(executor, results[name]))
+        if index % 2:
+            assert np.abs(image - base).mean() > 2
+        else:
+            assert np.array_equal(image, base)
+
+
+def _checked(executor: Executor, prompt: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    checked = validate(prompt, executor.folders)
+    assert checked.ok
+    return checked.prompt, checked.outputs
 
 
 def test_loaderlora_with_a_clip_passes_the_clip_through(executor: Executor) -> None:

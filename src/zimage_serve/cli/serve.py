@@ -30,6 +30,9 @@ def serve(
             min=0,
         ),
     ] = None,
+    concurrency: Annotated[
+        int, typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1)
+    ] = 1,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API."""
     import uvicorn
@@ -47,6 +50,7 @@ def serve(
         dtype=dtype,
         max_queue=max_queue,
         job_timeout=job_timeout,
+        concurrency=concurrency,
     )
     app = create_app(settings)
     console_err.print(f"zimage-serve on http://{listen}:{port}  (data: {settings.data_dir})", highlight=False)

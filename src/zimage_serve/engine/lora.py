@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from zimage_serve.engine.checkpoint import read_header
+from zimage_serve.engine.weight_lock import lock_for
 from zimage_serve.errors import ModelLoadError
 
 
@@ -92,11 +93,21 @@ def check_fits(lora: LoraWeights, model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[None]:
-    """Add the LoRA deltas to the weights for the duration of the block, then restore them exactly."""
+    """Add the LoRA deltas to the weights for the duration of the block, then restore them exactly.
+
+    The block holds the weights shared (no patches) or alone (patches): concurrent runs on one model
+    never see each other's deltas.
+    """
     active = [p for p in patches if p.strength != 0]
     if not active:
-        yield
+        with lock_for(model).shared():
+            yield
         return
+    with lock_for(model).exclusive():
+        yield from _apply(model, active)
+
+
+def _apply(model: torch.nn.Module, active: Sequence[LoraPatch]) -> Iterator[None]:
     modules = dict(model.named_modules())
     originals: dict[str, torch.Tensor] = {}
     try:

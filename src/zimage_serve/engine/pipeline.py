@@ -66,6 +66,8 @@ def encode_text(
     input_ids = torch.tensor([kept], dtype=torch.long, device=device)
     hidden = text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
     return PromptEmbedding(hidden[0], len(ids), len(ids) - len(kept))
+
+
 CancelCheck = Callable[[], bool]
 
 

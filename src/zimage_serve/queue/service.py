@@ -1,17 +1,24 @@
-"""What the API asks of the queue: submit a prompt, look at and change the queue, read the history.
+"""What the API asks of the queue: submit a prompt, look at and change the queue, read the history,
+and what can be run (node definitions, installed models, the device).
 
 Submission validates the prompt (ComfyUI's errors), numbers it as ComfyUI does (`front`, `number`, the
-server counter) and stores it; the worker is woken to run it.
+server counter) and stores it; the worker is woken to run it. The API layer talks to this and to the
+store's `Job` records, never to the executor or the node set directly.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from zimage_serve.queue.store import Job, JobStore
 from zimage_serve.queue.worker import Worker
+from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
+from zimage_serve.workflow.spec import node_info, object_info
 from zimage_serve.workflow.validate import Validator
 
 SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
@@ -32,8 +39,8 @@ class Submitted:
 
 
 class QueueService:
-    def __init__(self, store: JobStore, validator: Validator, worker: Worker) -> None:
-        self.store, self.validator, self.worker = store, validator, worker
+    def __init__(self, store: JobStore, validator: Validator, worker: Worker, folders: Folders) -> None:
+        self.store, self.validator, self.worker, self.folders = store, validator, worker, folders
 
     def submit(
         self,
@@ -61,5 +68,54 @@ class QueueService:
         self.worker.notify()
         return Submitted(job, checked.node_errors)
 
+    # -- the queue and the history ---------------------------------------------------------------------
     def remaining(self) -> int:
         return self.store.count("pending") + self.store.count("running")
+
+    def pending(self) -> list[Job]:
+        return self.store.pending()
+
+    def running(self) -> list[Job]:
+        return self.store.running()
+
+    def executing(self) -> list[tuple[Job, str | None]]:
+        """Each running job and the node it is on now."""
+        return [(r.job, r.node) for r in self.worker.running]
+
+    def get(self, prompt_id: str) -> Job | None:
+        return self.store.get(prompt_id)
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
+        return self.store.history(max_items=max_items, offset=offset)
+
+    def delete_pending(self, ids: Iterable[str] | None = None) -> int:
+        return self.store.delete_pending(ids)
+
+    def delete_history(self, ids: Iterable[str] | None = None) -> int:
+        return self.store.delete_history(ids)
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        return self.worker.interrupt(prompt_id)
+
+    def free(self) -> None:
+        """Unload models and drop cached outputs; the next prompt loads what it needs again."""
+        self.worker.executor.free()
+
+    # -- what can be run -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.worker.executor.placing.device
+
+    def object_info(self) -> dict[str, Any]:
+        return object_info(self.validator.nodes, self.folders)
+
+    def node_info(self, class_type: str) -> dict[str, Any] | None:
+        node = self.validator.nodes.get(class_type)
+        return None if node is None else node_info(class_type, node, self.folders)
+
+    def model_folders(self) -> list[str]:
+        return list(MODEL_FOLDERS)
+
+    def models(self, folder: str) -> list[str] | None:
+        """The files (and built-in models) a loader can pick from `folder`; None for an unknown folder."""
+        return self.folders.names(folder) if folder in MODEL_FOLDERS else None

@@ -5,6 +5,9 @@ one UPDATE … RETURNING, so a job is handed out once even with several workers;
 `running`, and `recover()` at the next start puts them back in the queue (or marks them failed) so every
 accepted job ends exactly once. Priorities are ComfyUI's: the lowest `number` runs first, ties in
 submission order.
+
+Counts per state and the submission counter are kept in memory beside the file (updated under the same
+lock as every write), so submitting, finishing and reporting `queue_remaining` never count rows.
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._counts = dict.fromkeys(("pending", "running", *FINISHED), 0)
+        for state, count in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            self._counts[state] = count
+        row = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
+        self._number = int(row[0]) if row is not None else 0
 
     def close(self) -> None:
         with self._lock:
@@ -108,13 +116,10 @@ class JobStore:
 
     # -- submitting --------------------------------------------------------------------------------
     def next_number(self) -> int:
-        """ComfyUI's server counter, kept across restarts so history numbers keep increasing."""
+        """ComfyUI's server counter. Stored with each job, so numbers keep increasing across restarts."""
         with self._lock:
-            row = self._db.execute(
-                "INSERT INTO counters (name, value) VALUES ('number', 1) "
-                "ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value - 1"
-            ).fetchone()
-            return int(row[0])
+            self._number += 1
+            return self._number - 1
 
     def enqueue(
         self,
@@ -126,15 +131,19 @@ class JobStore:
     ) -> Job:
         now = time.time()
         with self._lock:
+            if self._counts["pending"] >= self.max_pending:
+                raise QueueFull(self.max_pending)
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                waiting = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'pending'").fetchone()[0]
-                if waiting >= self.max_pending:
-                    raise QueueFull(self.max_pending)
                 self._db.execute(
                     "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                     (job_id, number, json.dumps(prompt), json.dumps(extra_data), json.dumps(outputs), now),
+                )
+                self._db.execute(
+                    "INSERT INTO counters (name, value) VALUES ('number', ?) "
+                    "ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
+                    (self._number,),
                 )
                 self._db.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
@@ -143,6 +152,7 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._counts["pending"] += 1
         return Job(job_id, number, prompt, extra_data, outputs, created=now)
 
     # -- working -----------------------------------------------------------------------------------
@@ -155,7 +165,10 @@ class JobStore:
                 "RETURNING *",
                 (time.time(),),
             ).fetchone()
-            return self._job(row) if row is not None else None
+            if row is None:
+                return None
+            self._move("pending", "running")
+            return self._job(row)
 
     def finish(self, job_id: str, state: str, result: dict[str, Any]) -> None:
         """Record a running job's end and its history entry (outputs, status messages, meta)."""
@@ -163,12 +176,15 @@ class JobStore:
             raise ValueError(f"not a final state: {state}")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
+            changed = self._db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
                 (state, time.time(), json.dumps(result), job_id),
-            )
-            self._trim_history()
+            ).rowcount
+            trimmed = self._trim_history(extra=changed)
             self._db.execute("COMMIT")
+            if changed:
+                self._move("running", state)
+            self._forget_finished(trimmed)
 
     def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
         """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""
@@ -194,6 +210,8 @@ class JobStore:
                     )
                     job.state = "error"
             self._db.execute("COMMIT")
+            for job in jobs:
+                self._move("running", job.state)
             return jobs
 
     # -- reading -----------------------------------------------------------------------------------
@@ -210,7 +228,7 @@ class JobStore:
 
     def count(self, state: str) -> int:
         with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0])
+            return self._counts[state]
 
     def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
         """Finished jobs oldest first; `max_items` alone means the newest N (ComfyUI's rule)."""
@@ -222,35 +240,56 @@ class JobStore:
 
     def count_finished(self) -> int:
         with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {FINISHED}").fetchone()[0])
+            return sum(self._counts[s] for s in FINISHED)
 
     # -- removing ----------------------------------------------------------------------------------
     def delete_pending(self, ids: Iterable[str] | None = None) -> int:
         """Remove waiting jobs (all of them when `ids` is None); running and finished ones stay."""
         with self._lock:
             if ids is None:
-                return self._db.execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
-            return sum(
-                self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
-            )
+                removed = self._db.execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
+            else:
+                removed = sum(
+                    self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
+                )
+            self._counts["pending"] -= removed
+            return removed
 
     def delete_history(self, ids: Iterable[str] | None = None) -> int:
         with self._lock:
             if ids is None:
-                return self._db.execute(f"DELETE FROM jobs WHERE state IN {FINISHED}").rowcount
-            return sum(
-                self._db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED}", (i,)).rowcount for i in ids
-            )
+                removed = self._db.execute(f"DELETE FROM jobs WHERE state IN {FINISHED} RETURNING state").fetchall()
+            else:
+                removed = [
+                    row
+                    for i in ids
+                    for row in self._db.execute(
+                        f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED} RETURNING state", (i,)
+                    ).fetchall()
+                ]
+            self._forget_finished([row[0] for row in removed])
+            return len(removed)
 
     # -- internals ---------------------------------------------------------------------------------
-    def _trim_history(self) -> None:
-        excess = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN {FINISHED}").fetchone()[0] - HISTORY_LIMIT
-        if excess > 0:
-            self._db.execute(
-                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
-                "ORDER BY finished, seq LIMIT ?)",
-                (excess,),
-            )
+    def _move(self, old: str, new: str) -> None:
+        self._counts[old] -= 1
+        self._counts[new] += 1
+
+    def _forget_finished(self, states: list[str]) -> None:
+        for state in states:
+            self._counts[state] -= 1
+
+    def _trim_history(self, extra: int = 0) -> list[str]:
+        """Delete the oldest finished entries beyond the limit (counting `extra` just finished); their states."""
+        excess = sum(self._counts[s] for s in FINISHED) + extra - HISTORY_LIMIT
+        if excess <= 0:
+            return []
+        rows = self._db.execute(
+            f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
+            "ORDER BY finished, seq LIMIT ?) RETURNING state",
+            (excess,),
+        ).fetchall()
+        return [row[0] for row in rows]
 
     def _select(self, where: str, args: tuple[Any, ...] = ()) -> list[Job]:
         with self._lock:

@@ -1,4 +1,7 @@
-"""The worker: takes jobs from the store one at a time and runs them on the executor (one per device).
+"""The worker: takes jobs from the store and runs them on the executor (one worker per device).
+
+It runs at most `concurrency` jobs at once, each on its own thread: on a GPU a second job's text
+encoding, decoding and saving overlap the first one's sampling (the field report advises at most 2).
 
 Every event goes to `Listener.job_event` with the job it belongs to, in ComfyUI's order; after a job the
 history is written first, then `status`, then `executing` with node null, so a client that waits for
@@ -41,20 +44,32 @@ class Worker:
         listener: Listener,
         job_timeout: float | None = None,
         on_idle: Callable[[], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.store, self.executor, self.listener = store, executor, listener
-        self.job_timeout = job_timeout
-        self.running: Running | None = None
+        self.job_timeout, self.concurrency = job_timeout, concurrency
+        self._running: dict[str, Running] = {}
+        self._running_lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._timed_out = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._timed_out: set[str] = set()
         self._on_idle = on_idle
+
+    @property
+    def running(self) -> list[Running]:
+        """The jobs running now, oldest first."""
+        with self._running_lock:
+            return sorted(self._running.values(), key=lambda r: r.started)
 
     # -- control -------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="zimage-worker", daemon=True)
-        self._thread.start()
+        for slot in range(self.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"zimage-worker-{slot}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def notify(self) -> None:
         """A job was queued: wake the worker if it sleeps."""
@@ -62,25 +77,25 @@ class Worker:
             self._wake.notify_all()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Take no new job; let the running one finish within `timeout` (then interrupt it). True if idle."""
+        """Take no new job; let running ones finish within `timeout` (then interrupt them). True if idle."""
         self._stopping.set()
         self.notify()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("the running job did not finish in %s s; interrupting it", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning("running jobs did not finish in %s s; interrupting them", timeout)
             self.executor.interrupt()
-            self._thread.join(30)
-        return not self._thread.is_alive()
+            for thread in self._threads:
+                thread.join(30)
+        return not any(t.is_alive() for t in self._threads)
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Interrupt the running job (only if it is `prompt_id`, when given). True if one was interrupted."""
-        running = self.running
-        if running is None or (prompt_id is not None and running.job.id != prompt_id):
-            return False
-        self.executor.interrupt()
-        return True
+        """Interrupt `prompt_id` if it runs, or every running job. True if one was interrupted."""
+        with self._running_lock:
+            if prompt_id is not None and prompt_id not in self._running:
+                return False
+        return self.executor.interrupt(prompt_id)
 
     # -- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -100,18 +115,19 @@ class Worker:
                 self._record_failure(job, "internal error while running the prompt; see the server log")
 
     def _run(self, job: Job) -> None:
-        self.running = Running(job)
+        running = Running(job)
+        with self._running_lock:
+            self._running[job.id] = running
         self.listener.queue_changed()
-        self._timed_out.clear()
         timer = None
         if self.job_timeout is not None:
-            timer = threading.Timer(self.job_timeout, self._time_out)
+            timer = threading.Timer(self.job_timeout, self._time_out, (job.id,))
             timer.daemon = True
             timer.start()
 
         def emit(event: str, data: dict[str, Any]) -> None:
-            if event == "executing" and self.running is not None:
-                self.running.node = data.get("node")
+            if event == "executing":
+                running.node = data.get("node")
             self.listener.job_event(job, event, data)
 
         try:
@@ -119,18 +135,20 @@ class Worker:
         finally:
             if timer is not None:
                 timer.cancel()
-        if result.status == "interrupted" and self._timed_out.is_set():
+        if result.status == "interrupted" and job.id in self._timed_out:
             self._note_timeout(job, result)
+        self._timed_out.discard(job.id)
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in result.outputs}
         self.store.finish(job.id, state, {"outputs": result.outputs, "messages": result.messages, "meta": meta})
-        self.running = None
+        with self._running_lock:
+            del self._running[job.id]
         self.listener.queue_changed()
         self.listener.job_event(job, "executing", {"node": None, "prompt_id": job.id})
 
-    def _time_out(self) -> None:
-        self._timed_out.set()
-        self.executor.interrupt()
+    def _time_out(self, job_id: str) -> None:
+        self._timed_out.add(job_id)
+        self.executor.interrupt(job_id)
 
     def _note_timeout(self, job: Job, result: RunResult) -> None:
         """A job stopped by the time limit is an error in history, with the limit named."""
@@ -151,7 +169,8 @@ class Worker:
     def _record_failure(self, job: Job, message: str) -> None:
         data = execution_error(job.id, message, "InternalError")
         self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]], "meta": {}})
-        self.running = None
+        with self._running_lock:
+            self._running.pop(job.id, None)
         self.listener.job_event(job, "execution_error", data)
         self.listener.queue_changed()
         self.listener.job_event(job, "executing", {"node": None, "prompt_id": job.id})

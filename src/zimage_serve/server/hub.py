@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -60,10 +61,17 @@ class Hub:
         """Route one execution message; safe to call from the worker thread."""
         if client_id is None and event in TO_CLIENT_ONLY:
             return
+        # Nobody to tell: skip the encoding and the hop to the loop (a client that connects later gets
+        # `status` on connect, as in ComfyUI, and no replay of what it missed).
+        if not self.sockets or (event in TO_CLIENT_ONLY and client_id not in self.sockets):
+            return
         self._post(json.dumps({"type": event, "data": data}), [client_id] if client_id is not None else None)
 
-    def broadcast(self, event: str, data: dict[str, Any]) -> None:
-        self._post(json.dumps({"type": event, "data": data}), None)
+    def broadcast(self, event: str, data: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """`data` may be a function, called only when someone is connected."""
+        if not self.sockets:
+            return
+        self._post(json.dumps({"type": event, "data": data() if callable(data) else data}), None)
 
     def _post(self, text: str, targets: list[str] | None) -> None:
         loop, outbox = self.loop, self._outbox

@@ -109,7 +109,7 @@ async def generate(request: Request) -> Response:
     rt.queue_changed()
     job_id = submitted.job.id
     while True:
-        job = rt.store.get(job_id)
+        job = rt.service.get(job_id)
         if job is None:
             return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")
         if job.state not in ("pending", "running"):

@@ -12,34 +12,32 @@ from fastapi.responses import JSONResponse
 
 from zimage_serve import __version__
 from zimage_serve.server.routes_queue import runtime
-from zimage_serve.workflow.folders import MODEL_FOLDERS
-from zimage_serve.workflow.nodes import NODES
-from zimage_serve.workflow.spec import node_info, object_info
 
 router = APIRouter()
 
 
 @router.get("/object_info")
 async def get_object_info(request: Request) -> dict[str, Any]:
-    return object_info(NODES, runtime(request).folders)
+    return runtime(request).service.object_info()
 
 
 @router.get("/object_info/{node_class}")
 async def get_node_info(request: Request, node_class: str) -> dict[str, Any]:
-    node = NODES.get(node_class)
-    return {} if node is None else {node_class: node_info(node_class, node, runtime(request).folders)}
+    info = runtime(request).service.node_info(node_class)
+    return {} if info is None else {node_class: info}
 
 
 @router.get("/models")
-async def get_model_folders() -> list[str]:
-    return list(MODEL_FOLDERS)
+async def get_model_folders(request: Request) -> list[str]:
+    return runtime(request).service.model_folders()
 
 
 @router.get("/models/{folder}")
 async def get_models(request: Request, folder: str) -> JSONResponse:
-    if folder not in MODEL_FOLDERS:
+    names = runtime(request).service.models(folder)
+    if names is None:
         return JSONResponse({"error": f"unknown model folder {folder!r}"}, status_code=404)
-    return JSONResponse(runtime(request).folders.names(folder))
+    return JSONResponse(names)
 
 
 @router.get("/embeddings")
@@ -59,8 +57,7 @@ async def get_features(request: Request) -> dict[str, Any]:
 
 @router.get("/system_stats")
 async def get_system_stats(request: Request) -> dict[str, Any]:
-    rt = runtime(request)
-    device = rt.executor.placing.device
+    device = runtime(request).service.device
     devices = []
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)

@@ -38,6 +38,8 @@ async def json_body(request: Request, *, empty_ok: bool = False) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ValueError("the request body is nested too deeply") from exc
 
 
 @router.get("/prompt")
@@ -106,15 +108,15 @@ def _canonical_uuid(value: Any) -> bool:
 async def get_queue(request: Request) -> dict[str, Any]:
     rt = runtime(request)
     return {
-        "queue_running": [j.queue_item() for j in rt.store.running()],
-        "queue_pending": [j.queue_item() for j in rt.store.pending()],
+        "queue_running": [j.queue_item() for j in rt.service.running()],
+        "queue_pending": [j.queue_item() for j in rt.service.pending()],
     }
 
 
 @router.post("/queue")
 async def post_queue(request: Request) -> Response:
     rt = runtime(request)
-    answer = await _clear_or_delete(request, rt.store.delete_pending)
+    answer = await _clear_or_delete(request, rt.service.delete_pending)
     if answer.status_code == 200:
         rt.queue_changed()
     return answer
@@ -128,13 +130,13 @@ async def get_history(request: Request) -> Response:
         offset = _optional_int(request.query_params.get("offset"), "offset")
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
-    jobs = rt.store.history(max_items=max_items, offset=offset)
+    jobs = rt.service.history(max_items=max_items, offset=offset)
     return JSONResponse({job.id: job.history_entry() for job in jobs})
 
 
 @router.get("/history/{prompt_id}")
 async def get_history_entry(request: Request, prompt_id: str) -> dict[str, Any]:
-    job = runtime(request).store.get(prompt_id)
+    job = runtime(request).service.get(prompt_id)
     if job is None or job.state in ("pending", "running"):
         return {}
     return {job.id: job.history_entry()}
@@ -142,7 +144,7 @@ async def get_history_entry(request: Request, prompt_id: str) -> dict[str, Any]:
 
 @router.post("/history")
 async def post_history(request: Request) -> Response:
-    return await _clear_or_delete(request, runtime(request).store.delete_history)
+    return await _clear_or_delete(request, runtime(request).service.delete_history)
 
 
 @router.post("/interrupt")
@@ -153,7 +155,7 @@ async def post_interrupt(request: Request) -> Response:
     except ValueError:
         body = None  # ComfyUI treats an empty or invalid body as {}
     prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-    rt.worker.interrupt(str(prompt_id) if prompt_id is not None else None)
+    rt.service.interrupt(str(prompt_id) if prompt_id is not None else None)
     return Response(status_code=200)
 
 
@@ -164,7 +166,7 @@ async def post_free(request: Request) -> Response:
     if isinstance(body, Response):
         return body
     if body.get("free_memory") or body.get("unload_models"):
-        rt.executor.free()
+        rt.service.free()
     return Response(status_code=200)
 
 

@@ -22,9 +22,9 @@ async def websocket(socket: WebSocket) -> None:
         status = rt.status()
         status["sid"] = sid
         await socket.send_text(json.dumps({"type": "status", "data": status}))
-        running = rt.worker.running
-        if running is not None and running.job.extra_data.get("client_id") == sid and running.node is not None:
-            await socket.send_text(json.dumps({"type": "executing", "data": {"node": running.node}}))
+        for job, node in rt.service.executing():
+            if job.extra_data.get("client_id") == sid and node is not None:
+                await socket.send_text(json.dumps({"type": "executing", "data": {"node": node}}))
         first = True
         while True:
             text = await socket.receive_text()

@@ -31,6 +31,7 @@ class ServerSettings:
     dtype: str = "auto"
     max_queue: int = 10000
     job_timeout: float | None = None  # seconds; None: 30 on a GPU, no limit on the CPU; 0: no limit
+    concurrency: int = 1  # prompts run at once on the device
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
@@ -38,7 +39,7 @@ class ServerSettings:
 
 
 class Runtime:
-    """Built once per process; the routes only talk to `service`, `store`, `hub` and `folders`."""
+    """Built once per process (the composition root); routes talk to `service`, `hub`, `folders` and `settings`."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -50,8 +51,10 @@ class Runtime:
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
         self.executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype))
         self.validator = Validator(NODES, self.folders)
-        self.worker = Worker(self.store, self.executor, self, job_timeout=self.job_timeout())
-        self.service = QueueService(self.store, self.validator, self.worker)
+        self.worker = Worker(
+            self.store, self.executor, self, job_timeout=self.job_timeout(), concurrency=settings.concurrency
+        )
+        self.service = QueueService(self.store, self.validator, self.worker, self.folders)
 
     def job_timeout(self) -> float | None:
         """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow."""
@@ -80,7 +83,7 @@ class Runtime:
         self.hub.publish(event, data, job.extra_data.get("client_id"))
 
     def queue_changed(self) -> None:
-        self.hub.broadcast("status", self.status())
+        self.hub.broadcast("status", self.status)
 
     def status(self) -> dict[str, Any]:
         return {"status": {"exec_info": {"queue_remaining": self.service.remaining()}}}

@@ -148,7 +148,7 @@ async def upload_mask(request: Request) -> Response:
             reference = json.loads(fields.get("original_ref", ""))
             if not isinstance(reference, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UploadError(400, f"original_ref: expected JSON with a filename ({exc})") from exc
         _, original_folder = target_folder(
             request, str(reference.get("type") or "input"), str(reference.get("subfolder") or "")

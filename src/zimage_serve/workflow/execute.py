@@ -75,7 +75,13 @@ def execution_error(
 
 
 class Executor:
-    """Runs one prompt at a time; `interrupt` and `free` may be called from other threads."""
+    """Runs prompts, several at once from several threads if asked; `interrupt` and `free` may be called
+    from any thread.
+
+    Concurrent runs share the cache: a node another run is computing right now (loading the same
+    model, say) is waited for, not computed twice. Runs that patch a model's weights (LoRA) take those
+    weights alone for their sampling (`engine.weight_lock`).
+    """
 
     def __init__(
         self,
@@ -87,12 +93,18 @@ class Executor:
         self.nodes, self.folders = nodes, folders
         self.placing = placing or Placing.choose()
         self.cache = OutputCache(cache_bytes)
-        self._interrupt = threading.Event()
         self._lock = threading.Lock()
+        self._active: dict[str, _Run] = {}  # prompt id → its run
+        self._computing: dict[str, threading.Event] = {}  # signature → set when its node is done
         self.node_runs: dict[str, int] = {}  # class_type → executions, for tests and metrics
 
-    def interrupt(self) -> None:
-        self._interrupt.set()
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Stop `prompt_id` (or every running prompt) before its next node or sampling step."""
+        with self._lock:
+            runs = [r for i, r in self._active.items() if prompt_id is None or i == prompt_id]
+        for run in runs:
+            run.interrupted.set()
+        return bool(runs)
 
     def free(self) -> None:
         """Drop every cached output (models included); the next run loads again."""
@@ -107,9 +119,33 @@ class Executor:
         extra_data: dict[str, Any] | None = None,
         emit: Emit | None = None,
     ) -> RunResult:
+        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit)
         with self._lock:
-            self._interrupt.clear()
-            return _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit).execute()
+            if prompt_id in self._active:
+                raise ZImageError(f"prompt {prompt_id} is already running")
+            self._active[prompt_id] = run
+        try:
+            return run.execute()
+        finally:
+            with self._lock:
+                del self._active[prompt_id]
+                keep = {s for r in self._active.values() for s in r.signatures.values()}
+            self.cache.trim(keep=keep | set(run.signatures.values()))
+
+    # -- shared between runs ---------------------------------------------------------------------------
+    def _claim(self, key: str) -> threading.Event | None:
+        """None: this caller computes `key` (then calls `_release`). Else an event set when another is done."""
+        with self._lock:
+            pending = self._computing.get(key)
+            if pending is None:
+                self._computing[key] = threading.Event()
+            return pending
+
+    def _release(self, key: str, class_type: str | None) -> None:
+        with self._lock:
+            if class_type is not None:
+                self.node_runs[class_type] = self.node_runs.get(class_type, 0) + 1
+            self._computing.pop(key).set()
 
 
 class _Run:
@@ -129,6 +165,7 @@ class _Run:
         self.values: dict[str, tuple[Any, ...]] = {}
         self.signatures: dict[str, str] = {}
         self.current_inputs: dict[str, Any] = {}
+        self.interrupted = threading.Event()
 
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:
@@ -160,8 +197,6 @@ class _Run:
             self._failed(current, exc)
         else:
             self.emit("execution_success", {"prompt_id": self.prompt_id, "timestamp": now_ms()}, record=True)
-        finally:
-            self.ex.cache.trim(keep=set(self.signatures.values()))
         return self.result
 
     # -- ordering and signatures -----------------------------------------------------------------------
@@ -214,13 +249,27 @@ class _Run:
         node = self.prompt[node_id]
         class_type = node["class_type"]
         node_class = self.ex.nodes[class_type]
-        entry = self.ex.cache.get(self.signatures[node_id])
-        if entry is not None:
-            self.values[node_id] = entry.outputs
-            if node_class.output_node:
-                self._report_ui(node_id, entry.ui)
-            return
-        if self.ex._interrupt.is_set():
+        key = self.signatures[node_id]
+        while True:
+            entry = self.ex.cache.get(key)
+            if entry is not None:
+                self.values[node_id] = entry.outputs
+                if node_class.output_node:
+                    self._report_ui(node_id, entry.ui)
+                return
+            other = self.ex._claim(key)
+            if other is None:
+                break
+            other.wait()  # another run computes this very node: use its result (or compute it if it failed)
+        executed = False
+        try:
+            self._compute(node_id, class_type, node_class, key)
+            executed = True
+        finally:
+            self.ex._release(key, class_type if executed else None)
+
+    def _compute(self, node_id: str, class_type: str, node_class: type[Node], key: str) -> None:
+        if self.interrupted.is_set():
             raise Interrupted(f"interrupted before node {node_id}")
         self.emit("executing", {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id})
         self.current_inputs = {}
@@ -234,14 +283,13 @@ class _Run:
             on_progress=lambda value, total: self.emit(
                 "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
             ),
-            interrupted=self.ex._interrupt.is_set,
+            interrupted=self.interrupted.is_set,
         )
         self.current_inputs = inputs
         result = node_class().run(ctx, **inputs)
-        self.ex.node_runs[class_type] = self.ex.node_runs.get(class_type, 0) + 1
         self.values[node_id] = result.outputs
         self.result.executed.append(node_id)
-        self.ex.cache.put(self.signatures[node_id], CacheEntry(result.outputs, result.ui))
+        self.ex.cache.put(key, CacheEntry(result.outputs, result.ui))
         if result.ui is not None:
             self._report_ui(node_id, result.ui)
 
