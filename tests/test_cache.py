@@ -26,3 +26,18 @@ def test_shared_tensors_count_once_and_the_current_run_is_kept() -> None:
     cache.trim(keep={"other", "view"})
     assert "loader" not in cache and "view" in cache and "other" in cache
     assert cache.nbytes() == 8000  # over the bound, but both are the current run's
+
+
+def test_byte_count_follows_replacement_eviction_and_clear() -> None:
+    shared, alone = torch.zeros(250), torch.zeros(500)  # 1000 and 2000 bytes
+    cache = OutputCache(max_bytes=10_000, max_entries=2)
+    cache.put("a", CacheEntry((shared,), None))
+    cache.put("b", CacheEntry((shared, alone), None))
+    assert cache.nbytes() == 3000
+    cache.put("b", CacheEntry((alone,), None))  # replaced: `shared` is still held by "a"
+    assert cache.nbytes() == 3000
+    cache.put("c", CacheEntry((torch.zeros(100),), None))
+    cache.trim(keep={"c"})  # three entries, bound two: "a" (least recent) goes, and `shared` with it
+    assert "a" not in cache and cache.nbytes() == 2400
+    cache.clear()
+    assert cache.nbytes() == 0 and len(cache) == 0

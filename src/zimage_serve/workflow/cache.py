@@ -51,11 +51,17 @@ def _jsonable(value: Any) -> Any:
 
 
 class OutputCache:
-    """LRU entries bounded by distinct tensor bytes and by count (many small outputs add up too)."""
+    """LRU entries bounded by distinct tensor bytes and by count (many small outputs add up too).
+
+    Bytes are kept as a reference count per storage, updated on every put and eviction, so checking
+    the bound costs nothing per run however many entries there are.
+    """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
         self.max_bytes, self.max_entries = max_bytes, max_entries
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._storage_refs: dict[int, list[int]] = {}  # storage address → [bytes, entries using it]
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def __contains__(self, key: str) -> bool:
@@ -75,33 +81,42 @@ class OutputCache:
     def put(self, key: str, entry: CacheEntry) -> None:
         entry.storages = _storages(entry.outputs)
         with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._release(old)
             self._entries[key] = entry
-            self._entries.move_to_end(key)
+            for address, size in entry.storages.items():
+                ref = self._storage_refs.setdefault(address, [size, 0])
+                if ref[1] == 0:
+                    self._bytes += size
+                ref[1] += 1
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._storage_refs.clear()
+            self._bytes = 0
 
     def nbytes(self) -> int:
         with self._lock:
-            return self._bytes()
+            return self._bytes
 
     def trim(self, keep: set[str]) -> None:
         """Evict least recently used entries outside `keep` until the cache fits both bounds."""
         with self._lock:
-            total = self._bytes()
             for key in list(self._entries):
-                if total <= self.max_bytes and len(self._entries) <= self.max_entries:
+                if self._bytes <= self.max_bytes and len(self._entries) <= self.max_entries:
                     return
                 if key not in keep:
-                    del self._entries[key]
-                    total = self._bytes()
+                    self._release(self._entries.pop(key))
 
-    def _bytes(self) -> int:
-        seen: dict[int, int] = {}
-        for entry in self._entries.values():
-            seen.update(entry.storages)
-        return sum(seen.values())
+    def _release(self, entry: CacheEntry) -> None:
+        for address in entry.storages:
+            ref = self._storage_refs[address]
+            ref[1] -= 1
+            if ref[1] == 0:
+                self._bytes -= ref[0]
+                del self._storage_refs[address]
 
 
 def _storages(outputs: tuple[Any, ...]) -> dict[int, int]:
