@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -158,3 +159,19 @@ def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monke
         store.finish(job.id, "success", {})
     assert [j.id for j in store.history()] == ["c", "d", "e"]
     assert store.count_finished() == 3 == store.count("success")
+
+
+def test_claiming_reads_one_index_entry_not_every_waiting_job(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.CLAIM_NEXT, (0.0,)))
+    assert "jobs_pending" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_an_older_file_loses_the_index_that_slowed_claims(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    JobStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE INDEX jobs_state ON jobs (state, finished)")
+    store = JobStore(path)
+    names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "jobs_state" not in names and {"jobs_pending", "jobs_running", "jobs_history"} <= names

@@ -40,10 +40,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (number, seq) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, finished);
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (started) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_history ON jobs (finished, seq) WHERE state IN ('success', 'error', 'interrupted');
+DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-FINISHED = ("success", "error", "interrupted")
+FINISHED = ("success", "error", "interrupted")  # written out in the schema's jobs_history index too
+# The next job by the jobs_pending index: one index step, however many wait.
+CLAIM_NEXT = (
+    "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 "
+    "WHERE seq = (SELECT seq FROM jobs WHERE state = 'pending' ORDER BY number, seq LIMIT 1) "
+    "RETURNING *"
+)
 HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
 
 
@@ -96,6 +104,7 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.max_pending = path, max_pending
         self._lock = threading.Lock()
+        self._number_lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -117,7 +126,7 @@ class JobStore:
     # -- submitting --------------------------------------------------------------------------------
     def next_number(self) -> int:
         """ComfyUI's server counter. Stored with each job, so numbers keep increasing across restarts."""
-        with self._lock:
+        with self._number_lock:  # not the database lock: a commit in progress must not hold up numbering
             self._number += 1
             return self._number - 1
 
@@ -159,12 +168,7 @@ class JobStore:
     def claim(self) -> Job | None:
         """Hand out the next pending job (lowest number, then oldest) and mark it running."""
         with self._lock:
-            row = self._db.execute(
-                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 "
-                "WHERE seq = (SELECT seq FROM jobs WHERE state = 'pending' ORDER BY number, seq LIMIT 1) "
-                "RETURNING *",
-                (time.time(),),
-            ).fetchone()
+            row = self._db.execute(CLAIM_NEXT, (time.time(),)).fetchone()
             if row is None:
                 return None
             self._move("pending", "running")

@@ -104,11 +104,13 @@ class OutputCache:
     def trim(self, keep: set[str]) -> None:
         """Evict least recently used entries outside `keep` until the cache fits both bounds."""
         with self._lock:
-            for key in list(self._entries):
-                if self._bytes <= self.max_bytes and len(self._entries) <= self.max_entries:
+            while self._bytes > self.max_bytes or len(self._entries) > self.max_entries:
+                # The oldest entries come first and `keep` (the running prompts') are among the newest,
+                # so this finds a victim at once.
+                victim = next((key for key in self._entries if key not in keep), None)
+                if victim is None:
                     return
-                if key not in keep:
-                    self._release(self._entries.pop(key))
+                self._release(self._entries.pop(victim))
 
     def _release(self, entry: CacheEntry) -> None:
         for address in entry.storages:

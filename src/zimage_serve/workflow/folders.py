@@ -4,11 +4,17 @@ Combo inputs that name files (`unet_name`, `lora_name`, `image`, ...) list what 
 as ComfyUI does. The built-in zimage-nano model is listed in every model list, so a default workflow
 runs with nothing downloaded. Names are relative POSIX paths; `resolve` refuses anything that would
 leave its folder.
+
+Every prompt is validated against these lists, so a list is kept until one of the directories it was
+read from changes (a new or removed entry changes its directory's mtime): checking costs one stat per
+directory instead of a walk over every file.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ MODEL_EXTENSIONS = (".safetensors", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Folder models (diffusers layout) can stand in for any of these.
 FOLDER_MODEL_KINDS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
+_SETTLE_NS = 2_000_000_000
 
 
 def builtin_models() -> dict[str, Path]:
@@ -57,31 +64,55 @@ class Folders:
     def default(cls, data_dir: Path, models: Iterable[Path] = ()) -> Folders:
         return cls(list(models), data_dir / "input", data_dir / "output", data_dir / "temp", builtin_models())
 
+    _listings: dict[str, tuple[dict[Path, int], list[str]]] = field(default_factory=dict, repr=False, compare=False)
+    _listing_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     # -- lists -----------------------------------------------------------------------------------
     def names(self, resource: str) -> list[str]:
-        if resource == "input_images":
-            return self._input_images()
-        if resource not in MODEL_FOLDERS:
+        if resource != "input_images" and resource not in MODEL_FOLDERS:
             raise ValueError(f"unknown resource {resource}")
-        found: list[str] = []
-        if resource in FOLDER_MODEL_KINDS:
-            found += list(self.builtin)
-        for base in self._bases(resource):
-            for path in sorted(base.rglob("*")):
-                relative = path.relative_to(base).as_posix()
-                if (path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS) or (
-                    resource in FOLDER_MODEL_KINDS and path.is_dir() and (path / "model_index.json").is_file()
-                ):
-                    found.append(relative)
-        return list(dict.fromkeys(found))
+        roots = [self.input] if resource == "input_images" else self._roots(resource)
+        with self._listing_lock:
+            cached = self._listings.get(resource)
+        if cached is not None and _unchanged(cached[0], roots):
+            return list(cached[1])
+        directories: dict[Path, int] = {}
+        found = self._input_images(directories) if resource == "input_images" else self._models(resource, directories)
+        # Timestamps tick coarsely: a directory changed within the last moments may change again without
+        # its mtime moving, so such a listing is not kept (git's "racily clean" rule).
+        settled = time.time_ns() - _SETTLE_NS
+        with self._listing_lock:
+            if all(m < settled for m in directories.values()):
+                self._listings[resource] = (directories, found)
+            else:
+                self._listings.pop(resource, None)
+        return list(found)
 
-    def _input_images(self) -> list[str]:
-        if not self.input.is_dir():
+    def _input_images(self, directories: dict[Path, int]) -> list[str]:
+        if not _record(self.input, directories):
             return []
         return sorted(p.name for p in self.input.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
+    def _models(self, resource: str, directories: dict[Path, int]) -> list[str]:
+        found: list[str] = list(self.builtin) if resource in FOLDER_MODEL_KINDS else []
+        for root in self._roots(resource):
+            if not _record(root, directories):
+                continue
+            for path in sorted(root.rglob("*")):
+                relative = path.relative_to(root).as_posix()
+                if path.is_dir():
+                    _record(path, directories)
+                    if resource in FOLDER_MODEL_KINDS and (path / "model_index.json").is_file():
+                        found.append(relative)
+                elif path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
+                    found.append(relative)
+        return list(dict.fromkeys(found))
+
+    def _roots(self, resource: str) -> list[Path]:
+        return [root / sub for root in self.models for sub in MODEL_FOLDERS[resource]]
+
     def _bases(self, resource: str) -> list[Path]:
-        return [root / sub for root in self.models for sub in MODEL_FOLDERS[resource] if (root / sub).is_dir()]
+        return [base for base in self._roots(resource) if base.is_dir()]
 
     # -- resolving -------------------------------------------------------------------------------
     def resolve(self, resource: str, name: str) -> Path:
@@ -108,3 +139,23 @@ def safe_relative(resource: str, name: str) -> Path:
     if pure.is_absolute() or name.startswith(("/", "\\")) or ".." in pure.parts or (os.sep != "/" and ":" in name):
         raise UnknownFileError(resource, name, "must be a path inside its folder")
     return pure
+
+
+def _mtime(directory: Path) -> int | None:
+    try:
+        return directory.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _record(directory: Path, directories: dict[Path, int]) -> bool:
+    """Note a directory's mtime (-1 if it does not exist); True if it is a directory to read."""
+    mtime = _mtime(directory) if directory.is_dir() else None
+    directories[directory] = -1 if mtime is None else mtime
+    return mtime is not None
+
+
+def _unchanged(directories: dict[Path, int], roots: list[Path]) -> bool:
+    return all(root in directories for root in roots) and all(
+        (_mtime(d) if d.is_dir() else None) == (None if m == -1 else m) for d, m in directories.items()
+    )

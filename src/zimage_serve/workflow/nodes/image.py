@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from pathlib import Path
@@ -80,26 +81,47 @@ class LoadImage(Node):
         name = inputs.get("image")
         try:
             path = _input_path(lists, str(name))
-        except UnknownFileError:
-            return f"Invalid image file: {name}"
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            return f"Invalid image file: {name}"
-        return None
+            readable = _is_image(*_identity(path))
+        except (UnknownFileError, OSError):
+            readable = False
+        return None if readable else f"Invalid image file: {name}"
 
     @classmethod
     def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:
         try:
-            path = _input_path(lists, str(inputs.get("image")))
-            return hashlib.sha256(path.read_bytes()).hexdigest()
+            return _content_hash(*_identity(_input_path(lists, str(inputs.get("image")))))
         except (UnknownFileError, OSError):
             return None
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         image, mask = open_image(ctx.folders.input_path(inputs["image"]))
         return NodeResult((image, mask))
+
+
+# Every prompt naming an input image checks it and hashes it. Both answers are kept per file identity
+# (path, inode, size, mtime): a file written again gets a new identity and is read again.
+FileIdentity = tuple[str, int, int, int]
+
+
+def _identity(path: Path) -> FileIdentity:
+    stat = path.stat()
+    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_image(path: str, inode: int, size: int, mtime_ns: int) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _content_hash(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _input_path(lists: ResourceLists, name: str) -> Path:
