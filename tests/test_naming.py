@@ -15,16 +15,27 @@ from zimage_serve.workflow.naming import claim, expand_prefix
 def test_counter_continues_after_what_is_there(tmp_path: Path) -> None:
     (tmp_path / "ComfyUI_00007_.png").write_bytes(b"")
     (tmp_path / "Other_00020_.png").write_bytes(b"")
-    first = claim(tmp_path, "ComfyUI")
-    assert (first.filename, first.subfolder) == ("ComfyUI_00008_.png", "")
-    assert claim(tmp_path, "ComfyUI").filename == "ComfyUI_00009_.png"
+    with claim(tmp_path, "ComfyUI") as first:
+        assert (first.filename, first.subfolder) == ("ComfyUI_00008_.png", "")
+    assert taken(tmp_path, "ComfyUI") == "ComfyUI_00009_.png"
     (tmp_path / "ComfyUI_00010_.png").write_bytes(b"")  # another process wrote meanwhile
-    assert claim(tmp_path, "ComfyUI").filename == "ComfyUI_00011_.png"
+    assert taken(tmp_path, "ComfyUI") == "ComfyUI_00011_.png"
+
+
+def taken(folder: Path, prefix: str) -> str:
+    with claim(folder, prefix) as name:
+        return name.filename
+
+
+def test_the_claimed_file_is_written_through_the_open_handle(tmp_path: Path) -> None:
+    with claim(tmp_path, "out") as name:
+        name.file.write(b"image bytes")
+    assert name.file.closed and name.path.read_bytes() == b"image bytes"
 
 
 def test_subfolders_and_dates(tmp_path: Path) -> None:
-    name = claim(tmp_path, "portraits/zimage")
-    assert (name.subfolder, name.filename) == ("portraits", "zimage_00001_.png") and name.path.is_file()
+    with claim(tmp_path, "portraits/zimage") as name:
+        assert (name.subfolder, name.filename) == ("portraits", "zimage_00001_.png") and name.path.is_file()
     when = dt.datetime(2026, 11, 26, 9, 5, 3)
     assert expand_prefix("%date:yyyy-MM-dd%/img_%hour%%minute%", when) == "2026-11-26/img_0905"
 
@@ -40,7 +51,7 @@ def test_concurrent_claims_never_collide(tmp_path: Path) -> None:
 
     def take() -> None:
         for _ in range(50):
-            names.append(claim(tmp_path, "job").filename)
+            names.append(taken(tmp_path, "job"))
 
     threads = [threading.Thread(target=take) for _ in range(4)]
     for thread in threads:
@@ -48,3 +59,13 @@ def test_concurrent_claims_never_collide(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert len(names) == len(set(names)) == 200
+
+
+def test_a_symlinked_subfolder_pointing_out_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(outside)
+    with pytest.raises(InvalidParameterError, match="leads outside"):
+        claim(tmp_path / "out", "link/deeper/x")
+    assert list(outside.iterdir()) == []

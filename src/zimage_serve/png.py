@@ -12,7 +12,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -35,6 +35,15 @@ def png_info(
     for key, value in (extra_pnginfo or {}).items():
         info.add_text(key, json.dumps(value))
     return info
+
+
+def write_png(image: Image.Image, file: BinaryIO, info: PngInfo | None = None, compress_level: int = 4) -> None:
+    """Write into a file this process just created for it (see `workflow.naming.claim`).
+
+    No temp file and rename: the name was created exclusively for this image, so a crash mid-write
+    leaves a broken file under a name nobody else uses, as an empty reservation would.
+    """
+    image.save(file, format="PNG", pnginfo=info, compress_level=compress_level)
 
 
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None, compress_level: int = 4) -> Path:

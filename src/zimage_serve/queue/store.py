@@ -179,13 +179,16 @@ class JobStore:
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            trimming = sum(self._counts[s] for s in FINISHED) >= HISTORY_LIMIT
+            if trimming:  # the update and the trim together; otherwise the update is its own transaction
+                self._db.execute("BEGIN IMMEDIATE")
             changed = self._db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
                 (state, time.time(), json.dumps(result), job_id),
             ).rowcount
-            trimmed = self._trim_history(extra=changed)
-            self._db.execute("COMMIT")
+            trimmed = self._trim_history(extra=changed) if trimming else []
+            if trimming:
+                self._db.execute("COMMIT")
             if changed:
                 self._move("running", state)
             self._forget_finished(trimmed)

@@ -9,11 +9,13 @@ runs saving at once never get the same one.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from zimage_serve.errors import InvalidParameterError
 
@@ -28,8 +30,8 @@ _lock = threading.Lock()
 
 
 def _folder_counters(folder: Path, extension: str) -> dict[str, int]:
-    """Read a folder's existing `<stem>_NNNNN_.<ext>` names once; later claims update the table."""
-    key = (str(folder.resolve()), extension)
+    """Read a (resolved) folder's existing `<stem>_NNNNN_.<ext>` names once; later claims update the table."""
+    key = (str(folder), extension)
     if key not in _counters:
         pattern = re.compile(r"^(.*)_(\d+)_?\." + re.escape(extension) + "$")
         table: dict[str, int] = {}
@@ -41,14 +43,31 @@ def _folder_counters(folder: Path, extension: str) -> dict[str, int]:
     return _counters[key]
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(folder: Path) -> Path:
+    """The output folder's real path (it is the server's own; looked up once, not per image)."""
+    return folder.resolve()
+
+
 @dataclass(frozen=True)
 class ClaimedName:
+    """A reserved name and the file created for it, open for writing; use it in a `with` block."""
+
     path: Path
     filename: str
     subfolder: str
+    file: BinaryIO
+
+    def __enter__(self) -> ClaimedName:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
 
 
 def expand_prefix(prefix: str, now: dt.datetime | None = None) -> str:
+    if "%" not in prefix:
+        return prefix
     now = now or dt.datetime.now()
 
     def date(match: re.Match[str]) -> str:
@@ -64,15 +83,22 @@ def expand_prefix(prefix: str, now: dt.datetime | None = None) -> str:
 
 
 def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
-    """Reserve the next free `<prefix>_NNNNN_.<ext>` under `folder`; the caller then writes over it."""
+    """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
+
+    The caller writes through `file`: reopening the empty file to write it would make ext4 flush it
+    on close (its guard against truncated-then-rewritten files), which costs more than the image.
+    """
     expanded = expand_prefix(prefix).replace("\\", "/")
     parts = [p for p in expanded.split("/") if p not in ("", ".")]
     if not parts or ".." in parts or expanded.startswith("/") or "\x00" in expanded:
         raise InvalidParameterError(field, f"{prefix!r} must name a file inside the output folder")
     subfolder, stem = "/".join(parts[:-1]), parts[-1]
-    target = folder.joinpath(*parts[:-1])
-    if not target.resolve().is_relative_to(folder.resolve()):
-        raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
+    root = _resolved(folder)
+    target = root.joinpath(*parts[:-1])
+    if subfolder:
+        target = target.resolve()
+        if not target.is_relative_to(root):  # a symlink inside the output folder pointing out of it
+            raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
     target.mkdir(parents=True, exist_ok=True)
     with _lock:
         counters = _folder_counters(target, extension)
@@ -81,10 +107,9 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
             filename = f"{stem}_{counter:05}_.{extension}"
             path = target / filename
             try:
-                with open(path, "xb"):
-                    pass
+                file = open(path, "xb")  # noqa: SIM115 - handed to the caller, closed by its `with`
             except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
                 counter += 1
                 continue
             counters[stem] = counter
-            return ClaimedName(path, filename, subfolder)
+            return ClaimedName(path, filename, subfolder, file)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from zimage_serve.png import png_info, save_png
+from zimage_serve.png import png_info, write_png
 from zimage_serve.workflow.context import NodeContext, ResourceLists
 from zimage_serve.workflow.folders import UnknownFileError
 from zimage_serve.workflow.naming import claim
@@ -143,8 +143,8 @@ def save_images(
     info = png_info(prompt=ctx.prompt or None, extra_pnginfo=ctx.extra_pnginfo)
     saved = []
     for image in images:
-        name = claim(folder, prefix)
-        save_png(to_pil(image), name.path, info, compress_level=compress_level)
+        with claim(folder, prefix) as name:
+            write_png(to_pil(image), name.file, info, compress_level=compress_level)
         saved.append({"filename": name.filename, "subfolder": name.subfolder, "type": kind})
     return saved
 
