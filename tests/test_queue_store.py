@@ -149,6 +149,19 @@ def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
     assert [j.id for j in store.pending()] == [f"job{i}" for i in range(50)]
 
 
+def test_two_connections_to_one_file_see_each_others_counts(tmp_path: Path) -> None:
+    server, worker = JobStore(tmp_path / "q.db", max_pending=2), JobStore(tmp_path / "q.db")
+    add(server, "a")
+    add(server, "b")
+    with pytest.raises(QueueFull):
+        add(server, "c")
+    job = worker.claim()  # the worker process takes one: the server may queue another
+    assert job is not None and server.count("running") == 1 and server.count("pending") == 1
+    add(server, "c")
+    worker.finish(job.id, "success", {})
+    assert server.count("success") == 1 and server.count_finished() == 1
+
+
 def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "HISTORY_LIMIT", 3)
     store = JobStore(tmp_path / "q.db")

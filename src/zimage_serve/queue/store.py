@@ -6,8 +6,9 @@ one UPDATE … RETURNING, so a job is handed out once even with several workers;
 accepted job ends exactly once. Priorities are ComfyUI's: the lowest `number` runs first, ties in
 submission order.
 
-Counts per state and the submission counter are kept in memory beside the file (updated under the same
-lock as every write), so submitting, finishing and reporting `queue_remaining` never count rows.
+Counts per state live in the file too, kept by triggers in the same transactions as the rows, so they
+are right for every process using the file (the server and its device worker) and reading
+`queue_remaining` never counts rows.
 """
 
 from __future__ import annotations
@@ -44,7 +45,19 @@ CREATE INDEX IF NOT EXISTS jobs_running ON jobs (started) WHERE state = 'running
 CREATE INDEX IF NOT EXISTS jobs_history ON jobs (finished, seq) WHERE state IN ('success', 'error', 'interrupted');
 DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS jobs_counted_in AFTER INSERT ON jobs BEGIN
+    UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_counted_out AFTER DELETE ON jobs BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_counted_moved AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
+END;
 """
+STATES = ("pending", "running", "success", "error", "interrupted")
 FINISHED = ("success", "error", "interrupted")  # written out in the schema's jobs_history index too
 # The next job by the jobs_pending index: one index step, however many wait.
 CLAIM_NEXT = (
@@ -113,9 +126,13 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
-        self._counts = dict.fromkeys(("pending", "running", *FINISHED), 0)
-        for state, count in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            self._counts[state] = count
+        self._db.execute("BEGIN IMMEDIATE")
+        if self._db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
+            found = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            self._db.executemany(
+                "INSERT INTO state_counts (state, n) VALUES (?, ?)", [(s, found.get(s, 0)) for s in STATES]
+            )
+        self._db.execute("COMMIT")
         row = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
         self._number = int(row[0]) if row is not None else 0
 
@@ -140,10 +157,10 @@ class JobStore:
     ) -> Job:
         now = time.time()
         with self._lock:
-            if self._counts["pending"] >= self.max_pending:
-                raise QueueFull(self.max_pending)
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if self._count("pending") >= self.max_pending:
+                    raise QueueFull(self.max_pending)
                 self._db.execute(
                     "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
@@ -161,7 +178,6 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._counts["pending"] += 1
         return Job(job_id, number, prompt, extra_data, outputs, created=now)
 
     # -- working -----------------------------------------------------------------------------------
@@ -169,29 +185,23 @@ class JobStore:
         """Hand out the next pending job (lowest number, then oldest) and mark it running."""
         with self._lock:
             row = self._db.execute(CLAIM_NEXT, (time.time(),)).fetchone()
-            if row is None:
-                return None
-            self._move("pending", "running")
-            return self._job(row)
+            return self._job(row) if row is not None else None
 
     def finish(self, job_id: str, state: str, result: dict[str, Any]) -> None:
         """Record a running job's end and its history entry (outputs, status messages, meta)."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         with self._lock:
-            trimming = sum(self._counts[s] for s in FINISHED) >= HISTORY_LIMIT
+            trimming = self._count(*FINISHED) >= HISTORY_LIMIT
             if trimming:  # the update and the trim together; otherwise the update is its own transaction
                 self._db.execute("BEGIN IMMEDIATE")
-            changed = self._db.execute(
+            self._db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
                 (state, time.time(), json.dumps(result), job_id),
-            ).rowcount
-            trimmed = self._trim_history(extra=changed) if trimming else []
+            )
             if trimming:
+                self._trim_history()
                 self._db.execute("COMMIT")
-            if changed:
-                self._move("running", state)
-            self._forget_finished(trimmed)
 
     def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
         """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""
@@ -217,8 +227,6 @@ class JobStore:
                     )
                     job.state = "error"
             self._db.execute("COMMIT")
-            for job in jobs:
-                self._move("running", job.state)
             return jobs
 
     # -- reading -----------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ class JobStore:
 
     def count(self, state: str) -> int:
         with self._lock:
-            return self._counts[state]
+            return self._count(state)
 
     def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
         """Finished jobs oldest first; `max_items` alone means the newest N (ComfyUI's rule)."""
@@ -247,7 +255,7 @@ class JobStore:
 
     def count_finished(self) -> int:
         with self._lock:
-            return sum(self._counts[s] for s in FINISHED)
+            return self._count(*FINISHED)
 
     # -- removing ----------------------------------------------------------------------------------
     def delete_pending(self, ids: Iterable[str] | None = None) -> int:
@@ -259,44 +267,30 @@ class JobStore:
                 removed = sum(
                     self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
                 )
-            self._counts["pending"] -= removed
             return removed
 
     def delete_history(self, ids: Iterable[str] | None = None) -> int:
         with self._lock:
             if ids is None:
-                removed = self._db.execute(f"DELETE FROM jobs WHERE state IN {FINISHED} RETURNING state").fetchall()
-            else:
-                removed = [
-                    row
-                    for i in ids
-                    for row in self._db.execute(
-                        f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED} RETURNING state", (i,)
-                    ).fetchall()
-                ]
-            self._forget_finished([row[0] for row in removed])
-            return len(removed)
+                return self._db.execute(f"DELETE FROM jobs WHERE state IN {FINISHED}").rowcount
+            return sum(
+                self._db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED}", (i,)).rowcount for i in ids
+            )
 
     # -- internals ---------------------------------------------------------------------------------
-    def _move(self, old: str, new: str) -> None:
-        self._counts[old] -= 1
-        self._counts[new] += 1
+    def _count(self, *states: str) -> int:
+        marks = ", ".join("?" * len(states))
+        row = self._db.execute(f"SELECT SUM(n) FROM state_counts WHERE state IN ({marks})", states).fetchone()
+        return int(row[0] or 0)
 
-    def _forget_finished(self, states: list[str]) -> None:
-        for state in states:
-            self._counts[state] -= 1
-
-    def _trim_history(self, extra: int = 0) -> list[str]:
-        """Delete the oldest finished entries beyond the limit (counting `extra` just finished); their states."""
-        excess = sum(self._counts[s] for s in FINISHED) + extra - HISTORY_LIMIT
-        if excess <= 0:
-            return []
-        rows = self._db.execute(
-            f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
-            "ORDER BY finished, seq LIMIT ?) RETURNING state",
-            (excess,),
-        ).fetchall()
-        return [row[0] for row in rows]
+    def _trim_history(self) -> None:
+        excess = self._count(*FINISHED) - HISTORY_LIMIT
+        if excess > 0:
+            self._db.execute(
+                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
+                "ORDER BY finished, seq LIMIT ?)",
+                (excess,),
+            )
 
     def _select(self, where: str, args: tuple[Any, ...] = ()) -> list[Job]:
         with self._lock:
