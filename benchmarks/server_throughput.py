@@ -82,6 +82,10 @@ def main() -> None:
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     with running_server(data, "--max-queue", str(args.jobs + args.waiting + 10)) as server:
+        # Steady state: one job through first, so the worker is up and the caches are warm.
+        submit_all(server.port, ["warm-up"], 1)
+        while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
+            time.sleep(0.01)
         started = time.perf_counter()
         submit_seconds = submit_all(server.port, [f"bench/{i}" for i in range(args.jobs)], args.clients)
         left_after_submitting = get_json(server.port, "/prompt")["exec_info"]["queue_remaining"]
@@ -93,8 +97,8 @@ def main() -> None:
         drain_seconds = time.perf_counter() - drain_started
         finished = get_json(server.port, "/history")
         succeeded = sum(entry["status"]["status_str"] == "success" for entry in finished.values())
-        if succeeded != args.jobs:
-            raise SystemExit(f"only {succeeded} of {args.jobs} jobs succeeded")
+        if succeeded != args.jobs + 1:
+            raise SystemExit(f"only {succeeded - 1} of {args.jobs} jobs succeeded")
         print(f"{args.jobs} jobs, {args.clients} clients")
         print(f"submissions/s   {args.jobs / submit_seconds:8.0f}")
         print(f"completed jobs/s {args.jobs / total_seconds:8.0f}  ({1000 * total_seconds / args.jobs:.2f} ms per job)")

@@ -33,6 +33,13 @@ def serve(
     concurrency: Annotated[
         int, typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1)
     ] = 1,
+    worker_process: Annotated[
+        bool,
+        typer.Option(
+            help="Run prompts in a child process, so serving requests and running prompts never wait on one "
+            "interpreter lock (--no-worker-process: threads in the server process)"
+        ),
+    ] = True,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API."""
     import uvicorn
@@ -51,6 +58,7 @@ def serve(
         max_queue=max_queue,
         job_timeout=job_timeout,
         concurrency=concurrency,
+        worker_process=worker_process,
     )
     app = create_app(settings)
     console_err.print(f"zimage-serve on http://{listen}:{port}  (data: {settings.data_dir})", highlight=False)

@@ -137,3 +137,22 @@ def memory_mode_for(total_memory: int, weight_bytes: int) -> MemoryMode:
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+def device_stats(device: torch.device) -> dict[str, object]:
+    """One entry of ComfyUI's /system_stats `devices`: the device's name and its memory now."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        name = torch.cuda.get_device_name(device)
+    else:
+        free = total = 0
+        name = device.type
+    return {
+        "name": name,
+        "type": device.type,
+        "index": device.index or 0,
+        "vram_total": total,
+        "vram_free": free,
+        "torch_vram_total": total,
+        "torch_vram_free": free,
+    }

@@ -11,17 +11,34 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import Any, Protocol
 
 from zimage_serve.queue.store import Job, JobStore
-from zimage_serve.queue.worker import Worker
+from zimage_serve.queue.worker import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.spec import node_info, object_info
 from zimage_serve.workflow.validate import Validator
 
 SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
+
+
+class DeviceWorker(Protocol):
+    """Runs the queued jobs on one device: `queue.worker.Worker` (threads in this process) or
+    `queue.worker_process.WorkerProcess` (a child process running one)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float | None = None) -> bool: ...
+
+    def notify(self) -> None: ...
+
+    def interrupt(self, prompt_id: str | None = None) -> bool: ...
+
+    def free(self) -> None: ...
+
+    def executing(self) -> list[Executing]: ...
+
+    def device_stats(self) -> dict[str, object]: ...
 
 
 class PromptRejected(Exception):
@@ -39,7 +56,7 @@ class Submitted:
 
 
 class QueueService:
-    def __init__(self, store: JobStore, validator: Validator, worker: Worker, folders: Folders) -> None:
+    def __init__(self, store: JobStore, validator: Validator, worker: DeviceWorker, folders: Folders) -> None:
         self.store, self.validator, self.worker, self.folders = store, validator, worker, folders
 
     def submit(
@@ -78,9 +95,9 @@ class QueueService:
     def running(self) -> list[Job]:
         return self.store.running()
 
-    def executing(self) -> list[tuple[Job, str | None]]:
-        """Each running job and the node it is on now."""
-        return [(r.job, r.node) for r in self.worker.running]
+    def executing(self) -> list[Executing]:
+        """Each running prompt, who queued it and the node it is on now."""
+        return self.worker.executing()
 
     def get(self, prompt_id: str) -> Job | None:
         return self.store.get(prompt_id)
@@ -99,12 +116,12 @@ class QueueService:
 
     def free(self) -> None:
         """Unload models and drop cached outputs; the next prompt loads what it needs again."""
-        self.worker.executor.free()
+        self.worker.free()
 
     # -- what can be run -------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.worker.executor.placing.device
+    def device_stats(self) -> dict[str, object]:
+        """The device's entry in /system_stats: name, type, memory."""
+        return self.worker.device_stats()
 
     def object_info(self) -> dict[str, Any]:
         return object_info(self.validator.nodes, self.folders)

@@ -17,7 +17,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ CLAIM_NEXT = (
     "WHERE seq = (SELECT seq FROM jobs WHERE state = 'pending' ORDER BY number, seq LIMIT 1) "
     "RETURNING *"
 )
+BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transaction
 HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
 
 
@@ -124,7 +125,7 @@ class JobStore:
         # NORMAL in WAL mode: a commit survives a process crash (SIGKILL); only a power cut can lose the
         # last transactions. That is the trade ComfyUI users ask for at 1000s of submissions per second.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")  # setting up, once
         self._db.executescript(SCHEMA)
         self._db.execute("BEGIN IMMEDIATE")
         if self._db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
@@ -133,6 +134,7 @@ class JobStore:
                 "INSERT INTO state_counts (state, n) VALUES (?, ?)", [(s, found.get(s, 0)) for s in STATES]
             )
         self._db.execute("COMMIT")
+        self._db.execute("PRAGMA busy_timeout=0")  # from now on waits for locks are _execute's, see there
         row = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
         self._number = int(row[0]) if row is not None else 0
 
@@ -157,26 +159,26 @@ class JobStore:
     ) -> Job:
         now = time.time()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._execute("BEGIN IMMEDIATE")
             try:
                 if self._count("pending") >= self.max_pending:
                     raise QueueFull(self.max_pending)
-                self._db.execute(
+                self._execute(
                     "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                     (job_id, number, json.dumps(prompt), json.dumps(extra_data), json.dumps(outputs), now),
                 )
-                self._db.execute(
+                self._execute(
                     "INSERT INTO counters (name, value) VALUES ('number', ?) "
                     "ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
                     (self._number,),
                 )
-                self._db.execute("COMMIT")
+                self._execute("COMMIT")
             except sqlite3.IntegrityError as exc:
-                self._db.execute("ROLLBACK")
+                self._execute("ROLLBACK")
                 raise DuplicateJob(job_id) from exc
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._execute("ROLLBACK")
                 raise
         return Job(job_id, number, prompt, extra_data, outputs, created=now)
 
@@ -184,7 +186,7 @@ class JobStore:
     def claim(self) -> Job | None:
         """Hand out the next pending job (lowest number, then oldest) and mark it running."""
         with self._lock:
-            row = self._db.execute(CLAIM_NEXT, (time.time(),)).fetchone()
+            row = self._execute(CLAIM_NEXT, (time.time(),)).fetchone()
             return self._job(row) if row is not None else None
 
     def finish(self, job_id: str, state: str, result: dict[str, Any]) -> None:
@@ -194,24 +196,24 @@ class JobStore:
         with self._lock:
             trimming = self._count(*FINISHED) >= HISTORY_LIMIT
             if trimming:  # the update and the trim together; otherwise the update is its own transaction
-                self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute(
+                self._execute("BEGIN IMMEDIATE")
+            self._execute(
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
                 (state, time.time(), json.dumps(result), job_id),
             )
             if trimming:
                 self._trim_history()
-                self._db.execute("COMMIT")
+                self._execute("COMMIT")
 
     def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
         """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
+            rows = self._execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
             jobs = [self._job(r) for r in rows]
-            self._db.execute("BEGIN IMMEDIATE")
+            self._execute("BEGIN IMMEDIATE")
             for job in jobs:
                 if retry and job.attempts < max_attempts:
-                    self._db.execute("UPDATE jobs SET state = 'pending', started = NULL WHERE id = ?", (job.id,))
+                    self._execute("UPDATE jobs SET state = 'pending', started = NULL WHERE id = ?", (job.id,))
                     job.state = "pending"
                 else:
                     message = (
@@ -221,18 +223,18 @@ class JobStore:
                     )
                     error = execution_error(job.id, message, "ServerRestart")
                     result = {"outputs": {}, "messages": [["execution_error", error]]}
-                    self._db.execute(
+                    self._execute(
                         "UPDATE jobs SET state = 'error', finished = ?, result = ? WHERE id = ?",
                         (time.time(), json.dumps(result), job.id),
                     )
                     job.state = "error"
-            self._db.execute("COMMIT")
+            self._execute("COMMIT")
             return jobs
 
     # -- reading -----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._job(row) if row is not None else None
 
     def pending(self) -> list[Job]:
@@ -262,31 +264,49 @@ class JobStore:
         """Remove waiting jobs (all of them when `ids` is None); running and finished ones stay."""
         with self._lock:
             if ids is None:
-                removed = self._db.execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
+                removed = self._execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
             else:
                 removed = sum(
-                    self._db.execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
+                    self._execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
                 )
             return removed
 
     def delete_history(self, ids: Iterable[str] | None = None) -> int:
         with self._lock:
             if ids is None:
-                return self._db.execute(f"DELETE FROM jobs WHERE state IN {FINISHED}").rowcount
+                return self._execute(f"DELETE FROM jobs WHERE state IN {FINISHED}").rowcount
             return sum(
-                self._db.execute(f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED}", (i,)).rowcount for i in ids
+                self._execute(f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED}", (i,)).rowcount for i in ids
             )
 
     # -- internals ---------------------------------------------------------------------------------
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Run a statement, retrying while another process holds the lock it needs.
+
+        SQLite's own busy handler sleeps 1, 2, 5, 10 ms ... between tries, far longer than the other
+        process's write transactions last here (about 0.1 ms): a server sharing the file with its
+        worker process would sleep more than it writes. Short, growing waits keep both moving.
+        """
+        delay, deadline = 0.00005, time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.OperationalError as exc:
+                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
     def _count(self, *states: str) -> int:
         marks = ", ".join("?" * len(states))
-        row = self._db.execute(f"SELECT SUM(n) FROM state_counts WHERE state IN ({marks})", states).fetchone()
+        row = self._execute(f"SELECT SUM(n) FROM state_counts WHERE state IN ({marks})", states).fetchone()
         return int(row[0] or 0)
 
     def _trim_history(self) -> None:
         excess = self._count(*FINISHED) - HISTORY_LIMIT
         if excess > 0:
-            self._db.execute(
+            self._execute(
                 f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
                 "ORDER BY finished, seq LIMIT ?)",
                 (excess,),
@@ -294,7 +314,7 @@ class JobStore:
 
     def _select(self, where: str, args: tuple[Any, ...] = ()) -> list[Job]:
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs WHERE {where}", args).fetchall()
+            rows = self._execute(f"SELECT * FROM jobs WHERE {where}", args).fetchall()
         return [self._job(r) for r in rows]
 
     @staticmethod

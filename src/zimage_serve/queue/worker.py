@@ -3,7 +3,7 @@
 It runs at most `concurrency` jobs at once, each on its own thread: on a GPU a second job's text
 encoding, decoding and saving overlap the first one's sampling (the field report advises at most 2).
 
-Every event goes to `Listener.job_event` with the job it belongs to, in ComfyUI's order; after a job the
+Every event goes to `Listener.job_event` with the prompt and client it belongs to, in ComfyUI's order; after a job the
 history is written first, then `status`, then `executing` with node null, so a client that waits for
 that last message always finds the history entry.
 """
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Listener(Protocol):
-    def job_event(self, job: Job, event: str, data: dict[str, Any]) -> None: ...
+    def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None: ...
 
     def queue_changed(self) -> None: ...
 
@@ -34,6 +34,15 @@ class Running:
     job: Job
     node: str | None = None
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Executing:
+    """A running prompt as the API sees it: who queued it and which node it is on."""
+
+    prompt_id: str
+    client_id: str | None
+    node: str | None
 
 
 class Worker:
@@ -90,6 +99,15 @@ class Worker:
                 thread.join(30)
         return not any(t.is_alive() for t in self._threads)
 
+    def executing(self) -> list[Executing]:
+        return [Executing(r.job.id, r.job.extra_data.get("client_id"), r.node) for r in self.running]
+
+    def free(self) -> None:
+        self.executor.free()
+
+    def device_stats(self) -> dict[str, object]:
+        return self.executor.device_stats()
+
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Interrupt `prompt_id` if it runs, or every running job. True if one was interrupted."""
         with self._running_lock:
@@ -128,7 +146,7 @@ class Worker:
         def emit(event: str, data: dict[str, Any]) -> None:
             if event == "executing":
                 running.node = data.get("node")
-            self.listener.job_event(job, event, data)
+            self._tell(job, event, data)
 
         try:
             result = self.executor.run(job.id, job.prompt, job.outputs, job.extra_data, emit)
@@ -144,7 +162,10 @@ class Worker:
         with self._running_lock:
             del self._running[job.id]
         self.listener.queue_changed()
-        self.listener.job_event(job, "executing", {"node": None, "prompt_id": job.id})
+        self._tell(job, "executing", {"node": None, "prompt_id": job.id})
+
+    def _tell(self, job: Job, event: str, data: dict[str, Any]) -> None:
+        self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data)
 
     def _time_out(self, job_id: str) -> None:
         self._timed_out.add(job_id)
@@ -171,6 +192,6 @@ class Worker:
         self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]], "meta": {}})
         with self._running_lock:
             self._running.pop(job.id, None)
-        self.listener.job_event(job, "execution_error", data)
+        self._tell(job, "execution_error", data)
         self.listener.queue_changed()
-        self.listener.job_event(job, "executing", {"node": None, "prompt_id": job.id})
+        self._tell(job, "executing", {"node": None, "prompt_id": job.id})

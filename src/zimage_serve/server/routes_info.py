@@ -57,33 +57,7 @@ async def get_features(request: Request) -> dict[str, Any]:
 
 @router.get("/system_stats")
 async def get_system_stats(request: Request) -> dict[str, Any]:
-    device = runtime(request).service.device
-    devices = []
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        devices.append(
-            {
-                "name": torch.cuda.get_device_name(device),
-                "type": "cuda",
-                "index": device.index or 0,
-                "vram_total": total,
-                "vram_free": free,
-                "torch_vram_total": total,
-                "torch_vram_free": free,
-            }
-        )
-    else:
-        devices.append(
-            {
-                "name": device.type,
-                "type": device.type,
-                "index": 0,
-                "vram_total": 0,
-                "vram_free": 0,
-                "torch_vram_total": 0,
-                "torch_vram_free": 0,
-            }
-        )
+    devices = [runtime(request).service.device_stats()]
     return {
         "system": {
             "os": platform.system().lower(),

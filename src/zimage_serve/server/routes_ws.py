@@ -22,9 +22,9 @@ async def websocket(socket: WebSocket) -> None:
         status = rt.status()
         status["sid"] = sid
         await socket.send_text(json.dumps({"type": "status", "data": status}))
-        for job, node in rt.service.executing():
-            if job.extra_data.get("client_id") == sid and node is not None:
-                await socket.send_text(json.dumps({"type": "executing", "data": {"node": node}}))
+        for running in rt.service.executing():
+            if running.client_id == sid and running.node is not None:
+                await socket.send_text(json.dumps({"type": "executing", "data": {"node": running.node}}))
         first = True
         while True:
             text = await socket.receive_text()

@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from zimage_serve.engine.devices import pick_device
 from zimage_serve.engine.parts import Placing
-from zimage_serve.queue.service import QueueService
-from zimage_serve.queue.store import Job, JobStore
+from zimage_serve.queue.service import DeviceWorker, QueueService
+from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
+from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.server.hub import Hub
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -32,10 +36,18 @@ class ServerSettings:
     max_queue: int = 10000
     job_timeout: float | None = None  # seconds; None: 30 on a GPU, no limit on the CPU; 0: no limit
     concurrency: int = 1  # prompts run at once on the device
+    worker_process: bool = True  # run prompts in a child process (False: threads in this one)
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
     shutdown_grace_s: float = 30.0
+
+
+def job_timeout(configured: float | None, device: torch.device) -> float | None:
+    """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow."""
+    if configured is None:
+        return GPU_JOB_TIMEOUT_S if device.type == "cuda" else None
+    return configured if configured > 0 else None
 
 
 class Runtime:
@@ -49,19 +61,30 @@ class Runtime:
             folder.mkdir(parents=True, exist_ok=True)
         self.hub = Hub()
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
-        self.executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype))
         self.validator = Validator(NODES, self.folders)
-        self.worker = Worker(
-            self.store, self.executor, self, job_timeout=self.job_timeout(), concurrency=settings.concurrency
-        )
+        self.worker = self._worker()
         self.service = QueueService(self.store, self.validator, self.worker, self.folders)
 
-    def job_timeout(self) -> float | None:
-        """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow."""
-        limit = self.settings.job_timeout
-        if limit is None:
-            return GPU_JOB_TIMEOUT_S if self.executor.placing.device.type == "cuda" else None
-        return limit if limit > 0 else None
+    def _worker(self) -> DeviceWorker:
+        settings = self.settings
+        device = pick_device(settings.device)  # no CUDA context here: the worker makes its own
+        timeout = job_timeout(settings.job_timeout, device)
+        if settings.worker_process:
+            config = WorkerConfig(
+                store_path=self.store.path,
+                models=self.folders.models,
+                input=self.folders.input,
+                output=self.folders.output,
+                temp=self.folders.temp,
+                device=settings.device,
+                dtype=settings.dtype,
+                job_timeout=timeout,
+                concurrency=settings.concurrency,
+                log_level=logging.getLogger().getEffectiveLevel(),
+            )
+            return WorkerProcess(config, self, self.store)
+        executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype))
+        return Worker(self.store, executor, self, job_timeout=timeout, concurrency=settings.concurrency)
 
     def start(self) -> None:
         recovered = self.store.recover()
@@ -79,8 +102,8 @@ class Runtime:
         self.store.close()
 
     # -- Listener: worker → clients ------------------------------------------------------------------
-    def job_event(self, job: Job, event: str, data: dict[str, Any]) -> None:
-        self.hub.publish(event, data, job.extra_data.get("client_id"))
+    def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
+        self.hub.publish(event, data, client_id)
 
     def queue_changed(self) -> None:
         self.hub.broadcast("status", self.status)

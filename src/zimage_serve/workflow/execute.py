@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_serve.engine.devices import device_stats
 from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
@@ -109,6 +110,9 @@ class Executor:
     def free(self) -> None:
         """Drop every cached output (models included); the next run loads again."""
         self.cache.clear()
+
+    def device_stats(self) -> dict[str, object]:
+        return device_stats(self.placing.device)
 
     # -- one run -------------------------------------------------------------------------------------
     def run(

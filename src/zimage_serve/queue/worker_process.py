@@ -1,0 +1,274 @@
+"""The device worker in a process of its own.
+
+The server's event loop and the prompts it runs then never share one interpreter lock: serving
+requests does not slow a sampling loop, nor the other way round, and the two use two cores. A worker
+that dies (a driver fault, the OOM killer) takes no request and no queued prompt with it.
+
+The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
+only hand-over) and runs a `Worker` there. One pipe carries, child to parent and in order: job events,
+queue changes and device statistics; parent to child: wake, interrupt, free and stop. The child dies
+with the parent (Linux's parent-death signal, else the pipe's end). A child that dies unexpectedly is
+started again once its running jobs are put back or failed, as crash recovery does at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.worker import Executing, Listener
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the child needs to build its worker; plain data, sent to the new process."""
+
+    store_path: Path
+    models: list[Path]
+    input: Path
+    output: Path
+    temp: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    job_timeout: float | None = None
+    concurrency: int = 1
+    log_level: int = logging.WARNING
+
+
+@dataclass
+class _Seen:
+    client_id: str | None
+    node: str | None = None
+
+
+class WorkerProcess:
+    """The parent's handle: the same control surface as `Worker`, carried over the pipe."""
+
+    def __init__(self, config: WorkerConfig, listener: Listener, store: JobStore) -> None:
+        self.config, self.listener, self.store = config, listener, store
+        self._lock = threading.Lock()  # guards the pipe's sending end and _running
+        self._connection: Connection | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._reader: threading.Thread | None = None
+        self._running: dict[str, _Seen] = {}
+        self._stats: dict[str, object] = {}
+        self._stopping = threading.Event()
+        self._child_idle = False
+        self._started = 0.0
+        self._quick_failures = 0
+
+    # -- control ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork: threads and CUDA do not survive one
+        parent_end, child_end = context.Pipe(duplex=True)
+        process = context.Process(
+            target=_child_main, args=(self.config, child_end, os.getpid()), name="zimage-worker", daemon=True
+        )
+        process.start()
+        child_end.close()
+        self._started = time.monotonic()
+        with self._lock:
+            self._process, self._connection = process, parent_end
+        self._reader = threading.Thread(target=self._read, args=(parent_end, process), name="zimage-worker-events")
+        self._reader.daemon = True
+        self._reader.start()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Take no new job; let running ones finish within `timeout` (then interrupt them). True if idle."""
+        self._stopping.set()
+        with self._lock:
+            self._send_locked(("stop", timeout))
+            process = self._process
+        if process is None:
+            return True
+        process.join(None if timeout is None else timeout + 35)  # the child interrupts, then waits 30 s
+        clean = not process.is_alive() and process.exitcode == 0
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+        if self._reader is not None:
+            self._reader.join(5)
+        return clean
+
+    def notify(self) -> None:
+        """Wake the child only if it said it is idle: a message per submission would fill the pipe
+        faster than a busy child reads it, and block the server on the send."""
+        with self._lock:
+            if self._child_idle:
+                self._child_idle = False
+                self._send_locked(("notify",))
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        with self._lock:
+            running = prompt_id in self._running if prompt_id is not None else bool(self._running)
+            if running:
+                self._send_locked(("interrupt", prompt_id))
+        return running
+
+    def free(self) -> None:
+        with self._lock:
+            self._send_locked(("free",))
+
+    def executing(self) -> list[Executing]:
+        with self._lock:
+            return [Executing(i, seen.client_id, seen.node) for i, seen in self._running.items()]
+
+    def device_stats(self) -> dict[str, object]:
+        """As the child last reported them (when it started, and whenever its queue ran dry)."""
+        return dict(self._stats)
+
+    # -- parent side -----------------------------------------------------------------------------------
+    def _send_locked(self, message: tuple[Any, ...]) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(OSError, ValueError):  # a dead child: the reader starts a new one
+                self._connection.send(message)
+
+    def _read(self, connection: Connection, process: multiprocessing.process.BaseProcess) -> None:
+        while True:
+            try:
+                message = connection.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                self._dispatch(message)
+            except Exception:  # a listener's failure must not stop the events of other prompts
+                log.exception("could not deliver %s from the worker", message[0])
+        connection.close()
+        process.join(10)
+        with self._lock:
+            self._connection = None
+            self._running.clear()
+        if self._stopping.is_set():
+            return
+        log.error("the worker process stopped (exit code %s); starting it again", process.exitcode)
+        for job in self.store.recover():
+            log.warning("prompt %s was running: %s", job.id, "queued again" if job.state == "pending" else "failed")
+        self.listener.queue_changed()
+        # A child that keeps dying at once (a broken install, a device that fails on start) is not
+        # restarted in a tight loop: wait 1, 2, 4 ... up to 60 s while it lives less than a minute.
+        self._quick_failures = self._quick_failures + 1 if time.monotonic() - self._started < 60 else 0
+        if not self._stopping.wait(min(60.0, 2.0 ** max(0, self._quick_failures - 1))):
+            self.start()
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "event":
+            _, prompt_id, client_id, event, data = message
+            self._track(prompt_id, client_id, event, data)
+            self.listener.job_event(prompt_id, client_id, event, data)
+        elif kind == "queue_changed":
+            self.listener.queue_changed()
+        elif kind == "idle":
+            # A job queued between the child's last look and this message got no wake-up: send one.
+            with self._lock:
+                self._child_idle = self.store.count("pending") == 0
+                if not self._child_idle:
+                    self._send_locked(("notify",))
+        elif kind == "stats":
+            self._stats = message[1]
+
+    def _track(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            if event == "execution_start":
+                self._running[prompt_id] = _Seen(client_id)
+            elif event == "executing" and data.get("node") is None:
+                self._running.pop(prompt_id, None)
+            elif event == "executing" and prompt_id in self._running:
+                self._running[prompt_id].node = data["node"]
+
+
+# -- child side -----------------------------------------------------------------------------------------
+class _PipeListener:
+    """The child's worker reports through the pipe; one lock keeps messages whole and in order."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            try:
+                self.connection.send(message)
+            except (OSError, ValueError):  # the parent is gone; its successor recovers what was running
+                os._exit(1)
+
+    def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
+        self.send(("event", prompt_id, client_id, event, data))
+
+    def queue_changed(self) -> None:
+        self.send(("queue_changed",))
+
+
+def _die_with(parent_pid: int) -> None:
+    """Ask Linux to kill this process when the parent dies, then check it did not die already."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -> None:
+    _die_with(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level, format="%(levelname)s [worker] %(name)s: %(message)s")
+    from zimage_serve.engine.parts import Placing
+    from zimage_serve.queue.worker import Worker
+    from zimage_serve.workflow.execute import Executor
+    from zimage_serve.workflow.folders import Folders, builtin_models
+    from zimage_serve.workflow.nodes import NODES
+
+    folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
+    store = JobStore(config.store_path)
+    listener = _PipeListener(connection)
+    executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype))
+    last_stats = 0.0
+
+    def report_idle() -> None:  # whenever the queue runs dry; statistics at most once a second
+        nonlocal last_stats
+        if time.monotonic() - last_stats >= 1.0:
+            last_stats = time.monotonic()
+            listener.send(("stats", executor.device_stats()))
+        listener.send(("idle",))
+
+    worker = Worker(
+        store,
+        executor,
+        listener,
+        job_timeout=config.job_timeout,
+        concurrency=config.concurrency,
+        on_idle=report_idle,
+    )
+    worker.start()
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            os._exit(1)
+        kind = message[0]
+        if kind == "notify":
+            worker.notify()
+        elif kind == "interrupt":
+            worker.interrupt(message[1])
+        elif kind == "free":
+            executor.free()
+        elif kind == "stop":
+            clean = worker.stop(message[1])
+            store.close()
+            os._exit(0 if clean else 3)
