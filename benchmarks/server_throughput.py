@@ -1,13 +1,14 @@
 """Jobs per second through a real `zimage serve` process on a model-free graph, and GET /queue latency.
 
-    .venv/bin/python benchmarks/server_throughput.py [--jobs 2000] [--clients 8] [--waiting 500]
+    .venv/bin/python benchmarks/server_throughput.py [--jobs 2000] [--clients 8] [--waiting 500] [--mode both]
 
 The graph is LoadImage → SaveImage with a new filename prefix per job (so nothing is served from the
 cache), submitted over loopback HTTP by `--clients` threads with keep-alive connections. Measures:
 submissions/s (all POST /prompt answered), completed jobs/s (until the last history entry exists),
 the server's per-job overhead (wall time per completed job), and p50/p99 of GET /queue while
-`--waiting` jobs wait behind a paused worker. Goal (issue 5) on 2 cores with the queue persisted:
-1,000 submissions/s and 1,000 completed jobs/s.
+`--waiting` jobs wait behind a busy worker. By default both worker modes are measured one after the
+other: prompts in a worker process (the default) and in threads of the server process. Goal (issue 5)
+on 2 cores with the queue persisted: 1,000 submissions/s and 1,000 completed jobs/s.
 """
 
 from __future__ import annotations
@@ -72,23 +73,19 @@ def get_json(port: int, path: str) -> Any:
     return answer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--waiting", type=int, default=500)
-    args = parser.parse_args()
+def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
     data = Path(tempfile.mkdtemp()) / "data"
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
-    with running_server(data, "--max-queue", str(args.jobs + args.waiting + 10)) as server:
+    found: dict[str, float] = {}
+    with running_server(data, "--max-queue", str(args.jobs + args.waiting + 10), *server_args) as server:
         # Steady state: one job through first, so the worker is up and the caches are warm.
         submit_all(server.port, ["warm-up"], 1)
         while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
             time.sleep(0.01)
         started = time.perf_counter()
         submit_seconds = submit_all(server.port, [f"bench/{i}" for i in range(args.jobs)], args.clients)
-        left_after_submitting = get_json(server.port, "/prompt")["exec_info"]["queue_remaining"]
+        left = get_json(server.port, "/prompt")["exec_info"]["queue_remaining"]
         drain_started = time.perf_counter()
         # Poll the cheap GET /prompt (a full GET /history of thousands of entries would load the server).
         while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
@@ -99,14 +96,11 @@ def main() -> None:
         succeeded = sum(entry["status"]["status_str"] == "success" for entry in finished.values())
         if succeeded != args.jobs + 1:
             raise SystemExit(f"only {succeeded - 1} of {args.jobs} jobs succeeded")
-        print(f"{args.jobs} jobs, {args.clients} clients")
-        print(f"submissions/s   {args.jobs / submit_seconds:8.0f}")
-        print(f"completed jobs/s {args.jobs / total_seconds:8.0f}  ({1000 * total_seconds / args.jobs:.2f} ms per job)")
-        if left_after_submitting > 0:
-            print(
-                f"  after the last submission: {left_after_submitting} left, run at "
-                f"{left_after_submitting / drain_seconds:.0f} jobs/s with nothing else to do"
-            )
+        found["submissions/s"] = args.jobs / submit_seconds
+        found["completed jobs/s"] = args.jobs / total_seconds
+        found["ms per completed job"] = 1000 * total_seconds / args.jobs
+        found["left after the last submission"] = left
+        found["then run alone, jobs/s"] = left / drain_seconds if left else float("nan")
 
         # GET /queue with many waiting: hold the worker on one slow zimage-nano job, then fill the queue.
         blocker = workflows.load(workflows.NANO)
@@ -124,14 +118,31 @@ def main() -> None:
             response = connection.getresponse()
             body = response.read()
             latencies.append((time.perf_counter() - begun) * 1000)
-        pending = len(json.loads(body)["queue_pending"])
+        found["jobs waiting"] = len(json.loads(body)["queue_pending"])
         latencies.sort()
-        print(
-            f"GET /queue with {pending} waiting: p50 {statistics.median(latencies):.1f} ms, "
-            f"p99 {latencies[int(0.99 * len(latencies)) - 1]:.1f} ms"
-        )
+        found["GET /queue p50 ms"] = statistics.median(latencies)
+        found["GET /queue p99 ms"] = latencies[int(0.99 * len(latencies)) - 1]
         server.request("POST", "/queue", {"clear": True})
         server.request("POST", "/interrupt")
+    return found
+
+
+MODES = {"worker process": (), "threads in the server": ("--no-worker-process",)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--waiting", type=int, default=500)
+    parser.add_argument("--mode", choices=["both", *MODES], default="both")
+    args = parser.parse_args()
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+    results = {mode: measure(args, *MODES[mode]) for mode in modes}
+    print(f"{args.jobs} jobs from {args.clients} client threads (LoadImage -> SaveImage), queue in SQLite (WAL)")
+    print(f"{'':34}" + "".join(f"{mode:>24}" for mode in modes))
+    for key in results[modes[0]]:
+        print(f"{key:34}" + "".join(f"{results[mode][key]:24.1f}" for mode in modes))
 
 
 if __name__ == "__main__":

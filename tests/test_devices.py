@@ -8,6 +8,7 @@ import torch
 from zimage_serve.engine.devices import (
     GIB,
     MemoryMode,
+    device_kind,
     memory_mode_for,
     pick_device,
     pick_dtypes,
@@ -33,6 +34,19 @@ def test_unavailable_cuda_is_a_clear_error(requested: str) -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(DeviceError, match="CUDA"):
         pick_device(requested)
+
+
+@pytest.mark.parametrize("requested", ["auto", "cpu", "cuda", "cuda:3", "tpu0", "mps", "nonsense!"])
+def test_the_context_free_check_agrees_with_the_full_one(requested: str) -> None:
+    try:
+        expected: torch.device | type[DeviceError] = pick_device(requested)
+    except DeviceError:
+        expected = DeviceError
+    if expected is DeviceError:
+        with pytest.raises(DeviceError, match="device"):
+            device_kind(requested)
+    else:
+        assert isinstance(expected, torch.device) and device_kind(requested).type == expected.type
 
 
 def test_unknown_device_name() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,6 +87,16 @@ def test_every_route_also_answers_under_api(server: Server) -> None:
     assert server.json("GET", "/object_info/Nope") == (200, {})
     assert server.json("GET", "/models/nope")[0] == 404
     assert server.json("GET", "/models/diffusion_models")[1] == ["zimage-nano"]
+
+
+def test_system_stats_has_comfyuis_shape_from_the_first_request(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as fresh:  # asked at once: the worker may still be starting
+        status, stats = fresh.json("GET", "/system_stats")
+    assert status == 200
+    assert {"os", "python_version", "pytorch_version", "ram_total", "ram_free"} <= stats["system"].keys()
+    (device,) = stats["devices"]
+    assert device["type"] == "cpu" and {"name", "index", "vram_total", "vram_free"} <= device.keys()
+    assert stats["system"]["ram_total"] > stats["system"]["ram_free"] > 0
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, value in DTYPES.items() if value == dtype), str(dtype))
 
 
+def device_kind(requested: str = "auto") -> torch.device:
+    """The device `pick_device` would choose, checked the same way, without initialising CUDA in this
+    process (no index lookup, no context): for a process that hands the device to another one."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise DeviceError(f"device: {requested!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from exc
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device: {requested} is not visible to PyTorch ({torch.cuda.device_count()} GPUs)")
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError("device: MPS was requested but is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device: {requested!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """CUDA > MPS > CPU for "auto"; otherwise the named device, checked to exist."""
     if requested == "auto":
@@ -139,14 +159,15 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def device_stats(device: torch.device) -> dict[str, object]:
-    """One entry of ComfyUI's /system_stats `devices`: the device's name and its memory now."""
-    if device.type == "cuda":
+def device_stats(device: torch.device, memory: bool = True) -> dict[str, object]:
+    """One entry of ComfyUI's /system_stats `devices`: the device's name and its memory now (without
+    `memory`, zeros: asking CUDA would open a context in the calling process)."""
+    if device.type == "cuda" and memory:
         free, total = torch.cuda.mem_get_info(device)
         name = torch.cuda.get_device_name(device)
     else:
         free = total = 0
-        name = device.type
+        name = str(device) if device.type == "cuda" else device.type
     return {
         "name": name,
         "type": device.type,

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from zimage_serve.engine.devices import device_kind, device_stats
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
 
@@ -129,8 +130,9 @@ class WorkerProcess:
             return [Executing(i, seen.client_id, seen.node) for i, seen in self._running.items()]
 
     def device_stats(self) -> dict[str, object]:
-        """As the child last reported them (when it started, and whenever its queue ran dry)."""
-        return dict(self._stats)
+        """As the child last reported them (when it started, and whenever its queue ran dry); before
+        its first report, the configured device with no memory figures."""
+        return dict(self._stats) or device_stats(device_kind(self.config.device), memory=False)
 
     # -- parent side -----------------------------------------------------------------------------------
     def _send_locked(self, message: tuple[Any, ...]) -> None:
@@ -247,6 +249,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -
             listener.send(("stats", executor.device_stats()))
         listener.send(("idle",))
 
+    listener.send(("stats", executor.device_stats()))
     worker = Worker(
         store,
         executor,

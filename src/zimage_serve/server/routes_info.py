@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import Any
@@ -66,8 +67,16 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
             "comfyui_version": f"zimage-serve {__version__}",
             "embedded_python": False,
             "argv": sys.argv,
-            "ram_total": 0,
-            "ram_free": 0,
+            "ram_total": _memory("SC_PHYS_PAGES"),
+            "ram_free": _memory("SC_AVPHYS_PAGES"),
         },
         "devices": devices,
     }
+
+
+def _memory(pages: str) -> int:
+    """Bytes of physical memory (total or available) as the OS reports them; 0 where it cannot say."""
+    try:
+        return int(os.sysconf(pages)) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from zimage_serve.engine.devices import pick_device
+from zimage_serve.engine.devices import device_kind
 from zimage_serve.engine.parts import Placing
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
@@ -67,7 +67,7 @@ class Runtime:
 
     def _worker(self) -> DeviceWorker:
         settings = self.settings
-        device = pick_device(settings.device)  # no CUDA context here: the worker makes its own
+        device = device_kind(settings.device)  # checked here, but no CUDA context: the worker makes its own
         timeout = job_timeout(settings.job_timeout, device)
         if settings.worker_process:
             config = WorkerConfig(
