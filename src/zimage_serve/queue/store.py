@@ -264,12 +264,8 @@ class JobStore:
         """Remove waiting jobs (all of them when `ids` is None); running and finished ones stay."""
         with self._lock:
             if ids is None:
-                removed = self._execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
-            else:
-                removed = sum(
-                    self._execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids
-                )
-            return removed
+                return self._execute("DELETE FROM jobs WHERE state = 'pending'").rowcount
+            return sum(self._execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids)
 
     def delete_history(self, ids: Iterable[str] | None = None) -> int:
         with self._lock:

@@ -3,9 +3,9 @@
 It runs at most `concurrency` jobs at once, each on its own thread: on a GPU a second job's text
 encoding, decoding and saving overlap the first one's sampling (the field report advises at most 2).
 
-Every event goes to `Listener.job_event` with the prompt and client it belongs to, in ComfyUI's order; after a job the
-history is written first, then `status`, then `executing` with node null, so a client that waits for
-that last message always finds the history entry.
+Every event goes to `Listener.job_event` with the prompt and client it belongs to, in ComfyUI's
+order; after a job the history is written first, then `status`, then `executing` with node null, so a
+client that waits for that last message always finds the history entry.
 """
 
 from __future__ import annotations

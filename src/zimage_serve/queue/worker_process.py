@@ -115,10 +115,11 @@ class WorkerProcess:
                 self._send_locked(("notify",))
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Sent whatever this side has heard (a prompt may have started a moment ago); True if one was
+        known to be running."""
         with self._lock:
             running = prompt_id in self._running if prompt_id is not None else bool(self._running)
-            if running:
-                self._send_locked(("interrupt", prompt_id))
+            self._send_locked(("interrupt", prompt_id))
         return running
 
     def free(self) -> None:
