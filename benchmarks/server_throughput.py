@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -73,6 +74,24 @@ def get_json(port: int, path: str) -> Any:
     return answer
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by the server process and by each of its children, by role.
+
+    CPU per job is steadier than jobs per second on a shared, noisy machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {"server": 0.0, "worker": 0.0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        own, parent = int(stat.parent.name), int(fields[1])
+        if own == pid or (parent == pid and b"spawn_main" in command):
+            used["server" if own == pid else "worker"] += (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
 def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
     data = Path(tempfile.mkdtemp()) / "data"
     (data / "input").mkdir(parents=True)
@@ -84,6 +103,7 @@ def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
         while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
             time.sleep(0.01)
         started = time.perf_counter()
+        cpu_before = cpu_seconds(server.process.pid)
         submit_seconds = submit_all(server.port, [f"bench/{i}" for i in range(args.jobs)], args.clients)
         left = get_json(server.port, "/prompt")["exec_info"]["queue_remaining"]
         drain_started = time.perf_counter()
@@ -91,6 +111,7 @@ def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
         while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
             time.sleep(0.01)
         total_seconds = time.perf_counter() - started
+        cpu_after = cpu_seconds(server.process.pid)
         drain_seconds = time.perf_counter() - drain_started
         finished = get_json(server.port, "/history")
         succeeded = sum(entry["status"]["status_str"] == "success" for entry in finished.values())
@@ -101,6 +122,8 @@ def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
         found["ms per completed job"] = 1000 * total_seconds / args.jobs
         found["left after the last submission"] = left
         found["then run alone, jobs/s"] = left / drain_seconds if left else float("nan")
+        for role in ("server", "worker"):
+            found[f"{role} process CPU ms per job"] = 1000 * (cpu_after[role] - cpu_before[role]) / args.jobs
 
         # GET /queue with many waiting: hold the worker on one slow zimage-nano job, then fill the queue.
         blocker = workflows.load(workflows.NANO)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import threading
 from pathlib import Path
 
@@ -69,3 +70,10 @@ def test_a_symlinked_subfolder_pointing_out_is_refused_before_anything_is_create
     with pytest.raises(InvalidParameterError, match="leads outside"):
         claim(tmp_path / "out", "link/deeper/x")
     assert list(outside.iterdir()) == []
+
+
+def test_a_folder_removed_after_first_use_is_made_again(tmp_path: Path) -> None:
+    assert taken(tmp_path / "out", "sub/x") == "x_00001_.png"
+    shutil.rmtree(tmp_path / "out")
+    assert taken(tmp_path / "out", "sub/x") == "x_00002_.png"  # the counter continues; the folder is back
+    assert (tmp_path / "out" / "sub" / "x_00002_.png").is_file()

@@ -39,8 +39,10 @@ def test_numbers_keep_increasing_across_restarts(tmp_path: Path) -> None:
         add(store, name)
     assert [j.number for j in store.pending()] == [0, 1, 2]
     store.next_number()  # a prompt that then failed validation: counted, as ComfyUI does, but not stored
-    store.close()
+    # Killed before closing (the counter not saved): one past the highest number stored.
     assert JobStore(tmp_path / "q.db").next_number() == 3
+    store.close()  # closed cleanly: the counter goes on exactly
+    assert JobStore(tmp_path / "q.db").next_number() == 4
 
 
 def test_counts_follow_every_change_and_match_the_file(tmp_path: Path) -> None:
@@ -188,3 +190,16 @@ def test_an_older_file_loses_the_index_that_slowed_claims(tmp_path: Path) -> Non
     store = JobStore(path)
     names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "jobs_state" not in names and {"jobs_pending", "jobs_running", "jobs_history"} <= names
+
+
+def test_finishing_can_hand_out_the_next_job_in_the_same_transaction(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    for name in ("a", "b"):
+        add(store, name)
+    first = store.claim()
+    assert first is not None and first.id == "a"
+    following = store.finish("a", "success", {}, claim_next=True)
+    assert following is not None and following.id == "b" and following.state == "running"
+    assert store.count("running") == 1 and store.count("pending") == 0 and store.count("success") == 1
+    assert store.finish("b", "error", {}, claim_next=True) is None
+    assert store.count("running") == 0 and store.count_finished() == 2

@@ -135,16 +135,23 @@ class JobStore:
             )
         self._db.execute("COMMIT")
         self._db.execute("PRAGMA busy_timeout=0")  # from now on waits for locks are _execute's, see there
-        row = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
-        self._number = int(row[0]) if row is not None else 0
+        # The counter is saved on close; after a crash, one past the highest number still stored.
+        saved = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
+        highest = self._db.execute("SELECT MAX(number) FROM jobs").fetchone()[0]
+        self._number = max(int(saved[0]) if saved else 0, int(highest) + 1 if highest is not None else 0)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._number_lock:
+            self._execute(
+                "INSERT INTO counters (name, value) VALUES ('number', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
+                (self._number,),
+            )
             self._db.close()
 
     # -- submitting --------------------------------------------------------------------------------
     def next_number(self) -> int:
-        """ComfyUI's server counter. Stored with each job, so numbers keep increasing across restarts."""
+        """ComfyUI's server counter, kept across restarts (saved on close, else read back from the jobs)."""
         with self._number_lock:  # not the database lock: a commit in progress must not hold up numbering
             self._number += 1
             return self._number - 1
@@ -168,11 +175,6 @@ class JobStore:
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
                     (job_id, number, json.dumps(prompt), json.dumps(extra_data), json.dumps(outputs), now),
                 )
-                self._execute(
-                    "INSERT INTO counters (name, value) VALUES ('number', ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
-                    (self._number,),
-                )
                 self._execute("COMMIT")
             except sqlite3.IntegrityError as exc:
                 self._execute("ROLLBACK")
@@ -189,21 +191,25 @@ class JobStore:
             row = self._execute(CLAIM_NEXT, (time.time(),)).fetchone()
             return self._job(row) if row is not None else None
 
-    def finish(self, job_id: str, state: str, result: dict[str, Any]) -> None:
-        """Record a running job's end and its history entry (outputs, status messages, meta)."""
+    def finish(self, job_id: str, state: str, result: dict[str, Any], claim_next: bool = False) -> Job | None:
+        """Record a running job's end and its history entry (outputs, status messages, meta), and with
+        `claim_next` hand out the next job in the same transaction (one commit per job, not two)."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         with self._lock:
-            trimming = self._count(*FINISHED) >= HISTORY_LIMIT
-            if trimming:  # the update and the trim together; otherwise the update is its own transaction
-                self._execute("BEGIN IMMEDIATE")
-            self._execute(
-                "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
-                (state, time.time(), json.dumps(result), job_id),
-            )
-            if trimming:
+            self._execute("BEGIN IMMEDIATE")
+            try:
+                self._execute(
+                    "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
+                    (state, time.time(), json.dumps(result), job_id),
+                )
                 self._trim_history()
+                row = self._execute(CLAIM_NEXT, (time.time(),)).fetchone() if claim_next else None
                 self._execute("COMMIT")
+            except BaseException:
+                self._execute("ROLLBACK")
+                raise
+            return self._job(row) if row is not None else None
 
     def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
         """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""

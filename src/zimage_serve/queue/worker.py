@@ -117,8 +117,10 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stopping.is_set():
-            job = self.store.claim()
+        job: Job | None = None
+        while job is not None or not self._stopping.is_set():
+            if job is None:
+                job = self.store.claim()
             if job is None:
                 if self._on_idle is not None:
                     self._on_idle()
@@ -126,13 +128,15 @@ class Worker:
                     if not self._stopping.is_set():
                         self._wake.wait(timeout=1.0)
                 continue
+            current, job = job, None
             try:
-                self._run(job)
+                job = self._run(current)
             except Exception:  # never let one job kill the worker; the job is recorded as failed
-                log.exception("job %s failed outside the executor", job.id)
-                self._record_failure(job, "internal error while running the prompt; see the server log")
+                log.exception("job %s failed outside the executor", current.id)
+                self._record_failure(current, "internal error while running the prompt; see the server log")
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> Job | None:
+        """Run `job`, record it, and return the next job, claimed in the same transaction."""
         running = Running(job)
         with self._running_lock:
             self._running[job.id] = running
@@ -158,11 +162,16 @@ class Worker:
         self._timed_out.discard(job.id)
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in result.outputs}
-        self.store.finish(job.id, state, {"outputs": result.outputs, "messages": result.messages, "meta": meta})
-        with self._running_lock:
-            del self._running[job.id]
-        self.listener.queue_changed()
-        self._tell(job, "executing", {"node": None, "prompt_id": job.id})
+        entry = {"outputs": result.outputs, "messages": result.messages, "meta": meta}
+        next_job = self.store.finish(job.id, state, entry, claim_next=not self._stopping.is_set())
+        try:
+            with self._running_lock:
+                del self._running[job.id]
+            self.listener.queue_changed()
+            self._tell(job, "executing", {"node": None, "prompt_id": job.id})
+        except Exception:  # the next job is claimed already: it must still run
+            log.exception("could not report the end of job %s", job.id)
+        return next_job
 
     def _tell(self, job: Job, event: str, data: dict[str, Any]) -> None:
         self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data)

@@ -99,8 +99,9 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
         target = target.resolve()
         if not target.is_relative_to(root):  # a symlink inside the output folder pointing out of it
             raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
-    target.mkdir(parents=True, exist_ok=True)
     with _lock:
+        if (str(target), extension) not in _counters:
+            target.mkdir(parents=True, exist_ok=True)
         counters = _folder_counters(target, extension)
         counter = counters.get(stem, 0) + 1
         while True:
@@ -110,6 +111,9 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
                 file = open(path, "xb")  # noqa: SIM115 - handed to the caller, closed by its `with`
             except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
                 counter += 1
+                continue
+            except FileNotFoundError:  # the folder was removed since it was first used
+                target.mkdir(parents=True, exist_ok=True)
                 continue
             counters[stem] = counter
             return ClaimedName(path, filename, subfolder, file)
