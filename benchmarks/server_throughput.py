@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.server import running_server
+from tests.server import proc_stat, running_server, worker_processes
 
 from zimage_serve import workflows
 
@@ -75,21 +75,16 @@ def get_json(port: int, path: str) -> Any:
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU time (user + system) used so far by the server process and by each of its children, by role.
+    """CPU time (user + system) used so far by the server process and by its worker process.
 
     CPU per job is steadier than jobs per second on a shared, noisy machine."""
     tick = os.sysconf("SC_CLK_TCK")
-    used: dict[str, float] = {"server": 0.0, "worker": 0.0}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            command = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        own, parent = int(stat.parent.name), int(fields[1])
-        if own == pid or (parent == pid and b"spawn_main" in command):
-            used["server" if own == pid else "worker"] += (int(fields[11]) + int(fields[12])) / tick
-    return used
+
+    def used(one: int) -> float:
+        fields = proc_stat(one)
+        return (int(fields[11]) + int(fields[12])) / tick if fields else 0.0
+
+    return {"server": used(pid), "worker": sum(used(child) for child in worker_processes(pid))}
 
 
 def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:

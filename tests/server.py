@@ -18,6 +18,35 @@ from pathlib import Path
 from typing import Any
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_state(pid: int) -> str | None:
+    fields = proc_stat(pid)
+    return fields[0] if fields else None
+
+
+def worker_processes(server_pid: int) -> list[int]:
+    """The server's live worker processes (multiprocessing's resource tracker, also a child, is not one)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = proc_stat(int(entry.name))
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields and int(fields[1]) == server_pid and fields[0] != "Z" and b"spawn_main" in command:
+            found.append(int(entry.name))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from tests.server import Server, running_server
+from tests.server import Server, process_state, running_server, worker_processes
 from tests.workflows import nano_prompt
 
 
@@ -134,39 +134,17 @@ def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path:
         assert outputs == sorted(["blocker_00001_.png", *[f"job{i}_00001_.png" for i in range(50)]])
 
 
-def children(pid: int) -> list[int]:
-    """Worker processes whose parent is `pid` (read from /proc; multiprocessing's resource tracker
-    is a child too, and not counted)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            command = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"spawn_main" in command and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_killed_worker_process_is_replaced_and_its_job_run_again(tmp_path: Path) -> None:
     with running_server(tmp_path / "data") as server:
         job = submit(server, slow_job("victim"))
         wait_until(lambda: running_ids(server) == [job])
-        (worker,) = children(server.process.pid)
+        (worker,) = worker_processes(server.process.pid)
         os.kill(worker, signal.SIGKILL)
         later = submit(server, small_job("later"))
         wait_until(lambda: {job, later} <= history(server).keys(), timeout=300)
         done = history(server)
         assert done[job]["status"]["status_str"] == "success" and done[later]["status"]["status_str"] == "success"
-        assert server.process.poll() is None and children(server.process.pid) != [worker]
+        assert server.process.poll() is None and worker_processes(server.process.pid) != [worker]
         assert sorted(p.name for p in (server.data_dir / "output").glob("*.png")) == [
             "later_00001_.png",
             "victim_00001_.png",
@@ -175,16 +153,16 @@ def test_a_killed_worker_process_is_replaced_and_its_job_run_again(tmp_path: Pat
 
 def test_the_worker_process_dies_with_the_server(tmp_path: Path) -> None:
     with running_server(tmp_path / "data") as server:
-        wait_until(lambda: len(children(server.process.pid)) == 1)
-        (worker,) = children(server.process.pid)
+        wait_until(lambda: len(worker_processes(server.process.pid)) == 1)
+        (worker,) = worker_processes(server.process.pid)
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(30)
-        wait_until(lambda: not alive(worker), timeout=30)
+        wait_until(lambda: process_state(worker) in (None, "Z"), timeout=30)
 
 
 def test_prompts_also_run_in_the_server_process_when_asked(tmp_path: Path) -> None:
     with running_server(tmp_path / "data", "--no-worker-process") as server:
-        assert children(server.process.pid) == []
+        assert worker_processes(server.process.pid) == []
         blocker = submit(server, slow_job("blocker"))
         wait_until(lambda: running_ids(server) == [blocker])
         quick = submit(server, small_job("quick"))
