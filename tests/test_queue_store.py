@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -203,3 +204,16 @@ def test_finishing_can_hand_out_the_next_job_in_the_same_transaction(tmp_path: P
     assert store.count("running") == 1 and store.count("pending") == 0 and store.count("success") == 1
     assert store.finish("b", "error", {}, claim_next=True) is None
     assert store.count("running") == 0 and store.count_finished() == 2
+
+
+def test_the_queue_as_json_text_equals_the_parsed_queue_items(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    prompt = {"1": {"class_type": "X", "inputs": {"text": '蓝色 "quoted"'}}}
+    store.enqueue("a", 3.0, prompt, {"client_id": "c"}, ["1"])
+    store.enqueue("b", -1.5, {"2": {}}, {}, ["2"])
+    store.enqueue("c", 7.0, {"3": {}}, {}, ["3"])
+    store.claim()
+    for state, jobs in (("pending", store.pending()), ("running", store.running())):
+        spliced = [json.loads(text) for text in store.queue_items_json(state)]
+        assert spliced == [job.queue_item() for job in jobs]
+    assert [item[0] for item in map(json.loads, store.queue_items_json("pending"))] == [3, 7]

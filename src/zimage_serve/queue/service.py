@@ -89,11 +89,11 @@ class QueueService:
     def remaining(self) -> int:
         return self.store.count("pending") + self.store.count("running")
 
-    def pending(self) -> list[Job]:
-        return self.store.pending()
-
-    def running(self) -> list[Job]:
-        return self.store.running()
+    def queue_json(self) -> str:
+        """GET /queue's answer, {"queue_running": [...], "queue_pending": [...]}, as JSON text."""
+        running = ", ".join(self.store.queue_items_json("running"))
+        pending = ", ".join(self.store.queue_items_json("pending"))
+        return f'{{"queue_running": [{running}], "queue_pending": [{pending}]}}'
 
     def executing(self) -> list[Executing]:
         """Each running prompt, who queued it and the node it is on now."""

@@ -18,8 +18,8 @@ router = APIRouter()
 
 
 @router.get("/object_info")
-async def get_object_info(request: Request) -> dict[str, Any]:
-    return runtime(request).service.object_info()
+async def get_object_info(request: Request) -> JSONResponse:
+    return JSONResponse(runtime(request).service.object_info())  # a dict would be walked by FastAPI
 
 
 @router.get("/object_info/{node_class}")

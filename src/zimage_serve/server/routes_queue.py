@@ -105,12 +105,8 @@ def _canonical_uuid(value: Any) -> bool:
 
 
 @router.get("/queue")
-async def get_queue(request: Request) -> dict[str, Any]:
-    rt = runtime(request)
-    return {
-        "queue_running": [j.queue_item() for j in rt.service.running()],
-        "queue_pending": [j.queue_item() for j in rt.service.pending()],
-    }
+async def get_queue(request: Request) -> Response:
+    return Response(runtime(request).service.queue_json(), media_type="application/json")
 
 
 @router.post("/queue")
@@ -135,11 +131,11 @@ async def get_history(request: Request) -> Response:
 
 
 @router.get("/history/{prompt_id}")
-async def get_history_entry(request: Request, prompt_id: str) -> dict[str, Any]:
+async def get_history_entry(request: Request, prompt_id: str) -> Response:
     job = runtime(request).service.get(prompt_id)
     if job is None or job.state in ("pending", "running"):
-        return {}
-    return {job.id: job.history_entry()}
+        return JSONResponse({})
+    return JSONResponse({job.id: job.history_entry()})
 
 
 @router.post("/history")
