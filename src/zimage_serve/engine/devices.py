@@ -57,8 +57,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def device_kind(requested: str = "auto") -> torch.device:
-    """The device `pick_device` would choose, checked the same way, without initialising CUDA in this
-    process (no index lookup, no context): for a process that hands the device to another one."""
+    """The device `pick_device` chooses, checked the same way, but without a CUDA index lookup (which
+    would initialise CUDA in this process): for a process that hands the device to another one."""
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -67,8 +67,11 @@ def device_kind(requested: str = "auto") -> torch.device:
         device = torch.device(requested)
     except RuntimeError as exc:
         raise DeviceError(f"device: {requested!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from exc
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DeviceError(f"device: {requested} is not visible to PyTorch ({torch.cuda.device_count()} GPUs)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device: CUDA was requested but no CUDA GPU is visible to PyTorch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device: cuda:{device.index} does not exist ({torch.cuda.device_count()} GPUs)")
     if device.type == "mps" and not _mps_available():
         raise DeviceError("device: MPS was requested but is not available on this machine")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -77,28 +80,10 @@ def device_kind(requested: str = "auto") -> torch.device:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """CUDA > MPS > CPU for "auto"; otherwise the named device, checked to exist."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise DeviceError(f"device: {requested!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("device: CUDA was requested but no CUDA GPU is visible to PyTorch")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise DeviceError(f"device: cuda:{index} does not exist ({torch.cuda.device_count()} GPUs)")
-        return torch.device("cuda", index)
-    if device.type == "mps" and not _mps_available():
-        raise DeviceError("device: MPS was requested but is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"device: {requested!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
+    """CUDA > MPS > CPU for "auto"; otherwise the named device, checked to exist; CUDA with its index."""
+    device = device_kind(requested)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -30,9 +30,11 @@ _lock = threading.Lock()
 
 
 def _folder_counters(folder: Path, extension: str) -> dict[str, int]:
-    """Read a (resolved) folder's existing `<stem>_NNNNN_.<ext>` names once; later claims update the table."""
+    """Read a (resolved) folder's existing `<stem>_NNNNN_.<ext>` names once, making the folder if it is
+    new; later claims update the table."""
     key = (str(folder), extension)
     if key not in _counters:
+        folder.mkdir(parents=True, exist_ok=True)
         pattern = re.compile(r"^(.*)_(\d+)_?\." + re.escape(extension) + "$")
         table: dict[str, int] = {}
         for name in os.listdir(folder):
@@ -100,8 +102,6 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
         if not target.is_relative_to(root):  # a symlink inside the output folder pointing out of it
             raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
     with _lock:
-        if (str(target), extension) not in _counters:
-            target.mkdir(parents=True, exist_ok=True)
         counters = _folder_counters(target, extension)
         counter = counters.get(stem, 0) + 1
         while True:
