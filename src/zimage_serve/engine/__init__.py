@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.engine.layouts import ModelSources, resolve
 from zimage_serve.engine.loader import LoadedModel, load_model
 from zimage_serve.engine.params import GenerationParams
 from zimage_serve.engine.pipeline import GenerationResult, PromptEmbedding, StepInfo, ZImageEngine
 
 __all__ = [
+    "FastPath",
     "GenerationParams",
     "GenerationResult",
     "LoadedModel",
@@ -30,7 +32,8 @@ def open_engine(
     device: str = "auto",
     dtype: str = "auto",
     memory_mode: str = "auto",
+    fast: FastPath | None = None,
 ) -> ZImageEngine:
     sources = resolve(model, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
     loaded = load_model(sources, device=device, dtype=dtype, memory_mode=memory_mode)
-    return ZImageEngine(loaded, native_size=sources.native_size)
+    return ZImageEngine(loaded, native_size=sources.native_size, fast=fast)

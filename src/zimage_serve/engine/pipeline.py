@@ -6,6 +6,7 @@ takes and returns plain tensors so it can be cached or run on its own.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from zimage_serve.engine.fastpath import FastPath, apply_fast_path
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
 from zimage_serve.engine.prompt import prompt_token_ids
@@ -72,14 +74,25 @@ CancelCheck = Callable[[], bool]
 
 
 class ZImageEngine:
-    def __init__(self, model: LoadedModel, native_size: int = DEFAULT_NATIVE_SIZE) -> None:
+    def __init__(
+        self, model: LoadedModel, native_size: int = DEFAULT_NATIVE_SIZE, fast: FastPath | None = None
+    ) -> None:
         self.model = model
         self.native_size = native_size
         self.device = model.placement.device
+        self.fast = FastPath() if fast is None else fast
+        self.fast_path = apply_fast_path(model.transformer, model.vae, self.device, self.fast)
         self._image_processor = VaeImageProcessor(vae_scale_factor=LATENT_FACTOR * 2)
+        self._encode: Callable[[str, int], PromptEmbedding] = self._encode_uncached
+        if self.fast.prompt_cache > 0:
+            # Embeddings are never modified in place after encoding, so one object can serve every request.
+            self._encode = functools.lru_cache(maxsize=self.fast.prompt_cache)(self._encode_uncached)
 
     # -- stage 1 -------------------------------------------------------------------------------
     def encode_prompt(self, text: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> PromptEmbedding:
+        return self._encode(text, max_sequence_length)
+
+    def _encode_uncached(self, text: str, max_sequence_length: int) -> PromptEmbedding:
         return encode_text(self.model.text_encoder, self.model.tokenizer, text, self.device, max_sequence_length)
 
     # -- stage 2 -------------------------------------------------------------------------------
@@ -116,6 +129,7 @@ class ZImageEngine:
             assert negative is not None
             captions += [negative.embeds.to(dtype)] * batch
         latents = latents.to(torch.float32)
+        sigmas = [float(s) for s in scheduler.sigmas]  # read once, before the loop: no host sync inside it
         for index, t in enumerate(scheduler.timesteps):
             if cancel is not None and cancel():
                 raise GenerationCancelled(f"generation cancelled before step {index + 1} of {steps}")
@@ -131,7 +145,7 @@ class ZImageEngine:
                 prediction = pos + guidance_scale * (pos - neg)
             latents = scheduler.step(-prediction, t, latents, return_dict=False)[0]
             if on_step is not None:
-                on_step(StepInfo(index + 1, steps, float(scheduler.sigmas[index + 1]), latents))
+                on_step(StepInfo(index + 1, steps, sigmas[index + 1], latents))
         return latents
 
     # -- stage 3 -------------------------------------------------------------------------------
@@ -142,6 +156,8 @@ class ZImageEngine:
         # One image at a time: VAE decoding dominates peak memory at large sizes.
         for latent in latents:
             scaled = latent[None].to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            if self.fast_path.get("vae") == "channels-last":
+                scaled = scaled.to(memory_format=torch.channels_last)
             pixels = vae.decode(scaled, return_dict=False)[0]
             images.extend(self._image_processor.postprocess(pixels.float(), output_type="pil"))
         self.model.hooks.offload_all()
@@ -200,4 +216,9 @@ class ZImageEngine:
 
     def describe(self) -> dict[str, Any]:
         sources = self.model.sources
-        return {"model": sources.name, "layout": sources.layout, "placement": self.model.placement.describe()}
+        return {
+            "model": sources.name,
+            "layout": sources.layout,
+            "placement": self.model.placement.describe(),
+            "fast_path": dict(self.fast_path),
+        }

@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
@@ -22,6 +22,9 @@ from zimage_serve.engine import configs
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
 from zimage_serve.nano import scenes
 from zimage_serve.nano.tokenizer import train_tokenizer
+
+if TYPE_CHECKING:
+    from zimage_serve.engine.loader import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,17 @@ def transformer_config(tiny: TinyConfig) -> dict[str, Any]:
     return config
 
 
+def text_encoder_config(tiny: TinyConfig, vocab_size: int) -> dict[str, Any]:
+    return {**configs.TURBO_TEXT_ENCODER, **tiny.text_encoder, "vocab_size": vocab_size}
+
+
+def vae_config(tiny: TinyConfig) -> dict[str, Any]:
+    config = {**configs.FLUX_VAE, **tiny.vae}
+    levels = len(config["block_out_channels"])
+    config.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    return config
+
+
 def write_random_model(
     folder: Path,
     tiny: TinyConfig | None = None,
@@ -88,14 +102,8 @@ def write_random_model(
     tokenizer.save_pretrained(folder / "tokenizer")
 
     transformer = ZImageTransformer2DModel.from_config(transformer_config(tiny))
-    te_settings = dict(configs.TURBO_TEXT_ENCODER)
-    te_settings.update(tiny.text_encoder, vocab_size=len(tokenizer))
-    text_encoder = Qwen3Model(Qwen3Config(**te_settings))
-    vae_settings = dict(configs.FLUX_VAE)
-    vae_settings.update(tiny.vae)
-    levels = len(vae_settings["block_out_channels"])
-    vae_settings.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
-    vae = AutoencoderKL.from_config(vae_settings)
+    text_encoder = Qwen3Model(Qwen3Config(**text_encoder_config(tiny, len(tokenizer))))
+    vae = AutoencoderKL.from_config(vae_config(tiny))
 
     shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
     for name, module in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)):
@@ -133,3 +141,64 @@ def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
             param.copy_(noise / math.sqrt(fan_in))
         else:
             param.copy_(0.02 * noise)
+
+
+def build_random_model(
+    device: torch.device, dtype: torch.dtype, tiny: TinyConfig | None = None, seed: int = 0
+) -> LoadedModel:
+    """The whole model built in memory on `device` with random weights; `tiny=None` gives Turbo's full
+    sizes (6.2 B transformer, 4 B text encoder): the same work per image as the real weights, for
+    benchmarks on machines that cannot download them. The tokenizer is zimage-nano's (a byte-level BPE
+    with Qwen's chat template); token ids index the random embedding like any others."""
+    from transformers import AutoTokenizer
+
+    from zimage_serve.engine.components import ComponentSource
+    from zimage_serve.engine.devices import MemoryMode, Placement
+    from zimage_serve.engine.layouts import ModelSources
+    from zimage_serve.engine.loader import LoadedModel
+    from zimage_serve.nano.default import SHIPPED
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED / "tokenizer"))
+    if tiny is None:
+        transformer_settings = dict(configs.TURBO_TRANSFORMER)
+        te_settings = dict(configs.TURBO_TEXT_ENCODER)
+        vae_settings = dict(configs.FLUX_VAE)
+        native = 1024
+    else:
+        transformer_settings = transformer_config(tiny)
+        te_settings = text_encoder_config(tiny, len(tokenizer))
+        vae_settings = vae_config(tiny)
+        native = tiny.native_size
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.device(device):
+        transformer = ZImageTransformer2DModel.from_config(transformer_settings).to(dtype)
+        text_encoder = Qwen3Model(Qwen3Config(**te_settings)).to(dtype)
+        vae = AutoencoderKL.from_config(vae_settings).to(dtype)
+    for module in (transformer, text_encoder, vae):
+        randomise_in_place(module, generator)
+        module.eval().requires_grad_(False)
+    memory = Path("<random weights in memory>")
+    sources = ModelSources(
+        name="z-image-turbo (random weights)" if tiny is None else "tiny (random weights)",
+        layout="in memory",
+        transformer=ComponentSource("transformer", memory, transformer_settings),
+        text_encoder=ComponentSource("text_encoder", memory, te_settings),
+        vae=ComponentSource("vae", memory, vae_settings),
+        tokenizer=SHIPPED / "tokenizer",
+        scheduler_config=dict(TURBO_SCHEDULER_CONFIG),
+        native_size=native,
+    )
+    placement = Placement(device, dtype, dtype, MemoryMode.GPU)
+    return LoadedModel(sources, placement, transformer, text_encoder, vae, tokenizer)
+
+
+@torch.no_grad()
+def randomise_in_place(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """`randomise`'s scales, drawn where the weights already are (a 6 B model never visits the host)."""
+    for name, param in module.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            param.normal_(1.0, 0.1, generator=generator)
+        elif param.ndim >= 2:
+            param.normal_(0.0, 1.0 / math.sqrt(math.prod(param.shape[1:])), generator=generator)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)

@@ -1,0 +1,101 @@
+"""The engine's fast path: speed-ups applied to a loaded model, each one switchable.
+
+Defaults are on where they are safe. On a CUDA GPU: the fastest attention kernel that is installed,
+regional `torch.compile` of the transformer blocks, the VAE in bf16 and channels-last. Everywhere: a
+cache of prompt embeddings (`ZImageEngine`). Two things need no switch because the engine always does
+them: no attention mask when a batch has one sequence length (diffusers builds none then), and no host
+synchronisation inside the step loop (sigmas are Python floats; `tests/test_fastpath.py` checks that
+no operation that reads a tensor back to the host runs between the first and the last step).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Switch = Literal["auto", "on", "off"]
+
+# Fastest first. flash-attn 3 and 2 are separate installs; cuDNN's fused attention comes with PyTorch and
+# beat its own flash kernel on an H100 for Z-Image (diffusers PR #12955).
+ATTENTION_PREFERENCE = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    attention: str = "auto"  # "auto" (best installed), or a diffusers attention backend name
+    compile: Switch = "auto"  # regional torch.compile of the transformer blocks; auto: on CUDA only
+    cuda_graphs: bool = False  # compile the blocks with CUDA graphs ("reduce-overhead"); needs compile
+    vae_channels_last: bool = True  # CUDA only; the VAE's dtype is the placement's (bf16 on CUDA)
+    prompt_cache: int = 64  # prompt embeddings kept per engine (0: none)
+
+    @classmethod
+    def off(cls) -> FastPath:
+        """Everything off: the plain diffusers path, for comparisons."""
+        return cls(attention="native", compile="off", cuda_graphs=False, vae_channels_last=False, prompt_cache=0)
+
+
+def attention_available(backend: str, device: torch.device) -> bool:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        name = AttentionBackendName(backend)
+    except ValueError:
+        return False
+    if backend != "native" and device.type != "cuda":
+        return False
+    if backend == "_native_cudnn" and not torch.backends.cudnn.is_available():  # type: ignore[no-untyped-call]
+        return False
+    try:
+        _check_attention_backend_requirements(name)
+    except (RuntimeError, ImportError):
+        return False
+    return True
+
+
+def best_attention(device: torch.device) -> str:
+    return next(b for b in ATTENTION_PREFERENCE if attention_available(b, device))
+
+
+def compile_enabled(fast: FastPath, device: torch.device) -> bool:
+    return fast.compile == "on" or (fast.compile == "auto" and device.type == "cuda")
+
+
+def compiled_blocks(transformer: Any) -> list[torch.nn.Module]:
+    """The blocks worth compiling: the main layers and the image-token refiner.
+
+    Not the caption refiner: it runs on ~32 tokens, and sharing compiled code (and, under max-autotune,
+    GEMM tilings) between a 32-row and a 4,128-row problem is the small-M trap that made compiled
+    Z-Image slower than eager elsewhere (sglang PR #35755).
+    """
+    return [*transformer.noise_refiner, *transformer.layers]
+
+
+def apply_fast_path(transformer: Any, vae: Any, device: torch.device, fast: FastPath) -> dict[str, str]:
+    """Switch the model's modules onto the fast path; returns what was applied, for `describe()`."""
+    applied: dict[str, str] = {}
+    backend = best_attention(device) if fast.attention == "auto" else fast.attention
+    if backend != "native":
+        if not attention_available(backend, device):
+            raise ValueError(f"attention: backend {backend!r} is not available on {device.type}")
+        transformer.set_attention_backend(backend)
+    applied["attention"] = backend
+    if compile_enabled(fast, device):
+        mode = "reduce-overhead" if fast.cuda_graphs else None
+        for block in compiled_blocks(transformer):
+            # dynamic=None: static shapes first, then dynamic ones if a new prompt length appears; matmuls stay
+            # with cuBLAS (no GEMM autotuning), so no tiling is tuned for one token count and reused for another.
+            block.compile(mode=mode, dynamic=None)
+        applied["compile"] = f"regional ({len(compiled_blocks(transformer))} blocks{', CUDA graphs' if mode else ''})"
+    else:
+        applied["compile"] = "off"
+    if fast.vae_channels_last and device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
+        applied["vae"] = "channels-last"
+    applied["prompt_cache"] = str(fast.prompt_cache)
+    log.info("fast path: %s", applied)
+    return applied

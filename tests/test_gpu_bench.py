@@ -1,0 +1,28 @@
+"""benchmarks/gpu_bench.py runs end to end on the CPU with a tiny config (the GPU run is prepared here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
+    command = [sys.executable, "benchmarks/gpu_bench.py", "--tiny", "--size", "64", "--runs", "1"]
+    done = subprocess.run(
+        [*command, "--compile", "off", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names[0] == "diffusers ZImagePipeline" and len(names) == 4
+    for row in report["rows"]:
+        assert row["transformer_calls"] == 8
+        assert set(row["samples_s"]) == {"simple", "medium", "complex"}
+        assert all(row["median_s"][stage] > 0 for stage in ("denoise", "decode", "total"))
+    assert report["rows"][-1]["median_s"]["encode"] == 0  # the cached prompt skips the text encoder
+    assert max(report["latent_relative_error"].values()) < 1e-4  # fp32 on the CPU: the same function
+    assert "| diffusers ZImagePipeline |" in (tmp_path / "gpu_bench.md").read_text()
