@@ -130,6 +130,12 @@ def test_guidance_and_negative(tiny_model: Path, tmp_path: Path, capsys: pytest.
         (["generate", "x", "--model", "{model}", "--memory-mode", "model"], "memory_mode"),
         (["generate", "x", "--model", "{model}", "--dtype", "int4"], "dtype"),
         (["generate", "x", "--model", "{model}", "-o", "{tmp}/out.jpg"], "must end in .png"),
+        (["generate", "x", "--model", "{model}", "--attention", "fastest"], "--attention: 'fastest' is not auto"),
+        (["generate", "x", "--model", "{model}", "--attention", "flash"], "backend 'flash' is not available on cpu"),
+        (["generate", "x", "--model", "{model}", "--compile", "maybe"], "--compile: 'maybe' is not one of"),
+        (["run", "w.json", "--attention", "_native_cudnn"], "backend '_native_cudnn' is not available"),
+        (["serve", "--attention", "flash"], "backend 'flash' is not available on cpu"),
+        (["serve", "--compile", "sometimes"], "--compile: 'sometimes'"),
     ],
 )
 def test_bad_input_is_a_clear_error(

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from zimage_serve.engine import FastPath, GenerationParams, open_engine
 from zimage_serve.engine.fastpath import attention_available, best_attention, compiled_blocks
+from zimage_serve.errors import DeviceError
 
 # Operators that read a device tensor back to the host: on a GPU each one stalls the CPU until the GPU
 # has caught up (`.item()`, `float(t)`, `bool(t)`, data-dependent shapes).
@@ -87,8 +88,17 @@ def test_gpu_only_backends_are_unavailable_on_the_cpu() -> None:
 
 
 def test_an_unavailable_backend_is_refused_by_name(tiny_model: Path) -> None:
-    with pytest.raises(ValueError, match="attention: backend 'flash'"):
+    with pytest.raises(DeviceError, match="attention: backend 'flash' is not available on cpu"):
         open_engine(tiny_model, device="cpu", fast=FastPath(attention="flash"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [({"attention": "fastest"}, "attention"), ({"compile": "yes"}, "compile"), ({"prompt_cache": -1}, "prompt_cache")],
+)
+def test_bad_settings_name_the_field(settings: dict[str, Any], field: str) -> None:
+    with pytest.raises(DeviceError, match=f"^{field}: "):
+        FastPath(**settings)
 
 
 def test_regional_compile_matches_eager(tiny_model: Path) -> None:

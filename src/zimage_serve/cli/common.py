@@ -6,12 +6,16 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from zimage_serve.errors import DeviceError
 from zimage_serve.settings import MODEL_ENV, MODELS_ENV
+
+if TYPE_CHECKING:
+    from zimage_serve.engine.fastpath import FastPath
 
 console = Console(soft_wrap=True)
 console_err = Console(stderr=True, soft_wrap=True)
@@ -36,6 +40,35 @@ VaeOption = Annotated[Path | None, typer.Option("--vae", help="Flux VAE ae.safet
 TokenizerOption = Annotated[
     Path | None, typer.Option("--tokenizer", help="Tokenizer folder, or a diffusers Z-Image folder holding one")
 ]
+
+
+AttentionOption = Annotated[
+    str,
+    typer.Option(
+        "--attention",
+        help="Attention kernel: auto (the fastest installed: flash-attn 3, flash-attn, cuDNN, PyTorch's flash) "
+        "or a diffusers backend name such as native or _native_cudnn",
+    ),
+]
+CompileOption = Annotated[
+    str,
+    typer.Option("--compile", help="torch.compile the transformer blocks: auto (on CUDA GPUs), on or off"),
+]
+
+
+def fast_path(attention: str, compile: str, device: str) -> FastPath:
+    """The engine's fast path from the command's options, checked against the device they name; a bad
+    value is an error naming the option (before any model loads, and before a server starts)."""
+    from zimage_serve.engine.devices import device_kind
+    from zimage_serve.engine.fastpath import FastPath, chosen_attention
+
+    try:
+        fast = FastPath(attention=attention, compile=compile)  # type: ignore[arg-type]  # FastPath checks it
+        chosen_attention(fast, device_kind(device))
+        return fast
+    except DeviceError as exc:
+        field, reason = str(exc).split(": ", 1)
+        raise typer.BadParameter(reason, param_hint=f"--{field}") from exc
 
 
 def quiet_libraries() -> None:

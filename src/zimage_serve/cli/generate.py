@@ -10,6 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zimage_serve.cli.common import (
+    AttentionOption,
+    CompileOption,
     ModelOption,
     TextEncoderOption,
     TokenizerOption,
@@ -17,6 +19,7 @@ from zimage_serve.cli.common import (
     chosen_model,
     console,
     console_err,
+    fast_path,
 )
 from zimage_serve.engine import GenerationParams, StepInfo, open_engine
 from zimage_serve.engine.params import MAX_SEED
@@ -42,8 +45,11 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (the VAE never runs in fp16)")] = "auto",
     memory_mode: Annotated[str, typer.Option(help="auto, gpu, model or sequential")] = "auto",
+    attention: AttentionOption = "auto",
+    compile: CompileOption = "auto",
 ) -> None:
     """Generate images from a prompt and write them as PNG files."""
+    fast = fast_path(attention, compile, device)
     params = GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
@@ -69,6 +75,7 @@ def generate(
         device=device,
         dtype=dtype,
         memory_mode=memory_mode,
+        fast=fast,
     )
     console_err.print(
         f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}): {engine.model.placement.describe()}",

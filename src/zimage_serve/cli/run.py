@@ -10,7 +10,15 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from zimage_serve.cli.common import ModelsRootOption, console, console_err, models_roots
+from zimage_serve.cli.common import (
+    AttentionOption,
+    CompileOption,
+    ModelsRootOption,
+    console,
+    console_err,
+    fast_path,
+    models_roots,
+)
 from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.execute import Executor
@@ -55,8 +63,11 @@ def run(
     input_dir: Annotated[Path, typer.Option(help="Where LoadImage reads")] = Path("input"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
+    attention: AttentionOption = "auto",
+    compile: CompileOption = "auto",
 ) -> None:
     """Run a workflow and write its outputs; the built-in zimage-nano is listed as a model."""
+    fast = fast_path(attention, compile, device)
     roots = models_roots(models)
     folders = Folders(roots, input_dir, output_dir, output_dir / "temp", builtin_models())
 
@@ -71,7 +82,7 @@ def run(
     if checked.node_errors:
         console_err.print(f"[yellow]warning:[/] {describe_errors(checked)}", highlight=False)
 
-    executor = Executor(NODES, folders, Placing.choose(device, dtype))
+    executor = Executor(NODES, folders, Placing.choose(device, dtype, fast))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console_err, transient=True) as bar:
         task = bar.add_task("starting", total=None)

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from zimage_serve.cli.common import ModelsRootOption, console_err, models_roots
+from zimage_serve.cli.common import (
+    AttentionOption,
+    CompileOption,
+    ModelsRootOption,
+    console_err,
+    fast_path,
+    models_roots,
+)
 from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
 
 
@@ -20,6 +27,8 @@ def serve(
     models: ModelsRootOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
+    attention: AttentionOption = "auto",
+    compile: CompileOption = "auto",
     max_queue: Annotated[
         int, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429", min=1)
     ] = 10000,
@@ -48,6 +57,7 @@ def serve(
     from zimage_serve.server.runtime import ServerSettings
 
     roots = models_roots(models)
+    fast = fast_path(attention, compile, device)
     settings = ServerSettings(
         data_dir=data_dir or default_data_dir(),
         models=roots,
@@ -55,6 +65,7 @@ def serve(
         port=port,
         device=device,
         dtype=dtype,
+        fast=fast,
         max_queue=max_queue,
         job_timeout=job_timeout,
         concurrency=concurrency,

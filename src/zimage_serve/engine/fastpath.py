@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import torch
 
+from zimage_serve.errors import DeviceError
+
 log = logging.getLogger(__name__)
 
 Switch = Literal["auto", "on", "off"]
@@ -32,6 +34,19 @@ class FastPath:
     cuda_graphs: bool = False  # compile the blocks with CUDA graphs ("reduce-overhead"); needs compile
     vae_channels_last: bool = True  # CUDA only; the VAE's dtype is the placement's (bf16 on CUDA)
     prompt_cache: int = 64  # prompt embeddings kept per engine (0: none)
+
+    def __post_init__(self) -> None:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        names = {b.value for b in AttentionBackendName}
+        if self.attention != "auto" and self.attention not in names:
+            raise DeviceError(
+                f"attention: {self.attention!r} is not auto or a diffusers backend ({', '.join(sorted(names))})"
+            )
+        if self.compile not in ("auto", "on", "off"):
+            raise DeviceError(f"compile: {self.compile!r} is not one of auto, on, off")
+        if self.prompt_cache < 0:
+            raise DeviceError(f"prompt_cache: {self.prompt_cache} entries; must be 0 or more")
 
     @classmethod
     def off(cls) -> FastPath:
@@ -61,6 +76,15 @@ def best_attention(device: torch.device) -> str:
     return next(b for b in ATTENTION_PREFERENCE if attention_available(b, device))
 
 
+def chosen_attention(fast: FastPath, device: torch.device) -> str:
+    """The backend `fast` means on `device`; an explicit one that is not installed there is an error."""
+    if fast.attention == "auto":
+        return best_attention(device)
+    if not attention_available(fast.attention, device):
+        raise DeviceError(f"attention: backend {fast.attention!r} is not available on {device.type}")
+    return fast.attention
+
+
 def compile_enabled(fast: FastPath, device: torch.device) -> bool:
     return fast.compile == "on" or (fast.compile == "auto" and device.type == "cuda")
 
@@ -75,27 +99,36 @@ def compiled_blocks(transformer: Any) -> list[torch.nn.Module]:
     return [*transformer.noise_refiner, *transformer.layers]
 
 
-def apply_fast_path(transformer: Any, vae: Any, device: torch.device, fast: FastPath) -> dict[str, str]:
-    """Switch the model's modules onto the fast path; returns what was applied, for `describe()`."""
+def accelerate_transformer(transformer: Any, device: torch.device, fast: FastPath) -> dict[str, str]:
+    """Attention backend and regional compile; returns what was applied."""
     applied: dict[str, str] = {}
-    backend = best_attention(device) if fast.attention == "auto" else fast.attention
+    backend = chosen_attention(fast, device)
     if backend != "native":
-        if not attention_available(backend, device):
-            raise ValueError(f"attention: backend {backend!r} is not available on {device.type}")
         transformer.set_attention_backend(backend)
     applied["attention"] = backend
     if compile_enabled(fast, device):
         mode = "reduce-overhead" if fast.cuda_graphs else None
-        for block in compiled_blocks(transformer):
+        blocks = compiled_blocks(transformer)
+        for block in blocks:
             # dynamic=None: static shapes first, then dynamic ones if a new prompt length appears; matmuls stay
             # with cuBLAS (no GEMM autotuning), so no tiling is tuned for one token count and reused for another.
             block.compile(mode=mode, dynamic=None)
-        applied["compile"] = f"regional ({len(compiled_blocks(transformer))} blocks{', CUDA graphs' if mode else ''})"
+        applied["compile"] = f"regional ({len(blocks)} blocks{', CUDA graphs' if mode else ''})"
     else:
         applied["compile"] = "off"
+    return applied
+
+
+def accelerate_vae(vae: Any, device: torch.device, fast: FastPath) -> dict[str, str]:
     if fast.vae_channels_last and device.type == "cuda":
         vae.to(memory_format=torch.channels_last)
-        applied["vae"] = "channels-last"
+        return {"vae": "channels-last"}
+    return {}
+
+
+def apply_fast_path(transformer: Any, vae: Any, device: torch.device, fast: FastPath) -> dict[str, str]:
+    """Switch a whole model onto the fast path; returns what was applied, for `describe()`."""
+    applied = {**accelerate_transformer(transformer, device, fast), **accelerate_vae(vae, device, fast)}
     applied["prompt_cache"] = str(fast.prompt_cache)
     log.info("fast path: %s", applied)
     return applied

@@ -21,6 +21,7 @@ import torch
 from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.devices import pick_device, pick_dtypes
+from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae
 from zimage_serve.engine.loader import load_tokenizer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
@@ -53,12 +54,13 @@ class Placing:
     device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
+    fast: FastPath = field(default_factory=FastPath)
 
     @classmethod
-    def choose(cls, device: str = "auto", dtype: str = "auto") -> Placing:
+    def choose(cls, device: str = "auto", dtype: str = "auto", fast: FastPath | None = None) -> Placing:
         target = pick_device(device)
         model_dtype, vae_dtype = pick_dtypes(target, dtype)
-        return cls(target, model_dtype, vae_dtype)
+        return cls(target, model_dtype, vae_dtype, FastPath() if fast is None else fast)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ def load_diffusion_model(
 ) -> DiffusionModel:
     prepared = components.prepare(source)
     transformer = components.load(prepared, placing.device, placing.dtype)
-    log.info("loaded diffusion model %s on %s", name, placing.device)
+    applied = accelerate_transformer(transformer, placing.device, placing.fast)
+    log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)
 
 
@@ -182,6 +185,7 @@ def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placi
 def load_vae(name: str, source: ComponentSource, placing: Placing) -> Vae:
     prepared = components.prepare(source)
     model = components.load(prepared, placing.device, placing.vae_dtype)
+    accelerate_vae(model, placing.device, placing.fast)
     config = prepared.config
     scaling = LatentFormat(float(config.get("scaling_factor", 0.3611)), float(config.get("shift_factor") or 0.0))
     log.info("loaded VAE %s on %s", name, placing.device)

@@ -24,12 +24,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from zimage_serve.engine.devices import device_kind, device_stats
+from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
 
@@ -48,6 +49,7 @@ class WorkerConfig:
     temp: Path
     device: str = "auto"
     dtype: str = "auto"
+    fast: FastPath = field(default_factory=FastPath)
     job_timeout: float | None = None
     concurrency: int = 1
     log_level: int = logging.WARNING
@@ -272,7 +274,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     store = JobStore(config.store_path)
     listener = _PipeListener(connection)
-    executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype))
+    executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype, config.fast))
     last_stats = 0.0
 
     def report_idle() -> None:  # whenever the queue runs dry; statistics at most once a second

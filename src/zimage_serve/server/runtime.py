@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from zimage_serve.engine.devices import device_kind
+from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.engine.parts import Placing
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
@@ -37,6 +38,7 @@ class ServerSettings:
     job_timeout: float | None = None  # seconds; None: 30 on a GPU, no limit on the CPU; 0: no limit
     concurrency: int = 1  # prompts run at once on the device
     worker_process: bool = True  # run prompts in a child process (False: threads in this one)
+    fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
@@ -78,12 +80,13 @@ class Runtime:
                 temp=self.folders.temp,
                 device=settings.device,
                 dtype=settings.dtype,
+                fast=settings.fast,
                 job_timeout=timeout,
                 concurrency=settings.concurrency,
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
             return WorkerProcess(config, self, self.store)
-        executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype))
+        executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype, settings.fast))
         return Worker(self.store, executor, self, job_timeout=timeout, concurrency=settings.concurrency)
 
     def start(self) -> None:
