@@ -104,8 +104,9 @@ def test_switching_the_templates_lora_on_changes_the_image(executor: Executor) -
     assert np.abs(with_lora - without).mean() > 2
 
 
-def lora_graph(lora: str | None, strength: float = 1.0) -> dict[str, Any]:
+def lora_graph(lora: str | None, strength: float = 1.0, weight_dtype: str = "default") -> dict[str, Any]:
     prompt: dict[str, Any] = json.loads(TURBO_WORKFLOW.read_text())
+    prompt["28"]["inputs"]["weight_dtype"] = weight_dtype
     prompt["13"]["inputs"].update(width=64, height=64)
     prompt["3"]["inputs"].update(steps=3, sampler_name="euler")
     if lora is not None:
@@ -132,6 +133,19 @@ def test_lora_formats_agree_and_strength_zero_changes_nothing(executor: Executor
     # The patched weights are restored: the base model gives the same image afterwards.
     executor.free()
     assert np.array_equal(image(None), base)
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"])
+def test_fp8_weights_stay_close_and_take_loras(executor: Executor, weight_dtype: str) -> None:
+    def image(lora: str | None, dtype: str) -> np.ndarray:
+        return pixels(output_image(executor, run(executor, lora_graph(lora, weight_dtype=dtype))))
+
+    base, fp8 = image(None, "default"), image(None, weight_dtype)
+    assert 0 < np.abs(fp8 - base).mean() < 6  # close, and not silently the bf16 model
+    toolkit, fp8_toolkit = image("ai-toolkit.safetensors", "default"), image("ai-toolkit.safetensors", weight_dtype)
+    assert np.abs(fp8_toolkit - fp8).mean() > 2  # the LoRA is applied to the FP8 weights
+    assert np.abs(fp8_toolkit - toolkit).mean() < 6
+    assert np.array_equal(image(None, weight_dtype), fp8)  # and removed exactly afterwards
 
 
 def test_concurrent_runs_share_one_model_and_a_lora_run_never_leaks_into_a_plain_one(executor: Executor) -> None:

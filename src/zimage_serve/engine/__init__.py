@@ -33,7 +33,8 @@ def open_engine(
     dtype: str = "auto",
     memory_mode: str = "auto",
     fast: FastPath | None = None,
+    weight_dtype: str = "default",
 ) -> ZImageEngine:
     sources = resolve(model, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
-    loaded = load_model(sources, device=device, dtype=dtype, memory_mode=memory_mode)
+    loaded = load_model(sources, device=device, dtype=dtype, memory_mode=memory_mode, weight_dtype=weight_dtype)
     return ZImageEngine(loaded, native_size=sources.native_size, fast=fast)

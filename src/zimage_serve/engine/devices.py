@@ -34,6 +34,7 @@ class Placement:
     dtype: torch.dtype  # transformer and text encoder
     vae_dtype: torch.dtype  # never fp16: the Flux VAE overflows to black images in it
     memory_mode: MemoryMode
+    weight_dtype: str = "default"  # the transformer's: default, or an FP8 kind (engine/fp8.py)
 
     @property
     def load_device(self) -> torch.device:
@@ -46,9 +47,10 @@ class Placement:
             MemoryMode.MODEL: "model offload (one component on the GPU at a time)",
             MemoryMode.SEQUENTIAL: "sequential offload (weights streamed to the GPU)",
         }[self.memory_mode]
+        weights = "" if self.weight_dtype == "default" else f", transformer weights {self.weight_dtype}"
         return (
             f"device {self.device}, dtype {dtype_name(self.dtype)} "
-            f"(VAE {dtype_name(self.vae_dtype)}), memory mode: {mode}"
+            f"(VAE {dtype_name(self.vae_dtype)}){weights}, memory mode: {mode}"
         )
 
 

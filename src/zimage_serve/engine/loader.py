@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from zimage_serve.engine import components
 from zimage_serve.engine.components import PreparedComponent
 from zimage_serve.engine.devices import Placement, pick_device, pick_dtypes, pick_memory_mode
+from zimage_serve.engine.fp8 import check_weight_dtype, fp8_bytes_saved, quantise_transformer
 from zimage_serve.engine.layouts import ModelSources
 from zimage_serve.engine.offload import OffloadHooks, apply_memory_mode
 from zimage_serve.errors import ModelLoadError
@@ -72,17 +73,19 @@ def load_model(
     dtype: str = "auto",
     memory_mode: str = "auto",
     placement: Placement | None = None,
+    weight_dtype: str = "default",
 ) -> LoadedModel:
     """Check, place and load. An explicit `placement` overrides the device/dtype/mode choice."""
+    check_weight_dtype(weight_dtype)
     prepared = prepare_all(sources)
     tokenizer = load_tokenizer(sources.tokenizer, prepared["text_encoder"].config["vocab_size"])
     if placement is None:
-        placement = choose_placement(prepared, device, dtype, memory_mode)
+        placement = choose_placement(prepared, device, dtype, memory_mode, weight_dtype)
     log.info("loading %s (%s) on %s", sources.name, sources.layout, placement.describe())
     loaded = LoadedModel(
         sources=sources,
         placement=placement,
-        transformer=components.load(prepared["transformer"], placement.load_device, placement.dtype),
+        transformer=load_transformer(prepared["transformer"], placement.load_device, placement.dtype, weight_dtype),
         text_encoder=components.load(prepared["text_encoder"], placement.load_device, placement.dtype),
         vae=components.load(prepared["vae"], placement.load_device, placement.vae_dtype),
         tokenizer=tokenizer,
@@ -91,11 +94,27 @@ def load_model(
     return loaded
 
 
-def choose_placement(prepared: dict[str, PreparedComponent], device: str, dtype: str, memory_mode: str) -> Placement:
+def load_transformer(prepared: PreparedComponent, device: torch.device, dtype: torch.dtype, weight_dtype: str) -> Any:
+    """Quantised weights are made on the host and then moved: the card never holds the bf16 copy."""
+    if weight_dtype == "default":
+        return components.load(prepared, device, dtype)
+    transformer = components.load(prepared, torch.device("cpu"), dtype)
+    count = quantise_transformer(transformer, weight_dtype)
+    log.info("transformer: %d projections in %s", count, weight_dtype)
+    return transformer.to(device)
+
+
+def choose_placement(
+    prepared: dict[str, PreparedComponent], device: str, dtype: str, memory_mode: str, weight_dtype: str = "default"
+) -> Placement:
     target = pick_device(device)
     model_dtype, vae_dtype = pick_dtypes(target, dtype)
     weight_bytes = sum(_bytes_at(p, model_dtype) for p in prepared.values())
-    return Placement(target, model_dtype, vae_dtype, pick_memory_mode(target, memory_mode, weight_bytes))
+    element = torch.empty((), dtype=model_dtype).element_size()
+    tensors = {name: info.numel for name, info in prepared["transformer"].checkpoint.tensors.items()}
+    weight_bytes -= fp8_bytes_saved(tensors, weight_dtype, element)
+    mode = pick_memory_mode(target, memory_mode, weight_bytes)
+    return Placement(target, model_dtype, vae_dtype, mode, weight_dtype)
 
 
 def _bytes_at(prepared: PreparedComponent, dtype: torch.dtype) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from zimage_serve.engine.checkpoint import read_header
+from zimage_serve.engine.fp8 import Fp8Linear, quantise_rows
 from zimage_serve.engine.weight_lock import lock_for
 from zimage_serve.errors import ModelLoadError
 
@@ -109,18 +110,37 @@ def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[No
 
 def _apply(model: torch.nn.Module, active: Sequence[LoraPatch]) -> Iterator[None]:
     modules = dict(model.named_modules())
-    originals: dict[str, torch.Tensor] = {}
+    originals: dict[str, list[torch.Tensor]] = {}
     try:
         with torch.no_grad():
             for patch in active:
                 for name, (down, up) in patch.lora.pairs.items():
-                    weight = modules[name].weight
+                    module = modules[name]
                     if name not in originals:
-                        originals[name] = weight.detach().clone()
-                    delta = (up.to(weight.device) @ down.to(weight.device)) * patch.strength
-                    weight.add_(delta.to(weight.dtype))
+                        originals[name] = [t.detach().clone() for t in _stored(module)]
+                    delta = (up.to(module.weight.device) @ down.to(module.weight.device)) * patch.strength
+                    _add(module, delta)
         yield
     finally:
         with torch.no_grad():
-            for name, original in originals.items():
-                modules[name].weight.copy_(original)
+            for name, saved in originals.items():
+                for tensor, original in zip(_stored(modules[name]), saved, strict=True):
+                    tensor.copy_(original)
+
+
+def _stored(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a patch changes: the weight, and for FP8 weights their row scales."""
+    if isinstance(module, Fp8Linear):
+        return [module.weight, module.scale]
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]  # check_fits saw a 2-D weight
+    return [weight]
+
+
+def _add(module: torch.nn.Module, delta: torch.Tensor) -> None:
+    if isinstance(module, Fp8Linear):  # merged in fp32, then quantised again with fresh row scales
+        weight, scale = quantise_rows(module.dequantised(torch.float32) + delta.float(), module.weight.dtype)
+        module.weight.copy_(weight)
+        module.scale.copy_(scale)
+    else:
+        [plain] = _stored(module)
+        plain.add_(delta.to(plain.dtype))

@@ -22,7 +22,7 @@ from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.devices import pick_device, pick_dtypes
 from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae
-from zimage_serve.engine.loader import load_tokenizer
+from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
@@ -165,10 +165,14 @@ class Vae:
 
 
 def load_diffusion_model(
-    name: str, source: ComponentSource, placing: Placing, latent_format: LatentFormat = FLUX_LATENT
+    name: str,
+    source: ComponentSource,
+    placing: Placing,
+    latent_format: LatentFormat = FLUX_LATENT,
+    weight_dtype: str = "default",
 ) -> DiffusionModel:
     prepared = components.prepare(source)
-    transformer = components.load(prepared, placing.device, placing.dtype)
+    transformer = load_transformer(prepared, placing.device, placing.dtype, weight_dtype)
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
     log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)

@@ -220,5 +220,7 @@ class ZImageEngine:
             "model": sources.name,
             "layout": sources.layout,
             "placement": self.model.placement.describe(),
+            "memory_mode": str(self.model.placement.memory_mode),
+            "weight_dtype": self.model.placement.weight_dtype,
             "fast_path": dict(self.fast_path),
         }

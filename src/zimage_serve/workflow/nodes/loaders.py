@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve.engine.components import ComponentSource
+from zimage_serve.engine.fp8 import WEIGHT_DTYPES
 from zimage_serve.engine.keymap import Kind
 from zimage_serve.engine.layouts import diffusers_component, find_tokenizer, single_file
 from zimage_serve.engine.lora import load_lora
@@ -24,7 +25,6 @@ from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.spec import Combo, Float, Node, NodeResult, Output, link
 
 CLIP_TYPES = ("lumina2",)  # Qwen3-4B for Z-Image; other families' encoders are not served here
-WEIGHT_DTYPES = ("default",)
 
 
 def component(path: Path, kind: Kind) -> ComponentSource:
@@ -46,9 +46,9 @@ def latent_format_of(path: Path) -> LatentFormat:
         raise ModelLoadError(config, f"cannot read the latent scaling factors: {exc}") from exc
 
 
-def load_model_file(ctx: NodeContext, resource: str, name: str) -> DiffusionModel:
+def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: str = "default") -> DiffusionModel:
     path = ctx.folders.resolve(resource, name)
-    return load_diffusion_model(name, component(path, "transformer"), ctx.placing, latent_format_of(path))
+    return load_diffusion_model(name, component(path, "transformer"), ctx.placing, latent_format_of(path), weight_dtype)
 
 
 def load_clip_file(ctx: NodeContext, resource: str, name: str) -> TextEncoder:
@@ -71,7 +71,8 @@ class UNETLoader(Node):
     outputs = (Output("MODEL"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        return NodeResult((load_model_file(ctx, "diffusion_models", inputs["unet_name"]),))
+        model = load_model_file(ctx, "diffusion_models", inputs["unet_name"], inputs["weight_dtype"])
+        return NodeResult((model,))
 
 
 class CLIPLoader(Node):
