@@ -136,6 +136,8 @@ def test_guidance_and_negative(tiny_model: Path, tmp_path: Path, capsys: pytest.
         (["run", "w.json", "--attention", "_native_cudnn"], "backend '_native_cudnn' is not available"),
         (["serve", "--attention", "flash"], "backend 'flash' is not available on cpu"),
         (["serve", "--compile", "sometimes"], "--compile: 'sometimes'"),
+        (["serve", "--memory-mode", "model"], "--memory-mode: model offloads to host memory from a CUDA GPU"),
+        (["serve", "--memory-mode", "half"], "--memory-mode: 'half' is not one of"),
     ],
 )
 def test_bad_input_is_a_clear_error(

@@ -7,6 +7,7 @@ import torch
 
 from zimage_serve.engine.devices import (
     GIB,
+    TURBO_BF16_BYTES,
     MemoryMode,
     device_kind,
     memory_mode_for,
@@ -16,7 +17,7 @@ from zimage_serve.engine.devices import (
 )
 from zimage_serve.errors import DeviceError
 
-TURBO_BF16 = int(20.5 * GIB)  # transformer 12.3 + text encoder 8.0 + VAE 0.2
+TURBO_BF16 = TURBO_BF16_BYTES  # transformer 12.3 + text encoder 8.0 + VAE 0.2
 
 
 def test_auto_device_here_is_cpu_in_fp32() -> None:

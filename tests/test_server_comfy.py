@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,17 @@ def test_system_stats_has_comfyuis_shape_from_the_first_request(tmp_path: Path) 
     (device,) = stats["devices"]
     assert device["type"] == "cpu" and {"name", "index", "vram_total", "vram_free"} <= device.keys()
     assert stats["system"]["ram_total"] > stats["system"]["ram_free"] > 0
+
+
+def test_system_stats_report_the_memory_mode_once_the_worker_runs(server: Server) -> None:
+    deadline = time.monotonic() + 120  # the worker process may still be importing torch on a busy machine
+    while True:
+        (device,) = server.json("GET", "/system_stats")[1]["devices"]
+        if "zimage_memory_mode" in device or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert device["zimage_memory_mode"] == "gpu"  # on the CPU: everything on the one device
+    assert device["zimage_attention"] == "auto"
 
 
 @pytest.mark.parametrize(

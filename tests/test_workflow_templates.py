@@ -16,6 +16,8 @@ from PIL import Image
 from tests.checkpoints import copy_tokenizer, diffusers_state, write_comfy_root
 from tests.loras import lora_pairs, shared_qkv_down, write_comfy, write_diffusers, write_kohya
 from tests.workflows import TEMPLATES, TURBO_WORKFLOW, validate
+from zimage_serve.engine.devices import MemoryMode
+from zimage_serve.engine.offload import ModelSwap
 from zimage_serve.engine.parts import Placing
 from zimage_serve.png import read_png_text
 from zimage_serve.workflow.execute import Executor, RunResult
@@ -206,3 +208,24 @@ def test_a_lora_for_another_model_is_refused_by_name(executor: Executor, models:
     assert result.error["node_id"] == "40" and result.error["node_type"] == "LoraLoaderModelOnly"
     assert "other-model.safetensors" in result.error["exception_message"]
     assert "another model size" in result.error["exception_message"]
+
+
+@pytest.mark.parametrize("mode", [MemoryMode.MODEL, MemoryMode.SEQUENTIAL])
+def test_memory_modes_give_the_same_image(executor: Executor, mode: MemoryMode) -> None:
+    base = pixels(output_image(executor, run(executor, lora_graph(None))))
+    cpu = torch.device("cpu")  # the execution device here; on a GPU the hooks move weights to it
+    placing = Placing(cpu, torch.float32, torch.float32, memory_mode=mode, swap=ModelSwap(cpu))
+    offloaded = Executor(NODES, executor.folders, placing)
+    result = run(offloaded, lora_graph(None))
+    assert np.array_equal(pixels(output_image(offloaded, result)), base)
+    assert placing.concurrency_cap(2) == 1
+    assert offloaded.device_stats()["zimage_memory_mode"] == str(mode)
+    if mode is MemoryMode.MODEL:
+        assert placing.swap is not None and len(placing.swap.members) == 3  # text encoder, transformer, VAE
+    if mode is MemoryMode.SEQUENTIAL:
+        checked = validate(lora_graph("ai-toolkit.safetensors"), executor.folders)
+        failed = offloaded.run("lora", checked.prompt, checked.outputs, {}, None)
+        assert not failed.ok and "sequential offload" in str(failed.error)
+    else:
+        with_lora = run(offloaded, lora_graph("ai-toolkit.safetensors"))
+        assert np.abs(pixels(output_image(offloaded, with_lora)) - base).mean() > 2

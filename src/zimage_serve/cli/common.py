@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -56,19 +58,35 @@ CompileOption = Annotated[
 ]
 
 
+@contextlib.contextmanager
+def option_errors() -> Iterator[None]:
+    """A DeviceError ("field: reason") becomes a usage error naming the option --field."""
+    try:
+        yield
+    except DeviceError as exc:
+        field, _, reason = str(exc).partition(": ")
+        raise typer.BadParameter(reason, param_hint=f"--{field.replace('_', '-')}") from exc
+
+
 def fast_path(attention: str, compile: str, device: str) -> FastPath:
     """The engine's fast path from the command's options, checked against the device they name; a bad
     value is an error naming the option (before any model loads, and before a server starts)."""
     from zimage_serve.engine.devices import device_kind
     from zimage_serve.engine.fastpath import FastPath, chosen_attention
 
-    try:
+    with option_errors():
         fast = FastPath(attention=attention, compile=compile)  # type: ignore[arg-type]  # FastPath checks it
         chosen_attention(fast, device_kind(device))
-        return fast
-    except DeviceError as exc:
-        field, reason = str(exc).split(": ", 1)
-        raise typer.BadParameter(reason, param_hint=f"--{field}") from exc
+    return fast
+
+
+def check_memory_mode(memory_mode: str, device: str) -> None:
+    """An explicit memory mode must exist and suit the device (auto is resolved where the device is opened)."""
+    from zimage_serve.engine.devices import TURBO_BF16_BYTES, device_kind, pick_memory_mode
+
+    if memory_mode != "auto":
+        with option_errors():
+            pick_memory_mode(device_kind(device), memory_mode, TURBO_BF16_BYTES)
 
 
 def quiet_libraries() -> None:

@@ -10,7 +10,15 @@ import torch
 from rich.table import Table
 
 from zimage_serve.cli.common import console
-from zimage_serve.engine.devices import dtype_name, pick_device, pick_dtypes
+from zimage_serve.engine.devices import (
+    TURBO_BF16_BYTES,
+    MemoryMode,
+    dtype_name,
+    pick_device,
+    pick_dtypes,
+    pick_memory_mode,
+)
+from zimage_serve.engine.fastpath import best_attention
 
 GIB = 1024**3
 
@@ -22,12 +30,8 @@ def info() -> None:
     table = Table(show_header=False)
     table.add_row("device (auto)", str(device))
     table.add_row("dtype", f"{dtype_name(dtype)} (VAE {dtype_name(vae_dtype)})")
-    table.add_row(
-        "memory mode (auto)",
-        "chosen per model at load time from its size and the card's memory"
-        if device.type == "cuda"
-        else "all on the device",
-    )
+    table.add_row("memory mode (auto)", _memory_mode(device))
+    table.add_row("attention (auto)", best_attention(device))
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
@@ -45,6 +49,19 @@ def info() -> None:
         except metadata.PackageNotFoundError:
             table.add_row(package, "not installed")
     console.print(table)
+
+
+def _memory_mode(device: torch.device) -> str:
+    """What `serve` and `run` pick for Z-Image-Turbo here; `generate` decides per model from its size."""
+    mode = pick_memory_mode(device, "auto", TURBO_BF16_BYTES)
+    names = {
+        MemoryMode.GPU: f"gpu (all on {device.type})",
+        MemoryMode.MODEL: "model (one component on the GPU at a time)",
+        MemoryMode.SEQUENTIAL: "sequential (weights streamed to the GPU)",
+    }
+    if device.type != "cuda":
+        return names[mode]
+    return f"{names[mode]} for Z-Image-Turbo in bf16 on this card"
 
 
 def _ram() -> str:

@@ -11,6 +11,7 @@ from zimage_serve.cli.common import (
     AttentionOption,
     CompileOption,
     ModelsRootOption,
+    check_memory_mode,
     console_err,
     fast_path,
     models_roots,
@@ -27,6 +28,9 @@ def serve(
     models: ModelsRootOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
+    memory_mode: Annotated[
+        str, typer.Option(help="auto (what fits Z-Image-Turbo on the card), gpu, model or sequential")
+    ] = "auto",
     attention: AttentionOption = "auto",
     compile: CompileOption = "auto",
     max_queue: Annotated[
@@ -58,6 +62,7 @@ def serve(
 
     roots = models_roots(models)
     fast = fast_path(attention, compile, device)
+    check_memory_mode(memory_mode, device)
     settings = ServerSettings(
         data_dir=data_dir or default_data_dir(),
         models=roots,
@@ -66,6 +71,7 @@ def serve(
         device=device,
         dtype=dtype,
         fast=fast,
+        memory_mode=memory_mode,
         max_queue=max_queue,
         job_timeout=job_timeout,
         concurrency=concurrency,

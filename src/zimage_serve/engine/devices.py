@@ -12,6 +12,9 @@ from zimage_serve.errors import DeviceError
 GIB = 1024**3
 # Cards of this size and less stream weights layer by layer (sequential offload).
 SEQUENTIAL_OFFLOAD_MAX_VRAM = 12 * GIB
+# Z-Image-Turbo in bf16: transformer 12.3 GB, text encoder 8.0 GB, VAE 0.2 GB. Workflows load components one
+# by one, so the server chooses their memory mode for the product's main model before any is loaded.
+TURBO_BF16_BYTES = int(20.5 * GIB)
 # Headroom over the weights for activations, the CUDA context and the allocator's slack.
 ACTIVATION_HEADROOM = 1.25
 

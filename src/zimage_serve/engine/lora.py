@@ -84,6 +84,8 @@ def check_fits(lora: LoraWeights, model: torch.nn.Module) -> None:
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             raise ModelLoadError(lora.name, f"targets {name}, which this diffusion model does not have")
+        if weight.device.type == "meta":  # accelerate streams these weights in per call; a patch would be lost
+            raise ModelLoadError(lora.name, "LoRAs cannot be applied with sequential offload; use model offload")
         if (up.shape[0], down.shape[1]) != tuple(weight.shape):
             raise ModelLoadError(
                 lora.name,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from accelerate.utils import send_to_device
 
 from zimage_serve.engine.devices import MemoryMode, Placement
 
@@ -37,3 +40,59 @@ def apply_memory_mode(placement: Placement, modules: list[torch.nn.Module]) -> O
         _, previous = cpu_offload_with_hook(module, placement.device, prev_module_hook=previous)
         hooks.append(previous)
     return OffloadHooks(hooks)
+
+
+class ModelSwap:
+    """Model offload for components loaded one by one (workflow loader nodes): every member lives in host
+    memory, and the one about to run is moved to the accelerator after the others are moved off it.
+
+    The move happens in an accelerate hook, so `forward` and diffusers' `encode`/`decode` (which call the
+    hook's `pre_forward` through `apply_forward_hook`) both trigger it. One run at a time: the worker
+    runs prompts one by one when offloading (`Placing.concurrency_cap`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.members: list[torch.nn.Module] = []
+        self._lock = threading.Lock()
+
+    def add(self, module: torch.nn.Module) -> torch.nn.Module:
+        add_hook_to_module(module, _SwapIn(self))
+        with self._lock:
+            self.members.append(module)
+        return module
+
+    def activate(self, module: torch.nn.Module) -> None:
+        with self._lock:
+            for other in self.members:
+                if other is not module and _device_of(other) == self.device:
+                    other.to("cpu")
+            if _device_of(module) != self.device:
+                module.to(self.device)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class _SwapIn(ModelHook):  # type: ignore[misc]
+    def __init__(self, swap: ModelSwap) -> None:
+        super().__init__()
+        self.swap = swap
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.swap.activate(module)
+        return send_to_device(args, self.swap.device), send_to_device(kwargs, self.swap.device)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its offload hooks' device (its weights may sit in host memory, or on
+    accelerate's meta device when streamed: those hooks sit on the submodules that hold weights), else
+    where its weights are."""
+    for part in module.modules():
+        hook = getattr(part, "_hf_hook", None)
+        if isinstance(hook, _SwapIn):
+            return hook.swap.device
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(module.parameters()).device

@@ -20,10 +20,11 @@ import torch
 
 from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
-from zimage_serve.engine.devices import pick_device, pick_dtypes
+from zimage_serve.engine.devices import TURBO_BF16_BYTES, MemoryMode, pick_device, pick_dtypes, pick_memory_mode
 from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
+from zimage_serve.engine.offload import ModelSwap, execution_device
 from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
 
@@ -51,16 +52,50 @@ FLUX_LATENT = LatentFormat(scale=0.3611, shift=0.1159)  # Z-Image-Turbo's (the F
 
 @dataclass(frozen=True)
 class Placing:
+    """Where the loader nodes put components, and how they keep within the card's memory."""
+
     device: torch.device
     dtype: torch.dtype
     vae_dtype: torch.dtype
     fast: FastPath = field(default_factory=FastPath)
+    memory_mode: MemoryMode = MemoryMode.GPU
+    swap: ModelSwap | None = field(default=None, compare=False)  # the components sharing the card (model offload)
 
     @classmethod
-    def choose(cls, device: str = "auto", dtype: str = "auto", fast: FastPath | None = None) -> Placing:
+    def choose(
+        cls, device: str = "auto", dtype: str = "auto", fast: FastPath | None = None, memory_mode: str = "auto"
+    ) -> Placing:
+        """`memory_mode` auto: what fits Z-Image-Turbo in bf16 on this card (all on it from ~26 GB, one
+        component at a time above 12 GB, weights streamed below); always all-on-device off CUDA."""
         target = pick_device(device)
         model_dtype, vae_dtype = pick_dtypes(target, dtype)
-        return cls(target, model_dtype, vae_dtype, FastPath() if fast is None else fast)
+        mode = pick_memory_mode(target, memory_mode, TURBO_BF16_BYTES)
+        swap = ModelSwap(target) if mode is MemoryMode.MODEL else None
+        return cls(target, model_dtype, vae_dtype, FastPath() if fast is None else fast, mode, swap)
+
+    @property
+    def load_device(self) -> torch.device:
+        return self.device if self.memory_mode is MemoryMode.GPU else torch.device("cpu")
+
+    def on_cpu(self) -> Placing:
+        """The same fast path, all on the CPU in fp32 (CLIPLoader's device "cpu")."""
+        cpu = torch.device("cpu")
+        return replace(self, device=cpu, dtype=torch.float32, memory_mode=MemoryMode.GPU, swap=None)
+
+    def concurrency_cap(self, requested: int) -> int:
+        """Prompts that may run at once: offloading moves shared components on and off the card, so one."""
+        return requested if self.memory_mode is MemoryMode.GPU else 1
+
+    def place(self, module: Any) -> Any:
+        """Attach the memory mode's hooks to a freshly loaded component (loaded on `load_device`)."""
+        if self.memory_mode is MemoryMode.MODEL:
+            assert self.swap is not None
+            self.swap.add(module)
+        elif self.memory_mode is MemoryMode.SEQUENTIAL:
+            from accelerate import cpu_offload
+
+            cpu_offload(module, execution_device=self.device)
+        return module
 
 
 @dataclass(frozen=True)
@@ -75,8 +110,7 @@ class DiffusionModel:
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = next(self.transformer.parameters()).device
-        return device
+        return execution_device(self.transformer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,7 +159,7 @@ class TextEncoder:
 
     def encode(self, text: str) -> PromptEmbedding:
         # ComfyUI neither pads nor truncates Z-Image prompts; neither do we here.
-        return encode_text(self.model, self.tokenizer, text, next(self.model.parameters()).device)
+        return encode_text(self.model, self.tokenizer, text, execution_device(self.model))
 
 
 @dataclass(frozen=True)
@@ -138,8 +172,7 @@ class Vae:
 
     @property
     def device(self) -> torch.device:
-        device: torch.device = next(self.model.parameters()).device
-        return device
+        return execution_device(self.model)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -172,8 +205,9 @@ def load_diffusion_model(
     weight_dtype: str = "default",
 ) -> DiffusionModel:
     prepared = components.prepare(source)
-    transformer = load_transformer(prepared, placing.device, placing.dtype, weight_dtype)
+    transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype)
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
+    placing.place(transformer)
     log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)
 
@@ -181,15 +215,16 @@ def load_diffusion_model(
 def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placing: Placing) -> TextEncoder:
     prepared = components.prepare(source)
     loaded_tokenizer = load_tokenizer(tokenizer, prepared.config["vocab_size"])
-    model = components.load(prepared, placing.device, placing.dtype)
-    log.info("loaded text encoder %s on %s", name, placing.device)
+    model = placing.place(components.load(prepared, placing.load_device, placing.dtype))
+    log.info("loaded text encoder %s on %s (%s)", name, placing.device, placing.memory_mode)
     return TextEncoder(name, model, loaded_tokenizer)
 
 
 def load_vae(name: str, source: ComponentSource, placing: Placing) -> Vae:
     prepared = components.prepare(source)
-    model = components.load(prepared, placing.device, placing.vae_dtype)
+    model = components.load(prepared, placing.load_device, placing.vae_dtype)
     accelerate_vae(model, placing.device, placing.fast)
+    placing.place(model)
     config = prepared.config
     scaling = LatentFormat(float(config.get("scaling_factor", 0.3611)), float(config.get("shift_factor") or 0.0))
     log.info("loaded VAE %s on %s", name, placing.device)

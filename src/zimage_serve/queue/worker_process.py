@@ -50,6 +50,7 @@ class WorkerConfig:
     device: str = "auto"
     dtype: str = "auto"
     fast: FastPath = field(default_factory=FastPath)
+    memory_mode: str = "auto"
     job_timeout: float | None = None
     concurrency: int = 1
     log_level: int = logging.WARNING
@@ -274,7 +275,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     store = JobStore(config.store_path)
     listener = _PipeListener(connection)
-    executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype, config.fast))
+    executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype, config.fast, config.memory_mode))
     last_stats = 0.0
 
     def report_idle() -> None:  # whenever the queue runs dry; statistics at most once a second
@@ -290,7 +291,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -
         executor,
         listener,
         job_timeout=config.job_timeout,
-        concurrency=config.concurrency,
+        concurrency=executor.placing.concurrency_cap(config.concurrency),
         on_idle=report_idle,
     )
     worker.start()

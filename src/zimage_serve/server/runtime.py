@@ -39,6 +39,7 @@ class ServerSettings:
     concurrency: int = 1  # prompts run at once on the device
     worker_process: bool = True  # run prompts in a child process (False: threads in this one)
     fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
+    memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placing.choose)
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
@@ -81,13 +82,16 @@ class Runtime:
                 device=settings.device,
                 dtype=settings.dtype,
                 fast=settings.fast,
+                memory_mode=settings.memory_mode,
                 job_timeout=timeout,
                 concurrency=settings.concurrency,
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
             return WorkerProcess(config, self, self.store)
-        executor = Executor(NODES, self.folders, Placing.choose(settings.device, settings.dtype, settings.fast))
-        return Worker(self.store, executor, self, job_timeout=timeout, concurrency=settings.concurrency)
+        placing = Placing.choose(settings.device, settings.dtype, settings.fast, settings.memory_mode)
+        executor = Executor(NODES, self.folders, placing)
+        concurrency = placing.concurrency_cap(settings.concurrency)
+        return Worker(self.store, executor, self, job_timeout=timeout, concurrency=concurrency)
 
     def start(self) -> None:
         recovered = self.store.recover()

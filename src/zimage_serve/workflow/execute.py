@@ -112,7 +112,12 @@ class Executor:
         self.cache.clear()
 
     def device_stats(self) -> dict[str, object]:
-        return device_stats(self.placing.device)
+        # ComfyUI's entry, plus our own keys (new names; clients that do not know them ignore them).
+        return {
+            **device_stats(self.placing.device),
+            "zimage_memory_mode": str(self.placing.memory_mode),
+            "zimage_attention": self.placing.fast.attention,
+        }
 
     # -- one run -------------------------------------------------------------------------------------
     def run(

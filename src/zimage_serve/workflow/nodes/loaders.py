@@ -90,9 +90,7 @@ class CLIPLoader(Node):
         if inputs.get("device") == "cpu":
             from dataclasses import replace
 
-            import torch
-
-            ctx = replace(ctx, placing=replace(ctx.placing, device=torch.device("cpu"), dtype=torch.float32))
+            ctx = replace(ctx, placing=ctx.placing.on_cpu())
         return NodeResult((load_clip_file(ctx, "text_encoders", inputs["clip_name"]),))
 
 
