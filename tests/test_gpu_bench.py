@@ -26,3 +26,16 @@ def test_gpu_bench_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
     assert report["rows"][-1]["median_s"]["encode"] == 0  # the cached prompt skips the text encoder
     assert max(report["latent_relative_error"].values()) < 1e-4  # fp32 on the CPU: the same function
     assert "| diffusers ZImagePipeline |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_gpu_memory_modes_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
+    command = [sys.executable, "benchmarks/gpu_memory_modes.py", "--tiny", "--size", "64", "--runs", "1"]
+    done = subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads((tmp_path / "gpu_memory_modes.json").read_text())["rows"]}
+    assert len(rows) == 8 and not any(row["oom"] for row in rows.values())
+    # Offloading moves weights, never changes the arithmetic: the same latents as all-on-device (fp32 here).
+    assert rows["bf16, model offload"]["relative_error"] < 1e-5
+    assert rows["bf16, sequential offload"]["relative_error"] < 1e-5
+    for name in ("fp8_e4m3fn_fast, all on the GPU", "8 GB card: fp8_e4m3fn, sequential offload"):
+        assert 0 < rows[name]["relative_error"] < 0.1  # FP8 is close, and really in use
