@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 Switch = Literal["auto", "on", "off"]
 
-# Fastest first. flash-attn 3 and 2 are separate installs; cuDNN's fused attention comes with PyTorch and
-# beat its own flash kernel on an H100 for Z-Image (diffusers PR #12955).
+# Expected fastest first. flash-attn 3 and 2 are separate installs; cuDNN's fused attention comes with
+# PyTorch and is what diffusers timed Z-Image with on an H100 (PR #12955). benchmarks/gpu_bench.py times
+# each installed one, to check this order on the card.
 ATTENTION_PREFERENCE = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
 
 
@@ -47,11 +48,6 @@ class FastPath:
             raise DeviceError(f"compile: {self.compile!r} is not one of auto, on, off")
         if self.prompt_cache < 0:
             raise DeviceError(f"prompt_cache: {self.prompt_cache} entries; must be 0 or more")
-
-    @classmethod
-    def off(cls) -> FastPath:
-        """Everything off: the plain diffusers path, for comparisons."""
-        return cls(attention="native", compile="off", cuda_graphs=False, vae_channels_last=False, prompt_cache=0)
 
 
 def attention_available(backend: str, device: torch.device) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,13 +53,14 @@ class ModelSwap:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.members: list[torch.nn.Module] = []
+        # Weak: a component the executor's cache lets go of (POST /free, eviction) must not live on here.
+        self.members: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def add(self, module: torch.nn.Module) -> torch.nn.Module:
         add_hook_to_module(module, _SwapIn(self))
         with self._lock:
-            self.members.append(module)
+            self.members.add(module)
         return module
 
     def activate(self, module: torch.nn.Module) -> None:
