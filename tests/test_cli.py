@@ -133,6 +133,7 @@ def test_guidance_and_negative(tiny_model: Path, tmp_path: Path, capsys: pytest.
         (["generate", "x", "--model", "{model}", "--attention", "fastest"], "--attention: 'fastest' is not auto"),
         (["generate", "x", "--model", "{model}", "--attention", "flash"], "backend 'flash' is not available on cpu"),
         (["generate", "x", "--model", "{model}", "--compile", "maybe"], "--compile: 'maybe' is not one of"),
+        (["generate", "x", "--model", "{model}", "--weight-dtype", "int4"], "--weight-dtype: 'int4' is not one of"),
         (["run", "w.json", "--attention", "_native_cudnn"], "backend '_native_cudnn' is not available"),
         (["serve", "--attention", "flash"], "backend 'flash' is not available on cpu"),
         (["serve", "--compile", "sometimes"], "--compile: 'sometimes'"),

@@ -20,8 +20,10 @@ from zimage_serve.cli.common import (
     console,
     console_err,
     fast_path,
+    option_errors,
 )
 from zimage_serve.engine import GenerationParams, StepInfo, open_engine
+from zimage_serve.engine.fp8 import check_weight_dtype
 from zimage_serve.engine.params import MAX_SEED
 from zimage_serve.errors import InvalidParameterError
 from zimage_serve.png import png_info, save_png
@@ -47,9 +49,15 @@ def generate(
     memory_mode: Annotated[str, typer.Option(help="auto, gpu, model or sequential")] = "auto",
     attention: AttentionOption = "auto",
     compile: CompileOption = "auto",
+    weight_dtype: Annotated[
+        str,
+        typer.Option(help="Transformer weights: default, fp8_e4m3fn, fp8_e5m2 (FP8 storage) or fp8_e4m3fn_fast"),
+    ] = "default",
 ) -> None:
     """Generate images from a prompt and write them as PNG files."""
     fast = fast_path(attention, compile, device)
+    with option_errors():
+        check_weight_dtype(weight_dtype)
     params = GenerationParams(
         prompt=prompt,
         negative_prompt=negative,
@@ -76,6 +84,7 @@ def generate(
         dtype=dtype,
         memory_mode=memory_mode,
         fast=fast,
+        weight_dtype=weight_dtype,
     )
     console_err.print(
         f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}): {engine.model.placement.describe()}",
