@@ -52,6 +52,36 @@ def test_captions_name_the_attributes_in_both_languages() -> None:
     assert all("红色" in c and "圆形" in c and "蓝色" in c and "左边" in c for c in chinese)
 
 
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_only_the_defaults_go_unsaid(language: str) -> None:
+    """No size word means large and no position word means the centre, so a short prompt names one picture."""
+    rng = random.Random(5)
+    small, left = ("small", "on the left") if language == "en" else ("小", "左边")
+    unsaid_sizes = unsaid_places = 0
+    for _ in range(400):
+        size, position = rng.choice(["small", "large"]), rng.choice(["centre", "left"])
+        scene = scenes.Scene("blue", (scenes.Shape("circle", "red", position, size),))
+        text = scenes.caption(scene, language, rng)
+        if size == "small":
+            assert small in text
+        if position == "left":
+            assert left in text
+        unsaid_sizes += size == "large" and ("large" not in text and "大" not in text)
+        unsaid_places += position == "centre" and ("centre" not in text and "中间" not in text)
+    assert unsaid_sizes > 40 and unsaid_places > 40  # the defaults do go unsaid, often
+    # The session-2 captions left any size unsaid.
+    old = [
+        scenes.caption(
+            scenes.Scene("blue", (scenes.Shape("circle", "red", "left", "small"),)),
+            language,
+            rng,
+            unsaid_defaults=False,
+        )
+        for _ in range(50)
+    ]
+    assert any(small not in text for text in old)
+
+
 def test_two_object_captions_mention_both() -> None:
     rng = random.Random(3)
     scene = scenes.Scene(

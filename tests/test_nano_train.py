@@ -26,6 +26,7 @@ TINY = Recipe(
     heads=2,
     text_width=32,
     text_layers=2,
+    compile=False,  # one test below compiles; the rest stay quick
 )
 
 
@@ -53,6 +54,12 @@ def test_same_seed_same_weights_and_the_result_loads(reference: Path, tmp_path: 
     assert engine.native_size == TINY.size
     image = engine.generate(GenerationParams("一个红色的圆形", seed=1)).images[0]
     assert isinstance(image, Image.Image) and image.size == (128, 128)
+
+
+def test_compiled_blocks_train_and_load(tmp_path: Path) -> None:
+    compiled = train(tmp_path, "compiled", Recipe(**{**TINY.__dict__, "compile": True, "steps": 2, "restart_steps": 0}))
+    image = open_engine(compiled, device="cpu").generate(GenerationParams("a red circle", seed=1)).images[0]
+    assert image.size == (128, 128)
 
 
 def test_other_seed_other_weights(reference: Path, tmp_path: Path) -> None:

@@ -131,19 +131,37 @@ def render(scene: Scene, size: int) -> Image.Image:
     return image
 
 
-def caption(scene: Scene, language: str, rng: random.Random, *, complete: bool = False) -> str:
+def caption(
+    scene: Scene, language: str, rng: random.Random, *, complete: bool = False, unsaid_defaults: bool = True
+) -> str:
     """One of several phrasings. Position and size are sometimes left unsaid, as people do, unless
-    `complete` asks for every attribute (evaluation prompts)."""
-    said = 1.0 if complete else 0.85
-    return _caption_en(scene, rng, said) if language == "en" else _caption_zh(scene, rng, said)
+    `complete` asks for every attribute (evaluation prompts).
+
+    With `unsaid_defaults`, only the defaults go unsaid: a lone shape with no position is in the centre
+    and one with no size is large, so a short prompt such as "a red circle" names one picture rather than
+    ten. A small model trained on ambiguous captions draws the average of the choices: a lumpy blob of
+    middling size that is neither circle nor square. (False gives the captions of the session-2 model.)
+    """
+    said = 1.0 if complete else 0.5 if unsaid_defaults else 0.85
+    if language == "en":
+        return _caption_en(scene, rng, said, unsaid_defaults)
+    return _caption_zh(scene, rng, said, unsaid_defaults)
 
 
-def _caption_en(scene: Scene, rng: random.Random, said: float) -> str:
+def _says_size(shape: Shape, rng: random.Random, unsaid_defaults: bool) -> bool:
+    return (unsaid_defaults and shape.size != "large") or rng.random() < 0.6
+
+
+def _says_position(scene: Scene, shape: Shape, rng: random.Random, said: float, unsaid_defaults: bool) -> bool:
+    return len(scene.objects) > 1 or (unsaid_defaults and shape.position != "centre") or rng.random() < said
+
+
+def _caption_en(scene: Scene, rng: random.Random, said: float, unsaid_defaults: bool) -> str:
     parts = []
     for shape in scene.objects:
-        size = f"{shape.size} " if rng.random() < 0.6 else ""
+        size = f"{shape.size} " if _says_size(shape, rng, unsaid_defaults) else ""
         article = "an" if (size or shape.colour)[0] in "aeiou" else "a"
-        where = f" {POSITION_EN[shape.position]}" if len(scene.objects) > 1 or rng.random() < said else ""
+        where = f" {POSITION_EN[shape.position]}" if _says_position(scene, shape, rng, said, unsaid_defaults) else ""
         parts.append(f"{article} {size}{shape.colour} {shape.kind}{where}")
     things = " and ".join(parts)
     back = scene.background
@@ -157,13 +175,13 @@ def _caption_en(scene: Scene, rng: random.Random, said: float) -> str:
     )
 
 
-def _caption_zh(scene: Scene, rng: random.Random, said: float) -> str:
+def _caption_zh(scene: Scene, rng: random.Random, said: float, unsaid_defaults: bool) -> str:
     back = COLOUR_ZH[scene.background]
     parts = []
     for shape in scene.objects:
-        size = SIZE_ZH[shape.size] if rng.random() < 0.6 else ""
+        size = SIZE_ZH[shape.size] if _says_size(shape, rng, unsaid_defaults) else ""
         colour, kind = COLOUR_ZH[shape.colour], SHAPE_ZH[shape.kind]
-        where = POSITION_ZH[shape.position] if len(scene.objects) > 1 or rng.random() < said else ""
+        where = POSITION_ZH[shape.position] if _says_position(scene, shape, rng, said, unsaid_defaults) else ""
         parts.append((where, f"一个{size}{colour}的{kind}" if rng.random() < 0.5 else f"一个{size}{colour}{kind}"))
     if all(where for where, _ in parts) and rng.random() < 0.5:
         things = "，".join(f"{where}有{thing}" for where, thing in parts)

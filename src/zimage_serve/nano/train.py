@@ -48,14 +48,15 @@ class Recipe:
     size: int = 128  # native resolution
     vocab_size: int = 768
     cjk_split: bool = True  # tokenizer merges stop at CJK character boundaries (False: first shipped model)
+    unsaid_defaults: bool = True  # only defaults go unsaid in captions (large, centre); see scenes.caption
     vae_steps: int = 1500
     vae_batch: int = 16
     vae_crop: int = 64
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
     pool_scenes: int = 20000
-    steps: int = 5500
-    restart_steps: int = 1300  # a second, lower cosine cycle after `steps` (a warm restart)
+    steps: int = 6400
+    restart_steps: int = 1400  # a second, lower cosine cycle after `steps` (a warm restart)
     batch: int = 32
     lr: float = 4e-4
     warmup: int = 200
@@ -65,6 +66,7 @@ class Recipe:
     heads: int = 4
     text_width: int = 128
     text_layers: int = 3
+    compile: bool = True  # torch.compile the transformer's blocks (needs a C++ compiler; ~1.2x faster steps)
 
 
 def transformer_config(recipe: Recipe) -> dict[str, Any]:
@@ -160,13 +162,16 @@ class Trainer:
         (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
         self.timings: dict[str, float] = {}
 
+    def _caption(self, scene: scenes.Scene, language: str, rng: random.Random) -> str:
+        return scenes.caption(scene, language, rng, unsaid_defaults=self.recipe.unsaid_defaults)
+
     # -- 1. tokenizer ------------------------------------------------------------------------
     def tokenizer(self) -> Any:
         folder = self.work / "tokenizer"
         if not (folder / "tokenizer.json").exists():
             rng = random.Random(self.recipe.seed)
             corpus = [
-                scenes.caption(scenes.random_scene(rng), lang, rng) for _ in range(6000) for lang in scenes.LANGUAGES
+                self._caption(scenes.random_scene(rng), lang, rng) for _ in range(6000) for lang in scenes.LANGUAGES
             ]
             train_tokenizer(corpus, self.recipe.vocab_size, self.recipe.cjk_split).save_pretrained(folder)
         from transformers import AutoTokenizer
@@ -257,6 +262,10 @@ class Trainer:
             if first > r.steps + r.restart_steps + 1:
                 raise ZImageError(f"{path} is at step {state['step']}, past the {r.steps + r.restart_steps} asked for")
             self.log(f"resuming diffusion training at step {first}")
+        if r.compile:
+            # Regional: the repeated blocks are nearly all the work, and they compile once for each of the two
+            # caption widths a batch can have, where the whole model (lists, Python loops) would not.
+            transformer.compile_repeated_blocks()
         started = time.perf_counter()
         transformer.train()
         text_encoder.train()
@@ -270,7 +279,7 @@ class Trainer:
             index = torch.randint(len(pool), (r.batch,), generator=generator)
             x0 = latents[index].float()
             ids = [
-                prompt_token_ids(tokenizer, scenes.caption(pool[i], rng.choice(scenes.LANGUAGES), rng))
+                prompt_token_ids(tokenizer, self._caption(pool[i], rng.choice(scenes.LANGUAGES), rng))
                 for i in index.tolist()
             ]
             width = max(len(t) for t in ids)
