@@ -11,7 +11,7 @@ no operation that reads a tensor back to the host runs between the first and the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -48,6 +48,11 @@ class FastPath:
             raise DeviceError(f"compile: {self.compile!r} is not one of auto, on, off")
         if self.prompt_cache < 0:
             raise DeviceError(f"prompt_cache: {self.prompt_cache} entries; must be 0 or more")
+
+
+def for_offload(fast: FastPath) -> FastPath:
+    """With offload hooks moving weights in and out under the blocks, compile only when asked for."""
+    return replace(fast, compile="off") if fast.compile == "auto" else fast
 
 
 def attention_available(backend: str, device: torch.device) -> bool:

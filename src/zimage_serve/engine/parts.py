@@ -21,7 +21,7 @@ import torch
 from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.devices import TURBO_BF16_BYTES, MemoryMode, pick_device, pick_dtypes, pick_memory_mode
-from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae
+from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae, for_offload
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.offload import ModelSwap, execution_device
@@ -71,7 +71,8 @@ class Placing:
         model_dtype, vae_dtype = pick_dtypes(target, dtype)
         mode = pick_memory_mode(target, memory_mode, TURBO_BF16_BYTES)
         swap = ModelSwap(target) if mode is MemoryMode.MODEL else None
-        return cls(target, model_dtype, vae_dtype, FastPath() if fast is None else fast, mode, swap)
+        fast = FastPath() if fast is None else fast
+        return cls(target, model_dtype, vae_dtype, fast if mode is MemoryMode.GPU else for_offload(fast), mode, swap)
 
     @property
     def load_device(self) -> torch.device:

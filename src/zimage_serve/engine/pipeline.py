@@ -16,7 +16,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from zimage_serve.engine.fastpath import FastPath, apply_fast_path
+from zimage_serve.engine.devices import MemoryMode
+from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
 from zimage_serve.engine.prompt import prompt_token_ids
@@ -81,6 +82,8 @@ class ZImageEngine:
         self.native_size = native_size
         self.device = model.placement.device
         self.fast = FastPath() if fast is None else fast
+        if model.placement.memory_mode is not MemoryMode.GPU:
+            self.fast = for_offload(self.fast)
         self.fast_path = apply_fast_path(model.transformer, model.vae, self.device, self.fast)
         self._image_processor = VaeImageProcessor(vae_scale_factor=LATENT_FACTOR * 2)
         self._encode: Callable[[str, int], PromptEmbedding] = self._encode_uncached
