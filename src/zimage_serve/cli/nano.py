@@ -26,13 +26,16 @@ def train(
     restart_steps: Annotated[
         int | None, typer.Option(help="Steps of the warm-restart cycle after --steps [default: the recipe's]")
     ] = None,
+    compile: Annotated[
+        bool, typer.Option(help="torch.compile the transformer blocks (needs a C++ compiler; same recipe, other bits)")
+    ] = True,
 ) -> None:
     """Train the tokenizer, VAE, text encoder and transformer from scratch; write a diffusers folder."""
     from dataclasses import replace
 
     from zimage_serve.nano.train import Recipe, Trainer
 
-    recipe = Recipe(seed=seed)
+    recipe = Recipe(seed=seed, compile=compile)
     if steps is not None:
         recipe = replace(recipe, steps=steps)
     if vae_steps is not None:
