@@ -12,7 +12,7 @@ from rich.table import Table
 from zimage_serve.cli.common import console
 from zimage_serve.engine.devices import (
     TURBO_BF16_BYTES,
-    MemoryMode,
+    describe_memory_mode,
     dtype_name,
     pick_device,
     pick_dtypes,
@@ -54,14 +54,8 @@ def info() -> None:
 def _memory_mode(device: torch.device) -> str:
     """What `serve` and `run` pick for Z-Image-Turbo here; `generate` decides per model from its size."""
     mode = pick_memory_mode(device, "auto", TURBO_BF16_BYTES)
-    names = {
-        MemoryMode.GPU: f"gpu (all on {device.type})",
-        MemoryMode.MODEL: "model (one component on the GPU at a time)",
-        MemoryMode.SEQUENTIAL: "sequential (weights streamed to the GPU)",
-    }
-    if device.type != "cuda":
-        return names[mode]
-    return f"{names[mode]} for Z-Image-Turbo in bf16 on this card"
+    described = f"{mode}: {describe_memory_mode(mode, device)}"
+    return f"{described}, for Z-Image-Turbo in bf16 on this card" if device.type == "cuda" else described
 
 
 def _ram() -> str:

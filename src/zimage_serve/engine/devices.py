@@ -41,20 +41,28 @@ class Placement:
 
     @property
     def load_device(self) -> torch.device:
-        """Offload modes keep weights in host memory and let hooks move them."""
-        return self.device if self.memory_mode is MemoryMode.GPU else torch.device("cpu")
+        return load_device(self.device, self.memory_mode)
 
     def describe(self) -> str:
-        mode = {
-            MemoryMode.GPU: f"all on {self.device.type}",
-            MemoryMode.MODEL: "model offload (one component on the GPU at a time)",
-            MemoryMode.SEQUENTIAL: "sequential offload (weights streamed to the GPU)",
-        }[self.memory_mode]
+        mode = describe_memory_mode(self.memory_mode, self.device)
         weights = "" if self.weight_dtype == "default" else f", transformer weights {self.weight_dtype}"
         return (
             f"device {self.device}, dtype {dtype_name(self.dtype)} "
             f"(VAE {dtype_name(self.vae_dtype)}){weights}, memory mode: {mode}"
         )
+
+
+def load_device(device: torch.device, mode: MemoryMode) -> torch.device:
+    """Offload modes keep weights in host memory and let hooks move them."""
+    return device if mode is MemoryMode.GPU else torch.device("cpu")
+
+
+def describe_memory_mode(mode: MemoryMode, device: torch.device) -> str:
+    return {
+        MemoryMode.GPU: f"all on {device.type}",
+        MemoryMode.MODEL: "model offload (one component on the GPU at a time)",
+        MemoryMode.SEQUENTIAL: "sequential offload (weights streamed to the GPU)",
+    }[mode]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -112,11 +112,11 @@ def quantise_transformer(transformer: Any, weight_dtype: str, keep_last: int = 0
     return replaced
 
 
-def fp8_bytes_saved(tensor_names: dict[str, int], weight_dtype: str, element_size: int) -> int:
+def fp8_bytes_saved(numels: dict[str, int], weight_dtype: str, element_size: int) -> int:
     """Bytes that quantising would save, from the transformer checkpoint's (name → numel) table."""
     if weight_dtype == "default":
         return 0
-    quantised = sum(numel for name, numel in tensor_names.items() if QUANTISED_NAME.search(name))
+    quantised = sum(numel for name, numel in numels.items() if QUANTISED_NAME.search(name))
     return quantised * (element_size - 1)
 
 

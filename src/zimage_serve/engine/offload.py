@@ -87,14 +87,17 @@ class _SwapIn(ModelHook):  # type: ignore[misc]
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
-    """Where `module` computes: its offload hooks' device (its weights may sit in host memory, or on
-    accelerate's meta device when streamed: those hooks sit on the submodules that hold weights), else
-    where its weights are."""
+    """Where `module` computes: its offload hook's device (model offload keeps its weights in host memory
+    between calls), else where its weights are, unless they are on accelerate's meta device (sequential
+    offload streams them in per call, through hooks on the submodules that hold them)."""
+    hook = getattr(module, "_hf_hook", None)
+    if isinstance(hook, _SwapIn):
+        return hook.swap.device
+    weights = next(module.parameters()).device
+    if weights.type != "meta":
+        return weights  # the common case, once per step: no walk over the modules
     for part in module.modules():
-        hook = getattr(part, "_hf_hook", None)
-        if isinstance(hook, _SwapIn):
-            return hook.swap.device
-        device = getattr(hook, "execution_device", None)
+        device = getattr(getattr(part, "_hf_hook", None), "execution_device", None)
         if device is not None:
             return torch.device(device)
-    return next(module.parameters()).device
+    return weights

@@ -20,7 +20,14 @@ import torch
 
 from zimage_serve.engine import components
 from zimage_serve.engine.components import ComponentSource
-from zimage_serve.engine.devices import TURBO_BF16_BYTES, MemoryMode, pick_device, pick_dtypes, pick_memory_mode
+from zimage_serve.engine.devices import (
+    TURBO_BF16_BYTES,
+    MemoryMode,
+    load_device,
+    pick_device,
+    pick_dtypes,
+    pick_memory_mode,
+)
 from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae, for_offload
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
@@ -76,7 +83,7 @@ class Placing:
 
     @property
     def load_device(self) -> torch.device:
-        return self.device if self.memory_mode is MemoryMode.GPU else torch.device("cpu")
+        return load_device(self.device, self.memory_mode)
 
     def on_cpu(self) -> Placing:
         """The same fast path, all on the CPU in fp32 (CLIPLoader's device "cpu")."""
