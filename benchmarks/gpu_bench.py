@@ -28,17 +28,16 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_common import add_model_arguments, build_model, relative_error
 
 from zimage_serve.cli.common import quiet_libraries
-from zimage_serve.engine import FastPath, ZImageEngine
+from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine
 from zimage_serve.engine.fastpath import ATTENTION_PREFERENCE, attention_available
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
-from zimage_serve.nano.random_model import TinyConfig, build_random_model
 
 TIERS = {
     "simple": "一只黄色的小猫坐在草地上",
@@ -173,10 +172,6 @@ def diffusers_pipeline(model: LoadedModel) -> Any:
     )
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float(torch.linalg.norm((got - expected).float()) / torch.linalg.norm(expected.float()))
-
-
 def host_syncs_in_loop(engine: ZImageEngine, size: int) -> int | None:
     """Synchronisations CUDA's sync debug mode reports during one denoising loop (None on the CPU)."""
     if engine.device.type != "cuda":
@@ -224,21 +219,12 @@ def attention_sweep(model: LoadedModel, size: int, repeats: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a small config (CPU check of this script)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA")
-    parser.add_argument("--out", type=Path, default=Path("."))
+    add_model_arguments(parser, runs=5)
     args = parser.parse_args()
     quiet_libraries()
-    device = torch.device(args.device)
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
     started = time.perf_counter()
-    model = build_random_model(device, dtype, TinyConfig() if args.tiny else None, seed=0)
-    print(f"built {model.sources.name} on {device} in {time.perf_counter() - started:.1f}s", flush=True)
+    model = build_model(args)
+    device = model.placement.device
     size = args.size
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -277,16 +263,9 @@ def main() -> None:
 
     def engine_rows(engine: ZImageEngine, name: str, cached_too: bool) -> list[Row]:
         def generate(prompt: str, seed: int) -> Any:
-            from zimage_serve.engine import GenerationParams
-
             return engine.generate(GenerationParams(prompt, width=size, height=size, steps=STEPS, seed=seed))
 
-        def clear_cache() -> None:
-            cache_clear = getattr(engine._encode, "cache_clear", None)
-            if cache_clear is not None:
-                cache_clear()
-
-        result = [measure(name, model, generate, args.runs, before_each=clear_cache)]
+        result = [measure(name, model, generate, args.runs, before_each=engine.clear_prompt_cache)]
         if cached_too:
             result.append(measure(f"{name}, prompt cached", model, generate, args.runs))
         return result

@@ -24,10 +24,10 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_common import add_model_arguments, build_model, relative_error
 
 from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine
@@ -35,7 +35,6 @@ from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fp8 import quantise_transformer
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.offload import apply_memory_mode
-from zimage_serve.nano.random_model import TinyConfig, build_random_model
 
 PROMPT = "一位穿着汉服的女孩站在樱花树下，阳光洒落，写实风格"
 STEPS = 8
@@ -58,10 +57,6 @@ class Row:
         if self.cap_gib is None:
             return None
         return not self.oom and self.peak_reserved <= self.cap_gib * GIB
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float(torch.linalg.norm((got - expected).float()) / torch.linalg.norm(expected.float()))
 
 
 def cuda(device: torch.device) -> bool:
@@ -134,20 +129,13 @@ def host_copy(model: LoadedModel) -> LoadedModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a small config (CPU check of this script)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--out", type=Path, default=Path("."))
+    add_model_arguments(parser, runs=3)
     args = parser.parse_args()
     quiet_libraries()
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if cuda(device) else torch.float32
     started = time.perf_counter()
-    model = build_random_model(device, dtype, TinyConfig() if args.tiny else None, seed=0)
+    model = build_model(args)
+    device = model.placement.device
     host = host_copy(model)  # taken before the fast path compiles the blocks
-    print(f"built {model.sources.name} on {device} in {time.perf_counter() - started:.1f}s", flush=True)
     fast = FastPath(compile=args.compile)
     eager = FastPath(compile="off")
     rows: list[Row] = []

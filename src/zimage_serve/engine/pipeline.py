@@ -95,6 +95,11 @@ class ZImageEngine:
     def encode_prompt(self, text: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> PromptEmbedding:
         return self._encode(text, max_sequence_length)
 
+    def clear_prompt_cache(self) -> None:
+        cache_clear = getattr(self._encode, "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+
     def _encode_uncached(self, text: str, max_sequence_length: int) -> PromptEmbedding:
         return encode_text(self.model.text_encoder, self.model.tokenizer, text, self.device, max_sequence_length)
 
