@@ -129,20 +129,6 @@ def model_index(native_size: int | None = None) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
-def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Scaled Gaussian weights everywhere; norm scales near one so activations stay in range."""
-    for name, param in module.named_parameters():
-        noise = torch.randn(param.shape, generator=generator)
-        if "norm" in name and name.endswith("weight"):
-            param.copy_(1.0 + 0.1 * noise)
-        elif param.ndim >= 2:
-            fan_in = math.prod(param.shape[1:])
-            param.copy_(noise / math.sqrt(fan_in))
-        else:
-            param.copy_(0.02 * noise)
-
-
 def build_random_model(
     device: torch.device, dtype: torch.dtype, tiny: TinyConfig | None = None, seed: int = 0
 ) -> LoadedModel:
@@ -175,7 +161,7 @@ def build_random_model(
         text_encoder = Qwen3Model(Qwen3Config(**te_settings)).to(dtype)
         vae = AutoencoderKL.from_config(vae_settings).to(dtype)
     for module in (transformer, text_encoder, vae):
-        randomise_in_place(module, generator)
+        randomise(module, generator)
         module.eval().requires_grad_(False)
     memory = Path("<random weights in memory>")
     sources = ModelSources(
@@ -193,8 +179,9 @@ def build_random_model(
 
 
 @torch.no_grad()
-def randomise_in_place(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """`randomise`'s scales, drawn where the weights already are (a 6 B model never visits the host)."""
+def randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Scaled Gaussian weights everywhere, drawn where the weights already are (a 6 B model never visits
+    the host); norm scales near one so activations stay in range."""
     for name, param in module.named_parameters():
         if "norm" in name and name.endswith("weight"):
             param.normal_(1.0, 0.1, generator=generator)
