@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,6 +218,77 @@ def attention_sweep(model: LoadedModel, size: int, repeats: int) -> dict[str, fl
     return times
 
 
+def guarded(what: str, check: Callable[[], Any]) -> Any:
+    """One optional check: a failure is recorded in the report instead of losing the rows measured so far."""
+    try:
+        return check()
+    except Exception as exc:  # any failure of a side check is a result to report
+        print(f"{what} failed: {type(exc).__name__}: {exc}", flush=True)
+        return f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def row_summary(row: Row) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "median_s": {stage: row.median(stage) for stage in STAGES},
+        "median_s_by_tier": {tier: {s: row.median(s, tier) for s in STAGES} for tier in TIERS},
+        "samples_s": row.samples,
+        "peak_memory_gib": row.peak_memory / 2**30,
+        "transformer_calls": row.transformer_calls,
+    }
+
+
+def table(report: dict[str, Any], rows: list[Row]) -> list[str]:
+    base = rows[0].median("total")
+    lines = [
+        f"Card: {report['device']}; torch {report['torch']}; {report['size']}x{report['size']}, {STEPS} steps, "
+        f"{report['runs']} runs per tier after a warm-up; {report['date']}.",
+        "",
+        "| path | text encoding | denoising | VAE decode | end to end | vs diffusers | peak memory | calls |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        m = {stage: row.median(stage) for stage in STAGES}
+        lines.append(
+            f"| {row.name} | {m['encode'] * 1000:.1f} ms | {m['denoise'] * 1000:.1f} ms | "
+            f"{m['decode'] * 1000:.1f} ms | {m['total']:.3f} s | {base / m['total']:.2f}x | "
+            f"{row.peak_memory / 2**30:.1f} GiB | {row.transformer_calls} |"
+        )
+    lines += [
+        "",
+        "Per tier, end to end (median): "
+        + "; ".join(f"{row.name}: " + ", ".join(f"{t} {row.median('total', t):.3f} s" for t in TIERS) for row in rows),
+    ]
+    errors = report.get("latent_relative_error")
+    if isinstance(errors, dict):
+        lines += [
+            "",
+            "Final latents, fast path vs diffusers (same noise), relative error: "
+            + ", ".join(f"{t} {e:.2e}" for t, e in errors.items())
+            + f" (limit 1e-2: {'pass' if max(errors.values()) < 1e-2 else 'FAIL'})",
+        ]
+    if "host_syncs_in_step_loop" in report:
+        lines.append(f"Host synchronisations inside the step loop: {report['host_syncs_in_step_loop']}")
+    sweep = report.get("attention_sweep_s")
+    if isinstance(sweep, dict):
+        lines.append(
+            "Attention backends, one transformer call: " + ", ".join(f"{b} {t * 1000:.1f} ms" for b, t in sweep.items())
+        )
+    if "fast_path" in report:
+        lines.append(f"Fast path: {report['fast_path']}")
+    return lines
+
+
+def save(out: Path, report: dict[str, Any], rows: list[Row]) -> list[str]:
+    """Write what is measured so far (a run cut short by its time limit still leaves its rows)."""
+    report["rows"] = [row_summary(row) for row in rows]
+    lines = table(report, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser, runs=5)
@@ -235,6 +307,14 @@ def main() -> None:
         "tiny": args.tiny,
         "date": time.strftime("%Y-%m-%d"),
     }
+    rows: list[Row] = []
+
+    def done(new_rows: list[Row], what: str) -> None:
+        rows.extend(new_rows)
+        for row in new_rows:
+            print(f"{row.name}: {row.median('total'):.3f} s end to end, denoise {row.median('denoise'):.3f} s")
+        save(args.out, report, rows)
+        print(f"{what} done ({time.perf_counter() - started:.0f}s)", flush=True)
 
     # The baseline first: the fast path changes the shared modules in place.
     pipe = diffusers_pipeline(model)
@@ -244,8 +324,7 @@ def main() -> None:
         generator = torch.Generator(device).manual_seed(seed)
         return pipe(prompt, height=size, width=size, num_inference_steps=STEPS, guidance_scale=0.0, generator=generator)
 
-    rows = [measure("diffusers ZImagePipeline", model, baseline, args.runs)]
-    print(f"baseline done ({time.perf_counter() - started:.0f}s)", flush=True)
+    done([measure("diffusers ZImagePipeline", model, baseline, args.runs)], "baseline")
     noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(7)).to(device)
     reference = {
         tier: pipe(
@@ -259,7 +338,7 @@ def main() -> None:
         ).images.float()
         for tier, prompt in TIERS.items()
     }
-    report["attention_sweep_s"] = attention_sweep(model, size, repeats=3)
+    report["attention_sweep_s"] = guarded("attention sweep", lambda: attention_sweep(model, size, repeats=3))
 
     def engine_rows(engine: ZImageEngine, name: str, cached_too: bool) -> list[Row]:
         def generate(prompt: str, seed: int) -> Any:
@@ -271,62 +350,20 @@ def main() -> None:
         return result
 
     eager = ZImageEngine(model, native_size=size, fast=FastPath(compile="off"))
-    rows += engine_rows(eager, "engine, fast path without compile", cached_too=False)
-    print(f"eager fast path done ({time.perf_counter() - started:.0f}s)", flush=True)
+    done(engine_rows(eager, "engine, fast path without compile", cached_too=False), "eager fast path")
     fast = ZImageEngine(model, native_size=size, fast=FastPath(compile=args.compile))
-    rows += engine_rows(fast, f"engine, fast path (compile {fast.fast_path['compile']})", cached_too=True)
-    print(f"fast path done ({time.perf_counter() - started:.0f}s)", flush=True)
-
-    errors = {}
-    for tier, prompt in TIERS.items():
-        latents = fast.denoise(noise.clone(), fast.encode_prompt(prompt), steps=STEPS)
-        errors[tier] = relative_error(latents, reference[tier])
-    report["latent_relative_error"] = errors
-    report["host_syncs_in_step_loop"] = host_syncs_in_loop(fast, size)
     report["fast_path"] = fast.fast_path
-    report["rows"] = [
-        {
-            "name": row.name,
-            "median_s": {stage: row.median(stage) for stage in STAGES},
-            "median_s_by_tier": {tier: {s: row.median(s, tier) for s in STAGES} for tier in TIERS},
-            "samples_s": row.samples,
-            "peak_memory_gib": row.peak_memory / 2**30,
-            "transformer_calls": row.transformer_calls,
+    done(engine_rows(fast, f"engine, fast path (compile {fast.fast_path['compile']})", cached_too=True), "fast path")
+
+    def latent_errors() -> dict[str, float]:
+        return {
+            tier: relative_error(fast.denoise(noise.clone(), fast.encode_prompt(prompt), steps=STEPS), reference[tier])
+            for tier, prompt in TIERS.items()
         }
-        for row in rows
-    ]
-    base = rows[0].median("total")
-    lines = [
-        f"Card: {report['device']}; torch {report['torch']}; {size}x{size}, {STEPS} steps, "
-        f"{args.runs} runs per tier after a warm-up; {report['date']}.",
-        "",
-        "| path | text encoding | denoising | VAE decode | end to end | vs diffusers | peak memory | calls |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        m = {stage: row.median(stage) for stage in STAGES}
-        lines.append(
-            f"| {row.name} | {m['encode'] * 1000:.1f} ms | {m['denoise'] * 1000:.1f} ms | "
-            f"{m['decode'] * 1000:.1f} ms | {m['total']:.3f} s | {base / m['total']:.2f}x | "
-            f"{row.peak_memory / 2**30:.1f} GiB | {row.transformer_calls} |"
-        )
-    lines += [
-        "",
-        "Per tier, end to end (median): "
-        + "; ".join(f"{row.name}: " + ", ".join(f"{t} {row.median('total', t):.3f} s" for t in TIERS) for row in rows),
-        "",
-        "Final latents, fast path vs diffusers (same noise), relative error: "
-        + ", ".join(f"{t} {e:.2e}" for t, e in errors.items())
-        + f" (limit 1e-2: {'pass' if max(errors.values()) < 1e-2 else 'FAIL'})",
-        f"Host synchronisations inside the step loop: {report['host_syncs_in_step_loop']}",
-        "Attention backends, one transformer call: "
-        + ", ".join(f"{b} {t * 1000:.1f} ms" for b, t in report["attention_sweep_s"].items()),
-        f"Fast path: {fast.fast_path}",
-    ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    (args.out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    report["latent_relative_error"] = guarded("latent check", latent_errors)
+    report["host_syncs_in_step_loop"] = guarded("sync check", lambda: host_syncs_in_loop(fast, size))
+    print("\n".join(save(args.out, report, rows)))
     print(f"total {time.perf_counter() - started:.0f}s")
 
 
