@@ -71,6 +71,8 @@ def measure(
     cap_gib: float | None = None,
 ) -> tuple[Row, torch.Tensor | None]:
     device = engine.device
+    if cuda(device) and device.index is None:  # the memory-fraction call wants an indexed device
+        device = torch.device("cuda", torch.cuda.current_device())
     size = args.size
     if cuda(device):
         gc.collect()
@@ -155,7 +157,7 @@ def main() -> None:
             measure(f"{weight_dtype}, all on the GPU", ZImageEngine(quantised, args.size, fast), args, reference)[0]
         )
         save(args, device, rows)
-        del quantised
+        del quantised, transformer
     del model
     torch._dynamo.reset()  # compiled blocks hold the all-on-GPU weights; the capped rows must start empty
     gc.collect()

@@ -1,7 +1,8 @@
 """The engine's fast path: speed-ups applied to a loaded model, each one switchable.
 
-Defaults are on where they are safe. On a CUDA GPU: the fastest attention kernel that is installed,
-regional `torch.compile` of the transformer blocks, the VAE in bf16 and channels-last. Everywhere: a
+Defaults are on where they are safe and measured faster. On a CUDA GPU: the fastest attention kernel that
+is installed, regional `torch.compile` of the transformer blocks, the VAE in bf16 (channels-last is a
+switch, off: slower on an H100). Everywhere: a
 cache of prompt embeddings (`ZImageEngine`). Two things need no switch because the engine always does
 them: no attention mask when a batch has one sequence length (diffusers builds none then), and no host
 synchronisation inside the step loop (sigmas are Python floats; `tests/test_fastpath.py` checks that
@@ -22,10 +23,11 @@ log = logging.getLogger(__name__)
 
 Switch = Literal["auto", "on", "off"]
 
-# Expected fastest first. flash-attn 3 and 2 are separate installs; cuDNN's fused attention comes with
-# PyTorch and is what diffusers timed Z-Image with on an H100 (PR #12955). benchmarks/gpu_bench.py times
-# each installed one, to check this order on the card.
-ATTENTION_PREFERENCE = ("_flash_3", "flash", "_native_cudnn", "_native_flash", "native")
+# Fastest first; "auto" takes the first one installed. flash-attn 3 is a separate install (published as the
+# fastest on Hopper; not measured here). On an H100 (torch 2.11, benchmarks/gpu_bench.py, docs/performance.md)
+# PyTorch's own SDPA choice ("native") beat forcing cuDNN's or PyTorch's flash kernel: 152 vs 158 and 164 ms
+# per transformer call at 1024². The rest stay selectable by name.
+ATTENTION_PREFERENCE = ("_flash_3", "native", "flash", "_native_cudnn", "_native_flash")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class FastPath:
     attention: str = "auto"  # "auto" (best installed), or a diffusers attention backend name
     compile: Switch = "auto"  # regional torch.compile of the transformer blocks; auto: on CUDA only
     cuda_graphs: bool = False  # compile the blocks with CUDA graphs ("reduce-overhead"); needs compile
-    vae_channels_last: bool = True  # CUDA only; the VAE's dtype is the placement's (bf16 on CUDA)
+    # CUDA only. Off by default: on an H100 the channels-last decode took 145 ms against 91 ms contiguous.
+    vae_channels_last: bool = False
     prompt_cache: int = 64  # prompt embeddings kept per engine (0: none)
 
     def __post_init__(self) -> None:
