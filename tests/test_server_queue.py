@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from websockets.sync.client import connect
 
 from tests.server import Server, process_state, running_server, worker_processes
 from tests.workflows import nano_prompt
@@ -240,3 +241,28 @@ def test_uploads_are_checked_and_never_overwrite_unless_asked(tmp_path: Path) ->
         prompt["21"] = {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}}
         status, answer = server.json("POST", "/prompt", {"prompt": prompt})
         assert status == 200 and answer["node_errors"] == {}
+
+
+def test_a_socket_that_connects_while_its_prompt_runs_gets_its_node_and_the_events_after(tmp_path: Path) -> None:
+    """No socket is connected when the prompt starts, so the worker process sends no events; the one that
+    connects mid-run is told the node being run (as ComfyUI tells a reconnecting frontend) and gets the
+    events from then on."""
+    with running_server(tmp_path / "data") as server:
+        warm = submit(server, small_job("warm"))  # loads the models and encodes the prompt: cached from now on
+        wait_until(lambda: warm in history(server))
+        client_id = uuid.uuid4().hex
+        prompt_id = submit(server, slow_job("late"), client_id=client_id)
+        wait_until(lambda: prompt_id in running_ids(server))
+        time.sleep(1.0)  # well into sampling (node 3), which takes many seconds at 1024²
+        with connect(f"{server.ws_url}?clientId={client_id}") as socket:
+            messages = [json.loads(socket.recv(timeout=60))]
+            assert messages[0]["type"] == "status"
+            while not any(m["type"] == "progress" for m in messages):
+                messages.append(json.loads(socket.recv(timeout=60)))
+            nodes = [m["data"]["node"] for m in messages if m["type"] == "executing"]
+            assert nodes[:1] == ["3"]  # the node it was on when the socket connected: KSampler
+            assert all(m["data"]["prompt_id"] == prompt_id for m in messages if m["type"] == "progress")
+            server.request("POST", "/interrupt", {"prompt_id": prompt_id})
+            while not (messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None):
+                messages.append(json.loads(socket.recv(timeout=60)))
+            assert "execution_interrupted" in [m["type"] for m in messages]

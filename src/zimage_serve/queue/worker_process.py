@@ -7,9 +7,11 @@ that dies (a driver fault, the OOM killer) takes no request and no queued prompt
 The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
 only hand-over) and runs a `Worker` there. One pipe carries, child to parent and in order (in
 batches): job events, queue changes and device statistics; parent to child: wake, interrupt, free and
-stop. The child dies with the parent (Linux's parent-death signal, else the pipe's end). A child that
-dies unexpectedly is started again once its running jobs are put back or failed, as crash recovery
-does at start.
+stop. Events go only to sockets, so while none is connected to the parent (a number in shared memory
+says how many are) the child sends none: what runs is read from the queue file, and the node a prompt
+is on is asked of the child when a socket connects. The child dies with the
+parent (Linux's parent-death signal, else the pipe's end). A child that dies unexpectedly is started
+again once its running jobs are put back or failed, as crash recovery does at start.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from zimage_serve.queue.worker import Executing, Listener
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+REPORT_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ class WorkerConfig:
 
 
 @dataclass
-class _Seen:
-    client_id: str | None
-    node: str | None = None
+class _Report:
+    """The child's answer to "what runs now", awaited by `WorkerProcess.executing`."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    running: list[Executing] = field(default_factory=list)
 
 
 class WorkerProcess:
@@ -67,23 +72,30 @@ class WorkerProcess:
 
     def __init__(self, config: WorkerConfig, listener: Listener, store: JobStore) -> None:
         self.config, self.listener, self.store = config, listener, store
-        self._lock = threading.Lock()  # guards the pipe's sending end and _running
+        self._lock = threading.Lock()  # guards the pipe's sending end and _reports
         self._connection: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._reader: threading.Thread | None = None
-        self._running: dict[str, _Seen] = {}
+        self._reports: dict[int, _Report] = {}
+        self._next_report = 0
         self._stats: dict[str, object] = {}
         self._stopping = threading.Event()
         self._child_idle = False
         self._started = 0.0
         self._quick_failures = 0
+        # Sockets connected to the parent, read by the child before each event; shared memory, so a socket
+        # that connects is seen by the next event the child sends, with no message in between.
+        self._audience = multiprocessing.get_context("spawn").Value("i", 0, lock=False)
 
     # -- control ---------------------------------------------------------------------------------------
     def start(self) -> None:
         context = multiprocessing.get_context("spawn")  # no fork: threads and CUDA do not survive one
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(
-            target=_child_main, args=(self.config, child_end, os.getpid()), name="zimage-worker", daemon=True
+            target=_child_main,
+            args=(self.config, child_end, os.getpid(), self._audience),
+            name="zimage-worker",
+            daemon=True,
         )
         process.start()
         child_end.close()
@@ -111,6 +123,9 @@ class WorkerProcess:
             self._reader.join(5)
         return clean
 
+    def audience_changed(self, sockets: int) -> None:
+        self._audience.value = sockets
+
     def notify(self) -> None:
         """Wake the child only if it said it is idle: a message per submission would fill the pipe
         faster than a busy child reads it, and block the server on the send."""
@@ -120,20 +135,34 @@ class WorkerProcess:
                 self._send_locked(("notify",))
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Sent whatever this side has heard (a prompt may have started a moment ago); True if one was
-        known to be running."""
+        """Sent whatever the queue file says (a prompt may have started a moment ago); True if one was
+        running when asked."""
         with self._lock:
-            running = prompt_id in self._running if prompt_id is not None else bool(self._running)
             self._send_locked(("interrupt", prompt_id))
-        return running
+        if prompt_id is None:
+            return self.store.count("running") > 0
+        job = self.store.get(prompt_id)
+        return job is not None and job.state == "running"
 
     def free(self) -> None:
         with self._lock:
             self._send_locked(("free",))
 
     def executing(self) -> list[Executing]:
+        """Asked of the child, which alone knows each prompt's current node (it sends no events while no
+        socket listens); blocks up to REPORT_TIMEOUT_S, then answers that nothing is known to run."""
+        report = _Report()
         with self._lock:
-            return [Executing(i, seen.client_id, seen.node) for i, seen in self._running.items()]
+            if self._connection is None:  # no child (being restarted): nothing runs
+                return []
+            token, self._next_report = self._next_report, self._next_report + 1
+            self._reports[token] = report
+            self._send_locked(("report", token))
+        if not report.done.wait(REPORT_TIMEOUT_S):
+            log.warning("the worker process did not say what it runs within %s s", REPORT_TIMEOUT_S)
+        with self._lock:
+            self._reports.pop(token, None)
+        return report.running
 
     def device_stats(self) -> dict[str, object]:
         """As the child last reported them (when it started, and whenever its queue ran dry); before
@@ -161,7 +190,8 @@ class WorkerProcess:
         process.join(10)
         with self._lock:
             self._connection = None
-            self._running.clear()
+            for report in self._reports.values():  # nothing runs in a dead child
+                report.done.set()
         if self._stopping.is_set():
             return
         log.error("the worker process stopped (exit code %s); starting it again", process.exitcode)
@@ -178,8 +208,14 @@ class WorkerProcess:
         kind = message[0]
         if kind == "event":
             _, prompt_id, client_id, event, data = message
-            self._track(prompt_id, client_id, event, data)
             self.listener.job_event(prompt_id, client_id, event, data)
+        elif kind == "running":
+            _, token, running = message
+            with self._lock:
+                report = self._reports.get(token)
+            if report is not None:
+                report.running = [Executing(*item) for item in running]
+                report.done.set()
         elif kind == "queue_changed":
             self.listener.queue_changed()
         elif kind == "idle":
@@ -191,15 +227,6 @@ class WorkerProcess:
         elif kind == "stats":
             self._stats = message[1]
 
-    def _track(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
-        with self._lock:
-            if event == "execution_start":
-                self._running[prompt_id] = _Seen(client_id)
-            elif event == "executing" and data.get("node") is None:
-                self._running.pop(prompt_id, None)
-            elif event == "executing" and prompt_id in self._running:
-                self._running[prompt_id].node = data["node"]
-
 
 # -- child side -----------------------------------------------------------------------------------------
 class _PipeListener:
@@ -207,8 +234,8 @@ class _PipeListener:
     order, as many as are waiting in one write: under load that is one write (and one wake-up of the
     server) per several messages instead of one each."""
 
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
+    def __init__(self, connection: Connection, audience: Any) -> None:
+        self.connection, self.audience = connection, audience
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | threading.Event] = queue.SimpleQueue()
         threading.Thread(target=self._pump, name="zimage-worker-outbox", daemon=True).start()
 
@@ -222,10 +249,12 @@ class _PipeListener:
         done.wait(timeout)
 
     def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
-        self.send(("event", prompt_id, client_id, event, data))
+        if self.audience.value:
+            self.send(("event", prompt_id, client_id, event, data))
 
     def queue_changed(self) -> None:
-        self.send(("queue_changed",))
+        if self.audience.value:  # a status broadcast, to sockets only
+            self.send(("queue_changed",))
 
     def _pump(self) -> None:
         while True:
@@ -261,7 +290,7 @@ def _die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -> None:
+def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any) -> None:
     _die_with(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -274,7 +303,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -
 
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     store = JobStore(config.store_path)
-    listener = _PipeListener(connection)
+    listener = _PipeListener(connection, audience)
     executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype, config.fast, config.memory_mode))
     last_stats = 0.0
 
@@ -307,6 +336,9 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int) -
             worker.interrupt(message[1])
         elif kind == "free":
             executor.free()
+        elif kind == "report":
+            running = [(e.prompt_id, e.client_id, e.node) for e in worker.executing()]
+            listener.send(("running", message[1], running))
         elif kind == "stop":
             clean = worker.stop(message[1])
             store.close()

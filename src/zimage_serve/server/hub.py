@@ -31,6 +31,9 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[tuple[str, list[str] | None]] | None = None
         self._pump_task: asyncio.Task[None] | None = None
+        # Told the number of sockets whenever it changes (the worker process skips, while nobody is
+        # connected, the events that only sockets would receive).
+        self.on_audience: Callable[[int], None] | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -48,6 +51,7 @@ class Hub:
     async def add(self, sid: str, socket: WebSocket) -> None:
         old = self.sockets.get(sid)
         self.sockets[sid] = socket
+        self._audience_changed()
         if old is not None and old is not socket:
             with contextlib.suppress(Exception):  # the old connection may already be gone
                 await old.close()
@@ -55,6 +59,11 @@ class Hub:
     def remove(self, sid: str, socket: WebSocket) -> None:
         if self.sockets.get(sid) is socket:
             del self.sockets[sid]
+            self._audience_changed()
+
+    def _audience_changed(self) -> None:
+        if self.on_audience is not None:
+            self.on_audience(len(self.sockets))
 
     # -- from any thread ---------------------------------------------------------------------------
     def publish(self, event: str, data: dict[str, Any], client_id: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -22,7 +23,8 @@ async def websocket(socket: WebSocket) -> None:
         status = rt.status()
         status["sid"] = sid
         await socket.send_text(json.dumps({"type": "status", "data": status}))
-        for running in rt.service.executing():
+        # The worker process may take a moment to answer (a thread, not the loop, waits for it).
+        for running in await asyncio.to_thread(rt.service.executing):
             if running.client_id == sid and running.node is not None:
                 await socket.send_text(json.dumps({"type": "executing", "data": {"node": running.node}}))
         first = True

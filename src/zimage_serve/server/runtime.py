@@ -87,7 +87,9 @@ class Runtime:
                 concurrency=settings.concurrency,
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
-            return WorkerProcess(config, self, self.store)
+            process = WorkerProcess(config, self, self.store)
+            self.hub.on_audience = process.audience_changed
+            return process
         placing = Placing.choose(settings.device, settings.dtype, settings.fast, settings.memory_mode)
         executor = Executor(NODES, self.folders, placing)
         concurrency = placing.concurrency_cap(settings.concurrency)

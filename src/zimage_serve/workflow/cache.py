@@ -42,7 +42,12 @@ def signature(class_type: str, fingerprint: Any, constants: dict[str, Any], link
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, _PLAIN):  # nearly every widget value: no trial encoding needed
+        return value
     try:
         json.dumps(value)
         return value

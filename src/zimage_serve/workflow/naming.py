@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,20 @@ def _folder_counters(folder: Path, extension: str) -> dict[str, int]:
                 table[match.group(1)] = max(table.get(match.group(1), 0), int(match.group(2)))
         _counters[key] = table
     return _counters[key]
+
+
+def _through_symlink(root: str, parts: list[str]) -> bool:
+    """Whether a path below the (resolved) root passes through a symbolic link: one lstat per part below
+    the root, where resolving the whole path would look at every part from the filesystem's root."""
+    current = root
+    for part in parts:
+        current = os.path.join(current, part)
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                return True
+        except FileNotFoundError:
+            return False  # not made yet: it will be a plain folder, made by us
+    return False
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,7 +112,7 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
     subfolder, stem = "/".join(parts[:-1]), parts[-1]
     root = _resolved(folder)
     target = root.joinpath(*parts[:-1])
-    if subfolder:
+    if subfolder and _through_symlink(str(root), parts[:-1]):
         target = target.resolve()
         if not target.is_relative_to(root):  # a symlink inside the output folder pointing out of it
             raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
