@@ -47,7 +47,6 @@ async def get_prompt(request: Request) -> dict[str, Any]:
     return {"exec_info": {"queue_remaining": runtime(request).service.remaining()}}
 
 
-@router.post("/prompt")
 async def post_prompt(request: Request) -> Response:
     rt = runtime(request)
     try:
@@ -93,6 +92,12 @@ async def post_prompt(request: Request) -> Response:
     job = submitted.job
     shown = int(job.number) if number is None else job.number
     return JSONResponse({"prompt_id": job.id, "number": shown, "node_errors": submitted.node_errors})
+
+
+# The busiest route is a plain Starlette route: it reads its own body and answers its own responses, so
+# FastAPI's dependency and response machinery (~0.1 ms of the ~0.8 ms a submission costs the server)
+# has nothing to do. It is left out of the OpenAPI page; ComfyUI's documentation describes it.
+router.add_route("/prompt", post_prompt, methods=["POST"])
 
 
 def _canonical_uuid(value: Any) -> bool:
