@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from zimage_serve.queue import store as store_module
-from zimage_serve.queue.store import DuplicateJob, JobStore, QueueFull
+from zimage_serve.queue.store import DuplicateJob, Job, JobStore, QueueFull
 
 
 def add(store: JobStore, job_id: str, number: float | None = None) -> None:
@@ -217,3 +217,18 @@ def test_the_queue_as_json_text_equals_the_parsed_queue_items(tmp_path: Path) ->
         spliced = [json.loads(text) for text in store.queue_items_json(state)]
         assert spliced == [job.queue_item() for job in jobs]
     assert [item[0] for item in map(json.loads, store.queue_items_json("pending"))] == [3, 7]
+
+
+def test_a_burst_is_stored_in_one_transaction_and_each_job_gets_its_own_answer(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db", max_pending=4)
+    add(store, "taken", 0)
+    prompt = {"1": {"class_type": "X"}}
+    ids = (("a", 1), ("taken", 2), ("b", 3), ("a", 4), ("c", 5), ("d", 6))
+    results = store.enqueue_many([Job(i, n, prompt, {}, ["1"]) for i, n in ids])
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == ["Job", "DuplicateJob", "Job", "DuplicateJob", "Job", "QueueFull"]
+    assert [j.id for j in store.pending()] == ["taken", "a", "b", "c"]
+    assert [j.number for j in store.pending()] == [0, 1, 3, 5]  # the refused "a" did not overwrite the first
+    assert store.count("pending") == 4  # the counts kept by triggers agree
+    with pytest.raises(QueueFull):
+        add(store, "e")

@@ -9,11 +9,11 @@ store's `Job` records, never to the executor or the node set directly.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from zimage_serve.queue.store import Job, JobStore
+from zimage_serve.queue.store import DuplicateJob, Job, JobStore, QueueFull
 from zimage_serve.queue.worker import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.spec import node_info, object_info
@@ -70,6 +70,33 @@ class QueueService:
         prompt_id: str | None = None,
         partial_targets: list[str] | None = None,
     ) -> Submitted:
+        """Validate, number and store one prompt; raises PromptRejected, QueueFull or DuplicateJob."""
+        prepared = self.prepare(
+            prompt,
+            client_id=client_id,
+            extra_data=extra_data,
+            number=number,
+            front=front,
+            prompt_id=prompt_id,
+            partial_targets=partial_targets,
+        )
+        [stored] = self.enqueue([prepared])
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
+
+    def prepare(
+        self,
+        prompt: Any,
+        *,
+        client_id: str | None = None,
+        extra_data: dict[str, Any] | None = None,
+        number: float | None = None,
+        front: bool = False,
+        prompt_id: str | None = None,
+        partial_targets: list[str] | None = None,
+    ) -> Submitted:
+        """Validate and number a prompt (raises PromptRejected); `enqueue` stores it."""
         # ComfyUI counts every request without an explicit number, even one that then fails validation.
         counter = self.store.next_number() if number is None else None
         checked = self.validator.validate(prompt, partial_targets)
@@ -81,9 +108,18 @@ class QueueService:
         extra = {k: v for k, v in (extra_data or {}).items() if k not in SENSITIVE_KEYS}
         if client_id is not None:
             extra["client_id"] = client_id
-        job = self.store.enqueue(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
-        self.worker.notify()
+        job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
         return Submitted(job, checked.node_errors)
+
+    def enqueue(self, prepared: Sequence[Submitted]) -> list[Submitted | QueueFull | DuplicateJob]:
+        """Store prepared prompts in one transaction and wake the worker; each comes back stored or as
+        the error that kept it out."""
+        stored = self.store.enqueue_many([p.job for p in prepared])
+        self.worker.notify()
+        return [
+            job if isinstance(job, Exception) else Submitted(job, p.node_errors)
+            for p, job in zip(prepared, stored, strict=True)
+        ]
 
     # -- the queue and the history ---------------------------------------------------------------------
     def remaining(self) -> int:

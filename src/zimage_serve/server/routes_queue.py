@@ -71,7 +71,7 @@ async def post_prompt(request: Request) -> Response:
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
         return comfy_error("invalid_prompt", "Invalid partial_execution_targets", "expected a list of node ids")
     try:
-        submitted = rt.service.submit(
+        submitted = await rt.submissions.submit(
             body["prompt"],
             client_id=str(client_id) if client_id is not None else None,
             extra_data=extra,

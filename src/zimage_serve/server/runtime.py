@@ -17,6 +17,7 @@ from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.server.hub import Hub
+from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -67,6 +68,7 @@ class Runtime:
         self.validator = Validator(NODES, self.folders)
         self.worker = self._worker()
         self.service = QueueService(self.store, self.validator, self.worker, self.folders)
+        self.submissions = SubmissionBatcher(self.service)
 
     def _worker(self) -> DeviceWorker:
         settings = self.settings
