@@ -59,28 +59,10 @@ class QueueService:
     def __init__(self, store: JobStore, validator: Validator, worker: DeviceWorker, folders: Folders) -> None:
         self.store, self.validator, self.worker, self.folders = store, validator, worker, folders
 
-    def submit(
-        self,
-        prompt: Any,
-        *,
-        client_id: str | None = None,
-        extra_data: dict[str, Any] | None = None,
-        number: float | None = None,
-        front: bool = False,
-        prompt_id: str | None = None,
-        partial_targets: list[str] | None = None,
-    ) -> Submitted:
-        """Validate, number and store one prompt; raises PromptRejected, QueueFull or DuplicateJob."""
-        prepared = self.prepare(
-            prompt,
-            client_id=client_id,
-            extra_data=extra_data,
-            number=number,
-            front=front,
-            prompt_id=prompt_id,
-            partial_targets=partial_targets,
-        )
-        [stored] = self.enqueue([prepared])
+    def submit(self, prompt: Any, **options: Any) -> Submitted:
+        """Validate, number and store one prompt (`prepare`'s options); raises PromptRejected, QueueFull
+        or DuplicateJob."""
+        [stored] = self.enqueue([self.prepare(prompt, **options)])
         if isinstance(stored, Exception):
             raise stored
         return stored
