@@ -173,6 +173,7 @@ class _Run:
         self.result = RunResult(prompt_id, "success")
         self.values: dict[str, tuple[Any, ...]] = {}
         self.signatures: dict[str, str] = {}
+        self._links: dict[str, dict[str, tuple[str, int]]] = {}
         self.current_inputs: dict[str, Any] = {}
         self.interrupted = threading.Event()
 
@@ -210,12 +211,16 @@ class _Run:
 
     # -- ordering and signatures -----------------------------------------------------------------------
     def _sources(self, node_id: str) -> dict[str, tuple[str, int]]:
-        node_class = self.ex.nodes[self.prompt[node_id]["class_type"]]
-        found = {}
-        for name in node_class.all_inputs():
-            value = self.prompt[node_id]["inputs"].get(name)
-            if is_link(value) and (source := link_source(value)) is not None:
-                found[name] = source
+        """The node's linked inputs (input name → source node, output index); read once per run."""
+        found = self._links.get(node_id)
+        if found is None:
+            node_class = self.ex.nodes[self.prompt[node_id]["class_type"]]
+            found = {}
+            for name in node_class.all_inputs():
+                value = self.prompt[node_id]["inputs"].get(name)
+                if is_link(value) and (source := link_source(value)) is not None:
+                    found[name] = source
+            self._links[node_id] = found
         return found
 
     def _order(self) -> list[str]:
