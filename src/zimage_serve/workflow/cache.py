@@ -32,27 +32,15 @@ class CacheEntry:
 
 
 def signature(class_type: str, fingerprint: Any, constants: dict[str, Any], links: dict[str, tuple[str, int]]) -> str:
-    """`links` maps input name → (signature of the source node, output index)."""
+    """`links` maps input name → (signature of the source node, output index). A value JSON cannot write
+    (a tensor, say) enters by its repr."""
     payload = {
         "class": class_type,
-        "fingerprint": _jsonable(fingerprint),
-        "constants": {k: _jsonable(v) for k, v in sorted(constants.items())},
-        "links": {k: [s, i] for k, (s, i) in sorted(links.items())},
+        "fingerprint": fingerprint,
+        "constants": constants,
+        "links": {k: [s, i] for k, (s, i) in links.items()},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, _PLAIN):  # nearly every widget value: no trial encoding needed
-        return value
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 class OutputCache:
