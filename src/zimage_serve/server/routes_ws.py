@@ -17,9 +17,11 @@ router = APIRouter()
 async def websocket(socket: WebSocket) -> None:
     rt: Runtime = socket.app.state.runtime
     sid = socket.query_params.get("clientId") or uuid.uuid4().hex
-    await socket.accept()
+    # Counted before the handshake completes: a client may post a prompt the moment it is connected, and
+    # the worker process must know by then that someone listens (it sends no events to nobody).
     await rt.hub.add(sid, socket)
     try:
+        await socket.accept()
         status = rt.status()
         status["sid"] = sid
         await socket.send_text(json.dumps({"type": "status", "data": status}))
