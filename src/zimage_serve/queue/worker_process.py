@@ -9,9 +9,9 @@ only hand-over) and runs a `Worker` there. One pipe carries, child to parent and
 batches): job events, queue changes and device statistics; parent to child: wake, interrupt, free and
 stop. Events go only to sockets, so while none is connected to the parent (a number in shared memory
 says how many are) the child sends none: what runs is read from the queue file, and the node a prompt
-is on is asked of the child when a socket connects. The child dies with the
-parent (Linux's parent-death signal, else the pipe's end). A child that dies unexpectedly is started
-again once its running jobs are put back or failed, as crash recovery does at start.
+is on is asked of the child when a socket connects. The child dies with the parent (Linux's
+parent-death signal, else the pipe's end). A child that dies unexpectedly is started again once its
+running jobs are put back or failed, as crash recovery does at start.
 """
 
 from __future__ import annotations
