@@ -20,7 +20,6 @@ installed. Prints a table and writes `gpu_bench.json` and `gpu_bench.md` under `
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -32,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_common import add_model_arguments, build_model, relative_error
+from gpu_common import build_model, device_name, parse_arguments, relative_error
 
-from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine
 from zimage_serve.engine.fastpath import ATTENTION_PREFERENCE, attention_available
 from zimage_serve.engine.loader import LoadedModel
@@ -290,16 +288,13 @@ def save(out: Path, report: dict[str, Any], rows: list[Row]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser, runs=5)
-    args = parser.parse_args()
-    quiet_libraries()
+    args = parse_arguments(__doc__.splitlines()[0], runs=5)
     started = time.perf_counter()
     model = build_model(args)
     device = model.placement.device
     size = args.size
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "size": size,
         "steps": STEPS,

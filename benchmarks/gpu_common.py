@@ -8,8 +8,22 @@ from pathlib import Path
 
 import torch
 
+from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.nano.random_model import TinyConfig, build_random_model
+
+
+def parse_arguments(description: str, runs: int) -> argparse.Namespace:
+    """The benchmarks' shared options (with `runs` as the default number of timed runs), parsed."""
+    parser = argparse.ArgumentParser(description=description)
+    add_model_arguments(parser, runs)
+    args = parser.parse_args()
+    quiet_libraries()
+    return args
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, runs: int) -> None:

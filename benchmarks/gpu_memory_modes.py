@@ -27,9 +27,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from gpu_common import add_model_arguments, build_model, relative_error
+from gpu_common import build_model, device_name, parse_arguments, relative_error
 
-from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fp8 import quantise_transformer
@@ -132,10 +131,7 @@ def host_copy(model: LoadedModel) -> LoadedModel:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser, runs=3)
-    args = parser.parse_args()
-    quiet_libraries()
+    args = parse_arguments(__doc__.splitlines()[0], runs=3)
     started = time.perf_counter()
     model = build_model(args)
     device = model.placement.device
@@ -190,7 +186,7 @@ def main() -> None:
 def save(args: argparse.Namespace, device: torch.device, rows: list[Row]) -> list[str]:
     """Write the rows measured so far (a run cut short by its time limit still leaves them)."""
     base = rows[0].seconds
-    name = torch.cuda.get_device_name(device) if cuda(device) else "cpu"
+    name = device_name(device)
     lines = [
         f"Card: {name}; torch {torch.__version__}; {args.size}x{args.size}, {STEPS} steps, median of {args.runs} "
         f"after a warm-up; compile {args.compile} for the all-on-GPU rows; {time.strftime('%Y-%m-%d')}.",
