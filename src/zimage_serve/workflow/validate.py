@@ -10,7 +10,6 @@ dependency cycle are reported on the node that holds the link (ComfyUI raises th
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,7 +68,9 @@ class Validator:
             return ValidationResult(
                 {}, [], error=error("invalid_prompt", "The prompt must be a non-empty object of nodes", "prompt")
             )
-        prompt = copy.deepcopy(prompt)
+        # Validation converts input values in place: it works on its own nodes and inputs (the values in them
+        # are replaced, never changed, so they need no copy: a deep copy cost more than the checks).
+        prompt = {node_id: _own_node(node) for node_id, node in prompt.items()}
         for node_id, node in prompt.items():
             problem = self._node_problem(str(node_id), node)
             if problem is not None:
@@ -199,10 +200,9 @@ class Validator:
                         error("required_input_missing", "Required input is missing", name, {"input_name": name})
                     )
                 continue
-            config = declared.spec(self.lists)
             value = inputs[name]
             if is_link(value) or isinstance(value, list):
-                reason = self._check_link(prompt, name, config, value)
+                reason = self._check_link(prompt, name, declared, value)
                 if reason is not None:
                     reasons.append(reason)
                 continue
@@ -212,11 +212,11 @@ class Validator:
                         "bad_linked_input",
                         "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                         name,
-                        {"input_name": name, "input_config": config, "received_value": _shown(value)},
+                        {"input_name": name, "input_config": self._config(declared), "received_value": _shown(value)},
                     )
                 )
                 continue
-            converted, reason = self._convert(name, declared, config, value)
+            converted, reason = self._convert(name, declared, value)
             if reason is not None:
                 reasons.append(reason)
                 continue
@@ -224,7 +224,7 @@ class Validator:
             constants[name] = converted
             if name in node_class.custom_checks:
                 continue
-            reason = self._check_value(name, declared, config, converted)
+            reason = self._check_value(name, declared, converted)
             if reason is not None:
                 reasons.append(reason)
         if node_class.custom_checks and not reasons:
@@ -248,9 +248,33 @@ class Validator:
                     break
         return reasons
 
-    def _check_link(self, prompt: dict[str, Any], name: str, config: list[Any], value: Any) -> dict[str, Any] | None:
-        extra = {"input_name": name, "input_config": config, "received_value": _shown(value)}
+    def _config(self, declared: Input) -> list[Any]:
+        """An input's object_info entry, for error messages (a combo's lists its choices: built only then)."""
+        return declared.spec(self.lists)
+
+    def _check_link(self, prompt: dict[str, Any], name: str, declared: Input, value: Any) -> dict[str, Any] | None:
         source = link_source(value) if is_link(value) else None
+        if source is not None and source[0] in prompt:
+            source_id, index = source
+            source_class = self.nodes[prompt[source_id]["class_type"]]
+            if 0 <= index < len(source_class.outputs):
+                received = source_class.outputs[index].type
+                expected = declared.spec_type(self.lists)
+                if types_match(received, expected):
+                    return None
+                return error(
+                    "return_type_mismatch",
+                    "Return type mismatch between linked nodes",
+                    f"{name}, received_type({received}) mismatch input_type"
+                    f"({expected if isinstance(expected, str) else 'COMBO'})",
+                    {
+                        "input_name": name,
+                        "input_config": self._config(declared),
+                        "received_type": received,
+                        "linked_node": [source_id, index],
+                    },
+                )
+        extra = {"input_name": name, "input_config": self._config(declared), "received_value": _shown(value)}
         if source is None:
             return error(
                 "bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]", name, extra
@@ -264,32 +288,15 @@ class Validator:
                 {**extra, "linked_node": [source_id, index], "exception_type": "KeyError"},
             )
         source_class = self.nodes[prompt[source_id]["class_type"]]
-        if not 0 <= index < len(source_class.outputs):
-            return error(
-                "exception_during_inner_validation",
-                "Exception when validating inner node",
-                f"{name}: node '{source_id}' ({prompt[source_id]['class_type']}) has no output {index}; it has "
-                f"{len(source_class.outputs)}",
-                {**extra, "linked_node": [source_id, index], "exception_type": "IndexError"},
-            )
-        received = source_class.outputs[index].type
-        if not types_match(received, config[0]):
-            expected = config[0] if isinstance(config[0], str) else "COMBO"
-            return error(
-                "return_type_mismatch",
-                "Return type mismatch between linked nodes",
-                f"{name}, received_type({received}) mismatch input_type({expected})",
-                {
-                    "input_name": name,
-                    "input_config": config,
-                    "received_type": received,
-                    "linked_node": [source_id, index],
-                },
-            )
-        return None
+        return error(
+            "exception_during_inner_validation",
+            "Exception when validating inner node",
+            f"{name}: node '{source_id}' ({prompt[source_id]['class_type']}) has no output {index}; it has "
+            f"{len(source_class.outputs)}",
+            {**extra, "linked_node": [source_id, index], "exception_type": "IndexError"},
+        )
 
-    @staticmethod
-    def _convert(name: str, declared: Input, config: list[Any], value: Any) -> tuple[Any, dict[str, Any] | None]:
+    def _convert(self, name: str, declared: Input, value: Any) -> tuple[Any, dict[str, Any] | None]:
         if isinstance(value, dict) and "__value__" in value:
             value = value["__value__"]
         kind = {Int: "INT", Float: "FLOAT", String: "STRING", Boolean: "BOOLEAN"}.get(type(declared))
@@ -324,25 +331,24 @@ class Validator:
                 f"{name}, {_shown(value)}, {exc}",
                 {
                     "input_name": name,
-                    "input_config": config,
+                    "input_config": self._config(declared),
                     "received_value": _shown(value),
                     "exception_message": str(exc),
                 },
             )
         return converted, None
 
-    def _check_value(self, name: str, declared: Input, config: list[Any], value: Any) -> dict[str, Any] | None:
-        extra = {"input_name": name, "input_config": config, "received_value": value}
-        if isinstance(declared, Int | Float):
+    def _check_value(self, name: str, declared: Input, value: Any) -> dict[str, Any] | None:
+        if isinstance(declared, Int | Float) and not declared.min <= value <= declared.max:
+            extra = {"input_name": name, "input_config": self._config(declared), "received_value": value}
             if value < declared.min:
                 return error("value_smaller_than_min", f"Value {value} smaller than min of {declared.min}", name, extra)
-            if value > declared.max:
-                return error("value_bigger_than_max", f"Value {value} bigger than max of {declared.max}", name, extra)
+            return error("value_bigger_than_max", f"Value {value} bigger than max of {declared.max}", name, extra)
         if isinstance(declared, Combo):
             choices = declared.values(self.lists)
             if value not in choices:
                 listed = f"(list of length {len(choices)})" if len(choices) > MAX_LISTED_CHOICES else str(choices)
-                shown_config = None if len(choices) > MAX_LISTED_CHOICES else config
+                shown_config = None if len(choices) > MAX_LISTED_CHOICES else self._config(declared)
                 return error(
                     "value_not_in_list",
                     "Value not in list",
@@ -354,6 +360,16 @@ class Validator:
 
 def declared_config(node_class: type[Node], name: str, lists: ResourceLists) -> list[Any]:
     return node_class.all_inputs()[name].spec(lists)
+
+
+def _own_node(node: Any) -> Any:
+    """A node (and its inputs) that validation may change without touching the caller's."""
+    if not isinstance(node, dict):
+        return node
+    own = dict(node)
+    if isinstance(own.get("inputs"), dict):
+        own["inputs"] = dict(own["inputs"])
+    return own
 
 
 def _shown(value: Any) -> Any:
