@@ -179,7 +179,7 @@ def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monke
 
 def test_claiming_reads_one_index_entry_not_every_waiting_job(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "q.db")
-    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.CLAIM_NEXT, (0.0,)))
+    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.NEXT_PENDING))
     assert "jobs_pending" in plan and "TEMP B-TREE" not in plan, plan
 
 
