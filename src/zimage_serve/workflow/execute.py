@@ -96,7 +96,9 @@ class Executor:
         self.cache = OutputCache(cache_bytes)
         self._lock = threading.Lock()
         self._active: dict[str, _Run] = {}  # prompt id → its run
-        self._computing: dict[str, threading.Event] = {}  # signature → set when its node is done
+        self._computing: set[str] = set()  # signatures of the nodes some run is computing now
+        self._computed = threading.Condition(self._lock)  # notified when one of them is done
+        self._waiting = 0  # runs waiting on _computed: most releases have none to wake
         self.node_runs: dict[str, int] = {}  # class_type → executions, for tests and metrics
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
@@ -142,19 +144,28 @@ class Executor:
             self.cache.trim(keep=keep | set(run.signatures.values()))
 
     # -- shared between runs ---------------------------------------------------------------------------
-    def _claim(self, key: str) -> threading.Event | None:
-        """None: this caller computes `key` (then calls `_release`). Else an event set when another is done."""
+    def _claim(self, key: str) -> bool:
+        """True: this caller computes `key` (then calls `_release`). False: another run was computing it and
+        is done now, so the caller looks in the cache again (it finds nothing if that run failed)."""
         with self._lock:
-            pending = self._computing.get(key)
-            if pending is None:
-                self._computing[key] = threading.Event()
-            return pending
+            if key not in self._computing:
+                self._computing.add(key)
+                return True
+            self._waiting += 1
+            try:
+                while key in self._computing:
+                    self._computed.wait()
+            finally:
+                self._waiting -= 1
+            return False
 
     def _release(self, key: str, class_type: str | None) -> None:
         with self._lock:
             if class_type is not None:
                 self.node_runs[class_type] = self.node_runs.get(class_type, 0) + 1
-            self._computing.pop(key).set()
+            self._computing.discard(key)
+            if self._waiting:
+                self._computed.notify_all()
 
 
 class _Run:
@@ -271,10 +282,8 @@ class _Run:
                 if node_class.output_node:
                     self._report_ui(node_id, entry.ui)
                 return
-            other = self.ex._claim(key)
-            if other is None:
+            if self.ex._claim(key):  # else another run computed this very node: use its result (or retry)
                 break
-            other.wait()  # another run computes this very node: use its result (or compute it if it failed)
         executed = False
         try:
             self._compute(node_id, class_type, node_class, key)
