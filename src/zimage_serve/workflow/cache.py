@@ -40,7 +40,11 @@ def signature(class_type: str, fingerprint: Any, constants: dict[str, Any], link
         "constants": constants,
         "links": {k: [s, i] for k, (s, i) in links.items()},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
+    return hashlib.sha256(_SIGNATURE_JSON.encode(payload).encode()).hexdigest()
+
+
+# One encoder for every signature: json.dumps with options of its own builds a new encoder on each call.
+_SIGNATURE_JSON = json.JSONEncoder(sort_keys=True, default=repr)
 
 
 class OutputCache:
