@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.folders import Folders, UnknownFileError
 
 HOUR_NS = 3600 * 10**9
 
@@ -80,3 +80,25 @@ def test_removing_a_file_is_seen(tmp_path: Path) -> None:
     assert folders.names("input_images") == ["a.png", "b.png"]
     (folder / "a.png").unlink()
     assert folders.names("input_images") == ["b.png"]
+
+
+@pytest.mark.parametrize(
+    "name", ["../secret.png", "a/../../x.png", "..\\x.png", "/etc/passwd", "\\x.png", "", "a\x00.png"]
+)
+def test_input_names_that_leave_the_folder_are_refused_by_both_lookups(tmp_path: Path, name: str) -> None:
+    folders = Folders.default(tmp_path)
+    with pytest.raises(UnknownFileError):
+        folders.input_file(name)
+    with pytest.raises(UnknownFileError):
+        folders.input_path(name)
+
+
+def test_input_file_names_the_place_without_looking_and_input_path_looks(tmp_path: Path) -> None:
+    folders = Folders.default(tmp_path)
+    (folders.input / "sub").mkdir(parents=True)
+    (folders.input / "sub" / "a.png").write_bytes(b"x")
+    assert folders.input_file("sub/a.png") == str(folders.input / "sub" / "a.png")
+    assert folders.input_path("sub/a.png") == folders.input / "sub" / "a.png"
+    assert folders.input_file("missing.png") == str(folders.input / "missing.png")
+    with pytest.raises(UnknownFileError):
+        folders.input_path("missing.png")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import secrets
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -80,8 +82,7 @@ class LoadImage(Node):
     def check(cls, lists: ResourceLists, **inputs: Any) -> str | None:
         name = inputs.get("image")
         try:
-            path = _input_path(lists, str(name))
-            readable = _is_image(*_identity(path))
+            readable = _is_image(*_identity(_input_file(lists, str(name))))
         except (UnknownFileError, OSError):
             readable = False
         return None if readable else f"Invalid image file: {name}"
@@ -89,7 +90,7 @@ class LoadImage(Node):
     @classmethod
     def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:
         try:
-            return _content_hash(*_identity(_input_path(lists, str(inputs.get("image")))))
+            return _content_hash(*_identity(_input_file(lists, str(inputs.get("image")))))
         except (UnknownFileError, OSError):
             return None
 
@@ -103,9 +104,11 @@ class LoadImage(Node):
 FileIdentity = tuple[str, int, int, int]
 
 
-def _identity(path: Path) -> FileIdentity:
-    stat = path.stat()
-    return (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+def _identity(path: str) -> FileIdentity:
+    stat = os.stat(path)
+    if not S_ISREG(stat.st_mode):
+        raise IsADirectoryError(path)  # a folder named like an image is no image
+    return (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -124,11 +127,11 @@ def _content_hash(path: str, inode: int, size: int, mtime_ns: int) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def _input_path(lists: ResourceLists, name: str) -> Path:
-    resolve = getattr(lists, "input_path", None)
-    if resolve is None:
+def _input_file(lists: ResourceLists, name: str) -> str:
+    find = getattr(lists, "input_file", None)
+    if find is None:
         raise UnknownFileError("image", name, "cannot be looked up here")
-    path: Path = resolve(name)
+    path: str = find(name)
     return path
 
 
