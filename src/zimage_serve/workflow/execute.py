@@ -168,6 +168,22 @@ class Executor:
                 self._computed.notify_all()
 
 
+class _Flag:
+    """Set from any thread, read by the run between nodes and steps: an Event without the waiting (no one
+    waits on it), which is cheaper to make once per prompt."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = False
+
+    def set(self) -> None:
+        self._value = True
+
+    def is_set(self) -> bool:
+        return self._value
+
+
 class _Run:
     def __init__(
         self,
@@ -186,7 +202,7 @@ class _Run:
         self.signatures: dict[str, str] = {}
         self._links: dict[str, dict[str, tuple[str, int]]] = {}
         self.current_inputs: dict[str, Any] = {}
-        self.interrupted = threading.Event()
+        self.interrupted = _Flag()
 
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:
