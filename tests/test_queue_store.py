@@ -187,10 +187,21 @@ def test_an_older_file_loses_the_index_that_slowed_claims(tmp_path: Path) -> Non
     path = tmp_path / "q.db"
     JobStore(path).close()
     with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX jobs_finished")
         db.execute("CREATE INDEX jobs_state ON jobs (state, finished)")
+        db.execute(
+            "CREATE INDEX jobs_history ON jobs (finished, seq) WHERE state IN ('success', 'error', 'interrupted')"
+        )
     store = JobStore(path)
     names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert "jobs_state" not in names and {"jobs_pending", "jobs_running", "jobs_history"} <= names
+    assert not {"jobs_state", "jobs_history"} & names and {"jobs_pending", "jobs_running", "jobs_finished"} <= names
+
+
+def test_history_is_read_in_order_from_its_index(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    query = f"SELECT * FROM jobs WHERE {store_module.DONE} ORDER BY finished, seq LIMIT 10"
+    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + query))
+    assert "jobs_finished" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_finishing_can_hand_out_the_next_job_in_the_same_transaction(tmp_path: Path) -> None:

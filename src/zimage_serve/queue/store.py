@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (number, seq) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (started) WHERE state = 'running';
-CREATE INDEX IF NOT EXISTS jobs_history ON jobs (finished, seq) WHERE state IN ('success', 'error', 'interrupted');
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished, seq) WHERE finished IS NOT NULL;
+DROP INDEX IF EXISTS jobs_history;
 DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
@@ -58,7 +59,11 @@ CREATE TRIGGER IF NOT EXISTS jobs_counted_moved AFTER UPDATE OF state ON jobs WH
 END;
 """
 STATES = ("pending", "running", "success", "error", "interrupted")
-FINISHED = ("success", "error", "interrupted")  # written out in the schema's jobs_history index too
+FINISHED = ("success", "error", "interrupted")
+# A job has a `finished` time exactly when its state is one of FINISHED (finish and recover set both), and
+# finished jobs are found by it: an index whose condition was `state IN (...)` made SQLite test that list
+# on every change to a row, a quarter of the queue file's work per job (counted with callgrind).
+DONE = "finished IS NOT NULL"
 # The next job by the jobs_pending index: one index step, however many wait. Read, then marked running in
 # the same write transaction; not one UPDATE ... RETURNING, for which SQLite fills a temporary table on
 # every call (callgrind counted it at ~4 % of a queued job's instructions).
@@ -311,7 +316,7 @@ class JobStore:
         if offset is None:
             offset = max(0, total - max_items) if max_items is not None else 0
         limit = max_items if max_items is not None else -1
-        return self._select(f"state IN {FINISHED} ORDER BY finished, seq LIMIT ? OFFSET ?", (limit, max(0, offset)))
+        return self._select(f"{DONE} ORDER BY finished, seq LIMIT ? OFFSET ?", (limit, max(0, offset)))
 
     def count_finished(self) -> int:
         with self._lock:
@@ -328,9 +333,9 @@ class JobStore:
     def delete_history(self, ids: Iterable[str] | None = None) -> int:
         with self._lock:
             if ids is None:
-                return self._execute(f"DELETE FROM jobs WHERE state IN {FINISHED}").rowcount
+                return self._execute(f"DELETE FROM jobs WHERE {DONE}").rowcount
             return sum(
-                self._execute(f"DELETE FROM jobs WHERE id = ? AND state IN {FINISHED}", (i,)).rowcount for i in ids
+                self._execute(f"DELETE FROM jobs WHERE id = ? AND {DONE}", (i,)).rowcount for i in ids
             )
 
     # -- internals ---------------------------------------------------------------------------------
@@ -374,7 +379,7 @@ class JobStore:
         excess = self._count(*FINISHED) - HISTORY_LIMIT
         if excess > 0:
             self._execute(
-                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN {FINISHED} "
+                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {DONE} "
                 "ORDER BY finished, seq LIMIT ?)",
                 (excess,),
             )
