@@ -17,7 +17,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,76 +194,55 @@ class JobStore:
         back stored, or as the error that kept it out (the queue full, its id taken)."""
         now = time.time()
         found: list[Job | QueueFull | DuplicateJob] = []
-        with self._lock:
-            self._execute("BEGIN IMMEDIATE")
-            try:
-                pending = self._count("pending")
-                for job in jobs:
-                    if pending >= self.max_pending:
-                        found.append(QueueFull(self.max_pending))
-                        continue
-                    inserted = self._execute(
-                        "INSERT OR IGNORE INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
-                        "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                        (
-                            job.id,
-                            job.number,
-                            json.dumps(job.prompt),
-                            json.dumps(job.extra_data),
-                            json.dumps(job.outputs),
-                            now,
-                        ),
-                    ).rowcount
-                    if not inserted:
-                        found.append(DuplicateJob(job.id))
-                        continue
-                    pending += 1
-                    found.append(Job(job.id, job.number, job.prompt, job.extra_data, job.outputs, created=now))
-                self._execute("COMMIT")
-            except BaseException:
-                self._execute("ROLLBACK")
-                raise
+        with self._writing():
+            pending = self._count("pending")
+            for job in jobs:
+                if pending >= self.max_pending:
+                    found.append(QueueFull(self.max_pending))
+                    continue
+                inserted = self._execute(
+                    "INSERT OR IGNORE INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    (
+                        job.id,
+                        job.number,
+                        json.dumps(job.prompt),
+                        json.dumps(job.extra_data),
+                        json.dumps(job.outputs),
+                        now,
+                    ),
+                ).rowcount
+                if not inserted:
+                    found.append(DuplicateJob(job.id))
+                    continue
+                pending += 1
+                found.append(Job(job.id, job.number, job.prompt, job.extra_data, job.outputs, created=now))
         return found
 
     # -- working -----------------------------------------------------------------------------------
     def claim(self) -> Job | None:
         """Hand out the next pending job (lowest number, then oldest) and mark it running."""
-        with self._lock:
-            self._execute("BEGIN IMMEDIATE")
-            try:
-                job = self._claim_next()
-                self._execute("COMMIT")
-            except BaseException:
-                self._execute("ROLLBACK")
-                raise
-            return job
+        with self._writing():
+            return self._claim_next()
 
     def finish(self, job_id: str, state: str, result: dict[str, Any], claim_next: bool = False) -> Job | None:
         """Record a running job's end and its history entry (outputs, status messages, meta), and with
         `claim_next` hand out the next job in the same transaction (one commit per job, not two)."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
-        with self._lock:
-            self._execute("BEGIN IMMEDIATE")
-            try:
-                self._execute(
-                    "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
-                    (state, time.time(), json.dumps(result), job_id),
-                )
-                self._trim_history()
-                job = self._claim_next() if claim_next else None
-                self._execute("COMMIT")
-            except BaseException:
-                self._execute("ROLLBACK")
-                raise
-            return job
+        with self._writing():
+            self._execute(
+                "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
+                (state, time.time(), json.dumps(result), job_id),
+            )
+            self._trim_history()
+            return self._claim_next() if claim_next else None
 
     def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
         """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""
-        with self._lock:
+        with self._writing():
             rows = self._execute("SELECT * FROM jobs WHERE state = 'running'").fetchall()
             jobs = [self._job(r) for r in rows]
-            self._execute("BEGIN IMMEDIATE")
             for job in jobs:
                 if retry and job.attempts < max_attempts:
                     self._execute("UPDATE jobs SET state = 'pending', started = NULL WHERE id = ?", (job.id,))
@@ -280,7 +260,6 @@ class JobStore:
                         (time.time(), json.dumps(result), job.id),
                     )
                     job.state = "error"
-            self._execute("COMMIT")
             return jobs
 
     # -- reading -----------------------------------------------------------------------------------
@@ -320,7 +299,7 @@ class JobStore:
 
     def count_finished(self) -> int:
         with self._lock:
-            return self._count(*FINISHED)
+            return self._count_finished()
 
     # -- removing ----------------------------------------------------------------------------------
     def delete_pending(self, ids: Iterable[str] | None = None) -> int:
@@ -355,6 +334,18 @@ class JobStore:
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction under this store's lock: committed at the end, rolled back on any error."""
+        with self._lock:
+            self._execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._execute("ROLLBACK")
+                raise
+            self._execute("COMMIT")
+
     def _claim_next(self) -> Job | None:
         """Within a write transaction: the next pending job, now marked running."""
         row = self._execute(NEXT_PENDING).fetchone()
@@ -365,21 +356,18 @@ class JobStore:
         self._execute(MARK_RUNNING, (job.started, row["seq"]))
         return job
 
-    def _count(self, *states: str) -> int:
-        # No `state IN (?, ?, ?)`: SQLite would build a temporary table for the list on every call (~1 % of a
-        # queued job's instructions, counted with callgrind); the finished states are all but the two live ones.
-        args: tuple[str, ...] = ()
-        if states == FINISHED:
-            query = "SELECT SUM(n) FROM state_counts WHERE state <> 'pending' AND state <> 'running'"
-        elif len(states) == 1:
-            query, args = "SELECT n FROM state_counts WHERE state = ?", states
-        else:
-            return sum(self._count(state) for state in states)
-        row = self._execute(query, args).fetchone()
-        return int(row[0] or 0) if row is not None else 0
+    def _count(self, state: str) -> int:
+        row = self._execute("SELECT n FROM state_counts WHERE state = ?", (state,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _count_finished(self) -> int:
+        # All states but the two live ones; no `state IN (...)`, for which SQLite builds a temporary table on
+        # every call (~1 % of a queued job's instructions, counted with callgrind).
+        row = self._execute("SELECT SUM(n) FROM state_counts WHERE state <> 'pending' AND state <> 'running'")
+        return int(row.fetchone()[0] or 0)
 
     def _trim_history(self) -> None:
-        excess = self._count(*FINISHED) - HISTORY_LIMIT
+        excess = self._count_finished() - HISTORY_LIMIT
         if excess > 0:
             self._execute(
                 f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {DONE} ORDER BY finished, seq LIMIT ?)",
