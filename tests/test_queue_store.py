@@ -34,6 +34,17 @@ def test_lowest_number_first_then_submission_order(tmp_path: Path) -> None:
     assert claimed[1] is not None and claimed[1].state == "running" and claimed[1].attempts == 1
 
 
+def test_running_jobs_are_listed_by_start_whatever_their_numbers(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    add(store, "late", 5)
+    add(store, "early", 9)
+    assert (first := store.claim()) is not None and first.id == "late"
+    add(store, "front", -1)  # queued in front after "late" started: it is claimed next, before "early"
+    assert (second := store.claim()) is not None and second.id == "front"
+    assert [j.id for j in store.running()] == ["late", "front"] and [j.id for j in store.pending()] == ["early"]
+    assert store.delete_pending() == 1 and [j.id for j in store.running()] == ["late", "front"]
+
+
 def test_numbers_keep_increasing_across_restarts(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "q.db")
     for name in ("a", "b", "c"):
@@ -180,21 +191,32 @@ def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monke
 def test_claiming_reads_one_index_entry_not_every_waiting_job(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "q.db")
     plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.NEXT_PENDING))
-    assert "jobs_pending" in plan and "TEMP B-TREE" not in plan, plan
+    assert "jobs_live" in plan and "TEMP B-TREE" not in plan, plan
 
 
-def test_an_older_file_loses_the_index_that_slowed_claims(tmp_path: Path) -> None:
+def test_an_older_files_indexes_are_replaced_and_its_jobs_kept_in_order(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    JobStore(path).close()
+    older = JobStore(path)
+    for name in "abc":
+        add(older, name)
+    assert (running := older.claim()) is not None and running.id == "a"
+    older.close()
     with sqlite3.connect(path) as db:
         db.execute("DROP INDEX jobs_finished")
+        db.execute("DROP INDEX jobs_live")
         db.execute("CREATE INDEX jobs_state ON jobs (state, finished)")
+        db.execute("CREATE INDEX jobs_pending ON jobs (number, seq) WHERE state = 'pending'")
+        db.execute("CREATE INDEX jobs_running ON jobs (started) WHERE state = 'running'")
         db.execute(
             "CREATE INDEX jobs_history ON jobs (finished, seq) WHERE state IN ('success', 'error', 'interrupted')"
         )
     store = JobStore(path)
     names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert not {"jobs_state", "jobs_history"} & names and {"jobs_pending", "jobs_running", "jobs_finished"} <= names
+    assert not {"jobs_state", "jobs_history", "jobs_pending", "jobs_running"} & names
+    assert {"jobs_live", "jobs_finished"} <= names
+    assert [j.id for j in store.running()] == ["a"] and [j.id for j in store.pending()] == ["b", "c"]
+    assert (following := store.finish("a", "success", {}, claim_next=True)) is not None and following.id == "b"
+    assert [j.id for j in store.history()] == ["a"] and [j.id for j in store.running()] == ["b"]
 
 
 def test_history_is_read_in_order_from_its_index(tmp_path: Path) -> None:
