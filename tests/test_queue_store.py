@@ -219,6 +219,58 @@ def test_an_older_files_indexes_are_replaced_and_its_jobs_kept_in_order(tmp_path
     assert [j.id for j in store.history()] == ["a"] and [j.id for j in store.running()] == ["b"]
 
 
+OLDER_JOBS_TABLE = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    number REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    extra_data TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'success', 'error', 'interrupted')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    result TEXT
+)"""
+
+
+def test_an_older_jobs_table_is_made_again_with_every_job_kept(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with sqlite3.connect(path) as db:  # a file as an earlier version left it: the states checked with IN
+        db.execute(OLDER_JOBS_TABLE)
+        db.execute("CREATE INDEX jobs_pending ON jobs (number, seq) WHERE state = 'pending'")
+        rows = [(1, "done", 0, "success", 5.0, '{"outputs": {}}'), (2, "run", 1, "running", None, None)]
+        rows += [(3, "wait", 2, "pending", None, None), (4, "first", -1, "pending", None, None)]
+        for seq, job_id, number, state, finished, result in rows:
+            db.execute(
+                "INSERT INTO jobs (seq, id, number, prompt, extra_data, outputs, state, created, finished, result) "
+                "VALUES (?, ?, ?, '{}', '{}', '[]', ?, 1.0, ?, ?)",
+                (seq, job_id, number, state, finished, result),
+            )
+        db.execute("UPDATE sqlite_sequence SET seq = 9 WHERE name = 'jobs'")  # seq 5 to 9 were deleted
+        # Its indexes, counts and triggers as that version kept them.
+        db.executescript(store_module.SCHEMA.split(");", 1)[1])
+        for state in store_module.STATES:
+            db.execute("INSERT INTO state_counts SELECT ?, COUNT(*) FROM jobs WHERE state = ?", (state, state))
+    store = JobStore(path)
+    [table] = store._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+    assert "IN (" not in table and "state = 'interrupted'" in table
+    assert [j.id for j in store.history()] == ["done"] and store.history()[0].result == {"outputs": {}}
+    assert [j.id for j in store.running()] == ["run"] and [j.id for j in store.pending()] == ["first", "wait"]
+    assert {s: store.count(s) for s in ("pending", "running", "success")} == {"pending": 2, "running": 1, "success": 1}
+    add(store, "new")
+    assert store._db.execute("SELECT seq FROM jobs WHERE id = 'new'").fetchone()[0] == 10
+    assert (claimed := store.claim()) is not None and claimed.id == "first"
+    assert store.count("running") == 2 and store.count("pending") == 2  # counted by the triggers made again
+    with pytest.raises(sqlite3.IntegrityError):  # the check still holds
+        store._db.execute("UPDATE jobs SET state = 'lost' WHERE id = 'new'")
+    store.close()
+    reopened = JobStore(path)  # made again once only
+    assert [j.id for j in reopened.pending()] == ["wait", "new"] and reopened.count("pending") == 2
+
+
 def test_history_is_read_in_order_from_its_index(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "q.db")
     query = f"SELECT * FROM jobs WHERE {store_module.DONE} ORDER BY finished, seq LIMIT 10"

@@ -26,21 +26,31 @@ from typing import Any
 from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.execute import execution_error
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+STATES = ("pending", "running", "success", "error", "interrupted")
+FINISHED = ("success", "error", "interrupted")
+# The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
+# IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
+# a sixth of the queue file's work, counted with callgrind).
+STATE_CHECK = " OR ".join(f"state = '{state}'" for state in STATES)
+JOBS_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {{name}} (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     number REAL NOT NULL,
     prompt TEXT NOT NULL,
     extra_data TEXT NOT NULL,
     outputs TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'success', 'error', 'interrupted')),
+    state TEXT NOT NULL CHECK ({STATE_CHECK}),
     attempts INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     started REAL,
     finished REAL,
     result TEXT
-);
+);"""
+JOBS_COLUMNS = "seq, id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result"
+SCHEMA = (
+    JOBS_TABLE.format(name="jobs")
+    + """
 CREATE INDEX IF NOT EXISTS jobs_live ON jobs (number, seq) WHERE finished IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished, seq) WHERE finished IS NOT NULL;
 DROP INDEX IF EXISTS jobs_pending;
@@ -60,8 +70,7 @@ CREATE TRIGGER IF NOT EXISTS jobs_counted_moved AFTER UPDATE OF state ON jobs WH
     UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
 END;
 """
-STATES = ("pending", "running", "success", "error", "interrupted")
-FINISHED = ("success", "error", "interrupted")
+)
 # A job has a `finished` time exactly when its state is one of FINISHED (finish and recover set both), and
 # jobs are found by it: finished ones for the history, live ones (pending or running) for the queue. An
 # index whose condition was `state IN (...)` made SQLite test that list on every change to a row, nearly
@@ -150,6 +159,7 @@ class JobStore:
         # the file mapped, reading the pages back costs no system call (worker CPU per job ~6 % lower).
         self._db.execute("PRAGMA mmap_size=268435456")
         self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")  # setting up, once
+        self._rebuild_older_jobs_table()
         self._db.executescript(SCHEMA)
         self._db.execute("BEGIN IMMEDIATE")
         if self._db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
@@ -163,6 +173,27 @@ class JobStore:
         saved = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
         highest = self._db.execute("SELECT MAX(number) FROM jobs").fetchone()[0]
         self._number = max(int(saved[0]) if saved else 0, int(highest) + 1 if highest is not None else 0)
+
+    def _rebuild_older_jobs_table(self) -> None:
+        """A file whose jobs table checks states with `IN (...)` gets the table made again, once, with every
+        row, and the sequence as it was (a new job's seq stays above any deleted one). One transaction: a
+        crash leaves the older table as it was. Indexes and triggers are made again by SCHEMA."""
+        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+        if row is None or "state IN (" not in row[0]:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(JOBS_TABLE.format(name="jobs_rebuilt"))
+            self._db.execute(f"INSERT INTO jobs_rebuilt ({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs")
+            sequence = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+            self._db.execute("DROP TABLE jobs")
+            self._db.execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
+            if sequence is not None:
+                self._db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'jobs'", (sequence[0],))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock, self._number_lock:
