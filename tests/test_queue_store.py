@@ -104,7 +104,7 @@ def test_history_entries_have_comfyuis_shape(tmp_path: Path) -> None:
         "prompt": [0, "a", {"1": {"class_type": "X"}}, {}, ["1"]],
         "outputs": {"9": {"images": []}},
         "status": {"status_str": "success", "completed": True, "messages": [["execution_start", {}]]},
-        "meta": {},
+        "meta": {"9": {"node_id": "9", "display_node": "9", "parent_node": None, "real_node_id": "9"}},
     }
     assert [j.history_entry()["status"]["status_str"] for j in store.history()] == ["success", "error", "error"]
     assert [j.id for j in store.history(max_items=2)] == ["b", "c"]  # the newest two

@@ -55,6 +55,7 @@ def test_the_websocket_example_flow_gets_the_nano_image(server: Server) -> None:
     entry = history[prompt_id]
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
     assert entry["prompt"][1] == prompt_id and entry["prompt"][4] == ["9"]
+    assert entry["meta"] == {"9": {"node_id": "9", "display_node": "9", "parent_node": None, "real_node_id": "9"}}
     [image] = entry["outputs"]["9"]["images"]
     status, headers, content = server.request(
         "GET", f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}"

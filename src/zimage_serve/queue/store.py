@@ -122,15 +122,21 @@ class Job:
         return [_comfy_number(self.number), self.id, self.prompt, self.extra_data, self.outputs]
 
     def history_entry(self) -> dict[str, Any]:
+        outputs = self.result.get("outputs", {})
+        # ComfyUI's meta names each output node; ours are never inside a subgraph, so it follows from the
+        # outputs and is not stored (entries stored with one keep it).
+        meta = self.result.get("meta") or {
+            n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in outputs
+        }
         return {
             "prompt": self.queue_item(),
-            "outputs": self.result.get("outputs", {}),
+            "outputs": outputs,
             "status": {
                 "status_str": "success" if self.state == "success" else "error",
                 "completed": self.state == "success",
                 "messages": self.result.get("messages", []),
             },
-            "meta": self.result.get("meta", {}),
+            "meta": meta,
         }
 
 
@@ -261,7 +267,7 @@ class JobStore:
             return self._claim_next()
 
     def finish(self, job_id: str, state: str, result: dict[str, Any], claim_next: bool = False) -> Job | None:
-        """Record a running job's end and its history entry (outputs, status messages, meta), and with
+        """Record a running job's end and its history entry (outputs and status messages), and with
         `claim_next` hand out the next job in the same transaction (one commit per job, not two)."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")

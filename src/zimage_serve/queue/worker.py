@@ -161,8 +161,7 @@ class Worker:
             self._note_timeout(job, result)
         self._timed_out.discard(job.id)
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
-        meta = {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in result.outputs}
-        entry = {"outputs": result.outputs, "messages": result.messages, "meta": meta}
+        entry = {"outputs": result.outputs, "messages": result.messages}
         next_job = self.store.finish(job.id, state, entry, claim_next=not self._stopping.is_set())
         try:
             with self._running_lock:
@@ -198,7 +197,7 @@ class Worker:
 
     def _record_failure(self, job: Job, message: str) -> None:
         data = execution_error(job.id, message, "InternalError")
-        self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]], "meta": {}})
+        self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]]})
         with self._running_lock:
             self._running.pop(job.id, None)
         self._tell(job, "execution_error", data)
