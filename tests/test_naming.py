@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -28,15 +29,19 @@ def taken(folder: Path, prefix: str) -> str:
         return name.filename
 
 
-def test_the_claimed_file_is_written_through_the_open_handle(tmp_path: Path) -> None:
+def test_the_claimed_file_is_written_through_the_claim_and_closed_after(tmp_path: Path) -> None:
     with claim(tmp_path, "out") as name:
-        name.file.write(b"image bytes")
-    assert name.file.closed and name.path.read_bytes() == b"image bytes"
+        assert Path(name.path).read_bytes() == b""  # created empty, before anything is written
+        name.write(b"image ")
+        name.write(memoryview(b"bytes"))
+    assert Path(name.path).read_bytes() == b"image bytes"
+    with pytest.raises(OSError):  # closed with the block
+        os.fstat(name.fd)
 
 
 def test_subfolders_and_dates(tmp_path: Path) -> None:
     with claim(tmp_path, "portraits/zimage") as name:
-        assert (name.subfolder, name.filename) == ("portraits", "zimage_00001_.png") and name.path.is_file()
+        assert (name.subfolder, name.filename) == ("portraits", "zimage_00001_.png") and Path(name.path).is_file()
     when = dt.datetime(2026, 11, 26, 9, 5, 3)
     assert expand_prefix("%date:yyyy-MM-dd%/img_%hour%%minute%", when) == "2026-11-26/img_0905"
 

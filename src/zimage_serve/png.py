@@ -7,12 +7,13 @@ parameters as `parameters` (the A1111 text that image viewers and model sites re
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -37,13 +38,13 @@ def png_info(
     return info
 
 
-def write_png(image: Image.Image, file: BinaryIO, info: PngInfo | None = None, compress_level: int = 4) -> None:
-    """Write into a file this process just created for it (see `workflow.naming.claim`).
-
-    No temp file and rename: the name was created exclusively for this image, so a crash mid-write
-    leaves a broken file under a name nobody else uses, as an empty reservation would.
-    """
-    image.save(file, format="PNG", pnginfo=info, compress_level=compress_level)
+def png_bytes(image: Image.Image, info: PngInfo | None = None, compress_level: int = 4) -> memoryview:
+    """The whole file in memory, to be written in one call into a name claimed for it (see
+    `workflow.naming.claim`): the name is created only once the image is encoded, and a crash leaves
+    at most a short file under a name nobody else uses."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buffer.getbuffer()
 
 
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None, compress_level: int = 4) -> Path:

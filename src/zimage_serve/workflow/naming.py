@@ -16,7 +16,6 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from zimage_serve.errors import InvalidParameterError
 
@@ -27,6 +26,8 @@ _SIMPLE = {"%year%": "%Y", "%month%": "%m", "%day%": "%d", "%hour%": "%H", "%min
 
 # Per (folder, extension): the highest counter seen or handed out for each prefix in this process.
 _counters: dict[tuple[str, str], dict[str, int]] = {}
+# Exclusive creation, in binary mode on Windows; Python makes the descriptor non-inheritable itself.
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 _lock = threading.Lock()
 
 
@@ -68,18 +69,24 @@ def _resolved(folder: Path) -> str:
 
 @dataclass(frozen=True)
 class ClaimedName:
-    """A reserved name and the file created for it, open for writing; use it in a `with` block."""
+    """A reserved name and the empty file created for it, open for writing; use it in a `with` block."""
 
-    path: Path
+    path: str
     filename: str
     subfolder: str
-    file: BinaryIO
+    fd: int
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Write all of `data`; one system call for a whole encoded image, with no file object around it."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
 
     def __enter__(self) -> ClaimedName:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.file.close()
+        os.close(self.fd)
 
 
 def expand_prefix(prefix: str, now: dt.datetime | None = None) -> str:
@@ -102,8 +109,8 @@ def expand_prefix(prefix: str, now: dt.datetime | None = None) -> str:
 def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
     """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
 
-    The caller writes through `file`: reopening the empty file to write it would make ext4 flush it
-    on close (its guard against truncated-then-rewritten files), which costs more than the image.
+    The caller writes through the claimed name: reopening the empty file to write it would make ext4
+    flush it on close (its guard against truncated-then-rewritten files), which costs more than the image.
     """
     expanded = expand_prefix(prefix).replace("\\", "/")
     parts = [p for p in expanded.split("/") if p not in ("", ".")]
@@ -125,7 +132,7 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
             filename = f"{stem}_{counter:05}_.{extension}"
             path = os.path.join(target, filename)
             try:
-                file = open(path, "xb")  # noqa: SIM115 - handed to the caller, closed by its `with`
+                fd = os.open(path, _CREATE_NEW, 0o666)  # the user's umask applies, as with open()
             except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
                 counter += 1
                 continue
@@ -133,4 +140,4 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
                 os.makedirs(target, exist_ok=True)
                 continue
             counters[stem] = counter
-            return ClaimedName(Path(path), filename, subfolder, file)
+            return ClaimedName(path, filename, subfolder, fd)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from zimage_serve.png import png_info, write_png
+from zimage_serve.png import png_bytes, png_info
 from zimage_serve.workflow.context import NodeContext, ResourceLists
 from zimage_serve.workflow.folders import UnknownFileError
 from zimage_serve.workflow.naming import claim
@@ -160,8 +160,9 @@ def save_images(
     info = png_info(prompt=ctx.prompt or None, extra_pnginfo=ctx.extra_pnginfo)
     saved = []
     for picture in to_pil(images):
+        data = png_bytes(picture, info, compress_level)
         with claim(folder, prefix) as name:
-            write_png(picture, name.file, info, compress_level=compress_level)
+            name.write(data)
         saved.append({"filename": name.filename, "subfolder": name.subfolder, "type": kind})
     return saved
 
