@@ -39,3 +39,14 @@ def test_a_saved_picture_loads_back_to_the_same_pixels(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(picture), pixels)
     picture.save(tmp_path / "out.png")  # a picture over a shared buffer saves like any other
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), pixels)
+
+
+def test_any_dtype_grad_or_layout_gives_the_same_pictures_and_the_input_is_left_alone() -> None:
+    image = torch.linspace(0, 1, 3 * 2 * 4).reshape(1, 3, 2, 4).permute(0, 2, 3, 1)  # not contiguous
+    before = image.clone()
+    expected = np.asarray(to_pil(image.contiguous())[0])
+    for variant in (image, image.clone().requires_grad_(True), image.double()):
+        assert np.array_equal(np.asarray(to_pil(variant)[0]), expected)
+    assert torch.equal(image, before)
+    for half in (torch.float16, torch.bfloat16):  # these round the levels a little
+        assert np.abs(np.asarray(to_pil(image.to(half))[0]).astype(int) - expected.astype(int)).max() <= 1

@@ -141,7 +141,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     In numpy, not torch: a small image is not worth torch's thread pool, whose threads then spin for
     a while after the call, taking a core from the server and from other prompts.
     """
-    pixels = np.multiply(images.detach().to("cpu", torch.float32).numpy(), 255.0)
+    if images.dtype == torch.float32 and images.device.type == "cpu" and not images.requires_grad:
+        array = images.numpy()  # as it comes from LoadImage or a CPU decode: no new tensor to make
+    else:
+        array = images.detach().to("cpu", torch.float32).numpy()
+    pixels = np.multiply(array, 255.0)
     np.clip(pixels, 0.0, 255.0, out=pixels)  # in place: small images cost more in allocations than in arithmetic
     frames = np.rint(pixels, out=pixels).astype(np.uint8, order="C")
     mode = _PIL_MODES.get(frames.shape[-1]) if frames.ndim == 4 else None
