@@ -3,8 +3,8 @@
 A job is a row that moves pending → running → success / error / interrupted. Claiming the next job
 reads and marks it in one write transaction, so a job is handed out once even with several workers; a
 crash leaves rows in `running`, and `recover()` at the next start puts them back in the queue (or marks
-them failed) so every accepted job ends exactly once. Priorities are ComfyUI's: the lowest `number` runs first, ties in
-submission order.
+them failed) so every accepted job ends exactly once. Priorities are ComfyUI's: the lowest `number` runs
+first, ties in submission order.
 
 Counts per state live in the file too, kept by triggers in the same transactions as the rows, so they
 are right for every process using the file (the server and its device worker) and reading
@@ -80,7 +80,7 @@ END;
 DONE = "finished IS NOT NULL"
 LIVE = "finished IS NULL"
 PENDING_ORDER = f"{LIVE} AND state = 'pending' ORDER BY number, seq"
-# Running jobs are few and, claimed lowest number first, near the front of jobs_live; sorted by start.
+# Running jobs are found on the way through jobs_live (no index of their own to update per job), by start.
 RUNNING_ORDER = f"{LIVE} AND state = 'running' ORDER BY started"
 # The next job by the jobs_live index: past the few running ones, however many wait. Read, then marked
 # running in the same write transaction; not one UPDATE ... RETURNING, for which SQLite fills a temporary
