@@ -317,3 +317,18 @@ def test_a_burst_is_stored_in_one_transaction_and_each_job_gets_its_own_answer(t
     assert store.count("pending") == 4  # the counts kept by triggers agree
     with pytest.raises(QueueFull):
         add(store, "e")
+
+
+def test_jobs_are_read_by_column_position_so_the_table_keeps_the_declared_order(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    declared = [row[1] for row in store._db.execute("PRAGMA table_info(jobs)")]
+    assert declared == store_module.JOBS_COLUMNS.split(", ")
+    add(store, "a")
+    job = store.claim()
+    assert job is not None and (job.id, job.number, job.prompt, job.outputs, job.attempts) == (
+        "a",
+        0,
+        {"1": {"class_type": "X"}},
+        ["1"],
+        1,
+    )

@@ -394,7 +394,7 @@ class JobStore:
             return None
         job = self._job(row)
         job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
-        self._execute(MARK_RUNNING, (job.started, row["seq"]))
+        self._execute(MARK_RUNNING, (job.started, row[0]))  # seq
         return job
 
     def _count(self, state: str) -> int:
@@ -422,16 +422,19 @@ class JobStore:
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
+        """A job from a `SELECT *` row, whose columns come in JOBS_COLUMNS' order: unpacked by position, as
+        reading eleven columns by name costs SQLite's row a search through the names for each."""
+        _, job_id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result = row
         return Job(
-            id=row["id"],
-            number=row["number"],
-            prompt=json.loads(row["prompt"]),
-            extra_data=json.loads(row["extra_data"]),
-            outputs=json.loads(row["outputs"]),
-            state=row["state"],
-            attempts=row["attempts"],
-            created=row["created"],
-            started=row["started"],
-            finished=row["finished"],
-            result=json.loads(row["result"]) if row["result"] else {},
+            id=job_id,
+            number=number,
+            prompt=json.loads(prompt),
+            extra_data=json.loads(extra_data),
+            outputs=json.loads(outputs),
+            state=state,
+            attempts=attempts,
+            created=created,
+            started=started,
+            finished=finished,
+            result=json.loads(result) if result else {},
         )
