@@ -54,7 +54,7 @@ def save_png(image: Image.Image, path: Path, info: PngInfo | None = None, compre
     temp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp")
     try:
         with open(temp, "xb") as file:
-            image.save(file, format="PNG", pnginfo=info, compress_level=compress_level)
+            file.write(png_bytes(image, info, compress_level))
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

@@ -187,19 +187,14 @@ class JobStore:
         row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
         if row is None or "state IN (" not in row[0]:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute(JOBS_TABLE.format(name="jobs_rebuilt"))
-            self._db.execute(f"INSERT INTO jobs_rebuilt ({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs")
-            sequence = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
-            self._db.execute("DROP TABLE jobs")
-            self._db.execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
+        with self._writing():
+            self._execute(JOBS_TABLE.format(name="jobs_rebuilt"))
+            self._execute(f"INSERT INTO jobs_rebuilt ({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs")
+            sequence = self._execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
+            self._execute("DROP TABLE jobs")
+            self._execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
             if sequence is not None:
-                self._db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'jobs'", (sequence[0],))
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+                self._execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'jobs'", (sequence[0],))
 
     def close(self) -> None:
         with self._lock, self._number_lock:
