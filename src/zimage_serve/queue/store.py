@@ -14,6 +14,8 @@ are right for every process using the file (the server and its device worker) an
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sqlite3
 import threading
 import time
@@ -23,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zimage_serve import strict_json
 from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.execute import execution_error
+
+log = logging.getLogger(__name__)
 
 STATES = ("pending", "running", "success", "error", "interrupted")
 FINISHED = ("success", "error", "interrupted")
@@ -58,6 +63,14 @@ DROP INDEX IF EXISTS jobs_running;
 DROP INDEX IF EXISTS jobs_history;
 DROP INDEX IF EXISTS jobs_state;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY,
+    id TEXT,
+    state TEXT,
+    row TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS jobs_counted_in AFTER INSERT ON jobs BEGIN
     UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
@@ -88,6 +101,10 @@ RUNNING_ORDER = f"{LIVE} AND state = 'running' ORDER BY started"
 NEXT_PENDING = f"SELECT * FROM jobs WHERE {PENDING_ORDER} LIMIT 1"
 MARK_RUNNING = "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE seq = ?"
 BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transaction
+# Files from before strict JSON may hold rows that are not JSON (NaN) or cannot be read back; such a file
+# is read through once, and its bad rows quarantined, when it is first opened by this version.
+STRICT_VERSION = 2
+NUMBER_LIMIT = 2.0**63  # a job's number (priority) is a float within ±2**63
 HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
 
 
@@ -174,11 +191,27 @@ class JobStore:
                 "INSERT INTO state_counts (state, n) VALUES (?, ?)", [(s, found.get(s, 0)) for s in STATES]
             )
         self._db.execute("COMMIT")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < STRICT_VERSION:
+            self._quarantine_unreadable()
+            self._db.execute(f"PRAGMA user_version={STRICT_VERSION}")
         self._db.execute("PRAGMA busy_timeout=0")  # from now on waits for locks are _execute's, see there
-        # The counter is saved on close; after a crash, one past the highest number still stored.
-        saved = self._db.execute("SELECT value FROM counters WHERE name = 'number'").fetchone()
-        highest = self._db.execute("SELECT MAX(number) FROM jobs").fetchone()[0]
-        self._number = max(int(saved[0]) if saved else 0, int(highest) + 1 if highest is not None else 0)
+        # The counter is saved on close; after a crash, one past the highest number still stored (numbers a
+        # client gave are floats: only those a counter could have made count).
+        saved = self._db.execute("SELECT value FROM counters WHERE name = 'number' AND typeof(value) = 'integer'")
+        highest = self._db.execute(
+            "SELECT MAX(number) FROM jobs WHERE number < ? AND number > ?", (NUMBER_LIMIT, -NUMBER_LIMIT)
+        ).fetchone()[0]
+        counted = saved.fetchone()
+        self._number = max(int(counted[0]) if counted else 0, int(highest) + 1 if highest is not None else 0)
+
+    def _quarantine_unreadable(self) -> None:
+        """Move every row this version cannot read back as strict JSON out of the jobs table, once per file."""
+        with self._writing():
+            rows = self._execute("SELECT * FROM jobs").fetchall()
+            for row in rows:
+                reason = _unreadable(row, strict=True)
+                if reason is not None:
+                    self._quarantine(row, reason)
 
     def _rebuild_older_jobs_table(self) -> None:
         """A file whose jobs table checks states with `IN (...)` gets the table made again, once, with every
@@ -236,15 +269,17 @@ class JobStore:
                 if pending >= self.max_pending:
                     found.append(QueueFull(self.max_pending))
                     continue
+                # ON CONFLICT, not INSERT OR IGNORE: that would also drop, silently, a row that breaks a NOT
+                # NULL constraint (a NaN number reads as NULL), answered as a duplicate.
                 inserted = self._execute(
-                    "INSERT OR IGNORE INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT(id) DO NOTHING",
                     (
                         job.id,
                         job.number,
-                        json.dumps(job.prompt),
-                        json.dumps(job.extra_data),
-                        json.dumps(job.outputs),
+                        strict_json.dumps(job.prompt),
+                        strict_json.dumps(job.extra_data),
+                        strict_json.dumps(job.outputs),
                         now,
                     ),
                 ).rowcount
@@ -269,23 +304,24 @@ class JobStore:
         with self._writing():
             self._execute(
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
-                (state, time.time(), json.dumps(result), job_id),
+                (state, time.time(), strict_json.dumps(result), job_id),
             )
             self._trim_history()
             return self._claim_next() if claim_next else None
 
-    def recover(self, retry: bool = True, max_attempts: int = 2) -> list[Job]:
-        """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times."""
+    def recover(self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped") -> list[Job]:
+        """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times (a
+        prompt that crashes the worker twice is not run a third time). `cause` says what stopped them."""
         with self._writing():
             rows = self._execute(f"SELECT * FROM jobs WHERE {RUNNING_ORDER}").fetchall()
-            jobs = [self._job(r) for r in rows]
+            jobs = self._readable(rows)
             for job in jobs:
                 if retry and job.attempts < max_attempts:
                     self._execute("UPDATE jobs SET state = 'pending', started = NULL WHERE id = ?", (job.id,))
                     job.state = "pending"
                 else:
                     message = (
-                        "the server stopped while this prompt ran"
+                        f"{cause} while this prompt ran"
                         + (f" ({job.attempts} times)" if job.attempts > 1 else "")
                         + "; it was not run again"
                     )
@@ -293,16 +329,35 @@ class JobStore:
                     result = {"outputs": {}, "messages": [["execution_error", error]]}
                     self._execute(
                         "UPDATE jobs SET state = 'error', finished = ?, result = ? WHERE id = ?",
-                        (time.time(), json.dumps(result), job.id),
+                        (time.time(), strict_json.dumps(result), job.id),
                     )
                     job.state = "error"
             return jobs
+
+    def requeue(self, job_id: str) -> bool:
+        """Put a running job back in the queue as if it had not been started (a shutdown cut it off: that
+        is no attempt of its own). True if it was running."""
+        with self._writing():
+            return bool(
+                self._execute(
+                    "UPDATE jobs SET state = 'pending', started = NULL, attempts = max(0, attempts - 1) "
+                    "WHERE id = ? AND state = 'running'",
+                    (job_id,),
+                ).rowcount
+            )
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        """The rows taken out of the queue because they could not be read: id, state, reason, when."""
+        with self._lock:
+            rows = self._execute("SELECT id, state, reason, quarantined FROM quarantine ORDER BY seq").fetchall()
+        return [{"id": i, "state": st, "reason": r, "quarantined": t} for i, st, r, t in rows]
 
     # -- reading -----------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             row = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._job(row) if row is not None else None
+        found = self._read_outside(None if row is None else [row])
+        return found[0] if found else None
 
     def pending(self) -> list[Job]:
         return self._select(PENDING_ORDER)
@@ -384,10 +439,15 @@ class JobStore:
 
     def _claim_next(self) -> Job | None:
         """Within a write transaction: the next pending job, now marked running."""
-        row = self._execute(NEXT_PENDING).fetchone()
-        if row is None:
-            return None
-        job = self._job(row)
+        while True:
+            row = self._execute(NEXT_PENDING).fetchone()
+            if row is None:
+                return None
+            try:
+                job = self._job(row)
+                break
+            except Exception as exc:  # a row no worker could run: out of the way, never crash-looped on
+                self._quarantine(row, _reason(exc))
         job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
         self._execute(MARK_RUNNING, (job.started, row[0]))  # seq
         return job
@@ -413,14 +473,53 @@ class JobStore:
     def _select(self, where: str, args: tuple[Any, ...] = ()) -> list[Job]:
         with self._lock:
             rows = self._execute(f"SELECT * FROM jobs WHERE {where}", args).fetchall()
-        return [self._job(r) for r in rows]
+        return self._read_outside(rows)
+
+    def _read_outside(self, rows: list[sqlite3.Row] | None) -> list[Job]:
+        """Jobs from rows read outside a write transaction; rows that cannot be read are quarantined."""
+        if not rows:
+            return []
+        jobs: list[Job] = []
+        bad: list[tuple[sqlite3.Row, str]] = []
+        for row in rows:
+            try:
+                jobs.append(self._job(row))
+            except Exception as exc:  # anything a damaged row can raise; it is quarantined, never fatal
+                bad.append((row, _reason(exc)))
+        if bad:
+            with self._writing():
+                for row, reason in bad:
+                    self._quarantine(row, reason)
+        return jobs
+
+    def _readable(self, rows: list[sqlite3.Row]) -> list[Job]:
+        """Within a write transaction: jobs from rows, the unreadable ones quarantined."""
+        jobs: list[Job] = []
+        for row in rows:
+            try:
+                jobs.append(self._job(row))
+            except Exception as exc:  # anything a damaged row can raise; it is quarantined, never fatal
+                self._quarantine(row, _reason(exc))
+        return jobs
+
+    def _quarantine(self, row: sqlite3.Row, reason: str) -> None:
+        """Within a write transaction: move a row the queue cannot use out of it, keeping its text."""
+        seq, job_id, state = row[0], row[1], row[6]
+        log.error("queue row %s (prompt %s, %s) cannot be read and was quarantined: %s", seq, job_id, state, reason)
+        kept = json.dumps({key: _plain(value) for key, value in zip(row.keys(), row, strict=True)})
+        self._execute(
+            "INSERT OR REPLACE INTO quarantine (seq, id, state, row, reason, quarantined) VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, _plain(job_id), _plain(state), kept, reason, time.time()),
+        )
+        self._execute("DELETE FROM jobs WHERE seq = ?", (seq,))
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
         """A job from a `SELECT *` row, whose columns come in JOBS_COLUMNS' order: unpacked by position, as
-        reading eleven columns by name costs SQLite's row a search through the names for each."""
+        reading eleven columns by name costs SQLite's row a search through the names for each. Raises
+        (ValueError, TypeError ...) for a row that does not hold a job."""
         _, job_id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result = row
-        return Job(
+        job = Job(
             id=job_id,
             number=number,
             prompt=json.loads(prompt),
@@ -433,3 +532,37 @@ class JobStore:
             finished=finished,
             result=json.loads(result) if result else {},
         )
+        shapes = (job.prompt, dict), (job.extra_data, dict), (job.outputs, list), (job.result, dict), (job.id, str)
+        if not all(isinstance(value, kind) for value, kind in shapes) or not isinstance(number, float | int):
+            raise TypeError(
+                "a column does not hold what a job needs (prompt, extra_data and result objects, outputs a list)"
+            )
+        return job
+
+
+def _unreadable(row: sqlite3.Row, strict: bool) -> str | None:
+    """Why a row cannot be used as a job (read strictly: NaN and the like refused), or None."""
+    try:
+        JobStore._job(row)
+        if strict:
+            for column in ("prompt", "extra_data", "outputs", "result"):
+                if row[column]:
+                    strict_json.loads(row[column], max_depth=strict_json.MAX_DEPTH + 8)
+            if not -NUMBER_LIMIT < row["number"] < NUMBER_LIMIT:
+                raise ValueError(f"number {row['number']} is not within ±2**63")
+    except Exception as exc:  # a damaged row may raise anything
+        return _reason(exc)
+    return None
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _plain(value: Any) -> Any:
+    """A column's value as JSON can hold it."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

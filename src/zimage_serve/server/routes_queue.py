@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -10,11 +9,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from zimage_serve import strict_json
 from zimage_serve.queue.service import PromptRejected
-from zimage_serve.queue.store import DuplicateJob, QueueFull
+from zimage_serve.queue.store import NUMBER_LIMIT, DuplicateJob, QueueFull
 from zimage_serve.server.runtime import Runtime
 
 router = APIRouter()
+MAX_CLIENT_ID = 256
+MAX_QUERY_INT = 2**31 - 1  # counts and offsets in queries (SQLite's integers end at 2**63)
 
 
 def runtime(request: Request) -> Runtime:
@@ -28,18 +30,21 @@ def comfy_error(kind: str, message: str, details: str = "", status: int = 400, *
 
 
 async def json_body(request: Request, *, empty_ok: bool = False) -> Any:
-    """The request's JSON; None for an empty body when allowed. Raises ValueError for anything else."""
+    """The request's JSON (strict: see `strict_json`); None for an empty body when allowed. Raises
+    ValueError, naming the bad part of the body, for anything else."""
     raw = await request.body()
+    return parse_body(raw, empty_ok=empty_ok)
+
+
+def parse_body(raw: bytes, *, empty_ok: bool = False) -> Any:
     if not raw.strip():
         if empty_ok:
             return None
         raise ValueError("the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"the request body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise ValueError("the request body is nested too deeply") from exc
+        return strict_json.loads(raw)
+    except strict_json.JsonRejected as exc:
+        raise ValueError(str(exc) if exc.where else f"the request body is {exc}") from exc
 
 
 @router.get("/prompt")
@@ -66,17 +71,23 @@ async def post_prompt(request: Request) -> Response:
     number = body.get("number")
     if number is not None and (isinstance(number, bool) or not isinstance(number, int | float)):
         return comfy_error("invalid_prompt", "Invalid number", "number must be a number")
+    if number is not None and not -NUMBER_LIMIT < number < NUMBER_LIMIT:
+        return comfy_error("invalid_prompt", "Invalid number", "number must be within ±2**63")
     extra = body.get("extra_data", {})
     if not isinstance(extra, dict):
         return comfy_error("invalid_prompt", "Invalid extra_data", "extra_data must be an object")
     client_id = body.get("client_id")
+    if client_id is not None and (not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID):
+        return comfy_error(
+            "invalid_prompt", "Invalid client_id", f"client_id must be text of at most {MAX_CLIENT_ID} characters"
+        )
     targets = body.get("partial_execution_targets")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
         return comfy_error("invalid_prompt", "Invalid partial_execution_targets", "expected a list of node ids")
     try:
         submitted = await rt.submissions.submit(
             body["prompt"],
-            client_id=str(client_id) if client_id is not None else None,
+            client_id=client_id,
             extra_data=extra,
             number=float(number) if number is not None else None,
             front=bool(body.get("front")),
@@ -197,9 +208,13 @@ def _optional_int(value: str | None, name: str) -> int | None:
     if value is None or value == "":
         return None
     try:
-        number = int(value)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from exc
+        number = int(value) if len(value) <= 20 else None
+    except ValueError:
+        number = None
+    if number is None:
+        raise ValueError(f"{name} must be a whole number, got {value[:40]!r}")
     if number < 0:
         raise ValueError(f"{name} must not be negative")
+    if number > MAX_QUERY_INT:
+        raise ValueError(f"{name} must be at most {MAX_QUERY_INT}")
     return number
