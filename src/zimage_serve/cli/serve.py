@@ -17,6 +17,9 @@ from zimage_serve.cli.common import (
     models_roots,
 )
 from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
+from zimage_serve.workflow.limits import Limits
+
+DEFAULTS = Limits()
 
 
 def serve(
@@ -53,8 +56,24 @@ def serve(
             "interpreter lock (--no-worker-process: threads in the server process)"
         ),
     ] = True,
+    max_pixels: Annotated[int, typer.Option(help="Pixels per image (width × height)", min=1)] = DEFAULTS.pixels,
+    max_batch: Annotated[int, typer.Option(help="Images in one batch", min=1)] = DEFAULTS.batch,
+    max_steps: Annotated[int, typer.Option(help="Sampler steps", min=1)] = DEFAULTS.steps,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Tokens of one prompt text", min=1)] = DEFAULTS.prompt_tokens,
+    max_prompt_bytes: Annotated[
+        int, typer.Option(help="UTF-8 bytes of one prompt text", min=1)
+    ] = DEFAULTS.prompt_bytes,
+    max_nodes: Annotated[int, typer.Option(help="Nodes in one graph", min=1)] = DEFAULTS.nodes,
+    max_upload_pixels: Annotated[
+        int, typer.Option(help="Pixels of an uploaded or loaded image, over all its frames", min=1)
+    ] = DEFAULTS.upload_pixels,
+    max_request_pixels: Annotated[
+        int, typer.Option(help="Pixels one OpenAI images request may ask for (n × width × height)", min=1)
+    ] = DEFAULTS.request_pixels,
 ) -> None:
-    """Serve ComfyUI's HTTP and WebSocket API."""
+    """Serve ComfyUI's HTTP and WebSocket API.
+
+    Every limit is checked before a prompt is queued, and refused with a 400 that names it."""
     import uvicorn
 
     from zimage_serve.server.app import create_app
@@ -76,6 +95,16 @@ def serve(
         job_timeout=job_timeout,
         concurrency=concurrency,
         worker_process=worker_process,
+        limits=Limits(
+            pixels=max_pixels,
+            batch=max_batch,
+            steps=max_steps,
+            prompt_tokens=max_prompt_tokens,
+            prompt_bytes=max_prompt_bytes,
+            nodes=max_nodes,
+            upload_pixels=max_upload_pixels,
+            request_pixels=max_request_pixels,
+        ),
     )
     app = create_app(settings)
     console_err.print(f"zimage-serve on http://{listen}:{port}  (data: {settings.data_dir})", highlight=False)

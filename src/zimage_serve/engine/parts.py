@@ -33,6 +33,7 @@ from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.offload import ModelSwap, execution_device
 from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
+from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ class TextEncoder:
     def encode(self, text: str) -> PromptEmbedding:
         # ComfyUI neither pads nor truncates Z-Image prompts; neither do we here.
         return encode_text(self.model, self.tokenizer, text, execution_device(self.model))
+
+    def token_count(self, text: str) -> int:
+        """The templated prompt's tokens, as `encode` would read them."""
+        return len(prompt_token_ids(self.tokenizer, text))
 
 
 @dataclass(frozen=True)

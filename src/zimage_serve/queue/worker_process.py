@@ -35,6 +35,7 @@ from zimage_serve.engine.devices import device_kind, device_stats
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
+from zimage_serve.workflow.limits import Limits
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -56,6 +57,7 @@ class WorkerConfig:
     memory_mode: str = "auto"
     job_timeout: float | None = None
     concurrency: int = 1
+    limits: Limits = field(default_factory=Limits)
     log_level: int = logging.WARNING
 
 
@@ -296,6 +298,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=config.log_level, format="%(levelname)s [worker] %(name)s: %(message)s")
     from zimage_serve.engine.parts import Placing
+    from zimage_serve.image_safety import use_bomb_limit
     from zimage_serve.queue.worker import Worker
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
@@ -304,7 +307,9 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     store = JobStore(config.store_path)
     listener = _PipeListener(connection, audience)
-    executor = Executor(NODES, folders, Placing.choose(config.device, config.dtype, config.fast, config.memory_mode))
+    use_bomb_limit(config.limits.upload_pixels)
+    placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
+    executor = Executor(NODES, folders, placing, limits=config.limits)
     last_stats = 0.0
 
     def report_idle() -> None:  # whenever the queue runs dry; statistics at most once a second

@@ -23,11 +23,13 @@ from zimage_serve.queue.service import PromptRejected
 from zimage_serve.queue.store import QueueFull
 from zimage_serve.server.routes_queue import json_body, runtime
 from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.limits import describe
 from zimage_serve.workflow.spec import MAX_SEED
 
 router = APIRouter()
 
 MAX_IMAGES = 10
+MAX_SIDE = 4096
 SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 TURBO_FILES = {
     "diffusion_models": "z_image_turbo_bf16.safetensors",
@@ -78,9 +80,11 @@ async def generate(request: Request) -> Response:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         return openai_error(400, "prompt must be a non-empty string", "prompt")
+    limits = rt.settings.limits
+    most = min(MAX_IMAGES, limits.batch)
     n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-        return openai_error(400, f"n must be a whole number from 1 to {MAX_IMAGES}", "n")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        return openai_error(400, f"n must be a whole number from 1 to {most}", "n")
     response_format = body.get("response_format") or "url"
     if response_format not in ("url", "b64_json"):
         return openai_error(400, "response_format must be url or b64_json", "response_format")
@@ -88,8 +92,14 @@ async def generate(request: Request) -> Response:
     size = body.get("size") or f"{native}x{native}"
     match = SIZE.match(size) if isinstance(size, str) else None
     width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    if not match or not (64 <= width <= 2048 and 64 <= height <= 2048) or width % 16 or height % 16:
-        return openai_error(400, "size must be WIDTHxHEIGHT, multiples of 16 from 64 to 2048", "size")
+    if not match or not (64 <= width <= MAX_SIDE and 64 <= height <= MAX_SIDE) or width % 16 or height % 16:
+        return openai_error(400, f"size must be WIDTHxHEIGHT, multiples of 16 from 64 to {MAX_SIDE}", "size")
+    if width * height > limits.pixels:
+        return openai_error(400, f"size: {describe('pixels', width * height, limits.pixels)}", "size")
+    if n * width * height > limits.request_pixels:
+        return openai_error(
+            400, f"n × size: {describe('request_pixels', n * width * height, limits.request_pixels)}", "n"
+        )
     seed = body.get("seed", secrets.randbelow(2**32))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         return openai_error(400, f"seed must be a whole number from 0 to {MAX_SEED}", "seed")

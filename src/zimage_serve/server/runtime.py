@@ -12,6 +12,7 @@ import torch
 from zimage_serve.engine.devices import device_kind
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.engine.parts import Placing
+from zimage_serve.image_safety import use_bomb_limit
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
@@ -20,11 +21,15 @@ from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.tokens import PromptTokens
 from zimage_serve.workflow.validate import Validator
 
 log = logging.getLogger(__name__)
 GPU_JOB_TIMEOUT_S = 30.0
+# On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
+OTHER_JOB_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -36,7 +41,7 @@ class ServerSettings:
     device: str = "auto"
     dtype: str = "auto"
     max_queue: int = 10000
-    job_timeout: float | None = None  # seconds; None: 30 on a GPU, no limit on the CPU; 0: no limit
+    job_timeout: float | None = None  # seconds; None: 30 on a GPU, 1800 elsewhere; 0: no limit
     concurrency: int = 1  # prompts run at once on the device
     worker_process: bool = True  # run prompts in a child process (False: threads in this one)
     fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
@@ -44,13 +49,15 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
+    limits: Limits = field(default_factory=Limits)  # what one prompt may ask for (pixels, batch, steps ...)
     shutdown_grace_s: float = 30.0
 
 
 def job_timeout(configured: float | None, device: torch.device) -> float | None:
-    """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow."""
+    """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow. Elsewhere
+    the default is generous, but there is one: no prompt holds the worker for ever."""
     if configured is None:
-        return GPU_JOB_TIMEOUT_S if device.type == "cuda" else None
+        return GPU_JOB_TIMEOUT_S if device.type == "cuda" else OTHER_JOB_TIMEOUT_S
     return configured if configured > 0 else None
 
 
@@ -65,7 +72,8 @@ class Runtime:
             folder.mkdir(parents=True, exist_ok=True)
         self.hub = Hub()
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
-        self.validator = Validator(NODES, self.folders)
+        use_bomb_limit(settings.limits.upload_pixels)
+        self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
         self.worker = self._worker()
         self.service = QueueService(self.store, self.validator, self.worker, self.folders)
         self.submissions = SubmissionBatcher(self.service)
@@ -87,13 +95,14 @@ class Runtime:
                 memory_mode=settings.memory_mode,
                 job_timeout=timeout,
                 concurrency=settings.concurrency,
+                limits=settings.limits,
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
             process = WorkerProcess(config, self, self.store)
             self.hub.on_audience = process.audience_changed
             return process
         placing = Placing.choose(settings.device, settings.dtype, settings.fast, settings.memory_mode)
-        executor = Executor(NODES, self.folders, placing)
+        executor = Executor(NODES, self.folders, placing, limits=settings.limits)
         concurrency = placing.concurrency_cap(settings.concurrency)
         return Worker(self.store, executor, self, job_timeout=timeout, concurrency=concurrency)
 

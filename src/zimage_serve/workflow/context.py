@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from zimage_serve.engine.parts import Placing
 from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.limits import Limits
 
 
 class ResourceLists(Protocol):
@@ -27,6 +28,7 @@ class NodeContext:
     extra_pnginfo: dict[str, Any] | None = None  # hidden EXTRA_PNGINFO
     on_progress: Callable[[int, int], None] | None = None
     interrupted: Callable[[], bool] = lambda: False
+    limits: Limits = field(default_factory=Limits)
 
     def progress(self, value: int, total: int) -> None:
         if self.on_progress is not None:

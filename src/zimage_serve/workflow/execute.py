@@ -22,6 +22,7 @@ from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.spec import Link, Node
 from zimage_serve.workflow.validate import is_link, link_source
 
@@ -90,8 +91,10 @@ class Executor:
         folders: Folders,
         placing: Placing | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        limits: Limits | None = None,
     ) -> None:
         self.nodes, self.folders = nodes, folders
+        self.limits = limits or Limits()
         self.placing = placing or Placing.choose()
         self.cache = OutputCache(cache_bytes)
         self._lock = threading.Lock()
@@ -323,6 +326,7 @@ class _Run:
                 "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
             ),
             interrupted=self.interrupted.is_set,
+            limits=self.ex.limits,
         )
         self.current_inputs = inputs
         result = node_class().run(ctx, **inputs)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from zimage_serve.workflow.context import NodeContext, ResourceLists
+    from zimage_serve.workflow.limits import Limits
 
 LINK_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
@@ -52,6 +53,7 @@ class Int(Input):
     max: int = 2**63 - 1
     step: int = 1
     control_after_generate: bool = False
+    limit: str | None = None  # the `Limits` field this value counts against (steps, batch)
 
     type_name: ClassVar[str] = "INT"
 
@@ -84,6 +86,7 @@ class String(Input):
     default: str = ""
     multiline: bool = False
     dynamic_prompts: bool = False
+    prompt: bool = False  # a text the encoder reads: its bytes and tokens count against the limits
 
     type_name: ClassVar[str] = "STRING"
 
@@ -179,9 +182,19 @@ class Node:
         raise NotImplementedError
 
     @classmethod
-    def check(cls, lists: ResourceLists, **inputs: Any) -> str | None:
+    def check(cls, lists: ResourceLists, limits: Limits, **inputs: Any) -> str | None:
         """Validation of the inputs named in `custom_checks`; an error message, or None when fine."""
         return None
+
+    @classmethod
+    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
+        """What running with these (converted) inputs asks of the machine, as (`Limits` field, input name,
+        amount): by default the inputs declared with a `limit`; nodes that make images add their pixels."""
+        found = []
+        for name, declared in cls.all_inputs().items():
+            if isinstance(declared, Int) and declared.limit is not None and isinstance(inputs.get(name), int):
+                found.append((declared.limit, name, inputs[name]))
+        return found
 
     @classmethod
     def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:

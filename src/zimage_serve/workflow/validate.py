@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from zimage_serve.workflow.context import ResourceLists
+from zimage_serve.workflow.limits import WHAT, Limits, describe, flag
 from zimage_serve.workflow.spec import Boolean, Combo, Float, Input, Int, Link, Node, String
 
 MAX_LISTED_CHOICES = 20
@@ -59,15 +60,32 @@ def types_match(received: str, expected: Any) -> bool:
     return bool({t.strip() for t in received.split(",")} & {t.strip() for t in expected.split(",")})
 
 
+class TokenCounter(Protocol):
+    def count(self, prompt: dict[str, Any], node_id: str, text: str, within: int) -> int | None: ...
+
+
 class Validator:
-    def __init__(self, nodes: Mapping[str, type[Node]], lists: ResourceLists) -> None:
+    """Checks prompts against the node set, the files in `lists` and the `limits` (the tokens of prompt
+    texts counted by `tokens`, when given)."""
+
+    def __init__(
+        self,
+        nodes: Mapping[str, type[Node]],
+        lists: ResourceLists,
+        limits: Limits | None = None,
+        tokens: TokenCounter | None = None,
+    ) -> None:
         self.nodes, self.lists = nodes, lists
+        self.limits, self.tokens = limits or Limits(), tokens
 
     def validate(self, prompt: Any, partial_targets: list[str] | None = None) -> ValidationResult:
         if not isinstance(prompt, dict) or not prompt:
             return ValidationResult(
                 {}, [], error=error("invalid_prompt", "The prompt must be a non-empty object of nodes", "prompt")
             )
+        if len(prompt) > self.limits.nodes:
+            message = describe("nodes", len(prompt), self.limits.nodes)
+            return ValidationResult({}, [], error=error("invalid_prompt", message, "prompt", {"limit": "nodes"}))
         # Validation converts input values in place: it works on its own nodes and inputs (the values in them
         # are replaced, never changed, so they need no copy: a deep copy cost more than the checks).
         prompt = {node_id: _own_node(node) for node_id, node in prompt.items()}
@@ -227,11 +245,13 @@ class Validator:
             reason = self._check_value(name, declared, converted)
             if reason is not None:
                 reasons.append(reason)
+        if not reasons:
+            reasons.extend(self._check_limits(prompt, node_id, node_class, constants))
         if node_class.custom_checks and not reasons:
             for name in node_class.custom_checks:
                 if name not in constants:
                     continue
-                message = node_class.check(self.lists, **constants)
+                message = node_class.check(self.lists, self.limits, **constants)
                 if message is not None:
                     reasons.append(
                         error(
@@ -246,6 +266,33 @@ class Validator:
                         )
                     )
                     break
+        return reasons
+
+    def _check_limits(
+        self, prompt: dict[str, Any], node_id: str, node_class: type[Node], constants: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The server's limits on what the node's constants ask for: pixels, batch, steps, prompt length."""
+        demands = node_class.demands(**constants)
+        for name, declared in node_class.all_inputs().items():
+            text = constants.get(name)
+            if isinstance(declared, String) and declared.prompt and isinstance(text, str):
+                demands.append(("prompt_bytes", name, len(text.encode("utf-8"))))
+                if self.tokens is not None:
+                    counted = self.tokens.count(prompt, node_id, text, self.limits.prompt_tokens)
+                    if counted is not None:
+                        demands.append(("prompt_tokens", name, counted))
+        reasons = []
+        for limit, name, amount in demands:
+            allowed: int = getattr(self.limits, limit)
+            if amount > allowed:
+                reasons.append(
+                    error(
+                        "value_bigger_than_max",
+                        f"{WHAT[limit].capitalize()}: {amount:,} is more than this server's limit of {allowed:,}",
+                        f"{name} ({flag(limit)})",
+                        {"input_name": name, "limit": limit, "limit_value": allowed, "received_value": amount},
+                    )
+                )
         return reasons
 
     def _config(self, declared: Input) -> list[Any]:

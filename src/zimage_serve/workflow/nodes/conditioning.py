@@ -8,6 +8,7 @@ import torch
 
 from zimage_serve.engine.pipeline import PromptEmbedding
 from zimage_serve.workflow.context import NodeContext
+from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import Node, NodeResult, Output, String, link
 
 
@@ -16,13 +17,16 @@ class CLIPTextEncode(Node):
     category = "conditioning"
     description = "Encodes a text prompt (English or Chinese) with the text encoder."
     required = {
-        "text": String(multiline=True, dynamic_prompts=True, tooltip="The text to be encoded."),
+        "text": String(multiline=True, dynamic_prompts=True, prompt=True, tooltip="The text to be encoded."),
         "clip": link("CLIP", "The CLIP model used for encoding the text."),
     }
     outputs = (Output("CONDITIONING", tooltip="A conditioning containing the embedded text."),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        return NodeResult(([inputs["clip"].encode(inputs["text"])],))
+        text: str = inputs["text"]
+        enforce(ctx.limits, "prompt_bytes", len(text.encode("utf-8")), "text")
+        enforce(ctx.limits, "prompt_tokens", inputs["clip"].token_count(text), "text")
+        return NodeResult(([inputs["clip"].encode(text)],))
 
 
 class ConditioningZeroOut(Node):

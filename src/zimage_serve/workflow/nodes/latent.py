@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from zimage_serve.workflow.context import NodeContext
+from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import MAX_RESOLUTION, Int, Node, NodeResult, Output
 
-BATCH = Int(default=1, min=1, max=4096, tooltip="The number of latent images in the batch.")
+BATCH = Int(default=1, min=1, max=4096, limit="batch", tooltip="The number of latent images in the batch.")
+
+
+class EmptyLatent(Node):
+    """An empty latent of a size in pixels: its pixels per image count against the limit."""
+
+    channels: ClassVar[int] = 16
+
+    @classmethod
+    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
+        found = super().demands(**inputs)
+        width, height = inputs.get("width"), inputs.get("height")
+        if isinstance(width, int) and isinstance(height, int):
+            found.append(("pixels", "width", width * height))
+        return found
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        for limit, name, amount in self.demands(**inputs):
+            enforce(ctx.limits, limit, amount, name)
+        return NodeResult((empty_latent(self.channels, inputs["width"], inputs["height"], inputs["batch_size"]),))
 
 
 def empty_latent(channels: int, width: int, height: int, batch_size: int) -> dict[str, Any]:
     return {"samples": torch.zeros((batch_size, channels, height // 8, width // 8), dtype=torch.float32)}
 
 
-class EmptySD3LatentImage(Node):
+class EmptySD3LatentImage(EmptyLatent):
     category = "latent/sd3"
     description = "An empty 16-channel latent (the Flux VAE's, as Z-Image uses) of the given size."
     required = {
@@ -26,11 +46,8 @@ class EmptySD3LatentImage(Node):
     }
     outputs = (Output("LATENT"),)
 
-    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        return NodeResult((empty_latent(16, inputs["width"], inputs["height"], inputs["batch_size"]),))
 
-
-class EmptyLatentImage(Node):
+class EmptyLatentImage(EmptyLatent):
     display_name = "Empty Latent Image"
     category = "latent"
     description = "An empty 4-channel latent; samplers widen an empty latent to the model's channels."
@@ -44,6 +61,4 @@ class EmptyLatentImage(Node):
         "batch_size": BATCH,
     }
     outputs = (Output("LATENT", tooltip="The empty latent image batch."),)
-
-    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        return NodeResult((empty_latent(4, inputs["width"], inputs["height"], inputs["batch_size"]),))
+    channels = 4

@@ -9,7 +9,7 @@ from typing import Any
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.fp8 import WEIGHT_DTYPES
 from zimage_serve.engine.keymap import Kind
-from zimage_serve.engine.layouts import diffusers_component, find_tokenizer, single_file
+from zimage_serve.engine.layouts import diffusers_component, single_file
 from zimage_serve.engine.lora import load_lora
 from zimage_serve.engine.parts import (
     FLUX_LATENT,
@@ -23,6 +23,7 @@ from zimage_serve.engine.parts import (
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.spec import Combo, Float, Node, NodeResult, Output, link
+from zimage_serve.workflow.tokens import tokenizer_folder
 
 CLIP_TYPES = ("lumina2",)  # Qwen3-4B for Z-Image; other families' encoders are not served here
 
@@ -53,10 +54,7 @@ def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: st
 
 def load_clip_file(ctx: NodeContext, resource: str, name: str) -> TextEncoder:
     path = ctx.folders.resolve(resource, name)
-    if path.is_dir():
-        tokenizer = find_tokenizer(None, default=path / "tokenizer")
-    else:
-        tokenizer = find_tokenizer(None, text_encoder_file=path)
+    tokenizer = tokenizer_folder(ctx.folders, resource, name)
     return load_text_encoder(name, component(path, "text_encoder"), tokenizer, ctx.placing)
 
 

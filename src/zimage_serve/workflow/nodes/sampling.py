@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 
-from zimage_serve.engine.parts import DiffusionModel, prepare_noise, sample
+from zimage_serve.engine.parts import LATENT_FACTOR, DiffusionModel, prepare_noise, sample
 from zimage_serve.engine.sampling import SAMPLERS, SCHEDULERS, denoise_schedule, schedule
 from zimage_serve.errors import GenerationCancelled
 from zimage_serve.workflow.context import Interrupted, NodeContext
+from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import MAX_SEED, Combo, Float, Int, Node, NodeResult, Output, link
 
 
@@ -18,7 +19,8 @@ class ModelSamplingAuraFlow(Node):
     description = "Sets the flow shift of the sigma schedule (Z-Image-Turbo's template uses 3)."
     required = {
         "model": link("MODEL"),
-        "shift": Float(default=1.73, min=0.0, max=100.0, step=0.01),
+        # Not 0 (ComfyUI's minimum): the flow's σ(t) = shift·t / (1 + (shift-1)·t) is then 0/0 at t = 1.
+        "shift": Float(default=1.73, min=0.01, max=100.0, step=0.01),
     }
     outputs = (Output("MODEL"),)
 
@@ -46,7 +48,10 @@ def run_sampler(
 ) -> NodeResult:
     model: DiffusionModel = inputs["model"]
     latent: dict[str, Any] = inputs["latent_image"]
+    enforce(ctx.limits, "steps", inputs["steps"], "steps")
     samples = _empty_to_model_channels(latent["samples"], model)
+    enforce(ctx.limits, "batch", samples.shape[0], "latent_image")
+    enforce(ctx.limits, "pixels", samples.shape[-1] * samples.shape[-2] * LATENT_FACTOR**2, "latent_image")
     if len(sigmas) < 2:
         return NodeResult(({**latent, "samples": samples},))
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
@@ -71,7 +76,7 @@ def run_sampler(
 
 SAMPLER = Combo(choices=SAMPLERS, tooltip="The algorithm used when sampling.")
 SCHEDULER = Combo(choices=SCHEDULERS, tooltip="The scheduler controls how noise is gradually removed.")
-STEPS = Int(default=20, min=1, max=10000, tooltip="The number of steps used in the denoising process.")
+STEPS = Int(default=20, min=1, max=10000, limit="steps", tooltip="The number of steps used in the denoising process.")
 CFG = Float(
     default=8.0,
     min=0.0,
@@ -116,7 +121,7 @@ class KSamplerAdvanced(Node):
         "model": link("MODEL"),
         "add_noise": Combo(choices=("enable", "disable")),
         "noise_seed": Int(default=0, min=0, max=MAX_SEED, control_after_generate=True),
-        "steps": Int(default=20, min=1, max=10000),
+        "steps": Int(default=20, min=1, max=10000, limit="steps"),
         "cfg": CFG,
         "sampler_name": SAMPLER,
         "scheduler": SCHEDULER,

@@ -1,0 +1,69 @@
+"""What one prompt may ask of the machine: pixels, batch, steps, prompt length, graph size, uploads.
+
+The limits are checked before a job is queued (the validator reads the demands nodes declare) and again
+where the work happens (a node refuses to start work beyond them), so a graph that slips past one check,
+say an image whose size only shows once it is loaded, still cannot take the worker for minutes. Each
+limit is named as the `zimage serve` flag that sets it, and the defaults are far above what a Z-Image
+user asks for: 4 MP (2048²) per image, 16 images a batch, 200 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from zimage_serve.errors import ZImageError
+
+MEGAPIXELS_4 = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class Limits:
+    pixels: int = MEGAPIXELS_4  # per image: width × height
+    batch: int = 16  # images in one latent batch, frames loaded from one file
+    steps: int = 200  # sampler steps
+    prompt_tokens: int = 1024  # tokens of one prompt text (Z-Image reads 512; ComfyUI truncates nothing)
+    prompt_bytes: int = 16 * 1024  # UTF-8 bytes of one prompt text
+    nodes: int = 500  # nodes in one graph
+    upload_pixels: int = 8 * MEGAPIXELS_4  # over every frame of an uploaded or loaded image
+    request_pixels: int = 4 * MEGAPIXELS_4  # OpenAI's route: n × width × height
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            if getattr(self, spec.name) < 1:
+                raise ValueError(f"{flag(spec.name)} must be at least 1")
+
+
+WHAT = {
+    "pixels": "pixels per image",
+    "batch": "images in a batch",
+    "steps": "steps",
+    "prompt_tokens": "prompt tokens",
+    "prompt_bytes": "prompt bytes",
+    "nodes": "nodes in a graph",
+    "upload_pixels": "image pixels over all frames",
+    "request_pixels": "pixels in one request (n × width × height)",
+}
+
+
+def flag(limit: str) -> str:
+    return "--max-" + limit.replace("_", "-")
+
+
+def describe(limit: str, value: int, allowed: int) -> str:
+    """The sentence a refusal carries: what was asked, what is allowed, and the flag that allows more."""
+    return f"{value:,} {WHAT[limit]} is more than the {allowed:,} this server allows ({flag(limit)})"
+
+
+class LimitExceeded(ZImageError):
+    """Raised where work would begin beyond a limit; `limit` is the Limits field."""
+
+    def __init__(self, limit: str, value: int, allowed: int, where: str = "") -> None:
+        message = describe(limit, value, allowed)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.limit, self.value, self.allowed = limit, value, allowed
+
+
+def enforce(limits: Limits, limit: str, value: int, where: str = "") -> None:
+    allowed: int = getattr(limits, limit)
+    if value > allowed:
+        raise LimitExceeded(limit, value, allowed, where)
