@@ -1,23 +1,36 @@
-"""GET /view: files from the output, input and temp folders, never from anywhere else."""
+"""GET /view: files from the output, input and temp folders, never from anywhere else.
+
+Only raster images are shown inline; anything else (SVG and PDF can carry scripts) is sent as an
+attachment, with sniffing off, so a file a client put in a folder never runs as a page of this origin.
+"""
 
 from __future__ import annotations
 
 import mimetypes
-from pathlib import Path
+import os
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from zimage_serve.server.routes_queue import runtime
+from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
 
 router = APIRouter()
 
-UNSAFE_TYPES = {"text/html", "text/html-sandboxed", "application/xhtml+xml", "text/javascript", "text/css"}
+INLINE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/avif"}
 ANNOTATIONS = {" [output]": "output", " [input]": "input", " [temp]": "temp"}
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def content_disposition(disposition: str, filename: str) -> str:
+    """RFC 6266: a plain ASCII fallback and the exact name percent-encoded, so no byte of a name can break
+    the header."""
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename)
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.get("/view")
@@ -34,20 +47,21 @@ async def view(request: Request) -> Response:
     folders = {"output": rt.folders.output, "input": rt.folders.input, "temp": rt.folders.temp}
     if kind not in folders:
         return _error(400, f"type must be output, input or temp, not {kind!r}")
-    if filename.startswith(("/", "\\")) or ".." in filename or "\x00" in filename:
+    if "/" in filename or "\\" in filename:
         return _error(400, "filename must be a plain file name")
-    base = folders[kind].resolve()
     subfolder = query.get("subfolder", "")
-    folder = (base / subfolder).resolve()
-    if "\x00" in subfolder or not folder.is_relative_to(base):
-        return _error(403, "subfolder leads outside the folder")
-    path = folder / Path(filename).name
-    if not path.is_file():
+    try:
+        path = contained(folders[kind], f"{subfolder}/{filename}" if subfolder else filename, "filename")
+    except UnknownFileError as exc:
+        return _error(403 if exc.why in ESCAPES else 400, str(exc))
+    if not os.path.isfile(path):
         return _error(404, "file not found")
-    if not path.resolve().is_relative_to(base):  # a symlink pointing out of the folder
-        return _error(403, "file leads outside the folder")
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    if media_type in UNSAFE_TYPES:
+    media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    inline = media_type in INLINE_TYPES
+    headers = {
+        "Content-Disposition": content_disposition("inline" if inline else "attachment", filename),
+        "X-Content-Type-Options": "nosniff",
+    }
+    if not inline:
         media_type = "application/octet-stream"
-    headers = {"Content-Disposition": f'filename="{path.name}"', "X-Content-Type-Options": "nosniff"}
     return FileResponse(path, media_type=media_type, headers=headers)

@@ -7,24 +7,25 @@ Without `overwrite`, an existing different file is never replaced: the new one g
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import UploadFile
 
+from zimage_serve import strict_json
+from zimage_serve.image_safety import ImageRefused, facts, refusing
 from zimage_serve.server.routes_queue import runtime
+from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
 
 router = APIRouter()
 
-ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
-MAX_PIXELS = 64 * 1024 * 1024
 TYPES = ("input", "temp", "output")
 
 
@@ -44,36 +45,32 @@ class Stored:
         return {"name": self.name, "subfolder": self.subfolder, "type": self.type}
 
 
-def check_image(data: bytes, field: str) -> Image.Image:
+def check_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """The uploaded bytes as a decoded image, if they are one of the accepted formats within the pixel
+    budget over every frame (checked from the headers, before decoding)."""
     if not data:
         raise UploadError(400, f"{field}: the file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            if probe.format not in ALLOWED_FORMATS:
-                raise UploadError(415, f"{field}: {probe.format} images are not accepted")
-            width, height = probe.size
-            if width * height > MAX_PIXELS:
-                raise UploadError(413, f"{field}: {width}×{height} pixels is more than the {MAX_PIXELS} allowed")
+        with refusing(field), Image.open(io.BytesIO(data)) as probe:
+            facts(probe, field, max_pixels)
             probe.verify()
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with refusing(field):
+            image = Image.open(io.BytesIO(data))
+            image.load()
         return image
-    except UploadError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UploadError(400, f"{field}: not a readable image ({exc})") from exc
+    except ImageRefused as exc:
+        raise UploadError(exc.status, str(exc)) from exc
 
 
-def target_folder(request: Request, kind: str, subfolder: str) -> tuple[Path, Path]:
+def target_folder(request: Request, kind: str, subfolder: str) -> Path:
     rt = runtime(request)
     folders = {"input": rt.folders.input, "temp": rt.folders.temp, "output": rt.folders.output}
     if kind not in folders:
         raise UploadError(400, f"type must be one of {', '.join(TYPES)}, not {kind!r}")
-    base = folders[kind].resolve()
-    folder = (base / subfolder).resolve()
-    if "\x00" in subfolder or os.path.isabs(subfolder) or not folder.is_relative_to(base):
-        raise UploadError(400, "subfolder must stay inside the folder")
-    return base, folder
+    try:
+        return Path(contained(folders[kind], subfolder, "subfolder", empty_ok=True))
+    except UnknownFileError as exc:
+        raise UploadError(400, str(exc)) from exc
 
 
 def plain_name(filename: str | None) -> str:
@@ -129,42 +126,59 @@ def _answer(call: Stored | UploadError) -> Response:
 async def upload_image(request: Request) -> Response:
     try:
         data, name, fields = await read_form(request)
-        check_image(data, "image")
+        await asyncio.to_thread(check_image, data, "image", max_upload_pixels(request))
         subfolder = fields.get("subfolder", "")
         kind = fields.get("type") or "input"
-        _, folder = target_folder(request, kind, subfolder)
+        folder = target_folder(request, kind, subfolder)
         overwrite = fields.get("overwrite", "").lower() in ("true", "1")
-        return _answer(Stored(store(data, folder, name, overwrite), subfolder, kind))
+        stored = await asyncio.to_thread(store, data, folder, name, overwrite)
+        return _answer(Stored(stored, subfolder, kind))
     except UploadError as exc:
         return _answer(exc)
+
+
+def _masked(data: bytes, original_path: str, max_pixels: int) -> bytes:
+    """The original image with the uploaded mask's alpha, as PNG bytes."""
+    mask = check_image(data, "image", max_pixels)
+    with open(original_path, "rb") as file:
+        original = check_image(file.read(), "original_ref", max_pixels).convert("RGBA")
+    alpha = mask.convert("RGBA").getchannel("A").resize(original.size, Image.Resampling.LANCZOS)
+    original.putalpha(alpha)
+    buffer = io.BytesIO()
+    original.save(buffer, format="PNG", compress_level=4)
+    return buffer.getvalue()
+
+
+def max_upload_pixels(request: Request) -> int:
+    pixels: int = runtime(request).settings.limits.upload_pixels
+    return pixels
 
 
 @router.post("/upload/mask")
 async def upload_mask(request: Request) -> Response:
     try:
         data, name, fields = await read_form(request)
-        mask = check_image(data, "image")
         try:
-            reference = json.loads(fields.get("original_ref", ""))
+            reference = strict_json.loads(fields.get("original_ref", ""))
             if not isinstance(reference, dict):
                 raise ValueError("not an object")
-        except (ValueError, RecursionError) as exc:
+        except ValueError as exc:
             raise UploadError(400, f"original_ref: expected JSON with a filename ({exc})") from exc
-        _, original_folder = target_folder(
+        original_folder = target_folder(
             request, str(reference.get("type") or "input"), str(reference.get("subfolder") or "")
         )
-        original_path = original_folder / plain_name(str(reference.get("filename", "")))
-        if not original_path.is_file():
-            raise UploadError(404, f"original_ref: {original_path.name} not found")
-        original = check_image(original_path.read_bytes(), "original_ref").convert("RGBA")
-        alpha = mask.convert("RGBA").getchannel("A").resize(original.size, Image.Resampling.LANCZOS)
-        original.putalpha(alpha)
-        buffer = io.BytesIO()
-        original.save(buffer, format="PNG", compress_level=4)
+        try:
+            original_path = contained(original_folder, plain_name(str(reference.get("filename", ""))), "original_ref")
+        except UnknownFileError as exc:
+            raise UploadError(403 if exc.why in ESCAPES else 400, str(exc)) from exc
+        if not os.path.isfile(original_path):
+            raise UploadError(404, f"original_ref: {os.path.basename(original_path)} not found")
         subfolder = fields.get("subfolder", "")
         kind = fields.get("type") or "input"
-        _, folder = target_folder(request, kind, subfolder)
+        folder = target_folder(request, kind, subfolder)
         overwrite = fields.get("overwrite", "").lower() in ("true", "1")
-        return _answer(Stored(store(buffer.getvalue(), folder, name, overwrite), subfolder, kind))
+        masked = await asyncio.to_thread(_masked, data, original_path, max_upload_pixels(request))
+        stored = await asyncio.to_thread(store, masked, folder, name, overwrite)
+        return _answer(Stored(stored, subfolder, kind))
     except UploadError as exc:
         return _answer(exc)

@@ -12,6 +12,7 @@ directory instead of a walk over every file.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -47,7 +48,7 @@ def builtin_models() -> dict[str, Path]:
 class UnknownFileError(ZImageError):
     def __init__(self, resource: str, name: str, why: str) -> None:
         super().__init__(f"{resource}: {name!r} {why}")
-        self.resource, self.name = resource, name
+        self.resource, self.name, self.why = resource, name, why
 
 
 @dataclass
@@ -119,9 +120,13 @@ class Folders:
         """The file or folder a listed name stands for."""
         if resource in FOLDER_MODEL_KINDS and name in self.builtin:
             return self.builtin[name]
+        if resource == "input_images":  # clients fill this folder: no link may lead out of it
+            path = contained(self.input, name, resource)
+            if os.path.isfile(path):
+                return Path(path)
+            raise UnknownFileError(resource, name, "not found")
         relative = safe_relative(resource, name)
-        bases = [self.input] if resource == "input_images" else self._bases(resource)
-        for base in bases:
+        for base in self._bases(resource):
             candidate = base / relative
             if candidate.exists():
                 return candidate
@@ -135,22 +140,56 @@ class Folders:
 
         LoadImage checks and fingerprints every prompt's image with one stat of its own: a second one
         here, and pathlib's parsing, cost more than the rest of the check."""
-        check_relative("input_images", name)
-        return os.path.join(self.input, name)
+        return contained(self.input, name, "input_images")
 
 
-def check_relative(resource: str, name: str) -> None:
-    """Refuse a name with '..', a drive or an absolute start, with an error naming the input."""
-    if not name or "\x00" in name:
+OUTSIDE = "must be a path inside its folder"
+LINKED_OUT = "leads outside its folder through a symbolic link"
+ESCAPES = (OUTSIDE, LINKED_OUT)  # the reasons that are attempts to leave a folder (403, not 400)
+MAX_NAME_BYTES = 255  # one path component, as Linux, macOS and Windows allow
+MAX_PATH_BYTES = 1024
+
+
+def check_relative(resource: str, name: str, *, empty_ok: bool = False) -> None:
+    """Refuse a name with '..', a drive, an absolute start, a NUL or another control character (CR/LF would
+    break the headers the file is served with), or a part longer than file systems allow; the error names
+    the input."""
+    if not name:
+        if empty_ok:
+            return
         raise UnknownFileError(resource, name, "is not a file name")
+    if not name.isprintable() and any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnknownFileError(resource, name, "holds a control character")
     if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or (os.sep != "/" and ":" in name):
-        raise UnknownFileError(resource, name, "must be a path inside its folder")
+        raise UnknownFileError(resource, name, OUTSIDE)
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
+        raise UnknownFileError(resource, name[:60], "is too long for a file name")
 
 
 def safe_relative(resource: str, name: str) -> Path:
     """A relative path with no '..', no drive and no absolute start, or an error naming the input."""
     check_relative(resource, name)
     return Path(name)
+
+
+@functools.lru_cache(maxsize=64)
+def real_folder(folder: Path) -> str:
+    """A served folder's real path (the server's own folders: looked up once, not per request)."""
+    return os.path.realpath(folder)
+
+
+def contained(folder: Path, name: str, resource: str, *, empty_ok: bool = False) -> str:
+    """The one rule for a client-named path below one of the server's folders: `name` checked as above,
+    joined to the folder, and refused when a symbolic link on the way leads out of it. The path is
+    returned as a string (LoadImage calls this for every prompt; pathlib costs more than the check)."""
+    check_relative(resource, name, empty_ok=empty_ok)
+    root = real_folder(folder)
+    path = os.path.join(root, name) if name else root
+    real = os.path.realpath(path)
+    if real != path and real != root and not real.startswith(root + os.sep):
+        raise UnknownFileError(resource, name, LINKED_OUT)
+    return path
 
 
 def _mtime(directory: Path) -> int | None:

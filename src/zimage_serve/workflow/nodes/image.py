@@ -12,13 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence
 
+from zimage_serve.image_safety import ImageFacts, ImageRefused, facts, refusing
 from zimage_serve.png import png_bytes, png_info
 from zimage_serve.workflow.context import NodeContext, ResourceLists
 from zimage_serve.workflow.folders import UnknownFileError
+from zimage_serve.workflow.limits import Limits, describe, enforce
 from zimage_serve.workflow.naming import claim
 from zimage_serve.workflow.spec import Combo, Node, NodeResult, Output, String, link
+
+# Facts are cached per file, whatever the limits: counting stops being exact only far beyond any limit.
+MAX_FACTS_PIXELS = 2**40
 
 
 class VAEDecode(Node):
@@ -46,11 +51,17 @@ class VAEEncode(Node):
         return NodeResult(({"samples": inputs["vae"].encode(inputs["pixels"])},))
 
 
-def open_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """IMAGE (frames, H, W, 3) in 0..1 and MASK (frames, H, W) = 1 - alpha, as ComfyUI's LoadImage."""
+def open_image(path: str | Path, limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGE (frames, H, W, 3) in 0..1 and MASK (frames, H, W) = 1 - alpha, as ComfyUI's LoadImage.
+
+    The pixels over every frame are checked from the headers before a frame is decoded, and no more
+    frames are decoded than a batch may hold."""
+    limits = limits or Limits()
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
-    with Image.open(path) as opened:
+    with refusing("image"), Image.open(path) as opened:
+        found = facts(opened, "image", limits.upload_pixels)
+        enforce(limits, "batch", found.frames, "image (frames)")
         for frame in ImageSequence.Iterator(opened):
             frame = ImageOps.exif_transpose(frame) or frame
             if frame.mode == "I":
@@ -64,6 +75,8 @@ def open_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
                 masks.append(1.0 - alpha)
             else:
                 masks.append(np.zeros((64, 64), dtype=np.float32))
+            if len(images) >= found.frames:
+                break
     image = torch.from_numpy(np.stack(images))
     if any(m.shape != masks[0].shape for m in masks):
         masks = [np.zeros((64, 64), dtype=np.float32) for _ in masks]
@@ -79,13 +92,23 @@ class LoadImage(Node):
     custom_checks = ("image",)
 
     @classmethod
-    def check(cls, lists: ResourceLists, **inputs: Any) -> str | None:
+    def check(cls, lists: ResourceLists, limits: Limits, **inputs: Any) -> str | None:
         name = inputs.get("image")
         try:
-            readable = _is_image(*_identity(_input_file(lists, str(name))))
-        except (UnknownFileError, OSError):
-            readable = False
-        return None if readable else f"Invalid image file: {name}"
+            found = _image_facts(*_identity(_input_file(lists, str(name))))
+        except (UnknownFileError, OSError) as exc:
+            return (
+                f"Invalid image file: {name} ({exc})"
+                if isinstance(exc, UnknownFileError)
+                else f"Invalid image file: {name}"
+            )
+        if isinstance(found, str):
+            return f"Invalid image file: {name} ({found})"
+        if found.pixels > limits.upload_pixels:
+            return describe("upload_pixels", found.pixels, limits.upload_pixels)
+        if found.frames > limits.batch:
+            return describe("batch", found.frames, limits.batch) + " (the file's frames)"
+        return None
 
     @classmethod
     def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:
@@ -95,7 +118,7 @@ class LoadImage(Node):
             return None
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        image, mask = open_image(ctx.folders.input_path(inputs["image"]))
+        image, mask = open_image(ctx.folders.input_file(inputs["image"]), ctx.limits)
         return NodeResult((image, mask))
 
 
@@ -112,13 +135,15 @@ def _identity(path: str) -> FileIdentity:
 
 
 @functools.lru_cache(maxsize=1024)
-def _is_image(path: str, inode: int, size: int, mtime_ns: int) -> bool:
+def _image_facts(path: str, inode: int, size: int, mtime_ns: int) -> ImageFacts | str:
+    """The file's format, frames and pixels (from its headers; every frame verified), or why it is no image."""
     try:
-        with Image.open(path) as image:
+        with refusing("image"), Image.open(path) as image:
+            found = facts(image, "image", MAX_FACTS_PIXELS)
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
-    return True
+    except ImageRefused as exc:
+        return exc.reason
+    return found
 
 
 @functools.lru_cache(maxsize=1024)
