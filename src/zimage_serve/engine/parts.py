@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from zimage_serve.engine import components
+from zimage_serve.engine.cancel import cancellable
+from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.devices import (
     TURBO_BF16_BYTES,
@@ -35,6 +37,7 @@ from zimage_serve.engine.offload import ModelSwap, execution_device
 from zimage_serve.engine.pipeline import PromptEmbedding, encode_text
 from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
+from zimage_serve.errors import GenerationCancelled
 
 log = logging.getLogger(__name__)
 
@@ -188,23 +191,35 @@ class Vae:
         return execution_device(self.model)
 
     @torch.inference_mode()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, cancel: CancelCheck | None = None) -> torch.Tensor:
+        """Raw latents; stops (GenerationCancelled) between images and between the encoder's blocks once
+        `cancel()` is true."""
         height = pixels.shape[1] // LATENT_FACTOR * LATENT_FACTOR
         width = pixels.shape[2] // LATENT_FACTOR * LATENT_FACTOR
         pixels = pixels[:, :height, :width, :3]
         latents = []
-        for image in pixels:
-            x = image.permute(2, 0, 1)[None].to(self.device, self.model.dtype) * 2 - 1
-            latents.append(self.model.encode(x).latent_dist.mode().float().cpu())
+        with cancellable(cancel):
+            for image in pixels:
+                _stop_if(cancel)
+                x = image.permute(2, 0, 1)[None].to(self.device, self.model.dtype) * 2 - 1
+                latents.append(self.model.encode(x).latent_dist.mode().float().cpu())
         return torch.cat(latents)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, cancel: CancelCheck | None = None) -> torch.Tensor:
+        """Pixels; stops between images and between the decoder's blocks once `cancel()` is true."""
         images = []
-        for latent in latents:  # one at a time: decoding dominates peak memory at large sizes
-            pixels = self.model.decode(latent[None].to(self.device, self.model.dtype), return_dict=False)[0]
-            images.append(((pixels.float().cpu() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0))
+        with cancellable(cancel):
+            for latent in latents:  # one at a time: decoding dominates peak memory at large sizes
+                _stop_if(cancel)
+                pixels = self.model.decode(latent[None].to(self.device, self.model.dtype), return_dict=False)[0]
+                images.append(((pixels.float().cpu() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0))
         return torch.stack(images)
+
+
+def _stop_if(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise GenerationCancelled("interrupted between images")
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -220,6 +235,7 @@ def load_diffusion_model(
     prepared = components.prepare(source)
     transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype)
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
+    install_cancel_checks(transformer)
     placing.place(transformer)
     log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)
@@ -228,7 +244,7 @@ def load_diffusion_model(
 def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placing: Placing) -> TextEncoder:
     prepared = components.prepare(source)
     loaded_tokenizer = load_tokenizer(tokenizer, prepared.config["vocab_size"])
-    model = placing.place(components.load(prepared, placing.load_device, placing.dtype))
+    model = placing.place(install_cancel_checks(components.load(prepared, placing.load_device, placing.dtype)))
     log.info("loaded text encoder %s on %s (%s)", name, placing.device, placing.memory_mode)
     return TextEncoder(name, model, loaded_tokenizer)
 
@@ -237,6 +253,7 @@ def load_vae(name: str, source: ComponentSource, placing: Placing) -> Vae:
     prepared = components.prepare(source)
     model = components.load(prepared, placing.load_device, placing.vae_dtype)
     accelerate_vae(model, placing.device, placing.fast)
+    install_cancel_checks(model)
     placing.place(model)
     config = prepared.config
     scaling = LatentFormat(float(config.get("scaling_factor", 0.3611)), float(config.get("shift_factor") or 0.0))
@@ -289,12 +306,19 @@ def sample(
     x = sigmas[0] * noise.float().to(device) + (1.0 - sigmas[0]) * x0_in
     use_cfg = abs(cfg - 1.0) > 1e-9
 
+    # On a GPU a batch is one call; on a CPU, where one image at full size takes many seconds, each image
+    # is a call of its own, so an interrupt between them comes before the next image, not the next step.
+    chunk = x.shape[0] if device.type == "cuda" else 1
+
     def denoise_with(embeddings: list[PromptEmbedding], x: torch.Tensor, sigma: float) -> torch.Tensor:
         # Several conditionings on one link are averaged, as ComfyUI does for entries without areas.
         total = torch.zeros_like(x)
         for embedding in embeddings:
-            captions = [embedding.embeds] * x.shape[0]
-            total += x - sigma * model.velocity(x, sigma, captions)
+            for start in range(0, x.shape[0], chunk):
+                _stop_if(cancel)
+                part = x[start : start + chunk]
+                captions = [embedding.embeds] * part.shape[0]
+                total[start : start + chunk] += part - sigma * model.velocity(part, sigma, captions)
         return total / len(embeddings)
 
     def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -304,7 +328,7 @@ def sample(
         uncond = denoise_with(negative, x, sigma)
         return uncond + (cond - uncond) * cfg
 
-    with torch.inference_mode(), model.patched():
+    with torch.inference_mode(), model.patched(), cancellable(cancel):
         result = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel)(denoiser, x, sigmas)
     if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does
         result = result / (1.0 - sigmas[-1])

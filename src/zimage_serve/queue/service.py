@@ -8,6 +8,7 @@ store's `Job` records, never to the executor or the node set directly.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -107,11 +108,16 @@ class QueueService:
     def remaining(self) -> int:
         return self.store.count("pending") + self.store.count("running")
 
-    def queue_json(self) -> str:
-        """GET /queue's answer, {"queue_running": [...], "queue_pending": [...]}, as JSON text."""
+    def queue_json(self, limit: int | None = None, offset: int = 0) -> str:
+        """GET /queue's answer, {"queue_running": [...], "queue_pending": [...]}, as JSON text; with
+        `limit`, `limit` waiting jobs from `offset` on and a "pagination" entry."""
         running = ", ".join(self.store.queue_items_json("running"))
-        pending = ", ".join(self.store.queue_items_json("pending"))
-        return f'{{"queue_running": [{running}], "queue_pending": [{pending}]}}'
+        pending = ", ".join(self.store.queue_items_json("pending", limit, offset))
+        if limit is None:
+            return f'{{"queue_running": [{running}], "queue_pending": [{pending}]}}'
+        total = self.store.count("pending")
+        page = json.dumps({"offset": offset, "limit": limit, "total": total, "has_more": offset + limit < total})
+        return f'{{"queue_running": [{running}], "queue_pending": [{pending}], "pagination": {page}}}'
 
     def executing(self) -> list[Executing]:
         """Each running prompt, who queued it and the node it is on now."""
@@ -119,6 +125,9 @@ class QueueService:
 
     def get(self, prompt_id: str) -> Job | None:
         return self.store.get(prompt_id)
+
+    def finished_count(self) -> int:
+        return self.store.count_finished()
 
     def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
         return self.store.history(max_items=max_items, offset=offset)
@@ -131,6 +140,10 @@ class QueueService:
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         return self.worker.interrupt(prompt_id)
+
+    def cancel(self, prompt_id: str) -> bool:
+        """Take a prompt out of the queue if it waits, or interrupt it if it runs; True if either."""
+        return bool(self.store.delete_pending([prompt_id])) or self.worker.interrupt(prompt_id)
 
     def free(self) -> None:
         """Unload models and drop cached outputs; the next prompt loads what it needs again."""

@@ -365,12 +365,16 @@ class JobStore:
     def running(self) -> list[Job]:
         return self._select(RUNNING_ORDER)
 
-    def queue_items_json(self, state: str) -> list[str]:
-        """ComfyUI's QueueItems of the running or pending jobs, in order, as JSON texts spliced from the
-        stored JSON: a long queue is not parsed and encoded again for every GET /queue."""
+    def queue_items_json(self, state: str, limit: int | None = None, offset: int = 0) -> list[str]:
+        """ComfyUI's QueueItems of the running or pending jobs, in order (`limit` of them from `offset`),
+        as JSON texts spliced from the stored JSON: a long queue is not parsed and encoded again for every
+        GET /queue. Stored JSON is strict (see `strict_json`, and the scan of older files at open)."""
         where = {"pending": PENDING_ORDER, "running": RUNNING_ORDER}[state]
+        page = (-1 if limit is None else limit, offset)
         with self._lock:
-            rows = self._execute(f"SELECT number, id, prompt, extra_data, outputs FROM jobs WHERE {where}").fetchall()
+            rows = self._execute(
+                f"SELECT number, id, prompt, extra_data, outputs FROM jobs WHERE {where} LIMIT ? OFFSET ?", page
+            ).fetchall()
         return [
             f"[{json.dumps(_comfy_number(number))}, {json.dumps(job_id)}, {prompt}, {extra}, {outputs}]"
             for number, job_id, prompt, extra, outputs in rows

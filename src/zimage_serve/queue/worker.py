@@ -63,6 +63,7 @@ class Worker:
         self._running_lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = threading.Event()
+        self._cut_off = threading.Event()  # the shutdown's grace ran out: interrupted jobs go back to the queue
         self._threads: list[threading.Thread] = []
         self._timed_out: set[str] = set()
         self._on_idle = on_idle
@@ -75,6 +76,7 @@ class Worker:
 
     # -- control -------------------------------------------------------------------------------------
     def start(self) -> None:
+        self._settle_finished()
         for slot in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"zimage-worker-{slot}", daemon=True)
             self._threads.append(thread)
@@ -86,18 +88,44 @@ class Worker:
             self._wake.notify_all()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Take no new job; let running ones finish within `timeout` (then interrupt them). True if idle."""
+        """Take no new job; let running ones finish within `timeout`, then interrupt them and put them back
+        in the queue for the next start (a shutdown is not the prompt's failure). True if idle."""
         self._stopping.set()
         self.notify()
+        running = self.running
+        if running:
+            log.warning(
+                "stopping: waiting up to %s s for %s",
+                timeout,
+                ", ".join(f"prompt {r.job.id}" for r in running),
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if any(t.is_alive() for t in self._threads):
-            log.warning("running jobs did not finish in %s s; interrupting them", timeout)
+            self._cut_off.set()
+            for late in self.running:
+                log.warning(
+                    "prompt %s did not finish within the %s s grace: interrupting it, to be queued again for the "
+                    "next start",
+                    late.job.id,
+                    timeout,
+                )
             self.executor.interrupt()
             for thread in self._threads:
                 thread.join(30)
+        stuck = [r.job.id for r in self.running]
+        for job_id in stuck:
+            log.error("prompt %s did not stop; the next start finds it running and queues it again", job_id)
         return not any(t.is_alive() for t in self._threads)
+
+    def _settle_finished(self) -> None:
+        """Files noted by runs whose end was recorded just before a crash are theirs: settle them. Those
+        of runs never finished are removed when the prompt runs again."""
+        for prompt_id in self.executor.unsettled():
+            job = self.store.get(prompt_id)
+            if job is None or job.state not in ("pending", "running"):
+                self.executor.settle_outputs(prompt_id)
 
     def executing(self) -> list[Executing]:
         return [Executing(r.job.id, r.job.extra_data.get("client_id"), r.node) for r in self.running]
@@ -152,6 +180,9 @@ class Worker:
                 running.node = data.get("node")
             self._tell(job, event, data)
 
+        if job.attempts > 1:  # run before and never finished: what that run wrote goes first
+            self.executor.discard_outputs(job.id)
+
         try:
             result = self.executor.run(job.id, job.prompt, job.outputs, job.extra_data, emit)
         finally:
@@ -160,9 +191,19 @@ class Worker:
         if result.status == "interrupted" and job.id in self._timed_out:
             self._note_timeout(job, result)
         self._timed_out.discard(job.id)
+        if result.status == "interrupted" and self._cut_off.is_set():
+            self.store.requeue(job.id)
+            self.executor.discard_outputs(job.id)
+            log.warning("prompt %s was stopped by the shutdown and is queued again for the next start", job.id)
+            with self._running_lock:
+                del self._running[job.id]
+            return None
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
         next_job = self.store.finish(job.id, state, entry, claim_next=not self._stopping.is_set())
+        self.executor.settle_outputs(job.id)
+        if self._stopping.is_set():
+            log.warning("prompt %s ended (%s) while the server was stopping", job.id, state)
         try:
             with self._running_lock:
                 del self._running[job.id]
@@ -198,6 +239,7 @@ class Worker:
     def _record_failure(self, job: Job, message: str) -> None:
         data = execution_error(job.id, message, "InternalError")
         self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]]})
+        self.executor.discard_outputs(job.id)  # the history lists none of them
         with self._running_lock:
             self._running.pop(job.id, None)
         self._tell(job, "execution_error", data)

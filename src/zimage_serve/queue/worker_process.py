@@ -40,6 +40,15 @@ from zimage_serve.workflow.limits import Limits
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 REPORT_TIMEOUT_S = 2.0
+MAX_RESTART_DELAY_S = 5.0
+
+
+def restart_delay(quick_failures: int) -> float:
+    """Seconds before a dead worker is started again, after `quick_failures` deaths within a minute of
+    starting: none for the first (a one-off crash), then doubling from 0.5 s up to MAX_RESTART_DELAY_S."""
+    if quick_failures <= 1:
+        return 0.0
+    return min(MAX_RESTART_DELAY_S, 0.5 * 2.0 ** (quick_failures - 2))
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class WorkerConfig:
     job_timeout: float | None = None
     concurrency: int = 1
     limits: Limits = field(default_factory=Limits)
+    journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
     log_level: int = logging.WARNING
 
 
@@ -196,14 +206,19 @@ class WorkerProcess:
                 report.done.set()
         if self._stopping.is_set():
             return
-        log.error("the worker process stopped (exit code %s); starting it again", process.exitcode)
-        for job in self.store.recover():
-            log.warning("prompt %s was running: %s", job.id, "queued again" if job.state == "pending" else "failed")
+        cause = f"the worker process died (exit code {process.exitcode})"
+        log.error("%s; starting it again", cause)
+        for job in self.store.recover(cause=cause):
+            log.warning(
+                "prompt %s was running: %s",
+                job.id,
+                "queued again" if job.state == "pending" else f"failed after {job.attempts} tries, not run again",
+            )
         self.listener.queue_changed()
         # A child that keeps dying at once (a broken install, a device that fails on start) is not
-        # restarted in a tight loop: wait 1, 2, 4 ... up to 60 s while it lives less than a minute.
+        # restarted in a tight loop: wait 0.5, 1, 2, 4, then 5 s at most, while it lives under a minute.
         self._quick_failures = self._quick_failures + 1 if time.monotonic() - self._started < 60 else 0
-        if not self._stopping.wait(min(60.0, 2.0 ** max(0, self._quick_failures - 1))):
+        if not self._stopping.wait(restart_delay(self._quick_failures)):
             self.start()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
@@ -303,13 +318,15 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES
+    from zimage_serve.workflow.output_journal import OutputJournal
 
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     store = JobStore(config.store_path)
     listener = _PipeListener(connection, audience)
     use_bomb_limit(config.limits.upload_pixels)
     placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
-    executor = Executor(NODES, folders, placing, limits=config.limits)
+    journal = OutputJournal(config.journal) if config.journal is not None else None
+    executor = Executor(NODES, folders, placing, limits=config.limits, journal=journal)
     last_stats = 0.0
 
     def report_idle() -> None:  # whenever the queue runs dry; statistics at most once a second

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import secrets
 import time
@@ -27,6 +28,7 @@ from zimage_serve.workflow.limits import describe
 from zimage_serve.workflow.spec import MAX_SEED
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 MAX_IMAGES = 10
 MAX_SIDE = 4096
@@ -124,6 +126,11 @@ async def generate(request: Request) -> Response:
             return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")
         if job.state not in ("pending", "running"):
             break
+        if await request.is_disconnected():  # nobody waits for these images: free the worker for others
+            rt.service.cancel(job_id)
+            rt.queue_changed()
+            log.info("OpenAI images request %s: the client left; its prompt was cancelled", job_id)
+            return Response(status_code=499)
         await asyncio.sleep(0.02)
     if job.state != "success":
         errors = [d.get("exception_message") for e, d in job.result.get("messages", []) if e == "execution_error"]

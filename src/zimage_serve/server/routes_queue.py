@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from zimage_serve.server.runtime import Runtime
 
 router = APIRouter()
 MAX_CLIENT_ID = 256
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed and validated in a thread, not on the event loop
+OFF_LOOP_QUEUE = 500  # a queue listing longer than this is put together in a thread
 MAX_QUERY_INT = 2**31 - 1  # counts and offsets in queries (SQLite's integers end at 2**63)
 
 
@@ -57,8 +60,10 @@ async def post_prompt(request: Request) -> Response:
     body and builds its own answers, so it needs none of FastAPI's machinery. It is left out of the
     OpenAPI page; ComfyUI's documentation describes it."""
     rt = runtime(request)
+    raw = await request.body()
+    large = len(raw) > OFF_LOOP_BYTES
     try:
-        body = await json_body(request)
+        body = await asyncio.to_thread(parse_body, raw) if large else parse_body(raw)
     except ValueError as exc:
         return comfy_error("invalid_prompt", "Invalid request body", str(exc))
     if not isinstance(body, dict):
@@ -93,6 +98,7 @@ async def post_prompt(request: Request) -> Response:
             front=bool(body.get("front")),
             prompt_id=prompt_id,
             partial_targets=targets,
+            off_loop=large,
         )
     except PromptRejected as exc:
         return JSONResponse(exc.body, status_code=400)
@@ -119,7 +125,19 @@ def _canonical_uuid(value: Any) -> bool:
 
 @router.get("/queue")
 async def get_queue(request: Request) -> Response:
-    return Response(runtime(request).service.queue_json(), media_type="application/json")
+    """ComfyUI's queue; with `limit` (and `offset`), one page of the waiting jobs and a `pagination` entry
+    as ComfyUI's jobs API gives (running jobs are always all listed)."""
+    service = runtime(request).service
+    try:
+        limit = _optional_int(request.query_params.get("limit"), "limit")
+        offset = _optional_int(request.query_params.get("offset"), "offset") or 0
+    except ValueError as exc:
+        return comfy_error("invalid_query", "Invalid query parameter", str(exc))
+    if limit is None and service.remaining() > OFF_LOOP_QUEUE:  # megabytes: built off the loop
+        text = await asyncio.to_thread(service.queue_json)
+    else:
+        text = service.queue_json(limit, offset)
+    return Response(text, media_type="application/json")
 
 
 @router.post("/queue")
@@ -139,6 +157,12 @@ async def get_history(request: Request) -> Response:
         offset = _optional_int(request.query_params.get("offset"), "offset")
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
+    if (max_items is None or max_items > OFF_LOOP_QUEUE) and rt.service.finished_count() > OFF_LOOP_QUEUE:
+        return await asyncio.to_thread(_history_answer, rt, max_items, offset)
+    return _history_answer(rt, max_items, offset)
+
+
+def _history_answer(rt: Runtime, max_items: int | None, offset: int | None) -> Response:
     jobs = rt.service.history(max_items=max_items, offset=offset)
     return JSONResponse({job.id: job.history_entry() for job in jobs})
 

@@ -23,6 +23,7 @@ from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.output_journal import OutputJournal
 from zimage_serve.workflow.tokens import PromptTokens
 from zimage_serve.workflow.validate import Validator
 
@@ -71,6 +72,7 @@ class Runtime:
         for folder in (self.folders.input, self.folders.output, self.folders.temp):
             folder.mkdir(parents=True, exist_ok=True)
         self.hub = Hub()
+        self.journal_folder = data / "runs"  # the files each running prompt wrote (workflow/output_journal.py)
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
         use_bomb_limit(settings.limits.upload_pixels)
         self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
@@ -96,13 +98,16 @@ class Runtime:
                 job_timeout=timeout,
                 concurrency=settings.concurrency,
                 limits=settings.limits,
+                journal=self.journal_folder,
                 log_level=logging.getLogger().getEffectiveLevel(),
             )
             process = WorkerProcess(config, self, self.store)
             self.hub.on_audience = process.audience_changed
             return process
         placing = Placing.choose(settings.device, settings.dtype, settings.fast, settings.memory_mode)
-        executor = Executor(NODES, self.folders, placing, limits=settings.limits)
+        executor = Executor(
+            NODES, self.folders, placing, limits=settings.limits, journal=OutputJournal(self.journal_folder)
+        )
         concurrency = placing.concurrency_cap(settings.concurrency)
         return Worker(self.store, executor, self, job_timeout=timeout, concurrency=concurrency)
 

@@ -19,9 +19,13 @@ class SubmissionBatcher:
         self.service = service
         self._waiting: list[tuple[Submitted, asyncio.Future[Submitted | QueueFull | DuplicateJob]]] = []
 
-    async def submit(self, prompt: Any, **options: Any) -> Submitted:
-        """As `QueueService.submit`: raises PromptRejected, QueueFull or DuplicateJob."""
-        prepared = self.service.prepare(prompt, **options)
+    async def submit(self, prompt: Any, *, off_loop: bool = False, **options: Any) -> Submitted:
+        """As `QueueService.submit`: raises PromptRejected, QueueFull or DuplicateJob. With `off_loop`, a
+        large prompt is validated in a thread, so the event loop keeps serving others meanwhile."""
+        if off_loop:
+            prepared = await asyncio.to_thread(self.service.prepare, prompt, **options)
+        else:
+            prepared = self.service.prepare(prompt, **options)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Submitted | QueueFull | DuplicateJob] = loop.create_future()
         if not self._waiting:

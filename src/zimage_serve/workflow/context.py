@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from zimage_serve.engine.parts import Placing
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
+from zimage_serve.workflow.naming import RunOutputs
 
 
 class ResourceLists(Protocol):
@@ -29,6 +30,7 @@ class NodeContext:
     on_progress: Callable[[int, int], None] | None = None
     interrupted: Callable[[], bool] = lambda: False
     limits: Limits = field(default_factory=Limits)
+    outputs: RunOutputs | None = None  # where the run's files are journaled (exactly one file per output)
 
     def progress(self, value: int, total: int) -> None:
         if self.on_progress is not None:

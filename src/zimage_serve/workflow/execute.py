@@ -23,6 +23,8 @@ from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputC
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
+from zimage_serve.workflow.naming import RunOutputs
+from zimage_serve.workflow.output_journal import OutputJournal
 from zimage_serve.workflow.spec import Link, Node
 from zimage_serve.workflow.validate import is_link, link_source
 
@@ -92,9 +94,11 @@ class Executor:
         placing: Placing | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         limits: Limits | None = None,
+        journal: OutputJournal | None = None,
     ) -> None:
         self.nodes, self.folders = nodes, folders
         self.limits = limits or Limits()
+        self.journal = journal  # where runs note the files they write (None: not noted, as for `zimage run`)
         self.placing = placing or Placing.choose()
         self.cache = OutputCache(cache_bytes)
         self._lock = threading.Lock()
@@ -115,6 +119,20 @@ class Executor:
     def free(self) -> None:
         """Drop every cached output (models included); the next run loads again."""
         self.cache.clear()
+
+    # -- the files runs write (see workflow/output_journal.py) -----------------------------------------
+    def discard_outputs(self, prompt_id: str) -> int:
+        """Remove the files an unfinished run of the prompt wrote (before it runs again); how many."""
+        return self.journal.undo(prompt_id) if self.journal is not None else 0
+
+    def settle_outputs(self, prompt_id: str) -> None:
+        """The prompt's end is recorded: its files are its own for good."""
+        if self.journal is not None:
+            self.journal.settle(prompt_id)
+
+    def unsettled(self) -> list[str]:
+        """Prompts whose files are noted but whose end was never settled (a crash came between)."""
+        return self.journal.journaled() if self.journal is not None else []
 
     def device_stats(self) -> dict[str, object]:
         # ComfyUI's entry, plus our own keys (new names; clients that do not know them ignore them).
@@ -327,6 +345,7 @@ class _Run:
             ),
             interrupted=self.interrupted.is_set,
             limits=self.ex.limits,
+            outputs=RunOutputs(self.prompt_id, self.ex.journal) if self.ex.journal is not None else None,
         )
         self.current_inputs = inputs
         result = node_class().run(ctx, **inputs)

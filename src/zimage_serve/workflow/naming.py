@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import os
 import re
 import stat
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zimage_serve.errors import InvalidParameterError
+from zimage_serve.workflow.folders import UnknownFileError, check_relative
+from zimage_serve.workflow.output_journal import NO_LINK, OutputJournal
 
 _DATE_TOKEN = re.compile(r"%date:([^%]+)%")
 _DATE_PARTS = (("yyyy", "%Y"), ("yy", "%y"), ("MM", "%m"), ("dd", "%d"), ("hh", "%H"), ("mm", "%M"), ("ss", "%S"))
@@ -77,10 +80,7 @@ class ClaimedName:
     fd: int
 
     def write(self, data: bytes | memoryview) -> None:
-        """Write all of `data`; one system call for a whole encoded image, with no file object around it."""
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        write_all(self.fd, data)
 
     def __enter__(self) -> ClaimedName:
         return self
@@ -106,16 +106,28 @@ def expand_prefix(prefix: str, now: dt.datetime | None = None) -> str:
     return expanded
 
 
-def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
-    """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
-
-    The caller writes through the claimed name: reopening the empty file to write it would make ext4
-    flush it on close (its guard against truncated-then-rewritten files), which costs more than the image.
-    """
+def _parts(prefix: str, field: str) -> list[str]:
+    """The prefix's path parts, dates expanded; refused when it would leave the output folder or holds a
+    character no file name (or the header a file is served with) may hold."""
     expanded = expand_prefix(prefix).replace("\\", "/")
     parts = [p for p in expanded.split("/") if p not in ("", ".")]
-    if not parts or ".." in parts or expanded.startswith("/") or "\x00" in expanded:
+    if not parts or ".." in parts or expanded.startswith("/"):
         raise InvalidParameterError(field, f"{prefix!r} must name a file inside the output folder")
+    try:
+        check_relative(field, "/".join(parts))
+    except UnknownFileError as exc:
+        raise InvalidParameterError(field, f"{prefix[:60]!r} {exc.why}") from exc
+    return parts
+
+
+def check_prefix(prefix: str, field: str = "filename_prefix") -> None:
+    """Raise InvalidParameterError if `prefix` cannot name an output file (validation, before a run)."""
+    _parts(prefix, field)
+
+
+def _target(folder: Path, prefix: str, field: str) -> tuple[str, str, str]:
+    """(the folder to write in, the subfolder as shown, the file stem) for a prefix."""
+    parts = _parts(prefix, field)
     subfolder, stem = "/".join(parts[:-1]), parts[-1]
     # Plain strings from here: pathlib's joins and conversions cost more than the file creation's
     # system call on this path, which runs once per saved image.
@@ -125,6 +137,16 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
         target = os.path.realpath(target)
         if os.path.commonpath((root, target)) != root:  # a symlink inside the output folder pointing out of it
             raise InvalidParameterError(field, f"{prefix!r} leads outside the output folder")
+    return target, subfolder, stem
+
+
+def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
+    """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
+
+    The caller writes through the claimed name: reopening the empty file to write it would make ext4
+    flush it on close (its guard against truncated-then-rewritten files), which costs more than the image.
+    """
+    target, subfolder, stem = _target(folder, prefix, field)
     with _lock:
         counters = _folder_counters(target, extension)
         counter = counters.get(stem, 0) + 1
@@ -141,3 +163,94 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
                 continue
             counters[stem] = counter
             return ClaimedName(path, filename, subfolder, fd)
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where one run's outputs are journaled (see `output_journal`): the prompt and its journal."""
+
+    prompt_id: str
+    journal: OutputJournal
+
+
+def write_new(
+    folder: Path,
+    prefix: str,
+    data: bytes | memoryview,
+    outputs: RunOutputs | None = None,
+    extension: str = "png",
+    field: str = "filename_prefix",
+) -> tuple[str, str]:
+    """Write `data` under the next free `<prefix>_NNNNN_.<ext>`; (file name, subfolder). With `outputs`,
+    the file is journaled so that a run of the same prompt after a crash leaves no second copy."""
+    if outputs is None:
+        with claim(folder, prefix, extension, field) as name:
+            name.write(data)
+        return name.filename, name.subfolder
+    target, subfolder, stem = _target(folder, prefix, field)
+    own = _write_own(outputs, target, data)
+    with _lock:
+        counters = _folder_counters(target, extension)
+        counter = counters.get(stem, 0) + 1
+        while True:
+            filename = f"{stem}_{counter:05}_.{extension}"
+            path = os.path.join(target, filename)
+            outputs.journal.note(outputs.prompt_id, path, own)
+            try:
+                os.link(own, path)
+            except FileExistsError:
+                counter += 1
+                continue
+            except OSError:  # no hard links here (FAT, some network shares): the name is made directly
+                os.unlink(own)
+                counter = _write_linkless(outputs, target, stem, counter, extension, data)
+                filename = f"{stem}_{counter:05}_.{extension}"
+            counters[stem] = counter
+            return filename, subfolder
+
+
+_own_numbers = itertools.count()
+
+
+def _write_own(outputs: RunOutputs, target: str, data: bytes | memoryview) -> str:
+    """The image written, whole, under a name of the prompt's own in the target folder."""
+    while True:
+        own = outputs.journal.own_name(outputs.prompt_id, target, next(_own_numbers))
+        try:
+            fd = os.open(own, _CREATE_NEW, 0o666)
+        except FileExistsError:  # left by an earlier process's run of the same prompt
+            continue
+        except FileNotFoundError:
+            os.makedirs(target, exist_ok=True)
+            continue
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        return own
+
+
+def _write_linkless(
+    outputs: RunOutputs, target: str, stem: str, counter: int, extension: str, data: bytes | memoryview
+) -> int:
+    """The final name created exclusively and journaled before a byte is written; its counter."""
+    while True:
+        path = os.path.join(target, f"{stem}_{counter:05}_.{extension}")
+        try:
+            fd = os.open(path, _CREATE_NEW, 0o666)
+        except FileExistsError:
+            counter += 1
+            continue
+        try:
+            outputs.journal.note(outputs.prompt_id, path, NO_LINK)
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        return counter
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write all of `data`: one system call for a whole encoded image, with no file object around it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

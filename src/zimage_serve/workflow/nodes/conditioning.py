@@ -6,8 +6,10 @@ from typing import Any
 
 import torch
 
+from zimage_serve.engine.cancel import cancellable
 from zimage_serve.engine.pipeline import PromptEmbedding
-from zimage_serve.workflow.context import NodeContext
+from zimage_serve.errors import GenerationCancelled
+from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import Node, NodeResult, Output, String, link
 
@@ -26,7 +28,11 @@ class CLIPTextEncode(Node):
         text: str = inputs["text"]
         enforce(ctx.limits, "prompt_bytes", len(text.encode("utf-8")), "text")
         enforce(ctx.limits, "prompt_tokens", inputs["clip"].token_count(text), "text")
-        return NodeResult(([inputs["clip"].encode(text)],))
+        try:
+            with cancellable(ctx.interrupted):
+                return NodeResult(([inputs["clip"].encode(text)],))
+        except GenerationCancelled as exc:
+            raise Interrupted(str(exc)) from exc
 
 
 class ConditioningZeroOut(Node):

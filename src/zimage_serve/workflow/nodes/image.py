@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
 
+from zimage_serve.errors import GenerationCancelled, InvalidParameterError
 from zimage_serve.image_safety import ImageFacts, ImageRefused, facts, refusing
 from zimage_serve.png import png_bytes, png_info
-from zimage_serve.workflow.context import NodeContext, ResourceLists
+from zimage_serve.workflow.context import Interrupted, NodeContext, ResourceLists
 from zimage_serve.workflow.folders import UnknownFileError
 from zimage_serve.workflow.limits import Limits, describe, enforce
-from zimage_serve.workflow.naming import claim
+from zimage_serve.workflow.naming import check_prefix, write_new
 from zimage_serve.workflow.spec import Combo, Node, NodeResult, Output, String, link
 
 # Facts are cached per file, whatever the limits: counting stops being exact only far beyond any limit.
@@ -37,7 +38,10 @@ class VAEDecode(Node):
     outputs = (Output("IMAGE", tooltip="The decoded image."),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        return NodeResult((inputs["vae"].decode(inputs["samples"]["samples"]),))
+        try:
+            return NodeResult((inputs["vae"].decode(inputs["samples"]["samples"], cancel=ctx.interrupted),))
+        except GenerationCancelled as exc:
+            raise Interrupted(str(exc)) from exc
 
 
 class VAEEncode(Node):
@@ -48,7 +52,10 @@ class VAEEncode(Node):
     outputs = (Output("LATENT"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        return NodeResult(({"samples": inputs["vae"].encode(inputs["pixels"])},))
+        try:
+            return NodeResult(({"samples": inputs["vae"].encode(inputs["pixels"], cancel=ctx.interrupted)},))
+        except GenerationCancelled as exc:
+            raise Interrupted(str(exc)) from exc
 
 
 def open_image(path: str | Path, limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +197,8 @@ def save_images(
     saved = []
     for picture in to_pil(images):
         data = png_bytes(picture, info, compress_level)
-        with claim(folder, prefix) as name:
-            name.write(data)
-        saved.append({"filename": name.filename, "subfolder": name.subfolder, "type": kind})
+        filename, subfolder = write_new(folder, prefix, data, ctx.outputs)
+        saved.append({"filename": filename, "subfolder": subfolder, "type": kind})
     return saved
 
 
@@ -210,6 +216,15 @@ class SaveImage(Node):
     }
     hidden = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
     output_node = True
+    custom_checks = ("filename_prefix",)
+
+    @classmethod
+    def check(cls, lists: ResourceLists, limits: Limits, **inputs: Any) -> str | None:
+        try:
+            check_prefix(str(inputs.get("filename_prefix")))
+        except InvalidParameterError as exc:
+            return str(exc)
+        return None
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         saved = save_images(ctx, inputs["images"], ctx.folders.output, inputs["filename_prefix"], "output", 4)
