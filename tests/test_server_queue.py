@@ -186,7 +186,9 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
         assert (data / "output" / "last_00001_.png").is_file()
 
 
-def upload(server: Server, content: bytes, filename: str = "photo.png", **fields: str) -> tuple[int, Any]:
+def upload(
+    server: Server, content: bytes, filename: str = "photo.png", path: str = "/upload/image", **fields: str
+) -> tuple[int, Any]:
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
@@ -199,7 +201,7 @@ def upload(server: Server, content: bytes, filename: str = "photo.png", **fields
     )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     status, _, answer = server.request(
-        "POST", "/upload/image", raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        "POST", path, raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
     return status, json.loads(answer)
 

@@ -109,8 +109,9 @@ def _float_once(text: str) -> float:
 
 
 # Most bodies are parsed once, by the C scanner with hooks that only check (a walk over every value
-# costs the busiest route more than the parse itself). A hook that finds something, an escape in
-# \\uD800-\\uDFFF (perhaps a lone surrogate) or more brackets than the depth limit sends the text to the careful parse,
+# costs the busiest route more than the parse itself); the depth is checked by counting brackets, or,
+# for a large body, by a walk over its containers alone. A hook that finds something, an escape in
+# \\uD800-\\uDFFF (perhaps a lone surrogate) or too deep a nesting sends the text to the careful parse,
 # whose hooks leave marks where the problems are and whose walk names the first one with its path.
 _quick = json.JSONDecoder(
     parse_float=_float_once,
@@ -131,13 +132,18 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise JsonRejected("", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if "\\ud" not in text and "\\uD" not in text and text.count("{") + text.count("[") <= max_depth:
+    if "\\ud" not in text and "\\uD" not in text:
         try:
-            return _quick.decode(text)
+            value = _quick.decode(text)
         except json.JSONDecodeError as exc:
             raise JsonRejected("", f"not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise JsonRejected("", f"nested more than {max_depth} levels deep") from exc
         except _Suspect:
             pass
+        else:
+            if text.count("{") + text.count("[") <= max_depth or _depth_within(value, max_depth):
+                return value
     try:
         value = _careful.decode(text)
     except json.JSONDecodeError as exc:
@@ -146,6 +152,20 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonRejected("", f"nested more than {max_depth} levels deep") from exc
     check(value, max_depth)
     return value
+
+
+def _depth_within(value: Any, max_depth: int) -> bool:
+    """Whether no container lies deeper than `max_depth`: a walk over containers only, no paths."""
+    level: list[Any] = [value]
+    for _ in range(max_depth):
+        below: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            below.extend(c for c in children if isinstance(c, dict | list))
+        if not below:
+            return True
+        level = below
+    return False
 
 
 def check(value: Any, max_depth: int = MAX_DEPTH) -> None:

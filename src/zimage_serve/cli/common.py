@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,23 +91,29 @@ def check_memory_mode(memory_mode: str, device: str) -> None:
 
 
 def quiet_libraries() -> None:
-    """diffusers and transformers log advice meant for their developers; our own output says what matters."""
+    """diffusers and transformers log advice meant for their developers; our own output says what matters.
+
+    Said through their environment variables, which they read when they are imported (here, later, or
+    in the worker process, which inherits them): importing them now would cost `zimage serve` seconds."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module="diffusers")
     warnings.filterwarnings("ignore", module="transformers")
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    if "diffusers" in sys.modules:
         from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
         diffusers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
 
 
 def chosen_model(model: Path | None) -> tuple[Path, str | None]:

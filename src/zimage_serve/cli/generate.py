@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,11 +22,12 @@ from zimage_serve.cli.common import (
     fast_path,
     option_errors,
 )
-from zimage_serve.engine import GenerationParams, StepInfo, open_engine
-from zimage_serve.engine.fp8 import check_weight_dtype
-from zimage_serve.engine.params import MAX_SEED
+from zimage_serve.engine.params import MAX_SEED, GenerationParams
 from zimage_serve.errors import InvalidParameterError
 from zimage_serve.png import png_info, save_png
+
+if TYPE_CHECKING:
+    from zimage_serve.engine.pipeline import StepInfo
 
 
 def generate(
@@ -57,6 +58,8 @@ def generate(
     """Generate images from a prompt and write them as PNG files."""
     fast = fast_path(attention, compile, device)
     with option_errors():
+        from zimage_serve.engine.fp8 import check_weight_dtype
+
         check_weight_dtype(weight_dtype)
     params = GenerationParams(
         prompt=prompt,
@@ -75,6 +78,8 @@ def generate(
     model_path, label = chosen_model(model)
     if label:
         console_err.print(f"[yellow]model:[/] {label}")
+    from zimage_serve.engine import open_engine
+
     engine = open_engine(
         model_path,
         text_encoder=text_encoder,

@@ -5,26 +5,25 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+from typing import TYPE_CHECKING
 
-import torch
 from rich.table import Table
 
 from zimage_serve.cli.common import console
-from zimage_serve.engine.devices import (
-    TURBO_BF16_BYTES,
-    describe_memory_mode,
-    dtype_name,
-    pick_device,
-    pick_dtypes,
-    pick_memory_mode,
-)
-from zimage_serve.engine.fastpath import best_attention
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 1024**3
 
 
 def info() -> None:
     """Print the chosen device, dtype and memory, the accelerators seen, and versions."""
+    import torch
+
+    from zimage_serve.engine.devices import dtype_name, pick_device, pick_dtypes
+    from zimage_serve.engine.fastpath import best_attention
+
     device = pick_device("auto")
     dtype, vae_dtype = pick_dtypes(device)
     table = Table(show_header=False)
@@ -52,6 +51,8 @@ def info() -> None:
 
 
 def _memory_mode(device: torch.device) -> str:
+    from zimage_serve.engine.devices import TURBO_BF16_BYTES, describe_memory_mode, pick_memory_mode
+
     """What `serve` and `run` pick for Z-Image-Turbo here; `generate` decides per model from its size."""
     mode = pick_memory_mode(device, "auto", TURBO_BF16_BYTES)
     described = f"{mode}: {describe_memory_mode(mode, device)}"

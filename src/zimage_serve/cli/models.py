@@ -12,8 +12,7 @@ from rich import filesize
 from rich.table import Table
 
 from zimage_serve.cli.common import TokenizerOption, console
-from zimage_serve.engine import components, layouts, loader
-from zimage_serve.engine.components import ComponentSource
+from zimage_serve.engine.names import ROOT_FOLDERS
 from zimage_serve.errors import ZImageError
 from zimage_serve.settings import MODEL_ENV, MODELS_ENV
 
@@ -52,12 +51,14 @@ def models(
 
 
 def inspect(target: Path, tokenizer: Path | None = None) -> list[Finding]:
+    from zimage_serve.engine import layouts
+
     if not target.exists():
         return [Finding(target, "?", 0, "not found")]
     if target.is_dir() and (target / "model_index.json").exists():
         return [_whole_model(target, tokenizer, "diffusers folder")]
     if target.is_dir():
-        findings = [_file(file) for kind in layouts.ROOT_FOLDERS for file in layouts.root_files(target, kind)]
+        findings = [_file(file) for kind in ROOT_FOLDERS for file in layouts.root_files(target, kind)]
         if any(f.kind == "transformer" and f.status == "usable" for f in findings):
             findings.append(_whole_model(target, tokenizer, "ComfyUI models folder"))
         return findings or [Finding(target, "?", 0, "no model files found here")]
@@ -65,6 +66,8 @@ def inspect(target: Path, tokenizer: Path | None = None) -> list[Finding]:
 
 
 def _whole_model(path: Path, tokenizer: Path | None, kind: str) -> Finding:
+    from zimage_serve.engine import layouts, loader
+
     """Everything a generation needs, found and fitting together (tokenizer included)."""
     try:
         sources = layouts.resolve(path, tokenizer=tokenizer)
@@ -77,6 +80,9 @@ def _whole_model(path: Path, tokenizer: Path | None, kind: str) -> Finding:
 
 
 def _file(path: Path) -> Finding:
+    from zimage_serve.engine import components, layouts
+    from zimage_serve.engine.components import ComponentSource
+
     size = path.stat().st_size if path.is_file() else 0
     try:
         kind = layouts.classify(path)

@@ -19,9 +19,7 @@ from zimage_serve.cli.common import (
     fast_path,
     models_roots,
 )
-from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
-from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders, builtin_models
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.overrides import apply_overrides
@@ -81,6 +79,9 @@ def run(
         raise WorkflowInvalid(f"{workflow}: {describe_errors(checked)}")
     if checked.node_errors:
         console_err.print(f"[yellow]warning:[/] {describe_errors(checked)}", highlight=False)
+
+    from zimage_serve.engine.parts import Placing
+    from zimage_serve.workflow.execute import Executor
 
     executor = Executor(NODES, folders, Placing.choose(device, dtype, fast))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -16,6 +16,7 @@ from zimage_serve.cli.common import (
     fast_path,
     models_roots,
 )
+from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
 from zimage_serve.workflow.limits import Limits
 
@@ -49,6 +50,9 @@ def serve(
     concurrency: Annotated[
         int, typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1)
     ] = 1,
+    preload: Annotated[
+        bool, typer.Option(help="Load the default model (zimage-nano) as the server starts; GET /health says when")
+    ] = True,
     worker_process: Annotated[
         bool,
         typer.Option(
@@ -56,6 +60,14 @@ def serve(
             "interpreter lock (--no-worker-process: threads in the server process)"
         ),
     ] = True,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a running prompt may take to finish when the server stops; one cut off then is queued "
+            "again for the next start",
+            min=0,
+        ),
+    ] = 30.0,
     max_pixels: Annotated[int, typer.Option(help="Pixels per image (width × height)", min=1)] = DEFAULTS.pixels,
     max_batch: Annotated[int, typer.Option(help="Images in one batch", min=1)] = DEFAULTS.batch,
     max_steps: Annotated[int, typer.Option(help="Sampler steps", min=1)] = DEFAULTS.steps,
@@ -80,8 +92,11 @@ def serve(
     from zimage_serve.server.runtime import ServerSettings
 
     roots = models_roots(models)
-    fast = fast_path(attention, compile, device)
-    check_memory_mode(memory_mode, device)
+    if (attention, compile, memory_mode) == ("auto", "auto", "auto") and device in ("auto", "cpu"):
+        fast = FastPath()  # nothing to check: the worker resolves "auto" where the device is opened
+    else:  # checked here, so a bad option stops the command at once (this loads torch: a slower start)
+        fast = fast_path(attention, compile, device)
+        check_memory_mode(memory_mode, device)
     settings = ServerSettings(
         data_dir=data_dir or default_data_dir(),
         models=roots,
@@ -95,6 +110,8 @@ def serve(
         job_timeout=job_timeout,
         concurrency=concurrency,
         worker_process=worker_process,
+        preload=preload,
+        shutdown_grace_s=shutdown_grace,
         limits=Limits(
             pixels=max_pixels,
             batch=max_batch,
@@ -108,6 +125,13 @@ def serve(
     )
     app = create_app(settings)
     console_err.print(f"zimage-serve on http://{listen}:{port}  (data: {settings.data_dir})", highlight=False)
-    uvicorn.run(
-        app, host=listen, port=port, log_level="warning", timeout_graceful_shutdown=int(settings.shutdown_grace_s)
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=listen,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        )
+    finally:  # the lifespan stops it; this covers a server that never got that far (the port taken, say)
+        app.app.state.runtime.stop()

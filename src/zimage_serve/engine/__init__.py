@@ -1,14 +1,22 @@
-"""The engine: Z-Image-Turbo's components loaded from any layout, run as a staged pipeline."""
+"""The engine: Z-Image-Turbo's components loaded from any layout, run as a staged pipeline.
+
+The names below are loaded on first use: importing a light submodule (`engine.names`) must not bring in
+torch, diffusers and transformers, which the server process never needs.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from zimage_serve.engine.fastpath import FastPath
-from zimage_serve.engine.layouts import ModelSources, resolve
-from zimage_serve.engine.loader import LoadedModel, load_model
-from zimage_serve.engine.params import GenerationParams
-from zimage_serve.engine.pipeline import GenerationResult, PromptEmbedding, StepInfo, ZImageEngine
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from zimage_serve.engine.fastpath import FastPath
+    from zimage_serve.engine.layouts import ModelSources
+    from zimage_serve.engine.loader import LoadedModel
+    from zimage_serve.engine.params import GenerationParams
+    from zimage_serve.engine.pipeline import GenerationResult, PromptEmbedding, StepInfo, ZImageEngine
 
 __all__ = [
     "FastPath",
@@ -21,6 +29,23 @@ __all__ = [
     "ZImageEngine",
     "open_engine",
 ]
+
+_WHERE = {
+    "FastPath": "fastpath",
+    "GenerationParams": "params",
+    "GenerationResult": "pipeline",
+    "LoadedModel": "loader",
+    "ModelSources": "layouts",
+    "PromptEmbedding": "pipeline",
+    "StepInfo": "pipeline",
+    "ZImageEngine": "pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"zimage_serve.engine.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_engine(
@@ -35,6 +60,10 @@ def open_engine(
     fast: FastPath | None = None,
     weight_dtype: str = "default",
 ) -> ZImageEngine:
+    from zimage_serve.engine.layouts import resolve
+    from zimage_serve.engine.loader import load_model
+    from zimage_serve.engine.pipeline import ZImageEngine
+
     sources = resolve(model, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
     loaded = load_model(sources, device=device, dtype=dtype, memory_mode=memory_mode, weight_dtype=weight_dtype)
     return ZImageEngine(loaded, native_size=sources.native_size, fast=fast)

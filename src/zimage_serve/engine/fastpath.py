@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from zimage_serve.errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,14 @@ class FastPath:
     prompt_cache: int = 64  # prompt embeddings kept per engine (0: none)
 
     def __post_init__(self) -> None:
-        from diffusers.models.attention_dispatch import AttentionBackendName
+        if self.attention != "auto":  # diffusers (and torch) only for a name to check: the server loads neither
+            from diffusers.models.attention_dispatch import AttentionBackendName
 
-        names = {b.value for b in AttentionBackendName}
-        if self.attention != "auto" and self.attention not in names:
-            raise DeviceError(
-                f"attention: {self.attention!r} is not auto or a diffusers backend ({', '.join(sorted(names))})"
-            )
+            names = {b.value for b in AttentionBackendName}
+            if self.attention not in names:
+                raise DeviceError(
+                    f"attention: {self.attention!r} is not auto or a diffusers backend ({', '.join(sorted(names))})"
+                )
         if self.compile not in ("auto", "on", "off"):
             raise DeviceError(f"compile: {self.compile!r} is not one of auto, on, off")
         if self.prompt_cache < 0:
@@ -67,6 +69,8 @@ def attention_available(backend: str, device: torch.device) -> bool:
         return False
     if backend != "native" and device.type != "cuda":
         return False
+    import torch
+
     if backend == "_native_cudnn" and not torch.backends.cudnn.is_available():  # type: ignore[no-untyped-call]
         return False
     try:
@@ -125,6 +129,8 @@ def accelerate_transformer(transformer: Any, device: torch.device, fast: FastPat
 
 def accelerate_vae(vae: Any, device: torch.device, fast: FastPath) -> dict[str, str]:
     if fast.vae_channels_last and device.type == "cuda":
+        import torch
+
         vae.to(memory_format=torch.channels_last)
         return {"vae": "channels-last"}
     return {}

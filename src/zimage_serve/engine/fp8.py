@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zimage_serve.engine.names import WEIGHT_DTYPES
 from zimage_serve.errors import DeviceError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 WeightDtype = Literal["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
-WEIGHT_DTYPES: tuple[str, ...] = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 STORAGE = {"fp8_e4m3fn": FP8, "fp8_e4m3fn_fast": FP8, "fp8_e5m2": torch.float8_e5m2}
 QUANTISED_PARTS = ("attention.", "feed_forward.")
 # The same projections by checkpoint name, in diffusers' and ComfyUI's spellings (prefix or not).

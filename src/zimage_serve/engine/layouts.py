@@ -16,16 +16,10 @@ from typing import Any
 from zimage_serve.engine.checkpoint import read_header
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.keymap import Kind
+from zimage_serve.engine.names import ROOT_FOLDERS
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
 from zimage_serve.errors import ModelLoadError, ZImageError
 
-# Folder names ComfyUI uses (and the older names it still reads) for each kind.
-ROOT_FOLDERS: dict[str, tuple[str, ...]] = {
-    "transformer": ("diffusion_models", "unet"),
-    "text_encoder": ("text_encoders", "clip"),
-    "vae": ("vae",),
-    "lora": ("loras",),
-}
 # The names the official ComfyUI template asks for; preferred when several files qualify.
 TEMPLATE_NAMES: dict[str, str] = {
     "transformer": "z_image_turbo_bf16.safetensors",

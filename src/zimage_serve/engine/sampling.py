@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
 from zimage_serve.errors import GenerationCancelled
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 StepHook = Callable[[int, int, torch.Tensor], None]  # (step 1-based, total, x after the step)
 CancelCheck = Callable[[], bool]
 
-SAMPLERS = ("euler", "euler_ancestral", "res_multistep", "dpmpp_2m")
-SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta")
 TIMESTEPS = 1000
 
 

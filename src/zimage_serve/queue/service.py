@@ -19,6 +19,7 @@ from zimage_serve.queue.worker import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.spec import node_info, object_info
 from zimage_serve.workflow.validate import Validator
+from zimage_serve.workflow.validate import error as validate_error
 
 SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 
@@ -40,6 +41,8 @@ class DeviceWorker(Protocol):
     def executing(self) -> list[Executing]: ...
 
     def device_stats(self) -> dict[str, object]: ...
+
+    def state(self) -> str: ...
 
 
 class PromptRejected(Exception):
@@ -92,6 +95,12 @@ class QueueService:
         if client_id is not None:
             extra["client_id"] = client_id
         job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
+        try:
+            job.encode()  # here, where a large prompt is off the event loop, not in the shared commit
+        except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored
+            raise PromptRejected(
+                {"error": validate_error("invalid_prompt", "Invalid prompt", str(exc)), "node_errors": {}}
+            ) from exc
         return Submitted(job, checked.node_errors)
 
     def enqueue(self, prepared: Sequence[Submitted]) -> list[Submitted | QueueFull | DuplicateJob]:
@@ -148,6 +157,10 @@ class QueueService:
     def free(self) -> None:
         """Unload models and drop cached outputs; the next prompt loads what it needs again."""
         self.worker.free()
+
+    def worker_state(self) -> str:
+        """ "ready", "starting" (loading the models' code and the default model) or "stopped"."""
+        return self.worker.state()
 
     # -- what can be run -------------------------------------------------------------------------------
     def device_stats(self) -> dict[str, object]:

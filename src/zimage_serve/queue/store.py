@@ -27,7 +27,7 @@ from typing import Any
 
 from zimage_serve import strict_json
 from zimage_serve.errors import ZImageError
-from zimage_serve.workflow.execute import execution_error
+from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,18 @@ class Job:
     started: float | None = None
     finished: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    # prompt, extra_data and outputs as the JSON texts to store, when encoded ahead (off the event loop)
+    encoded: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
+
+    def encode(self) -> tuple[str, str, str]:
+        """The texts to store (strict JSON: ValueError for NaN and the like), made once."""
+        if self.encoded is None:
+            self.encoded = (
+                strict_json.dumps(self.prompt),
+                strict_json.dumps(self.extra_data),
+                strict_json.dumps(self.outputs),
+            )
+        return self.encoded
 
     def queue_item(self) -> list[Any]:
         """ComfyUI's QueueItem: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
@@ -274,14 +286,7 @@ class JobStore:
                 inserted = self._execute(
                     "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT(id) DO NOTHING",
-                    (
-                        job.id,
-                        job.number,
-                        strict_json.dumps(job.prompt),
-                        strict_json.dumps(job.extra_data),
-                        strict_json.dumps(job.outputs),
-                        now,
-                    ),
+                    (job.id, job.number, *job.encode(), now),
                 ).rowcount
                 if not inserted:
                     found.append(DuplicateJob(job.id))

@@ -15,12 +15,43 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from zimage_serve.queue.store import Job, JobStore
-from zimage_serve.workflow.execute import Executor, RunResult, execution_error
+from zimage_serve.workflow.events import execution_error
+
+if TYPE_CHECKING:
+    import torch
+
+    from zimage_serve.workflow.execute import Executor, RunResult
 
 log = logging.getLogger(__name__)
+GPU_JOB_TIMEOUT_S = 30.0
+# On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
+OTHER_JOB_TIMEOUT_S = 1800.0
+
+
+PRELOAD_ID = "zimage-preload"
+
+
+def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:
+    """The shipped nano workflow with one step, run up to its decoded image (nothing is saved)."""
+    from zimage_serve import workflows
+
+    prompt = workflows.load(workflows.NANO)
+    decode = [node_id for node_id, node in prompt.items() if node["class_type"] == "VAEDecode"]
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 1
+    return prompt, decode
+
+
+def job_timeout(configured: float | None, device: torch.device) -> float | None:
+    """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow. Elsewhere
+    the default is generous, but there is one: no prompt holds the worker for ever. 0: no limit."""
+    if configured is None:
+        return GPU_JOB_TIMEOUT_S if device.type == "cuda" else OTHER_JOB_TIMEOUT_S
+    return configured if configured > 0 else None
 
 
 class Listener(Protocol):
@@ -54,6 +85,8 @@ class Worker:
         job_timeout: float | None = None,
         on_idle: Callable[[], None] | None = None,
         concurrency: int = 1,
+        preload: bool = False,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -67,6 +100,8 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._timed_out: set[str] = set()
         self._on_idle = on_idle
+        self._preload, self._on_ready = preload, on_ready
+        self.ready = threading.Event()  # set once the default model is loaded (at once without preload)
 
     @property
     def running(self) -> list[Running]:
@@ -77,8 +112,10 @@ class Worker:
     # -- control -------------------------------------------------------------------------------------
     def start(self) -> None:
         self._settle_finished()
+        if not self._preload:
+            self._now_ready()
         for slot in range(self.concurrency):
-            thread = threading.Thread(target=self._loop, name=f"zimage-worker-{slot}", daemon=True)
+            thread = threading.Thread(target=self._loop, args=(slot,), name=f"zimage-worker-{slot}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
@@ -119,6 +156,28 @@ class Worker:
             log.error("prompt %s did not stop; the next start finds it running and queues it again", job_id)
         return not any(t.is_alive() for t in self._threads)
 
+    def _warm_up(self) -> None:
+        """Load the default model (zimage-nano) and run it once at its size with one step, on the first job
+        thread before it takes a job (the others, with concurrency above 1, start at once; a job needing
+        the same model waits for it, it is never loaded twice): the first prompt finds the weights loaded
+        and the code warm."""
+        started = time.monotonic()
+        try:
+            prompt, targets = warm_up_prompt()
+            result = self.executor.run(PRELOAD_ID, prompt, targets)
+            if result.ok:
+                log.info("the default model is loaded (%.1f s)", time.monotonic() - started)
+            else:
+                log.warning("could not preload the default model: %s", (result.error or {}).get("exception_message"))
+        except Exception:  # a failed preload only costs the first prompt its load time
+            log.exception("could not preload the default model")
+        self._now_ready()
+
+    def _now_ready(self) -> None:
+        self.ready.set()
+        if self._on_ready is not None:
+            self._on_ready()
+
     def _settle_finished(self) -> None:
         """Files noted by runs whose end was recorded just before a crash are theirs: settle them. Those
         of runs never finished are removed when the prompt runs again."""
@@ -126,6 +185,11 @@ class Worker:
             job = self.store.get(prompt_id)
             if job is None or job.state not in ("pending", "running"):
                 self.executor.settle_outputs(prompt_id)
+
+    def state(self) -> str:
+        if self._stopping.is_set():
+            return "stopped"
+        return "ready" if self.ready.is_set() else "starting"
 
     def executing(self) -> list[Executing]:
         return [Executing(r.job.id, r.job.extra_data.get("client_id"), r.node) for r in self.running]
@@ -144,7 +208,9 @@ class Worker:
         return self.executor.interrupt(prompt_id)
 
     # -- the loop ------------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, slot: int = 0) -> None:
+        if slot == 0 and self._preload:
+            self._warm_up()
         job: Job | None = None
         while job is not None or not self._stopping.is_set():
             if job is None:

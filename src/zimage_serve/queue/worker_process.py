@@ -31,7 +31,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from zimage_serve.engine.devices import device_kind, device_stats
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
@@ -64,7 +63,8 @@ class WorkerConfig:
     dtype: str = "auto"
     fast: FastPath = field(default_factory=FastPath)
     memory_mode: str = "auto"
-    job_timeout: float | None = None
+    preload: bool = True  # load the default model at start, before the first prompt asks for it
+    job_timeout: float | None = None  # as configured: None is the device's default, decided in the child
     concurrency: int = 1
     limits: Limits = field(default_factory=Limits)
     journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
@@ -93,6 +93,7 @@ class WorkerProcess:
         self._stats: dict[str, object] = {}
         self._stopping = threading.Event()
         self._child_idle = False
+        self._child_ready = False  # the child loaded the default model (or has nothing to preload)
         self._started = 0.0
         self._quick_failures = 0
         # Sockets connected to the parent, read by the child before each event; shared memory, so a socket
@@ -134,6 +135,12 @@ class WorkerProcess:
         if self._reader is not None:
             self._reader.join(5)
         return clean
+
+    def state(self) -> str:
+        """ "ready", "starting" (the child loads the models' code and the default model), or "stopped"."""
+        if self._stopping.is_set():
+            return "stopped"
+        return "ready" if self._child_ready and self._connection is not None else "starting"
 
     def audience_changed(self, sockets: int) -> None:
         self._audience.value = sockets
@@ -178,8 +185,19 @@ class WorkerProcess:
 
     def device_stats(self) -> dict[str, object]:
         """As the child last reported them (when it started, and whenever its queue ran dry); before
-        its first report, the configured device with no memory figures."""
-        return dict(self._stats) or device_stats(device_kind(self.config.device), memory=False)
+        its first report, the configured device with no memory figures (the parent loads no torch)."""
+        if self._stats:
+            return dict(self._stats)
+        kind, _, index = self.config.device.partition(":")
+        return {
+            "name": self.config.device,
+            "type": kind,
+            "index": int(index) if index.isdigit() else 0,
+            "vram_total": 0,
+            "vram_free": 0,
+            "torch_vram_total": 0,
+            "torch_vram_free": 0,
+        }
 
     # -- parent side -----------------------------------------------------------------------------------
     def _send_locked(self, message: tuple[Any, ...]) -> None:
@@ -202,6 +220,7 @@ class WorkerProcess:
         process.join(10)
         with self._lock:
             self._connection = None
+            self._child_ready = False
             for report in self._reports.values():  # nothing runs in a dead child
                 report.done.set()
         if self._stopping.is_set():
@@ -243,6 +262,8 @@ class WorkerProcess:
                     self._send_locked(("notify",))
         elif kind == "stats":
             self._stats = message[1]
+        elif kind == "ready":
+            self._child_ready = True
 
 
 # -- child side -----------------------------------------------------------------------------------------
@@ -314,7 +335,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
     logging.basicConfig(level=config.log_level, format="%(levelname)s [worker] %(name)s: %(message)s")
     from zimage_serve.engine.parts import Placing
     from zimage_serve.image_safety import use_bomb_limit
-    from zimage_serve.queue.worker import Worker
+    from zimage_serve.queue.worker import Worker, job_timeout
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES
@@ -341,9 +362,11 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         store,
         executor,
         listener,
-        job_timeout=config.job_timeout,
+        job_timeout=job_timeout(config.job_timeout, executor.placing.device),
         concurrency=executor.placing.concurrency_cap(config.concurrency),
         on_idle=report_idle,
+        preload=config.preload,
+        on_ready=lambda: listener.send(("ready",)),
     )
     worker.start()
     while True:

@@ -157,9 +157,14 @@ def internal_error_response() -> JSONResponse:
     )
 
 
-def create_app(settings: ServerSettings) -> PromptLane:
-    """The FastAPI application with every route, behind the lane for POST /prompt; `.app` is FastAPI's."""
+def create_app(settings: ServerSettings, start_now: bool = False) -> PromptLane:
+    """The FastAPI application with every route, behind the lane for POST /prompt; `.app` is FastAPI's.
+
+    The runtime (recovery, the worker) starts with the application's lifespan, or at once with
+    `start_now`: the worker process then imports the models' code while the server itself starts."""
     runtime = Runtime(settings)
+    if start_now:
+        runtime.start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

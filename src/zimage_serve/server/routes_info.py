@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import platform
 import sys
 from typing import Any
 
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -56,6 +57,16 @@ async def get_features(request: Request) -> dict[str, Any]:
     return {"supports_preview_metadata": False, "max_upload_size": float(runtime(request).settings.max_upload_bytes)}
 
 
+@router.get("/health")
+async def get_health(request: Request) -> JSONResponse:
+    """Whether this server takes and runs prompts now: 200 once its worker has loaded the default model,
+    503 while it starts (or restarts after a crash); the body says which, and how many prompts wait."""
+    service = runtime(request).service
+    state = service.worker_state()
+    body = {"status": state, "worker": state, "queue_remaining": service.remaining(), "version": __version__}
+    return JSONResponse(body, status_code=200 if state == "ready" else 503)
+
+
 @router.get("/system_stats")
 async def get_system_stats(request: Request) -> dict[str, Any]:
     devices = [runtime(request).service.device_stats()]
@@ -63,7 +74,7 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
         "system": {
             "os": platform.system().lower(),
             "python_version": sys.version,
-            "pytorch_version": torch.__version__,
+            "pytorch_version": _torch_version(),
             "comfyui_version": f"zimage-serve {__version__}",
             "embedded_python": False,
             "argv": sys.argv,
@@ -72,6 +83,15 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
         },
         "devices": devices,
     }
+
+
+@functools.cache
+def _torch_version() -> str:
+    """torch's version from its installed metadata: the server process never imports torch itself."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _memory(pages: str) -> int:

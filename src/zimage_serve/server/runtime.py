@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from zimage_serve.engine.devices import device_kind
 from zimage_serve.engine.fastpath import FastPath
-from zimage_serve.engine.parts import Placing
 from zimage_serve.image_safety import use_bomb_limit
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
@@ -19,18 +15,13 @@ from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
-from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
-from zimage_serve.workflow.output_journal import OutputJournal
 from zimage_serve.workflow.tokens import PromptTokens
 from zimage_serve.workflow.validate import Validator
 
 log = logging.getLogger(__name__)
-GPU_JOB_TIMEOUT_S = 30.0
-# On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
-OTHER_JOB_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -47,6 +38,7 @@ class ServerSettings:
     worker_process: bool = True  # run prompts in a child process (False: threads in this one)
     fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
     memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placing.choose)
+    preload: bool = True  # the worker loads the default model (zimage-nano) at start
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
@@ -54,16 +46,11 @@ class ServerSettings:
     shutdown_grace_s: float = 30.0
 
 
-def job_timeout(configured: float | None, device: torch.device) -> float | None:
-    """The field report's advice: a prompt on a GPU that runs past 30 s is stuck, not slow. Elsewhere
-    the default is generous, but there is one: no prompt holds the worker for ever."""
-    if configured is None:
-        return GPU_JOB_TIMEOUT_S if device.type == "cuda" else OTHER_JOB_TIMEOUT_S
-    return configured if configured > 0 else None
-
-
 class Runtime:
-    """Built once per process (the composition root); routes talk to `service`, `hub`, `folders` and `settings`."""
+    """Built once per process (the composition root); routes talk to `service`, `hub`, `folders` and `settings`.
+
+    The server process imports neither torch nor diffusers (the worker process does): it starts
+    answering in about a second, while the worker loads the models' code and the default model."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
@@ -79,11 +66,10 @@ class Runtime:
         self.worker = self._worker()
         self.service = QueueService(self.store, self.validator, self.worker, self.folders)
         self.submissions = SubmissionBatcher(self.service)
+        self._started = self._stopped = False
 
     def _worker(self) -> DeviceWorker:
         settings = self.settings
-        device = device_kind(settings.device)  # checked here, but no CUDA context: the worker makes its own
-        timeout = job_timeout(settings.job_timeout, device)
         if settings.worker_process:
             config = WorkerConfig(
                 store_path=self.store.path,
@@ -95,7 +81,8 @@ class Runtime:
                 dtype=settings.dtype,
                 fast=settings.fast,
                 memory_mode=settings.memory_mode,
-                job_timeout=timeout,
+                preload=settings.preload,
+                job_timeout=settings.job_timeout,
                 concurrency=settings.concurrency,
                 limits=settings.limits,
                 journal=self.journal_folder,
@@ -104,14 +91,26 @@ class Runtime:
             process = WorkerProcess(config, self, self.store)
             self.hub.on_audience = process.audience_changed
             return process
+        from zimage_serve.engine.parts import Placing
+        from zimage_serve.queue.worker import job_timeout
+        from zimage_serve.workflow.execute import Executor
+        from zimage_serve.workflow.output_journal import OutputJournal
+
         placing = Placing.choose(settings.device, settings.dtype, settings.fast, settings.memory_mode)
+        timeout = job_timeout(settings.job_timeout, placing.device)
         executor = Executor(
             NODES, self.folders, placing, limits=settings.limits, journal=OutputJournal(self.journal_folder)
         )
         concurrency = placing.concurrency_cap(settings.concurrency)
-        return Worker(self.store, executor, self, job_timeout=timeout, concurrency=concurrency)
+        return Worker(
+            self.store, executor, self, job_timeout=timeout, concurrency=concurrency, preload=settings.preload
+        )
 
     def start(self) -> None:
+        """Recover what a crash left running, then start the worker; once (later calls do nothing)."""
+        if self._started:
+            return
+        self._started = True
         recovered = self.store.recover()
         for job in recovered:
             log.warning(
@@ -122,6 +121,9 @@ class Runtime:
         self.worker.start()
 
     def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
         if not self.worker.stop(timeout=self.settings.shutdown_grace_s):
             log.error("the running prompt did not stop; it will be run again at the next start")
         self.store.close()

@@ -23,6 +23,7 @@ from zimage_serve import strict_json
 from zimage_serve.image_safety import ImageRefused, facts, refusing
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
+from zimage_serve.workflow.limits import flag
 
 router = APIRouter()
 
@@ -59,7 +60,8 @@ def check_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
             image.load()
         return image
     except ImageRefused as exc:
-        raise UploadError(exc.status, str(exc)) from exc
+        named = f"{exc} ({flag('upload_pixels')})" if exc.status == 413 else str(exc)
+        raise UploadError(exc.status, named) from exc
 
 
 def target_folder(request: Request, kind: str, subfolder: str) -> Path:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from zimage_serve.engine.parts import Placing
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.naming import RunOutputs
+
+if TYPE_CHECKING:
+    from zimage_serve.engine.parts import Placing
 
 
 class ResourceLists(Protocol):

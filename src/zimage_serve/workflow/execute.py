@@ -21,6 +21,7 @@ from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
 from zimage_serve.workflow.context import Interrupted, NodeContext
+from zimage_serve.workflow.events import execution_error, now_ms
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.naming import RunOutputs
@@ -46,36 +47,6 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.status == "success"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def execution_error(
-    prompt_id: str,
-    message: str,
-    exception_type: str,
-    *,
-    node_id: str | None = None,
-    node_type: str | None = None,
-    executed: list[str] | None = None,
-    current_inputs: dict[str, Any] | None = None,
-    current_outputs: list[str] | None = None,
-) -> dict[str, Any]:
-    """ComfyUI's `execution_error` data. The traceback stays in the server log, never shown to clients."""
-    return {
-        "prompt_id": prompt_id,
-        "node_id": node_id,
-        "node_type": node_type,
-        "executed": executed or [],
-        "exception_message": message,
-        "exception_type": exception_type,
-        "traceback": [],
-        "current_inputs": current_inputs or {},
-        "current_outputs": current_outputs or [],
-        "timestamp": now_ms(),
-    }
 
 
 class Executor:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zimage_serve.engine.layouts import ROOT_FOLDERS
+from zimage_serve.engine.names import ROOT_FOLDERS
 from zimage_serve.errors import ZImageError
 
 # ComfyUI's folder names, with the older ones it still reads; the engine's layout finder knows the same.

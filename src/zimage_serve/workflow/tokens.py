@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from zimage_serve.engine.layouts import find_tokenizer
 from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.errors import ZImageError
 from zimage_serve.workflow.folders import Folders
@@ -29,6 +28,8 @@ TEMPLATE_TOKENS = 16  # what the chat template adds, at most, around the text
 
 def tokenizer_folder(folders: Folders, resource: str, name: str) -> Path:
     """Where the tokenizer of a text encoder file or folder is, as the loader nodes look for it."""
+    from zimage_serve.engine.layouts import find_tokenizer  # diffusers: only when a tokenizer is looked for
+
     path = folders.resolve(resource, name)
     if path.is_dir():
         return find_tokenizer(None, default=path / "tokenizer")

@@ -276,8 +276,9 @@ class Validator:
         for name, declared in node_class.all_inputs().items():
             text = constants.get(name)
             if isinstance(declared, String) and declared.prompt and isinstance(text, str):
-                demands.append(("prompt_bytes", name, len(text.encode("utf-8"))))
-                if self.tokens is not None:
+                size = len(text.encode("utf-8"))
+                demands.append(("prompt_bytes", name, size))
+                if self.tokens is not None and size <= self.limits.prompt_bytes:
                     counted = self.tokens.count(prompt, node_id, text, self.limits.prompt_tokens)
                     if counted is not None:
                         demands.append(("prompt_tokens", name, counted))

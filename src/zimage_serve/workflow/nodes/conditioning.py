@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from zimage_serve.engine.cancel import cancellable
-from zimage_serve.engine.pipeline import PromptEmbedding
 from zimage_serve.errors import GenerationCancelled
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.limits import enforce
@@ -29,6 +25,8 @@ class CLIPTextEncode(Node):
         enforce(ctx.limits, "prompt_bytes", len(text.encode("utf-8")), "text")
         enforce(ctx.limits, "prompt_tokens", inputs["clip"].token_count(text), "text")
         try:
+            from zimage_serve.engine.cancel import cancellable
+
             with cancellable(ctx.interrupted):
                 return NodeResult(([inputs["clip"].encode(text)],))
         except GenerationCancelled as exc:
@@ -42,6 +40,10 @@ class ConditioningZeroOut(Node):
     outputs = (Output("CONDITIONING"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        from zimage_serve.engine.pipeline import PromptEmbedding
+
         zeroed = [
             PromptEmbedding(torch.zeros_like(e.embeds), e.token_count, e.truncated_tokens)
             for e in inputs["conditioning"]

@@ -8,10 +8,9 @@ import os
 import secrets
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, ImageSequence
 
 from zimage_serve.errors import GenerationCancelled, InvalidParameterError
@@ -22,6 +21,9 @@ from zimage_serve.workflow.folders import UnknownFileError
 from zimage_serve.workflow.limits import Limits, describe, enforce
 from zimage_serve.workflow.naming import check_prefix, write_new
 from zimage_serve.workflow.spec import Combo, Node, NodeResult, Output, String, link
+
+if TYPE_CHECKING:
+    import torch
 
 # Facts are cached per file, whatever the limits: counting stops being exact only far beyond any limit.
 MAX_FACTS_PIXELS = 2**40
@@ -63,6 +65,8 @@ def open_image(path: str | Path, limits: Limits | None = None) -> tuple[torch.Te
 
     The pixels over every frame are checked from the headers before a frame is decoded, and no more
     frames are decoded than a batch may hold."""
+    import torch
+
     limits = limits or Limits()
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
@@ -173,6 +177,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     In numpy, not torch: a small image is not worth torch's thread pool, whose threads then spin for
     a while after the call, taking a core from the server and from other prompts.
     """
+    import torch
+
     if images.dtype == torch.float32 and images.device.type == "cpu" and not images.requires_grad:
         array = images.numpy()  # as it comes from LoadImage or a CPU decode: no new tensor to make
     else:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import MAX_RESOLUTION, Int, Node, NodeResult, Output
@@ -33,6 +31,8 @@ class EmptyLatent(Node):
 
 
 def empty_latent(channels: int, width: int, height: int, batch_size: int) -> dict[str, Any]:
+    import torch
+
     return {"samples": torch.zeros((batch_size, channels, height // 8, width // 8), dtype=torch.float32)}
 
 

@@ -2,60 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from zimage_serve.engine.components import ComponentSource
-from zimage_serve.engine.fp8 import WEIGHT_DTYPES
-from zimage_serve.engine.keymap import Kind
-from zimage_serve.engine.layouts import diffusers_component, single_file
-from zimage_serve.engine.lora import load_lora
-from zimage_serve.engine.parts import (
-    FLUX_LATENT,
-    DiffusionModel,
-    LatentFormat,
-    TextEncoder,
-    load_diffusion_model,
-    load_text_encoder,
-    load_vae,
-)
+from zimage_serve.engine.names import WEIGHT_DTYPES
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.spec import Combo, Float, Node, NodeResult, Output, link
-from zimage_serve.workflow.tokens import tokenizer_folder
 
 CLIP_TYPES = ("lumina2",)  # Qwen3-4B for Z-Image; other families' encoders are not served here
-
-
-def component(path: Path, kind: Kind) -> ComponentSource:
-    """A component from a single file or from a diffusers folder (such as the built-in zimage-nano)."""
-    if path.is_dir():
-        return diffusers_component(path, kind)
-    return single_file(kind, path)
-
-
-def latent_format_of(path: Path) -> LatentFormat:
-    """A diffusers folder brings its VAE's factors; ComfyUI's Z-Image files use the Flux VAE's."""
-    config = path / "vae" / "config.json"
-    if not path.is_dir() or not config.is_file():
-        return FLUX_LATENT
-    try:
-        values = json.loads(config.read_text(encoding="utf-8"))
-        return LatentFormat(float(values["scaling_factor"]), float(values.get("shift_factor") or 0.0))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(config, f"cannot read the latent scaling factors: {exc}") from exc
-
-
-def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: str = "default") -> DiffusionModel:
-    path = ctx.folders.resolve(resource, name)
-    return load_diffusion_model(name, component(path, "transformer"), ctx.placing, latent_format_of(path), weight_dtype)
-
-
-def load_clip_file(ctx: NodeContext, resource: str, name: str) -> TextEncoder:
-    path = ctx.folders.resolve(resource, name)
-    tokenizer = tokenizer_folder(ctx.folders, resource, name)
-    return load_text_encoder(name, component(path, "text_encoder"), tokenizer, ctx.placing)
 
 
 class UNETLoader(Node):
@@ -69,6 +23,8 @@ class UNETLoader(Node):
     outputs = (Output("MODEL"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.workflow.nodes.loading import load_model_file
+
         model = load_model_file(ctx, "diffusion_models", inputs["unet_name"], inputs["weight_dtype"])
         return NodeResult((model,))
 
@@ -89,6 +45,8 @@ class CLIPLoader(Node):
             from dataclasses import replace
 
             ctx = replace(ctx, placing=ctx.placing.on_cpu())
+        from zimage_serve.workflow.nodes.loading import load_clip_file
+
         return NodeResult((load_clip_file(ctx, "text_encoders", inputs["clip_name"]),))
 
 
@@ -99,6 +57,9 @@ class VAELoader(Node):
     outputs = (Output("VAE"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.parts import load_vae
+        from zimage_serve.workflow.nodes.loading import component
+
         name = inputs["vae_name"]
         path = ctx.folders.resolve("vae", name)
         return NodeResult((load_vae(name, component(path, "vae"), ctx.placing),))
@@ -116,6 +77,9 @@ class CheckpointLoaderSimple(Node):
     )
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.parts import load_vae
+        from zimage_serve.workflow.nodes.loading import component, load_clip_file, load_model_file
+
         name = inputs["ckpt_name"]
         path = ctx.folders.resolve("checkpoints", name)
         if not path.is_dir():
@@ -145,6 +109,8 @@ class LoraLoaderModelOnly(Node):
     outputs = (Output("MODEL"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.lora import load_lora
+
         lora = load_lora(ctx.folders.resolve("loras", inputs["lora_name"]))
         return NodeResult((inputs["model"].with_lora(lora, inputs["strength_model"]),))
 
@@ -166,5 +132,7 @@ class LoraLoader(Node):
     outputs = (Output("MODEL"), Output("CLIP"))
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.lora import load_lora
+
         lora = load_lora(ctx.folders.resolve("loras", inputs["lora_name"]))
         return NodeResult((inputs["model"].with_lora(lora, inputs["strength_model"]), inputs["clip"]))

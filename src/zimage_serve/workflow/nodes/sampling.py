@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from zimage_serve.engine.parts import LATENT_FACTOR, DiffusionModel, prepare_noise, sample
-from zimage_serve.engine.sampling import SAMPLERS, SCHEDULERS, denoise_schedule, schedule
+from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
 from zimage_serve.errors import GenerationCancelled
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import MAX_SEED, Combo, Float, Int, Node, NodeResult, Output, link
+
+if TYPE_CHECKING:
+    import torch
+
+    from zimage_serve.engine.parts import DiffusionModel
+
+LATENT_FACTOR = 8  # pixels per latent cell (engine.parts.LATENT_FACTOR; not imported: see nodes/__init__)
 
 
 class ModelSamplingAuraFlow(Node):
@@ -30,6 +34,8 @@ class ModelSamplingAuraFlow(Node):
 
 def _empty_to_model_channels(samples: torch.Tensor, model: DiffusionModel) -> torch.Tensor:
     """An all-zero latent with another channel count (EmptyLatentImage's 4) becomes the model's, as in ComfyUI."""
+    import torch
+
     channels = model.latent_channels
     if samples.shape[1] != channels and not samples.any():
         return torch.zeros((samples.shape[0], channels, *samples.shape[2:]), dtype=samples.dtype)
@@ -46,6 +52,10 @@ def run_sampler(
     sigmas: list[float],
     add_noise: bool,
 ) -> NodeResult:
+    import torch
+
+    from zimage_serve.engine.parts import prepare_noise, sample
+
     model: DiffusionModel = inputs["model"]
     latent: dict[str, Any] = inputs["latent_image"]
     enforce(ctx.limits, "steps", inputs["steps"], "steps")
@@ -109,6 +119,8 @@ class KSampler(Node):
     outputs = (Output("LATENT", tooltip="The denoised latent."),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.sampling import denoise_schedule
+
         model: DiffusionModel = inputs["model"]
         sigmas = denoise_schedule(model.sampling, inputs["scheduler"], inputs["steps"], inputs["denoise"])
         return run_sampler(ctx, inputs, seed=inputs["seed"], sigmas=sigmas, add_noise=True)
@@ -135,6 +147,8 @@ class KSamplerAdvanced(Node):
     outputs = (Output("LATENT"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.sampling import schedule
+
         model: DiffusionModel = inputs["model"]
         sigmas = schedule(model.sampling, inputs["scheduler"], inputs["steps"])
         last, start = inputs["end_at_step"], inputs["start_at_step"]

@@ -1,0 +1,17 @@
+"""The engine's names that the API side needs too (validation, object_info, folder lists), in a module
+that imports nothing: the server process checks prompts against them without loading torch or diffusers,
+so it starts in a fraction of the time the worker needs to import the models' code."""
+
+from __future__ import annotations
+
+SAMPLERS = ("euler", "euler_ancestral", "res_multistep", "dpmpp_2m")
+SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta")
+WEIGHT_DTYPES: tuple[str, ...] = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+# Folder names ComfyUI uses (and the older names it still reads) for each kind.
+ROOT_FOLDERS: dict[str, tuple[str, ...]] = {
+    "transformer": ("diffusion_models", "unet"),
+    "text_encoder": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "lora": ("loras",),
+}
