@@ -221,12 +221,15 @@ def _check_text(key: str, path: tuple[str | int, ...]) -> None:
 
 
 def _path(parts: tuple[str | int, ...]) -> str:
+    """`extra_data.nodes[3].size`; keys shown as JSON escapes them, so the path itself is always text
+    an answer can carry (a key may be the lone surrogate being refused)."""
     shown = ""
     for part in parts:
         if isinstance(part, int):
             shown += f"[{part}]"
         else:
-            shown += f".{part}" if shown else part
+            key = part if part.isascii() and part.isprintable() else json.dumps(part)[1:-1]
+            shown += f".{key}" if shown else key
     return shown
 
 

@@ -14,7 +14,7 @@ from starlette.requests import Request as PlainRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_serve import __version__
-from zimage_serve.server import openai_images, routes_files, routes_info, routes_queue, routes_ws, uploads
+from zimage_serve.server import openai_images, routes_files, routes_info, routes_queue, routes_ws, schemas, uploads
 from zimage_serve.server.runtime import Runtime, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> PromptLane:
     app.add_middleware(ApiPrefix)
     for router in ROUTERS:
         app.include_router(router)
+    schemas.document(app)
     app.include_router(openai_images.router)  # OpenAI clients use /v1 as their base URL
 
     @app.exception_handler(Exception)

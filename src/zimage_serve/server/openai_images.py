@@ -23,6 +23,7 @@ from zimage_serve import workflows
 from zimage_serve.queue.service import PromptRejected
 from zimage_serve.queue.store import QueueFull
 from zimage_serve.server.routes_queue import json_body, runtime
+from zimage_serve.server.schemas import ImagesRequest, json_request
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import describe
 from zimage_serve.workflow.spec import MAX_SEED
@@ -64,7 +65,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", openapi_extra=json_request(ImagesRequest))
 async def generate(request: Request) -> Response:
     rt = runtime(request)
     try:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from zimage_serve.server.routes_queue import runtime
+from zimage_serve.server.schemas import query
 from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
 
 router = APIRouter()
@@ -33,7 +34,14 @@ def content_disposition(disposition: str, filename: str) -> str:
     return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-@router.get("/view")
+@router.get(
+    "/view",
+    openapi_extra=query(
+        ("filename", {"type": "string"}, "A file name (may end in ' [output]', ' [input]' or ' [temp]')"),
+        ("type", {"type": "string", "enum": ["output", "input", "temp"]}, "The folder; output when absent"),
+        ("subfolder", {"type": "string"}, "A folder inside it"),
+    ),
+)
 async def view(request: Request) -> Response:
     rt = runtime(request)
     query = request.query_params

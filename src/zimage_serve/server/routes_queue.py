@@ -14,6 +14,15 @@ from zimage_serve import strict_json
 from zimage_serve.queue.service import PromptRejected
 from zimage_serve.queue.store import NUMBER_LIMIT, DuplicateJob, QueueFull
 from zimage_serve.server.runtime import Runtime
+from zimage_serve.server.schemas import (
+    COUNT,
+    FreeRequest,
+    InterruptRequest,
+    PromptRequest,
+    QueueChange,
+    json_request,
+    query,
+)
 
 router = APIRouter()
 MAX_CLIENT_ID = 256
@@ -58,7 +67,7 @@ async def get_prompt(request: Request) -> dict[str, Any]:
 async def post_prompt(request: Request) -> Response:
     """POST /prompt, reached through `app.PromptLane` (not this router): the busiest route reads its own
     body and builds its own answers, so it needs none of FastAPI's machinery. It is left out of the
-    OpenAPI page; ComfyUI's documentation describes it."""
+    schema through the route added below."""
     rt = runtime(request)
     raw = await request.body()
     large = len(raw) > OFF_LOOP_BYTES
@@ -114,6 +123,10 @@ async def post_prompt(request: Request) -> Response:
     return JSONResponse({"prompt_id": job.id, "number": shown, "node_errors": submitted.node_errors})
 
 
+# Served by `app.PromptLane` ahead of FastAPI; the route is here so the schema describes its body.
+router.add_api_route("/prompt", post_prompt, methods=["POST"], openapi_extra=json_request(PromptRequest))
+
+
 def _canonical_uuid(value: Any) -> bool:
     if not isinstance(value, str):
         return False
@@ -123,7 +136,12 @@ def _canonical_uuid(value: Any) -> bool:
         return False
 
 
-@router.get("/queue")
+@router.get(
+    "/queue",
+    openapi_extra=query(
+        ("limit", COUNT, "Waiting jobs on this page (all when absent)"), ("offset", COUNT, "Waiting jobs skipped")
+    ),
+)
 async def get_queue(request: Request) -> Response:
     """ComfyUI's queue; with `limit` (and `offset`), one page of the waiting jobs and a `pagination` entry
     as ComfyUI's jobs API gives (running jobs are always all listed)."""
@@ -140,7 +158,7 @@ async def get_queue(request: Request) -> Response:
     return Response(text, media_type="application/json")
 
 
-@router.post("/queue")
+@router.post("/queue", openapi_extra=json_request(QueueChange, required=False))
 async def post_queue(request: Request) -> Response:
     rt = runtime(request)
     answer = await _clear_or_delete(request, rt.service.delete_pending)
@@ -149,7 +167,10 @@ async def post_queue(request: Request) -> Response:
     return answer
 
 
-@router.get("/history")
+@router.get(
+    "/history",
+    openapi_extra=query(("max_items", COUNT, "The newest N, or N from offset"), ("offset", COUNT, "Entries skipped")),
+)
 async def get_history(request: Request) -> Response:
     rt = runtime(request)
     try:
@@ -175,12 +196,12 @@ async def get_history_entry(request: Request, prompt_id: str) -> Response:
     return JSONResponse({job.id: job.history_entry()})
 
 
-@router.post("/history")
+@router.post("/history", openapi_extra=json_request(QueueChange, required=False))
 async def post_history(request: Request) -> Response:
     return await _clear_or_delete(request, runtime(request).service.delete_history)
 
 
-@router.post("/interrupt")
+@router.post("/interrupt", openapi_extra=json_request(InterruptRequest, required=False))
 async def post_interrupt(request: Request) -> Response:
     rt = runtime(request)
     try:
@@ -192,7 +213,7 @@ async def post_interrupt(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.post("/free")
+@router.post("/free", openapi_extra=json_request(FreeRequest, required=False))
 async def post_free(request: Request) -> Response:
     rt = runtime(request)
     body = await _object_body(request)

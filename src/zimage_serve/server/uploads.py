@@ -22,6 +22,7 @@ from starlette.datastructures import UploadFile
 from zimage_serve import strict_json
 from zimage_serve.image_safety import ImageRefused, facts, refusing
 from zimage_serve.server.routes_queue import runtime
+from zimage_serve.server.schemas import MaskForm, UploadForm, form_request
 from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
 from zimage_serve.workflow.limits import flag
 
@@ -124,7 +125,7 @@ def _answer(call: Stored | UploadError) -> Response:
     return JSONResponse(call.body())
 
 
-@router.post("/upload/image")
+@router.post("/upload/image", openapi_extra=form_request(UploadForm))
 async def upload_image(request: Request) -> Response:
     try:
         data, name, fields = await read_form(request)
@@ -156,7 +157,7 @@ def max_upload_pixels(request: Request) -> int:
     return pixels
 
 
-@router.post("/upload/mask")
+@router.post("/upload/mask", openapi_extra=form_request(MaskForm))
 async def upload_mask(request: Request) -> Response:
     try:
         data, name, fields = await read_form(request)

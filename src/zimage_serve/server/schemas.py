@@ -1,0 +1,130 @@
+"""The request bodies and query parameters of every route, for the OpenAPI schema at /openapi.json.
+
+The routes read their bodies themselves (strict JSON, ComfyUI's error shapes, no 422s of FastAPI's
+own), so these models describe and do not validate: each route names its body here and `document`
+puts the models into the schema's components. Clients, code generators and the fuzzing suite
+(schemathesis) read the same description.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GraphNode(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    class_type: str = Field(description="A node class from GET /object_info")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="Values, or links [node_id, output_index]")
+
+
+class PromptRequest(BaseModel):
+    """POST /prompt: ComfyUI's body."""
+
+    prompt: dict[str, GraphNode] = Field(description="An API-format graph, node id → node")
+    client_id: str | None = Field(None, max_length=256, description="The WebSocket session to send events to")
+    extra_data: dict[str, Any] | None = Field(None, description="Kept with the job (extra_pnginfo ...)")
+    number: float | None = Field(None, description="Priority: the lowest runs first")
+    front: bool | None = Field(None, description="Run before everything waiting")
+    prompt_id: str | None = Field(None, description="A lowercase hyphenated UUID; one is made when absent")
+    partial_execution_targets: list[str] | None = Field(None, description="Only these output nodes run")
+
+
+class QueueChange(BaseModel):
+    """POST /queue and POST /history."""
+
+    clear: bool | None = None
+    delete: list[str] | None = Field(None, description="Prompt ids")
+
+
+class InterruptRequest(BaseModel):
+    prompt_id: str | None = Field(None, description="Only this prompt; every running one when absent")
+
+
+class FreeRequest(BaseModel):
+    unload_models: bool | None = None
+    free_memory: bool | None = None
+
+
+class ImagesRequest(BaseModel):
+    """POST /v1/images/generations: OpenAI's body (`seed` is ours)."""
+
+    prompt: str = Field(min_length=1)
+    model: str | None = Field(None, description="GET /v1/models lists them; zimage-nano when absent")
+    n: int | None = Field(None, ge=1, le=10)
+    size: str | None = Field(None, pattern=r"^\d{2,5}x\d{2,5}$", description="WIDTHxHEIGHT, multiples of 16")
+    response_format: Literal["url", "b64_json"] | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+
+
+class UploadForm(BaseModel):
+    """POST /upload/image (multipart)."""
+
+    image: bytes = Field(json_schema_extra={"format": "binary"})
+    type: Literal["input", "temp", "output"] | None = None
+    subfolder: str | None = None
+    overwrite: Literal["true", "false", "1", "0"] | None = None
+
+
+class MaskForm(UploadForm):
+    """POST /upload/mask (multipart): the mask's alpha is put on the image `original_ref` names."""
+
+    original_ref: str = Field(description='JSON: {"filename": ..., "subfolder": ..., "type": ...}')
+
+
+MODELS: tuple[type[BaseModel], ...] = (
+    PromptRequest,
+    QueueChange,
+    InterruptRequest,
+    FreeRequest,
+    ImagesRequest,
+    UploadForm,
+    MaskForm,
+)
+
+
+def json_request(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """`openapi_extra` for a route whose JSON body is `model`."""
+    reference = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": reference}}}}
+
+
+def form_request(model: type[BaseModel]) -> dict[str, Any]:
+    reference = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": reference}}}}
+
+
+def query(*parameters: tuple[str, dict[str, Any], str]) -> dict[str, Any]:
+    """`openapi_extra` for query parameters (name, JSON schema, description), all optional."""
+    return {
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+            for name, schema, text in parameters
+        ]
+    }
+
+
+COUNT = {"type": "integer", "minimum": 0}
+
+
+def document(app: FastAPI) -> None:
+    """Make `app.openapi()` include the body models above as components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in MODELS:
+                described = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(described.pop("$defs", {}))
+                components[model.__name__] = described
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

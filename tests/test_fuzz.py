@@ -1,0 +1,148 @@
+"""Fuzzing a real server: schemathesis on its own OpenAPI schema, and hypothesis with hostile bodies.
+
+Every answer must be below 500, the listings must stay strict JSON, and a normal job must still run at
+the end. The server runs with tight limits, so the jobs the fuzzers do get queued stay cheap.
+Bounded runs: SCHEMA_EXAMPLES per operation, BODY_EXAMPLES hostile bodies (the counts are in the README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from tests.server import Server, running_server
+from tests.test_hardening import listings_are_strict
+from tests.test_server_queue import history, small_job, submit, wait_until
+
+SCHEMA_EXAMPLES = 50
+BODY_EXAMPLES = 600
+TIGHT = ("--max-pixels", "16384", "--max-steps", "8", "--max-batch", "2", "--max-request-pixels", "32768")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("fuzz") / "data", *TIGHT) as running:
+        wait_until(lambda: running.request("GET", "/health")[0] == 200)  # 503 while the worker starts
+        yield running
+    log = running.log.read_text()
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+
+
+def test_no_operation_of_the_schema_answers_a_5xx(server: Server) -> None:
+    """Each operation of /openapi.json, with up to SCHEMA_EXAMPLES cases from schemathesis, drawn from both
+    of its modes: bodies and parameters that fit the schema, and ones that break it."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    calls: dict[str, int] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        calls[operation.label] = 0
+
+        @given(st.one_of(operation.as_strategy(mode) for mode in GenerationMode))
+        @settings(max_examples=SCHEMA_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def answers_below_500(case: Any) -> None:
+            calls[case.operation.label] += 1
+            case.call_and_validate(base_url=server.url, checks=[not_a_server_error])
+
+        answers_below_500()
+    print(f"schemathesis: {sum(calls.values())} cases over {len(calls)} operations: {calls}")
+    assert "POST /prompt" in calls and len(calls) >= 20 and sum(calls.values()) >= 10 * len(calls), calls
+    listings_are_strict(server)
+
+
+# -- hostile bodies, written as raw text (NaN, Infinity, repeated keys and lone surrogates are text
+# -- that json.dumps would never write) ------------------------------------------------------------
+HOSTILE_TEXT = st.lists(
+    st.sampled_from(["a", "é", "猫", "\r", "\n", "\x00", "\ud800", "\udfff", "/", "..", "%date:yyyy%"]), max_size=8
+).map("".join)
+
+
+def scalars() -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.integers(min_value=-(2**70), max_value=2**70).map(str),
+        st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e999", "9" * 400]),
+        st.floats(allow_nan=True, allow_infinity=True).map(_number),
+        HOSTILE_TEXT.map(lambda text: json.dumps(text)),
+        st.sampled_from(["true", "false", "null"]),
+    )
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def values() -> st.SearchStrategy[str]:
+    return st.recursive(
+        scalars(),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4).map(lambda items: "[" + ", ".join(items) + "]"),
+            st.lists(st.tuples(st.sampled_from(["a", "a", "b", "class_type", "\ud800"]), inner), max_size=4).map(
+                lambda pairs: "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}"
+            ),
+            st.integers(min_value=1, max_value=3000).map(lambda depth: "[" * depth + "]" * depth),
+        ),
+        max_leaves=12,
+    )
+
+
+FIELDS = ["number", "client_id", "extra_data", "front", "prompt_id", "partial_execution_targets"]
+INPUTS = [("3", "seed"), ("3", "cfg"), ("3", "steps"), ("3", "denoise"), ("13", "width"), ("13", "batch_size"),
+          ("6", "text"), ("9", "filename_prefix"), ("11", "shift"), ("3", "undeclared")]  # fmt: skip
+
+
+@st.composite
+def hostile_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+    kind = draw(st.sampled_from(["input", "field", "node", "whole", "other route"]))
+    graph = json.dumps(small_job("fuzz"))
+    if kind == "input":
+        node, name = draw(st.sampled_from(INPUTS))
+        prompt = small_job("fuzz")
+        prompt[node]["inputs"][name] = "__HOSTILE__"
+        body = json.dumps({"prompt": prompt}).replace('"__HOSTILE__"', draw(values()))
+        return "/prompt", body.encode("utf-8", "surrogatepass")
+    if kind == "field":
+        field = draw(st.sampled_from(FIELDS))
+        return "/prompt", f'{{"prompt": {graph}, {json.dumps(field)}: {draw(values())}}}'.encode(
+            "utf-8", "surrogatepass"
+        )
+    if kind == "node":
+        node = draw(values())
+        return "/prompt", f'{{"prompt": {{"1": {node}, "1": {node}}}}}'.encode("utf-8", "surrogatepass")
+    if kind == "whole":
+        return "/prompt", draw(values()).encode("utf-8", "surrogatepass")
+    route = draw(st.sampled_from(["/queue", "/history", "/interrupt", "/free", "/v1/images/generations"]))
+    return route, draw(values()).encode("utf-8", "surrogatepass")
+
+
+@given(hostile_bodies())
+@settings(max_examples=BODY_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_hostile_bodies_never_get_a_5xx(server: Server, sample: tuple[str, bytes]) -> None:
+    path, body = sample
+    SENT[path] = SENT.get(path, 0) + 1
+    status, _, content = server.request("POST", path, raw=body)
+    assert status < 500, (path, body[:300], content[:300])
+    if status >= 400 and content:
+        json.loads(content)  # an error the client can read
+
+
+SENT: dict[str, int] = {}
+
+
+def test_after_the_fuzzing_listings_are_strict_and_a_normal_job_runs(server: Server) -> None:
+    print(f"hypothesis: {sum(SENT.values())} hostile bodies: {SENT}")
+    listings_are_strict(server)
+    job = submit(server, small_job("after-fuzz"))
+    wait_until(lambda: job in history(server))
+    assert history(server)[job]["status"]["completed"]
