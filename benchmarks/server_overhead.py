@@ -31,7 +31,12 @@ from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import GenerationParams, open_engine
 from zimage_serve.nano.default import default_model
 
-PROMPTS = ["一个红色的圆形在蓝色背景上", "a small yellow triangle on the left", "左边有一个黄色的三角形", "a cyan square"]
+PROMPTS = [
+    "一个红色的圆形在蓝色背景上",
+    "a small yellow triangle on the left",
+    "左边有一个黄色的三角形",
+    "a cyan square",
+]
 
 
 def main() -> None:
@@ -77,10 +82,13 @@ def main() -> None:
                 server_times.append(through_server(run))
                 engine_times.append(through_engine(run))
     srv, eng = statistics.median(server_times), statistics.median(engine_times)
-    print(f"zimage-nano 128², 8 steps, {args.images} images each (interleaved, {args.warmups} warm-ups), "
-          f"torch threads here {torch.get_num_threads()}")
-    print(f"engine.generate       median {eng * 1000:7.1f} ms  (range {min(engine_times) * 1000:.0f}-{max(engine_times) * 1000:.0f})")
-    print(f"zimage serve (POST → done) median {srv * 1000:7.1f} ms  (range {min(server_times) * 1000:.0f}-{max(server_times) * 1000:.0f})")
+    print(
+        f"zimage-nano 128², 8 steps, {args.images} images each (interleaved, {args.warmups} warm-ups), "
+        f"torch threads here {torch.get_num_threads()}"
+    )
+    for label, times in (("engine.generate", engine_times), ("zimage serve (POST → done)", server_times)):
+        shown = f"{min(times) * 1000:.0f}-{max(times) * 1000:.0f}"
+        print(f"{label:<27} median {statistics.median(times) * 1000:7.1f} ms  (range {shown})")
     print(f"server / engine = {srv / eng:.2f}")
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -410,3 +411,19 @@ def test_queue_pages_stay_fast_with_10000_waiting(tmp_path: Path) -> None:
         assert page["queue_pending"][0][1] == "w200" and paged < 0.5, paged
         status, _, content = server.request("GET", "/queue")
         assert status == 200 and len(strict_json.loads(content)["queue_pending"]) >= 9_000
+
+
+def test_a_client_that_leaves_the_openai_route_cancels_its_prompt(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as server:
+        body = json.dumps({"prompt": "a red circle", "size": "1024x1024", "n": 4}).encode()
+        head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: len(running_ids(server)) == 1)
+        [job] = running_ids(server)
+        client.close()
+        wait_until(lambda: job in history(server), timeout=60)
+        messages = [event for event, _ in history(server)[job]["status"]["messages"]]
+        assert "execution_interrupted" in messages
+        after = submit(server, small_job("after"))
+        wait_until(lambda: after in history(server))

@@ -174,6 +174,8 @@ def check(value: Any, max_depth: int = MAX_DEPTH) -> None:
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
     while stack:
         item, path = stack.pop()
+        if path and isinstance(path[-1], str) and not path[-1].isascii():  # the key first, then its value
+            _check_text(path[-1], path[:-1])
         if isinstance(item, dict):
             if len(path) >= max_depth:
                 raise JsonRejected(_path(path), f"nested more than {max_depth} levels deep")
@@ -191,8 +193,6 @@ def check(value: Any, max_depth: int = MAX_DEPTH) -> None:
             reason = _scalar_problem(item)
             if reason is not None:
                 raise JsonRejected(_path(path), reason)
-        if path and isinstance(path[-1], str) and not path[-1].isascii():
-            _check_text(path[-1], path[:-1])
 
 
 def _scalar_problem(item: Any) -> str | None:

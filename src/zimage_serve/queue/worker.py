@@ -29,9 +29,7 @@ log = logging.getLogger(__name__)
 GPU_JOB_TIMEOUT_S = 30.0
 # On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
 OTHER_JOB_TIMEOUT_S = 1800.0
-
-
-PRELOAD_ID = "zimage-preload"
+PRELOAD_ID = "zimage-preload"  # the warm-up run's id (never a UUID, so never a client's)
 
 
 def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:

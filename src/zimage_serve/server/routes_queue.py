@@ -27,6 +27,7 @@ from zimage_serve.server.schemas import (
 router = APIRouter()
 MAX_CLIENT_ID = 256
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed and validated in a thread, not on the event loop
+LONG_TEXT = 256  # characters of one input beyond which its tokens may be counted (see tokens.PromptTokens)
 OFF_LOOP_QUEUE = 500  # a queue listing longer than this is put together in a thread
 MAX_QUERY_INT = 2**31 - 1  # counts and offsets in queries (SQLite's integers end at 2**63)
 
@@ -107,7 +108,7 @@ async def post_prompt(request: Request) -> Response:
             front=bool(body.get("front")),
             prompt_id=prompt_id,
             partial_targets=targets,
-            off_loop=large,
+            off_loop=large or _has_long_text(body["prompt"]),
         )
     except PromptRejected as exc:
         return JSONResponse(exc.body, status_code=400)
@@ -125,6 +126,18 @@ async def post_prompt(request: Request) -> Response:
 
 # Served by `app.PromptLane` ahead of FastAPI; the route is here so the schema describes its body.
 router.add_api_route("/prompt", post_prompt, methods=["POST"], openapi_extra=json_request(PromptRequest))
+
+
+def _has_long_text(prompt: Any) -> bool:
+    """Whether an input holds text long enough that validation may count its tokens (which can load a
+    tokenizer, once per model): such a prompt is validated off the event loop too."""
+    if not isinstance(prompt, dict):
+        return False
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict) and any(isinstance(v, str) and len(v) > LONG_TEXT for v in inputs.values()):
+            return True
+    return False
 
 
 def _canonical_uuid(value: Any) -> bool:
