@@ -62,9 +62,9 @@ def main() -> None:
                 while True:
                     message = json.loads(socket.recv())
                     data = message.get("data", {})
-                    if message["type"] == "executing" and data.get("node") is None:
-                        if data.get("prompt_id") == answer["prompt_id"]:
-                            break
+                    done = data.get("node") is None and data.get("prompt_id") == answer["prompt_id"]
+                    if message["type"] == "executing" and done:
+                        break
                     if message["type"] == "execution_error":
                         raise RuntimeError(data)
                 return time.perf_counter() - started
