@@ -233,6 +233,10 @@ def _path(parts: tuple[str | int, ...]) -> str:
     return shown
 
 
+# One encoder: json.dumps with an option of its own builds a new encoder on every call.
+_encoder = json.JSONEncoder(allow_nan=False)
+
+
 def dumps(value: Any) -> str:
     """JSON text, refusing (ValueError) what is not JSON rather than writing NaN or Infinity."""
-    return json.dumps(value, allow_nan=False)
+    return _encoder.encode(value)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from zimage_serve.queue.deadlines import Deadlines
 from zimage_serve.queue.store import Job, JobStore
 from zimage_serve.workflow.events import execution_error
 
@@ -97,6 +98,7 @@ class Worker:
         self._cut_off = threading.Event()  # the shutdown's grace ran out: interrupted jobs go back to the queue
         self._threads: list[threading.Thread] = []
         self._timed_out: set[str] = set()
+        self._deadlines = Deadlines(self._time_out)
         self._on_idle = on_idle
         self._preload, self._on_ready = preload, on_ready
         self.ready = threading.Event()  # set once the default model is loaded (at once without preload)
@@ -182,7 +184,7 @@ class Worker:
         for prompt_id in self.executor.unsettled():
             job = self.store.get(prompt_id)
             if job is None or job.state not in ("pending", "running"):
-                self.executor.settle_outputs(prompt_id)
+                self.executor.settle_left_over(prompt_id)
 
     def state(self) -> str:
         if self._stopping.is_set():
@@ -233,11 +235,8 @@ class Worker:
         with self._running_lock:
             self._running[job.id] = running
         self.listener.queue_changed()
-        timer = None
         if self.job_timeout is not None:
-            timer = threading.Timer(self.job_timeout, self._time_out, (job.id,))
-            timer.daemon = True
-            timer.start()
+            self._deadlines.add(job.id, self.job_timeout)
 
         def emit(event: str, data: dict[str, Any]) -> None:
             if event == "executing":
@@ -250,8 +249,7 @@ class Worker:
         try:
             result = self.executor.run(job.id, job.prompt, job.outputs, job.extra_data, emit)
         finally:
-            if timer is not None:
-                timer.cancel()
+            self._deadlines.remove(job.id)
         if result.status == "interrupted" and job.id in self._timed_out:
             self._note_timeout(job, result)
         self._timed_out.discard(job.id)

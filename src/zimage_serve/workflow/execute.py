@@ -105,6 +105,11 @@ class Executor:
         """Prompts whose files are noted but whose end was never settled (a crash came between)."""
         return self.journal.journaled() if self.journal is not None else []
 
+    def settle_left_over(self, prompt_id: str) -> None:
+        """As `settle_outputs`, for a journal a crashed worker left after the prompt's end was recorded."""
+        if self.journal is not None:
+            self.journal.settle_left_over(prompt_id)
+
     def device_stats(self) -> dict[str, object]:
         # ComfyUI's entry, plus our own keys (new names; clients that do not know them ignore them).
         return {
@@ -195,6 +200,7 @@ class _Run:
         self._links: dict[str, dict[str, tuple[str, int]]] = {}
         self.current_inputs: dict[str, Any] = {}
         self.interrupted = _Flag()
+        self.files = RunOutputs(prompt_id, executor.journal) if executor.journal is not None else None
 
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:
@@ -316,7 +322,7 @@ class _Run:
             ),
             interrupted=self.interrupted.is_set,
             limits=self.ex.limits,
-            outputs=RunOutputs(self.prompt_id, self.ex.journal) if self.ex.journal is not None else None,
+            outputs=self.files,
         )
         self.current_inputs = inputs
         result = node_class().run(ctx, **inputs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -148,6 +149,7 @@ LINKED_OUT = "leads outside its folder through a symbolic link"
 ESCAPES = (OUTSIDE, LINKED_OUT)  # the reasons that are attempts to leave a folder (403, not 400)
 MAX_NAME_BYTES = 255  # one path component, as Linux, macOS and Windows allow
 MAX_PATH_BYTES = 1024
+_PLAIN = frozenset("/\\:")  # not in a plain file name: separators, and a drive's colon
 
 
 def check_relative(resource: str, name: str, *, empty_ok: bool = False) -> None:
@@ -158,6 +160,9 @@ def check_relative(resource: str, name: str, *, empty_ok: bool = False) -> None:
         if empty_ok:
             return
         raise UnknownFileError(resource, name, "is not a file name")
+    plain = len(name) <= MAX_NAME_BYTES and name.isascii() and name.isprintable() and _PLAIN.isdisjoint(name)
+    if plain and name not in (".", ".."):
+        return  # a plain file name, as nearly every one is: no separator, no drive, nothing to escape
     if not name.isprintable() and any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise UnknownFileError(resource, name, "holds a control character")
     if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or (os.sep != "/" and ":" in name):
@@ -185,10 +190,26 @@ def contained(folder: Path, name: str, resource: str, *, empty_ok: bool = False)
     returned as a string (LoadImage calls this for every prompt; pathlib costs more than the check)."""
     check_relative(resource, name, empty_ok=empty_ok)
     root = real_folder(folder)
-    path = os.path.join(root, name) if name else root
-    real = os.path.realpath(path)
-    if real != path and real != root and not real.startswith(root + os.sep):
-        raise UnknownFileError(resource, name, LINKED_OUT)
+    if not name:
+        return root
+    path = os.path.join(root, name)
+    # The root is real already: only the parts below it can be links. One lstat each (resolving the
+    # whole path would look at every part from the file system's root); the full resolution only for a
+    # path that does pass through a link.
+    current = root
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        current = os.path.join(current, part)
+        try:
+            linked = stat.S_ISLNK(os.lstat(current).st_mode)
+        except OSError:  # not there (yet): no link further down either
+            break
+        if linked:
+            real = os.path.realpath(path)
+            if real != root and not real.startswith(root + os.sep):
+                raise UnknownFileError(resource, name, LINKED_OUT)
+            break
     return path
 
 

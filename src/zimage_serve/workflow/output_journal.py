@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,25 @@ def journal_name(prompt_id: str) -> str:
     return "h" + hashlib.blake2b(prompt_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+@dataclass
+class _Open:
+    """A running prompt's journal in this process: its open file and what it noted."""
+
+    fd: int
+    entries: list[tuple[str, str]] = field(default_factory=list)
+
+
 class OutputJournal:
-    """The journals of one data dir's running prompts; shared by every run of an executor."""
+    """The journals of one data dir's running prompts; shared by every run of an executor (thread-safe).
+
+    A prompt's journal stays open while it runs and what it notes is kept in memory too, so its end
+    costs no reading; a journal left by another process (a crash) is read back from its file."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock = threading.Lock()
         self._made = False
+        self._open: dict[str, _Open] = {}
 
     def path(self, prompt_id: str) -> str:
         return os.path.join(self.folder, journal_name(prompt_id) + SUFFIX)
@@ -58,23 +71,24 @@ class OutputJournal:
         return sorted(n.removesuffix(SUFFIX) for n in names if n.endswith(SUFFIX))
 
     def note(self, prompt_id: str, final: str, own: str) -> None:
-        """Record, durably before the link is made, that `own` is about to become `final`."""
-        line = f"{final}\t{own}\n".encode("utf-8", "surrogateescape")
-        if not self._made:
-            with self._lock:
-                os.makedirs(self.folder, exist_ok=True)
-                self._made = True
-        fd = os.open(self.path(prompt_id), _APPEND, 0o600)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        """Record, before the link is made, that `own` is about to become `final` (written to the file at
+        once: a crash right after must find it)."""
+        with self._lock:
+            journal = self._open.get(prompt_id)
+            if journal is None:
+                if not self._made:
+                    os.makedirs(self.folder, exist_ok=True)
+                    self._made = True
+                journal = self._open[prompt_id] = _Open(os.open(self.path(prompt_id), _APPEND, 0o600))
+            journal.entries.append((final, own))
+        os.write(journal.fd, f"{final}\t{own}\n".encode("utf-8", "surrogateescape"))
 
     def own_name(self, prompt_id: str, folder: str, index: int) -> str:
         return os.path.join(folder, f".{journal_name(prompt_id)}-{index}.part")
 
     def undo(self, prompt_id: str) -> int:
         """Remove what an unfinished run of the prompt wrote; the number of final files removed."""
+        self._close(prompt_id)
         removed = 0
         entries = self._entries(prompt_id)
         for final, own in entries:
@@ -95,8 +109,22 @@ class OutputJournal:
         return removed
 
     def settle(self, prompt_id: str) -> None:
-        """The prompt's end is recorded: its final files stay, its own names and journal go."""
+        """The prompt's end is recorded: its final files stay, its own names and journal go. A prompt that
+        noted nothing in this process costs nothing here."""
+        journal = self._close(prompt_id)
+        if journal is not None:
+            self._drop(prompt_id, journal.entries)
+
+    def settle_left_over(self, prompt_id: str) -> None:
+        """As `settle`, for a journal another process left (its end was recorded just before a crash)."""
         self._drop(prompt_id, self._entries(prompt_id))
+
+    def _close(self, prompt_id: str) -> _Open | None:
+        with self._lock:
+            journal = self._open.pop(prompt_id, None)
+        if journal is not None:
+            os.close(journal.fd)
+        return journal
 
     def _entries(self, prompt_id: str) -> list[tuple[str, str]]:
         try:

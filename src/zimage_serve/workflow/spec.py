@@ -190,11 +190,7 @@ class Node:
     def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
         """What running with these (converted) inputs asks of the machine, as (`Limits` field, input name,
         amount): by default the inputs declared with a `limit`; nodes that make images add their pixels."""
-        found = []
-        for name, declared in cls.all_inputs().items():
-            if isinstance(declared, Int) and declared.limit is not None and isinstance(inputs.get(name), int):
-                found.append((declared.limit, name, inputs[name]))
-        return found
+        return [(limit, name, inputs[name]) for name, limit in limited_inputs(cls) if isinstance(inputs.get(name), int)]
 
     @classmethod
     def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:
@@ -204,6 +200,32 @@ class Node:
     @classmethod
     def all_inputs(cls) -> dict[str, Input]:
         return {**cls.required, **cls.optional}
+
+
+_LIMITED: dict[type[Node], tuple[tuple[str, str], ...]] = {}
+_PROMPTS: dict[type[Node], tuple[str, ...]] = {}
+
+
+def limited_inputs(node: type[Node]) -> tuple[tuple[str, str], ...]:
+    """(input name, `Limits` field) of a node class's inputs declared with a limit; read once per class."""
+    found = _LIMITED.get(node)
+    if found is None:
+        found = _LIMITED[node] = tuple(
+            (name, declared.limit)
+            for name, declared in node.all_inputs().items()
+            if isinstance(declared, Int) and declared.limit is not None
+        )
+    return found
+
+
+def prompt_inputs(node: type[Node]) -> tuple[str, ...]:
+    """The text inputs of a node class that an encoder reads (their bytes and tokens are limited)."""
+    found = _PROMPTS.get(node)
+    if found is None:
+        found = _PROMPTS[node] = tuple(
+            name for name, declared in node.all_inputs().items() if isinstance(declared, String) and declared.prompt
+        )
+    return found
 
 
 def node_info(name: str, node: type[Node], lists: ResourceLists) -> dict[str, Any]:

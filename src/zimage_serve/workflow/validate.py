@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from zimage_serve.workflow.context import ResourceLists
 from zimage_serve.workflow.limits import WHAT, Limits, describe, flag
-from zimage_serve.workflow.spec import Boolean, Combo, Float, Input, Int, Link, Node, String
+from zimage_serve.workflow.spec import Boolean, Combo, Float, Input, Int, Link, Node, String, prompt_inputs
 
 MAX_LISTED_CHOICES = 20
 
@@ -245,7 +245,7 @@ class Validator:
             reason = self._check_value(name, declared, converted)
             if reason is not None:
                 reasons.append(reason)
-        if not reasons:
+        if not reasons and constants:
             reasons.extend(self._check_limits(prompt, node_id, node_class, constants))
         if node_class.custom_checks and not reasons:
             for name in node_class.custom_checks:
@@ -273,9 +273,9 @@ class Validator:
     ) -> list[dict[str, Any]]:
         """The server's limits on what the node's constants ask for: pixels, batch, steps, prompt length."""
         demands = node_class.demands(**constants)
-        for name, declared in node_class.all_inputs().items():
+        for name in prompt_inputs(node_class):
             text = constants.get(name)
-            if isinstance(declared, String) and declared.prompt and isinstance(text, str):
+            if isinstance(text, str):
                 size = len(text.encode("utf-8"))
                 demands.append(("prompt_bytes", name, size))
                 if self.tokens is not None and size <= self.limits.prompt_bytes:
