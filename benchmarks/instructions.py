@@ -52,10 +52,11 @@ def worker_inside(jobs: int) -> None:
     """Run under callgrind: the worker loop over `jobs` jobs, counted."""
     from zimage_serve.engine.parts import Placing
     from zimage_serve.queue.store import Job, JobStore
-    from zimage_serve.queue.worker import Worker
+    from zimage_serve.queue.worker import OTHER_JOB_TIMEOUT_S, Worker
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES
+    from zimage_serve.workflow.output_journal import OutputJournal
 
     class Quiet:
         def job_event(self, *args: object) -> None:
@@ -73,7 +74,9 @@ def worker_inside(jobs: int) -> None:
     store.enqueue_many(
         [Job(str(uuid.uuid4()), i, graph(f"bench/{i}"), {"client_id": "c"}, ["2"]) for i in range(WARM_UP + jobs + 1)]
     )
-    worker = Worker(store, Executor(NODES, folders, Placing.choose("cpu")), Quiet())
+    # As the server's worker process runs: the output journal on, the CPU's default time limit.
+    executor = Executor(NODES, folders, Placing.choose("cpu"), journal=OutputJournal(data / "runs"))
+    worker = Worker(store, executor, Quiet(), job_timeout=OTHER_JOB_TIMEOUT_S)
     job = store.claim()
     for _ in range(WARM_UP):
         job = worker._run(job)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,8 +24,10 @@ from tests.server import Server, running_server
 from tests.test_hardening import listings_are_strict
 from tests.test_server_queue import history, small_job, submit, wait_until
 
-SCHEMA_EXAMPLES = 50
-BODY_EXAMPLES = 600
+# ZIMAGE_FUZZ_SCALE=10 runs ten times as many (a deeper run by hand; the suite's run is bounded).
+SCALE = int(os.environ.get("ZIMAGE_FUZZ_SCALE", "1"))
+SCHEMA_EXAMPLES = 50 * SCALE
+BODY_EXAMPLES = 600 * SCALE
 TIGHT = ("--max-pixels", "16384", "--max-steps", "8", "--max-batch", "2", "--max-request-pixels", "32768")
 
 

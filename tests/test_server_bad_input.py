@@ -167,6 +167,8 @@ REQUEST_CASES: list[tuple[str, str, str, bytes | None, dict[str, str], int]] = [
     ("openai: bad size", "POST", "/v1/images/generations", b'{"prompt": "a", "size": "big"}', {}, 400),
     ("openai: unknown model", "POST", "/v1/images/generations", b'{"prompt": "a", "model": "dall-e-9"}', {}, 404),
     ("openai: n zero", "POST", "/v1/images/generations", b'{"prompt": "a", "n": 0}', {}, 400),
+    ("openai: model an object", "POST", "/v1/images/generations", b'{"prompt": "a", "model": {"x": 1}}', {}, 400),
+    ("openai: model a list", "POST", "/v1/images/generations", b'{"prompt": "a", "model": ["m"]}', {}, 400),
 ]
 
 

@@ -76,6 +76,8 @@ async def generate(request: Request) -> Response:
         return openai_error(400, "the body must be a JSON object")
     available = models(rt.folders)
     model = body.get("model") or "zimage-nano"
+    if not isinstance(model, str):
+        return openai_error(400, "model must be a model id (text)", "model")
     if model not in available:
         return openai_error(
             404, f"model {model!r} does not exist; available: {', '.join(available)}", "model", "model_not_found"

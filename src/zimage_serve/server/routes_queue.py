@@ -92,6 +92,8 @@ async def post_prompt(request: Request) -> Response:
     if not isinstance(extra, dict):
         return comfy_error("invalid_prompt", "Invalid extra_data", "extra_data must be an object")
     client_id = body.get("client_id")
+    if isinstance(client_id, int) and not isinstance(client_id, bool):
+        client_id = str(client_id)  # ComfyUI keys sessions by whatever it is given; a number is its text
     if client_id is not None and (not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID):
         return comfy_error(
             "invalid_prompt", "Invalid client_id", f"client_id must be text of at most {MAX_CLIENT_ID} characters"
