@@ -323,6 +323,7 @@ def test_four_large_graphs_do_not_stall_the_event_loop(server: Server) -> None:
         slowest = max(slowest, time.monotonic() - started)
         time.sleep(0.02)
     assert answers == [200] * 4
+    print(f"slowest /system_stats while four large graphs were validated: {slowest:.3f} s")
     assert slowest < 0.75, f"/system_stats took {slowest:.2f} s while large graphs were validated"
 
 
