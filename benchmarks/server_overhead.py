@@ -25,18 +25,12 @@ from websockets.sync.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.server import running_server
+from workflow_overhead import PROMPTS  # the same prompts as the workflow-against-engine benchmark
 
 from zimage_serve import workflows
 from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import GenerationParams, open_engine
 from zimage_serve.nano.default import default_model
-
-PROMPTS = [
-    "一个红色的圆形在蓝色背景上",
-    "a small yellow triangle on the left",
-    "左边有一个黄色的三角形",
-    "a cyan square",
-]
 
 
 def main() -> None:

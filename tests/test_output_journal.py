@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from zimage_serve.workflow.naming import RunOutputs, write_new
 from zimage_serve.workflow.output_journal import OutputJournal
@@ -36,3 +39,20 @@ def test_odd_prompt_ids_get_safe_journal_names(tmp_path: Path) -> None:
     write_new(tmp_path / "out", "x", b"1", RunOutputs("../../etc/passwd", journal))
     [name] = journal.journaled()
     assert "/" not in name and (tmp_path / "runs" / f"{name}.outputs").is_file()
+
+
+def test_without_hard_links_the_final_name_is_journaled_and_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(source: str, target: str) -> None:
+        raise PermissionError("hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out, journal = tmp_path / "out", OutputJournal(tmp_path / "runs")
+    out.mkdir()
+    (out / "img_00001_.png").write_bytes(b"someone else's")
+    name = write_new(out, "img", b"mine", RunOutputs("job-3", journal))[0]
+    assert name == "img_00002_.png" and (out / name).read_bytes() == b"mine"
+    assert not list(out.glob(".*.part"))
+    assert journal.undo("job-3") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["img_00001_.png"]

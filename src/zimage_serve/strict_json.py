@@ -134,24 +134,24 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
             raise JsonRejected("", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     if "\\ud" not in text and "\\uD" not in text:
         try:
-            value = _quick.decode(text)
-        except json.JSONDecodeError as exc:
-            raise JsonRejected("", f"not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise JsonRejected("", f"nested more than {max_depth} levels deep") from exc
+            value = _decode(_quick, text, max_depth)
         except _Suspect:
             pass
         else:
             if text.count("{") + text.count("[") <= max_depth or _depth_within(value, max_depth):
                 return value
+    value = _decode(_careful, text, max_depth)
+    check(value, max_depth)
+    return value
+
+
+def _decode(decoder: json.JSONDecoder, text: str, max_depth: int) -> Any:
     try:
-        value = _careful.decode(text)
+        return decoder.decode(text)
     except json.JSONDecodeError as exc:
         raise JsonRejected("", f"not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise JsonRejected("", f"nested more than {max_depth} levels deep") from exc
-    check(value, max_depth)
-    return value
 
 
 def _depth_within(value: Any, max_depth: int) -> bool:

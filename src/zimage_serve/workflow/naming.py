@@ -8,6 +8,7 @@ runs saving at once never get the same one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import itertools
@@ -15,8 +16,10 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from zimage_serve.errors import InvalidParameterError
 from zimage_serve.workflow.folders import UnknownFileError, check_relative
@@ -32,6 +35,7 @@ _counters: dict[tuple[str, str], dict[str, int]] = {}
 # Exclusive creation, in binary mode on Windows; Python makes the descriptor non-inheritable itself.
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 _lock = threading.Lock()
+T = TypeVar("T")
 
 
 def _folder_counters(folder: str, extension: str) -> dict[str, int]:
@@ -140,21 +144,16 @@ def _target(folder: Path, prefix: str, field: str) -> tuple[str, str, str]:
     return target, subfolder, stem
 
 
-def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
-    """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
-
-    The caller writes through the claimed name: reopening the empty file to write it would make ext4
-    flush it on close (its guard against truncated-then-rewritten files), which costs more than the image.
-    """
-    target, subfolder, stem = _target(folder, prefix, field)
+def _next_free(target: str, stem: str, extension: str, make: Callable[[str], T]) -> tuple[str, T]:
+    """The next free `<stem>_NNNNN_.<ext>` in `target`, one past the highest counter seen, taken by
+    `make(path)`, which must fail with FileExistsError when the name is taken (then the next is tried)."""
     with _lock:
         counters = _folder_counters(target, extension)
         counter = counters.get(stem, 0) + 1
         while True:
             filename = f"{stem}_{counter:05}_.{extension}"
-            path = os.path.join(target, filename)
             try:
-                fd = os.open(path, _CREATE_NEW, 0o666)  # the user's umask applies, as with open()
+                made = make(os.path.join(target, filename))
             except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
                 counter += 1
                 continue
@@ -162,7 +161,22 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
                 os.makedirs(target, exist_ok=True)
                 continue
             counters[stem] = counter
-            return ClaimedName(path, filename, subfolder, fd)
+            return filename, made
+
+
+def _create_new(path: str) -> int:
+    return os.open(path, _CREATE_NEW, 0o666)  # the user's umask applies, as with open()
+
+
+def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
+    """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
+
+    The caller writes through the claimed name: reopening the empty file to write it would make ext4
+    flush it on close (its guard against truncated-then-rewritten files), which costs more than the image.
+    """
+    target, subfolder, stem = _target(folder, prefix, field)
+    filename, fd = _next_free(target, stem, extension, _create_new)
+    return ClaimedName(os.path.join(target, filename), filename, subfolder, fd)
 
 
 @dataclass(frozen=True)
@@ -188,25 +202,30 @@ def write_new(
             name.write(data)
         return name.filename, name.subfolder
     target, subfolder, stem = _target(folder, prefix, field)
-    own = _write_own(outputs, target, data)
-    with _lock:
-        counters = _folder_counters(target, extension)
-        counter = counters.get(stem, 0) + 1
-        while True:
-            filename = f"{stem}_{counter:05}_.{extension}"
-            path = os.path.join(target, filename)
+    own: str | None = _write_own(outputs, target, data)
+
+    def take(path: str) -> None:
+        nonlocal own
+        if own is not None:
             outputs.journal.note(outputs.prompt_id, path, own)
             try:
                 os.link(own, path)
+                return
             except FileExistsError:
-                counter += 1
-                continue
-            except OSError:  # no hard links here (FAT, some network shares): the name is made directly
-                os.unlink(own)
-                counter = _write_linkless(outputs, target, stem, counter, extension, data)
-                filename = f"{stem}_{counter:05}_.{extension}"
-            counters[stem] = counter
-            return filename, subfolder
+                raise
+            except OSError:  # no hard links here (FAT, some network shares), or the own file is gone with its
+                with contextlib.suppress(FileNotFoundError):  # folder: the name is made directly
+                    os.unlink(own)
+                own = None
+        fd = _create_new(path)  # created exclusively and journaled before a byte is written
+        try:
+            outputs.journal.note(outputs.prompt_id, path, NO_LINK)
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+
+    filename, _ = _next_free(target, stem, extension, take)
+    return filename, subfolder
 
 
 _own_numbers = itertools.count()
@@ -217,7 +236,7 @@ def _write_own(outputs: RunOutputs, target: str, data: bytes | memoryview) -> st
     while True:
         own = outputs.journal.own_name(outputs.prompt_id, target, next(_own_numbers))
         try:
-            fd = os.open(own, _CREATE_NEW, 0o666)
+            fd = _create_new(own)
         except FileExistsError:  # left by an earlier process's run of the same prompt
             continue
         except FileNotFoundError:
@@ -228,25 +247,6 @@ def _write_own(outputs: RunOutputs, target: str, data: bytes | memoryview) -> st
         finally:
             os.close(fd)
         return own
-
-
-def _write_linkless(
-    outputs: RunOutputs, target: str, stem: str, counter: int, extension: str, data: bytes | memoryview
-) -> int:
-    """The final name created exclusively and journaled before a byte is written; its counter."""
-    while True:
-        path = os.path.join(target, f"{stem}_{counter:05}_.{extension}")
-        try:
-            fd = os.open(path, _CREATE_NEW, 0o666)
-        except FileExistsError:
-            counter += 1
-            continue
-        try:
-            outputs.journal.note(outputs.prompt_id, path, NO_LINK)
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-        return counter
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
