@@ -14,10 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from zimage_serve.queue.store import DuplicateJob, Job, JobStore, QueueFull
+from zimage_serve.identity import LOCAL, Identity
+from zimage_serve.queue.store import DuplicateJob, Job, JobStore, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.worker import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
-from zimage_serve.workflow.spec import node_info, object_info
+from zimage_serve.workflow.spec import node_info, object_info, prompt_inputs
 from zimage_serve.workflow.validate import Validator
 from zimage_serve.workflow.validate import error as validate_error
 
@@ -53,15 +54,41 @@ class PromptRejected(Exception):
         self.body = body
 
 
+class PromptBlocked(PromptRejected):
+    """A text the prompt would encode matches a rule of the word filter; `rule` is the rule's id (never
+    the words, which the answer and the audit log do not repeat)."""
+
+    def __init__(self, body: dict[str, Any], rule: str, node_id: str) -> None:
+        super().__init__(body)
+        self.rule, self.node_id = rule, node_id
+
+
+class TextScreen(Protocol):
+    """The word filter (`security.blocklist.Blocklist`): the id of the first rule a text breaks, or None."""
+
+    def match(self, text: str) -> str | None: ...
+
+
 @dataclass
 class Submitted:
     job: Job
     node_errors: dict[str, Any]
 
 
+Stored = Submitted | QueueFull | DuplicateJob | QuotaExceeded
+
+
 class QueueService:
-    def __init__(self, store: JobStore, validator: Validator, worker: DeviceWorker, folders: Folders) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        validator: Validator,
+        worker: DeviceWorker,
+        folders: Folders,
+        screen: TextScreen | None = None,
+    ) -> None:
         self.store, self.validator, self.worker, self.folders = store, validator, worker, folders
+        self.screen = screen
 
     def submit(self, prompt: Any, **options: Any) -> Submitted:
         """Validate, number and store one prompt (`prepare`'s options); raises PromptRejected, QueueFull
@@ -81,13 +108,19 @@ class QueueService:
         front: bool = False,
         prompt_id: str | None = None,
         partial_targets: list[str] | None = None,
+        identity: Identity = LOCAL,
+        quota: Quota | None = None,
     ) -> Submitted:
-        """Validate and number a prompt (raises PromptRejected); `enqueue` stores it."""
+        """Validate and number a prompt for `identity` (their files, their limits; raises PromptRejected,
+        PromptBlocked for a filtered text); `enqueue` stores it, within `quota`."""
         # ComfyUI counts every request without an explicit number, even one that then fails validation.
         counter = self.store.next_number() if number is None else None
-        checked = self.validator.validate(prompt, partial_targets)
+        validator = self.validator.scoped(self.folders.space(identity.space), identity.limits)
+        checked = validator.validate(prompt, partial_targets)
         if not checked.ok:
             raise PromptRejected({"error": checked.error, "node_errors": checked.node_errors})
+        if self.screen is not None:
+            self._screen(checked.prompt)
         if number is None:
             assert counter is not None
             number = float(-counter) if front else float(counter)
@@ -95,6 +128,9 @@ class QueueService:
         if client_id is not None:
             extra["client_id"] = client_id
         job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
+        if identity.user:
+            job.owner, job.context, job.quota = identity.user, identity.job_context(), quota
+            job.images = self._images(checked.prompt)
         try:
             job.encode()  # here, where a large prompt is off the event loop, not in the shared commit
         except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored
@@ -103,7 +139,56 @@ class QueueService:
             ) from exc
         return Submitted(job, checked.node_errors)
 
-    def enqueue(self, prepared: Sequence[Submitted]) -> list[Submitted | QueueFull | DuplicateJob]:
+    def _screen(self, prompt: dict[str, Any]) -> None:
+        """Every text a text-encoding node would encode goes through the word filter."""
+        assert self.screen is not None
+        for node_id, node in prompt.items():
+            node_class = self.validator.nodes[node["class_type"]]
+            for name in prompt_inputs(node_class):
+                text = node["inputs"].get(name)
+                rule = self.screen.match(text) if isinstance(text, str) else None
+                if rule is not None:
+                    details = f"{name}: the text matches rule {rule} of this server's word filter"
+                    problem = validate_error("prompt_blocked", "Prompt blocked by the word filter", details)
+                    problem["extra_info"] = {"input_name": name, "rule": rule}
+                    node_errors = {
+                        node_id: {"errors": [problem], "dependent_outputs": [], "class_type": node["class_type"]}
+                    }
+                    body = {
+                        "error": validate_error("prompt_blocked", "Prompt blocked by the word filter", details),
+                        "node_errors": node_errors,
+                    }
+                    raise PromptBlocked(body, rule, node_id)
+
+    def _images(self, prompt: dict[str, Any]) -> int:
+        """How many images a prompt makes: the batch of each node that makes images (pixels it asks for)."""
+        images = 0
+        for node in prompt.values():
+            node_class = self.validator.nodes[node["class_type"]]
+            constants = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+            demands = node_class.demands(**constants)
+            if any(limit == "pixels" for limit, _, _ in demands):
+                images += next((amount for limit, _, amount in demands if limit == "batch"), 1)
+        return images
+
+    def summary(self, prompt: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """What the audit log keeps of a prompt: the texts it encodes, and each node's other constants."""
+        texts: list[str] = []
+        parameters: dict[str, dict[str, Any]] = {}
+        for node_id, node in prompt.items():
+            node_class = self.validator.nodes[node["class_type"]]
+            encoded = prompt_inputs(node_class)
+            constants = {}
+            for name, value in node["inputs"].items():
+                if name in encoded and isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, str | int | float | bool):
+                    constants[name] = value
+            if constants:
+                parameters[node_id] = {"class_type": node["class_type"], **constants}
+        return texts, parameters
+
+    def enqueue(self, prepared: Sequence[Submitted]) -> list[Stored]:
         """Store prepared prompts in one transaction and wake the worker; each comes back stored or as
         the error that kept it out."""
         stored = self.store.enqueue_many([p.job for p in prepared])
@@ -117,14 +202,16 @@ class QueueService:
     def remaining(self) -> int:
         return self.store.count("pending") + self.store.count("running")
 
-    def queue_json(self, limit: int | None = None, offset: int = 0) -> str:
-        """GET /queue's answer, {"queue_running": [...], "queue_pending": [...]}, as JSON text; with
-        `limit`, `limit` waiting jobs from `offset` on and a "pagination" entry."""
-        running = ", ".join(self.store.queue_items_json("running"))
-        pending = ", ".join(self.store.queue_items_json("pending", limit, offset))
+    def queue_json(self, limit: int | None = None, offset: int = 0, identity: Identity = LOCAL) -> str:
+        """GET /queue's answer, {"queue_running": [...], "queue_pending": [...]}, as JSON text (the
+        caller's jobs only, unless an admin); with `limit`, `limit` waiting jobs from `offset` on and a
+        "pagination" entry."""
+        owner = identity.owner_filter()
+        running = ", ".join(self.store.queue_items_json("running", owner=owner))
+        pending = ", ".join(self.store.queue_items_json("pending", limit, offset, owner=owner))
         if limit is None:
             return f'{{"queue_running": [{running}], "queue_pending": [{pending}]}}'
-        total = self.store.count("pending")
+        total = self.store.count("pending", owner)
         page = json.dumps({"offset": offset, "limit": limit, "total": total, "has_more": offset + limit < total})
         return f'{{"queue_running": [{running}], "queue_pending": [{pending}], "pagination": {page}}}'
 
@@ -132,27 +219,43 @@ class QueueService:
         """Each running prompt, who queued it and the node it is on now."""
         return self.worker.executing()
 
-    def get(self, prompt_id: str) -> Job | None:
-        return self.store.get(prompt_id)
+    def get(self, prompt_id: str, identity: Identity = LOCAL) -> Job | None:
+        """The job, if it is the caller's to see (another user's is as if it did not exist)."""
+        job = self.store.get(prompt_id)
+        return job if job is not None and identity.may_see(job.owner) else None
 
-    def finished_count(self) -> int:
-        return self.store.count_finished()
+    def finished_count(self, identity: Identity = LOCAL) -> int:
+        return self.store.count_finished(identity.owner_filter())
 
-    def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
-        return self.store.history(max_items=max_items, offset=offset)
+    def history(self, max_items: int | None = None, offset: int | None = None, identity: Identity = LOCAL) -> list[Job]:
+        return self.store.history(max_items=max_items, offset=offset, owner=identity.owner_filter())
 
-    def delete_pending(self, ids: Iterable[str] | None = None) -> int:
-        return self.store.delete_pending(ids)
+    def delete_pending(self, ids: Iterable[str] | None = None, identity: Identity = LOCAL) -> int:
+        return self.store.delete_pending(ids, identity.owner_filter())
 
-    def delete_history(self, ids: Iterable[str] | None = None) -> int:
-        return self.store.delete_history(ids)
+    def delete_history(self, ids: Iterable[str] | None = None, identity: Identity = LOCAL) -> int:
+        return self.store.delete_history(ids, identity.owner_filter())
 
-    def interrupt(self, prompt_id: str | None = None) -> bool:
-        return self.worker.interrupt(prompt_id)
+    def interrupt(self, prompt_id: str | None = None, identity: Identity = LOCAL) -> bool:
+        """Interrupt `prompt_id`, or every running prompt: the caller's own, all of them for an admin."""
+        if identity.admin:
+            return self.worker.interrupt(prompt_id)
+        if prompt_id is not None:
+            job = self.get(prompt_id, identity)
+            return job is not None and self.worker.interrupt(prompt_id)
+        own = [job.id for job in self.store.running() if job.owner == identity.user]
+        return any([self.worker.interrupt(job_id) for job_id in own])
 
-    def cancel(self, prompt_id: str) -> bool:
+    def cancel(self, prompt_id: str, identity: Identity = LOCAL) -> bool:
         """Take a prompt out of the queue if it waits, or interrupt it if it runs; True if either."""
+        if self.get(prompt_id, identity) is None:
+            return False
         return bool(self.store.delete_pending([prompt_id])) or self.worker.interrupt(prompt_id)
+
+    def usage(self, identity: Identity) -> list[dict[str, Any]]:
+        """Today's jobs and images per user, and what each has queued: the caller's own, everyone's for an
+        admin."""
+        return self.store.usage(identity.owner_filter())
 
     def free(self) -> None:
         """Unload models and drop cached outputs; the next prompt loads what it needs again."""
@@ -167,12 +270,13 @@ class QueueService:
         """The device's entry in /system_stats: name, type, memory."""
         return self.worker.device_stats()
 
-    def object_info(self) -> dict[str, Any]:
-        return object_info(self.validator.nodes, self.folders)
+    def object_info(self, identity: Identity = LOCAL) -> dict[str, Any]:
+        """Every node's definition, with the file lists the caller may pick from (their own uploads)."""
+        return object_info(self.validator.nodes, self.folders.space(identity.space))
 
-    def node_info(self, class_type: str) -> dict[str, Any] | None:
+    def node_info(self, class_type: str, identity: Identity = LOCAL) -> dict[str, Any] | None:
         node = self.validator.nodes.get(class_type)
-        return None if node is None else node_info(class_type, node, self.folders)
+        return None if node is None else node_info(class_type, node, self.folders.space(identity.space))
 
     def model_folders(self) -> list[str]:
         return list(MODEL_FOLDERS)

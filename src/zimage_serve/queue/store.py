@@ -50,14 +50,26 @@ CREATE TABLE IF NOT EXISTS {{name}} (
     created REAL NOT NULL,
     started REAL,
     finished REAL,
-    result TEXT
+    result TEXT,
+    owner TEXT NOT NULL DEFAULT '',
+    context TEXT NOT NULL DEFAULT '{{{{}}}}'
 );"""
-JOBS_COLUMNS = "seq, id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result"
+# Files from before owners lack the last two columns; they are added (at the end, where `_job` reads them).
+LEGACY_COLUMNS = "seq, id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result"
+OWNER_COLUMNS = (("owner", "TEXT NOT NULL DEFAULT ''"), ("context", "TEXT NOT NULL DEFAULT '{}'"))
+JOBS_COLUMNS = LEGACY_COLUMNS + ", " + ", ".join(name for name, _ in OWNER_COLUMNS)  # `_job` reads them in this order
 SCHEMA = (
     JOBS_TABLE.format(name="jobs")
     + """
 CREATE INDEX IF NOT EXISTS jobs_live ON jobs (number, seq) WHERE finished IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished, seq) WHERE finished IS NOT NULL;
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT NOT NULL,
+    day TEXT NOT NULL,
+    jobs INTEGER NOT NULL DEFAULT 0,
+    images INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, day)
+) WITHOUT ROWID;
 DROP INDEX IF EXISTS jobs_pending;
 DROP INDEX IF EXISTS jobs_running;
 DROP INDEX IF EXISTS jobs_history;
@@ -70,6 +82,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
     row TEXT NOT NULL,
     reason TEXT NOT NULL,
     quarantined REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    context TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL,
+    started REAL,
+    finished REAL,
+    result TEXT
 );
 CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS jobs_counted_in AFTER INSERT ON jobs BEGIN
@@ -92,6 +116,22 @@ END;
 # one page fewer.
 DONE = "finished IS NOT NULL"
 LIVE = "finished IS NULL"
+# Per-owner indexes hold only jobs that have an owner (authentication on): the local operator's jobs cost
+# them nothing. A query names `owner <> ''` in its text, so SQLite sees that it may use them.
+OWNER_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_owner_live ON jobs (owner, number, seq) WHERE finished IS NULL AND owner <> '';
+CREATE INDEX IF NOT EXISTS jobs_owner_done ON jobs (owner, finished, seq) WHERE finished IS NOT NULL AND owner <> '';
+"""
+OWNED = "owner = ? AND owner <> ''"
+# Every job's end is copied, in the transaction that records it, to the outbox the audit log's writer
+# empties (security/audit.py): a generation is in the audit log even if a process dies right after it.
+AUDIT_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS jobs_audited AFTER UPDATE OF finished ON jobs
+WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL BEGIN
+    INSERT INTO audit_outbox (job_id, owner, context, state, created, started, finished, result)
+    VALUES (NEW.id, NEW.owner, NEW.context, NEW.state, NEW.created, NEW.started, NEW.finished, NEW.result);
+END;
+"""
 PENDING_ORDER = f"{LIVE} AND state = 'pending' ORDER BY number, seq"
 # Running jobs are found on the way through jobs_live (no index of their own to update per job), by start.
 RUNNING_ORDER = f"{LIVE} AND state = 'running' ORDER BY started"
@@ -106,12 +146,31 @@ BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transactio
 STRICT_VERSION = 2
 NUMBER_LIMIT = 2.0**63  # a job's number (priority) is a float within ±2**63
 HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
+RETRY_QUEUED_S = 5  # Retry-After for a full per-user queue: about when one of the user's jobs ends
 
 
 class QueueFull(ZImageError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the queue is full ({limit} jobs waiting); try again later")
         self.limit = limit
+
+
+class QuotaExceeded(ZImageError):
+    """A token's quota (queued jobs, images a day) keeps a job out: 429, with the seconds until it may
+    fit again."""
+
+    def __init__(self, quota: str, used: int, allowed: int, retry_after: int) -> None:
+        what = {"max_queued": "jobs waiting or running", "images_per_day": "images today (UTC)"}[quota]
+        super().__init__(f"{quota}: {used:,} {what} with this one; the token allows {allowed:,}")
+        self.quota, self.used, self.allowed, self.retry_after = quota, used, allowed, retry_after
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What a token allows its owner in the queue; checked as a job is stored, in the same transaction."""
+
+    max_queued: int | None = None
+    images_per_day: int | None = None
 
 
 class DuplicateJob(ZImageError):
@@ -133,16 +192,22 @@ class Job:
     started: float | None = None
     finished: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
-    # prompt, extra_data and outputs as the JSON texts to store, when encoded ahead (off the event loop)
-    encoded: tuple[str, str, str] | None = field(default=None, repr=False, compare=False)
+    owner: str = ""  # the user who queued it ("" with authentication off)
+    context: dict[str, Any] = field(default_factory=dict)  # the rest of who queued it (identity.Identity)
+    # prompt, extra_data, outputs and context as the JSON texts to store, when encoded ahead (off the loop)
+    encoded: tuple[str, str, str, str] | None = field(default=None, repr=False, compare=False)
+    # Not stored: what the owner's token allows, and how many images this job makes (its quota's count)
+    quota: Quota | None = field(default=None, repr=False, compare=False)
+    images: int = field(default=0, repr=False, compare=False)
 
-    def encode(self) -> tuple[str, str, str]:
+    def encode(self) -> tuple[str, str, str, str]:
         """The texts to store (strict JSON: ValueError for NaN and the like), made once."""
         if self.encoded is None:
             self.encoded = (
                 strict_json.dumps(self.prompt),
                 strict_json.dumps(self.extra_data),
                 strict_json.dumps(self.outputs),
+                strict_json.dumps(self.context) if self.context else "{}",
             )
         return self.encoded
 
@@ -196,6 +261,9 @@ class JobStore:
         self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")  # setting up, once
         self._rebuild_older_jobs_table()
         self._db.executescript(SCHEMA)
+        self._add_owner_columns()
+        self._db.executescript(OWNER_INDEXES)
+        self._db.executescript(AUDIT_TRIGGER)
         self._db.execute("BEGIN IMMEDIATE")
         if self._db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
             found = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
@@ -234,12 +302,19 @@ class JobStore:
             return
         with self._writing():
             self._execute(JOBS_TABLE.format(name="jobs_rebuilt"))
-            self._execute(f"INSERT INTO jobs_rebuilt ({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs")
+            self._execute(f"INSERT INTO jobs_rebuilt ({LEGACY_COLUMNS}) SELECT {LEGACY_COLUMNS} FROM jobs")
             sequence = self._execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
             self._execute("DROP TABLE jobs")
             self._execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
             if sequence is not None:
                 self._execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'jobs'", (sequence[0],))
+
+    def _add_owner_columns(self) -> None:
+        """A file from before owners gets their columns (its jobs are the local operator's)."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in OWNER_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         with self._lock, self._number_lock:
@@ -270,30 +345,88 @@ class JobStore:
             raise stored
         return stored
 
-    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob]:
+    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         """Store new jobs in one transaction (one commit for a burst of submissions); each one comes
         back stored, or as the error that kept it out (the queue full, its id taken)."""
         now = time.time()
-        found: list[Job | QueueFull | DuplicateJob] = []
+        found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
         with self._writing():
             pending = self._count("pending")
             for job in jobs:
                 if pending >= self.max_pending:
                     found.append(QueueFull(self.max_pending))
                     continue
+                over = self._over_quota(job, now) if job.owner else None
+                if over is not None:
+                    found.append(over)
+                    continue
                 # ON CONFLICT, not INSERT OR IGNORE: that would also drop, silently, a row that breaks a NOT
                 # NULL constraint (a NaN number reads as NULL), answered as a duplicate.
                 inserted = self._execute(
-                    "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
-                    "VALUES (?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT(id) DO NOTHING",
-                    (job.id, job.number, *job.encode(), now),
+                    "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created, owner, context) "
+                    "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    (job.id, job.number, *job.encode()[:3], now, job.owner, job.encode()[3]),
                 ).rowcount
                 if not inserted:
                     found.append(DuplicateJob(job.id))
                     continue
+                if job.owner:
+                    self._execute(
+                        "INSERT INTO usage (owner, day, jobs, images) VALUES (?, ?, 1, ?) "
+                        "ON CONFLICT(owner, day) DO UPDATE SET jobs = jobs + 1, images = images + excluded.images",
+                        (job.owner, _day(now), job.images),
+                    )
                 pending += 1
-                found.append(Job(job.id, job.number, job.prompt, job.extra_data, job.outputs, created=now))
+                found.append(
+                    Job(
+                        job.id,
+                        job.number,
+                        job.prompt,
+                        job.extra_data,
+                        job.outputs,
+                        created=now,
+                        owner=job.owner,
+                        context=job.context,
+                        images=job.images,
+                    )
+                )
         return found
+
+    def _over_quota(self, job: Job, now: float) -> QuotaExceeded | None:
+        """Within the enqueue transaction: the quota this job would break, if any."""
+        quota = job.quota
+        if quota is None:
+            return None
+        if quota.max_queued is not None:
+            queued = self._execute(f"SELECT COUNT(*) FROM jobs WHERE {OWNED} AND {LIVE}", (job.owner,)).fetchone()[0]
+            if queued + 1 > quota.max_queued:
+                return QuotaExceeded("max_queued", queued + 1, quota.max_queued, RETRY_QUEUED_S)
+        if quota.images_per_day is not None:
+            row = self._execute("SELECT images FROM usage WHERE owner = ? AND day = ?", (job.owner, _day(now)))
+            today = row.fetchone()
+            used = (today[0] if today else 0) + job.images
+            if used > quota.images_per_day:
+                return QuotaExceeded("images_per_day", used, quota.images_per_day, _seconds_to_midnight(now))
+        return None
+
+    def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
+        """Jobs and images queued per owner on `day` (today, UTC), with each owner's jobs queued now."""
+        day = day or _day(time.time())
+        where, args = ("owner = ? AND day = ?", (owner, day)) if owner is not None else ("day = ?", (day,))
+        with self._lock:
+            rows = self._execute(f"SELECT owner, jobs, images FROM usage WHERE {where} ORDER BY owner", args).fetchall()
+            queued = dict(
+                self._execute(
+                    f"SELECT owner, COUNT(*) FROM jobs WHERE {LIVE} AND owner <> ''"
+                    + (" AND owner = ?" if owner is not None else "")
+                    + " GROUP BY owner",
+                    (owner,) if owner is not None else (),
+                ).fetchall()
+            )
+        found = {o: {"user": o, "day": day, "jobs_today": j, "images_today": i, "queued": 0} for o, j, i in rows}
+        for o, n in queued.items():
+            found.setdefault(o, {"user": o, "day": day, "jobs_today": 0, "images_today": 0, "queued": 0})["queued"] = n
+        return [found[o] for o in sorted(found)]
 
     # -- working -----------------------------------------------------------------------------------
     def claim(self) -> Job | None:
@@ -370,12 +503,17 @@ class JobStore:
     def running(self) -> list[Job]:
         return self._select(RUNNING_ORDER)
 
-    def queue_items_json(self, state: str, limit: int | None = None, offset: int = 0) -> list[str]:
-        """ComfyUI's QueueItems of the running or pending jobs, in order (`limit` of them from `offset`),
-        as JSON texts spliced from the stored JSON: a long queue is not parsed and encoded again for every
-        GET /queue. Stored JSON is strict (see `strict_json`, and the scan of older files at open)."""
+    def queue_items_json(
+        self, state: str, limit: int | None = None, offset: int = 0, owner: str | None = None
+    ) -> list[str]:
+        """ComfyUI's QueueItems of the running or pending jobs, in order (`limit` of them from `offset`;
+        only `owner`'s when given), as JSON texts spliced from the stored JSON: a long queue is not parsed
+        and encoded again for every GET /queue. Stored JSON is strict (see `strict_json`, and the scan of
+        older files at open)."""
         where = {"pending": PENDING_ORDER, "running": RUNNING_ORDER}[state]
-        page = (-1 if limit is None else limit, offset)
+        page: tuple[Any, ...] = (-1 if limit is None else limit, offset)
+        if owner is not None:
+            where, page = f"{OWNED} AND {where}", (owner, *page)
         with self._lock:
             rows = self._execute(
                 f"SELECT number, id, prompt, extra_data, outputs FROM jobs WHERE {where} LIMIT ? OFFSET ?", page
@@ -385,35 +523,50 @@ class JobStore:
             for number, job_id, prompt, extra, outputs in rows
         ]
 
-    def count(self, state: str) -> int:
+    def count(self, state: str, owner: str | None = None) -> int:
+        """Jobs in `state` (everyone's from the kept counts, or `owner`'s, counted)."""
         with self._lock:
-            return self._count(state)
+            if owner is None:
+                return self._count(state)
+            found = self._execute(f"SELECT COUNT(*) FROM jobs WHERE {OWNED} AND {LIVE} AND state = ?", (owner, state))
+            return int(found.fetchone()[0])
 
-    def history(self, max_items: int | None = None, offset: int | None = None) -> list[Job]:
-        """Finished jobs oldest first; `max_items` alone means the newest N (ComfyUI's rule)."""
-        total = self.count_finished()
+    def history(self, max_items: int | None = None, offset: int | None = None, owner: str | None = None) -> list[Job]:
+        """Finished jobs oldest first (`owner`'s only, when given); `max_items` alone means the newest N
+        (ComfyUI's rule)."""
+        total = self.count_finished(owner)
         if offset is None:
             offset = max(0, total - max_items) if max_items is not None else 0
         limit = max_items if max_items is not None else -1
-        return self._select(f"{DONE} ORDER BY finished, seq LIMIT ? OFFSET ?", (limit, max(0, offset)))
+        if owner is None:
+            return self._select(f"{DONE} ORDER BY finished, seq LIMIT ? OFFSET ?", (limit, max(0, offset)))
+        return self._select(
+            f"{OWNED} AND {DONE} ORDER BY finished, seq LIMIT ? OFFSET ?", (owner, limit, max(0, offset))
+        )
 
-    def count_finished(self) -> int:
+    def count_finished(self, owner: str | None = None) -> int:
         with self._lock:
-            return self._count_finished()
+            if owner is None:
+                return self._count_finished()
+            return int(self._execute(f"SELECT COUNT(*) FROM jobs WHERE {OWNED} AND {DONE}", (owner,)).fetchone()[0])
 
     # -- removing ----------------------------------------------------------------------------------
-    def delete_pending(self, ids: Iterable[str] | None = None) -> int:
-        """Remove waiting jobs (all of them when `ids` is None); running and finished ones stay."""
-        with self._lock:
-            if ids is None:
-                return self._execute(f"DELETE FROM jobs WHERE {LIVE} AND state = 'pending'").rowcount
-            return sum(self._execute("DELETE FROM jobs WHERE id = ? AND state = 'pending'", (i,)).rowcount for i in ids)
+    def delete_pending(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int:
+        """Remove waiting jobs (all of them when `ids` is None; only `owner`'s when given); running and
+        finished ones stay."""
+        return self._delete(f"{LIVE} AND state = 'pending'", ids, owner)
 
-    def delete_history(self, ids: Iterable[str] | None = None) -> int:
+    def delete_history(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int:
+        return self._delete(DONE, ids, owner)
+
+    def _delete(self, where: str, ids: Iterable[str] | None, owner: str | None) -> int:
+        args: tuple[Any, ...] = ()
+        if owner is not None:
+            where, args = f"{OWNED} AND {where}", (owner,)
         with self._lock:
             if ids is None:
-                return self._execute(f"DELETE FROM jobs WHERE {DONE}").rowcount
-            return sum(self._execute(f"DELETE FROM jobs WHERE id = ? AND {DONE}", (i,)).rowcount for i in ids)
+                return self._execute(f"DELETE FROM jobs WHERE {where}", args).rowcount
+            return sum(self._execute(f"DELETE FROM jobs WHERE id = ? AND {where}", (i, *args)).rowcount for i in ids)
 
     # -- internals ---------------------------------------------------------------------------------
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
@@ -527,7 +680,8 @@ class JobStore:
         """A job from a `SELECT *` row, whose columns come in JOBS_COLUMNS' order: unpacked by position, as
         reading eleven columns by name costs SQLite's row a search through the names for each. Raises
         (ValueError, TypeError ...) for a row that does not hold a job."""
-        _, job_id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result = row
+        _, job_id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result = row[:12]
+        owner, context = row[12], row[13]
         job = Job(
             id=job_id,
             number=number,
@@ -540,13 +694,31 @@ class JobStore:
             started=started,
             finished=finished,
             result=json.loads(result) if result else {},
+            owner=owner,
+            context=json.loads(context) if context != "{}" else {},
         )
-        shapes = (job.prompt, dict), (job.extra_data, dict), (job.outputs, list), (job.result, dict), (job.id, str)
+        shapes = (
+            (job.prompt, dict),
+            (job.extra_data, dict),
+            (job.outputs, list),
+            (job.result, dict),
+            (job.id, str),
+            (job.owner, str),
+            (job.context, dict),
+        )
         if not all(isinstance(value, kind) for value, kind in shapes) or not isinstance(number, float | int):
             raise TypeError(
                 "a column does not hold what a job needs (prompt, extra_data and result objects, outputs a list)"
             )
         return job
+
+
+def _day(now: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def _seconds_to_midnight(now: float) -> int:
+    return max(1, 86400 - int(now) % 86400)
 
 
 def _unreadable(row: sqlite3.Row, strict: bool) -> str | None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from zimage_serve.identity import Identity
 from zimage_serve.queue.deadlines import Deadlines
 from zimage_serve.queue.store import Job, JobStore
 from zimage_serve.workflow.events import execution_error
@@ -54,7 +55,9 @@ def job_timeout(configured: float | None, device: torch.device) -> float | None:
 
 
 class Listener(Protocol):
-    def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None: ...
+    def job_event(
+        self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
+    ) -> None: ...
 
     def queue_changed(self) -> None: ...
 
@@ -73,6 +76,7 @@ class Executing:
     prompt_id: str
     client_id: str | None
     node: str | None
+    owner: str = ""
 
 
 class Worker:
@@ -192,7 +196,7 @@ class Worker:
         return "ready" if self.ready.is_set() else "starting"
 
     def executing(self) -> list[Executing]:
-        return [Executing(r.job.id, r.job.extra_data.get("client_id"), r.node) for r in self.running]
+        return [Executing(r.job.id, r.job.extra_data.get("client_id"), r.node, r.job.owner) for r in self.running]
 
     def free(self) -> None:
         self.executor.free()
@@ -247,7 +251,8 @@ class Worker:
             self.executor.discard_outputs(job.id)
 
         try:
-            result = self.executor.run(job.id, job.prompt, job.outputs, job.extra_data, emit)
+            identity = Identity.of_job(job.owner, job.context, self.executor.limits)
+            result = self.executor.run(job.id, job.prompt, job.outputs, job.extra_data, emit, identity)
         finally:
             self._deadlines.remove(job.id)
         if result.status == "interrupted" and job.id in self._timed_out:
@@ -276,7 +281,7 @@ class Worker:
         return next_job
 
     def _tell(self, job: Job, event: str, data: dict[str, Any]) -> None:
-        self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data)
+        self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data, job.owner)
 
     def _time_out(self, job_id: str) -> None:
         self._timed_out.add(job_id)

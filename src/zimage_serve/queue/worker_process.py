@@ -243,8 +243,8 @@ class WorkerProcess:
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "event":
-            _, prompt_id, client_id, event, data = message
-            self.listener.job_event(prompt_id, client_id, event, data)
+            _, prompt_id, client_id, event, data, owner = message
+            self.listener.job_event(prompt_id, client_id, event, data, owner)
         elif kind == "running":
             _, token, running = message
             with self._lock:
@@ -286,9 +286,11 @@ class _PipeListener:
         self._outbox.put(done)
         done.wait(timeout)
 
-    def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
+    def job_event(
+        self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
+    ) -> None:
         if self.audience.value:
-            self.send(("event", prompt_id, client_id, event, data))
+            self.send(("event", prompt_id, client_id, event, data, owner))
 
     def queue_changed(self) -> None:
         if self.audience.value:  # a status broadcast, to sockets only
@@ -382,7 +384,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         elif kind == "free":
             executor.free()
         elif kind == "report":
-            running = [(e.prompt_id, e.client_id, e.node) for e in worker.executing()]
+            running = [(e.prompt_id, e.client_id, e.node, e.owner) for e in worker.executing()]
             listener.send(("running", message[1], running))
         elif kind == "stop":
             clean = worker.stop(message[1])

@@ -14,11 +14,28 @@ from starlette.requests import Request as PlainRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_serve import __version__
-from zimage_serve.server import openai_images, routes_files, routes_info, routes_queue, routes_ws, schemas, uploads
+from zimage_serve.server import (
+    openai_images,
+    routes_files,
+    routes_info,
+    routes_queue,
+    routes_security,
+    routes_ws,
+    schemas,
+    uploads,
+)
+from zimage_serve.server.gate import Gate
 from zimage_serve.server.runtime import Runtime, ServerSettings
 
 log = logging.getLogger(__name__)
-ROUTERS = (routes_queue.router, routes_info.router, routes_files.router, uploads.router, routes_ws.router)
+ROUTERS = (
+    routes_queue.router,
+    routes_info.router,
+    routes_files.router,
+    uploads.router,
+    routes_ws.router,
+    routes_security.router,
+)
 
 
 class ApiPrefix:
@@ -157,8 +174,19 @@ def internal_error_response() -> JSONResponse:
     )
 
 
-def create_app(settings: ServerSettings, start_now: bool = False) -> PromptLane:
-    """The FastAPI application with every route, behind the lane for POST /prompt; `.app` is FastAPI's.
+class Served:
+    """What `create_app` returns: the gate in front of the lane in front of FastAPI (`.app`)."""
+
+    def __init__(self, gate: Gate, app: FastAPI) -> None:
+        self.gate, self.app = gate, app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.gate(scope, receive, send)
+
+
+def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
+    """The FastAPI application with every route, behind the lane for POST /prompt, behind the gate that
+    decides who is calling; `.app` is FastAPI's.
 
     The runtime (recovery, the worker) starts with the application's lifespan, or at once with
     `start_now`: the worker process then imports the models' code while the server itself starts."""
@@ -170,9 +198,11 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> PromptLane:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.hub.bind(asyncio.get_running_loop())
         runtime.start()
+        runtime.security.start(runtime.hub)
         try:
             yield
         finally:
+            await runtime.security.stop_tasks()
             await asyncio.to_thread(runtime.stop)
             await runtime.hub.close()
 
@@ -190,4 +220,5 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> PromptLane:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return internal_error_response()
 
-    return PromptLane(app, settings.max_body_bytes)
+    lane = PromptLane(app, settings.max_body_bytes)
+    return Served(Gate(lane, runtime.security), app)

@@ -1,8 +1,10 @@
 """WebSocket sessions and who gets which message, as ComfyUI routes them.
 
 Execution events go to the client that queued the prompt (and nowhere when it gave no client_id);
-`progress` and `execution_interrupted` fall back to everyone; `status` goes to everyone. Messages come
-from the worker thread and are handed to the event loop thread-safely.
+`progress` and `execution_interrupted` fall back to everyone; `status` goes to everyone. A session is
+its user's: sockets are keyed by (user, clientId), so another user who connects with the same clientId
+gets a session of their own and never the first one's events, and the fallbacks reach only the job
+owner's sockets. Messages come from the worker thread and are handed to the event loop thread-safely.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from starlette.websockets import WebSocket
 
 log = logging.getLogger(__name__)
 
+Session = tuple[str, str]  # (user, clientId)
 TO_CLIENT_ONLY = frozenset(
     {"execution_start", "execution_cached", "executing", "executed", "execution_success", "execution_error"}
 )
@@ -27,9 +30,9 @@ class Hub:
     """Sockets by session id, and one pump task that sends every message in the order it was published."""
 
     def __init__(self) -> None:
-        self.sockets: dict[str, WebSocket] = {}
+        self.sockets: dict[Session, WebSocket] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: asyncio.Queue[tuple[str, list[str] | None]] | None = None
+        self._outbox: asyncio.Queue[tuple[str, list[Session] | str | None]] | None = None
         self._pump_task: asyncio.Task[None] | None = None
         # Told the number of sockets whenever it changes (the worker process skips, while nobody is
         # connected, the events that only sockets would receive).
@@ -48,33 +51,42 @@ class Hub:
                 await socket.close(code=1001)
         self.sockets.clear()
 
-    async def add(self, sid: str, socket: WebSocket) -> None:
-        old = self.sockets.get(sid)
-        self.sockets[sid] = socket
+    async def add(self, session: Session, socket: WebSocket) -> None:
+        old = self.sockets.get(session)
+        self.sockets[session] = socket
         self._audience_changed()
         if old is not None and old is not socket:
             with contextlib.suppress(Exception):  # the old connection may already be gone
                 await old.close()
 
-    def remove(self, sid: str, socket: WebSocket) -> None:
-        if self.sockets.get(sid) is socket:
-            del self.sockets[sid]
+    def remove(self, session: Session, socket: WebSocket) -> None:
+        if self.sockets.get(session) is socket:
+            del self.sockets[session]
             self._audience_changed()
+
+    async def close_user(self, owner: str, code: int = 1008) -> None:
+        """Close every socket of a user (their token was revoked)."""
+        for session, socket in list(self.sockets.items()):
+            if session[0] == owner:
+                self.remove(session, socket)
+                with contextlib.suppress(Exception):
+                    await socket.close(code=code)
 
     def _audience_changed(self) -> None:
         if self.on_audience is not None:
             self.on_audience(len(self.sockets))
 
     # -- from any thread ---------------------------------------------------------------------------
-    def publish(self, event: str, data: dict[str, Any], client_id: str | None) -> None:
-        """Route one execution message; safe to call from the worker thread."""
+    def publish(self, event: str, data: dict[str, Any], client_id: str | None, owner: str = "") -> None:
+        """Route one execution message of a job `owner` queued; safe to call from the worker thread."""
         if client_id is None and event in TO_CLIENT_ONLY:
             return
         # Nobody to tell: skip the encoding and the hop to the loop (a client that connects later gets
         # `status` on connect, as in ComfyUI, and no replay of what it missed).
-        if not self.sockets or (event in TO_CLIENT_ONLY and client_id not in self.sockets):
+        session = (owner, client_id) if client_id is not None else None
+        if not self.sockets or (event in TO_CLIENT_ONLY and session not in self.sockets):
             return
-        self._post(json.dumps({"type": event, "data": data}), [client_id] if client_id is not None else None)
+        self._post(json.dumps({"type": event, "data": data}), [session] if session is not None else owner)
 
     def broadcast(self, event: str, data: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
         """`data` may be a function, called only when someone is connected."""
@@ -82,7 +94,8 @@ class Hub:
             return
         self._post(json.dumps({"type": event, "data": data() if callable(data) else data}), None)
 
-    def _post(self, text: str, targets: list[str] | None) -> None:
+    def _post(self, text: str, targets: list[Session] | str | None) -> None:
+        """To the sessions listed, to every session of one owner (a string), or to everyone (None)."""
         loop, outbox = self.loop, self._outbox
         if loop is None or outbox is None or loop.is_closed():
             return
@@ -95,8 +108,13 @@ class Hub:
         assert self._outbox is not None
         while True:
             text, targets = await self._outbox.get()
-            sids = list(self.sockets) if targets is None else [t for t in targets if t in self.sockets]
-            for sid in sids:
+            if targets is None:
+                sessions = list(self.sockets)
+            elif isinstance(targets, str):
+                sessions = [s for s in self.sockets if s[0] == targets]
+            else:
+                sessions = [t for t in targets if t in self.sockets]
+            for sid in sessions:
                 socket = self.sockets.get(sid)
                 if socket is None:
                     continue

@@ -20,9 +20,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_serve import workflows
-from zimage_serve.queue.service import PromptRejected
-from zimage_serve.queue.store import QueueFull
-from zimage_serve.server.routes_queue import json_body, runtime
+from zimage_serve.queue.service import PromptBlocked, PromptRejected
+from zimage_serve.queue.store import QueueFull, Quota, QuotaExceeded
+from zimage_serve.server.gate import audit_note, caller, caller_token
+from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import describe
@@ -68,6 +69,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.post("/v1/images/generations", openapi_extra=json_request(ImagesRequest))
 async def generate(request: Request) -> Response:
     rt = runtime(request)
+    identity, token = caller(request), caller_token(request)
     try:
         body = await json_body(request)
     except ValueError as exc:
@@ -99,8 +101,9 @@ async def generate(request: Request) -> Response:
     width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
     if not match or not (64 <= width <= MAX_SIDE and 64 <= height <= MAX_SIDE) or width % 16 or height % 16:
         return openai_error(400, f"size must be WIDTHxHEIGHT, multiples of 16 from 64 to {MAX_SIDE}", "size")
-    if width * height > limits.pixels:
-        return openai_error(400, f"size: {describe('pixels', width * height, limits.pixels)}", "size")
+    own = identity.limits or limits
+    if width * height > own.pixels:
+        return openai_error(400, f"size: {own.refusal('pixels', width * height)}", "size")
     if n * width * height > limits.request_pixels:
         return openai_error(
             400, f"n × size: {describe('request_pixels', n * width * height, limits.request_pixels)}", "n"
@@ -114,23 +117,34 @@ async def generate(request: Request) -> Response:
     workflow["3"]["inputs"]["seed"] = seed
     workflow["9"]["inputs"]["filename_prefix"] = f"openai/{model}"
     try:
-        submitted = await asyncio.to_thread(rt.service.submit, workflow, extra_data={"source": "openai"})
+        submitted = await asyncio.to_thread(
+            rt.service.submit,
+            workflow,
+            extra_data={"source": "openai"},
+            identity=identity,
+            quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
+        )
+    except PromptBlocked as exc:
+        audit_note(request, outcome="blocked", rule=exc.rule, node=exc.node_id)
+        return openai_error(400, exc.body["error"]["details"], "prompt", "prompt_blocked")
     except PromptRejected as exc:
         return openai_error(400, exc.body["error"]["details"] or exc.body["error"]["message"])
-    except QueueFull as exc:
+    except (QueueFull, QuotaExceeded) as exc:
         response = openai_error(429, str(exc), code="rate_limit_exceeded")
-        response.headers["Retry-After"] = str(rt.settings.retry_after_s)
+        wait = exc.retry_after if isinstance(exc, QuotaExceeded) else rt.settings.retry_after_s
+        response.headers["Retry-After"] = str(wait)
         return response
     rt.queue_changed()
     job_id = submitted.job.id
+    note_job(request, rt, submitted.job)
     while True:
-        job = rt.service.get(job_id)
+        job = rt.service.get(job_id, identity)
         if job is None:
             return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")
         if job.state not in ("pending", "running"):
             break
         if await request.is_disconnected():  # nobody waits for these images: free the worker for others
-            rt.service.cancel(job_id)
+            rt.service.cancel(job_id, identity)
             rt.queue_changed()
             log.info("OpenAI images request %s: the client left; its prompt was cancelled", job_id)
             return Response(status_code=499)
@@ -140,11 +154,13 @@ async def generate(request: Request) -> Response:
         return openai_error(500, errors[0] if errors and errors[0] else "the generation did not finish", code=job.state)
     images = [i for ui in job.result.get("outputs", {}).values() for i in ui.get("images", [])]
     data = []
+    space = rt.folders.space(identity.space)
+    base = rt.security.public_base()
     for image in images:
         if response_format == "b64_json":
-            path = rt.folders.output / image["subfolder"] / image["filename"]
+            path = space.output / image["subfolder"] / image["filename"]
             data.append({"b64_json": base64.b64encode(path.read_bytes()).decode(), "revised_prompt": prompt})
         else:
             query = urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
-            data.append({"url": f"{str(request.base_url).rstrip('/')}/view?{query}", "revised_prompt": prompt})
+            data.append({"url": f"{base}/view?{query}", "revised_prompt": prompt})
     return JSONResponse({"created": int(time.time()), "data": data})

@@ -13,6 +13,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from zimage_serve.server.gate import audit_note, caller
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.schemas import query
 from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
@@ -44,6 +45,7 @@ def content_disposition(disposition: str, filename: str) -> str:
 )
 async def view(request: Request) -> Response:
     rt = runtime(request)
+    folders = rt.folders.space(caller(request).space)  # a user reads their own files; an admin everyone's
     query = request.query_params
     filename = query.get("filename", "")
     if not filename:
@@ -52,18 +54,19 @@ async def view(request: Request) -> Response:
     for suffix, annotated in ANNOTATIONS.items():
         if filename.endswith(suffix):
             filename, kind = filename.removesuffix(suffix), annotated
-    folders = {"output": rt.folders.output, "input": rt.folders.input, "temp": rt.folders.temp}
-    if kind not in folders:
+    roots = {"output": folders.output, "input": folders.input, "temp": folders.temp}
+    if kind not in roots:
         return _error(400, f"type must be output, input or temp, not {kind!r}")
     if "/" in filename or "\\" in filename:
         return _error(400, "filename must be a plain file name")
     subfolder = query.get("subfolder", "")
     try:
-        path = contained(folders[kind], f"{subfolder}/{filename}" if subfolder else filename, "filename")
+        path = contained(roots[kind], f"{subfolder}/{filename}" if subfolder else filename, "filename")
     except UnknownFileError as exc:
         return _error(403 if exc.why in ESCAPES else 400, str(exc))
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # another user's file too: it is not in this caller's space
         return _error(404, "file not found")
+    audit_note(request, files=["/".join(p for p in (kind, subfolder, filename) if p)])
     media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     inline = media_type in INLINE_TYPES
     headers = {

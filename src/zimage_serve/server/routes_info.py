@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from zimage_serve import __version__
+from zimage_serve.server.gate import caller
 from zimage_serve.server.routes_queue import runtime
 
 router = APIRouter()
@@ -20,12 +21,13 @@ router = APIRouter()
 
 @router.get("/object_info")
 async def get_object_info(request: Request) -> JSONResponse:
-    return JSONResponse(runtime(request).service.object_info())  # a dict would be walked by FastAPI
+    # A dict would be walked by FastAPI; the file lists are the caller's own (their uploads)
+    return JSONResponse(runtime(request).service.object_info(caller(request)))
 
 
 @router.get("/object_info/{node_class}")
 async def get_node_info(request: Request, node_class: str) -> dict[str, Any]:
-    info = runtime(request).service.node_info(node_class)
+    info = runtime(request).service.node_info(node_class, caller(request))
     return {} if info is None else {node_class: info}
 
 
@@ -61,9 +63,11 @@ async def get_features(request: Request) -> dict[str, Any]:
 async def get_health(request: Request) -> JSONResponse:
     """Whether this server takes and runs prompts now: 200 once its worker has loaded the default model,
     503 while it starts (or restarts after a crash); the body says which, and how many prompts wait."""
-    service = runtime(request).service
-    state = service.worker_state()
-    body = {"status": state, "worker": state, "queue_remaining": service.remaining(), "version": __version__}
+    rt = runtime(request)
+    state = rt.service.worker_state()
+    body: dict[str, Any] = {"status": state, "worker": state}
+    if not rt.security.auth:  # with authentication on, anyone may ask: it says only whether the server is up
+        body.update(queue_remaining=rt.service.remaining(), version=__version__)
     return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
 

@@ -11,8 +11,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_serve import strict_json
-from zimage_serve.queue.service import PromptRejected
-from zimage_serve.queue.store import NUMBER_LIMIT, DuplicateJob, QueueFull
+from zimage_serve.identity import Identity
+from zimage_serve.queue.service import PromptBlocked, PromptRejected
+from zimage_serve.queue.store import NUMBER_LIMIT, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
+from zimage_serve.security.audit import prompt_fields
+from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import (
     COUNT,
@@ -23,6 +26,7 @@ from zimage_serve.server.schemas import (
     json_request,
     query,
 )
+from zimage_serve.workflow.folders import USERS
 
 router = APIRouter()
 MAX_CLIENT_ID = 256
@@ -70,6 +74,7 @@ async def post_prompt(request: Request) -> Response:
     body and builds its own answers, so it needs none of FastAPI's machinery. It is left out of the
     schema through the route added below."""
     rt = runtime(request)
+    identity, token = caller(request), caller_token(request)
     raw = await request.body()
     large = len(raw) > OFF_LOOP_BYTES
     try:
@@ -111,19 +116,40 @@ async def post_prompt(request: Request) -> Response:
             prompt_id=prompt_id,
             partial_targets=targets,
             off_loop=large or _has_long_text(body["prompt"]),
+            identity=identity,
+            quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
         )
+    except PromptBlocked as exc:
+        audit_note(request, outcome="blocked", rule=exc.rule, node=exc.node_id)
+        return JSONResponse(exc.body, status_code=400)
     except PromptRejected as exc:
         return JSONResponse(exc.body, status_code=400)
     except QueueFull as exc:
         return comfy_error(
             "queue_full", "Queue is full", str(exc), 429, **{"Retry-After": str(rt.settings.retry_after_s)}
         )
+    except QuotaExceeded as exc:
+        audit_note(request, quota=exc.quota)
+        return comfy_error("quota_exceeded", "Quota exceeded", str(exc), 429, **{"Retry-After": str(exc.retry_after)})
     except DuplicateJob:
         return JSONResponse({"error": "prompt_id already exists"}, status_code=409)
     rt.queue_changed()
     job = submitted.job
+    note_job(request, rt, job)
     shown = int(job.number) if number is None else job.number
     return JSONResponse({"prompt_id": job.id, "number": shown, "node_errors": submitted.node_errors})
+
+
+def note_job(request: Request, rt: Runtime, job: Job) -> None:
+    """The audit record of a request that queued `job`: its id, prompt texts and parameters."""
+    texts, parameters = rt.service.summary(job.prompt)
+    audit_note(
+        request,
+        job_id=job.id,
+        parameters=parameters,
+        images=job.images,
+        **prompt_fields(texts, rt.settings.security.audit_prompts),
+    )
 
 
 # Served by `app.PromptLane` ahead of FastAPI; the route is here so the schema describes its body.
@@ -161,22 +187,24 @@ async def get_queue(request: Request) -> Response:
     """ComfyUI's queue; with `limit` (and `offset`), one page of the waiting jobs and a `pagination` entry
     as ComfyUI's jobs API gives (running jobs are always all listed)."""
     service = runtime(request).service
+    identity = caller(request)
     try:
         limit = _optional_int(request.query_params.get("limit"), "limit")
         offset = _optional_int(request.query_params.get("offset"), "offset") or 0
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
     if limit is None and service.remaining() > OFF_LOOP_QUEUE:  # megabytes: built off the loop
-        text = await asyncio.to_thread(service.queue_json)
+        text = await asyncio.to_thread(service.queue_json, None, 0, identity)
     else:
-        text = service.queue_json(limit, offset)
+        text = service.queue_json(limit, offset, identity)
     return Response(text, media_type="application/json")
 
 
 @router.post("/queue", openapi_extra=json_request(QueueChange, required=False))
 async def post_queue(request: Request) -> Response:
     rt = runtime(request)
-    answer = await _clear_or_delete(request, rt.service.delete_pending)
+    identity = caller(request)
+    answer = await _clear_or_delete(request, lambda ids: rt.service.delete_pending(ids, identity))
     if answer.status_code == 200:
         rt.queue_changed()
     return answer
@@ -193,27 +221,44 @@ async def get_history(request: Request) -> Response:
         offset = _optional_int(request.query_params.get("offset"), "offset")
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
-    if (max_items is None or max_items > OFF_LOOP_QUEUE) and rt.service.finished_count() > OFF_LOOP_QUEUE:
-        return await asyncio.to_thread(_history_answer, rt, max_items, offset)
-    return _history_answer(rt, max_items, offset)
+    identity = caller(request)
+    if (max_items is None or max_items > OFF_LOOP_QUEUE) and rt.service.finished_count(identity) > OFF_LOOP_QUEUE:
+        return await asyncio.to_thread(_history_answer, rt, max_items, offset, identity)
+    return _history_answer(rt, max_items, offset, identity)
 
 
-def _history_answer(rt: Runtime, max_items: int | None, offset: int | None) -> Response:
-    jobs = rt.service.history(max_items=max_items, offset=offset)
-    return JSONResponse({job.id: job.history_entry() for job in jobs})
+def _history_answer(rt: Runtime, max_items: int | None, offset: int | None, identity: Identity) -> Response:
+    jobs = rt.service.history(max_items=max_items, offset=offset, identity=identity)
+    return JSONResponse({job.id: history_entry(job, identity) for job in jobs})
+
+
+def history_entry(job: Job, identity: Identity) -> dict[str, Any]:
+    """ComfyUI's history entry. Its files are named as the caller reaches them: a user's own, within
+    their space; another user's, for an admin (whose space holds every user's), with that user's folder
+    in front of the subfolder."""
+    entry = job.history_entry()
+    if job.owner and job.owner != identity.user and identity.admin:
+        for ui in entry["outputs"].values():
+            for items in ui.values() if isinstance(ui, dict) else ():
+                for item in items if isinstance(items, list) else ():
+                    if isinstance(item, dict) and "filename" in item:
+                        item["subfolder"] = "/".join(p for p in (USERS, job.owner, item.get("subfolder", "")) if p)
+    return entry
 
 
 @router.get("/history/{prompt_id}")
 async def get_history_entry(request: Request, prompt_id: str) -> Response:
-    job = runtime(request).service.get(prompt_id)
+    identity = caller(request)
+    job = runtime(request).service.get(prompt_id, identity)
     if job is None or job.state in ("pending", "running"):
         return JSONResponse({})
-    return JSONResponse({job.id: job.history_entry()})
+    return JSONResponse({job.id: history_entry(job, identity)})
 
 
 @router.post("/history", openapi_extra=json_request(QueueChange, required=False))
 async def post_history(request: Request) -> Response:
-    return await _clear_or_delete(request, runtime(request).service.delete_history)
+    service, identity = runtime(request).service, caller(request)
+    return await _clear_or_delete(request, lambda ids: service.delete_history(ids, identity))
 
 
 @router.post("/interrupt", openapi_extra=json_request(InterruptRequest, required=False))
@@ -224,13 +269,15 @@ async def post_interrupt(request: Request) -> Response:
     except ValueError:
         body = None  # ComfyUI treats an empty or invalid body as {}
     prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-    rt.service.interrupt(str(prompt_id) if prompt_id is not None else None)
+    rt.service.interrupt(str(prompt_id) if prompt_id is not None else None, caller(request))
     return Response(status_code=200)
 
 
 @router.post("/free", openapi_extra=json_request(FreeRequest, required=False))
 async def post_free(request: Request) -> Response:
     rt = runtime(request)
+    if not caller(request).admin:  # models are everyone's: one user may not unload them under the others
+        return comfy_error("forbidden", "Admins only", "unloading models needs a token with the admin role", 403)
     body = await _object_body(request)
     if isinstance(body, Response):
         return body

@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from zimage_serve.server.gate import caller
 from zimage_serve.server.runtime import Runtime
 
 router = APIRouter()
@@ -17,9 +18,11 @@ router = APIRouter()
 async def websocket(socket: WebSocket) -> None:
     rt: Runtime = socket.app.state.runtime
     sid = socket.query_params.get("clientId") or uuid.uuid4().hex
+    owner = caller(socket).user
+    session = (owner, sid)  # the clientId is the caller's: another user with the same one has their own
     # Counted before the handshake completes: a client may post a prompt the moment it is connected, and
     # the worker process must know by then that someone listens (it sends no events to nobody).
-    await rt.hub.add(sid, socket)
+    await rt.hub.add(session, socket)
     try:
         await socket.accept()
         status = rt.status()
@@ -27,7 +30,7 @@ async def websocket(socket: WebSocket) -> None:
         await socket.send_text(json.dumps({"type": "status", "data": status}))
         # The worker process may take a moment to answer (a thread, not the loop, waits for it).
         for running in await asyncio.to_thread(rt.service.executing):
-            if running.client_id == sid and running.node is not None:
+            if running.client_id == sid and running.owner == owner and running.node is not None:
                 await socket.send_text(json.dumps({"type": "executing", "data": {"node": running.node}}))
         first = True
         while True:
@@ -45,4 +48,4 @@ async def websocket(socket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        rt.hub.remove(sid, socket)
+        rt.hub.remove(session, socket)

@@ -13,6 +13,7 @@ from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
+from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.workflow.folders import Folders
@@ -44,6 +45,7 @@ class ServerSettings:
     retry_after_s: int = 5
     limits: Limits = field(default_factory=Limits)  # what one prompt may ask for (pixels, batch, steps ...)
     shutdown_grace_s: float = 30.0
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 class Runtime:
@@ -61,10 +63,15 @@ class Runtime:
         self.hub = Hub()
         self.journal_folder = data / "runs"  # the files each running prompt wrote (workflow/output_journal.py)
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
+        self.security = Security(
+            settings.security, settings.listen, settings.port, data, self.store.path, settings.limits
+        )
         use_bomb_limit(settings.limits.upload_pixels)
         self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
         self.worker = self._worker()
-        self.service = QueueService(self.store, self.validator, self.worker, self.folders)
+        self.service = QueueService(
+            self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
+        )
         self.submissions = SubmissionBatcher(self.service)
         self._started = self._stopped = False
 
@@ -111,6 +118,7 @@ class Runtime:
         if self._started:
             return
         self._started = True
+        self.security.announce()
         recovered = self.store.recover()
         for job in recovered:
             log.warning(
@@ -126,11 +134,14 @@ class Runtime:
         self._stopped = True
         if not self.worker.stop(timeout=self.settings.shutdown_grace_s):
             log.error("the running prompt did not stop; it will be run again at the next start")
+        self.security.stop()
         self.store.close()
 
     # -- Listener: worker → clients ------------------------------------------------------------------
-    def job_event(self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any]) -> None:
-        self.hub.publish(event, data, client_id)
+    def job_event(
+        self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
+    ) -> None:
+        self.hub.publish(event, data, client_id, owner)
 
     def queue_changed(self) -> None:
         self.hub.broadcast("status", self.status)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from zimage_serve.queue.service import QueueService, Submitted
-from zimage_serve.queue.store import DuplicateJob, QueueFull
+from zimage_serve.queue.service import QueueService, Stored, Submitted
 
 
 class SubmissionBatcher:
@@ -17,17 +16,17 @@ class SubmissionBatcher:
 
     def __init__(self, service: QueueService) -> None:
         self.service = service
-        self._waiting: list[tuple[Submitted, asyncio.Future[Submitted | QueueFull | DuplicateJob]]] = []
+        self._waiting: list[tuple[Submitted, asyncio.Future[Stored]]] = []
 
     async def submit(self, prompt: Any, *, off_loop: bool = False, **options: Any) -> Submitted:
-        """As `QueueService.submit`: raises PromptRejected, QueueFull or DuplicateJob. With `off_loop`, a
+        """As `QueueService.submit`: raises PromptRejected, QueueFull, QuotaExceeded or DuplicateJob. With `off_loop`, a
         large prompt is validated in a thread, so the event loop keeps serving others meanwhile."""
         if off_loop:
             prepared = await asyncio.to_thread(self.service.prepare, prompt, **options)
         else:
             prepared = self.service.prepare(prompt, **options)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Submitted | QueueFull | DuplicateJob] = loop.create_future()
+        future: asyncio.Future[Stored] = loop.create_future()
         if not self._waiting:
             loop.call_soon(self._store)
         self._waiting.append((prepared, future))

@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 
 from zimage_serve import strict_json
 from zimage_serve.image_safety import ImageRefused, facts, refusing
+from zimage_serve.server.gate import audit_note, caller
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.schemas import MaskForm, UploadForm, form_request
 from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
@@ -66,8 +67,8 @@ def check_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
 
 
 def target_folder(request: Request, kind: str, subfolder: str) -> Path:
-    rt = runtime(request)
-    folders = {"input": rt.folders.input, "temp": rt.folders.temp, "output": rt.folders.output}
+    space = runtime(request).folders.space(caller(request).space)  # uploads go to the caller's own folders
+    folders = {"input": space.input, "temp": space.temp, "output": space.output}
     if kind not in folders:
         raise UploadError(400, f"type must be one of {', '.join(TYPES)}, not {kind!r}")
     try:
@@ -135,6 +136,7 @@ async def upload_image(request: Request) -> Response:
         folder = target_folder(request, kind, subfolder)
         overwrite = fields.get("overwrite", "").lower() in ("true", "1")
         stored = await asyncio.to_thread(store, data, folder, name, overwrite)
+        audit_note(request, files=["/".join(p for p in (kind, subfolder, stored) if p)])
         return _answer(Stored(stored, subfolder, kind))
     except UploadError as exc:
         return _answer(exc)
@@ -182,6 +184,7 @@ async def upload_mask(request: Request) -> Response:
         overwrite = fields.get("overwrite", "").lower() in ("true", "1")
         masked = await asyncio.to_thread(_masked, data, original_path, max_upload_pixels(request))
         stored = await asyncio.to_thread(store, masked, folder, name, overwrite)
+        audit_note(request, files=["/".join(p for p in (kind, subfolder, stored) if p)])
         return _answer(Stored(stored, subfolder, kind))
     except UploadError as exc:
         return _answer(exc)

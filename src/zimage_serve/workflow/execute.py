@@ -19,6 +19,7 @@ from typing import Any
 from zimage_serve.engine.devices import device_stats
 from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
+from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.events import execution_error, now_ms
@@ -126,8 +127,10 @@ class Executor:
         outputs: list[str],
         extra_data: dict[str, Any] | None = None,
         emit: Emit | None = None,
+        identity: Identity = LOCAL,
     ) -> RunResult:
-        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit)
+        """Run a validated prompt for `identity`: its files are that user's, its limits theirs."""
+        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity)
         with self._lock:
             if prompt_id in self._active:
                 raise ZImageError(f"prompt {prompt_id} is already running")
@@ -190,8 +193,12 @@ class _Run:
         outputs: list[str],
         extra_data: dict[str, Any],
         emit: Emit | None,
+        identity: Identity,
     ) -> None:
         self.ex, self.prompt_id, self.prompt, self.outputs = executor, prompt_id, prompt, outputs
+        self.identity = identity
+        self.folders = executor.folders.space(identity.space)
+        self.limits = identity.limits or executor.limits
         self.extra_data = extra_data
         self._emit = emit
         self.result = RunResult(prompt_id, "success")
@@ -278,9 +285,13 @@ class _Run:
         links = {name: (self.signatures[s], i) for name, (s, i) in self._sources(node_id).items()}
         constants = {k: v for k, v in node["inputs"].items() if k in node_class.all_inputs() and k not in links}
         try:
-            fingerprint = node_class.fingerprint(self.ex.folders, **constants)
+            fingerprint = node_class.fingerprint(self.folders, **constants)
         except Exception:  # a fingerprint that fails means "always re-run", as ComfyUI's NaN
             fingerprint = f"unstable-{time.monotonic_ns()}"
+        if node_class.output_node or node_class.owned:
+            # Files are a user's own: two users never share a saved image (or one read from their uploads);
+            # models and text embeddings, whose signatures leave the owner out, stay shared.
+            fingerprint = (self.identity.user, fingerprint)
         return signature(node["class_type"], fingerprint, constants, links)
 
     # -- running nodes -----------------------------------------------------------------------------------
@@ -312,7 +323,7 @@ class _Run:
         self.current_inputs = {}
         inputs = self._inputs(node_id, node_class)
         ctx = NodeContext(
-            folders=self.ex.folders,
+            folders=self.folders,
             placing=self.ex.placing,
             node_id=node_id,
             prompt=self.prompt,
@@ -321,7 +332,7 @@ class _Run:
                 "progress", {"value": value, "max": total, "prompt_id": self.prompt_id, "node": node_id}
             ),
             interrupted=self.interrupted.is_set,
-            limits=self.ex.limits,
+            limits=self.limits,
             outputs=self.files,
         )
         self.current_inputs = inputs

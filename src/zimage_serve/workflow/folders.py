@@ -37,6 +37,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 # Folder models (diffusers layout) can stand in for any of these.
 FOLDER_MODEL_KINDS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
 _SETTLE_NS = 2_000_000_000
+USERS = "users"  # below input, output and temp: one folder per user, their own files
 
 
 def builtin_models() -> dict[str, Path]:
@@ -68,14 +69,40 @@ class Folders:
 
     _listings: dict[str, tuple[dict[Path, int], list[str]]] = field(default_factory=dict, repr=False, compare=False)
     _listing_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _spaces: dict[str, Folders] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- users' spaces ----------------------------------------------------------------------------
+    def space(self, user: str | None) -> Folders:
+        """The folders of one user (None: these, the shared ones): their own input, output and temp below
+        `<folder>/users/<user>`, the models shared. Every path a client names is resolved inside the
+        caller's space (`contained`), so a user reaches only their own files; an admin's space is the
+        shared folders, which hold every user's."""
+        if user is None:
+            return self
+        with self._listing_lock:
+            found = self._spaces.get(user)
+            if found is None:
+                if not user or user.startswith(".") or not _PLAIN.isdisjoint(user) or not user.isprintable():
+                    raise UnknownFileError("user", user, "is not a plain name")
+                found = Folders(
+                    self.models,
+                    self.input / USERS / user,
+                    self.output / USERS / user,
+                    self.temp / USERS / user,
+                    self.builtin,
+                )
+                found._listings = self._listings  # model lists are the same for everyone: read them once
+                self._spaces[user] = found
+        return found
 
     # -- lists -----------------------------------------------------------------------------------
     def names(self, resource: str) -> list[str]:
         if resource != "input_images" and resource not in MODEL_FOLDERS:
             raise ValueError(f"unknown resource {resource}")
         roots = [self.input] if resource == "input_images" else self._roots(resource)
+        key = f"{resource}:{self.input}" if resource == "input_images" else resource  # spaces share the rest
         with self._listing_lock:
-            cached = self._listings.get(resource)
+            cached = self._listings.get(key)
         if cached is not None and _unchanged(cached[0], roots):
             return list(cached[1])
         directories: dict[Path, int] = {}
@@ -85,9 +112,9 @@ class Folders:
         settled = time.time_ns() - _SETTLE_NS
         with self._listing_lock:
             if all(m < settled for m in directories.values()):
-                self._listings[resource] = (directories, found)
+                self._listings[key] = (directories, found)
             else:
-                self._listings.pop(resource, None)
+                self._listings.pop(key, None)
         return list(found)
 
     def _input_images(self, directories: dict[Path, int]) -> list[str]:

@@ -9,7 +9,7 @@ user asks for: 4 MP (2048²) per image, 16 images a batch, 200 steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 from zimage_serve.errors import ZImageError
 
@@ -26,11 +26,29 @@ class Limits:
     nodes: int = 500  # nodes in one graph
     upload_pixels: int = 8 * MEGAPIXELS_4  # over every frame of an uploaded or loaded image
     request_pixels: int = 4 * MEGAPIXELS_4  # OpenAI's route: n × width × height
+    # The limits a token lowered below the server's (`capped`), and the token's name, so a refusal names
+    # the token's limit rather than a flag that would not help.
+    token: str = field(default="", compare=False)
+    capped: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         for spec in fields(self):
-            if getattr(self, spec.name) < 1:
+            if spec.name not in ("token", "capped") and getattr(self, spec.name) < 1:
                 raise ValueError(f"{flag(spec.name)} must be at least 1")
+
+    def for_token(self, token: str, **caps: int | None) -> Limits:
+        """These limits lowered by a token's own (`pixels=`, `steps=` ...; None: the server's)."""
+        lowered = {k: v for k, v in caps.items() if v is not None and v < getattr(self, k)}
+        if not lowered:
+            return self
+        return replace(self, **lowered, token=token, capped=self.capped | frozenset(lowered))
+
+    def refusal(self, limit: str, value: int) -> str:
+        """The sentence that refuses `value` for `limit`, naming who set the limit."""
+        allowed: int = getattr(self, limit)
+        if limit in self.capped:
+            return f"{value:,} {WHAT[limit]} is more than the {allowed:,} token {self.token!r} allows (its max_{limit})"
+        return describe(limit, value, allowed)
 
 
 WHAT = {
@@ -57,8 +75,8 @@ def describe(limit: str, value: int, allowed: int) -> str:
 class LimitExceeded(ZImageError):
     """Raised where work would begin beyond a limit; `limit` is the Limits field."""
 
-    def __init__(self, limit: str, value: int, allowed: int, where: str = "") -> None:
-        message = describe(limit, value, allowed)
+    def __init__(self, limit: str, value: int, allowed: int, where: str = "", message: str = "") -> None:
+        message = message or describe(limit, value, allowed)
         super().__init__(f"{where}: {message}" if where else message)
         self.limit, self.value, self.allowed = limit, value, allowed
 
@@ -66,4 +84,4 @@ class LimitExceeded(ZImageError):
 def enforce(limits: Limits, limit: str, value: int, where: str = "") -> None:
     allowed: int = getattr(limits, limit)
     if value > allowed:
-        raise LimitExceeded(limit, value, allowed, where)
+        raise LimitExceeded(limit, value, allowed, where, limits.refusal(limit, value))

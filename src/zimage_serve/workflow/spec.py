@@ -175,6 +175,9 @@ class Node:
     hidden: ClassVar[dict[str, str]] = {}  # name → PROMPT, EXTRA_PNGINFO, UNIQUE_ID
     outputs: ClassVar[tuple[Output, ...]] = ()
     output_node: ClassVar[bool] = False
+    # Its result depends on whose files it reads or writes: its cache entry is the caller's own (output
+    # nodes always are).
+    owned: ClassVar[bool] = False
     # Inputs whose list/range check `check` replaces (ComfyUI's VALIDATE_INPUTS arguments).
     custom_checks: ClassVar[tuple[str, ...]] = ()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from zimage_serve.workflow.context import ResourceLists
-from zimage_serve.workflow.limits import WHAT, Limits, describe, flag
+from zimage_serve.workflow.limits import WHAT, Limits, flag
 from zimage_serve.workflow.spec import Boolean, Combo, Float, Input, Int, Link, Node, String, prompt_inputs
 
 MAX_LISTED_CHOICES = 20
@@ -78,13 +78,19 @@ class Validator:
         self.nodes, self.lists = nodes, lists
         self.limits, self.tokens = limits or Limits(), tokens
 
+    def scoped(self, lists: ResourceLists | None = None, limits: Limits | None = None) -> Validator:
+        """This validator for one caller: their own files and limits, the node set and tokenizer shared."""
+        if (lists is None or lists is self.lists) and (limits is None or limits is self.limits):
+            return self
+        return Validator(self.nodes, lists or self.lists, limits or self.limits, self.tokens)
+
     def validate(self, prompt: Any, partial_targets: list[str] | None = None) -> ValidationResult:
         if not isinstance(prompt, dict) or not prompt:
             return ValidationResult(
                 {}, [], error=error("invalid_prompt", "The prompt must be a non-empty object of nodes", "prompt")
             )
         if len(prompt) > self.limits.nodes:
-            message = describe("nodes", len(prompt), self.limits.nodes)
+            message = self.limits.refusal("nodes", len(prompt))
             return ValidationResult({}, [], error=error("invalid_prompt", message, "prompt", {"limit": "nodes"}))
         # Validation converts input values in place: it works on its own nodes and inputs (the values in them
         # are replaced, never changed, so they need no copy: a deep copy cost more than the checks).
@@ -286,11 +292,13 @@ class Validator:
         for limit, name, amount in demands:
             allowed: int = getattr(self.limits, limit)
             if amount > allowed:
+                token = limit in self.limits.capped
+                whose = f"token {self.limits.token!r}'s" if token else "this server's"
                 reasons.append(
                     error(
                         "value_bigger_than_max",
-                        f"{WHAT[limit].capitalize()}: {amount:,} is more than this server's limit of {allowed:,}",
-                        f"{name} ({flag(limit)})",
+                        f"{WHAT[limit].capitalize()}: {amount:,} is more than {whose} limit of {allowed:,}",
+                        f"{name} (max_{limit} of the token)" if token else f"{name} ({flag(limit)})",
                         {"input_name": name, "limit": limit, "limit_value": allowed, "received_value": amount},
                     )
                 )

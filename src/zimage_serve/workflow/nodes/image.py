@@ -18,7 +18,7 @@ from zimage_serve.image_safety import ImageFacts, ImageRefused, facts, refusing
 from zimage_serve.png import png_bytes, png_info
 from zimage_serve.workflow.context import Interrupted, NodeContext, ResourceLists
 from zimage_serve.workflow.folders import UnknownFileError
-from zimage_serve.workflow.limits import Limits, describe, enforce
+from zimage_serve.workflow.limits import Limits, enforce
 from zimage_serve.workflow.naming import check_prefix, write_new
 from zimage_serve.workflow.spec import Combo, Node, NodeResult, Output, String, link
 
@@ -101,6 +101,7 @@ class LoadImage(Node):
     required = {"image": Combo(resource="input_images", options={"image_upload": True})}
     outputs = (Output("IMAGE"), Output("MASK"))
     custom_checks = ("image",)
+    owned = True  # reads the caller's own uploads
 
     @classmethod
     def check(cls, lists: ResourceLists, limits: Limits, **inputs: Any) -> str | None:
@@ -116,9 +117,9 @@ class LoadImage(Node):
         if isinstance(found, str):
             return f"Invalid image file: {name} ({found})"
         if found.pixels > limits.upload_pixels:
-            return describe("upload_pixels", found.pixels, limits.upload_pixels)
+            return limits.refusal("upload_pixels", found.pixels)
         if found.frames > limits.batch:
-            return describe("batch", found.frames, limits.batch) + " (the file's frames)"
+            return limits.refusal("batch", found.frames) + " (the file's frames)"
         return None
 
     @classmethod

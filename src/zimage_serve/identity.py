@@ -1,0 +1,70 @@
+"""Who a request, and the job it queues, belongs to: one value resolved at the edge of the server and
+carried down through the queue and the worker to every node.
+
+The user is a token's name; with authentication off, every caller is the local operator (`LOCAL`), an
+admin whose files are the server's own folders, as they are without users at all. A user's files live
+in a space of their own below those folders (`Folders.space`); an admin's are the folders themselves,
+which hold every user's space, so an admin can read everything and a user only their own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from zimage_serve.workflow.limits import Limits
+
+ADMIN, USER = "admin", "user"
+ROLES = (ADMIN, USER)
+# A user's name is a folder name too: plain ASCII, no dots in front, short enough for every file system.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CAPPED = ("pixels", "steps")  # the limits a token may lower (and carry into its jobs)
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME.match(name)) and not name.endswith(".")
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str  # a token's name; "" for the local operator (authentication off)
+    role: str = ADMIN
+    address: str = ""  # the client's address (after a trusted proxy's X-Forwarded-For)
+    limits: Limits | None = field(default=None, compare=False)  # the server's, lowered by the token's
+
+    @property
+    def admin(self) -> bool:
+        return self.role == ADMIN
+
+    @property
+    def space(self) -> str | None:
+        """The folder below the shared ones that holds this caller's files; None: the shared ones."""
+        return None if self.admin else self.user
+
+    def may_see(self, owner: str) -> bool:
+        """Whether a job or file of `owner` is this caller's to read, change or delete."""
+        return self.admin or owner == self.user
+
+    def owner_filter(self) -> str | None:
+        """The owner listings are narrowed to: None for an admin (everyone's)."""
+        return None if self.admin else self.user
+
+    # -- stored with a job ---------------------------------------------------------------------------
+    def job_context(self) -> dict[str, Any]:
+        """What the worker needs of the caller, stored with the job (its owner has a column of its own)."""
+        context: dict[str, Any] = {"role": self.role}
+        if self.address:
+            context["address"] = self.address
+        if self.limits is not None and self.limits.capped:
+            context["limits"] = {name: getattr(self.limits, name) for name in sorted(self.limits.capped)}
+        return context
+
+    @classmethod
+    def of_job(cls, owner: str, context: dict[str, Any], server_limits: Limits) -> Identity:
+        caps = context.get("limits") or {}
+        limits = server_limits.for_token(owner, **{k: caps.get(k) for k in CAPPED})
+        return cls(owner, str(context.get("role") or ADMIN), str(context.get("address") or ""), limits)
+
+
+LOCAL = Identity("")

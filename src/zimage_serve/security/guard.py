@@ -1,0 +1,146 @@
+"""Everything the server needs to decide who may do what: the settings, the tokens, the network policy,
+the rate limiter, the word filter and the audit log, built once per server process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from zimage_serve.errors import ZImageError
+from zimage_serve.identity import Identity
+from zimage_serve.security.audit import ROTATE_BYTES, AuditLog
+from zimage_serve.security.blocklist import Blocklist
+from zimage_serve.security.network import NetworkPolicy, is_loopback_bind
+from zimage_serve.security.rate import RateLimiter
+from zimage_serve.security.tokens import REFRESH_S, TOUCH_S, Token, TokenStore
+from zimage_serve.workflow.limits import Limits
+
+if TYPE_CHECKING:
+    from zimage_serve.server.hub import Hub
+
+log = logging.getLogger(__name__)
+AUTH_MODES = ("auto", "on", "off")
+AUDIT_PROMPTS = ("text", "hash")
+
+
+class SecuritySettingError(ZImageError):
+    """A bad security setting; the message names the option."""
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    auth: str = "auto"  # auto: on unless the server binds to loopback only
+    allow_ip: tuple[str, ...] = ()
+    trusted_proxy: tuple[str, ...] = ()
+    allow_origin: tuple[str, ...] = ()
+    public_url: str | None = None  # the base of absolute URLs the server hands out
+    blocklist: tuple[Path, ...] = ()
+    audit_prompts: str = "text"  # or "hash": the audit log keeps only a prompt's SHA-256
+    audit_rotate_bytes: int = ROTATE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise SecuritySettingError(f"--auth: {self.auth!r} is not one of {', '.join(AUTH_MODES)}")
+        if self.audit_prompts not in AUDIT_PROMPTS:
+            raise SecuritySettingError(
+                f"--audit-prompts: {self.audit_prompts!r} is not one of {', '.join(AUDIT_PROMPTS)}"
+            )
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise SecuritySettingError(f"--public-url: {self.public_url!r} must start with http:// or https://")
+
+
+def auth_enabled(mode: str, listen: str) -> bool:
+    return mode == "on" or (mode == "auto" and not is_loopback_bind(listen))
+
+
+@dataclass
+class Security:
+    settings: SecuritySettings
+    listen: str
+    port: int
+    data_dir: Path
+    queue_file: Path
+    limits: Limits
+    tokens: TokenStore = field(init=False)
+    network: NetworkPolicy = field(init=False)
+    rate: RateLimiter = field(init=False)
+    audit: AuditLog = field(init=False)
+    blocklist: Blocklist | None = field(init=False)
+    auth: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.auth = auth_enabled(s.auth, self.listen)
+        self.network = NetworkPolicy.build(s.allow_ip, s.trusted_proxy, s.allow_origin, self.listen)
+        self.blocklist = Blocklist(list(s.blocklist)) if s.blocklist else None
+        self.tokens = TokenStore(self.data_dir / "auth.sqlite3")
+        self.rate = RateLimiter()
+        self.audit = AuditLog(self.data_dir / "audit", self.queue_file, s.audit_rotate_bytes)
+        self._limits: dict[tuple[str, int | None, int | None], Limits] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def announce(self) -> None:
+        """Say at start-up what a network operator must know."""
+        if not self.auth and not is_loopback_bind(self.listen):
+            log.warning(
+                "authentication is off and the server listens on %s: anyone who can reach the port can use it",
+                self.listen,
+            )
+        if self.auth and self.tokens.empty():
+            log.warning(
+                "authentication is on and no token exists: make one with `zimage tokens create NAME --role admin "
+                "--data-dir %s`",
+                self.data_dir,
+            )
+
+    def public_base(self) -> str:
+        """Where clients reach this server, for absolute URLs: --public-url, else the bound address (never
+        a client's Host header, which a client chooses)."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        host = f"[{self.listen}]" if ":" in self.listen else self.listen
+        return f"http://{host}:{self.port}"
+
+    def identity(self, token: Token | None, address: str) -> Identity:
+        if token is None:
+            return Identity("", address=address)
+        key = (token.name, token.max_pixels, token.max_steps)
+        limits = self._limits.get(key)
+        if limits is None:
+            limits = self.limits.for_token(token.name, pixels=token.max_pixels, steps=token.max_steps)
+            self._limits[key] = limits
+        return Identity(token.name, token.role, address, limits)
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def start(self, hub: Hub | None = None) -> None:
+        self.audit.start()
+        if hub is not None:
+            self._task = asyncio.get_running_loop().create_task(self._maintain(hub))
+
+    async def _maintain(self, hub: Hub) -> None:
+        """Close the sockets of tokens revoked elsewhere, and write tokens' last use now and then."""
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                for name in await asyncio.to_thread(self.tokens.take_revoked):
+                    log.info("token %s was revoked: closing its connections", name)
+                    await hub.close_user(name)
+                await asyncio.to_thread(self.tokens.flush_use, TOUCH_S)
+            except Exception:  # keep maintaining; the next turn tries again
+                log.exception("token maintenance failed")
+
+    async def stop_tasks(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def stop(self) -> None:
+        self.audit.stop()
+        with contextlib.suppress(Exception):
+            self.tokens.close()

@@ -1,0 +1,206 @@
+"""API tokens: made once and shown once, stored only as SHA-256 hashes, revoked at once.
+
+The tokens live in `<data-dir>/auth.sqlite3`, written by `zimage tokens` and the admin API, read by the
+server: it keeps them in memory and reads them again whenever another process changed the file (checked
+at most every `REFRESH_S`), so a token revoked on the command line stops working within a second.
+
+A token is 256 random bits: a plain hash is enough to store it (no password hashing is needed for a
+secret nobody chose), and it is looked up by its hash, so no comparison leaks anything through timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from zimage_serve.errors import ZImageError
+from zimage_serve.identity import ROLES, USER, valid_name
+
+PREFIX = "zis_"
+REFRESH_S = 0.2  # how stale the server's copy may get: revocation takes effect within this (and a request)
+TOUCH_S = 5.0  # how often the server writes tokens' "last used" times
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    rpm INTEGER,
+    images_per_day INTEGER,
+    max_queued INTEGER,
+    max_pixels INTEGER,
+    max_steps INTEGER,
+    created REAL NOT NULL,
+    last_used REAL,
+    revoked REAL
+);
+"""
+LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
+
+
+class TokenError(ZImageError):
+    """A token operation that cannot be done (an unknown name, a name taken ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    role: str
+    rpm: int | None = None
+    images_per_day: int | None = None
+    max_queued: int | None = None
+    max_pixels: int | None = None
+    max_steps: int | None = None
+    created: float = 0.0
+    last_used: float | None = None
+    revoked: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+    def public(self) -> dict[str, Any]:
+        """Everything about the token but the token (which is never stored)."""
+        return asdict(self)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._by_hash: dict[str, Token] = {}
+        self._version = -1
+        self._checked = 0.0
+        self._used: dict[str, float] = {}  # name → last use not yet written
+        self._revoked: set[str] = set()
+        self._touched = time.monotonic()
+        self.refresh(force=True)
+
+    def close(self) -> None:
+        self.flush_use()
+        with self._lock:
+            self._db.close()
+
+    # -- managing ------------------------------------------------------------------------------------
+    def create(self, name: str, role: str = USER, **limits: int | None) -> tuple[str, Token]:
+        """A new token for `name`: (the token, shown once, and its record). A revoked name may be reused."""
+        if not valid_name(name):
+            raise TokenError(
+                f"NAME: {name!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64; not starting "
+                "with '.' or '-')"
+            )
+        if role not in ROLES:
+            raise TokenError(f"--role: {role!r} is not a role; use one of {', '.join(ROLES)}")
+        unknown = set(limits) - set(LIMITS)
+        if unknown:
+            raise TokenError(f"unknown limit {sorted(unknown)[0]}")
+        for key, value in limits.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise TokenError(f"--{key.replace('_', '-')}: must be a whole number of at least 1")
+        token = PREFIX + secrets.token_urlsafe(32)
+        record = Token(name, role, created=time.time(), **{k: limits.get(k) for k in LIMITS})
+        with self._writing():
+            existing = self._db.execute("SELECT revoked FROM tokens WHERE name = ?", (name,)).fetchone()
+            if existing is not None and existing[0] is None:
+                raise TokenError(f"NAME: a token named {name!r} exists; revoke it first")
+            self._db.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            columns = ", ".join(["name", "hash", "role", *LIMITS, "created"])
+            self._db.execute(
+                f"INSERT INTO tokens ({columns}) VALUES ({', '.join('?' * (len(LIMITS) + 4))})",
+                (name, hash_token(token), role, *(getattr(record, k) for k in LIMITS), record.created),
+            )
+        self.refresh(force=True)
+        return token, record
+
+    def revoke(self, name: str) -> Token:
+        with self._writing():
+            changed = self._db.execute(
+                "UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name)
+            ).rowcount
+        if not changed:
+            known = any(t.name == name for t in self.tokens())
+            raise TokenError(f"NAME: {name!r} is {'revoked already' if known else 'not a token'}")
+        self.refresh(force=True)
+        return next(t for t in self.tokens() if t.name == name)
+
+    def tokens(self) -> list[Token]:
+        self.flush_use()
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(Token.__dataclass_fields__)} FROM tokens ORDER BY name")
+            return [Token(*row) for row in rows.fetchall()]
+
+    # -- the server's side ---------------------------------------------------------------------------
+    def lookup(self, token: str) -> Token | None:
+        """The token's record (revoked ones too: the caller says why it refuses), or None if unknown."""
+        self.refresh()
+        return self._by_hash.get(hash_token(token))
+
+    def refresh(self, force: bool = False) -> None:
+        """Read the tokens again if another process changed them (at most every REFRESH_S unless forced)."""
+        now = time.monotonic()
+        if not force and now - self._checked < REFRESH_S:
+            return
+        with self._lock:
+            self._checked = now
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._version and not force:
+                return
+            self._version = version
+            fields = ", ".join(["hash", *Token.__dataclass_fields__])
+            rows = self._db.execute(f"SELECT {fields} FROM tokens").fetchall()
+        before = {t.name for t in self._by_hash.values() if t.active}
+        self._by_hash = {row[0]: Token(*row[1:]) for row in rows}
+        after = {t.name for t in self._by_hash.values() if t.active}
+        self._revoked |= before - after
+
+    def take_revoked(self) -> list[str]:
+        """The names whose tokens were revoked (or removed) since the last call."""
+        self.refresh()
+        revoked, self._revoked = self._revoked, set()
+        return sorted(revoked)
+
+    def used(self, name: str) -> None:
+        """Note a use; written with the others every few seconds (`flush_use`), not on every request."""
+        self._used[name] = time.time()
+
+    def flush_use(self, every: float = 0.0) -> None:
+        if not self._used or time.monotonic() - self._touched < every:
+            return
+        used, self._used = self._used, {}
+        self._touched = time.monotonic()
+        with self._writing():
+            self._db.executemany(
+                "UPDATE tokens SET last_used = max(coalesce(last_used, 0), ?) WHERE name = ?",
+                [(when, name) for name, when in used.items()],
+            )
+
+    def empty(self) -> bool:
+        self.refresh()
+        return not any(t.active for t in self._by_hash.values())
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")

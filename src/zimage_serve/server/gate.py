@@ -1,0 +1,235 @@
+"""The outermost layer: every HTTP request and WebSocket passes here once, before any route (POST
+/prompt's fast lane included), and is refused here or sent on with who is calling.
+
+In order: the client's address (X-Forwarded-For only from a trusted proxy) against the allow-list; the
+browser checks (another site's Origin, DNS rebinding); the credential; the request rate. What it
+resolves travels in the ASGI scope as one `Identity` (`caller(request)` reads it): no route finds
+the user by itself. Requests that change something, output reads and refusals are written to the audit
+log; a request that changes something is answered only once its record is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from zimage_serve.identity import LOCAL, Identity
+from zimage_serve.security.audit import iso
+from zimage_serve.security.guard import Security
+from zimage_serve.security.tokens import Token
+
+IDENTITY = "zimage.identity"
+TOKEN = "zimage.token"
+AUDIT = "zimage.audit"  # what a route adds to its request's audit record (job id, prompt, files, outcome)
+READS = ("GET", "HEAD", "OPTIONS")
+HEALTH = ("/health", "/api/health")
+VIEW = ("/view", "/api/view")
+QUERY_TOKEN_PATHS = VIEW  # and every WebSocket: where browsers cannot send an Authorization header
+
+
+def caller(connection: HTTPConnection) -> Identity:
+    """Who is calling: resolved once by the gate (the local operator when it did not run, as in tests of
+    a bare application)."""
+    identity: Identity = connection.scope.get(IDENTITY, LOCAL)
+    return identity
+
+
+def caller_token(connection: HTTPConnection) -> Token | None:
+    token: Token | None = connection.scope.get(TOKEN)
+    return token
+
+
+def audit_note(connection: HTTPConnection, **fields: Any) -> None:
+    """Add to the audit record of this request (a route's own facts: job id, prompt, files, outcome)."""
+    note = connection.scope.get(AUDIT)
+    if note is not None:
+        note.update(fields)
+
+
+class Gate:
+    def __init__(self, app: ASGIApp, security: Security) -> None:
+        self.app, self.security = app, security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        security = self.security
+        headers = _headers(scope)
+        peer = scope.get("client")
+        address = security.network.client(peer[0] if peer else "", headers.get("x-forwarded-for"))
+        method = scope.get("method", "GET") if kind == "http" else "WS"
+        path: str = scope["path"]
+        base = {"address": address, "method": method, "route": path, "started": started}
+
+        async def refuse(status: int, reason: str, message: str, user: str = "", **extra: str) -> None:
+            security.audit.add(_record(base, user, status, "refused", {"reason": reason}))
+            await _refuse(scope, receive, send, status, reason, message, extra)
+
+        if not security.network.allowed(address):
+            await refuse(403, "address_not_allowed", f"the address {address} may not use this server (--allow-ip)")
+            return
+        host = headers.get("host")
+        why = security.network.rebinding(host) or security.network.cross_site(
+            host, headers.get("origin"), headers.get("sec-fetch-site")
+        )
+        if why is not None:
+            await refuse(403, "cross_site_request", why)
+            return
+        if method == "OPTIONS":  # a preflight: answered empty and without CORS headers, as ComfyUI does
+            await _send_empty(send)
+            return
+        token: Token | None = None
+        if security.auth and not (method in ("GET", "HEAD") and path in HEALTH):
+            credential = _credential(scope, headers, kind == "websocket" or path in QUERY_TOKEN_PATHS)
+            if credential is None:
+                await refuse(
+                    401,
+                    "unauthorized",
+                    "authentication required: send Authorization: Bearer TOKEN",
+                    **{"WWW-Authenticate": 'Bearer realm="zimage-serve"'},
+                )
+                return
+            token = security.tokens.lookup(credential)
+            if token is None or not token.active:
+                await refuse(
+                    401,
+                    "unauthorized",
+                    "the token is not valid" if token is None else "the token was revoked",
+                    token.name if token is not None else "",
+                    **{"WWW-Authenticate": 'Bearer realm="zimage-serve", error="invalid_token"'},
+                )
+                return
+            security.tokens.used(token.name)
+        identity = security.identity(token, address)
+        changing = method not in READS and kind == "http"
+        if changing and token is not None and token.rpm is not None:
+            wait = security.rate.take(token.name, token.rpm)
+            if wait:
+                await refuse(
+                    429,
+                    "rate_limited",
+                    f"more than the {token.rpm} requests a minute token {token.name!r} allows (its rpm)",
+                    token.name,
+                    **{"Retry-After": str(wait)},
+                )
+                return
+        scope[IDENTITY], scope[TOKEN] = identity, token
+        if not changing and path not in VIEW:
+            await self.app(scope, receive, send)
+            return
+        note: dict[str, Any] = {}
+        scope[AUDIT] = note
+        await self.app(scope, receive, _Audited(send, security, base, identity.user, note, changing))
+
+
+class _Audited:
+    """The route's `send`, holding back the response until its audit record is written (for requests
+    that change something; output reads are recorded without waiting)."""
+
+    def __init__(
+        self, send: Send, security: Security, base: dict[str, Any], user: str, note: dict[str, Any], wait: bool
+    ) -> None:
+        self.send, self.security, self.base, self.user, self.note, self.wait = send, security, base, user, note, wait
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            outcome = self.note.pop("outcome", None) or (
+                "ok" if status < 400 else "refused" if status in (401, 403, 429) else "error"
+            )
+            record = _record(self.base, self.user, status, outcome, self.note)
+            if self.wait:
+                await self.security.audit.write(record)
+            else:
+                self.security.audit.add(record)
+        await self.send(message)
+
+
+def _record(base: dict[str, Any], user: str, status: int, outcome: str, fields: dict[str, Any]) -> dict[str, Any]:
+    now = time.time()
+    record = {
+        "time": iso(now),
+        "kind": "request",
+        "user": user,
+        "address": base["address"],
+        "method": base["method"],
+        "route": base["route"],
+        "status": status,
+        "outcome": outcome,
+        "duration_ms": round((time.monotonic() - base["started"]) * 1000, 3),
+    }
+    record.update(fields)
+    return record
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name, value in scope.get("headers", ()):
+        key = name.decode("latin-1").lower()
+        if key not in found:  # the first of repeated headers, as Starlette reads them
+            found[key] = value.decode("latin-1")
+    return found
+
+
+def _credential(scope: Scope, headers: dict[str, str], query_allowed: bool) -> str | None:
+    """The token the request carries: a Bearer header, HTTP Basic (the token as the password, or as the
+    user with no password), or, where browsers cannot send headers, a `token` query parameter."""
+    authorization = headers.get("authorization", "")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            user, _, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return password or user or None
+    if query_allowed:
+        raw: bytes = scope.get("query_string", b"")
+        if b"token=" in raw:
+            values = parse_qs(raw.decode("latin-1")).get("token")
+            if values and values[0]:
+                return values[0]
+    return None
+
+
+def _error_body(reason: str, message: str) -> bytes:
+    return json.dumps(
+        {"error": {"type": reason, "message": message, "details": message, "extra_info": {}}, "node_errors": {}}
+    ).encode()
+
+
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, extra: dict[str, str]
+) -> None:
+    body = _error_body(reason, message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+    ]
+    if scope["type"] == "websocket":
+        await receive()  # the handshake's websocket.connect, answered with the refusal
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008})
+        return
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_empty(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})

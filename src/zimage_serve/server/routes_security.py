@@ -1,0 +1,106 @@
+"""Our own routes for tokens and usage, under /api/zimage/: the admin API for what `zimage tokens` does,
+and each user's view of their quotas."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from zimage_serve.identity import Identity
+from zimage_serve.security.tokens import LIMITS, Token, TokenError
+from zimage_serve.server.gate import audit_note, caller, caller_token
+from zimage_serve.server.routes_queue import comfy_error, json_body, runtime
+from zimage_serve.server.schemas import TokenRequest, json_request
+
+router = APIRouter()
+
+
+def _admin_only(identity: Identity) -> Response | None:
+    if identity.admin:
+        return None
+    return comfy_error("forbidden", "Admins only", "this route needs a token with the admin role", 403)
+
+
+def _limits(token: Token | None) -> dict[str, int | None]:
+    return {name: getattr(token, name) if token is not None else None for name in LIMITS}
+
+
+@router.get("/zimage/tokens")
+async def list_tokens(request: Request) -> Response:
+    refused = _admin_only(caller(request))
+    if refused is not None:
+        return refused
+    tokens = await asyncio.to_thread(runtime(request).security.tokens.tokens)
+    return JSONResponse({"tokens": [token.public() for token in tokens]})
+
+
+@router.post("/zimage/tokens", openapi_extra=json_request(TokenRequest))
+async def create_token(request: Request) -> Response:
+    refused = _admin_only(caller(request))
+    if refused is not None:
+        return refused
+    try:
+        body = await json_body(request)
+    except ValueError as exc:
+        return comfy_error("invalid_request", "Invalid request body", str(exc))
+    if not isinstance(body, dict):
+        return comfy_error("invalid_request", "Invalid request body", "the body must be a JSON object")
+    unknown = sorted(set(body) - {"name", "role", *LIMITS})
+    if unknown:
+        return comfy_error("invalid_request", "Unknown field", f"{unknown[0]}: not a token field")
+    name, role = body.get("name"), body.get("role", "user")
+    if not isinstance(name, str) or not isinstance(role, str):
+        return comfy_error("invalid_request", "Invalid token", "name and role must be text")
+    limits: dict[str, Any] = {key: body.get(key) for key in LIMITS}
+    for key, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return comfy_error("invalid_request", "Invalid token", f"{key}: must be a whole number")
+    try:
+        token, record = await asyncio.to_thread(runtime(request).security.tokens.create, name, role, **limits)
+    except TokenError as exc:
+        status = 409 if "exists" in str(exc) else 400
+        return comfy_error("invalid_token_request", "Cannot create the token", str(exc).removeprefix("NAME: "), status)
+    audit_note(request, token_name=name, role=role)
+    return JSONResponse({"token": token, **record.public()}, status_code=201)
+
+
+@router.delete("/zimage/tokens/{name}")
+async def revoke_token(request: Request, name: str) -> Response:
+    refused = _admin_only(caller(request))
+    if refused is not None:
+        return refused
+    rt = runtime(request)
+    try:
+        record = await asyncio.to_thread(rt.security.tokens.revoke, name)
+    except TokenError as exc:
+        return comfy_error("not_found", "No such token", str(exc).removeprefix("NAME: "), 404)
+    await rt.hub.close_user(name)
+    audit_note(request, token_name=name)
+    return JSONResponse(record.public())
+
+
+@router.get("/zimage/usage")
+async def usage(request: Request) -> Response:
+    """The caller's own usage today (UTC) and limits; an admin's answer lists every user."""
+    rt = runtime(request)
+    identity = caller(request)
+    rows = {row["user"]: row for row in await asyncio.to_thread(rt.service.usage, identity)}
+
+    def entry(name: str, token: Token | None) -> dict[str, Any]:
+        row = rows.get(name) or {"user": name, "jobs_today": 0, "images_today": 0, "queued": 0}
+        return {
+            **row,
+            "requests_last_minute": rt.security.rate.recent(name),
+            "role": token.role if token is not None else identity.role,
+            "limits": _limits(token),
+        }
+
+    if not identity.admin:
+        return JSONResponse(entry(identity.user, caller_token(request)))
+    tokens = {t.name: t for t in await asyncio.to_thread(rt.security.tokens.tokens)}
+    names = sorted(set(rows) | set(tokens))
+    users = [{**entry(n, tokens.get(n)), "revoked": tokens[n].revoked if n in tokens else None} for n in names]
+    return JSONResponse({"user": identity.user, "role": identity.role, "users": users})
