@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,11 @@ class Server:
     port: int
     data_dir: Path
     log: Path
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (a token, say)
+
+    def as_token(self, token: str | None) -> Server:
+        """This server, called with `token` (None: with no credential)."""
+        return replace(self, headers={"Authorization": f"Bearer {token}"} if token else {})
 
     @property
     def url(self) -> str:
@@ -72,7 +77,9 @@ class Server:
         self, method: str, path: str, body: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={**self.headers, **(headers or {})}
+        )
         if data is not None and "Content-Type" not in (headers or {}):
             request.add_header("Content-Type", "application/json")
         try:
@@ -138,7 +145,7 @@ def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()}")
             try:
-                if server.request("GET", "/prompt")[0] == 200:
+                if server.request("GET", "/health")[0] in (200, 403, 503):  # answering (or refusing this address)
                     break
             except OSError:
                 pass

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from zimage_serve import __version__
-from zimage_serve.cli import generate, info, models, nano, run, serve
+from zimage_serve.cli import audit, generate, info, models, nano, run, serve, tokens
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
 
@@ -41,6 +41,8 @@ app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.add_typer(nano.app, name="nano")
+app.add_typer(tokens.app, name="tokens")
+app.add_typer(audit.app, name="audit")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,4 +1,7 @@
-"""`zimage serve`: ComfyUI's API on 127.0.0.1:8188, with a persistent queue."""
+"""`zimage serve`: ComfyUI's API on 127.0.0.1:8188, with a persistent queue.
+
+Every option may also come from a TOML file (`--config`) or a `ZIMAGE_*` variable (see config.py); a flag
+given here wins. The defaults shown are the built-in ones."""
 
 from __future__ import annotations
 
@@ -7,130 +10,215 @@ from typing import Annotated
 
 import typer
 
-from zimage_serve.cli.common import (
-    AttentionOption,
-    CompileOption,
-    ModelsRootOption,
-    check_memory_mode,
-    console_err,
-    fast_path,
-    models_roots,
-)
+from zimage_serve.cli.common import check_memory_mode, console_err, fast_path, models_roots
+from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.engine.fastpath import FastPath
-from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
+from zimage_serve.errors import ZImageError
+from zimage_serve.settings import DATA_DIR_ENV, MODELS_ENV, default_data_dir
 from zimage_serve.workflow.limits import Limits
 
 DEFAULTS = Limits()
 
 
 def serve(
-    listen: Annotated[str, typer.Option(help="Address to bind (0.0.0.0 for every interface)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8188,
+    config: Annotated[Path | None, typer.Option(help="TOML file of settings (flags and ZIMAGE_* win over it)")] = None,
+    listen: Annotated[
+        str | None, typer.Option(help="Address to bind (0.0.0.0 for every interface) [default: 127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port [default: 8188]", min=1, max=65535)] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help=f"Queue, history, inputs and outputs [env {DATA_DIR_ENV}]")
     ] = None,
-    models: ModelsRootOption = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
+    models: Annotated[
+        list[Path] | None, typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps [default: auto]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 [default: auto]")] = None,
     memory_mode: Annotated[
-        str, typer.Option(help="auto (what fits Z-Image-Turbo on the card), gpu, model or sequential")
-    ] = "auto",
-    attention: AttentionOption = "auto",
-    compile: CompileOption = "auto",
+        str | None, typer.Option(help="auto (what fits Z-Image-Turbo on the card), gpu, model or sequential")
+    ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            help="Attention kernel: auto (the fastest installed: flash-attn 3, flash-attn, cuDNN, PyTorch's flash) "
+            "or a diffusers backend name such as native or _native_cudnn"
+        ),
+    ] = None,
+    compile: Annotated[
+        str | None, typer.Option(help="torch.compile the transformer blocks: auto (on CUDA GPUs), on or off")
+    ] = None,
     max_queue: Annotated[
-        int, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429", min=1)
-    ] = 10000,
+        int | None, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429 [default: 10000]", min=1)
+    ] = None,
     job_timeout: Annotated[
         float | None,
         typer.Option(
-            help="Seconds a prompt may run before it is stopped; 0: no limit [default: 30 on a GPU, none on the CPU]",
+            help="Seconds a prompt may run before it is stopped; 0: no limit [default: 30 on a GPU, 1800 elsewhere]",
             min=0,
         ),
     ] = None,
     concurrency: Annotated[
-        int, typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1)
-    ] = 1,
+        int | None,
+        typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1),
+    ] = None,
     preload: Annotated[
-        bool, typer.Option(help="Load the default model (zimage-nano) as the server starts; GET /health says when")
-    ] = True,
+        bool | None,
+        typer.Option(help="Load the default model (zimage-nano) as the server starts; GET /health says when"),
+    ] = None,
     worker_process: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             help="Run prompts in a child process, so serving requests and running prompts never wait on one "
             "interpreter lock (--no-worker-process: threads in the server process)"
         ),
-    ] = True,
+    ] = None,
     shutdown_grace: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="Seconds a running prompt may take to finish when the server stops; one cut off then is queued "
-            "again for the next start",
+            "again for the next start [default: 30]",
             min=0,
         ),
-    ] = 30.0,
-    max_pixels: Annotated[int, typer.Option(help="Pixels per image (width × height)", min=1)] = DEFAULTS.pixels,
-    max_batch: Annotated[int, typer.Option(help="Images in one batch", min=1)] = DEFAULTS.batch,
-    max_steps: Annotated[int, typer.Option(help="Sampler steps", min=1)] = DEFAULTS.steps,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Tokens of one prompt text", min=1)] = DEFAULTS.prompt_tokens,
+    ] = None,
+    max_pixels: Annotated[
+        int | None, typer.Option(help=f"Pixels per image (width × height) [default: {DEFAULTS.pixels}]", min=1)
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help=f"Images in one batch [default: {DEFAULTS.batch}]", min=1)
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help=f"Sampler steps [default: {DEFAULTS.steps}]", min=1)] = None,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help=f"Tokens of one prompt text [default: {DEFAULTS.prompt_tokens}]", min=1)
+    ] = None,
     max_prompt_bytes: Annotated[
-        int, typer.Option(help="UTF-8 bytes of one prompt text", min=1)
-    ] = DEFAULTS.prompt_bytes,
-    max_nodes: Annotated[int, typer.Option(help="Nodes in one graph", min=1)] = DEFAULTS.nodes,
+        int | None, typer.Option(help=f"UTF-8 bytes of one prompt text [default: {DEFAULTS.prompt_bytes}]", min=1)
+    ] = None,
+    max_nodes: Annotated[
+        int | None, typer.Option(help=f"Nodes in one graph [default: {DEFAULTS.nodes}]", min=1)
+    ] = None,
     max_upload_pixels: Annotated[
-        int, typer.Option(help="Pixels of an uploaded or loaded image, over all its frames", min=1)
-    ] = DEFAULTS.upload_pixels,
+        int | None,
+        typer.Option(
+            help=f"Pixels of an uploaded or loaded image, over all its frames [default: {DEFAULTS.upload_pixels}]",
+            min=1,
+        ),
+    ] = None,
     max_request_pixels: Annotated[
-        int, typer.Option(help="Pixels one OpenAI images request may ask for (n × width × height)", min=1)
-    ] = DEFAULTS.request_pixels,
+        int | None,
+        typer.Option(
+            help="Pixels one OpenAI images request may ask for (n × width × height) "
+            f"[default: {DEFAULTS.request_pixels}]",
+            min=1,
+        ),
+    ] = None,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            help="Token authentication: on, off, or auto (on unless the server binds to loopback only) "
+            "[default: auto]; tokens: `zimage tokens create`"
+        ),
+    ] = None,
+    allow_ip: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these addresses may connect: an IPv4 or IPv6 address or CIDR (repeatable)"),
+    ] = None,
+    trusted_proxy: Annotated[
+        list[str] | None,
+        typer.Option(help="A reverse proxy whose X-Forwarded-For is believed: address or CIDR (repeatable)"),
+    ] = None,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="A web origin (https://host[:port]) whose pages may call this server (repeatable)"),
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(help="The URL clients reach this server at, for the absolute URLs it hands out"),
+    ] = None,
+    blocklist: Annotated[
+        list[Path] | None,
+        typer.Option(help="A word-filter file: one rule a line, reloaded when it changes (repeatable)"),
+    ] = None,
+    audit_prompts: Annotated[
+        str | None,
+        typer.Option(help="What the audit log keeps of a prompt's text: text, or hash (its SHA-256) [default: text]"),
+    ] = None,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API.
 
     Every limit is checked before a prompt is queued, and refused with a 400 that names it."""
+    flags = dict(locals())
+    toml = flags.pop("config")
+    try:
+        settings_config = ServeConfig.load(toml, **flags)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint=exc.option or None) from exc
+    _serve(settings_config, models)
+
+
+def _serve(config: ServeConfig, models: list[Path] | None) -> None:
     import uvicorn
 
+    from zimage_serve.security.guard import SecuritySettings
     from zimage_serve.server.app import create_app
     from zimage_serve.server.runtime import ServerSettings
 
-    roots = models_roots(models)
-    if (attention, compile, memory_mode) == ("auto", "auto", "auto") and device in ("auto", "cpu"):
+    roots = models_roots(models or config.models or None)
+    device, memory_mode = config.device, config.memory_mode
+    if (config.attention, config.compile, memory_mode) == ("auto", "auto", "auto") and device in ("auto", "cpu"):
         fast = FastPath()  # nothing to check: the worker resolves "auto" where the device is opened
     else:  # checked here, so a bad option stops the command at once (this loads torch: a slower start)
-        fast = fast_path(attention, compile, device)
+        fast = fast_path(config.attention, config.compile, device)
         check_memory_mode(memory_mode, device)
-    settings = ServerSettings(
-        data_dir=data_dir or default_data_dir(),
-        models=roots,
-        listen=listen,
-        port=port,
-        device=device,
-        dtype=dtype,
-        fast=fast,
-        memory_mode=memory_mode,
-        max_queue=max_queue,
-        job_timeout=job_timeout,
-        concurrency=concurrency,
-        worker_process=worker_process,
-        preload=preload,
-        shutdown_grace_s=shutdown_grace,
-        limits=Limits(
-            pixels=max_pixels,
-            batch=max_batch,
-            steps=max_steps,
-            prompt_tokens=max_prompt_tokens,
-            prompt_bytes=max_prompt_bytes,
-            nodes=max_nodes,
-            upload_pixels=max_upload_pixels,
-            request_pixels=max_request_pixels,
-        ),
+    try:
+        security = SecuritySettings(
+            auth=config.auth,
+            allow_ip=tuple(config.allow_ip),
+            trusted_proxy=tuple(config.trusted_proxy),
+            allow_origin=tuple(config.allow_origin),
+            public_url=config.public_url,
+            blocklist=tuple(config.blocklist),
+            audit_prompts=config.audit_prompts,
+            audit_rotate_bytes=config.audit_rotate_mb * 1024 * 1024,
+        )
+        settings = ServerSettings(
+            data_dir=config.data_dir or default_data_dir(),
+            models=roots,
+            listen=config.listen,
+            port=config.port,
+            device=device,
+            dtype=config.dtype,
+            fast=fast,
+            memory_mode=memory_mode,
+            max_queue=config.max_queue,
+            job_timeout=config.job_timeout,
+            concurrency=config.concurrency,
+            worker_process=config.worker_process,
+            preload=config.preload,
+            shutdown_grace_s=config.shutdown_grace,
+            limits=config.limits(),
+            security=security,
+        )
+        app = create_app(settings)
+    except ZImageError as exc:
+        message = str(exc)
+        option, _, reason = message.partition(": ")
+        if option.startswith("--"):
+            raise typer.BadParameter(reason, param_hint=option) from exc
+        raise
+    console_err.print(
+        f"zimage-serve on http://{config.listen}:{config.port}  (data: {settings.data_dir}; "
+        f"authentication {'on' if app.app.state.runtime.security.auth else 'off'})",
+        highlight=False,
     )
-    app = create_app(settings)
-    console_err.print(f"zimage-serve on http://{listen}:{port}  (data: {settings.data_dir})", highlight=False)
     try:
         uvicorn.run(
             app,
-            host=listen,
-            port=port,
+            host=config.listen,
+            port=config.port,
             log_level="warning",
+            # X-Forwarded-For is the gate's to believe, only from --trusted-proxy (uvicorn's own handling
+            # would take it from any local peer)
+            proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
     finally:  # the lifespan stops it; this covers a server that never got that far (the port taken, say)

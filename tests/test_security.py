@@ -1,0 +1,393 @@
+"""Issue 17 against real server processes: tokens, every route × every kind of caller, isolation of jobs,
+files and sockets, cross-site requests, the allow-list, quotas and the audit trail."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.server import Server, running_server
+from tests.test_server_queue import png, slow_job, small_job, upload, wait_until
+from zimage_serve.security.tokens import TokenStore
+
+CALLERS = ("none", "bad", "revoked", "user", "other", "admin")
+
+
+def make_tokens(data: Path, **extra: dict[str, Any]) -> dict[str, str]:
+    store = TokenStore(data / "auth.sqlite3")
+    try:
+        tokens = {
+            "user": store.create("alice", "user", **extra.get("alice", {}))[0],
+            "other": store.create("bob", "user", **extra.get("bob", {}))[0],
+            "admin": store.create("root", "admin")[0],
+            "revoked": store.create("carol", "user")[0],
+            "bad": "zis_" + "x" * 43,
+        }
+        store.revoke("carol")
+    finally:
+        store.close()
+    return tokens
+
+
+def zimage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_serve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, dict[str, Server]]]:
+    data = tmp_path_factory.mktemp("secured") / "data"
+    tokens = make_tokens(data)
+    with running_server(data, "--auth", "on") as server:
+        clients = {who: server.as_token(tokens.get(who)) for who in CALLERS}
+        yield server, clients
+
+
+def done(client: Server, prompt_id: str) -> dict[str, Any]:
+    def finished() -> bool:
+        return prompt_id in client.json("GET", f"/history/{prompt_id}")[1]
+
+    wait_until(finished)
+    entry: dict[str, Any] = client.json("GET", f"/history/{prompt_id}")[1][prompt_id]
+    return entry
+
+
+def submit_as(client: Server, prompt: dict[str, Any], **extra: Any) -> str:
+    status, answer = client.json("POST", "/prompt", {"prompt": prompt, **extra})
+    assert status == 200, answer
+    return str(answer["prompt_id"])
+
+
+def image_of(entry: dict[str, Any]) -> dict[str, str]:
+    [image] = [i for ui in entry["outputs"].values() for i in ui["images"]]
+    return dict(image)
+
+
+def view_query(image: dict[str, str]) -> str:
+    return "/view?" + urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+
+
+# -- tokens ------------------------------------------------------------------------------------------------
+def test_tokens_are_printed_once_stored_as_hashes_and_revoked_within_a_second(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    made = zimage(
+        "tokens", "create", "dana", "--role", "user", "--rpm", "5", "--max-steps", "9", "--data-dir", str(data)
+    )
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    assert token.startswith("zis_") and len(token) > 40
+    listed = zimage("tokens", "list", "--data-dir", str(data))
+    assert listed.returncode == 0 and "dana" in listed.stdout and token not in listed.stdout + listed.stderr
+    assert "5" in listed.stdout and "9" in listed.stdout
+    assert zimage("tokens", "create", "dana", "--data-dir", str(data)).returncode == 2  # taken
+    bad = zimage("tokens", "create", "../x", "--data-dir", str(data))
+    assert bad.returncode == 2 and "NAME" in bad.stderr
+    assert zimage("tokens", "create", "eve", "--role", "boss", "--data-dir", str(data)).returncode == 2
+    with running_server(data, "--auth", "on") as server:
+        dana = server.as_token(token)
+        assert dana.json("GET", "/queue")[0] == 200
+        revoked = zimage("tokens", "revoke", "dana", "--data-dir", str(data))
+        assert revoked.returncode == 0, revoked.stderr
+        started = time.monotonic()
+        while dana.json("GET", "/queue")[0] == 200:
+            assert time.monotonic() - started < 1.0, "the revoked token still worked after a second"
+            time.sleep(0.02)
+        status, answer = dana.json("GET", "/queue")
+        assert status == 401 and answer["error"]["type"] == "unauthorized" and "revoked" in answer["error"]["message"]
+        listed = zimage("tokens", "list", "--data-dir", str(data))
+        assert "revoked" in listed.stdout and "dana" in listed.stdout
+    assert zimage("tokens", "revoke", "nobody", "--data-dir", str(data)).returncode == 2
+    for path in data.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"{path} holds the token in clear"
+
+
+def test_the_admin_api_makes_lists_and_revokes_tokens(secured: tuple[Server, dict[str, Server]]) -> None:
+    _, clients = secured
+    assert clients["user"].json("GET", "/api/zimage/tokens")[0] == 403
+    assert clients["user"].json("POST", "/api/zimage/tokens", {"name": "x"})[0] == 403
+    admin = clients["admin"]
+    status, made = admin.json("POST", "/api/zimage/tokens", {"name": "frank", "role": "user", "images_per_day": 4})
+    assert status == 201 and made["token"].startswith("zis_") and made["images_per_day"] == 4
+    assert admin.json("POST", "/api/zimage/tokens", {"name": "frank"})[0] == 409
+    assert admin.json("POST", "/api/zimage/tokens", {"name": "g", "role": "root"})[0] == 400
+    assert admin.json("POST", "/api/zimage/tokens", {"name": "g", "rpm": "many"})[0] == 400
+    assert admin.json("POST", "/api/zimage/tokens", {"name": "g", "colour": 1})[0] == 400
+    frank = clients["none"].as_token(made["token"])
+    assert frank.json("GET", "/queue")[0] == 200
+    listed = admin.json("GET", "/api/zimage/tokens")[1]["tokens"]
+    assert {t["name"] for t in listed} >= {"alice", "bob", "root", "carol", "frank"}
+    assert all("token" not in t and "hash" not in t for t in listed)
+    assert admin.json("DELETE", "/api/zimage/tokens/frank")[0] == 200
+    assert frank.json("GET", "/queue")[0] == 401
+    assert admin.json("DELETE", "/api/zimage/tokens/frank")[0] == 404
+
+
+# -- authentication -------------------------------------------------------------------------------------------
+def test_every_route_needs_a_token_except_health(secured: tuple[Server, dict[str, Server]]) -> None:
+    """The matrix: each route for each kind of caller, with the status each must get."""
+    server, clients = secured
+    alice_job = submit_as(clients["user"], small_job("matrix"))
+    entry = done(clients["user"], alice_job)
+    image = image_of(entry)
+    other_job = submit_as(clients["other"], small_job("bobs"))
+    done(clients["other"], other_job)
+    reads = [
+        "/prompt",
+        "/queue",
+        "/history",
+        "/object_info",
+        "/object_info/KSampler",
+        "/models",
+        "/models/checkpoints",
+        "/embeddings",
+        "/extensions",
+        "/features",
+        "/system_stats",
+        "/v1/models",
+        "/api/zimage/usage",
+        "/openapi.json",
+        "/docs",
+        "/api/queue",
+    ]
+    refused = {"none": 401, "bad": 401, "revoked": 401}
+    for path in reads:
+        for who in CALLERS:
+            status = clients[who].request("GET", path)[0]
+            assert status == refused.get(who, 200), (path, who, status)
+    for who in CALLERS:
+        assert clients[who].request("GET", "/health")[0] in (200, 503), who
+    health = clients["none"].json("GET", "/health")[1]
+    assert set(health) == {"status", "worker"}  # nothing but whether it is up
+    # Files: the owner reads their image, another user gets 404, the admin reaches it through the history
+    # entry it sees (the user's folder named in the subfolder).
+    expected_view = {"none": 401, "bad": 401, "revoked": 401, "user": 200, "other": 404, "admin": 404}
+    for who in CALLERS:
+        assert clients[who].request("GET", view_query(image))[0] == expected_view[who], who
+    admin_image = image_of(clients["admin"].json("GET", f"/history/{alice_job}")[1][alice_job])
+    assert admin_image["subfolder"] == "users/alice"
+    assert clients["admin"].request("GET", view_query(admin_image))[0] == 200
+    # The token may also come as a query parameter on /view (browsers' <img>), or as HTTP Basic.
+    token = clients["user"].headers["Authorization"].split()[1]
+    assert clients["none"].request("GET", view_query(image) + "&token=" + token)[0] == 200
+    assert clients["none"].request("GET", "/queue?token=" + token)[0] == 401  # only where headers cannot go
+    basic = {"Authorization": "Basic " + __import__("base64").b64encode(f"x:{token}".encode()).decode()}
+    assert clients["none"].request("GET", "/queue", headers=basic)[0] == 200
+    bare = {"Authorization": "Basic " + __import__("base64").b64encode(f"{token}:".encode()).decode()}
+    assert clients["none"].request("GET", "/queue", headers=bare)[0] == 200
+    assert clients["none"].request("GET", "/queue", headers={"Authorization": "Basic !!!"})[0] == 401
+    # State-changing routes.
+    writes: list[tuple[str, Any]] = [
+        ("/prompt", {"prompt": small_job("w")}),
+        ("/queue", {"delete": ["nothing"]}),
+        ("/history", {"delete": ["nothing"]}),
+        ("/interrupt", {}),
+        ("/v1/images/generations", {"prompt": "a red circle", "size": "64x64"}),
+    ]
+    for path, body in writes:
+        for who in CALLERS:
+            status = clients[who].request("POST", path, body)[0]
+            assert status == refused.get(who, 200), (path, who, status)
+    for who in CALLERS:
+        status = clients[who].request("POST", "/free", {"unload_models": True})[0]
+        assert status == {**refused, "user": 403, "other": 403, "admin": 200}[who], who
+    status, answer = clients["bad"].json("GET", "/queue")
+    assert answer == {
+        "error": {
+            "type": "unauthorized",
+            "message": "the token is not valid",
+            "details": "the token is not valid",
+            "extra_info": {},
+        },
+        "node_errors": {},
+    }
+    assert clients["none"].request("GET", "/queue")[1]["www-authenticate"].startswith("Bearer")
+
+
+def test_websockets_need_a_token_and_a_client_id_is_its_users_own(secured: tuple[Server, dict[str, Server]]) -> None:
+    server, clients = secured
+    with pytest.raises(InvalidStatus) as refused:
+        connect(server.ws_url + "?clientId=shared", open_timeout=10)
+    assert refused.value.response.status_code == 401
+    alice_token = clients["user"].headers["Authorization"].split()[1]
+    bob_token = clients["other"].headers["Authorization"].split()[1]
+    with (
+        connect(f"{server.ws_url}?clientId=shared&token={alice_token}", open_timeout=10) as alice,
+        connect(f"{server.ws_url}?clientId=bob-2", additional_headers=clients["other"].headers) as bob_header,
+        connect(f"{server.ws_url}?clientId=shared&token={bob_token}", open_timeout=10) as bob,
+    ):
+        for socket in (alice, bob, bob_header):
+            assert json.loads(socket.recv(timeout=10))["type"] == "status"
+        job = submit_as(clients["user"], small_job("ws-alice", seed=7), client_id="shared")
+        seen_alice = []
+        while True:
+            message = json.loads(alice.recv(timeout=60))
+            seen_alice.append(message["type"])
+            if message["type"] == "executing" and message["data"]["node"] is None:
+                assert message["data"]["prompt_id"] == job
+                break
+        assert "execution_start" in seen_alice and "executed" in seen_alice
+        for socket in (bob, bob_header):  # the same clientId or not, another user: only broadcast status
+            try:
+                while True:
+                    message = json.loads(socket.recv(timeout=1))
+                    assert message["type"] == "status", message
+            except TimeoutError:
+                pass
+
+
+# -- isolation --------------------------------------------------------------------------------------------
+def test_users_see_and_change_only_their_own_jobs(secured: tuple[Server, dict[str, Server]]) -> None:
+    _, clients = secured
+    alice, bob, admin = clients["user"], clients["other"], clients["admin"]
+    blocker = submit_as(alice, slow_job("iso-blocker"))
+    wait_until(lambda: any(i[1] == blocker for i in alice.json("GET", "/queue")[1]["queue_running"]))
+    waiting = submit_as(alice, small_job("iso-waiting"))
+    bobs = submit_as(bob, small_job("iso-bob"))
+    alice_queue = alice.json("GET", "/queue")[1]
+    bob_queue = bob.json("GET", "/queue")[1]
+    admin_queue = admin.json("GET", "/queue")[1]
+    assert {i[1] for i in alice_queue["queue_pending"]} == {waiting}
+    assert {i[1] for i in bob_queue["queue_pending"]} == {bobs} and bob_queue["queue_running"] == []
+    assert {i[1] for i in admin_queue["queue_pending"]} == {waiting, bobs}
+    assert bob.json("GET", "/queue?limit=10")[1]["pagination"]["total"] == 1
+    # Bob cannot delete, clear or interrupt Alice's jobs.
+    assert bob.request("POST", "/queue", {"delete": [waiting]})[0] == 200
+    assert bob.request("POST", "/queue", {"clear": True})[0] == 200
+    assert bob.request("POST", "/interrupt", {"prompt_id": blocker})[0] == 200
+    assert bob.request("POST", "/interrupt", {})[0] == 200
+    queue = alice.json("GET", "/queue")[1]
+    assert [i[1] for i in queue["queue_running"]] == [blocker] and [i[1] for i in queue["queue_pending"]] == [waiting]
+    assert bob.json("GET", "/queue")[1]["queue_pending"] == []  # his own clear did remove his own
+    # Alice interrupts her own; the admin may clear anyone's.
+    assert alice.request("POST", "/interrupt", {})[0] == 200
+    assert done(alice, blocker)["status"]["status_str"] == "error"
+    assert done(alice, waiting)["status"]["completed"]
+    assert bob.json("GET", f"/history/{waiting}")[1] == {}
+    assert waiting not in bob.json("GET", "/history")[1]
+    assert waiting in admin.json("GET", "/history")[1]
+    assert bob.request("POST", "/history", {"delete": [waiting]})[0] == 200
+    assert bob.request("POST", "/history", {"clear": True})[0] == 200
+    assert waiting in alice.json("GET", "/history")[1]
+    assert alice.request("POST", "/history", {"delete": [waiting]})[0] == 200
+    assert alice.json("GET", f"/history/{waiting}")[1] == {}
+
+
+def test_uploads_and_outputs_are_their_users_own(secured: tuple[Server, dict[str, Server]]) -> None:
+    server, clients = secured
+    alice, bob, admin = clients["user"], clients["other"], clients["admin"]
+    status, stored = upload(alice, png(colour="blue"), "mine.png")
+    assert status == 200 and stored == {"name": "mine.png", "subfolder": "", "type": "input"}
+    assert (server.data_dir / "input" / "users" / "alice" / "mine.png").is_file()
+    assert alice.request("GET", "/view?filename=mine.png&type=input")[0] == 200
+    assert bob.request("GET", "/view?filename=mine.png&type=input")[0] == 404
+    assert admin.request("GET", "/view?filename=mine.png&type=input&subfolder=users/alice")[0] == 200
+    listed = alice.json("GET", "/object_info/LoadImage")[1]["LoadImage"]["input"]["required"]["image"][0]
+    assert "mine.png" in listed
+    assert "mine.png" not in bob.json("GET", "/object_info/LoadImage")[1]["LoadImage"]["input"]["required"]["image"][0]
+    graph = small_job("reads")
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "mine.png"}}
+    graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "copy"}}
+    status, answer = bob.json("POST", "/prompt", {"prompt": graph})  # runs its other output, not this one
+    assert status == 200 and answer["node_errors"]["20"]["errors"][0]["type"] == "custom_validation_failed"
+    job = submit_as(alice, graph)
+    assert done(alice, job)["status"]["completed"]
+    # The same graph from another user never shares the first one's saved files (its cache is per owner).
+    status, _ = upload(bob, png(colour="blue"), "mine.png")
+    assert status == 200
+    bobs = submit_as(bob, graph)
+    bob_images = [i for ui in done(bob, bobs)["outputs"].values() for i in ui["images"]]
+    assert len(bob_images) == 2 and all(bob.request("GET", view_query(i))[0] == 200 for i in bob_images)
+    for image in bob_images:  # written again for him, in his own folder, not handed Alice's from the cache
+        assert (server.data_dir / "output" / "users" / "bob" / image["subfolder"] / image["filename"]).is_file()
+    # Escapes are refused, whatever the space.
+    assert bob.request("GET", "/view?filename=mine.png&type=input&subfolder=../alice")[0] == 403
+    assert bob.request("GET", "/view?filename=x.png&subfolder=../../../output")[0] == 403
+
+
+def test_the_openai_route_is_isolated_and_its_urls_come_from_the_public_url(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with running_server(data, "--auth", "on", "--public-url", "https://images.example.com/base") as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        headers = {"Host": "attacker.example"}
+        status, _, body = alice.request(
+            "POST", "/v1/images/generations", {"prompt": "a red circle", "size": "64x64"}, headers={"Host": "127.0.0.1"}
+        )
+        assert status == 200, body
+        url = json.loads(body)["data"][0]["url"]
+        assert url.startswith("https://images.example.com/base/view?")
+        query = url.split("/view", 1)[1]
+        assert alice.request("GET", "/view" + query)[0] == 200
+        assert bob.request("GET", "/view" + query)[0] == 404
+        status, _, body = alice.request(
+            "POST", "/v1/images/generations", {"prompt": "x", "size": "64x64", "response_format": "b64_json"}
+        )
+        assert status == 200 and json.loads(body)["data"][0]["b64_json"]
+        assert server.request("POST", "/v1/images/generations", {"prompt": "x"}, headers=headers)[0] == 403
+
+
+# -- cross-site requests and the network ---------------------------------------------------------------------
+def test_pages_of_other_sites_cannot_submit_even_with_auth_off(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data", "--allow-origin", "https://app.example.com") as server:
+        body = {"prompt": small_job("csrf")}
+        for headers in (
+            {"Origin": "http://evil.example"},
+            {"Origin": "http://127.0.0.1.evil.example"},
+            {"Origin": "null"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Origin": f"http://127.0.0.1:{server.port + 1}"},
+            {"Host": "rebound.example", "Origin": "http://rebound.example"},
+        ):
+            status, _, answer = server.request("POST", "/prompt", body, headers=headers)
+            assert status == 403, headers
+            assert json.loads(answer)["error"]["type"] == "cross_site_request"
+            assert server.request("POST", "/queue", {"clear": True}, headers=headers)[0] == 403
+        for headers in (
+            {},
+            {"Origin": f"http://127.0.0.1:{server.port}"},
+            {"Origin": "http://localhost", "Host": f"localhost:{server.port}"},
+            {"Origin": "https://app.example.com"},
+            {"Sec-Fetch-Site": "same-origin"},
+        ):
+            status, _, answer = server.request("POST", "/prompt", body, headers=headers)
+            assert status == 200, (headers, answer)
+        assert server.request("OPTIONS", "/prompt", headers={"Origin": "https://app.example.com"})[0] == 200
+        with pytest.raises(InvalidStatus):
+            connect(server.ws_url, origin="http://evil.example", open_timeout=10)  # type: ignore[arg-type]
+
+
+def test_the_allow_list_and_trusted_proxies(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_server(data, "--allow-ip", "10.0.0.0/8", "--allow-ip", "2001:db8::/32") as server:
+        for path in ("/health", "/queue", "/view?filename=x.png"):
+            status, _, answer = server.request("GET", path)
+            assert status == 403 and json.loads(answer)["error"]["type"] == "address_not_allowed", path
+        assert server.request("POST", "/prompt", {"prompt": small_job("no")})[0] == 403
+        spoofed = {"X-Forwarded-For": "10.1.2.3"}  # believed only from a trusted proxy
+        assert server.request("GET", "/queue", headers=spoofed)[0] == 403
+    with running_server(
+        data, "--allow-ip", "10.0.0.0/8", "--allow-ip", "2001:db8::/32", "--trusted-proxy", "127.0.0.1/32"
+    ) as server:
+        assert server.request("GET", "/queue", headers={"X-Forwarded-For": "10.1.2.3"})[0] == 200
+        assert server.request("GET", "/queue", headers={"X-Forwarded-For": "2001:db8::7"})[0] == 200
+        assert server.request("GET", "/queue", headers={"X-Forwarded-For": "10.1.2.3, 192.0.2.1"})[0] == 403
+        assert server.request("GET", "/queue", headers={"X-Forwarded-For": "192.0.2.1, 10.1.2.3"})[0] == 200
+        assert server.request("GET", "/queue", headers={"X-Forwarded-For": "not-an-address"})[0] == 403
+        assert server.request("GET", "/queue")[0] == 403  # the proxy itself is not on the list
