@@ -3,6 +3,7 @@ files and sockets, cross-site requests, the allow-list, quotas and the audit tra
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -142,7 +143,7 @@ def test_the_admin_api_makes_lists_and_revokes_tokens(secured: tuple[Server, dic
 # -- authentication -------------------------------------------------------------------------------------------
 def test_every_route_needs_a_token_except_health(secured: tuple[Server, dict[str, Server]]) -> None:
     """The matrix: each route for each kind of caller, with the status each must get."""
-    server, clients = secured
+    _, clients = secured
     alice_job = submit_as(clients["user"], small_job("matrix"))
     entry = done(clients["user"], alice_job)
     image = image_of(entry)
@@ -187,9 +188,9 @@ def test_every_route_needs_a_token_except_health(secured: tuple[Server, dict[str
     token = clients["user"].headers["Authorization"].split()[1]
     assert clients["none"].request("GET", view_query(image) + "&token=" + token)[0] == 200
     assert clients["none"].request("GET", "/queue?token=" + token)[0] == 401  # only where headers cannot go
-    basic = {"Authorization": "Basic " + __import__("base64").b64encode(f"x:{token}".encode()).decode()}
+    basic = {"Authorization": "Basic " + base64.b64encode(f"x:{token}".encode()).decode()}
     assert clients["none"].request("GET", "/queue", headers=basic)[0] == 200
-    bare = {"Authorization": "Basic " + __import__("base64").b64encode(f"{token}:".encode()).decode()}
+    bare = {"Authorization": "Basic " + base64.b64encode(f"{token}:".encode()).decode()}
     assert clients["none"].request("GET", "/queue", headers=bare)[0] == 200
     assert clients["none"].request("GET", "/queue", headers={"Authorization": "Basic !!!"})[0] == 401
     # State-changing routes.

@@ -1,0 +1,146 @@
+"""The word filter: evasions that must not pass and harmless texts that must, in English and Chinese;
+rule files, reloading, and the refusal a server gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.server import running_server
+from tests.test_server_queue import small_job
+from zimage_serve.security.audit import records
+from zimage_serve.security.blocklist import Blocklist, BlocklistError, normalise
+
+RULES = """\
+# an example list: made-up words, and two Chinese ones
+R-BAN: banned
+R-ASS: word: ass
+R-KILL: word: kill
+禁止
+R-TW: 台湾独立
+R-FP: 发票
+secretword   # a rule without an id is named by its file and line
+"""
+
+EVASIONS = [
+    ("banned", "R-BAN"),
+    ("BANNED", "R-BAN"),
+    ("B A N N E D", "R-BAN"),
+    ("b.a.n.n.e.d", "R-BAN"),
+    ("bann ed", "R-BAN"),
+    ("b-a_n*n~e|d", "R-BAN"),
+    ("ＢＡＮＮＥＤ", "R-BAN"),  # full-width
+    ("b\u200ba\u200cn\u200dn\u2060e\ufeffd", "R-BAN"),  # zero-width characters between
+    ("b̲a̲n̲n̲e̲d̲", "R-BAN"),  # combining marks
+    ("a photo, totally bannedstuff", "R-BAN"),  # not a whole-word rule: inside a word too
+    ("ass", "R-ASS"),
+    ("my ass.", "R-ASS"),
+    ("A S S", "R-ASS"),
+    ("a.s.s", "R-ASS"),
+    ("ＡＳＳ", "R-ASS"),
+    ("kill!", "R-KILL"),
+    ("禁止", "rules.txt:5"),
+    ("禁-止", "rules.txt:5"),
+    ("禁 止", "rules.txt:5"),
+    ("禁\u200b止", "rules.txt:5"),
+    ("请不要禁止这个", "rules.txt:5"),
+    ("臺灣獨立", "R-TW"),  # traditional forms of a simplified rule
+    ("台灣 獨立", "R-TW"),
+    ("發票", "R-FP"),
+    ("发。票", "R-FP"),
+    ("SecretWord", "rules.txt:8"),
+    ("s e c r e t w o r d", "rules.txt:8"),
+    ("secret word", "rules.txt:8"),  # not whole-word: spaces inside do not hide it
+]
+
+HARMLESS = [
+    "a red circle on a blue background",
+    "class",  # `ass` is whole-word
+    "classic glass bass assassin passage",
+    "as sorted",  # separators removed, but `as sorted` is not the word `ass`
+    "skill killer",  # `kill` only as a word of its own
+    "ban the ned",
+    "一只红色的圆",
+    "禁书",  # another word sharing a character
+    "台湾菜 独特",
+    "发出 票据",
+    "",
+    "   ",
+    "🙂🙂🙂",
+]
+
+
+@pytest.fixture()
+def blocklist(tmp_path: Path) -> Blocklist:
+    path = tmp_path / "rules.txt"
+    path.write_text(RULES, "utf-8")
+    return Blocklist([path])
+
+
+@pytest.mark.parametrize(("text", "rule"), EVASIONS)
+def test_evasions_do_not_pass(blocklist: Blocklist, text: str, rule: str) -> None:
+    assert blocklist.match(text) == rule
+
+
+@pytest.mark.parametrize("text", HARMLESS)
+def test_harmless_text_passes(blocklist: Blocklist, text: str) -> None:
+    assert blocklist.match(text) is None
+
+
+def test_normalisation_folds_width_case_and_script() -> None:
+    assert normalise("ＡＢＣ abc")[0] == "abcabc"
+    assert normalise("臺灣")[0] == "台湾"
+    compact, where = normalise("a b")
+    assert compact == "ab" and where == [0, 2]
+
+
+def test_rule_files_are_checked_and_reloaded_when_they_change(tmp_path: Path) -> None:
+    path = tmp_path / "rules.txt"
+    path.write_text("R1: alpha\n", "utf-8")
+    blocklist = Blocklist([path])
+    assert blocklist.match("alpha") == "R1" and blocklist.match("beta") is None
+    path.write_text("R1: alpha\nR2: beta\n", "utf-8")
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    blocklist._checked = 0.0  # as if a second had passed
+    assert blocklist.match("beta") == "R2"
+    path.write_bytes(b"\xff\xfe not utf-8")  # a broken edit keeps the rules that worked
+    os.utime(path, ns=(time.time_ns() + 2 * 10**9, time.time_ns() + 2 * 10**9))
+    blocklist._checked = 0.0
+    assert blocklist.match("beta") == "R2"
+    with pytest.raises(BlocklistError, match="line 1"):
+        (tmp_path / "empty.txt").write_text("R9: ...\n", "utf-8")
+        Blocklist([tmp_path / "empty.txt"])
+    with pytest.raises(BlocklistError, match="missing.txt"):
+        Blocklist([tmp_path / "missing.txt"])
+
+
+def test_a_blocked_prompt_is_a_400_naming_the_rule_never_the_word_and_is_audited(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.txt"
+    rules.write_text("R-BAN: banned\n", "utf-8")
+    data = tmp_path / "data"
+    with running_server(data, "--blocklist", str(rules)) as server:
+        prompt = small_job("blocked")
+        prompt["6"]["inputs"]["text"] = "a B.A.N.N.E.D circle"
+        status, answer = server.json("POST", "/prompt", {"prompt": prompt})
+        assert status == 400
+        assert answer["error"]["type"] == "prompt_blocked" and "R-BAN" in answer["error"]["details"]
+        assert "banned" not in json.dumps(answer).lower()
+        assert answer["node_errors"]["6"]["errors"][0]["extra_info"]["rule"] == "R-BAN"
+        status, _, body = server.request("POST", "/v1/images/generations", {"prompt": "banned", "size": "64x64"})
+        assert status == 400 and b"R-BAN" in body and b"banned" not in body.lower()
+        negative = small_job("negative")
+        negative["34"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["30", 0], "text": "ｂａｎｎｅｄ"}}
+        negative["3"]["inputs"]["negative"] = ["34", 0]  # a negative prompt is encoded too
+        assert server.json("POST", "/prompt", {"prompt": negative})[0] == 400
+        # A new rule takes effect without a restart.
+        rules.write_text("R-BAN: banned\nR-NEW: 圓形\n", "utf-8")  # the nano prompt's word, in traditional form
+        time.sleep(1.2)
+        status, answer = server.json("POST", "/prompt", {"prompt": small_job("later")})
+        assert status == 400 and "R-NEW" in answer["error"]["details"]
+    blocked = [r for r in records(data / "audit") if r.get("outcome") == "blocked"]
+    assert [r["rule"] for r in blocked] == ["R-BAN", "R-BAN", "R-BAN", "R-NEW"]
+    assert all(r["status"] == 400 and r["route"] in ("/prompt", "/v1/images/generations") for r in blocked)

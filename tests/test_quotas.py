@@ -1,0 +1,97 @@
+"""Rate limits and quotas per token, at their boundaries, against a real server; counters survive a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.server import Server, running_server
+from tests.test_security import done, make_tokens, submit_as
+from tests.test_server_queue import slow_job, small_job, wait_until
+
+
+def batch_job(prefix: str, batch: int, **options: Any) -> dict[str, Any]:
+    prompt = small_job(prefix, **options)
+    prompt["13"]["inputs"]["batch_size"] = batch
+    return prompt
+
+
+def test_requests_per_minute(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"rpm": 3})
+    with running_server(data, "--auth", "on") as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        for _ in range(3):
+            assert alice.request("POST", "/queue", {})[0] == 200
+        for _ in range(5):  # reads are not counted
+            assert alice.request("GET", "/queue")[0] == 200
+        status, headers, body = alice.request("POST", "/queue", {})
+        assert status == 429 and 1 <= int(headers["retry-after"]) <= 60
+        assert b"rpm" in body and b"alice" in body
+        assert alice.request("POST", "/prompt", {"prompt": small_job("x")})[0] == 429
+        assert bob.request("POST", "/queue", {})[0] == 200  # another user's budget is their own
+        usage = alice.json("GET", "/api/zimage/usage")[1]
+        assert usage["requests_last_minute"] == 3 and usage["limits"]["rpm"] == 3
+
+
+def test_pixel_and_step_limits_are_400s_naming_the_tokens_limit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"max_pixels": 64 * 64, "max_steps": 2})
+    with running_server(data, "--auth", "on") as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        status, answer = alice.json("POST", "/prompt", {"prompt": small_job("big", size=128)})
+        assert status == 400
+        text = str(answer)
+        assert "token 'alice'" in text and "max_pixels" in text and "4,096" in text
+        status, answer = alice.json("POST", "/prompt", {"prompt": small_job("steps", steps=3)})
+        assert status == 400 and "max_steps" in str(answer)
+        assert done(alice, submit_as(alice, small_job("fits", size=64, steps=2)))["status"]["completed"]
+        assert bob.json("POST", "/prompt", {"prompt": small_job("bobs", size=128, steps=3)})[0] == 200
+        status, _, body = alice.request("POST", "/v1/images/generations", {"prompt": "x", "size": "128x128"})
+        assert status == 400 and b"max_pixels" in body
+
+
+def test_images_per_day_count_a_batch_and_survive_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"images_per_day": 3})
+    with running_server(data, "--auth", "on") as server:
+        alice = server.as_token(tokens["user"])
+        first = submit_as(alice, batch_job("day", 2))
+        status, headers, body = alice.request("POST", "/prompt", {"prompt": batch_job("day", 2, seed=1)})
+        assert status == 429 and int(headers["retry-after"]) >= 1 and b"images_per_day" in body
+        third = submit_as(alice, batch_job("day", 1, seed=2))  # exactly the limit
+        assert alice.request("POST", "/prompt", {"prompt": batch_job("day", 1, seed=3)})[0] == 429
+        status, _, _ = alice.request("POST", "/v1/images/generations", {"prompt": "x", "size": "64x64"})
+        assert status == 429
+        done(alice, first)
+        done(alice, third)
+        usage = alice.json("GET", "/api/zimage/usage")[1]
+        assert usage["images_today"] == 3 and usage["jobs_today"] == 2
+    with running_server(data, "--auth", "on") as server:
+        alice = server.as_token(tokens["user"])
+        assert alice.request("POST", "/prompt", {"prompt": small_job("after-restart")})[0] == 429
+        assert alice.json("GET", "/api/zimage/usage")[1]["images_today"] == 3
+        admin = server.as_token(tokens["admin"]).json("GET", "/api/zimage/usage")[1]
+        assert {u["user"]: u["images_today"] for u in admin["users"]}["alice"] == 3
+        assert {u["user"] for u in admin["users"]} >= {"alice", "bob", "root"}
+
+
+def test_queued_jobs(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"max_queued": 2})
+    with running_server(data, "--auth", "on") as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        running = submit_as(alice, slow_job("q-slow"))
+        wait_until(lambda: _running(alice) == [running])
+        waiting = submit_as(alice, small_job("q-1"))
+        status, headers, body = alice.request("POST", "/prompt", {"prompt": small_job("q-2")})
+        assert status == 429 and headers["retry-after"] and b"max_queued" in body
+        assert bob.request("POST", "/prompt", {"prompt": small_job("q-bob")})[0] == 200
+        assert alice.json("GET", "/api/zimage/usage")[1]["queued"] == 2
+        alice.request("POST", "/interrupt", {})
+        done(alice, waiting)
+        assert alice.request("POST", "/prompt", {"prompt": small_job("q-3")})[0] == 200
+
+
+def _running(client: Server) -> list[str]:
+    return [item[1] for item in client.json("GET", "/queue")[1]["queue_running"]]
