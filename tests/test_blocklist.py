@@ -114,7 +114,7 @@ def test_rule_files_are_checked_and_reloaded_when_they_change(tmp_path: Path) ->
     with pytest.raises(BlocklistError, match="line 1"):
         (tmp_path / "empty.txt").write_text("R9: ...\n", "utf-8")
         Blocklist([tmp_path / "empty.txt"])
-    with pytest.raises(BlocklistError, match="missing.txt"):
+    with pytest.raises(BlocklistError, match=r"missing\.txt"):
         Blocklist([tmp_path / "missing.txt"])
 
 
