@@ -1,7 +1,9 @@
 """Fuzzing a real server: schemathesis on its own OpenAPI schema, and hypothesis with hostile bodies.
 
 Every answer must be below 500, the listings must stay strict JSON, and a normal job must still run at
-the end. The server runs with tight limits, so the jobs the fuzzers do get queued stay cheap.
+the end. The server runs with authentication on (schemathesis as an admin, so the admin routes are
+fuzzed too; the hostile bodies as a user) and with tight limits, so the jobs the fuzzers do get queued
+stay cheap.
 Bounded runs: SCHEMA_EXAMPLES per operation, BODY_EXAMPLES hostile bodies (the counts are in the README).
 """
 
@@ -21,6 +23,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from tests.server import Server, running_server
+from zimage_serve.security.tokens import TokenStore
 from tests.test_hardening import listings_are_strict
 from tests.test_server_queue import history, small_job, submit, wait_until
 
@@ -32,18 +35,29 @@ TIGHT = ("--max-pixels", "16384", "--max-steps", "8", "--max-batch", "2", "--max
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("fuzz") / "data", *TIGHT) as running:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    data = tmp_path_factory.mktemp("fuzz") / "data"
+    store = TokenStore(data / "auth.sqlite3")
+    admin, _ = store.create("fuzzing-admin-account", "admin")
+    user, _ = store.create("fuzzing-user-account", "user")
+    store.close()
+    with running_server(data, "--auth", "on", *TIGHT) as running:
         wait_until(lambda: running.request("GET", "/health")[0] == 200)  # 503 while the worker starts
-        yield running
+        yield {"admin": running.as_token(admin), "user": running.as_token(user)}
     log = running.log.read_text()
     assert "Traceback" not in log and " 500 " not in log, log[-3000:]
 
 
-def test_no_operation_of_the_schema_answers_a_5xx(server: Server) -> None:
+@pytest.fixture(scope="module")
+def server(servers: dict[str, Server]) -> Server:
+    return servers["user"]
+
+
+def test_no_operation_of_the_schema_answers_a_5xx(servers: dict[str, Server]) -> None:
     """Each operation of /openapi.json, with up to SCHEMA_EXAMPLES cases from schemathesis, drawn from both
     of its modes: bodies and parameters that fit the schema, and ones that break it."""
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    server = servers["admin"]
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=server.headers)
     calls: dict[str, int] = {}
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -53,7 +67,7 @@ def test_no_operation_of_the_schema_answers_a_5xx(server: Server) -> None:
         @settings(max_examples=SCHEMA_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def answers_below_500(case: Any) -> None:
             calls[case.operation.label] += 1
-            case.call_and_validate(base_url=server.url, checks=[not_a_server_error])
+            case.call_and_validate(base_url=server.url, headers=server.headers, checks=[not_a_server_error])
 
         answers_below_500()
     print(f"schemathesis: {sum(calls.values())} cases over {len(calls)} operations: {calls}")

@@ -96,6 +96,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     ImagesRequest,
     UploadForm,
     MaskForm,
+    TokenRequest,
 )
 
 
