@@ -1,6 +1,7 @@
 """Jobs per second through a real `zimage serve` process on a model-free graph, and GET /queue latency.
 
     .venv/bin/python benchmarks/server_throughput.py [--jobs 2000] [--clients 8] [--waiting 500] [--mode both]
+        [--auth off|on|both] [--rounds 1]
 
 The graph is LoadImage → SaveImage with a new filename prefix per job (so nothing is served from the
 cache), submitted over loopback HTTP by `--clients` threads with keep-alive connections. Measures:
@@ -9,6 +10,10 @@ the server's per-job overhead (wall time per completed job), and p50/p99 of GET 
 `--waiting` jobs wait behind a busy worker. By default both worker modes are measured one after the
 other: prompts in a worker process (the default) and in threads of the server process. Goal (issue 5)
 on 2 cores with the queue persisted: 1,000 submissions/s and 1,000 completed jobs/s.
+
+`--auth both` measures the worker-process mode with authentication off and on (a user's Bearer token on
+every request, the audit log written in both), alternating `--rounds` times in one run: issue 17 asks
+that completed jobs/s with authentication on stay at 85 % or more of the figure with it off.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.server import proc_stat, running_server, worker_processes
 
 from zimage_serve import workflows
+from zimage_serve.security.tokens import TokenStore
+
+AUTH: dict[str, str] = {}  # the header lines every request sends (a Bearer token, when measuring with auth)
 
 
 def graph(prefix: str) -> dict[str, object]:
@@ -51,7 +59,9 @@ def post_prompts(port: int, bodies: list[bytes], errors: list[str]) -> None:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = connection.makefile("rb")
         for body in bodies:
-            head = "POST /prompt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            head = "POST /prompt HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + "".join(
+                f"{name}: {value}\r\n" for name, value in AUTH.items()
+            )
             connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
             status = stream.readline()
             length = 0
@@ -81,7 +91,7 @@ def submit_all(port: int, prefixes: list[str], clients: int) -> float:
 
 def get_json(port: int, path: str) -> Any:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("GET", path)
+    connection.request("GET", path, headers=AUTH)
     answer = json.loads(connection.getresponse().read())
     connection.close()
     return answer
@@ -100,12 +110,20 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return {"server": used(pid), "worker": sum(used(child) for child in worker_processes(pid))}
 
 
-def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
+def measure(args: argparse.Namespace, *server_args: str, auth: bool = False) -> dict[str, float]:
     data = Path(tempfile.mkdtemp()) / "data"
-    (data / "input").mkdir(parents=True)
-    Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
+    inputs = data / "input" / "users" / "bench" if auth else data / "input"  # a user's uploads are their own
+    inputs.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")
+    AUTH.clear()
+    if auth:
+        store = TokenStore(data / "auth.sqlite3")
+        AUTH["Authorization"] = "Bearer " + store.create("bench", "user")[0]
+        store.close()
+        server_args = ("--auth", "on", *server_args)
     found: dict[str, float] = {}
-    with running_server(data, "--max-queue", str(args.jobs + args.waiting + 10), *server_args) as server:
+    with running_server(data, "--max-queue", str(args.jobs + args.waiting + 10), *server_args) as plain:
+        server = plain.as_token(AUTH["Authorization"].split()[1]) if auth else plain
         # Steady state: one job through first, so the worker is up and the caches are warm.
         submit_all(server.port, ["warm-up"], 1)
         while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
@@ -145,7 +163,7 @@ def measure(args: argparse.Namespace, *server_args: str) -> dict[str, float]:
         latencies = []
         for _ in range(200):
             begun = time.perf_counter()
-            connection.request("GET", "/queue")
+            connection.request("GET", "/queue", headers=AUTH)
             response = connection.getresponse()
             body = response.read()
             latencies.append((time.perf_counter() - begun) * 1000)
@@ -167,13 +185,30 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--waiting", type=int, default=500)
     parser.add_argument("--mode", choices=["both", *MODES], default="both")
+    parser.add_argument("--auth", choices=["off", "on", "both"], default="off")
+    parser.add_argument("--rounds", type=int, default=1, help="with --auth both: off/on pairs, alternating")
     args = parser.parse_args()
-    modes = list(MODES) if args.mode == "both" else [args.mode]
-    results = {mode: measure(args, *MODES[mode]) for mode in modes}
+    if args.auth == "both":
+        runs = [
+            (f"auth {state} #{n + 1}", "worker process", state == "on")
+            for n in range(args.rounds)
+            for state in ("off", "on")
+        ]
+    else:
+        modes = list(MODES) if args.mode == "both" else [args.mode]
+        runs = [(mode if args.auth == "off" else f"{mode}, auth on", mode, args.auth == "on") for mode in modes]
+    results = {label: measure(args, *MODES[mode], auth=auth) for label, mode, auth in runs}
+    labels = list(results)
     print(f"{args.jobs} jobs from {args.clients} client threads (LoadImage -> SaveImage), queue in SQLite (WAL)")
-    print(f"{'':34}" + "".join(f"{mode:>24}" for mode in modes))
-    for key in results[modes[0]]:
-        print(f"{key:34}" + "".join(f"{results[mode][key]:24.1f}" for mode in modes))
+    print(f"{'':34}" + "".join(f"{label:>24}" for label in labels))
+    for key in results[labels[0]]:
+        print(f"{key:34}" + "".join(f"{results[label][key]:24.1f}" for label in labels))
+    if args.auth == "both":
+        off = [results[label]["completed jobs/s"] for label in labels if label.startswith("auth off")]
+        on = [results[label]["completed jobs/s"] for label in labels if label.startswith("auth on")]
+        print(
+            f"completed jobs/s with auth on / off: {statistics.mean(on) / statistics.mean(off):.1%} (mean of {len(on)})"
+        )
 
 
 if __name__ == "__main__":

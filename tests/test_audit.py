@@ -180,3 +180,34 @@ def test_nothing_is_lost_on_sigkill(tmp_path: Path) -> None:
     assert {r["job_id"] for r in found if r["kind"] == "generation"} == set(jobs)
     assert {r.get("job_id") for r in found if r.get("route") == "/prompt"} == set(jobs)
     assert verify(data / "audit", data / "queue.sqlite3")[1] is None
+
+
+def test_the_log_rotates_by_size_and_the_chain_runs_across_files(tmp_path: Path) -> None:
+    import asyncio
+
+    from zimage_serve.queue.store import JobStore
+    from zimage_serve.security.audit import AuditLog
+
+    queue_file = tmp_path / "queue.sqlite3"
+    JobStore(queue_file).close()  # the store owns the queue file's tables, the audit head among them
+    log = AuditLog(tmp_path / "audit", queue_file, rotate_bytes=2000)
+    log.start()
+
+    async def write_all() -> None:
+        for n in range(60):
+            await log.write({"kind": "request", "user": "u", "route": "/prompt", "n": n})
+
+    asyncio.run(write_all())
+    log.stop()
+    files = audit_files(tmp_path / "audit")
+    assert len(files) >= 5 and all(f.stat().st_size < 2000 + 400 for f in files)
+    checked, problem = verify(tmp_path / "audit", queue_file)
+    assert problem is None and checked == 60
+    again = AuditLog(tmp_path / "audit", queue_file, rotate_bytes=2000)  # a restart chains on
+    again.start()
+    again.add({"kind": "request", "n": 60})
+    again.stop()
+    assert verify(tmp_path / "audit", queue_file) == (61, None)
+    files[0].unlink()  # a whole file removed
+    checked, problem = verify(tmp_path / "audit", queue_file)
+    assert problem is not None and "expected record 1" in str(problem)

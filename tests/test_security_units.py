@@ -1,0 +1,184 @@
+"""The security pieces on their own: settings from flags, TOML and the environment; the network policy;
+identities carried into jobs; owners in the queue file (older files included); tokens' storage."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.server import running_server
+from zimage_serve.config import ConfigError, ServeConfig
+from zimage_serve.identity import Identity
+from zimage_serve.queue.store import Job, JobStore, Quota, QuotaExceeded
+from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
+from zimage_serve.security.rate import RateLimiter
+from zimage_serve.security.tokens import TokenError, TokenStore
+from zimage_serve.workflow.limits import Limits
+
+
+def test_flags_win_over_the_environment_over_the_toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "zimage.toml"
+    toml.write_text('port = 9000\nauth = "on"\nallow_ip = ["10.0.0.0/8"]\nmax_steps = 50\n', "utf-8")
+    config = ServeConfig.load(toml)
+    assert (config.port, config.auth, config.allow_ip, config.limits().steps) == (9000, "on", ["10.0.0.0/8"], 50)
+    monkeypatch.setenv("ZIMAGE_PORT", "9100")
+    monkeypatch.setenv("ZIMAGE_ALLOW_IP", '["192.168.0.0/16"]')
+    monkeypatch.setenv("ZIMAGE_MODELS", "/a:/b")  # PATH-like: the command's, not a JSON list
+    config = ServeConfig.load(toml)
+    assert (config.port, config.allow_ip, config.models) == (9100, ["192.168.0.0/16"], [])
+    assert ServeConfig.load(toml, port=9200, auth=None).port == 9200
+    with pytest.raises(ConfigError) as bad:
+        ServeConfig.load(toml, auth="maybe")
+    assert bad.value.option == "--auth" and "from the flag" in str(bad.value)
+    monkeypatch.setenv("ZIMAGE_PORT", "0")
+    with pytest.raises(ConfigError) as bad:
+        ServeConfig.load(None)
+    assert bad.value.option == "--port" and "ZIMAGE_PORT" in str(bad.value)
+    monkeypatch.delenv("ZIMAGE_PORT")
+    (tmp_path / "broken.toml").write_text("port = = 1", "utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        ServeConfig.load(tmp_path / "broken.toml")
+    (tmp_path / "unknown.toml").write_text("colour = 1", "utf-8")
+    with pytest.raises(ConfigError) as bad:
+        ServeConfig.load(tmp_path / "unknown.toml")
+    assert bad.value.option == "--colour"
+    with pytest.raises(ConfigError, match="not a file"):
+        ServeConfig.load(tmp_path / "missing.toml")
+
+
+def test_auth_follows_the_bind_address_and_says_so(tmp_path: Path) -> None:
+    toml = tmp_path / "zimage.toml"
+    toml.write_text('auth = "on"\n', "utf-8")
+    with running_server(tmp_path / "a", "--config", str(toml)) as server:
+        assert server.request("GET", "/queue")[0] == 401
+    with running_server(tmp_path / "b", "--listen", "0.0.0.0") as server:  # auto: on when exposed
+        assert server.request("GET", "/queue")[0] == 401
+        assert "no token exists" in server.log.read_text()
+    with running_server(tmp_path / "c", "--listen", "0.0.0.0", "--auth", "off") as server:
+        assert server.request("GET", "/queue")[0] == 200
+        assert "authentication is off and the server listens on 0.0.0.0" in server.log.read_text()
+    with running_server(tmp_path / "d") as server:  # auto on loopback: off
+        assert server.request("GET", "/queue")[0] == 200
+
+
+def test_a_bad_security_option_stops_the_command_naming_it(tmp_path: Path) -> None:
+    from tests.test_security import zimage
+
+    for args, named in (
+        (["--allow-ip", "10.0.0.0/33"], "--allow-ip"),
+        (["--trusted-proxy", "proxy"], "--trusted-proxy"),
+        (["--allow-origin", "evil.example"], "--allow-origin"),
+        (["--public-url", "images.example.com"], "--public-url"),
+        (["--blocklist", str(tmp_path / "none.txt")], "--blocklist"),
+        (["--audit-prompts", "some"], "--audit-prompts"),
+        (["--auth", "maybe"], "--auth"),
+    ):
+        result = zimage("serve", "--data-dir", str(tmp_path / "data"), "--port", "1", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_the_network_policy() -> None:
+    policy = NetworkPolicy.build(["10.0.0.0/8", "2001:db8::/32"], ["127.0.0.1", "::1"], ["https://app.example"])
+    assert policy.allowed("10.9.8.7") and policy.allowed("2001:db8::1") and not policy.allowed("192.0.2.1")
+    assert policy.allowed("::ffff:10.1.1.1")  # IPv4 mapped into IPv6
+    assert not policy.allowed("garbage")
+    assert policy.client("127.0.0.1", "10.1.1.1") == "10.1.1.1"
+    assert policy.client("::1", "2001:db8::5, 127.0.0.1") == "2001:db8::5"
+    assert policy.client("192.0.2.9", "10.1.1.1") == "192.0.2.9"  # not a trusted proxy
+    assert policy.cross_site("localhost:8188", "http://localhost:8188", None) is None
+    assert policy.cross_site("localhost:8188", "http://localhost", None) is None  # ports only when both given
+    assert policy.cross_site("[::1]:8188", "http://[::1]:8188", None) is None
+    assert policy.cross_site("localhost:8188", "http://localhost:9999", None) is not None
+    assert policy.cross_site("localhost:8188", "https://app.example", None) is None
+    assert policy.cross_site("localhost:8188", None, "cross-site") is not None
+    assert policy.cross_site("localhost:8188", None, "same-site") is None
+    assert policy.rebinding("localhost:8188") is None and policy.rebinding("127.0.0.5") is None
+    assert policy.rebinding("attacker.example:8188") is not None
+    assert NetworkPolicy.build(listen="0.0.0.0").rebinding("images.example.com") is None
+    for bad in (["10.0.0.0/33"], ["host"]):
+        with pytest.raises(NetworkSettingError):
+            NetworkPolicy.build(bad)
+    with pytest.raises(NetworkSettingError):
+        NetworkPolicy.build(allow_origin=["https://app.example/path"])
+
+
+def test_a_jobs_identity_carries_the_tokens_limits_to_the_worker() -> None:
+    server = Limits(steps=100, pixels=10**6)
+    identity = Identity("alice", "user", "10.0.0.1", server.for_token("alice", steps=8, pixels=None))
+    context = identity.job_context()
+    assert context == {"role": "user", "address": "10.0.0.1", "limits": {"steps": 8}}
+    again = Identity.of_job("alice", context, server)
+    assert again.limits is not None and again.limits.steps == 8 and again.limits.pixels == 10**6
+    assert again.space == "alice" and not again.admin and again.may_see("alice") and not again.may_see("bob")
+    assert "token 'alice'" in again.limits.refusal("steps", 9)
+    assert Identity.of_job("", {}, server).admin  # the local operator's jobs
+
+
+def test_owners_in_the_queue_file_and_an_older_file_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, number REAL NOT NULL,
+        prompt TEXT NOT NULL, extra_data TEXT NOT NULL, outputs TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN
+        ('pending', 'running', 'success', 'error', 'interrupted')), attempts INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL, started REAL, finished REAL, result TEXT);
+        INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created)
+        VALUES ('old', 1, '{}', '{}', '[]', 'pending', 1.0);"""
+    )
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    [old] = store.pending()
+    assert old.owner == "" and old.context == {}
+    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context={"role": "user"}, images=2)])
+    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context={"role": "user"}, images=1)])
+    assert [j.id for j in store.pending()] == ["old", "a1", "b1"]
+    assert store.queue_items_json("pending", owner="alice")[0].startswith('[2, "a1"')
+    assert store.count("pending", "alice") == 1 and store.count("pending") == 3
+    assert store.delete_pending(None, owner="bob") == 1 and store.count("pending") == 2
+    assert store.delete_pending(["a1"], owner="bob") == 0
+    quota = Quota(max_queued=1, images_per_day=3)
+    [refused] = store.enqueue_many([Job("a2", 4, {}, {}, [], owner="alice", quota=quota, images=1)])
+    assert isinstance(refused, QuotaExceeded) and refused.quota == "max_queued"
+    job = store.claim()
+    assert job is not None and job.id == "old"
+    store.finish("old", "success", {"outputs": {}})
+    job = store.claim()
+    assert job is not None and job.owner == "alice" and job.context == {"role": "user"}
+    store.finish("a1", "success", {"outputs": {}})
+    [refused] = store.enqueue_many([Job("a3", 5, {}, {}, [], owner="alice", quota=quota, images=2)])
+    assert isinstance(refused, QuotaExceeded) and refused.quota == "images_per_day" and refused.retry_after >= 1
+    assert [j.id for j in store.history(owner="alice")] == ["a1"] and store.count_finished("alice") == 1
+    assert {u["user"]: u["images_today"] for u in store.usage()} == {"alice": 2, "bob": 1}
+    outbox = store._db.execute("SELECT job_id, owner FROM audit_outbox ORDER BY id").fetchall()
+    assert [tuple(row) for row in outbox] == [("old", ""), ("a1", "alice")]
+    store.close()
+
+
+def test_tokens_are_kept_as_hashes_and_checked(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "auth.sqlite3")
+    token, record = store.create("alice", "user", rpm=3)
+    assert store.lookup(token) == record and store.lookup(token + "x") is None
+    assert token.encode() not in (tmp_path / "auth.sqlite3").read_bytes()
+    with pytest.raises(TokenError):
+        store.create("alice")
+    with pytest.raises(TokenError):
+        store.create("alice2", rpm=0)
+    with pytest.raises(TokenError):
+        store.create(".hidden")
+    store.revoke("alice")
+    assert store.lookup(token) is not None and not store.lookup(token).active  # type: ignore[union-attr]
+    assert store.take_revoked() == ["alice"] and store.take_revoked() == []
+    again, _ = store.create("alice")  # a revoked name may be given a new token
+    assert store.lookup(token) is None and store.lookup(again) is not None
+    store.close()
+
+
+def test_the_rate_limiter_slides() -> None:
+    limiter = RateLimiter()
+    assert [limiter.take("a", 2, now=t) for t in (0.0, 1.0, 2.0)] == [0, 0, 58]
+    assert limiter.take("a", 2, now=60.5) == 0  # the first left the window
+    assert limiter.take("b", 2, now=2.0) == 0 and limiter.recent("a", now=60.9) == 2
