@@ -92,9 +92,8 @@ class Server:
         """Start sending a body of `size` bytes and read the answer as soon as it comes."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=30) as conn:
             framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
-            conn.sendall(
-                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
-            )
+            head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            conn.sendall(f"{head}{framing}\r\n\r\n".encode())
             block = b"x" * 65536
             sent = 0
             try:

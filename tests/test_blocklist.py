@@ -144,3 +144,9 @@ def test_a_blocked_prompt_is_a_400_naming_the_rule_never_the_word_and_is_audited
     blocked = [r for r in records(data / "audit") if r.get("outcome") == "blocked"]
     assert [r["rule"] for r in blocked] == ["R-BAN", "R-BAN", "R-BAN", "R-NEW"]
     assert all(r["status"] == 400 and r["route"] in ("/prompt", "/v1/images/generations") for r in blocked)
+
+
+def test_the_shipped_example_list_loads() -> None:
+    example = Blocklist([Path(__file__).resolve().parents[1] / "docs" / "blocklist.example.txt"])
+    assert example.match("違禁詞") == "EX-3" and example.match("B A D W O R D") == "EX-2"
+    assert example.match("a badwordy thing") is None and example.match("Forbidden-Word") == "EX-1"

@@ -417,7 +417,7 @@ def test_queue_pages_stay_fast_with_10000_waiting(tmp_path: Path) -> None:
 def test_a_client_that_leaves_the_openai_route_cancels_its_prompt(tmp_path: Path) -> None:
     with running_server(tmp_path / "data") as server:
         body = json.dumps({"prompt": "a red circle", "size": "1024x1024", "n": 4}).encode()
-        head = "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         client = socket.create_connection(("127.0.0.1", server.port))
         client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         wait_until(lambda: len(running_ids(server)) == 1)

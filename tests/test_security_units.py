@@ -95,6 +95,7 @@ def test_the_network_policy() -> None:
     assert policy.cross_site("localhost:8188", "https://app.example", None) is None
     assert policy.cross_site("localhost:8188", None, "cross-site") is not None
     assert policy.cross_site("localhost:8188", None, "same-site") is None
+    assert policy.cross_site("localhost:8188", None, "cross-site", navigation=True) is None  # a link followed
     assert policy.rebinding("localhost:8188") is None and policy.rebinding("127.0.0.5") is None
     assert policy.rebinding("attacker.example:8188") is not None
     assert NetworkPolicy.build(listen="0.0.0.0").rebinding("images.example.com") is None

@@ -114,8 +114,12 @@ class NetworkPolicy:
         parsed = _address(address)
         return parsed is not None and any(parsed in net for net in nets)
 
-    def cross_site(self, host: str | None, origin: str | None, fetch_site: str | None) -> str | None:
-        """Why a browser request comes from a page of another site, or None when it does not."""
+    def cross_site(
+        self, host: str | None, origin: str | None, fetch_site: str | None, navigation: bool = False
+    ) -> str | None:
+        """Why a browser request comes from a page of another site, or None when it does not. A plain
+        navigation (a link followed to one of this server's pages, a GET) is not refused: it changes
+        nothing, and a page it opens runs as this origin's."""
         if origin is not None and origin != "null":
             if origin.lower().rstrip("/") in self.allowed_origins:
                 return None
@@ -131,7 +135,7 @@ class NetworkPolicy:
             return None
         if origin == "null":
             return "Origin null (a sandboxed or local page)"
-        if fetch_site == "cross-site":
+        if fetch_site == "cross-site" and not navigation:
             return "the browser says this request comes from another site (Sec-Fetch-Site)"
         return None
 

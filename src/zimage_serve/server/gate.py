@@ -79,8 +79,9 @@ class Gate:
             await refuse(403, "address_not_allowed", f"the address {address} may not use this server (--allow-ip)")
             return
         host = headers.get("host")
+        navigation = method in ("GET", "HEAD") and headers.get("sec-fetch-mode") == "navigate"
         why = security.network.rebinding(host) or security.network.cross_site(
-            host, headers.get("origin"), headers.get("sec-fetch-site")
+            host, headers.get("origin"), headers.get("sec-fetch-site"), navigation
         )
         if why is not None:
             await refuse(403, "cross_site_request", why)
