@@ -149,15 +149,16 @@ class QueueService:
                 rule = self.screen.match(text) if isinstance(text, str) else None
                 if rule is not None:
                     details = f"{name}: the text matches rule {rule} of this server's word filter"
-                    problem = validate_error("prompt_blocked", "Prompt blocked by the word filter", details)
-                    problem["extra_info"] = {"input_name": name, "rule": rule}
+                    problem = validate_error(
+                        "prompt_blocked",
+                        "Prompt blocked by the word filter",
+                        details,
+                        {"input_name": name, "rule": rule},
+                    )
                     node_errors = {
                         node_id: {"errors": [problem], "dependent_outputs": [], "class_type": node["class_type"]}
                     }
-                    body = {
-                        "error": validate_error("prompt_blocked", "Prompt blocked by the word filter", details),
-                        "node_errors": node_errors,
-                    }
+                    body = {"error": {**problem, "extra_info": {}}, "node_errors": node_errors}
                     raise PromptBlocked(body, rule, node_id)
 
     def _images(self, prompt: dict[str, Any]) -> int:

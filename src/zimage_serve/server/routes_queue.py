@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_serve import strict_json
-from zimage_serve.identity import Identity
+from zimage_serve.identity import USER, Identity
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.queue.store import NUMBER_LIMIT, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.security.audit import prompt_fields
@@ -237,7 +237,8 @@ def history_entry(job: Job, identity: Identity) -> dict[str, Any]:
     their space; another user's, for an admin (whose space holds every user's), with that user's folder
     in front of the subfolder."""
     entry = job.history_entry()
-    if job.owner and job.owner != identity.user and identity.admin:
+    in_a_users_space = bool(job.owner) and job.context.get("role") == USER  # an admin's files are the shared ones
+    if in_a_users_space and job.owner != identity.user and identity.admin:
         for ui in entry["outputs"].values():
             for items in ui.values() if isinstance(ui, dict) else ():
                 for item in items if isinstance(items, list) else ():
