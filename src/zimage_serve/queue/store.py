@@ -350,13 +350,14 @@ class JobStore:
         back stored, or as the error that kept it out (the queue full, its id taken)."""
         now = time.time()
         found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
+        used: dict[str, list[int]] = {}  # owner → [jobs, images] stored in this transaction
         with self._writing():
             pending = self._count("pending")
             for job in jobs:
                 if pending >= self.max_pending:
                     found.append(QueueFull(self.max_pending))
                     continue
-                over = self._over_quota(job, now) if job.owner else None
+                over = self._over_quota(job, now, used.get(job.owner, [0, 0])[1]) if job.owner else None
                 if over is not None:
                     found.append(over)
                     continue
@@ -371,11 +372,9 @@ class JobStore:
                     found.append(DuplicateJob(job.id))
                     continue
                 if job.owner:
-                    self._execute(
-                        "INSERT INTO usage (owner, day, jobs, images) VALUES (?, ?, 1, ?) "
-                        "ON CONFLICT(owner, day) DO UPDATE SET jobs = jobs + 1, images = images + excluded.images",
-                        (job.owner, _day(now), job.images),
-                    )
+                    counted = used.setdefault(job.owner, [0, 0])
+                    counted[0] += 1
+                    counted[1] += job.images
                 pending += 1
                 found.append(
                     Job(
@@ -390,10 +389,17 @@ class JobStore:
                         images=job.images,
                     )
                 )
+            for owner, (count, images) in used.items():  # one row change per user, not per job
+                self._execute(
+                    "INSERT INTO usage (owner, day, jobs, images) VALUES (?, ?, ?, ?) ON CONFLICT(owner, day) "
+                    "DO UPDATE SET jobs = jobs + excluded.jobs, images = images + excluded.images",
+                    (owner, _day(now), count, images),
+                )
         return found
 
-    def _over_quota(self, job: Job, now: float) -> QuotaExceeded | None:
-        """Within the enqueue transaction: the quota this job would break, if any."""
+    def _over_quota(self, job: Job, now: float, images_so_far: int) -> QuotaExceeded | None:
+        """Within the enqueue transaction: the quota this job would break, if any (`images_so_far`: the
+        owner's images stored earlier in the same transaction, not yet in the usage table)."""
         quota = job.quota
         if quota is None:
             return None
@@ -404,7 +410,7 @@ class JobStore:
         if quota.images_per_day is not None:
             row = self._execute("SELECT images FROM usage WHERE owner = ? AND day = ?", (job.owner, _day(now)))
             today = row.fetchone()
-            used = (today[0] if today else 0) + job.images
+            used = (today[0] if today else 0) + images_so_far + job.images
             if used > quota.images_per_day:
                 return QuotaExceeded("images_per_day", used, quota.images_per_day, _seconds_to_midnight(now))
         return None

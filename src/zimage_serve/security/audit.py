@@ -64,12 +64,14 @@ def canonical(record: dict[str, Any]) -> bytes:
 
 
 def chained(record: dict[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
-    """The line to write for `record` (its `seq`, `prev` and `hash` set) and its hash."""
+    """The line to write for `record` (its `seq`, `prev` and `hash` set) and its hash. The line is the
+    canonical JSON the hash is taken over, with the hash added as a last key: one encoding per record."""
     record["seq"], record["prev"] = seq, prev
     record.pop("hash", None)
-    digest = hashlib.sha256(canonical(record)).hexdigest()
+    text = canonical(record)
+    digest = hashlib.sha256(text).hexdigest()
     record["hash"] = digest
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n", digest
+    return text[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
 
 
 def iso(when: float) -> str:
@@ -106,6 +108,9 @@ class AuditLog:
         folder.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(queue_file), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA busy_timeout=10000")  # the tables are the store's (queue/store.py)
+        # As the store's own connection: a commit survives a killed process without waiting for the disk
+        # (only a power cut could lose the newest head, which `_recover` then finds again from the file).
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._file: int | None = None
