@@ -1,4 +1,5 @@
-"""What a running node may use: the folders, the device, its hidden inputs, progress and interrupt."""
+"""What a running node may use: who runs it, their folders, the device, its hidden inputs, progress and
+interrupt."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.naming import RunOutputs
@@ -33,6 +35,7 @@ class NodeContext:
     interrupted: Callable[[], bool] = lambda: False
     limits: Limits = field(default_factory=Limits)
     outputs: RunOutputs | None = None  # where the run's files are journaled (exactly one file per output)
+    identity: Identity = LOCAL  # whose job this is; `folders` are that caller's space, `limits` theirs
 
     def progress(self, value: int, total: int) -> None:
         if self.on_progress is not None:

@@ -334,6 +334,7 @@ class _Run:
             interrupted=self.interrupted.is_set,
             limits=self.limits,
             outputs=self.files,
+            identity=self.identity,
         )
         self.current_inputs = inputs
         result = node_class().run(ctx, **inputs)
