@@ -9,6 +9,10 @@ first, ties in submission order.
 Counts per state live in the file too, kept by triggers in the same transactions as the rows, so they
 are right for every process using the file (the server and its device worker) and reading
 `queue_remaining` never counts rows.
+
+A job has an owner (the user who queued it; "" with authentication off) and the rest of who queued it
+(`context`); listings, deletes and quotas can be narrowed to one owner. A trigger copies each job's end
+into the audit log's outbox in the transaction that records it (security/audit.py).
 """
 
 from __future__ import annotations
@@ -347,7 +351,8 @@ class JobStore:
 
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         """Store new jobs in one transaction (one commit for a burst of submissions); each one comes
-        back stored, or as the error that kept it out (the queue full, its id taken)."""
+        back stored, or as the error that kept it out (the queue full, its owner's quota, its id taken).
+        An owner's jobs and images of the day are counted in the same transaction."""
         now = time.time()
         found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
         used: dict[str, list[int]] = {}  # owner → [jobs, images] stored in this transaction
@@ -732,7 +737,7 @@ def _unreadable(row: sqlite3.Row, strict: bool) -> str | None:
     try:
         JobStore._job(row)
         if strict:
-            for column in ("prompt", "extra_data", "outputs", "result"):
+            for column in ("prompt", "extra_data", "outputs", "result", "context"):
                 if row[column]:
                     strict_json.loads(row[column], max_depth=strict_json.MAX_DEPTH + 8)
             if not -NUMBER_LIMIT < row["number"] < NUMBER_LIMIT:
