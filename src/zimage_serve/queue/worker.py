@@ -4,8 +4,10 @@ It runs at most `concurrency` jobs at once, each on its own thread: on a GPU a s
 encoding, decoding and saving overlap the first one's sampling (the field report advises at most 2).
 
 Every event goes to `Listener.job_event` with the prompt and client it belongs to, in ComfyUI's
-order; after a job the history is written first, then `status`, then `executing` with node null, so a
-client that waits for that last message always finds the history entry.
+order; after a job the history is written first, then the run's closing event (`execution_success`,
+`execution_error` or `execution_interrupted`: held back until then), then `status`, then `executing`
+with node null, so a client that reacts to any of ComfyUI's completion events finds the history entry
+(ComfyUI itself sends `execution_success` before it writes the history).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ GPU_JOB_TIMEOUT_S = 30.0
 # On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
 OTHER_JOB_TIMEOUT_S = 1800.0
 PRELOAD_ID = "zimage-preload"  # the warm-up run's id (never a UUID, so never a client's)
+CLOSING = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
 def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:
@@ -245,7 +248,8 @@ class Worker:
         def emit(event: str, data: dict[str, Any]) -> None:
             if event == "executing":
                 running.node = data.get("node")
-            self._tell(job, event, data)
+            if event not in CLOSING:  # sent once the history holds the run (below), from result.messages
+                self._tell(job, event, data)
 
         if job.attempts > 1:  # run before and never finished: what that run wrote goes first
             self.executor.discard_outputs(job.id)
@@ -258,12 +262,15 @@ class Worker:
         if result.status == "interrupted" and job.id in self._timed_out:
             self._note_timeout(job, result)
         self._timed_out.discard(job.id)
+        closing = next(((e, d) for e, d in reversed(result.messages) if e in CLOSING), None)
         if result.status == "interrupted" and self._cut_off.is_set():
             self.store.requeue(job.id)
             self.executor.discard_outputs(job.id)
             log.warning("prompt %s was stopped by the shutdown and is queued again for the next start", job.id)
             with self._running_lock:
                 del self._running[job.id]
+            if closing is not None:
+                self._tell(job, *closing)
             return None
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
@@ -274,6 +281,8 @@ class Worker:
         try:
             with self._running_lock:
                 del self._running[job.id]
+            if closing is not None:  # a timeout's is its error, not the interrupt that stopped it
+                self._tell(job, *closing)
             self.listener.queue_changed()
             self._tell(job, "executing", {"node": None, "prompt_id": job.id})
         except Exception:  # the next job is claimed already: it must still run

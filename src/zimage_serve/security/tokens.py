@@ -41,7 +41,15 @@ CREATE TABLE IF NOT EXISTS tokens (
     last_used REAL,
     revoked REAL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    hash TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL
+);
 """
+SESSION_PREFIX = "zss_"
+SESSION_S = 30 * 24 * 3600  # a browser's sign-in lasts a month, or until it signs out or the token goes
 LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
 
 
@@ -85,6 +93,7 @@ class TokenStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
         self._by_hash: dict[str, Token] = {}
+        self._sessions: dict[str, tuple[str, float]] = {}  # hash → (the token's hash, expiry)
         self._version = -1
         self._checked = 0.0
         self._used: dict[str, float] = {}  # name → last use not yet written
@@ -164,6 +173,8 @@ class TokenStore:
             self._version = version
             fields = ", ".join(["hash", *Token.__dataclass_fields__])
             rows = self._db.execute(f"SELECT {fields} FROM tokens").fetchall()
+            sessions = self._db.execute("SELECT hash, token_hash, expires FROM sessions").fetchall()
+        self._sessions = {h: (token_hash, expires) for h, token_hash, expires in sessions}
         before = {t.name for t in self._by_hash.values() if t.active}
         self._by_hash = {row[0]: Token(*row[1:]) for row in rows}
         after = {t.name for t in self._by_hash.values() if t.active}
@@ -189,6 +200,37 @@ class TokenStore:
                 "UPDATE tokens SET last_used = max(coalesce(last_used, 0), ?) WHERE name = ?",
                 [(when, name) for name, when in used.items()],
             )
+
+    # -- browser sessions (the sign-in page's cookie) -------------------------------------------------
+    def open_session(self, token: str) -> tuple[str, Token] | None:
+        """A new session for a valid token: (the session's secret, for the cookie; the token's record).
+        Only its hash is stored; it ends when the token is revoked."""
+        record = self.lookup(token)
+        if record is None or not record.active:
+            return None
+        secret = SESSION_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
+        with self._writing():
+            self._db.execute("DELETE FROM sessions WHERE expires < ?", (now,))
+            self._db.execute(
+                "INSERT INTO sessions (hash, token_hash, created, expires) VALUES (?, ?, ?, ?)",
+                (hash_token(secret), hash_token(token), now, now + SESSION_S),
+            )
+        self.refresh(force=True)
+        return secret, record
+
+    def session(self, secret: str) -> Token | None:
+        """The token a session stands for (revoked ones too: the caller refuses those), or None."""
+        self.refresh()
+        found = self._sessions.get(hash_token(secret))
+        if found is None or found[1] < time.time():
+            return None
+        return self._by_hash.get(found[0])  # a token made again under the same name is another token
+
+    def close_session(self, secret: str) -> None:
+        with self._writing():
+            self._db.execute("DELETE FROM sessions WHERE hash = ?", (hash_token(secret),))
+        self.refresh(force=True)
 
     def empty(self) -> bool:
         self.refresh()

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.requests import Request as PlainRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,9 +18,12 @@ from zimage_serve import __version__
 from zimage_serve.server import (
     openai_images,
     routes_files,
+    routes_frontend,
     routes_info,
+    routes_jobs,
     routes_queue,
     routes_security,
+    routes_userdata,
     routes_ws,
     schemas,
     uploads,
@@ -35,6 +39,9 @@ ROUTERS = (
     uploads.router,
     routes_ws.router,
     routes_security.router,
+    routes_userdata.router,
+    routes_jobs.router,
+    routes_frontend.router,
 )
 
 
@@ -206,7 +213,15 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
             await asyncio.to_thread(runtime.stop)
             await runtime.hub.close()
 
-    app = FastAPI(title="zimage-serve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # /docs with its scripts served from the package (FastAPI's own page loads them from a CDN: blank offline)
+    app = FastAPIOffline(
+        title="zimage-serve",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        static_url="/zimage/docs-static",
+    )
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     app.add_middleware(ApiPrefix)
@@ -214,6 +229,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
         app.include_router(router)
     schemas.document(app)
     app.include_router(openai_images.router)  # OpenAI clients use /v1 as their base URL
+    app.mount("/", routes_frontend.frontend_files(), name="frontend")  # last: every route above comes first
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

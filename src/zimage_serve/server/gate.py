@@ -14,8 +14,9 @@ import base64
 import binascii
 import json
 import time
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +33,9 @@ READS = ("GET", "HEAD", "OPTIONS")
 HEALTH = ("/health", "/api/health")
 VIEW = ("/view", "/api/view")
 QUERY_TOKEN_PATHS = VIEW  # and every WebSocket: where browsers cannot send an Authorization header
+SIGN_IN = ("/login", "/logout")  # open to all: the sign-in page and its form
+PAGES = ("/", "/index.html", "/simple")  # a browser without a credential is sent to the sign-in page
+SESSION_COOKIE = "zimage_session"
 
 
 def caller(connection: HTTPConnection) -> Identity:
@@ -90,9 +94,16 @@ class Gate:
             await _send_empty(send)
             return
         token: Token | None = None
-        if security.auth and not (method in ("GET", "HEAD") and path in HEALTH):
+        open_route = (method in ("GET", "HEAD") and path in HEALTH) or path in SIGN_IN
+        if security.auth and not open_route:
             credential = _credential(scope, headers, kind == "websocket" or path in QUERY_TOKEN_PATHS)
-            if credential is None:
+            session = _cookie(headers, SESSION_COOKIE) if credential is None else None
+            if session is not None:
+                token = security.tokens.session(session)
+            if credential is None and (token is None or not token.active) and method == "GET" and path in PAGES:
+                await _see_other(send, "/login?" + urlencode({"next": path}))
+                return
+            if credential is None and session is None:
                 await refuse(
                     401,
                     "unauthorized",
@@ -100,7 +111,8 @@ class Gate:
                     **{"WWW-Authenticate": 'Bearer realm="zimage-serve"'},
                 )
                 return
-            token = security.tokens.lookup(credential)
+            if credential is not None:
+                token = security.tokens.lookup(credential)
             if token is None or not token.active:
                 await refuse(
                     401,
@@ -202,6 +214,29 @@ def _credential(scope: Scope, headers: dict[str, str], query_allowed: bool) -> s
             if values and values[0]:
                 return values[0]
     return None
+
+
+def _cookie(headers: dict[str, str], name: str) -> str | None:
+    raw = headers.get("cookie")
+    if not raw or name not in raw:
+        return None
+    try:
+        jar = SimpleCookie(raw)
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+async def _see_other(send: Send, location: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", location.encode()), (b"content-length", b"0"), (b"cache-control", b"no-store")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _error_body(reason: str, message: str) -> bytes:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from zimage_serve import __version__
 from zimage_serve.server.gate import caller
+from zimage_serve.server.routes_frontend import frontend_version
 from zimage_serve.server.routes_queue import runtime
 
 router = APIRouter()
@@ -80,8 +81,11 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
             "python_version": sys.version,
             "pytorch_version": _torch_version(),
             "comfyui_version": f"zimage-serve {__version__}",
+            "required_frontend_version": frontend_version(),
             "embedded_python": False,
-            "argv": sys.argv,
+            # This server has none of ComfyUI's API (cloud) nodes: the flag that says so also keeps the
+            # frontend from calling api.comfy.org (release notes, pricing), which an offline server cannot reach.
+            "argv": [*sys.argv, "--disable-api-nodes"],
             "ram_total": _memory("SC_PHYS_PAGES"),
             "ram_free": _memory("SC_AVPHYS_PAGES"),
         },

@@ -1,0 +1,253 @@
+"""The official ComfyUI web frontend (the `comfyui-frontend-package` wheel) at `/`, the sign-in page,
+and the small routes the frontend calls that have no other home: i18n, templates, /internal.
+
+Caching as ComfyUI's frontend expects, and so that opening the page does not load the API: the hashed
+files under `assets/` are kept by the browser for a year; `index.html` and the unhashed scripts are
+checked again every time (`no-cache`).
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.metadata
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+from zimage_serve.security.tokens import SESSION_S
+from zimage_serve.server.gate import SESSION_COOKIE, audit_note, caller
+from zimage_serve.server.routes_queue import runtime
+from zimage_serve.workflow.folders import MODEL_FOLDERS, UnknownFileError, contained
+
+router = APIRouter()
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def frontend_root() -> Path:
+    """The frontend's files, from the installed wheel (nothing is downloaded at run time)."""
+    return Path(str(importlib.resources.files("comfyui_frontend_package") / "static"))
+
+
+def frontend_version() -> str:
+    try:
+        return importlib.metadata.version(FRONTEND_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class FrontendFiles(StaticFiles):
+    """The frontend's static files with the cache lifetimes above."""
+
+    def file_response(
+        self, full_path: Any, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        path = str(scope.get("path", ""))
+        hashed = "/assets/" in path and not path.endswith((".json", ".map"))
+        response.headers["Cache-Control"] = IMMUTABLE if hashed else "no-cache"
+        if str(full_path).endswith(".js"):
+            response.headers["Content-Type"] = "application/javascript; charset=utf-8"
+        return response
+
+
+def index_response() -> Response:
+    response = Response((frontend_root() / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
+    response.headers["Cache-Control"] = "no-cache, no-store, must-revalidate"
+    return response
+
+
+@router.get("/", include_in_schema=False)
+async def index(request: Request) -> Response:
+    return index_response()
+
+
+@router.get("/user.css", include_in_schema=False)
+async def user_css() -> Response:
+    """index.html links a server-wide stylesheet beside the user's own; this server adds no style."""
+    return Response(b"", media_type="text/css", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/templates/{name}", include_in_schema=False)
+async def templates_index(name: str) -> Response:
+    """The frontend's template browser reads `index.json` (`index.<locale>.json` for other languages)
+    and `index_logo.json`: no templates yet, as JSON, so the frontend shows none without an error."""
+    if name == "index_logo.json":
+        return JSONResponse({})
+    if name == "index.json" or (name.startswith("index.") and name.endswith(".json")):
+        return JSONResponse([])
+    return JSONResponse({"error": "no such template"}, status_code=404)
+
+
+# -- signing in (authentication on) ------------------------------------------------------------------
+SIGN_IN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><title>Sign in · zimage-serve</title>
+<style>body{{font:16px system-ui,sans-serif;background:#171718;color:#eee;display:grid;place-items:center;
+height:100vh;margin:0}}form{{background:#232325;padding:2rem;border-radius:12px;width:min(24rem,90vw)}}
+h1{{font-size:1.3rem;margin:0 0 1rem}}input{{width:100%;box-sizing:border-box;padding:.6rem;margin:.4rem 0 1rem;
+border-radius:6px;border:1px solid #555;background:#111;color:#eee}}button{{padding:.6rem 1.2rem;border:0;
+border-radius:6px;background:#3b82f6;color:#fff;font-size:1rem;cursor:pointer}}.error{{color:#f87171}}
+</style></head><body><form method="post" action="login"><h1>zimage-serve</h1>
+<label for="token">API token / 访问令牌</label>
+<input id="token" name="token" type="password" autocomplete="current-password" autofocus required>
+<input type="hidden" name="next" value="{next}">{error}
+<button type="submit">Sign in / 登录</button></form></body></html>"""
+
+
+def _next(value: str | None) -> str:
+    """Where to go after signing in: a path of this server only (never another site)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    parts = urlsplit(value)
+    return value if not parts.scheme and not parts.netloc else "/"
+
+
+def _page(next_path: str, error: str = "", status: int = 200) -> HTMLResponse:
+    shown = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    body = SIGN_IN_PAGE.format(next=html.escape(next_path, quote=True), error=shown)
+    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/login", include_in_schema=False)
+async def sign_in_page(request: Request) -> Response:
+    return _page(_next(request.query_params.get("next")))
+
+
+@router.post("/login", include_in_schema=False)
+async def sign_in(request: Request) -> Response:
+    rt = runtime(request)
+    raw = (await request.body())[:4096].decode("utf-8", "replace")
+    form = {k: v[0] for k, v in parse_qs(raw).items()}
+    next_path = _next(form.get("next"))
+    token = form.get("token", "").strip()
+    opened = rt.security.tokens.open_session(token) if token else None
+    if opened is None:
+        audit_note(request, outcome="refused", reason="bad token on the sign-in page")
+        return _page(next_path, "That token is not valid. / 令牌无效。", 401)
+    secret, record = opened
+    audit_note(request, user=record.name)
+    response = RedirectResponse(next_path, status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        secret,
+        max_age=SESSION_S,
+        httponly=True,
+        samesite="strict",
+        secure=(rt.settings.security.public_url or "").startswith("https://"),
+        path="/",
+    )
+    return response
+
+
+@router.post("/logout", include_in_schema=False)
+async def sign_out(request: Request) -> Response:
+    secret = request.cookies.get(SESSION_COOKIE)
+    if secret:
+        runtime(request).security.tokens.close_session(secret)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+# -- what the frontend asks of the server --------------------------------------------------------------
+@router.get("/i18n")
+async def get_i18n() -> dict[str, Any]:
+    return {}  # no custom nodes with locales
+
+
+@router.get("/workflow_templates")
+async def get_workflow_templates() -> dict[str, Any]:
+    return {}  # custom nodes' templates: none (ours are served as /templates/index.json)
+
+
+@router.get("/global_subgraphs")
+async def get_global_subgraphs() -> dict[str, Any]:
+    return {}
+
+
+@router.get("/experiment/models")
+async def get_model_folders(request: Request) -> list[dict[str, Any]]:
+    folders = runtime(request).folders
+    return [
+        {"name": name, "folders": [str(root / sub) for root in folders.models for sub in subs]}
+        for name, subs in MODEL_FOLDERS.items()
+    ]
+
+
+@router.get("/experiment/models/{folder}")
+async def get_models_in(request: Request, folder: str) -> Response:
+    rt = runtime(request)
+    if folder not in MODEL_FOLDERS:
+        return JSONResponse({"error": f"unknown model folder {folder!r}"}, status_code=404)
+    return JSONResponse(
+        [{"name": name, "pathIndex": 0, "modified": 0, "created": 0, "size": 0} for name in rt.folders.names(folder)]
+    )
+
+
+@router.get("/view_metadata/{folder}")
+async def view_metadata(request: Request, folder: str) -> Response:
+    """A model file's safetensors metadata, as ComfyUI answers (only .safetensors files)."""
+    rt = runtime(request)
+    filename = request.query_params.get("filename", "")
+    if folder not in MODEL_FOLDERS or not filename.endswith(".safetensors"):
+        return JSONResponse({}, status_code=404)
+    try:
+        path = rt.folders.resolve(folder, filename)
+    except UnknownFileError:
+        return JSONResponse({}, status_code=404)
+    from safetensors import safe_open  # light: no torch when reading only the header
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return JSONResponse(handle.metadata() or {})
+    except Exception:  # not a readable safetensors file: as ComfyUI, nothing to show
+        return JSONResponse({}, status_code=404)
+
+
+# -- /internal (served bare, as ComfyUI does) -----------------------------------------------------------
+@router.get("/internal/folder_paths")
+async def internal_folder_paths(request: Request) -> dict[str, list[str]]:
+    folders = runtime(request).folders
+    return {name: [str(root / sub) for root in folders.models for sub in subs] for name, subs in MODEL_FOLDERS.items()}
+
+
+@router.get("/internal/logs")
+async def internal_logs() -> str:
+    return ""  # the server's log goes to its own stream; the terminal panel shows nothing
+
+
+@router.get("/internal/logs/raw")
+async def internal_logs_raw() -> dict[str, Any]:
+    return {"entries": [], "size": {"cols": 80, "rows": 24}}
+
+
+@router.patch("/internal/logs/subscribe")
+async def internal_logs_subscribe() -> Response:
+    return Response(status_code=200)
+
+
+@router.get("/internal/files/{kind}")
+async def internal_files(request: Request, kind: str) -> Response:
+    """The caller's own files of a folder, newest first (not recursive), as ComfyUI lists them."""
+    space = runtime(request).folders.space(caller(request).space)
+    roots = {"output": space.output, "input": space.input, "temp": space.temp}
+    if kind not in roots:
+        return JSONResponse({"error": "Invalid directory type"}, status_code=400)
+    root = roots[kind]
+    try:
+        entries = [e for e in os.scandir(contained(root, "", kind, empty_ok=True)) if e.is_file()]
+    except (OSError, UnknownFileError):
+        return JSONResponse([])
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    return JSONResponse([e.name for e in entries if not e.name.startswith(".")])
+
+
+def frontend_files() -> FrontendFiles:
+    return FrontendFiles(directory=str(frontend_root()), html=False, check_dir=True)

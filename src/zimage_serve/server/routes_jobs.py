@@ -1,0 +1,182 @@
+"""ComfyUI's jobs API (/api/jobs), which frontend 1.58 reads for its queue and history panels: the
+caller's own jobs (everyone's for an admin), waiting, running and finished, in one list.
+
+The frontend checks the shapes strictly (zod): `status` one of pending, in_progress, completed, failed,
+cancelled; times in milliseconds as numbers; nulls left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from zimage_serve.identity import Identity
+from zimage_serve.queue.store import Job
+from zimage_serve.server.gate import caller
+from zimage_serve.server.routes_queue import MAX_QUERY_INT, history_entry, json_body, runtime
+from zimage_serve.server.runtime import Runtime
+
+router = APIRouter()
+STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+MEDIA = {"images": "images", "gifs": "video", "audio": "audio"}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def job_status(job: Job) -> str:
+    if job.state == "pending":
+        return "pending"
+    if job.state == "running":
+        return "in_progress"
+    if job.state == "success":
+        return "completed"
+    messages = [event for event, _ in job.result.get("messages", [])]
+    return "cancelled" if job.state == "interrupted" or "execution_interrupted" in messages else "failed"
+
+
+def job_summary(job: Job, identity: Identity) -> dict[str, Any]:
+    status = job_status(job)
+    found: dict[str, Any] = {
+        "id": job.id,
+        "status": status,
+        "priority": int(job.number) if float(job.number).is_integer() else job.number,
+        "create_time": int(job.created * 1000),
+        "outputs_count": 0,
+    }
+    workflow = (job.extra_data.get("extra_pnginfo") or {}).get("workflow") if job.extra_data else None
+    if isinstance(workflow, dict) and isinstance(workflow.get("id"), str):
+        found["workflow_id"] = workflow["id"]
+    if status in ("pending", "in_progress"):
+        return found
+    messages = job.result.get("messages", [])
+    for event, data in messages:
+        if event == "execution_start" and isinstance(data, dict) and "timestamp" in data:
+            found["execution_start_time"] = data["timestamp"]
+        if event in ("execution_success", "execution_error", "execution_interrupted") and isinstance(data, dict):
+            if "timestamp" in data:
+                found["execution_end_time"] = data["timestamp"]
+            if event == "execution_error":
+                found["execution_error"] = data
+    entry = history_entry(job, identity)
+    items = [
+        {**item, "nodeId": node_id, "mediaType": MEDIA[kind]}
+        for node_id, ui in entry["outputs"].items()
+        if isinstance(ui, dict)
+        for kind, values in ui.items()
+        if kind in MEDIA and isinstance(values, list)
+        for item in values
+        if isinstance(item, dict)
+    ]
+    found["outputs_count"] = len(items)
+    previewable = [item for item in items if item.get("type") in ("output", "temp")]
+    found["previewable_outputs_count"] = len(previewable)
+    if previewable:
+        found["preview_output"] = previewable[0]
+    return found
+
+
+def _listed(rt: Runtime, identity: Identity, wanted: set[str]) -> list[Job]:
+    store, owner = rt.store, identity.owner_filter()
+    jobs: list[Job] = []
+    if "in_progress" in wanted:
+        jobs += [j for j in store.running() if owner is None or j.owner == owner]
+    if "pending" in wanted:
+        jobs += [j for j in store.pending() if owner is None or j.owner == owner]
+    if wanted & {"completed", "failed", "cancelled"}:
+        jobs += store.history(owner=owner)
+    return jobs
+
+
+@router.get("/jobs")
+async def list_jobs(request: Request) -> Response:
+    query = request.query_params
+    wanted = set(STATUSES)
+    if query.get("status"):
+        wanted = {s.strip() for s in query["status"].split(",") if s.strip()}
+        unknown = sorted(wanted - set(STATUSES))
+        if unknown:
+            return _error(400, f"status: {unknown[0]!r} is not one of {', '.join(STATUSES)}")
+    sort_by = query.get("sort_by") or "created_at"
+    if sort_by not in ("created_at", "execution_duration"):
+        return _error(400, "sort_by must be created_at or execution_duration")
+    order = query.get("sort_order") or "desc"
+    if order not in ("asc", "desc"):
+        return _error(400, "sort_order must be asc or desc")
+    try:
+        limit = _count(query.get("limit"), "limit", positive=True)
+        offset = _count(query.get("offset"), "offset") or 0
+    except ValueError as exc:
+        return _error(400, str(exc))
+    rt, identity = runtime(request), caller(request)
+    jobs = await asyncio.to_thread(_listed, rt, identity, wanted)
+    summaries = [job_summary(job, identity) for job in jobs]
+    summaries = [s for s in summaries if s["status"] in wanted]
+    if query.get("workflow_id"):
+        summaries = [s for s in summaries if s.get("workflow_id") == query["workflow_id"]]
+
+    def duration(summary: dict[str, Any]) -> float:
+        return float(summary.get("execution_end_time", 0) - summary.get("execution_start_time", 0))
+
+    key = duration if sort_by == "execution_duration" else (lambda s: float(s["create_time"]))
+    summaries.sort(key=key, reverse=order == "desc")
+    total = len(summaries)
+    page = summaries[offset : offset + limit] if limit is not None else summaries[offset:]
+    shown_limit = limit if limit is not None else total
+    pagination = {"offset": offset, "limit": shown_limit, "total": total, "has_more": offset + len(page) < total}
+    return JSONResponse({"jobs": page, "pagination": pagination})
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(request: Request, job_id: str) -> Response:
+    identity = caller(request)
+    job = runtime(request).service.get(job_id, identity)
+    if job is None:
+        return _error(404, "Job not found")
+    found = job_summary(job, identity)
+    if job.state not in ("pending", "running"):
+        entry = history_entry(job, identity)
+        found["outputs"] = entry["outputs"]
+        found["execution_status"] = entry["status"]
+    found["workflow"] = {"prompt": job.prompt, "extra_data": job.extra_data}
+    return JSONResponse(found)
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(request: Request, job_id: str) -> Response:
+    rt = runtime(request)
+    cancelled = rt.service.cancel(job_id, caller(request))
+    if cancelled:
+        rt.queue_changed()
+    return JSONResponse({"cancelled": cancelled})
+
+
+@router.post("/jobs/cancel")
+async def cancel_jobs(request: Request) -> Response:
+    try:
+        body = await json_body(request)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    ids = body.get("job_ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return _error(400, "job_ids must be a list of job ids")
+    rt, identity = runtime(request), caller(request)
+    cancelled = [rt.service.cancel(job_id, identity) for job_id in ids]
+    if any(cancelled):
+        rt.queue_changed()
+    return JSONResponse({"cancelled": any(cancelled)})
+
+
+def _count(value: str | None, name: str, positive: bool = False) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 10 or int(value) > MAX_QUERY_INT:
+        raise ValueError(f"{name} must be a whole number")
+    number = int(value)
+    if positive and number < 1:
+        raise ValueError(f"{name} must be at least 1")
+    return number

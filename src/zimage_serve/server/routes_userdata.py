@@ -1,0 +1,286 @@
+"""The frontend's per-user storage, as ComfyUI serves it: /users, /settings, /userdata and /v2/userdata.
+
+Each caller has a folder of their own, `<data-dir>/userdata/<user>` (`default` for the local operator
+when authentication is off): saved workflows, subgraphs, `comfy.settings.json`, `user.css`. Paths are
+confined to it by the same rule as every other client-named path (`folders.contained`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from zimage_serve import strict_json
+from zimage_serve.server.gate import audit_note, caller
+from zimage_serve.server.routes_queue import runtime
+from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
+
+router = APIRouter()
+SETTINGS_FILE = "comfy.settings.json"
+FOLDERS = ("workflows", "subgraphs")  # the frontend lists these at start: there from the first visit
+MAX_USERDATA_BYTES = 50 * 1024 * 1024  # one saved file (the body limit for this route is the upload one)
+
+
+def user_root(request: Request) -> Path:
+    """The caller's own folder of saved workflows and settings (made on first use)."""
+    identity = caller(request)
+    root: Path = runtime(request).settings.data_dir / "userdata" / (identity.user or "default")
+    if not root.is_dir():
+        for folder in FOLDERS:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _resolve(request: Request, name: str, resource: str = "file", empty_ok: bool = False) -> str:
+    """A client-named path inside the caller's folder; raises UnknownFileError (403 for an escape)."""
+    return contained(user_root(request), name.strip("/") if empty_ok else name, resource, empty_ok=empty_ok)
+
+
+def _refusal(exc: UnknownFileError) -> JSONResponse:
+    return _error(403 if exc.why in ESCAPES else 400, str(exc))
+
+
+def _info(root: Path, path: str) -> dict[str, Any]:
+    stat = os.stat(path)
+    return {
+        "path": os.path.relpath(path, root).replace(os.sep, "/"),
+        "size": stat.st_size,
+        "modified": stat.st_mtime * 1000,
+        "created": stat.st_ctime * 1000,
+    }
+
+
+# -- users and settings ------------------------------------------------------------------------------
+@router.get("/users")
+async def get_users(request: Request) -> dict[str, Any]:
+    """ComfyUI's single-user answer: no `users` key, so the frontend never shows its user picker (the
+    user is the one the token or session names)."""
+    return {"storage": "server", "migrated": True}
+
+
+@router.post("/users")
+async def post_users(request: Request) -> Response:
+    return _error(400, "users are made with `zimage tokens create`, not here")
+
+
+def _read_settings(root: Path) -> dict[str, Any]:
+    path = root / SETTINGS_FILE
+    try:
+        value = strict_json.loads(path.read_bytes())
+    except (OSError, strict_json.JsonRejected):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_settings(root: Path, settings: dict[str, Any]) -> None:
+    path = root / SETTINGS_FILE
+    temp = root / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+    temp.write_text(json.dumps(settings, indent=1, ensure_ascii=False), "utf-8")
+    temp.replace(path)  # whole or not at all: a crash never leaves half a settings file
+
+
+_settings_lock = asyncio.Lock()
+
+
+@router.get("/settings")
+async def get_settings(request: Request) -> JSONResponse:
+    return JSONResponse(_read_settings(user_root(request)))
+
+
+@router.get("/settings/{setting_id}")
+async def get_setting(request: Request, setting_id: str) -> JSONResponse:
+    return JSONResponse(_read_settings(user_root(request)).get(setting_id))
+
+
+@router.post("/settings")
+async def post_settings(request: Request) -> Response:
+    try:
+        body = strict_json.loads(await request.body())
+    except strict_json.JsonRejected as exc:
+        return _error(400, f"the settings must be a JSON object ({exc})")
+    if not isinstance(body, dict):
+        return _error(400, "the settings must be a JSON object")
+    root = user_root(request)
+    async with _settings_lock:
+        settings = _read_settings(root)
+        settings.update(body)
+        _write_settings(root, settings)
+    return Response(status_code=200)
+
+
+@router.post("/settings/{setting_id}")
+async def post_setting(request: Request, setting_id: str) -> Response:
+    try:
+        value = strict_json.loads(await request.body())
+    except strict_json.JsonRejected as exc:
+        return _error(400, f"the value must be JSON ({exc})")
+    root = user_root(request)
+    async with _settings_lock:
+        settings = _read_settings(root)
+        settings[setting_id] = value
+        _write_settings(root, settings)
+    return Response(status_code=200)
+
+
+# -- files ---------------------------------------------------------------------------------------------
+@router.get("/userdata")
+async def list_userdata(request: Request) -> Response:
+    query = request.query_params
+    directory = query.get("dir")
+    if not directory:
+        return _error(400, "dir is required")
+    try:
+        folder = _resolve(request, directory, "dir")
+    except UnknownFileError as exc:
+        return _refusal(exc)
+    if not os.path.isdir(folder):
+        return _error(404, "no such folder")  # the frontend reads 404 as empty
+    recurse = query.get("recurse", "").lower() == "true"
+    full_info = query.get("full_info", "").lower() == "true"
+    split = query.get("split", "").lower() == "true"
+    root = Path(folder)
+    found: list[Any] = []
+    paths = sorted(root.rglob("*") if recurse else root.iterdir())
+    for path in paths:
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        relative = path.relative_to(root).as_posix()
+        if full_info:
+            found.append({**_info(root, str(path)), "path": relative})
+        elif split:
+            found.append([relative, *relative.split("/")])
+        else:
+            found.append(relative)
+    return JSONResponse(found)
+
+
+@router.get("/v2/userdata")
+async def list_userdata_v2(request: Request) -> Response:
+    try:
+        folder = _resolve(request, request.query_params.get("path", ""), "path", empty_ok=True)
+    except UnknownFileError as exc:
+        return _refusal(exc)
+    if not os.path.isdir(folder):
+        return JSONResponse([])
+    root = user_root(request)
+    entries: list[dict[str, Any]] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: (not e.is_dir(), e.name)):
+        if entry.name.startswith("."):
+            continue
+        relative = os.path.relpath(entry.path, root).replace(os.sep, "/")
+        if entry.is_dir():
+            entries.append({"name": entry.name, "path": relative, "type": "directory"})
+        elif entry.is_file():
+            stat = entry.stat()
+            entries.append(
+                {"name": entry.name, "path": relative, "type": "file", "size": stat.st_size, "modified": stat.st_mtime}
+            )
+    return JSONResponse(entries)
+
+
+def _segments(request: Request) -> list[str]:
+    """The path after /userdata/, split where the client put slashes: a file's own slashes come encoded
+    (`workflows%2Fa.json`), and uvicorn decodes the path Starlette routes on, so the raw one is read."""
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode()
+    text = raw.decode("latin-1").split("?", 1)[0]
+    tail = text.split("/userdata/", 1)[1] if "/userdata/" in text else ""
+    return [unquote(part) for part in tail.split("/")]
+
+
+def _file(request: Request) -> str | None:
+    parts = _segments(request)
+    return parts[0] if len(parts) == 1 and parts[0] else None
+
+
+@router.get("/userdata/{file:path}")
+async def get_userdata(request: Request, file: str) -> Response:
+    file = _file(request) or ""
+    try:
+        path = _resolve(request, file)
+    except UnknownFileError as exc:
+        return _refusal(exc)
+    if not os.path.isfile(path):
+        if file == "user.css":  # index.html links it for everyone: a user who wrote none has an empty one
+            return Response(b"", media_type="text/css", headers={"Cache-Control": "no-cache"})
+        return _error(404, "file not found")
+    return FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+@router.post("/userdata/{file:path}")
+async def post_userdata(request: Request, file: str) -> Response:
+    parts = _segments(request)
+    if len(parts) == 3 and parts[1] == "move":
+        return await _move(request, parts[0], parts[2])
+    file = _file(request) or ""
+    try:
+        path = _resolve(request, file)
+    except UnknownFileError as exc:
+        return _refusal(exc)
+    query = request.query_params
+    overwrite = query.get("overwrite", "true").lower() != "false"
+    body = await request.body()
+    if len(body) > MAX_USERDATA_BYTES:
+        return _error(413, f"a saved file may hold at most {MAX_USERDATA_BYTES} bytes")
+    if os.path.exists(path) and not overwrite:
+        return _error(409, "file exists; send overwrite=true to replace it")
+    if os.path.isdir(path):
+        return _error(409, "a folder has that name")
+    await asyncio.to_thread(_write_file, path, body)
+    root = user_root(request)
+    audit_note(request, files=["userdata/" + os.path.relpath(path, root).replace(os.sep, "/")])
+    if query.get("full_info", "").lower() == "true":
+        return JSONResponse(_info(root, path))
+    return JSONResponse(os.path.relpath(path, root).replace(os.sep, "/"))
+
+
+def _write_file(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = f"{path}.{os.getpid()}.part"
+    with open(temp, "wb") as out:
+        out.write(data)
+    os.replace(temp, path)
+
+
+@router.delete("/userdata/{file:path}")
+async def delete_userdata(request: Request, file: str) -> Response:
+    file = _file(request) or ""
+    try:
+        path = _resolve(request, file)
+    except UnknownFileError as exc:
+        return _refusal(exc)
+    if not os.path.isfile(path):
+        return _error(404, "file not found")
+    os.remove(path)
+    return Response(status_code=204)
+
+
+async def _move(request: Request, file: str, dest: str) -> Response:
+    """POST /userdata/{file}/move/{dest}."""
+    try:
+        source = _resolve(request, file)
+        target = _resolve(request, dest)
+    except UnknownFileError as exc:
+        return _refusal(exc)
+    if not os.path.isfile(source):
+        return _error(404, "file not found")
+    query = request.query_params
+    if os.path.exists(target) and query.get("overwrite", "true").lower() == "false":
+        return _error(409, "the destination exists; send overwrite=true to replace it")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    root = user_root(request)
+    if query.get("full_info", "").lower() == "true":
+        return JSONResponse(_info(root, target))
+    return JSONResponse(os.path.relpath(target, root).replace(os.sep, "/"))

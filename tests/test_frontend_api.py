@@ -1,0 +1,125 @@
+"""What the ComfyUI frontend calls, over loopback against a real server: user data, settings, the jobs
+API, caching, the offline API docs, and completion events that always find their history entry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.server import Server, running_server
+from tests.test_server_queue import slow_job, small_job, submit, wait_until
+
+JOB_KEYS = {"id", "status", "priority", "create_time", "outputs_count"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with running_server(tmp_path_factory.mktemp("frontend") / "data") as running:
+        yield running
+
+
+def test_completion_events_always_find_the_history_entry(server: Server) -> None:
+    """The frontend refreshes its panels on execution_success: the entry must be there by then."""
+    with connect(f"{server.ws_url}?clientId=panels", open_timeout=10) as socket:
+        json.loads(socket.recv(timeout=10))
+        jobs = [submit(server, small_job("events", seed=i), client_id="panels") for i in range(15)]
+        seen: dict[str, str] = {}
+        while len(seen) < len(jobs):
+            message = json.loads(socket.recv(timeout=120))
+            if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                prompt_id = message["data"]["prompt_id"]
+                entry = server.json("GET", f"/history/{prompt_id}")[1]
+                seen[prompt_id] = "found" if prompt_id in entry else "missing"
+        assert set(seen.values()) == {"found"}, seen
+
+
+def test_user_data_crud_with_encoded_paths_and_moves(server: Server) -> None:
+    status, files = server.json("GET", "/api/userdata?dir=workflows&recurse=true&split=false&full_info=true")
+    assert status == 200 and files == []  # the folder is there from the first visit
+    body = json.dumps({"nodes": [], "links": []}).encode()
+    status, _, answer = server.request(
+        "POST", "/api/userdata/workflows%2Fmine.json?overwrite=false&full_info=true", raw=body
+    )
+    info = json.loads(answer)
+    assert status == 200 and info["path"] == "workflows/mine.json" and info["size"] == len(body)
+    assert server.request("POST", "/api/userdata/workflows%2Fmine.json?overwrite=false", raw=body)[0] == 409
+    assert server.request("GET", "/api/userdata/workflows%2Fmine.json")[2] == body
+    listed = server.json("GET", "/api/userdata?dir=workflows&recurse=true&split=false&full_info=true")[1]
+    assert [f["path"] for f in listed] == ["mine.json"] and {"size", "modified", "created"} <= set(listed[0])
+    assert server.json("GET", "/api/userdata?dir=workflows&split=true")[1] == [["mine.json", "mine.json"]]
+    status, moved = server.json("POST", "/api/userdata/workflows%2Fmine.json/move/workflows%2Fsub%2Fours.json")
+    assert status == 200 and moved == "workflows/sub/ours.json"
+    assert server.request("GET", "/api/userdata/workflows%2Fmine.json")[0] == 404
+    tree = server.json("GET", "/api/v2/userdata?path=workflows")[1]
+    assert tree[0] == {"name": "sub", "path": "workflows/sub", "type": "directory"}
+    assert server.request("DELETE", "/api/userdata/workflows%2Fsub%2Fours.json")[0] == 204
+    for escape in ("..%2F..%2Fqueue.sqlite3", "%2Fetc%2Fpasswd"):
+        assert server.request("GET", f"/api/userdata/{escape}")[0] in (400, 403)
+    assert server.request("GET", "/api/userdata?dir=..%2F..")[0] == 403
+    assert server.request("GET", "/api/userdata")[0] == 400
+    assert server.request("GET", "/api/userdata/user.css")[0] == 200  # an empty stylesheet until one is saved
+
+
+def test_settings_persist_across_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_server(data) as first:
+        assert first.request("POST", "/api/settings", {"Comfy.Locale": "zh", "Comfy.X": 1})[0] == 200
+        assert first.request("POST", "/api/settings/Comfy.Y", [1, 2])[0] == 200
+        assert first.request("POST", "/api/settings", raw=b"[1]")[0] == 400
+        assert first.request("POST", "/api/userdata/workflows%2Fkept.json", raw=b"{}")[0] == 200
+    with running_server(data) as again:
+        assert again.json("GET", "/api/settings")[1] == {"Comfy.Locale": "zh", "Comfy.X": 1, "Comfy.Y": [1, 2]}
+        assert again.json("GET", "/api/settings/Comfy.Y")[1] == [1, 2]
+        assert again.json("GET", "/api/settings/Comfy.Nothing")[1] is None
+        assert again.request("GET", "/api/userdata/workflows%2Fkept.json")[2] == b"{}"
+
+
+def test_the_jobs_api_lists_queue_and_history_in_the_frontends_shapes(server: Server) -> None:
+    blocker = submit(server, slow_job("jobs-blocker"))
+    wait_until(lambda: server.json("GET", f"/api/jobs/{blocker}")[1]["status"] == "in_progress")
+    waiting = submit(server, small_job("jobs-waiting"), extra_data={"extra_pnginfo": {"workflow": {"id": "wf-1"}}})
+    queue = server.json("GET", "/api/jobs?status=in_progress,pending&limit=200&offset=0")[1]
+    assert [j["id"] for j in queue["jobs"]] == [waiting, blocker]  # newest first
+    assert all(set(j) >= JOB_KEYS and j["outputs_count"] == 0 for j in queue["jobs"])
+    assert queue["pagination"] == {"offset": 0, "limit": 200, "total": 2, "has_more": False}
+    assert server.json("GET", "/api/jobs?workflow_id=wf-1")[1]["jobs"][0]["id"] == waiting
+    assert server.json("POST", f"/api/jobs/{blocker}/cancel")[1] == {"cancelled": True}
+    wait_until(lambda: server.json("GET", f"/api/jobs/{waiting}")[1]["status"] == "completed")
+    history = server.json("GET", "/api/jobs?status=completed,failed,cancelled&limit=1&offset=0")[1]
+    assert history["pagination"]["has_more"] and history["jobs"][0]["id"] == waiting
+    done = server.json("GET", f"/api/jobs/{waiting}")[1]
+    assert done["outputs_count"] == 1 and done["preview_output"]["mediaType"] == "images"
+    assert done["preview_output"]["nodeId"] == "9" and done["execution_status"]["completed"]
+    assert done["execution_end_time"] >= done["execution_start_time"] and done["workflow"]["prompt"]["9"]
+    assert server.json("GET", f"/api/jobs/{blocker}")[1]["status"] == "cancelled"
+    assert server.json("GET", "/api/jobs/nothing") == (404, {"error": "Job not found"})
+    assert server.json("POST", "/api/jobs/cancel", {"job_ids": ["nothing"]})[1] == {"cancelled": False}
+    for bad in ("status=done", "limit=0", "limit=x", "sort_by=size", "sort_order=up"):
+        assert server.request("GET", f"/api/jobs?{bad}")[0] == 400, bad
+    assert server.request("POST", "/api/jobs/cancel", {"job_ids": "x"})[0] == 400
+
+
+def test_assets_are_cached_and_index_is_not(server: Server) -> None:
+    from zimage_serve.server.routes_frontend import frontend_root
+
+    asset = next((frontend_root() / "assets").glob("index-*.js")).name
+    status, headers, _ = server.request("GET", f"/assets/{asset}")
+    assert status == 200 and "immutable" in headers["cache-control"] and "javascript" in headers["content-type"]
+    status, headers, body = server.request("GET", "/")
+    assert status == 200 and "no-cache" in headers["cache-control"] and b'<div id="vue-app">' in body
+    assert server.request("GET", "/templates/index.json")[2] == b"[]"
+    assert server.json("GET", "/api/system_stats")[1]["system"]["required_frontend_version"] == "1.58.1"
+
+
+def test_the_api_docs_work_offline(server: Server) -> None:
+    status, _, page = server.request("GET", "/docs")
+    assert status == 200 and b"cdn" not in page.lower()
+    for asset in (b"/zimage/docs-static/swagger-ui-bundle.js", b"/zimage/docs-static/swagger-ui.css"):
+        assert asset in page
+        assert server.request("GET", asset.decode())[0] == 200
+    schema = server.json("GET", "/openapi.json")[1]
+    assert "post" in schema["paths"]["/prompt"]

@@ -1,0 +1,121 @@
+"""The web UI in a real browser (Playwright driving Debian's headless Chromium) against a real server:
+the official ComfyUI frontend and the sign-in page. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from tests.browser import browser_page
+from tests.server import Server, running_server
+from tests.test_security import make_tokens
+
+# Files the frontend asks for on every start and does without (ComfyUI answers 404 for them too).
+TOLERATED_404 = ("/api/userdata/comfy.templates.json",)
+OUR_NODES = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "KSampler", "EmptySD3LatentImage", "SaveImage"}
+
+
+def open_frontend(server: Server, page: Any) -> None:
+    page.goto(server.url + "/", wait_until="networkidle", timeout=90_000)
+    page.wait_for_function("() => Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 10")
+    page.wait_for_timeout(1500)  # the idle-time fetches (system stats, templates, models)
+
+
+def untolerated(bad: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    return [(status, url) for status, url in bad if not (status == 404 and url.endswith(TOLERATED_404))]
+
+
+def error_dialogs(page: Any) -> list[str]:
+    texts: list[str] = page.evaluate(
+        "() => [...document.querySelectorAll('[role=dialog], [role=alertdialog]')].map(d => d.innerText)"
+    )
+    return [t for t in texts if "error" in t.lower()]
+
+
+def test_the_frontend_loads_cleanly_and_lists_our_nodes(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_server(data) as server, browser_page() as watched:
+        page = watched.page
+        open_frontend(server, page)  # a first visit: the frontend stores its new user's settings
+        watched.screenshot("frontend-first-visit")
+        assert untolerated(watched.bad) == []
+        settings = json.loads((data / "userdata" / "default" / "comfy.settings.json").read_text())
+        for url, failure in watched.failed:  # requests the page dropped while it set itself up
+            assert "ERR_ABORTED" in failure and "/api/settings/" in url, (url, failure)
+            assert url.rsplit("/", 1)[1] in settings, url  # ... and that the server had stored
+        watched.bad.clear(), watched.failed.clear(), watched.errors.clear()
+        page.reload(wait_until="networkidle")
+        page.wait_for_function("() => Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 10")
+        page.wait_for_timeout(1500)
+        watched.screenshot("frontend")
+        assert untolerated(watched.bad) == [] and watched.failed == []
+        tolerated = sum(1 for status, url in watched.bad if status == 404)
+        loading = [e for e in watched.errors if e.startswith("Failed to load resource")]
+        assert len(loading) == tolerated, watched.errors  # one per tolerated 404, nothing else
+        assert [e for e in watched.errors if not e.startswith("Failed to load resource")] == []
+        assert error_dialogs(page) == []
+        nodes = set(page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)"))
+        assert nodes >= OUR_NODES, OUR_NODES - nodes
+        stats = page.evaluate("() => fetch('/api/system_stats').then(r => r.json())")
+        assert stats["system"]["required_frontend_version"] == "1.58.1"
+
+
+def test_the_sign_in_page_sets_a_session_cookie_and_refuses_a_bad_token(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with running_server(data, "--auth", "on") as server, browser_page() as watched:
+        page = watched.page
+        page.goto(server.url + "/", wait_until="networkidle")
+        assert page.url.startswith(server.url + "/login")
+        page.fill("#token", "zis_not-a-token")
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        assert "not valid" in page.inner_text("[role=alert]")
+        watched.screenshot("sign-in-refused")
+        page.fill("#token", tokens["user"])
+        page.click("button[type=submit]")
+        page.wait_for_function("() => Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 10")
+        watched.screenshot("signed-in")
+        cookie = next(c for c in page.context.cookies() if c["name"] == "zimage_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["value"].startswith("zis_")
+        assert page.evaluate("() => fetch('/api/zimage/usage').then(r => r.json())")["user"] == "alice"
+        assert page.evaluate("() => document.cookie") == ""  # not readable by scripts
+        # The frontend's WebSocket and /view work with the cookie too.
+        status = page.evaluate(
+            """() => new Promise(done => { const ws = new WebSocket(`ws://${location.host}/ws?clientId=cookie`);
+                ws.onmessage = m => { done(JSON.parse(m.data).type); ws.close() }; ws.onerror = () => done('error') })"""
+        )
+        assert status == "status"
+        # An API client's Bearer token works beside the cookie, and another user's is its own.
+        assert server.as_token(tokens["other"]).json("GET", "/api/zimage/usage")[1]["user"] == "bob"
+        page.evaluate("() => fetch('/logout', {method: 'POST'})")
+        page.goto(server.url + "/", wait_until="networkidle")
+        assert page.url.startswith(server.url + "/login")
+        assert page.evaluate("() => fetch('/api/queue').then(r => r.status)") == 401
+        watched.screenshot("signed-out")
+
+
+@pytest.mark.parametrize("path", ["/", "/index.html"])
+def test_pages_send_a_browser_without_a_credential_to_sign_in(tmp_path: Path, path: str) -> None:
+    data = tmp_path / "data"
+    make_tokens(data)
+    with running_server(data, "--auth", "on") as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        assert answer.status == 303 and answer.getheader("location") == "/login?" + urlencode({"next": path})
+        connection.close()
+        assert server.request("GET", "/login")[0] == 200
+        assert server.request("GET", "/assets/nothing.js")[0] == 401  # files need a credential too
+        status, _, body = server.request(
+            "POST",
+            "/login",
+            raw=b"token=bad&next=//evil.example",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert status == 401 and b'value="/"' in body  # never sends the browser to another site
