@@ -87,8 +87,10 @@ def test_the_sign_in_page_sets_a_session_cookie_and_refuses_a_bad_token(tmp_path
         assert page.evaluate("() => document.cookie") == ""  # not readable by scripts
         # The frontend's WebSocket and /view work with the cookie too.
         status = page.evaluate(
-            """() => new Promise(done => { const ws = new WebSocket(`ws://${location.host}/ws?clientId=cookie`);
-                ws.onmessage = m => { done(JSON.parse(m.data).type); ws.close() }; ws.onerror = () => done('error') })"""
+            """() => new Promise(done => {
+                const ws = new WebSocket(`ws://${location.host}/ws?clientId=cookie`);
+                ws.onmessage = m => { done(JSON.parse(m.data).type); ws.close() };
+                ws.onerror = () => done('error') })"""
         )
         assert status == "status"
         # An API client's Bearer token works beside the cookie, and another user's is its own.
