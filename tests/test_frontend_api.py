@@ -111,7 +111,17 @@ def test_assets_are_cached_and_index_is_not(server: Server) -> None:
     assert status == 200 and "immutable" in headers["cache-control"] and "javascript" in headers["content-type"]
     status, headers, body = server.request("GET", "/")
     assert status == 200 and "no-cache" in headers["cache-control"] and b'<div id="vue-app">' in body
-    assert server.request("GET", "/templates/index.json")[2] == b"[]"
+    index = server.json("GET", "/templates/index.json")[1]
+    assert [t["name"] for t in index[0]["templates"]] == ["zimage-nano", "z-image-turbo"]
+    assert (
+        server.json("GET", "/templates/index.zh.json")[1] == index
+        and server.json("GET", "/templates/index_logo.json")[1] == {}
+    )
+    template = server.json("GET", "/templates/zimage-nano.json")[1]
+    assert {n["type"] for n in template["nodes"]} >= {"KSampler", "SaveImage"}
+    status, headers, _ = server.request("GET", "/templates/zimage-nano-1.webp")
+    assert status == 200 and headers["content-type"] == "image/webp"
+    assert server.request("GET", "/templates/nothing.json")[0] == 404
     assert server.json("GET", "/api/system_stats")[1]["system"]["required_frontend_version"] == "1.58.1"
 
 

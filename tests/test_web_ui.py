@@ -121,3 +121,76 @@ def test_pages_send_a_browser_without_a_credential_to_sign_in(tmp_path: Path, pa
             headers={"Content-Type": "application/x-www-form-urlencoded"},
         )
         assert status == 401 and b'value="/"' in body  # never sends the browser to another site
+
+
+def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as server, browser_page() as watched:
+        page = watched.page
+        open_frontend(server, page)  # a first visit opens the template browser by itself
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("zimage-nano: shapes in a second").wait_for(timeout=30_000)
+        assert dialog.get_by_text("Z-Image-Turbo text to image").is_visible()
+        watched.screenshot("templates")
+        page.wait_for_function("() => [...document.querySelectorAll('[role=dialog] img')].every(i => i.complete)")
+        sizes = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map(i => i.naturalWidth)")
+        assert sizes == [256, 256], sizes  # both thumbnails, as shipped
+        dialog.get_by_text("zimage-nano: shapes in a second").click()
+        page.wait_for_function("() => (window.app?.graph?._nodes?.length ?? 0) >= 10", timeout=30_000)
+        types = set(page.evaluate("() => window.app.graph._nodes.map(n => n.type)"))
+        assert {"UNETLoader", "KSampler", "SaveImage"} <= types
+        with page.expect_response(lambda r: "/api/view?" in r.url and r.status == 200, timeout=120_000):
+            page.evaluate("() => window.app.queuePrompt(0, 1)")
+        page.wait_for_timeout(1000)
+        watched.screenshot("frontend-ran-a-template")
+        assert untolerated(watched.bad) == [] and error_dialogs(page) == []
+        jobs = server.json("GET", "/api/jobs?status=completed")[1]["jobs"]
+        assert len(jobs) == 1 and jobs[0]["preview_output"]["filename"].startswith("zimage-nano")
+
+
+@pytest.mark.parametrize(("locale", "words"), [("en-US", ("Generate", "Your images")), ("zh-CN", ("生成", "我的图片"))])
+def test_the_simple_page_generates_with_progress_and_lists_its_images(
+    tmp_path: Path, locale: str, words: tuple[str, str]
+) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with running_server(data, "--auth", "on") as server, browser_page(locale) as watched:
+        page = watched.page
+        page.goto(server.url + "/simple", wait_until="networkidle")
+        page.fill("#token", tokens["user"])  # sent to sign in first, then back to the page
+        page.click("button[type=submit]")
+        page.wait_for_url("**/simple")
+        page.wait_for_function("() => document.querySelector('#model').options.length > 0")
+        assert page.inner_text("#generate") == words[0] and words[1] in page.inner_text("main")
+        page.fill(
+            "#prompt", "一个红色的圆形在蓝色背景上" if locale.startswith("zh") else "a red circle on a blue background"
+        )
+        page.select_option("#size", "64x64")
+        page.fill("#steps", "3")
+        progress: list[float] = []
+        page.expose_function("noteProgress", lambda value: progress.append(value))
+        page.evaluate(  # every value the page gives the bar, as it gives it
+            """() => {
+                const bar = document.querySelector('#progress');
+                const own = Object.getOwnPropertyDescriptor(HTMLProgressElement.prototype, 'value');
+                Object.defineProperty(bar, 'value', {
+                    set(v) { own.set.call(this, v); window.noteProgress(v) }, get() { return own.get.call(this) } });
+            }"""
+        )
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        page.wait_for_function("() => document.querySelector('#gallery img').complete")
+        watched.screenshot(f"simple-{locale}")
+        assert any(0 < value < 3 for value in progress), progress  # the bar moved during the steps
+        assert page.evaluate("() => document.querySelector('#gallery img').naturalWidth") == 64
+        # The job is on the same queue as everything else: the user's jobs list it, another user's do not.
+        jobs = server.as_token(tokens["user"]).json("GET", "/api/jobs?status=completed")[1]["jobs"]
+        assert len(jobs) == 1
+        assert server.as_token(tokens["other"]).json("GET", "/api/jobs")[1]["jobs"] == []
+        # Reuse puts the image's settings back in the form.
+        page.fill("#steps", "7")
+        page.click("#gallery figure button")
+        assert page.input_value("#steps") == "3" and page.input_value("#size") == "64x64"
+        assert not page.is_checked("#random")
+        page.click("#language")  # the switch shows the other language
+        assert page.inner_text("#generate") == ("Generate" if locale.startswith("zh") else "生成")
+        assert untolerated(watched.bad) == [] and watched.errors == []

@@ -17,14 +17,19 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from zimage_serve import workflows
 from zimage_serve.security.tokens import SESSION_S
+from zimage_serve.server import openai_images
 from zimage_serve.server.gate import SESSION_COOKIE, audit_note, caller
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.workflow.folders import MODEL_FOLDERS, UnknownFileError, contained
+from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.ui_export import to_ui
+from zimage_serve.workflows import templates
 
 router = APIRouter()
 FRONTEND_PACKAGE = "comfyui-frontend-package"
@@ -76,19 +81,56 @@ async def user_css() -> Response:
 
 
 @router.get("/templates/{name}", include_in_schema=False)
-async def templates_index(name: str) -> Response:
-    """The frontend's template browser reads `index.json` (`index.<locale>.json` for other languages)
-    and `index_logo.json`: no templates yet, as JSON, so the frontend shows none without an error."""
+async def template_file(name: str) -> Response:
+    """The frontend's template browser: `index.json` (`index.<locale>.json` for other languages: ours are
+    the same), `index_logo.json`, then each template's UI-format workflow and thumbnail."""
     if name == "index_logo.json":
         return JSONResponse({})
     if name == "index.json" or (name.startswith("index.") and name.endswith(".json")):
-        return JSONResponse([])
-    return JSONResponse({"error": "no such template"}, status_code=404)
+        return JSONResponse(templates.index())
+    stem, _, suffix = name.rpartition(".")
+    template = templates.find(stem.removesuffix("-1") if suffix == "webp" else stem)
+    if template is None or suffix not in ("json", "webp"):
+        return JSONResponse({"error": f"no template {name!r}"}, status_code=404)
+    if suffix == "webp":
+        return FileResponse(template.thumbnail, media_type="image/webp", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(to_ui(workflows.load(template.workflow), NODES), headers={"Cache-Control": "no-cache"})
+
+
+# -- the simple page ------------------------------------------------------------------------------
+PAGES = Path(__file__).parent / "pages"
+SIZES = {
+    128: [(128, 128), (64, 64), (192, 192)],
+    1024: [(1024, 1024), (1152, 896), (896, 1152), (1344, 768), (768, 1344), (512, 512)],
+}
+
+
+@router.get("/simple", include_in_schema=False)
+async def simple_page() -> Response:
+    """A form for people who will never open a node graph, on the same queue and API as everything."""
+    return FileResponse(
+        PAGES / "simple.html", media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.get("/zimage/workflows")
+async def runnable_workflows(request: Request) -> dict[str, Any]:
+    """The API workflows of the models installed now, with their sizes and steps (the simple page's)."""
+    found = {}
+    for model, (workflow, native) in openai_images.models(runtime(request).folders).items():
+        sampler = next(n for n in workflow.values() if n["class_type"] == "KSampler")
+        found[model] = {
+            "workflow": workflow,
+            "sizes": SIZES.get(native, [(native, native)]),
+            "steps": sampler["inputs"]["steps"],
+        }
+    return found
 
 
 # -- signing in (authentication on) ------------------------------------------------------------------
 SIGN_IN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1"><title>Sign in · zimage-serve</title>
+<link rel="icon" href="data:,">
 <style>body{{font:16px system-ui,sans-serif;background:#171718;color:#eee;display:grid;place-items:center;
 height:100vh;margin:0}}form{{background:#232325;padding:2rem;border-radius:12px;width:min(24rem,90vw)}}
 h1{{font-size:1.3rem;margin:0 0 1rem}}input{{width:100%;box-sizing:border-box;padding:.6rem;margin:.4rem 0 1rem;
