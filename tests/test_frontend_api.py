@@ -133,3 +133,20 @@ def test_the_api_docs_work_offline(server: Server) -> None:
         assert server.request("GET", asset.decode())[0] == 200
     schema = server.json("GET", "/openapi.json")[1]
     assert "post" in schema["paths"]["/prompt"]
+
+
+def test_with_authentication_each_user_has_their_own_settings_and_workflows(tmp_path: Path) -> None:
+    from tests.test_security import make_tokens
+
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with running_server(data, "--auth", "on") as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        assert alice.request("POST", "/api/settings", {"Comfy.Locale": "zh"})[0] == 200
+        assert alice.request("POST", "/api/userdata/workflows%2Fmine.json", raw=b"{}")[0] == 200
+        assert bob.json("GET", "/api/settings")[1] == {}
+        assert bob.request("GET", "/api/userdata/workflows%2Fmine.json")[0] == 404
+        assert bob.json("GET", "/api/userdata?dir=workflows")[1] == []
+        assert alice.json("GET", "/api/userdata?dir=workflows")[1] == ["mine.json"]
+        assert (data / "userdata" / "alice" / "workflows" / "mine.json").is_file()
+        assert server.request("GET", "/api/settings")[0] == 401

@@ -16,7 +16,7 @@ from tests.server import Server, running_server
 from tests.test_security import make_tokens
 
 # Files the frontend asks for on every start and does without (ComfyUI answers 404 for them too).
-TOLERATED_404 = ("/api/userdata/comfy.templates.json",)
+TOLERATED_404 = ("/api/userdata/comfy.templates.json", "/api/userdata/workflows%2F.index.json")
 OUR_NODES = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "KSampler", "EmptySD3LatentImage", "SaveImage"}
 
 
@@ -194,3 +194,28 @@ def test_the_simple_page_generates_with_progress_and_lists_its_images(
         page.click("#language")  # the switch shows the other language
         assert page.inner_text("#generate") == ("Generate" if locale.startswith("zh") else "生成")
         assert untolerated(watched.bad) == [] and watched.errors == []
+
+
+def test_a_workflow_saved_through_the_ui_is_there_after_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_server(data) as server, browser_page() as watched:
+        page = watched.page
+        open_frontend(server, page)
+        page.get_by_role("dialog").get_by_text("zimage-nano: shapes in a second").click()
+        page.wait_for_function("() => (window.app?.graph?._nodes?.length ?? 0) >= 10")
+        page.evaluate("() => { window.app.extensionManager.command.execute('Comfy.SaveWorkflow') }")
+        name = page.get_by_role("dialog").locator("input")
+        name.fill("kept nano")  # the frontend's own "Save workflow" dialog
+        name.press("Enter")
+        page.wait_for_function("() => !document.querySelector('[role=dialog] input')")
+    assert (data / "userdata" / "default" / "workflows" / "kept nano.json").is_file()
+    with running_server(data) as server, browser_page() as watched:
+        page = watched.page
+        open_frontend(server, page)
+        page.evaluate("() => { window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.workflows') }")
+        page.get_by_text("kept nano").first.wait_for(timeout=30_000)
+        watched.screenshot("saved-workflow-after-restart")
+        page.get_by_text("kept nano").first.click()
+        page.wait_for_function("() => (window.app?.graph?._nodes?.length ?? 0) >= 10")
+        assert "KSampler" in page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
+        assert untolerated(watched.bad) == []
