@@ -8,6 +8,7 @@ checked again every time (`no-cache`).
 
 from __future__ import annotations
 
+import functools
 import html
 import importlib.metadata
 import importlib.resources
@@ -41,7 +42,9 @@ def frontend_root() -> Path:
     return Path(str(importlib.resources.files("comfyui_frontend_package") / "static"))
 
 
+@functools.cache
 def frontend_version() -> str:
+    """The installed frontend's version (read once: a metadata lookup walks the installed packages)."""
     try:
         return importlib.metadata.version(FRONTEND_PACKAGE)
     except importlib.metadata.PackageNotFoundError:

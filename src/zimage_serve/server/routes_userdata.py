@@ -26,7 +26,6 @@ from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
 router = APIRouter()
 SETTINGS_FILE = "comfy.settings.json"
 FOLDERS = ("workflows", "subgraphs")  # the frontend lists these at start: there from the first visit
-MAX_USERDATA_BYTES = 50 * 1024 * 1024  # one saved file (the body limit for this route is the upload one)
 
 
 def user_root(request: Request) -> Path:
@@ -230,9 +229,7 @@ async def post_userdata(request: Request, file: str) -> Response:
         return _refusal(exc)
     query = request.query_params
     overwrite = query.get("overwrite", "true").lower() != "false"
-    body = await request.body()
-    if len(body) > MAX_USERDATA_BYTES:
-        return _error(413, f"a saved file may hold at most {MAX_USERDATA_BYTES} bytes")
+    body = await request.body()  # within the body limit of every request (8 MB; 413 beyond it)
     if os.path.exists(path) and not overwrite:
         return _error(409, "file exists; send overwrite=true to replace it")
     if os.path.isdir(path):
