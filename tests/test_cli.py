@@ -221,3 +221,16 @@ def test_console_script_default_model_end_to_end(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert "width: 17" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_light_commands_import_no_heavy_library() -> None:
+    """`zimage --help`, `zimage tokens ...` and `zimage audit ...` start in a fraction of a second: the
+    command line loads torch, diffusers, the node set (PIL, numpy), the web server and pydantic-settings
+    only in the commands that use them."""
+    code = (
+        "import sys, zimage_serve.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', "
+        "'PIL', 'numpy', 'fastapi', 'uvicorn', 'starlette', 'pydantic_settings', 'safetensors'}))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stdout

@@ -22,9 +22,7 @@ from zimage_serve.cli.common import (
     fast_path,
     option_errors,
 )
-from zimage_serve.engine.params import MAX_SEED, GenerationParams
 from zimage_serve.errors import InvalidParameterError
-from zimage_serve.png import png_info, save_png
 
 if TYPE_CHECKING:
     from zimage_serve.engine.pipeline import StepInfo
@@ -56,6 +54,9 @@ def generate(
     ] = "default",
 ) -> None:
     """Generate images from a prompt and write them as PNG files."""
+    from zimage_serve.engine.params import MAX_SEED, GenerationParams  # with the command, not at `zimage --help`
+    from zimage_serve.png import png_info, save_png
+
     fast = fast_path(attention, compile, device)
     with option_errors():
         from zimage_serve.engine.fp8 import check_weight_dtype

@@ -20,11 +20,6 @@ from zimage_serve.cli.common import (
     models_roots,
 )
 from zimage_serve.errors import ZImageError
-from zimage_serve.workflow.folders import Folders, builtin_models
-from zimage_serve.workflow.nodes import NODES
-from zimage_serve.workflow.overrides import apply_overrides
-from zimage_serve.workflow.ui_format import is_api_format, to_api
-from zimage_serve.workflow.validate import Validator
 
 
 class WorkflowInvalid(ZImageError):
@@ -65,6 +60,13 @@ def run(
     compile: CompileOption = "auto",
 ) -> None:
     """Run a workflow and write its outputs; the built-in zimage-nano is listed as a model."""
+    # Here, not at the top: `zimage --help` and the other commands do not load the node set (PIL, numpy).
+    from zimage_serve.workflow.folders import Folders, builtin_models
+    from zimage_serve.workflow.nodes import NODES
+    from zimage_serve.workflow.overrides import apply_overrides
+    from zimage_serve.workflow.ui_format import is_api_format, to_api
+    from zimage_serve.workflow.validate import Validator
+
     fast = fast_path(attention, compile, device)
     roots = models_roots(models)
     folders = Folders(roots, input_dir, output_dir, output_dir / "temp", builtin_models())

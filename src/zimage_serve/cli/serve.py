@@ -6,18 +6,20 @@ given here wins. The defaults shown are the built-in ones."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from zimage_serve.cli.common import check_memory_mode, console_err, fast_path, models_roots
-from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.errors import ZImageError
 from zimage_serve.settings import DATA_DIR_ENV, MODELS_ENV, default_data_dir
 from zimage_serve.workflow.limits import Limits
 
 DEFAULTS = Limits()
+
+if TYPE_CHECKING:
+    from zimage_serve.config import ServeConfig
 
 
 def serve(
@@ -146,8 +148,10 @@ def serve(
     """Serve ComfyUI's HTTP and WebSocket API.
 
     Every limit is checked before a prompt is queued, and refused with a 400 that names it."""
-    flags = dict(locals())
+    flags = dict(locals())  # the options as given (None: not given), before any other name is bound here
     toml = flags.pop("config")
+    from zimage_serve.config import ConfigError, ServeConfig  # pydantic-settings: with the command only
+
     try:
         settings_config = ServeConfig.load(toml, **flags)
     except ConfigError as exc:
