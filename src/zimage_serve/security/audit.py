@@ -183,19 +183,7 @@ class AuditLog:
             line, head = chained(record, seq, head)
             lines.append(line)
         self._append(b"".join(lines))
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute(
-                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                (seq, head),
-            )
-            if outbox:
-                self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (outbox[-1][0],))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        self._record_head(seq, head, outbox[-1][0] if outbox else None)
         self.seq, self.head = seq, head
         for pending in batch:
             if pending.done is not None and pending.loop is not None:
@@ -240,16 +228,25 @@ class AuditLog:
         log.warning("audit log: %d records written after the last recorded head (a crash); recorded now", len(later))
         seq, head = int(later[-1]["seq"]), str(later[-1]["hash"])
         outbox = [r["outbox"] for r in later if isinstance(r.get("outbox"), int)]
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute(
-            "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-            (seq, head),
-        )
-        if outbox:
-            self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (max(outbox),))
-        self._db.execute("COMMIT")
+        self._record_head(seq, head, max(outbox) if outbox else None)
         return seq, head
+
+    def _record_head(self, seq: int, head: str, outbox_done: int | None) -> None:
+        """In one transaction: the newest record's number and hash, and the outbox rows up to `outbox_done`
+        removed (they are in the log now)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (seq, head),
+            )
+            if outbox_done is not None:
+                self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (outbox_done,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
 
 def _resolve(done: asyncio.Future[None]) -> None:

@@ -54,7 +54,12 @@ LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
 
 
 class TokenError(ZImageError):
-    """A token operation that cannot be done (an unknown name, a name taken ...); the message says why."""
+    """A token operation that cannot be done (an unknown name, a name taken ...); the message says why.
+    `conflict`: the name is taken by an active token."""
+
+    def __init__(self, message: str, conflict: bool = False) -> None:
+        super().__init__(message)
+        self.conflict = conflict
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ class TokenStore:
         with self._writing():
             existing = self._db.execute("SELECT revoked FROM tokens WHERE name = ?", (name,)).fetchone()
             if existing is not None and existing[0] is None:
-                raise TokenError(f"NAME: a token named {name!r} exists; revoke it first")
+                raise TokenError(f"NAME: a token named {name!r} exists; revoke it first", conflict=True)
             self._db.execute("DELETE FROM tokens WHERE name = ?", (name,))
             columns = ", ".join(["name", "hash", "role", *LIMITS, "created"])
             self._db.execute(

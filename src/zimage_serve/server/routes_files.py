@@ -11,21 +11,17 @@ import os
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
 from zimage_serve.server.gate import audit_note, caller
-from zimage_serve.server.routes_queue import runtime
+from zimage_serve.server.routes_queue import plain_error, runtime
 from zimage_serve.server.schemas import query
-from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
+from zimage_serve.workflow.folders import UnknownFileError, contained
 
 router = APIRouter()
 
 INLINE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/avif"}
 ANNOTATIONS = {" [output]": "output", " [input]": "input", " [temp]": "temp"}
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def content_disposition(disposition: str, filename: str) -> str:
@@ -49,23 +45,23 @@ async def view(request: Request) -> Response:
     query = request.query_params
     filename = query.get("filename", "")
     if not filename:
-        return _error(404, "filename is required")
+        return plain_error(404, "filename is required")
     kind = query.get("type") or "output"
     for suffix, annotated in ANNOTATIONS.items():
         if filename.endswith(suffix):
             filename, kind = filename.removesuffix(suffix), annotated
     roots = {"output": folders.output, "input": folders.input, "temp": folders.temp}
     if kind not in roots:
-        return _error(400, f"type must be output, input or temp, not {kind!r}")
+        return plain_error(400, f"type must be output, input or temp, not {kind!r}")
     if "/" in filename or "\\" in filename:
-        return _error(400, "filename must be a plain file name")
+        return plain_error(400, "filename must be a plain file name")
     subfolder = query.get("subfolder", "")
     try:
         path = contained(roots[kind], f"{subfolder}/{filename}" if subfolder else filename, "filename")
     except UnknownFileError as exc:
-        return _error(403 if exc.why in ESCAPES else 400, str(exc))
+        return plain_error(exc.status, str(exc))
     if not os.path.isfile(path):  # another user's file too: it is not in this caller's space
-        return _error(404, "file not found")
+        return plain_error(404, "file not found")
     audit_note(request, files=["/".join(p for p in (kind, subfolder, filename) if p)])
     media_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     inline = media_type in INLINE_TYPES

@@ -217,13 +217,15 @@ async def get_global_subgraphs() -> dict[str, Any]:
     return {}
 
 
+def folder_paths(request: Request) -> dict[str, list[str]]:
+    """Each model folder's directories, as ComfyUI's folder_paths lists them."""
+    folders = runtime(request).folders
+    return {name: [str(root / sub) for root in folders.models for sub in subs] for name, subs in MODEL_FOLDERS.items()}
+
+
 @router.get("/experiment/models")
 async def get_model_folders(request: Request) -> list[dict[str, Any]]:
-    folders = runtime(request).folders
-    return [
-        {"name": name, "folders": [str(root / sub) for root in folders.models for sub in subs]}
-        for name, subs in MODEL_FOLDERS.items()
-    ]
+    return [{"name": name, "folders": paths} for name, paths in folder_paths(request).items()]
 
 
 @router.get("/experiment/models/{folder}")
@@ -259,8 +261,7 @@ async def view_metadata(request: Request, folder: str) -> Response:
 # -- /internal (served bare, as ComfyUI does) -----------------------------------------------------------
 @router.get("/internal/folder_paths")
 async def internal_folder_paths(request: Request) -> dict[str, list[str]]:
-    folders = runtime(request).folders
-    return {name: [str(root / sub) for root in folders.models for sub in subs] for name, subs in MODEL_FOLDERS.items()}
+    return folder_paths(request)
 
 
 @router.get("/internal/logs")

@@ -16,16 +16,12 @@ from fastapi.responses import JSONResponse
 from zimage_serve.identity import Identity
 from zimage_serve.queue.store import Job
 from zimage_serve.server.gate import caller
-from zimage_serve.server.routes_queue import MAX_QUERY_INT, history_entry, json_body, runtime
+from zimage_serve.server.routes_queue import history_entry, json_body, optional_int, plain_error, runtime
 from zimage_serve.server.runtime import Runtime
 
 router = APIRouter()
 STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
 MEDIA = {"images": "images", "gifs": "video", "audio": "audio"}
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def job_status(job: Job) -> str:
@@ -100,18 +96,20 @@ async def list_jobs(request: Request) -> Response:
         wanted = {s.strip() for s in query["status"].split(",") if s.strip()}
         unknown = sorted(wanted - set(STATUSES))
         if unknown:
-            return _error(400, f"status: {unknown[0]!r} is not one of {', '.join(STATUSES)}")
+            return plain_error(400, f"status: {unknown[0]!r} is not one of {', '.join(STATUSES)}")
     sort_by = query.get("sort_by") or "created_at"
     if sort_by not in ("created_at", "execution_duration"):
-        return _error(400, "sort_by must be created_at or execution_duration")
+        return plain_error(400, "sort_by must be created_at or execution_duration")
     order = query.get("sort_order") or "desc"
     if order not in ("asc", "desc"):
-        return _error(400, "sort_order must be asc or desc")
+        return plain_error(400, "sort_order must be asc or desc")
     try:
-        limit = _count(query.get("limit"), "limit", positive=True)
-        offset = _count(query.get("offset"), "offset") or 0
+        limit = optional_int(query.get("limit"), "limit")
+        offset = optional_int(query.get("offset"), "offset") or 0
+        if limit == 0:
+            raise ValueError("limit must be at least 1")
     except ValueError as exc:
-        return _error(400, str(exc))
+        return plain_error(400, str(exc))
     rt, identity = runtime(request), caller(request)
     jobs = await asyncio.to_thread(_listed, rt, identity, wanted)
     summaries = [job_summary(job, identity) for job in jobs]
@@ -136,7 +134,7 @@ async def get_job(request: Request, job_id: str) -> Response:
     identity = caller(request)
     job = runtime(request).service.get(job_id, identity)
     if job is None:
-        return _error(404, "Job not found")
+        return plain_error(404, "Job not found")
     found = job_summary(job, identity)
     if job.state not in ("pending", "running"):
         entry = history_entry(job, identity)
@@ -160,23 +158,12 @@ async def cancel_jobs(request: Request) -> Response:
     try:
         body = await json_body(request)
     except ValueError as exc:
-        return _error(400, str(exc))
+        return plain_error(400, str(exc))
     ids = body.get("job_ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        return _error(400, "job_ids must be a list of job ids")
+        return plain_error(400, "job_ids must be a list of job ids")
     rt, identity = runtime(request), caller(request)
     cancelled = [rt.service.cancel(job_id, identity) for job_id in ids]
     if any(cancelled):
         rt.queue_changed()
     return JSONResponse({"cancelled": any(cancelled)})
-
-
-def _count(value: str | None, name: str, positive: bool = False) -> int | None:
-    if value is None or value == "":
-        return None
-    if not value.isdigit() or len(value) > 10 or int(value) > MAX_QUERY_INT:
-        raise ValueError(f"{name} must be a whole number")
-    number = int(value)
-    if positive and number < 1:
-        raise ValueError(f"{name} must be at least 1")
-    return number

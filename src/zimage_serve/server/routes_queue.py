@@ -41,6 +41,11 @@ def runtime(request: Request) -> Runtime:
     return value
 
 
+def plain_error(status: int, message: str) -> JSONResponse:
+    """The `{"error": message}` answer ComfyUI's file and user-data routes give."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
 def comfy_error(kind: str, message: str, details: str = "", status: int = 400, **headers: str) -> JSONResponse:
     body = {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}
     return JSONResponse(body, status_code=status, headers=headers or None)
@@ -189,8 +194,8 @@ async def get_queue(request: Request) -> Response:
     service = runtime(request).service
     identity = caller(request)
     try:
-        limit = _optional_int(request.query_params.get("limit"), "limit")
-        offset = _optional_int(request.query_params.get("offset"), "offset") or 0
+        limit = optional_int(request.query_params.get("limit"), "limit")
+        offset = optional_int(request.query_params.get("offset"), "offset") or 0
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
     if limit is None and service.remaining() > OFF_LOOP_QUEUE:  # megabytes: built off the loop
@@ -217,8 +222,8 @@ async def post_queue(request: Request) -> Response:
 async def get_history(request: Request) -> Response:
     rt = runtime(request)
     try:
-        max_items = _optional_int(request.query_params.get("max_items"), "max_items")
-        offset = _optional_int(request.query_params.get("offset"), "offset")
+        max_items = optional_int(request.query_params.get("max_items"), "max_items")
+        offset = optional_int(request.query_params.get("offset"), "offset")
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
     identity = caller(request)
@@ -312,7 +317,9 @@ async def _object_body(request: Request) -> dict[str, Any] | Response:
     return body
 
 
-def _optional_int(value: str | None, name: str) -> int | None:
+def optional_int(value: str | None, name: str) -> int | None:
+    """A count or offset from a query: None when absent; ValueError naming it when not a whole number
+    from 0 to MAX_QUERY_INT."""
     if value is None or value == "":
         return None
     try:

@@ -61,7 +61,7 @@ async def create_token(request: Request) -> Response:
     try:
         token, record = await asyncio.to_thread(runtime(request).security.tokens.create, name, role, **limits)
     except TokenError as exc:
-        status = 409 if "exists" in str(exc) else 400
+        status = 409 if exc.conflict else 400
         return comfy_error("invalid_token_request", "Cannot create the token", str(exc).removeprefix("NAME: "), status)
     audit_note(request, token_name=name, role=role)
     return JSONResponse({"token": token, **record.public()}, status_code=201)

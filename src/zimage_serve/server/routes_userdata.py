@@ -20,8 +20,8 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from zimage_serve import strict_json
 from zimage_serve.server.gate import audit_note, caller
-from zimage_serve.server.routes_queue import runtime
-from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
+from zimage_serve.server.routes_queue import plain_error, runtime
+from zimage_serve.workflow.folders import UnknownFileError, contained
 
 router = APIRouter()
 SETTINGS_FILE = "comfy.settings.json"
@@ -38,23 +38,23 @@ def user_root(request: Request) -> Path:
     return root
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _resolve(request: Request, name: str, resource: str = "file", empty_ok: bool = False) -> str:
-    """A client-named path inside the caller's folder; raises UnknownFileError (403 for an escape)."""
-    return contained(user_root(request), name.strip("/") if empty_ok else name, resource, empty_ok=empty_ok)
+def _resolve(root: Path, name: str, resource: str = "file", empty_ok: bool = False) -> str:
+    """A client-named path inside the caller's folder `root`; raises UnknownFileError."""
+    return contained(root, name.strip("/") if empty_ok else name, resource, empty_ok=empty_ok)
 
 
 def _refusal(exc: UnknownFileError) -> JSONResponse:
-    return _error(403 if exc.why in ESCAPES else 400, str(exc))
+    return plain_error(exc.status, str(exc))
+
+
+def _relative(root: Path, path: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
 
 
 def _info(root: Path, path: str) -> dict[str, Any]:
     stat = os.stat(path)
     return {
-        "path": os.path.relpath(path, root).replace(os.sep, "/"),
+        "path": _relative(root, path),
         "size": stat.st_size,
         "modified": stat.st_mtime * 1000,
         "created": stat.st_ctime * 1000,
@@ -71,7 +71,7 @@ async def get_users(request: Request) -> dict[str, Any]:
 
 @router.post("/users")
 async def post_users(request: Request) -> Response:
-    return _error(400, "users are made with `zimage tokens create`, not here")
+    return plain_error(400, "users are made with `zimage tokens create`, not here")
 
 
 def _read_settings(root: Path) -> dict[str, Any]:
@@ -108,9 +108,9 @@ async def post_settings(request: Request) -> Response:
     try:
         body = strict_json.loads(await request.body())
     except strict_json.JsonRejected as exc:
-        return _error(400, f"the settings must be a JSON object ({exc})")
+        return plain_error(400, f"the settings must be a JSON object ({exc})")
     if not isinstance(body, dict):
-        return _error(400, "the settings must be a JSON object")
+        return plain_error(400, "the settings must be a JSON object")
     root = user_root(request)
     async with _settings_lock:
         settings = _read_settings(root)
@@ -124,7 +124,7 @@ async def post_setting(request: Request, setting_id: str) -> Response:
     try:
         value = strict_json.loads(await request.body())
     except strict_json.JsonRejected as exc:
-        return _error(400, f"the value must be JSON ({exc})")
+        return plain_error(400, f"the value must be JSON ({exc})")
     root = user_root(request)
     async with _settings_lock:
         settings = _read_settings(root)
@@ -139,13 +139,13 @@ async def list_userdata(request: Request) -> Response:
     query = request.query_params
     directory = query.get("dir")
     if not directory:
-        return _error(400, "dir is required")
+        return plain_error(400, "dir is required")
     try:
-        folder = _resolve(request, directory, "dir")
+        folder = _resolve(user_root(request), directory, "dir")
     except UnknownFileError as exc:
         return _refusal(exc)
     if not os.path.isdir(folder):
-        return _error(404, "no such folder")  # the frontend reads 404 as empty
+        return plain_error(404, "no such folder")  # the frontend reads 404 as empty
     recurse = query.get("recurse", "").lower() == "true"
     full_info = query.get("full_info", "").lower() == "true"
     split = query.get("split", "").lower() == "true"
@@ -167,18 +167,18 @@ async def list_userdata(request: Request) -> Response:
 
 @router.get("/v2/userdata")
 async def list_userdata_v2(request: Request) -> Response:
+    root = user_root(request)
     try:
-        folder = _resolve(request, request.query_params.get("path", ""), "path", empty_ok=True)
+        folder = _resolve(root, request.query_params.get("path", ""), "path", empty_ok=True)
     except UnknownFileError as exc:
         return _refusal(exc)
     if not os.path.isdir(folder):
         return JSONResponse([])
-    root = user_root(request)
     entries: list[dict[str, Any]] = []
     for entry in sorted(os.scandir(folder), key=lambda e: (not e.is_dir(), e.name)):
         if entry.name.startswith("."):
             continue
-        relative = os.path.relpath(entry.path, root).replace(os.sep, "/")
+        relative = _relative(root, entry.path)
         if entry.is_dir():
             entries.append({"name": entry.name, "path": relative, "type": "directory"})
         elif entry.is_file():
@@ -198,22 +198,31 @@ def _segments(request: Request) -> list[str]:
     return [unquote(part) for part in tail.split("/")]
 
 
-def _file(request: Request) -> str | None:
+def _file(request: Request, root: Path) -> str | JSONResponse:
+    """The one file a /userdata/{file} request names, inside `root`, or the refusal to answer with."""
     parts = _segments(request)
-    return parts[0] if len(parts) == 1 and parts[0] else None
+    try:
+        return _resolve(root, parts[0] if len(parts) == 1 else "")
+    except UnknownFileError as exc:
+        return _refusal(exc)
+
+
+def _saved(request: Request, root: Path, path: str) -> JSONResponse:
+    """What a write or move answers: the file's path, or with `full_info` its size and times too."""
+    if request.query_params.get("full_info", "").lower() == "true":
+        return JSONResponse(_info(root, path))
+    return JSONResponse(_relative(root, path))
 
 
 @router.get("/userdata/{file:path}")
 async def get_userdata(request: Request, file: str) -> Response:
-    file = _file(request) or ""
-    try:
-        path = _resolve(request, file)
-    except UnknownFileError as exc:
-        return _refusal(exc)
+    path = _file(request, user_root(request))
+    if isinstance(path, Response):
+        return path
     if not os.path.isfile(path):
-        if file == "user.css":  # index.html links it for everyone: a user who wrote none has an empty one
+        if _segments(request) == ["user.css"]:  # index.html links it for all: none written is an empty one
             return Response(b"", media_type="text/css", headers={"Cache-Control": "no-cache"})
-        return _error(404, "file not found")
+        return plain_error(404, "file not found")
     return FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
@@ -222,24 +231,19 @@ async def post_userdata(request: Request, file: str) -> Response:
     parts = _segments(request)
     if len(parts) == 3 and parts[1] == "move":
         return await _move(request, parts[0], parts[2])
-    file = _file(request) or ""
-    try:
-        path = _resolve(request, file)
-    except UnknownFileError as exc:
-        return _refusal(exc)
-    query = request.query_params
-    overwrite = query.get("overwrite", "true").lower() != "false"
+    root = user_root(request)
+    path = _file(request, root)
+    if isinstance(path, Response):
+        return path
+    overwrite = request.query_params.get("overwrite", "true").lower() != "false"
     body = await request.body()  # within the body limit of every request (8 MB; 413 beyond it)
     if os.path.exists(path) and not overwrite:
-        return _error(409, "file exists; send overwrite=true to replace it")
+        return plain_error(409, "file exists; send overwrite=true to replace it")
     if os.path.isdir(path):
-        return _error(409, "a folder has that name")
+        return plain_error(409, "a folder has that name")
     await asyncio.to_thread(_write_file, path, body)
-    root = user_root(request)
-    audit_note(request, files=["userdata/" + os.path.relpath(path, root).replace(os.sep, "/")])
-    if query.get("full_info", "").lower() == "true":
-        return JSONResponse(_info(root, path))
-    return JSONResponse(os.path.relpath(path, root).replace(os.sep, "/"))
+    audit_note(request, files=["userdata/" + _relative(root, path)])
+    return _saved(request, root, path)
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -252,32 +256,28 @@ def _write_file(path: str, data: bytes) -> None:
 
 @router.delete("/userdata/{file:path}")
 async def delete_userdata(request: Request, file: str) -> Response:
-    file = _file(request) or ""
-    try:
-        path = _resolve(request, file)
-    except UnknownFileError as exc:
-        return _refusal(exc)
+    path = _file(request, user_root(request))
+    if isinstance(path, Response):
+        return path
     if not os.path.isfile(path):
-        return _error(404, "file not found")
+        return plain_error(404, "file not found")
     os.remove(path)
     return Response(status_code=204)
 
 
 async def _move(request: Request, file: str, dest: str) -> Response:
     """POST /userdata/{file}/move/{dest}."""
+    root = user_root(request)
     try:
-        source = _resolve(request, file)
-        target = _resolve(request, dest)
+        source = _resolve(root, file)
+        target = _resolve(root, dest)
     except UnknownFileError as exc:
         return _refusal(exc)
     if not os.path.isfile(source):
-        return _error(404, "file not found")
+        return plain_error(404, "file not found")
     query = request.query_params
     if os.path.exists(target) and query.get("overwrite", "true").lower() == "false":
-        return _error(409, "the destination exists; send overwrite=true to replace it")
+        return plain_error(409, "the destination exists; send overwrite=true to replace it")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.move(source, target)
-    root = user_root(request)
-    if query.get("full_info", "").lower() == "true":
-        return JSONResponse(_info(root, target))
-    return JSONResponse(os.path.relpath(target, root).replace(os.sep, "/"))
+    return _saved(request, root, target)

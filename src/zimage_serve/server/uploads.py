@@ -24,7 +24,7 @@ from zimage_serve.image_safety import ImageRefused, facts, refusing
 from zimage_serve.server.gate import audit_note, caller
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.schemas import MaskForm, UploadForm, form_request
-from zimage_serve.workflow.folders import ESCAPES, UnknownFileError, contained
+from zimage_serve.workflow.folders import UnknownFileError, contained
 from zimage_serve.workflow.limits import flag
 
 router = APIRouter()
@@ -175,7 +175,7 @@ async def upload_mask(request: Request) -> Response:
         try:
             original_path = contained(original_folder, plain_name(str(reference.get("filename", ""))), "original_ref")
         except UnknownFileError as exc:
-            raise UploadError(403 if exc.why in ESCAPES else 400, str(exc)) from exc
+            raise UploadError(exc.status, str(exc)) from exc
         if not os.path.isfile(original_path):
             raise UploadError(404, f"original_ref: {os.path.basename(original_path)} not found")
         subfolder = fields.get("subfolder", "")

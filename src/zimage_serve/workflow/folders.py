@@ -52,6 +52,11 @@ class UnknownFileError(ZImageError):
         super().__init__(f"{resource}: {name!r} {why}")
         self.resource, self.name, self.why = resource, name, why
 
+    @property
+    def status(self) -> int:
+        """The HTTP status a refusal gets: 403 for an attempt to leave a folder, 400 for a bad name."""
+        return 403 if self.why in ESCAPES else 400
+
 
 @dataclass
 class Folders:
