@@ -112,7 +112,7 @@ def test_assets_are_cached_and_index_is_not(server: Server) -> None:
     status, headers, body = server.request("GET", "/")
     assert status == 200 and "no-cache" in headers["cache-control"] and b'<div id="vue-app">' in body
     index = server.json("GET", "/templates/index.json")[1]
-    assert [t["name"] for t in index[0]["templates"]] == ["zimage-nano", "z-image-turbo"]
+    assert [t["name"] for t in index[0]["templates"]] == ["zimage-nano", "z-image-turbo", "z-image"]
     assert (
         server.json("GET", "/templates/index.zh.json")[1] == index
         and server.json("GET", "/templates/index_logo.json")[1] == {}

@@ -39,5 +39,5 @@ def test_node_ids_must_be_numbers() -> None:
 
 def test_the_index_lists_every_template() -> None:
     [category] = templates.index()
-    assert [t["name"] for t in category["templates"]] == ["zimage-nano", "z-image-turbo"]
+    assert [t["name"] for t in category["templates"]] == ["zimage-nano", "z-image-turbo", "z-image"]
     assert all(t["mediaSubtype"] == "webp" and t["description"] for t in category["templates"])

@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/make_thumbnails.py
 
-zimage-nano's is its own workflow's image (run here, on the CPU, in seconds); Z-Image-Turbo's weights
-are not on this machine, so its thumbnail is a title card rather than a picture that would pretend.
+zimage-nano's is its own workflow's image (run here, on the CPU, in seconds); the 6B models' weights
+are not on this machine, so their thumbnails are a title card rather than a picture that would pretend.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     card("Z-Image-Turbo", ["text to image", "8 steps, 1024 x 1024", "Tongyi-MAI"]).save(
         OUT / "z-image-turbo-1.webp", quality=85
     )
+    card("Z-Image", ["text to image", "50 steps, cfg 4, negative", "Tongyi-MAI"]).save(OUT / "z-image-1.webp", quality=85)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from zimage_serve import __version__
-from zimage_serve.cli import audit, generate, info, models, nano, run, serve, tokens
+from zimage_serve.cli import audit, generate, info, models, nano, run, serve, templates, tokens
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
 
@@ -43,6 +43,7 @@ app.command("serve")(serve.serve)
 app.add_typer(nano.app, name="nano")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(audit.app, name="audit")
+app.add_typer(templates.app, name="templates")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from zimage_serve.server import (
     routes_jobs,
     routes_queue,
     routes_security,
+    routes_templates,
     routes_userdata,
     routes_ws,
     schemas,
@@ -41,6 +42,7 @@ ROUTERS = (
     routes_security.router,
     routes_userdata.router,
     routes_jobs.router,
+    routes_templates.router,
     routes_frontend.router,
 )
 

@@ -1,7 +1,7 @@
 """OpenAI's Images API on the same queue: POST /v1/images/generations and GET /v1/models.
 
-A request becomes the shipped workflow of the chosen model with the prompt, size, batch and seed set,
-is queued like any ComfyUI prompt, and is answered when the worker has run it. `seed` is our
+A request renders the chosen model's built-in template (`templates/builtin.py`) with the prompt, size,
+batch and seed, is queued like any ComfyUI prompt, and is answered when the worker has run it. `seed` is our
 extension; `quality`, `style` and `user` are accepted and ignored.
 """
 
@@ -19,12 +19,13 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from zimage_serve import workflows
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.queue.store import QueueFull, Quota, QuotaExceeded
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
+from zimage_serve.templates import Template, TemplateParameterError
+from zimage_serve.templates.builtin import builtin, builtin_names
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import describe
 from zimage_serve.workflow.spec import MAX_SEED
@@ -35,21 +36,29 @@ log = logging.getLogger(__name__)
 MAX_IMAGES = 10
 MAX_SIDE = 4096
 SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
-TURBO_FILES = {
-    "diffusion_models": "z_image_turbo_bf16.safetensors",
-    "text_encoders": "qwen_3_4b.safetensors",
-    "vae": "ae.safetensors",
-}
+LOADERS = {"UNETLoader": "unet_name", "CLIPLoader": "clip_name", "VAELoader": "vae_name"}
+RESOURCES = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
+DEFAULT_SIZE = 1024  # the 6B models' native size; a template that knows better says so
 
 
-def models(folders: Folders) -> dict[str, tuple[dict[str, Any], int]]:
-    """Model id → (workflow, native size) for what is installed now."""
-    found: dict[str, tuple[dict[str, Any], int]] = {}
-    if "zimage-nano" in folders.builtin:
-        found["zimage-nano"] = (workflows.load(workflows.NANO), 128)
-    if all(name in folders.names(resource) for resource, name in TURBO_FILES.items()):
-        found["z-image-turbo"] = (workflows.load(workflows.TURBO), 1024)
+def models(folders: Folders) -> dict[str, Template]:
+    """Model id → its built-in template, for the models whose files are installed now."""
+    found: dict[str, Template] = {}
+    for name in builtin_names():
+        template = builtin(name)
+        if template is not None and _installed(template, folders):
+            found[name] = template
     return found
+
+
+def _installed(template: Template, folders: Folders) -> bool:
+    for node in template.workflow.values():
+        kind = node["class_type"]
+        if kind in LOADERS:
+            file = node["inputs"][LOADERS[kind]]
+            if file not in folders.builtin and file not in folders.names(RESOURCES[kind]):
+                return False
+    return True
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -95,7 +104,8 @@ async def generate(request: Request) -> Response:
     response_format = body.get("response_format") or "url"
     if response_format not in ("url", "b64_json"):
         return openai_error(400, "response_format must be url or b64_json", "response_format")
-    workflow, native = available[model]
+    template = available[model]
+    native = template.native_size or DEFAULT_SIZE
     size = body.get("size") or f"{native}x{native}"
     match = SIZE.match(size) if isinstance(size, str) else None
     width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
@@ -112,10 +122,15 @@ async def generate(request: Request) -> Response:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         return openai_error(400, f"seed must be a whole number from 0 to {MAX_SEED}", "seed")
 
-    workflow["6"]["inputs"]["text"] = prompt
-    workflow["13"]["inputs"].update(width=width, height=height, batch_size=n)
-    workflow["3"]["inputs"]["seed"] = seed
-    workflow["9"]["inputs"]["filename_prefix"] = f"openai/{model}"
+    if template.native_size and (width, height) != (native, native):
+        log.warning("%s was trained at %d×%d only; %d×%d will not look right", model, native, native, width, height)
+    try:
+        workflow = template.render(
+            prompt=prompt, width=width, height=height, batch_size=n, seed=seed, prefix=f"openai/{model}"
+        )
+    except TemplateParameterError as exc:
+        name, why = next(iter(exc.problems.items()))
+        return openai_error(400, f"{name}: {why}", name)
     try:
         submitted = await asyncio.to_thread(
             rt.service.submit,

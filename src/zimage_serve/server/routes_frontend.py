@@ -120,7 +120,8 @@ async def simple_page() -> Response:
 async def runnable_workflows(request: Request) -> dict[str, Any]:
     """The API workflows of the models installed now, with their sizes and steps (the simple page's)."""
     found = {}
-    for model, (workflow, native) in openai_images.models(runtime(request).folders).items():
+    for model, template in openai_images.models(runtime(request).folders).items():
+        workflow, native = template.render(), template.native_size or openai_images.DEFAULT_SIZE
         sampler = next(n for n in workflow.values() if n["class_type"] == "KSampler")
         found[model] = {
             "workflow": workflow,

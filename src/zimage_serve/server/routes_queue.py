@@ -78,8 +78,6 @@ async def post_prompt(request: Request) -> Response:
     """POST /prompt, reached through `app.PromptLane` (not this router): the busiest route reads its own
     body and builds its own answers, so it needs none of FastAPI's machinery. It is left out of the
     schema through the route added below."""
-    rt = runtime(request)
-    identity, token = caller(request), caller_token(request)
     raw = await request.body()
     large = len(raw) > OFF_LOOP_BYTES
     try:
@@ -88,6 +86,13 @@ async def post_prompt(request: Request) -> Response:
         return comfy_error("invalid_prompt", "Invalid request body", str(exc))
     if not isinstance(body, dict):
         return comfy_error("invalid_prompt", "Invalid request body", "the body must be a JSON object")
+    return await queue_prompt(request, body, large=large)
+
+
+async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = False) -> Response:
+    """Queue a /prompt body (a dict); the answer is ComfyUI's, whichever route it came through."""
+    rt = runtime(request)
+    identity, token = caller(request), caller_token(request)
     if "prompt" not in body:
         return comfy_error("no_prompt", "No prompt provided", "No prompt provided")
     prompt_id = body.get("prompt_id")

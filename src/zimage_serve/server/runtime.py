@@ -16,6 +16,7 @@ from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
+from zimage_serve.templates import TemplateLibrary
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
@@ -61,6 +62,7 @@ class Runtime:
         for folder in (self.folders.input, self.folders.output, self.folders.temp):
             folder.mkdir(parents=True, exist_ok=True)
         self.hub = Hub()
+        self.templates = TemplateLibrary(data / "templates")
         self.journal_folder = data / "runs"  # the files each running prompt wrote (workflow/output_journal.py)
         self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
         self.security = Security(

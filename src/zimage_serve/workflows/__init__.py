@@ -1,4 +1,4 @@
-"""Ready API-format workflows shipped with the package: zimage-nano (no download) and Z-Image-Turbo."""
+"""Ready API-format workflows shipped with the package: zimage-nano (no download), Z-Image-Turbo and Z-Image."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 FOLDER = Path(__file__).parent
 NANO = FOLDER / "zimage_nano.api.json"
 TURBO = FOLDER / "z_image_turbo.api.json"
+BASE = FOLDER / "z_image.api.json"
 
 
 def load(path: Path) -> dict[str, Any]:

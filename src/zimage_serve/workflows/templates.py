@@ -55,6 +55,15 @@ TEMPLATES = (
         workflows.TURBO,
         ("Z-Image-Turbo",),
     ),
+    Template(
+        "z-image",
+        "Z-Image text to image",
+        "Tongyi-MAI's 6B base model (not distilled): 50 steps, cfg 4 and a negative prompt, any size from 512² to "
+        "2048². Needs z_image.safetensors (diffusion_models), qwen_3_4b.safetensors (text_encoders) and "
+        "ae.safetensors (vae) in a models folder.",
+        workflows.BASE,
+        ("Z-Image",),
+    ),
 )
 
 

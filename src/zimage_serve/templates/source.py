@@ -1,0 +1,49 @@
+"""A template from what a user has: a template document, an API-format workflow, or a UI-format one.
+
+A plain workflow gets the usual parameters (`infer.infer_parameters`); a document keeps its own. UI
+format needs the node set to name its widgets, so the caller passes the conversion in: this package
+stays free of the node set for the client's sake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zimage_serve.templates.document import Template, TemplateError
+from zimage_serve.templates.infer import infer_parameters
+
+ToApi = Callable[[Any], dict[str, Any]]
+
+
+def is_api_workflow(data: Any) -> bool:
+    nodes = data.values() if isinstance(data, dict) else ()
+    return bool(nodes) and all(isinstance(v, dict) and "class_type" in v for v in nodes)
+
+
+def is_ui_workflow(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+def template_from(
+    data: Any, name: str, *, to_api: ToApi, title: str | None = None, description: str | None = None
+) -> Template:
+    """A version-less template named `name` (the library numbers it when it is added)."""
+    if isinstance(data, dict) and "workflow" in data and not is_api_workflow(data):
+        document = dict(data)
+        if is_ui_workflow(document["workflow"]):
+            document["workflow"] = to_api(document["workflow"])
+        if "parameters" not in document:
+            document["parameters"] = {k: p.to_json() for k, p in infer_parameters(document["workflow"]).items()}
+    elif is_api_workflow(data) or is_ui_workflow(data):
+        workflow = data if is_api_workflow(data) else to_api(data)
+        document = {"workflow": workflow, "parameters": {k: p.to_json() for k, p in infer_parameters(workflow).items()}}
+    else:
+        raise TemplateError("the file is neither a template, nor an API-format or UI-format workflow")
+    if title is not None:
+        document["title"] = title
+    if description is not None:
+        document["description"] = description
+    document.pop("version", None)
+    document.pop("builtin", None)
+    return Template.from_json(document, name=name, version=1)
