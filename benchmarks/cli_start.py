@@ -35,6 +35,8 @@ def main() -> None:
     commands = {
         "zimage --help": ["--help"],
         "zimage serve --help": ["serve", "--help"],
+        "zimage batch --help": ["batch", "--help"],
+        "zimage templates list": ["templates", "list", "--data-dir", str(data)],
         "zimage tokens list": ["tokens", "list", "--data-dir", str(data)],
         "zimage audit verify": ["audit", "verify", "--data-dir", str(data)],
         "python -c pass (the floor)": None,

@@ -97,6 +97,13 @@ def generate(
         highlight=False,
     )
 
+    from zimage_serve.engine.trained_size import declared_size, size_warning
+
+    trained = declared_size(model_path) if model_path.is_dir() else None
+    side = engine.native_size
+    warning = size_warning(engine.model.sources.name, trained, params.width or side, params.height or side)
+    if warning is not None:
+        console_err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

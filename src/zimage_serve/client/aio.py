@@ -35,15 +35,14 @@ from zimage_serve.client.errors import (
     Cancelled,
     ClientError,
     ExecutionError,
-    NotFound,
     RateLimited,
     ServerUnavailable,
     refusal,
 )
 from zimage_serve.templates.builtin import builtin
-from zimage_serve.templates.document import NAME, Template
+from zimage_serve.templates.document import Template
 from zimage_serve.templates.library import TemplateNotFound
-from zimage_serve.templates.source import is_ui_workflow, template_from
+from zimage_serve.templates.source import read_template_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -173,7 +172,7 @@ class AsyncClient:
         if isinstance(template, Template):
             return template
         if isinstance(template, Path):
-            return _template_file(template)
+            return read_template_file(template)
         key = (template, version)
         if key not in self._templates:
             self._templates[key] = await self._fetch_template(template, version)
@@ -486,23 +485,3 @@ def _image_bytes(image: Any, name: str | None) -> tuple[bytes, str]:
         image.save(buffer, format="PNG")
         return buffer.getvalue(), name or "upload.png"
     raise ClientError(f"upload: {type(image).__name__} is not an image (give a path, bytes or a PIL image)")
-
-
-def _template_file(path: Path) -> Template:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFound(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ClientError(f"{path}: not JSON ({exc})") from None
-
-    def refuse_ui(_: Any) -> dict[str, Any]:
-        raise ClientError(
-            f"{path}: a UI-format workflow; add it as a template (zimage templates add) to name its widgets"
-        )
-
-    named = data.get("name") if isinstance(data, dict) else None
-    name = named if isinstance(named, str) and NAME.match(named) else "local"
-    if is_ui_workflow(data):
-        refuse_ui(data)
-    return template_from(data, name, to_api=refuse_ui)

@@ -119,6 +119,7 @@ class DiffusionModel:
     latent_format: LatentFormat
     sampling: FlowSampling = field(default_factory=FlowSampling)
     patches: tuple[LoraPatch, ...] = ()
+    trained_size: int | None = None  # the one size it was trained at, if it has one (engine/trained_size.py)
 
     @property
     def device(self) -> torch.device:

@@ -7,10 +7,12 @@ stays free of the node set for the client's sake.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from zimage_serve.templates.document import Template, TemplateError
+from zimage_serve.templates.document import NAME, Template, TemplateError
 from zimage_serve.templates.infer import infer_parameters
 
 ToApi = Callable[[Any], dict[str, Any]]
@@ -47,3 +49,20 @@ def template_from(
     document.pop("version", None)
     document.pop("builtin", None)
     return Template.from_json(document, name=name, version=1)
+
+
+def read_template_file(path: Path, to_api: ToApi | None = None) -> Template:
+    """A template from a local file; without `to_api`, a UI-format workflow is refused (it needs the node set)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TemplateError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TemplateError(f"{path}: not JSON ({exc})") from None
+
+    def refuse_ui(_: Any) -> dict[str, Any]:
+        raise TemplateError(f"{path}: UI format; add it with `zimage templates add`, which names its widgets")
+
+    named = data.get("name") if isinstance(data, dict) else None
+    name = named if isinstance(named, str) and NAME.match(named) else "local"
+    return template_from(data, name, to_api=to_api or refuse_ui)

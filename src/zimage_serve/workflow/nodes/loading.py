@@ -7,6 +7,7 @@ this module brings in torch, diffusers and transformers, which only the worker n
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from zimage_serve.engine.components import ComponentSource
@@ -20,6 +21,7 @@ from zimage_serve.engine.parts import (
     load_diffusion_model,
     load_text_encoder,
 )
+from zimage_serve.engine.trained_size import declared_size
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.tokens import tokenizer_folder
@@ -46,7 +48,10 @@ def latent_format_of(path: Path) -> LatentFormat:
 
 def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: str = "default") -> DiffusionModel:
     path = ctx.folders.resolve(resource, name)
-    return load_diffusion_model(name, component(path, "transformer"), ctx.placing, latent_format_of(path), weight_dtype)
+    model = load_diffusion_model(
+        name, component(path, "transformer"), ctx.placing, latent_format_of(path), weight_dtype
+    )
+    return replace(model, trained_size=declared_size(path)) if path.is_dir() else model
 
 
 def load_clip_file(ctx: NodeContext, resource: str, name: str) -> TextEncoder:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
+from zimage_serve.engine.trained_size import size_warning
 from zimage_serve.errors import GenerationCancelled
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.limits import enforce
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 
     from zimage_serve.engine.parts import DiffusionModel
 
+log = logging.getLogger(__name__)
 LATENT_FACTOR = 8  # pixels per latent cell (engine.parts.LATENT_FACTOR; not imported: see nodes/__init__)
 
 
@@ -64,6 +67,10 @@ def run_sampler(
     enforce(ctx.limits, "pixels", samples.shape[-1] * samples.shape[-2] * LATENT_FACTOR**2, "latent_image")
     if len(sigmas) < 2:
         return NodeResult(({**latent, "samples": samples},))
+    height, width = (side * LATENT_FACTOR for side in samples.shape[-2:])
+    warning = size_warning(model.name, model.trained_size, width, height)
+    if warning is not None:
+        log.warning("%s (node %s)", warning, ctx.node_id)
     noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
     try:
         result = sample(
