@@ -30,7 +30,7 @@ class TemplateError(ZImageError):
     """A template document that cannot be used; the message names the field at fault."""
 
 
-class TemplateParameterError(ZImageError):
+class TemplateParameterError(TemplateError):
     """Values that do not fit a template's parameters: `problems` maps each parameter to why."""
 
     def __init__(self, template: str, problems: Mapping[str, str]) -> None:
