@@ -1,0 +1,231 @@
+"""The Python client against a real server process: generate, progress, concurrency, errors, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.loras import lora_pairs, write_diffusers
+from tests.server import Server, free_port, running_server
+from tests.test_security import make_tokens
+from tests.test_server_queue import small_job
+from tests.test_templates import img2img_workflow
+from zimage_serve.client import (
+    AsyncClient,
+    AuthenticationError,
+    Cancelled,
+    Client,
+    ExecutionError,
+    Progress,
+    PromptError,
+    ServerUnavailable,
+    TemplateNotFound,
+    TemplateParameterError,
+)
+from zimage_serve.nano.default import default_model
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("client")
+    models = root / "models"
+    (models / "loras").mkdir(parents=True)
+    [weights] = (default_model() / "transformer").glob("*.safetensors")
+    write_diffusers(lora_pairs(load_file(weights), scale=0.2), models / "loras" / "style.safetensors")
+    (models / "loras" / "broken.safetensors").write_bytes(b"not a safetensors file at all")
+    with running_server(root / "data", "--models", str(models)) as server:
+        yield server
+
+
+def test_generate_gives_images_files_and_progress_in_order(served: Server) -> None:
+    events: list[Progress] = []
+    with Client(served.url) as client:
+        result = client.generate(
+            "zimage-nano", prompt="a blue square on white", seed=5, steps=6, on_progress=events.append
+        )
+    assert len(result.images) == 1 and result.images[0].size == (128, 128)
+    assert result.files[0].type == "output" and result.files[0].filename.endswith(".png")
+    assert result.template is not None and result.template.name == "zimage-nano"
+    assert [e.value for e in events] == [1, 2, 3, 4, 5, 6] and {e.max for e in events} == {6}
+    assert {e.prompt_id for e in events} == {result.prompt_id} and {e.node for e in events} == {"3"}
+    history = served.json("GET", f"/history/{result.prompt_id}")[1][result.prompt_id]
+    assert history["prompt"][2]["3"]["inputs"]["seed"] == 5  # the values reached the graph the server ran
+
+
+def test_the_async_client_runs_jobs_concurrently(served: Server) -> None:
+    submitted: list[float] = []
+    finished: list[float] = []
+
+    async def main() -> list[str]:
+        async with AsyncClient(served.url) as client:
+            original = client.submit
+
+            async def timed_submit(graph: dict[str, Any], **options: Any) -> str:
+                prompt_id = await original(graph, **options)
+                submitted.append(time.monotonic())
+                return prompt_id
+
+            client.submit = timed_submit  # type: ignore[method-assign]
+
+            async def one(seed: int) -> str:
+                result = await client.generate("zimage-nano", seed=seed, steps=20)
+                finished.append(time.monotonic())
+                return result.files[0].filename
+
+            return await asyncio.gather(*(one(seed) for seed in range(4)))
+
+    names = asyncio.run(main())
+    assert len(set(names)) == 4
+    assert len(submitted) == 4 and max(submitted) < min(finished)  # all four queued before the first ended
+
+
+def test_without_a_websocket_the_client_polls(served: Server) -> None:
+    async def main() -> Any:
+        async with AsyncClient(served.url, websocket=False, poll_interval=0.05) as client:
+            return await client.generate("zimage-nano", seed=8, steps=2)
+
+    result = asyncio.run(main())
+    assert len(result.data) == 1 and Image.open(io.BytesIO(result.data[0])).size == (128, 128)
+
+
+def test_a_refused_graph_raises_with_comfyuis_node_errors(served: Server) -> None:
+    job = small_job("client-bad")
+    job["3"]["inputs"]["steps"] = 0
+    with Client(served.url) as client, pytest.raises(PromptError) as caught:
+        client.submit(job)
+    assert list(caught.value.node_errors) == ["3"]
+    assert caught.value.node_errors["3"]["errors"][0]["extra_info"]["input_name"] == "steps"
+    assert caught.value.error["type"] == "prompt_outputs_failed_validation"
+    assert "node 3 (KSampler)" in str(caught.value)
+
+
+def test_a_failure_while_running_raises_with_the_node(served: Server) -> None:
+    with Client(served.url) as client, pytest.raises(ExecutionError) as caught:
+        client.generate("zimage-nano", lora_name="broken.safetensors", steps=1)
+    assert caught.value.node_id == "40" and caught.value.node_type == "LoraLoaderModelOnly"
+    assert "broken.safetensors" in str(caught.value)
+
+
+def test_a_lora_through_the_template_changes_the_image_and_strength_0_does_not(served: Server) -> None:
+    with Client(served.url) as client:
+        plain = client.generate("zimage-nano", seed=3, steps=4).images[0].tobytes()
+        styled = client.generate("zimage-nano", seed=3, steps=4, lora_name="style.safetensors").images[0].tobytes()
+        off = client.generate("zimage-nano", seed=3, steps=4, lora_name="style.safetensors", lora_strength=0)
+    assert styled != plain and off.images[0].tobytes() == plain
+
+
+def test_parameter_errors_are_raised_before_anything_is_sent(served: Server) -> None:
+    before = len(served.json("GET", "/history")[1])
+    with Client(served.url) as client:
+        with pytest.raises(TemplateParameterError) as caught:
+            client.generate("zimage-nano", seed=-3, stepz=4)
+        assert set(caught.value.problems) == {"seed", "stepz"}
+        with pytest.raises(TemplateNotFound):
+            client.generate("no-such-template")
+    assert len(served.json("GET", "/history")[1]) == before
+
+
+def test_an_image_parameter_is_uploaded_and_used(served: Server) -> None:
+    template = {"name": "repaint", "workflow": img2img_workflow()}
+    assert served.json("POST", "/api/zimage/templates", template)[0] == 201
+    start = Image.new("RGB", (128, 128), "yellow")
+    with Client(served.url) as client:
+        result = client.generate("repaint", image=start, lora_name=None, seed=1, steps=3)
+        again = client.generate("repaint", image=start, lora_name=None, seed=1, steps=3)
+    assert result.images[0].size == (128, 128)
+    graph = served.json("GET", f"/history/{result.prompt_id}")[1][result.prompt_id]["prompt"][2]
+    assert graph["20"]["inputs"]["image"].endswith(".png") and "41" not in graph
+    assert result.images[0].tobytes() == again.images[0].tobytes()
+
+
+def test_deleting_a_waiting_prompt_ends_its_wait(served: Server) -> None:
+    async def main() -> None:
+        async with AsyncClient(served.url) as client:
+            running = await client.submit(small_job("client-slow", size=512, steps=40))
+            waiting = await client.submit(small_job("client-waiting"))
+            task = asyncio.create_task(client.wait(waiting))
+            await asyncio.sleep(0.3)
+            await client.cancel(waiting)
+            with pytest.raises(Cancelled, match="removed from the queue"):
+                await asyncio.wait_for(task, 30)
+            await client.cancel(running)
+
+    asyncio.run(main())
+
+
+def test_tokens_are_sent_and_a_missing_one_is_an_authentication_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with running_server(data, "--auth", "on") as server:
+        with Client(server.url, tokens["user"]) as client:
+            result = client.generate("zimage-nano", steps=1)
+        assert result.files[0].subfolder == ""  # the user's own space: names are relative to it
+        assert (data / "output" / "users" / "alice" / result.files[0].filename).is_file()
+        with Client(server.url) as anonymous, pytest.raises(AuthenticationError) as caught:
+            anonymous.generate("zimage-nano", steps=1)
+        assert caught.value.status == 401
+
+
+def test_connection_errors_are_retried_with_backoff_then_raised(tmp_path: Path) -> None:
+    port = free_port()
+    started = time.monotonic()
+    with Client(f"http://127.0.0.1:{port}", retries=3, backoff=0.1) as client, pytest.raises(ServerUnavailable):
+        client.history("x")
+    assert 0.3 < time.monotonic() - started < 5  # 0.1 + 0.2 + 0.4 s of waiting, give or take the jitter
+
+    # A server that comes up while the client waits is reached.
+    data = tmp_path / "late"
+
+    async def main() -> Any:
+        async with AsyncClient(f"http://127.0.0.1:{port}", retries=8, backoff=0.5) as client:
+            return await client.queued()
+
+    command = [sys.executable, "-m", "zimage_serve.cli", "serve", "--port", str(port), "--data-dir", str(data)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert asyncio.run(main()) == set()
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def test_templates_resolve_on_the_client_against_a_server_without_template_routes() -> None:
+    """A plain ComfyUI answers 404 for /api/zimage/templates/...: the built-in template renders here."""
+    seen: list[str] = []
+
+    def comfyui(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(404, text="404: Not Found")
+
+    async def main() -> Any:
+        async with AsyncClient("http://comfy.invalid:8188", websocket=False) as client:
+            client._http = httpx.AsyncClient(base_url=client.url, transport=httpx.MockTransport(comfyui))
+            template = await client.template("z-image-turbo")
+            with pytest.raises(TemplateNotFound):
+                await client.template("house-style")
+            return template
+
+    template = asyncio.run(main())
+    assert template.builtin and template.render(prompt="a fox")["6"]["inputs"]["text"] == "a fox"
+    assert seen == ["/api/zimage/templates/z-image-turbo", "/api/zimage/templates/house-style"]
+
+
+def test_importing_the_client_loads_no_heavy_library() -> None:
+    code = (
+        "import sys, zimage_serve.client; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'PIL', "
+        "'numpy', 'fastapi', 'uvicorn', 'starlette', 'safetensors'}))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stdout
