@@ -21,7 +21,7 @@ sample: $(STAMP)
 	$(BIN)/zimage generate "一个红色的圆形在蓝色背景上" -o outputs/sample.png
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
