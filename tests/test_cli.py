@@ -223,14 +223,26 @@ def test_console_script_default_model_end_to_end(tmp_path: Path) -> None:
     assert "width: 17" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_light_commands_import_no_heavy_library() -> None:
-    """`zimage --help`, `zimage tokens ...` and `zimage audit ...` start in a fraction of a second: the
-    command line loads torch, diffusers, the node set (PIL, numpy), the web server and pydantic-settings
-    only in the commands that use them."""
+HEAVY = (
+    "{'torch', 'diffusers', 'transformers', 'PIL', 'numpy', 'fastapi', 'uvicorn', 'starlette', 'pydantic_settings', "
+    "'safetensors'}"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--help"], ["batch", "--help"], ["templates", "list"], ["tokens", "list"], ["audit", "verify"]],
+    ids=lambda args: " ".join(["zimage", *args]),
+)
+def test_light_commands_import_no_heavy_library(args: list[str], tmp_path: Path) -> None:
+    """`zimage --help`, `zimage batch --help`, `zimage templates list`, `zimage tokens ...` and `zimage audit
+    ...` start in a fraction of a second: the command line loads torch, diffusers, the node set (PIL,
+    numpy), the web server and pydantic-settings only in the commands that use them."""
     code = (
-        "import sys, zimage_serve.cli; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', "
-        "'PIL', 'numpy', 'fastapi', 'uvicorn', 'starlette', 'pydantic_settings', 'safetensors'}))"
+        "import sys\nfrom zimage_serve.cli import app\n"
+        f"try:\n    app(args={args!r})\nexcept SystemExit:\n    pass\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {HEAVY}))"
     )
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert found.stdout.strip() == "[]", found.stdout
+    env = {**os.environ, "ZIMAGE_DATA_DIR": str(tmp_path / "data")}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert found.stdout.strip().splitlines()[-1] == "[]", found.stdout + found.stderr

@@ -59,6 +59,8 @@ def batch(
     check_pattern(name)
     folder = out if out is not None else Path("outputs") / file.stem
     base = input_dir if input_dir is not None else file.parent
+    if concurrency > 1 and server is None:
+        console_err.print("[yellow]note:[/] --concurrency is for --server; here, rows run one by one", highlight=False)
     backend = _backend(server, token, folder, base, models, data_dir, device, dtype)
 
     async def main() -> Summary:
