@@ -29,6 +29,18 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
+def test_a_size_the_built_in_model_never_saw_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "big.png"
+    args = ["generate", "一个红色的圆形", "-o", str(out), "--width", "256", "--height", "192", "--steps", "1"]
+    code, _, stderr = run(args, capsys)
+    assert code == 0 and out.is_file(), stderr
+    assert "warning: zimage-nano was trained at 128×128 only; at 256×192 it draws a pattern" in stderr
+    code, _, stderr = run([*args[:4], "--steps", "1"], capsys)
+    assert code == 0 and "trained at" not in stderr
+
+
 def test_generate_writes_png_with_parameters(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

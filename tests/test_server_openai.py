@@ -75,3 +75,17 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, kwargs: dict[str,
     assert caught.value.status_code == status
     body = caught.value.body
     assert isinstance(body, dict) and body["param"] == param and body["type"] == "invalid_request_error"
+
+
+def test_the_6b_models_are_listed_when_their_files_are_there(tmp_path: Any) -> None:
+    models = tmp_path / "models"
+    for folder, name in (("diffusion_models", "z_image.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+                         ("vae", "ae.safetensors")):  # fmt: skip
+        (models / folder).mkdir(parents=True)
+        (models / folder / name).write_bytes(b"")
+    with running_server(tmp_path / "data", "--models", str(models)) as running:
+        listed = running.json("GET", "/v1/models")[1]
+        assert [m["id"] for m in listed["data"]] == ["zimage-nano", "z-image"]  # not Turbo: its file is missing
+        (models / "diffusion_models" / "z_image_turbo_bf16.safetensors").write_bytes(b"")
+        listed = running.json("GET", "/v1/models")[1]
+        assert [m["id"] for m in listed["data"]] == ["zimage-nano", "z-image-turbo", "z-image"]
