@@ -331,3 +331,48 @@ def test_each_user_adds_and_sees_their_own_templates(tmp_path: Path) -> None:
         assert bob.json("POST", "/api/zimage/templates/mine/prompt", {})[0] == 404
         assert server.json("GET", "/api/zimage/templates")[0] == 401
         assert (data / "templates" / "users" / "alice" / "mine" / "v1.json").is_file()
+
+
+HOSTILE_TEMPLATES: list[Any] = [
+    [],
+    "text",
+    {"name": 5, "workflow": {}},
+    {"name": "x"},
+    {"name": "x", "workflow": {"1": {"class_type": "KSampler", "inputs": 5}}},
+    {"name": "x", "workflow": {"1": {"class_type": 7}}},
+    {"name": "x", "workflow": {"nodes": "many", "links": []}},
+    {"name": "x", "workflow": {"nodes": [{"id": 1, "type": "NoSuchNode", "widgets_values": []}], "links": []}},
+    {"name": "x", "workflow": {"1": {"class_type": "KSampler", "inputs": {}}}, "parameters": []},
+    {"name": "x", "workflow": {"1": {"class_type": "KSampler", "inputs": {}}},
+     "parameters": {"seed": {"type": "int", "targets": ["1.seed"], "choices": 5}}},
+    {"name": "x", "workflow": {"1": {"class_type": "KSampler", "inputs": {}}},
+     "parameters": {"seed": {"type": "int", "targets": ["1.seed"], "min": "low"}}},
+    {"name": "x", "workflow": {"1": {"class_type": "KSampler", "inputs": {}}},
+     "parameters": {"s": {"type": "string", "targets": ["1.seed"], "bypass": {"node": "1", "through": {"a": 1}}}}},
+    {"name": "../../etc", "workflow": workflows.load(workflows.NANO)},
+    {"name": "users", "workflow": workflows.load(workflows.NANO)},
+    {"name": "x", "workflow": workflows.load(workflows.NANO), "title": ["list"]},
+]  # fmt: skip
+HOSTILE_VALUES: list[Any] = [
+    {"params": {"seed": 10**18 * 100}},
+    {"params": {"cfg": 1e308}},
+    {"params": {"prompt": {"nested": ["deep"]}}},
+    {"params": {"width": -16, "height": "tall"}},
+    {"params": {"lora_name": ""}},
+    {"params": {}, "version": "2"},
+    {"params": {}, "client_id": ["x"]},
+    {"params": {}, "extra_data": "x"},
+]
+
+
+def test_hostile_template_bodies_get_a_4xx_naming_the_field(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as server:
+        for body in HOSTILE_TEMPLATES:
+            status, answer = server.json("POST", "/api/zimage/templates", body)
+            assert 400 <= status < 500, (body, status, answer)
+        for body in HOSTILE_VALUES:
+            status, answer = server.json("POST", "/api/zimage/templates/zimage-nano/prompt", body)
+            assert 400 <= status < 500, (body, status, answer)
+        for path in ("/api/zimage/templates/..%2F..%2Fetc", "/api/zimage/templates/Bad%20Name/prompt"):
+            assert 400 <= server.request("GET" if "prompt" not in path else "POST", path)[0] < 500
+        assert not list((tmp_path / "data").glob("etc*")) and "Traceback" not in server.log.read_text()

@@ -107,6 +107,9 @@ def add(
         hint = "--name" if str(exc).startswith("name:") else "FILE"
         raise typer.BadParameter(str(exc).removeprefix("name: "), param_hint=hint) from exc
     made = added.template
+    unknown = sorted({node["class_type"] for node in made.workflow.values()} - set(_nodes()))
+    if unknown:
+        console_err.print(f"[yellow]note:[/] no node {', '.join(unknown)} here; a server without them refuses it")
     if added.created:
         console_err.print(f"added {made.name} v{made.version} ({', '.join(made.parameters)})", highlight=False)
     else:
@@ -114,11 +117,16 @@ def add(
     typer.echo(f"{made.name} v{made.version}")
 
 
-def _to_api(data: Any) -> dict[str, Any]:
+def _nodes() -> dict[str, Any]:
     from zimage_serve.workflow.nodes import NODES
+
+    return dict(NODES)
+
+
+def _to_api(data: Any) -> dict[str, Any]:
     from zimage_serve.workflow.ui_format import to_api
 
-    return to_api(data, NODES)
+    return to_api(data, _nodes())
 
 
 def _shown(value: Any) -> str:

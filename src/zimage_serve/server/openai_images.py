@@ -1,8 +1,8 @@
 """OpenAI's Images API on the same queue: POST /v1/images/generations and GET /v1/models.
 
 A request renders the chosen model's built-in template (`templates/builtin.py`) with the prompt, size,
-batch and seed, is queued like any ComfyUI prompt, and is answered when the worker has run it. `seed` is our
-extension; `quality`, `style` and `user` are accepted and ignored.
+batch and seed, is queued like any ComfyUI prompt, and is answered when the worker has run it. `seed`
+is our extension; `quality`, `style` and `user` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -122,9 +122,7 @@ async def generate(request: Request) -> Response:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         return openai_error(400, f"seed must be a whole number from 0 to {MAX_SEED}", "seed")
 
-    if template.native_size and (width, height) != (native, native):
-        log.warning("%s was trained at %d×%d only; %d×%d will not look right", model, native, native, width, height)
-    try:
+    try:  # a size the model was never trained at is logged by the sampler, for every route alike
         workflow = template.render(
             prompt=prompt, width=width, height=height, batch_size=n, seed=seed, prefix=f"openai/{model}"
         )

@@ -47,17 +47,19 @@ async def list_templates(request: Request) -> dict[str, Any]:
 
 @router.get("/zimage/templates/{name}")
 async def get_template(request: Request, name: str) -> Response:
+    library, user = runtime(request).templates, caller(request).space
     try:
         version = optional_int(request.query_params.get("version"), "version")
-        template = runtime(request).templates.get(name, version or None, caller(request).space)
+        if version == 0:
+            raise ValueError("version must be a whole number from 1")
+        template = library.get(name, version, user)
     except ValueError as exc:
         return plain_error(400, str(exc))
     except TemplateNotFound as exc:
         return plain_error(404, str(exc))
     except TemplateError as exc:
         return plain_error(400, str(exc))
-    rt, user = runtime(request), caller(request).space
-    return JSONResponse({**template.to_json(), "versions": rt.templates.versions(name, user)})
+    return JSONResponse({**template.to_json(), "versions": library.versions(name, user)})
 
 
 @router.post("/zimage/templates", status_code=201)
@@ -75,6 +77,9 @@ async def add_template(request: Request) -> Response:
     library, user = runtime(request).templates, caller(request).space
     try:
         template = template_from(document, name, to_api=lambda data: to_api(data, NODES))
+        unknown = sorted({node["class_type"] for node in template.workflow.values()} - set(NODES))
+        if unknown:
+            raise TemplateError(f"workflow: this server has no node {', '.join(unknown)}")
         added = await asyncio.to_thread(library.add, template, user)
     except TemplateError as exc:
         return template_error(exc)

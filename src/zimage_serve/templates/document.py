@@ -141,7 +141,7 @@ class Parameter:
             description=_text(data.get("description", ""), f"{where}.description"),
             minimum=_bound(data.get("min"), f"{where}.min"),
             maximum=_bound(data.get("max"), f"{where}.max"),
-            choices=tuple(_text(c, f"{where}.choices") for c in data.get("choices") or ()),
+            choices=tuple(_text(c, f"{where}.choices") for c in _listed(data.get("choices"), f"{where}.choices")),
             allow_empty=data.get("allow_empty", True) is not False,
             bypass=_bypass(bypass, f"{where}.bypass") if bypass is not None else None,
         )
@@ -226,13 +226,8 @@ class Template:
             raise TemplateError("a template is a JSON object")
         if data.get("format", FORMAT) != FORMAT:
             raise TemplateError(f"format: {data.get('format')!r} is not {FORMAT}")
-        workflow = data.get("workflow")
-        if not isinstance(workflow, dict) or not workflow:
-            raise TemplateError("workflow: must be an API-format workflow (node id → {class_type, inputs})")
-        for node_id, node in workflow.items():
-            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-                raise TemplateError(f"workflow.{node_id}: a node needs a class_type")
-        raw = data.get("parameters") or {}
+        workflow = check_workflow(data.get("workflow"))
+        raw = data.get("parameters", {})
         if not isinstance(raw, dict):
             raise TemplateError("parameters: must be an object of name → parameter")
         parameters = {key: Parameter.from_json(key, value) for key, value in raw.items()}
@@ -278,6 +273,18 @@ class Template:
         return self.workflow == other.workflow and self.to_json()["parameters"] == other.to_json()["parameters"]
 
 
+def check_workflow(workflow: Any) -> dict[str, Any]:
+    """An API-format workflow as a template holds it: node id → {class_type, inputs (an object)}."""
+    if not isinstance(workflow, dict) or not workflow:
+        raise TemplateError("workflow: must be an API-format workflow (node id → {class_type, inputs})")
+    for node_id, node in workflow.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise TemplateError(f"workflow.{node_id}: a node needs a class_type")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise TemplateError(f"workflow.{node_id}.inputs: must be an object of input name → value")
+    return workflow
+
+
 def check_name(name: Any) -> str:
     if not isinstance(name, str) or not NAME.match(name) or name.endswith("."):
         raise TemplateError(
@@ -311,13 +318,20 @@ def _number(value: Any, whole: bool) -> int | float:
             raise ValueError(f"{_shown(original)} is not {'a whole number' if whole else 'a number'}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{_shown(original)} is not {'a whole number' if whole else 'a number'}")
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer past what a float holds
+        finite = whole
+    if not finite:
         raise ValueError(f"{_shown(original)} is not a finite number")
     if whole:
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{_shown(original)} is not a whole number")
         return int(value)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{_shown(original)} is not a finite number") from None
 
 
 def _bound(value: Any, where: str) -> float | None:
@@ -338,6 +352,14 @@ def _bypass(value: Any, where: str) -> Bypass:
             raise TemplateError(f"{where}.through: output slots are numbers, each naming an input")
         through[int(slot)] = name
     return Bypass(value["node"], through)
+
+
+def _listed(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TemplateError(f"{where}: must be a list")
+    return value
 
 
 def _text(value: Any, where: str) -> str:

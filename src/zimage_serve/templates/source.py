@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zimage_serve.templates.document import NAME, Template, TemplateError
+from zimage_serve.errors import ZImageError
+from zimage_serve.templates.document import NAME, Template, TemplateError, check_workflow
 from zimage_serve.templates.infer import infer_parameters
 
 ToApi = Callable[[Any], dict[str, Any]]
@@ -31,14 +32,24 @@ def template_from(
     data: Any, name: str, *, to_api: ToApi, title: str | None = None, description: str | None = None
 ) -> Template:
     """A version-less template named `name` (the library numbers it when it is added)."""
+    try:
+        return _template_from(data, name, to_api, title, description)
+    except TemplateError:
+        raise
+    except ZImageError as exc:  # a UI-format workflow its conversion refused
+        raise TemplateError(f"workflow: {exc}") from None
+
+
+def _template_from(data: Any, name: str, to_api: ToApi, title: str | None, description: str | None) -> Template:
     if isinstance(data, dict) and "workflow" in data and not is_api_workflow(data):
         document = dict(data)
         if is_ui_workflow(document["workflow"]):
             document["workflow"] = to_api(document["workflow"])
         if "parameters" not in document:
-            document["parameters"] = {k: p.to_json() for k, p in infer_parameters(document["workflow"]).items()}
+            inferred = infer_parameters(check_workflow(document["workflow"]))
+            document["parameters"] = {k: p.to_json() for k, p in inferred.items()}
     elif is_api_workflow(data) or is_ui_workflow(data):
-        workflow = data if is_api_workflow(data) else to_api(data)
+        workflow = check_workflow(data if is_api_workflow(data) else to_api(data))
         document = {"workflow": workflow, "parameters": {k: p.to_json() for k, p in infer_parameters(workflow).items()}}
     else:
         raise TemplateError("the file is neither a template, nor an API-format or UI-format workflow")
