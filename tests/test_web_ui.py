@@ -130,10 +130,11 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("zimage-nano: shapes in a second").wait_for(timeout=30_000)
         assert dialog.get_by_text("Z-Image-Turbo text to image").is_visible()
+        assert dialog.get_by_text("Z-Image text to image", exact=True).is_visible()
         watched.screenshot("templates")
         page.wait_for_function("() => [...document.querySelectorAll('[role=dialog] img')].every(i => i.complete)")
         sizes = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map(i => i.naturalWidth)")
-        assert sizes == [256, 256], sizes  # both thumbnails, as shipped
+        assert sizes == [256, 256, 256], sizes  # every thumbnail, as shipped
         dialog.get_by_text("zimage-nano: shapes in a second").click()
         page.wait_for_function("() => (window.app?.graph?._nodes?.length ?? 0) >= 10", timeout=30_000)
         types = set(page.evaluate("() => window.app.graph._nodes.map(n => n.type)"))
