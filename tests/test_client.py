@@ -229,3 +229,13 @@ def test_importing_the_client_loads_no_heavy_library() -> None:
     )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]", found.stdout
+
+
+def test_waiting_on_a_prompt_another_client_queued(served: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its events go to the other client's socket: the quiet check finds it in the history."""
+    monkeypatch.setattr("zimage_serve.client.aio.QUIET_CHECK", 0.3)
+    status, answer = served.json("POST", "/prompt", {"prompt": small_job("client-other", steps=2), "client_id": "else"})
+    assert status == 200
+    with Client(served.url) as client:
+        result = client.wait(answer["prompt_id"], timeout=60)
+    assert result.files[0].filename.startswith("client-other") and len(result.data) == 1

@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import random
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 DEFAULT_URL = "http://127.0.0.1:8188"
 MAX_RETRY_AFTER = 60.0  # a 429 that asks for a longer wait (a daily quota) is raised, not slept through
 BUFFERED_PROMPTS = 256  # events of prompts nobody waits for yet (a fast job can finish before `wait`)
+QUIET_CHECK = 5.0  # seconds without an event after which the history and the queue are asked
+RECONNECT_AFTER = 30.0  # seconds of polling after the socket failed before it is tried again
 END_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -281,7 +284,7 @@ class AsyncClient:
                     return entry
                 if events is not None:
                     try:
-                        event = await asyncio.wait_for(events.get(), timeout=5.0)
+                        event = await asyncio.wait_for(events.get(), timeout=QUIET_CHECK)
                     except TimeoutError:  # quiet for a while: make sure the prompt still exists
                         event = ("check", {})
                     if event is None:  # the socket closed: poll from here on
@@ -296,7 +299,10 @@ class AsyncClient:
                         raise ExecutionError(prompt_id, data)
                     elif kind in END_EVENTS or (kind == "executing" and data.get("node") is None):
                         return await self._entry_after_end(prompt_id)
-                    elif kind == "check":
+                    elif kind == "check":  # also where a prompt queued by another client (no events here) ends
+                        entry = await self.history(prompt_id)
+                        if entry is not None:
+                            return entry
                         await self._ensure_known(prompt_id)
                     polls = 1
                     continue
@@ -378,21 +384,23 @@ class _Events:
         self._socket: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._failed = False
+        self._failed_at: float | None = None  # when the socket last failed: polling until RECONNECT_AFTER
         self._watchers: dict[str, asyncio.Queue[tuple[str, dict[str, Any]] | None]] = {}
         self._early: OrderedDict[str, list[tuple[str, dict[str, Any]]]] = OrderedDict()
 
     async def connect(self) -> bool:
-        """Whether events flow; a socket that failed once is not tried again (the client polls)."""
+        """Whether events flow; after a failure the client polls, and tries the socket again later."""
         async with self._lock:
-            if self._socket is not None or self._failed:
-                return self._socket is not None
+            if self._socket is not None:
+                return True
+            if self._failed_at is not None and time.monotonic() - self._failed_at < RECONNECT_AFTER:
+                return False
             from websockets.asyncio.client import connect
 
             try:
                 self._socket = await connect(self.url, additional_headers=self.headers, max_size=None, open_timeout=10)
-            except (OSError, TimeoutError, ValueError, Exception):  # any handshake failure: fall back to polling
-                self._failed = True
+            except Exception:  # any handshake failure (refused, 401, not a WebSocket): poll instead
+                self._failed_at = time.monotonic()
                 return False
             self._reader = asyncio.create_task(self._read())
             return True
@@ -435,7 +443,7 @@ class _Events:
             pass
         finally:
             self._socket = None
-            self._failed = True
+            self._failed_at = time.monotonic()
             for watcher in self._watchers.values():
                 watcher.put_nowait(None)
 
