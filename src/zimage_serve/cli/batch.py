@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from zimage_serve.batch.plan import DEFAULT_PATTERN
 from zimage_serve.cli.common import ModelsRootOption, console_err, models_roots
 from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
 
@@ -28,7 +29,7 @@ def batch(
     name: Annotated[
         str,
         typer.Option("--name", help="File name pattern: {row}, {seed}, any column or parameter, e.g. '{sku}_{seed}'"),
-    ] = "{row:04d}",
+    ] = DEFAULT_PATTERN,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", help="A parameter for every row: NAME=VALUE; {column} takes the row's value"),
