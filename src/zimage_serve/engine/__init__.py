@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from zimage_serve.engine.layouts import ModelSources
     from zimage_serve.engine.loader import LoadedModel
     from zimage_serve.engine.params import GenerationParams
-    from zimage_serve.engine.pipeline import GenerationResult, PromptEmbedding, StepInfo, ZImageEngine
+    from zimage_serve.engine.pipeline import GenerationResult, StepInfo, ZImageEngine
+    from zimage_serve.engine.text import PromptEmbedding
 
 __all__ = [
     "FastPath",
@@ -36,7 +37,7 @@ _WHERE = {
     "GenerationResult": "pipeline",
     "LoadedModel": "loader",
     "ModelSources": "layouts",
-    "PromptEmbedding": "pipeline",
+    "PromptEmbedding": "text",
     "StepInfo": "pipeline",
     "ZImageEngine": "pipeline",
 }

@@ -1,7 +1,9 @@
 """Z-Image generation in stages: encode the prompt, denoise, decode.
 
-The workflow executor drives the stages one node at a time; `generate` runs them in a row. Each stage
-takes and returns plain tensors so it can be cached or run on its own.
+`zimage generate` runs the stages in a row. Denoising and decoding are the workflow nodes' own code
+(`parts.sample` over `engine/sampling.py`, and `parts.Vae`), so a prompt gives the same trajectory
+either way; what is `generate`'s alone is its documented schedule (`schedule.sigma_schedule`) and its
+noise (one CPU generator per image, seeded seed + i, so image i can be made again alone).
 """
 
 from __future__ import annotations
@@ -13,26 +15,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
-from zimage_serve.engine.prompt import prompt_token_ids
-from zimage_serve.engine.schedule import make_scheduler
-from zimage_serve.errors import GenerationCancelled
+from zimage_serve.engine.parts import DiffusionModel, LatentFormat, Vae, sample
+from zimage_serve.engine.pixels import to_pil
+from zimage_serve.engine.sampling import FlowSampling
+from zimage_serve.engine.schedule import sigma_schedule
+from zimage_serve.engine.text import PromptEmbedding, encode_text
 
 DEFAULT_NATIVE_SIZE = 1024
 LATENT_FACTOR = 8
-
-
-@dataclass(frozen=True)
-class PromptEmbedding:
-    embeds: torch.Tensor  # [tokens, features]: the text encoder's second-to-last hidden state
-    token_count: int  # tokens of the templated prompt before truncation
-    truncated_tokens: int  # tokens cut at the sequence limit (0 when it fit)
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,7 @@ class StepInfo:
     step: int  # 1-based
     total: int
     sigma: float
-    latents: torch.Tensor
+    latents: torch.Tensor  # the network's (normalised) space, after the step
 
 
 @dataclass
@@ -53,22 +49,6 @@ class GenerationResult:
 
 
 StepCallback = Callable[[StepInfo], None]
-
-
-@torch.inference_mode()
-def encode_text(
-    text_encoder: Any, tokenizer: Any, text: str, device: torch.device, max_sequence_length: int | None = None
-) -> PromptEmbedding:
-    """The second-to-last hidden state of the templated prompt, as Z-Image is prompted.
-
-    Unpadded: the encoder is causal, so padding would not change these tokens' states. ComfyUI does not
-    truncate Z-Image prompts (`max_sequence_length` None); diffusers stops at 512 tokens.
-    """
-    ids = prompt_token_ids(tokenizer, text)
-    kept = ids if max_sequence_length is None else ids[:max_sequence_length]
-    input_ids = torch.tensor([kept], dtype=torch.long, device=device)
-    hidden = text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
-    return PromptEmbedding(hidden[0], len(ids), len(ids) - len(kept))
 
 
 CancelCheck = Callable[[], bool]
@@ -85,7 +65,6 @@ class ZImageEngine:
         if model.placement.memory_mode is not MemoryMode.GPU:
             self.fast = for_offload(self.fast)
         self.fast_path = apply_fast_path(model.transformer, model.vae, self.device, self.fast)
-        self._image_processor = VaeImageProcessor(vae_scale_factor=LATENT_FACTOR * 2)
         self._encode: Callable[[str, int], PromptEmbedding] = self._encode_uncached
         if self.fast.prompt_cache > 0:
             # Embeddings are never modified in place after encoding, so one object can serve every request.
@@ -111,7 +90,6 @@ class ZImageEngine:
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
         return torch.stack(noise).to(self.device)
 
-    @torch.inference_mode()
     def denoise(
         self,
         latents: torch.Tensor,
@@ -124,52 +102,45 @@ class ZImageEngine:
         on_step: StepCallback | None = None,
         cancel: CancelCheck | None = None,
     ) -> torch.Tensor:
-        """Euler flow matching from σ=1 to 0 in exactly `steps` transformer calls (twice each with CFG)."""
-        transformer = self.model.transformer
-        scheduler = make_scheduler(steps, shift, self.model.sources.scheduler_config, self.device)
-        batch = latents.shape[0]
+        """Euler flow matching from the noise `latents` at σ=1 to raw VAE latents, in exactly `steps` steps.
+
+        Guidance follows diffusers' convention (0 off); it runs as ComfyUI's cfg = guidance + 1 on the
+        denoised predictions, which is the same combination of the two velocities.
+        """
         use_cfg = guidance_scale > 0
         if use_cfg and negative is None:
             raise ValueError("guidance needs a negative prompt embedding (an empty prompt is fine)")
-        dtype = self.model.placement.dtype
-        captions = [positive.embeds.to(dtype)] * batch
-        if use_cfg:
-            assert negative is not None
-            captions += [negative.embeds.to(dtype)] * batch
-        latents = latents.to(torch.float32)
-        sigmas = [float(s) for s in scheduler.sigmas]  # read once, before the loop: no host sync inside it
-        for index, t in enumerate(scheduler.timesteps):
-            if cancel is not None and cancel():
-                raise GenerationCancelled(f"generation cancelled before step {index + 1} of {steps}")
-            model_input = latents.to(dtype)
-            if use_cfg:
-                model_input = torch.cat([model_input, model_input])
-            # The network is fed t = 1 - σ (0 is noise) and predicts x0 - ε; the scheduler wants ε - x0.
-            timestep = ((1000 - t) / 1000).expand(model_input.shape[0])
-            outputs = transformer(list(model_input.unsqueeze(2).unbind(0)), timestep, captions, return_dict=False)[0]
-            prediction = torch.stack([o.float() for o in outputs]).squeeze(2)
-            if use_cfg:
-                pos, neg = prediction[:batch], prediction[batch:]
-                prediction = pos + guidance_scale * (pos - neg)
-            latents = scheduler.step(-prediction, t, latents, return_dict=False)[0]
+        sigmas = sigma_schedule(steps, shift)
+
+        def report(step: int, total: int, x: torch.Tensor) -> None:
             if on_step is not None:
-                on_step(StepInfo(index + 1, steps, sigmas[index + 1], latents))
-        return latents
+                on_step(StepInfo(step, total, sigmas[step], x))
+
+        return sample(
+            self._diffusion_model(shift),
+            latents,
+            torch.zeros_like(latents),  # at σ0 = 1 the start is the noise alone
+            [positive],
+            [negative] if use_cfg and negative is not None else [],
+            cfg=guidance_scale + 1.0 if use_cfg else 1.0,
+            sampler="euler",
+            sigmas=sigmas,
+            seed=None,
+            on_step=report,
+            cancel=cancel,
+        )
 
     # -- stage 3 -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.model.vae
-        images: list[Image.Image] = []
-        # One image at a time: VAE decoding dominates peak memory at large sizes.
-        for latent in latents:
-            scaled = latent[None].to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-            if self.fast_path.get("vae") == "channels-last":
-                scaled = scaled.to(memory_format=torch.channels_last)
-            pixels = vae.decode(scaled, return_dict=False)[0]
-            images.extend(self._image_processor.postprocess(pixels.float(), output_type="pil"))
+    def decode(self, latents: torch.Tensor, cancel: CancelCheck | None = None) -> list[Image.Image]:
+        """Raw latents to pictures, one image at a time (decoding dominates peak memory at large sizes)."""
+        pixels = Vae(self.model.sources.name, self.model.vae).decode(latents, cancel)
         self.model.hooks.offload_all()
-        return images
+        return to_pil(pixels)
+
+    def _diffusion_model(self, shift: float) -> DiffusionModel:
+        config = self.model.vae.config  # the VAE's factors map its latents to the network's space
+        latent_format = LatentFormat(float(config.scaling_factor), float(config.shift_factor or 0.0))
+        return DiffusionModel(self.model.sources.name, self.model.transformer, latent_format, FlowSampling(shift=shift))
 
     # -- all three -----------------------------------------------------------------------------
     def resolve(self, params: GenerationParams) -> GenerationParams:
@@ -212,7 +183,7 @@ class ZImageEngine:
         timings["denoise"] = self._lap(started)
 
         started = time.perf_counter()
-        images = self.decode(latents)
+        images = self.decode(latents, cancel)
         timings["decode"] = self._lap(started)
         timings["total"] = sum(timings.values())
         return GenerationResult(images, params, seeds, timings, warnings)

@@ -1,16 +1,15 @@
-"""The flow-matching sigma schedule Z-Image-Turbo is sampled with.
+"""The flow-matching sigma schedule `zimage generate` samples Z-Image-Turbo with.
 
-N steps use N sigmas linearly spaced from 1 to 1/N, shifted by ``s*σ / (1 + (s-1)*σ)``, then a final 0.
-This equals ComfyUI's "simple" schedule with ModelSamplingAuraFlow's shift, and diffusers >= 0.39, and
-costs exactly N transformer calls (no call at σ = 0).
+N steps use N sigmas linearly spaced from 1 to 1/N, shifted by ``s*σ / (1 + (s-1)*σ)``, then a final 0:
+diffusers' FlowMatchEulerDiscreteScheduler (>= 0.39) for Turbo's config, and ComfyUI's "simple"
+schedule with ModelSamplingAuraFlow's shift wherever 1000/N is whole (ComfyUI reads its 1000-entry
+table, so 3 steps land at t = 0.667 and 0.334, not 2/3 and 1/3). It costs exactly N transformer calls
+(no call at σ = 0). The steps themselves are `engine/sampling.py`'s, as every workflow's are.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 TURBO_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -19,19 +18,9 @@ TURBO_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def make_scheduler(
-    steps: int, shift: float, config: dict[str, Any] | None = None, device: torch.device | None = None
-) -> FlowMatchEulerDiscreteScheduler:
-    """A fresh scheduler per generation: its step counter is state, so it is never shared."""
-    settings = dict(config or TURBO_SCHEDULER_CONFIG)
-    settings.update(shift=shift, use_dynamic_shifting=False)
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(settings)
-    base = torch.linspace(1.0, 1.0 / steps, steps).tolist()
-    scheduler.set_timesteps(sigmas=base, device=device)
-    scheduler.set_begin_index(0)
-    return scheduler
-
-
 def sigma_schedule(steps: int, shift: float = 3.0) -> list[float]:
     """The N+1 sigmas (last one 0) that N steps walk through."""
-    return [float(s) for s in make_scheduler(steps, shift).sigmas]
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    base = [1.0 - (1.0 - 1.0 / steps) * i / (steps - 1) for i in range(steps)] if steps > 1 else [1.0]
+    return [shift * s / (1 + (shift - 1) * s) for s in base] + [0.0]

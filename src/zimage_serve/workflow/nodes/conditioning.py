@@ -42,7 +42,7 @@ class ConditioningZeroOut(Node):
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         import torch
 
-        from zimage_serve.engine.pipeline import PromptEmbedding
+        from zimage_serve.engine.text import PromptEmbedding
 
         zeroed = [
             PromptEmbedding(torch.zeros_like(e.embeds), e.token_count, e.truncated_tokens)

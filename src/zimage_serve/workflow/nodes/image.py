@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
+from zimage_serve.engine.pixels import to_pil
 from zimage_serve.errors import GenerationCancelled, InvalidParameterError
 from zimage_serve.image_safety import ImageFacts, ImageRefused, facts, refusing
 from zimage_serve.png import png_bytes, png_info
@@ -170,31 +171,6 @@ def _input_file(lists: ResourceLists, name: str) -> str:
         raise UnknownFileError("image", name, "cannot be looked up here")
     path: str = find(name)
     return path
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """IMAGE (batch, H, W, 3) in 0..1 → 8-bit pictures, converted in one pass for the whole batch.
-
-    In numpy, not torch: a small image is not worth torch's thread pool, whose threads then spin for
-    a while after the call, taking a core from the server and from other prompts.
-    """
-    import torch
-
-    if images.dtype == torch.float32 and images.device.type == "cpu" and not images.requires_grad:
-        array = images.numpy()  # as it comes from LoadImage or a CPU decode: no new tensor to make
-    else:
-        array = images.detach().to("cpu", torch.float32).numpy()
-    pixels = np.multiply(array, 255.0)
-    np.clip(pixels, 0.0, 255.0, out=pixels)  # in place: small images cost more in allocations than in arithmetic
-    frames = np.rint(pixels, out=pixels).astype(np.uint8, order="C")
-    mode = _PIL_MODES.get(frames.shape[-1]) if frames.ndim == 4 else None
-    if mode is None:
-        return [Image.fromarray(frame) for frame in frames]
-    height, width = frames.shape[1:3]
-    return [Image.frombuffer(mode, (width, height), frame, "raw", mode, 0, 1) for frame in frames]
-
-
-_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def save_images(
