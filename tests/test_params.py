@@ -10,9 +10,10 @@ from zimage_serve.engine import GenerationParams
 from zimage_serve.errors import InvalidParameterError
 
 
-def test_turbo_defaults() -> None:
+def test_defaults_leave_steps_and_guidance_to_the_model() -> None:
     params = GenerationParams("x")
-    assert (params.steps, params.guidance_scale, params.shift, params.sampler) == (8, 0.0, 3.0, "euler")
+    assert (params.steps, params.guidance_scale, params.shift, params.sampler) == (None, None, 3.0, "euler")
+    assert (params.cfg_normalization, params.cfg_truncation) == (0.0, 1.0)
     assert params.max_sequence_length == 512 and not params.cfg_enabled
     params.validate()
 
@@ -35,6 +36,10 @@ def test_turbo_defaults() -> None:
         ("guidance_scale", -1),
         ("guidance_scale", float("nan")),
         ("guidance_scale", 31),
+        ("cfg_normalization", -0.5),
+        ("cfg_normalization", float("nan")),
+        ("cfg_truncation", 1.5),
+        ("cfg_truncation", "half"),
         ("shift", 0),
         ("sampler", "dpmpp_9m"),
         ("seed", -1),

@@ -32,11 +32,26 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What the image should show (English or Chinese)")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG file to write")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [default: random]")] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps")] = 8,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps [default: 8 for Turbo, 50 for Z-Image]")] = None,
     width: Annotated[int | None, typer.Option(help="Multiple of 16 [default: the model's native size]")] = None,
     height: Annotated[int | None, typer.Option(help="Multiple of 16 [default: the model's native size]")] = None,
-    guidance: Annotated[float, typer.Option(help="Guidance scale; 0 turns CFG off (Turbo)")] = 0.0,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Guidance scale, diffusers' (ComfyUI's cfg = guidance + 1; 0 is off) [default: 0 for "
+            "Turbo, 4 for Z-Image]"
+        ),
+    ] = None,
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt (with --guidance > 0)")] = "",
+    cfg_normalization: Annotated[
+        float, typer.Option(help="Cap the guided prediction's norm at this many times the positive's (0 off)")
+    ] = 0.0,
+    cfg_truncation: Annotated[
+        float, typer.Option(help="Guide only while 1 - sigma is at most this (1 guides every step)")
+    ] = 1.0,
+    variant: Annotated[
+        str, typer.Option(help="auto (from the names), base (Z-Image) or turbo: the default steps and guidance")
+    ] = "auto",
     shift: Annotated[float, typer.Option(help="Flow shift of the sigma schedule")] = 3.0,
     batch: Annotated[int, typer.Option("--batch", "-n", help="Images to make; image i uses seed + i")] = 1,
     model: ModelOption = None,
@@ -69,11 +84,17 @@ def generate(
         height=height,
         steps=steps,
         guidance_scale=guidance,
+        cfg_normalization=cfg_normalization,
+        cfg_truncation=cfg_truncation,
         shift=shift,
         seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
         batch_size=batch,
     )
     params.validate()  # before the model loads: a typo should not cost a load
+    if variant != "auto":
+        from zimage_serve.engine.variants import check_variant
+
+        check_variant(variant)
     if output is not None and output.suffix.lower() != ".png":
         raise InvalidParameterError("output", f"{output} must end in .png")
     model_path, label = chosen_model(model)
@@ -91,9 +112,12 @@ def generate(
         memory_mode=memory_mode,
         fast=fast,
         weight_dtype=weight_dtype,
+        variant=None if variant == "auto" else variant,
     )
+    params = engine.resolve(params)
     console_err.print(
-        f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}): {engine.model.placement.describe()}",
+        f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}, {engine.variant}): "
+        f"{engine.model.placement.describe()}; {params.steps} steps, guidance {params.guidance_scale:g}",
         highlight=False,
     )
 

@@ -60,11 +60,17 @@ def open_engine(
     memory_mode: str = "auto",
     fast: FastPath | None = None,
     weight_dtype: str = "default",
+    variant: str | None = None,
 ) -> ZImageEngine:
+    """`variant` (base or turbo) overrides what the names say (engine/variants.py)."""
+    from dataclasses import replace
+
     from zimage_serve.engine.layouts import resolve
     from zimage_serve.engine.loader import load_model
     from zimage_serve.engine.pipeline import ZImageEngine
 
     sources = resolve(model, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
+    if variant is not None:
+        sources = replace(sources, variant=variant)
     loaded = load_model(sources, device=device, dtype=dtype, memory_mode=memory_mode, weight_dtype=weight_dtype)
     return ZImageEngine(loaded, native_size=sources.native_size, fast=fast)

@@ -18,6 +18,7 @@ from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.keymap import Kind
 from zimage_serve.engine.names import ROOT_FOLDERS
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
+from zimage_serve.engine.variants import TURBO, detect_variant
 from zimage_serve.errors import ModelLoadError, ZImageError
 
 # The names the official ComfyUI template asks for; preferred when several files qualify.
@@ -45,6 +46,7 @@ class ModelSources:
     tokenizer: Path
     scheduler_config: dict[str, Any]
     native_size: int = 1024  # the model's default width and height
+    variant: str = TURBO  # base or turbo (engine/variants.py): the default steps and guidance
 
 
 def resolve(
@@ -122,6 +124,7 @@ def _diffusers_folder(folder: Path, tokenizer: Path | None) -> ModelSources:
         tokenizer=find_tokenizer(tokenizer, default=folder / "tokenizer"),
         scheduler_config=scheduler,
         native_size=_native_size(index, folder / "model_index.json"),
+        variant=detect_variant(folder),
     )
 
 
@@ -160,6 +163,7 @@ def _split_files(
         vae=single_file("vae", ae),
         tokenizer=find_tokenizer(tokenizer, text_encoder_file=te),
         scheduler_config=dict(TURBO_SCHEDULER_CONFIG),
+        variant=detect_variant(transformer),
     )
 
 

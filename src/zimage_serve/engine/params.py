@@ -1,4 +1,4 @@
-"""Generation parameters with Z-Image-Turbo's defaults, validated field by field."""
+"""Generation parameters, validated field by field; steps and guidance default to the model's variant's."""
 
 from __future__ import annotations
 
@@ -19,18 +19,24 @@ SAMPLERS = ("euler",)
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """One request. `width`/`height` of None mean the model's native size.
+    """One request. `width`/`height` of None mean the model's native size; `steps` and `guidance_scale`
+    of None, its variant's defaults (Turbo 8 steps and none, the base model 50 and 4: engine/variants.py).
 
     `guidance_scale` follows diffusers: 0 turns classifier-free guidance off (ComfyUI's cfg = 1);
-    above 0 the prediction is ``pos + g * (pos - neg)`` (ComfyUI's cfg = g + 1).
+    above 0 the prediction is ``pos + g * (pos - neg)`` (ComfyUI's cfg = g + 1). With diffusers'
+    meanings too: `cfg_normalization` k > 0 caps the guided prediction's norm at k times the positive
+    one's (diffusers' True is 1.0); `cfg_truncation` c < 1 stops guidance on the steps after the
+    normalised time 1 - σ passes c.
     """
 
     prompt: str
     negative_prompt: str = ""
     width: int | None = None
     height: int | None = None
-    steps: int = 8
-    guidance_scale: float = 0.0
+    steps: int | None = None
+    guidance_scale: float | None = None
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
     shift: float = 3.0
     sampler: str = "euler"
     seed: int = 0
@@ -40,7 +46,7 @@ class GenerationParams:
 
     @property
     def cfg_enabled(self) -> bool:
-        return self.guidance_scale > 0
+        return self.guidance_scale is not None and self.guidance_scale > 0
 
     def image_seeds(self) -> list[int]:
         """Image i of a batch uses seed + i, so it can be reproduced alone."""
@@ -61,13 +67,25 @@ class GenerationParams:
                     name,
                     f"{value} is not allowed: use a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}",
                 )
-        _require_int("steps", self.steps)
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise InvalidParameterError("steps", f"{self.steps} is outside 1..{MAX_STEPS}")
-        _require_number("guidance_scale", self.guidance_scale)
-        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+        if self.steps is not None:
+            _require_int("steps", self.steps)
+            if not 1 <= self.steps <= MAX_STEPS:
+                raise InvalidParameterError("steps", f"{self.steps} is outside 1..{MAX_STEPS}")
+        if self.guidance_scale is not None:
+            _require_number("guidance_scale", self.guidance_scale)
+            if not 0 <= self.guidance_scale <= MAX_GUIDANCE:
+                raise InvalidParameterError(
+                    "guidance_scale", f"{self.guidance_scale} is outside 0..{MAX_GUIDANCE} (0 turns it off)"
+                )
+        _require_number("cfg_normalization", self.cfg_normalization)
+        if not 0 <= self.cfg_normalization <= 100:
             raise InvalidParameterError(
-                "guidance_scale", f"{self.guidance_scale} is outside 0..{MAX_GUIDANCE} (0 turns it off)"
+                "cfg_normalization", f"{self.cfg_normalization} is outside 0..100 (0 is off; 1 is diffusers' True)"
+            )
+        _require_number("cfg_truncation", self.cfg_truncation)
+        if not 0 <= self.cfg_truncation <= 1:
+            raise InvalidParameterError(
+                "cfg_truncation", f"{self.cfg_truncation} is outside 0..1 (1 guides every step)"
             )
         _require_number("shift", self.shift)
         if not 0 < self.shift <= 100:

@@ -218,6 +218,16 @@ class Vae:
         return torch.stack(images)
 
 
+def _capped(x: torch.Tensor, cond: torch.Tensor, combined: torch.Tensor, sigma: float, k: float) -> torch.Tensor:
+    """diffusers' CFG renormalisation, per image: the guided velocity at most k times the positive's norm."""
+    velocity, positive = (x - combined) / sigma, (x - cond) / sigma
+    dims = tuple(range(1, x.dim()))
+    most = torch.linalg.vector_norm(positive, dim=dims, keepdim=True) * k
+    norm = torch.linalg.vector_norm(velocity, dim=dims, keepdim=True)
+    scale = torch.where(norm > most, most / norm, torch.ones_like(norm))
+    return x - sigma * velocity * scale
+
+
 def _stop_if(cancel: CancelCheck | None) -> None:
     if cancel is not None and cancel():
         raise GenerationCancelled("interrupted between images")
@@ -293,12 +303,16 @@ def sample(
     seed: int | None,
     on_step: StepHook | None = None,
     cancel: CancelCheck | None = None,
+    cfg_normalization: float = 0.0,
+    cfg_truncation: float = 1.0,
 ) -> torch.Tensor:
     """KSampler's core: noise the (raw) latent to σ0, run the sampler, return raw latents.
 
     Guidance is ComfyUI's: ``uncond + (cond - uncond) · cfg`` on the denoised predictions, with the
     positive and negative entries in one batched call per step (cfg doubles the batch, not the calls),
-    and at cfg 1 the negative is never evaluated (so 8 steps cost 8 network calls).
+    and at cfg 1 the negative is never evaluated (so 8 steps cost 8 network calls). `cfg_normalization`
+    and `cfg_truncation` are diffusers' (Z-Image's pipeline): the guided velocity's norm is capped at k
+    times the positive one's, and the steps whose 1 - σ is past the truncation run without guidance.
     """
     if not sigmas or len(sigmas) < 2:
         return latent
@@ -315,17 +329,25 @@ def sample(
     chunk = x.shape[0] if device.type == "cuda" else 1
 
     def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        guided = use_cfg and 1.0 - sigma <= cfg_truncation
+        used = entries if guided else entries[:conds]
         result = torch.empty_like(x)
         for start in range(0, x.shape[0], chunk):
             _stop_if(cancel)
             part = x[start : start + chunk]
             size = part.shape[0]
-            stacked = part.repeat(len(entries), *([1] * (part.dim() - 1)))  # entry-major: [e0 images, e1 images]
-            captions = [entry.embeds for entry in entries for _ in range(size)]
-            denoised = (stacked - sigma * model.velocity(stacked, sigma, captions)).view(len(entries), *part.shape)
+            stacked = part.repeat(len(used), *([1] * (part.dim() - 1)))  # entry-major: [e0 images, e1 images]
+            captions = [entry.embeds for entry in used for _ in range(size)]
+            denoised = (stacked - sigma * model.velocity(stacked, sigma, captions)).view(len(used), *part.shape)
             # Several conditionings on one link are averaged, as ComfyUI does for entries without areas.
             cond = denoised[:conds].mean(0)
-            result[start : start + chunk] = denoised[conds:].mean(0) * (1 - cfg) + cond * cfg if use_cfg else cond
+            if not guided:
+                result[start : start + chunk] = cond
+                continue
+            combined = denoised[conds:].mean(0) * (1 - cfg) + cond * cfg
+            if cfg_normalization > 0 and sigma > 0:
+                combined = _capped(part, cond, combined, sigma, cfg_normalization)
+            result[start : start + chunk] = combined
         return result
 
     with torch.inference_mode(), model.patched(), cancellable(cancel):

@@ -26,6 +26,7 @@ from zimage_serve.engine.pixels import to_pil
 from zimage_serve.engine.sampling import FlowSampling
 from zimage_serve.engine.schedule import sigma_schedule
 from zimage_serve.engine.text import PromptEmbedding, encode_text
+from zimage_serve.engine.variants import DEFAULTS
 
 DEFAULT_NATIVE_SIZE = 1024
 LATENT_FACTOR = 8
@@ -60,6 +61,7 @@ class ZImageEngine:
     ) -> None:
         self.model = model
         self.native_size = native_size
+        self.variant = model.sources.variant
         self.device = model.placement.device
         self.fast = FastPath() if fast is None else fast
         if model.placement.memory_mode is not MemoryMode.GPU:
@@ -99,6 +101,8 @@ class ZImageEngine:
         steps: int = 8,
         shift: float = 3.0,
         guidance_scale: float = 0.0,
+        cfg_normalization: float = 0.0,
+        cfg_truncation: float = 1.0,
         on_step: StepCallback | None = None,
         cancel: CancelCheck | None = None,
     ) -> torch.Tensor:
@@ -128,6 +132,8 @@ class ZImageEngine:
             seed=None,
             on_step=report,
             cancel=cancel,
+            cfg_normalization=cfg_normalization,
+            cfg_truncation=cfg_truncation,
         )
 
     # -- stage 3 -------------------------------------------------------------------------------
@@ -144,14 +150,23 @@ class ZImageEngine:
 
     # -- all three -----------------------------------------------------------------------------
     def resolve(self, params: GenerationParams) -> GenerationParams:
+        """`params` with the model's size, and its variant's steps and guidance where they are not given."""
         params.validate()
-        return replace(params, width=params.width or self.native_size, height=params.height or self.native_size)
+        defaults = DEFAULTS[self.variant]
+        return replace(
+            params,
+            width=params.width or self.native_size,
+            height=params.height or self.native_size,
+            steps=params.steps if params.steps is not None else defaults.steps,
+            guidance_scale=params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale,
+        )
 
     def generate(
         self, params: GenerationParams, on_step: StepCallback | None = None, cancel: CancelCheck | None = None
     ) -> GenerationResult:
         params = self.resolve(params)
         assert params.width is not None and params.height is not None
+        assert params.steps is not None and params.guidance_scale is not None
         timings: dict[str, float] = {}
         warnings: list[str] = []
 
@@ -177,6 +192,8 @@ class ZImageEngine:
             steps=params.steps,
             shift=params.shift,
             guidance_scale=params.guidance_scale,
+            cfg_normalization=params.cfg_normalization,
+            cfg_truncation=params.cfg_truncation,
             on_step=on_step,
             cancel=cancel,
         )

@@ -116,7 +116,7 @@ def write_random_model(
 
 
 def model_index(native_size: int | None = None) -> dict[str, Any]:
-    extra = {"_zimage_serve": {"native_size": native_size}} if native_size else {}
+    extra = {"_zimage_serve": {"variant": "turbo", **({"native_size": native_size} if native_size else {})}}
     return {
         **extra,
         "_class_name": "ZImagePipeline",

@@ -344,7 +344,7 @@ class Trainer:
         tokenizer.save_pretrained(staging / "tokenizer")
         FlowMatchEulerDiscreteScheduler.from_config(TURBO_SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
         index = model_index(self.recipe.size)
-        index["_zimage_serve"].update(name="zimage-nano", recipe=asdict(self.recipe))
+        index["_zimage_serve"].update(name="zimage-nano", variant="turbo", recipe=asdict(self.recipe))
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         shutil.rmtree(output, ignore_errors=True)
         staging.rename(output)
