@@ -16,6 +16,7 @@ from zimage_serve.workflow.folders import Folders
 
 KNOWN_TYPES = {
     "invalid_prompt",
+    "missing_node_type",
     "prompt_no_outputs",
     "prompt_outputs_failed_validation",
     "required_input_missing",
@@ -75,9 +76,14 @@ def test_missing_and_unknown_class_type(folders: Folders) -> None:
     }
     prompt = nano_prompt()
     prompt["3"]["class_type"] = "KSamplerTurbo"
+    prompt["3"]["_meta"] = {"title": "My sampler"}
     result = validate(prompt, folders)
-    assert result.error is not None and result.error["type"] == "invalid_prompt"
-    assert result.error["message"] == "Cannot execute because node KSamplerTurbo does not exist."
+    assert result.error == {
+        "type": "missing_node_type",
+        "message": "Node 'KSamplerTurbo' not found. The custom node may not be installed.",
+        "details": "Node ID '#3'",
+        "extra_info": {"node_id": "3", "class_type": "KSamplerTurbo", "node_title": "My sampler"},
+    }
 
 
 def test_no_output_node(folders: Folders) -> None:

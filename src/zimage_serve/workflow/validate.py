@@ -142,10 +142,16 @@ class Validator:
             )
         class_type = node["class_type"]
         if not isinstance(class_type, str) or class_type not in self.nodes:
+            # Current ComfyUI's answer; the frontend reads extra_info to name the node that is missing.
+            meta = node.get("_meta")
+            title = meta.get("title") if isinstance(meta, dict) else None
+            named = class_type if isinstance(class_type, str) else None
+            shown = (named if named is not None else repr(class_type))[:200]
             return error(
-                "invalid_prompt",
-                f"Cannot execute because node {class_type} does not exist.",
+                "missing_node_type",
+                f"Node '{shown}' not found. The custom node may not be installed.",
                 f"Node ID '#{node_id}'",
+                {"node_id": node_id, "class_type": named, "node_title": title if isinstance(title, str) else named},
             )
         inputs = node.setdefault("inputs", {})
         if not isinstance(inputs, dict):
