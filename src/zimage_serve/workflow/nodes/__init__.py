@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from zimage_serve.workflow.nodes.conditioning import CLIPTextEncode, ConditioningZeroOut
 from zimage_serve.workflow.nodes.image import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
+from zimage_serve.workflow.nodes.image_ops import (
+    EmptyImage,
+    ImageBatch,
+    ImageCrop,
+    ImageInvert,
+    ImageScale,
+    ImageScaleBy,
+)
 from zimage_serve.workflow.nodes.latent import EmptyLatentImage, EmptySD3LatentImage
 from zimage_serve.workflow.nodes.loaders import (
     CheckpointLoaderSimple,
@@ -37,5 +45,11 @@ NODES: dict[str, type[Node]] = {
         LoadImage,
         SaveImage,
         PreviewImage,
+        EmptyImage,
+        ImageInvert,
+        ImageScale,
+        ImageScaleBy,
+        ImageCrop,
+        ImageBatch,
     )
 }

@@ -1,0 +1,174 @@
+"""ComfyUI's core image nodes, with its class names, inputs, defaults and outputs.
+
+IMAGE values are (batch, height, width, channels) tensors in 0..1, as ComfyUI passes them. Sizes a node
+makes count against the pixel limit when it runs (and, where the inputs say the size, when validated).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from zimage_serve.workflow.context import NodeContext
+from zimage_serve.workflow.limits import enforce
+from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, link
+
+if TYPE_CHECKING:
+    import torch
+
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+BATCH = Int(default=1, min=1, max=4096, limit="batch")
+
+
+class EmptyImage(Node):
+    category = "image"
+    description = "A batch of images of one colour (0xRRGGBB)."
+    required = {
+        "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "batch_size": BATCH,
+        "color": Int(default=0, min=0, max=0xFFFFFF, step=1, options={"display": "color"}),
+    }
+    outputs = (Output("IMAGE"),)
+
+    @classmethod
+    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
+        found = super().demands(**inputs)
+        if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
+            found.append(("pixels", "width", inputs["width"] * inputs["height"]))
+        return found
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        for limit, name, amount in self.demands(**inputs):
+            enforce(ctx.limits, limit, amount, name)
+        color = inputs["color"]
+        rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
+        image = rgb.expand(inputs["batch_size"], inputs["height"], inputs["width"], 3).contiguous()
+        return NodeResult((image,))
+
+
+class ImageInvert(Node):
+    category = "image"
+    required = {"image": link("IMAGE")}
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        return NodeResult((1.0 - inputs["image"],))
+
+
+class ImageScale(Node):
+    display_name = "Upscale Image"
+    category = "image/upscaling"
+    required = {
+        "image": link("IMAGE"),
+        "upscale_method": Combo(choices=UPSCALE_METHODS),
+        "width": Int(default=512, min=0, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=0, max=MAX_RESOLUTION, step=1),
+        "crop": Combo(choices=("disabled", "center")),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        image: torch.Tensor = inputs["image"]
+        width, height = inputs["width"], inputs["height"]
+        if width == 0 and height == 0:
+            return NodeResult((image,))
+        old_height, old_width = image.shape[1:3]
+        if width == 0:  # 0 keeps the aspect ratio from the other side
+            width = max(1, round(old_width * height / old_height))
+        elif height == 0:
+            height = max(1, round(old_height * width / old_width))
+        enforce(ctx.limits, "pixels", width * height, "width")
+        return NodeResult((scale(image, width, height, inputs["upscale_method"], inputs["crop"]),))
+
+
+class ImageScaleBy(Node):
+    display_name = "Upscale Image By"
+    category = "image/upscaling"
+    required = {
+        "image": link("IMAGE"),
+        "upscale_method": Combo(choices=UPSCALE_METHODS),
+        "scale_by": Float(default=1.0, min=0.01, max=8.0, step=0.01),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        image: torch.Tensor = inputs["image"]
+        width = max(1, round(image.shape[2] * inputs["scale_by"]))
+        height = max(1, round(image.shape[1] * inputs["scale_by"]))
+        enforce(ctx.limits, "pixels", width * height, "scale_by")
+        return NodeResult((scale(image, width, height, inputs["upscale_method"], "disabled"),))
+
+
+class ImageCrop(Node):
+    display_name = "Image Crop"
+    category = "image/transform"
+    required = {
+        "image": link("IMAGE"),
+        "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "x": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+        "y": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        image: torch.Tensor = inputs["image"]
+        # As ComfyUI: the corner is kept inside the image, and the crop ends where the image does.
+        x = min(inputs["x"], image.shape[2] - 1)
+        y = min(inputs["y"], image.shape[1] - 1)
+        return NodeResult((image[:, y : y + inputs["height"], x : x + inputs["width"], :],))
+
+
+class ImageBatch(Node):
+    display_name = "Batch Images"
+    category = "image"
+    required = {"image1": link("IMAGE"), "image2": link("IMAGE")}
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        first: torch.Tensor = inputs["image1"]
+        second: torch.Tensor = inputs["image2"]
+        if second.shape[1:3] != first.shape[1:3]:  # the second is fitted to the first, as ComfyUI does
+            second = scale(second, first.shape[2], first.shape[1], "bilinear", "center")
+        channels = min(first.shape[-1], second.shape[-1])
+        enforce(ctx.limits, "batch", first.shape[0] + second.shape[0], "image2")
+        return NodeResult((torch.cat((first[..., :channels], second[..., :channels])),))
+
+
+def scale(image: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
+    """ComfyUI's `common_upscale` for IMAGE: an optional centre crop to the new aspect ratio, then a resize
+    (torch's interpolation, or Pillow's Lanczos on 8-bit pictures, as ComfyUI does)."""
+    import torch
+
+    samples = image.movedim(-1, 1)  # (batch, channels, height, width)
+    if crop == "center":
+        old_width, old_height = samples.shape[3], samples.shape[2]
+        old_aspect, new_aspect = old_width / old_height, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+        samples = samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
+    if method == "lanczos":
+        return _lanczos(samples, width, height).movedim(1, -1)
+    resized = torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
+    return resized.movedim(1, -1)
+
+
+def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    pictures = []
+    for frame in samples.movedim(1, -1):
+        pixels = np.clip(frame.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)
+        picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
+        resized = np.asarray(picture.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+        pictures.append(torch.from_numpy(resized.reshape(height, width, -1)).movedim(-1, 0))
+    return torch.stack(pictures)
