@@ -134,3 +134,26 @@ def _ctx(limits: Limits | None = None) -> Any:
     from zimage_serve.workflow.context import NodeContext
 
     return NodeContext(folders=None, placing=None, node_id="n", limits=limits or Limits())  # type: ignore[arg-type]
+
+
+def test_scale_to_max_dimension_keeps_the_aspect_ratio() -> None:
+    node = NODES["ImageScaleToMaxDimension"]()
+    wide = node.run(_ctx(), image=torch.rand(1, 30, 60, 3), upscale_method="area", largest_size=40).outputs[0]
+    tall = node.run(_ctx(), image=torch.rand(2, 60, 30, 3), upscale_method="bicubic", largest_size=40).outputs[0]
+    square = node.run(_ctx(), image=torch.rand(1, 8, 8, 3), upscale_method="lanczos", largest_size=16).outputs[0]
+    assert (wide.shape, tall.shape, square.shape) == ((1, 20, 40, 3), (2, 40, 20, 3), (1, 16, 16, 3))
+
+
+def test_get_image_size_sets_another_nodes_size_through_links(executor: Executor) -> None:
+    """As the Fun ControlNet template does: GetImageSize's INT outputs feed a size widget."""
+    graph = {
+        "1": empty(40, 24, 0x00FF00, batch=3),
+        "2": {"class_type": "GetImageSize", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": ["2", 0], "height": ["2", 1], "batch_size": ["2", 2],
+                                                     "color": 0xFFFFFF}},
+    }  # fmt: skip
+    pictures = saved(executor, graph, "3")
+    assert len(pictures) == 3 and pictures[0].shape == (24, 40, 3) and (pictures[0] == 255).all()
+    wrong = {**graph, "3": {"class_type": "EmptyImage", "inputs": {**graph["3"]["inputs"], "width": ["1", 0]}}}
+    checked = validate({**wrong, "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}}}, executor.folders)
+    assert not checked.ok and checked.node_errors["3"]["errors"][0]["type"] == "return_type_mismatch"

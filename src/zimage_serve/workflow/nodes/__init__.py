@@ -6,11 +6,13 @@ from zimage_serve.workflow.nodes.conditioning import CLIPTextEncode, Conditionin
 from zimage_serve.workflow.nodes.image import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
 from zimage_serve.workflow.nodes.image_ops import (
     EmptyImage,
+    GetImageSize,
     ImageBatch,
     ImageCrop,
     ImageInvert,
     ImageScale,
     ImageScaleBy,
+    ImageScaleToMaxDimension,
 )
 from zimage_serve.workflow.nodes.latent import EmptyLatentImage, EmptySD3LatentImage
 from zimage_serve.workflow.nodes.loaders import (
@@ -49,7 +51,9 @@ NODES: dict[str, type[Node]] = {
         ImageInvert,
         ImageScale,
         ImageScaleBy,
+        ImageScaleToMaxDimension,
         ImageCrop,
+        GetImageSize,
         ImageBatch,
     )
 }

@@ -101,6 +101,42 @@ class ImageScaleBy(Node):
         return NodeResult((scale(image, width, height, inputs["upscale_method"], "disabled"),))
 
 
+class ImageScaleToMaxDimension(Node):
+    display_name = "Scale Image to Max Dimension"
+    category = "image/upscaling"
+    required = {
+        "image": link("IMAGE"),
+        # ComfyUI's list, "bilinear" twice included, so a saved workflow's value and the menu both match.
+        "upscale_method": Combo(choices=("area", "lanczos", "bilinear", "nearest-exact", "bilinear", "bicubic")),
+        "largest_size": Int(default=512, min=0, max=MAX_RESOLUTION, step=1),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        image: torch.Tensor = inputs["image"]
+        height, width, largest = image.shape[1], image.shape[2], inputs["largest_size"]
+        if height > width:
+            width, height = round(width / height * largest), largest
+        elif width > height:
+            width, height = largest, round(height / width * largest)
+        else:
+            width = height = largest
+        enforce(ctx.limits, "pixels", width * height, "largest_size")
+        return NodeResult((scale(image, max(1, width), max(1, height), inputs["upscale_method"], "disabled"),))
+
+
+class GetImageSize(Node):
+    display_name = "Get Image Size"
+    category = "image"
+    description = "An image's width, height and batch size, to set other nodes' sizes from."
+    required = {"image": link("IMAGE")}
+    outputs = (Output("INT", "width"), Output("INT", "height"), Output("INT", "batch_size"))
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        image: torch.Tensor = inputs["image"]
+        return NodeResult((int(image.shape[2]), int(image.shape[1]), int(image.shape[0])))
+
+
 class ImageCrop(Node):
     display_name = "Image Crop"
     category = "image/transform"
