@@ -320,7 +320,7 @@ def sample(
     device = model.device  # the whole trajectory stays on the model's device; only the result comes back
     x0_in = fmt.process_in(latent.float().to(device))
     x = sigmas[0] * noise.float().to(device) + (1.0 - sigmas[0]) * x0_in
-    use_cfg = abs(cfg - 1.0) > 1e-9
+    use_cfg = abs(cfg - 1.0) > 1e-9 and bool(negative)  # no negative entry: nothing to guide against
     entries = [*positive, *(negative if use_cfg else [])]
     conds = len(positive)
 
