@@ -118,7 +118,7 @@ def test_system_stats_report_the_memory_mode_once_the_worker_runs(server: Server
         (b"{not json", 400, "invalid_prompt"),
         (b"[]", 400, "invalid_prompt"),
         (b"{}", 400, "no_prompt"),
-        (json.dumps({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}}).encode(), 400, "invalid_prompt"),
+        (json.dumps({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}}).encode(), 400, "missing_node_type"),
         (json.dumps({"prompt": {"1": {"class_type": "VAEDecode", "inputs": {}}}}).encode(), 400, "prompt_no_outputs"),
         (json.dumps({"prompt": {}, "prompt_id": "not-a-uuid"}).encode(), 400, "invalid_prompt_id"),
     ],
