@@ -157,3 +157,23 @@ def test_get_image_size_sets_another_nodes_size_through_links(executor: Executor
     wrong = {**graph, "3": {"class_type": "EmptyImage", "inputs": {**graph["3"]["inputs"], "width": ["1", 0]}}}
     checked = validate({**wrong, "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}}}, executor.folders)
     assert not checked.ok and checked.node_errors["3"]["errors"][0]["type"] == "return_type_mismatch"
+
+
+def test_mask_nodes(executor: Executor) -> None:
+    solid = NODES["SolidMask"]().run(_ctx(), value=0.25, width=3, height=2).outputs[0]
+    assert solid.shape == (1, 2, 3) and (solid == 0.25).all()
+    inverted = NODES["InvertMask"]().run(_ctx(), mask=solid).outputs[0]
+    assert (inverted == 0.75).all()
+    image = torch.tensor([[[[0.1, 0.2, 0.3, 0.4]]]])  # one RGBA pixel
+    to_mask = NODES["ImageToMask"]().run
+    assert [to_mask(_ctx(), image=image, channel=c).outputs[0].item() for c in ("red", "green", "blue", "alpha")] == (
+        pytest.approx([0.1, 0.2, 0.3, 0.4])
+    )
+    assert to_mask(_ctx(), image=image[..., :3], channel="alpha").outputs[0].item() == 1.0  # no alpha: opaque
+    # A mask saved as an image: grey levels 0.75 · 255 = 191.25 → 191 in all three channels.
+    graph = {
+        "1": {"class_type": "SolidMask", "inputs": {"value": 0.75, "width": 4, "height": 2}},
+        "2": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 0]}},
+    }
+    [pixels] = saved(executor, graph, "2")
+    assert pixels.shape == (2, 4, 3) and (pixels == 191).all()

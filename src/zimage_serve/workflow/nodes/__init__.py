@@ -23,6 +23,7 @@ from zimage_serve.workflow.nodes.loaders import (
     UNETLoader,
     VAELoader,
 )
+from zimage_serve.workflow.nodes.mask import ImageToMask, InvertMask, MaskToImage, SolidMask
 from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
 from zimage_serve.workflow.spec import Node
 
@@ -55,5 +56,9 @@ NODES: dict[str, type[Node]] = {
         ImageCrop,
         GetImageSize,
         ImageBatch,
+        SolidMask,
+        InvertMask,
+        ImageToMask,
+        MaskToImage,
     )
 }

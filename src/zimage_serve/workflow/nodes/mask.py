@@ -1,0 +1,75 @@
+"""ComfyUI's core mask nodes. MASK values are (batch, height, width) tensors in 0..1; 1 is masked."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from zimage_serve.workflow.context import NodeContext
+from zimage_serve.workflow.limits import enforce
+from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, link
+
+if TYPE_CHECKING:
+    import torch
+
+CHANNELS = ("red", "green", "blue", "alpha")
+
+
+class SolidMask(Node):
+    category = "mask"
+    required = {
+        "value": Float(default=1.0, min=0.0, max=1.0, step=0.01),
+        "width": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+        "height": Int(default=512, min=1, max=MAX_RESOLUTION, step=1),
+    }
+    outputs = (Output("MASK"),)
+
+    @classmethod
+    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
+        found = super().demands(**inputs)
+        if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
+            found.append(("pixels", "width", inputs["width"] * inputs["height"]))
+        return found
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        for limit, name, amount in self.demands(**inputs):
+            enforce(ctx.limits, limit, amount, name)
+        shape = (1, inputs["height"], inputs["width"])
+        return NodeResult((torch.full(shape, float(inputs["value"]), dtype=torch.float32),))
+
+
+class InvertMask(Node):
+    category = "mask"
+    required = {"mask": link("MASK")}
+    outputs = (Output("MASK"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        return NodeResult((1.0 - inputs["mask"],))
+
+
+class ImageToMask(Node):
+    display_name = "Convert Image to Mask"
+    category = "mask"
+    required = {"image": link("IMAGE"), "channel": Combo(choices=CHANNELS)}
+    outputs = (Output("MASK"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        image: torch.Tensor = inputs["image"]
+        index = CHANNELS.index(inputs["channel"])
+        if index >= image.shape[-1]:  # no alpha channel: nothing is transparent
+            return NodeResult((torch.ones(image.shape[:-1], dtype=image.dtype),))
+        return NodeResult((image[..., index],))
+
+
+class MaskToImage(Node):
+    display_name = "Convert Mask to Image"
+    category = "mask"
+    required = {"mask": link("MASK")}
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        mask: torch.Tensor = inputs["mask"]
+        return NodeResult((mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).movedim(1, -1).expand(-1, -1, -1, 3),))
