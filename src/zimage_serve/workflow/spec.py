@@ -205,6 +205,25 @@ class Node:
         return {**cls.required, **cls.optional}
 
 
+class SizedNode(Node):
+    """A node that makes pictures of its `width` × `height` inputs: their pixels count against the limit,
+    when validated (where the inputs are constants) and again when it runs (where they came by links)."""
+
+    @classmethod
+    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
+        found = super().demands(**inputs)
+        width, height = inputs.get("width"), inputs.get("height")
+        if isinstance(width, int) and isinstance(height, int):
+            found.append(("pixels", "width", width * height))
+        return found
+
+    def enforce_demands(self, limits: Limits, inputs: Mapping[str, Any]) -> None:
+        from zimage_serve.workflow.limits import enforce
+
+        for limit, name, amount in self.demands(**inputs):
+            enforce(limits, limit, amount, name)
+
+
 _LIMITED: dict[type[Node], tuple[tuple[str, str], ...]] = {}
 _PROMPTS: dict[type[Node], tuple[str, ...]] = {}
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.limits import enforce
-from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, link
+from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, SizedNode, link
 
 if TYPE_CHECKING:
     import torch
@@ -19,7 +19,7 @@ UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 BATCH = Int(default=1, min=1, max=4096, limit="batch")
 
 
-class EmptyImage(Node):
+class EmptyImage(SizedNode):
     category = "image"
     description = "A batch of images of one colour (0xRRGGBB)."
     required = {
@@ -30,18 +30,10 @@ class EmptyImage(Node):
     }
     outputs = (Output("IMAGE"),)
 
-    @classmethod
-    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
-        found = super().demands(**inputs)
-        if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
-            found.append(("pixels", "width", inputs["width"] * inputs["height"]))
-        return found
-
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         import torch
 
-        for limit, name, amount in self.demands(**inputs):
-            enforce(ctx.limits, limit, amount, name)
+        self.enforce_demands(ctx.limits, inputs)
         color = inputs["color"]
         rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 255.0
         image = rgb.expand(inputs["batch_size"], inputs["height"], inputs["width"], 3).contiguous()

@@ -5,28 +5,18 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from zimage_serve.workflow.context import NodeContext
-from zimage_serve.workflow.limits import enforce
-from zimage_serve.workflow.spec import MAX_RESOLUTION, Int, Node, NodeResult, Output
+from zimage_serve.workflow.spec import MAX_RESOLUTION, Int, NodeResult, Output, SizedNode
 
 BATCH = Int(default=1, min=1, max=4096, limit="batch", tooltip="The number of latent images in the batch.")
 
 
-class EmptyLatent(Node):
+class EmptyLatent(SizedNode):
     """An empty latent of a size in pixels: its pixels per image count against the limit."""
 
     channels: ClassVar[int] = 16
 
-    @classmethod
-    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
-        found = super().demands(**inputs)
-        width, height = inputs.get("width"), inputs.get("height")
-        if isinstance(width, int) and isinstance(height, int):
-            found.append(("pixels", "width", width * height))
-        return found
-
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        for limit, name, amount in self.demands(**inputs):
-            enforce(ctx.limits, limit, amount, name)
+        self.enforce_demands(ctx.limits, inputs)
         return NodeResult((empty_latent(self.channels, inputs["width"], inputs["height"], inputs["batch_size"]),))
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from zimage_serve.workflow.context import NodeContext
-from zimage_serve.workflow.limits import enforce
-from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, link
+from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, SizedNode, link
 
 if TYPE_CHECKING:
     import torch
@@ -14,7 +13,7 @@ if TYPE_CHECKING:
 CHANNELS = ("red", "green", "blue", "alpha")
 
 
-class SolidMask(Node):
+class SolidMask(SizedNode):
     category = "mask"
     required = {
         "value": Float(default=1.0, min=0.0, max=1.0, step=0.01),
@@ -23,18 +22,10 @@ class SolidMask(Node):
     }
     outputs = (Output("MASK"),)
 
-    @classmethod
-    def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
-        found = super().demands(**inputs)
-        if isinstance(inputs.get("width"), int) and isinstance(inputs.get("height"), int):
-            found.append(("pixels", "width", inputs["width"] * inputs["height"]))
-        return found
-
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         import torch
 
-        for limit, name, amount in self.demands(**inputs):
-            enforce(ctx.limits, limit, amount, name)
+        self.enforce_demands(ctx.limits, inputs)
         shape = (1, inputs["height"], inputs["width"])
         return NodeResult((torch.full(shape, float(inputs["value"]), dtype=torch.float32),))
 
