@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.checkpoints import copy_tokenizer, write_comfy_root
-from tests.workflows import TEMPLATES, validate
+from tests.workflows import TEMPLATES, saved_image
 from zimage_serve.engine.parts import Placing
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -42,13 +41,7 @@ def prompt(**changes: Any) -> dict[str, Any]:
 
 
 def image(executor: Executor, graph: dict[str, Any]) -> np.ndarray:
-    checked = validate(graph, executor.folders)
-    assert checked.ok, (checked.error, checked.node_errors)
-    result = executor.run("base", checked.prompt, checked.outputs, {}, None)
-    assert result.ok, result.error
-    [(_, ui)] = result.outputs.items()
-    entry = ui["images"][0]
-    return np.asarray(Image.open(executor.folders.output / entry["subfolder"] / entry["filename"]), dtype=np.int16)
+    return saved_image(executor, graph)
 
 
 def test_the_template_is_the_base_models_graph() -> None:

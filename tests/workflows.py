@@ -37,3 +37,18 @@ def run(executor: Executor, prompt: dict[str, Any], prompt_id: str = "p", events
             events.append((event, data))
 
     return executor.run(prompt_id, checked.prompt, checked.outputs, {}, emit)
+
+
+def saved_image(executor: Executor, prompt: dict[str, Any], node: str | None = None) -> Any:
+    """Run `prompt` and read back the first image its save node (`node`, or the only output) wrote, as
+    int16 pixels so differences do not wrap."""
+    import numpy as np
+    from PIL import Image
+
+    checked = validate(prompt, executor.folders)
+    assert checked.ok, (checked.error, checked.node_errors)
+    result = executor.run("saved", checked.prompt, checked.outputs, {}, None)
+    assert result.ok, result.error
+    ui = result.outputs[node] if node is not None else next(iter(result.outputs.values()))
+    entry = ui["images"][0]
+    return np.asarray(Image.open(executor.folders.output / entry["subfolder"] / entry["filename"]), dtype=np.int16)

@@ -90,6 +90,8 @@ def _file(path: Path) -> Finding:
         return Finding(path, "?", size, str(exc))
     if kind == "lora":
         return Finding(path, "LoRA", size, "usable by workflows (LoraLoader)")
+    if kind == "model_patch":
+        return _model_patch(path, size)
     if kind == "unknown":
         return Finding(path, "unknown", size, "not a Z-Image component (tensor names not recognised)")
     try:
@@ -97,6 +99,17 @@ def _file(path: Path) -> Finding:
     except ZImageError as exc:
         return Finding(path, kind, size, str(exc))
     return Finding(path, kind, size, "usable")
+
+
+def _model_patch(path: Path, size: int) -> Finding:
+    from zimage_serve.engine.checkpoint import Checkpoint
+    from zimage_serve.engine.controlnet import detect_variant
+
+    try:
+        variant = detect_variant(Checkpoint.open(path))
+    except ZImageError as exc:
+        return Finding(path, "ControlNet", size, str(exc))
+    return Finding(path, "ControlNet", size, f"usable by workflows (ModelPatchLoader): {variant.describe()}")
 
 
 def _size(nbytes: int) -> str:

@@ -58,7 +58,7 @@ def prepare(source: ComponentSource) -> PreparedComponent:
         config = _infer_config(source.kind, meta, checkpoint.origin)
     conversion = to_diffusers(source.kind, meta, config if source.kind == "vae" else None)
     model = build_empty(source.kind, config, checkpoint.origin)
-    _check_keys(checkpoint.origin, source.kind, conversion.state, conversion.unused, model)
+    check_keys(checkpoint.origin, source.kind, conversion.state, conversion.unused, model)
     return PreparedComponent(source, checkpoint, config, model)
 
 
@@ -104,8 +104,8 @@ def _infer_config(kind: Kind, meta: dict[str, torch.Tensor], origin: Path) -> di
     return configs.text_encoder_config(renamed, origin)
 
 
-def _check_keys(
-    origin: Path, kind: Kind, state: dict[str, torch.Tensor], unused: list[str], model: torch.nn.Module
+def check_keys(
+    origin: Path, kind: str, state: dict[str, torch.Tensor], unused: list[str], model: torch.nn.Module
 ) -> None:
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     problems = []

@@ -73,8 +73,11 @@ def resolve(
 
 
 def classify(path: Path) -> str:
-    """What a single safetensors file holds, from its tensor names: a kind, 'lora' or 'unknown'."""
+    """What a single safetensors file holds, from its tensor names: a kind, 'lora', 'model_patch' (a Fun
+    ControlNet) or 'unknown'."""
     keys = read_header(path).keys()
+    if "control_all_x_embedder.2-1.weight" in keys:
+        return "model_patch"
     if any("lora_" in key or ".lora." in key or key.endswith(".alpha") for key in keys):
         return "lora"
     if any("noise_refiner." in key or "context_refiner." in key or "cap_embedder." in key for key in keys):

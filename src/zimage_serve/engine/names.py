@@ -14,4 +14,5 @@ ROOT_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("text_encoders", "clip"),
     "vae": ("vae",),
     "lora": ("loras",),
+    "model_patch": ("model_patches",),
 }

@@ -71,6 +71,14 @@ class ModelSwap:
             if _device_of(module) != self.device:
                 module.to(self.device)
 
+    def accompany(self, module: torch.nn.Module) -> None:
+        """Bring `module` onto the card beside the active member (a ControlNet beside its transformer); the
+        next member to become active moves it off again."""
+        with self._lock:
+            self.members.add(module)
+            if _device_of(module) != self.device:
+                module.to(self.device)
+
 
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device

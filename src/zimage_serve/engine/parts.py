@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from zimage_serve.engine import components
+from zimage_serve.engine import components, controlnet
 from zimage_serve.engine.cancel import cancellable
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.components import ComponentSource
+from zimage_serve.engine.controlnet import ControlPatch
 from zimage_serve.engine.devices import (
     TURBO_BF16_BYTES,
     MemoryMode,
@@ -112,13 +113,15 @@ class Placing:
 
 @dataclass(frozen=True)
 class DiffusionModel:
-    """MODEL: the transformer, how its latents are scaled, its flow shift, and LoRAs to apply."""
+    """MODEL: the transformer, how its latents are scaled, its flow shift, and the LoRAs and ControlNets
+    to apply."""
 
     name: str
     transformer: Any  # diffusers ZImageTransformer2DModel
     latent_format: LatentFormat
     sampling: FlowSampling = field(default_factory=FlowSampling)
     patches: tuple[LoraPatch, ...] = ()
+    controls: tuple[ControlPatch, ...] = ()
     trained_size: int | None = None  # the one size it was trained at, if it has one (engine/trained_size.py)
 
     @property
@@ -141,6 +144,16 @@ class DiffusionModel:
         check_fits(lora, self.transformer)
         return replace(self, patches=(*self.patches, LoraPatch(lora, strength)))
 
+    def with_control(self, control: ControlPatch) -> DiffusionModel:
+        control.controlnet.check_fits(self.transformer)
+        return replace(self, controls=(*self.controls, control))
+
+    def prepare_controls(self, latent: torch.Tensor, cancel: CancelCheck | None = None) -> None:
+        """Encode the ControlNets' images for latents of this size (once; each call of `velocity` uses them)."""
+        height, width = _patch_grid(latent)
+        for control in self.controls:
+            control.context(height, width, self.latent_format, cancel)
+
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
         with patched(self.transformer, self.patches):
@@ -158,7 +171,9 @@ class DiffusionModel:
         )
         timestep = torch.full((x.shape[0],), 1.0 - sigma, device=self.device, dtype=torch.float32)
         model_input = list(padded.to(self.device, self.dtype).unsqueeze(2).unbind(0))
-        outputs = self.transformer(model_input, timestep, [c.to(self.device, self.dtype) for c in captions])[0]
+        captions = [c.to(self.device, self.dtype) for c in captions]
+        with controlnet.steering(self.transformer, self.controls, padded, self.latent_format):
+            outputs = self.transformer(model_input, timestep, captions)[0]
         return -torch.stack([o.float() for o in outputs]).squeeze(2)[..., :height, :width]
 
 
@@ -228,6 +243,12 @@ def _capped(x: torch.Tensor, cond: torch.Tensor, combined: torch.Tensor, sigma: 
     return x - sigma * velocity * scale
 
 
+def _patch_grid(latent: torch.Tensor) -> tuple[int, int]:
+    """The latent's size once padded to the transformer's 2×2 patches (as `velocity` pads it)."""
+    height, width = latent.shape[-2:]
+    return height + height % 2, width + width % 2
+
+
 def _stop_if(cancel: CancelCheck | None) -> None:
     if cancel is not None and cancel():
         raise GenerationCancelled("interrupted between images")
@@ -247,6 +268,7 @@ def load_diffusion_model(
     transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype)
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
     install_cancel_checks(transformer)
+    controlnet.install(transformer)
     placing.place(transformer)
     log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)
@@ -351,6 +373,7 @@ def sample(
         return result
 
     with torch.inference_mode(), model.patched(), cancellable(cancel):
+        model.prepare_controls(latent, cancel)
         result = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel)(denoiser, x, sigmas)
     if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does
         result = result / (1.0 - sigmas[-1])

@@ -31,11 +31,14 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "text_encoders": ROOT_FOLDERS["text_encoder"],
     "vae": ROOT_FOLDERS["vae"],
     "loras": ROOT_FOLDERS["lora"],
+    "model_patches": ROOT_FOLDERS["model_patch"],
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Folder models (diffusers layout) can stand in for any of these.
 FOLDER_MODEL_KINDS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
+# Single components in diffusers' layout (config.json + weights), such as a ZImageControlNetModel folder.
+COMPONENT_FOLDER_KINDS = ("model_patches",)
 _SETTLE_NS = 2_000_000_000
 USERS = "users"  # below input, output and temp: one folder per user, their own files
 
@@ -136,7 +139,9 @@ class Folders:
                 relative = path.relative_to(root).as_posix()
                 if path.is_dir():
                     _record(path, directories)
-                    if resource in FOLDER_MODEL_KINDS and (path / "model_index.json").is_file():
+                    if (resource in FOLDER_MODEL_KINDS and (path / "model_index.json").is_file()) or (
+                        resource in COMPONENT_FOLDER_KINDS and (path / "config.json").is_file()
+                    ):
                         found.append(relative)
                 elif path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
                     found.append(relative)

@@ -15,7 +15,10 @@ if TYPE_CHECKING:
     from zimage_serve.workflow.context import NodeContext, ResourceLists
     from zimage_serve.workflow.limits import Limits
 
-LINK_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK")
+LINK_TYPES = (
+    *("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "MODEL_PATCH", "UPSCALE_MODEL"),
+    *("SAMPLER", "SIGMAS", "NOISE", "GUIDER"),  # custom sampling's parts
+)
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_RESOLUTION = 16384
 
@@ -175,6 +178,7 @@ class Node:
     hidden: ClassVar[dict[str, str]] = {}  # name → PROMPT, EXTRA_PNGINFO, UNIQUE_ID
     outputs: ClassVar[tuple[Output, ...]] = ()
     output_node: ClassVar[bool] = False
+    experimental: ClassVar[bool] = False  # ComfyUI's EXPERIMENTAL flag, shown by the frontend
     # Its result depends on whose files it reads or writes: its cache entry is the caller's own (output
     # nodes always are).
     owned: ClassVar[bool] = False
@@ -273,6 +277,8 @@ def node_info(name: str, node: type[Node], lists: ResourceLists) -> dict[str, An
         "category": node.category,
         "output_node": node.output_node,
     }
+    if node.experimental:
+        info["experimental"] = True
     if any(o.tooltip for o in node.outputs):
         info["output_tooltips"] = [o.tooltip for o in node.outputs]
     return info

@@ -5,6 +5,7 @@ from __future__ import annotations
 from zimage_serve.workflow.nodes.conditioning import CLIPTextEncode, ConditioningZeroOut
 from zimage_serve.workflow.nodes.image import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
 from zimage_serve.workflow.nodes.image_ops import (
+    Canny,
     EmptyImage,
     GetImageSize,
     ImageBatch,
@@ -24,6 +25,7 @@ from zimage_serve.workflow.nodes.loaders import (
     VAELoader,
 )
 from zimage_serve.workflow.nodes.mask import ImageToMask, InvertMask, MaskToImage, SolidMask
+from zimage_serve.workflow.nodes.model_patch import ModelPatchLoader, QwenImageDiffsynthControlnet, ZImageFunControlnet
 from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
 from zimage_serve.workflow.spec import Node
 
@@ -60,5 +62,9 @@ NODES: dict[str, type[Node]] = {
         InvertMask,
         ImageToMask,
         MaskToImage,
+        Canny,
+        ModelPatchLoader,
+        QwenImageDiffsynthControlnet,
+        ZImageFunControlnet,
     )
 }

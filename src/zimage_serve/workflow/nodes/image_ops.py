@@ -167,36 +167,25 @@ class ImageBatch(Node):
         return NodeResult((torch.cat((first[..., :channels], second[..., :channels])),))
 
 
+class Canny(Node):
+    category = "image/preprocessors"
+    description = "Edges (white on black) by kornia's Canny detector, as ComfyUI computes them: a control image."
+    required = {
+        "image": link("IMAGE"),
+        "low_threshold": Float(default=0.4, min=0.01, max=0.99, step=0.01),
+        "high_threshold": Float(default=0.8, min=0.01, max=0.99, step=0.01),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from kornia.filters import canny
+
+        image: torch.Tensor = inputs["image"]
+        _, edges = canny(image[..., :3].float().movedim(-1, 1), inputs["low_threshold"], inputs["high_threshold"])
+        return NodeResult((edges.repeat(1, 3, 1, 1).movedim(1, -1),))
+
+
 def scale(image: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
-    """ComfyUI's `common_upscale` for IMAGE: an optional centre crop to the new aspect ratio, then a resize
-    (torch's interpolation, or Pillow's Lanczos on 8-bit pictures, as ComfyUI does)."""
-    import torch
+    from zimage_serve.engine.resize import scale_image
 
-    samples = image.movedim(-1, 1)  # (batch, channels, height, width)
-    if crop == "center":
-        old_width, old_height = samples.shape[3], samples.shape[2]
-        old_aspect, new_aspect = old_width / old_height, width / height
-        x = y = 0
-        if old_aspect > new_aspect:
-            x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-        samples = samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
-    if method == "lanczos":
-        return _lanczos(samples, width, height).movedim(1, -1)
-    resized = torch.nn.functional.interpolate(samples, size=(height, width), mode=method)
-    return resized.movedim(1, -1)
-
-
-def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    pictures = []
-    for frame in samples.movedim(1, -1):
-        pixels = np.clip(frame.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)
-        picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
-        resized = np.asarray(picture.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
-        pictures.append(torch.from_numpy(resized.reshape(height, width, -1)).movedim(-1, 0))
-    return torch.stack(pictures)
+    return scale_image(image, width, height, method, crop)

@@ -1,0 +1,271 @@
+"""The Z-Image Fun ControlNet Union: the official template unchanged, every variant told apart, strength,
+the inpaint input, the diffusers folder, and LoRA and FP8 beside a patch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from tests.checkpoints import copy_tokenizer, diffusers_state, write_comfy_root
+from tests.controlnets import build_controlnet, write_controlnet, write_controlnet_folder
+from tests.loras import lora_pairs, write_diffusers
+from tests.workflows import TEMPLATES, saved_image, validate
+from zimage_serve.engine.checkpoint import Checkpoint
+from zimage_serve.engine.controlnet import ControlNetError, ControlPatch, FunControlNet, _Stream, detect_variant
+from zimage_serve.engine.parts import FLUX_LATENT, Placing
+from zimage_serve.errors import ModelLoadError
+from zimage_serve.workflow.execute import Executor
+from zimage_serve.workflow.folders import Folders
+from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.ui_format import to_api
+
+TEMPLATE = TEMPLATES / "image_z_image_turbo_fun_union_controlnet.json"
+PATCH_FILE = "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"
+INPUT_IMAGE = "image_z_image_turbo_fun_union_controlnet_input_image.png"
+
+
+def picture(size: int = 64) -> Image.Image:
+    """Something with edges for Canny: a light disc and a bar on a dark ground."""
+    image = Image.new("RGB", (size, size), (20, 30, 40))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((size // 8, size // 8, size // 2, size // 2), fill=(230, 220, 40))
+    draw.rectangle((size // 2, size * 5 // 8, size - 4, size - 10), fill=(200, 60, 60))
+    return image
+
+
+@pytest.fixture(scope="module")
+def executor(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Executor:
+    """ComfyUI's file names, as the template names them, and a patch of every variant beside the official one."""
+    root = write_comfy_root(tiny_model, tmp_path_factory.mktemp("controlnet") / "models")
+    copy_tokenizer(tiny_model, root / "text_encoders" / "qwen_3_4b_tokenizer")
+    patches = root / "model_patches"
+    write_controlnet(patches / PATCH_FILE, "1.0")
+    for version in ("2.0", "2.1", "2.1 lite"):
+        write_controlnet(patches / f"union-{version.replace(' ', '-')}.safetensors", version, seed=1)
+    write_controlnet_folder(patches / "union-2.1-diffusers", "2.1", seed=1)
+    (root / "loras").mkdir(exist_ok=True)
+    write_diffusers(
+        lora_pairs(diffusers_state(tiny_model / "transformer"), scale=0.2), root / "loras" / "style.safetensors"
+    )
+    data = tmp_path_factory.mktemp("data")
+    folders = Folders.default(data, [root])
+    folders.input.mkdir(parents=True)
+    picture().save(folders.input / INPUT_IMAGE)
+    return Executor(NODES, folders, Placing.choose("cpu"))
+
+
+def template() -> dict[str, Any]:
+    graph = to_api(json.loads(TEMPLATE.read_text(encoding="utf-8")), NODES)
+    graph["44"]["inputs"]["steps"] = 4  # the template's 9 steps, cut for time where a test says so
+    return graph
+
+
+def image(executor: Executor, graph: dict[str, Any]) -> np.ndarray:
+    return saved_image(executor, graph, "9")
+
+
+def without_patch(graph: dict[str, Any]) -> dict[str, Any]:
+    graph = json.loads(json.dumps(graph))
+    graph["47"]["inputs"]["model"] = ["46", 0]
+    for node in ("60", "64"):
+        del graph[node]
+    return graph
+
+
+def test_the_template_is_the_controlnet_graph() -> None:
+    graph = to_api(json.loads(TEMPLATE.read_text(encoding="utf-8")), NODES)
+    assert graph["64"] == {
+        "class_type": "ModelPatchLoader",
+        "inputs": {"name": PATCH_FILE},
+        "_meta": graph["64"]["_meta"],
+    }
+    assert graph["60"]["inputs"]["image"] == ["57", 0] and graph["60"]["inputs"]["strength"] == 1
+    assert graph["57"]["inputs"]["image"] == ["58", 0]  # ImageScaleToMaxDimension is bypassed (mode 4)
+    assert graph["41"]["inputs"]["width"] == ["69", 0] and graph["41"]["inputs"]["height"] == ["69", 1]
+    assert "62" not in graph and "65" not in graph  # the bypassed node and the Note are gone
+    sampler = graph["44"]["inputs"]
+    assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"]) == (9, 1, "res_multistep")
+
+
+def test_the_template_runs_unchanged(executor: Executor) -> None:
+    graph = to_api(json.loads(TEMPLATE.read_text(encoding="utf-8")), NODES)
+    out = image(executor, graph)
+    assert out.shape == (64, 64, 3)  # GetImageSize of the input set the latent's size
+
+
+def test_strength_matters_and_zero_equals_no_controlnet(executor: Executor) -> None:
+    graph = template()
+    full = image(executor, graph)
+    graph["60"]["inputs"]["strength"] = 0.4
+    weaker = image(executor, graph)
+    graph["60"]["inputs"]["strength"] = 0.0
+    none_at_all = image(executor, graph)
+    plain = image(executor, without_patch(graph))
+    assert np.abs(full - weaker).mean() > 1 and np.abs(full - plain).mean() > 1
+    assert np.array_equal(none_at_all, plain)
+
+
+def test_the_control_image_matters(executor: Executor) -> None:
+    graph = template()
+    first = image(executor, graph)
+    Image.fromarray(255 - np.asarray(picture())).save(executor.folders.input / "other.png")
+    graph["58"]["inputs"]["image"] = "other.png"
+    assert np.abs(first - image(executor, graph)).mean() > 1
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "layers", "channels", "refiner", "broken"),
+    [
+        (PATCH_FILE, "1.0", 6, 16, "plain", False),
+        ("union-2.0.safetensors", "2.0", 15, 33, "control_layers", True),
+        ("union-2.1.safetensors", "2.1", 15, 33, "own", False),
+        ("union-2.1-lite.safetensors", "2.1 lite", 3, 33, "own", False),
+    ],
+)
+def test_each_variant_is_told_apart_by_its_keys(
+    executor: Executor, name: str, version: str, layers: int, channels: int, refiner: str, broken: bool
+) -> None:
+    variant = detect_variant(Checkpoint.open(executor.folders.resolve("model_patches", name)))
+    assert (variant.version, variant.layers, variant.in_channels, variant.refiner, variant.broken) == (
+        version, layers, channels, refiner, broken
+    )  # fmt: skip
+    assert (variant.dim, variant.heads) == (64, 2)
+    assert ("broken release" in variant.describe()) is broken
+
+
+def test_every_variant_runs_the_template(executor: Executor) -> None:
+    graph = template()
+    graph["44"]["inputs"]["steps"] = 2
+    images = {}
+    for name in ("union-2.0.safetensors", "union-2.1.safetensors", "union-2.1-lite.safetensors"):
+        graph["64"]["inputs"]["name"] = name
+        images[name] = image(executor, graph)
+    a, b, c = images.values()
+    assert np.abs(a - b).mean() > 0.5 and np.abs(b - c).mean() > 0.5
+
+
+def test_a_diffusers_folder_is_the_same_controlnet(executor: Executor) -> None:
+    assert "union-2.1-diffusers" in executor.folders.names("model_patches")
+    graph = template()
+    graph["64"]["inputs"]["name"] = "union-2.1.safetensors"
+    from_file = image(executor, graph)
+    graph["64"]["inputs"]["name"] = "union-2.1-diffusers"
+    assert np.array_equal(from_file, image(executor, graph))
+
+
+def test_inpaint_inputs_steer_a_2x_patch(executor: Executor) -> None:
+    """ZImageFunControlnet with an image to inpaint and a mask: each input changes the result."""
+    graph = template()
+    graph["64"]["inputs"]["name"] = "union-2.1.safetensors"
+    graph["60"] = {
+        "class_type": "ZImageFunControlnet",
+        "inputs": {"model": ["46", 0], "model_patch": ["64", 0], "vae": ["40", 0], "strength": 1.0,
+                   "inpaint_image": ["58", 0]},
+    }  # fmt: skip
+    inpaint_only = image(executor, graph)
+    graph["80"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+    graph["60"]["inputs"]["mask"] = ["80", 0]
+    all_masked = image(executor, graph)  # white everywhere: regenerate all, nothing of the image kept
+    graph["60"]["inputs"]["image"] = ["57", 0]
+    with_control = image(executor, graph)
+    assert np.abs(inpaint_only - all_masked).mean() > 0.5 and np.abs(all_masked - with_control).mean() > 0.5
+
+
+def test_the_inpaint_input_is_built_as_comfyui_builds_it(executor: Executor) -> None:
+    """[control latent, keep mask (1 - mask, nearest), latent of the image with its masked part grey]."""
+    from zimage_serve.engine.parts import load_vae
+    from zimage_serve.workflow.nodes.loading import component
+
+    vae = load_vae("ae", component(executor.folders.resolve("vae", "ae.safetensors"), "vae"), Placing.choose("cpu"))
+    net = FunControlNet("t", build_controlnet("2.1").float(), detect_variant_of("2.1"))
+    pixels = torch.from_numpy(np.asarray(picture(), dtype=np.float32) / 255)[None]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 32:] = 1.0  # regenerate the right half
+    context = ControlPatch(net, vae, 1.0, image=pixels, inpaint_image=pixels, mask=mask).context(
+        8, 8, FLUX_LATENT, None
+    )
+    assert context.shape == (1, 33, 8, 8)
+    control = FLUX_LATENT.process_in(vae.encode(pixels))
+    assert torch.allclose(context[:, :16], control)
+    keep = context[0, 16]
+    assert torch.equal(keep[:, :4], torch.ones(8, 4)) and torch.equal(keep[:, 4:], torch.zeros(8, 4))
+    grey_right = pixels.clone()
+    grey_right[:, :, 32:] = 0.5
+    assert torch.allclose(context[:, 17:], FLUX_LATENT.process_in(vae.encode(grey_right)))
+    # Without an inpaint image the image to inpaint is grey; without a mask nothing is kept.
+    bare = ControlPatch(net, vae, 1.0, image=pixels).context(8, 8, FLUX_LATENT, None)
+    assert torch.equal(bare[:, 16], torch.zeros(1, 8, 8))
+    assert torch.allclose(bare[:, 17:], FLUX_LATENT.process_in(vae.encode(torch.full_like(pixels, 0.5))))
+
+
+def detect_variant_of(version: str) -> Any:
+    path = Path("/tmp") / f"zimage-variant-{version.replace(' ', '-')}.safetensors"
+    return detect_variant(Checkpoint.open(write_controlnet(path, version)))
+
+
+@pytest.mark.parametrize(("main", "layers", "fed"), [(30, 6, [0, 5, 10, 15, 20, 25]), (30, 15, list(range(0, 30, 2))),
+                                                       (30, 3, [0, 10, 20]), (2, 6, [0, 1])])  # fmt: skip
+def test_control_layer_k_feeds_main_block_k_times_round_blocks_over_layers(
+    main: int, layers: int, fed: list[int]
+) -> None:
+    version = {6: "1.0", 15: "2.1", 3: "2.1 lite"}[layers]
+    net = FunControlNet("t", build_controlnet(version).float(), detect_variant_of(version))
+    patch = ControlPatch(net, None, 1.0, image=torch.zeros(1, 16, 16, 3))  # type: ignore[arg-type]
+    stream = _Stream(patch, torch.randn(1, net.variant.in_channels, 4, 4), main)
+    tokens = torch.randn(1, 4, 64)
+    freqs = torch.polar(torch.ones(1, 4, 16), torch.randn(1, 4, 16))
+    stream.start(tokens, freqs, torch.randn(1, 64))
+    stream.main_input = tokens
+    changed = [b for b in range(main) if not torch.equal(stream.after_main(b, tokens), tokens)]
+    assert changed == fed and stream.next_layer == len(fed)
+
+
+def test_a_patch_for_another_width_is_refused(executor: Executor, tmp_path: Path) -> None:
+    wide = build_controlnet("1.0", dim=128, heads=4)
+    path = tmp_path / "wide.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, str(path))
+    shutil.copy(path, executor.folders.models[0] / "model_patches" / "wide.safetensors")
+    graph = template()
+    graph["64"]["inputs"]["name"] = "wide.safetensors"
+    checked = validate(graph, executor.folders)
+    result = executor.run("wide", checked.prompt, checked.outputs, {}, None)
+    assert not result.ok
+    assert "128 wide with 4 heads" in json.dumps(result.error)
+
+
+def test_files_that_are_no_controlnet_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"layers.0.weight": torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ModelLoadError, match="not a Z-Image Fun ControlNet"):
+        detect_variant(Checkpoint.open(tmp_path / "x.safetensors"))
+    state = build_controlnet("2.1").state_dict()
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("control_layers.3.")}, str(tmp_path / "gap.safetensors")
+    )
+    with pytest.raises(ModelLoadError, match="not numbered"):
+        detect_variant(Checkpoint.open(tmp_path / "gap.safetensors"))
+    with pytest.raises(ControlNetError, match="image"):
+        ControlPatch(FunControlNet("t", None, detect_variant_of("1.0")), None, 1.0)  # type: ignore[arg-type]
+
+
+def test_lora_and_fp8_work_with_a_patch_applied(executor: Executor) -> None:
+    graph = template()
+    graph["44"]["inputs"]["steps"] = 2
+    patched = image(executor, graph)
+    graph["70"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["46", 0], "lora_name": "style.safetensors", "strength_model": 1.0}}  # fmt: skip
+    graph["60"]["inputs"]["model"] = ["70", 0]
+    with_lora = image(executor, graph)
+    graph["46"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    with_fp8 = image(executor, graph)
+    assert np.abs(patched - with_lora).mean() > 0.5 and np.abs(with_lora - with_fp8).mean() > 0
