@@ -36,7 +36,7 @@ import torch
 
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.checkpoint import Checkpoint
-from zimage_serve.engine.resize import common_upscale
+from zimage_serve.engine.resize import common_upscale, repeat_to_batch
 from zimage_serve.errors import ModelLoadError, ZImageError
 
 if TYPE_CHECKING:
@@ -305,16 +305,8 @@ class ControlPatch:
         if control_latent is None:
             control_latent = encoded(grey)
         batch = max(control_latent.shape[0], keep_latent.shape[0], inpaint_latent.shape[0])
-        parts = [_to_batch(t, batch) for t in (control_latent, keep_latent, inpaint_latent)]
+        parts = [repeat_to_batch(t, batch) for t in (control_latent, keep_latent, inpaint_latent)]
         return torch.cat(parts, dim=1)
-
-
-def _to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """ComfyUI's repeat_to_batch_size: repeat, then cut, to `batch` entries."""
-    if tensor.shape[0] == batch:
-        return tensor
-    repeats = -(-batch // tensor.shape[0])
-    return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:batch]
 
 
 # -- steering the transformer -------------------------------------------------------------------------
@@ -347,7 +339,7 @@ class _Stream:
         patches = self.context.to(x.device, x.dtype).view(batch, channels, height // 2, 2, width // 2, 2)
         tokens = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, n, 4 * channels)
         stream = self.net.control_all_x_embedder["2-1"](tokens)
-        stream = _to_batch(stream, x.shape[0]) if stream.shape[0] != x.shape[0] else stream
+        stream = repeat_to_batch(stream, x.shape[0]) if stream.shape[0] != x.shape[0] else stream
         self.refiner_input, self.freqs, self.adaln = x[:, :n], freqs[:, :n], adaln
         if self.variant.refiner == PLAIN:
             for block in self.net.control_noise_refiner:

@@ -212,7 +212,8 @@ class Vae:
         `cancel()` is true."""
         height = pixels.shape[1] // LATENT_FACTOR * LATENT_FACTOR
         width = pixels.shape[2] // LATENT_FACTOR * LATENT_FACTOR
-        pixels = pixels[:, :height, :width, :3]
+        top, left = (pixels.shape[1] % LATENT_FACTOR) // 2, (pixels.shape[2] % LATENT_FACTOR) // 2
+        pixels = pixels[:, top : top + height, left : left + width, :3]  # centred whole cells, as ComfyUI crops
         latents = []
         with cancellable(cancel):
             for image in pixels:
@@ -241,6 +242,17 @@ def _capped(x: torch.Tensor, cond: torch.Tensor, combined: torch.Tensor, sigma: 
     norm = torch.linalg.vector_norm(velocity, dim=dims, keepdim=True)
     scale = torch.where(norm > most, most / norm, torch.ones_like(norm))
     return x - sigma * velocity * scale
+
+
+def prepare_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """ComfyUI's noise mask for a latent of `shape`: resized bilinearly, on every channel, one per image."""
+    mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    mask = torch.nn.functional.interpolate(mask, size=tuple(shape[-2:]), mode="bilinear")
+    mask = mask.expand(-1, shape[1], -1, -1)
+    if mask.shape[0] != shape[0]:
+        repeats = -(-shape[0] // mask.shape[0])
+        mask = mask.repeat(repeats, 1, 1, 1)[: shape[0]]
+    return mask
 
 
 def _patch_grid(latent: torch.Tensor) -> tuple[int, int]:
@@ -327,33 +339,45 @@ def sample(
     cancel: CancelCheck | None = None,
     cfg_normalization: float = 0.0,
     cfg_truncation: float = 1.0,
+    denoise_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KSampler's core: noise the (raw) latent to σ0, run the sampler, return raw latents.
 
     Guidance is ComfyUI's: ``uncond + (cond - uncond) · cfg`` on the denoised predictions, with the
     positive and negative entries in one batched call per step (cfg doubles the batch, not the calls),
-    and at cfg 1 the negative is never evaluated (so 8 steps cost 8 network calls). `cfg_normalization`
-    and `cfg_truncation` are diffusers' (Z-Image's pipeline): the guided velocity's norm is capped at k
-    times the positive one's, and the steps whose 1 - σ is past the truncation run without guidance.
+    and at cfg 1 the negative is never evaluated (so 8 steps cost 8 network calls). Several entries on
+    one side are averaged, each over its timestep range. `cfg_normalization` and `cfg_truncation` are
+    diffusers' (Z-Image's pipeline): the guided velocity's norm is capped at k times the positive one's,
+    and the steps whose 1 - σ is past the truncation run without guidance.
+
+    `denoise_mask` is ComfyUI's noise mask (1 = regenerate, any size; resized to the latent): outside it
+    the latent is held on its own noised trajectory and every prediction there is the input latent, so
+    the sampled latent keeps the input's values where the mask is 0.
     """
     if not sigmas or len(sigmas) < 2:
         return latent
     fmt = model.latent_format
     device = model.device  # the whole trajectory stays on the model's device; only the result comes back
     x0_in = fmt.process_in(latent.float().to(device))
-    x = sigmas[0] * noise.float().to(device) + (1.0 - sigmas[0]) * x0_in
+    noise = noise.float().to(device)
+    x = sigmas[0] * noise + (1.0 - sigmas[0]) * x0_in
     use_cfg = abs(cfg - 1.0) > 1e-9 and bool(negative)  # no negative entry: nothing to guide against
-    entries = [*positive, *(negative if use_cfg else [])]
-    conds = len(positive)
+    ranges = {id(e): model.sampling.sigma_range(e.start_percent, e.end_percent) for e in [*positive, *negative]}
+
+    def active(entries: list[PromptEmbedding], sigma: float) -> list[PromptEmbedding]:
+        return [e for e in entries if ranges[id(e)][1] <= sigma <= ranges[id(e)][0]]
 
     # On a GPU a batch is one call; on a CPU, where one image at full size takes many seconds, each image
     # is a call of its own, so an interrupt between them comes before the next image, not the next step.
     chunk = x.shape[0] if device.type == "cuda" else 1
 
-    def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        guided = use_cfg and 1.0 - sigma <= cfg_truncation
-        used = entries if guided else entries[:conds]
-        result = torch.empty_like(x)
+    def guided(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        guiding = use_cfg and 1.0 - sigma <= cfg_truncation
+        conds, unconds = active(positive, sigma), active(negative, sigma) if guiding else []
+        used = [*conds, *unconds]
+        result = torch.zeros_like(x)
+        if not used:  # no entry covers this step: ComfyUI's prediction is then zero
+            return result
         for start in range(0, x.shape[0], chunk):
             _stop_if(cancel)
             part = x[start : start + chunk]
@@ -361,16 +385,27 @@ def sample(
             stacked = part.repeat(len(used), *([1] * (part.dim() - 1)))  # entry-major: [e0 images, e1 images]
             captions = [entry.embeds for entry in used for _ in range(size)]
             denoised = (stacked - sigma * model.velocity(stacked, sigma, captions)).view(len(used), *part.shape)
-            # Several conditionings on one link are averaged, as ComfyUI does for entries without areas.
-            cond = denoised[:conds].mean(0)
-            if not guided:
+            cond = denoised[: len(conds)].mean(0) if conds else torch.zeros_like(part)
+            if not guiding:
                 result[start : start + chunk] = cond
                 continue
-            combined = denoised[conds:].mean(0) * (1 - cfg) + cond * cfg
+            uncond = denoised[len(conds) :].mean(0) if unconds else torch.zeros_like(part)
+            combined = uncond * (1 - cfg) + cond * cfg
             if cfg_normalization > 0 and sigma > 0:
                 combined = _capped(part, cond, combined, sigma, cfg_normalization)
             result[start : start + chunk] = combined
         return result
+
+    denoiser = guided
+    if denoise_mask is not None:
+        regenerate = prepare_mask(denoise_mask, x.shape).to(device)
+        keep = 1.0 - regenerate
+
+        def masked(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            x = x * regenerate + (sigma * noise + (1.0 - sigma) * x0_in) * keep
+            return guided(x, sigma) * regenerate + x0_in * keep
+
+        denoiser = masked
 
     with torch.inference_mode(), model.patched(), cancellable(cancel):
         model.prepare_controls(latent, cancel)

@@ -45,6 +45,18 @@ class FlowSampling:
     def timestep(self, sigma: float) -> float:
         return sigma * self.multiplier
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's: 0 % of the schedule is σ = 1, 100 % is σ = 0, the shift applied between."""
+        if percent <= 0.0:
+            return 1.0
+        if percent >= 1.0:
+            return 0.0
+        return self.sigma((1.0 - percent) * self.multiplier)
+
+    def sigma_range(self, start_percent: float, end_percent: float) -> tuple[float, float]:
+        """The (highest, lowest) σ at which a conditioning with this timestep range is used."""
+        return self.percent_to_sigma(start_percent), self.percent_to_sigma(end_percent)
+
     def table(self) -> list[float]:
         return [self.sigma(k / TIMESTEPS * self.multiplier) for k in range(1, TIMESTEPS + 1)]
 

@@ -12,9 +12,14 @@ from zimage_serve.engine.prompt import prompt_token_ids
 
 @dataclass(frozen=True)
 class PromptEmbedding:
+    """One CONDITIONING entry. `start_percent`/`end_percent` are ComfyUI's timestep range: the part of the
+    schedule (0 = its start, 1 = its end) over which the sampler uses the entry."""
+
     embeds: torch.Tensor  # [tokens, features]: the text encoder's second-to-last hidden state
     token_count: int  # tokens of the templated prompt before truncation
     truncated_tokens: int  # tokens cut at the sequence limit (0 when it fit)
+    start_percent: float = 0.0
+    end_percent: float = 1.0
 
 
 @torch.inference_mode()

@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
-from zimage_serve.workflow.nodes.conditioning import CLIPTextEncode, ConditioningZeroOut
-from zimage_serve.workflow.nodes.image import LoadImage, PreviewImage, SaveImage, VAEDecode, VAEEncode
+from zimage_serve.workflow.nodes.conditioning import (
+    CLIPTextEncode,
+    ConditioningCombine,
+    ConditioningConcat,
+    ConditioningSetTimestepRange,
+    ConditioningZeroOut,
+)
+from zimage_serve.workflow.nodes.image import (
+    LoadImage,
+    LoadImageMask,
+    PreviewImage,
+    SaveImage,
+    VAEDecode,
+    VAEEncode,
+)
 from zimage_serve.workflow.nodes.image_ops import (
     Canny,
     EmptyImage,
     GetImageSize,
     ImageBatch,
+    ImageBlur,
+    ImageCompositeMasked,
     ImageCrop,
     ImageInvert,
+    ImagePadForOutpaint,
     ImageScale,
     ImageScaleBy,
     ImageScaleToMaxDimension,
+    ImageScaleToTotalPixels,
+    ImageSharpen,
 )
-from zimage_serve.workflow.nodes.latent import EmptyLatentImage, EmptySD3LatentImage
+from zimage_serve.workflow.nodes.latent import (
+    EmptyLatentImage,
+    EmptySD3LatentImage,
+    InpaintModelConditioning,
+    LatentUpscale,
+    LatentUpscaleBy,
+    RepeatLatentBatch,
+    SetLatentNoiseMask,
+    VAEEncodeForInpaint,
+)
 from zimage_serve.workflow.nodes.loaders import (
     CheckpointLoaderSimple,
     CLIPLoader,
@@ -24,7 +51,7 @@ from zimage_serve.workflow.nodes.loaders import (
     UNETLoader,
     VAELoader,
 )
-from zimage_serve.workflow.nodes.mask import ImageToMask, InvertMask, MaskToImage, SolidMask
+from zimage_serve.workflow.nodes.mask import GrowMask, ImageToMask, InvertMask, MaskToImage, SolidMask
 from zimage_serve.workflow.nodes.model_patch import ModelPatchLoader, QwenImageDiffsynthControlnet, ZImageFunControlnet
 from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
 from zimage_serve.workflow.spec import Node
@@ -40,8 +67,17 @@ NODES: dict[str, type[Node]] = {
         LoraLoaderModelOnly,
         CLIPTextEncode,
         ConditioningZeroOut,
+        ConditioningCombine,
+        ConditioningConcat,
+        ConditioningSetTimestepRange,
         EmptyLatentImage,
         EmptySD3LatentImage,
+        LatentUpscale,
+        LatentUpscaleBy,
+        RepeatLatentBatch,
+        SetLatentNoiseMask,
+        VAEEncodeForInpaint,
+        InpaintModelConditioning,
         ModelSamplingAuraFlow,
         KSampler,
         KSamplerAdvanced,
@@ -55,11 +91,18 @@ NODES: dict[str, type[Node]] = {
         ImageScale,
         ImageScaleBy,
         ImageScaleToMaxDimension,
+        ImageScaleToTotalPixels,
         ImageCrop,
+        ImageBlur,
+        ImageSharpen,
+        ImagePadForOutpaint,
+        ImageCompositeMasked,
         GetImageSize,
         ImageBatch,
+        LoadImageMask,
         SolidMask,
         InvertMask,
+        GrowMask,
         ImageToMask,
         MaskToImage,
         Canny,

@@ -8,7 +8,7 @@ import os
 import secrets
 from pathlib import Path
 from stat import S_ISREG
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
@@ -55,10 +55,16 @@ class VAEEncode(Node):
     outputs = (Output("LATENT"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        try:
-            return NodeResult(({"samples": inputs["vae"].encode(inputs["pixels"], cancel=ctx.interrupted)},))
-        except GenerationCancelled as exc:
-            raise Interrupted(str(exc)) from exc
+        return NodeResult(({"samples": vae_encoded(ctx, inputs["vae"], inputs["pixels"])},))
+
+
+def vae_encoded(ctx: NodeContext, vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's raw latents of `pixels`; an interrupt stops the encoder between its blocks."""
+    try:
+        latents: torch.Tensor = vae.encode(pixels, cancel=ctx.interrupted)
+    except GenerationCancelled as exc:
+        raise Interrupted(str(exc)) from exc
+    return latents
 
 
 def open_image(path: str | Path, limits: Limits | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +106,7 @@ class LoadImage(Node):
     category = "image"
     description = "Loads an image from the input folder (uploads land there)."
     required = {"image": Combo(resource="input_images", options={"image_upload": True})}
-    outputs = (Output("IMAGE"), Output("MASK"))
+    outputs: ClassVar[tuple[Output, ...]] = (Output("IMAGE"), Output("MASK"))
     custom_checks = ("image",)
     owned = True  # reads the caller's own uploads
 
@@ -133,6 +139,33 @@ class LoadImage(Node):
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         image, mask = open_image(ctx.folders.input_file(inputs["image"]), ctx.limits)
         return NodeResult((image, mask))
+
+
+class LoadImageMask(LoadImage):
+    display_name = "Load Image (as Mask)"
+    category = "mask"
+    description = "One channel of an input image as a mask (alpha inverted: transparent = 1)."
+    required = {
+        "image": Combo(resource="input_images", options={"image_upload": True}),
+        "channel": Combo(choices=("alpha", "red", "green", "blue")),
+    }
+    outputs = (Output("MASK"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        path = ctx.folders.input_file(inputs["image"])
+        with refusing("image"), Image.open(path) as opened:
+            facts(opened, "image", ctx.limits.upload_pixels)
+            frame = ImageOps.exif_transpose(opened) or opened
+            if frame.getbands() != ("R", "G", "B", "A"):
+                if frame.mode == "I":
+                    frame = frame.point(lambda value: value * (1 / 255))
+                frame = frame.convert("RGBA")
+            band = inputs["channel"][0].upper()
+            plane = np.asarray(frame.getchannel(band), dtype=np.float32) / 255.0
+        mask = torch.from_numpy(1.0 - plane if band == "A" else plane.copy())
+        return NodeResult((mask[None],))
 
 
 # Every prompt naming an input image checks it and hashes it. Both answers are kept per file identity

@@ -10,7 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.limits import enforce
-from zimage_serve.workflow.spec import MAX_RESOLUTION, Combo, Float, Int, Node, NodeResult, Output, SizedNode, link
+from zimage_serve.workflow.spec import (
+    MAX_RESOLUTION,
+    Boolean,
+    Combo,
+    Float,
+    Int,
+    Node,
+    NodeResult,
+    Output,
+    SizedNode,
+    link,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -183,6 +194,170 @@ class Canny(Node):
         image: torch.Tensor = inputs["image"]
         _, edges = canny(image[..., :3].float().movedim(-1, 1), inputs["low_threshold"], inputs["high_threshold"])
         return NodeResult((edges.repeat(1, 3, 1, 1).movedim(1, -1),))
+
+
+class ImageScaleToTotalPixels(Node):
+    display_name = "Scale Image to Total Pixels"
+    category = "image/upscaling"
+    required = {
+        "image": link("IMAGE"),
+        "upscale_method": Combo(choices=UPSCALE_METHODS),
+        "megapixels": Float(default=1.0, min=0.01, max=16.0, step=0.01),
+    }
+    # Newer ComfyUI adds it; optional here so workflows saved before it run too.
+    optional = {"resolution_steps": Int(default=1, min=1, max=256)}
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import math
+
+        image: torch.Tensor = inputs["image"]
+        steps = inputs.get("resolution_steps", 1)
+        factor = math.sqrt(inputs["megapixels"] * 1024 * 1024 / (image.shape[2] * image.shape[1]))
+        width = max(steps, round(image.shape[2] * factor / steps) * steps)
+        height = max(steps, round(image.shape[1] * factor / steps) * steps)
+        enforce(ctx.limits, "pixels", width * height, "megapixels")
+        return NodeResult((scale(image, width, height, inputs["upscale_method"], "disabled"),))
+
+
+def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    """ComfyUI's blur kernel: a Gaussian over coordinates spanning -1..1 across the kernel (not pixels)."""
+    import torch
+
+    axis = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    weights = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    return weights / weights.sum()
+
+
+def _filtered(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Each channel convolved with `kernel`, the edges reflected."""
+    import torch
+
+    channels, radius = image.shape[-1], kernel.shape[-1] // 2
+    samples = torch.nn.functional.pad(image.float().movedim(-1, 1), (radius,) * 4, mode="reflect")
+    weight = kernel.to(samples.dtype).expand(channels, 1, *kernel.shape)
+    return torch.nn.functional.conv2d(samples, weight, groups=channels).movedim(1, -1)
+
+
+class ImageBlur(Node):
+    category = "image/postprocessing"
+    required = {
+        "image": link("IMAGE"),
+        "blur_radius": Int(default=1, min=1, max=31, step=1),
+        "sigma": Float(default=1.0, min=0.1, max=10.0, step=0.1),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        radius = inputs["blur_radius"]
+        kernel = gaussian_kernel(radius * 2 + 1, inputs["sigma"])
+        return NodeResult((_filtered(inputs["image"], kernel),))
+
+
+class ImageSharpen(Node):
+    category = "image/postprocessing"
+    required = {
+        "image": link("IMAGE"),
+        "sharpen_radius": Int(default=1, min=1, max=31, step=1),
+        "sigma": Float(default=1.0, min=0.1, max=10.0, step=0.01),
+        "alpha": Float(default=1.0, min=0.0, max=5.0, step=0.01),
+    }
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        size = inputs["sharpen_radius"] * 2 + 1
+        kernel = gaussian_kernel(size, inputs["sigma"]) * -(inputs["alpha"] * 10)
+        centre = size // 2
+        kernel[centre, centre] = kernel[centre, centre] - kernel.sum() + 1.0  # the weights sum to one
+        return NodeResult((_filtered(inputs["image"], kernel).clamp(0, 1),))
+
+
+class ImagePadForOutpaint(Node):
+    display_name = "Pad Image for Outpainting"
+    category = "image"
+    description = "Grey borders to outpaint into, and a mask that is white there, feathered into the image."
+    required = {
+        "image": link("IMAGE"),
+        "left": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "top": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "right": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "bottom": Int(default=0, min=0, max=MAX_RESOLUTION, step=8),
+        "feathering": Int(default=40, min=0, max=MAX_RESOLUTION, step=1),
+    }
+    outputs = (Output("IMAGE"), Output("MASK"))
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        image: torch.Tensor = inputs["image"]
+        left, top, right, bottom = (inputs[side] for side in ("left", "top", "right", "bottom"))
+        batch, height, width, channels = image.shape
+        enforce(ctx.limits, "pixels", (height + top + bottom) * (width + left + right), "left")
+        padded = torch.full((batch, height + top + bottom, width + left + right, channels), 0.5, dtype=torch.float32)
+        padded[:, top : top + height, left : left + width, :] = image
+        mask = torch.ones((height + top + bottom, width + left + right), dtype=torch.float32)
+        inner = torch.zeros((height, width), dtype=torch.float32)
+        feathering = inputs["feathering"]
+        if feathering > 0 and feathering * 2 < height and feathering * 2 < width:
+            # Distance to the nearest padded side (sides without padding do not count), then a squared ramp.
+            rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+            cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+            far_h, far_w = torch.full_like(rows, height), torch.full_like(cols, width)
+            distance = torch.stack(
+                [
+                    rows if top else far_h,
+                    height - rows if bottom else far_h,
+                    cols if left else far_w,
+                    width - cols if right else far_w,
+                ]
+            ).amin(0)
+            ramp = (feathering - distance) / feathering
+            inner = torch.where(distance < feathering, ramp * ramp, inner)
+        mask[top : top + height, left : left + width] = inner
+        return NodeResult((padded, mask[None]))
+
+
+class ImageCompositeMasked(Node):
+    category = "image"
+    description = "The source pasted onto the destination at (x, y), through the mask where one is given."
+    required = {
+        "destination": link("IMAGE"),
+        "source": link("IMAGE"),
+        "x": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+        "y": Int(default=0, min=0, max=MAX_RESOLUTION, step=1),
+        "resize_source": Boolean(default=False),
+    }
+    optional = {"mask": link("MASK")}
+    outputs = (Output("IMAGE"),)
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        from zimage_serve.engine.resize import repeat_to_batch
+
+        destination = inputs["destination"].clone().float().movedim(-1, 1)
+        source = inputs["source"].float().movedim(-1, 1)[:, : destination.shape[1]]
+        if inputs["resize_source"]:
+            source = torch.nn.functional.interpolate(source, size=destination.shape[2:], mode="bilinear")
+        source = repeat_to_batch(source, destination.shape[0])
+        left = min(inputs["x"], destination.shape[3])
+        top = min(inputs["y"], destination.shape[2])
+        mask = inputs.get("mask")
+        if mask is None:
+            mask = torch.ones_like(source[:, :1])
+        else:
+            mask = torch.nn.functional.interpolate(
+                mask.float().reshape(-1, 1, *mask.shape[-2:]), size=source.shape[2:], mode="bilinear"
+            )
+            mask = repeat_to_batch(mask, source.shape[0])
+        visible_h = min(source.shape[2], destination.shape[2] - top)
+        visible_w = min(source.shape[3], destination.shape[3] - left)
+        mask = mask[:, :, :visible_h, :visible_w]
+        region = destination[:, :, top : top + visible_h, left : left + visible_w]
+        pasted = mask * source[:, :, :visible_h, :visible_w] + (1.0 - mask) * region
+        destination[:, :, top : top + visible_h, left : left + visible_w] = pasted
+        return NodeResult((destination.movedim(1, -1),))
 
 
 def scale(image: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:

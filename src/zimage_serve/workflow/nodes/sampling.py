@@ -85,6 +85,7 @@ def run_sampler(
             seed=seed,
             on_step=lambda step, total, _x: ctx.progress(step, total),
             cancel=ctx.interrupted,
+            denoise_mask=latent.get("noise_mask"),
         )
     except GenerationCancelled as exc:
         raise Interrupted(str(exc)) from exc
