@@ -269,3 +269,98 @@ def test_lora_and_fp8_work_with_a_patch_applied(executor: Executor) -> None:
     graph["46"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
     with_fp8 = image(executor, graph)
     assert np.abs(patched - with_lora).mean() > 0.5 and np.abs(with_lora - with_fp8).mean() > 0
+
+
+# -- zimage generate ----------------------------------------------------------------------------------
+
+
+def generate(executor: Executor, capsys: pytest.CaptureFixture[str], out: Path, *args: str) -> tuple[int, str]:
+    from tests.test_cli import run
+
+    root = executor.folders.models[0]
+    model = ["--model", str(root), "--tokenizer", str(root / "text_encoders" / "qwen_3_4b_tokenizer")]
+    code, _, stderr = run(["generate", "a red disc", "-o", str(out), "--seed", "5", "--steps", "4", *model, *args],
+                          capsys)  # fmt: skip
+    return code, stderr
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_generate_with_a_control_image_is_the_workflows_image(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`zimage generate --control-image` and QwenImageDiffsynthControlnet share one path: the same image."""
+    edges = tmp_path / "edges.png"
+    Image.fromarray(255 - np.asarray(picture())).save(edges)
+    Image.fromarray(255 - np.asarray(picture())).save(executor.folders.input / "edges.png")
+    code, stderr = generate(executor, capsys, tmp_path / "g.png", "--control-image", str(edges), "--control-type",
+                            "raw", "--controlnet", str(executor.folders.resolve("model_patches", PATCH_FILE)),
+                            "--control-strength", "0.8")  # fmt: skip
+    assert code == 0, stderr
+    assert "Fun ControlNet Union 1.0" in stderr
+    graph = template()
+    graph["57"] = {"class_type": "ImageInvert", "inputs": {"image": ["80", 0]}}  # not Canny: the raw map
+    graph["80"] = {"class_type": "ImageInvert", "inputs": {"image": ["58", 0]}}
+    graph["58"]["inputs"]["image"] = "edges.png"
+    graph["44"]["inputs"].update(seed=5, steps=4, sampler_name="euler", scheduler="simple")
+    graph["45"]["inputs"]["text"] = "a red disc"
+    graph["60"]["inputs"]["strength"] = 0.8
+    # 4 steps of generate's schedule are ComfyUI's "simple" ones (1000 / 4 is whole); the negative is unused.
+    assert np.abs(pixels(tmp_path / "g.png") - image(executor, graph)).max() <= 1
+
+
+def test_generate_finds_the_one_controlnet_or_asks_for_it(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    edges = tmp_path / "edges.png"
+    picture().save(edges)
+    code, stderr = generate(executor, capsys, tmp_path / "g.png", "--control-image", str(edges))
+    assert code == 2 and "--controlnet" in stderr and "found in" in stderr  # this root holds several
+
+
+def test_generate_inpaints_and_keeps_the_rest(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    source, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    picture().save(source)
+    white_left = np.zeros((64, 64), dtype=np.uint8)
+    white_left[:, :32] = 255
+    Image.fromarray(white_left).save(mask)
+    for extra in ([], ["--controlnet", str(executor.folders.resolve("model_patches", "union-2.1.safetensors"))]):
+        out = tmp_path / f"inpainted{len(extra)}.png"
+        code, stderr = generate(executor, capsys, out, "--image", str(source), "--mask", str(mask), *extra)
+        assert code == 0, stderr
+        made, kept = pixels(out), pixels(source)
+        assert made.shape == (64, 64, 3)  # the size of --image
+        assert np.array_equal(made[:, 32:], kept[:, 32:]) and np.abs(made[:, :32] - kept[:, :32]).mean() > 5
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--mask", "m.png"], "--image"),
+        (["--control-image", "p.png", "--control-type", "depth"], "--control-type"),
+        (["--control-image", "missing.png", "--controlnet", "x"], "--control-image"),
+        (["--control-image", "p.png", "--canny-low", "0.5", "--canny-high", "0.2"], "--canny-low"),
+    ],
+)
+def test_generate_names_the_option_at_fault(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], named: str
+) -> None:
+    picture().save(tmp_path / "p.png")
+    picture().save(tmp_path / "m.png")
+    args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
+    code, stderr = generate(executor, capsys, tmp_path / "x.png", *args)
+    assert code == 2 and named in stderr and "Traceback" not in stderr
+
+
+def test_generate_refuses_to_inpaint_with_a_1_0_patch(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    picture().save(tmp_path / "p.png")
+    patch = str(executor.folders.resolve("model_patches", PATCH_FILE))
+    code, stderr = generate(executor, capsys, tmp_path / "x.png", "--image", str(tmp_path / "p.png"), "--mask",
+                            str(tmp_path / "p.png"), "--controlnet", patch)  # fmt: skip
+    assert code == 1 and "cannot inpaint" in stderr and "Traceback" not in stderr

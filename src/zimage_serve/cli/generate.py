@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,9 +24,13 @@ from zimage_serve.cli.common import (
     fast_path,
     option_errors,
 )
-from zimage_serve.errors import InvalidParameterError
+from zimage_serve.engine.names import CANNY_TEMPLATE_HIGH, CANNY_TEMPLATE_LOW
+from zimage_serve.errors import InvalidParameterError, ZImageError
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
     from zimage_serve.engine.pipeline import StepInfo
 
 
@@ -67,6 +73,34 @@ def generate(
         str,
         typer.Option(help="Transformer weights: default, fp8_e4m3fn, fp8_e5m2 (FP8 storage) or fp8_e4m3fn_fast"),
     ] = "default",
+    control_image: Annotated[
+        Path | None,
+        typer.Option(help="Steer the layout with a Fun ControlNet: a picture to take edges from, or a ready map"),
+    ] = None,
+    control_type: Annotated[
+        str, typer.Option(help="canny (edges are detected in --control-image) or raw (it is the map already)")
+    ] = "canny",
+    control_strength: Annotated[
+        float, typer.Option(help="How strongly the ControlNet steers (0 is not at all)")
+    ] = 0.75,
+    controlnet: Annotated[
+        Path | None,
+        typer.Option(
+            help="A Fun ControlNet Union file or diffusers folder [default: the one in the models' model_patches/]"
+        ),
+    ] = None,
+    canny_low: Annotated[
+        float, typer.Option(help="Canny's low threshold (the official template's)")
+    ] = CANNY_TEMPLATE_LOW,
+    canny_high: Annotated[
+        float, typer.Option(help="Canny's high threshold (the official template's)")
+    ] = CANNY_TEMPLATE_HIGH,
+    image: Annotated[
+        Path | None, typer.Option(help="Inpaint: the picture to change, where --mask is white; the rest is kept")
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Inpaint: white where --image is regenerated, black where kept")
+    ] = None,
 ) -> None:
     """Generate images from a prompt and write them as PNG files."""
     from zimage_serve.engine.params import MAX_SEED, GenerationParams  # with the command, not at `zimage --help`
@@ -97,6 +131,11 @@ def generate(
         check_variant(variant)
     if output is not None and output.suffix.lower() != ".png":
         raise InvalidParameterError("output", f"{output} must end in .png")
+    steering = _pictures(control_image, control_type, canny_low, canny_high, image, mask)
+    if steering.size is not None and (width is None or height is None):
+        width, height = width or steering.size[0], height or steering.size[1]
+        params = replace(params, width=width, height=height)
+        params.validate()
     model_path, label = chosen_model(model)
     if label:
         console_err.print(f"[yellow]model:[/] {label}")
@@ -115,6 +154,16 @@ def generate(
         variant=None if variant == "auto" else variant,
     )
     params = engine.resolve(params)
+    inputs = None
+    if steering.control is not None or steering.image is not None:
+        net = None
+        if steering.control is not None or controlnet is not None:
+            path = controlnet or _find_controlnet(model_path)
+            net = engine.load_controlnet(path)
+            console_err.print(f"[cyan]controlnet:[/] {path} — {net.variant.describe()}", highlight=False)
+        from zimage_serve.engine.pipeline import ImageInputs
+
+        inputs = ImageInputs(net, steering.control, control_strength, steering.image, steering.mask)
     console_err.print(
         f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}, {engine.variant}): "
         f"{engine.model.placement.describe()}; {params.steps} steps, guidance {params.guidance_scale:g}",
@@ -141,14 +190,14 @@ def generate(
         def advance(step: StepInfo) -> None:
             progress.update(task, completed=step.step)
 
-        result = engine.generate(params, on_step=advance)
+        result = engine.generate(params, on_step=advance, inputs=inputs)
     for warning in result.warnings:
         console_err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
     base = result.params.to_metadata() | {"model": engine.model.sources.name}
     paths = _output_paths(output, result.seeds)
-    for image, image_seed, path in zip(result.images, result.seeds, paths, strict=True):
-        save_png(image, path, png_info(base | {"seed": image_seed, "batch_size": 1}))
+    for picture, image_seed, path in zip(result.images, result.seeds, paths, strict=True):
+        save_png(picture, path, png_info(base | {"seed": image_seed, "batch_size": 1}))
         console.print(str(path), highlight=False)
     t = result.timings
     console_err.print(
@@ -157,6 +206,102 @@ def generate(
         f"total {t['total']:.2f}s",
         highlight=False,
     )
+
+
+@dataclass(frozen=True)
+class _Pictures:
+    control: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    size: tuple[int, int] | None = None  # the size they suggest, in multiples of 16
+
+
+def _pictures(
+    control_image: Path | None, control_type: str, low: float, high: float, image: Path | None, mask: Path | None
+) -> _Pictures:
+    """The steering pictures read and checked before any model loads; each error names its option."""
+    if control_type not in ("canny", "raw"):
+        raise typer.BadParameter(f"{control_type!r} is not canny or raw", param_hint="--control-type")
+    if (image is None) != (mask is None):
+        raise typer.BadParameter(
+            "inpainting needs both --image and --mask", param_hint="--mask" if image else "--image"
+        )
+    if control_image is None and image is None:
+        return _Pictures()
+    from zimage_serve.engine.pixels import from_pil
+
+    control = None
+    if control_image is not None:
+        control = from_pil(_read_picture(control_image, "--control-image"))
+        if control_type == "canny":
+            try:
+                from zimage_serve.engine.edges import canny
+
+                control = canny(control, low, high)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--canny-low") from exc
+    source = None if image is None else from_pil(_read_picture(image, "--image"))
+    regenerate = None
+    if mask is not None:
+        regenerate = from_pil(_read_picture(mask, "--mask"))[..., 0]  # white (any channel) = regenerate
+    first = source if source is not None else control
+    assert first is not None
+    return _Pictures(control, source, regenerate, _suggested_size(first.shape[2], first.shape[1]))
+
+
+def _read_picture(path: Path, option: str) -> Image.Image:
+    from PIL import Image
+
+    from zimage_serve.image_safety import ImageRefused, facts, refusing
+
+    try:
+        with refusing(option), Image.open(path) as opened:
+            facts(opened, option, 64 * 1024 * 1024)
+            opened.load()
+            return opened.copy()
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(f"{path} does not exist", param_hint=option) from exc
+    except (ImageRefused, OSError) as exc:
+        raise typer.BadParameter(f"{path}: {exc}", param_hint=option) from exc
+
+
+def _suggested_size(width: int, height: int) -> tuple[int, int]:
+    """A picture's size in multiples of 16, its long side at most 2048 (the aspect ratio kept)."""
+    from zimage_serve.engine.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+
+    factor = min(1.0, MAX_SIZE / max(width, height))
+    fit = [max(MIN_SIZE, int(side * factor) // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in (width, height)]
+    return fit[0], fit[1]
+
+
+def _find_controlnet(model_path: Path) -> Path:
+    """The one ControlNet in model_patches/ beside the model (its ComfyUI models folder), or a clear error."""
+    import os
+
+    from zimage_serve.engine.layouts import classify, models_root_of
+    from zimage_serve.settings import MODELS_ENV
+
+    roots = [model_path] if model_path.is_dir() else [r for r in [models_root_of(model_path)] if r]
+    roots += [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+    found: list[Path] = []
+    for root in roots:
+        folder = root / "model_patches"
+        if folder.is_dir():
+            found += [p for p in sorted(folder.iterdir()) if _is_controlnet(p, classify)]
+    if len(found) == 1:
+        return found[0]
+    where = ", ".join(str(r / "model_patches") for r in roots) or "no models folder"
+    why = "none found in" if not found else f"{len(found)} found in"
+    raise typer.BadParameter(f"name the Fun ControlNet file or folder ({why} {where})", param_hint="--controlnet")
+
+
+def _is_controlnet(path: Path, classify: Callable[[Path], str]) -> bool:
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    try:
+        return path.suffix == ".safetensors" and classify(path) == "model_patch"
+    except ZImageError:
+        return False
 
 
 def _output_paths(output: Path | None, seeds: list[int]) -> list[Path]:

@@ -16,3 +16,6 @@ ROOT_FOLDERS: dict[str, tuple[str, ...]] = {
     "lora": ("loras",),
     "model_patch": ("model_patches",),
 }
+
+# Canny thresholds of the official Turbo + Fun ControlNet template (ComfyUI's node defaults are 0.4 and 0.8).
+CANNY_TEMPLATE_LOW, CANNY_TEMPLATE_HIGH = 0.1, 0.32

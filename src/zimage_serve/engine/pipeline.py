@@ -9,14 +9,18 @@ noise (one CPU generator per image, seeded seed + i, so image i can be made agai
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from zimage_serve.engine.controlnet import ControlPatch, FunControlNet, load_controlnet
+from zimage_serve.engine.controlnet import install as install_control_hooks
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel
@@ -27,6 +31,7 @@ from zimage_serve.engine.sampling import FlowSampling
 from zimage_serve.engine.schedule import sigma_schedule
 from zimage_serve.engine.text import PromptEmbedding, encode_text
 from zimage_serve.engine.variants import DEFAULTS
+from zimage_serve.errors import InvalidParameterError, ZImageError
 
 DEFAULT_NATIVE_SIZE = 1024
 LATENT_FACTOR = 8
@@ -52,6 +57,36 @@ class GenerationResult:
 StepCallback = Callable[[StepInfo], None]
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """Pictures that steer a generation: a ControlNet's control map, and an image to inpaint with its mask.
+
+    `control` is the map itself (edges, depth, pose: IMAGE, 1 × H × W × 3), already made; `image` and `mask`
+    (1 × H × W, 1 = regenerate) inpaint: sampling keeps the image's latent outside the mask (ComfyUI's
+    noise mask), a 2.x ControlNet also reads both, and the result is pasted back onto the image through
+    the mask. Each is fitted to the generated size."""
+
+    controlnet: FunControlNet | None = None
+    control: torch.Tensor | None = None
+    strength: float = 0.75
+    image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def check(self) -> None:
+        if (self.image is None) != (self.mask is None):
+            raise InvalidParameterError("mask", "inpainting needs both an image and its mask")
+        if self.control is not None and self.controlnet is None:
+            raise InvalidParameterError("controlnet", "a control image needs a ControlNet to read it")
+        if self.controlnet is not None and self.control is None and self.image is None:
+            raise InvalidParameterError("control_image", "a ControlNet needs a control image or an image to inpaint")
+        if self.controlnet is not None and self.control is None and not self.controlnet.variant.inpaint:
+            raise InvalidParameterError(
+                "controlnet", f"{self.controlnet.name} cannot inpaint ({self.controlnet.variant.describe()})"
+            )
+        if not (math.isfinite(self.strength) and -10 <= self.strength <= 10):
+            raise InvalidParameterError("control_strength", f"{self.strength} is outside -10..10")
+
+
 CancelCheck = Callable[[], bool]
 
 
@@ -67,6 +102,7 @@ class ZImageEngine:
         if model.placement.memory_mode is not MemoryMode.GPU:
             self.fast = for_offload(self.fast)
         self.fast_path = apply_fast_path(model.transformer, model.vae, self.device, self.fast)
+        install_control_hooks(model.transformer)
         self._encode: Callable[[str, int], PromptEmbedding] = self._encode_uncached
         if self.fast.prompt_cache > 0:
             # Embeddings are never modified in place after encoding, so one object can serve every request.
@@ -105,11 +141,15 @@ class ZImageEngine:
         cfg_truncation: float = 1.0,
         on_step: StepCallback | None = None,
         cancel: CancelCheck | None = None,
+        start: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        controls: tuple[ControlPatch, ...] = (),
     ) -> torch.Tensor:
         """Euler flow matching from the noise `latents` at σ=1 to raw VAE latents, in exactly `steps` steps.
 
         Guidance follows diffusers' convention (0 off); it runs as ComfyUI's cfg = guidance + 1 on the
-        denoised predictions, which is the same combination of the two velocities.
+        denoised predictions, which is the same combination of the two velocities. With `start` (raw latents)
+        and `mask` (1 = regenerate), sampling keeps `start` outside the mask; `controls` steer the model.
         """
         use_cfg = guidance_scale > 0
         if use_cfg and negative is None:
@@ -120,10 +160,13 @@ class ZImageEngine:
             if on_step is not None:
                 on_step(StepInfo(step, total, sigmas[step], x))
 
+        model = self._diffusion_model(shift)
+        for control in controls:
+            model = model.with_control(control)
         return sample(
-            self._diffusion_model(shift),
+            model,
             latents,
-            torch.zeros_like(latents),  # at σ0 = 1 the start is the noise alone
+            torch.zeros_like(latents) if start is None else start,  # at σ0 = 1 only the noise mask reads it
             [positive],
             [negative] if use_cfg and negative is not None else [],
             cfg=guidance_scale + 1.0 if use_cfg else 1.0,
@@ -134,6 +177,7 @@ class ZImageEngine:
             cancel=cancel,
             cfg_normalization=cfg_normalization,
             cfg_truncation=cfg_truncation,
+            denoise_mask=mask,
         )
 
     # -- stage 3 -------------------------------------------------------------------------------
@@ -142,6 +186,17 @@ class ZImageEngine:
         pixels = Vae(self.model.sources.name, self.model.vae).decode(latents, cancel)
         self.model.hooks.offload_all()
         return to_pil(pixels)
+
+    def _pasted(
+        self, latents: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, cancel: CancelCheck | None
+    ) -> list[Image.Image]:
+        """Decoded images with the source image kept outside the mask, pixel for pixel."""
+        pixels = self.vae().decode(latents, cancel)
+        self.model.hooks.offload_all()
+        size = pixels.shape[1:3]
+        regenerate = torch.nn.functional.interpolate(mask.float().reshape(-1, 1, *mask.shape[-2:]), size=size,
+                                                     mode="bilinear").movedim(1, -1)  # fmt: skip
+        return to_pil(pixels * regenerate + image[..., :3] * (1.0 - regenerate))
 
     def _diffusion_model(self, shift: float) -> DiffusionModel:
         config = self.model.vae.config  # the VAE's factors map its latents to the network's space
@@ -161,9 +216,33 @@ class ZImageEngine:
             guidance_scale=params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale,
         )
 
+    def load_controlnet(self, path: Path) -> FunControlNet:
+        """A Fun ControlNet for this model, on its device; with model offload it stays on the card (it is
+        used inside every transformer call)."""
+        from zimage_serve.engine.parts import Placing
+
+        placement = self.model.placement
+        mode = MemoryMode.GPU if placement.memory_mode is MemoryMode.MODEL else placement.memory_mode
+        placing = Placing(placement.device, placement.dtype, placement.vae_dtype, memory_mode=mode)
+        controlnet = load_controlnet(path.name, path, placing)
+        try:
+            controlnet.check_fits(self.model.transformer)
+        except ZImageError as exc:
+            raise InvalidParameterError("controlnet", str(exc).removeprefix("model_patch: ")) from exc
+        return controlnet
+
+    def vae(self) -> Vae:
+        return Vae(self.model.sources.name, self.model.vae)
+
     def generate(
-        self, params: GenerationParams, on_step: StepCallback | None = None, cancel: CancelCheck | None = None
+        self,
+        params: GenerationParams,
+        on_step: StepCallback | None = None,
+        cancel: CancelCheck | None = None,
+        inputs: ImageInputs | None = None,
     ) -> GenerationResult:
+        inputs = inputs or ImageInputs()
+        inputs.check()
         params = self.resolve(params)
         assert params.width is not None and params.height is not None
         assert params.steps is not None and params.guidance_scale is not None
@@ -185,6 +264,16 @@ class ZImageEngine:
 
         started = time.perf_counter()
         seeds = params.image_seeds()
+        image = None if inputs.image is None else _fitted(inputs.image, params.width, params.height)
+        start = None if image is None else self.vae().encode(image, cancel).repeat(params.batch_size, 1, 1, 1)
+        controls: tuple[ControlPatch, ...] = ()
+        if inputs.controlnet is not None:
+            controls = (
+                ControlPatch(
+                    inputs.controlnet, self.vae(), inputs.strength, image=inputs.control, inpaint_image=image,
+                    mask=inputs.mask,
+                ),
+            )  # fmt: skip
         latents = self.denoise(
             self.initial_noise(seeds, params.width, params.height),
             positive,
@@ -196,11 +285,17 @@ class ZImageEngine:
             cfg_truncation=params.cfg_truncation,
             on_step=on_step,
             cancel=cancel,
+            start=start,
+            mask=inputs.mask,
+            controls=controls,
         )
         timings["denoise"] = self._lap(started)
 
         started = time.perf_counter()
-        images = self.decode(latents, cancel)
+        if image is not None and inputs.mask is not None:
+            images = self._pasted(latents, image, inputs.mask, cancel)
+        else:
+            images = self.decode(latents, cancel)
         timings["decode"] = self._lap(started)
         timings["total"] = sum(timings.values())
         return GenerationResult(images, params, seeds, timings, warnings)
@@ -220,3 +315,12 @@ class ZImageEngine:
             "weight_dtype": self.model.placement.weight_dtype,
             "fast_path": dict(self.fast_path),
         }
+
+
+def _fitted(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The picture at the generated size: a centre crop to its aspect ratio, then an area resize."""
+    from zimage_serve.engine.resize import scale_image
+
+    if (image.shape[2], image.shape[1]) == (width, height):
+        return image
+    return scale_image(image, width, height, "area", "center")

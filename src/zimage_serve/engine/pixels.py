@@ -34,3 +34,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def from_pil(picture: Image.Image) -> torch.Tensor:
+    """An 8-bit picture → IMAGE (1, H, W, 3) in 0..1, as LoadImage makes it."""
+    import torch
+
+    pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels)[None]

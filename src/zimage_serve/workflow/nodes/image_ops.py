@@ -189,11 +189,9 @@ class Canny(Node):
     outputs = (Output("IMAGE"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from kornia.filters import canny
+        from zimage_serve.engine.edges import canny
 
-        image: torch.Tensor = inputs["image"]
-        _, edges = canny(image[..., :3].float().movedim(-1, 1), inputs["low_threshold"], inputs["high_threshold"])
-        return NodeResult((edges.repeat(1, 3, 1, 1).movedim(1, -1),))
+        return NodeResult((canny(inputs["image"], inputs["low_threshold"], inputs["high_threshold"]),))
 
 
 class ImageScaleToTotalPixels(Node):
