@@ -309,3 +309,97 @@ def test_object_info_lists_the_new_nodes_in_comfyuis_shape(executor: Executor) -
     assert info["LatentUpscale"]["input"]["required"]["upscale_method"][0][-1] == "bislerp"
     assert info["ZImageFunControlnet"]["experimental"] is True
     assert json.dumps(info)  # all of it serialisable
+
+
+# -- samplers, schedulers and custom sampling through the executor ----------------------------------
+
+
+def nano_sampler_graph(**sampler: Any) -> dict[str, Any]:
+    graph = nano_prompt()
+    graph["3"]["inputs"].update(steps=3, seed=9, **sampler)
+    return graph
+
+
+def saved_pixels(executor: Executor, graph: dict[str, Any]) -> np.ndarray:
+    result = run(executor, graph)
+    assert result.ok, result.error
+    entry = result.outputs["9"]["images"][0]
+    return np.asarray(Image.open(executor.folders.output / entry["subfolder"] / entry["filename"]), dtype=np.int16)
+
+
+@pytest.mark.parametrize("sampler", list(__import__("zimage_serve.engine.names").engine.names.SAMPLERS))
+def test_every_sampler_runs_a_workflow(executor: Executor, sampler: str) -> None:
+    out = saved_pixels(executor, nano_sampler_graph(sampler_name=sampler))
+    assert out.shape == (128, 128, 3) and out.std() > 1  # a picture, not a flat field or NaN black
+
+
+@pytest.mark.parametrize("scheduler", list(__import__("zimage_serve.engine.names").engine.names.SCHEDULERS))
+def test_every_scheduler_runs_a_workflow(executor: Executor, scheduler: str) -> None:
+    out = saved_pixels(executor, nano_sampler_graph(scheduler=scheduler, sampler_name="euler"))
+    assert out.shape == (128, 128, 3) and out.std() > 1
+
+
+def custom_graph(sampler: str, steps: int) -> dict[str, Any]:
+    """The nano workflow with its KSampler taken apart into SamplerCustomAdvanced's parts."""
+    graph = nano_prompt()
+    k = graph.pop("3")["inputs"]
+    graph["50"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 9}}
+    guided = {"model": k["model"], "positive": k["positive"], "negative": k["negative"], "cfg": 2.0}
+    graph["51"] = {"class_type": "CFGGuider", "inputs": guided}
+    graph["52"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}}
+    graph["53"] = {"class_type": "BasicScheduler",
+                   "inputs": {"model": k["model"], "scheduler": "simple", "steps": steps, "denoise": 1.0}}  # fmt: skip
+    graph["3"] = {"class_type": "SamplerCustomAdvanced",
+                  "inputs": {"noise": ["50", 0], "guider": ["51", 0], "sampler": ["52", 0], "sigmas": ["53", 0],
+                             "latent_image": k["latent_image"]}}  # fmt: skip
+    return graph
+
+
+def test_sampler_custom_advanced_is_ksampler_taken_apart(executor: Executor) -> None:
+    plain = saved_pixels(executor, nano_sampler_graph(sampler_name="heun", cfg=2.0, scheduler="simple"))
+    assert np.array_equal(saved_pixels(executor, custom_graph("heun", 3)), plain)
+    # Its second output is the last prediction of the clean image; for Euler's last step (to σ = 0) that
+    # is the sampled latent itself, to float rounding.
+    graph = custom_graph("euler", 3)
+    decode = next(k for k, v in graph.items() if v["class_type"] == "VAEDecode")
+    first = saved_pixels(executor, graph)
+    graph[decode]["inputs"]["samples"] = ["3", 1]
+    assert np.abs(saved_pixels(executor, graph) - first).max() <= 1
+
+
+def test_basic_guider_and_disable_noise(executor: Executor) -> None:
+    graph = custom_graph("euler", 3)
+    guided = graph["51"]["inputs"]
+    graph["51"] = {
+        "class_type": "BasicGuider",
+        "inputs": {"model": guided["model"], "conditioning": guided["positive"]},
+    }
+    at_cfg1 = saved_pixels(executor, graph)
+    assert np.array_equal(at_cfg1, saved_pixels(executor, nano_sampler_graph(sampler_name="euler", cfg=1.0)))
+    graph["50"] = {"class_type": "DisableNoise", "inputs": {}}
+    assert np.abs(saved_pixels(executor, graph) - at_cfg1).mean() > 1
+
+
+def test_timestep_ranges_decide_which_prompt_steers_each_step(executor: Executor) -> None:
+    """Two prompts over halves of the schedule differ from either prompt alone."""
+    graph = nano_sampler_graph(sampler_name="euler")
+    clip = graph["6"]["inputs"]["clip"]
+    graph["60"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue square", "clip": clip}}
+    graph["61"] = {
+        "class_type": "ConditioningSetTimestepRange",
+        "inputs": {"conditioning": ["6", 0], "start": 0.0, "end": 0.5},
+    }
+    graph["62"] = {
+        "class_type": "ConditioningSetTimestepRange",
+        "inputs": {"conditioning": ["60", 0], "start": 0.5, "end": 1.0},
+    }
+    graph["63"] = {
+        "class_type": "ConditioningCombine",
+        "inputs": {"conditioning_1": ["61", 0], "conditioning_2": ["62", 0]},
+    }
+    alone = saved_pixels(executor, graph)
+    graph["3"]["inputs"]["positive"] = ["63", 0]
+    split = saved_pixels(executor, graph)
+    graph["3"]["inputs"]["positive"] = ["60", 0]
+    other = saved_pixels(executor, graph)
+    assert np.abs(split - alone).mean() > 0.5 and np.abs(split - other).mean() > 0.5

@@ -4,8 +4,14 @@ so it starts in a fraction of the time the worker needs to import the models' co
 
 from __future__ import annotations
 
-SAMPLERS = ("euler", "euler_ancestral", "res_multistep", "dpmpp_2m")
-SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta")
+# ComfyUI's names, in ComfyUI's order, of the samplers and schedulers that suit a flow model.
+SAMPLERS = (
+    *("euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "deis"),
+    *("res_multistep", "ddim", "uni_pc"),
+)
+SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "beta", "normal", "linear_quadratic", "kl_optimal")
+# Samplers ComfyUI's KSampler gives one step more, dropping the penultimate σ.
+DISCARD_PENULTIMATE_SIGMA = ("dpm_2", "uni_pc")
 WEIGHT_DTYPES: tuple[str, ...] = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 # Folder names ComfyUI uses (and the older names it still reads) for each kind.

@@ -340,6 +340,7 @@ def sample(
     cfg_normalization: float = 0.0,
     cfg_truncation: float = 1.0,
     denoise_mask: torch.Tensor | None = None,
+    x0_output: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """KSampler's core: noise the (raw) latent to σ0, run the sampler, return raw latents.
 
@@ -352,7 +353,8 @@ def sample(
 
     `denoise_mask` is ComfyUI's noise mask (1 = regenerate, any size; resized to the latent): outside it
     the latent is held on its own noised trajectory and every prediction there is the input latent, so
-    the sampled latent keeps the input's values where the mask is 0.
+    the sampled latent keeps the input's values where the mask is 0. `x0_output`, when given, receives
+    the last prediction of the clean latent (raw) under "x0", as ComfyUI's preview callback keeps it.
     """
     if not sigmas or len(sigmas) < 2:
         return latent
@@ -400,16 +402,30 @@ def sample(
     if denoise_mask is not None:
         regenerate = prepare_mask(denoise_mask, x.shape).to(device)
         keep = 1.0 - regenerate
+        if sampler == "ddim":  # ComfyUI's ddim: Euler whose kept region follows fresh noise (seed + 1)
+            generator = torch.Generator().manual_seed((seed if seed is not None else 41) + 1)
+            noise = torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(device)
 
         def masked(x: torch.Tensor, sigma: float) -> torch.Tensor:
             x = x * regenerate + (sigma * noise + (1.0 - sigma) * x0_in) * keep
             return guided(x, sigma) * regenerate + x0_in * keep
 
         denoiser = masked
+    if x0_output is not None:
+        predicting = denoiser
+
+        def recorded(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            x0_output["x0"] = denoised = predicting(x, sigma)
+            return denoised
+
+        denoiser = recorded
 
     with torch.inference_mode(), model.patched(), cancellable(cancel):
         model.prepare_controls(latent, cancel)
-        result = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel)(denoiser, x, sigmas)
+        run = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel, sampling=model.sampling)
+        result = run(denoiser, x, sigmas)
     if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does
         result = result / (1.0 - sigmas[-1])
+    if x0_output is not None and "x0" in x0_output:
+        x0_output["x0"] = fmt.process_out(x0_output["x0"]).cpu()
     return fmt.process_out(result).cpu()

@@ -9,6 +9,15 @@ from zimage_serve.workflow.nodes.conditioning import (
     ConditioningSetTimestepRange,
     ConditioningZeroOut,
 )
+from zimage_serve.workflow.nodes.custom_sampling import (
+    BasicGuider,
+    BasicScheduler,
+    CFGGuider,
+    DisableNoise,
+    KSamplerSelect,
+    RandomNoise,
+    SamplerCustomAdvanced,
+)
 from zimage_serve.workflow.nodes.image import (
     LoadImage,
     LoadImageMask,
@@ -81,6 +90,13 @@ NODES: dict[str, type[Node]] = {
         ModelSamplingAuraFlow,
         KSampler,
         KSamplerAdvanced,
+        SamplerCustomAdvanced,
+        KSamplerSelect,
+        BasicScheduler,
+        RandomNoise,
+        DisableNoise,
+        BasicGuider,
+        CFGGuider,
         VAEDecode,
         VAEEncode,
         LoadImage,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
@@ -47,49 +48,73 @@ def _empty_to_model_channels(samples: torch.Tensor, model: DiffusionModel) -> to
     return samples
 
 
-def run_sampler(
-    ctx: NodeContext,
-    inputs: dict[str, Any],
-    *,
-    seed: int,
-    sigmas: list[float],
-    add_noise: bool,
-) -> NodeResult:
+@dataclass(frozen=True)
+class Sampling:
+    """What one sampler run needs: KSampler's inputs, or SamplerCustomAdvanced's parts put together."""
+
+    model: DiffusionModel
+    latent: dict[str, Any]
+    positive: list[Any]
+    negative: list[Any]
+    cfg: float
+    sampler: str
+    sigmas: list[float]
+    seed: int
+    add_noise: bool
+
+
+def run_sampler(ctx: NodeContext, run: Sampling) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sampled latent, and the latent of the last prediction of the clean image (ComfyUI's
+    "denoised_output"); an empty schedule passes the latent through."""
     import torch
 
     from zimage_serve.engine.parts import prepare_noise, sample
 
-    model: DiffusionModel = inputs["model"]
-    latent: dict[str, Any] = inputs["latent_image"]
-    enforce(ctx.limits, "steps", inputs["steps"], "steps")
+    model, latent, sigmas = run.model, run.latent, run.sigmas
+    enforce(ctx.limits, "steps", max(0, len(sigmas) - 1), "steps")
     samples = _empty_to_model_channels(latent["samples"], model)
     enforce(ctx.limits, "batch", samples.shape[0], "latent_image")
     enforce(ctx.limits, "pixels", samples.shape[-1] * samples.shape[-2] * LATENT_FACTOR**2, "latent_image")
     if len(sigmas) < 2:
-        return NodeResult(({**latent, "samples": samples},))
+        passed = {**latent, "samples": samples}
+        return passed, passed
     height, width = (side * LATENT_FACTOR for side in samples.shape[-2:])
     warning = size_warning(model.name, model.trained_size, width, height)
     if warning is not None:
         log.warning("%s (node %s)", warning, ctx.node_id)
-    noise = prepare_noise(samples, seed, latent.get("batch_index")) if add_noise else torch.zeros_like(samples)
+    noise = prepare_noise(samples, run.seed, latent.get("batch_index")) if run.add_noise else torch.zeros_like(samples)
+    x0: dict[str, torch.Tensor] = {}
     try:
         result = sample(
             model,
             noise,
             samples,
-            inputs["positive"],
-            inputs["negative"],
-            cfg=inputs["cfg"],
-            sampler=inputs["sampler_name"],
+            run.positive,
+            run.negative,
+            cfg=run.cfg,
+            sampler=run.sampler,
             sigmas=sigmas,
-            seed=seed,
+            seed=run.seed,
             on_step=lambda step, total, _x: ctx.progress(step, total),
             cancel=ctx.interrupted,
             denoise_mask=latent.get("noise_mask"),
+            x0_output=x0,
         )
     except GenerationCancelled as exc:
         raise Interrupted(str(exc)) from exc
-    return NodeResult(({**latent, "samples": result.cpu()},))
+    out = {**latent, "samples": result.cpu()}
+    return out, ({**latent, "samples": x0["x0"].cpu()} if "x0" in x0 else out)
+
+
+def _ksampler(
+    ctx: NodeContext, inputs: dict[str, Any], *, seed: int, sigmas: list[float], add_noise: bool
+) -> NodeResult:
+    enforce(ctx.limits, "steps", inputs["steps"], "steps")
+    run = Sampling(
+        inputs["model"], inputs["latent_image"], inputs["positive"], inputs["negative"], inputs["cfg"],
+        inputs["sampler_name"], sigmas, seed, add_noise,
+    )  # fmt: skip
+    return NodeResult((run_sampler(ctx, run)[0],))
 
 
 SAMPLER = Combo(choices=SAMPLERS, tooltip="The algorithm used when sampling.")
@@ -130,8 +155,10 @@ class KSampler(Node):
         from zimage_serve.engine.sampling import denoise_schedule
 
         model: DiffusionModel = inputs["model"]
-        sigmas = denoise_schedule(model.sampling, inputs["scheduler"], inputs["steps"], inputs["denoise"])
-        return run_sampler(ctx, inputs, seed=inputs["seed"], sigmas=sigmas, add_noise=True)
+        sigmas = denoise_schedule(
+            model.sampling, inputs["scheduler"], inputs["steps"], inputs["denoise"], inputs["sampler_name"]
+        )
+        return _ksampler(ctx, inputs, seed=inputs["seed"], sigmas=sigmas, add_noise=True)
 
 
 class KSamplerAdvanced(Node):
@@ -155,10 +182,10 @@ class KSamplerAdvanced(Node):
     outputs = (Output("LATENT"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from zimage_serve.engine.sampling import schedule
+        from zimage_serve.engine.sampling import sampler_schedule
 
         model: DiffusionModel = inputs["model"]
-        sigmas = schedule(model.sampling, inputs["scheduler"], inputs["steps"])
+        sigmas = sampler_schedule(model.sampling, inputs["scheduler"], inputs["steps"], inputs["sampler_name"])
         last, start = inputs["end_at_step"], inputs["start_at_step"]
         if last < len(sigmas) - 1:
             sigmas = sigmas[: last + 1]
@@ -166,6 +193,6 @@ class KSamplerAdvanced(Node):
                 sigmas[-1] = 0.0
         # Nothing left to run when the window starts at the end: the latent passes through.
         sigmas = [] if start >= len(sigmas) - 1 else sigmas[start:]
-        return run_sampler(
+        return _ksampler(
             ctx, inputs, seed=inputs["noise_seed"], sigmas=sigmas, add_noise=inputs["add_noise"] == "enable"
         )
