@@ -32,8 +32,11 @@ MODEL_FOLDERS: dict[str, tuple[str, ...]] = {
     "vae": ROOT_FOLDERS["vae"],
     "loras": ROOT_FOLDERS["lora"],
     "model_patches": ROOT_FOLDERS["model_patch"],
+    "upscale_models": ("upscale_models",),
 }
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+# Upscale models are published as pickles too; they are read as plain tensors (engine/upscale.py).
+EXTENSIONS_OF = {"upscale_models": (*MODEL_EXTENSIONS, ".pth", ".pt", ".bin", ".ckpt")}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Folder models (diffusers layout) can stand in for any of these.
 FOLDER_MODEL_KINDS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
@@ -143,7 +146,7 @@ class Folders:
                         resource in COMPONENT_FOLDER_KINDS and (path / "config.json").is_file()
                     ):
                         found.append(relative)
-                elif path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
+                elif path.is_file() and path.suffix.lower() in EXTENSIONS_OF.get(resource, MODEL_EXTENSIONS):
                     found.append(relative)
         return list(dict.fromkeys(found))
 

@@ -63,6 +63,7 @@ from zimage_serve.workflow.nodes.loaders import (
 from zimage_serve.workflow.nodes.mask import GrowMask, ImageToMask, InvertMask, MaskToImage, SolidMask
 from zimage_serve.workflow.nodes.model_patch import ModelPatchLoader, QwenImageDiffsynthControlnet, ZImageFunControlnet
 from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
+from zimage_serve.workflow.nodes.upscale import ImageUpscaleWithModel, UpscaleModelLoader
 from zimage_serve.workflow.spec import Node
 
 NODES: dict[str, type[Node]] = {
@@ -125,5 +126,7 @@ NODES: dict[str, type[Node]] = {
         ModelPatchLoader,
         QwenImageDiffsynthControlnet,
         ZImageFunControlnet,
+        UpscaleModelLoader,
+        ImageUpscaleWithModel,
     )
 }
