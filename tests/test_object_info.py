@@ -84,8 +84,14 @@ def test_ksampler_matches_comfyuis_declaration(tmp_path: Path) -> None:
         "step": 0.1,
         "round": 0.01,
     }
-    assert required["sampler_name"][0][:4] == ["euler", "euler_ancestral", "res_multistep", "dpmpp_2m"]
-    assert required["scheduler"][0] == ["simple", "normal", "sgm_uniform", "beta"]
+    # ComfyUI's names for the samplers and schedulers that suit a flow model, in ComfyUI's order.
+    assert required["sampler_name"][0] == [
+        "euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "deis",
+        "res_multistep", "ddim", "uni_pc",
+    ]  # fmt: skip
+    assert required["scheduler"][0] == [
+        "simple", "sgm_uniform", "karras", "exponential", "beta", "normal", "linear_quadratic", "kl_optimal"
+    ]  # fmt: skip
     assert ksampler["output"] == ["LATENT"] and ksampler["output_node"] is False
     assert ksampler["category"] == "sampling" and ksampler["python_module"] == "nodes"
 
