@@ -69,3 +69,27 @@ def test_cfg_and_the_negative_prompt_matter(executor: Executor) -> None:
     # At cfg 1 the negative is never evaluated, so changing it changes nothing.
     same = image(executor, prompt(**small, **{"69__cfg": 1, "71__text": "anything at all"}))
     assert np.array_equal(cfg1, same)
+
+
+def test_the_base_models_diffusers_folder_runs_the_template(executor: Executor, tiny_model: Path) -> None:
+    """The official Tongyi-MAI/Z-Image layout: one folder stands in for all three loaders' files (each lists
+    it by its name), and gives the image the split files give; `generate` reads it as the base model."""
+    import shutil
+
+    from zimage_serve.engine.variants import detect_variant
+
+    root = executor.folders.models[0]
+    folder = root / "diffusion_models" / "Z-Image"
+    shutil.copytree(tiny_model, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_zimage_serve"].pop("variant")  # as published: the name alone says which model it is
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for kind in ("text_encoders", "vae"):
+        (root / kind / "Z-Image").symlink_to(folder, target_is_directory=True)
+    small = {"68__width": 128, "68__height": 128, "69__steps": 4, "69__seed": 5}
+    from_files = image(executor, prompt(**small))
+    from_folder = image(
+        executor, prompt(**small, **{"66__unet_name": "Z-Image", "62__clip_name": "Z-Image", "63__vae_name": "Z-Image"})
+    )
+    assert np.abs(from_files - from_folder).max() <= 1
+    assert detect_variant(folder) == "base"

@@ -364,3 +364,17 @@ def test_generate_refuses_to_inpaint_with_a_1_0_patch(
     code, stderr = generate(executor, capsys, tmp_path / "x.png", "--image", str(tmp_path / "p.png"), "--mask",
                             str(tmp_path / "p.png"), "--controlnet", patch)  # fmt: skip
     assert code == 1 and "cannot inpaint" in stderr and "Traceback" not in stderr
+
+
+def test_the_readme_commands_run_the_template_and_name_the_variant(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.test_cli import run
+
+    root = executor.folders.models[0]
+    code, stdout, stderr = run(["run", str(TEMPLATE), "--models", str(root), "--input-dir", str(executor.folders.input),
+                                "--output-dir", str(tmp_path), "--set", "44.steps=2"], capsys)  # fmt: skip
+    assert code == 0, stderr
+    assert Image.open(stdout.strip().splitlines()[-1]).size == (64, 64)
+    code, stdout, _ = run(["models", str(root / "model_patches" / "union-2.0.safetensors")], capsys)
+    assert code == 0 and "Fun ControlNet Union 2.0" in stdout and "broken release" in stdout

@@ -106,7 +106,7 @@ def test_text_values_from_a_csv_or_the_command_line_are_converted_by_type() -> N
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": "   "}, "prompt", "must not be empty"),
         ({"prompt": 5}, "prompt", "5 is not text"),
-        ({"sampler": "ddim"}, "sampler", "'ddim' is not one of euler, euler_ancestral, res_multistep, dpmpp_2m"),
+        ({"sampler": "lms"}, "sampler", "'lms' is not one of euler, euler_ancestral, heun, dpm_2"),
         ({"stepz": 3}, "stepz", "no such parameter; zimage-nano has prompt, seed"),
         ({"prompt": None}, "prompt", "needs a value"),
     ],

@@ -211,7 +211,10 @@ def test_value_not_in_list(folders: Folders) -> None:
     prompt["3"]["inputs"]["sampler_name"] = "dpmpp_3m_sde"
     node_id, reason = only_error(prompt, folders)
     assert node_id == "3" and reason["type"] == "value_not_in_list"
-    choices = "['euler', 'euler_ancestral', 'res_multistep', 'dpmpp_2m']"
+    from zimage_serve.engine.names import SAMPLERS
+
+    choices = str(list(SAMPLERS))  # ComfyUI's wording: the Python list of the choices
+    assert "'uni_pc'" in choices
     assert reason["details"] == f"sampler_name: 'dpmpp_3m_sde' not in {choices}"
     prompt = nano_prompt()
     prompt["28"]["inputs"]["unet_name"] = "z_image_turbo_bf16.safetensors"
@@ -334,7 +337,7 @@ BREAKAGES = [
     ("3", "model", ["30", 0]),
     ("3", "model", ["nope", 0]),
     ("8", "samples", "3"),
-    ("3", "scheduler", "karras"),
+    ("3", "scheduler", "ddim_uniform"),
     ("13", "width", 10**9),
 ]
 
