@@ -403,3 +403,17 @@ def test_timestep_ranges_decide_which_prompt_steers_each_step(executor: Executor
     graph["3"]["inputs"]["positive"] = ["60", 0]
     other = saved_pixels(executor, graph)
     assert np.abs(split - alone).mean() > 0.5 and np.abs(split - other).mean() > 0.5
+
+
+def test_canny_marks_a_step_edge_and_nothing_else() -> None:
+    """A vertical step from black to white: after the Gaussian (kernel 5) and non-maximum suppression the
+    one-pixel-wide edge lies where the gradient peaks, between columns 7 and 8; flat regions stay black."""
+    image = torch.zeros(1, 16, 16, 3)
+    image[:, :, 8:] = 1.0
+    [edges] = node("Canny", image=image, low_threshold=0.1, high_threshold=0.32)
+    assert edges.shape == (1, 16, 16, 3) and torch.equal(edges[..., 0], edges[..., 2])
+    columns = {int(c) for c in torch.nonzero(edges[0, 4:12, :, 0])[:, 1]}
+    assert columns and columns <= {7, 8}
+    assert edges[0, :, :5].sum() == 0 and edges[0, :, 11:].sum() == 0
+    with pytest.raises(ValueError, match=r"low_threshold 0\.5 and high_threshold 0\.2"):
+        node("Canny", image=image, low_threshold=0.5, high_threshold=0.2)
