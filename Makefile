@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned, so pip takes the CPU build that lies on disk instead of a multi-GB CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch and torchvision first, pinned to the pair that lies on this disk (spandrel, the upscale-model
+	# loader, needs torchvision; PyPI's own torchvision does not import beside the on-disk CPU torch 2.13)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -378,3 +378,23 @@ def test_the_readme_commands_run_the_template_and_name_the_variant(
     assert Image.open(stdout.strip().splitlines()[-1]).size == (64, 64)
     code, stdout, _ = run(["models", str(root / "model_patches" / "union-2.0.safetensors")], capsys)
     assert code == 0 and "Fun ControlNet Union 2.0" in stdout and "broken release" in stdout
+
+
+def test_generate_crops_the_mask_with_its_picture(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A 96×64 picture made 64×64 loses 16 columns each side; its mask must lose the same ones."""
+    source, mask = tmp_path / "wide.png", tmp_path / "wide-mask.png"
+    wide = np.zeros((64, 96, 3), dtype=np.uint8)
+    wide[:, :, 1] = np.linspace(0, 255, 96, dtype=np.uint8)[None, :]
+    Image.fromarray(wide).save(source)
+    white = np.zeros((64, 96), dtype=np.uint8)
+    white[:, 48:80] = 255  # columns 32..63 once cropped
+    Image.fromarray(white).save(mask)
+    out = tmp_path / "crop.png"
+    code, stderr = generate(executor, capsys, out, "--image", str(source), "--mask", str(mask), "--width", "64",
+                            "--height", "64")  # fmt: skip
+    assert code == 0, stderr
+    made, kept = pixels(out), wide[:, 16:80].astype(np.int16)
+    assert np.array_equal(made[:, :32], kept[:, :32])
+    assert (np.abs(made[:, 32:] - kept[:, 32:]).mean(axis=(0, 2)) > 1).all()  # every masked column is new

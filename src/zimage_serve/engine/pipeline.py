@@ -265,13 +265,14 @@ class ZImageEngine:
         started = time.perf_counter()
         seeds = params.image_seeds()
         image = None if inputs.image is None else _fitted(inputs.image, params.width, params.height)
+        mask = None if inputs.mask is None else _fitted_mask(inputs.mask, params.width, params.height)
         start = None if image is None else self.vae().encode(image, cancel).repeat(params.batch_size, 1, 1, 1)
         controls: tuple[ControlPatch, ...] = ()
         if inputs.controlnet is not None:
             controls = (
                 ControlPatch(
                     inputs.controlnet, self.vae(), inputs.strength, image=inputs.control, inpaint_image=image,
-                    mask=inputs.mask,
+                    mask=mask,
                 ),
             )  # fmt: skip
         latents = self.denoise(
@@ -286,14 +287,14 @@ class ZImageEngine:
             on_step=on_step,
             cancel=cancel,
             start=start,
-            mask=inputs.mask,
+            mask=mask,
             controls=controls,
         )
         timings["denoise"] = self._lap(started)
 
         started = time.perf_counter()
-        if image is not None and inputs.mask is not None:
-            images = self._pasted(latents, image, inputs.mask, cancel)
+        if image is not None and mask is not None:
+            images = self._pasted(latents, image, mask, cancel)
         else:
             images = self.decode(latents, cancel)
         timings["decode"] = self._lap(started)
@@ -324,3 +325,14 @@ def _fitted(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     if (image.shape[2], image.shape[1]) == (width, height):
         return image
     return scale_image(image, width, height, "area", "center")
+
+
+def _fitted_mask(mask: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The mask cut and resized as its picture is (`_fitted`), so the two stay aligned."""
+    from zimage_serve.engine.resize import common_upscale
+
+    planes = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    if planes.shape[-2:] == (height, width):
+        return planes[:, 0]
+    return common_upscale(planes, width, height, "bilinear", "center")[:, 0]
+
