@@ -417,3 +417,26 @@ def test_canny_marks_a_step_edge_and_nothing_else() -> None:
     assert edges[0, :, :5].sum() == 0 and edges[0, :, 11:].sum() == 0
     with pytest.raises(ValueError, match=r"low_threshold 0\.5 and high_threshold 0\.2"):
         node("Canny", image=image, low_threshold=0.5, high_threshold=0.2)
+
+
+def test_scale_to_total_pixels_keeps_the_aspect_and_rounds_to_steps() -> None:
+    image = torch.rand(1, 512, 1024, 3)
+    # 0.25 MP of a 1024 × 512 picture: factor √(262144 / 524288) = 0.7071 → 724 × 362.
+    [out] = node("ImageScaleToTotalPixels", image=image, upscale_method="area", megapixels=0.25)
+    assert out.shape == (1, 362, 724, 3)
+    # With resolution_steps 64 each side rounds to a multiple of it: 724.08 → 704, 362.04 → 384.
+    [stepped] = node(
+        "ImageScaleToTotalPixels", image=image, upscale_method="area", megapixels=0.25, resolution_steps=64
+    )
+    assert stepped.shape == (1, 384, 704, 3)
+
+
+def test_basic_scheduler_takes_the_tail_for_a_partial_denoise() -> None:
+    from zimage_serve.engine.parts import FLUX_LATENT, DiffusionModel
+
+    model = DiffusionModel("no weights needed", None, FLUX_LATENT).with_shift(3.0)  # only its schedule is read
+    [full] = node("BasicScheduler", model=model, scheduler="simple", steps=4, denoise=1.0)
+    [half] = node("BasicScheduler", model=model, scheduler="simple", steps=4, denoise=0.5)
+    [none] = node("BasicScheduler", model=model, scheduler="simple", steps=4, denoise=0.0)
+    assert full == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-4)
+    assert half == pytest.approx([0.75, 0.6429, 0.5, 0.3, 0.0], abs=1e-4) and none == []
