@@ -51,7 +51,8 @@ def counting(pid: int, state: str, busy: object = None) -> None:
 def worker_inside(jobs: int) -> None:
     """Run under callgrind: the worker loop over `jobs` jobs, counted."""
     from zimage_serve.engine.parts import Placing
-    from zimage_serve.queue.store import Job, JobStore
+    from zimage_serve.queue.jobs import Job
+    from zimage_serve.queue.store import JobStore
     from zimage_serve.queue.worker import OTHER_JOB_TIMEOUT_S, Worker
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models

@@ -26,7 +26,8 @@ from tests.server import Server, running_server, worker_processes
 from tests.test_server_queue import history, png, running_ids, small_job, submit, upload, wait_until
 from tests.workflows import nano_prompt
 from zimage_serve import strict_json
-from zimage_serve.queue.store import Job, JobStore
+from zimage_serve.queue.jobs import Job
+from zimage_serve.queue.store import JobStore
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 from tests.server import running_server
 from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.identity import Identity
-from zimage_serve.queue.store import Job, JobStore, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import Job, Quota, QuotaExceeded
+from zimage_serve.queue.store import JobStore
 from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
 from zimage_serve.security.rate import RateLimiter
 from zimage_serve.security.tokens import TokenError, TokenStore

@@ -335,4 +335,3 @@ def _fitted_mask(mask: torch.Tensor, width: int, height: int) -> torch.Tensor:
     if planes.shape[-2:] == (height, width):
         return planes[:, 0]
     return common_upscale(planes, width, height, "bilinear", "center")[:, 0]
-

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from zimage_serve.identity import LOCAL, Identity
-from zimage_serve.queue.store import DuplicateJob, Job, JobStore, QueueFull, Quota, QuotaExceeded
+from zimage_serve.queue.contract import JobQueue
+from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.worker import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.spec import node_info, object_info, prompt_inputs
@@ -81,7 +82,7 @@ Stored = Submitted | QueueFull | DuplicateJob | QuotaExceeded
 class QueueService:
     def __init__(
         self,
-        store: JobStore,
+        store: JobQueue,
         validator: Validator,
         worker: DeviceWorker,
         folders: Folders,

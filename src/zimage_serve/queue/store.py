@@ -25,18 +25,24 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zimage_serve import strict_json
-from zimage_serve.errors import ZImageError
+from zimage_serve.queue.jobs import (
+    FINISHED,
+    NUMBER_LIMIT,
+    STATES,
+    DuplicateJob,
+    Job,
+    QueueFull,
+    QuotaExceeded,
+    comfy_number,
+)
 from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 
-STATES = ("pending", "running", "success", "error", "interrupted")
-FINISHED = ("success", "error", "interrupted")
 # The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
 # IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
 # a sixth of the queue file's work, counted with callgrind).
@@ -148,99 +154,8 @@ BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transactio
 # Files from before strict JSON may hold rows that are not JSON (NaN) or cannot be read back; such a file
 # is read through once, and its bad rows quarantined, when it is first opened by this version.
 STRICT_VERSION = 2
-NUMBER_LIMIT = 2.0**63  # a job's number (priority) is a float within ±2**63
 HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
 RETRY_QUEUED_S = 5  # Retry-After for a full per-user queue: about when one of the user's jobs ends
-
-
-class QueueFull(ZImageError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the queue is full ({limit} jobs waiting); try again later")
-        self.limit = limit
-
-
-class QuotaExceeded(ZImageError):
-    """A token's quota (queued jobs, images a day) keeps a job out: 429, with the seconds until it may
-    fit again."""
-
-    def __init__(self, quota: str, used: int, allowed: int, retry_after: int) -> None:
-        what = {"max_queued": "jobs waiting or running", "images_per_day": "images today (UTC)"}[quota]
-        super().__init__(f"{quota}: {used:,} {what} with this one; the token allows {allowed:,}")
-        self.quota, self.used, self.allowed, self.retry_after = quota, used, allowed, retry_after
-
-
-@dataclass(frozen=True)
-class Quota:
-    """What a token allows its owner in the queue; checked as a job is stored, in the same transaction."""
-
-    max_queued: int | None = None
-    images_per_day: int | None = None
-
-
-class DuplicateJob(ZImageError):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"prompt_id {job_id} already exists")
-        self.job_id = job_id
-
-
-@dataclass
-class Job:
-    id: str
-    number: float
-    prompt: dict[str, Any]
-    extra_data: dict[str, Any]
-    outputs: list[str]
-    state: str = "pending"
-    attempts: int = 0
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    result: dict[str, Any] = field(default_factory=dict)
-    owner: str = ""  # the user who queued it ("" with authentication off)
-    context: dict[str, Any] = field(default_factory=dict)  # the rest of who queued it (identity.Identity)
-    # prompt, extra_data, outputs and context as the JSON texts to store, when encoded ahead (off the loop)
-    encoded: tuple[str, str, str, str] | None = field(default=None, repr=False, compare=False)
-    # Not stored: what the owner's token allows, and how many images this job makes (its quota's count)
-    quota: Quota | None = field(default=None, repr=False, compare=False)
-    images: int = field(default=0, repr=False, compare=False)
-
-    def encode(self) -> tuple[str, str, str, str]:
-        """The texts to store (strict JSON: ValueError for NaN and the like), made once."""
-        if self.encoded is None:
-            self.encoded = (
-                strict_json.dumps(self.prompt),
-                strict_json.dumps(self.extra_data),
-                strict_json.dumps(self.outputs),
-                strict_json.dumps(self.context) if self.context else "{}",
-            )
-        return self.encoded
-
-    def queue_item(self) -> list[Any]:
-        """ComfyUI's QueueItem: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
-        return [_comfy_number(self.number), self.id, self.prompt, self.extra_data, self.outputs]
-
-    def history_entry(self) -> dict[str, Any]:
-        outputs = self.result.get("outputs", {})
-        # ComfyUI's meta names each output node; ours are never inside a subgraph, so it follows from the
-        # outputs and is not stored (entries stored with one keep it).
-        meta = self.result.get("meta") or {
-            n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n} for n in outputs
-        }
-        return {
-            "prompt": self.queue_item(),
-            "outputs": outputs,
-            "status": {
-                "status_str": "success" if self.state == "success" else "error",
-                "completed": self.state == "success",
-                "messages": self.result.get("messages", []),
-            },
-            "meta": meta,
-        }
-
-
-def _comfy_number(number: float) -> float | int:
-    """Whole numbers as integers, as ComfyUI shows them."""
-    return int(number) if float(number).is_integer() else number
 
 
 class JobStore:
@@ -530,7 +445,7 @@ class JobStore:
                 f"SELECT number, id, prompt, extra_data, outputs FROM jobs WHERE {where} LIMIT ? OFFSET ?", page
             ).fetchall()
         return [
-            f"[{json.dumps(_comfy_number(number))}, {json.dumps(job_id)}, {prompt}, {extra}, {outputs}]"
+            f"[{json.dumps(comfy_number(number))}, {json.dumps(job_id)}, {prompt}, {extra}, {outputs}]"
             for number, job_id, prompt, extra, outputs in rows
         ]
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zimage_serve.identity import Identity
+from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.deadlines import Deadlines
-from zimage_serve.queue.store import Job, JobStore
+from zimage_serve.queue.jobs import Job
 from zimage_serve.workflow.events import execution_error
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class Executing:
 class Worker:
     def __init__(
         self,
-        store: JobStore,
+        store: JobQueue,
         executor: Executor,
         listener: Listener,
         job_timeout: float | None = None,

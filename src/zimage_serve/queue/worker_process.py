@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
 from zimage_serve.workflow.limits import Limits
@@ -82,7 +83,7 @@ class _Report:
 class WorkerProcess:
     """The parent's handle: the same control surface as `Worker`, carried over the pipe."""
 
-    def __init__(self, config: WorkerConfig, listener: Listener, store: JobStore) -> None:
+    def __init__(self, config: WorkerConfig, listener: Listener, store: JobQueue) -> None:
         self.config, self.listener, self.store = config, listener, store
         self._lock = threading.Lock()  # guards the pipe's sending end and _reports
         self._connection: Connection | None = None

@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from zimage_serve.queue.jobs import QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
-from zimage_serve.queue.store import QueueFull, Quota, QuotaExceeded
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request

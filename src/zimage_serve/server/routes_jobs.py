@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_serve.identity import Identity
-from zimage_serve.queue.store import Job
+from zimage_serve.queue.jobs import Job
 from zimage_serve.server.gate import caller
 from zimage_serve.server.routes_queue import history_entry, json_body, optional_int, plain_error, runtime
 from zimage_serve.server.runtime import Runtime

@@ -1,0 +1,84 @@
+"""What the server, the service and the workers ask of a queue, whatever keeps it.
+
+The SQLite file (`queue/store.JobStore`) is the one implementation so far; every implementation passes
+the same contract tests (`tests/test_queue_contract.py`), so the layers above never learn which one they
+talk to. The semantics each method promises:
+
+- Order: the lowest `number` runs first (ComfyUI's priorities, `front` queues below zero), ties in
+  submission order; a job is handed out once.
+- Every accepted job ends exactly once in history: success, error or interrupted. A job a crash left
+  running goes back to the queue (or fails, once tried `max_attempts` times) when recovered.
+- Counts per state are always exact for every connection; history keeps the newest entries.
+- Owners: listings, counts, deletes and usage can be narrowed to one owner (the user who queued it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, QuotaExceeded
+
+
+class JobQueue(Protocol):
+    # -- submitting --------------------------------------------------------------------------------------
+    def next_number(self) -> int:
+        """The next number in submission order (counted even if the job is then refused, as ComfyUI does)."""
+        ...
+
+    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
+        """Store each job, or say why not, in one transaction: each job gets its own answer."""
+        ...
+
+    def enqueue(
+        self, job_id: str, number: float, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
+    ) -> Job:
+        """One job, or its refusal raised."""
+        ...
+
+    # -- working -----------------------------------------------------------------------------------------
+    def claim(self) -> Job | None:
+        """The next pending job, now running; None when none waits."""
+        ...
+
+    def finish(self, job_id: str, state: str, result: dict[str, Any], claim_next: bool = False) -> Job | None:
+        """Record a running job's end and history entry; with `claim_next`, hand out the next job as well."""
+        ...
+
+    def requeue(self, job_id: str) -> bool:
+        """A running job back in the queue as if not started (a shutdown cut it off). True if it ran."""
+        ...
+
+    def recover(self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped") -> list[Job]:
+        """Jobs left running by a crash: queued again, or failed once tried `max_attempts` times."""
+        ...
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None: ...
+
+    def pending(self) -> list[Job]: ...
+
+    def running(self) -> list[Job]: ...
+
+    def queue_items_json(
+        self, state: str, limit: int | None = None, offset: int = 0, owner: str | None = None
+    ) -> list[str]:
+        """ComfyUI's queue items of one state as JSON texts, in queue order."""
+        ...
+
+    def count(self, state: str, owner: str | None = None) -> int: ...
+
+    def count_finished(self, owner: str | None = None) -> int: ...
+
+    def history(self, max_items: int | None = None, offset: int | None = None, owner: str | None = None) -> list[Job]:
+        """Finished jobs, oldest first; `max_items` alone gives the newest that many."""
+        ...
+
+    def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]: ...
+
+    # -- removing ----------------------------------------------------------------------------------------
+    def delete_pending(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int: ...
+
+    def delete_history(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int: ...
+
+    def close(self) -> None: ...

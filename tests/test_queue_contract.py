@@ -1,0 +1,206 @@
+"""The queue contract (`queue/contract.JobQueue`), run against every implementation: order, limits,
+history, counts, and what a crashed worker leaves behind. A backend is a way to open connections to one
+queue; "reopened" means a new connection, as a restarted process makes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from zimage_serve.queue.contract import JobQueue
+from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull
+from zimage_serve.queue.store import JobStore
+
+Connect = Callable[..., JobQueue]
+
+
+def sqlite_backend(tmp_path: Path) -> Connect:
+    return lambda **options: JobStore(tmp_path / "q.db", **options)
+
+
+BACKENDS = {"sqlite": sqlite_backend}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Connect:
+    return BACKENDS[request.param](tmp_path)
+
+
+def add(store: JobQueue, job_id: str, number: float | None = None) -> None:
+    store.enqueue(job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
+
+
+def test_lowest_number_first_then_submission_order(connect: Connect) -> None:
+    store = connect()
+    for name in ("a", "b", "c"):
+        add(store, name)
+    add(store, "urgent", -1)
+    add(store, "tie", 1)  # same number as "b", submitted later
+    assert [j.id for j in store.pending()] == ["urgent", "a", "b", "tie", "c"]
+    claimed = [store.claim() for _ in range(5)]
+    assert [j.id for j in claimed if j] == ["urgent", "a", "b", "tie", "c"]
+    assert store.claim() is None
+    assert claimed[1] is not None and claimed[1].state == "running" and claimed[1].attempts == 1
+
+
+def test_running_jobs_are_listed_by_start_whatever_their_numbers(connect: Connect) -> None:
+    store = connect()
+    add(store, "late", 5)
+    add(store, "early", 9)
+    assert (first := store.claim()) is not None and first.id == "late"
+    add(store, "front", -1)  # queued in front after "late" started: it is claimed next, before "early"
+    assert (second := store.claim()) is not None and second.id == "front"
+    assert [j.id for j in store.running()] == ["late", "front"] and [j.id for j in store.pending()] == ["early"]
+    assert store.delete_pending() == 1 and [j.id for j in store.running()] == ["late", "front"]
+
+
+def test_numbers_keep_increasing_across_restarts(connect: Connect) -> None:
+    store = connect()
+    for name in ("a", "b", "c"):
+        add(store, name)
+    assert [j.number for j in store.pending()] == [0, 1, 2]
+    store.next_number()  # a prompt that then failed validation: counted, as ComfyUI does, but not stored
+    # Killed before closing (the counter not saved): one past the highest number stored.
+    assert connect().next_number() == 3
+    store.close()  # closed cleanly: the counter goes on exactly
+    assert connect().next_number() == 4
+
+
+def test_counts_follow_every_change_and_survive_a_reconnection(connect: Connect) -> None:
+    store = connect()
+    for name in "abcdef":
+        add(store, name)
+    first, second = store.claim(), store.claim()
+    assert first is not None and second is not None
+    store.finish(first.id, "success", {})
+    store.delete_pending(["c"])
+    store.finish(second.id, "error", {})
+    store.claim()
+    store.delete_history([first.id])
+    expected = {"pending": 2, "running": 1, "success": 0, "error": 1, "interrupted": 0}
+    assert {s: store.count(s) for s in expected} == expected
+    store.close()
+    reopened = connect()
+    assert {s: reopened.count(s) for s in expected} == expected
+    reopened.recover()
+    assert reopened.count("running") == 0 and reopened.count("pending") == 3
+
+
+def test_duplicates_and_a_full_queue_are_refused(connect: Connect) -> None:
+    store = connect(max_pending=2)
+    add(store, "a")
+    with pytest.raises(DuplicateJob, match="prompt_id a already exists"):
+        add(store, "a")
+    add(store, "b")
+    with pytest.raises(QueueFull, match="2 jobs waiting"):
+        add(store, "c")
+    store.claim()
+    add(store, "c")  # a running job no longer counts as waiting
+    assert store.count("pending") == 2
+
+
+def test_history_entries_have_comfyuis_shape(connect: Connect) -> None:
+    store = connect()
+    for name in ("a", "b", "c"):
+        add(store, name)
+    for state in ("success", "error", "interrupted"):
+        job = store.claim()
+        assert job is not None
+        store.finish(job.id, state, {"outputs": {"9": {"images": []}}, "messages": [["execution_start", {}]]})
+    entry = store.history()[0].history_entry()
+    assert entry == {
+        "prompt": [0, "a", {"1": {"class_type": "X"}}, {}, ["1"]],
+        "outputs": {"9": {"images": []}},
+        "status": {"status_str": "success", "completed": True, "messages": [["execution_start", {}]]},
+        "meta": {"9": {"node_id": "9", "display_node": "9", "parent_node": None, "real_node_id": "9"}},
+    }
+    assert [j.history_entry()["status"]["status_str"] for j in store.history()] == ["success", "error", "error"]
+    assert [j.id for j in store.history(max_items=2)] == ["b", "c"]  # the newest two
+    assert [j.id for j in store.history(max_items=1, offset=0)] == ["a"]
+    assert store.delete_history(["a", "nope"]) == 1
+    assert store.delete_history() == 2 and store.history() == []
+
+
+def test_deleting_waiting_jobs_leaves_the_running_one(connect: Connect) -> None:
+    store = connect()
+    for name in ("a", "b", "c"):
+        add(store, name)
+    store.claim()
+    assert store.delete_pending(["b", "a"]) == 1
+    assert store.delete_pending() == 1
+    assert [j.id for j in store.running()] == ["a"] and store.pending() == []
+
+
+def test_a_job_left_running_by_a_crash_runs_again_then_fails(connect: Connect) -> None:
+    store = connect()
+    add(store, "a")
+    store.claim()
+    reopened = connect()  # the first process "died" without finishing
+    [job] = reopened.recover()
+    assert (job.id, job.state, job.attempts) == ("a", "pending", 1)
+    again = reopened.claim()
+    assert again is not None and again.attempts == 2
+    [job] = connect().recover()
+    assert job.state == "error"
+    entry = reopened.get("a")
+    assert entry is not None and entry.state == "error"
+    status = entry.history_entry()["status"]
+    assert status["status_str"] == "error" and not status["completed"]
+    assert "stopped while this prompt ran (2 times)" in status["messages"][0][1]["exception_message"]
+
+
+def test_two_connections_see_each_others_counts(connect: Connect) -> None:
+    server, worker = connect(max_pending=2), connect()
+    add(server, "a")
+    add(server, "b")
+    with pytest.raises(QueueFull):
+        add(server, "c")
+    job = worker.claim()  # the worker process takes one: the server may queue another
+    assert job is not None and server.count("running") == 1 and server.count("pending") == 1
+    add(server, "c")
+    worker.finish(job.id, "success", {})
+    assert server.count("success") == 1 and server.count_finished() == 1
+
+
+def test_finishing_can_hand_out_the_next_job_in_the_same_transaction(connect: Connect) -> None:
+    store = connect()
+    for name in ("a", "b"):
+        add(store, name)
+    first = store.claim()
+    assert first is not None and first.id == "a"
+    following = store.finish("a", "success", {}, claim_next=True)
+    assert following is not None and following.id == "b" and following.state == "running"
+    assert store.count("running") == 1 and store.count("pending") == 0 and store.count("success") == 1
+    assert store.finish("b", "error", {}, claim_next=True) is None
+    assert store.count("running") == 0 and store.count_finished() == 2
+
+
+def test_the_queue_as_json_text_equals_the_parsed_queue_items(connect: Connect) -> None:
+    store = connect()
+    prompt = {"1": {"class_type": "X", "inputs": {"text": '蓝色 "quoted"'}}}
+    store.enqueue("a", 3.0, prompt, {"client_id": "c"}, ["1"])
+    store.enqueue("b", -1.5, {"2": {}}, {}, ["2"])
+    store.enqueue("c", 7.0, {"3": {}}, {}, ["3"])
+    store.claim()
+    for state, jobs in (("pending", store.pending()), ("running", store.running())):
+        spliced = [json.loads(text) for text in store.queue_items_json(state)]
+        assert spliced == [job.queue_item() for job in jobs]
+    assert [item[0] for item in map(json.loads, store.queue_items_json("pending"))] == [3, 7]
+
+
+def test_a_burst_is_stored_in_one_transaction_and_each_job_gets_its_own_answer(connect: Connect) -> None:
+    store = connect(max_pending=4)
+    add(store, "taken", 0)
+    prompt = {"1": {"class_type": "X"}}
+    ids = (("a", 1), ("taken", 2), ("b", 3), ("a", 4), ("c", 5), ("d", 6))
+    results = store.enqueue_many([Job(i, n, prompt, {}, ["1"]) for i, n in ids])
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == ["Job", "DuplicateJob", "Job", "DuplicateJob", "Job", "QueueFull"]
+    assert [j.id for j in store.pending()] == ["taken", "a", "b", "c"]
+    assert [j.number for j in store.pending()] == [0, 1, 3, 5]  # the refused "a" did not overwrite the first
+    assert store.count("pending") == 4  # the counts kept by triggers agree
+    with pytest.raises(QueueFull):
+        add(store, "e")
