@@ -204,3 +204,53 @@ def test_a_burst_is_stored_in_one_transaction_and_each_job_gets_its_own_answer(c
     assert store.count("pending") == 4  # the counts kept by triggers agree
     with pytest.raises(QueueFull):
         add(store, "e")
+
+
+def test_a_claim_is_a_lease_that_heartbeats_renew(connect: Connect) -> None:
+    import time
+
+    store = connect()
+    for name in ("a", "b"):
+        add(store, name)
+    job = store.claim("machine-2:41:abcd", lease_s=0.2)
+    assert job is not None and job.worker == "machine-2:41:abcd" and job.lease is not None
+    assert job.lease == pytest.approx(time.time() + 0.2, abs=0.1)
+    assert store.heartbeat("machine-2:41:abcd", lease_s=30) == 1 and store.heartbeat("someone-else", 30) == 0
+    time.sleep(0.3)
+    assert store.recover() == []  # renewed: a live worker elsewhere keeps its job
+    stale = store.claim("machine-3:7:ef01", lease_s=0.1)
+    assert stale is not None and stale.id == "b"
+    time.sleep(0.2)
+    [back] = store.recover(cause="its worker stopped renewing its lease")
+    assert (back.id, back.state) == ("b", "pending") and [j.id for j in store.running()] == ["a"]
+    assert store.get("b") is not None and store.get("b").worker == ""  # type: ignore[union-attr]
+
+
+def test_recovery_takes_the_jobs_of_dead_processes_on_this_host_only(connect: Connect) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from zimage_serve.queue.jobs import worker_id
+
+    store = connect()
+    for name in ("mine", "dead", "named"):
+        add(store, name)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = f"{socket.gethostname()}:{int(ended.stdout)}:0000"
+    assert store.claim(worker_id(), lease_s=60) is not None  # this live process holds "mine"
+    assert store.claim(dead, lease_s=60) is not None  # a finished process held "dead", its lease still valid
+    assert store.claim("machine-9:1:aaaa", lease_s=60) is not None
+    assert [j.id for j in store.recover()] == ["dead"]
+    assert [j.id for j in store.recover(worker="machine-9:1:aaaa")] == ["named"]
+    assert [j.id for j in store.running()] == ["mine"] and os.getpid() > 0
+
+
+def test_finishing_hands_the_next_job_to_the_same_worker(connect: Connect) -> None:
+    store = connect()
+    for name in ("a", "b"):
+        add(store, name)
+    assert store.claim("w:1:x") is not None
+    following = store.finish("a", "success", {}, claim_next=True, worker="w:1:x", lease_s=5)
+    assert following is not None and following.worker == "w:1:x" and store.heartbeat("w:1:x") == 1

@@ -6,8 +6,9 @@ talk to. The semantics each method promises:
 
 - Order: the lowest `number` runs first (ComfyUI's priorities, `front` queues below zero), ties in
   submission order; a job is handed out once.
-- Every accepted job ends exactly once in history: success, error or interrupted. A job a crash left
-  running goes back to the queue (or fails, once tried `max_attempts` times) when recovered.
+- Every accepted job ends exactly once in history: success, error or interrupted. A claim is a lease to
+  one worker, renewed by its heartbeats; a job whose worker is gone (lease run out, process dead) goes
+  back to the queue (or fails, once tried `max_attempts` times) when recovered.
 - Counts per state are always exact for every connection; history keeps the newest entries.
 - Owners: listings, counts, deletes and usage can be narrowed to one owner (the user who queued it).
 """
@@ -37,20 +38,35 @@ class JobQueue(Protocol):
         ...
 
     # -- working -----------------------------------------------------------------------------------------
-    def claim(self) -> Job | None:
-        """The next pending job, now running; None when none waits."""
+    def claim(self, worker: str = "", lease_s: float = ...) -> Job | None:
+        """The next pending job, now running and leased to `worker` for `lease_s` s; None when none waits."""
         ...
 
-    def finish(self, job_id: str, state: str, result: dict[str, Any], claim_next: bool = False) -> Job | None:
-        """Record a running job's end and history entry; with `claim_next`, hand out the next job as well."""
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        result: dict[str, Any],
+        claim_next: bool = False,
+        worker: str = "",
+        lease_s: float = ...,
+    ) -> Job | None:
+        """Record a running job's end and history entry; with `claim_next`, hand `worker` the next job too."""
+        ...
+
+    def heartbeat(self, worker: str, lease_s: float = ...) -> int:
+        """`worker` lives: its leases hold `lease_s` s more. How many jobs it runs."""
         ...
 
     def requeue(self, job_id: str) -> bool:
         """A running job back in the queue as if not started (a shutdown cut it off). True if it ran."""
         ...
 
-    def recover(self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped") -> list[Job]:
-        """Jobs left running by a crash: queued again, or failed once tried `max_attempts` times."""
+    def recover(
+        self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped", worker: str | None = None
+    ) -> list[Job]:
+        """Jobs whose worker is gone (`worker`, or any whose lease ran out or whose process is dead): queued
+        again, or failed once tried `max_attempts` times. Jobs live workers hold are left to them."""
         ...
 
     # -- reading -----------------------------------------------------------------------------------------

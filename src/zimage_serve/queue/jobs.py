@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +14,7 @@ from zimage_serve.errors import ZImageError
 STATES = ("pending", "running", "success", "error", "interrupted")
 FINISHED = ("success", "error", "interrupted")
 NUMBER_LIMIT = 2.0**63  # a job's number (priority) is a float within ±2**63
+LEASE_S = 30.0  # how long a claim holds without a heartbeat; a worker renews it every third of that
 
 
 class QueueFull(ZImageError):
@@ -58,6 +62,8 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     owner: str = ""  # the user who queued it ("" with authentication off)
     context: dict[str, Any] = field(default_factory=dict)  # the rest of who queued it (identity.Identity)
+    worker: str = ""  # the worker running it (queue/store.worker_id), "" when none
+    lease: float | None = None  # until when that worker's claim holds, unless renewed by a heartbeat
     # prompt, extra_data, outputs and context as the JSON texts to store, when encoded ahead (off the loop)
     encoded: tuple[str, str, str, str] | None = field(default=None, repr=False, compare=False)
     # Not stored: what the owner's token allows, and how many images this job makes (its quota's count)
@@ -101,3 +107,25 @@ class Job:
 def comfy_number(number: float) -> float | int:
     """Whole numbers as integers, as ComfyUI shows them."""
     return int(number) if float(number).is_integer() else number
+
+
+def worker_gone(worker: str, lease: float | None, now: float) -> bool:
+    """Whether the worker that holds a job can no longer finish it (see `worker_id` for its form)."""
+    if lease is None or lease < now or not worker:
+        return True
+    host, _, rest = worker.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's: its lease decides
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user holds the number: alive, not ours to judge
+        return False
+    return False
+
+
+def worker_id() -> str:
+    """This process's worker name: host, process id and a random part (a restarted process is another)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

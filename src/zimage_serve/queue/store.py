@@ -31,6 +31,7 @@ from typing import Any
 from zimage_serve import strict_json
 from zimage_serve.queue.jobs import (
     FINISHED,
+    LEASE_S,
     NUMBER_LIMIT,
     STATES,
     DuplicateJob,
@@ -38,6 +39,7 @@ from zimage_serve.queue.jobs import (
     QueueFull,
     QuotaExceeded,
     comfy_number,
+    worker_gone,
 )
 from zimage_serve.workflow.events import execution_error
 
@@ -62,12 +64,17 @@ CREATE TABLE IF NOT EXISTS {{name}} (
     finished REAL,
     result TEXT,
     owner TEXT NOT NULL DEFAULT '',
-    context TEXT NOT NULL DEFAULT '{{{{}}}}'
+    context TEXT NOT NULL DEFAULT '{{{{}}}}',
+    worker TEXT NOT NULL DEFAULT '',
+    lease REAL
 );"""
 # Files from before owners lack the last two columns; they are added (at the end, where `_job` reads them).
 LEGACY_COLUMNS = "seq, id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result"
 OWNER_COLUMNS = (("owner", "TEXT NOT NULL DEFAULT ''"), ("context", "TEXT NOT NULL DEFAULT '{}'"))
-JOBS_COLUMNS = LEGACY_COLUMNS + ", " + ", ".join(name for name, _ in OWNER_COLUMNS)  # `_job` reads them in this order
+# Which worker runs a job, and until when its lease holds (heartbeats extend it); appended after the owners.
+LEASE_COLUMNS = (("worker", "TEXT NOT NULL DEFAULT ''"), ("lease", "REAL"))
+ADDED_COLUMNS = (*OWNER_COLUMNS, *LEASE_COLUMNS)
+JOBS_COLUMNS = LEGACY_COLUMNS + ", " + ", ".join(name for name, _ in ADDED_COLUMNS)  # `_job` reads them in this order
 SCHEMA = (
     JOBS_TABLE.format(name="jobs")
     + """
@@ -149,7 +156,9 @@ RUNNING_ORDER = f"{LIVE} AND state = 'running' ORDER BY started"
 # running in the same write transaction; not one UPDATE ... RETURNING, for which SQLite fills a temporary
 # table on every call (13 thousand instructions more per job, counted with callgrind).
 NEXT_PENDING = f"SELECT * FROM jobs WHERE {PENDING_ORDER} LIMIT 1"
-MARK_RUNNING = "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE seq = ?"
+MARK_RUNNING = (
+    "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, worker = ?, lease = ? WHERE seq = ?"
+)
 BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transaction
 # Files from before strict JSON may hold rows that are not JSON (NaN) or cannot be read back; such a file
 # is read through once, and its bad rows quarantined, when it is first opened by this version.
@@ -229,9 +238,9 @@ class JobStore:
                 self._execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'jobs'", (sequence[0],))
 
     def _add_owner_columns(self) -> None:
-        """A file from before owners gets their columns (its jobs are the local operator's)."""
+        """A file from before owners (or leases) gets their columns (its jobs are the local operator's)."""
         present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, declaration in OWNER_COLUMNS:
+        for name, declaration in ADDED_COLUMNS:
             if name not in present:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
@@ -355,14 +364,23 @@ class JobStore:
         return [found[o] for o in sorted(found)]
 
     # -- working -----------------------------------------------------------------------------------
-    def claim(self) -> Job | None:
-        """Hand out the next pending job (lowest number, then oldest) and mark it running."""
+    def claim(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
+        """Hand out the next pending job (lowest number, then oldest) and mark it running, leased to
+        `worker` for `lease_s` seconds."""
         with self._writing():
-            return self._claim_next()
+            return self._claim_next(worker, lease_s)
 
-    def finish(self, job_id: str, state: str, result: dict[str, Any], claim_next: bool = False) -> Job | None:
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        result: dict[str, Any],
+        claim_next: bool = False,
+        worker: str = "",
+        lease_s: float = LEASE_S,
+    ) -> Job | None:
         """Record a running job's end and its history entry (outputs and status messages), and with
-        `claim_next` hand out the next job in the same transaction (one commit per job, not two)."""
+        `claim_next` hand out the next job to `worker` in the same transaction (one commit per job, not two)."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         with self._writing():
@@ -371,17 +389,43 @@ class JobStore:
                 (state, time.time(), strict_json.dumps(result), job_id),
             )
             self._trim_history()
-            return self._claim_next() if claim_next else None
+            return self._claim_next(worker, lease_s) if claim_next else None
 
-    def recover(self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped") -> list[Job]:
-        """After a crash: jobs left running go back to the queue, or fail once tried `max_attempts` times (a
-        prompt that crashes the worker twice is not run a third time). `cause` says what stopped them."""
+    def heartbeat(self, worker: str, lease_s: float = LEASE_S) -> int:
+        """`worker` is alive: its running jobs' leases hold `lease_s` seconds more. How many it runs."""
+        with self._writing():
+            return self._execute(
+                f"UPDATE jobs SET lease = ? WHERE {LIVE} AND state = 'running' AND worker = ?",
+                (time.time() + lease_s, worker),
+            ).rowcount
+
+    def recover(
+        self,
+        retry: bool = True,
+        max_attempts: int = 2,
+        cause: str = "the server stopped",
+        worker: str | None = None,
+    ) -> list[Job]:
+        """Jobs whose worker is gone go back to the queue, or fail once tried `max_attempts` times (a
+        prompt that crashes the worker twice is not run a third time); `cause` says what stopped them.
+
+        Gone: `worker` when named (its process died); otherwise every worker whose lease ran out, that ran
+        on this host in a process that no longer exists, or that took no lease (older files). A job a live
+        worker elsewhere holds is left to it."""
         with self._writing():
             rows = self._execute(f"SELECT * FROM jobs WHERE {RUNNING_ORDER}").fetchall()
-            jobs = self._readable(rows)
+            now = time.time()
+            jobs = [
+                job
+                for job in self._readable(rows)
+                if (job.worker == worker if worker is not None else worker_gone(job.worker, job.lease, now))
+            ]
             for job in jobs:
                 if retry and job.attempts < max_attempts:
-                    self._execute("UPDATE jobs SET state = 'pending', started = NULL WHERE id = ?", (job.id,))
+                    self._execute(
+                        "UPDATE jobs SET state = 'pending', started = NULL, worker = '', lease = NULL WHERE id = ?",
+                        (job.id,),
+                    )
                     job.state = "pending"
                 else:
                     message = (
@@ -404,8 +448,8 @@ class JobStore:
         with self._writing():
             return bool(
                 self._execute(
-                    "UPDATE jobs SET state = 'pending', started = NULL, attempts = max(0, attempts - 1) "
-                    "WHERE id = ? AND state = 'running'",
+                    "UPDATE jobs SET state = 'pending', started = NULL, attempts = max(0, attempts - 1), "
+                    "worker = '', lease = NULL WHERE id = ? AND state = 'running'",
                     (job_id,),
                 ).rowcount
             )
@@ -525,8 +569,8 @@ class JobStore:
                 raise
             self._execute("COMMIT")
 
-    def _claim_next(self) -> Job | None:
-        """Within a write transaction: the next pending job, now marked running."""
+    def _claim_next(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
+        """Within a write transaction: the next pending job, now marked running and leased to `worker`."""
         while True:
             row = self._execute(NEXT_PENDING).fetchone()
             if row is None:
@@ -537,7 +581,8 @@ class JobStore:
             except Exception as exc:  # a row no worker could run: out of the way, never crash-looped on
                 self._quarantine(row, _reason(exc))
         job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
-        self._execute(MARK_RUNNING, (job.started, row[0]))  # seq
+        job.worker, job.lease = worker, job.started + lease_s
+        self._execute(MARK_RUNNING, (job.started, worker, job.lease, row[0]))  # seq
         return job
 
     def _count(self, state: str) -> int:
@@ -607,7 +652,7 @@ class JobStore:
         reading eleven columns by name costs SQLite's row a search through the names for each. Raises
         (ValueError, TypeError ...) for a row that does not hold a job."""
         _, job_id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result = row[:12]
-        owner, context = row[12], row[13]
+        owner, context, worker, lease = row[12], row[13], row[14], row[15]
         job = Job(
             id=job_id,
             number=number,
@@ -622,6 +667,8 @@ class JobStore:
             result=json.loads(result) if result else {},
             owner=owner,
             context=json.loads(context) if context != "{}" else {},
+            worker=worker,
+            lease=lease,
         )
         shapes = (
             (job.prompt, dict),

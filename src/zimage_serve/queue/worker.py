@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from zimage_serve.identity import Identity
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.deadlines import Deadlines
-from zimage_serve.queue.jobs import Job
+from zimage_serve.queue.jobs import LEASE_S, Job, worker_id
 from zimage_serve.workflow.events import execution_error
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ class Worker:
         concurrency: int = 1,
         preload: bool = False,
         on_ready: Callable[[], None] | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -110,6 +111,8 @@ class Worker:
         self._on_idle = on_idle
         self._preload, self._on_ready = preload, on_ready
         self.ready = threading.Event()  # set once the default model is loaded (at once without preload)
+        # Its name in the queue (host, process, random), and how long its claims hold between heartbeats.
+        self.id, self.lease_s = worker_id(), lease_s
 
     @property
     def running(self) -> list[Running]:
@@ -126,6 +129,24 @@ class Worker:
             thread = threading.Thread(target=self._loop, args=(slot,), name=f"zimage-worker-{slot}", daemon=True)
             self._threads.append(thread)
             thread.start()
+        threading.Thread(target=self._keep_leases, name="zimage-worker-heartbeat", daemon=True).start()
+
+    def _keep_leases(self) -> None:
+        """Renew this worker's leases every third of their length, and put back the jobs of workers whose
+        leases ran out (dead elsewhere, or stopped sending heartbeats)."""
+        while not self._stopping.wait(self.lease_s / 3):
+            try:
+                self.store.heartbeat(self.id, self.lease_s)
+                recovered = self.store.recover(cause="its worker stopped renewing its lease")
+            except Exception:  # a busy or briefly unreachable queue: the next beat tries again
+                log.exception("could not renew the leases of worker %s", self.id)
+                continue
+            for job in recovered:
+                log.warning("prompt %s lost its worker %s: %s", job.id, job.worker or "(unnamed)",
+                            "queued again" if job.state == "pending" else "failed, not run again")  # fmt: skip
+            if recovered:
+                self.listener.queue_changed()
+                self.notify()
 
     def notify(self) -> None:
         """A job was queued: wake the worker if it sleeps."""
@@ -222,7 +243,7 @@ class Worker:
         job: Job | None = None
         while job is not None or not self._stopping.is_set():
             if job is None:
-                job = self.store.claim()
+                job = self.store.claim(self.id, self.lease_s)
             if job is None:
                 if self._on_idle is not None:
                     self._on_idle()
@@ -275,7 +296,9 @@ class Worker:
             return None
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
-        next_job = self.store.finish(job.id, state, entry, claim_next=not self._stopping.is_set())
+        next_job = self.store.finish(
+            job.id, state, entry, claim_next=not self._stopping.is_set(), worker=self.id, lease_s=self.lease_s
+        )
         self.executor.settle_outputs(job.id)
         if self._stopping.is_set():
             log.warning("prompt %s ended (%s) while the server was stopping", job.id, state)
