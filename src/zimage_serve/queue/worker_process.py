@@ -5,13 +5,13 @@ requests does not slow a sampling loop, nor the other way round, and the two use
 that dies (a driver fault, the OOM killer) takes no request and no queued prompt with it.
 
 The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
-only hand-over) and runs a `Worker` there. One pipe carries, child to parent and in order (in
-batches): job events, queue changes and device statistics; parent to child: wake, interrupt, free and
-stop. Events go only to sockets, so while none is connected to the parent (a number in shared memory
-says how many are) the child sends none: what runs is read from the queue file, and the node a prompt
-is on is asked of the child when a socket connects. The child dies with the parent (Linux's
-parent-death signal, else the pipe's end). A child that dies unexpectedly is started again once its
-running jobs are put back or failed, as crash recovery does at start.
+only hand-over) and runs a `Worker` there. One pipe carries typed messages (`queue/messages.py`), child
+to parent and in order (in batches): job events, queue changes and device statistics; parent to child:
+wake, interrupt, free, report and stop. Events go only to sockets, so while none is connected to the
+parent (a number in shared memory says how many are) the child sends none: what runs is read from the
+queue file, and the node a prompt is on is asked of the child when a socket connects. The child dies
+with the parent (Linux's parent-death signal, else the pipe's end). A child that dies unexpectedly is
+started again once its running jobs are put back or failed, as crash recovery does at start.
 """
 
 from __future__ import annotations
@@ -33,6 +33,21 @@ from typing import Any
 
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.queue.contract import JobQueue
+from zimage_serve.queue.messages import (
+    DeviceStats,
+    Free,
+    Idle,
+    Interrupt,
+    JobEvent,
+    QueueChanged,
+    Ready,
+    Report,
+    RunningNow,
+    Stop,
+    ToServer,
+    ToWorker,
+    Wake,
+)
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
 from zimage_serve.workflow.limits import Limits
@@ -124,7 +139,7 @@ class WorkerProcess:
         """Take no new job; let running ones finish within `timeout` (then interrupt them). True if idle."""
         self._stopping.set()
         with self._lock:
-            self._send_locked(("stop", timeout))
+            self._send_locked(Stop(timeout))
             process = self._process
         if process is None:
             return True
@@ -152,13 +167,13 @@ class WorkerProcess:
         with self._lock:
             if self._child_idle:
                 self._child_idle = False
-                self._send_locked(("notify",))
+                self._send_locked(Wake())
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Sent whatever the queue file says (a prompt may have started a moment ago); True if one was
         running when asked."""
         with self._lock:
-            self._send_locked(("interrupt", prompt_id))
+            self._send_locked(Interrupt(prompt_id))
         if prompt_id is None:
             return self.store.count("running") > 0
         job = self.store.get(prompt_id)
@@ -166,7 +181,7 @@ class WorkerProcess:
 
     def free(self) -> None:
         with self._lock:
-            self._send_locked(("free",))
+            self._send_locked(Free())
 
     def executing(self) -> list[Executing]:
         """Asked of the child, which alone knows each prompt's current node (it sends no events while no
@@ -177,7 +192,7 @@ class WorkerProcess:
                 return []
             token, self._next_report = self._next_report, self._next_report + 1
             self._reports[token] = report
-            self._send_locked(("report", token))
+            self._send_locked(Report(token))
         if not report.done.wait(REPORT_TIMEOUT_S):
             log.warning("the worker process did not say what it runs within %s s", REPORT_TIMEOUT_S)
         with self._lock:
@@ -201,7 +216,7 @@ class WorkerProcess:
         }
 
     # -- parent side -----------------------------------------------------------------------------------
-    def _send_locked(self, message: tuple[Any, ...]) -> None:
+    def _send_locked(self, message: ToWorker) -> None:
         if self._connection is not None:
             with contextlib.suppress(OSError, ValueError):  # a dead child: the reader starts a new one
                 self._connection.send(message)
@@ -216,7 +231,7 @@ class WorkerProcess:
                 try:
                     self._dispatch(message)
                 except Exception:  # a listener's failure must not stop the events of other prompts
-                    log.exception("could not deliver %s from the worker", message[0])
+                    log.exception("could not deliver %s from the worker", type(message).__name__)
         connection.close()
         process.join(10)
         with self._lock:
@@ -241,30 +256,28 @@ class WorkerProcess:
         if not self._stopping.wait(restart_delay(self._quick_failures)):
             self.start()
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "event":
-            _, prompt_id, client_id, event, data, owner = message
-            self.listener.job_event(prompt_id, client_id, event, data, owner)
-        elif kind == "running":
-            _, token, running = message
-            with self._lock:
-                report = self._reports.get(token)
-            if report is not None:
-                report.running = [Executing(*item) for item in running]
-                report.done.set()
-        elif kind == "queue_changed":
-            self.listener.queue_changed()
-        elif kind == "idle":
-            # A job queued between the child's last look and this message got no wake-up: send one.
-            with self._lock:
-                self._child_idle = self.store.count("pending") == 0
-                if not self._child_idle:
-                    self._send_locked(("notify",))
-        elif kind == "stats":
-            self._stats = message[1]
-        elif kind == "ready":
-            self._child_ready = True
+    def _dispatch(self, message: ToServer) -> None:
+        match message:
+            case JobEvent(prompt_id, client_id, event, data, owner):
+                self.listener.job_event(prompt_id, client_id, event, data, owner)
+            case RunningNow(token, running):
+                with self._lock:
+                    report = self._reports.get(token)
+                if report is not None:
+                    report.running = [Executing(*item) for item in running]
+                    report.done.set()
+            case QueueChanged():
+                self.listener.queue_changed()
+            case Idle():
+                # A job queued between the child's last look and this message got no wake-up: send one.
+                with self._lock:
+                    self._child_idle = self.store.count("pending") == 0
+                    if not self._child_idle:
+                        self._send_locked(Wake())
+            case DeviceStats(stats):
+                self._stats = stats
+            case Ready():
+                self._child_ready = True
 
 
 # -- child side -----------------------------------------------------------------------------------------
@@ -275,10 +288,10 @@ class _PipeListener:
 
     def __init__(self, connection: Connection, audience: Any) -> None:
         self.connection, self.audience = connection, audience
-        self._outbox: queue.SimpleQueue[tuple[Any, ...] | threading.Event] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[ToServer | threading.Event] = queue.SimpleQueue()
         threading.Thread(target=self._pump, name="zimage-worker-outbox", daemon=True).start()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ToServer) -> None:
         self._outbox.put(message)
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -291,15 +304,15 @@ class _PipeListener:
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
     ) -> None:
         if self.audience.value:
-            self.send(("event", prompt_id, client_id, event, data, owner))
+            self.send(JobEvent(prompt_id, client_id, event, data, owner))
 
     def queue_changed(self) -> None:
         if self.audience.value:  # a status broadcast, to sockets only
-            self.send(("queue_changed",))
+            self.send(QueueChanged())
 
     def _pump(self) -> None:
         while True:
-            batch: list[tuple[Any, ...]] = []
+            batch: list[ToServer] = []
             markers: list[threading.Event] = []
             item = self._outbox.get()
             while True:
@@ -357,10 +370,10 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         nonlocal last_stats
         if time.monotonic() - last_stats >= 1.0:
             last_stats = time.monotonic()
-            listener.send(("stats", executor.device_stats()))
-        listener.send(("idle",))
+            listener.send(DeviceStats(executor.device_stats()))
+        listener.send(Idle())
 
-    listener.send(("stats", executor.device_stats()))
+    listener.send(DeviceStats(executor.device_stats()))
     worker = Worker(
         store,
         executor,
@@ -369,7 +382,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         concurrency=executor.placing.concurrency_cap(config.concurrency),
         on_idle=report_idle,
         preload=config.preload,
-        on_ready=lambda: listener.send(("ready",)),
+        on_ready=lambda: listener.send(Ready()),
     )
     worker.start()
     while True:
@@ -377,18 +390,18 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
             message = connection.recv()
         except (EOFError, OSError):
             os._exit(1)
-        kind = message[0]
-        if kind == "notify":
-            worker.notify()
-        elif kind == "interrupt":
-            worker.interrupt(message[1])
-        elif kind == "free":
-            executor.free()
-        elif kind == "report":
-            running = [(e.prompt_id, e.client_id, e.node, e.owner) for e in worker.executing()]
-            listener.send(("running", message[1], running))
-        elif kind == "stop":
-            clean = worker.stop(message[1])
-            store.close()
-            listener.flush()
-            os._exit(0 if clean else 3)
+        match message:
+            case Wake():
+                worker.notify()
+            case Interrupt(prompt_id):
+                worker.interrupt(prompt_id)
+            case Free():
+                executor.free()
+            case Report(token):
+                running = [(e.prompt_id, e.client_id, e.node, e.owner) for e in worker.executing()]
+                listener.send(RunningNow(token, running))
+            case Stop(timeout):
+                clean = worker.stop(timeout)
+                store.close()
+                listener.flush()
+                os._exit(0 if clean else 3)

@@ -1,0 +1,88 @@
+"""The messages between the server and its worker process, one type each (no tuples tagged by a string).
+
+Worker → server: what happens to jobs and to the worker itself (events a socket may want, that the queue
+changed, device statistics, idle, ready, the answer to "what runs now"). Server → worker: wake, interrupt,
+free, report, stop. Small frozen dataclasses: they pickle to a few dozen bytes and are matched by type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# -- worker → server ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """A ComfyUI WebSocket event of one job (`executing`, `progress`, ...), for its owner's sockets."""
+
+    prompt_id: str
+    client_id: str | None
+    event: str
+    data: dict[str, Any]
+    owner: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueChanged:
+    """The queue's counts changed (a status broadcast to every socket)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """The worker found no job to claim."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker loaded its default model (or has none to preload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunningNow:
+    """The answer to `Report`: (prompt id, client id, node, owner) of each running job."""
+
+    token: int
+    running: list[tuple[str, str | None, str | None, str]]
+
+
+# -- server → worker ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """A job was queued while the worker was idle."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    prompt_id: str | None  # None: whatever runs
+
+
+@dataclass(frozen=True, slots=True)
+class Free:
+    """Unload models and free memory (POST /free)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Say what runs now, answering with `RunningNow` and this token."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Take no new job; let the running ones finish within `timeout` seconds, then exit."""
+
+    timeout: float | None
+
+
+ToServer = JobEvent | QueueChanged | DeviceStats | Idle | Ready | RunningNow
+ToWorker = Wake | Interrupt | Free | Report | Stop
