@@ -344,6 +344,7 @@ def test_generate_inpaints_and_keeps_the_rest(
         (["--control-image", "p.png", "--control-type", "depth"], "--control-type"),
         (["--control-image", "missing.png", "--controlnet", "x"], "--control-image"),
         (["--control-image", "p.png", "--canny-low", "0.5", "--canny-high", "0.2"], "--canny-low"),
+        (["--control-image", "p.png", "--control-strength", "nan"], "--control-strength"),
     ],
 )
 def test_generate_names_the_option_at_fault(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -131,7 +132,7 @@ def generate(
         check_variant(variant)
     if output is not None and output.suffix.lower() != ".png":
         raise InvalidParameterError("output", f"{output} must end in .png")
-    steering = _pictures(control_image, control_type, canny_low, canny_high, image, mask)
+    steering = _pictures(control_image, control_type, control_strength, canny_low, canny_high, image, mask)
     if steering.size is not None and (width is None or height is None):
         width, height = width or steering.size[0], height or steering.size[1]
         params = replace(params, width=width, height=height)
@@ -217,11 +218,19 @@ class _Pictures:
 
 
 def _pictures(
-    control_image: Path | None, control_type: str, low: float, high: float, image: Path | None, mask: Path | None
+    control_image: Path | None,
+    control_type: str,
+    strength: float,
+    low: float,
+    high: float,
+    image: Path | None,
+    mask: Path | None,
 ) -> _Pictures:
     """The steering pictures read and checked before any model loads; each error names its option."""
     if control_type not in ("canny", "raw"):
         raise typer.BadParameter(f"{control_type!r} is not canny or raw", param_hint="--control-type")
+    if not (math.isfinite(strength) and -10 <= strength <= 10):
+        raise typer.BadParameter(f"{strength} is outside -10..10", param_hint="--control-strength")
     if (image is None) != (mask is None):
         raise typer.BadParameter(
             "inpainting needs both --image and --mask", param_hint="--mask" if image else "--image"
@@ -243,7 +252,7 @@ def _pictures(
     source = None if image is None else from_pil(_read_picture(image, "--image"))
     regenerate = None
     if mask is not None:
-        regenerate = from_pil(_read_picture(mask, "--mask"))[..., 0]  # white (any channel) = regenerate
+        regenerate = from_pil(_read_picture(mask, "--mask")).mean(-1)  # its brightness: white = regenerate
     first = source if source is not None else control
     assert first is not None
     return _Pictures(control, source, regenerate, _suggested_size(first.shape[2], first.shape[1]))
