@@ -36,6 +36,7 @@ from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.offload import ModelSwap, execution_device
 from zimage_serve.engine.prompt import prompt_token_ids
+from zimage_serve.engine.resize import repeat_to_batch
 from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
 from zimage_serve.engine.text import PromptEmbedding, encode_text
 from zimage_serve.errors import GenerationCancelled
@@ -248,11 +249,7 @@ def prepare_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """ComfyUI's noise mask for a latent of `shape`: resized bilinearly, on every channel, one per image."""
     mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
     mask = torch.nn.functional.interpolate(mask, size=tuple(shape[-2:]), mode="bilinear")
-    mask = mask.expand(-1, shape[1], -1, -1)
-    if mask.shape[0] != shape[0]:
-        repeats = -(-shape[0] // mask.shape[0])
-        mask = mask.repeat(repeats, 1, 1, 1)[: shape[0]]
-    return mask
+    return repeat_to_batch(mask.expand(-1, shape[1], -1, -1), shape[0])
 
 
 def _patch_grid(latent: torch.Tensor) -> tuple[int, int]:

@@ -222,6 +222,7 @@ class RepeatLatentBatch(Node):
     outputs = (Output("LATENT"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        from zimage_serve.engine.resize import repeat_to_batch
         from zimage_serve.workflow.limits import enforce
 
         latent, amount = dict(inputs["samples"]), inputs["amount"]
@@ -231,7 +232,7 @@ class RepeatLatentBatch(Node):
         if "noise_mask" in latent and samples.shape[0] > 1:
             masks = latent["noise_mask"]
             if masks.shape[0] < samples.shape[0]:  # one mask per image before repeating, as ComfyUI
-                masks = masks.repeat(-(-samples.shape[0] // masks.shape[0]), 1, 1, 1)[: samples.shape[0]]
+                masks = repeat_to_batch(masks, samples.shape[0])
             latent["noise_mask"] = masks.repeat(amount, 1, 1, 1)
         if "batch_index" in latent:
             index = latent["batch_index"]
