@@ -314,6 +314,9 @@ def test_four_large_graphs_do_not_stall_the_event_loop(server: Server) -> None:
     def send() -> None:
         answers.append(server.request("POST", "/prompt", raw=body)[0])
 
+    started = time.monotonic()
+    send()
+    alone = time.monotonic() - started  # what one of them takes: as long as a stalled loop would stall
     senders = [threading.Thread(target=send) for _ in range(4)]
     slowest = 0.0
     for sender in senders:
@@ -323,9 +326,11 @@ def test_four_large_graphs_do_not_stall_the_event_loop(server: Server) -> None:
         assert server.request("GET", "/system_stats")[0] == 200
         slowest = max(slowest, time.monotonic() - started)
         time.sleep(0.02)
-    assert answers == [200] * 4
-    print(f"slowest /system_stats while four large graphs were validated: {slowest:.3f} s")
-    assert slowest < 0.75, f"/system_stats took {slowest:.2f} s while large graphs were validated"
+    assert answers == [200] * 5
+    print(f"slowest /system_stats while four large graphs were validated: {slowest:.3f} s; one alone: {alone:.3f} s")
+    # Relative, not absolute: on a loaded machine both grow together, and a loop blocked by a parse
+    # would keep /system_stats waiting for about as long as one large request takes.
+    assert slowest < alone / 2, f"/system_stats took {slowest:.2f} s while large graphs were validated"
 
 
 def test_the_server_still_serves_a_normal_job_at_the_end(server: Server) -> None:

@@ -79,7 +79,16 @@ async def post_prompt(request: Request) -> Response:
     body and builds its own answers, so it needs none of FastAPI's machinery. It is left out of the
     schema through the route added below."""
     raw = await request.body()
-    large = len(raw) > OFF_LOOP_BYTES
+    if len(raw) <= OFF_LOOP_BYTES:
+        return await _queue_body(request, raw, large=False)
+    # Large bodies are parsed and validated in a thread, and one at a time: each thread that builds a
+    # few million objects competes with the event loop for the GIL, so four at once would slow every
+    # other request, not only the large ones.
+    async with runtime(request).large_bodies:
+        return await _queue_body(request, raw, large=True)
+
+
+async def _queue_body(request: Request, raw: bytes, *, large: bool) -> Response:
     try:
         body = await asyncio.to_thread(parse_body, raw) if large else parse_body(raw)
     except ValueError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class Runtime:
             self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
         )
         self.submissions = SubmissionBatcher(self.service)
+        self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         self._started = self._stopped = False
 
     def _worker(self) -> DeviceWorker:
