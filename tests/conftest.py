@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.checkpoints import write_comfy_root
+from tests.redis_server import RedisServer, running_redis
 from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.nano.random_model import write_random_model
 
@@ -24,3 +26,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def comfy_root(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ComfyUI models/ folder with the template's file names (no tokenizer: ComfyUI ships none)."""
     return write_comfy_root(tiny_model, tmp_path_factory.mktemp("comfyui") / "models")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by key prefix."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server

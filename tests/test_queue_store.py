@@ -43,6 +43,16 @@ def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
     assert [j.id for j in store.pending()] == [f"job{i}" for i in range(50)]
 
 
+def test_a_files_counter_is_one_past_the_highest_number_after_a_crash_and_exact_after_a_close(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "q.db")
+    for name in ("a", "b", "c"):
+        add(store, name)
+    store.next_number()  # counted, not stored
+    assert JobStore(tmp_path / "q.db").next_number() == 3  # the counter was not saved: read from the jobs
+    store.close()
+    assert JobStore(tmp_path / "q.db").next_number() == 4
+
+
 def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "HISTORY_LIMIT", 3)
     store = JobStore(tmp_path / "q.db")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,15 @@ STATES = ("pending", "running", "success", "error", "interrupted")
 FINISHED = ("success", "error", "interrupted")
 NUMBER_LIMIT = 2.0**63  # a job's number (priority) is a float within ±2**63
 LEASE_S = 30.0  # how long a claim holds without a heartbeat; a worker renews it every third of that
+HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
+RETRY_QUEUED_S = 5  # Retry-After for a full per-user queue: about when one of the user's jobs ends
+RETRY_UNAVAILABLE_S = 5  # Retry-After while the queue cannot be reached
+
+
+class QueueUnavailable(ZImageError):
+    """The queue cannot be reached now (its Redis is down or restarting): 503, try again shortly."""
+
+    retry_after = RETRY_UNAVAILABLE_S
 
 
 class QueueFull(ZImageError):
@@ -124,6 +134,15 @@ def worker_gone(worker: str, lease: float | None, now: float) -> bool:
     except PermissionError:  # a process of another user holds the number: alive, not ours to judge
         return False
     return False
+
+
+def day_of(now: float) -> str:
+    """The UTC day a quota counts in."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def seconds_to_midnight(now: float) -> int:
+    return max(1, 86400 - int(now) % 86400)
 
 
 def worker_id() -> str:

@@ -31,14 +31,18 @@ from typing import Any
 from zimage_serve import strict_json
 from zimage_serve.queue.jobs import (
     FINISHED,
+    HISTORY_LIMIT,
     LEASE_S,
     NUMBER_LIMIT,
+    RETRY_QUEUED_S,
     STATES,
     DuplicateJob,
     Job,
     QueueFull,
     QuotaExceeded,
     comfy_number,
+    day_of,
+    seconds_to_midnight,
     worker_gone,
 )
 from zimage_serve.workflow.events import execution_error
@@ -163,8 +167,6 @@ BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transactio
 # Files from before strict JSON may hold rows that are not JSON (NaN) or cannot be read back; such a file
 # is read through once, and its bad rows quarantined, when it is first opened by this version.
 STRICT_VERSION = 2
-HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
-RETRY_QUEUED_S = 5  # Retry-After for a full per-user queue: about when one of the user's jobs ends
 
 
 class JobStore:
@@ -322,7 +324,7 @@ class JobStore:
                 self._execute(
                     "INSERT INTO usage (owner, day, jobs, images) VALUES (?, ?, ?, ?) ON CONFLICT(owner, day) "
                     "DO UPDATE SET jobs = jobs + excluded.jobs, images = images + excluded.images",
-                    (owner, _day(now), count, images),
+                    (owner, day_of(now), count, images),
                 )
         return found
 
@@ -337,16 +339,16 @@ class JobStore:
             if queued + 1 > quota.max_queued:
                 return QuotaExceeded("max_queued", queued + 1, quota.max_queued, RETRY_QUEUED_S)
         if quota.images_per_day is not None:
-            row = self._execute("SELECT images FROM usage WHERE owner = ? AND day = ?", (job.owner, _day(now)))
+            row = self._execute("SELECT images FROM usage WHERE owner = ? AND day = ?", (job.owner, day_of(now)))
             today = row.fetchone()
             used = (today[0] if today else 0) + images_so_far + job.images
             if used > quota.images_per_day:
-                return QuotaExceeded("images_per_day", used, quota.images_per_day, _seconds_to_midnight(now))
+                return QuotaExceeded("images_per_day", used, quota.images_per_day, seconds_to_midnight(now))
         return None
 
     def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
         """Jobs and images queued per owner on `day` (today, UTC), with each owner's jobs queued now."""
-        day = day or _day(time.time())
+        day = day or day_of(time.time())
         where, args = ("owner = ? AND day = ?", (owner, day)) if owner is not None else ("day = ?", (day,))
         with self._lock:
             rows = self._execute(f"SELECT owner, jobs, images FROM usage WHERE {where} ORDER BY owner", args).fetchall()
@@ -684,14 +686,6 @@ class JobStore:
                 "a column does not hold what a job needs (prompt, extra_data and result objects, outputs a list)"
             )
         return job
-
-
-def _day(now: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(now))
-
-
-def _seconds_to_midnight(now: float) -> int:
-    return max(1, 86400 - int(now) % 86400)
 
 
 def _unreadable(row: sqlite3.Row, strict: bool) -> str | None:

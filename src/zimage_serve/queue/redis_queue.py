@@ -1,0 +1,359 @@
+"""The queue and history in Redis: the cluster's one queue, shared by every API node and worker.
+
+It keeps the contract of `queue/contract.JobQueue` as the SQLite file does: each change is one Lua
+script (`queue/redis_scripts.py`), atomic and one round trip, so a job is handed out once whichever
+worker asks, a claim is a lease renewed by heartbeats, and every job's end is recorded once. Delivery is
+at least once: a worker that dies holds its jobs only until its lease runs out, then any worker's
+recovery queues them again. With AOF on (`appendonly yes`, `appendfsync everysec` or `always`), a Redis
+restart keeps every job it acknowledged (every second's worth at worst with `everysec`).
+
+While Redis cannot be reached every call raises `QueueUnavailable` (the API answers 503 with
+Retry-After; workers wait and try again); the connection pool reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from zimage_serve import strict_json
+from zimage_serve.queue import redis_scripts
+from zimage_serve.queue.jobs import (
+    FINISHED,
+    HISTORY_LIMIT,
+    LEASE_S,
+    RETRY_QUEUED_S,
+    DuplicateJob,
+    Job,
+    QueueFull,
+    QueueUnavailable,
+    QuotaExceeded,
+    comfy_number,
+    day_of,
+    seconds_to_midnight,
+    worker_gone,
+)
+from zimage_serve.workflow.events import execution_error
+
+log = logging.getLogger(__name__)
+DEFAULT_PREFIX = "zimage:"
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError, OSError)
+T = TypeVar("T")
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for `url` whose calls fail within seconds, not minutes, while Redis is down, and that
+    reconnects by itself once it is back (one quick retry covers a connection that went stale)."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        health_check_interval=15,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+        retry_on_error=[redis.ConnectionError],
+    )
+
+
+class RedisQueue:
+    def __init__(
+        self, url: str, max_pending: int = 10000, prefix: str = DEFAULT_PREFIX, client: redis.Redis | None = None
+    ) -> None:
+        self.url, self.max_pending, self.prefix = url, max_pending, prefix
+        self.redis = client if client is not None else connect(url)
+        scripts = ("ENQUEUE", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
+        self._scripts = {name: self.redis.register_script(getattr(redis_scripts, name)) for name in scripts}
+
+    def _run(self, script: str, *args: Any) -> Any:
+        with self._reachable():
+            return self._scripts[script](args=[self.prefix, *args])
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        try:
+            yield
+        except _UNREACHABLE as exc:
+            raise QueueUnavailable(f"the queue (Redis at {self._where()}) cannot be reached: {exc}") from exc
+
+    def _where(self) -> str:
+        kwargs = self.redis.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs else str(kwargs.get("path"))
+
+    def _call(self, call: Callable[[], T]) -> T:
+        with self._reachable():
+            return call()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except _UNREACHABLE:
+            return False
+
+    # -- submitting ----------------------------------------------------------------------------------
+    def next_number(self) -> int:
+        """ComfyUI's counter, shared by every API node (a job's number orders it for the whole cluster)."""
+        return int(self._call(lambda: self.redis.incr(self.prefix + "number"))) - 1
+
+    def enqueue(
+        self, job_id: str, number: float, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
+    ) -> Job:
+        [stored] = self.enqueue_many([Job(job_id, number, prompt, extra_data, outputs)])
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
+
+    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
+        if not jobs:
+            return []
+        now = time.time()
+        args: list[Any] = [self.max_pending, day_of(now)]
+        for job in jobs:
+            prompt, extra, outputs, context = job.encode()
+            quota = job.quota if job.owner else None
+            args += [job.id, repr(float(job.number)), prompt, extra, outputs, context, job.owner]
+            args += [_limit(quota.max_queued if quota else None), _limit(quota.images_per_day if quota else None)]
+            args.append(job.images)
+        answers = self._run("ENQUEUE", *args)
+        found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
+        for job, answer in zip(jobs, answers, strict=True):
+            kind, _, rest = answer.partition(":")
+            if kind == "ok":
+                stored = Job(job.id, job.number, job.prompt, job.extra_data, job.outputs, created=float(rest))
+                stored.owner, stored.context, stored.images = job.owner, job.context, job.images
+                found.append(stored)
+            elif kind == "full":
+                found.append(QueueFull(self.max_pending))
+            elif kind == "dup":
+                found.append(DuplicateJob(job.id))
+            else:
+                which, _, used = rest.partition(":")
+                assert job.quota is not None
+                if which == "max_queued":
+                    assert job.quota.max_queued is not None
+                    found.append(QuotaExceeded(which, int(used), job.quota.max_queued, RETRY_QUEUED_S))
+                else:
+                    assert job.quota.images_per_day is not None
+                    allowed = job.quota.images_per_day
+                    found.append(QuotaExceeded(which, int(used), allowed, seconds_to_midnight(now)))
+        return found
+
+    def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
+        day = day or day_of(time.time())
+
+        def read() -> tuple[dict[str, str], dict[str, int]]:
+            counted = _texts(self.redis.hgetall(f"{self.prefix}usage:{day}"))
+            owners = [owner] if owner is not None else sorted(map(str, self.redis.smembers(self.prefix + "owners")))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name in owners:
+                    pipe.zcard(self._owned(name, "pending"))
+                    pipe.zcard(self._owned(name, "running"))
+                sizes = pipe.execute()
+            queued = {name: sizes[2 * i] + sizes[2 * i + 1] for i, name in enumerate(owners)}
+            return counted, queued
+
+        counted, queued = self._call(read)
+        found: dict[str, dict[str, Any]] = {}
+
+        def row(name: str) -> dict[str, Any]:
+            return found.setdefault(name, {"user": name, "day": day, "jobs_today": 0, "images_today": 0, "queued": 0})
+
+        for field_name, value in counted.items():
+            kind, _, name = field_name.partition(":")
+            if owner is None or name == owner:
+                row(name)["jobs_today" if kind == "jobs" else "images_today"] = int(value)
+        for name, n in queued.items():
+            if n:
+                row(name)["queued"] = n
+        return [found[name] for name in sorted(found)]
+
+    # -- working ---------------------------------------------------------------------------------------
+    def claim(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
+        return self._job_or_none(self._run("CLAIM", worker, repr(lease_s)))
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        result: dict[str, Any],
+        claim_next: bool = False,
+        worker: str = "",
+        lease_s: float = LEASE_S,
+    ) -> Job | None:
+        if state not in FINISHED:
+            raise ValueError(f"not a final state: {state}")
+        text = strict_json.dumps(result)
+        fields = self._run(
+            "FINISH", job_id, state, text, "1" if claim_next else "0", worker, repr(lease_s), HISTORY_LIMIT
+        )
+        return self._job_or_none(fields)
+
+    def heartbeat(self, worker: str, lease_s: float = LEASE_S) -> int:
+        return int(self._run("HEARTBEAT", worker, repr(lease_s)))
+
+    def requeue(self, job_id: str) -> bool:
+        return bool(self._run("RELEASE", job_id, "requeue", "", "*", "*", HISTORY_LIMIT))
+
+    def recover(
+        self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped", worker: str | None = None
+    ) -> list[Job]:
+        """As the SQLite queue's: the jobs of gone workers (lease run out by Redis' clock, a dead process on
+        this host, or `worker`), each moved only if it is still held as it was read, so two nodes
+        recovering at once move a job once, and a heartbeat that came meanwhile keeps it."""
+        seconds, micros = self._call(self.redis.time)
+        now = seconds + micros / 1e6
+        moved: list[Job] = []
+        for row in self._run("PAGE", "running", 0, -1, "*"):
+            fields = _pairs(row)
+            job, lease = _job(fields), fields.get("lease", "")
+            gone = job.worker == worker if worker is not None else worker_gone(job.worker, job.lease, now)
+            if not gone:
+                continue
+            if retry and job.attempts < max_attempts:
+                if self._run("RELEASE", job.id, "retry", "", job.worker, lease, HISTORY_LIMIT):
+                    job.state = "pending"
+                    moved.append(job)
+                continue
+            message = (
+                f"{cause} while this prompt ran"
+                + (f" ({job.attempts} times)" if job.attempts > 1 else "")
+                + "; it was not run again"
+            )
+            error = execution_error(job.id, message, "ServerRestart")
+            result = strict_json.dumps({"outputs": {}, "messages": [["execution_error", error]]})
+            if self._run("RELEASE", job.id, "fail", result, job.worker, lease, HISTORY_LIMIT):
+                job.state = "error"
+                moved.append(job)
+        return moved
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        fields = self._call(lambda: self.redis.hgetall(f"{self.prefix}job:{job_id}"))
+        return _job(_texts(fields)) if fields else None
+
+    def pending(self) -> list[Job]:
+        return self._jobs("pending", 0, -1)
+
+    def running(self) -> list[Job]:
+        return self._jobs("running", 0, -1)
+
+    def queue_items_json(
+        self, state: str, limit: int | None = None, offset: int = 0, owner: str | None = None
+    ) -> list[str]:
+        if state not in ("pending", "running"):
+            raise ValueError(f"not a live state: {state}")
+        start, stop = offset, -1 if limit is None else offset + limit - 1
+        if owner == "" or stop < -1 or (limit is not None and limit <= 0):
+            return []
+        key = state if owner is None else self._owned(owner, state, prefixed=False)
+        rows = self._run("PAGE", key, start, stop, "number", "id", "prompt", "extra_data", "outputs")
+        return [
+            f"[{json.dumps(comfy_number(float(number)))}, {json.dumps(job_id)}, {prompt}, {extra}, {outputs}]"
+            for number, job_id, prompt, extra, outputs in rows
+        ]
+
+    def count(self, state: str, owner: str | None = None) -> int:
+        if owner is None:
+            return int(self._call(lambda: self.redis.hget(self.prefix + "counts", state)) or 0)
+        if state not in ("pending", "running") or not owner:
+            return 0
+        return int(self._call(lambda: self.redis.zcard(self._owned(owner, state))))
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state, for the whole cluster (one read)."""
+        found = self._call(lambda: self.redis.hgetall(self.prefix + "counts"))
+        return {state: int(found.get(state, 0)) for state in ("pending", "running", *FINISHED)}
+
+    def count_finished(self, owner: str | None = None) -> int:
+        if owner is not None and not owner:
+            return 0
+        key = self.prefix + "history" if owner is None else self._owned(owner, "history")
+        return int(self._call(lambda: self.redis.zcard(key)))
+
+    def history(self, max_items: int | None = None, offset: int | None = None, owner: str | None = None) -> list[Job]:
+        if owner is not None and not owner:
+            return []
+        total = self.count_finished(owner)
+        if offset is None:
+            offset = max(0, total - max_items) if max_items is not None else 0
+        offset = max(0, offset)
+        stop = -1 if max_items is None else offset + max_items - 1
+        if max_items is not None and max_items <= 0:
+            return []
+        key = "history" if owner is None else self._owned(owner, "history", prefixed=False)
+        return self._jobs(key, offset, stop)
+
+    # -- removing --------------------------------------------------------------------------------------
+    def delete_pending(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int:
+        return self._delete("pending", ids, owner)
+
+    def delete_history(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int:
+        return self._delete("history", ids, owner)
+
+    def _delete(self, which: str, ids: Iterable[str] | None, owner: str | None) -> int:
+        chosen = None if ids is None else list(ids)
+        if chosen is not None and not chosen:
+            return 0
+        if owner is not None and not owner:
+            return 0
+        return int(self._run("DELETE", which, "*" if owner is None else owner, *(chosen or ())))
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _owned(self, owner: str, state: str, prefixed: bool = True) -> str:
+        key = f"owner:{owner}:{state}"
+        return self.prefix + key if prefixed else key
+
+    def _jobs(self, key: str, start: int, stop: int) -> list[Job]:
+        rows = self._run("PAGE", key, start, stop, "*")
+        return [_job(_pairs(row)) for row in rows]
+
+    def _job_or_none(self, fields: Any) -> Job | None:
+        return _job(_pairs(fields)) if fields else None
+
+
+def _limit(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _texts(found: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    """A hash as read (the client decodes every reply, so all of it is text)."""
+    return {str(key): str(value) for key, value in found.items()}
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _time(text: str | None) -> float | None:
+    return float(text) if text else None
+
+
+def _job(fields: dict[str, str]) -> Job:
+    context = fields.get("context", "{}")
+    return Job(
+        id=fields["id"],
+        number=float(fields["number"]),
+        prompt=json.loads(fields["prompt"]),
+        extra_data=json.loads(fields["extra_data"]),
+        outputs=json.loads(fields["outputs"]),
+        state=fields["state"],
+        attempts=int(fields.get("attempts") or 0),
+        created=float(fields.get("created") or 0.0),
+        started=_time(fields.get("started")),
+        finished=_time(fields.get("finished")),
+        result=json.loads(fields["result"]) if fields.get("result") else {},
+        owner=fields.get("owner", ""),
+        context=json.loads(context) if context != "{}" else {},
+        worker=fields.get("worker", ""),
+        lease=_time(fields.get("lease")),
+    )

@@ -1,0 +1,277 @@
+"""The Lua scripts of the Redis queue (`queue/redis_queue.py`): each change of a job is one script, so it
+is atomic for every API node and worker, and one round trip.
+
+Keys, under the queue's prefix P (`zimage:` unless the URL names another):
+- `P job:<id>`: a hash, the job (its JSON texts as stored, its state, times, attempts, owner, worker, lease);
+  `m` is its member in the sorted sets below: the submission sequence, zero-padded, then the id, so that
+  jobs of one score sort in submission order;
+- `P pending` (score: number), `P running` (score: start), `P history` (score: end), and the same three per
+  owner, `P owner:<owner>:<state>`, for the jobs of a signed-in user;
+- `P held:<worker>`: the ids a worker runs, whose leases its heartbeats renew;
+- `P counts`: jobs per state; `P seq`, `P number`: counters; `P usage:<day>`: jobs and images per owner;
+- `P audit`: a stream, every job's end, written in the script that records it (the audit log's outbox);
+- `P control`: the channel that wakes workers when jobs are queued.
+
+Times are Redis' own clock (TIME), so leases mean the same on every machine. Numbers written back by Lua
+are formatted with six decimals: Lua's own conversion keeps only 14 digits.
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+local P = ARGV[1]
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function fmt(x)
+  return string.format('%.6f', x)
+end
+
+local function owned(owner, state)
+  return P .. 'owner:' .. owner .. ':' .. state
+end
+
+local function move(m, owner, from, to, score)
+  redis.call('ZREM', P .. from, m)
+  if to ~= nil then redis.call('ZADD', P .. to, score, m) end
+  if owner ~= '' then
+    redis.call('ZREM', owned(owner, from), m)
+    if to ~= nil then redis.call('ZADD', owned(owner, to), score, m) end
+  end
+end
+
+local function counted(from, to)
+  if from ~= nil then redis.call('HINCRBY', P .. 'counts', from, -1) end
+  if to ~= nil then redis.call('HINCRBY', P .. 'counts', to, 1) end
+end
+
+local function where(state)
+  if state == 'pending' or state == 'running' then return state end
+  return 'history'
+end
+
+-- The next pending job, now running and leased to `worker`: its fields (HGETALL), or false.
+local function claim(worker, lease_s, t)
+  while true do
+    local head = redis.call('ZRANGE', P .. 'pending', 0, 0)
+    if #head == 0 then return false end
+    local m = head[1]
+    local id = string.sub(m, 18)
+    local key = P .. 'job:' .. id
+    local owner = redis.call('HGET', key, 'owner')
+    if not owner then
+      redis.call('ZREM', P .. 'pending', m)  -- a member whose job is gone: never handed out
+    else
+      local started = fmt(t)
+      move(m, owner, 'pending', 'running', started)
+      redis.call('HSET', key, 'state', 'running', 'started', started, 'worker', worker,
+                 'lease', fmt(t + tonumber(lease_s)))
+      redis.call('HINCRBY', key, 'attempts', 1)
+      if worker ~= '' then redis.call('SADD', P .. 'held:' .. worker, id) end
+      counted('pending', 'running')
+      return redis.call('HGETALL', key)
+    end
+  end
+end
+
+local function trim_history(limit)
+  local excess = redis.call('ZCARD', P .. 'history') - limit
+  if excess <= 0 then return end
+  for _, m in ipairs(redis.call('ZRANGE', P .. 'history', 0, excess - 1)) do
+    local key = P .. 'job:' .. string.sub(m, 18)
+    local fields = redis.call('HMGET', key, 'state', 'owner')
+    if fields[1] then
+      counted(fields[1], nil)
+      if fields[2] ~= '' then redis.call('ZREM', owned(fields[2], 'history'), m) end
+      redis.call('DEL', key)
+    end
+  end
+  redis.call('ZREMRANGEBYRANK', P .. 'history', 0, excess - 1)
+end
+
+-- A running job's end: its state, result and history entry, and a copy in the audit outbox.
+local function finish(id, state, result, t, history_limit)
+  local key = P .. 'job:' .. id
+  local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker')
+  if fields[1] ~= 'running' then return false end
+  local finished = fmt(t)
+  redis.call('HSET', key, 'state', state, 'finished', finished, 'result', result)
+  move(fields[2], fields[3], 'running', 'history', finished)
+  if fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
+  counted('running', state)
+  local job = redis.call('HMGET', key, 'owner', 'context', 'created', 'started')
+  redis.call('XADD', P .. 'audit', 'MAXLEN', '~', 100000, '*', 'job_id', id, 'owner', job[1],
+             'context', job[2], 'state', state, 'created', job[3], 'started', job[4], 'finished', finished,
+             'result', result)
+  trim_history(tonumber(history_limit))
+  return true
+end
+"""
+
+# ARGV: P, max_pending, day, then 10 per job: id, number, prompt, extra_data, outputs, context, owner,
+# max_queued ('' for none), images_per_day ('' for none), images. Each job's answer: 'ok:<created>',
+# 'full', 'dup', or 'quota:<which>:<used>'.
+ENQUEUE = (
+    PRELUDE
+    + r"""
+local max_pending = tonumber(ARGV[2])
+local day = ARGV[3]
+local t = fmt(now())
+local pending = tonumber(redis.call('HGET', P .. 'counts', 'pending') or '0')
+local answers = {}
+local stored = 0
+for b = 4, #ARGV, 10 do
+  local id, number, owner = ARGV[b], ARGV[b + 1], ARGV[b + 6]
+  local max_queued, per_day, images = ARGV[b + 7], ARGV[b + 8], tonumber(ARGV[b + 9])
+  local key = P .. 'job:' .. id
+  local answer = nil
+  if pending >= max_pending then answer = 'full' end
+  if answer == nil and owner ~= '' and max_queued ~= '' then
+    local queued = redis.call('ZCARD', owned(owner, 'pending')) + redis.call('ZCARD', owned(owner, 'running'))
+    if queued + 1 > tonumber(max_queued) then answer = 'quota:max_queued:' .. (queued + 1) end
+  end
+  if answer == nil and owner ~= '' and per_day ~= '' then
+    local used = tonumber(redis.call('HGET', P .. 'usage:' .. day, 'images:' .. owner) or '0') + images
+    if used > tonumber(per_day) then answer = 'quota:images_per_day:' .. used end
+  end
+  if answer == nil and redis.call('EXISTS', key) == 1 then answer = 'dup' end
+  if answer == nil then
+    local m = string.format('%016d', redis.call('INCR', P .. 'seq')) .. ':' .. id
+    redis.call('HSET', key, 'id', id, 'm', m, 'number', number, 'prompt', ARGV[b + 2], 'extra_data', ARGV[b + 3],
+               'outputs', ARGV[b + 4], 'context', ARGV[b + 5], 'owner', owner, 'state', 'pending',
+               'attempts', 0, 'created', t, 'worker', '')
+    redis.call('ZADD', P .. 'pending', number, m)
+    if owner ~= '' then
+      redis.call('ZADD', owned(owner, 'pending'), number, m)
+      redis.call('SADD', P .. 'owners', owner)
+      redis.call('HINCRBY', P .. 'usage:' .. day, 'jobs:' .. owner, 1)
+      redis.call('HINCRBY', P .. 'usage:' .. day, 'images:' .. owner, images)
+      redis.call('EXPIRE', P .. 'usage:' .. day, 40 * 86400)
+    end
+    counted(nil, 'pending')
+    pending = pending + 1
+    stored = stored + 1
+    answer = 'ok:' .. t
+  end
+  answers[#answers + 1] = answer
+end
+if stored > 0 then redis.call('PUBLISH', P .. 'control', '{"wake": true}') end
+return answers
+"""
+)
+
+# ARGV: P, worker, lease_s
+CLAIM = PRELUDE + "\nreturn claim(ARGV[2], ARGV[3], now())\n"
+
+# ARGV: P, id, state, result, claim_next ('1' or '0'), worker, lease_s, history_limit
+FINISH = (
+    PRELUDE
+    + r"""
+local t = now()
+finish(ARGV[2], ARGV[3], ARGV[4], t, ARGV[8])
+if ARGV[5] == '1' then return claim(ARGV[6], ARGV[7], t) end
+return false
+"""
+)
+
+# ARGV: P, worker, lease_s. Renews the leases of the jobs the worker runs; how many.
+HEARTBEAT = (
+    PRELUDE
+    + r"""
+local worker = ARGV[2]
+local lease = fmt(now() + tonumber(ARGV[3]))
+local renewed = 0
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'held:' .. worker)) do
+  local key = P .. 'job:' .. id
+  local fields = redis.call('HMGET', key, 'state', 'worker')
+  if fields[1] == 'running' and fields[2] == worker then
+    redis.call('HSET', key, 'lease', lease)
+    renewed = renewed + 1
+  else
+    redis.call('SREM', P .. 'held:' .. worker, id)
+  end
+end
+return renewed
+"""
+)
+
+# ARGV: P, id, how ('requeue': as if never started, the attempt not counted; 'retry': queued again;
+# 'fail': ended as an error with `result`), result, expected worker, expected lease (both '*' for any),
+# history_limit. 1 if the job was running (and held as expected) and was moved, else 0.
+RELEASE = (
+    PRELUDE
+    + r"""
+local id, how, result = ARGV[2], ARGV[3], ARGV[4]
+local key = P .. 'job:' .. id
+local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker', 'lease', 'number', 'attempts')
+if fields[1] ~= 'running' then return 0 end
+if ARGV[5] ~= '*' and (fields[4] ~= ARGV[5] or fields[5] ~= ARGV[6]) then return 0 end
+if how == 'fail' then
+  finish(id, 'error', result, now(), ARGV[7])
+  return 1
+end
+move(fields[2], fields[3], 'running', 'pending', fields[6])
+redis.call('HSET', key, 'state', 'pending', 'started', '', 'worker', '', 'lease', '')
+if how == 'requeue' then
+  redis.call('HSET', key, 'attempts', math.max(0, tonumber(fields[7]) - 1))
+end
+if fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
+counted('running', 'pending')
+redis.call('PUBLISH', P .. 'control', '{"wake": true}')
+return 1
+"""
+)
+
+# ARGV: P, which ('pending' or 'history'), owner filter ('*' for everyone), then ids (none: all of them).
+DELETE = (
+    PRELUDE
+    + r"""
+local which, owner = ARGV[2], ARGV[3]
+local ids = {}
+if #ARGV == 3 then
+  local set = P .. which
+  if owner ~= '*' then set = owned(owner, which) end
+  for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do ids[#ids + 1] = string.sub(m, 18) end
+else
+  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local removed = 0
+for _, id in ipairs(ids) do
+  local key = P .. 'job:' .. id
+  local fields = redis.call('HMGET', key, 'state', 'm', 'owner')
+  local mine = owner == '*' or (owner ~= '' and fields[3] == owner)
+  if fields[1] and where(fields[1]) == which and mine then
+    move(fields[2], fields[3], which, nil, 0)
+    redis.call('DEL', key)
+    counted(fields[1], nil)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+)
+
+# ARGV: P, sorted set (under P), start, stop, then the fields to read. One consistent page: for each
+# member in the range, its job's fields (jobs removed meanwhile cannot appear).
+PAGE = (
+    PRELUDE
+    + r"""
+local rows = {}
+for _, m in ipairs(redis.call('ZRANGE', P .. ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))) do
+  local key = P .. 'job:' .. string.sub(m, 18)
+  if ARGV[5] == '*' then
+    local all = redis.call('HGETALL', key)
+    if #all > 0 then rows[#rows + 1] = all end
+  else
+    local fields = {}
+    for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+    local values = redis.call('HMGET', key, unpack(fields))
+    if values[1] then rows[#rows + 1] = values end
+  end
+end
+return rows
+"""
+)

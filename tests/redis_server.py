@@ -1,0 +1,84 @@
+"""A real redis-server (Debian's package) for the tests: started on a free loopback port in a folder of
+its own, with AOF on and fsync at every write, so that a restart keeps everything it acknowledged."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    folder: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+        ]  # fmt: skip
+        log = (self.folder / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (self.folder / "redis.log").read_text()[-2000:]
+                    raise RuntimeError(f"redis-server did not start: {log}") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        self.process.wait(20)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def redis_available() -> bool:
+    return shutil.which("redis-server") is not None
+
+
+@contextmanager
+def running_redis(folder: Path) -> Iterator[RedisServer]:
+    if not redis_available():
+        pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
