@@ -153,10 +153,40 @@ def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None
             time.sleep(0.2)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process)
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as systemd stops a service; SIGKILL after a minute."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class WorkerProc:
+    """A `zimage worker` process of a cluster."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@contextmanager
+def running_worker(data_dir: Path, queue: str, *args: str) -> Iterator[WorkerProc]:
+    """A worker on `queue` with `data_dir` as its shared data dir; stopped with SIGTERM at the end."""
+    log = data_dir.parent / f"worker-{time.monotonic_ns()}.log"
+    command = [sys.executable, "-m", "zimage_serve.cli", "worker", "--queue", queue, "--data-dir", str(data_dir)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen([*command, "--device", "cpu", *args], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield WorkerProc(process, log)
+    finally:
+        terminate(process)

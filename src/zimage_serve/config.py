@@ -81,6 +81,10 @@ class ServeConfig(BaseSettings):
     blocklist: list[Path] = Field(default_factory=list)
     audit_prompts: Literal["text", "hash"] = "text"
     audit_rotate_mb: int = Field(64, ge=1)
+    queue: str | None = None
+    workers: int = Field(1, ge=0, le=64)
+    lease: float = Field(30.0, ge=1, le=3600)
+    node_name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
     @classmethod
     def settings_customise_sources(

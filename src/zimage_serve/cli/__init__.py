@@ -8,7 +8,7 @@ import sys
 import typer
 
 from zimage_serve import __version__
-from zimage_serve.cli import audit, batch, generate, info, models, nano, run, serve, templates, tokens
+from zimage_serve.cli import audit, batch, generate, info, models, nano, run, serve, templates, tokens, worker
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
 
@@ -40,6 +40,7 @@ app.command("models")(models.models)
 app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
+app.command("worker")(worker.worker)
 app.command("batch")(batch.batch)
 app.add_typer(nano.app, name="nano")
 app.add_typer(tokens.app, name="tokens")

@@ -81,6 +81,19 @@ def fast_path(attention: str, compile: str, device: str) -> FastPath:
     return fast
 
 
+def checked_fast_path(attention: str, compile: str, memory_mode: str, device: str) -> FastPath:
+    """The fast path of a server's or worker's settings. Left to the worker to resolve when all is "auto" on
+    a CPU (nothing to check, and no torch loaded here); otherwise checked now, so a bad option stops the
+    command at once (that loads torch: a slower start)."""
+    from zimage_serve.engine.fastpath import FastPath
+
+    if (attention, compile, memory_mode) == ("auto", "auto", "auto") and device in ("auto", "cpu"):
+        return FastPath()
+    fast = fast_path(attention, compile, device)
+    check_memory_mode(memory_mode, device)
+    return fast
+
+
 def check_memory_mode(memory_mode: str, device: str) -> None:
     """An explicit memory mode must exist and suit the device (auto is resolved where the device is opened)."""
     from zimage_serve.engine.devices import TURBO_BF16_BYTES, device_kind, pick_memory_mode

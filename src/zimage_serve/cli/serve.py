@@ -10,10 +10,24 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from zimage_serve.cli.common import check_memory_mode, console_err, fast_path, models_roots
-from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.cli.common import checked_fast_path, console_err, models_roots
+from zimage_serve.cli.flags import (
+    AttentionFlag,
+    CompileFlag,
+    ConcurrencyFlag,
+    ConfigFlag,
+    DataDirFlag,
+    DeviceFlag,
+    DtypeFlag,
+    JobTimeoutFlag,
+    LeaseFlag,
+    MemoryModeFlag,
+    ModelsFlag,
+    PreloadFlag,
+    ShutdownGraceFlag,
+)
 from zimage_serve.errors import ZImageError
-from zimage_serve.settings import DATA_DIR_ENV, MODELS_ENV, default_data_dir
+from zimage_serve.settings import default_data_dir
 from zimage_serve.workflow.limits import Limits
 
 DEFAULTS = Limits()
@@ -23,50 +37,24 @@ if TYPE_CHECKING:
 
 
 def serve(
-    config: Annotated[Path | None, typer.Option(help="TOML file of settings (flags and ZIMAGE_* win over it)")] = None,
+    config: ConfigFlag = None,
     listen: Annotated[
         str | None, typer.Option(help="Address to bind (0.0.0.0 for every interface) [default: 127.0.0.1]")
     ] = None,
     port: Annotated[int | None, typer.Option(help="TCP port [default: 8188]", min=1, max=65535)] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help=f"Queue, history, inputs and outputs [env {DATA_DIR_ENV}]")
-    ] = None,
-    models: Annotated[
-        list[Path] | None, typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps [default: auto]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 [default: auto]")] = None,
-    memory_mode: Annotated[
-        str | None, typer.Option(help="auto (what fits Z-Image-Turbo on the card), gpu, model or sequential")
-    ] = None,
-    attention: Annotated[
-        str | None,
-        typer.Option(
-            help="Attention kernel: auto (the fastest installed: flash-attn 3, flash-attn, cuDNN, PyTorch's flash) "
-            "or a diffusers backend name such as native or _native_cudnn"
-        ),
-    ] = None,
-    compile: Annotated[
-        str | None, typer.Option(help="torch.compile the transformer blocks: auto (on CUDA GPUs), on or off")
-    ] = None,
+    data_dir: DataDirFlag = None,
+    models: ModelsFlag = None,
+    device: DeviceFlag = None,
+    dtype: DtypeFlag = None,
+    memory_mode: MemoryModeFlag = None,
+    attention: AttentionFlag = None,
+    compile: CompileFlag = None,
     max_queue: Annotated[
         int | None, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429 [default: 10000]", min=1)
     ] = None,
-    job_timeout: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds a prompt may run before it is stopped; 0: no limit [default: 30 on a GPU, 1800 elsewhere]",
-            min=0,
-        ),
-    ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1),
-    ] = None,
-    preload: Annotated[
-        bool | None,
-        typer.Option(help="Load the default model (zimage-nano) as the server starts; GET /health says when"),
-    ] = None,
+    job_timeout: JobTimeoutFlag = None,
+    concurrency: ConcurrencyFlag = None,
+    preload: PreloadFlag = None,
     worker_process: Annotated[
         bool | None,
         typer.Option(
@@ -74,14 +62,7 @@ def serve(
             "interpreter lock (--no-worker-process: threads in the server process)"
         ),
     ] = None,
-    shutdown_grace: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds a running prompt may take to finish when the server stops; one cut off then is queued "
-            "again for the next start [default: 30]",
-            min=0,
-        ),
-    ] = None,
+    shutdown_grace: ShutdownGraceFlag = None,
     max_pixels: Annotated[
         int | None, typer.Option(help=f"Pixels per image (width × height) [default: {DEFAULTS.pixels}]", min=1)
     ] = None,
@@ -144,6 +125,27 @@ def serve(
         str | None,
         typer.Option(help="What the audit log keeps of a prompt's text: text, or hash (its SHA-256) [default: text]"),
     ] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            help="The queue: the SQLite file in the data dir [default], or redis://HOST:PORT/DB shared by every "
+            "API node and worker of a cluster (?prefix=NAME keeps clusters apart in one Redis)"
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="With --queue redis://: workers this node runs as child processes (0: an API node only; "
+            "--device cuda gives each its own GPU) [default: 1]",
+            min=0,
+            max=64,
+        ),
+    ] = None,
+    lease: LeaseFlag = None,
+    node_name: Annotated[
+        str | None,
+        typer.Option(help="With --queue redis://: this API node's name, for its audit log [default: HOST-PORT]"),
+    ] = None,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API.
 
@@ -162,17 +164,14 @@ def serve(
 def _serve(config: ServeConfig, models: list[Path] | None) -> None:
     import uvicorn
 
+    from zimage_serve.config import ConfigError
     from zimage_serve.security.guard import SecuritySettings
     from zimage_serve.server.app import create_app
     from zimage_serve.server.runtime import ServerSettings
 
     roots = models_roots(models or config.models or None)
     device, memory_mode = config.device, config.memory_mode
-    if (config.attention, config.compile, memory_mode) == ("auto", "auto", "auto") and device in ("auto", "cpu"):
-        fast = FastPath()  # nothing to check: the worker resolves "auto" where the device is opened
-    else:  # checked here, so a bad option stops the command at once (this loads torch: a slower start)
-        fast = fast_path(config.attention, config.compile, device)
-        check_memory_mode(memory_mode, device)
+    fast = checked_fast_path(config.attention, config.compile, memory_mode, device)
     try:
         security = SecuritySettings(
             auth=config.auth,
@@ -201,10 +200,16 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
             shutdown_grace_s=config.shutdown_grace,
             limits=config.limits(),
             security=security,
+            queue=config.queue,
+            workers=config.workers,
+            lease_s=config.lease,
+            node_name=config.node_name or "",
         )
         app = create_app(settings)
     except ZImageError as exc:
         message = str(exc)
+        if isinstance(exc, ConfigError) and exc.option:
+            raise typer.BadParameter(message, param_hint=exc.option) from exc
         option, _, reason = message.partition(": ")
         if option.startswith("--"):
             raise typer.BadParameter(reason, param_hint=option) from exc

@@ -7,6 +7,7 @@ free, report, stop. Small frozen dataclasses: they pickle to a few dozen bytes a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,3 +87,25 @@ class Stop:
 
 ToServer = JobEvent | QueueChanged | DeviceStats | Idle | Ready | RunningNow
 ToWorker = Wake | Interrupt | Free | Report | Stop
+
+
+# -- across machines -------------------------------------------------------------------------------------
+# In a cluster the same messages travel as JSON over Redis channels (queue/cluster.py): job events and
+# queue changes from workers to every API node, wake, interrupt and free from API nodes to every worker.
+Cluster = JobEvent | QueueChanged | Wake | Interrupt | Free
+_BY_NAME: dict[str, type[Cluster]] = {kind.__name__: kind for kind in (JobEvent, QueueChanged, Wake, Interrupt, Free)}
+
+
+def to_json(message: Cluster) -> str:
+    fields = {name: getattr(message, name) for name in message.__slots__}
+    return json.dumps({"type": type(message).__name__, **fields}, separators=(",", ":"))
+
+
+def from_json(text: str | bytes) -> Cluster | None:
+    """The message, or None for one this version does not know (a newer node's): skipped, never fatal."""
+    try:
+        found = json.loads(text)
+        kind = _BY_NAME[found.pop("type")]
+        return kind(**found)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -55,6 +55,7 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         decode_responses=True,
+        protocol=2,
         socket_connect_timeout=2,
         socket_timeout=10,
         health_check_interval=15,
@@ -87,7 +88,8 @@ class RedisQueue:
         kwargs = self.redis.connection_pool.connection_kwargs
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}" if "host" in kwargs else str(kwargs.get("path"))
 
-    def _call(self, call: Callable[[], T]) -> T:
+    def call(self, call: Callable[[], T]) -> T:
+        """Run a Redis call: its answer, or QueueUnavailable while Redis cannot be reached."""
         with self._reachable():
             return call()
 
@@ -103,7 +105,7 @@ class RedisQueue:
     # -- submitting ----------------------------------------------------------------------------------
     def next_number(self) -> int:
         """ComfyUI's counter, shared by every API node (a job's number orders it for the whole cluster)."""
-        return int(self._call(lambda: self.redis.incr(self.prefix + "number"))) - 1
+        return int(self.call(lambda: self.redis.incr(self.prefix + "number"))) - 1
 
     def enqueue(
         self, job_id: str, number: float, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
@@ -162,7 +164,7 @@ class RedisQueue:
             queued = {name: sizes[2 * i] + sizes[2 * i + 1] for i, name in enumerate(owners)}
             return counted, queued
 
-        counted, queued = self._call(read)
+        counted, queued = self.call(read)
         found: dict[str, dict[str, Any]] = {}
 
         def row(name: str) -> dict[str, Any]:
@@ -210,7 +212,7 @@ class RedisQueue:
         """As the SQLite queue's: the jobs of gone workers (lease run out by Redis' clock, a dead process on
         this host, or `worker`), each moved only if it is still held as it was read, so two nodes
         recovering at once move a job once, and a heartbeat that came meanwhile keeps it."""
-        seconds, micros = self._call(self.redis.time)
+        seconds, micros = self.call(self.redis.time)
         now = seconds + micros / 1e6
         moved: list[Job] = []
         for row in self._run("PAGE", "running", 0, -1, "*"):
@@ -238,7 +240,7 @@ class RedisQueue:
 
     # -- reading ---------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
-        fields = self._call(lambda: self.redis.hgetall(f"{self.prefix}job:{job_id}"))
+        fields = self.call(lambda: self.redis.hgetall(f"{self.prefix}job:{job_id}"))
         return _job(_texts(fields)) if fields else None
 
     def pending(self) -> list[Job]:
@@ -264,21 +266,21 @@ class RedisQueue:
 
     def count(self, state: str, owner: str | None = None) -> int:
         if owner is None:
-            return int(self._call(lambda: self.redis.hget(self.prefix + "counts", state)) or 0)
+            return int(self.call(lambda: self.redis.hget(self.prefix + "counts", state)) or 0)
         if state not in ("pending", "running") or not owner:
             return 0
-        return int(self._call(lambda: self.redis.zcard(self._owned(owner, state))))
+        return int(self.call(lambda: self.redis.zcard(self._owned(owner, state))))
 
     def counts(self) -> dict[str, int]:
         """Jobs per state, for the whole cluster (one read)."""
-        found = self._call(lambda: self.redis.hgetall(self.prefix + "counts"))
+        found = self.call(lambda: self.redis.hgetall(self.prefix + "counts"))
         return {state: int(found.get(state, 0)) for state in ("pending", "running", *FINISHED)}
 
     def count_finished(self, owner: str | None = None) -> int:
         if owner is not None and not owner:
             return 0
         key = self.prefix + "history" if owner is None else self._owned(owner, "history")
-        return int(self._call(lambda: self.redis.zcard(key)))
+        return int(self.call(lambda: self.redis.zcard(key)))
 
     def history(self, max_items: int | None = None, offset: int | None = None, owner: str | None = None) -> list[Job]:
         if owner is not None and not owner:

@@ -158,7 +158,7 @@ for b = 4, #ARGV, 10 do
   end
   answers[#answers + 1] = answer
 end
-if stored > 0 then redis.call('PUBLISH', P .. 'control', '{"wake": true}') end
+if stored > 0 then redis.call('PUBLISH', P .. 'control', '{"type":"Wake"}') end
 return answers
 """
 )
@@ -220,7 +220,7 @@ if how == 'requeue' then
 end
 if fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
 counted('running', 'pending')
-redis.call('PUBLISH', P .. 'control', '{"wake": true}')
+redis.call('PUBLISH', P .. 'control', '{"type":"Wake"}')
 return 1
 """
 )

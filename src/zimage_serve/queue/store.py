@@ -52,6 +52,25 @@ log = logging.getLogger(__name__)
 # The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
 # IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
 # a sixth of the queue file's work, counted with callgrind).
+# The audit log's head and outbox (security/audit.py); in the queue file, so that a job's end and its copy
+# in the outbox are one transaction. A node whose queue is Redis keeps them in a file of their own.
+AUDIT_TABLES = """
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    context TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL,
+    started REAL,
+    finished REAL,
+    result TEXT
+);"""
 STATE_CHECK = " OR ".join(f"state = '{state}'" for state in STATES)
 JOBS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {{name}} (
@@ -104,18 +123,9 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     quarantined REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS audit_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    context TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created REAL,
-    started REAL,
-    finished REAL,
-    result TEXT
-);
+"""
+    + AUDIT_TABLES
+    + """
 CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS jobs_counted_in AFTER INSERT ON jobs BEGIN
     UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from zimage_serve.identity import Identity
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.deadlines import Deadlines
-from zimage_serve.queue.jobs import LEASE_S, Job, worker_id
+from zimage_serve.queue.jobs import LEASE_S, Job, QueueUnavailable, worker_id
 from zimage_serve.workflow.events import execution_error
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class Worker:
         preload: bool = False,
         on_ready: Callable[[], None] | None = None,
         lease_s: float = LEASE_S,
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -113,6 +114,8 @@ class Worker:
         self.ready = threading.Event()  # set once the default model is loaded (at once without preload)
         # Its name in the queue (host, process, random), and how long its claims hold between heartbeats.
         self.id, self.lease_s = worker_id(), lease_s
+        self._on_beat = on_beat  # told at start and at every heartbeat (a cluster's register of workers)
+        self._queue_lost = False  # the queue was unreachable (said once, and once when it is back)
 
     @property
     def running(self) -> list[Running]:
@@ -134,19 +137,44 @@ class Worker:
     def _keep_leases(self) -> None:
         """Renew this worker's leases every third of their length, and put back the jobs of workers whose
         leases ran out (dead elsewhere, or stopped sending heartbeats)."""
+        self._beat()
         while not self._stopping.wait(self.lease_s / 3):
             try:
                 self.store.heartbeat(self.id, self.lease_s)
                 recovered = self.store.recover(cause="its worker stopped renewing its lease")
-            except Exception:  # a busy or briefly unreachable queue: the next beat tries again
+            except QueueUnavailable as exc:
+                self._lost_queue(exc)
+                continue
+            except Exception:  # a busy queue: the next beat tries again
                 log.exception("could not renew the leases of worker %s", self.id)
                 continue
+            self._beat()
             for job in recovered:
                 log.warning("prompt %s lost its worker %s: %s", job.id, job.worker or "(unnamed)",
                             "queued again" if job.state == "pending" else "failed, not run again")  # fmt: skip
             if recovered:
                 self.listener.queue_changed()
                 self.notify()
+
+    def _beat(self) -> None:
+        if self._on_beat is None:
+            return
+        try:
+            self._on_beat()
+        except QueueUnavailable as exc:
+            self._lost_queue(exc)
+        except Exception:  # the register is for people to read: never worth stopping the beats
+            log.exception("could not say that worker %s is alive", self.id)
+
+    def _lost_queue(self, exc: Exception) -> None:
+        if not self._queue_lost:
+            self._queue_lost = True
+            log.error("worker %s lost the queue (%s); trying again every second", self.id, exc)
+
+    def _found_queue(self) -> None:
+        if self._queue_lost:
+            self._queue_lost = False
+            log.warning("worker %s reached the queue again", self.id)
 
     def notify(self) -> None:
         """A job was queued: wake the worker if it sleeps."""
@@ -243,7 +271,13 @@ class Worker:
         job: Job | None = None
         while job is not None or not self._stopping.is_set():
             if job is None:
-                job = self.store.claim(self.id, self.lease_s)
+                try:
+                    job = self.store.claim(self.id, self.lease_s)
+                except QueueUnavailable as exc:
+                    self._lost_queue(exc)
+                    self._stopping.wait(1.0)
+                    continue
+                self._found_queue()
             if job is None:
                 if self._on_idle is not None:
                     self._on_idle()
@@ -296,9 +330,7 @@ class Worker:
             return None
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
-        next_job = self.store.finish(
-            job.id, state, entry, claim_next=not self._stopping.is_set(), worker=self.id, lease_s=self.lease_s
-        )
+        next_job = self._record(job.id, state, entry)
         self.executor.settle_outputs(job.id)
         if self._stopping.is_set():
             log.warning("prompt %s ended (%s) while the server was stopping", job.id, state)
@@ -312,6 +344,24 @@ class Worker:
         except Exception:  # the next job is claimed already: it must still run
             log.exception("could not report the end of job %s", job.id)
         return next_job
+
+    def _record(self, job_id: str, state: str, entry: dict[str, Any]) -> Job | None:
+        """The job's end in the queue, and the next job claimed with it. While the queue cannot be reached
+        the result is kept and the write tried again every second: a finished image is not thrown away
+        for an outage (if the lease runs out meanwhile, the job may run elsewhere too; the first end
+        recorded is the one kept). Given up only when a shutdown cuts the worker off."""
+        while True:
+            try:
+                next_job = self.store.finish(
+                    job_id, state, entry, claim_next=not self._stopping.is_set(), worker=self.id, lease_s=self.lease_s
+                )
+            except QueueUnavailable as exc:
+                self._lost_queue(exc)
+                if self._cut_off.wait(1.0):
+                    raise
+                continue
+            self._found_queue()
+            return next_job
 
     def _tell(self, job: Job, event: str, data: dict[str, Any]) -> None:
         self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data, job.owner)

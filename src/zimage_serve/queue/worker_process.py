@@ -33,6 +33,7 @@ from typing import Any
 
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.queue.contract import JobQueue
+from zimage_serve.queue.jobs import LEASE_S
 from zimage_serve.queue.messages import (
     DeviceStats,
     Free,
@@ -56,6 +57,26 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 REPORT_TIMEOUT_S = 2.0
 MAX_RESTART_DELAY_S = 5.0
+
+
+def wait_for_child(process: multiprocessing.process.BaseProcess, timeout: float | None) -> bool:
+    """Wait for a worker process told to stop: its grace, then the 30 s it gives a job it interrupted, then
+    SIGKILL. True if it ended by itself, cleanly."""
+    process.join(None if timeout is None else timeout + 35)
+    clean = not process.is_alive() and process.exitcode == 0
+    if process.is_alive():
+        process.kill()
+        process.join(10)
+    return clean
+
+
+def child_setup(parent_pid: int, log_level: int) -> None:
+    """A worker child's start: it dies with its parent, leaves signals to it (Ctrl-C reaches the whole
+    group; the parent decides), and logs as the parent does."""
+    die_with(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(levelname)s [worker] %(name)s: %(message)s")
 
 
 def restart_delay(quick_failures: int) -> float:
@@ -84,6 +105,7 @@ class WorkerConfig:
     concurrency: int = 1
     limits: Limits = field(default_factory=Limits)
     journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
+    lease_s: float = LEASE_S
     log_level: int = logging.WARNING
 
 
@@ -143,11 +165,7 @@ class WorkerProcess:
             process = self._process
         if process is None:
             return True
-        process.join(None if timeout is None else timeout + 35)  # the child interrupts, then waits 30 s
-        clean = not process.is_alive() and process.exitcode == 0
-        if process.is_alive():
-            process.kill()
-            process.join(10)
+        clean = wait_for_child(process, timeout)
         if self._reader is not None:
             self._reader.join(5)
         return clean
@@ -335,7 +353,7 @@ class _PipeListener:
                 marker.set()
 
 
-def _die_with(parent_pid: int) -> None:
+def die_with(parent_pid: int) -> None:
     """Ask Linux to kill this process when the parent dies, then check it did not die already."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -345,10 +363,7 @@ def _die_with(parent_pid: int) -> None:
 
 
 def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any) -> None:
-    _die_with(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level, format="%(levelname)s [worker] %(name)s: %(message)s")
+    child_setup(parent_pid, config.log_level)
     from zimage_serve.engine.parts import Placing
     from zimage_serve.image_safety import use_bomb_limit
     from zimage_serve.queue.worker import Worker, job_timeout
@@ -383,6 +398,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         on_idle=report_idle,
         preload=config.preload,
         on_ready=lambda: listener.send(Ready()),
+        lease_s=config.lease_s,
     )
     worker.start()
     while True:

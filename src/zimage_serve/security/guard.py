@@ -63,8 +63,9 @@ class Security:
     listen: str
     port: int
     data_dir: Path
-    queue_file: Path
+    queue_file: Path  # where the audit log's head and outbox are kept (the queue's file, or a node's own)
     limits: Limits
+    audit_folder: Path | None = None  # default: <data dir>/audit
     tokens: TokenStore = field(init=False)
     network: NetworkPolicy = field(init=False)
     rate: RateLimiter = field(init=False)
@@ -79,7 +80,7 @@ class Security:
         self.blocklist = Blocklist(list(s.blocklist)) if s.blocklist else None
         self.tokens = TokenStore(self.data_dir / "auth.sqlite3")
         self.rate = RateLimiter()
-        self.audit = AuditLog(self.data_dir / "audit", self.queue_file, s.audit_rotate_bytes)
+        self.audit = AuditLog(self.audit_folder or self.data_dir / "audit", self.queue_file, s.audit_rotate_bytes)
         self._limits: dict[tuple[str, int | None, int | None], Limits] = {}
         self._task: asyncio.Task[None] | None = None
 

@@ -15,6 +15,7 @@ from starlette.requests import Request as PlainRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_serve import __version__
+from zimage_serve.queue.jobs import QueueUnavailable
 from zimage_serve.server import (
     openai_images,
     routes_files,
@@ -162,10 +163,30 @@ class PromptLane:
     async def _post_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             response = await routes_queue.post_prompt(PlainRequest(scope, receive))
+        except QueueUnavailable as exc:
+            response = unavailable_response(exc)
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
             response = internal_error_response()
         await response(scope, receive, send)
+
+
+def unavailable_response(exc: QueueUnavailable) -> JSONResponse:
+    """503 while the queue cannot be reached (a cluster's Redis restarting): try again after a few seconds."""
+    log.warning("answered 503: %s", exc)
+    return JSONResponse(
+        {
+            "error": {
+                "type": "queue_unavailable",
+                "message": "The queue is unavailable",
+                "details": "the queue cannot be reached just now; try again shortly",
+                "extra_info": {},
+            },
+            "node_errors": {},
+        },
+        status_code=503,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
 
 
 def internal_error_response() -> JSONResponse:
@@ -232,6 +253,10 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
     schemas.document(app)
     app.include_router(openai_images.router)  # OpenAI clients use /v1 as their base URL
     app.mount("/", routes_frontend.frontend_files(), name="frontend")  # last: every route above comes first
+
+    @app.exception_handler(QueueUnavailable)
+    async def queue_unavailable(request: Request, exc: QueueUnavailable) -> JSONResponse:
+        return unavailable_response(exc)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

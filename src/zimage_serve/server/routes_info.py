@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
 import os
@@ -74,7 +75,11 @@ async def get_health(request: Request) -> JSONResponse:
 
 @router.get("/system_stats")
 async def get_system_stats(request: Request) -> dict[str, Any]:
-    devices = [runtime(request).service.device_stats()]
+    """ComfyUI's answer; `devices` lists every worker's device (one per worker of a cluster), and
+    `zimage.workers` each worker with its current jobs and the age of its last heartbeat."""
+    rt = runtime(request)
+    workers = await asyncio.to_thread(rt.workers)
+    devices = [w["device"] for w in workers if isinstance(w.get("device"), dict)] or [rt.service.device_stats()]
     return {
         "system": {
             "os": platform.system().lower(),
@@ -90,6 +95,7 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
             "ram_free": _memory("SC_AVPHYS_PAGES"),
         },
         "devices": devices,
+        "zimage": {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": workers},
     }
 
 

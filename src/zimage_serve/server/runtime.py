@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from zimage_serve.config import ConfigError
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.image_safety import use_bomb_limit
+from zimage_serve.queue import backends
+from zimage_serve.queue.audit_relay import AuditRelay, audit_file
+from zimage_serve.queue.cluster_api import ClusterWorkers
+from zimage_serve.queue.cluster_worker import ClusterWorkerConfig
+from zimage_serve.queue.jobs import LEASE_S
+from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
@@ -21,6 +29,7 @@ from zimage_serve.templates import TemplateLibrary
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
+from zimage_serve.workflow.output_journal import journal_folder
 from zimage_serve.workflow.tokens import PromptTokens
 from zimage_serve.workflow.validate import Validator
 
@@ -48,6 +57,10 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)  # what one prompt may ask for (pixels, batch, steps ...)
     shutdown_grace_s: float = 30.0
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    queue: str | None = None  # None: the SQLite file in the data dir; redis://...: a cluster's (queue/backends.py)
+    workers: int = 1  # with a Redis queue: workers this node runs (0: an API node only)
+    lease_s: float = LEASE_S  # how long a worker's claim holds without a heartbeat
+    node_name: str = ""  # with a Redis queue: this API node's name (its audit log's folder); default host-port
 
 
 class Runtime:
@@ -64,10 +77,24 @@ class Runtime:
             folder.mkdir(parents=True, exist_ok=True)
         self.hub = Hub()
         self.templates = TemplateLibrary(data / "templates")
-        self.journal_folder = data / "runs"  # the files each running prompt wrote (workflow/output_journal.py)
-        self.store = JobStore(data / "queue.sqlite3", max_pending=settings.max_queue)
+        self.journal_folder = journal_folder(data)  # the files each running prompt wrote
+        self.queue_choice = backends.choose(settings.queue)
+        if not self.queue_choice.shared and settings.workers != 1:
+            raise ConfigError(
+                "a node of its own runs one worker; more (or none) need a shared queue (--queue redis://...)",
+                "--workers",
+            )
+        self.store = backends.open_queue(self.queue_choice, data, settings.max_queue)
+        self.node_name = settings.node_name or f"{socket.gethostname()}-{settings.port}"
+        self.audit_relay: AuditRelay | None = None
+        if isinstance(self.store, JobStore):
+            audit_folder, audit_head = data / "audit", self.store.path
+        else:  # every API node keeps its own log (one chain per writer), fed job ends by the relay
+            audit_folder = data / "audit" / self.node_name
+            audit_head = audit_file(audit_folder / "head.sqlite3")
+            self.audit_relay = AuditRelay(cast(RedisQueue, self.store), audit_head, self.node_name)
         self.security = Security(
-            settings.security, settings.listen, settings.port, data, self.store.path, settings.limits
+            settings.security, settings.listen, settings.port, data, audit_head, settings.limits, audit_folder
         )
         use_bomb_limit(settings.limits.upload_pixels)
         self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
@@ -81,24 +108,13 @@ class Runtime:
 
     def _worker(self) -> DeviceWorker:
         settings = self.settings
-        if settings.worker_process:
-            config = WorkerConfig(
-                store_path=self.store.path,
-                models=self.folders.models,
-                input=self.folders.input,
-                output=self.folders.output,
-                temp=self.folders.temp,
-                device=settings.device,
-                dtype=settings.dtype,
-                fast=settings.fast,
-                memory_mode=settings.memory_mode,
-                preload=settings.preload,
-                job_timeout=settings.job_timeout,
-                concurrency=settings.concurrency,
-                limits=settings.limits,
-                journal=self.journal_folder,
-                log_level=logging.getLogger().getEffectiveLevel(),
+        if self.queue_choice.shared:
+            return ClusterWorkers(
+                cast(RedisQueue, self.store), self, [self._cluster_worker(i) for i in range(settings.workers)]
             )
+        if settings.worker_process:
+            assert isinstance(self.store, JobStore)
+            config = WorkerConfig(store_path=self.store.path, **self._worker_settings())
             process = WorkerProcess(config, self, self.store)
             self.hub.on_audience = process.audience_changed
             return process
@@ -114,8 +130,62 @@ class Runtime:
         )
         concurrency = placing.concurrency_cap(settings.concurrency)
         return Worker(
-            self.store, executor, self, job_timeout=timeout, concurrency=concurrency, preload=settings.preload
+            self.store,
+            executor,
+            self,
+            job_timeout=timeout,
+            concurrency=concurrency,
+            preload=settings.preload,
+            lease_s=settings.lease_s,
         )
+
+    def _cluster_worker(self, index: int) -> ClusterWorkerConfig:
+        """The settings of local worker `index`: with `--device cuda` and several workers, one GPU each."""
+        settings = self.settings
+        device = f"cuda:{index}" if settings.device == "cuda" and settings.workers > 1 else settings.device
+        return ClusterWorkerConfig(
+            queue_url=self.queue_choice.url,
+            prefix=self.queue_choice.prefix,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            **{**self._worker_settings(), "device": device},
+        )
+
+    def _worker_settings(self) -> dict[str, Any]:
+        """What every worker process is told, whichever queue it takes its jobs from."""
+        settings = self.settings
+        return {
+            "models": self.folders.models,
+            "input": self.folders.input,
+            "output": self.folders.output,
+            "temp": self.folders.temp,
+            "journal": self.journal_folder,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "fast": settings.fast,
+            "memory_mode": settings.memory_mode,
+            "preload": settings.preload,
+            "job_timeout": settings.job_timeout,
+            "concurrency": settings.concurrency,
+            "limits": settings.limits,
+            "lease_s": settings.lease_s,
+            "log_level": logging.getLogger().getEffectiveLevel(),
+        }
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker serving this node's queue, as /system_stats lists them."""
+        if isinstance(self.worker, ClusterWorkers):
+            return [record.shown() for record in self.worker.workers()]
+        running = [{"prompt_id": e.prompt_id, "node": e.node} for e in self.service.executing()]
+        return [
+            {
+                "id": getattr(self.worker, "id", "local"),
+                "heartbeat_age_s": 0.0,
+                "host": socket.gethostname(),
+                "state": self.worker.state(),
+                "device": self.worker.device_stats(),
+                "running": running,
+            }
+        ]
 
     def start(self) -> None:
         """Recover what a crash left running, then start the worker; once (later calls do nothing)."""
@@ -131,6 +201,8 @@ class Runtime:
                 "queued again" if job.state == "pending" else "marked failed",
             )
         self.worker.start()
+        if self.audit_relay is not None:
+            self.audit_relay.start()
 
     def stop(self) -> None:
         if not self._started or self._stopped:
@@ -138,6 +210,8 @@ class Runtime:
         self._stopped = True
         if not self.worker.stop(timeout=self.settings.shutdown_grace_s):
             log.error("the running prompt did not stop; it will be run again at the next start")
+        if self.audit_relay is not None:
+            self.audit_relay.stop()
         self.security.stop()
         self.store.close()
 

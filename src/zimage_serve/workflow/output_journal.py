@@ -32,6 +32,12 @@ SUFFIX = ".outputs"
 NO_LINK = "-"  # in place of the own name: the final name was created directly
 
 
+def journal_folder(data_dir: Path) -> Path:
+    """Where the journals of a data dir's prompts are: in the data dir, so that every worker sharing it
+    (a cluster's) finds what another's run of a prompt wrote."""
+    return data_dir / "runs"
+
+
 def journal_name(prompt_id: str) -> str:
     """A file name for the prompt's journal (ids are UUIDs; anything else is hashed)."""
     if _PLAIN_ID.fullmatch(prompt_id):

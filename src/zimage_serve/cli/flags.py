@@ -1,0 +1,77 @@
+"""The options `zimage serve` and `zimage worker` share (each also reads them from `--config` and ZIMAGE_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from zimage_serve.settings import DATA_DIR_ENV, MODELS_ENV
+
+ConfigFlag = Annotated[Path | None, typer.Option(help="TOML file of settings (flags and ZIMAGE_* win over it)")]
+
+DataDirFlag = Annotated[
+    Path | None,
+    typer.Option(help=f"Queue, history, inputs and outputs (one a cluster shares) [env {DATA_DIR_ENV}]"),
+]
+
+ModelsFlag = Annotated[
+    list[Path] | None, typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]")
+]
+
+DeviceFlag = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps [default: auto]")]
+
+DtypeFlag = Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 [default: auto]")]
+
+MemoryModeFlag = Annotated[
+    str | None, typer.Option(help="auto (what fits Z-Image-Turbo on the card), gpu, model or sequential")
+]
+
+AttentionFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="Attention kernel: auto (the fastest installed: flash-attn 3, flash-attn, cuDNN, PyTorch's flash) "
+        "or a diffusers backend name such as native or _native_cudnn"
+    ),
+]
+
+CompileFlag = Annotated[
+    str | None, typer.Option(help="torch.compile the transformer blocks: auto (on CUDA GPUs), on or off")
+]
+
+JobTimeoutFlag = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a prompt may run before it is stopped; 0: no limit [default: 30 on a GPU, 1800 elsewhere]",
+        min=0,
+    ),
+]
+
+ConcurrencyFlag = Annotated[
+    int | None,
+    typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1),
+]
+
+PreloadFlag = Annotated[
+    bool | None,
+    typer.Option(help="Load the default model (zimage-nano) before the first prompt; GET /health says when"),
+]
+
+ShutdownGraceFlag = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a running prompt may take to finish at a stop; one cut off then is queued again [default: 30]",
+        min=0,
+    ),
+]
+
+LeaseFlag = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a worker's claim on a job holds without a heartbeat: a worker killed mid-job has its "
+        "job run by another after this [default: 30]",
+        min=1,
+        max=3600,
+    ),
+]

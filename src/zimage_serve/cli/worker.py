@@ -1,0 +1,98 @@
+"""`zimage worker`: a GPU worker of a cluster, on any host that reaches its Redis and mounts its data dir.
+
+It takes the same settings as `zimage serve` (flags, `ZIMAGE_*` variables, or the same `--config` file),
+of which it uses the queue, the folders and the device's. SIGTERM or Ctrl-C stops it as a server stops:
+no new job, the running ones finish within the grace, and one cut off is queued again."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Annotated
+
+import typer
+
+from zimage_serve.cli.common import checked_fast_path, console_err, models_roots
+from zimage_serve.cli.flags import (
+    AttentionFlag,
+    CompileFlag,
+    ConcurrencyFlag,
+    ConfigFlag,
+    DataDirFlag,
+    DeviceFlag,
+    DtypeFlag,
+    JobTimeoutFlag,
+    LeaseFlag,
+    MemoryModeFlag,
+    ModelsFlag,
+    PreloadFlag,
+    ShutdownGraceFlag,
+)
+from zimage_serve.settings import default_data_dir
+
+
+def worker(
+    queue: Annotated[
+        str | None, typer.Option(help="The cluster's queue: redis://HOST:PORT/DB (as given to `zimage serve`)")
+    ] = None,
+    config: ConfigFlag = None,
+    data_dir: DataDirFlag = None,
+    models: ModelsFlag = None,
+    device: DeviceFlag = None,
+    dtype: DtypeFlag = None,
+    memory_mode: MemoryModeFlag = None,
+    attention: AttentionFlag = None,
+    compile: CompileFlag = None,
+    concurrency: ConcurrencyFlag = None,
+    job_timeout: JobTimeoutFlag = None,
+    preload: PreloadFlag = None,
+    lease: LeaseFlag = None,
+    shutdown_grace: ShutdownGraceFlag = None,
+) -> None:
+    """Run prompts from a cluster's Redis queue on this machine's device."""
+    flags = dict(locals())
+    toml = flags.pop("config")
+    from zimage_serve.config import ConfigError, ServeConfig
+    from zimage_serve.queue import backends
+    from zimage_serve.queue.cluster_worker import ClusterWorkerConfig, run
+    from zimage_serve.workflow.folders import Folders
+    from zimage_serve.workflow.output_journal import journal_folder
+
+    try:
+        settings = ServeConfig.load(toml, **flags)
+        choice = backends.choose(settings.queue)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint=exc.option or None) from exc
+    if not choice.shared:
+        raise typer.BadParameter("a worker needs the cluster's queue: redis://HOST:PORT/DB", param_hint="--queue")
+    fast = checked_fast_path(settings.attention, settings.compile, settings.memory_mode, settings.device)
+    data = settings.data_dir or default_data_dir()
+    folders = Folders.default(data, models_roots(models or settings.models or None))
+    for folder in (folders.input, folders.output, folders.temp):
+        folder.mkdir(parents=True, exist_ok=True)
+    worker_config = ClusterWorkerConfig(
+        queue_url=choice.url,
+        prefix=choice.prefix,
+        models=folders.models,
+        input=folders.input,
+        output=folders.output,
+        temp=folders.temp,
+        journal=journal_folder(data),
+        device=settings.device,
+        dtype=settings.dtype,
+        fast=fast,
+        memory_mode=settings.memory_mode,
+        preload=settings.preload,
+        job_timeout=settings.job_timeout,
+        concurrency=settings.concurrency,
+        limits=settings.limits(),
+        shutdown_grace_s=settings.shutdown_grace,
+        lease_s=settings.lease,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s [worker] %(name)s: %(message)s")
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    console_err.print(f"zimage worker: queue {choice.url} (data: {data})", highlight=False)
+    raise typer.Exit(run(worker_config, stopping))

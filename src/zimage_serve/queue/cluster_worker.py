@@ -1,0 +1,161 @@
+"""A worker of a cluster: claims jobs from the Redis queue, runs them on its device, and tells every API
+node what happens (queue/cluster.py's channels).
+
+`zimage worker` runs one on any host that mounts the shared data dir; `zimage serve --queue redis://...
+--workers N` starts N of them as child processes of the API node. Either way it is the same `Worker` as
+on one machine, with leases and heartbeats, so one killed mid-job has its job taken by another once its
+lease runs out, and a re-run replaces what the first run wrote (workflow/output_journal.py, whose journal
+lies in the shared data dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.queue.cluster import ClusterBus
+from zimage_serve.queue.jobs import LEASE_S, QueueUnavailable
+from zimage_serve.queue.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged, Wake
+from zimage_serve.queue.redis_queue import DEFAULT_PREFIX, RedisQueue
+from zimage_serve.workflow.limits import Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterWorkerConfig:
+    """What a worker needs; plain data, sent to a child process as it is."""
+
+    queue_url: str
+    models: list[Path]
+    input: Path
+    output: Path
+    temp: Path
+    journal: Path  # the output journal's folder: in the shared data dir, so a re-run elsewhere finds it
+    prefix: str = DEFAULT_PREFIX
+    device: str = "auto"
+    dtype: str = "auto"
+    fast: FastPath = field(default_factory=FastPath)
+    memory_mode: str = "auto"
+    preload: bool = True
+    job_timeout: float | None = None
+    concurrency: int = 1
+    limits: Limits = field(default_factory=Limits)
+    shutdown_grace_s: float = 30.0
+    lease_s: float = LEASE_S
+    log_level: int = logging.WARNING
+
+
+class Stopping(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class BusListener:
+    """The worker's events, published for every API node. At most once, as pub/sub is: an event that
+    cannot be sent while Redis is away is dropped (the job's record in the queue is what counts)."""
+
+    def __init__(self, bus: ClusterBus) -> None:
+        self.bus = bus
+
+    def job_event(
+        self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
+    ) -> None:
+        self._send(JobEvent(prompt_id, client_id, event, data, owner))
+
+    def queue_changed(self) -> None:
+        self._send(QueueChanged())
+
+    def _send(self, message: Cluster) -> None:
+        with contextlib.suppress(QueueUnavailable):
+            self.bus.publish(self.bus.events, message)
+
+
+def run(config: ClusterWorkerConfig, stopping: Stopping) -> int:
+    """Run a worker until `stopping` is set, then let its jobs finish within the grace; 0 if they did."""
+    from zimage_serve.engine.parts import Placing
+    from zimage_serve.image_safety import use_bomb_limit
+    from zimage_serve.queue.worker import Worker, job_timeout
+    from zimage_serve.workflow.execute import Executor
+    from zimage_serve.workflow.folders import Folders, builtin_models
+    from zimage_serve.workflow.nodes import NODES
+    from zimage_serve.workflow.output_journal import OutputJournal
+
+    store = RedisQueue(config.queue_url, prefix=config.prefix)
+    bus = ClusterBus(store)
+    folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
+    use_bomb_limit(config.limits.upload_pixels)
+    placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
+    executor = Executor(NODES, folders, placing, limits=config.limits, journal=OutputJournal(config.journal))
+    worker: Worker | None = None
+    started = time.time()
+
+    def beat() -> None:
+        assert worker is not None
+        running = [{"prompt_id": e.prompt_id, "node": e.node} for e in worker.executing()]
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "state": worker.state(),
+            "device": executor.device_stats(),
+            "concurrency": worker.concurrency,
+            "running": running,
+            "started": started,
+        }
+        bus.beat(worker.id, info)
+
+    worker = Worker(
+        store,
+        executor,
+        BusListener(bus),
+        job_timeout=job_timeout(config.job_timeout, executor.placing.device),
+        concurrency=executor.placing.concurrency_cap(config.concurrency),
+        preload=config.preload,
+        on_ready=lambda: _quietly(beat),
+        on_beat=beat,
+        lease_s=config.lease_s,
+    )
+
+    def heard(message: Cluster) -> None:
+        assert worker is not None
+        match message:
+            case Wake():
+                worker.notify()
+            case Interrupt(prompt_id):
+                worker.interrupt(prompt_id)
+            case Free():
+                executor.free()
+
+    listening = threading.Event()
+    listener = bus.listen(bus.control, heard, listening)
+    worker.start()
+    log.warning("worker %s takes jobs from %s (device %s)", worker.id, store.url, executor.placing.device)
+    stopping.wait()
+    clean = worker.stop(config.shutdown_grace_s)
+    listening.set()
+    listener.join(5)  # before the connections close under it
+    _quietly(lambda: bus.leave(worker.id))
+    store.close()
+    return 0 if clean else 3
+
+
+def _quietly(call: Any) -> None:
+    with contextlib.suppress(QueueUnavailable):
+        call()
+
+
+def child_main(config: ClusterWorkerConfig, stopping: Stopping, parent_pid: int) -> None:
+    """A worker started by an API node (`--workers N`): it dies with the node, and stops when told."""
+    from zimage_serve.queue.worker_process import child_setup
+
+    child_setup(parent_pid, config.log_level)
+    os._exit(run(config, stopping))
