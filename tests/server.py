@@ -173,6 +173,7 @@ class WorkerProc:
 
     process: subprocess.Popen[bytes]
     log: Path
+    metrics_port: int | None = None
 
     @property
     def pid(self) -> int:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -24,7 +25,8 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.redis_server import RedisServer, running_redis
-from tests.server import Server, WorkerProc, running_server, running_worker
+from tests.server import Server, WorkerProc, free_port, running_server, running_worker
+from tests.test_metrics import samples, scrape, value
 from tests.workflows import nano_prompt
 
 LEASE = "3"  # seconds: a frozen worker loses its job after this, and heartbeats come every second
@@ -39,7 +41,11 @@ class Cluster:
     stack: ExitStack
 
     def add_worker(self) -> WorkerProc:
-        worker = self.stack.enter_context(running_worker(self.data, self.redis.url, "--lease", LEASE))
+        port = free_port()
+        worker = self.stack.enter_context(
+            running_worker(self.data, self.redis.url, "--lease", LEASE, "--metrics-port", str(port))
+        )
+        worker.metrics_port = port
         self.workers.append(worker)
         return worker
 
@@ -226,3 +232,21 @@ def test_a_thousand_jobs_through_two_nodes_and_two_workers_end_once_each(cluster
     assert len(outputs_named(cluster, "load")) == 1000  # none run twice to completion, none lost
     status, history = cluster.nodes[0].json("GET", "/history?max_items=2000")
     assert all(history[i]["status"]["completed"] for i in ids)
+
+
+def test_metrics_show_every_worker_and_each_workers_jobs(cluster: Cluster) -> None:
+    found = scrape(cluster.nodes[1])
+    live = {w["id"] for w in cluster.live_workers()}
+    beats = {
+        dict(labels)["worker"]: v
+        for (name, labels), v in found.items()
+        if name == "zimage_worker_heartbeat_age_seconds"
+    }
+    assert live <= set(beats) and all(beats[w] < 3 * float(LEASE) for w in live)
+    assert value(found, "zimage_queue_jobs", state="pending") == 0 and value(found, "zimage_queue_up") == 1
+    ended = 0.0
+    for worker in cluster.workers:
+        assert worker.metrics_port is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as answer:
+            ended += value(samples(answer.read().decode()), "zimage_jobs_ended_total", outcome="success")
+    assert ended >= 1000  # the load test's jobs, counted where they ran

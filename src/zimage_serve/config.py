@@ -84,6 +84,7 @@ class ServeConfig(BaseSettings):
     queue: str | None = None
     workers: int = Field(1, ge=0, le=64)
     lease: float = Field(30.0, ge=1, le=3600)
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     node_name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
     @classmethod

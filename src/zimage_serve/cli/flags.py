@@ -75,3 +75,13 @@ LeaseFlag = Annotated[
         max=3600,
     ),
 ]
+
+MetricsPortFlag = Annotated[
+    int | None,
+    typer.Option(
+        help="Also serve /metrics (Prometheus) on this port of 127.0.0.1, with no token needed; a server's "
+        "own workers (--workers N) use the ports after it",
+        min=1,
+        max=65535,
+    ),
+]

@@ -22,6 +22,7 @@ from zimage_serve.cli.flags import (
     JobTimeoutFlag,
     LeaseFlag,
     MemoryModeFlag,
+    MetricsPortFlag,
     ModelsFlag,
     PreloadFlag,
     ShutdownGraceFlag,
@@ -142,6 +143,7 @@ def serve(
         ),
     ] = None,
     lease: LeaseFlag = None,
+    metrics_port: MetricsPortFlag = None,
     node_name: Annotated[
         str | None,
         typer.Option(help="With --queue redis://: this API node's name, for its audit log [default: HOST-PORT]"),
@@ -203,6 +205,7 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
             queue=config.queue,
             workers=config.workers,
             lease_s=config.lease,
+            metrics_port=config.metrics_port,
             node_name=config.node_name or "",
         )
         app = create_app(settings)

@@ -25,6 +25,7 @@ from zimage_serve.cli.flags import (
     JobTimeoutFlag,
     LeaseFlag,
     MemoryModeFlag,
+    MetricsPortFlag,
     ModelsFlag,
     PreloadFlag,
     ShutdownGraceFlag,
@@ -48,6 +49,7 @@ def worker(
     job_timeout: JobTimeoutFlag = None,
     preload: PreloadFlag = None,
     lease: LeaseFlag = None,
+    metrics_port: MetricsPortFlag = None,
     shutdown_grace: ShutdownGraceFlag = None,
 ) -> None:
     """Run prompts from a cluster's Redis queue on this machine's device."""
@@ -89,6 +91,7 @@ def worker(
         limits=settings.limits(),
         shutdown_grace_s=settings.shutdown_grace,
         lease_s=settings.lease,
+        metrics_port=settings.metrics_port,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s [worker] %(name)s: %(message)s")
     stopping = threading.Event()

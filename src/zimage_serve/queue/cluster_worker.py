@@ -51,6 +51,7 @@ class ClusterWorkerConfig:
     limits: Limits = field(default_factory=Limits)
     shutdown_grace_s: float = 30.0
     lease_s: float = LEASE_S
+    metrics_port: int | None = None  # this worker's /metrics on a loopback port
     log_level: int = logging.WARNING
 
 
@@ -135,6 +136,10 @@ def run(config: ClusterWorkerConfig, stopping: Stopping) -> int:
             case Free():
                 executor.free()
 
+    if config.metrics_port is not None:
+        from zimage_serve.metrics import node_registry, serve_on
+
+        serve_on(config.metrics_port, node_registry())
     listening = threading.Event()
     listener = bus.listen(bus.control, heard, listening)
     worker.start()

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from zimage_serve.metrics import JobEnd
+
 # -- worker → server ---------------------------------------------------------------------------------
 
 
@@ -43,6 +45,13 @@ class Idle:
 @dataclass(frozen=True, slots=True)
 class Ready:
     """The worker loaded its default model (or has none to preload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnded:
+    """A job's end as the metrics count it (sent whether or not a socket listens)."""
+
+    end: JobEnd
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +94,7 @@ class Stop:
     timeout: float | None
 
 
-ToServer = JobEvent | QueueChanged | DeviceStats | Idle | Ready | RunningNow
+ToServer = JobEvent | JobEnded | QueueChanged | DeviceStats | Idle | Ready | RunningNow
 ToWorker = Wake | Interrupt | Free | Report | Stop
 
 

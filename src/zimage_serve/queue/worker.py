@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zimage_serve.identity import Identity
+from zimage_serve.metrics import JobEnd, observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.deadlines import Deadlines
 from zimage_serve.queue.jobs import LEASE_S, Job, QueueUnavailable, worker_id
@@ -96,6 +97,7 @@ class Worker:
         on_ready: Callable[[], None] | None = None,
         lease_s: float = LEASE_S,
         on_beat: Callable[[], None] | None = None,
+        on_end: Callable[[JobEnd], None] = observe_job,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -115,6 +117,7 @@ class Worker:
         # Its name in the queue (host, process, random), and how long its claims hold between heartbeats.
         self.id, self.lease_s = worker_id(), lease_s
         self._on_beat = on_beat  # told at start and at every heartbeat (a cluster's register of workers)
+        self._on_end = on_end  # told each job's end recorded here (the metrics)
         self._queue_lost = False  # the queue was unreachable (said once, and once when it is back)
 
     @property
@@ -331,6 +334,7 @@ class Worker:
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
         next_job = self._record(job.id, state, entry)
+        self._ended(job, state, running.started, result.executed)
         self.executor.settle_outputs(job.id)
         if self._stopping.is_set():
             log.warning("prompt %s ended (%s) while the server was stopping", job.id, state)
@@ -363,6 +367,17 @@ class Worker:
             self._found_queue()
             return next_job
 
+    def _ended(self, job: Job, state: str, started: float, executed: list[str]) -> None:
+        nodes: dict[str, int] = {}
+        for node_id in executed:
+            class_type = str(job.prompt.get(node_id, {}).get("class_type", "?"))
+            nodes[class_type] = nodes.get(class_type, 0) + 1
+        end = JobEnd(state, time.monotonic() - started, time.time() - job.created if job.created else 0.0, nodes)
+        try:
+            self._on_end(end)
+        except Exception:  # metrics never cost a job
+            log.exception("could not count the end of job %s", job.id)
+
     def _tell(self, job: Job, event: str, data: dict[str, Any]) -> None:
         self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data, job.owner)
 
@@ -389,6 +404,7 @@ class Worker:
     def _record_failure(self, job: Job, message: str) -> None:
         data = execution_error(job.id, message, "InternalError")
         self.store.finish(job.id, "error", {"outputs": {}, "messages": [["execution_error", data]]})
+        self._ended(job, "error", time.monotonic(), [])
         self.executor.discard_outputs(job.id)  # the history lists none of them
         with self._running_lock:
             self._running.pop(job.id, None)

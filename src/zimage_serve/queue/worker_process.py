@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import LEASE_S
 from zimage_serve.queue.messages import (
@@ -39,6 +40,7 @@ from zimage_serve.queue.messages import (
     Free,
     Idle,
     Interrupt,
+    JobEnded,
     JobEvent,
     QueueChanged,
     Ready,
@@ -278,6 +280,8 @@ class WorkerProcess:
         match message:
             case JobEvent(prompt_id, client_id, event, data, owner):
                 self.listener.job_event(prompt_id, client_id, event, data, owner)
+            case JobEnded(end):
+                observe_job(end)
             case RunningNow(token, running):
                 with self._lock:
                     report = self._reports.get(token)
@@ -399,6 +403,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         preload=config.preload,
         on_ready=lambda: listener.send(Ready()),
         lease_s=config.lease_s,
+        on_end=lambda end: listener.send(JobEnded(end)),
     )
     worker.start()
     while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from starlette.requests import Request as PlainRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_serve import __version__
+from zimage_serve.metrics import observe_request
 from zimage_serve.queue.jobs import QueueUnavailable
 from zimage_serve.server import (
     openai_images,
@@ -22,6 +24,7 @@ from zimage_serve.server import (
     routes_frontend,
     routes_info,
     routes_jobs,
+    routes_metrics,
     routes_queue,
     routes_security,
     routes_templates,
@@ -44,6 +47,7 @@ ROUTERS = (
     routes_userdata.router,
     routes_jobs.router,
     routes_templates.router,
+    routes_metrics.router,
     routes_frontend.router,
 )
 
@@ -211,7 +215,33 @@ class Served:
         self.gate, self.app = gate, app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.gate(scope, receive, send)
+        if scope["type"] != "http":
+            await self.gate(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.gate(scope, receive, sent)
+        finally:
+            observe_request(scope["method"], route_of(scope), status, time.perf_counter() - started)
+
+
+def route_of(scope: Scope) -> str:
+    """The route's template (`/history/{prompt_id}`), never the raw path: what a client sends cannot add
+    labels. POST /prompt is served ahead of FastAPI (`PromptLane`); anything unmatched is "other"."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str) and path != "/":
+        return path
+    if scope.get("path") in PromptLane.PATHS:
+        return "/prompt"
+    return "other"
 
 
 def create_app(settings: ServerSettings, start_now: bool = False) -> Served:

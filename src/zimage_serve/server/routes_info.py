@@ -80,6 +80,7 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
     rt = runtime(request)
     workers = await asyncio.to_thread(rt.workers)
     devices = [w["device"] for w in workers if isinstance(w.get("device"), dict)] or [rt.service.device_stats()]
+    shown = workers if caller(request).admin else [{"state": w.get("state")} for w in workers]  # hosts: admins
     return {
         "system": {
             "os": platform.system().lower(),
@@ -95,7 +96,7 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
             "ram_free": _memory("SC_AVPHYS_PAGES"),
         },
         "devices": devices,
-        "zimage": {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": workers},
+        "zimage": {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": shown},
     }
 
 

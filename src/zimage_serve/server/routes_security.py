@@ -18,7 +18,7 @@ from zimage_serve.server.schemas import TokenRequest, json_request
 router = APIRouter()
 
 
-def _admin_only(identity: Identity) -> Response | None:
+def admin_only(identity: Identity) -> Response | None:
     if identity.admin:
         return None
     return comfy_error("forbidden", "Admins only", "this route needs a token with the admin role", 403)
@@ -30,7 +30,7 @@ def _limits(token: Token | None) -> dict[str, int | None]:
 
 @router.get("/zimage/tokens")
 async def list_tokens(request: Request) -> Response:
-    refused = _admin_only(caller(request))
+    refused = admin_only(caller(request))
     if refused is not None:
         return refused
     tokens = await asyncio.to_thread(runtime(request).security.tokens.tokens)
@@ -39,7 +39,7 @@ async def list_tokens(request: Request) -> Response:
 
 @router.post("/zimage/tokens", openapi_extra=json_request(TokenRequest))
 async def create_token(request: Request) -> Response:
-    refused = _admin_only(caller(request))
+    refused = admin_only(caller(request))
     if refused is not None:
         return refused
     try:
@@ -69,7 +69,7 @@ async def create_token(request: Request) -> Response:
 
 @router.delete("/zimage/tokens/{name}")
 async def revoke_token(request: Request, name: str) -> Response:
-    refused = _admin_only(caller(request))
+    refused = admin_only(caller(request))
     if refused is not None:
         return refused
     rt = runtime(request)

@@ -12,11 +12,12 @@ from typing import Any, cast
 from zimage_serve.config import ConfigError
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.image_safety import use_bomb_limit
+from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
 from zimage_serve.queue import backends
 from zimage_serve.queue.audit_relay import AuditRelay, audit_file
 from zimage_serve.queue.cluster_api import ClusterWorkers
 from zimage_serve.queue.cluster_worker import ClusterWorkerConfig
-from zimage_serve.queue.jobs import LEASE_S
+from zimage_serve.queue.jobs import LEASE_S, STATES
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
@@ -60,6 +61,7 @@ class ServerSettings:
     queue: str | None = None  # None: the SQLite file in the data dir; redis://...: a cluster's (queue/backends.py)
     workers: int = 1  # with a Redis queue: workers this node runs (0: an API node only)
     lease_s: float = LEASE_S  # how long a worker's claim holds without a heartbeat
+    metrics_port: int | None = None  # /metrics also on this loopback port (local workers: the ports after it)
     node_name: str = ""  # with a Redis queue: this API node's name (its audit log's folder); default host-port
 
 
@@ -103,6 +105,7 @@ class Runtime:
             self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
         )
         self.submissions = SubmissionBatcher(self.service)
+        self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         self._started = self._stopped = False
 
@@ -147,6 +150,7 @@ class Runtime:
             queue_url=self.queue_choice.url,
             prefix=self.queue_choice.prefix,
             shutdown_grace_s=settings.shutdown_grace_s,
+            metrics_port=None if settings.metrics_port is None else settings.metrics_port + 1 + index,
             **{**self._worker_settings(), "device": device},
         )
 
@@ -203,6 +207,8 @@ class Runtime:
         self.worker.start()
         if self.audit_relay is not None:
             self.audit_relay.start()
+        if self.settings.metrics_port is not None:
+            serve_on(self.settings.metrics_port, self.metrics)
 
     def stop(self) -> None:
         if not self._started or self._stopped:
