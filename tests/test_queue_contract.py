@@ -310,3 +310,19 @@ def test_requeue_puts_a_cut_off_job_back_without_counting_its_attempt(connect: C
     [back] = store.pending()
     assert (back.id, back.attempts, back.worker, back.started) == ("a", 0, "", None)
     assert store.heartbeat("w:1:x") == 0 and store.count("running") == 0 and store.count("pending") == 1
+
+
+def test_owners_share_the_workers_fairly_and_keep_their_own_priorities(connect: Connect) -> None:
+    store = connect()
+    store.enqueue_many([Job(f"a{i}", i, {}, {}, [], owner="alice") for i in range(4)])  # alice queues first
+    store.enqueue_many([Job(f"b{i}", 10 + i, {}, {}, [], owner="bob") for i in range(2)])
+    store.enqueue("local", 20, {}, {}, [])  # the local operator counts as one more owner
+    claimed = [store.claim(f"w:{i}:x") for i in range(3)]
+    assert [j.id for j in claimed if j] == ["a0", "b0", "local"]  # one each before anyone gets a second
+    store.finish("b0", "success", {})
+    following = store.claim("w:3:x")  # alice and the local operator run one each, bob none: bob's turn
+    assert following is not None and following.id == "b1"
+    store.enqueue_many([Job("a-front", -5, {}, {}, [], owner="alice")])  # `front` orders alice's own jobs
+    following = store.finish("local", "success", {}, claim_next=True, worker="w:2:x")
+    assert following is not None and following.id == "a-front"
+    assert [j.id for j in store.pending()] == ["a1", "a2", "a3"]

@@ -96,6 +96,22 @@ class RedisQueue:
     def close(self) -> None:
         self.redis.close()
 
+    def durability_warnings(self) -> list[str]:
+        """What in this Redis's settings could lose accepted jobs: no append-only file, or an eviction
+        policy that may drop keys when memory runs short. Nothing is said where CONFIG is not allowed
+        (managed services): their documentation says what they keep."""
+        try:
+            found = {**self.redis.config_get("appendonly"), **self.redis.config_get("maxmemory-policy")}
+        except (redis.RedisError, OSError):
+            return []
+        warnings = []
+        if found.get("appendonly") != "yes":
+            warnings.append("Redis has no append-only file (appendonly no): a Redis restart loses the queue")
+        policy = found.get("maxmemory-policy", "noeviction")
+        if policy != "noeviction":
+            warnings.append(f"Redis may evict keys (maxmemory-policy {policy}): jobs can vanish; use noeviction")
+        return warnings
+
     def ping(self) -> bool:
         try:
             return bool(self.redis.ping())

@@ -6,7 +6,8 @@ Keys, under the queue's prefix P (`zimage:` unless the URL names another):
   `m` is its member in the sorted sets below: the submission sequence, zero-padded, then the id, so that
   jobs of one score sort in submission order;
 - `P pending` (score: number), `P running` (score: start), `P history` (score: end), and the same three per
-  owner, `P owner:<owner>:<state>`, for the jobs of a signed-in user;
+  owner, `P owner:<owner>:<state>` (the local operator's jobs are owner ""'s); `P waiting`: the owners
+  with jobs waiting, among whom claims share the workers fairly;
 - `P held:<worker>`: the ids a worker runs, whose leases its heartbeats renew;
 - `P counts`: jobs per state; `P seq`, `P number`: counters; `P usage:<day>`: jobs and images per owner;
 - `P audit`: a stream, every job's end, written in the script that records it (the audit log's outbox);
@@ -34,12 +35,15 @@ local function owned(owner, state)
   return P .. 'owner:' .. owner .. ':' .. state
 end
 
+-- Every owner's jobs are also in sorted sets of their own (the local operator's, owner '', too: fair
+-- share counts it as one owner); `P waiting` holds the owners with jobs waiting.
 local function move(m, owner, from, to, score)
   redis.call('ZREM', P .. from, m)
-  if to ~= nil then redis.call('ZADD', P .. to, score, m) end
-  if owner ~= '' then
-    redis.call('ZREM', owned(owner, from), m)
-    if to ~= nil then redis.call('ZADD', owned(owner, to), score, m) end
+  redis.call('ZREM', owned(owner, from), m)
+  if to ~= nil then
+    redis.call('ZADD', P .. to, score, m)
+    redis.call('ZADD', owned(owner, to), score, m)
+    if to == 'pending' then redis.call('SADD', P .. 'waiting', owner) end
   end
 end
 
@@ -53,17 +57,37 @@ local function where(state)
   return 'history'
 end
 
+-- Fair share: the next job is the first waiting job of the owner with the fewest jobs running (ties: the
+-- owner whose first job comes first by number, then submission). One owner: plain queue order.
+local function next_member()
+  local best, best_running, best_score = nil, nil, nil
+  for _, owner in ipairs(redis.call('SMEMBERS', P .. 'waiting')) do
+    local head = redis.call('ZRANGE', owned(owner, 'pending'), 0, 0, 'WITHSCORES')
+    if #head == 0 then
+      redis.call('SREM', P .. 'waiting', owner)
+    else
+      local running = redis.call('ZCARD', owned(owner, 'running'))
+      local score = tonumber(head[2])
+      if best == nil or running < best_running or (running == best_running and
+          (score < best_score or (score == best_score and head[1] < best))) then
+        best, best_running, best_score = head[1], running, score
+      end
+    end
+  end
+  return best
+end
+
 -- The next pending job, now running and leased to `worker`: its fields (HGETALL), or false.
 local function claim(worker, lease_s, t)
   while true do
-    local head = redis.call('ZRANGE', P .. 'pending', 0, 0)
-    if #head == 0 then return false end
-    local m = head[1]
+    local m = next_member()
+    if m == nil then return false end
     local id = string.sub(m, 18)
     local key = P .. 'job:' .. id
     local owner = redis.call('HGET', key, 'owner')
     if not owner then
       redis.call('ZREM', P .. 'pending', m)  -- a member whose job is gone: never handed out
+      for _, o in ipairs(redis.call('SMEMBERS', P .. 'waiting')) do redis.call('ZREM', owned(o, 'pending'), m) end
     else
       local started = fmt(t)
       move(m, owner, 'pending', 'running', started)
@@ -85,7 +109,7 @@ local function trim_history(limit)
     local fields = redis.call('HMGET', key, 'state', 'owner')
     if fields[1] then
       counted(fields[1], nil)
-      if fields[2] ~= '' then redis.call('ZREM', owned(fields[2], 'history'), m) end
+      redis.call('ZREM', owned(fields[2], 'history'), m)
       redis.call('DEL', key)
     end
   end
@@ -144,8 +168,9 @@ for b = 4, #ARGV, 10 do
                'outputs', ARGV[b + 4], 'context', ARGV[b + 5], 'owner', owner, 'state', 'pending',
                'attempts', 0, 'created', t, 'worker', '')
     redis.call('ZADD', P .. 'pending', number, m)
+    redis.call('ZADD', owned(owner, 'pending'), number, m)
+    redis.call('SADD', P .. 'waiting', owner)
     if owner ~= '' then
-      redis.call('ZADD', owned(owner, 'pending'), number, m)
       redis.call('SADD', P .. 'owners', owner)
       redis.call('HINCRBY', P .. 'usage:' .. day, 'jobs:' .. owner, 1)
       redis.call('HINCRBY', P .. 'usage:' .. day, 'images:' .. owner, images)

@@ -242,7 +242,11 @@ class Worker:
         """Files noted by runs whose end was recorded just before a crash are theirs: settle them. Those
         of runs never finished are removed when the prompt runs again."""
         for prompt_id in self.executor.unsettled():
-            job = self.store.get(prompt_id)
+            try:
+                job = self.store.get(prompt_id)
+            except QueueUnavailable as exc:  # left for the next start: a re-run settles its own files
+                self._lost_queue(exc)
+                return
             if job is None or job.state not in ("pending", "running"):
                 self.executor.settle_left_over(prompt_id)
 

@@ -17,7 +17,7 @@ from zimage_serve.queue import backends
 from zimage_serve.queue.audit_relay import AuditRelay, audit_file
 from zimage_serve.queue.cluster_api import ClusterWorkers
 from zimage_serve.queue.cluster_worker import ClusterWorkerConfig
-from zimage_serve.queue.jobs import LEASE_S, STATES
+from zimage_serve.queue.jobs import LEASE_S, STATES, QueueUnavailable
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
@@ -197,7 +197,14 @@ class Runtime:
             return
         self._started = True
         self.security.announce()
-        recovered = self.store.recover()
+        if isinstance(self.store, RedisQueue):
+            for warning in self.store.durability_warnings():
+                log.warning("%s", warning)
+        try:
+            recovered = self.store.recover()
+        except QueueUnavailable as exc:  # a cluster's Redis is down: answer 503 until it is back
+            log.error("%s; requests that need the queue are answered 503 until it is back", exc)
+            recovered = []
         for job in recovered:
             log.warning(
                 "prompt %s was running when the server stopped: %s",
