@@ -596,12 +596,13 @@ class JobStore:
         the fewest jobs running, ties to the owner whose first job comes first; each owner is found by
         one seek in the per-owner index; the local operator's jobs (from before authentication was on, say)
         count as one more owner's."""
-        head = self._execute(NEXT_PENDING).fetchone()
+        head: sqlite3.Row | None = self._execute(NEXT_PENDING).fetchone()
         if head is None or self._execute(ANY_OWNED).fetchone() is None:
             return head
         running = dict(self._execute(RUNNING_PER_OWNER).fetchall())
         running[""] = self._count("running") - sum(running.values())
-        candidates, owner = [head], ""
+        candidates: list[sqlite3.Row] = [head]
+        owner = ""
         local_live = self._count("pending") + self._count("running") - self._execute(OWNED_LIVE).fetchone()[0]
         if head[12] != "" and local_live > running[""]:  # the local operator has jobs waiting, not first
             local = self._execute(LOCAL_FIRST).fetchone()
