@@ -126,7 +126,7 @@ def measure(name: str, workers: int, args: argparse.Namespace) -> dict[str, floa
 
 
 def running_elsewhere(node: Server, prompt_id: str, other_than: int | None) -> dict[str, Any] | None:
-    for worker in node.json("GET", "/system_stats")[1]["zimage"]["workers"]:
+    for worker in node.json("GET", "/api/zimage/workers")[1]["workers"]:
         if worker["pid"] != other_than and any(r["prompt_id"] == prompt_id for r in worker["running"]):
             return worker
     return None

@@ -80,9 +80,10 @@ def test_requests_are_counted_by_route_template_never_by_raw_path(served: tuple[
     server, _ = served
     for i in range(3):
         assert server.request("GET", f"/history/made-up-{i}")[0] == 200
+        assert server.request("GET", f"/api/history/made-up-{i}")[0] == 200  # the frontend's form
     server.request("GET", "/no/such/route/at/all")
     found = scrape(server)
-    assert value(found, "zimage_http_requests_total", method="GET", route="/history/{prompt_id}", status="200") >= 3
+    assert value(found, "zimage_http_requests_total", method="GET", route="/history/{prompt_id}", status="200") >= 6
     assert value(found, "zimage_http_requests_total", method="POST", route="/prompt", status="400") >= 1
     assert value(found, "zimage_http_request_seconds_count", method="GET", route="/history/{prompt_id}") >= 3
     routes = {dict(labels).get("route") for (name, labels) in found if name == "zimage_http_requests_total"}
@@ -103,7 +104,11 @@ def test_with_authentication_on_metrics_are_for_admins(tmp_path: Path) -> None:
         assert server.request("GET", "/metrics")[0] == 401
         assert server.as_token(tokens["user"]).request("GET", "/metrics")[0] == 403
         assert "zimage_queue_up" in server.as_token(tokens["admin"]).request("GET", "/metrics")[2].decode()
-        stats = server.as_token(tokens["user"]).json("GET", "/system_stats")[1]
-        assert all(set(worker) == {"state"} for worker in stats["zimage"]["workers"])  # no hosts for users
-        stats = server.as_token(tokens["admin"]).json("GET", "/system_stats")[1]
-        assert "host" in stats["zimage"]["workers"][0]
+        [device] = server.as_token(tokens["user"]).json("GET", "/system_stats")[1]["devices"]
+        assert device["zimage_state"] and "zimage_host" not in device and "zimage_running" not in device
+        [device] = server.as_token(tokens["admin"]).json("GET", "/system_stats")[1]["devices"]
+        assert device["zimage_host"] and device["zimage_running"] == []
+        [worker] = server.as_token(tokens["user"]).json("GET", "/api/zimage/workers")[1]["workers"]
+        assert set(worker) == {"id", "state", "heartbeat_age_s"}
+        [worker] = server.as_token(tokens["admin"]).json("GET", "/api/zimage/workers")[1]["workers"]
+        assert {"host", "device", "running"} <= set(worker)

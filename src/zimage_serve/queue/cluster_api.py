@@ -121,7 +121,8 @@ class ClusterWorkers:
         ]
 
     def workers(self) -> list[WorkerRecord]:
-        return self.bus.workers()
+        """The register (empty while Redis is away: /system_stats still answers)."""
+        return self._live()
 
     def device_stats(self) -> dict[str, object]:
         """The first live worker's device (ComfyUI's /system_stats shows one per worker: see `workers`)."""

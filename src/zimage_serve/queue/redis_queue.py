@@ -45,6 +45,7 @@ from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "zimage:"
+FAIL_FAST_S = 1.0
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError, OSError)
 T = TypeVar("T")
 
@@ -70,6 +71,7 @@ class RedisQueue:
     ) -> None:
         self.url, self.max_pending, self.prefix = url, max_pending, prefix
         self.redis = client if client is not None else connect(url)
+        self._down_until = 0.0
         scripts = ("ENQUEUE", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
         self._scripts = {name: self.redis.register_script(getattr(redis_scripts, name)) for name in scripts}
 
@@ -79,9 +81,14 @@ class RedisQueue:
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
+        """Calls fail fast for a second after one found Redis unreachable: an outage costs each caller
+        one connect timeout a second at most, not one per call."""
+        if time.monotonic() < self._down_until:
+            raise QueueUnavailable(f"the queue (Redis at {self._where()}) could not be reached a moment ago")
         try:
             yield
         except _UNREACHABLE as exc:
+            self._down_until = time.monotonic() + FAIL_FAST_S
             raise QueueUnavailable(f"the queue (Redis at {self._where()}) cannot be reached: {exc}") from exc
 
     def _where(self) -> str:

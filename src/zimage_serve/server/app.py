@@ -62,10 +62,16 @@ class ApiPrefix:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and scope["path"].startswith("/api/"):
-            scope = {**scope, "path": scope["path"][4:]}
+            inner = {**scope, "path": scope["path"][4:]}
             raw: bytes | None = scope.get("raw_path")
             if raw is not None and raw.startswith(b"/api/"):
-                scope["raw_path"] = raw[4:]
+                inner["raw_path"] = raw[4:]
+            try:
+                await self.app(inner, receive, send)
+            finally:  # the route that answered, for the metrics outside (app.route_of)
+                if "route" in inner:
+                    scope["route"] = inner["route"]
+            return
         await self.app(scope, receive, send)
 
 

@@ -75,12 +75,14 @@ async def get_health(request: Request) -> JSONResponse:
 
 @router.get("/system_stats")
 async def get_system_stats(request: Request) -> dict[str, Any]:
-    """ComfyUI's answer; `devices` lists every worker's device (one per worker of a cluster), and
-    `zimage.workers` each worker with its current jobs and the age of its last heartbeat."""
+    """ComfyUI's answer, its shape kept (the official frontend checks it). `devices` has one entry per
+    worker of the cluster, each with our own keys beside ComfyUI's: the worker, its state, the prompts
+    it runs and the age of its last heartbeat (its host too, for admins). GET /api/zimage/workers lists
+    the workers alone."""
     rt = runtime(request)
     workers = await asyncio.to_thread(rt.workers)
-    devices = [w["device"] for w in workers if isinstance(w.get("device"), dict)] or [rt.service.device_stats()]
-    shown = workers if caller(request).admin else [{"state": w.get("state")} for w in workers]  # hosts: admins
+    admin = caller(request).admin
+    devices = [_device_of(worker, admin) for worker in workers] or [rt.service.device_stats()]
     return {
         "system": {
             "os": platform.system().lower(),
@@ -96,8 +98,31 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
             "ram_free": _memory("SC_AVPHYS_PAGES"),
         },
         "devices": devices,
-        "zimage": {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": shown},
     }
+
+
+def _device_of(worker: dict[str, Any], admin: bool) -> dict[str, Any]:
+    device = dict(worker["device"]) if isinstance(worker.get("device"), dict) else {}
+    device.update(
+        zimage_worker=worker.get("id", ""),
+        zimage_state=worker.get("state", ""),
+        zimage_heartbeat_age_s=worker.get("heartbeat_age_s", 0.0),
+    )
+    if admin:  # other users' prompts and the machines: admins only
+        device["zimage_host"] = worker.get("host", "")
+        device["zimage_running"] = [r.get("prompt_id") for r in worker.get("running", [])]
+    return device
+
+
+@router.get("/zimage/workers")
+async def get_workers(request: Request) -> dict[str, Any]:
+    """The workers serving this node's queue (the cluster's, with Redis): id, state, device, the prompts
+    each runs (and on which node), the age of its last heartbeat; hosts and processes for admins only."""
+    rt = runtime(request)
+    workers = await asyncio.to_thread(rt.workers)
+    if not caller(request).admin:
+        workers = [{k: w.get(k) for k in ("id", "state", "heartbeat_age_s")} for w in workers]
+    return {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": workers}
 
 
 @functools.cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ class Runtime:
         self.service = QueueService(
             self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
         )
-        self.submissions = SubmissionBatcher(self.service)
+        self.submissions = SubmissionBatcher(self.service, remote=self.queue_choice.shared)
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         self._started = self._stopped = False
@@ -179,7 +180,9 @@ class Runtime:
         """Every worker serving this node's queue, as /system_stats lists them."""
         if isinstance(self.worker, ClusterWorkers):
             return [record.shown() for record in self.worker.workers()]
-        running = [{"prompt_id": e.prompt_id, "node": e.node} for e in self.service.executing()]
+        # From the queue, not asked of the worker process (which answers only between its steps, and
+        # not at all while it loads a model: /system_stats must not wait for that).
+        running = [{"prompt_id": job.id, "node": None} for job in self.store.running()]
         return [
             {
                 "id": getattr(self.worker, "id", "local"),
@@ -235,7 +238,9 @@ class Runtime:
         self.hub.publish(event, data, client_id, owner)
 
     def queue_changed(self) -> None:
-        self.hub.broadcast("status", self.status)
+        # While the queue is away, sockets get its state with the next change, or as they connect.
+        with contextlib.suppress(QueueUnavailable):
+            self.hub.broadcast("status", self.status)
 
     def status(self) -> dict[str, Any]:
         return {"status": {"exec_info": {"queue_remaining": self.service.remaining()}}}
