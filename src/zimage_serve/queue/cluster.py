@@ -52,6 +52,17 @@ class ClusterBus:
     def publish(self, channel: str, message: Cluster) -> None:
         self.queue.call(lambda: self.redis.publish(channel, to_json(message)))
 
+    def publish_all(self, channel: str, messages: list[Cluster]) -> None:
+        """In order, in one round trip."""
+
+        def send() -> None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for message in messages:
+                    pipe.publish(channel, to_json(message))
+                pipe.execute()
+
+        self.queue.call(send)
+
     # -- the register of workers -----------------------------------------------------------------------
     def beat(self, worker_id: str, info: dict[str, Any]) -> None:
         """`worker_id` is alive, with `info` (device, state, concurrency, host); its time is Redis'."""
@@ -91,16 +102,25 @@ class ClusterBus:
         return sorted(records, key=lambda r: r.id)
 
     # -- listening -------------------------------------------------------------------------------------
-    def listen(self, channel: str, on_message: Callable[[Cluster], None], stop: threading.Event) -> threading.Thread:
-        """Hand every message on `channel` to `on_message` on a thread of its own, until `stop`; while Redis
-        is away the thread reconnects every RECONNECT_S (and logs once that it lost it)."""
+    def listen(
+        self,
+        channel: str,
+        on_message: Callable[[Cluster], None],
+        stop: threading.Event,
+        wanted: Callable[[], bool] = lambda: True,
+    ) -> threading.Thread:
+        """Hand every message on `channel` to `on_message` on a thread of its own, until `stop` (those that
+        arrive while `wanted()` is false are not even decoded); while Redis is away the thread reconnects
+        every RECONNECT_S (and logs once that it lost it)."""
         thread = threading.Thread(
-            target=self._listen, args=(channel, on_message, stop), name=f"zimage-listen-{channel}", daemon=True
+            target=self._listen, args=(channel, on_message, stop, wanted), name=f"zimage-listen-{channel}", daemon=True
         )
         thread.start()
         return thread
 
-    def _listen(self, channel: str, on_message: Callable[[Cluster], None], stop: threading.Event) -> None:
+    def _listen(
+        self, channel: str, on_message: Callable[[Cluster], None], stop: threading.Event, wanted: Callable[[], bool]
+    ) -> None:
         lost = False
         while not stop.is_set():
             subscriber = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
@@ -111,7 +131,7 @@ class ClusterBus:
                     lost = False
                 while not stop.is_set():
                     raw = subscriber.get_message(timeout=0.5)
-                    if raw is None or raw.get("type") != "message":
+                    if raw is None or raw.get("type") != "message" or not wanted():
                         continue
                     message = from_json(raw["data"])
                     if message is None:

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from zimage_serve.queue.cluster import ClusterBus, WorkerRecord
@@ -81,8 +82,17 @@ class _LocalWorker:
 
 
 class ClusterWorkers:
-    def __init__(self, store: RedisQueue, listener: Listener, local: list[ClusterWorkerConfig]) -> None:
+    def __init__(
+        self,
+        store: RedisQueue,
+        listener: Listener,
+        local: list[ClusterWorkerConfig],
+        audience: Callable[[], int] = lambda: 1,
+    ) -> None:
         self.store, self.listener = store, listener
+        # Events go only to sockets: with none connected to this node they are skipped undecoded (the node a
+        # prompt is on is then unknown here until its next event).
+        self.audience = audience
         self.bus = ClusterBus(store)
         self._local = [_LocalWorker(config, i, self) for i, config in enumerate(local)]
         self._nodes: dict[str, str | None] = {}  # the node each running prompt is on, from its events
@@ -90,7 +100,7 @@ class ClusterWorkers:
 
     # -- control ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.bus.listen(self.bus.events, self._heard, self._stopping)
+        self.bus.listen(self.bus.events, self._heard, self._stopping, wanted=lambda: self.audience() > 0)
         for local in self._local:
             local.start()
 

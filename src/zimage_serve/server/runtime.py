@@ -114,7 +114,10 @@ class Runtime:
         settings = self.settings
         if self.queue_choice.shared:
             return ClusterWorkers(
-                cast(RedisQueue, self.store), self, [self._cluster_worker(i) for i in range(settings.workers)]
+                cast(RedisQueue, self.store),
+                self,
+                [self._cluster_worker(i) for i in range(settings.workers)],
+                audience=lambda: len(self.hub.sockets),
             )
         if settings.worker_process:
             assert isinstance(self.store, JobStore)
