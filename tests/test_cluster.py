@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -255,3 +258,25 @@ def test_metrics_show_every_worker_and_each_workers_jobs(cluster: Cluster) -> No
         with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as answer:
             ended += value(samples(answer.read().decode()), "zimage_jobs_ended_total", outcome="success")
     assert ended >= 1000  # the load test's jobs, counted where they ran
+
+
+def test_each_job_end_is_in_one_api_nodes_audit_log_and_each_log_verifies(cluster: Cluster) -> None:
+    prompt_id = post(cluster.nodes[0], quick_job("audited", 99))
+    wait_for(lambda: ended(cluster.nodes[0], prompt_id), 60, "the job to end")
+    command = [sys.executable, "-m", "zimage_serve.cli", "audit"]
+    # each node's log, under its default name (HOST-PORT)
+    places = [["--data-dir", str(cluster.data), "--node", f"{socket.gethostname()}-{n.port}"] for n in cluster.nodes]
+
+    def logged() -> list[str]:
+        found = []
+        for where in places:
+            exported = subprocess.run([*command, "export", *where], capture_output=True, text=True, timeout=60)
+            found += [r["job_id"] for r in map(json.loads, exported.stdout.splitlines()) if r["kind"] == "generation"]
+        return found
+
+    ends = wait_for(lambda: (found := logged()) and prompt_id in found and found, 30, "the end in a log")
+    assert ends.count(prompt_id) == 1  # in one node's log, once
+    assert len(ends) == len(set(ends)) and len(ends) >= 1000  # the load test's too, none twice
+    for where in places:
+        checked = subprocess.run([*command, "verify", *where], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0 and "intact" in checked.stderr, checked.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from tests.redis_server import RedisServer, running_redis
 from zimage_serve.queue.jobs import Job, QueueUnavailable
-from zimage_serve.queue.redis_queue import RedisQueue
+from zimage_serve.queue.redis_queue import FAIL_FAST_S, RedisQueue
 
 
 def queue_on(server: RedisServer, **options: object) -> RedisQueue:
@@ -35,7 +35,12 @@ def test_a_restart_with_aof_keeps_every_acknowledged_job(tmp_path: Path) -> None
         server.stop(kill=True)  # SIGKILL: no shutdown save, only the append-only file
         with pytest.raises(QueueUnavailable, match="cannot be reached"):
             store.count("pending")
+        asked = time.monotonic()
+        with pytest.raises(QueueUnavailable, match="a moment ago"):  # fails fast, no second timeout
+            store.count("pending")
+        assert time.monotonic() - asked < 0.1
         server.start()
+        time.sleep(FAIL_FAST_S)
         assert store.count("pending") == 18 and [j.id for j in store.running()] == ["job1"]
         assert [j.id for j in store.history()] == ["job0"] and store.next_number() == 20
         assert [j.id for j in store.pending()] == [f"job{i}" for i in range(2, 20)]

@@ -14,16 +14,19 @@ from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
 
 app = typer.Typer(help="The audit log: verify, export.", no_args_is_help=True)
 DataDirOption = Annotated[Path | None, typer.Option(help=f"The server's data folder [env {DATA_DIR_ENV}]")]
+NodeOption = Annotated[
+    str | None, typer.Option(help="A cluster's API node (its --node-name, default HOST-PORT): that node's log")
+]
 
 
 @app.command("verify")
-def verify(data_dir: DataDirOption = None) -> None:
+def verify(data_dir: DataDirOption = None, node: NodeOption = None) -> None:
     """Check every record's hash chain against the head kept in the queue database; exits 1 naming the
     first bad record."""
+    from zimage_serve.security.audit import log_place
     from zimage_serve.security.audit import verify as verify_log
 
-    folder = data_dir or default_data_dir()
-    checked, problem = verify_log(folder / "audit", folder / "queue.sqlite3")
+    checked, problem = verify_log(*log_place(data_dir or default_data_dir(), node))
     if problem is not None:
         console_err.print(f"[bold red]audit log damaged:[/] {problem}", highlight=False)
         raise typer.Exit(1)
@@ -36,10 +39,11 @@ def export(
     user: Annotated[str | None, typer.Option(help="Only this user's records")] = None,
     since: Annotated[str | None, typer.Option(help="Only records from this date or time on (ISO 8601, UTC)")] = None,
     data_dir: DataDirOption = None,
+    node: NodeOption = None,
 ) -> None:
     """Write the records to standard output."""
     from zimage_serve.security.audit import export as export_records
-    from zimage_serve.security.audit import records
+    from zimage_serve.security.audit import log_place, records
 
     if format not in ("jsonl", "csv"):
         raise typer.BadParameter(f"{format!r} is not jsonl or csv", param_hint="--format")
@@ -52,5 +56,5 @@ def export(
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.UTC)
         start = moment.timestamp()
-    folder = data_dir or default_data_dir()
-    export_records(sys.stdout, records(folder / "audit", user=user, since=start), format)
+    folder, _ = log_place(data_dir or default_data_dir(), node)
+    export_records(sys.stdout, records(folder, user=user, since=start), format)

@@ -92,6 +92,16 @@ def audit_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("audit-*.jsonl"))
 
 
+def log_place(data_dir: Path, node: str | None = None) -> tuple[Path, Path]:
+    """Where an audit log is: its folder, and the database that keeps its head (and outbox). One machine:
+    `<data>/audit` and the queue file. A cluster's API node (`node`): `<data>/audit/<node>` and a file of
+    its own there (each node writes its own chain)."""
+    if node is None:
+        return data_dir / "audit", data_dir / "queue.sqlite3"
+    folder = data_dir / "audit" / node
+    return folder, folder / "head.sqlite3"
+
+
 @dataclass
 class _Pending:
     record: dict[str, Any]

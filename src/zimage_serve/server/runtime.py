@@ -24,6 +24,7 @@ from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
+from zimage_serve.security.audit import log_place
 from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
@@ -93,8 +94,8 @@ class Runtime:
         if isinstance(self.store, JobStore):
             audit_folder, audit_head = data / "audit", self.store.path
         else:  # every API node keeps its own log (one chain per writer), fed job ends by the relay
-            audit_folder = data / "audit" / self.node_name
-            audit_head = audit_file(audit_folder / "head.sqlite3")
+            audit_folder, audit_head = log_place(data, self.node_name)
+            audit_file(audit_head)
             self.audit_relay = AuditRelay(cast(RedisQueue, self.store), audit_head, self.node_name)
         self.security = Security(
             settings.security, settings.listen, settings.port, data, audit_head, settings.limits, audit_folder
