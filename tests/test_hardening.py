@@ -318,19 +318,21 @@ def test_four_large_graphs_do_not_stall_the_event_loop(server: Server) -> None:
     send()
     alone = time.monotonic() - started  # what one of them takes: as long as a stalled loop would stall
     senders = [threading.Thread(target=send) for _ in range(4)]
-    slowest = 0.0
+    slowest, answered = 0.0, 0
     for sender in senders:
         sender.start()
     while any(s.is_alive() for s in senders):
         started = time.monotonic()
         assert server.request("GET", "/system_stats")[0] == 200
-        slowest = max(slowest, time.monotonic() - started)
+        slowest, answered = max(slowest, time.monotonic() - started), answered + 1
         time.sleep(0.02)
     assert answers == [200] * 5
     print(f"slowest /system_stats while four large graphs were validated: {slowest:.3f} s; one alone: {alone:.3f} s")
-    # Relative, not absolute: on a loaded machine both grow together, and a loop blocked by a parse
-    # would keep /system_stats waiting for about as long as one large request takes.
-    assert slowest < alone / 2, f"/system_stats took {slowest:.2f} s while large graphs were validated"
+    # Relative, not absolute: on a loaded machine both grow together. A loop blocked by a parse keeps
+    # /system_stats waiting for about as long as one large request takes, and answers it only between
+    # the four (3 times longer measured so; here 0.06–0.34 s against 0.38–0.48 s alone).
+    assert slowest < alone, f"/system_stats took {slowest:.2f} s while large graphs were validated"
+    assert answered >= 8, f"/system_stats was answered only {answered} times while four large graphs were validated"
 
 
 def test_the_server_still_serves_a_normal_job_at_the_end(server: Server) -> None:
