@@ -93,12 +93,12 @@ def _parse_large(raw: bytes) -> Any:
     """A large body parsed with the cyclic collector paused: parsed JSON holds no cycles, and each full
     pass over the millions of objects a large body makes (0.05–0.14 s here) holds the GIL, stalling the
     event loop, to free nothing. Large bodies are parsed one at a time (`post_prompt`)."""
-    paused = gc.isenabled()
+    collecting = gc.isenabled()
     gc.disable()
     try:
         return parse_body(raw)
     finally:
-        if paused:
+        if collecting:
             gc.enable()
 
 
