@@ -603,9 +603,9 @@ class JobStore:
         running[""] = self._count("running") - sum(running.values())
         candidates: list[sqlite3.Row] = [head]
         owner = ""
-        local_live = self._count("pending") + self._count("running") - self._execute(OWNED_LIVE).fetchone()[0]
-        if head[12] != "" and local_live > running[""]:  # the local operator has jobs waiting, not first
-            local = self._execute(LOCAL_FIRST).fetchone()
+        if head[12] != "":  # is a job of the local operator waiting, not first? (counted only then)
+            local_live = self._count("pending") + self._count("running") - self._execute(OWNED_LIVE).fetchone()[0]
+            local = self._execute(LOCAL_FIRST).fetchone() if local_live > running[""] else None
             if local is not None:
                 candidates.append(local)
         while (found := self._execute(NEXT_OWNER, (owner,)).fetchone()) is not None:

@@ -91,10 +91,10 @@ class Runtime:
         self.store = backends.open_queue(self.queue_choice, data, settings.max_queue)
         self.node_name = settings.node_name or f"{socket.gethostname()}-{settings.port}"
         self.audit_relay: AuditRelay | None = None
-        if isinstance(self.store, JobStore):
-            audit_folder, audit_head = data / "audit", self.store.path
-        else:  # every API node keeps its own log (one chain per writer), fed job ends by the relay
-            audit_folder, audit_head = log_place(data, self.node_name)
+        # One machine: the log's head and outbox are in the queue file. A cluster: every API node keeps its own
+        # log (one chain per writer), fed job ends by the relay.
+        audit_folder, audit_head = log_place(data, None if isinstance(self.store, JobStore) else self.node_name)
+        if not isinstance(self.store, JobStore):
             audit_file(audit_head)
             self.audit_relay = AuditRelay(cast(RedisQueue, self.store), audit_head, self.node_name)
         self.security = Security(
