@@ -123,7 +123,7 @@ class ClusterBus:
     ) -> None:
         lost = False
         while not stop.is_set():
-            subscriber = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            subscriber = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 subscriber.subscribe(channel)
                 if lost:
