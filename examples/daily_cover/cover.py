@@ -1,4 +1,4 @@
-"""A cover picture every day (field report §6.2): today's topic from topics.txt, one image per date.
+"""A cover picture every day: today's topic from topics.txt, one image per date.
 
 Run it from cron; a second run on the same day (a retry) finds the image there and does nothing:
 

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Product images from a catalogue (field report §6.1): one image per row of products.csv, named after
+# Product images from a catalogue: one image per row of products.csv, named after
 # the SKU and seed, in a folder per category. Run it again after a stop and it resumes where it was.
 #
 #   sh run.sh                                     # here, with Z-Image-Turbo's files in your models folder

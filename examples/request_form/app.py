@@ -1,4 +1,4 @@
-"""A staff request form's back end (field report §6.3): a form's fields become one template call.
+"""A staff request form's back end: a form's fields become one template call.
 
     ZIMAGE_URL=http://gpu-box:8188 ZIMAGE_TOKEN=zis_... uvicorn app:app --port 8080
 
