@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from tests.server import running_server
-from tests.test_security import done, make_tokens, submit_as, view_query, zimage
-from tests.test_server_queue import png, small_job, upload, wait_until
+from tests.support.cli import zimage
+from tests.support.jobs import done, png, small_job, submit, upload, view_query, wait_until
+from tests.support.tokens import make_tokens
 from zimage_serve.security.audit import audit_files, records, verify
 
 
@@ -29,8 +30,8 @@ def audited_run(data: Path, *args: str) -> dict[str, Any]:
         for seed in range(2):
             prompt = small_job("audited", seed=seed)
             prompt["6"]["inputs"]["text"] = f"a red circle number {seed}"
-            jobs["alice"].append(submit_as(alice, prompt))
-        jobs["bob"].append(submit_as(bob, small_job("bobs")))
+            jobs["alice"].append(submit(alice, prompt))
+        jobs["bob"].append(submit(bob, small_job("bobs")))
         images = [done(alice, j) for j in jobs["alice"]]
         done(bob, jobs["bob"][0])
         assert upload(alice, png(), "in.png")[0] == 200
@@ -170,7 +171,7 @@ def test_nothing_is_lost_on_sigkill(tmp_path: Path) -> None:
     tokens = make_tokens(data)
     with running_server(data, "--auth", "on") as server:
         alice = server.as_token(tokens["user"])
-        jobs = [submit_as(alice, small_job("killed", seed=i)) for i in range(6)]
+        jobs = [submit(alice, small_job("killed", seed=i)) for i in range(6)]
         wait_until(lambda: all(j in alice.json("GET", "/history")[1] for j in jobs))
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import running_server
-from tests.test_server_queue import small_job
+from tests.support.jobs import small_job
 from zimage_serve.security.audit import records
 from zimage_serve.security.blocklist import Blocklist, BlocklistError, normalise
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_cli import run
+from tests.support.cli import run
 from tests.workflows import NANO_WORKFLOW, TEMPLATES
 from zimage_serve.nano.checker import read
 from zimage_serve.png import read_png_text

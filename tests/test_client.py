@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from tests.loras import lora_pairs, write_diffusers
 from tests.server import Server, free_port, running_server
-from tests.test_security import make_tokens
-from tests.test_server_queue import small_job
-from tests.test_templates import img2img_workflow
+from tests.support.jobs import small_job
+from tests.support.tokens import make_tokens
+from tests.workflows import img2img_workflow
 from zimage_serve.client import (
     AsyncClient,
     AuthenticationError,

@@ -29,7 +29,7 @@ from websockets.sync.client import connect
 
 from tests.redis_server import RedisServer, running_redis
 from tests.server import Server, WorkerProc, free_port, running_server, running_worker
-from tests.test_metrics import samples, scrape, value
+from tests.support.metrics import samples, scrape, value
 from tests.workflows import nano_prompt
 
 LEASE = "3"  # seconds: a frozen worker loses its job after this, and heartbeats come every second

@@ -11,7 +11,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.server import Server, running_server
-from tests.test_server_queue import slow_job, small_job, submit, wait_until
+from tests.support.jobs import slow_job, small_job, submit, wait_until
 
 JOB_KEYS = {"id", "status", "priority", "create_time", "outputs_count"}
 

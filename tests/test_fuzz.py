@@ -23,8 +23,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from tests.server import Server, running_server
-from tests.test_hardening import listings_are_strict
-from tests.test_server_queue import history, small_job, submit, wait_until
+from tests.support.jobs import history, listings_are_strict, small_job, submit, wait_until
 from zimage_serve.security.tokens import TokenStore
 
 # ZIMAGE_FUZZ_SCALE=10 runs ten times as many (a deeper run by hand; the suite's run is bounded).

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from tests.server import Server, running_server, worker_processes
-from tests.test_server_queue import history, png, running_ids, small_job, submit, upload, wait_until
+from tests.support.jobs import history, listings_are_strict, png, running_ids, small_job, submit, upload, wait_until
 from tests.workflows import nano_prompt
 from zimage_serve import strict_json
 from zimage_serve.queue.jobs import Job
@@ -47,14 +47,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield running
     log = running.log.read_text()
     assert "Traceback" not in log and " 500 " not in log, log[-3000:]
-
-
-def listings_are_strict(server: Server) -> None:
-    """Every listing answers 200 with standard JSON (no NaN, nothing a strict parser refuses)."""
-    for path in ("/queue", "/history", "/prompt", "/queue?limit=5"):
-        status, _, content = server.request("GET", path)
-        assert status == 200, (path, content[:300])
-        strict_json.loads(content)
 
 
 def post_prompt(server: Server, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -10,29 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import Server, free_port, running_server
-from tests.test_security import make_tokens
+from tests.support.metrics import samples, scrape, value
+from tests.support.tokens import make_tokens
 from tests.workflows import nano_prompt
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, headers, body = server.request("GET", "/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain"), body
-    return samples(body.decode())
-
-
-def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.server import Server, running_server
-from tests.test_security import done, make_tokens, submit_as
-from tests.test_server_queue import slow_job, small_job, wait_until
+from tests.support.jobs import done, slow_job, small_job, submit, wait_until
+from tests.support.tokens import make_tokens
 
 
 def batch_job(prefix: str, batch: int, **options: Any) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def test_pixel_and_step_limits_are_400s_naming_the_tokens_limit(tmp_path: Path) 
         assert "token 'alice'" in text and "max_pixels" in text and "4,096" in text
         status, answer = alice.json("POST", "/prompt", {"prompt": small_job("steps", steps=3)})
         assert status == 400 and "max_steps" in str(answer)
-        assert done(alice, submit_as(alice, small_job("fits", size=64, steps=2)))["status"]["completed"]
+        assert done(alice, submit(alice, small_job("fits", size=64, steps=2)))["status"]["completed"]
         assert bob.json("POST", "/prompt", {"prompt": small_job("bobs", size=128, steps=3)})[0] == 200
         status, _, body = alice.request("POST", "/v1/images/generations", {"prompt": "x", "size": "128x128"})
         assert status == 400 and b"max_pixels" in body
@@ -56,10 +56,10 @@ def test_images_per_day_count_a_batch_and_survive_a_restart(tmp_path: Path) -> N
     tokens = make_tokens(data, alice={"images_per_day": 3})
     with running_server(data, "--auth", "on") as server:
         alice = server.as_token(tokens["user"])
-        first = submit_as(alice, batch_job("day", 2))
+        first = submit(alice, batch_job("day", 2))
         status, headers, body = alice.request("POST", "/prompt", {"prompt": batch_job("day", 2, seed=1)})
         assert status == 429 and int(headers["retry-after"]) >= 1 and b"images_per_day" in body
-        third = submit_as(alice, batch_job("day", 1, seed=2))  # exactly the limit
+        third = submit(alice, batch_job("day", 1, seed=2))  # exactly the limit
         assert alice.request("POST", "/prompt", {"prompt": batch_job("day", 1, seed=3)})[0] == 429
         status, _, _ = alice.request("POST", "/v1/images/generations", {"prompt": "x", "size": "64x64"})
         assert status == 429
@@ -81,9 +81,9 @@ def test_queued_jobs(tmp_path: Path) -> None:
     tokens = make_tokens(data, alice={"max_queued": 2})
     with running_server(data, "--auth", "on") as server:
         alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
-        running = submit_as(alice, slow_job("q-slow"))
+        running = submit(alice, slow_job("q-slow"))
         wait_until(lambda: _running(alice) == [running])
-        waiting = submit_as(alice, small_job("q-1"))
+        waiting = submit(alice, small_job("q-1"))
         status, headers, body = alice.request("POST", "/prompt", {"prompt": small_job("q-2")})
         assert status == 429 and headers["retry-after"] and b"max_queued" in body
         assert bob.request("POST", "/prompt", {"prompt": small_job("q-bob")})[0] == 200

@@ -5,50 +5,21 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.server import Server, running_server
-from tests.test_server_queue import png, slow_job, small_job, upload, wait_until
-from zimage_serve.security.tokens import TokenStore
+from tests.support.cli import zimage
+from tests.support.jobs import done, image_of, png, slow_job, small_job, submit, upload, view_query, wait_until
+from tests.support.tokens import make_tokens
 
 CALLERS = ("none", "bad", "revoked", "user", "other", "admin")
-
-
-def make_tokens(data: Path, **extra: dict[str, Any]) -> dict[str, str]:
-    store = TokenStore(data / "auth.sqlite3")
-    try:
-        tokens = {
-            "user": store.create("alice", "user", **extra.get("alice", {}))[0],
-            "other": store.create("bob", "user", **extra.get("bob", {}))[0],
-            "admin": store.create("root", "admin")[0],
-            "revoked": store.create("carol", "user")[0],
-            "bad": "zis_" + "x" * 43,
-        }
-        store.revoke("carol")
-    finally:
-        store.close()
-    return tokens
-
-
-def zimage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "zimage_serve.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -60,31 +31,6 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, 
         yield server, clients
 
 
-def done(client: Server, prompt_id: str) -> dict[str, Any]:
-    def finished() -> bool:
-        return prompt_id in client.json("GET", f"/history/{prompt_id}")[1]
-
-    wait_until(finished)
-    entry: dict[str, Any] = client.json("GET", f"/history/{prompt_id}")[1][prompt_id]
-    return entry
-
-
-def submit_as(client: Server, prompt: dict[str, Any], **extra: Any) -> str:
-    status, answer = client.json("POST", "/prompt", {"prompt": prompt, **extra})
-    assert status == 200, answer
-    return str(answer["prompt_id"])
-
-
-def image_of(entry: dict[str, Any]) -> dict[str, str]:
-    [image] = [i for ui in entry["outputs"].values() for i in ui["images"]]
-    return dict(image)
-
-
-def view_query(image: dict[str, str]) -> str:
-    return "/view?" + urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
-
-
-# -- tokens ------------------------------------------------------------------------------------------------
 def test_tokens_are_printed_once_stored_as_hashes_and_revoked_within_a_second(tmp_path: Path) -> None:
     data = tmp_path / "data"
     made = zimage(
@@ -144,10 +90,10 @@ def test_the_admin_api_makes_lists_and_revokes_tokens(secured: tuple[Server, dic
 def test_every_route_needs_a_token_except_health(secured: tuple[Server, dict[str, Server]]) -> None:
     """The matrix: each route for each kind of caller, with the status each must get."""
     _, clients = secured
-    alice_job = submit_as(clients["user"], small_job("matrix"))
+    alice_job = submit(clients["user"], small_job("matrix"))
     entry = done(clients["user"], alice_job)
     image = image_of(entry)
-    other_job = submit_as(clients["other"], small_job("bobs"))
+    other_job = submit(clients["other"], small_job("bobs"))
     done(clients["other"], other_job)
     reads = [
         "/prompt",
@@ -235,7 +181,7 @@ def test_websockets_need_a_token_and_a_client_id_is_its_users_own(secured: tuple
     ):
         for socket in (alice, bob, bob_header):
             assert json.loads(socket.recv(timeout=10))["type"] == "status"
-        job = submit_as(clients["user"], small_job("ws-alice", seed=7), client_id="shared")
+        job = submit(clients["user"], small_job("ws-alice", seed=7), client_id="shared")
         seen_alice = []
         while True:
             message = json.loads(alice.recv(timeout=60))
@@ -257,10 +203,10 @@ def test_websockets_need_a_token_and_a_client_id_is_its_users_own(secured: tuple
 def test_users_see_and_change_only_their_own_jobs(secured: tuple[Server, dict[str, Server]]) -> None:
     _, clients = secured
     alice, bob, admin = clients["user"], clients["other"], clients["admin"]
-    blocker = submit_as(alice, slow_job("iso-blocker"))
+    blocker = submit(alice, slow_job("iso-blocker"))
     wait_until(lambda: any(i[1] == blocker for i in alice.json("GET", "/queue")[1]["queue_running"]))
-    waiting = submit_as(alice, small_job("iso-waiting"))
-    bobs = submit_as(bob, small_job("iso-bob"))
+    waiting = submit(alice, small_job("iso-waiting"))
+    bobs = submit(bob, small_job("iso-bob"))
     alice_queue = alice.json("GET", "/queue")[1]
     bob_queue = bob.json("GET", "/queue")[1]
     admin_queue = admin.json("GET", "/queue")[1]
@@ -307,12 +253,12 @@ def test_uploads_and_outputs_are_their_users_own(secured: tuple[Server, dict[str
     graph["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "copy"}}
     status, answer = bob.json("POST", "/prompt", {"prompt": graph})  # runs its other output, not this one
     assert status == 200 and answer["node_errors"]["20"]["errors"][0]["type"] == "custom_validation_failed"
-    job = submit_as(alice, graph)
+    job = submit(alice, graph)
     assert done(alice, job)["status"]["completed"]
     # The same graph from another user never shares the first one's saved files (its cache is per owner).
     status, _ = upload(bob, png(colour="blue"), "mine.png")
     assert status == 200
-    bobs = submit_as(bob, graph)
+    bobs = submit(bob, graph)
     bob_images = [i for ui in done(bob, bobs)["outputs"].values() for i in ui["images"]]
     assert len(bob_images) == 2 and all(bob.request("GET", view_query(i))[0] == 200 for i in bob_images)
     for image in bob_images:  # written again for him, in his own folder, not handed Alice's from the cache

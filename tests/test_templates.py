@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from tests.server import running_server
-from tests.test_security import make_tokens
-from tests.test_server_queue import wait_until
+from tests.support.jobs import wait_until
+from tests.support.tokens import make_tokens
+from tests.workflows import img2img_workflow
 from zimage_serve import workflows
 from zimage_serve.templates import Template, TemplateError, TemplateLibrary, TemplateNotFound, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
@@ -34,23 +35,6 @@ def ui_to_api(data: Any) -> dict[str, Any]:
     return to_api(data, NODES)
 
 
-def img2img_workflow() -> dict[str, Any]:
-    workflow = workflows.load(workflows.NANO)
-    workflow["20"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
-    workflow["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["29", 0]}}
-    workflow["3"]["inputs"].update(latent_image=["21", 0], denoise=0.6)
-    del workflow["13"]
-    workflow["41"] = {
-        "class_type": "LoraLoader",
-        "inputs": {"model": ["28", 0], "clip": ["30", 0], "lora_name": "style.safetensors"},
-    }
-    workflow["41"]["inputs"].update(strength_model=0.8, strength_clip=1.0)
-    workflow["11"]["inputs"]["model"] = ["41", 0]
-    workflow["6"]["inputs"]["clip"] = ["41", 1]
-    return workflow
-
-
-# -- rendering -----------------------------------------------------------------------------------------
 def test_the_built_ins_are_one_per_model_and_render_their_shipped_workflow_unchanged() -> None:
     assert builtin_names() == ("zimage-nano", "z-image-turbo", "z-image")
     for name, path in (

@@ -13,7 +13,7 @@ import pytest
 
 from tests.browser import browser_page
 from tests.server import Server, running_server
-from tests.test_security import make_tokens
+from tests.support.tokens import make_tokens
 
 # Files the frontend asks for on every start and does without (ComfyUI answers 404 for them too).
 TOLERATED_404 = ("/api/userdata/comfy.templates.json", "/api/userdata/workflows%2F.index.json")

@@ -52,3 +52,22 @@ def saved_image(executor: Executor, prompt: dict[str, Any], node: str | None = N
     ui = result.outputs[node] if node is not None else next(iter(result.outputs.values()))
     entry = ui["images"][0]
     return np.asarray(Image.open(executor.folders.output / entry["subfolder"] / entry["filename"]), dtype=np.int16)
+
+
+def img2img_workflow() -> dict[str, Any]:
+    workflow = nano_prompt()
+    workflow["20"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
+    workflow["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["29", 0]}}
+    workflow["3"]["inputs"].update(latent_image=["21", 0], denoise=0.6)
+    del workflow["13"]
+    workflow["41"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"model": ["28", 0], "clip": ["30", 0], "lora_name": "style.safetensors"},
+    }
+    workflow["41"]["inputs"].update(strength_model=0.8, strength_clip=1.0)
+    workflow["11"]["inputs"]["model"] = ["41", 0]
+    workflow["6"]["inputs"]["clip"] = ["41", 1]
+    return workflow
+
+
+# -- rendering -----------------------------------------------------------------------------------------

@@ -1,0 +1,114 @@
+"""Jobs and calls that every server test makes, against an in-process `AppServer` or a real `Server`."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+from PIL import Image
+
+from tests.workflows import nano_prompt
+from zimage_serve import strict_json
+
+
+class Caller(Protocol):
+    """A server as a test calls it (in this process or over loopback), with or without a token."""
+
+    def request(
+        self, method: str, path: str, body: Any = None, raw: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]: ...
+
+    def json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]: ...
+
+
+def small_job(prefix: str, *, seed: int = 0, size: int = 64, steps: int = 1) -> dict[str, Any]:
+    """The built-in model's workflow at a small size: done in well under a second."""
+    prompt = nano_prompt()
+    prompt["13"]["inputs"].update(width=size, height=size)
+    prompt["3"]["inputs"].update(seed=seed, steps=steps)
+    prompt["9"]["inputs"]["filename_prefix"] = prefix
+    return prompt
+
+
+def slow_job(prefix: str, seed: int = 0) -> dict[str, Any]:
+    """A job that runs for minutes: something to interrupt, or to keep the worker busy while others wait."""
+    return small_job(prefix, seed=seed, size=1024, steps=30)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
+def history(server: Caller) -> dict[str, Any]:
+    found: dict[str, Any] = server.json("GET", "/history")[1]
+    return found
+
+
+def running_ids(server: Caller) -> list[str]:
+    return [item[1] for item in server.json("GET", "/queue")[1]["queue_running"]]
+
+
+def submit(server: Caller, prompt: dict[str, Any], **extra: Any) -> str:
+    status, answer = server.json("POST", "/prompt", {"prompt": prompt, **extra})
+    assert status == 200, answer
+    return str(answer["prompt_id"])
+
+
+def done(server: Caller, prompt_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The prompt's history entry, once it has one."""
+    wait_until(lambda: prompt_id in server.json("GET", f"/history/{prompt_id}")[1], timeout)
+    entry: dict[str, Any] = server.json("GET", f"/history/{prompt_id}")[1][prompt_id]
+    return entry
+
+
+def image_of(entry: dict[str, Any]) -> dict[str, str]:
+    [image] = [i for ui in entry["outputs"].values() for i in ui["images"]]
+    return dict(image)
+
+
+def view_query(image: dict[str, str]) -> str:
+    return "/view?" + urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+
+
+def png(size: tuple[int, int] = (16, 16), colour: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(
+    server: Caller, content: bytes, filename: str = "photo.png", path: str = "/upload/image", **fields: str
+) -> tuple[int, Any]:
+    """A multipart upload as the frontend sends it (`fields` beside the file: overwrite, subfolder ...)."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + content
+        + b"\r\n"
+    )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    status, _, answer = server.request(
+        "POST", path, raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    return status, json.loads(answer) if answer else None
+
+
+def listings_are_strict(server: Caller) -> None:
+    """Every listing answers 200 with standard JSON (no NaN, nothing a strict parser refuses)."""
+    for path in ("/queue", "/history", "/prompt", "/queue?limit=5"):
+        status, _, content = server.request("GET", path)
+        assert status == 200, (path, content[:300])
+        strict_json.loads(content)

@@ -1,0 +1,70 @@
+"""The server as processes: SIGKILL and SIGTERM of the server, a killed worker process, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.server import process_state, running_server, worker_processes
+from tests.support.jobs import history, running_ids, slow_job, small_job, submit, wait_until
+
+
+def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_server(data) as server:
+        blocker = submit(server, slow_job("blocker"))
+        wait_until(lambda: running_ids(server) == [blocker])
+        queued = [submit(server, small_job(f"job{i}", seed=i)) for i in range(50)]
+        earlier = history(server)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(30)
+    with running_server(data) as server:
+        wait_until(lambda: len(history(server)) == 51, timeout=300)
+        done = history(server)
+        assert set(done) == {blocker, *queued} and earlier.keys() <= done.keys()
+        assert all(entry["status"]["status_str"] == "success" for entry in done.values())
+        outputs = sorted(p.name for p in (data / "output").glob("*.png"))
+        assert outputs == sorted(["blocker_00001_.png", *[f"job{i}_00001_.png" for i in range(50)]])
+
+
+def test_a_killed_worker_process_is_replaced_and_its_job_run_again(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as server:
+        job = submit(server, slow_job("victim"))
+        wait_until(lambda: running_ids(server) == [job])
+        (worker,) = worker_processes(server.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        later = submit(server, small_job("later"))
+        wait_until(lambda: {job, later} <= history(server).keys(), timeout=300)
+        done = history(server)
+        assert done[job]["status"]["status_str"] == "success" and done[later]["status"]["status_str"] == "success"
+        assert server.process.poll() is None and worker_processes(server.process.pid) != [worker]
+        assert sorted(p.name for p in (server.data_dir / "output").glob("*.png")) == [
+            "later_00001_.png",
+            "victim_00001_.png",
+        ]
+
+
+def test_the_worker_process_dies_with_the_server(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data") as server:
+        wait_until(lambda: len(worker_processes(server.process.pid)) == 1)
+        (worker,) = worker_processes(server.process.pid)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(30)
+        wait_until(lambda: process_state(worker) in (None, "Z"), timeout=30)
+
+
+def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with running_server(data) as server:
+        job = submit(server, small_job("last", size=512, steps=8))
+        wait_until(lambda: running_ids(server) == [job])
+        server.process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it stopped.
+        assert server.process.wait(120) in (0, -signal.SIGTERM)
+    with running_server(data) as server:
+        entry = server.json("GET", f"/history/{job}")[1][job]
+        assert entry["status"]["status_str"] == "success"
+        assert (data / "output" / "last_00001_.png").is_file()
+
+
