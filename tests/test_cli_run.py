@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from tests.support.cli import run
+from tests.support.images import read_png_text
 from tests.workflows import NANO_WORKFLOW, TEMPLATES
 from zimage_serve.nano.checker import read
-from zimage_serve.png import read_png_text
 
 
 def test_run_the_nano_workflow_with_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

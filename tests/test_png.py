@@ -6,7 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from zimage_serve.png import png_info, read_png_text, save_png
+from tests.support.images import read_png_text
+from zimage_serve.png import png_info, save_png
 
 
 def test_parameters_and_comfy_chunks(tmp_path: Path) -> None:

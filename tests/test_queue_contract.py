@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.redis_server import RedisServer
+from tests.support.queues import Clock, enqueue
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.redis_queue import RedisQueue
@@ -39,7 +40,7 @@ def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Connect:
 
 
 def add(store: JobQueue, job_id: str, number: float | None = None) -> None:
-    store.enqueue(job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
+    enqueue(store, job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
 
 
 def test_lowest_number_first_then_submission_order(connect: Connect) -> None:
@@ -191,9 +192,9 @@ def test_finishing_can_hand_out_the_next_job_in_the_same_transaction(connect: Co
 def test_the_queue_as_json_text_equals_the_parsed_queue_items(connect: Connect) -> None:
     store = connect()
     prompt = {"1": {"class_type": "X", "inputs": {"text": '蓝色 "quoted"'}}}
-    store.enqueue("a", 3.0, prompt, {"client_id": "c"}, ["1"])
-    store.enqueue("b", -1.5, {"2": {}}, {}, ["2"])
-    store.enqueue("c", 7.0, {"3": {}}, {}, ["3"])
+    enqueue(store, "a", 3.0, prompt, {"client_id": "c"}, ["1"])
+    enqueue(store, "b", -1.5, {"2": {}}, {}, ["2"])
+    enqueue(store, "c", 7.0, {"3": {}}, {}, ["3"])
     store.claim()
     for state, jobs in (("pending", store.pending()), ("running", store.running())):
         spliced = [json.loads(text) for text in store.queue_items_json(state)]
@@ -217,20 +218,21 @@ def test_a_burst_is_stored_in_one_transaction_and_each_job_gets_its_own_answer(c
 
 
 def test_a_claim_is_a_lease_that_heartbeats_renew(connect: Connect) -> None:
-    import time
-
-    store = connect()
+    clock = Clock()
+    store = connect(clock=clock)
     for name in ("a", "b"):
         add(store, name)
-    job = store.claim("machine-2:41:abcd", lease_s=0.2)
-    assert job is not None and job.worker == "machine-2:41:abcd" and job.lease is not None
-    assert job.lease == pytest.approx(time.time() + 0.2, abs=0.1)
-    assert store.heartbeat("machine-2:41:abcd", lease_s=30) == 1 and store.heartbeat("someone-else", 30) == 0
-    time.sleep(0.3)
+    job = store.claim("machine-2:41:abcd", lease_s=20)
+    assert job is not None and job.worker == "machine-2:41:abcd" and job.lease == pytest.approx(clock.now + 20)
+    clock.advance(10)
+    assert store.heartbeat("machine-2:41:abcd", lease_s=60) == 1 and store.heartbeat("someone-else", 60) == 0
+    clock.advance(25)  # past the first lease, within the renewed one
     assert store.recover() == []  # renewed: a live worker elsewhere keeps its job
-    stale = store.claim("machine-3:7:ef01", lease_s=0.1)
+    stale = store.claim("machine-3:7:ef01", lease_s=10)
     assert stale is not None and stale.id == "b"
-    time.sleep(0.2)
+    clock.advance(9.9)
+    assert store.recover() == []  # not yet
+    clock.advance(0.2)
     [back] = store.recover(cause="its worker stopped renewing its lease")
     assert (back.id, back.state) == ("b", "pending") and [j.id for j in store.running()] == ["a"]
     assert store.get("b") is not None and store.get("b").worker == ""  # type: ignore[union-attr]
@@ -316,7 +318,7 @@ def test_owners_share_the_workers_fairly_and_keep_their_own_priorities(connect: 
     store = connect()
     store.enqueue_many([Job(f"a{i}", i, {}, {}, [], owner="alice") for i in range(4)])  # alice queues first
     store.enqueue_many([Job(f"b{i}", 10 + i, {}, {}, [], owner="bob") for i in range(2)])
-    store.enqueue("local", 20, {}, {}, [])  # the local operator counts as one more owner
+    enqueue(store, "local", 20, {}, {}, [])  # the local operator counts as one more owner
     claimed = [store.claim(f"w:{i}:x") for i in range(3)]
     assert [j.id for j in claimed if j] == ["a0", "b0", "local"]  # one each before anyone gets a second
     store.finish("b0", "success", {})

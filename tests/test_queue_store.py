@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.queues import enqueue
 from zimage_serve.queue import store as store_module
 from zimage_serve.queue.store import JobStore
 
 
 def add(store: JobStore, job_id: str, number: float | None = None) -> None:
-    store.enqueue(job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
+    enqueue(store, job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
 
 
 def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
@@ -27,10 +28,11 @@ def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
         f"""
         import os, signal
         from pathlib import Path
+        from tests.support.queues import enqueue
         from zimage_serve.queue.store import JobStore
         store = JobStore(Path({str(path)!r}))
         for i in range(50):
-            store.enqueue(f"job{{i}}", store.next_number(), {{"1": {{}}}}, {{}}, ["1"])
+            enqueue(store, f"job{{i}}", store.next_number(), {{"1": {{}}}}, {{}}, ["1"])
         store.claim()
         os.kill(os.getpid(), signal.SIGKILL)
         """

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.redis_server import RedisServer, running_redis
+from tests.support.queues import Clock, enqueue
 from zimage_serve.queue.jobs import Job, QueueUnavailable
 from zimage_serve.queue.redis_queue import FAIL_FAST_S, RedisQueue
 
@@ -21,7 +22,7 @@ def queue_on(server: RedisServer, **options: object) -> RedisQueue:
 
 
 def add(store: RedisQueue, job_id: str) -> None:
-    store.enqueue(job_id, store.next_number(), {"1": {"class_type": "X"}}, {"client_id": "c"}, ["1"])
+    enqueue(store, job_id, store.next_number(), {"1": {"class_type": "X"}}, {"client_id": "c"}, ["1"])
 
 
 def test_a_restart_with_aof_keeps_every_acknowledged_job(tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_an_unreachable_redis_fails_fast(tmp_path: Path) -> None:
     store = RedisQueue(server.url)
     started = time.monotonic()
     with pytest.raises(QueueUnavailable):
-        store.enqueue("a", 0, {}, {}, [])
+        enqueue(store, "a", 0, {}, {}, [])
     assert time.monotonic() - started < 3 and not store.ping()
 
 
@@ -80,20 +81,22 @@ def test_each_job_is_handed_out_once_to_workers_racing_for_it(redis_server: Redi
 
 
 def test_recovery_on_two_nodes_at_once_moves_a_job_once(redis_server: RedisServer) -> None:
-    first = queue_on(redis_server)
-    second = RedisQueue(redis_server.url, prefix=first.prefix)
+    clock = Clock()
+    first = queue_on(redis_server, clock=clock)
+    second = RedisQueue(redis_server.url, prefix=first.prefix, clock=clock)
     add(first, "a")
-    assert first.claim("machine-7:1:aa", lease_s=0.05) is not None
-    time.sleep(0.1)
+    assert first.claim("machine-7:1:aa", lease_s=5) is not None
+    clock.advance(6)
     moved = first.recover() + second.recover()
     assert [j.id for j in moved] == ["a"] and first.count("pending") == 1
 
 
 def test_a_heartbeat_between_reading_and_moving_keeps_the_job(redis_server: RedisServer) -> None:
-    store = queue_on(redis_server)
+    clock = Clock()
+    store = queue_on(redis_server, clock=clock)
     add(store, "a")
-    assert store.claim("machine-7:1:aa", lease_s=0.05) is not None
-    time.sleep(0.1)
+    assert store.claim("machine-7:1:aa", lease_s=5) is not None
+    clock.advance(6)
     [job] = store.running()
     store.heartbeat("machine-7:1:aa", 30)  # renewed after the lease was read as run out
     assert not store._run("RELEASE", "a", "retry", "", job.worker, f"{job.lease:.6f}", 100)
@@ -103,7 +106,7 @@ def test_a_heartbeat_between_reading_and_moving_keeps_the_job(redis_server: Redi
 def test_every_end_is_written_to_the_audit_outbox_with_its_owner(redis_server: RedisServer) -> None:
     store = queue_on(redis_server)
     store.enqueue_many([Job("a", 1, {}, {}, [], owner="alice", context={"role": "user"})])
-    store.enqueue("b", 2, {}, {}, [])
+    enqueue(store, "b", 2, {}, {}, [])
     for _ in range(2):
         job = store.claim()
         assert job is not None

@@ -156,8 +156,8 @@ def test_an_unknown_variant_is_refused_by_name() -> None:
 
 
 def test_generate_takes_the_guidance_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.images import read_png_text
     from tests.test_cli import run
-    from zimage_serve.png import read_png_text
 
     out = tmp_path / "base.png"
     args = ["generate", "a red circle", "-o", str(out), "--variant", "base", "--steps", "3", "--negative", "blurry"]

@@ -83,9 +83,3 @@ def a1111_text(parameters: Mapping[str, Any]) -> str:
 def _cfg(guidance_scale: Any) -> Any:
     # A1111 and ComfyUI count CFG so that 1 means off; diffusers' guidance_scale counts from 0.
     return None if guidance_scale is None else guidance_scale + 1
-
-
-def read_png_text(path: Path) -> dict[str, str]:
-    with Image.open(path) as image:
-        image.load()
-        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}

@@ -112,3 +112,18 @@ def listings_are_strict(server: Caller) -> None:
         status, _, content = server.request("GET", path)
         assert status == 200, (path, content[:300])
         strict_json.loads(content)
+
+
+def settle(server: Caller, timeout: float = 120.0) -> None:
+    """Nothing waiting and nothing running (for a server that tests share): what waits is cleared and what
+    runs interrupted until the queue is empty. With authentication on, call it as an admin."""
+
+    def empty() -> bool:
+        queue = server.json("GET", "/queue")[1]
+        if queue["queue_pending"]:
+            server.request("POST", "/queue", {"clear": True})
+        if queue["queue_running"]:
+            server.request("POST", "/interrupt", {})
+        return not queue["queue_pending"] and not queue["queue_running"]
+
+    wait_until(empty, timeout)

@@ -16,7 +16,6 @@ from zimage_serve.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 TILE, OVERLAP, MIN_TILE = 512, 32, 128
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def load_upscale_model(path: Path) -> Any:

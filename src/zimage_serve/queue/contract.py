@@ -1,8 +1,8 @@
 """What the server, the service and the workers ask of a queue, whatever keeps it.
 
-The SQLite file (`queue/store.JobStore`) is the one implementation so far; every implementation passes
-the same contract tests (`tests/test_queue_contract.py`), so the layers above never learn which one they
-talk to. The semantics each method promises:
+Two implementations keep it: the SQLite file of one machine (`queue/store.JobStore`) and a cluster's
+Redis (`queue/redis_queue.RedisQueue`). Both pass the same contract tests (`tests/test_queue_contract.py`),
+so the layers above never learn which one they talk to. The semantics each method promises:
 
 - Order: the lowest `number` runs first (ComfyUI's priorities, `front` queues below zero), ties in
   submission order; a job is handed out once.
@@ -29,12 +29,6 @@ class JobQueue(Protocol):
 
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         """Store each job, or say why not, in one transaction: each job gets its own answer."""
-        ...
-
-    def enqueue(
-        self, job_id: str, number: float, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
-    ) -> Job:
-        """One job, or its refusal raised."""
         ...
 
     # -- working -----------------------------------------------------------------------------------------

@@ -67,9 +67,16 @@ def connect(url: str) -> redis.Redis:
 
 class RedisQueue:
     def __init__(
-        self, url: str, max_pending: int = 10000, prefix: str = DEFAULT_PREFIX, client: redis.Redis | None = None
+        self,
+        url: str,
+        max_pending: int = 10000,
+        prefix: str = DEFAULT_PREFIX,
+        client: redis.Redis | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
-        self.url, self.max_pending, self.prefix = url, max_pending, prefix
+        """`clock`: where leases and times are read (seconds since the epoch); None, Redis' own TIME, which
+        every machine of a cluster shares. Tests pass their own, to move time on without sleeping."""
+        self.url, self.max_pending, self.prefix, self.clock = url, max_pending, prefix, clock
         self.redis = client if client is not None else connect(url)
         self._down_until = 0.0
         scripts = ("ENQUEUE", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
@@ -77,7 +84,8 @@ class RedisQueue:
 
     def _run(self, script: str, *args: Any) -> Any:
         with self._reachable():
-            return self._scripts[script](args=[self.prefix, *args])
+            clock = "" if self.clock is None else f"{self.clock():.6f}"
+            return self._scripts[script](args=[self.prefix, clock, *args])
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -130,18 +138,21 @@ class RedisQueue:
         """ComfyUI's counter, shared by every API node (a job's number orders it for the whole cluster)."""
         return int(self.call(lambda: self.redis.incr(self.prefix + "number"))) - 1
 
-    def enqueue(
-        self, job_id: str, number: float, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
-    ) -> Job:
-        [stored] = self.enqueue_many([Job(job_id, number, prompt, extra_data, outputs)])
-        if isinstance(stored, Exception):
-            raise stored
-        return stored
+    def _now(self) -> float:
+        """The time leases are measured by: the clock given, or Redis' own."""
+        if self.clock is not None:
+            return self.clock()
+        seconds, micros = self.call(self.redis.time)
+        return float(seconds + micros / 1e6)
+
+    def _now_here(self) -> float:
+        """This machine's time (the clock given, if any): days of quotas, as the SQLite queue counts them."""
+        return self.clock() if self.clock is not None else time.time()
 
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         if not jobs:
             return []
-        now = time.time()
+        now = self._now_here()
         args: list[Any] = [self.max_pending, day_of(now)]
         for job in jobs:
             prompt, extra, outputs, context = job.encode()
@@ -174,7 +185,7 @@ class RedisQueue:
         return found
 
     def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
-        day = day or day_of(time.time())
+        day = day or day_of(self._now_here())
 
         def read() -> tuple[dict[str, str], dict[str, int]]:
             counted = _texts(self.redis.hgetall(f"{self.prefix}usage:{day}"))
@@ -235,8 +246,7 @@ class RedisQueue:
         """As the SQLite queue's: the jobs of gone workers (lease run out by Redis' clock, a dead process on
         this host, or `worker`), each moved only if it is still held as it was read, so two nodes
         recovering at once move a job once, and a heartbeat that came meanwhile keeps it."""
-        seconds, micros = self.call(self.redis.time)
-        now = seconds + micros / 1e6
+        now = self._now()
         moved: list[Job] = []
         for row in self._run("PAGE", "running", 0, -1, "*"):
             fields = _pairs(row)

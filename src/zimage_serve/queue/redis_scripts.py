@@ -13,16 +13,21 @@ Keys, under the queue's prefix P (`zimage:` unless the URL names another):
 - `P audit`: a stream, every job's end, written in the script that records it (the audit log's outbox);
 - `P control`: the channel that wakes workers when jobs are queued.
 
-Times are Redis' own clock (TIME), so leases mean the same on every machine. Numbers written back by Lua
-are formatted with six decimals: Lua's own conversion keeps only 14 digits.
+Times are Redis' own clock (TIME), so leases mean the same on every machine; ARGV[2], when not empty, is
+the time to use instead (a queue given a clock: the tests' own, so lease tests need not sleep). Numbers
+written back by Lua are formatted with six decimals: Lua's own conversion keeps only 14 digits.
 """
 
 from __future__ import annotations
 
 PRELUDE = r"""
 local P = ARGV[1]
+local CLOCK = ARGV[2]
 
 local function now()
+  if CLOCK ~= '' then
+    return tonumber(CLOCK)
+  end
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
@@ -135,19 +140,19 @@ local function finish(id, state, result, t, history_limit)
 end
 """
 
-# ARGV: P, max_pending, day, then 10 per job: id, number, prompt, extra_data, outputs, context, owner,
+# ARGV: P, clock, max_pending, day, then 10 per job: id, number, prompt, extra_data, outputs, context, owner,
 # max_queued ('' for none), images_per_day ('' for none), images. Each job's answer: 'ok:<created>',
 # 'full', 'dup', or 'quota:<which>:<used>'.
 ENQUEUE = (
     PRELUDE
     + r"""
-local max_pending = tonumber(ARGV[2])
-local day = ARGV[3]
+local max_pending = tonumber(ARGV[3])
+local day = ARGV[4]
 local t = fmt(now())
 local pending = tonumber(redis.call('HGET', P .. 'counts', 'pending') or '0')
 local answers = {}
 local stored = 0
-for b = 4, #ARGV, 10 do
+for b = 5, #ARGV, 10 do
   local id, number, owner = ARGV[b], ARGV[b + 1], ARGV[b + 6]
   local max_queued, per_day, images = ARGV[b + 7], ARGV[b + 8], tonumber(ARGV[b + 9])
   local key = P .. 'job:' .. id
@@ -188,26 +193,26 @@ return answers
 """
 )
 
-# ARGV: P, worker, lease_s
-CLAIM = PRELUDE + "\nreturn claim(ARGV[2], ARGV[3], now())\n"
+# ARGV: P, clock, worker, lease_s
+CLAIM = PRELUDE + "\nreturn claim(ARGV[3], ARGV[4], now())\n"
 
-# ARGV: P, id, state, result, claim_next ('1' or '0'), worker, lease_s, history_limit
+# ARGV: P, clock, id, state, result, claim_next ('1' or '0'), worker, lease_s, history_limit
 FINISH = (
     PRELUDE
     + r"""
 local t = now()
-finish(ARGV[2], ARGV[3], ARGV[4], t, ARGV[8])
-if ARGV[5] == '1' then return claim(ARGV[6], ARGV[7], t) end
+finish(ARGV[3], ARGV[4], ARGV[5], t, ARGV[9])
+if ARGV[6] == '1' then return claim(ARGV[7], ARGV[8], t) end
 return false
 """
 )
 
-# ARGV: P, worker, lease_s. Renews the leases of the jobs the worker runs; how many.
+# ARGV: P, clock, worker, lease_s. Renews the leases of the jobs the worker runs; how many.
 HEARTBEAT = (
     PRELUDE
     + r"""
-local worker = ARGV[2]
-local lease = fmt(now() + tonumber(ARGV[3]))
+local worker = ARGV[3]
+local lease = fmt(now() + tonumber(ARGV[4]))
 local renewed = 0
 for _, id in ipairs(redis.call('SMEMBERS', P .. 'held:' .. worker)) do
   local key = P .. 'job:' .. id
@@ -223,19 +228,19 @@ return renewed
 """
 )
 
-# ARGV: P, id, how ('requeue': as if never started, the attempt not counted; 'retry': queued again;
+# ARGV: P, clock, id, how ('requeue': as if never started, the attempt not counted; 'retry': queued again;
 # 'fail': ended as an error with `result`), result, expected worker, expected lease (both '*' for any),
 # history_limit. 1 if the job was running (and held as expected) and was moved, else 0.
 RELEASE = (
     PRELUDE
     + r"""
-local id, how, result = ARGV[2], ARGV[3], ARGV[4]
+local id, how, result = ARGV[3], ARGV[4], ARGV[5]
 local key = P .. 'job:' .. id
 local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker', 'lease', 'number', 'attempts')
 if fields[1] ~= 'running' then return 0 end
-if ARGV[5] ~= '*' and (fields[4] ~= ARGV[5] or fields[5] ~= ARGV[6]) then return 0 end
+if ARGV[6] ~= '*' and (fields[4] ~= ARGV[6] or fields[5] ~= ARGV[7]) then return 0 end
 if how == 'fail' then
-  finish(id, 'error', result, now(), ARGV[7])
+  finish(id, 'error', result, now(), ARGV[8])
   return 1
 end
 move(fields[2], fields[3], 'running', 'pending', fields[6])
@@ -250,18 +255,18 @@ return 1
 """
 )
 
-# ARGV: P, which ('pending' or 'history'), owner filter ('*' for everyone), then ids (none: all of them).
+# ARGV: P, clock, which ('pending' or 'history'), owner filter ('*' for everyone), then ids (none: all of them).
 DELETE = (
     PRELUDE
     + r"""
-local which, owner = ARGV[2], ARGV[3]
+local which, owner = ARGV[3], ARGV[4]
 local ids = {}
-if #ARGV == 3 then
+if #ARGV == 4 then
   local set = P .. which
   if owner ~= '*' then set = owned(owner, which) end
   for _, m in ipairs(redis.call('ZRANGE', set, 0, -1)) do ids[#ids + 1] = string.sub(m, 18) end
 else
-  for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 local removed = 0
 for _, id in ipairs(ids) do
@@ -279,20 +284,20 @@ return removed
 """
 )
 
-# ARGV: P, sorted set (under P), start, stop, then the fields to read. One consistent page: for each
+# ARGV: P, clock, sorted set (under P), start, stop, then the fields to read. One consistent page: for each
 # member in the range, its job's fields (jobs removed meanwhile cannot appear).
 PAGE = (
     PRELUDE
     + r"""
 local rows = {}
-for _, m in ipairs(redis.call('ZRANGE', P .. ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))) do
+for _, m in ipairs(redis.call('ZRANGE', P .. ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))) do
   local key = P .. 'job:' .. string.sub(m, 18)
-  if ARGV[5] == '*' then
+  if ARGV[6] == '*' then
     local all = redis.call('HGETALL', key)
     if #all > 0 then rows[#rows + 1] = all end
   else
     local fields = {}
-    for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+    for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
     local values = redis.call('HMGET', key, unpack(fields))
     if values[1] then rows[#rows + 1] = values end
   end

@@ -23,7 +23,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,6 @@ from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 
-# The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
-# IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
-# a sixth of the queue file's work, counted with callgrind).
 # The audit log's head and outbox (security/audit.py); in the queue file, so that a job's end and its copy
 # in the outbox are one transaction. A node whose queue is Redis keeps them in a file of their own.
 AUDIT_TABLES = """
@@ -71,6 +68,9 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
     finished REAL,
     result TEXT
 );"""
+# The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
+# IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
+# a sixth of the queue file's work, counted with callgrind).
 STATE_CHECK = " OR ".join(f"state = '{state}'" for state in STATES)
 JOBS_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {{name}} (
@@ -91,7 +91,8 @@ CREATE TABLE IF NOT EXISTS {{name}} (
     worker TEXT NOT NULL DEFAULT '',
     lease REAL
 );"""
-# Files from before owners lack the last two columns; they are added (at the end, where `_job` reads them).
+# Files from before owners or leases lack the columns after `result`; they are added at the end, where `_job`
+# reads them.
 LEGACY_COLUMNS = "seq, id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result"
 OWNER_COLUMNS = (("owner", "TEXT NOT NULL DEFAULT ''"), ("context", "TEXT NOT NULL DEFAULT '{}'"))
 # Which worker runs a job, and until when its lease holds (heartbeats extend it); appended after the owners.
@@ -189,9 +190,11 @@ STRICT_VERSION = 2
 
 
 class JobStore:
-    def __init__(self, path: Path, max_pending: int = 10000) -> None:
+    def __init__(self, path: Path, max_pending: int = 10000, clock: Callable[[], float] = time.time) -> None:
+        """`clock`: the time of submissions, starts, ends and leases (seconds since the epoch); tests pass
+        their own, to move time on without sleeping."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.max_pending = path, max_pending
+        self.path, self.max_pending, self.clock = path, max_pending, clock
         self._lock = threading.Lock()
         self._number_lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -281,24 +284,11 @@ class JobStore:
             self._number += 1
             return self._number - 1
 
-    def enqueue(
-        self,
-        job_id: str,
-        number: float,
-        prompt: dict[str, Any],
-        extra_data: dict[str, Any],
-        outputs: list[str],
-    ) -> Job:
-        [stored] = self.enqueue_many([Job(job_id, number, prompt, extra_data, outputs)])
-        if isinstance(stored, Exception):
-            raise stored
-        return stored
-
     def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         """Store new jobs in one transaction (one commit for a burst of submissions); each one comes
         back stored, or as the error that kept it out (the queue full, its owner's quota, its id taken).
         An owner's jobs and images of the day are counted in the same transaction."""
-        now = time.time()
+        now = self.clock()
         found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
         used: dict[str, list[int]] = {}  # owner → [jobs, images] stored in this transaction
         with self._writing():
@@ -367,7 +357,7 @@ class JobStore:
 
     def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
         """Jobs and images queued per owner on `day` (today, UTC), with each owner's jobs queued now."""
-        day = day or day_of(time.time())
+        day = day or day_of(self.clock())
         where, args = ("owner = ? AND day = ?", (owner, day)) if owner is not None else ("day = ?", (day,))
         with self._lock:
             rows = self._execute(f"SELECT owner, jobs, images FROM usage WHERE {where} ORDER BY owner", args).fetchall()
@@ -407,7 +397,7 @@ class JobStore:
         with self._writing():
             self._execute(
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
-                (state, time.time(), strict_json.dumps(result), job_id),
+                (state, self.clock(), strict_json.dumps(result), job_id),
             )
             self._trim_history()
             return self._claim_next(worker, lease_s) if claim_next else None
@@ -417,7 +407,7 @@ class JobStore:
         with self._writing():
             return self._execute(
                 f"UPDATE jobs SET lease = ? WHERE {LIVE} AND state = 'running' AND worker = ?",
-                (time.time() + lease_s, worker),
+                (self.clock() + lease_s, worker),
             ).rowcount
 
     def recover(
@@ -435,7 +425,7 @@ class JobStore:
         worker elsewhere holds is left to it."""
         with self._writing():
             rows = self._execute(f"SELECT * FROM jobs WHERE {RUNNING_ORDER}").fetchall()
-            now = time.time()
+            now = self.clock()
             jobs = [
                 job
                 for job in self._readable(rows)
@@ -458,7 +448,7 @@ class JobStore:
                     result = {"outputs": {}, "messages": [["execution_error", error]]}
                     self._execute(
                         "UPDATE jobs SET state = 'error', finished = ?, result = ? WHERE id = ?",
-                        (time.time(), strict_json.dumps(result), job.id),
+                        (self.clock(), strict_json.dumps(result), job.id),
                     )
                     job.state = "error"
             return jobs
@@ -627,7 +617,7 @@ class JobStore:
                 break
             except Exception as exc:  # a row no worker could run: out of the way, never crash-looped on
                 self._quarantine(row, _reason(exc))
-        job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
+        job.state, job.started, job.attempts = "running", self.clock(), job.attempts + 1
         job.worker, job.lease = worker, job.started + lease_s
         self._execute(MARK_RUNNING, (job.started, worker, job.lease, row[0]))  # seq
         return job
@@ -689,7 +679,7 @@ class JobStore:
         kept = json.dumps({key: _plain(value) for key, value in zip(row.keys(), row, strict=True)})
         self._execute(
             "INSERT OR REPLACE INTO quarantine (seq, id, state, row, reason, quarantined) VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, _plain(job_id), _plain(state), kept, reason, time.time()),
+            (seq, _plain(job_id), _plain(state), kept, reason, self.clock()),
         )
         self._execute("DELETE FROM jobs WHERE seq = ?", (seq,))
 

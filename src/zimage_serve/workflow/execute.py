@@ -78,7 +78,6 @@ class Executor:
         self._computing: set[str] = set()  # signatures of the nodes some run is computing now
         self._computed = threading.Condition(self._lock)  # notified when one of them is done
         self._waiting = 0  # runs waiting on _computed: most releases have none to wake
-        self.node_runs: dict[str, int] = {}  # class_type → executions, for tests and metrics
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         """Stop `prompt_id` (or every running prompt) before its next node or sampling step."""
@@ -159,10 +158,8 @@ class Executor:
                 self._waiting -= 1
             return False
 
-    def _release(self, key: str, class_type: str | None) -> None:
+    def _release(self, key: str) -> None:
         with self._lock:
-            if class_type is not None:
-                self.node_runs[class_type] = self.node_runs.get(class_type, 0) + 1
             self._computing.discard(key)
             if self._waiting:
                 self._computed.notify_all()
@@ -309,12 +306,10 @@ class _Run:
                 return
             if self.ex._claim(key):  # else another run computed this very node: use its result (or retry)
                 break
-        executed = False
         try:
             self._compute(node_id, class_type, node_class, key)
-            executed = True
         finally:
-            self.ex._release(key, class_type if executed else None)
+            self.ex._release(key)
 
     def _compute(self, node_id: str, class_type: str, node_class: type[Node], key: str) -> None:
         if self.interrupted.is_set():
