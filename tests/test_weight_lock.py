@@ -10,15 +10,24 @@ import torch
 from zimage_serve.engine.weight_lock import SharedExclusiveLock, lock_for
 
 
+def writer_waiting(lock: SharedExclusiveLock) -> None:
+    """Until a writer waits on `lock` (its waiting count is the lock's own state: no sleeping, no guessing)."""
+    deadline = time.monotonic() + 5
+    while lock._writers_waiting == 0:
+        assert time.monotonic() < deadline, "no writer came to wait"
+        time.sleep(0.001)
+
+
 def test_readers_share_and_a_writer_waits_for_them() -> None:
     lock = SharedExclusiveLock()
-    both_inside = threading.Barrier(2, timeout=5)
+    both_inside = threading.Barrier(3, timeout=5)
+    leave = threading.Event()
     order: list[str] = []
 
     def reader(name: str) -> None:
         with lock.shared():
             both_inside.wait()  # would time out if readers excluded each other
-            time.sleep(0.1)
+            leave.wait(5)
             order.append(name)
 
     def writer() -> None:
@@ -28,9 +37,12 @@ def test_readers_share_and_a_writer_waits_for_them() -> None:
     readers = [threading.Thread(target=reader, args=(f"r{i}",)) for i in range(2)]
     for thread in readers:
         thread.start()
-    time.sleep(0.03)
+    both_inside.wait()
     writing = threading.Thread(target=writer)
     writing.start()
+    writer_waiting(lock)
+    assert order == []  # the writer waits while readers are inside
+    leave.set()
     for thread in [*readers, writing]:
         thread.join(5)
     assert order[-1] == "writer" and sorted(order[:2]) == ["r0", "r1"]
@@ -39,12 +51,12 @@ def test_readers_share_and_a_writer_waits_for_them() -> None:
 def test_a_waiting_writer_goes_before_readers_that_came_after_it() -> None:
     lock = SharedExclusiveLock()
     order: list[str] = []
-    first_in = threading.Event()
+    first_in, leave = threading.Event(), threading.Event()
 
     def first_reader() -> None:
         with lock.shared():
             first_in.set()
-            time.sleep(0.2)
+            leave.wait(5)
             order.append("first reader")
 
     def writer() -> None:
@@ -60,9 +72,10 @@ def test_a_waiting_writer_goes_before_readers_that_came_after_it() -> None:
     first_in.wait(5)
     threads.append(threading.Thread(target=writer))
     threads[1].start()
-    time.sleep(0.05)
+    writer_waiting(lock)
     threads.append(threading.Thread(target=late_reader))
     threads[2].start()
+    leave.set()
     for thread in threads:
         thread.join(5)
     assert order == ["first reader", "writer", "late reader"]
