@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCKED_FOR := sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64"
 PYTEST_ARGS ?=
 
-.PHONY: run sample test lint docs lock bench clean
+.PHONY: run sample test coverage lint docs lock bench clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import platform, sys; sys.exit(0 if $(LOCKED_FOR) else 1)' || { \
@@ -31,6 +31,14 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples tools
 	$(BIN)/mypy
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The suite under coverage, subprocesses included (pyproject.toml's [tool.coverage]); a report per file.
+coverage: $(STAMP)
+	tools/system_packages.sh
+	rm -rf test-artifacts/coverage && mkdir -p test-artifacts/coverage
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report --sort=cover
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples tools
