@@ -55,7 +55,9 @@ def test_every_requirement_is_pinned_within_its_range(requirement: Requirement) 
 
 def test_nothing_is_locked_for_a_requirement_pyproject_no_longer_has() -> None:
     direct = {canonicalize_name(r.name) for r in requirements()}
-    stale = [name for name, entry in entries().items() if "zimage-serve (pyproject.toml)" in entry and name not in direct]
+    stale = [
+        name for name, entry in entries().items() if "zimage-serve (pyproject.toml)" in entry and name not in direct
+    ]
     assert not stale, f"requirements.lock pins {stale} for pyproject.toml, which no longer asks for them: run make lock"
 
 

@@ -46,7 +46,9 @@ def main() -> None:
     card("Z-Image-Turbo", ["text to image", "8 steps, 1024 x 1024", "Tongyi-MAI"]).save(
         OUT / "z-image-turbo-1.webp", quality=85
     )
-    card("Z-Image", ["text to image", "50 steps, cfg 4, negative", "Tongyi-MAI"]).save(OUT / "z-image-1.webp", quality=85)
+    card("Z-Image", ["text to image", "50 steps, cfg 4, negative", "Tongyi-MAI"]).save(
+        OUT / "z-image-1.webp", quality=85
+    )
 
 
 if __name__ == "__main__":

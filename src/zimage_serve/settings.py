@@ -15,3 +15,9 @@ def default_data_dir() -> Path:
         return Path(os.environ[DATA_DIR_ENV])
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "zimage"
+
+
+def default_models_dir(data_dir: Path | None = None) -> Path:
+    """The one models folder that `zimage models pull` fills and every command reads when given no --models and
+    no $ZIMAGE_MODELS: `models/` in the data dir, so a server started with --data-dir finds its own."""
+    return (data_dir or default_data_dir()) / "models"

@@ -36,12 +36,12 @@ def _root(
 
 
 app.command("generate")(generate.generate)
-app.command("models")(models.models)
 app.command("info")(info.info)
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.command("worker")(worker.worker)
 app.command("batch")(batch.batch)
+app.add_typer(models.app, name="models")
 app.add_typer(nano.app, name="nano")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(audit.app, name="audit")

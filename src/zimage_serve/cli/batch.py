@@ -66,6 +66,7 @@ def batch(
 
     async def main() -> Summary:
         try:
+            await backend.check()  # a wrong --server or a missing --token: one line, before any row
             chosen = await backend.template(template, version)
             job = Batch(rows, chosen, parse_sets(set_ or [], chosen), name, folder, base, concurrency)
             loop = asyncio.get_running_loop()
@@ -111,7 +112,7 @@ def _backend(
     if server is not None:
         from zimage_serve.batch.backends import RemoteBackend
 
-        return RemoteBackend(server, token)
+        return RemoteBackend(server, token, TOKEN_ENV)
     from zimage_serve.batch.backends import LocalBackend
 
     work = out / ".zimage-work"

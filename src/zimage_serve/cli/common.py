@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from zimage_serve.errors import DeviceError
-from zimage_serve.settings import MODEL_ENV, MODELS_ENV
+from zimage_serve.settings import MODEL_ENV, MODELS_ENV, default_models_dir
 
 if TYPE_CHECKING:
     from zimage_serve.engine.fastpath import FastPath
@@ -34,7 +34,10 @@ ModelOption = Annotated[
 ]
 ModelsRootOption = Annotated[
     list[Path] | None,
-    typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]"),
+    typer.Option(
+        "--models",
+        help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}; default: models/ in the data dir, if it exists]",
+    ),
 ]
 TextEncoderOption = Annotated[
     Path | None, typer.Option("--text-encoder", help="Qwen3-4B .safetensors (ComfyUI split files)")
@@ -140,12 +143,16 @@ def chosen_model(model: Path | None) -> tuple[Path, str | None]:
     return default_model(), LABEL
 
 
-def models_roots(models: list[Path] | None) -> list[Path]:
-    """--models folders, else those in $ZIMAGE_MODELS (separated like PATH); each must be a folder."""
+def models_roots(models: list[Path] | None, data_dir: Path | None = None) -> list[Path]:
+    """--models folders, else those in $ZIMAGE_MODELS (separated like PATH); each must be a folder. With
+    neither, the default models folder (`models/` in the data dir, where `zimage models pull` puts weights)
+    if it exists: without it, only the built-in model is listed, as before."""
     roots = list(models or [])
     if not roots and os.environ.get(MODELS_ENV):
         roots = [Path(p) for p in os.environ[MODELS_ENV].split(os.pathsep) if p]
     for root in roots:
         if not root.is_dir():
             raise typer.BadParameter(f"{root} is not a folder", param_hint="--models")
+    if not roots and default_models_dir(data_dir).is_dir():
+        roots = [default_models_dir(data_dir)]
     return roots

@@ -274,12 +274,16 @@ def _read_picture(path: Path, option: str) -> Image.Image:
         raise typer.BadParameter(f"{path}: {exc}", param_hint=option) from exc
 
 
-def _suggested_size(width: int, height: int) -> tuple[int, int]:
-    """A picture's size in multiples of 16, its long side at most 2048 (the aspect ratio kept)."""
-    from zimage_serve.engine.params import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE
+TRAINED_LONG_SIDE = 2048  # the 6B models' largest trained side: a picture's size is a suggestion, kept to it
 
-    factor = min(1.0, MAX_SIZE / max(width, height))
-    fit = [max(MIN_SIZE, int(side * factor) // SIZE_MULTIPLE * SIZE_MULTIPLE) for side in (width, height)]
+
+def _suggested_size(width: int, height: int) -> tuple[int, int]:
+    """A picture's size in whole steps, its long side at most 2048 (the aspect ratio kept): within the
+    sides and pixels every route allows (workflow/limits.py)."""
+    from zimage_serve.workflow.limits import MIN_SIDE, SIDE_STEP
+
+    factor = min(1.0, TRAINED_LONG_SIDE / max(width, height))
+    fit = [max(MIN_SIDE, int(side * factor) // SIDE_STEP * SIDE_STEP) for side in (width, height)]
     return fit[0], fit[1]
 
 

@@ -34,6 +34,8 @@ from zimage_serve.workflow.limits import Limits
 DEFAULTS = Limits()
 
 if TYPE_CHECKING:
+    import socket
+
     from zimage_serve.config import ServeConfig
 
 
@@ -164,6 +166,19 @@ def serve(
 
 
 def _serve(config: ServeConfig, models: list[Path] | None) -> None:
+    from zimage_serve.server.listen import bind
+
+    # First of all: a port in use (ComfyUI's, say) or an address not of this machine is one line naming
+    # --port or --listen, at once, before the worker starts or a model loads; uvicorn is given these sockets.
+    sockets = bind(config.listen, config.port)
+    try:
+        _serve_on(config, models, sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[socket.socket]) -> None:
     import uvicorn
 
     from zimage_serve.config import ConfigError
@@ -171,7 +186,7 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
     from zimage_serve.server.app import create_app
     from zimage_serve.server.runtime import ServerSettings
 
-    roots = models_roots(models or config.models or None)
+    roots = models_roots(models or config.models or None, config.data_dir)
     device, memory_mode = config.device, config.memory_mode
     fast = checked_fast_path(config.attention, config.compile, memory_mode, device)
     try:
@@ -222,8 +237,8 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
         f"authentication {'on' if app.app.state.runtime.security.auth else 'off'})",
         highlight=False,
     )
-    try:
-        uvicorn.run(
+    server = uvicorn.Server(
+        uvicorn.Config(
             app,
             host=config.listen,
             port=config.port,
@@ -233,5 +248,8 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
             proxy_headers=False,
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         )
-    finally:  # the lifespan stops it; this covers a server that never got that far (the port taken, say)
+    )
+    try:
+        server.run(sockets=sockets)
+    finally:  # the lifespan stops it; this covers a server that never got that far
         app.app.state.runtime.stop()

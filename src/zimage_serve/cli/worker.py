@@ -70,7 +70,7 @@ def worker(
         raise typer.BadParameter("a worker needs the cluster's queue: redis://HOST:PORT/DB", param_hint="--queue")
     fast = checked_fast_path(settings.attention, settings.compile, settings.memory_mode, settings.device)
     data = settings.data_dir or default_data_dir()
-    folders = Folders.default(data, models_roots(models or settings.models or None))
+    folders = Folders.default(data, models_roots(models or settings.models or None, data))
     for folder in (folders.input, folders.output, folders.temp):
         folder.mkdir(parents=True, exist_ok=True)
     worker_config = ClusterWorkerConfig(
