@@ -36,6 +36,10 @@ class Image:
 class Backend(Protocol):
     where: str
 
+    async def check(self) -> None:
+        """Whether the batch can start here at all, before any row: a ZImageError saying what to fix."""
+        ...
+
     async def template(self, name: str, version: int | None) -> Template: ...
 
     async def image_value(self, value: str, base: Path) -> str: ...
@@ -48,13 +52,35 @@ class Backend(Protocol):
 
 
 class RemoteBackend:
-    def __init__(self, url: str, token: str | None) -> None:
+    def __init__(self, url: str, token: str | None, token_env: str = "ZIMAGE_TOKEN") -> None:
         from zimage_serve.client import AsyncClient
 
         self.client = AsyncClient(url, token)
         self.where = url
+        self.token, self.token_env = token, token_env
         self._running: set[str] = set()
         self._stopping = False
+
+    async def check(self) -> None:
+        """One request, not retried: a wrong URL or a missing token stops the batch at once, with what to do.
+
+        The client retries connection errors for half a minute (a server restarting mid-batch is waited
+        for); before the first row, nothing answering means a wrong --server or a server not started."""
+        from zimage_serve.client import AuthenticationError, ServerUnavailable
+
+        try:
+            await self.client.check()
+        except ServerUnavailable as exc:
+            raise ZImageError(f"{exc}: check --server") from None
+        except AuthenticationError as exc:
+            how = f"--token or ${self.token_env}"
+            if exc.status == 403:
+                advice = f"if another token may, pass it with {how}"
+            elif self.token:
+                advice = f"the token given was refused; pass a valid one with {how}"
+            else:
+                advice = f"it needs an API token: pass one with {how}"
+            raise ZImageError(f"{self.where} refused the request ({exc}); {advice}") from None
 
     async def template(self, name: str, version: int | None) -> Template:
         path = Path(name)
@@ -123,6 +149,9 @@ class LocalBackend:
         self.executor = Executor(NODES, self.folders, Placing.choose(device, dtype))
         self._lock = asyncio.Lock()
         self._stopping = False
+
+    async def check(self) -> None:
+        return None  # the engine here: what could be wrong shows as each row runs
 
     async def template(self, name: str, version: int | None) -> Template:
         from zimage_serve.templates import TemplateLibrary

@@ -114,6 +114,7 @@ class AsyncClient:
         backoff: float = 0.5,
         websocket: bool = True,
         poll_interval: float = 0.25,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
@@ -122,7 +123,7 @@ class AsyncClient:
         self.poll_interval = poll_interval
         self.client_id = uuid.uuid4().hex
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
         self._events = _Events(_websocket_url(self.url, self.client_id), headers) if websocket else None
         self._templates: dict[tuple[str, int | None], Template] = {}
 
@@ -192,6 +193,19 @@ class AsyncClient:
         if found is None or version not in (None, 1):
             raise TemplateNotFound(str(_json(response).get("error") or f"template {name!r} does not exist"))
         return found
+
+    async def check(self) -> None:
+        """Ask the server once, without retrying, whether it answers this client: `ServerUnavailable` (one
+        line naming the URL) when nothing answers there, `AuthenticationError` when it refuses the token.
+
+        For tools that should stop at once on a wrong URL or token (`zimage batch --server`); the other
+        calls keep retrying connection errors, for a server that restarts, or comes up, while they wait."""
+        try:
+            response = await self._http.get("/queue")
+        except httpx.TransportError as exc:
+            raise ServerUnavailable(f"cannot reach {self.url}: {_transport_reason(exc)}") from None
+        if response.status_code in (401, 403):
+            raise refusal(response.status_code, _json(response), response.text)
 
     # -- the parts -------------------------------------------------------------------------------------
     async def submit(
@@ -461,6 +475,20 @@ def _websocket_url(url: str, client_id: str) -> str:
     parts = urlsplit(url)
     scheme = "wss" if parts.scheme == "https" else "ws"
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", f"clientId={client_id}", ""))
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    """What went wrong reaching a server, in a few words (httpx's own message can be a nested OSError)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (is the server running, on this address and port?)"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[:1].lower() + cause.strerror[1:]
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -46,6 +46,10 @@ class Client:
             context, self._portal_context = self._portal_context, None
             context.__exit__(None, None, None)
 
+    def check(self) -> None:
+        """Ask the server once, without retrying (AsyncClient.check)."""
+        self._portal.call(self._async.check)
+
     def generate(
         self,
         template: str | Path | Template,

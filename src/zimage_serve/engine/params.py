@@ -6,9 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zimage_serve.errors import InvalidParameterError
+from zimage_serve.workflow.limits import side_refusal, size_refusal  # sizes' one home, the server's too
 
-SIZE_MULTIPLE = 16  # VAE factor 8 times patch size 2
-MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_SEQUENCE_LENGTH = 512
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 MAX_STEPS = 200
@@ -62,11 +61,13 @@ class GenerationParams:
             if value is None:
                 continue
             _require_int(name, value)
-            if not MIN_SIZE <= value <= MAX_SIZE or value % SIZE_MULTIPLE:
-                raise InvalidParameterError(
-                    name,
-                    f"{value} is not allowed: use a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}",
-                )
+            why = side_refusal(value)
+            if why is not None:
+                raise InvalidParameterError(name, why)
+        if self.width is not None and self.height is not None:  # the model's own size is checked once resolved
+            refused = size_refusal(self.width, self.height)
+            if refused is not None:
+                raise InvalidParameterError(*refused)
         if self.steps is not None:
             _require_int("steps", self.steps)
             if not 1 <= self.steps <= MAX_STEPS:

@@ -208,13 +208,15 @@ class ZImageEngine:
         """`params` with the model's size, and its variant's steps and guidance where they are not given."""
         params.validate()
         defaults = DEFAULTS[self.variant]
-        return replace(
+        resolved = replace(
             params,
             width=params.width or self.native_size,
             height=params.height or self.native_size,
             steps=params.steps if params.steps is not None else defaults.steps,
             guidance_scale=params.guidance_scale if params.guidance_scale is not None else defaults.guidance_scale,
         )
+        resolved.validate()  # the pixels of a size given on one side only, with the model's on the other
+        return resolved
 
     def load_controlnet(self, path: Path) -> FunControlNet:
         """A Fun ControlNet for this model, on its device; with model offload it stays on the card (it is

@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from zimage_serve.engine.trained_size import size_warning
 from zimage_serve.queue.jobs import QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.server.gate import audit_note, caller, caller_token
@@ -27,14 +28,13 @@ from zimage_serve.server.schemas import ImagesRequest, json_request
 from zimage_serve.templates import Template, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import describe
+from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP, describe, size_refusal
 from zimage_serve.workflow.spec import MAX_SEED
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 
 MAX_IMAGES = 10
-MAX_SIDE = 4096
 SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 LOADERS = {"UNETLoader": "unet_name", "CLIPLoader": "clip_name", "VAELoader": "vae_name"}
 RESOURCES = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
@@ -108,12 +108,15 @@ async def generate(request: Request) -> Response:
     native = template.native_size or DEFAULT_SIZE
     size = body.get("size") or f"{native}x{native}"
     match = SIZE.match(size) if isinstance(size, str) else None
-    width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    if not match or not (64 <= width <= MAX_SIDE and 64 <= height <= MAX_SIDE) or width % 16 or height % 16:
-        return openai_error(400, f"size must be WIDTHxHEIGHT, multiples of 16 from 64 to {MAX_SIDE}", "size")
-    own = identity.limits or limits
-    if width * height > own.pixels:
-        return openai_error(400, f"size: {own.refusal('pixels', width * height)}", "size")
+    if not match:
+        return openai_error(
+            400, f"size must be WIDTHxHEIGHT, multiples of {SIDE_STEP} from {MIN_SIDE} to {MAX_SIDE}", "size"
+        )
+    width, height = int(match.group(1)), int(match.group(2))
+    refused = size_refusal(width, height, identity.limits or limits)  # the bounds every route shares
+    if refused is not None:
+        field, why = refused
+        return openai_error(400, f"size: {why}" if field == "size" else f"size: {field} {why}", "size")
     if n * width * height > limits.request_pixels:
         return openai_error(
             400, f"n × size: {describe('request_pixels', n * width * height, limits.request_pixels)}", "n"
@@ -122,7 +125,8 @@ async def generate(request: Request) -> Response:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         return openai_error(400, f"seed must be a whole number from 0 to {MAX_SEED}", "seed")
 
-    try:  # a size the model was never trained at is logged by the sampler, for every route alike
+    warning = size_warning(model, template.native_size, width, height)  # told in the answer too (`answer`)
+    try:
         workflow = template.render(
             prompt=prompt, width=width, height=height, batch_size=n, seed=seed, prefix=f"openai/{model}"
         )
@@ -176,4 +180,18 @@ async def generate(request: Request) -> Response:
         else:
             query = urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
             data.append({"url": f"{base}/view?{query}", "revised_prompt": prompt})
-    return JSONResponse({"created": int(time.time()), "data": data})
+    return answer({"created": int(time.time()), "data": data}, warning)
+
+
+def answer(body: dict[str, Any], warning: str | None) -> JSONResponse:
+    """The images, with the trained-size warning where there is one, told twice without breaking OpenAI's shape.
+
+    A size the model was never trained at gives a pattern, not a picture, and the sampler's log line reaches
+    only the operator. The caller is told in a top-level `warnings` list, which the openai package keeps
+    (its response models allow extra keys: `result.warnings`, or `result.model_extra`), and in a `Warning`
+    header (RFC 7234's 299, "miscellaneous persistent warning"; ASCII, as header values should be) for
+    clients that read only headers. Neither changes `created` or `data`, all that OpenAI clients parse."""
+    if warning is None:
+        return JSONResponse(body)
+    text = warning.replace("×", "x").replace('"', "'").encode("ascii", "replace").decode()
+    return JSONResponse({**body, "warnings": [warning]}, headers={"Warning": f'299 zimage-serve "{text}"'})

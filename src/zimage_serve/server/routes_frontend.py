@@ -1,5 +1,6 @@
-"""The official ComfyUI web frontend (the `comfyui-frontend-package` wheel) at `/`, the sign-in page,
-and the small routes the frontend calls that have no other home: i18n, templates, /internal.
+"""The official ComfyUI web frontend (the `comfyui-frontend-package` wheel) at `/`, the simple page, and
+the small routes the frontend calls that have no other home: i18n, templates, /internal (signing in and
+out is routes_sign_in.py).
 
 Caching as ComfyUI's frontend expects, and so that opening the page does not load the API: the hashed
 files under `assets/` are kept by the browser for a year; `index.html` and the unhashed scripts are
@@ -9,23 +10,20 @@ checked again every time (`no-cache`).
 from __future__ import annotations
 
 import functools
-import html
 import importlib.metadata
 import importlib.resources
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from zimage_serve import workflows
-from zimage_serve.security.tokens import SESSION_S
 from zimage_serve.server import openai_images
-from zimage_serve.server.gate import SESSION_COOKIE, audit_note, caller
+from zimage_serve.server.gate import caller
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.workflow.folders import MODEL_FOLDERS, UnknownFileError, contained
 from zimage_serve.workflow.nodes import NODES
@@ -118,7 +116,9 @@ async def simple_page() -> Response:
 
 @router.get("/zimage/workflows")
 async def runnable_workflows(request: Request) -> dict[str, Any]:
-    """The API workflows of the models installed now, with their sizes and steps (the simple page's)."""
+    """The API workflows of the models installed now, with their sizes and steps (the simple page's), and
+    the one size a model was trained at if it has one (`trained_size`; null for the 6B models): the page
+    says so beside any other size, since the server's log is where the sampler's warning goes."""
     found = {}
     for model, template in openai_images.models(runtime(request).folders).items():
         workflow, native = template.render(), template.native_size or openai_images.DEFAULT_SIZE
@@ -127,79 +127,9 @@ async def runnable_workflows(request: Request) -> dict[str, Any]:
             "workflow": workflow,
             "sizes": SIZES.get(native, [(native, native)]),
             "steps": sampler["inputs"]["steps"],
+            "trained_size": template.native_size,
         }
     return found
-
-
-# -- signing in (authentication on) ------------------------------------------------------------------
-SIGN_IN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1"><title>Sign in · zimage-serve</title>
-<link rel="icon" href="data:,">
-<style>body{{font:16px system-ui,sans-serif;background:#171718;color:#eee;display:grid;place-items:center;
-height:100vh;margin:0}}form{{background:#232325;padding:2rem;border-radius:12px;width:min(24rem,90vw)}}
-h1{{font-size:1.3rem;margin:0 0 1rem}}input{{width:100%;box-sizing:border-box;padding:.6rem;margin:.4rem 0 1rem;
-border-radius:6px;border:1px solid #555;background:#111;color:#eee}}button{{padding:.6rem 1.2rem;border:0;
-border-radius:6px;background:#3b82f6;color:#fff;font-size:1rem;cursor:pointer}}.error{{color:#f87171}}
-</style></head><body><form method="post" action="login"><h1>zimage-serve</h1>
-<label for="token">API token / 访问令牌</label>
-<input id="token" name="token" type="password" autocomplete="current-password" autofocus required>
-<input type="hidden" name="next" value="{next}">{error}
-<button type="submit">Sign in / 登录</button></form></body></html>"""
-
-
-def _next(value: str | None) -> str:
-    """Where to go after signing in: a path of this server only (never another site)."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
-    parts = urlsplit(value)
-    return value if not parts.scheme and not parts.netloc else "/"
-
-
-def _page(next_path: str, error: str = "", status: int = 200) -> HTMLResponse:
-    shown = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-    body = SIGN_IN_PAGE.format(next=html.escape(next_path, quote=True), error=shown)
-    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
-
-
-@router.get("/login", include_in_schema=False)
-async def sign_in_page(request: Request) -> Response:
-    return _page(_next(request.query_params.get("next")))
-
-
-@router.post("/login", include_in_schema=False)
-async def sign_in(request: Request) -> Response:
-    rt = runtime(request)
-    raw = (await request.body())[:4096].decode("utf-8", "replace")
-    form = {k: v[0] for k, v in parse_qs(raw).items()}
-    next_path = _next(form.get("next"))
-    token = form.get("token", "").strip()
-    opened = rt.security.tokens.open_session(token) if token else None
-    if opened is None:
-        audit_note(request, outcome="refused", reason="bad token on the sign-in page")
-        return _page(next_path, "That token is not valid. / 令牌无效。", 401)
-    secret, record = opened
-    audit_note(request, user=record.name)
-    response = RedirectResponse(next_path, status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        secret,
-        max_age=SESSION_S,
-        httponly=True,
-        samesite="strict",
-        secure=(rt.settings.security.public_url or "").startswith("https://"),
-        path="/",
-    )
-    return response
-
-
-@router.post("/logout", include_in_schema=False)
-async def sign_out(request: Request) -> Response:
-    secret = request.cookies.get(SESSION_COOKIE)
-    if secret:
-        runtime(request).security.tokens.close_session(secret)
-    response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
-    return response
 
 
 # -- what the frontend asks of the server --------------------------------------------------------------

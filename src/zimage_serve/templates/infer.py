@@ -12,6 +12,7 @@ from typing import Any
 
 from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
 from zimage_serve.templates.document import Bypass, Parameter, Target
+from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from zimage_serve.workflow.spec import MAX_SEED
 
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
@@ -71,8 +72,8 @@ def _parameter(name: str, targets: tuple[Target, ...], default: Any, workflow: d
         return Parameter(name, "int", targets, default, described, minimum=0, maximum=MAX_SEED)
     if name in ("steps", "batch_size"):
         return Parameter(name, "int", targets, default, described, minimum=1, maximum=10_000)
-    if name in ("width", "height"):
-        return Parameter(name, "int", targets, default, described, minimum=16, maximum=16_384)
+    if name in ("width", "height"):  # the sides every route allows (the server's pixel limit is its own)
+        return Parameter(name, "int", targets, default, described, minimum=MIN_SIDE, maximum=MAX_SIDE)
     if name in ("cfg", "lora_strength"):
         return Parameter(name, "float", targets, default, described, minimum=-100.0, maximum=100.0)
     if name == "sampler":
@@ -92,8 +93,8 @@ DESCRIPTIONS = {
     "prompt": "What to draw",
     "negative": "What to keep out (used when cfg > 1)",
     "seed": "The noise seed: the same seed and values give the same image",
-    "width": "Image width in pixels (a multiple of 16)",
-    "height": "Image height in pixels (a multiple of 16)",
+    "width": f"Image width in pixels (a multiple of {SIDE_STEP})",
+    "height": f"Image height in pixels (a multiple of {SIDE_STEP})",
     "steps": "Sampler steps",
     "cfg": "Classifier-free guidance (ComfyUI's scale; 1 is off)",
     "sampler": "The sampler",

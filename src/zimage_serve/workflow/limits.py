@@ -15,6 +15,14 @@ from zimage_serve.errors import ZImageError
 
 MEGAPIXELS_4 = 2048 * 2048
 
+# The sides of a picture the models draw, the same for `zimage generate`, the OpenAI route, templates'
+# width and height, and the latents of workflows (copies kept in each had drifted apart: 2048 in one place,
+# 4096 in another, ComfyUI's 16..16384 in the rest). These are the models' own bounds, not the
+# machine's, so no flag changes them: what a picture costs is bounded by `Limits.pixels` (--max-pixels).
+SIDE_STEP = 16  # the VAE's factor 8 × the transformer's patch 2: a side in whole patches
+MIN_SIDE = 64  # four patches; the least `zimage generate` and the OpenAI route ever took
+MAX_SIDE = 4096  # twice the 6B models' largest trained side (2048), within their position grid (512 patches)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -85,3 +93,33 @@ def enforce(limits: Limits, limit: str, value: int, where: str = "") -> None:
     allowed: int = getattr(limits, limit)
     if value > allowed:
         raise LimitExceeded(limit, value, allowed, where, limits.refusal(limit, value))
+
+
+def side_refusal(value: int, step: bool = True) -> str | None:
+    """Why one side of a picture is refused (None: it is allowed), in the same words everywhere.
+
+    `step`: whether it must be a multiple of SIDE_STEP too (workflows keep ComfyUI's own steps, which the
+    frontend's widgets enforce; a latent of another size is cropped to the patch grid)."""
+    if value < MIN_SIDE:
+        return f"{value} is less than {MIN_SIDE}, the shortest side allowed"
+    if value > MAX_SIDE:
+        return f"{value} is more than {MAX_SIDE}, the longest side allowed"
+    if step and value % SIDE_STEP:
+        return f"{value} is not a multiple of {SIDE_STEP}"
+    return None
+
+
+def size_refusal(width: int, height: int, limits: Limits | None = None) -> tuple[str, str] | None:
+    """The field at fault ("width", "height" or "size") and why a width × height picture is refused, or
+    None. `limits`: a server's (its --max-pixels, or a token's lower cap); None: the defaults, for the CLI."""
+    for name, value in (("width", width), ("height", height)):
+        why = side_refusal(value)
+        if why is not None:
+            return name, why
+    pixels = width * height
+    if limits is not None:
+        return ("size", limits.refusal("pixels", pixels)) if pixels > limits.pixels else None
+    allowed = Limits().pixels
+    if pixels > allowed:
+        return "size", f"{width}×{height} is {pixels:,} pixels, more than the {allowed:,} allowed per image"
+    return None

@@ -213,6 +213,11 @@ class SizedNode(Node):
     """A node that makes pictures of its `width` × `height` inputs: their pixels count against the limit,
     when validated (where the inputs are constants) and again when it runs (where they came by links)."""
 
+    # A latent the models draw at this size: its sides are also bounded as in every other route
+    # (workflow/limits.py MIN_SIDE..MAX_SIDE). object_info keeps ComfyUI's wider declared range, as KSampler's
+    # steps keep ComfyUI's 10000 beside --max-steps. Images and masks (1×1 is a fine mask) are not drawn.
+    drawn: ClassVar[bool] = False
+
     @classmethod
     def demands(cls, **inputs: Any) -> list[tuple[str, str, int]]:
         found = super().demands(**inputs)
@@ -221,11 +226,29 @@ class SizedNode(Node):
             found.append(("pixels", "width", width * height))
         return found
 
+    @classmethod
+    def side_refusals(cls, **inputs: Any) -> list[tuple[str, int, str]]:
+        """(input name, value, why) for each side of a drawn latent outside the shared bounds."""
+        from zimage_serve.workflow.limits import side_refusal
+
+        if not cls.drawn:
+            return []
+        found = []
+        for name in ("width", "height"):
+            value = inputs.get(name)
+            if isinstance(value, int):
+                why = side_refusal(value, step=False)
+                if why is not None:
+                    found.append((name, value, why))
+        return found
+
     def enforce_demands(self, limits: Limits, inputs: Mapping[str, Any]) -> None:
-        from zimage_serve.workflow.limits import enforce
+        from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, LimitExceeded, enforce
 
         for limit, name, amount in self.demands(**inputs):
             enforce(limits, limit, amount, name)
+        for name, value, why in self.side_refusals(**inputs):
+            raise LimitExceeded("side", value, MAX_SIDE if value > MAX_SIDE else MIN_SIDE, name, why)
 
 
 _LIMITED: dict[type[Node], tuple[tuple[str, str], ...]] = {}

@@ -16,8 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from zimage_serve.workflow.context import ResourceLists
-from zimage_serve.workflow.limits import WHAT, Limits, flag
-from zimage_serve.workflow.spec import Boolean, Combo, Float, Input, Int, Link, Node, String, prompt_inputs
+from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, WHAT, Limits, flag
+from zimage_serve.workflow.spec import (
+    Boolean,
+    Combo,
+    Float,
+    Input,
+    Int,
+    Link,
+    Node,
+    SizedNode,
+    String,
+    prompt_inputs,
+)
 
 MAX_LISTED_CHOICES = 20
 
@@ -306,6 +317,17 @@ class Validator:
                         f"{WHAT[limit].capitalize()}: {amount:,} is more than {whose} limit of {allowed:,}",
                         f"{name} (max_{limit} of the token)" if token else f"{name} ({flag(limit)})",
                         {"input_name": name, "limit": limit, "limit_value": allowed, "received_value": amount},
+                    )
+                )
+        if issubclass(node_class, SizedNode):  # a drawn latent's sides: the bounds every route shares
+            for name, value, why in node_class.side_refusals(**constants):
+                bound, kind = (MAX_SIDE, "bigger_than_max") if value > MAX_SIDE else (MIN_SIDE, "smaller_than_min")
+                reasons.append(
+                    error(
+                        f"value_{kind}",
+                        f"{name.capitalize()}: {why}",
+                        name,
+                        {"input_name": name, "limit": "side", "limit_value": bound, "received_value": value},
                     )
                 )
         return reasons

@@ -23,9 +23,11 @@ BATCH = Int(default=1, min=1, max=4096, limit="batch", tooltip="The number of la
 
 
 class EmptyLatent(SizedNode):
-    """An empty latent of a size in pixels: its pixels per image count against the limit."""
+    """An empty latent of a size in pixels: its pixels per image count against the limit, and the models
+    draw it, so its sides are bounded as everywhere else."""
 
     channels: ClassVar[int] = 16
+    drawn = True
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         self.enforce_demands(ctx.limits, inputs)
