@@ -49,7 +49,7 @@ def batch(
 ) -> None:
     """Make an image per row; finished rows are skipped when run again, so a stopped batch resumes.
 
-    Each row's outcome (status, error, seconds, seed, files) is in <out>/manifest.jsonl. A bad row is
+    Each row's outcome (status, error, seconds, seed, files) is in OUT/manifest.jsonl. A bad row is
     reported there and the batch goes on; the exit status is 1 when a row failed, 130 when stopped.
     """
     from zimage_serve.batch.plan import check_pattern, parse_sets

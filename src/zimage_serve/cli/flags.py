@@ -17,7 +17,12 @@ DataDirFlag = Annotated[
 ]
 
 ModelsFlag = Annotated[
-    list[Path] | None, typer.Option("--models", help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}]")
+    list[Path] | None,
+    typer.Option(
+        "--models",
+        help=f"ComfyUI models folder (repeatable) [env {MODELS_ENV}; default: models/ in the data dir, where "
+        "zimage models pull puts weights, if it exists]",
+    ),
 ]
 
 DeviceFlag = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps [default: auto]")]
@@ -50,7 +55,7 @@ JobTimeoutFlag = Annotated[
 
 ConcurrencyFlag = Annotated[
     int | None,
-    typer.Option(help="Prompts run at once on the device (the field report advises at most 2 per GPU)", min=1),
+    typer.Option(help="Prompts run at once on the device (at most 2 per GPU is advised)", min=1),
 ]
 
 PreloadFlag = Annotated[
