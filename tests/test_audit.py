@@ -1,5 +1,5 @@
 """The audit log: complete (every image traces to a user), hash-chained (each kind of tampering found),
-exported, and kept across a SIGKILL."""
+verified and exported by the CLI, rotated by size, and kept across a SIGKILL."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ from typing import Any
 import pytest
 
 from tests.server import running_server
-from tests.support.cli import zimage
+from tests.support.app import serving
+from tests.support.cli import run
 from tests.support.jobs import done, png, small_job, submit, upload, view_query, wait_until
 from tests.support.tokens import make_tokens
 from zimage_serve.security.audit import audit_files, records, verify
 
 
-def audited_run(data: Path, *args: str) -> dict[str, Any]:
+def audited_run(data: Path) -> dict[str, Any]:
     """A server with two users who queue, upload, read and delete; what they did, for the checks."""
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on", *args) as server:
+    with serving(data, auth="on") as server:
         alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
         jobs = {"alice": [], "bob": []}
         for seed in range(2):
@@ -84,23 +85,25 @@ def test_every_image_traces_to_a_user(audited: tuple[Path, dict[str, Any]]) -> N
         assert owners.get("output/" + relative.removeprefix(f"users/{user}/")) == user, relative
 
 
-def test_verify_passes_on_an_untouched_log(audited: tuple[Path, dict[str, Any]]) -> None:
+def test_verify_passes_on_an_untouched_log(
+    audited: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
     data, _ = audited
     checked, problem = verify(data / "audit", data / "queue.sqlite3")
     assert problem is None and checked >= 10
-    result = zimage("audit", "verify", "--data-dir", str(data))
-    assert result.returncode == 0 and f"{checked} records" in result.stderr
+    code, _, err = run(["audit", "verify", "--data-dir", str(data)], capsys)
+    assert code == 0 and f"{checked} records" in err
 
 
-def _tampered(data: Path, tmp: Path, change: Any) -> str:
+def _tampered(data: Path, tmp: Path, change: Any, capsys: pytest.CaptureFixture[str]) -> str:
     copy = tmp / "copy"
     shutil.copytree(data, copy)
     [log] = audit_files(copy / "audit")
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(b"".join(change(lines)))
-    result = zimage("audit", "verify", "--data-dir", str(copy))
-    assert result.returncode == 1, result.stderr
-    return result.stderr
+    code, _, err = run(["audit", "verify", "--data-dir", str(copy)], capsys)
+    assert code == 1, err
+    return err
 
 
 def _edit(lines: list[bytes]) -> list[bytes]:
@@ -134,49 +137,56 @@ def _rehash(lines: list[bytes]) -> list[bytes]:
     ids=["edit", "edit-and-rehash", "deletion", "reordering", "cut-at-the-end", "garbage", "first-removed"],
 )
 def test_tampering_of_each_kind_is_found(
-    audited: tuple[Path, dict[str, Any]], tmp_path: Path, change: Any, expected: str
+    audited: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Any, expected: str
 ) -> None:
     data, _ = audited
-    message = _tampered(data, tmp_path, change)
+    message = _tampered(data, tmp_path, change, capsys)
     assert expected in message and "audit-000001.jsonl:" in message
 
 
-def test_export_as_jsonl_and_csv_by_user_and_date(audited: tuple[Path, dict[str, Any]]) -> None:
-    data, run = audited
-    result = zimage("audit", "export", "--format", "jsonl", "--user", "bob", "--data-dir", str(data))
-    assert result.returncode == 0
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+def test_export_as_jsonl_and_csv_by_user_and_date(
+    audited: tuple[Path, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, done_by = audited
+    code, out, _ = run(["audit", "export", "--format", "jsonl", "--user", "bob", "--data-dir", str(data)], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
     assert rows and all(r["user"] == "bob" for r in rows)
-    assert {r.get("job_id") for r in rows} >= set(run["jobs"]["bob"])
-    result = zimage("audit", "export", "--format", "csv", "--data-dir", str(data))
-    table = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert result.returncode == 0 and len(table) == len(list(records(data / "audit")))
+    assert {r.get("job_id") for r in rows} >= set(done_by["jobs"]["bob"])
+    code, out, _ = run(["audit", "export", "--format", "csv", "--data-dir", str(data)], capsys)
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(table) == len(list(records(data / "audit")))
     assert {"seq", "user", "route", "outcome", "hash"} <= set(table[0])
-    future = zimage("audit", "export", "--since", "2999-01-01", "--data-dir", str(data))
-    assert future.returncode == 0 and future.stdout == ""
-    assert zimage("audit", "export", "--since", "yesterday", "--data-dir", str(data)).returncode == 2
-    assert zimage("audit", "export", "--format", "xml", "--data-dir", str(data)).returncode == 2
+    assert run(["audit", "export", "--since", "2999-01-01", "--data-dir", str(data)], capsys)[:2] == (0, "")
+    assert run(["audit", "export", "--since", "yesterday", "--data-dir", str(data)], capsys)[0] == 2
+    assert run(["audit", "export", "--format", "xml", "--data-dir", str(data)], capsys)[0] == 2
 
 
 def test_hashed_prompts_keep_no_text(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    audited_run(data, "--audit-prompts", "hash")
+    with serving(data, security={"audit_prompts": "hash"}) as server:
+        prompt = small_job("hashed")
+        prompt["6"]["inputs"]["text"] = "a red circle number 0"
+        job = submit(server, prompt)
+        done(server, job)
     found = [r for r in records(data / "audit") if r.get("route") == "/prompt" and r["outcome"] == "ok"]
-    assert found and all("prompt" not in r and len(r["prompt_sha256"]) == 64 for r in found)
+    assert [r["job_id"] for r in found] == [job]
+    assert all("prompt" not in r and len(r["prompt_sha256"]) == 64 for r in found)
+    assert any(r["kind"] == "generation" and r["job_id"] == job for r in records(data / "audit"))
     assert b"red circle number" not in b"".join(p.read_bytes() for p in audit_files(data / "audit"))
 
 
 def test_nothing_is_lost_on_sigkill(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server:
+    with running_server(data, "--auth", "on", "--no-worker-process") as server:  # one process to kill
         alice = server.as_token(tokens["user"])
-        jobs = [submit(alice, small_job("killed", seed=i)) for i in range(6)]
+        jobs = [submit(alice, small_job("killed", seed=i)) for i in range(3)]
         wait_until(lambda: all(j in alice.json("GET", "/history")[1] for j in jobs))
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
-    with running_server(data, "--auth", "on") as server:
-        wait_until(lambda: sum(r["kind"] == "generation" for r in records(data / "audit")) >= 6, timeout=10)
+    with serving(data, auth="on", preload=False):  # started again on the same data dir: the outbox is read
+        wait_until(lambda: sum(r["kind"] == "generation" for r in records(data / "audit")) >= len(jobs))
     found = list(records(data / "audit"))
     assert {r["job_id"] for r in found if r["kind"] == "generation"} == set(jobs)
     assert {r.get("job_id") for r in found if r.get("route") == "/prompt"} == set(jobs)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import running_server
+from tests.support.app import serving
 from tests.support.jobs import small_job
+from zimage_serve.security import blocklist as blocklist_module
 from zimage_serve.security.audit import records
 from zimage_serve.security.blocklist import Blocklist, BlocklistError, normalise
 
@@ -118,11 +119,14 @@ def test_rule_files_are_checked_and_reloaded_when_they_change(tmp_path: Path) ->
         Blocklist([tmp_path / "missing.txt"])
 
 
-def test_a_blocked_prompt_is_a_400_naming_the_rule_never_the_word_and_is_audited(tmp_path: Path) -> None:
+def test_a_blocked_prompt_is_a_400_naming_the_rule_never_the_word_and_is_audited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rules = tmp_path / "rules.txt"
     rules.write_text("R-BAN: banned\n", "utf-8")
     data = tmp_path / "data"
-    with running_server(data, "--blocklist", str(rules)) as server:
+    monkeypatch.setattr(blocklist_module, "RELOAD_CHECK_S", 0.0)  # the files' times looked at on every match
+    with serving(data, security={"blocklist": (rules,)}, preload=False) as server:
         prompt = small_job("blocked")
         prompt["6"]["inputs"]["text"] = "a B.A.N.N.E.D circle"
         status, answer = server.json("POST", "/prompt", {"prompt": prompt})
@@ -138,7 +142,6 @@ def test_a_blocked_prompt_is_a_400_naming_the_rule_never_the_word_and_is_audited
         assert server.json("POST", "/prompt", {"prompt": negative})[0] == 400
         # A new rule takes effect without a restart.
         rules.write_text("R-BAN: banned\nR-NEW: 圓形\n", "utf-8")  # the nano prompt's word, in traditional form
-        time.sleep(1.2)
         status, answer = server.json("POST", "/prompt", {"prompt": small_job("later")})
         assert status == 400 and "R-NEW" in answer["error"]["details"]
     blocked = [r for r in records(data / "audit") if r.get("outcome") == "blocked"]

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from tests.support.cli import run
+from tests.support.images import read_png_text
 from zimage_serve.nano.checker import read
-from zimage_serve.png import read_png_text
 
 TRANSFORMER = "diffusion_models/z_image_turbo_bf16.safetensors"
 

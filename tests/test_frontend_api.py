@@ -1,35 +1,42 @@
-"""What the ComfyUI frontend calls, over loopback against a real server: user data, settings, the jobs
-API, caching, the offline API docs, and completion events that always find their history entry."""
+"""What the ComfyUI frontend calls: user data, settings, the jobs API, caching, the offline API docs, and
+completion events that always find their history entry."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from websockets.sync.client import connect
 
-from tests.server import Server, running_server
-from tests.support.jobs import slow_job, small_job, submit, wait_until
+from tests.support.app import AppServer, serving
+from tests.support.jobs import settle, slow_job, small_job, submit, wait_until
+from tests.support.tokens import make_tokens
 
 JOB_KEYS = {"id", "status", "priority", "create_time", "outputs_count"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with running_server(tmp_path_factory.mktemp("frontend") / "data") as running:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    with serving(tmp_path_factory.mktemp("frontend") / "data") as running:
         yield running
 
 
-def test_completion_events_always_find_the_history_entry(server: Server) -> None:
+@pytest.fixture()
+def server(shared: AppServer) -> AppServer:
+    """The shared server, with nothing left queued or running by the test before."""
+    settle(shared)
+    return shared
+
+
+def test_completion_events_always_find_the_history_entry(server: AppServer) -> None:
     """The frontend refreshes its panels on execution_success: the entry must be there by then."""
-    with connect(f"{server.ws_url}?clientId=panels", open_timeout=10) as socket:
-        json.loads(socket.recv(timeout=10))
+    with server.websocket("/ws?clientId=panels") as socket:
+        socket.receive_json()
         jobs = [submit(server, small_job("events", seed=i), client_id="panels") for i in range(15)]
         seen: dict[str, str] = {}
         while len(seen) < len(jobs):
-            message = json.loads(socket.recv(timeout=120))
+            message = socket.receive_json()
             if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                 prompt_id = message["data"]["prompt_id"]
                 entry = server.json("GET", f"/history/{prompt_id}")[1]
@@ -37,7 +44,7 @@ def test_completion_events_always_find_the_history_entry(server: Server) -> None
         assert set(seen.values()) == {"found"}, seen
 
 
-def test_user_data_crud_with_encoded_paths_and_moves(server: Server) -> None:
+def test_user_data_crud_with_encoded_paths_and_moves(server: AppServer) -> None:
     status, files = server.json("GET", "/api/userdata?dir=workflows&recurse=true&split=false&full_info=true")
     assert status == 200 and files == []  # the folder is there from the first visit
     body = json.dumps({"nodes": [], "links": []}).encode()
@@ -66,19 +73,19 @@ def test_user_data_crud_with_encoded_paths_and_moves(server: Server) -> None:
 
 def test_settings_persist_across_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with running_server(data) as first:
+    with serving(data, preload=False) as first:
         assert first.request("POST", "/api/settings", {"Comfy.Locale": "zh", "Comfy.X": 1})[0] == 200
         assert first.request("POST", "/api/settings/Comfy.Y", [1, 2])[0] == 200
         assert first.request("POST", "/api/settings", raw=b"[1]")[0] == 400
         assert first.request("POST", "/api/userdata/workflows%2Fkept.json", raw=b"{}")[0] == 200
-    with running_server(data) as again:
+    with serving(data, preload=False) as again:
         assert again.json("GET", "/api/settings")[1] == {"Comfy.Locale": "zh", "Comfy.X": 1, "Comfy.Y": [1, 2]}
         assert again.json("GET", "/api/settings/Comfy.Y")[1] == [1, 2]
         assert again.json("GET", "/api/settings/Comfy.Nothing")[1] is None
         assert again.request("GET", "/api/userdata/workflows%2Fkept.json")[2] == b"{}"
 
 
-def test_the_jobs_api_lists_queue_and_history_in_the_frontends_shapes(server: Server) -> None:
+def test_the_jobs_api_lists_queue_and_history_in_the_frontends_shapes(server: AppServer) -> None:
     blocker = submit(server, slow_job("jobs-blocker"))
     wait_until(lambda: server.json("GET", f"/api/jobs/{blocker}")[1]["status"] == "in_progress")
     waiting = submit(server, small_job("jobs-waiting"), extra_data={"extra_pnginfo": {"workflow": {"id": "wf-1"}}})
@@ -103,7 +110,7 @@ def test_the_jobs_api_lists_queue_and_history_in_the_frontends_shapes(server: Se
     assert server.request("POST", "/api/jobs/cancel", {"job_ids": "x"})[0] == 400
 
 
-def test_assets_are_cached_and_index_is_not(server: Server) -> None:
+def test_assets_are_cached_and_index_is_not(server: AppServer) -> None:
     from zimage_serve.server.routes_frontend import frontend_root
 
     asset = next((frontend_root() / "assets").glob("index-*.js")).name
@@ -125,7 +132,7 @@ def test_assets_are_cached_and_index_is_not(server: Server) -> None:
     assert server.json("GET", "/api/system_stats")[1]["system"]["required_frontend_version"] == "1.58.1"
 
 
-def test_the_api_docs_work_offline(server: Server) -> None:
+def test_the_api_docs_work_offline(server: AppServer) -> None:
     status, _, page = server.request("GET", "/docs")
     assert status == 200 and b"cdn" not in page.lower()
     for asset in (b"/zimage/docs-static/swagger-ui-bundle.js", b"/zimage/docs-static/swagger-ui.css"):
@@ -136,11 +143,9 @@ def test_the_api_docs_work_offline(server: Server) -> None:
 
 
 def test_with_authentication_each_user_has_their_own_settings_and_workflows(tmp_path: Path) -> None:
-    from tests.test_security import make_tokens
-
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server:
+    with serving(data, auth="on", preload=False) as server:
         alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
         assert alice.request("POST", "/api/settings", {"Comfy.Locale": "zh"})[0] == 200
         assert alice.request("POST", "/api/userdata/workflows%2Fmine.json", raw=b"{}")[0] == 200

@@ -1,9 +1,9 @@
-"""Fuzzing a real server: schemathesis on its own OpenAPI schema, and hypothesis with hostile bodies.
+"""Fuzzing the server: schemathesis on its own OpenAPI schema, and hypothesis with hostile bodies.
 
-Every answer must be below 500, the listings must stay strict JSON, and a normal job must still run at
-the end. The server runs with authentication on (schemathesis as an admin, so the admin routes are
-fuzzed too; the hostile bodies as a user) and with tight limits, so the jobs the fuzzers do get queued
-stay cheap.
+Every answer must be below 500 and no traceback may be logged; each fuzzer ends by checking that the
+listings are strict JSON and that a normal job still runs. The server runs in this process, with
+authentication on (schemathesis as an admin, so the admin routes are fuzzed too; the hostile bodies as a
+user) and with tight limits, so the jobs the fuzzers do get queued stay cheap; each fuzzer has its own.
 Bounded runs: SCHEMA_EXAMPLES per operation, BODY_EXAMPLES hostile bodies (the counts are in the README).
 """
 
@@ -13,65 +13,77 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from tests.server import Server, running_server
-from tests.support.jobs import history, listings_are_strict, small_job, submit, wait_until
+from tests.support.app import AppServer, serving
+from tests.support.clients import requests_session
+from tests.support.jobs import done, listings_are_strict, ready, small_job, submit
+from tests.support.watch import no_server_errors
 from zimage_serve.security.tokens import TokenStore
+from zimage_serve.workflow.limits import Limits
 
 # ZIMAGE_FUZZ_SCALE=10 runs ten times as many (a deeper run by hand; the suite's run is bounded).
 SCALE = int(os.environ.get("ZIMAGE_FUZZ_SCALE", "1"))
 SCHEMA_EXAMPLES = 50 * SCALE
 BODY_EXAMPLES = 600 * SCALE
-TIGHT = ("--max-pixels", "16384", "--max-steps", "8", "--max-batch", "2", "--max-request-pixels", "32768")
+TIGHT = Limits(pixels=16384, steps=8, batch=2, request_pixels=16384)  # OpenAI: one image, 128² at most
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    data = tmp_path_factory.mktemp("fuzz") / "data"
+@contextmanager
+def fuzzed(data: Path) -> Iterator[dict[str, AppServer]]:
+    """A server with authentication on and tight limits, called as "admin" or as "user"; at the end, no
+    5xx answered and no traceback logged. Stopped at once: what the fuzzers queued goes with it."""
     store = TokenStore(data / "auth.sqlite3")
     admin, _ = store.create("fuzzing-admin-account", "admin")
     user, _ = store.create("fuzzing-user-account", "user")
     store.close()
-    with running_server(data, "--auth", "on", *TIGHT) as running:
-        wait_until(lambda: running.request("GET", "/health")[0] == 200)  # 503 while the worker starts
-        yield {"admin": running.as_token(admin), "user": running.as_token(user)}
-    log = running.log.read_text()
-    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+    with serving(data, auth="on", limits=TIGHT, shutdown_grace_s=0) as running:
+        ready(running)
+        with no_server_errors(running):
+            yield {"admin": running.as_token(admin), "user": running.as_token(user)}
 
 
-@pytest.fixture(scope="module")
-def server(servers: dict[str, Server]) -> Server:
-    return servers["user"]
+def still_serves(server: AppServer) -> None:
+    """After the fuzzing: strict listings, and a normal job that runs (ahead of what the fuzzers queued)."""
+    listings_are_strict(server)
+    job = submit(server, small_job("after-fuzz"), front=True)
+    assert done(server, job, timeout=300)["status"]["completed"]
 
 
-def test_no_operation_of_the_schema_answers_a_5xx(servers: dict[str, Server]) -> None:
+def test_no_operation_of_the_schema_answers_a_5xx(tmp_path: Path) -> None:
     """Each operation of /openapi.json, with up to SCHEMA_EXAMPLES cases from schemathesis, drawn from both
     of its modes: bodies and parameters that fit the schema, and ones that break it."""
-    server = servers["admin"]
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=server.headers)
-    calls: dict[str, int] = {}
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        calls[operation.label] = 0
+    with fuzzed(tmp_path / "data") as servers:
+        server = servers["admin"]
+        schema = schemathesis.openapi.from_dict(server.json("GET", "/openapi.json")[1])
+        session = requests_session(server)
+        calls: dict[str, int] = {}
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            calls[operation.label] = 0
 
-        @given(st.one_of(operation.as_strategy(mode) for mode in GenerationMode))
-        @settings(max_examples=SCHEMA_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def answers_below_500(case: Any) -> None:
-            calls[case.operation.label] += 1
-            case.call_and_validate(base_url=server.url, headers=server.headers, checks=[not_a_server_error])
+            @given(st.one_of(operation.as_strategy(mode) for mode in GenerationMode))
+            @settings(
+                max_examples=SCHEMA_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+            )
+            def answers_below_500(case: Any) -> None:
+                calls[case.operation.label] += 1
+                case.call_and_validate(
+                    base_url=server.url, session=session, headers=server.headers, checks=[not_a_server_error]
+                )
 
-        answers_below_500()
-    print(f"schemathesis: {sum(calls.values())} cases over {len(calls)} operations: {calls}")
-    assert "POST /prompt" in calls and len(calls) >= 20 and sum(calls.values()) >= 10 * len(calls), calls
-    listings_are_strict(server)
+            answers_below_500()
+        print(f"schemathesis: {sum(calls.values())} cases over {len(calls)} operations: {calls}")
+        assert "POST /prompt" in calls and len(calls) >= 20 and sum(calls.values()) >= 10 * len(calls), calls
+        still_serves(server)
 
 
 # -- hostile bodies, written as raw text (NaN, Infinity, repeated keys and lone surrogates are text
@@ -142,23 +154,21 @@ def hostile_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     return route, draw(values()).encode("utf-8", "surrogatepass")
 
 
-@given(hostile_bodies())
-@settings(max_examples=BODY_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_hostile_bodies_never_get_a_5xx(server: Server, sample: tuple[str, bytes]) -> None:
-    path, body = sample
-    SENT[path] = SENT.get(path, 0) + 1
-    status, _, content = server.request("POST", path, raw=body)
-    assert status < 500, (path, body[:300], content[:300])
-    if status >= 400 and content:
-        json.loads(content)  # an error the client can read
+def test_hostile_bodies_never_get_a_5xx(tmp_path: Path) -> None:
+    sent: dict[str, int] = {}
+    with fuzzed(tmp_path / "data") as servers:
+        server = servers["user"]
 
+        @given(hostile_bodies())
+        @settings(max_examples=BODY_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+        def never_a_5xx(sample: tuple[str, bytes]) -> None:
+            path, body = sample
+            sent[path] = sent.get(path, 0) + 1
+            status, _, content = server.request("POST", path, raw=body)
+            assert status < 500, (path, body[:300], content[:300])
+            if status >= 400 and content:
+                json.loads(content)  # an error the client can read
 
-SENT: dict[str, int] = {}
-
-
-def test_after_the_fuzzing_listings_are_strict_and_a_normal_job_runs(server: Server) -> None:
-    print(f"hypothesis: {sum(SENT.values())} hostile bodies: {SENT}")
-    listings_are_strict(server)
-    job = submit(server, small_job("after-fuzz"))
-    wait_until(lambda: job in history(server))
-    assert history(server)[job]["status"]["completed"]
+        never_a_5xx()
+        print(f"hypothesis: {sum(sent.values())} hostile bodies: {sent}")
+        still_serves(server)

@@ -1,12 +1,13 @@
-"""Rate limits and quotas per token, at their boundaries, against a real server; counters survive a restart."""
+"""Rate limits and quotas per token, at their boundaries, through the server's routes; the day's counters
+survive a restart."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tests.server import Server, running_server
-from tests.support.jobs import done, slow_job, small_job, submit, wait_until
+from tests.support.app import serving
+from tests.support.jobs import done, running_ids, settle, slow_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
 
 
@@ -19,7 +20,7 @@ def batch_job(prefix: str, batch: int, **options: Any) -> dict[str, Any]:
 def test_requests_per_minute(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data, alice={"rpm": 3})
-    with running_server(data, "--auth", "on") as server:
+    with serving(data, auth="on", preload=False) as server:  # nothing runs
         alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
         for _ in range(3):
             assert alice.request("POST", "/queue", {})[0] == 200
@@ -37,7 +38,7 @@ def test_requests_per_minute(tmp_path: Path) -> None:
 def test_pixel_and_step_limits_are_400s_naming_the_tokens_limit(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data, alice={"max_pixels": 64 * 64, "max_steps": 2})
-    with running_server(data, "--auth", "on") as server:
+    with serving(data, auth="on") as server:
         alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
         status, answer = alice.json("POST", "/prompt", {"prompt": small_job("big", size=128)})
         assert status == 400
@@ -49,12 +50,13 @@ def test_pixel_and_step_limits_are_400s_naming_the_tokens_limit(tmp_path: Path) 
         assert bob.json("POST", "/prompt", {"prompt": small_job("bobs", size=128, steps=3)})[0] == 200
         status, _, body = alice.request("POST", "/v1/images/generations", {"prompt": "x", "size": "128x128"})
         assert status == 400 and b"max_pixels" in body
+        settle(server.as_token(tokens["admin"]))  # Bob's job need not run
 
 
 def test_images_per_day_count_a_batch_and_survive_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data, alice={"images_per_day": 3})
-    with running_server(data, "--auth", "on") as server:
+    with serving(data, auth="on") as server:
         alice = server.as_token(tokens["user"])
         first = submit(alice, batch_job("day", 2))
         status, headers, body = alice.request("POST", "/prompt", {"prompt": batch_job("day", 2, seed=1)})
@@ -67,7 +69,7 @@ def test_images_per_day_count_a_batch_and_survive_a_restart(tmp_path: Path) -> N
         done(alice, third)
         usage = alice.json("GET", "/api/zimage/usage")[1]
         assert usage["images_today"] == 3 and usage["jobs_today"] == 2
-    with running_server(data, "--auth", "on") as server:
+    with serving(data, auth="on", preload=False) as server:  # the same data dir
         alice = server.as_token(tokens["user"])
         assert alice.request("POST", "/prompt", {"prompt": small_job("after-restart")})[0] == 429
         assert alice.json("GET", "/api/zimage/usage")[1]["images_today"] == 3
@@ -79,10 +81,10 @@ def test_images_per_day_count_a_batch_and_survive_a_restart(tmp_path: Path) -> N
 def test_queued_jobs(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data, alice={"max_queued": 2})
-    with running_server(data, "--auth", "on") as server:
+    with serving(data, auth="on") as server:
         alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
         running = submit(alice, slow_job("q-slow"))
-        wait_until(lambda: _running(alice) == [running])
+        wait_until(lambda: running_ids(alice) == [running])
         waiting = submit(alice, small_job("q-1"))
         status, headers, body = alice.request("POST", "/prompt", {"prompt": small_job("q-2")})
         assert status == 429 and headers["retry-after"] and b"max_queued" in body
@@ -91,7 +93,4 @@ def test_queued_jobs(tmp_path: Path) -> None:
         alice.request("POST", "/interrupt", {})
         done(alice, waiting)
         assert alice.request("POST", "/prompt", {"prompt": small_job("q-3")})[0] == 200
-
-
-def _running(client: Server) -> list[str]:
-    return [item[1] for item in client.json("GET", "/queue")[1]["queue_running"]]
+        settle(server.as_token(tokens["admin"]))  # nor the jobs accepted here

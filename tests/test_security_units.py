@@ -1,18 +1,25 @@
-"""The security pieces on their own: settings from flags, TOML and the environment; the network policy;
-identities carried into jobs; owners in the queue file (older files included); tokens' storage."""
+"""The security pieces on their own: settings from flags, TOML and the environment (and what the server
+does with them); the network policy; identities carried into jobs; owners in the queue file (older files
+included); tokens' storage and how soon a revocation is seen; the rate limiter."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.server import running_server
+from tests.server import free_port
+from tests.support.app import serving
+from tests.support.cli import run
+from tests.support.serve_command import serve_command
 from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.identity import Identity
 from zimage_serve.queue.jobs import Job, Quota, QuotaExceeded
 from zimage_serve.queue.store import JobStore
+from zimage_serve.security import tokens as token_module
 from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
 from zimage_serve.security.rate import RateLimiter
 from zimage_serve.security.tokens import TokenError, TokenStore
@@ -49,24 +56,35 @@ def test_flags_win_over_the_environment_over_the_toml_file(tmp_path: Path, monke
         ServeConfig.load(tmp_path / "missing.toml")
 
 
-def test_auth_follows_the_bind_address_and_says_so(tmp_path: Path) -> None:
+def test_auth_from_a_config_file_reaches_the_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command's settings, from its TOML file, are the server's."""
     toml = tmp_path / "zimage.toml"
     toml.write_text('auth = "on"\n', "utf-8")
-    with running_server(tmp_path / "a", "--config", str(toml)) as server:
+    args = ["--config", str(toml), "--data-dir", str(tmp_path / "data")]
+    code, _, err, answers = serve_command(args, lambda server: server.request("GET", "/queue")[0], capsys, monkeypatch)
+    assert (code, answers) == (0, [401]), err
+    assert "authentication on" in err
+
+
+def test_auth_follows_the_bind_address_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="zimage_serve.security.guard")
+    with serving(tmp_path / "b", auth="auto", listen="0.0.0.0", preload=False) as server:  # auto: on when exposed
         assert server.request("GET", "/queue")[0] == 401
-    with running_server(tmp_path / "b", "--listen", "0.0.0.0") as server:  # auto: on when exposed
-        assert server.request("GET", "/queue")[0] == 401
-        assert "no token exists" in server.log.read_text()
-    with running_server(tmp_path / "c", "--listen", "0.0.0.0", "--auth", "off") as server:
+    assert "no token exists" in caplog.text
+    caplog.clear()
+    with serving(tmp_path / "c", auth="off", listen="0.0.0.0", preload=False) as server:
         assert server.request("GET", "/queue")[0] == 200
-        assert "authentication is off and the server listens on 0.0.0.0" in server.log.read_text()
-    with running_server(tmp_path / "d") as server:  # auto on loopback: off
+    assert "authentication is off and the server listens on 0.0.0.0" in caplog.text
+    caplog.clear()
+    with serving(tmp_path / "d", auth="auto", preload=False) as server:  # auto on loopback: off, and nothing to say
         assert server.request("GET", "/queue")[0] == 200
+    assert "authentication" not in caplog.text
 
 
-def test_a_bad_security_option_stops_the_command_naming_it(tmp_path: Path) -> None:
-    from tests.test_security import zimage
-
+def test_a_bad_security_option_stops_the_command_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    port = str(free_port())
     for args, named in (
         (["--allow-ip", "10.0.0.0/33"], "--allow-ip"),
         (["--trusted-proxy", "proxy"], "--trusted-proxy"),
@@ -76,9 +94,9 @@ def test_a_bad_security_option_stops_the_command_naming_it(tmp_path: Path) -> No
         (["--audit-prompts", "some"], "--audit-prompts"),
         (["--auth", "maybe"], "--auth"),
     ):
-        result = zimage("serve", "--data-dir", str(tmp_path / "data"), "--port", "1", *args)
-        assert result.returncode == 2, (args, result.stderr)
-        assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+        code, _, stderr = run(["serve", "--data-dir", str(tmp_path / "data"), "--port", port, *args], capsys)
+        assert code == 2, (args, stderr)
+        assert named in stderr and "Traceback" not in stderr, stderr
 
 
 def test_the_network_policy() -> None:
@@ -177,6 +195,35 @@ def test_tokens_are_kept_as_hashes_and_checked(tmp_path: Path) -> None:
     again, _ = store.create("alice")  # a revoked name may be given a new token
     assert store.lookup(token) is None and store.lookup(again) is not None
     store.close()
+
+
+def test_a_token_revoked_by_another_process_stops_working_within_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's copy of the tokens is read again once REFRESH_S has passed: a second later at the most
+    (on a clock of the test's)."""
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def time(self) -> float:
+            return time.time()
+
+    clock = Clock()
+    monkeypatch.setattr(token_module, "time", clock)
+    server, command = TokenStore(tmp_path / "auth.sqlite3"), TokenStore(tmp_path / "auth.sqlite3")
+    token, _ = command.create("dana")
+    clock.now += 1.0
+    assert server.lookup(token).active  # type: ignore[union-attr]
+    command.revoke("dana")
+    clock.now += 1.0
+    found = server.lookup(token)
+    assert found is not None and not found.active and server.take_revoked() == ["dana"]
+    server.close()
+    command.close()
 
 
 def test_the_rate_limiter_slides() -> None:

@@ -1,8 +1,9 @@
-"""Bad input of every kind gets a clear 4xx from a real server process: never a 5xx, never a traceback.
+"""Bad input of every kind gets a clear 4xx: never a 5xx, never a traceback.
 
-One table, one server: malformed and hostile JSON, unknown nodes, wrong types, out-of-range values,
-broken links, oversized bodies, traversal attempts, bad uploads, bad queries, unknown routes. Each row
-names the status it must get; `/prompt` answers must also have ComfyUI's error shape.
+One table, one server in this process: malformed and hostile JSON, unknown nodes, wrong types,
+out-of-range values, broken links, traversal attempts, bad uploads, bad queries, unknown routes. Each row
+names the status it must get; `/prompt` answers must also have ComfyUI's error shape. Oversized bodies,
+refused before they are read, are sent over a real socket to a real server.
 """
 
 from __future__ import annotations
@@ -10,27 +11,35 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.server import Server, running_server
+from tests.support.app import AppServer, serving
+from tests.support.jobs import done, listings_are_strict, small_job
+from tests.support.process import socket_server
+from tests.support.watch import no_server_errors
 from tests.workflows import nano_prompt
 
 COMFY_ERROR_KEYS = {"type", "message", "details", "extra_info"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """One server for the table: each row is a request that must change nothing. At the end (whatever
+    the order the rows ran in): no 5xx, no traceback logged, strict listings, and a valid prompt still runs."""
     data = tmp_path_factory.mktemp("bad") / "data"
     outside = data.parent / "secret.txt"
     outside.write_text("not for clients")
     (data / "output").mkdir(parents=True)
     (data / "output" / "link.png").symlink_to(outside)
-    with running_server(data) as running:
+    with serving(data, preload=False) as running, no_server_errors(running):  # the model loads for that prompt
         yield running
-    log = running.log.read_text()
-    assert "Traceback" not in log and " 500 " not in log, log[-3000:]
+        listings_are_strict(running)
+        status, answer = running.json("POST", "/prompt", {"prompt": small_job("still-works")})
+        assert status == 200 and answer["node_errors"] == {}, answer
+        assert done(running, answer["prompt_id"])["status"]["status_str"] == "success"
 
 
 def prompt_body(**changes: Any) -> bytes:
@@ -57,6 +66,7 @@ PROMPT_CASES: list[tuple[str, bytes, str]] = [
     ("a string body", b'"prompt"', "invalid_prompt"),
     ("empty body", b"", "invalid_prompt"),
     ("no prompt", b'{"client_id": "x"}', "no_prompt"),
+    ("an empty object", b"{}", "no_prompt"),
     ("prompt is a list", b'{"prompt": []}', "invalid_prompt"),
     ("prompt is empty", b'{"prompt": {}}', "invalid_prompt"),
     ("node is a string", nodes({"1": "SaveImage"}), "invalid_prompt"),
@@ -65,6 +75,7 @@ PROMPT_CASES: list[tuple[str, bytes, str]] = [
     ("unknown node type", nodes({"1": {"class_type": "NoSuchNode", "inputs": {}}}), "missing_node_type"),
     ("inputs not an object", nodes({"1": {"class_type": "SaveImage", "inputs": [1]}}), "invalid_prompt"),
     ("no output node", nodes({"1": {"class_type": "EmptySD3LatentImage", "inputs": {}}}), "prompt_no_outputs"),
+    ("no output node but a decoder", nodes({"1": {"class_type": "VAEDecode", "inputs": {}}}), "prompt_no_outputs"),
     ("link to a missing node", prompt_body(**{"9__images": ["99", 0]}), "prompt_outputs_failed_validation"),
     ("link to a missing output", prompt_body(**{"9__images": ["8", 5]}), "prompt_outputs_failed_validation"),
     ("malformed link", prompt_body(**{"9__images": ["8"]}), "prompt_outputs_failed_validation"),
@@ -97,26 +108,31 @@ PROMPT_CASES: list[tuple[str, bytes, str]] = [
 
 
 @pytest.mark.parametrize(("body", "kind"), [c[1:] for c in PROMPT_CASES], ids=[c[0] for c in PROMPT_CASES])
-def test_bad_prompts_get_a_comfyui_shaped_400(server: Server, body: bytes, kind: str) -> None:
+def test_bad_prompts_get_a_comfyui_shaped_400(server: AppServer, body: bytes, kind: str) -> None:
     for path in ("/prompt", "/api/prompt"):
         status, _, content = server.request("POST", path, raw=body)
         assert status == 400, content[:300]
         answer = json.loads(content)
         assert set(answer["error"]) == COMFY_ERROR_KEYS and answer["error"]["type"] == kind, answer
         assert isinstance(answer["node_errors"], dict)
-        if kind == "prompt_outputs_failed_validation":
+        if kind != "prompt_outputs_failed_validation":
+            assert answer["node_errors"] == {}, answer
+        else:
             assert answer["node_errors"], "the failing node is named"
             for entry in answer["node_errors"].values():
                 assert entry["class_type"] and all(set(e) >= {"type", "message", "details"} for e in entry["errors"])
 
 
-def test_an_out_of_range_value_names_the_node_and_the_input(server: Server) -> None:
+def test_an_out_of_range_value_names_the_node_and_the_input(server: AppServer) -> None:
     status, _, content = server.request("POST", "/prompt", raw=prompt_body(**{"3__steps": 0}))
-    error = json.loads(content)["node_errors"]["3"]["errors"][0]
-    assert status == 400 and error["extra_info"]["input_name"] == "steps"
+    answer = json.loads(content)
+    assert status == 400 and answer["error"]["type"] == "prompt_outputs_failed_validation"
+    assert answer["node_errors"]["3"]["class_type"] == "KSampler"
+    [error] = answer["node_errors"]["3"]["errors"]
+    assert error["type"] == "value_smaller_than_min" and error["extra_info"]["input_name"] == "steps"
 
 
-def test_a_reused_prompt_id_is_refused(server: Server) -> None:
+def test_a_reused_prompt_id_is_refused(server: AppServer) -> None:
     prompt_id = str(uuid.uuid4())
     body = json.loads(prompt_body())
     assert server.json("POST", "/prompt", {**body, "prompt_id": prompt_id})[0] == 200
@@ -132,6 +148,7 @@ REQUEST_CASES: list[tuple[str, str, str, bytes | None, dict[str, str], int]] = [
     ("history: negative offset", "GET", "/history?offset=-5", None, {}, 400),
     ("free: a string", "POST", "/free", b'"all"', {}, 400),
     ("view: no filename", "GET", "/view", None, {}, 404),
+    ("view: a missing file", "GET", "/view?filename=missing.png", None, {}, 404),
     ("view: parent directory", "GET", "/view?filename=../queue.sqlite3", None, {}, 400),
     ("view: encoded parent", "GET", "/view?filename=%2e%2e%2fqueue.sqlite3", None, {}, 400),
     ("view: absolute path", "GET", "/view?filename=/etc/passwd", None, {}, 400),
@@ -176,7 +193,7 @@ REQUEST_CASES: list[tuple[str, str, str, bytes | None, dict[str, str], int]] = [
     ("method", "path", "body", "headers", "status"), [c[1:] for c in REQUEST_CASES], ids=[c[0] for c in REQUEST_CASES]
 )
 def test_bad_requests_get_a_clear_4xx(
-    server: Server, method: str, path: str, body: bytes | None, headers: dict[str, str], status: int
+    server: AppServer, method: str, path: str, body: bytes | None, headers: dict[str, str], status: int
 ) -> None:
     code, answer_headers, content = server.request(method, path, raw=body, headers=headers or None)
     assert code == status, content[:300]
@@ -186,13 +203,14 @@ def test_bad_requests_get_a_clear_4xx(
         assert "error" in answer or "detail" in answer, answer
 
 
-def test_oversized_bodies_are_refused_before_they_are_read(server: Server) -> None:
-    for path in ("/prompt", "/queue", "/v1/images/generations"):
-        for chunked in (False, True):
-            code, content = server.oversized(path, 20 * 1024 * 1024, chunked=chunked)
-            assert code == 413 and json.loads(content)["error"]["type"] == "request_too_large"
-
-
-def test_the_server_still_works_after_all_of_it(server: Server) -> None:
-    status, answer = server.json("POST", "/prompt", json.loads(prompt_body()))
-    assert status == 200 and answer["node_errors"] == {}
+def test_oversized_bodies_are_refused_before_they_are_read(tmp_path: Path) -> None:
+    """Over a real socket, as uvicorn reads it: the answer comes while the body is still being sent, for a
+    declared length and for a chunked body alike."""
+    with socket_server(tmp_path / "data", "--no-preload") as real:
+        for path in ("/prompt", "/queue", "/v1/images/generations"):
+            for chunked in (False, True):
+                code, content = real.oversized(path, 20 * 1024 * 1024, chunked=chunked)
+                assert code == 413 and json.loads(content)["error"]["type"] == "request_too_large"
+        assert real.request("GET", "/queue")[0] == 200
+    log = real.log.read_text()
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]

@@ -1,29 +1,47 @@
-"""The official openai client against a real server: models, images as base64 and as URLs, errors."""
+"""The official openai client against the server: models, images as base64 and as URLs, errors.
+
+The client is openai's own, over an httpx transport that hands its requests to the application in this
+process (tests/support/clients.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from PIL import Image
 
-from tests.server import Server, running_server
+from tests.support.app import AppServer, serving
+from tests.support.clients import httpx_client
+from tests.support.jobs import ready
 from zimage_serve.nano.checker import read
 
 
+def openai_client(server: AppServer) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key="not-needed-on-loopback",
+        max_retries=0,
+        timeout=120,
+        http_client=httpx_client(server),
+    )
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with running_server(tmp_path_factory.mktemp("openai") / "data") as running:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """Shared by the tests below: each makes its own requests, and none looks at what the others queued."""
+    with serving(tmp_path_factory.mktemp("openai") / "data") as running:
+        ready(running)  # its model loaded now, not while another test's server starts (tests/support/jobs.py)
         yield running
 
 
 @pytest.fixture
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
+def client(server: AppServer) -> openai.OpenAI:
+    return openai_client(server)
 
 
 def test_models_lists_the_built_in_model(client: openai.OpenAI) -> None:
@@ -48,14 +66,16 @@ def test_generate_b64_json(client: openai.OpenAI) -> None:
         assert (reading.background, reading.colour) == ("blue", "red")
 
 
-def test_generate_url(client: openai.OpenAI) -> None:
+def test_generate_url(server: AppServer, client: openai.OpenAI) -> None:
     result = client.images.generate(
         model="zimage-nano", prompt="a yellow square on a white background", response_format="url", size="192x128"
     )
     assert result.data is not None and result.data[0].url is not None
-    with urllib.request.urlopen(result.data[0].url, timeout=30) as response:
-        image = Image.open(io.BytesIO(response.read()))
-    assert image.size == (192, 128)
+    url = result.data[0].url
+    assert url.startswith(f"{server.url}/")  # a URL the client can fetch from the server it asked
+    response = server.client.get(url)
+    assert response.status_code == 200
+    assert Image.open(io.BytesIO(response.content)).size == (192, 128)
 
 
 @pytest.mark.parametrize(
@@ -77,15 +97,14 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, kwargs: dict[str,
     assert isinstance(body, dict) and body["param"] == param and body["type"] == "invalid_request_error"
 
 
-def test_the_6b_models_are_listed_when_their_files_are_there(tmp_path: Any) -> None:
+def test_the_6b_models_are_listed_when_their_files_are_there(tmp_path: Path) -> None:
     models = tmp_path / "models"
     for folder, name in (("diffusion_models", "z_image.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
                          ("vae", "ae.safetensors")):  # fmt: skip
         (models / folder).mkdir(parents=True)
         (models / folder / name).write_bytes(b"")
-    with running_server(tmp_path / "data", "--models", str(models)) as running:
-        listed = running.json("GET", "/v1/models")[1]
-        assert [m["id"] for m in listed["data"]] == ["zimage-nano", "z-image"]  # not Turbo: its file is missing
+    with serving(tmp_path / "data", models=[models], preload=False) as running:  # lists models, loads none
+        client = openai_client(running)
+        assert [m.id for m in client.models.list()] == ["zimage-nano", "z-image"]  # not Turbo: its file is missing
         (models / "diffusion_models" / "z_image_turbo_bf16.safetensors").write_bytes(b"")
-        listed = running.json("GET", "/v1/models")[1]
-        assert [m["id"] for m in listed["data"]] == ["zimage-nano", "z-image-turbo", "z-image"]
+        assert [m.id for m in client.models.list()] == ["zimage-nano", "z-image-turbo", "z-image"]

@@ -127,3 +127,10 @@ def settle(server: Caller, timeout: float = 120.0) -> None:
         return not queue["queue_pending"] and not queue["queue_running"]
 
     wait_until(empty, timeout)
+
+
+def ready(server: Caller, timeout: float = 120.0) -> None:
+    """Once /health says the worker has loaded the default model. An in-process server loads it in a
+    thread after it starts: wait for that before another server in the same process loads models, since
+    building a model (accelerate's init_empty_weights) patches torch for the whole process."""
+    wait_until(lambda: server.request("GET", "/health")[0] == 200, timeout)
