@@ -1,20 +1,17 @@
-"""Memory modes on a CUDA card, with accelerate's hooks (the same ones diffusers' offloading uses).
-
-accelerate is imported where a hook is made, not with the module: the engine imports this module, and a
-worker that has loaded no model needs none of it (engine/libraries.py)."""
+"""Memory modes on a CUDA card, with accelerate's hooks (the same ones diffusers' offloading uses)."""
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from accelerate.utils import send_to_device
 
 from zimage_serve.engine.devices import MemoryMode, Placement
-from zimage_serve.engine.libraries import load_model_libraries
 
 
 @dataclass
@@ -32,7 +29,6 @@ def apply_memory_mode(placement: Placement, modules: list[torch.nn.Module]) -> O
     """`modules` in the order a generation calls them: text encoder, transformer, VAE."""
     if placement.memory_mode is MemoryMode.GPU:
         return OffloadHooks()
-    load_model_libraries()  # accelerate, only when a memory mode needs its hooks
     from accelerate import cpu_offload, cpu_offload_with_hook
 
     if placement.memory_mode is MemoryMode.SEQUENTIAL:
@@ -62,10 +58,7 @@ class ModelSwap:
         self._lock = threading.Lock()
 
     def add(self, module: torch.nn.Module) -> torch.nn.Module:
-        load_model_libraries()  # accelerate, only once a component is put under the swap
-        from accelerate.hooks import add_hook_to_module
-
-        add_hook_to_module(module, _swap_in_hook()(self))
+        add_hook_to_module(module, _SwapIn(self))
         with self._lock:
             self.members.add(module)
         return module
@@ -91,31 +84,23 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-@functools.cache
-def _swap_in_hook() -> type:
-    """The hook class, made on first use: it derives from accelerate's `ModelHook`, imported only then."""
-    from accelerate.hooks import ModelHook
-    from accelerate.utils import send_to_device
+class _SwapIn(ModelHook):  # type: ignore[misc]
+    def __init__(self, swap: ModelSwap) -> None:
+        super().__init__()
+        self.swap = swap
 
-    class _SwapIn(ModelHook):  # type: ignore[misc]
-        def __init__(self, swap: ModelSwap) -> None:
-            super().__init__()
-            self.swap = swap
-
-        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            self.swap.activate(module)
-            return send_to_device(args, self.swap.device), send_to_device(kwargs, self.swap.device)
-
-    return _SwapIn
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        self.swap.activate(module)
+        return send_to_device(args, self.swap.device), send_to_device(kwargs, self.swap.device)
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
     """Where `module` computes: its offload hook's device (model offload keeps its weights in host memory
     between calls), else where its weights are, unless they are on accelerate's meta device (sequential
     offload streams them in per call, through hooks on the submodules that hold them)."""
-    swap = getattr(getattr(module, "_hf_hook", None), "swap", None)
-    if isinstance(swap, ModelSwap):  # the swap's hook (`_swap_in_hook`)
-        return swap.device
+    hook = getattr(module, "_hf_hook", None)
+    if isinstance(hook, _SwapIn):
+        return hook.swap.device
     weights = next(module.parameters()).device
     if weights.type != "meta":
         return weights  # the common case, once per step: no walk over the modules

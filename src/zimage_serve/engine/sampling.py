@@ -92,11 +92,7 @@ def normal_schedule(sampling: FlowSampling, steps: int, sgm: bool = False) -> li
 def beta_schedule(sampling: FlowSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> list[float]:
     """Timesteps at the quantiles of Beta(α, β) (arXiv 2407.12173), repeated indices dropped."""
     import numpy as np
-
-    from zimage_serve.engine.libraries import importing
-
-    with importing():  # scipy only for the beta scheduler, one importing thread at a time
-        from scipy.stats import beta as beta_distribution
+    from scipy.stats import beta as beta_distribution
 
     table = sampling.table()
     last = len(table) - 1
@@ -209,10 +205,7 @@ class BrownianNoise:
     on how the schedule was cut into steps."""
 
     def __init__(self, x: torch.Tensor, sigmas: list[float], seed: int | None) -> None:
-        from zimage_serve.engine.libraries import importing
-
-        with importing():  # torchsde only for the SDE samplers, one importing thread at a time
-            import torchsde
+        import torchsde
 
         positive = [s for s in sigmas if s > 0]
         entropy = seed if seed is not None else int(torch.randint(0, 2**63 - 1, ()).item())

@@ -22,10 +22,7 @@ def load_upscale_model(path: Path) -> Any:
     """A spandrel ImageModelDescriptor for a single-image model; a clear error for anything else.
 
     Pickled files are read with `weights_only=True`: tensors and plain containers only, never code."""
-    from zimage_serve.engine.libraries import importing
-
-    with importing():  # spandrel (and torchvision) only for upscale models, one importing thread at a time
-        from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
+    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
     state = _state_dict(path)
     if "module.layers.0.residual_group.blocks.0.norm1.weight" in state:  # SwinIR saved from DataParallel
