@@ -178,13 +178,14 @@ def test_connection_errors_are_retried_with_backoff_then_raised(tmp_path: Path) 
     started = time.monotonic()
     with Client(f"http://127.0.0.1:{port}", retries=3, backoff=0.1) as client, pytest.raises(ServerUnavailable):
         client.history("x")
-    assert 0.3 < time.monotonic() - started < 5  # 0.1 + 0.2 + 0.4 s of waiting, give or take the jitter
+    assert time.monotonic() - started > 0.3  # 0.1 + 0.2 + 0.4 s of waiting, less at most a quarter of jitter
 
     # A server that comes up while the client waits is reached.
     data = tmp_path / "late"
 
     async def main() -> Any:
-        async with AsyncClient(f"http://127.0.0.1:{port}", retries=8, backoff=0.5) as client:
+        # enough retries (about 3 minutes of waiting) for a server that starts slowly on a busy machine
+        async with AsyncClient(f"http://127.0.0.1:{port}", retries=20, backoff=0.5) as client:
             return await client.queued()
 
     command = [sys.executable, "-m", "zimage_serve.cli", "serve", "--port", str(port), "--data-dir", str(data)]
