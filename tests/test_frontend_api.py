@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.app import AppServer, serving
-from tests.support.jobs import settle, slow_job, small_job, submit, wait_until
+from tests.support.jobs import ready, settle, slow_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
 
 JOB_KEYS = {"id", "status", "priority", "create_time", "outputs_count"}
@@ -19,6 +19,7 @@ JOB_KEYS = {"id", "status", "priority", "create_time", "outputs_count"}
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     with serving(tmp_path_factory.mktemp("frontend") / "data") as running:
+        ready(running)  # its model loaded now, not while another test's server loads one (tests/support/jobs.py)
         yield running
 
 

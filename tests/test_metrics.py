@@ -16,7 +16,7 @@ import pytest
 
 from tests.server import free_port
 from tests.support.app import AppServer, serving
-from tests.support.jobs import done, settle, submit
+from tests.support.jobs import done, ready, settle, submit
 from tests.support.metrics import Samples, samples, scrape, value
 from tests.support.serve_command import serve_command
 from tests.support.tokens import make_tokens
@@ -27,6 +27,7 @@ from zimage_serve import metrics as metrics_module
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     with serving(tmp_path_factory.mktemp("metrics") / "data") as server:
+        ready(server)  # its model loaded now, not while another test's server loads one (tests/support/jobs.py)
         yield server
 
 

@@ -19,6 +19,7 @@ from tests.support.jobs import (
     done,
     image_of,
     png,
+    ready,
     running_ids,
     settle,
     slow_job,
@@ -39,6 +40,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clients]:
     data = tmp_path_factory.mktemp("secured") / "data"
     tokens = make_tokens(data)
     with serving(data, auth="on") as server:
+        ready(server)  # its model loaded now, not while another test's server loads one (tests/support/jobs.py)
         yield {who: server.as_token(tokens.get(who)) for who in CALLERS}
 
 
@@ -71,7 +73,7 @@ def test_tokens_are_printed_once_stored_as_hashes_and_revoked_while_the_server_r
     code, _, err = run(["tokens", "create", "../x", "--data-dir", str(data)], capsys)
     assert code == 2 and "NAME" in err
     assert run(["tokens", "create", "eve", "--role", "boss", "--data-dir", str(data)], capsys)[0] == 2
-    with serving(data, auth="on") as server:
+    with serving(data, auth="on", preload=False) as server:  # nothing runs
         dana = server.as_token(token)
         assert dana.json("GET", "/queue")[0] == 200
         code, _, err = run(["tokens", "revoke", "dana", "--data-dir", str(data)], capsys)  # another connection
@@ -349,7 +351,7 @@ def test_pages_of_other_sites_cannot_submit_even_with_auth_off(tmp_path: Path) -
 def test_the_allow_list_and_trusted_proxies(tmp_path: Path) -> None:
     data = tmp_path / "data"
     allowed = {"allow_ip": ("10.0.0.0/8", "2001:db8::/32")}
-    with serving(data, security=allowed) as server:
+    with serving(data, security=allowed, preload=False) as server:  # nothing runs
         for path in ("/health", "/queue", "/view?filename=x.png"):
             status, _, answer = server.request("GET", path)
             assert status == 403 and json.loads(answer)["error"]["type"] == "address_not_allowed", path
@@ -357,9 +359,9 @@ def test_the_allow_list_and_trusted_proxies(tmp_path: Path) -> None:
         spoofed = {"X-Forwarded-For": "10.1.2.3"}  # believed only from a trusted proxy
         assert server.request("GET", "/queue", headers=spoofed)[0] == 403
     for address in ("10.1.2.3", "2001:db8::7"):
-        with serving(data, security=allowed, client=address) as server:
+        with serving(data, security=allowed, client=address, preload=False) as server:
             assert server.request("GET", "/queue")[0] == 200, address
-    with serving(data, security={**allowed, "trusted_proxy": ("127.0.0.1/32",)}) as server:
+    with serving(data, security={**allowed, "trusted_proxy": ("127.0.0.1/32",)}, preload=False) as server:
         assert server.request("GET", "/queue", headers={"X-Forwarded-For": "10.1.2.3"})[0] == 200
         assert server.request("GET", "/queue", headers={"X-Forwarded-For": "2001:db8::7"})[0] == 200
         assert server.request("GET", "/queue", headers={"X-Forwarded-For": "10.1.2.3, 192.0.2.1"})[0] == 403
