@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import os
+
+# One intra-op thread for torch, here and in every process the tests start (they inherit it), set before
+# anything imports torch: two threads per process thrash once other processes share the cores, and a test
+# that takes 3 s alone took 20-60 s beside a busy machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import free_port
 from tests.support.app import serving
-from tests.support.cli import run
 from tests.support.serve_command import serve_command
 from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.identity import Identity
@@ -83,8 +81,10 @@ def test_auth_follows_the_bind_address_and_says_so(tmp_path: Path, caplog: pytes
     assert "authentication" not in caplog.text
 
 
-def test_a_bad_security_option_stops_the_command_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    port = str(free_port())
+def test_a_bad_security_option_stops_the_command_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before anything is served (an option taken by mistake would be asked once, not served for ever)."""
     for args, named in (
         (["--allow-ip", "10.0.0.0/33"], "--allow-ip"),
         (["--trusted-proxy", "proxy"], "--trusted-proxy"),
@@ -94,8 +94,9 @@ def test_a_bad_security_option_stops_the_command_naming_it(tmp_path: Path, capsy
         (["--audit-prompts", "some"], "--audit-prompts"),
         (["--auth", "maybe"], "--auth"),
     ):
-        code, _, stderr = run(["serve", "--data-dir", str(tmp_path / "data"), "--port", port, *args], capsys)
-        assert code == 2, (args, stderr)
+        command = ["--data-dir", str(tmp_path / "data"), *args]
+        code, _, stderr, served = serve_command(command, lambda server: "served", capsys, monkeypatch)
+        assert (code, served) == (2, []), (args, stderr)
         assert named in stderr and "Traceback" not in stderr, stderr
 
 
