@@ -42,8 +42,10 @@ def test_product_images_from_a_catalogue(tmp_path: Path, served: Server) -> None
     records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok"] * 6
     # The server is shared with the other examples, run in any order: read this script's jobs only.
-    batch_jobs = [e for e in served.json("GET", "/history")[1].values() if e["prompt"][3].get("source") == "zimage batch"]
-    texts = [n["inputs"]["text"] for e in batch_jobs for n in e["prompt"][2].values() if n["class_type"] == "CLIPTextEncode"]
+    history = served.json("GET", "/history")[1].values()
+    batch_jobs = [entry["prompt"] for entry in history if entry["prompt"][3].get("source") == "zimage batch"]
+    nodes = [node for job in batch_jobs for node in job[2].values()]
+    texts = [node["inputs"]["text"] for node in nodes if node["class_type"] == "CLIPTextEncode"]
     assert len(batch_jobs) == 6 and all(t.startswith("E-commerce product photo of ") for t in texts if t.strip())
     again = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "6 of 6 rows finished earlier are skipped" in again.stderr
