@@ -56,15 +56,14 @@ def test_the_worker_process_dies_with_the_server(tmp_path: Path) -> None:
 
 def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with running_server(data) as server:
-        job = submit(server, small_job("last", size=512, steps=8))
+    # A job long enough to be running when the signal comes, and a grace long enough for it on a busy machine.
+    with running_server(data, "--shutdown-grace", "240") as server:
+        job = submit(server, small_job("last", size=256, steps=8))
         wait_until(lambda: running_ids(server) == [job])
         server.process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it stopped.
-        assert server.process.wait(120) in (0, -signal.SIGTERM)
+        assert server.process.wait(300) in (0, -signal.SIGTERM)
     with running_server(data) as server:
         entry = server.json("GET", f"/history/{job}")[1][job]
         assert entry["status"]["status_str"] == "success"
         assert (data / "output" / "last_00001_.png").is_file()
-
-
