@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from zimage_serve.engine import GenerationParams, open_engine
@@ -56,10 +57,22 @@ def test_same_seed_same_weights_and_the_result_loads(reference: Path, tmp_path: 
     assert isinstance(image, Image.Image) and image.size == (128, 128)
 
 
-def test_compiled_blocks_train_and_load(tmp_path: Path) -> None:
+def test_compiled_blocks_train_and_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is ours is training through torch.compile's wrapped blocks and saving weights that load.
+
+    Inductor's code generation is torch's to test (and a minute of C++ compiling on a CPU), so the blocks
+    compile with AOTAutograd's eager backend: the same Dynamo graphs and wrappers, forward and backward.
+    """
+    compile_module, compiled_blocks = torch.nn.Module.compile, []
+
+    def compile_eagerly(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        compiled_blocks.append(self)
+        compile_module(self, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
     compiled = train(tmp_path, "compiled", Recipe(**{**TINY.__dict__, "compile": True, "steps": 2, "restart_steps": 0}))
     image = open_engine(compiled, device="cpu").generate(GenerationParams("a red circle", seed=1)).images[0]
-    assert image.size == (128, 128)
+    assert image.size == (128, 128) and compiled_blocks
 
 
 def test_other_seed_other_weights(reference: Path, tmp_path: Path) -> None:

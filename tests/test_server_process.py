@@ -7,16 +7,17 @@ import signal
 from pathlib import Path
 
 from tests.server import process_state, running_server, worker_processes
-from tests.support.jobs import history, running_ids, slow_job, small_job, submit, wait_until
+from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
 
 
 def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with running_server(data) as server:
-        blocker = submit(server, slow_job("blocker"))
+        blocker = submit(server, running_job("blocker"))
         wait_until(lambda: running_ids(server) == [blocker])
         queued = [submit(server, small_job(f"job{i}", seed=i)) for i in range(50)]
         earlier = history(server)
+        assert blocker not in earlier  # killed while it runs
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(30)
     with running_server(data) as server:
@@ -30,10 +31,11 @@ def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path:
 
 def test_a_killed_worker_process_is_replaced_and_its_job_run_again(tmp_path: Path) -> None:
     with running_server(tmp_path / "data") as server:
-        job = submit(server, slow_job("victim"))
+        job = submit(server, running_job("victim"))
         wait_until(lambda: running_ids(server) == [job])
         (worker,) = worker_processes(server.process.pid)
         os.kill(worker, signal.SIGKILL)
+        assert job not in history(server)
         later = submit(server, small_job("later"))
         wait_until(lambda: {job, later} <= history(server).keys(), timeout=300)
         done = history(server)

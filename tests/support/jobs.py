@@ -40,6 +40,12 @@ def slow_job(prefix: str, seed: int = 0) -> dict[str, Any]:
     return small_job(prefix, seed=seed, size=1024, steps=30)
 
 
+def running_job(prefix: str, seed: int = 0) -> dict[str, Any]:
+    """A job of some seconds: still running when a test that saw it start kills or signals something, and
+    short enough to be run again to its end afterwards."""
+    return small_job(prefix, seed=seed, size=512, steps=30)
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
