@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tests.server import process_state, running_server, worker_processes
 from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
+from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 
 
 def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path: Path) -> None:
@@ -69,3 +71,24 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
         entry = server.json("GET", f"/history/{job}")[1][job]
         assert entry["status"]["status_str"] == "success"
         assert (data / "output" / "last_00001_.png").is_file()
+
+
+class _Ignoring:
+    def job_event(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def queue_changed(self) -> None:
+        pass
+
+
+def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "queue.sqlite3")
+    folders = [tmp_path / name for name in ("models", "input", "output", "temp")]
+    config = WorkerConfig(tmp_path / "queue.sqlite3", [folders[0]], *folders[1:], device="cpu")
+    worker = WorkerProcess(config, _Ignoring(), store)
+    worker.start()
+    process = worker._process
+    assert worker.stop(timeout=60) is True
+    # Killed while importing torch, instead of told to stop once it had loaded its model.
+    assert process is not None and process.exitcode == -signal.SIGKILL
+    assert store.count("running") == 0 and store.count("pending") == 0

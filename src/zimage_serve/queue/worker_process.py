@@ -164,10 +164,18 @@ class WorkerProcess:
         self._stopping.set()
         with self._lock:
             self._send_locked(Stop(timeout))
-            process = self._process
+            process, starting = self._process, not self._child_ready
         if process is None:
             return True
-        clean = wait_for_child(process, timeout)
+        if starting and self.store.count("running") == 0:
+            # A child still importing and loading its model holds no job, and would read the Stop only once
+            # loaded, seconds from now. (A job it claims this instant is found running and queued again
+            # at the next start, as after any crash.)
+            process.kill()
+            process.join(10)
+            clean = True
+        else:
+            clean = wait_for_child(process, timeout)
         if self._reader is not None:
             self._reader.join(5)
         return clean
