@@ -49,7 +49,7 @@ def images(out: Path) -> list[Path]:
 def interrupted_then_resumed(tmp_path: Path, *server: str) -> None:
     rows = write_rows(tmp_path / "products.csv")
     out = tmp_path / "out"
-    args = [str(rows), "--template", "zimage-nano", "--out", str(out), "--name", "{sku}_{seed}", "--set", "steps=20"]
+    args = [str(rows), "--template", "zimage-nano", "--out", str(out), "--name", "{sku}_{seed}", "--set", "steps=6"]
     log = tmp_path / "first.log"
     with open(log, "w") as output:
         command = [sys.executable, "-m", "zimage_serve.cli", "batch", *args, *server]
