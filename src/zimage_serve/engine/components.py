@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
 from zimage_serve.engine import configs
 from zimage_serve.engine.checkpoint import Checkpoint, name_keys
+from zimage_serve.engine.construction import building
 from zimage_serve.engine.keymap import Kind, is_ldm_vae, to_diffusers
 from zimage_serve.errors import ModelLoadError
 
@@ -78,7 +78,7 @@ def load(prepared: PreparedComponent, device: torch.device, dtype: torch.dtype) 
 def build_empty(kind: Kind, config: dict[str, Any], origin: Path) -> torch.nn.Module:
     """The model with parameters on the meta device; buffers stay real so derived tables are kept."""
     try:
-        with init_empty_weights(include_buffers=False):
+        with building(empty=True):
             if kind == "transformer":
                 module: torch.nn.Module = ZImageTransformer2DModel.from_config(config)
             elif kind == "text_encoder":

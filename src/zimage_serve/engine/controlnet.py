@@ -198,10 +198,10 @@ def _agree(config: dict[str, Any], variant: ControlNetVariant, origin: Path) -> 
 
 
 def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
-    from accelerate import init_empty_weights
     from diffusers import ZImageControlNetModel
 
     from zimage_serve.engine.components import check_keys
+    from zimage_serve.engine.construction import building
     from zimage_serve.engine.devices import MemoryMode
 
     weights, config = controlnet_weights(path)
@@ -214,7 +214,7 @@ def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
         refiner_mode = "control_noise_refiner"  # the broken file still holds them: loaded, not used
     if variant.refiner == CONTROL_LAYERS and not variant.refiner_layers:
         refiner_mode = "control_layers"
-    with init_empty_weights(include_buffers=False):
+    with building(empty=True):
         module = ZImageControlNetModel(
             control_layers_places=list(range(variant.layers)),
             control_refiner_layers_places=list(range(max(variant.refiner_layers, 2))),

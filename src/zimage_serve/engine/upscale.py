@@ -24,11 +24,14 @@ def load_upscale_model(path: Path) -> Any:
     Pickled files are read with `weights_only=True`: tensors and plain containers only, never code."""
     from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
+    from zimage_serve.engine.construction import building
+
     state = _state_dict(path)
     if "module.layers.0.residual_group.blocks.0.norm1.weight" in state:  # SwinIR saved from DataParallel
         state = {key.removeprefix("module."): value for key, value in state.items()}
     try:
-        descriptor = ModelLoader().load_from_state_dict(state)
+        with building():
+            descriptor = ModelLoader().load_from_state_dict(state)
     except UnsupportedModelError as exc:
         raise ModelLoadError(path, "not an upscale model spandrel knows (ESRGAN, Real-ESRGAN, SwinIR, ...)") from exc
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:

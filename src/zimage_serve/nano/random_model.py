@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTran
 from transformers import Qwen3Config, Qwen3Model
 
 from zimage_serve.engine import configs
+from zimage_serve.engine.construction import building
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
 from zimage_serve.nano import scenes
 from zimage_serve.nano.tokenizer import train_tokenizer
@@ -101,9 +102,10 @@ def write_random_model(
     tokenizer = train_tokenizer(caption_corpus(), tiny.vocab_size)
     tokenizer.save_pretrained(folder / "tokenizer")
 
-    transformer = ZImageTransformer2DModel.from_config(transformer_config(tiny))
-    text_encoder = Qwen3Model(Qwen3Config(**text_encoder_config(tiny, len(tokenizer))))
-    vae = AutoencoderKL.from_config(vae_config(tiny))
+    with building():
+        transformer = ZImageTransformer2DModel.from_config(transformer_config(tiny))
+        text_encoder = Qwen3Model(Qwen3Config(**text_encoder_config(tiny, len(tokenizer))))
+        vae = AutoencoderKL.from_config(vae_config(tiny))
 
     shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
     for name, module in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae)):
@@ -156,7 +158,7 @@ def build_random_model(
         vae_settings = vae_config(tiny)
         native = tiny.native_size
     generator = torch.Generator(device).manual_seed(seed)
-    with torch.device(device):
+    with building(), torch.device(device):
         transformer = ZImageTransformer2DModel.from_config(transformer_settings).to(dtype)
         text_encoder = Qwen3Model(Qwen3Config(**te_settings)).to(dtype)
         vae = AutoencoderKL.from_config(vae_settings).to(dtype)

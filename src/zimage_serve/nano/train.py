@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTran
 from transformers import Qwen3Config, Qwen3Model
 
 from zimage_serve.engine import configs
+from zimage_serve.engine.construction import building
 from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.schedule import TURBO_SCHEDULER_CONFIG
 from zimage_serve.errors import ZImageError
@@ -182,7 +183,8 @@ class Trainer:
     def vae(self) -> AutoencoderKL:
         path = self.work / "vae.pt"
         torch.manual_seed(self.recipe.seed)
-        vae = AutoencoderKL.from_config(vae_config())
+        with building():
+            vae = AutoencoderKL.from_config(vae_config())
         if path.exists():
             vae.load_state_dict(torch.load(path, weights_only=True))
             return vae.eval()
@@ -241,8 +243,9 @@ class Trainer:
     ) -> tuple[ZImageTransformer2DModel, Qwen3Model]:
         r = self.recipe
         torch.manual_seed(r.seed + 3)
-        transformer = ZImageTransformer2DModel.from_config(transformer_config(r))
-        text_encoder = Qwen3Model(Qwen3Config(**text_encoder_config(r, len(tokenizer))))
+        with building():
+            transformer = ZImageTransformer2DModel.from_config(transformer_config(r))
+            text_encoder = Qwen3Model(Qwen3Config(**text_encoder_config(r, len(tokenizer))))
         params = list(transformer.parameters()) + list(text_encoder.parameters())
         optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=0.01, betas=(0.9, 0.99))
         ema = [p.detach().clone() for p in params]
