@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -54,14 +54,15 @@ def free_port() -> int:
 
 
 @dataclass
-class Server:
-    process: subprocess.Popen[bytes]
+class Listening:
+    """A server answering on a loopback port: a process (`Server`) or a thread of this one
+    (`tests.support.threaded.threaded_server`)."""
+
     port: int
     data_dir: Path
-    log: Path
     headers: dict[str, str] = field(default_factory=dict)  # sent with every request (a token, say)
 
-    def as_token(self, token: str | None) -> Server:
+    def as_token(self, token: str | None) -> Self:
         """This server, called with `token` (None: with no credential)."""
         return replace(self, headers={"Authorization": f"Bearer {token}"} if token else {})
 
@@ -118,6 +119,14 @@ class Server:
         return status, json.loads(content) if content else None
 
 
+@dataclass
+class Server(Listening):
+    """A `zimage serve` process, with the log of what it printed."""
+
+    process: subprocess.Popen[bytes] = field(kw_only=True)
+    log: Path = field(kw_only=True)
+
+
 @contextmanager
 def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     port = free_port()
@@ -137,7 +146,7 @@ def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None
     ]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Server(process, port, data_dir, log)
+    server = Server(port, data_dir, process=process, log=log)
     try:
         deadline = time.monotonic() + 90
         while True:

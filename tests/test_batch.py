@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.server import Server, running_server
+from tests.server import Listening
+from tests.support.jobs import wait_until
+from tests.support.threaded import threaded_server
 
 COLOURS = ("red", "blue", "green", "yellow", "white")
 SHAPES = ("circle", "square", "triangle")
@@ -96,7 +98,7 @@ def test_a_batch_here_stopped_with_sigint_resumes_to_18_images_and_20_rows(tmp_p
 
 
 def test_the_same_batch_on_a_server_with_concurrency_2(tmp_path: Path) -> None:
-    with running_server(tmp_path / "data") as server:
+    with threaded_server(tmp_path / "data") as server:
         interrupted_then_resumed(tmp_path, "--server", server.url, "--concurrency", "2")
         jobs = server.json("GET", "/history")[1]
         done = [j for j in jobs.values() if j["status"]["status_str"] == "success"]
@@ -107,12 +109,12 @@ def test_the_same_batch_on_a_server_with_concurrency_2(tmp_path: Path) -> None:
 
 # -- edge cases, on a server (the batch command then loads no engine) -----------------------------------
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("batch") / "data") as server:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listening]:
+    with threaded_server(tmp_path_factory.mktemp("batch") / "data") as server:
         yield server
 
 
-def run_jsonl(tmp_path: Path, server: Server, rows: list[Any], *args: str) -> subprocess.CompletedProcess[str]:
+def run_jsonl(tmp_path: Path, server: Listening, rows: list[Any], *args: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return zimage_batch(
@@ -120,7 +122,7 @@ def run_jsonl(tmp_path: Path, server: Server, rows: list[Any], *args: str) -> su
     )
 
 
-def test_jsonl_rows_explicit_params_patterns_and_bad_lines(tmp_path: Path, served: Server) -> None:
+def test_jsonl_rows_explicit_params_patterns_and_bad_lines(tmp_path: Path, served: Listening) -> None:
     rows = [
         {"prompt": "a red circle", "seed": 1, "sku": "A1", "category": "shoes"},
         {"prompt": "a blue square", "params": {"stepz": 3}, "sku": "A2", "category": "shoes"},
@@ -148,7 +150,7 @@ def test_jsonl_rows_explicit_params_patterns_and_bad_lines(tmp_path: Path, serve
     }
 
 
-def test_a_file_already_there_is_never_replaced(tmp_path: Path, served: Server) -> None:
+def test_a_file_already_there_is_never_replaced(tmp_path: Path, served: Listening) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "0001.png").write_bytes(b"someone else's file")
     result = run_jsonl(tmp_path, served, [{"prompt": "a red circle"}, {"prompt": "a blue circle"}])
@@ -159,7 +161,7 @@ def test_a_file_already_there_is_never_replaced(tmp_path: Path, served: Server) 
     assert (tmp_path / "out" / "0001.png").read_bytes() == b"someone else's file"
 
 
-def test_a_run_cut_after_a_rows_manifest_line_finishes_its_file_next_time(tmp_path: Path, served: Server) -> None:
+def test_a_run_cut_after_a_rows_manifest_line_finishes_its_file_next_time(tmp_path: Path, served: Listening) -> None:
     out = tmp_path / "out"
     assert run_jsonl(tmp_path, served, [{"prompt": "a red circle"}]).returncode == 0
     # As if the process died between the manifest line and the link: the part file is all that is there.
@@ -173,7 +175,7 @@ def test_a_run_cut_after_a_rows_manifest_line_finishes_its_file_next_time(tmp_pa
     assert third.returncode == 0 and "1 done (1 images)" in third.stderr and (out / "0001.png").is_file()
 
 
-def test_wrong_options_are_refused_before_any_row_runs(tmp_path: Path, served: Server) -> None:
+def test_wrong_options_are_refused_before_any_row_runs(tmp_path: Path, served: Listening) -> None:
     unknown = run_jsonl(tmp_path, served, [{"prompt": "x"}], "--set", "stepz=3")
     assert unknown.returncode == 1 and "--set: 'stepz' is not a parameter of zimage-nano" in unknown.stderr
     shape = run_jsonl(tmp_path, served, [{"prompt": "x"}], "--set", "steps")
@@ -189,17 +191,17 @@ def test_wrong_options_are_refused_before_any_row_runs(tmp_path: Path, served: S
         assert "Traceback" not in result.stderr
 
 
-def test_a_size_the_nano_model_never_saw_is_warned_about(tmp_path: Path, served: Server) -> None:
+def test_a_size_the_nano_model_never_saw_is_warned_about(
+    tmp_path: Path, served: Listening, caplog: pytest.LogCaptureFixture
+) -> None:
     result = run_jsonl(tmp_path, served, [{"prompt": "a red circle", "width": 256, "steps": 1}])
     assert result.returncode == 0
     assert "warning: zimage-nano was trained at 128×128 only; at 256×128 it draws a pattern" in result.stderr
-    deadline = time.monotonic() + 30
-    while "trained at 128×128 only" not in served.log.read_text():  # the server's log says it too
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # The server's log says it too.
+    wait_until(lambda: any("trained at 128×128 only" in record.getMessage() for record in caplog.records), 30)
 
 
-def test_a_batch_on_a_server_never_imports_torch(tmp_path: Path, served: Server) -> None:
+def test_a_batch_on_a_server_never_imports_torch(tmp_path: Path, served: Listening) -> None:
     rows = tmp_path / "rows.csv"
     rows.write_text("prompt\na red circle\n", encoding="utf-8")
     code = (

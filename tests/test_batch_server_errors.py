@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import free_port, running_server
+from tests.server import free_port
+from tests.support.threaded import threaded_server
 from tests.support.tokens import make_tokens
 from zimage_serve.client import AsyncClient, AuthenticationError, ServerUnavailable
 
@@ -51,7 +52,7 @@ def test_a_server_nobody_answers_for_is_one_line_at_once(tmp_path: Path) -> None
 def test_a_refused_token_says_to_pass_one(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server:
+    with threaded_server(data, auth="on") as server:
         missing, _ = zimage_batch(tmp_path / "a", server.url)
         wrong, _ = zimage_batch(tmp_path / "b", server.url, token=tokens["bad"])
         right, _ = zimage_batch(tmp_path / "c", server.url, token=tokens["user"])

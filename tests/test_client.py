@@ -17,8 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.loras import lora_pairs, write_diffusers
-from tests.server import Server, free_port, running_server
+from tests.server import Listening, free_port
 from tests.support.jobs import small_job
+from tests.support.threaded import threaded_server
 from tests.support.tokens import make_tokens
 from tests.workflows import img2img_workflow
 from zimage_serve.client import (
@@ -37,18 +38,18 @@ from zimage_serve.nano.default import default_model
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listening]:
     root = tmp_path_factory.mktemp("client")
     models = root / "models"
     (models / "loras").mkdir(parents=True)
     [weights] = (default_model() / "transformer").glob("*.safetensors")
     write_diffusers(lora_pairs(load_file(weights), scale=0.2), models / "loras" / "style.safetensors")
     (models / "loras" / "broken.safetensors").write_bytes(b"not a safetensors file at all")
-    with running_server(root / "data", "--models", str(models)) as server:
+    with threaded_server(root / "data", models=[models]) as server:
         yield server
 
 
-def test_generate_gives_images_files_and_progress_in_order(served: Server) -> None:
+def test_generate_gives_images_files_and_progress_in_order(served: Listening) -> None:
     events: list[Progress] = []
     with Client(served.url) as client:
         result = client.generate(
@@ -63,7 +64,7 @@ def test_generate_gives_images_files_and_progress_in_order(served: Server) -> No
     assert history["prompt"][2]["3"]["inputs"]["seed"] == 5  # the values reached the graph the server ran
 
 
-def test_the_async_client_runs_jobs_concurrently(served: Server) -> None:
+def test_the_async_client_runs_jobs_concurrently(served: Listening) -> None:
     """Four generate calls on one client are all in the server's queue at once (the first one is slow)."""
     most_queued = 0
 
@@ -86,7 +87,7 @@ def test_the_async_client_runs_jobs_concurrently(served: Server) -> None:
     assert len(set(names)) == 4 and most_queued == 4
 
 
-def test_without_a_websocket_the_client_polls(served: Server) -> None:
+def test_without_a_websocket_the_client_polls(served: Listening) -> None:
     async def main() -> Any:
         async with AsyncClient(served.url, websocket=False, poll_interval=0.05) as client:
             return await client.generate("zimage-nano", seed=8, steps=2)
@@ -95,7 +96,7 @@ def test_without_a_websocket_the_client_polls(served: Server) -> None:
     assert len(result.data) == 1 and Image.open(io.BytesIO(result.data[0])).size == (128, 128)
 
 
-def test_a_refused_graph_raises_with_comfyuis_node_errors(served: Server) -> None:
+def test_a_refused_graph_raises_with_comfyuis_node_errors(served: Listening) -> None:
     job = small_job("client-bad")
     job["3"]["inputs"]["steps"] = 0
     with Client(served.url) as client, pytest.raises(PromptError) as caught:
@@ -106,14 +107,14 @@ def test_a_refused_graph_raises_with_comfyuis_node_errors(served: Server) -> Non
     assert "node 3 (KSampler)" in str(caught.value)
 
 
-def test_a_failure_while_running_raises_with_the_node(served: Server) -> None:
+def test_a_failure_while_running_raises_with_the_node(served: Listening) -> None:
     with Client(served.url) as client, pytest.raises(ExecutionError) as caught:
         client.generate("zimage-nano", lora_name="broken.safetensors", steps=1)
     assert caught.value.node_id == "40" and caught.value.node_type == "LoraLoaderModelOnly"
     assert "broken.safetensors" in str(caught.value)
 
 
-def test_a_lora_through_the_template_changes_the_image_and_strength_0_does_not(served: Server) -> None:
+def test_a_lora_through_the_template_changes_the_image_and_strength_0_does_not(served: Listening) -> None:
     with Client(served.url) as client:
         plain = client.generate("zimage-nano", seed=3, steps=4).images[0].tobytes()
         styled = client.generate("zimage-nano", seed=3, steps=4, lora_name="style.safetensors").images[0].tobytes()
@@ -121,7 +122,7 @@ def test_a_lora_through_the_template_changes_the_image_and_strength_0_does_not(s
     assert styled != plain and off.images[0].tobytes() == plain
 
 
-def test_parameter_errors_are_raised_before_anything_is_sent(served: Server) -> None:
+def test_parameter_errors_are_raised_before_anything_is_sent(served: Listening) -> None:
     before = len(served.json("GET", "/history")[1])
     with Client(served.url) as client:
         with pytest.raises(TemplateParameterError) as caught:
@@ -132,7 +133,7 @@ def test_parameter_errors_are_raised_before_anything_is_sent(served: Server) -> 
     assert len(served.json("GET", "/history")[1]) == before
 
 
-def test_an_image_parameter_is_uploaded_and_used(served: Server) -> None:
+def test_an_image_parameter_is_uploaded_and_used(served: Listening) -> None:
     template = {"name": "repaint", "workflow": img2img_workflow()}
     assert served.json("POST", "/api/zimage/templates", template)[0] == 201
     start = Image.new("RGB", (128, 128), "yellow")
@@ -145,7 +146,7 @@ def test_an_image_parameter_is_uploaded_and_used(served: Server) -> None:
     assert result.images[0].tobytes() == again.images[0].tobytes()
 
 
-def test_deleting_a_waiting_prompt_ends_its_wait(served: Server) -> None:
+def test_deleting_a_waiting_prompt_ends_its_wait(served: Listening) -> None:
     async def main() -> None:
         async with AsyncClient(served.url) as client:
             running = await client.submit(small_job("client-slow", size=512, steps=40))
@@ -163,7 +164,7 @@ def test_deleting_a_waiting_prompt_ends_its_wait(served: Server) -> None:
 def test_tokens_are_sent_and_a_missing_one_is_an_authentication_error(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server:
+    with threaded_server(data, auth="on") as server:
         with Client(server.url, tokens["user"]) as client:
             result = client.generate("zimage-nano", steps=1)
         assert result.files[0].subfolder == ""  # the user's own space: names are relative to it
@@ -228,7 +229,7 @@ def test_importing_the_client_loads_no_heavy_library() -> None:
     assert found.stdout.strip() == "[]", found.stdout
 
 
-def test_waiting_on_a_prompt_another_client_queued(served: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_waiting_on_a_prompt_another_client_queued(served: Listening, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its events go to the other client's socket: the quiet check finds it in the history."""
     monkeypatch.setattr("zimage_serve.client.aio.QUIET_CHECK", 0.3)
     status, answer = served.json("POST", "/prompt", {"prompt": small_job("client-other", steps=2), "client_id": "else"})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server import running_server
+from tests.support.threaded import threaded_server
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "client.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
@@ -20,7 +20,7 @@ def test_the_page_has_examples() -> None:
 
 
 def test_every_example_runs(tmp_path: Path) -> None:
-    with running_server(tmp_path / "data") as server:
+    with threaded_server(tmp_path / "data") as server:
         for index, block in enumerate(BLOCKS):
             code = block.replace("http://127.0.0.1:8188", server.url)
             ran = subprocess.run(

@@ -13,19 +13,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import Server, free_port, running_server
+from tests.server import Listening, free_port
+from tests.support.threaded import threaded_server
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # `zimage` beside this python
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("examples") / "data") as server:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listening]:
+    with threaded_server(tmp_path_factory.mktemp("examples") / "data") as server:
         yield server
 
 
-def test_product_images_from_a_catalogue(tmp_path: Path, served: Server) -> None:
+def test_product_images_from_a_catalogue(tmp_path: Path, served: Listening) -> None:
     env = {**os.environ, "PATH": PATH, "TEMPLATE": "zimage-nano", "SERVER": served.url, "OUT": str(tmp_path)}
     script = EXAMPLES / "product_images" / "run.sh"
     result = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, timeout=300)
@@ -51,7 +52,7 @@ def test_product_images_from_a_catalogue(tmp_path: Path, served: Server) -> None
     assert again.returncode == 0 and "6 of 6 rows finished earlier are skipped" in again.stderr
 
 
-def test_a_daily_cover_is_made_once_per_date(tmp_path: Path, served: Server) -> None:
+def test_a_daily_cover_is_made_once_per_date(tmp_path: Path, served: Listening) -> None:
     command = [
         sys.executable,
         str(EXAMPLES / "daily_cover" / "cover.py"),
@@ -84,7 +85,7 @@ def test_a_daily_cover_is_made_once_per_date(tmp_path: Path, served: Server) -> 
     assert "Traceback" not in unreachable.stderr
 
 
-def test_a_staff_request_form_back_end(tmp_path: Path, served: Server) -> None:
+def test_a_staff_request_form_back_end(tmp_path: Path, served: Listening) -> None:
     port = free_port()
     env = {**os.environ, "ZIMAGE_URL": served.url, "TEMPLATE": "zimage-nano", "REQUESTS_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning"]

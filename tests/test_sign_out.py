@@ -11,8 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.browser import browser_page
-from tests.server import running_server
 from tests.support.app import serving
+from tests.support.threaded import threaded_server
 from tests.support.tokens import make_tokens
 from zimage_serve.server.gate import SESSION_COOKIE
 
@@ -67,7 +67,7 @@ def test_only_a_browser_session_gets_a_sign_out_button(tmp_path: Path) -> None:
 def test_the_pages_sign_out_button_and_labels_on_one_line(tmp_path: Path, locale: str) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server, browser_page(locale) as watched:
+    with threaded_server(data, auth="on") as server, browser_page(locale) as watched:
         page = watched.page
         page.goto(server.url + "/simple", wait_until="networkidle")
         page.fill("#token", tokens["user"])

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.browser import browser_page
-from tests.server import running_server
+from tests.support.threaded import threaded_server
 from zimage_serve import workflows
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_export import TITLE_PX, bounds, to_ui
@@ -46,7 +46,7 @@ def test_each_template_carries_a_readable_view_of_its_top_left(template: templat
 
 
 def test_a_template_opens_readable_in_the_frontend(tmp_path: Path) -> None:
-    with running_server(tmp_path / "data") as server, browser_page() as watched:
+    with threaded_server(tmp_path / "data") as server, browser_page() as watched:
         page = watched.page
         page.goto(server.url + "/", wait_until="networkidle", timeout=90_000)
         dialog = page.get_by_role("dialog")  # a first visit opens the template browser by itself

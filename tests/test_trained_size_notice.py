@@ -11,8 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.browser import browser_page
-from tests.server import running_server
 from tests.support.app import serving
+from tests.support.threaded import threaded_server
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_the_simple_pages_models_say_what_they_were_trained_at(client: TestClien
 
 
 def test_the_simple_page_shows_a_notice_beside_an_untrained_size(tmp_path: Path) -> None:
-    with running_server(tmp_path / "data") as server, browser_page() as watched:
+    with threaded_server(tmp_path / "data") as server, browser_page() as watched:
         page = watched.page
         page.goto(server.url + "/simple", wait_until="networkidle")
         page.wait_for_function("() => document.querySelector('#size').options.length > 0")

@@ -12,7 +12,8 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.browser import browser_page
-from tests.server import Server, running_server
+from tests.server import Listening
+from tests.support.threaded import threaded_server
 from tests.support.tokens import make_tokens
 
 # Files the frontend asks for on every start and does without (ComfyUI answers 404 for them too).
@@ -20,7 +21,7 @@ TOLERATED_404 = ("/api/userdata/comfy.templates.json", "/api/userdata/workflows%
 OUR_NODES = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "KSampler", "EmptySD3LatentImage", "SaveImage"}
 
 
-def open_frontend(server: Server, page: Any) -> None:
+def open_frontend(server: Listening, page: Any) -> None:
     page.goto(server.url + "/", wait_until="networkidle", timeout=90_000)
     page.wait_for_function("() => Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 10")
     page.wait_for_timeout(1500)  # the idle-time fetches (system stats, templates, models)
@@ -39,7 +40,7 @@ def error_dialogs(page: Any) -> list[str]:
 
 def test_the_frontend_loads_cleanly_and_lists_our_nodes(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with running_server(data) as server, browser_page() as watched:
+    with threaded_server(data) as server, browser_page() as watched:
         page = watched.page
         open_frontend(server, page)  # a first visit: the frontend stores its new user's settings
         watched.screenshot("frontend-first-visit")
@@ -68,7 +69,7 @@ def test_the_frontend_loads_cleanly_and_lists_our_nodes(tmp_path: Path) -> None:
 def test_the_sign_in_page_sets_a_session_cookie_and_refuses_a_bad_token(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server, browser_page() as watched:
+    with threaded_server(data, auth="on") as server, browser_page() as watched:
         page = watched.page
         page.goto(server.url + "/", wait_until="networkidle")
         assert page.url.startswith(server.url + "/login")
@@ -106,7 +107,7 @@ def test_the_sign_in_page_sets_a_session_cookie_and_refuses_a_bad_token(tmp_path
 def test_pages_send_a_browser_without_a_credential_to_sign_in(tmp_path: Path, path: str) -> None:
     data = tmp_path / "data"
     make_tokens(data)
-    with running_server(data, "--auth", "on") as server:
+    with threaded_server(data, auth="on") as server:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         connection.request("GET", path)
         answer = connection.getresponse()
@@ -124,7 +125,7 @@ def test_pages_send_a_browser_without_a_credential_to_sign_in(tmp_path: Path, pa
 
 
 def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(tmp_path: Path) -> None:
-    with running_server(tmp_path / "data") as server, browser_page() as watched:
+    with threaded_server(tmp_path / "data") as server, browser_page() as watched:
         page = watched.page
         open_frontend(server, page)  # a first visit opens the template browser by itself
         dialog = page.get_by_role("dialog")
@@ -154,7 +155,7 @@ def test_the_simple_page_generates_with_progress_and_lists_its_images(
 ) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on") as server, browser_page(locale) as watched:
+    with threaded_server(data, auth="on") as server, browser_page(locale) as watched:
         page = watched.page
         page.goto(server.url + "/simple", wait_until="networkidle")
         page.fill("#token", tokens["user"])  # sent to sign in first, then back to the page
@@ -199,7 +200,7 @@ def test_the_simple_page_generates_with_progress_and_lists_its_images(
 
 def test_a_workflow_saved_through_the_ui_is_there_after_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    with running_server(data) as server, browser_page() as watched:
+    with threaded_server(data) as server, browser_page() as watched:
         page = watched.page
         open_frontend(server, page)
         page.get_by_role("dialog").get_by_text("zimage-nano: shapes in a second").click()
@@ -210,7 +211,7 @@ def test_a_workflow_saved_through_the_ui_is_there_after_a_restart(tmp_path: Path
         name.press("Enter")
         page.wait_for_function("() => !document.querySelector('[role=dialog] input')")
     assert (data / "userdata" / "default" / "workflows" / "kept nano.json").is_file()
-    with running_server(data) as server, browser_page() as watched:
+    with threaded_server(data) as server, browser_page() as watched:
         page = watched.page
         open_frontend(server, page)
         page.evaluate("() => { window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.workflows') }")
