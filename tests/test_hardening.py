@@ -42,6 +42,7 @@ from tests.support.jobs import (
 )
 from tests.support.process import socket_server
 from tests.support.queues import enqueue
+from tests.support.threaded import threaded_server
 from tests.support.watch import no_server_errors
 from tests.workflows import nano_prompt
 from zimage_serve import strict_json
@@ -482,7 +483,7 @@ def test_queue_pages_are_read_from_the_store_a_page_at_a_time_with_10000_waiting
 
 def test_a_client_that_leaves_the_openai_route_cancels_its_prompt(tmp_path: Path) -> None:
     """A real socket closed by the client while its images are drawn (uvicorn tells the route)."""
-    with socket_server(tmp_path / "data") as server:
+    with threaded_server(tmp_path / "data") as server:
         body = json.dumps({"prompt": "a red circle", "size": "1024x1024", "n": 4}).encode()
         head = "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         client = socket.create_connection(("127.0.0.1", server.port))

@@ -41,7 +41,9 @@ def threaded_server(
         security=SecuritySettings(auth=auth, **(security or {})),
         **settings,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", proxy_headers=False))
+    # log_config=None: uvicorn's records (an exception a route let out) reach the root logger, and caplog.
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", proxy_headers=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="zimage-test-server")
     thread.start()
     try:
