@@ -19,6 +19,7 @@ from zimage_serve.templates import Template, TemplateError, TemplateLibrary, Tem
 from zimage_serve.templates.builtin import builtin, builtin_names
 from zimage_serve.templates.infer import infer_parameters
 from zimage_serve.templates.source import template_from
+from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_export import to_ui
 from zimage_serve.workflow.ui_format import to_api
@@ -292,6 +293,25 @@ def test_templates_behind_the_api_add_versions_and_queue_by_name(tmp_path: Path)
         assert server.json("POST", "/api/zimage/templates/nope/prompt", {})[0] == 404
         assert server.json("POST", "/api/zimage/templates/shapes/prompt", {"params": []})[0] == 400
         assert server.json("POST", "/api/zimage/templates/shapes/prompt", {"version": 0})[0] == 400
+
+
+def test_a_ui_workflow_whose_subgraphs_multiply_is_refused_naming_the_node_limit(tmp_path: Path) -> None:
+    """Ten levels of subgraphs, each holding four instances of the next: 2.6 KB that flattened to a million
+    nodes, for a minute, on the event loop."""
+    leaf = {"id": 1, "type": "EmptySD3LatentImage", "widgets_values": [64, 64, 1], "inputs": []}
+    subgraphs = [
+        {"id": f"s{i}", "nodes": [{"id": j, "type": f"s{i + 1}"} for j in range(4)], "links": []} for i in range(10)
+    ]
+    bomb = {
+        "nodes": [{"id": 1, "type": "s0"}],
+        "links": [],
+        "definitions": {"subgraphs": [*subgraphs, {"id": "s10", "nodes": [leaf], "links": []}]},
+    }
+    with serving(tmp_path / "data", preload=False, limits=Limits(nodes=300)) as server:
+        status, refused = server.json("POST", "/api/zimage/templates", {"name": "bomb", "workflow": bomb})
+        assert status == 400 and refused["error"]["type"] == "invalid_template", refused
+        assert "1,048,576 nodes in a graph is more than the 300 this server allows (--max-nodes)" in str(refused)
+        assert server.json("GET", "/api/zimage/templates/bomb")[0] == 404
 
 
 def test_each_user_adds_and_sees_their_own_templates(tmp_path: Path) -> None:

@@ -74,9 +74,13 @@ async def add_template(request: Request) -> Response:
     name = document.pop("name", None)
     if not isinstance(name, str):
         return plain_error(400, "name: give the template a name")
-    library, user = runtime(request).templates, caller(request).space
+    rt, who = runtime(request), caller(request)
+    library, user, limits = rt.templates, who.space, who.limits or rt.settings.limits
     try:
-        template = template_from(document, name, to_api=lambda data: to_api(data, NODES))
+        # Off the loop: a UI-format workflow is counted, then flattened, and a large one takes a while.
+        template = await asyncio.to_thread(
+            template_from, document, name, to_api=lambda data: to_api(data, NODES, limits)
+        )
         unknown = sorted({node["class_type"] for node in template.workflow.values()} - set(NODES))
         if unknown:
             raise TemplateError(f"workflow: this server has no node {', '.join(unknown)}")

@@ -4,6 +4,10 @@ Does what the frontend's `graphToPrompt` does before it queues: positional `widg
 inputs (skipping the extra control value after seed-like widgets), links become `[source id, slot]`,
 subgraphs are flattened with `<instance>:<inner>` ids, muted nodes (mode 2) are dropped, bypassed nodes
 (mode 4) are routed around, and virtual nodes (Reroute, PrimitiveNode, notes) are resolved away.
+
+Subgraphs multiply: a definition holding four instances of the next, nested ten deep, is a few kilobytes
+that flatten to a million nodes. So the nodes a workflow flattens to are counted from its definitions
+first (each definition once), and a workflow over the node limit is refused before any node is built.
 """
 
 from __future__ import annotations
@@ -13,15 +17,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_serve.errors import ZImageError
+from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.spec import Combo, Int, Link, Node
 
 MODE_NEVER, MODE_BYPASS = 2, 4
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20
+MAX_SUBGRAPH_DEPTH = 16  # subgraphs within subgraphs; ComfyUI's own templates nest two deep
 
 
 class WorkflowFormatError(ZImageError):
     """A workflow file that is neither API nor UI format, or a UI file that is malformed."""
+
+
+class WorkflowTooLarge(WorkflowFormatError):
+    """A UI-format workflow that would flatten to more nodes, or nest subgraphs deeper, than allowed."""
 
 
 def is_api_format(data: Any) -> bool:
@@ -34,8 +44,9 @@ def is_ui_format(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list)
 
 
-def to_api(data: Any, nodes: Mapping[str, type[Node]]) -> dict[str, Any]:
-    """An API-format prompt from either format (API format is returned as is)."""
+def to_api(data: Any, nodes: Mapping[str, type[Node]], limits: Limits | None = None) -> dict[str, Any]:
+    """An API-format prompt from either format (API format is returned as is). A UI-format workflow that
+    would flatten to more than `limits.nodes` nodes is refused before it is flattened."""
     if is_api_format(data):
         return dict(data)
     if not is_ui_format(data):
@@ -44,7 +55,12 @@ def to_api(data: Any, nodes: Mapping[str, type[Node]]) -> dict[str, Any]:
             "UI-format workflow (with a nodes list)"
         )
     try:
-        return _Converter(data, nodes).convert()
+        converter = _Converter(data, nodes)
+        flattened = converter.count()
+        allowed = limits or Limits()
+        if flattened > allowed.nodes:
+            raise WorkflowTooLarge(f"the workflow flattens to {allowed.refusal('nodes', flattened)}")
+        return converter.convert()
     except WorkflowFormatError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
@@ -76,6 +92,33 @@ class _Converter:
         # (subgraph instance flat id, output slot) → the inner (flat id, slot) that produces it
         self.instance_outputs: dict[tuple[str, int], tuple[str, int] | None] = {}
 
+    # -- counting --------------------------------------------------------------------------------------
+    def count(self) -> int:
+        """The nodes flattening would make (subgraph instances replaced by their contents), from each
+        definition's count worked out once: milliseconds however far the instances multiply."""
+        counts: dict[str, int] = {}
+
+        def nodes_in(graph: dict[str, Any], depth: int, inside: tuple[str, ...]) -> int:
+            if depth > MAX_SUBGRAPH_DEPTH:
+                raise WorkflowTooLarge(f"subgraphs are nested more than {MAX_SUBGRAPH_DEPTH} deep")
+            nodes = graph.get("nodes")
+            if not isinstance(nodes, list):
+                raise WorkflowFormatError("a graph's 'nodes' must be a list")
+            total = 0
+            for raw in nodes:
+                kind = str(raw.get("type")) if isinstance(raw, dict) else None
+                if kind not in self.subgraphs:
+                    total += 1
+                    continue
+                if kind in inside:
+                    raise WorkflowFormatError(f"subgraph {kind} contains itself")
+                if kind not in counts:
+                    counts[kind] = nodes_in(self.subgraphs[kind], depth + 1, (*inside, kind))
+                total += counts[kind]
+            return total
+
+        return nodes_in(self.workflow, 0, ())
+
     # -- flattening ------------------------------------------------------------------------------------
     def convert(self) -> dict[str, Any]:
         self._add_graph(self.workflow, prefix="", outside=None, depth=0)
@@ -94,8 +137,8 @@ class _Converter:
         depth: int,
     ) -> None:
         """Add one graph's nodes; `outside` maps a subgraph input name to what feeds it from outside."""
-        if depth > 32:
-            raise WorkflowFormatError("subgraphs nested more than 32 deep (a subgraph that contains itself?)")
+        if depth > MAX_SUBGRAPH_DEPTH:  # counted before: a guard for callers that did not count
+            raise WorkflowTooLarge(f"subgraphs are nested more than {MAX_SUBGRAPH_DEPTH} deep")
         nodes = graph.get("nodes")
         if not isinstance(nodes, list):
             raise WorkflowFormatError("a graph's 'nodes' must be a list")
