@@ -22,6 +22,7 @@ class RedisServer:
     folder: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)  # more redis-server options (--requirepass ...)
 
     @property
     def url(self) -> str:
@@ -31,11 +32,12 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         command = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no", *self.extra,
         ]  # fmt: skip
         log = (self.folder / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        password = self.extra[self.extra.index("--requirepass") + 1] if "--requirepass" in self.extra else None
+        client = redis.Redis(port=self.port, password=password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -97,5 +97,5 @@ def worker(
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    console_err.print(f"zimage worker: queue {choice.url} (data: {data})", highlight=False)
+    console_err.print(f"zimage worker: queue {choice.shown} (data: {data})", highlight=False)
     raise typer.Exit(run(worker_config, stopping))

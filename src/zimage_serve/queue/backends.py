@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from zimage_serve.config import ConfigError
 from zimage_serve.queue.contract import JobQueue
+from zimage_serve.redact import redacted
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -22,6 +23,11 @@ class QueueChoice:
     kind: str  # "sqlite" or "redis"
     url: str  # for Redis: the URL without our own `prefix` parameter
     prefix: str = ""
+
+    @property
+    def shown(self) -> str:
+        """The URL as printed and logged: its password, if it has one, hidden."""
+        return redacted(self.url)
 
     @property
     def shared(self) -> bool:
@@ -34,7 +40,9 @@ def choose(url: str | None) -> QueueChoice:
         return QueueChoice("sqlite", "")
     parts = urlsplit(url)
     if parts.scheme not in REDIS_SCHEMES:
-        raise ConfigError(f"{url!r} is not a queue this server can use: give redis://HOST:PORT/DB or sqlite", "--queue")
+        raise ConfigError(
+            f"{redacted(url)!r} is not a queue this server can use: give redis://HOST:PORT/DB or sqlite", "--queue"
+        )
     options = parse_qs(parts.query)
     prefix = options.pop("prefix", ["zimage:"])[0]
     if not prefix or len(prefix) > 64 or any(c.isspace() for c in prefix):

@@ -26,6 +26,7 @@ from zimage_serve.queue.cluster import ClusterBus
 from zimage_serve.queue.jobs import LEASE_S, QueueUnavailable
 from zimage_serve.queue.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged, Wake
 from zimage_serve.queue.redis_queue import DEFAULT_PREFIX, RedisQueue
+from zimage_serve.redact import redacted
 from zimage_serve.workflow.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def run(config: ClusterWorkerConfig, stopping: Stopping) -> int:
     listening = threading.Event()
     listener = bus.listen(bus.control, heard, listening)
     worker.start()
-    log.warning("worker %s takes jobs from %s (device %s)", worker.id, store.url, executor.placing.device)
+    log.warning("worker %s takes jobs from %s (device %s)", worker.id, redacted(store.url), executor.placing.device)
     stopping.wait()
     clean = worker.stop(config.shutdown_grace_s)
     listening.set()

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from zimage_serve import strict_json
+from zimage_serve.errors import ZImageError
 from zimage_serve.queue import redis_scripts
 from zimage_serve.queue.jobs import (
     FINISHED,
@@ -52,9 +56,14 @@ T = TypeVar("T")
 
 def connect(url: str) -> redis.Redis:
     """A client for `url` whose calls fail within seconds, not minutes, while Redis is down, and that
-    reconnects by itself once it is back (one quick retry covers a connection that went stale)."""
+    reconnects by itself once it is back (one quick retry covers a connection that went stale).
+
+    A URL without a password takes it from ZIMAGE_REDIS_PASSWORD, or from the file ZIMAGE_REDIS_PASSWORD_FILE
+    names (a systemd credential, a Kubernetes secret): that way it is in no command line and no log."""
+    password = None if urlsplit(url).password else configured_password()
     return redis.Redis.from_url(
         url,
+        **({"password": password} if password else {}),
         decode_responses=True,
         protocol=2,
         socket_connect_timeout=2,
@@ -63,6 +72,17 @@ def connect(url: str) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
         retry_on_error=[redis.ConnectionError],
     )
+
+
+def configured_password() -> str | None:
+    if password := os.environ.get("ZIMAGE_REDIS_PASSWORD"):
+        return password
+    if name := os.environ.get("ZIMAGE_REDIS_PASSWORD_FILE"):
+        try:
+            return Path(name).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ZImageError(f"ZIMAGE_REDIS_PASSWORD_FILE: cannot read {name}: {exc}") from None
+    return None
 
 
 class RedisQueue:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from zimage_serve import __version__
+from zimage_serve.redact import redacted
 from zimage_serve.server.gate import caller
 from zimage_serve.server.routes_frontend import frontend_version
 from zimage_serve.server.routes_queue import runtime
@@ -93,7 +94,8 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
             "embedded_python": False,
             # This server has none of ComfyUI's API (cloud) nodes: the flag that says so also keeps the
             # frontend from calling api.comfy.org (release notes, pricing), which an offline server cannot reach.
-            "argv": [*sys.argv, "--disable-api-nodes"],
+            # The command line is the operator's (paths, addresses): admins see it, with passwords hidden.
+            "argv": [*([redacted(arg) for arg in sys.argv] if admin else ["zimage"]), "--disable-api-nodes"],
             "ram_total": _memory("SC_PHYS_PAGES"),
             "ram_free": _memory("SC_AVPHYS_PAGES"),
         },
