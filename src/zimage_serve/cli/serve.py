@@ -100,8 +100,9 @@ def serve(
     auth: Annotated[
         str | None,
         typer.Option(
-            help="Token authentication: on, off, or auto (on unless the server binds to loopback only) "
-            "[default: auto]; tokens: `zimage tokens create`"
+            help="Token authentication: on, off, or auto (on unless the server binds to loopback only with no "
+            "--trusted-proxy; a request with forwarding headers needs a token even then) [default: auto]; tokens: "
+            "`zimage tokens create`"
         ),
     ] = None,
     allow_ip: Annotated[
@@ -232,9 +233,10 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
         if option.startswith("--"):
             raise typer.BadParameter(reason, param_hint=option) from exc
         raise
+    security = app.app.state.runtime.security
     console_err.print(
         f"zimage-serve on http://{config.listen}:{config.port}  (data: {settings.data_dir}; "
-        f"authentication {'on' if app.app.state.runtime.security.auth else 'off'})",
+        f"authentication {'on' if security.auth else 'off'}: {security.auth_reason})",
         highlight=False,
     )
     server = uvicorn.Server(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AUTH_MODES = ("auto", "on", "off")
+# Headers a reverse proxy adds: a request carrying one came through a proxy, from some other machine.
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip")
 AUDIT_PROMPTS = ("text", "hash")
 
 
@@ -33,7 +36,7 @@ class SecuritySettingError(ZImageError):
 
 @dataclass(frozen=True)
 class SecuritySettings:
-    auth: str = "auto"  # auto: on unless the server binds to loopback only
+    auth: str = "auto"  # auto: on unless the server binds to loopback only with no proxy in front
     allow_ip: tuple[str, ...] = ()
     trusted_proxy: tuple[str, ...] = ()
     allow_origin: tuple[str, ...] = ()
@@ -53,8 +56,16 @@ class SecuritySettings:
             raise SecuritySettingError(f"--public-url: {self.public_url!r} must start with http:// or https://")
 
 
-def auth_enabled(mode: str, listen: str) -> bool:
-    return mode == "on" or (mode == "auto" and not is_loopback_bind(listen))
+def auth_decision(mode: str, listen: str, trusted_proxy: tuple[str, ...]) -> tuple[bool, str]:
+    """Whether authentication is on, and why, as the start-up line says it. `auto` is off only where every
+    client is on this machine: a loopback bind with no proxy in front (a proxy serves other machines)."""
+    if mode != "auto":
+        return mode == "on", f"--auth {mode}"
+    if trusted_proxy:
+        return True, "--auth auto, and requests come through a proxy (--trusted-proxy)"
+    if not is_loopback_bind(listen):
+        return True, f"--auth auto, and the server listens on {listen}, beyond this machine"
+    return False, "--auth auto, and the server listens on loopback only"
 
 
 @dataclass
@@ -72,10 +83,11 @@ class Security:
     audit: AuditLog = field(init=False)
     blocklist: Blocklist | None = field(init=False)
     auth: bool = field(init=False)
+    auth_reason: str = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.auth = auth_enabled(s.auth, self.listen)
+        self.auth, self.auth_reason = auth_decision(s.auth, self.listen, s.trusted_proxy)
         self.network = NetworkPolicy.build(s.allow_ip, s.trusted_proxy, s.allow_origin, self.listen)
         self.blocklist = Blocklist(list(s.blocklist)) if s.blocklist else None
         self.tokens = TokenStore(self.data_dir / "auth.sqlite3")
@@ -84,12 +96,25 @@ class Security:
         self._limits: dict[tuple[str, int | None, int | None], Limits] = {}
         self._task: asyncio.Task[None] | None = None
 
+    def needs_credential(self, headers: Mapping[str, str]) -> bool:
+        """Whether this request must carry a token. With `--auth auto` off on loopback, a request that came
+        through a proxy nobody declared (it has forwarding headers) still does: it is from another machine."""
+        if self.auth:
+            return True
+        return self.settings.auth == "auto" and any(name in headers for name in FORWARDING_HEADERS)
+
     def announce(self) -> None:
         """Say at start-up what a network operator must know."""
         if not self.auth and not is_loopback_bind(self.listen):
             log.warning(
                 "authentication is off and the server listens on %s: anyone who can reach the port can use it",
                 self.listen,
+            )
+        elif not self.auth and self.settings.trusted_proxy:
+            log.warning(
+                "authentication is off behind a proxy (--trusted-proxy %s): everyone the proxy serves can use the "
+                "server as its admin",
+                ", ".join(self.settings.trusted_proxy),
             )
         if self.auth and self.tokens.empty():
             log.warning(

@@ -95,7 +95,7 @@ class Gate:
             return
         token: Token | None = None
         open_route = (method in ("GET", "HEAD") and path in HEALTH) or path in SIGN_IN
-        if security.auth and not open_route:
+        if not open_route and security.needs_credential(headers):
             credential = _credential(scope, headers, kind == "websocket" or path in QUERY_TOKEN_PATHS)
             session = _cookie(headers, SESSION_COOKIE) if credential is None else None
             if session is not None:

@@ -51,7 +51,7 @@ def _session(request: Request) -> Token | None:
     The gate lets /login through without a credential, so the page looks the cookie up itself."""
     security = runtime(request).security
     secret = request.cookies.get(SESSION_COOKIE)
-    token = security.tokens.session(secret) if security.auth and secret else None
+    token = security.tokens.session(secret) if secret and security.needs_credential(request.headers) else None
     return token if token is not None and token.active else None
 
 
@@ -110,6 +110,8 @@ async def session(request: Request) -> dict[str, Any]:
     only then (the cookie is HttpOnly, so their scripts cannot see it themselves)."""
     identity = caller(request)
     signed_in = bool(
-        runtime(request).security.auth and request.cookies.get(SESSION_COOKIE) and caller_token(request) is not None
+        runtime(request).security.needs_credential(request.headers)
+        and request.cookies.get(SESSION_COOKIE)
+        and caller_token(request) is not None
     )
     return {"user": identity.user, "role": identity.role, "signed_in": signed_in}
