@@ -4,6 +4,9 @@ the password can be given where no command line shows it."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -98,3 +101,29 @@ def test_the_redis_password_can_come_from_the_environment_or_a_file(
     monkeypatch.setenv("ZIMAGE_REDIS_PASSWORD_FILE", str(tmp_path / "missing"))
     with pytest.raises(ZImageError, match="ZIMAGE_REDIS_PASSWORD_FILE: cannot read"):
         RedisQueue(url, prefix="missing:")
+
+
+def test_tokens_queue_and_audit_files_are_readable_by_the_server_user_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    previous = os.umask(0o022)  # a usual umask: files 0644 and folders 0755 unless made otherwise
+    try:
+        make_tokens(data)
+        with serving(data, auth="on", preload=False) as server:
+            server.request("GET", "/queue")  # an audited request
+        created = {
+            path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+            for path in [data, *data.glob("*.sqlite3*"), data / "audit", *(data / "audit").iterdir()]
+        }
+    finally:
+        os.umask(previous)
+    assert created["data"] == 0o700 and created["data/audit"] == 0o700
+    assert {name: mode for name, mode in created.items() if mode != 0o600} == {"data": 0o700, "data/audit": 0o700}
+    assert {"data/auth.sqlite3", "data/queue.sqlite3"} <= created.keys()  # -wal, -shm: gone once closed
+    # A file an operator left open to everyone (restored from a backup, say) is narrowed, and said so.
+    (data / "queue.sqlite3").chmod(0o644)
+    with caplog.at_level(logging.WARNING), serving(data, auth="on", preload=False):
+        pass
+    assert stat.S_IMODE((data / "queue.sqlite3").stat().st_mode) == 0o600
+    assert "queue.sqlite3 was readable by other users (mode 644): it is 0600 now" in caplog.text

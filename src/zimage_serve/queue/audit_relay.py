@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from zimage_serve.private import private_file
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.store import AUDIT_TABLES
 
@@ -28,8 +29,7 @@ BATCH = 500
 
 def audit_file(path: Path) -> Path:
     """A file holding only the audit log's head and outbox (for a node whose queue is not a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path))
+    db = sqlite3.connect(str(private_file(path)))
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(AUDIT_TABLES)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve import strict_json
+from zimage_serve.private import private_file
 from zimage_serve.queue.jobs import (
     FINISHED,
     HISTORY_LIMIT,
@@ -193,8 +194,7 @@ class JobStore:
     def __init__(self, path: Path, max_pending: int = 10000, clock: Callable[[], float] = time.time) -> None:
         """`clock`: the time of submissions, starts, ends and leases (seconds since the epoch); tests pass
         their own, to move time on without sleeping."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.max_pending, self.clock = path, max_pending, clock
+        self.path, self.max_pending, self.clock = private_file(path), max_pending, clock
         self._lock = threading.Lock()
         self._number_lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)

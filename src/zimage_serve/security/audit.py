@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zimage_serve.private import private_folder
+
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
@@ -115,7 +117,7 @@ class AuditLog:
 
     def __init__(self, folder: Path, queue_file: Path, rotate_bytes: int = ROTATE_BYTES) -> None:
         self.folder, self.rotate_bytes = folder, rotate_bytes
-        folder.mkdir(parents=True, exist_ok=True)
+        private_folder(folder)
         self._db = sqlite3.connect(str(queue_file), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA busy_timeout=10000")  # the tables are the store's (queue/store.py)
         # As the store's own connection: a commit survives a killed process without waiting for the disk

@@ -23,6 +23,7 @@ from typing import Any
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import ROLES, USER, valid_name
+from zimage_serve.private import private_file
 
 PREFIX = "zis_"
 REFRESH_S = 0.2  # how stale the server's copy may get: revocation takes effect within this (and a request)
@@ -90,8 +91,7 @@ def hash_token(token: str) -> str:
 
 class TokenStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path = private_file(path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
