@@ -22,8 +22,8 @@ def enqueue(
 class Clock:
     """A queue's clock for lease tests: starts at this machine's time, moves by `advance` alone."""
 
-    def __init__(self) -> None:
-        self.now = time.time()
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
 
     def __call__(self) -> float:
         return self.now

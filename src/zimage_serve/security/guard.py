@@ -17,6 +17,7 @@ from zimage_serve.security.audit import ROTATE_BYTES, AuditLog
 from zimage_serve.security.blocklist import Blocklist
 from zimage_serve.security.network import NetworkPolicy, is_loopback_bind
 from zimage_serve.security.rate import RateLimiter
+from zimage_serve.security.refusals import RefusalTally
 from zimage_serve.security.tokens import REFRESH_S, TOUCH_S, Token, TokenStore
 from zimage_serve.workflow.limits import Limits
 
@@ -93,6 +94,7 @@ class Security:
         self.tokens = TokenStore(self.data_dir / "auth.sqlite3")
         self.rate = RateLimiter()
         self.audit = AuditLog(self.audit_folder or self.data_dir / "audit", self.queue_file, s.audit_rotate_bytes)
+        self.refusals = RefusalTally(self.audit.add)
         self._limits: dict[tuple[str, int | None, int | None], Limits] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -151,6 +153,7 @@ class Security:
         """Close the sockets of tokens revoked elsewhere, and write tokens' last use now and then."""
         while True:
             await asyncio.sleep(REFRESH_S)
+            self.refusals.flush_due()
             try:
                 for name in await asyncio.to_thread(self.tokens.take_revoked):
                     log.info("token %s was revoked: closing its connections", name)
@@ -167,6 +170,7 @@ class Security:
             self._task = None
 
     def stop(self) -> None:
+        self.refusals.flush()
         self.audit.stop()
         with contextlib.suppress(Exception):
             self.tokens.close()

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.security.audit import iso
 from zimage_serve.security.guard import Security
+from zimage_serve.security.refusals import cut
 from zimage_serve.security.tokens import Token
 
 IDENTITY = "zimage.identity"
@@ -76,7 +77,10 @@ class Gate:
         base = {"address": address, "method": method, "route": path, "started": started}
 
         async def refuse(status: int, reason: str, message: str, user: str = "", **extra: str) -> None:
-            security.audit.add(_record(base, user, status, "refused", {"reason": reason}))
+            if user:
+                security.audit.add(_record(base, user, status, "refused", {"reason": reason}))
+            else:  # nobody identified: counted per address and minute (security/refusals.py)
+                security.refusals.note(address, reason, status, method, path)
             await _refuse(scope, receive, send, status, reason, message, extra)
 
         if not security.network.allowed(address):
@@ -176,7 +180,7 @@ def _record(base: dict[str, Any], user: str, status: int, outcome: str, fields: 
         "user": user,
         "address": base["address"],
         "method": base["method"],
-        "route": base["route"],
+        "route": cut(base["route"], 1000),
         "status": status,
         "outcome": outcome,
         "duration_ms": round((time.monotonic() - base["started"]) * 1000, 3),
