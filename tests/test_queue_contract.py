@@ -328,3 +328,19 @@ def test_owners_share_the_workers_fairly_and_keep_their_own_priorities(connect: 
     following = store.finish("local", "success", {}, claim_next=True, worker="w:2:x")
     assert following is not None and following.id == "a-front"
     assert [j.id for j in store.pending()] == ["a1", "a2", "a3"]
+
+
+def test_front_and_numbers_never_jump_another_owners_earlier_job(connect: Connect) -> None:
+    """A stream of `front` jobs (or client-chosen low numbers) from one user kept another user's earlier job
+    waiting: between owners, the earlier submission goes first when both run as many jobs."""
+    store = connect()
+    store.enqueue_many([Job("a-running", 0, {}, {}, [], owner="alice"), Job("b-running", 1, {}, {}, [], owner="bob")])
+    claimed = [store.claim("w:1:x"), store.claim("w:2:x")]
+    assert {job.id for job in claimed if job} == {"a-running", "b-running"}
+    store.enqueue_many([Job("b-waiting", 5, {}, {}, [], owner="bob")])
+    for turn in range(3):
+        store.enqueue_many([Job(f"a-front{turn}", -1_000_000 - turn, {}, {}, [], owner="alice")])
+    store.finish("a-running", "success", {})
+    store.finish("b-running", "success", {})
+    assert (first := store.claim("w:1:x")) is not None and first.id == "b-waiting"
+    assert (second := store.claim("w:2:x")) is not None and second.id == "a-front2"  # alice's own order holds

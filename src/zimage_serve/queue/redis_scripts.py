@@ -62,20 +62,20 @@ local function where(state)
   return 'history'
 end
 
--- Fair share: the next job is the first waiting job of the owner with the fewest jobs running (ties: the
--- owner whose first job comes first by number, then submission). One owner: plain queue order.
+-- Fair share: the next job is the first waiting job (by its number) of the owner with the fewest jobs
+-- running; ties go to the owner whose that job was submitted first. A number or `front` orders only the
+-- owner's own jobs: it never jumps another owner's. One owner: plain queue order.
 local function next_member()
-  local best, best_running, best_score = nil, nil, nil
+  local best, best_running = nil, nil
   for _, owner in ipairs(redis.call('SMEMBERS', P .. 'waiting')) do
     local head = redis.call('ZRANGE', owned(owner, 'pending'), 0, 0, 'WITHSCORES')
     if #head == 0 then
       redis.call('SREM', P .. 'waiting', owner)
     else
       local running = redis.call('ZCARD', owned(owner, 'running'))
-      local score = tonumber(head[2])
-      if best == nil or running < best_running or (running == best_running and
-          (score < best_score or (score == best_score and head[1] < best))) then
-        best, best_running, best_score = head[1], running, score
+      -- members begin with the zero-padded submission sequence: comparing them compares submissions
+      if best == nil or running < best_running or (running == best_running and head[1] < best) then
+        best, best_running = head[1], running
       end
     end
   end

@@ -582,8 +582,9 @@ class JobStore:
 
     def _next_pending(self) -> sqlite3.Row | None:
         """Within a write transaction: the next job by fair share. With no owners (authentication off) that
-        is the queue's order, from one index entry. With owners, the first waiting job of the owner with
-        the fewest jobs running, ties to the owner whose first job comes first; each owner is found by
+        is the queue's order, from one index entry. With owners, the first waiting job (by its number) of
+        the owner with the fewest jobs running, ties to the owner whose that job was submitted first: a
+        number or `front` orders only the owner's own jobs, never another's; each owner is found by
         one seek in the per-owner index; the local operator's jobs (from before authentication was on, say)
         count as one more owner's."""
         head: sqlite3.Row | None = self._execute(NEXT_PENDING).fetchone()
@@ -603,8 +604,8 @@ class JobStore:
             first = self._execute(OWNERS_FIRST, (owner,)).fetchone()
             if first is not None and first[1] != head[1]:
                 candidates.append(first)
-        # row[12] is the owner, row[2] the number, row[0] the sequence (JOBS_COLUMNS' order)
-        return min(candidates, key=lambda row: (running.get(row[12], 0), row[2], row[0]))
+        # row[12] is the owner, row[0] the submission sequence (JOBS_COLUMNS' order)
+        return min(candidates, key=lambda row: (running.get(row[12], 0), row[0]))
 
     def _claim_next(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
         """Within a write transaction: the next pending job, now marked running and leased to `worker`."""
