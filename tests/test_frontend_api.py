@@ -156,3 +156,15 @@ def test_with_authentication_each_user_has_their_own_settings_and_workflows(tmp_
         assert alice.json("GET", "/api/userdata?dir=workflows")[1] == ["mine.json"]
         assert (data / "userdata" / "alice" / "workflows" / "mine.json").is_file()
         assert server.request("GET", "/api/settings")[0] == 401
+
+
+def test_userdata_is_downloaded_unless_it_is_a_raster_image(tmp_path: Path) -> None:
+    """A user's .html or .svg shown inline would run as this server's page for whoever opens the link."""
+    with serving(tmp_path / "data", preload=False) as server:
+        png = b"\x89PNG\r\n\x1a\n"  # the signature is enough: the server serves bytes, it does not decode them
+        for name, body in (("page.html", b"<script>alert(1)</script>"), ("pic.svg", b"<svg/>"), ("a.png", png)):
+            assert server.request("POST", f"/api/userdata/{name}", raw=body)[0] == 200
+        for name, disposition in (("page.html", "attachment"), ("pic.svg", "attachment"), ("a.png", "inline")):
+            status, headers, _ = server.request("GET", f"/api/userdata/{name}")
+            assert status == 200 and headers["content-disposition"].startswith(disposition), (name, headers)
+            assert headers["x-content-type-options"] == "nosniff"

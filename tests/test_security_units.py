@@ -109,7 +109,11 @@ def test_the_network_policy() -> None:
     assert policy.client("::1", "2001:db8::5, 127.0.0.1") == "2001:db8::5"
     assert policy.client("192.0.2.9", "10.1.1.1") == "192.0.2.9"  # not a trusted proxy
     assert policy.cross_site("localhost:8188", "http://localhost:8188", None) is None
-    assert policy.cross_site("localhost:8188", "http://localhost", None) is None  # ports only when both given
+    # An Origin without a port is its scheme's default port: a page on http://localhost is port 80's.
+    assert policy.cross_site("localhost:8188", "http://localhost", None) is not None
+    assert policy.cross_site("localhost", "http://localhost", None) is None  # a Host without one: the default
+    assert policy.cross_site("images.example:443", "https://images.example", None) is None
+    assert policy.cross_site("images.example:80", "https://images.example", None) is not None
     assert policy.cross_site("[::1]:8188", "http://[::1]:8188", None) is None
     assert policy.cross_site("localhost:8188", "http://localhost:9999", None) is not None
     assert policy.cross_site("localhost:8188", "https://app.example", None) is None

@@ -59,6 +59,9 @@ def is_loopback_bind(listen: str) -> bool:
     return listen.lower() in LOOPBACK_NAMES if address is None else address.is_loopback
 
 
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
 def split_host(host: str) -> tuple[str, str | None]:
     """A Host (or an origin's netloc) as (name, port): IPv6 brackets removed, the name lower-cased."""
     host = host.strip().lower()
@@ -129,8 +132,9 @@ class NetworkPolicy:
             if host is None:
                 return "Origin without a Host"
             origin_name, origin_port = split_host(parts.netloc)
+            origin_port = origin_port or DEFAULT_PORTS.get(parts.scheme.lower())  # http://host is port 80
             host_name, host_port = split_host(host)
-            if origin_name != host_name or (origin_port and host_port and origin_port != host_port):
+            if origin_name != host_name or (host_port is not None and origin_port != host_port):
                 return f"Origin {origin[:100]!r} is another site than this server ({host[:100]!r})"
             return None
         if origin == "null":

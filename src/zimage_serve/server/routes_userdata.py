@@ -214,6 +214,9 @@ def _saved(request: Request, root: Path, path: str) -> JSONResponse:
     return JSONResponse(_relative(root, path))
 
 
+RASTER_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
+
+
 @router.get("/userdata/{file:path}")
 async def get_userdata(request: Request, file: str) -> Response:
     path = _file(request, user_root(request))
@@ -223,7 +226,15 @@ async def get_userdata(request: Request, file: str) -> Response:
         if _segments(request) == ["user.css"]:  # index.html links it for all: none written is an empty one
             return Response(b"", media_type="text/css", headers={"Cache-Control": "no-cache"})
         return plain_error(404, "file not found")
-    return FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+    # Served from the server's own origin: a user's .html or .svg shown inline would run as this site's page
+    # for whoever opens the link. Only raster images are shown; everything else is a download.
+    inline = Path(path).suffix.lower() in RASTER_SUFFIXES
+    return FileResponse(
+        path,
+        filename=Path(path).name,
+        content_disposition_type="inline" if inline else "attachment",
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 @router.post("/userdata/{file:path}")
