@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import Identity
@@ -20,9 +19,6 @@ from zimage_serve.security.rate import RateLimiter
 from zimage_serve.security.refusals import RefusalTally
 from zimage_serve.security.tokens import REFRESH_S, TOUCH_S, Token, TokenStore
 from zimage_serve.workflow.limits import Limits
-
-if TYPE_CHECKING:
-    from zimage_serve.server.hub import Hub
 
 log = logging.getLogger(__name__)
 AUTH_MODES = ("auto", "on", "off")
@@ -144,20 +140,21 @@ class Security:
         return Identity(token.name, token.role, address, limits)
 
     # -- lifetime ------------------------------------------------------------------------------------
-    def start(self, hub: Hub | None = None) -> None:
+    def start(self, on_revoked: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """Start the audit log's writer; with `on_revoked`, call it for each token revoked (here, by another
+        node, or on the command line) within about a second."""
         self.audit.start()
-        if hub is not None:
-            self._task = asyncio.get_running_loop().create_task(self._maintain(hub))
+        if on_revoked is not None:
+            self._task = asyncio.get_running_loop().create_task(self._maintain(on_revoked))
 
-    async def _maintain(self, hub: Hub) -> None:
-        """Close the sockets of tokens revoked elsewhere, and write tokens' last use now and then."""
+    async def _maintain(self, on_revoked: Callable[[str], Awaitable[None]]) -> None:
+        """Act on tokens revoked elsewhere, and write tokens' last use now and then."""
         while True:
             await asyncio.sleep(REFRESH_S)
             self.refusals.flush_due()
             try:
                 for name in await asyncio.to_thread(self.tokens.take_revoked):
-                    log.info("token %s was revoked: closing its connections", name)
-                    await hub.close_user(name)
+                    await on_revoked(name)
                 await asyncio.to_thread(self.tokens.flush_use, TOUCH_S)
             except Exception:  # keep maintaining; the next turn tries again
                 log.exception("token maintenance failed")

@@ -151,6 +151,7 @@ class TokenStore:
             known = any(t.name == name for t in self.tokens())
             raise TokenError(f"NAME: {name!r} is {'revoked already' if known else 'not a token'}")
         self.refresh(force=True)
+        self._revoked.discard(name)  # revoked here: the caller acts on it (take_revoked is for the others')
         return next(t for t in self.tokens() if t.name == name)
 
     def tokens(self) -> list[Token]:

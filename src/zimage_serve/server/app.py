@@ -266,7 +266,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.hub.bind(asyncio.get_running_loop())
         runtime.start()
-        runtime.security.start(runtime.hub)
+        runtime.security.start(runtime.revoked)
         try:
             yield
         finally:

@@ -77,7 +77,7 @@ async def revoke_token(request: Request, name: str) -> Response:
         record = await asyncio.to_thread(rt.security.tokens.revoke, name)
     except TokenError as exc:
         return comfy_error("not_found", "No such token", str(exc).removeprefix("NAME: "), 404)
-    await rt.hub.close_user(name)
+    await rt.revoked(name)
     audit_note(request, token_name=name)
     return JSONResponse(record.public())
 

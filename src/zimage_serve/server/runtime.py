@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from zimage_serve.config import ConfigError
 from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.identity import USER, Identity
 from zimage_serve.image_safety import use_bomb_limit
 from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
 from zimage_serve.queue import backends
@@ -24,7 +26,7 @@ from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
-from zimage_serve.security.audit import log_place
+from zimage_serve.security.audit import iso, log_place
 from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
@@ -223,6 +225,31 @@ class Runtime:
             self.audit_relay.start()
         if self.settings.metrics_port is not None:
             serve_on(self.settings.metrics_port, self.metrics)
+
+    async def revoked(self, name: str) -> None:
+        """A token was revoked (here, by another node, or on the command line): its sockets are closed, its
+        waiting jobs deleted and its running ones interrupted, as the audit log records."""
+        await self.hub.close_user(name)
+        owner = Identity(name, role=USER)
+        deleted = await asyncio.to_thread(self.service.delete_pending, None, owner)
+        interrupted = await asyncio.to_thread(self.service.interrupt, None, owner)
+        if not deleted and not interrupted:
+            return
+        log.warning(
+            "token %s was revoked: %d waiting job(s) deleted%s",
+            name,
+            deleted,
+            ", its running ones interrupted" if interrupted else "",
+        )
+        self.security.audit.add(
+            {
+                "time": iso(time.time()),
+                "kind": "revocation",
+                "user": name,
+                "deleted": deleted,
+                "interrupted": interrupted,
+            }
+        )
 
     def stop(self) -> None:
         if not self._started or self._stopped:
