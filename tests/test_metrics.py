@@ -7,6 +7,7 @@ what it did with one before."""
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,5 +137,10 @@ def test_with_authentication_on_metrics_are_for_admins(tmp_path: Path) -> None:
         assert device["zimage_host"] and device["zimage_running"] == []
         [worker] = server.as_token(tokens["user"]).json("GET", "/api/zimage/workers")[1]["workers"]
         assert set(worker) == {"id", "state", "heartbeat_age_s"}
-        [worker] = server.as_token(tokens["admin"]).json("GET", "/api/zimage/workers")[1]["workers"]
-        assert {"host", "device", "running"} <= set(worker)
+        [full] = server.as_token(tokens["admin"]).json("GET", "/api/zimage/workers")[1]["workers"]
+        assert {"host", "device", "running"} <= set(full)
+        # A worker's id is host:process:random; users see neither the host nor the process.
+        assert full["id"].startswith(socket.gethostname() + ":") and worker["id"] == "worker-" + full["id"][-8:]
+        assert device["zimage_worker"] == full["id"]  # the admin's /system_stats
+        [device] = server.as_token(tokens["user"]).json("GET", "/system_stats")[1]["devices"]
+        assert device["zimage_worker"] == worker["id"]

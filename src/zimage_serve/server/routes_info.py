@@ -105,8 +105,9 @@ async def get_system_stats(request: Request) -> dict[str, Any]:
 
 def _device_of(worker: dict[str, Any], admin: bool) -> dict[str, Any]:
     device = dict(worker["device"]) if isinstance(worker.get("device"), dict) else {}
+    worker_name = str(worker.get("id", ""))
     device.update(
-        zimage_worker=worker.get("id", ""),
+        zimage_worker=worker_name if admin else shown_worker(worker_name),
         zimage_state=worker.get("state", ""),
         zimage_heartbeat_age_s=worker.get("heartbeat_age_s", 0.0),
     )
@@ -123,8 +124,20 @@ async def get_workers(request: Request) -> dict[str, Any]:
     rt = runtime(request)
     workers = await asyncio.to_thread(rt.workers)
     if not caller(request).admin:
-        workers = [{k: w.get(k) for k in ("id", "state", "heartbeat_age_s")} for w in workers]
+        workers = [
+            {
+                "id": shown_worker(str(w.get("id", ""))),
+                "state": w.get("state"),
+                "heartbeat_age_s": w.get("heartbeat_age_s"),
+            }
+            for w in workers
+        ]
     return {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": workers}
+
+
+def shown_worker(worker: str) -> str:
+    """A worker's id as users see it: its ids are host:process:random, and the hosts are the operator's."""
+    return "worker-" + worker.rsplit(":", 1)[-1] if worker else ""
 
 
 @functools.cache
