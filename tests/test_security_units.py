@@ -8,6 +8,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +21,7 @@ from zimage_serve.queue.store import JobStore
 from zimage_serve.security import tokens as token_module
 from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
 from zimage_serve.security.rate import RateLimiter
-from zimage_serve.security.tokens import TokenError, TokenStore
+from zimage_serve.security.tokens import SESSIONS_PER_TOKEN, TokenError, TokenStore
 from zimage_serve.workflow.limits import Limits
 
 
@@ -236,3 +237,22 @@ def test_the_rate_limiter_slides() -> None:
     assert [limiter.take("a", 2, now=t) for t in (0.0, 1.0, 2.0)] == [0, 0, 58]
     assert limiter.take("a", 2, now=60.5) == 0  # the first left the window
     assert limiter.take("b", 2, now=2.0) == 0 and limiter.recent("a", now=60.9) == 2
+
+
+def test_a_tokens_sign_in_sessions_are_bounded_oldest_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,500 sign-ins from one token each kept a month-long session; now the oldest beyond the bound end."""
+    clock = SimpleNamespace(now=1_000_000.0)
+    monkeypatch.setattr(token_module, "time", SimpleNamespace(time=lambda: clock.now, monotonic=time.monotonic))
+    store = TokenStore(tmp_path / "auth.sqlite3")
+    token, _ = store.create("erin")
+    other, _ = store.create("frank")
+    secrets = []
+    for _ in range(SESSIONS_PER_TOKEN + 5):
+        clock.now += 1
+        opened = store.open_session(token)
+        assert opened is not None
+        secrets.append(opened[0])
+    kept = store.open_session(other)
+    assert kept is not None
+    assert [store.session(s) is not None for s in secrets] == [False] * 5 + [True] * SESSIONS_PER_TOKEN
+    assert store.session(kept[0]) is not None  # another token's sessions are its own

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 SESSION_PREFIX = "zss_"
 SESSION_S = 30 * 24 * 3600  # a browser's sign-in lasts a month, or until it signs out or the token goes
+SESSIONS_PER_TOKEN = 20  # signing in again past this ends the token's oldest session
 LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
 
 
@@ -221,6 +222,11 @@ class TokenStore:
             self._db.execute(
                 "INSERT INTO sessions (hash, token_hash, created, expires) VALUES (?, ?, ?, ?)",
                 (hash_token(secret), hash_token(token), now, now + SESSION_S),
+            )
+            self._db.execute(  # one token's sessions are bounded: the oldest beyond the bound end
+                "DELETE FROM sessions WHERE token_hash = ? AND hash NOT IN "
+                "(SELECT hash FROM sessions WHERE token_hash = ? ORDER BY created DESC LIMIT ?)",
+                (hash_token(token), hash_token(token), SESSIONS_PER_TOKEN),
             )
         self.refresh(force=True)
         return secret, record
