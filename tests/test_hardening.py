@@ -40,7 +40,6 @@ from tests.support.jobs import (
     upload,
     wait_until,
 )
-from tests.support.process import socket_server
 from tests.support.queues import enqueue
 from tests.support.threaded import threaded_server
 from tests.support.watch import no_server_errors
@@ -178,7 +177,7 @@ def test_an_infinite_number_stored_by_an_older_version_cannot_stop_the_server(
 
 def test_a_row_the_worker_cannot_read_is_quarantined_not_crash_looped_on(tmp_path: Path) -> None:
     """The worker process reads the row: it must not die of it and be started again, over and over."""
-    with socket_server(tmp_path / "data") as server:
+    with running_server(tmp_path / "data") as server:
         db = sqlite3.connect(tmp_path / "data" / "queue.sqlite3")
         db.execute(
             "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
@@ -195,7 +194,7 @@ def test_a_row_the_worker_cannot_read_is_quarantined_not_crash_looped_on(tmp_pat
 
 
 def test_a_job_that_kills_the_worker_twice_is_failed_with_the_reason(tmp_path: Path) -> None:
-    with socket_server(tmp_path / "data") as server:
+    with running_server(tmp_path / "data") as server:
         victim = submit(server, small_job("victim", size=512, steps=200))
         for _ in range(2):
             wait_until(lambda: running_ids(server) == [victim])
@@ -413,7 +412,7 @@ def test_a_job_rerun_after_a_crash_writes_each_file_once(tmp_path: Path) -> None
     data = tmp_path / "data"
     output = data / "output"
     for attempt in (1, 2):
-        with socket_server(data) as server:
+        with running_server(data) as server:
             job = submit(server, two_outputs())
             wait_until(lambda n=attempt: len(pngs(output, "first")) == n)
             [worker] = worker_processes(server.process.pid)

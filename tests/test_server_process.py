@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import uuid
 from pathlib import Path
 
+from websockets.sync.client import connect
+
 from tests.server import process_state, running_server, worker_processes
-from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
+from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 
@@ -92,3 +96,31 @@ def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model
     # Killed while importing torch, instead of told to stop once it had loaded its model.
     assert process is not None and process.exitcode == -signal.SIGKILL
     assert store.count("running") == 0 and store.count("pending") == 0
+
+
+def test_the_worker_process_reports_its_node_sends_events_and_takes_interrupts_and_free(tmp_path: Path) -> None:
+    """Over the pipe to a real worker process: no socket is connected when the prompt starts, so the child
+    sends no events; the one that connects mid-run is told the node the child runs (asked over the pipe)
+    and gets the events from then on; an interrupt and a free reach the child."""
+    with running_server(tmp_path / "data") as server:
+        warm = submit(server, small_job("warm"))  # loads the models and encodes the prompt: cached from now on
+        wait_until(lambda: warm in history(server))
+        client_id = uuid.uuid4().hex
+        prompt_id = submit(server, slow_job("late"), client_id=client_id)
+        wait_until(lambda: prompt_id in running_ids(server))
+        with connect(f"{server.ws_url}?clientId={client_id}") as socket:
+            messages = [json.loads(socket.recv(timeout=60))]
+            assert messages[0]["type"] == "status"
+            while not {"progress", "executing"} <= {m["type"] for m in messages}:  # in either order
+                messages.append(json.loads(socket.recv(timeout=60)))
+            nodes = [m["data"]["node"] for m in messages if m["type"] == "executing"]
+            assert nodes[:1] == ["3"]  # the warm run cached everything before the sampler
+            assert all(m["data"]["prompt_id"] == prompt_id for m in messages if m["type"] == "progress")
+            assert server.request("POST", "/interrupt", {"prompt_id": prompt_id})[0] == 200
+            while not (messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None):
+                messages.append(json.loads(socket.recv(timeout=60)))
+            assert "execution_interrupted" in [m["type"] for m in messages]
+        assert server.request("POST", "/free", {"unload_models": True, "free_memory": True})[0] == 200
+        after = submit(server, small_job("after"))  # the models load again in the child
+        wait_until(lambda: after in history(server))
+        assert history(server)[after]["status"]["status_str"] == "success"
