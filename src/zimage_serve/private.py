@@ -31,11 +31,13 @@ def private_file(path: Path) -> Path:
     for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         try:
             mode = stat.S_IMODE(part.stat().st_mode)
-            if mode & 0o077:
-                part.chmod(FILE_MODE)
-                log.warning("%s was readable by other users (mode %o): it is 0600 now", part, mode)
         except FileNotFoundError:
             continue
+        if not mode & 0o077:
+            continue
+        try:
+            part.chmod(FILE_MODE)
+            log.warning("%s was readable by other users (mode %o): it is 0600 now", part, mode)
         except PermissionError:  # another user's file: nothing this process may change
             log.warning("%s is readable by other users (mode %o) and not ours to change", part, mode)
     return path
