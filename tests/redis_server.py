@@ -70,10 +70,11 @@ def redis_available() -> bool:
 
 
 @contextmanager
-def running_redis(folder: Path) -> Iterator[RedisServer]:
+def running_redis(folder: Path, *extra: str) -> Iterator[RedisServer]:
+    """A redis-server in `folder`; `extra` are more of its options (--requirepass ...)."""
     if not redis_available():
         pytest.fail("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
-    server = RedisServer(folder)
+    server = RedisServer(folder, extra=list(extra))
     server.start()
     try:
         yield server

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, running_redis
 from tests.server import free_port
 from tests.support.app import serving
 from tests.support.tokens import make_tokens
@@ -79,12 +79,8 @@ def test_the_worker_prints_its_queue_without_the_password(tmp_path: Path) -> Non
 
 @pytest.fixture
 def guarded_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", extra=["--requirepass", SECRET])
-    server.start()
-    try:
+    with running_redis(tmp_path / "redis", "--requirepass", SECRET) as server:
         yield server
-    finally:
-        server.stop(kill=True)
 
 
 def test_the_redis_password_can_come_from_the_environment_or_a_file(

@@ -13,7 +13,7 @@ from tests.support.app import serving
 from tests.support.cli import run
 from tests.support.jobs import wait_until
 from tests.support.tokens import make_tokens
-from tests.workflows import img2img_workflow
+from tests.workflows import img2img_workflow, nested_subgraphs
 from zimage_serve import workflows
 from zimage_serve.templates import Template, TemplateError, TemplateLibrary, TemplateNotFound, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
@@ -298,15 +298,7 @@ def test_templates_behind_the_api_add_versions_and_queue_by_name(tmp_path: Path)
 def test_a_ui_workflow_whose_subgraphs_multiply_is_refused_naming_the_node_limit(tmp_path: Path) -> None:
     """Ten levels of subgraphs, each holding four instances of the next: 2.6 KB that flattened to a million
     nodes, for a minute, on the event loop."""
-    leaf = {"id": 1, "type": "EmptySD3LatentImage", "widgets_values": [64, 64, 1], "inputs": []}
-    subgraphs = [
-        {"id": f"s{i}", "nodes": [{"id": j, "type": f"s{i + 1}"} for j in range(4)], "links": []} for i in range(10)
-    ]
-    bomb = {
-        "nodes": [{"id": 1, "type": "s0"}],
-        "links": [],
-        "definitions": {"subgraphs": [*subgraphs, {"id": "s10", "nodes": [leaf], "links": []}]},
-    }
+    bomb = nested_subgraphs(10, 4)
     with serving(tmp_path / "data", preload=False, limits=Limits(nodes=300)) as server:
         status, refused = server.json("POST", "/api/zimage/templates", {"name": "bomb", "workflow": bomb})
         assert status == 400 and refused["error"]["type"] == "invalid_template", refused

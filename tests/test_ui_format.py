@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.workflows import SHARED_TEMPLATES, TEMPLATES
+from tests.workflows import SHARED_TEMPLATES, TEMPLATES, nested_subgraphs
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_format import WorkflowFormatError, WorkflowTooLarge, _Converter, is_api_format, to_api
@@ -196,19 +196,9 @@ def test_a_subgraph_that_contains_itself_is_refused() -> None:
         to_api(workflow, NODES)
 
 
-def nested(levels: int, copies: int) -> dict[str, Any]:
-    """Subgraph i holds `copies` instances of subgraph i + 1; the last holds one real node."""
-    subgraphs = [
-        {"id": f"s{i}", "nodes": [node(j, f"s{i + 1}") for j in range(copies)], "links": [], "inputs": []}
-        for i in range(levels)
-    ]
-    subgraphs.append({"id": f"s{levels}", "nodes": [node(1, "EmptySD3LatentImage", [64, 64, 1])], "links": []})
-    return {"nodes": [node(1, "s0")], "links": [], "definitions": {"subgraphs": subgraphs}}
-
-
 def test_subgraphs_that_multiply_are_refused_before_they_are_flattened(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ten levels of four copies: 2.6 KB of JSON that would flatten to 4^10 = 1,048,576 nodes."""
-    bomb = nested(10, 4)
+    bomb = nested_subgraphs(10, 4)
     assert len(json.dumps(bomb)) < 4000
     flattened: list[str] = []
     monkeypatch.setattr(_Converter, "_add_graph", lambda *args, **kwargs: flattened.append("a graph"))
@@ -218,16 +208,16 @@ def test_subgraphs_that_multiply_are_refused_before_they_are_flattened(monkeypat
 
 
 def test_the_node_limit_counts_what_the_subgraphs_flatten_to() -> None:
-    assert len(to_api(nested(4, 3), NODES)) == 81  # 3^4 latent nodes, all within the default 500
+    assert len(to_api(nested_subgraphs(4, 3), NODES)) == 81  # 3^4 latent nodes, all within the default 500
     with pytest.raises(WorkflowTooLarge, match="243 nodes"):
-        to_api(nested(5, 3), NODES, Limits(nodes=242))
-    assert len(to_api(nested(5, 3), NODES, Limits(nodes=243))) == 243
+        to_api(nested_subgraphs(5, 3), NODES, Limits(nodes=242))
+    assert len(to_api(nested_subgraphs(5, 3), NODES, Limits(nodes=243))) == 243
 
 
 def test_subgraphs_nested_too_deep_are_refused() -> None:
-    assert len(to_api(nested(15, 1), NODES)) == 1  # subgraphs s0 ... s15: 16 deep
+    assert len(to_api(nested_subgraphs(15, 1), NODES)) == 1  # subgraphs s0 ... s15: 16 deep
     with pytest.raises(WorkflowTooLarge, match="nested more than 16 deep"):
-        to_api(nested(16, 1), NODES)
+        to_api(nested_subgraphs(16, 1), NODES)
 
 
 JUNK = st.recursive(

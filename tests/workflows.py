@@ -71,3 +71,15 @@ def img2img_workflow() -> dict[str, Any]:
 
 
 # -- rendering -----------------------------------------------------------------------------------------
+
+
+def nested_subgraphs(levels: int, copies: int) -> dict[str, Any]:
+    """A UI-format workflow whose subgraph i holds `copies` instances of subgraph i + 1 (`levels` of them),
+    the last one a single empty latent: it flattens to copies ** levels nodes."""
+    subgraphs: list[dict[str, Any]] = [
+        {"id": f"s{i}", "nodes": [{"id": j, "type": f"s{i + 1}"} for j in range(copies)], "links": []}
+        for i in range(levels)
+    ]
+    leaf = {"id": 1, "type": "EmptySD3LatentImage", "widgets_values": [64, 64, 1], "inputs": []}
+    subgraphs.append({"id": f"s{levels}", "nodes": [leaf], "links": []})
+    return {"nodes": [{"id": 1, "type": "s0"}], "links": [], "definitions": {"subgraphs": subgraphs}}
