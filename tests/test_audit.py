@@ -19,7 +19,8 @@ from tests.support.app import serving
 from tests.support.cli import run
 from tests.support.jobs import done, png, small_job, submit, upload, view_query, wait_until
 from tests.support.tokens import make_tokens
-from zimage_serve.security.audit import audit_files, records, verify
+from zimage_serve.security.audit_files import audit_files
+from zimage_serve.security.audit_verify import records, verify
 
 
 def audited_run(data: Path) -> dict[str, Any]:
@@ -198,11 +199,11 @@ def test_the_log_rotates_by_size_and_the_chain_runs_across_files(tmp_path: Path)
     import asyncio
 
     from zimage_serve.queue.store import JobStore
-    from zimage_serve.security.audit import AuditLog
+    from zimage_serve.security.audit import AuditLog, Retention
 
     queue_file = tmp_path / "queue.sqlite3"
     JobStore(queue_file).close()  # the store owns the queue file's tables, the audit head among them
-    log = AuditLog(tmp_path / "audit", queue_file, rotate_bytes=2000)
+    log = AuditLog(tmp_path / "audit", queue_file, Retention(segment_bytes=2000))
     log.start()
 
     async def write_all() -> None:
@@ -215,7 +216,7 @@ def test_the_log_rotates_by_size_and_the_chain_runs_across_files(tmp_path: Path)
     assert len(files) >= 5 and all(f.stat().st_size < 2000 + 400 for f in files)
     checked, problem = verify(tmp_path / "audit", queue_file)
     assert problem is None and checked == 60
-    again = AuditLog(tmp_path / "audit", queue_file, rotate_bytes=2000)  # a restart chains on
+    again = AuditLog(tmp_path / "audit", queue_file, Retention(segment_bytes=2000))  # a restart chains on
     again.start()
     again.add({"kind": "request", "n": 60})
     again.stop()

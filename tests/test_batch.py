@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.server import Listening
+from tests.support.cli import run
 from tests.support.jobs import wait_until
 from tests.support.threaded import threaded_server
 
@@ -48,7 +49,8 @@ def images(out: Path) -> list[Path]:
     return sorted(out.rglob("*.png"))
 
 
-def interrupted_then_resumed(tmp_path: Path, *server: str) -> None:
+def interrupted_then_resumed(tmp_path: Path, capsys: pytest.CaptureFixture[str], *server: str) -> None:
+    """The first run is a process stopped by SIGINT; the second, which resumes, runs in this process."""
     rows = write_rows(tmp_path / "products.csv")
     out = tmp_path / "out"
     args = [str(rows), "--template", "zimage-nano", "--out", str(out), "--name", "{sku}_{seed}", "--set", "steps=6"]
@@ -70,10 +72,10 @@ def interrupted_then_resumed(tmp_path: Path, *server: str) -> None:
     assert 6 <= len(done_first) < 18, first
     stamps = {f: (out / f).stat().st_ino for r in done_first for f in r["files"]}
 
-    second = zimage_batch(*args, *server, cwd=tmp_path)
-    assert second.returncode == 1, second.stderr  # two rows failed
-    assert f"resuming: {len(done_first)} of 20 rows finished earlier are skipped" in second.stderr
-    assert "Traceback" not in second.stderr
+    code, _, errors = run(["batch", *args, *server], capsys)
+    assert code == 1, errors  # two rows failed
+    assert f"resuming: {len(done_first)} of 20 rows finished earlier are skipped" in errors
+    assert "Traceback" not in errors
 
     records = manifest(out)
     assert [r["row"] for r in records] == list(range(1, 21))
@@ -93,13 +95,15 @@ def interrupted_then_resumed(tmp_path: Path, *server: str) -> None:
     assert {f: (out / f).stat().st_ino for f in stamps} == stamps
 
 
-def test_a_batch_here_stopped_with_sigint_resumes_to_18_images_and_20_rows(tmp_path: Path) -> None:
-    interrupted_then_resumed(tmp_path)
+def test_a_batch_here_stopped_with_sigint_resumes_to_18_images_and_20_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    interrupted_then_resumed(tmp_path, capsys)
 
 
-def test_the_same_batch_on_a_server_with_concurrency_2(tmp_path: Path) -> None:
+def test_the_same_batch_on_a_server_with_concurrency_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with threaded_server(tmp_path / "data") as server:
-        interrupted_then_resumed(tmp_path, "--server", server.url, "--concurrency", "2")
+        interrupted_then_resumed(tmp_path, capsys, "--server", server.url, "--concurrency", "2")
         jobs = server.json("GET", "/history")[1]
         done = [j for j in jobs.values() if j["status"]["status_str"] == "success"]
         assert len(done) >= 18  # rows in flight at the SIGINT may have finished there too, unrecorded here

@@ -13,7 +13,7 @@ import pytest
 from tests.support.app import serving
 from tests.support.jobs import small_job
 from zimage_serve.security import blocklist as blocklist_module
-from zimage_serve.security.audit import records
+from zimage_serve.security.audit_verify import records
 from zimage_serve.security.blocklist import Blocklist, BlocklistError, normalise
 
 RULES = """\
@@ -147,6 +147,8 @@ def test_a_blocked_prompt_is_a_400_naming_the_rule_never_the_word_and_is_audited
     blocked = [r for r in records(data / "audit") if r.get("outcome") == "blocked"]
     assert [r["rule"] for r in blocked] == ["R-BAN", "R-BAN", "R-BAN", "R-NEW"]
     assert all(r["status"] == 400 and r["route"] in ("/prompt", "/v1/images/generations") for r in blocked)
+    # The text that was blocked is on record (for whoever reviews the log), as --audit-prompts says.
+    assert [r["prompt"] for r in blocked][:3] == ["a B.A.N.N.E.D circle", "banned", "ｂａｎｎｅｄ"]
 
 
 def test_the_shipped_example_list_loads() -> None:

@@ -389,11 +389,11 @@ def pngs(folder: Path, prefix: str) -> list[str]:
     return sorted(p.name for p in folder.glob(f"{prefix}_*.png"))
 
 
-def two_outputs() -> dict[str, Any]:
+def two_outputs(seed: int = 0) -> dict[str, Any]:
     """A quick first output, then a slower second one: a kill lands after the first PNG, before the end.
     (Seconds of sampling at 512² leave the kill room enough; the re-run pays for all of them again.)"""
-    graph = small_job("first")
-    slow = small_job("second", size=512, steps=12)
+    graph = small_job("first", seed=seed)
+    slow = small_job("second", size=512, steps=12, seed=seed)
     shared = ("28", "30", "29", "11")
     for node_id, node in slow.items():
         if node_id in shared:
@@ -408,12 +408,13 @@ def two_outputs() -> dict[str, Any]:
 
 def test_a_job_rerun_after_a_crash_writes_each_file_once(tmp_path: Path) -> None:
     """The worker is killed right after the first SaveImage's PNG appears: the re-run removes what the
-    first run wrote and writes it again, so each output has one file (twice, on the same data dir)."""
+    first run wrote and writes it again, so each output has one file (twice: the second job's files are
+    numbered after the first's)."""
     data = tmp_path / "data"
     output = data / "output"
-    for attempt in (1, 2):
-        with running_server(data) as server:
-            job = submit(server, two_outputs())
+    with running_server(data) as server:
+        for attempt in (1, 2):
+            job = submit(server, two_outputs(seed=attempt))  # another seed: nothing cached from the first
             wait_until(lambda n=attempt: len(pngs(output, "first")) == n)
             [worker] = worker_processes(server.process.pid)
             os.kill(worker, signal.SIGKILL)

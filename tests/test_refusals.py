@@ -9,7 +9,7 @@ from typing import Any
 from tests.support.app import serving
 from tests.support.queues import Clock
 from tests.support.tokens import make_tokens
-from zimage_serve.security.audit import records
+from zimage_serve.security.audit_verify import records
 from zimage_serve.security.refusals import ADDRESSES_KEPT, ROUTE_CHARS, RefusalTally
 
 

@@ -10,7 +10,7 @@ import pytest
 from tests.support.app import serving
 from tests.support.jobs import history, running_ids, running_job, slow_job, submit, wait_until
 from tests.support.tokens import make_tokens
-from zimage_serve.security.audit import records
+from zimage_serve.security.audit_verify import records
 from zimage_serve.security.tokens import TokenStore
 
 

@@ -54,7 +54,10 @@ def test_the_frontend_loads_cleanly_and_lists_our_nodes(tmp_path: Path) -> None:
         page.wait_for_function("() => Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 10")
         page.wait_for_timeout(1500)
         watched.screenshot("frontend")
-        assert untolerated(watched.bad) == [] and watched.failed == []
+        assert untolerated(watched.bad) == []
+        # The page may cancel a fetch of its own assets it no longer needs (more often on a busy machine);
+        # any other dropped request, or a static file dropped by the server, is a failure.
+        assert [(u, f) for u, f in watched.failed if not ("/assets/" in u and "ERR_ABORTED" in f)] == []
         tolerated = sum(1 for status, url in watched.bad if status == 404)
         loading = [e for e in watched.errors if e.startswith("Failed to load resource")]
         assert len(loading) == tolerated, watched.errors  # one per tolerated 404, nothing else

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ByteSize, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -81,6 +81,8 @@ class ServeConfig(BaseSettings):
     blocklist: list[Path] = Field(default_factory=list)
     audit_prompts: Literal["text", "hash"] = "text"
     audit_rotate_mb: int = Field(64, ge=1)
+    audit_max_bytes: ByteSize = Field(ByteSize(1024**3), ge=1024 * 1024)
+    audit_retention_days: float = Field(0, ge=0, le=36500)
     queue: str | None = None
     workers: int = Field(1, ge=0, le=64)
     lease: float = Field(30.0, ge=1, le=3600)

@@ -24,7 +24,7 @@ def verify(data_dir: DataDirOption = None, node: NodeOption = None) -> None:
     """Check every record's hash chain against the head kept in the queue database; exits 1 naming the
     first bad record."""
     from zimage_serve.security.audit import log_place
-    from zimage_serve.security.audit import verify as verify_log
+    from zimage_serve.security.audit_verify import verify as verify_log
 
     checked, problem = verify_log(*log_place(data_dir or default_data_dir(), node))
     if problem is not None:
@@ -42,8 +42,9 @@ def export(
     node: NodeOption = None,
 ) -> None:
     """Write the records to standard output."""
-    from zimage_serve.security.audit import export as export_records
-    from zimage_serve.security.audit import log_place, records
+    from zimage_serve.security.audit import log_place
+    from zimage_serve.security.audit_verify import export as export_records
+    from zimage_serve.security.audit_verify import records
 
     if format not in ("jsonl", "csv"):
         raise typer.BadParameter(f"{format!r} is not jsonl or csv", param_hint="--format")

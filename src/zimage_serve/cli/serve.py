@@ -129,6 +129,16 @@ def serve(
         str | None,
         typer.Option(help="What the audit log keeps of a prompt's text: text, or hash (its SHA-256) [default: text]"),
     ] = None,
+    audit_max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="The audit log's size at most, as 500MB or 2GiB: the oldest segments go beyond it [default: 1GiB]"
+        ),
+    ] = None,
+    audit_retention_days: Annotated[
+        float | None,
+        typer.Option(help="Days of audit log kept: older segments go [default: 0, no age limit]"),
+    ] = None,
     queue: Annotated[
         str | None,
         typer.Option(
@@ -200,6 +210,8 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
             blocklist=tuple(config.blocklist),
             audit_prompts=config.audit_prompts,
             audit_rotate_bytes=config.audit_rotate_mb * 1024 * 1024,
+            audit_max_bytes=int(config.audit_max_bytes),
+            audit_retention_days=config.audit_retention_days,
         )
         settings = ServerSettings(
             data_dir=config.data_dir or default_data_dir(),

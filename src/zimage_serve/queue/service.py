@@ -57,11 +57,12 @@ class PromptRejected(Exception):
 
 class PromptBlocked(PromptRejected):
     """A text the prompt would encode matches a rule of the word filter; `rule` is the rule's id (never
-    the words, which the answer and the audit log do not repeat)."""
+    the words, which the answer does not repeat); `text` is the text, for the audit log (kept there as
+    `--audit-prompts` says)."""
 
-    def __init__(self, body: dict[str, Any], rule: str, node_id: str) -> None:
+    def __init__(self, body: dict[str, Any], rule: str, node_id: str, text: str) -> None:
         super().__init__(body)
-        self.rule, self.node_id = rule, node_id
+        self.rule, self.node_id, self.text = rule, node_id, text
 
 
 class TextScreen(Protocol):
@@ -160,7 +161,7 @@ class QueueService:
                         node_id: {"errors": [problem], "dependent_outputs": [], "class_type": node["class_type"]}
                     }
                     body = {"error": {**problem, "extra_info": {}}, "node_errors": node_errors}
-                    raise PromptBlocked(body, rule, node_id)
+                    raise PromptBlocked(body, rule, node_id, text)
 
     def _images(self, prompt: dict[str, Any]) -> int:
         """How many images a prompt makes: the batch of each node that makes images (pixels it asks for)."""

@@ -50,10 +50,25 @@ from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 
-# The audit log's head and outbox (security/audit.py); in the queue file, so that a job's end and its copy
-# in the outbox are one transaction. A node whose queue is Redis keeps them in a file of their own.
+# The audit log's head, end, cut and outbox (security/audit.py, audit_files.py); in the queue file, so that a
+# job's end and its copy in the outbox are one transaction. A node whose queue is Redis keeps them in a file
+# of its own.
 AUDIT_TABLES = """
 CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_end (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    file TEXT,
+    size INTEGER NOT NULL DEFAULT 0,
+    pending_file TEXT,
+    pending_size INTEGER,
+    pending_seq INTEGER,
+    pending_hash TEXT
+);
+CREATE TABLE IF NOT EXISTS audit_cut (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL,
     hash TEXT NOT NULL

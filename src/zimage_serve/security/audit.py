@@ -1,25 +1,31 @@
 """The audit log: an append-only, hash-chained record of every state-changing request, every generation
-and every output read, as JSON Lines under `<data-dir>/audit/`, rotated by size.
+and every output read, as JSON Lines in segments under `<data-dir>/audit/` (security/audit_files.py).
 
 Each record holds the SHA-256 of the one before it (`prev`) and its own (`hash`, over the record's
 canonical JSON without it), and a sequence number. The newest sequence number and hash are also kept in
-the queue database, so an edit, a deletion, a reordering and a cut at the end are all found by
-`verify`. Generations are recorded from the queue file itself: a trigger copies each job's end into an
-outbox table in the same transaction that records it, and the writer moves those rows into the log, so
-no finished job goes unrecorded even if a process dies in between.
+the queue database, with where the log ends, so an edit, a deletion, a reordering, a cut at the end and
+lines added by anything but the server are all found. Generations are recorded from the queue file
+itself: a trigger copies each job's end into an outbox table in the same transaction that records it,
+and the writer moves those rows into the log, so no finished job goes unrecorded even if a process dies
+in between.
 
-The server never writes on its event loop: records go to one writer thread, which appends a batch in one
-write and then records the new head (and removes the outbox rows it wrote) in one transaction. A
-request that changes state is answered only once its record is written (`AuditLog.write`).
+The server never writes on its event loop: records go to one writer thread, which says in the database
+where the batch will end, appends it in one write, then records the new head (and removes the outbox
+rows it wrote) in one transaction. A request that changes state is answered only once its record is
+written (`AuditLog.write`); when the log cannot be written (a full disk), `write` raises at once and
+the server answers 503 until a write succeeds again, and the records kept meanwhile are written then.
+
+The log is bounded: segments rotate by size and by day, and the oldest are removed once the log is over
+its size or past its age (`--audit-max-bytes`, `--audit-retention-days`); the database keeps the last
+removed record, which the first kept one must follow, and a record in the chain says what went.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
+import datetime
 import hashlib
-import io
 import json
 import logging
 import os
@@ -27,38 +33,38 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zimage_serve.errors import ZImageError
 from zimage_serve.private import private_folder
+from zimage_serve.security.audit_files import (
+    GENESIS,
+    LogState,
+    audit_files,
+    iso,
+    last_record,
+    read_records,
+    read_state,
+    segment_number,
+    segment_path,
+    set_aside,
+)
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
 ROTATE_BYTES = 64 * 1024 * 1024
-FILE_PATTERN = "audit-{:06d}.jsonl"
-CSV_COLUMNS = (
-    "seq",
-    "time",
-    "kind",
-    "user",
-    "address",
-    "method",
-    "route",
-    "status",
-    "outcome",
-    "job_id",
-    "duration_ms",
-    "prompt",
-    "prompt_sha256",
-    "parameters",
-    "files",
-    "rule",
-    "hash",
-)
+MAX_BYTES = 1024 * 1024 * 1024
+KEPT_LIMIT = 10_000  # records held in memory while the log cannot be written; beyond, counted as lost
+RETRY_S = (0.5, 1.0, 2.0, 5.0)
 OUTCOMES = ("ok", "error", "refused", "blocked")
+UNAVAILABLE = "the audit log cannot be written (is the disk full?): nothing was done; try again shortly"
+
+
+class AuditUnavailable(ZImageError):
+    """The record of a request could not be written: the request must be answered 503 (and undone)."""
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -76,10 +82,6 @@ def chained(record: dict[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
     return text[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
 
 
-def iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when * 1000) % 1000:03d}Z"
-
-
 def prompt_fields(texts: list[str], mode: str) -> dict[str, Any]:
     """A prompt's texts for a record: as they are, or (`--audit-prompts hash`) only their SHA-256."""
     if not texts:
@@ -90,10 +92,6 @@ def prompt_fields(texts: list[str], mode: str) -> dict[str, Any]:
     return {"prompt": joined}
 
 
-def audit_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("audit-*.jsonl"))
-
-
 def log_place(data_dir: Path, node: str | None = None) -> tuple[Path, Path]:
     """Where an audit log is: its folder, and the database that keeps its head (and outbox). One machine:
     `<data>/audit` and the queue file. A cluster's API node (`node`): `<data>/audit/<node>` and a file of
@@ -102,6 +100,15 @@ def log_place(data_dir: Path, node: str | None = None) -> tuple[Path, Path]:
         return data_dir / "audit", data_dir / "queue.sqlite3"
     folder = data_dir / "audit" / node
     return folder, folder / "head.sqlite3"
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How big a segment grows, and how much of the log (bytes, days) is kept. 0 days: no age limit."""
+
+    segment_bytes: int = ROTATE_BYTES
+    max_bytes: int = MAX_BYTES
+    days: float = 0
 
 
 @dataclass
@@ -115,8 +122,14 @@ class AuditLog:
     """The server's writer: `write` (await it: answered once written) and `add` (no wait) from the event
     loop; a thread appends."""
 
-    def __init__(self, folder: Path, queue_file: Path, rotate_bytes: int = ROTATE_BYTES) -> None:
-        self.folder, self.rotate_bytes = folder, rotate_bytes
+    def __init__(
+        self,
+        folder: Path,
+        queue_file: Path,
+        retention: Retention | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.folder, self.retention, self.clock = folder, retention or Retention(), clock
         private_folder(folder)
         self._db = sqlite3.connect(str(queue_file), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA busy_timeout=10000")  # the tables are the store's (queue/store.py)
@@ -128,14 +141,20 @@ class AuditLog:
         self._file: int | None = None
         self._path: Path | None = None
         self._size = 0
-        self.seq, self.head = self._recover()
+        self._day = ""
+        self._kept: list[dict[str, Any]] = []  # records of failed writes, written first once the log is back
+        self._lost = 0
+        self._failing_since: float | None = None
+        self.available = True  # False from a failed write until one succeeds: changing requests get 503
         self._stopping = False
+        self.seq, self.head = self._recover()
 
     # -- from the event loop -------------------------------------------------------------------------
     def add(self, record: dict[str, Any]) -> None:
         self._queue.put(_Pending(record))
 
     async def write(self, record: dict[str, Any]) -> None:
+        """Answered once the record is in the log; raises `AuditUnavailable` at once if it cannot be."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._queue.put(_Pending(record, done, loop))
@@ -161,10 +180,12 @@ class AuditLog:
             self._db.close()
 
     def _run(self) -> None:
+        failures = 0
         while True:
+            wait = 0.5 if self.available else RETRY_S[min(failures, len(RETRY_S) - 1)]
             batch: list[_Pending] = []
             try:  # generations wait for the next request's record, or half a second at most
-                first = self._queue.get(timeout=0.5)
+                first = self._queue.get(timeout=wait)
                 if first is not None:
                     batch.append(first)
                 while True:
@@ -175,83 +196,175 @@ class AuditLog:
                 pass
             try:
                 self._write(batch)
-            except Exception:  # the log must never stop the server; the records are retried next turn
-                log.exception("could not write the audit log")
-                for pending in batch:
-                    self._queue.put(pending)
-                time.sleep(0.5)
+            except (OSError, sqlite3.Error) as exc:
+                failures += 1
+                self._failed(batch, exc)
+                if self._stopping:
+                    log.error("audit log: stopping with %d records that could not be written", len(self._kept))
+                    return
                 continue
+            if failures:
+                log.warning("audit log: writable again after %.0f s", self.clock() - (self._failing_since or 0))
+                failures, self._failing_since, self.available = 0, None, True
             if self._stopping and self._queue.empty():
                 return
 
+    def _failed(self, batch: list[_Pending], exc: BaseException) -> None:
+        """A write failed: the requests waiting on it are answered 503 at once (their records now say so),
+        and every record is kept for the next try."""
+        if self.available:
+            log.warning("audit log: cannot write (%s); changing requests are refused with 503 until it can", exc)
+            self._failing_since = self.clock()
+        self.available = False
+        for pending in batch:
+            record = pending.record
+            if pending.done is not None and pending.loop is not None:
+                record.update(status=503, outcome="error", error=UNAVAILABLE)
+                with contextlib.suppress(RuntimeError):  # the loop closed while shutting down
+                    pending.loop.call_soon_threadsafe(_fail, pending.done)
+            self._keep(record)
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        if len(self._kept) < KEPT_LIMIT:
+            self._kept.append(record)
+        else:
+            self._lost += 1
+
     def _write(self, batch: list[_Pending]) -> None:
         outbox = self._db.execute("SELECT * FROM audit_outbox ORDER BY id LIMIT 1000").fetchall()
-        if not batch and not outbox:
+        records = list(self._kept)
+        if self._lost:
+            gap = {"time": iso(self.clock()), "kind": "log_gap", "lost": self._lost, "why": UNAVAILABLE}
+            records.append(gap)
+        records += [p.record for p in batch] + [generation_record(row) for row in outbox]
+        if not records:
             return
-        records = [p.record for p in batch] + [generation_record(row) for row in outbox]
-        lines, seq, head = [], self.seq, self.head
-        for record in records:
-            seq += 1
-            line, head = chained(record, seq, head)
-            lines.append(line)
-        self._append(b"".join(lines))
-        self._record_head(seq, head, outbox[-1][0] if outbox else None)
-        self.seq, self.head = seq, head
+        self._append_records(records, outbox[-1][0] if outbox else None)  # raises: nothing of it is in the log
+        self._kept, self._lost = [], 0
         for pending in batch:
             if pending.done is not None and pending.loop is not None:
                 with contextlib.suppress(RuntimeError):  # the loop closed while shutting down
                     pending.loop.call_soon_threadsafe(_resolve, pending.done)
 
-    def _append(self, data: bytes) -> None:
-        if self._file is None or self._size >= self.rotate_bytes:
-            self._open_next()
+    def _append_records(self, records: list[dict[str, Any]], outbox_done: int | None) -> None:
+        lines, seq, head = [], self.seq, self.head
+        for record in records:
+            seq += 1
+            line, head = chained(record, seq, head)
+            lines.append(line)
+        data = b"".join(lines)
+        rotated = self._choose_segment()
+        assert self._path is not None and self._file is not None
+        start = self._size
+        if os.fstat(self._file).st_size != start:  # the end of a failed write that could not be cut then
+            os.ftruncate(self._file, start)
+        self._set_pending(self._path.name, start + len(data), seq, head)
+        try:
+            self._write_bytes(data)
+            self._record_head(seq, head, outbox_done, self._path.name, start + len(data))
+        except BaseException:
+            # A torn line, or lines the head does not name, would break the chain for good: cut them now.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file, start)
+            raise
+        self._size = start + len(data)
+        self.seq, self.head = seq, head
+        if rotated:
+            self._apply_retention()
+
+    def _write_bytes(self, data: bytes) -> None:
         assert self._file is not None
         view = memoryview(data)
         while view:
             written = os.write(self._file, view)
             view = view[written:]
-        self._size += len(data)
 
-    def _open_next(self) -> None:
+    # -- segments ------------------------------------------------------------------------------------
+    def _today(self) -> str:
+        return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC).strftime("%Y-%m-%d")
+
+    def _choose_segment(self) -> bool:
+        """Open the segment to append to; True if a new one was started (by size or by a new day)."""
+        if self._file is not None and self._size < self.retention.segment_bytes and self._day == self._today():
+            return False
+        files = audit_files(self.folder)
+        number = segment_number(files[-1]) if files else 1
+        path = segment_path(self.folder, number)
+        if self._file is not None or (
+            path.exists()
+            and (path.stat().st_size >= self.retention.segment_bytes or _day_of(path.stat().st_mtime) != self._today())
+        ):
+            path = segment_path(self.folder, number + 1)
         if self._file is not None:
             os.close(self._file)
-        files = audit_files(self.folder)
-        number = int(files[-1].stem.split("-")[1]) if files else 1
-        path = self.folder / FILE_PATTERN.format(number)
-        if path.exists() and path.stat().st_size >= self.rotate_bytes:
-            path = self.folder / FILE_PATTERN.format(number + 1)
+            self._file = None
         self._file = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._path, self._size = path, os.fstat(self._file).st_size
+        self._path, self._size, self._day = path, os.fstat(self._file).st_size, self._today()
+        return self._size == 0
 
-    def _recover(self) -> tuple[int, str]:
-        """The head to chain from: the database's, moved on past records a crash left written but not yet
-        recorded there (and their outbox rows removed, so no generation is written twice)."""
-        row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        seq, head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
-        later: list[dict[str, Any]] = []
-        for record in _tail(self.folder, seq):
-            if record.get("seq") != seq + len(later) + 1 or record.get("prev") != (
-                later[-1]["hash"] if later else head
-            ):
+    def _apply_retention(self) -> None:
+        """Remove the oldest segments while the log is over its size or past its age (never the one being
+        written), after recording the last removed record; then say in the chain what went."""
+        files = [p for p in audit_files(self.folder) if p != self._path]
+        total = sum(p.stat().st_size for p in files) + self._size
+        cutoff = self.clock() - self.retention.days * 86400 if self.retention.days else None
+        removed: list[str] = []
+        reasons: set[str] = set()
+        for path in files:
+            too_old = cutoff is not None and path.stat().st_mtime < cutoff
+            if total <= self.retention.max_bytes and not too_old:
                 break
-            later.append(record)
-        if not later:
-            return seq, head
-        log.warning("audit log: %d records written after the last recorded head (a crash); recorded now", len(later))
-        seq, head = int(later[-1]["seq"]), str(later[-1]["hash"])
-        outbox = [r["outbox"] for r in later if isinstance(r.get("outbox"), int)]
-        self._record_head(seq, head, max(outbox) if outbox else None)
-        return seq, head
+            last = last_record(path)
+            if last is None or not isinstance(last.get("seq"), int):
+                break  # not a segment of this chain's making: verify will say so; never delete it
+            self._db.execute(
+                "INSERT INTO audit_cut (id, seq, hash) VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                (int(last["seq"]), str(last.get("hash", ""))),
+            )
+            total -= path.stat().st_size
+            path.unlink()
+            removed.append(path.name)
+            reasons.add("age" if too_old else "size")
+        if removed:
+            self.add(
+                {
+                    "time": iso(self.clock()),
+                    "kind": "retention",
+                    "removed": removed,
+                    "why": sorted(reasons),
+                    "max_bytes": self.retention.max_bytes,
+                    "days": self.retention.days,
+                }
+            )
 
-    def _record_head(self, seq: int, head: str, outbox_done: int | None) -> None:
-        """In one transaction: the newest record's number and hash, and the outbox rows up to `outbox_done`
-        removed (they are in the log now)."""
+    # -- the database --------------------------------------------------------------------------------
+    def _set_pending(self, file: str, size: int, seq: int, head: str) -> None:
+        """Say where the batch about to be appended will end, before it is (so that recovery can tell a
+        batch the server wrote from lines added by anything else)."""
+        self._db.execute(
+            "INSERT INTO audit_end (id, file, size, pending_file, pending_size, pending_seq, pending_hash) "
+            "VALUES (1, NULL, 0, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pending_file = excluded.pending_file, "
+            "pending_size = excluded.pending_size, pending_seq = excluded.pending_seq, "
+            "pending_hash = excluded.pending_hash",
+            (file, size, seq, head),
+        )
+
+    def _record_head(self, seq: int, head: str, outbox_done: int | None, file: str, size: int) -> None:
+        """In one transaction: the newest record's number and hash, where the log ends (`file` at `size`),
+        and the outbox rows up to `outbox_done` removed (they are in the log now)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.execute(
                 "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 (seq, head),
+            )
+            self._db.execute(
+                "INSERT INTO audit_end (id, file, size) VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "file = excluded.file, size = excluded.size, pending_file = NULL, pending_size = NULL, "
+                "pending_seq = NULL, pending_hash = NULL",
+                (file, size),
             )
             if outbox_done is not None:
                 self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (outbox_done,))
@@ -260,35 +373,125 @@ class AuditLog:
             self._db.execute("ROLLBACK")
             raise
 
+    # -- at start ------------------------------------------------------------------------------------
+    def _recover(self) -> tuple[int, str]:
+        """The head to chain from. A batch a crash left written but not recorded is adopted (and its outbox
+        rows removed, so no generation is written twice); bytes the server did not write (a write cut short
+        by a crash or a full disk, lines added while it was stopped) are set aside, with a record each."""
+        state = read_state(self._db)
+        files = audit_files(self.folder)
+        if state.end_file is None:  # a log from before ends were recorded: trust what chains from the head
+            return self._adopt_legacy(state, files)
+        seq, head = state.seq, state.head
+        repairs: list[dict[str, Any]] = []
+        end_number = segment_number(Path(state.end_file))
+        for path in files:
+            if segment_number(path) > end_number and path.name != state.pending_file:
+                repairs.append(set_aside(self.folder, path, 0, "appended while the server was stopped"))
+        beyond = [(state.end_file, state.end_size)]
+        if state.pending_file is not None and state.pending_file != state.end_file:
+            beyond.append((state.pending_file, 0))  # a batch that began a new segment
+        for name, start in beyond:
+            path = self.folder / name
+            size = path.stat().st_size if path.exists() else 0
+            if name == state.end_file and size < start:
+                log.error("audit log: %s is %d bytes shorter than recorded: records were cut", name, start - size)
+            if size <= start:
+                continue
+            pending = state.pending_file == name
+            batch = [record for _, record, _ in _lines_from(path, start)]
+            if pending and size == state.pending_size and _chains(batch, seq, head, state.pending_hash):
+                log.warning("audit log: %d records written after the last recorded head (a crash)", len(batch))
+                seq, head = state.pending_seq, state.pending_hash
+                outbox = [r["outbox"] for r in batch if isinstance(r.get("outbox"), int)]
+                self._record_head(seq, head, max(outbox) if outbox else None, name, size)
+                continue
+            cut_short = pending and size < state.pending_size
+            why = "a write cut short (a crash or a full disk)" if cut_short else "appended while the server was stopped"
+            repairs.append(set_aside(self.folder, path, start, why))
+        for repair in repairs:
+            log.error(
+                "audit log: %s: %d bytes of %s set aside as %s",
+                repair["why"],
+                repair["bytes"],
+                repair["file"],
+                repair["kept_as"],
+            )
+            self.add(repair)
+        return seq, head
+
+    def _adopt_legacy(self, state: LogState, files: list[Path]) -> tuple[int, str]:
+        seq, head = state.seq, state.head
+        later = _tail(files, seq)
+        good = 0
+        for record in later:
+            if record.get("seq") != seq + good + 1 or record.get("prev") != (later[good - 1]["hash"] if good else head):
+                break
+            good += 1
+        if good:
+            log.warning("audit log: %d records written after the last recorded head (a crash); recorded now", good)
+            seq, head = int(later[good - 1]["seq"]), str(later[good - 1]["hash"])
+        if files:
+            outbox = [r["outbox"] for r in later[:good] if isinstance(r.get("outbox"), int)]
+            self._record_head(seq, head, max(outbox) if outbox else None, files[-1].name, files[-1].stat().st_size)
+        return seq, head
+
+
+def _lines_from(path: Path, start: int) -> list[tuple[int, dict[str, Any], bool]]:
+    with open(path, "rb") as file:
+        file.seek(start)
+        data = file.read()
+    found = []
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            record = json.loads(line) if line.endswith(b"\n") else {}
+        except ValueError:
+            record = {}
+        found.append((number, record if isinstance(record, dict) else {}, line.endswith(b"\n")))
+    return found
+
+
+def _chains(batch: list[dict[str, Any]], seq: int, head: str, ends_at: str) -> bool:
+    """Whether `batch` follows record `seq` (hash `head`) link by link and ends at hash `ends_at`."""
+    for record in batch:
+        claimed = record.get("hash")
+        body = {k: v for k, v in record.items() if k != "hash"}
+        if record.get("seq") != seq + 1 or record.get("prev") != head:
+            return False
+        if hashlib.sha256(canonical(body)).hexdigest() != claimed:
+            return False
+        seq, head = seq + 1, str(claimed)
+    return bool(batch) and head == ends_at
+
+
+def _day_of(when: float) -> str:
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d")
+
 
 def _resolve(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
 
 
-def _tail(folder: Path, after: int) -> Iterator[dict[str, Any]]:
+def _fail(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(AuditUnavailable(UNAVAILABLE))
+
+
+def _tail(files: list[Path], after: int) -> list[dict[str, Any]]:
     """Records with a sequence number above `after`, from the newest file back as far as needed."""
-    files = audit_files(folder)
     start = 0
     for index in range(len(files) - 1, -1, -1):
-        first = next(_read(files[index]), None)
+        first = next(read_records(files[index]), None)
         if first is not None and isinstance(first[1].get("seq"), int) and first[1]["seq"] <= after + 1:
             start = index
             break
-    for path in files[start:]:
-        for _, record in _read(path):
-            if isinstance(record.get("seq"), int) and record["seq"] > after:
-                yield record
-
-
-def _read(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, 1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = {}
-            yield number, record if isinstance(record, dict) else {}
+    return [
+        record
+        for path in files[start:]
+        for _, record, _ in read_records(path)
+        if isinstance(record.get("seq"), int) and record["seq"] > after
+    ]
 
 
 def generation_record(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -328,101 +531,4 @@ def generation_record(row: tuple[Any, ...]) -> dict[str, Any]:
     return record
 
 
-# -- reading the log (zimage audit) --------------------------------------------------------------------
-@dataclass
-class Problem:
-    file: str
-    line: int
-    seq: int | None
-    why: str
-
-    def __str__(self) -> str:
-        at = f"record {self.seq}" if self.seq is not None else "a record"
-        return f"{self.file}:{self.line}: {at}: {self.why}"
-
-
-def verify(folder: Path, queue_file: Path) -> tuple[int, Problem | None]:
-    """Walk the whole chain; (records checked, the first problem or None)."""
-    expected_seq, prev, checked = 1, GENESIS, 0
-    last: tuple[str, int] = ("", 0)
-    for path in audit_files(folder):
-        for number, record in _read(path):
-            last = (path.name, number)
-            seq = record.get("seq")
-            claimed = record.pop("hash", None)
-            if not record or not isinstance(seq, int):
-                return checked, Problem(path.name, number, None, "not a record (the line was edited or damaged)")
-            if seq != expected_seq:
-                why = (
-                    f"expected record {expected_seq}: records are missing before it"
-                    if seq > expected_seq
-                    else f"expected record {expected_seq}: records are out of order or repeated"
-                )
-                return checked, Problem(path.name, number, seq, why)
-            if record.get("prev") != prev:
-                return checked, Problem(path.name, number, seq, "does not follow the record before it (prev hash)")
-            if hashlib.sha256(canonical(record)).hexdigest() != claimed:
-                return checked, Problem(path.name, number, seq, "its content was changed (hash mismatch)")
-            prev, expected_seq, checked = str(claimed), expected_seq + 1, checked + 1
-    head = _head(queue_file)
-    if head is not None:
-        head_seq, head_hash = head
-        if checked < head_seq:
-            return checked, Problem(
-                last[0] or "(no file)",
-                last[1],
-                head_seq,
-                f"the log ends at record {checked}, but {head_seq} were written: records were cut from the end",
-            )
-        if checked > head_seq or prev != head_hash:
-            return checked, Problem(
-                last[0], last[1], checked, f"the log does not end at the recorded head (record {head_seq})"
-            )
-    elif checked:
-        return checked, Problem(last[0], last[1], None, "the queue database records no head for this log")
-    return checked, None
-
-
-def _head(queue_file: Path) -> tuple[int, str] | None:
-    if not queue_file.exists():
-        return None
-    db = sqlite3.connect(f"file:{queue_file}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-    except sqlite3.OperationalError:
-        row = None
-    finally:
-        db.close()
-    return (int(row[0]), str(row[1])) if row else None
-
-
-def records(folder: Path, user: str | None = None, since: float | None = None) -> Iterator[dict[str, Any]]:
-    since_text = iso(since) if since is not None else None
-    for path in audit_files(folder):
-        for _, record in _read(path):
-            if not record:
-                continue
-            if user is not None and record.get("user") != user:
-                continue
-            if since_text is not None and str(record.get("time", "")) < since_text:
-                continue
-            yield record
-
-
-def export(out: io.TextIOBase | Any, found: Iterable[dict[str, Any]], form: str) -> int:
-    count = 0
-    if form == "jsonl":
-        for record in found:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        return count
-    writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
-    for record in found:
-        row = []
-        for column in CSV_COLUMNS:
-            value = record.get(column)
-            row.append(json.dumps(value, ensure_ascii=False) if isinstance(value, dict | list) else value)
-        writer.writerow(row)
-        count += 1
-    return count
+__all__ = ["GENESIS", "AuditLog", "AuditUnavailable", "Retention", "iso", "log_place", "prompt_fields"]

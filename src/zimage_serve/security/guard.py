@@ -12,7 +12,7 @@ from pathlib import Path
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import Identity
-from zimage_serve.security.audit import ROTATE_BYTES, AuditLog
+from zimage_serve.security.audit import MAX_BYTES, ROTATE_BYTES, AuditLog, Retention
 from zimage_serve.security.blocklist import Blocklist
 from zimage_serve.security.network import NetworkPolicy, is_loopback_bind
 from zimage_serve.security.rate import RateLimiter
@@ -41,6 +41,14 @@ class SecuritySettings:
     blocklist: tuple[Path, ...] = ()
     audit_prompts: str = "text"  # or "hash": the audit log keeps only a prompt's SHA-256
     audit_rotate_bytes: int = ROTATE_BYTES
+    audit_max_bytes: int = MAX_BYTES
+    audit_retention_days: float = 0
+
+    @property
+    def audit_retention(self) -> Retention:
+        """Segments of at most an eighth of the log's size, so retention removes it a little at a time."""
+        segment = max(64 * 1024, min(self.audit_rotate_bytes, self.audit_max_bytes // 8))
+        return Retention(segment, self.audit_max_bytes, self.audit_retention_days)
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -89,7 +97,7 @@ class Security:
         self.blocklist = Blocklist(list(s.blocklist)) if s.blocklist else None
         self.tokens = TokenStore(self.data_dir / "auth.sqlite3")
         self.rate = RateLimiter()
-        self.audit = AuditLog(self.audit_folder or self.data_dir / "audit", self.queue_file, s.audit_rotate_bytes)
+        self.audit = AuditLog(self.audit_folder or self.data_dir / "audit", self.queue_file, s.audit_retention)
         self.refusals = RefusalTally(self.audit.add)
         self._limits: dict[tuple[str, int | None, int | None], Limits] = {}
         self._task: asyncio.Task[None] | None = None

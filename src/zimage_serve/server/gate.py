@@ -5,7 +5,9 @@ In order: the client's address (X-Forwarded-For only from a trusted proxy) again
 browser checks (another site's Origin, DNS rebinding); the credential; the request rate. What it
 resolves travels in the ASGI scope as one `Identity` (`caller(request)` reads it): no route finds
 the user by itself. Requests that change something, output reads and refusals are written to the audit
-log; a request that changes something is answered only once its record is written.
+log; a request that changes something is answered only once its record is written. While the log cannot
+be written, such requests are answered 503 before they do anything; one caught by the failure itself is
+undone where its route said how (`on_unrecorded`), and answered 503.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from zimage_serve.identity import LOCAL, Identity
-from zimage_serve.security.audit import iso
+from zimage_serve.security.audit import UNAVAILABLE, AuditUnavailable, iso
 from zimage_serve.security.guard import Security
 from zimage_serve.security.refusals import cut
 from zimage_serve.security.tokens import Token
@@ -30,6 +34,8 @@ from zimage_serve.security.tokens import Token
 IDENTITY = "zimage.identity"
 TOKEN = "zimage.token"
 AUDIT = "zimage.audit"  # what a route adds to its request's audit record (job id, prompt, files, outcome)
+UNRECORDED = "zimage.unrecorded"  # what undoes a request whose audit record cannot be written
+RETRY_AFTER_S = "5"
 READS = ("GET", "HEAD", "OPTIONS")
 HEALTH = ("/health", "/api/health")
 VIEW = ("/view", "/api/view")
@@ -56,6 +62,14 @@ def audit_note(connection: HTTPConnection, **fields: Any) -> None:
     note = connection.scope.get(AUDIT)
     if note is not None:
         note.update(fields)
+
+
+def on_unrecorded(connection: HTTPConnection, undo: Callable[[], object]) -> None:
+    """What undoes this request (run in a thread) if its audit record cannot be written: the client is then
+    answered 503, and must find nothing done."""
+    hooks = connection.scope.get(UNRECORDED)
+    if hooks is not None:
+        hooks.append(undo)
 
 
 class Gate:
@@ -140,25 +154,41 @@ class Gate:
                     **{"Retry-After": str(wait)},
                 )
                 return
+        if changing and not security.audit.available:
+            await refuse(503, "audit_unavailable", UNAVAILABLE, identity.user, **{"Retry-After": RETRY_AFTER_S})
+            return
         scope[IDENTITY], scope[TOKEN] = identity, token
         if not changing and path not in VIEW:
             await self.app(scope, receive, send)
             return
         note: dict[str, Any] = {}
-        scope[AUDIT] = note
-        await self.app(scope, receive, _Audited(send, security, base, identity.user, note, changing))
+        undo: list[Callable[[], object]] = []
+        scope[AUDIT], scope[UNRECORDED] = note, undo
+        audited = _Audited(send, security, base, identity.user, note, changing, undo)
+        await self.app(scope, receive, audited)
 
 
 class _Audited:
     """The route's `send`, holding back the response until its audit record is written (for requests
-    that change something; output reads are recorded without waiting)."""
+    that change something; output reads are recorded without waiting). If the record cannot be written,
+    the request is undone and the response replaced by a 503."""
 
     def __init__(
-        self, send: Send, security: Security, base: dict[str, Any], user: str, note: dict[str, Any], wait: bool
+        self,
+        send: Send,
+        security: Security,
+        base: dict[str, Any],
+        user: str,
+        note: dict[str, Any],
+        wait: bool,
+        undo: list[Callable[[], object]],
     ) -> None:
         self.send, self.security, self.base, self.user, self.note, self.wait = send, security, base, user, note, wait
+        self.undo, self.replaced = undo, False
 
     async def __call__(self, message: Message) -> None:
+        if self.replaced:
+            return  # the rest of the route's answer, which the client never gets
         if message["type"] == "http.response.start":
             status = int(message["status"])
             outcome = self.note.pop("outcome", None) or (
@@ -166,7 +196,21 @@ class _Audited:
             )
             record = _record(self.base, self.user, status, outcome, self.note)
             if self.wait:
-                await self.security.audit.write(record)
+                try:
+                    await self.security.audit.write(record)
+                except AuditUnavailable:
+                    self.replaced = True
+                    for undo in self.undo:
+                        await run_in_threadpool(undo)
+                    body = _error_body("audit_unavailable", UNAVAILABLE)
+                    headers = [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", RETRY_AFTER_S.encode()),
+                    ]
+                    await self.send({"type": "http.response.start", "status": 503, "headers": headers})
+                    await self.send({"type": "http.response.body", "body": body})
+                    return
             else:
                 self.security.audit.add(record)
         await self.send(message)

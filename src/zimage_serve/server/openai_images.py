@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from zimage_serve.engine.trained_size import size_warning
 from zimage_serve.queue.jobs import QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
+from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
@@ -142,7 +143,13 @@ async def generate(request: Request) -> Response:
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
         )
     except PromptBlocked as exc:
-        audit_note(request, outcome="blocked", rule=exc.rule, node=exc.node_id)
+        audit_note(
+            request,
+            outcome="blocked",
+            rule=exc.rule,
+            node=exc.node_id,
+            **prompt_fields([exc.text], rt.settings.security.audit_prompts),
+        )
         return openai_error(400, exc.body["error"]["details"], "prompt", "prompt_blocked")
     except PromptRejected as exc:
         return openai_error(400, exc.body["error"]["details"] or exc.body["error"]["message"])

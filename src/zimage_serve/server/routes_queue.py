@@ -16,7 +16,7 @@ from zimage_serve.identity import USER, Identity
 from zimage_serve.queue.jobs import NUMBER_LIMIT, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.security.audit import prompt_fields
-from zimage_serve.server.gate import audit_note, caller, caller_token
+from zimage_serve.server.gate import audit_note, caller, caller_token, on_unrecorded
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import (
     COUNT,
@@ -153,7 +153,13 @@ async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = 
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
         )
     except PromptBlocked as exc:
-        audit_note(request, outcome="blocked", rule=exc.rule, node=exc.node_id)
+        audit_note(
+            request,
+            outcome="blocked",
+            rule=exc.rule,
+            node=exc.node_id,
+            **prompt_fields([exc.text], rt.settings.security.audit_prompts),
+        )
         return JSONResponse(exc.body, status_code=400)
     except PromptRejected as exc:
         return JSONResponse(exc.body, status_code=400)
@@ -176,6 +182,7 @@ async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = 
 def note_job(request: Request, rt: Runtime, job: Job) -> None:
     """The audit record of a request that queued `job`: its id, prompt texts and parameters."""
     texts, parameters = rt.service.summary(job.prompt)
+    on_unrecorded(request, lambda: rt.service.cancel(job.id))  # a 503 must leave no job behind
     audit_note(
         request,
         job_id=job.id,

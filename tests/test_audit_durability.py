@@ -1,0 +1,246 @@
+"""The audit log when things go wrong: a full disk (503 at once, no job left behind, the chain intact once
+space is back), a write cut short, lines added while the server was stopped, `verify` during traffic,
+and retention by size and by age with a chain that still verifies."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.app import serving
+from tests.support.cli import run
+from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
+from tests.support.tokens import make_tokens
+from zimage_serve.queue.store import JobStore
+from zimage_serve.security.audit import AuditLog, Retention, chained
+from zimage_serve.security.audit_files import QUARANTINE, audit_files
+from zimage_serve.security.audit_verify import records, verify
+
+
+def disk_full(log: AuditLog) -> Any:
+    """What the disk does when it fills mid-write: part of the data lands, then ENOSPC."""
+
+    def write(data: bytes) -> None:
+        assert log._file is not None
+        import os
+
+        os.write(log._file, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return write
+
+
+def new_log(folder: Path, **retention: Any) -> tuple[AuditLog, Path]:
+    queue_file = folder / "queue.sqlite3"
+    JobStore(queue_file).close()  # the store owns the queue file's tables, the audit log's among them
+    return AuditLog(folder / "audit", queue_file, Retention(**retention)), queue_file
+
+
+def written_log(folder: Path, count: int) -> tuple[AuditLog, Path, Path]:
+    """A log of `count` records in one segment, its writer stopped: (the log, the queue file, the segment)."""
+    log, queue_file = new_log(folder)
+    log.start()
+    write_all(log, count)
+    log.stop()
+    [segment] = audit_files(folder / "audit")
+    return log, queue_file, segment
+
+
+def write_all(log: AuditLog, count: int, start: int = 0) -> None:
+    async def main() -> None:
+        for n in range(start, start + count):
+            await log.write({"kind": "request", "user": "u", "route": "/prompt", "n": n, "pad": "x" * 100})
+
+    asyncio.run(main())
+
+
+def test_a_full_disk_answers_503_at_once_leaves_no_job_and_the_chain_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on") as served:
+        server = served.as_token(tokens["user"])
+        blocker = submit(server, running_job("blocker"))
+        wait_until(lambda: running_ids(server) == [blocker])
+        log = served.runtime.security.audit
+        writes = log._write_bytes
+        monkeypatch.setattr(log, "_write_bytes", disk_full(log))
+
+        status, body = server.json("POST", "/prompt", {"prompt": small_job("refused")})
+        assert status == 503 and body["error"]["type"] == "audit_unavailable", body
+        queue = server.json("GET", "/queue")[1]
+        assert queue["queue_pending"] == [] and [item[1] for item in queue["queue_running"]] == [blocker]
+
+        # Until a write succeeds, a request that would change something is refused before it does anything.
+        status, body = server.json("POST", "/interrupt", {})
+        assert status == 503 and body["error"]["type"] == "audit_unavailable"
+        assert running_ids(server) == [blocker]
+        assert server.json("GET", "/queue")[0] == 200  # reads go on
+
+        monkeypatch.setattr(log, "_write_bytes", writes)  # space is back
+        wait_until(lambda: log.available)
+        later = submit(server, small_job("later"))
+        assert server.json("POST", "/interrupt", {})[0] == 200
+        wait_until(lambda: later in history(server))
+    assert verify(data / "audit", data / "queue.sqlite3")[1] is None
+    found = [r for r in records(data / "audit") if r.get("status") == 503]
+    assert [(r["route"], r["user"]) for r in found] == [("/prompt", "alice"), ("/interrupt", "alice")], found
+    assert found[0]["error"].startswith("the audit log cannot be written")  # it was answered 503, undone
+    assert found[1]["reason"] == "audit_unavailable"  # refused before it did anything
+    assert all(line.endswith(b"\n") for f in audit_files(data / "audit") for line in f.read_bytes().splitlines(True))
+
+
+def test_stopping_while_the_disk_is_full_does_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log, _ = new_log(tmp_path)
+    log.start()
+    monkeypatch.setattr(log, "_write_bytes", disk_full(log))
+    log.add({"kind": "request", "n": 1})
+    wait_until(lambda: not log.available)
+    writer = log._thread
+    log.stop()
+    assert writer is not None and not writer.is_alive()  # it gave up, instead of retrying for ever
+
+
+def _pending(queue_file: Path, file: str, size: int, seq: int, digest: str) -> None:
+    """As the writer leaves the database just before it appends a batch."""
+    db = sqlite3.connect(queue_file)
+    db.execute(
+        "UPDATE audit_end SET pending_file = ?, pending_size = ?, pending_seq = ?, pending_hash = ?",
+        (file, size, seq, digest),
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_write_cut_short_by_a_crash_is_set_aside_and_recorded_not_called_tampering(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log, queue_file, segment = written_log(tmp_path, 5)
+    line, digest = chained({"kind": "request", "n": 5}, 6, log.head)
+    _pending(queue_file, segment.name, segment.stat().st_size + len(line), 6, digest)
+    with open(segment, "ab") as file:
+        file.write(line[: len(line) // 2])  # the crash came mid-write
+
+    checked, problem = verify(tmp_path / "audit", queue_file)
+    assert problem is not None and "a write cut short" in problem.why and checked == 5
+
+    again = AuditLog(tmp_path / "audit", queue_file)  # the next start sets the torn bytes aside
+    again.start()
+    write_all(again, 1, start=6)
+    again.stop()
+    assert verify(tmp_path / "audit", queue_file) == (7, None)
+    [repair] = [r for r in records(tmp_path / "audit") if r["kind"] == "log_repair"]
+    assert repair["why"].startswith("a write cut short") and repair["bytes"] == len(line) // 2
+    assert (tmp_path / "audit" / repair["kept_as"]).read_bytes() == line[: len(line) // 2]
+
+
+def test_a_batch_written_just_before_a_crash_is_adopted(tmp_path: Path) -> None:
+    log, queue_file, segment = written_log(tmp_path, 3)
+    line, digest = chained({"kind": "request", "n": 3}, 4, log.head)
+    _pending(queue_file, segment.name, segment.stat().st_size + len(line), 4, digest)
+    with open(segment, "ab") as file:
+        file.write(line)  # written, and the crash came before the head was recorded
+    assert verify(tmp_path / "audit", queue_file) == (4, None)  # a batch in flight, not damage
+    again = AuditLog(tmp_path / "audit", queue_file)
+    assert (again.seq, again.head) == (4, digest)
+    again.stop()
+    assert not (tmp_path / "audit" / QUARANTINE).exists()
+
+
+def test_records_appended_while_the_server_was_stopped_are_found_and_set_aside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log, queue_file, segment = written_log(tmp_path, 4)
+    forged, _ = chained({"kind": "request", "user": "mallory", "route": "/prompt", "n": 99}, 5, log.head)
+    with open(segment, "ab") as file:
+        file.write(forged)  # a perfectly chained record, by someone who is not the server
+
+    problem = verify(tmp_path / "audit", queue_file)[1]
+    assert problem is not None and "were not written by the server" in problem.why, problem
+    code, _, err = run(["audit", "verify", "--data-dir", str(tmp_path)], capsys)
+    assert code == 1 and "not written by the server" in err
+
+    again = AuditLog(tmp_path / "audit", queue_file)
+    again.start()
+    write_all(again, 1, start=4)
+    again.stop()
+    assert verify(tmp_path / "audit", queue_file)[1] is None
+    found = list(records(tmp_path / "audit"))
+    assert not [r for r in found if r.get("user") == "mallory"]
+    [repair] = [r for r in found if r["kind"] == "log_repair"]
+    assert repair["why"] == "appended while the server was stopped"
+    assert json.loads((tmp_path / "audit" / repair["kept_as"]).read_bytes())["user"] == "mallory"
+
+
+def test_verify_during_traffic_never_reports_damage(tmp_path: Path) -> None:
+    log, queue_file = new_log(tmp_path, segment_bytes=4000)
+    log.start()
+    stop = threading.Event()
+
+    async def requests() -> None:  # one after another, each answered once written, as the server's are
+        n = 0
+        while not stop.is_set():
+            await log.write({"kind": "request", "n": n, "pad": "y" * 50})
+            n += 1
+
+    writer = threading.Thread(target=asyncio.run, args=(requests(),))
+    writer.start()
+    try:
+        results = []
+        for _ in range(30):
+            results.append(verify(tmp_path / "audit", queue_file))
+    finally:
+        stop.set()
+        writer.join()
+        log.stop()
+    assert [problem for _, problem in results if problem is not None] == []
+    assert results[-1][0] > results[0][0]  # the log grew while it was being verified
+    assert verify(tmp_path / "audit", queue_file)[1] is None
+
+
+def test_retention_by_size_keeps_the_log_bounded_and_verifiable(tmp_path: Path) -> None:
+    log, queue_file = new_log(tmp_path, segment_bytes=2000, max_bytes=8000)
+    log.start()
+    write_all(log, 200)
+    log.stop()
+    files = audit_files(tmp_path / "audit")
+    assert sum(f.stat().st_size for f in files) <= 8000 + 2000
+    checked, problem = verify(tmp_path / "audit", queue_file)
+    assert problem is None and 0 < checked < 200
+    found = list(records(tmp_path / "audit"))
+    assert found[0]["seq"] > 1 and any(r["kind"] == "retention" and r["why"] == ["size"] for r in found)
+    files[0].unlink()  # a kept segment removed by hand is still found
+    assert "records are missing" in str(verify(tmp_path / "audit", queue_file)[1])
+
+
+def test_retention_by_age_removes_segments_older_than_the_days_kept(tmp_path: Path) -> None:
+    now = [1_800_000_000.0]
+    queue_file = tmp_path / "queue.sqlite3"
+    JobStore(queue_file).close()
+    log = AuditLog(tmp_path / "audit", queue_file, Retention(days=1), clock=lambda: now[0])
+    log.start()
+    write_all(log, 5)
+    log.stop()
+    first = audit_files(tmp_path / "audit")
+    now[0] += 3 * 86400  # three days on: a new day's segment, and the old one is past its age
+    import os
+
+    for path in first:
+        os.utime(path, (now[0] - 2 * 86400, now[0] - 2 * 86400))
+    again = AuditLog(tmp_path / "audit", queue_file, Retention(days=1), clock=lambda: now[0])
+    again.start()
+    write_all(again, 2, start=5)
+    again.stop()
+    kept = audit_files(tmp_path / "audit")
+    assert not set(first) & set(kept)
+    assert verify(tmp_path / "audit", queue_file)[1] is None
+    [retention] = [r for r in records(tmp_path / "audit") if r["kind"] == "retention"]
+    assert retention["why"] == ["age"] and retention["removed"] == [p.name for p in first]
