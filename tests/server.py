@@ -128,7 +128,11 @@ class Server(Listening):
 
 
 @contextmanager
-def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+def running_server(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, open_files: int | None = None
+) -> Iterator[Server]:
+    """`zimage serve ARGS` on a free port; `open_files`: its soft and hard limit on open files (systemd's
+    default soft limit is 1,024)."""
     port = free_port()
     log = data_dir.parent / f"server-{port}.log"
     command = [
@@ -145,7 +149,13 @@ def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None
         *args,
     ]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=None if open_files is None else lambda: limit_open_files(open_files),
+        )
     server = Server(port, data_dir, process=process, log=log)
     try:
         deadline = time.monotonic() + 90
@@ -163,6 +173,12 @@ def running_server(data_dir: Path, *args: str, env: dict[str, str] | None = None
         yield server
     finally:
         terminate(process)
+
+
+def limit_open_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def terminate(process: subprocess.Popen[bytes]) -> None:

@@ -56,6 +56,21 @@ EVASIONS = [
     ("SecretWord", "rules.txt:8"),
     ("s e c r e t w o r d", "rules.txt:8"),
     ("secret word", "rules.txt:8"),  # not whole-word: spaces inside do not hide it
+    # Each evasion the filter was once walked around with:
+    ("bánnéd", "R-BAN"),  # precomposed accents
+    ("ba\u0301nne\u0300d", "R-BAN"),  # combining accents
+    ("bаnnеd", "R-BAN"),  # Cyrillic а and е
+    ("\u0392\u0391\u039d\u039d\u0395D", "R-BAN"),  # Greek capitals Beta, Alpha, Nu, Nu, Epsilon
+    ("ban\u3164ned", "R-BAN"),  # a Hangul filler
+    ("ban\u115fned", "R-BAN"),  # a Hangul choseong filler
+    ("ban\u00adned", "R-BAN"),  # a soft hyphen
+    ("my а\u0455\u0455", "R-ASS"),  # a whole-word rule in Cyrillic look-alikes
+    ("my a\u200bss", "R-ASS"),  # a whole-word rule with a zero-width space inside the word
+    ("my a\u00adss.", "R-ASS"),  # ... or a soft hyphen
+    ("kil\u2060l them", "R-KILL"),  # ... or a word joiner
+    ("kíll", "R-KILL"),  # ... or an accent
+    ("禁\u3164止", "rules.txt:5"),  # a Hangul filler between Chinese characters
+    ("臺\u00ad灣獨立", "R-TW"),
 ]
 
 HARMLESS = [
@@ -72,6 +87,9 @@ HARMLESS = [
     "",
     "   ",
     "🙂🙂🙂",
+    "Привет, красивый закат над морем",  # Cyrillic text is not folded into a Latin rule
+    "café au lait, naïve résumé",
+    "어두운 밤하늘",  # Hangul, decomposed for matching, matches no rule
 ]
 
 
@@ -95,6 +113,8 @@ def test_harmless_text_passes(blocklist: Blocklist, text: str) -> None:
 def test_normalisation_folds_width_case_and_script() -> None:
     assert normalise("ＡＢＣ abc")[0] == "abcabc"
     assert normalise("臺灣")[0] == "台湾"
+    assert normalise("fοrbidden ρlan")[0] == "forbiddenplan"  # Greek omicron and rho, as Latin o and p
+    assert normalise("ｃａｆé\u00ad")[0] == "cafe"
     compact, where = normalise("a b")
     assert compact == "ab" and where == [0, 2]
 
@@ -155,3 +175,35 @@ def test_the_shipped_example_list_loads() -> None:
     example = Blocklist([Path(__file__).resolve().parents[1] / "docs" / "blocklist.example.txt"])
     assert example.match("違禁詞") == "EX-3" and example.match("B A D W O R D") == "EX-2"
     assert example.match("a badwordy thing") is None and example.match("Forbidden-Word") == "EX-1"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "joiner", "rule"),
+    [
+        ("a red ban", "ned circle", "ConditioningConcat", "R-BAN"),
+        ("ned circle", "a red ban", "ConditioningConcat", "R-BAN"),  # the nodes in the other order
+        ("请不要禁", "止这个", "ConditioningCombine", "rules.txt:2"),
+    ],
+)
+def test_a_word_split_across_two_text_encoders_is_caught(
+    tmp_path: Path, first: str, second: str, joiner: str, rule: str
+) -> None:
+    rules = tmp_path / "rules.txt"
+    rules.write_text("R-BAN: banned\n禁止\n", "utf-8")
+    with serving(tmp_path / "data", security={"blocklist": (rules,)}, preload=False) as server:
+        prompt = small_job("split")
+        prompt["6"]["inputs"]["text"] = first
+        prompt["34"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["30", 0], "text": second}}
+        inputs = (
+            {"conditioning_to": ["6", 0], "conditioning_from": ["34", 0]}
+            if joiner == "ConditioningConcat"
+            else {"conditioning_1": ["6", 0], "conditioning_2": ["34", 0]}
+        )
+        prompt["35"] = {"class_type": joiner, "inputs": inputs}
+        prompt["3"]["inputs"]["positive"] = ["35", 0]
+        status, answer = server.json("POST", "/prompt", {"prompt": prompt})
+        assert status == 400 and answer["error"]["type"] == "prompt_blocked", answer
+        assert answer["node_errors"][next(iter(answer["node_errors"]))]["errors"][0]["extra_info"]["rule"] == rule
+        # Each half alone is harmless.
+        prompt["34"]["inputs"]["text"] = "a blue square"
+        assert server.json("POST", "/prompt", {"prompt": prompt})[0] == 200

@@ -13,11 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from tests.server import Listening
 from zimage_serve.security.guard import SecuritySettings
 from zimage_serve.server.app import create_app
+from zimage_serve.server.connections import HEADER_TIMEOUT_S, ConnectionLimits, bounded_server
 from zimage_serve.server.listen import bind
 from zimage_serve.server.runtime import ServerSettings
 
@@ -26,7 +25,12 @@ HOST = "127.0.0.1"
 
 @contextmanager
 def threaded_server(
-    data_dir: Path, *, auth: str = "off", security: dict[str, Any] | None = None, **settings: Any
+    data_dir: Path,
+    *,
+    auth: str = "off",
+    security: dict[str, Any] | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    **settings: Any,
 ) -> Iterator[Listening]:
     """The application on `data_dir` on a free port; `settings` are ServerSettings' fields, `security`
     SecuritySettings' beside `auth`. Stopped, with its lifespan, at the end."""
@@ -43,7 +47,11 @@ def threaded_server(
     )
     # log_config=None: uvicorn's records (an exception a route let out) reach the root logger, and caplog.
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", proxy_headers=False))
+    network = app.app.state.runtime.security.network
+    limits = ConnectionLimits(header_timeout_s=header_timeout_s, exempt=network.trusted)
+    server = bounded_server(
+        app, limits=limits, shutdown_grace_s=config.shutdown_grace_s, log_config=None, log_level="warning"
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="zimage-test-server")
     thread.start()
     try:

@@ -190,11 +190,10 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
 
 
 def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[socket.socket]) -> None:
-    import uvicorn
-
     from zimage_serve.config import ConfigError
     from zimage_serve.security.guard import SecuritySettings
     from zimage_serve.server.app import create_app
+    from zimage_serve.server.connections import ConnectionLimits, bounded_server
     from zimage_serve.server.runtime import ServerSettings
 
     roots = models_roots(models or config.models or None, config.data_dir)
@@ -251,17 +250,13 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
         f"authentication {'on' if security.auth else 'off'}: {security.auth_reason})",
         highlight=False,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.listen,
-            port=config.port,
-            log_level="warning",
-            # X-Forwarded-For is the gate's to believe, only from --trusted-proxy (uvicorn's own handling
-            # would take it from any local peer)
-            proxy_headers=False,
-            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
-        )
+    server = bounded_server(
+        app,
+        limits=ConnectionLimits(exempt=security.network.trusted),
+        shutdown_grace_s=settings.shutdown_grace_s,
+        host=config.listen,
+        port=config.port,
+        log_level="warning",
     )
     try:
         server.run(sockets=sockets)

@@ -8,6 +8,7 @@ store's `Job` records, never to the executor or the node set directly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,9 @@ class DeviceWorker(Protocol):
     def device_stats(self) -> dict[str, object]: ...
 
     def state(self) -> str: ...
+
+
+JOINED_PAIRS_UP_TO = 8  # texts in a prompt up to which every ordered pair of them is screened joined
 
 
 class PromptRejected(Exception):
@@ -142,26 +146,40 @@ class QueueService:
         return Submitted(job, checked.node_errors)
 
     def _screen(self, prompt: dict[str, Any]) -> None:
-        """Every text a text-encoding node would encode goes through the word filter."""
+        """Every text a text-encoding node would encode goes through the word filter: each alone, then
+        joined, so that a word split across nodes (two encoders joined by ConditioningConcat, say) is
+        caught too: every ordered pair, and all of them in the prompt's order."""
         assert self.screen is not None
-        for node_id, node in prompt.items():
-            node_class = self.validator.nodes[node["class_type"]]
-            for name in prompt_inputs(node_class):
-                text = node["inputs"].get(name)
-                rule = self.screen.match(text) if isinstance(text, str) else None
-                if rule is not None:
-                    details = f"{name}: the text matches rule {rule} of this server's word filter"
-                    problem = validate_error(
-                        "prompt_blocked",
-                        "Prompt blocked by the word filter",
-                        details,
-                        {"input_name": name, "rule": rule},
-                    )
-                    node_errors = {
-                        node_id: {"errors": [problem], "dependent_outputs": [], "class_type": node["class_type"]}
-                    }
-                    body = {"error": {**problem, "extra_info": {}}, "node_errors": node_errors}
-                    raise PromptBlocked(body, rule, node_id, text)
+        texts = [
+            (node_id, name, text)
+            for node_id, node in prompt.items()
+            for name in prompt_inputs(self.validator.nodes[node["class_type"]])
+            if isinstance(text := node["inputs"].get(name), str) and text
+        ]
+        joined = [(node_id, name, text) for node_id, name, text in texts]
+        if 1 < len(texts) <= JOINED_PAIRS_UP_TO:
+            joined += [(a[0], a[1], a[2] + b[2]) for a in texts for b in texts if a is not b]
+        elif len(texts) > JOINED_PAIRS_UP_TO:  # many texts: neighbours only, in either order
+            joined += [(a[0], a[1], a[2] + b[2]) for a, b in itertools.pairwise(texts)]
+            joined += [(b[0], b[1], b[2] + a[2]) for a, b in itertools.pairwise(texts)]
+        if len(texts) > 2:
+            joined.append((texts[0][0], texts[0][1], "".join(text for _, _, text in texts)))
+        for node_id, name, text in joined:
+            rule = self.screen.match(text)
+            if rule is not None:
+                node = prompt[node_id]
+                details = f"{name}: the text matches rule {rule} of this server's word filter"
+                problem = validate_error(
+                    "prompt_blocked",
+                    "Prompt blocked by the word filter",
+                    details,
+                    {"input_name": name, "rule": rule},
+                )
+                node_errors = {
+                    node_id: {"errors": [problem], "dependent_outputs": [], "class_type": node["class_type"]}
+                }
+                body = {"error": {**problem, "extra_info": {}}, "node_errors": node_errors}
+                raise PromptBlocked(body, rule, node_id, text)
 
     def _images(self, prompt: dict[str, Any]) -> int:
         """How many images a prompt makes: the batch of each node that makes images (pixels it asks for)."""

@@ -7,10 +7,14 @@ and line number), and `word:` for a Latin-script rule that must match a whole wo
 not block `class`). Files are read again when they change, with no restart.
 
 Normalisation, applied to rules and texts alike:
-- NFKC (full-width letters become ASCII), then case folding;
+- NFKC (full-width letters become ASCII), then look-alikes folded to the Latin letter they imitate
+  (Unicode's confusables data, UTS #39, from confusable_homoglyphs: Cyrillic `а`, Greek `ο`);
+- compatibility decomposition with every combining mark dropped (`bännéd`, precomposed or not, is
+  `banned`), and every default-ignorable code point dropped (soft hyphens, zero-width characters, Hangul
+  fillers: invisible, so they split no word), then case folding;
 - traditional Chinese to simplified (OpenCC's t2s);
-- separators removed: whitespace, punctuation, symbols, combining marks and zero-width characters (`B A N N E D`,
-  `b.a.n.n.e.d`, `禁-止` become `banned`, `禁止`).
+- separators removed: whitespace, punctuation and symbols (`B A N N E D`, `b.a.n.n.e.d`, `禁-止` become
+  `banned`, `禁止`).
 Matching is one Aho-Corasick pass (pyahocorasick) over the compact text. A whole-word rule is checked
 against the word boundaries of the text before its separators were removed, mapped to the compact
 text, so `b a n` matches only where the spread-out letters stand as a word of their own.
@@ -34,7 +38,27 @@ from zimage_serve.errors import ZImageError
 
 log = logging.getLogger(__name__)
 RELOAD_CHECK_S = 1.0  # how often the files' modification times are looked at
-ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e")
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): characters that show nothing.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+IGNORABLE = frozenset(chr(c) for first, last in DEFAULT_IGNORABLE for c in range(first, last + 1))
 
 
 class BlocklistError(ZImageError):
@@ -63,11 +87,29 @@ def _t2s(text: str) -> str:
 
 
 def _separator(char: str) -> bool:
-    if char in ZERO_WIDTH:
-        return True
     category = unicodedata.category(char)
-    # Spaces, punctuation, symbols (emoji too), combining marks, controls and format characters.
-    return category[0] in "ZPSMC" and category != "Co"
+    # Spaces, punctuation, symbols (emoji too), controls and format characters.
+    return category[0] in "ZPSC" and category != "Co"
+
+
+_look_alikes: dict[str, str] | None = None
+
+
+def _latin_look_alikes() -> dict[str, str]:
+    """Each character that UTS #39's confusables data says imitates one ASCII letter or digit, mapped to it."""
+    global _look_alikes
+    if _look_alikes is None:
+        from confusable_homoglyphs.confusables import confusables_data
+
+        found: dict[str, str] = {}
+        for char, homoglyphs in confusables_data.items():
+            if len(char) != 1 or char.isascii():
+                continue
+            latin = sorted(h["c"] for h in homoglyphs if len(h["c"]) == 1 and h["c"].isascii() and h["c"].isalnum())
+            if latin:
+                found[char] = latin[-1]  # a lower-case letter before its capital, when both are there
+        _look_alikes = found
+    return _look_alikes
 
 
 def normalise(text: str) -> tuple[str, list[int]]:
@@ -83,7 +125,12 @@ def normalise(text: str) -> tuple[str, list[int]]:
 
 
 def _folded(text: str) -> str:
-    folded = unicodedata.normalize("NFKC", text).casefold()
+    look_alikes = _latin_look_alikes()
+    skeleton = "".join(look_alikes.get(c, c) for c in unicodedata.normalize("NFKC", text))
+    bare = "".join(
+        c for c in unicodedata.normalize("NFKD", skeleton) if c not in IGNORABLE and unicodedata.category(c)[0] != "M"
+    )
+    folded = bare.casefold()
     if any("\u3400" <= c <= "\u9fff" or "\uf900" <= c <= "\ufaff" for c in folded):
         folded = _t2s(folded)  # positions refer to this converted text, whatever its length
     return folded

@@ -109,6 +109,10 @@ class NetworkPolicy:
                 return hop
         return hops[0] if hops else peer
 
+    def trusted(self, address: str) -> bool:
+        """Whether `address` is a trusted proxy's (whose connections carry everyone's requests)."""
+        return bool(self.trusted_proxies) and self._in(address, self.trusted_proxies)
+
     def allowed(self, address: str) -> bool:
         return not self.allow or self._in(address, self.allow)
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,8 @@ class Hub:
 
     def __init__(self) -> None:
         self.sockets: dict[Session, WebSocket] = {}
+        self._holders: dict[Session, str] = {}  # who holds each socket, as WebSocket caps count it
+        self._held: Counter[str] = Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[tuple[str, list[Session] | str | None]] | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -50,10 +53,18 @@ class Hub:
             with contextlib.suppress(Exception):  # already closed
                 await socket.close(code=1001)
         self.sockets.clear()
+        self._holders.clear()
+        self._held.clear()
 
-    async def add(self, session: Session, socket: WebSocket) -> None:
+    def held_by(self, holder: str) -> int:
+        return self._held[holder]
+
+    async def add(self, session: Session, socket: WebSocket, holder: str = "") -> None:
         old = self.sockets.get(session)
         self.sockets[session] = socket
+        if old is None:
+            self._holders[session] = holder
+            self._held[holder] += 1
         self._audience_changed()
         if old is not None and old is not socket:
             with contextlib.suppress(Exception):  # the old connection may already be gone
@@ -62,6 +73,10 @@ class Hub:
     def remove(self, session: Session, socket: WebSocket) -> None:
         if self.sockets.get(session) is socket:
             del self.sockets[session]
+            holder = self._holders.pop(session, "")
+            self._held[holder] -= 1
+            if self._held[holder] <= 0:
+                del self._held[holder]
             self._audience_changed()
 
     async def close_user(self, owner: str, code: int = 1008) -> None:

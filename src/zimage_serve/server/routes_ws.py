@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from zimage_serve.server.connections import WEBSOCKETS_PER_USER
 from zimage_serve.server.gate import caller
 from zimage_serve.server.runtime import Runtime
 
@@ -18,11 +19,17 @@ router = APIRouter()
 async def websocket(socket: WebSocket) -> None:
     rt: Runtime = socket.app.state.runtime
     sid = socket.query_params.get("clientId") or uuid.uuid4().hex
-    owner = caller(socket).user
+    identity = caller(socket)
+    owner = identity.user
     session = (owner, sid)  # the clientId is the caller's: another user with the same one has their own
+    holder = owner or identity.address  # with authentication off, everyone is one user: count by address
+    if session not in rt.hub.sockets and rt.hub.held_by(holder) >= WEBSOCKETS_PER_USER:
+        # Refused before the handshake: the browser sees a 403, and the server keeps its descriptors.
+        await socket.close(code=1008, reason=f"more than {WEBSOCKETS_PER_USER} WebSockets at once")
+        return
     # Counted before the handshake completes: a client may post a prompt the moment it is connected, and
     # the worker process must know by then that someone listens (it sends no events to nobody).
-    await rt.hub.add(session, socket)
+    await rt.hub.add(session, socket, holder)
     try:
         await socket.accept()
         status = rt.status()
