@@ -168,3 +168,36 @@ def test_userdata_is_downloaded_unless_it_is_a_raster_image(tmp_path: Path) -> N
             status, headers, _ = server.request("GET", f"/api/userdata/{name}")
             assert status == 200 and headers["content-disposition"].startswith(disposition), (name, headers)
             assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_each_user_has_a_quota_of_userdata_files_bytes_and_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zimage_serve.server import routes_userdata
+
+    monkeypatch.setattr(routes_userdata, "USERDATA_FILES", 3)
+    monkeypatch.setattr(routes_userdata, "USERDATA_BYTES", 10_000)
+    monkeypatch.setattr(routes_userdata, "SETTINGS_BYTES", 1_000)
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on", preload=False) as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        for name in ("a", "b", "c"):
+            assert alice.request("POST", f"/api/userdata/workflows%2F{name}.json", raw=b"{}")[0] == 200
+        status, _, body = alice.request("POST", "/api/userdata/workflows%2Fd.json", raw=b"{}")
+        assert status == 413 and b"3 files" in body
+        assert alice.request("POST", "/api/userdata/workflows%2Fa.json", raw=b"x" * 9_000)[0] == 200  # replaced
+        status, _, body = alice.request("POST", "/api/userdata/workflows%2Fb.json", raw=b"x" * 2_000)
+        assert status == 413 and b"bytes used" in body
+        # The settings object has a bound of its own, and a refused change leaves the old settings.
+        assert alice.request("POST", "/api/settings", {"Comfy.Locale": "zh"})[0] == 200
+        status, _, body = alice.request("POST", "/api/settings/Comfy.Huge", "y" * 2_000)
+        assert status == 413 and b"settings" in body
+        assert alice.json("GET", "/api/settings")[1] == {"Comfy.Locale": "zh"}
+        # Bob's share is his own.
+        assert bob.request("POST", "/api/userdata/workflows%2Fa.json", raw=b"x" * 9_000)[0] == 200
+        # Room is made by deleting (her settings file counts among her files too).
+        assert alice.request("POST", "/api/userdata/workflows%2Fd.json", raw=b"{}")[0] == 413
+        for name in ("a", "b"):
+            assert alice.request("DELETE", f"/api/userdata/workflows%2F{name}.json")[0] == 204
+        assert alice.request("POST", "/api/userdata/workflows%2Fd.json", raw=b"{}")[0] == 200

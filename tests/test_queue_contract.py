@@ -14,7 +14,7 @@ import pytest
 from tests.redis_server import RedisServer
 from tests.support.queues import Clock, enqueue
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import DuplicateJob, HistoryLimits, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.store import JobStore
 
@@ -344,3 +344,32 @@ def test_front_and_numbers_never_jump_another_owners_earlier_job(connect: Connec
     store.finish("b-running", "success", {})
     assert (first := store.claim("w:1:x")) is not None and first.id == "b-waiting"
     assert (second := store.claim("w:2:x")) is not None and second.id == "a-front2"  # alice's own order holds
+
+
+def test_each_owner_keeps_their_own_history_and_a_flood_trims_the_flooder(connect: Connect) -> None:
+    store = connect(history=HistoryLimits(per_owner=5, total=12))
+
+    def run(owner: str, count: int, first: int = 0) -> None:
+        jobs = [Job(f"{owner}{i}", float(i), {}, {}, [], owner=owner) for i in range(first, first + count)]
+        store.enqueue_many(jobs)
+        for _ in range(count):
+            job = store.claim()
+            assert job is not None
+            store.finish(job.id, "success", {})
+
+    def kept(owner: str) -> list[str]:
+        return [job.id for job in store.history(owner=owner)]
+
+    run("alice", 3)
+    run("bob", 8)  # past his own limit: his oldest go, nobody else's
+    assert kept("bob") == ["bob3", "bob4", "bob5", "bob6", "bob7"] and kept("alice") == ["alice0", "alice1", "alice2"]
+    assert store.get("bob0") is None and store.count("success") == 8 == store.count_finished()
+    run("carol", 2)
+    run("dave", 3)  # 13 entries in all, past the total of 12: the largest owner's oldest goes
+    assert kept("bob") == ["bob4", "bob5", "bob6", "bob7"]
+    assert kept("alice") == ["alice0", "alice1", "alice2"] and kept("carol") == ["carol0", "carol1"]
+    assert kept("dave") == ["dave0", "dave1", "dave2"] and store.count_finished() == 12
+    # Deleting entries frees their owner's room: the counts behind the trim follow every change.
+    assert store.delete_history(["bob4", "bob5"], "bob") == 2
+    run("bob", 2, first=8)
+    assert kept("bob") == ["bob6", "bob7", "bob8", "bob9"] and store.count_finished() == 12

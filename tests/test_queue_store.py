@@ -55,18 +55,6 @@ def test_a_files_counter_is_one_past_the_highest_number_after_a_crash_and_exact_
     assert JobStore(tmp_path / "q.db").next_number() == 4
 
 
-def test_history_keeps_the_newest_entries_within_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "HISTORY_LIMIT", 3)
-    store = JobStore(tmp_path / "q.db")
-    for name in "abcde":
-        add(store, name)
-        job = store.claim()
-        assert job is not None
-        store.finish(job.id, "success", {})
-    assert [j.id for j in store.history()] == ["c", "d", "e"]
-    assert store.count_finished() == 3 == store.count("success")
-
-
 def test_claiming_reads_one_index_entry_not_every_waiting_job(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "q.db")
     plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.NEXT_PENDING))

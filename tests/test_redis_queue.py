@@ -124,19 +124,3 @@ def test_every_end_is_written_to_the_audit_outbox_with_its_owner(redis_server: R
         ("b", "", "error"),
     ]
     assert entries[0][1]["context"] == '{"role": "user"}' and float(entries[0][1]["finished"]) > 0
-
-
-def test_history_keeps_the_newest_entries_within_the_limit(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from zimage_serve.queue import redis_queue
-
-    monkeypatch.setattr(redis_queue, "HISTORY_LIMIT", 3)
-    store = queue_on(redis_server)
-    store.enqueue_many([Job(f"j{i}", i, {}, {}, [], owner="alice") for i in range(5)])
-    for _ in range(5):
-        job = store.claim()
-        assert job is not None
-        store.finish(job.id, "success", {})
-    assert [j.id for j in store.history()] == ["j2", "j3", "j4"] and store.count("success") == 3
-    assert store.count_finished("alice") == 3 and store.get("j0") is None

@@ -223,6 +223,20 @@ def test_websockets_need_a_token_and_a_client_id_is_its_users_own(clients: Clien
             assert all(m["type"] == "status" for m in before), before
 
 
+def test_status_messages_count_only_the_users_own_prompts(clients: Clients) -> None:
+    alice, bob, admin = clients["user"], clients["other"], clients["admin"]
+    with alice.websocket("/ws?clientId=a") as alices, bob.websocket("/ws?clientId=b") as bobs:
+        for socket in (alices, bobs):
+            assert socket.receive_json()["data"]["status"]["exec_info"]["queue_remaining"] == 0
+        blocker = submit(alice, slow_job("status-blocker"))
+        read_until(alices, lambda m: m["type"] == "status" and m["data"]["status"]["exec_info"]["queue_remaining"])
+        alice.request("POST", "/interrupt", {})
+        done(alice, blocker)
+        admin.runtime.hub.broadcast("marker", {})
+        seen = [m for m in read_until(bobs, lambda m: m["type"] == "marker") if m["type"] == "status"]
+        assert seen and all(m["data"]["status"]["exec_info"]["queue_remaining"] == 0 for m in seen)
+
+
 # -- isolation --------------------------------------------------------------------------------------------
 def test_users_see_and_change_only_their_own_jobs(clients: Clients) -> None:
     alice, bob, admin = clients["user"], clients["other"], clients["admin"]
@@ -233,6 +247,9 @@ def test_users_see_and_change_only_their_own_jobs(clients: Clients) -> None:
     alice_queue = alice.json("GET", "/queue")[1]
     bob_queue = bob.json("GET", "/queue")[1]
     admin_queue = admin.json("GET", "/queue")[1]
+    # How busy the queue is, each as far as it is theirs: nobody learns how much others have queued.
+    remaining = [c.json("GET", "/prompt")[1]["exec_info"]["queue_remaining"] for c in (alice, bob, admin)]
+    assert remaining == [2, 1, 3]
     assert {i[1] for i in alice_queue["queue_pending"]} == {waiting}
     assert {i[1] for i in bob_queue["queue_pending"]} == {bobs} and bob_queue["queue_running"] == []
     assert {i[1] for i in admin_queue["queue_pending"]} == {waiting, bobs}

@@ -52,6 +52,43 @@ def test_sign_out_closes_the_session_and_only_from_this_site(tmp_path: Path) -> 
         assert client.get("/api/zimage/session").status_code == 401
 
 
+def use_cookie(client: TestClient, secret: str) -> None:
+    client.cookies.clear()  # one session cookie, as a browser holds for this site
+    client.cookies.set(SESSION_COOKIE, secret)
+
+
+def test_a_users_sessions_are_listed_and_ended_one_or_all_and_only_their_own(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on", preload=False) as server:
+        client = server.client
+        laptop = sign_in(client, tokens["user"])
+        phone = sign_in(client, tokens["user"])  # the same person, another browser (the cookie is the last)
+        sign_in(client, tokens["other"])
+        alice, bob, admin = (server.as_token(tokens[who]) for who in ("user", "other", "admin"))
+        listed = alice.json("GET", "/api/zimage/sessions")[1]["sessions"]
+        assert [entry["user"] for entry in listed] == ["alice", "alice"]  # hers only, newest first
+        assert all(entry["expires"] > entry["created"] and not entry["current"] for entry in listed)
+        assert len(admin.json("GET", "/api/zimage/sessions")[1]["sessions"]) == 3
+        assert [e["user"] for e in admin.json("GET", "/api/zimage/sessions?user=bob")[1]["sessions"]] == ["bob"]
+        # The one this browser holds is marked as such.
+        use_cookie(client, phone)
+        marked = client.get("/api/zimage/sessions").json()["sessions"]
+        assert [e["current"] for e in marked] == [True, False]
+        # Ending the laptop's session signs the laptop out, and nobody else; Bob cannot end Alice's.
+        laptop_id = marked[1]["id"]
+        assert bob.request("DELETE", f"/api/zimage/sessions/{laptop_id}")[0] == 404
+        assert alice.json("DELETE", f"/api/zimage/sessions/{laptop_id}") == (200, {"ended": 1})
+        use_cookie(client, laptop)
+        assert client.get("/api/zimage/session").status_code == 401
+        use_cookie(client, phone)
+        assert client.get("/api/zimage/session").json()["signed_in"] is True
+        # Signing out everywhere: every session of hers, none of Bob's.
+        assert alice.json("DELETE", "/api/zimage/sessions") == (200, {"ended": 1})
+        assert client.get("/api/zimage/session").status_code == 401
+        assert [e["user"] for e in admin.json("GET", "/api/zimage/sessions")[1]["sessions"]] == ["bob"]
+
+
 def test_only_a_browser_session_gets_a_sign_out_button(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tokens = make_tokens(data)

@@ -16,7 +16,19 @@ STATES = ("pending", "running", "success", "error", "interrupted")
 FINISHED = ("success", "error", "interrupted")
 NUMBER_LIMIT = 2.0**63  # a job's number (priority) is a float within ±2**63
 LEASE_S = 30.0  # how long a claim holds without a heartbeat; a worker renews it every third of that
-HISTORY_LIMIT = 10000  # as ComfyUI: the oldest finished entries go beyond this
+HISTORY_LIMIT = 10000  # history entries each owner keeps (ComfyUI keeps as many for everyone together)
+HISTORY_TOTAL = 50000  # everyone's together: beyond, the largest owners' oldest entries go first
+
+
+@dataclass(frozen=True)
+class HistoryLimits:
+    """How much history a queue keeps: each owner's newest `per_owner` entries, and no more than `total`
+    for everyone (then trimmed, largest owners first, to 99 % of it, so the trim is not paid per job)."""
+
+    per_owner: int = HISTORY_LIMIT
+    total: int = HISTORY_TOTAL
+
+
 RETRY_QUEUED_S = 5  # Retry-After for a full per-user queue: about when one of the user's jobs ends
 RETRY_UNAVAILABLE_S = 5  # Retry-After while the queue cannot be reached
 

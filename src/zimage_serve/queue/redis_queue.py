@@ -32,10 +32,10 @@ from zimage_serve.errors import ZImageError
 from zimage_serve.queue import redis_scripts
 from zimage_serve.queue.jobs import (
     FINISHED,
-    HISTORY_LIMIT,
     LEASE_S,
     RETRY_QUEUED_S,
     DuplicateJob,
+    HistoryLimits,
     Job,
     QueueFull,
     QueueUnavailable,
@@ -93,10 +93,13 @@ class RedisQueue:
         prefix: str = DEFAULT_PREFIX,
         client: redis.Redis | None = None,
         clock: Callable[[], float] | None = None,
+        history: HistoryLimits | None = None,
     ) -> None:
         """`clock`: where leases and times are read (seconds since the epoch); None, Redis' own TIME, which
         every machine of a cluster shares. Tests pass their own, to move time on without sleeping."""
         self.url, self.max_pending, self.prefix, self.clock = url, max_pending, prefix, clock
+        self.history_limits = history or HistoryLimits()
+        self._history_args = (self.history_limits.per_owner, self.history_limits.total)
         self.redis = client if client is not None else connect(url)
         self._down_until = 0.0
         scripts = ("ENQUEUE", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
@@ -250,7 +253,7 @@ class RedisQueue:
             raise ValueError(f"not a final state: {state}")
         text = strict_json.dumps(result)
         fields = self._run(
-            "FINISH", job_id, state, text, "1" if claim_next else "0", worker, repr(lease_s), HISTORY_LIMIT
+            "FINISH", job_id, state, text, "1" if claim_next else "0", worker, repr(lease_s), *self._history_args
         )
         return self._job_or_none(fields)
 
@@ -258,7 +261,7 @@ class RedisQueue:
         return int(self._run("HEARTBEAT", worker, repr(lease_s)))
 
     def requeue(self, job_id: str) -> bool:
-        return bool(self._run("RELEASE", job_id, "requeue", "", "*", "*", HISTORY_LIMIT))
+        return bool(self._run("RELEASE", job_id, "requeue", "", "*", "*", *self._history_args))
 
     def recover(
         self, retry: bool = True, max_attempts: int = 2, cause: str = "the server stopped", worker: str | None = None
@@ -275,7 +278,7 @@ class RedisQueue:
             if not gone:
                 continue
             if retry and job.attempts < max_attempts:
-                if self._run("RELEASE", job.id, "retry", "", job.worker, lease, HISTORY_LIMIT):
+                if self._run("RELEASE", job.id, "retry", "", job.worker, lease, *self._history_args):
                     job.state = "pending"
                     moved.append(job)
                 continue
@@ -286,7 +289,7 @@ class RedisQueue:
             )
             error = execution_error(job.id, message, "ServerRestart")
             result = strict_json.dumps({"outputs": {}, "messages": [["execution_error", error]]})
-            if self._run("RELEASE", job.id, "fail", result, job.worker, lease, HISTORY_LIMIT):
+            if self._run("RELEASE", job.id, "fail", result, job.worker, lease, *self._history_args):
                 job.state = "error"
                 moved.append(job)
         return moved

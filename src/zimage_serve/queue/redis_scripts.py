@@ -9,6 +9,7 @@ Keys, under the queue's prefix P (`zimage:` unless the URL names another):
   owner, `P owner:<owner>:<state>` (the local operator's jobs are owner ""'s); `P waiting`: the owners
   with jobs waiting, among whom claims share the workers fairly;
 - `P held:<worker>`: the ids a worker runs, whose leases its heartbeats renew;
+- `P history_owners`: history entries per owner (score), whose largest lose entries first past the total;
 - `P counts`: jobs per state; `P seq`, `P number`: counters; `P usage:<day>`: jobs and images per owner;
 - `P audit`: a stream, every job's end, written in the script that records it (the audit log's outbox);
 - `P control`: the channel that wakes workers when jobs are queued.
@@ -43,12 +44,18 @@ end
 -- Every owner's jobs are also in sorted sets of their own (the local operator's, owner '', too: fair
 -- share counts it as one owner); `P waiting` holds the owners with jobs waiting.
 local function move(m, owner, from, to, score)
-  redis.call('ZREM', P .. from, m)
+  local removed = redis.call('ZREM', P .. from, m)
   redis.call('ZREM', owned(owner, from), m)
+  if from == 'history' and removed == 1 then
+    if tonumber(redis.call('ZINCRBY', P .. 'history_owners', -1, owner)) <= 0 then
+      redis.call('ZREM', P .. 'history_owners', owner)
+    end
+  end
   if to ~= nil then
     redis.call('ZADD', P .. to, score, m)
     redis.call('ZADD', owned(owner, to), score, m)
     if to == 'pending' then redis.call('SADD', P .. 'waiting', owner) end
+    if to == 'history' then redis.call('ZINCRBY', P .. 'history_owners', 1, owner) end
   end
 end
 
@@ -106,27 +113,56 @@ local function claim(worker, lease_s, t)
   end
 end
 
-local function trim_history(limit)
-  local excess = redis.call('ZCARD', P .. 'history') - limit
-  if excess <= 0 then return end
-  for _, m in ipairs(redis.call('ZRANGE', P .. 'history', 0, excess - 1)) do
+-- The oldest `count` history entries of `owner`, removed with their jobs.
+local function drop_oldest(owner, count)
+  for _, m in ipairs(redis.call('ZRANGE', owned(owner, 'history'), 0, count - 1)) do
     local key = P .. 'job:' .. string.sub(m, 18)
-    local fields = redis.call('HMGET', key, 'state', 'owner')
-    if fields[1] then
-      counted(fields[1], nil)
-      redis.call('ZREM', owned(fields[2], 'history'), m)
+    local state = redis.call('HGET', key, 'state')
+    move(m, owner, 'history', nil, 0)
+    if state then
+      counted(state, nil)
       redis.call('DEL', key)
     end
   end
-  redis.call('ZREMRANGEBYRANK', P .. 'history', 0, excess - 1)
+end
+
+-- `P history_owners` (entries per owner), for a queue that kept history before it existed.
+local function count_history_owners()
+  if redis.call('EXISTS', P .. 'history_owners') == 1 then return end
+  for _, m in ipairs(redis.call('ZRANGE', P .. 'history', 0, -1)) do
+    local o = redis.call('HGET', P .. 'job:' .. string.sub(m, 18), 'owner')
+    if o then redis.call('ZINCRBY', P .. 'history_owners', 1, o) end
+  end
+end
+
+-- Each owner keeps their newest `per_owner` entries; beyond `total` for everyone, the largest owners lose
+-- their oldest first, down to 99 % of it.
+local function trim_history(owner, per_owner, total)
+  local excess = redis.call('ZCARD', owned(owner, 'history')) - per_owner
+  if excess > 0 then drop_oldest(owner, excess) end
+  local count = redis.call('ZCARD', P .. 'history')
+  if count <= total then return end
+  local target = total - math.floor(total / 100)
+  while count > target do
+    local largest = redis.call('ZREVRANGE', P .. 'history_owners', 0, 1, 'WITHSCORES')
+    if #largest == 0 then return end
+    local next_size = 0
+    if #largest >= 4 then next_size = tonumber(largest[4]) end
+    local take = math.min(count - target, math.max(1, tonumber(largest[2]) - next_size))
+    local before = redis.call('ZCARD', P .. 'history')
+    drop_oldest(largest[1], take)
+    count = redis.call('ZCARD', P .. 'history')
+    if count == before then return end
+  end
 end
 
 -- A running job's end: its state, result and history entry, and a copy in the audit outbox.
-local function finish(id, state, result, t, history_limit)
+local function finish(id, state, result, t, per_owner, total)
   local key = P .. 'job:' .. id
   local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker')
   if fields[1] ~= 'running' then return false end
   local finished = fmt(t)
+  count_history_owners()
   redis.call('HSET', key, 'state', state, 'finished', finished, 'result', result)
   move(fields[2], fields[3], 'running', 'history', finished)
   if fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
@@ -135,7 +171,7 @@ local function finish(id, state, result, t, history_limit)
   redis.call('XADD', P .. 'audit', 'MAXLEN', '~', 100000, '*', 'job_id', id, 'owner', job[1],
              'context', job[2], 'state', state, 'created', job[3], 'started', job[4], 'finished', finished,
              'result', result)
-  trim_history(tonumber(history_limit))
+  trim_history(fields[3], tonumber(per_owner), tonumber(total))
   return true
 end
 """
@@ -196,12 +232,12 @@ return answers
 # ARGV: P, clock, worker, lease_s
 CLAIM = PRELUDE + "\nreturn claim(ARGV[3], ARGV[4], now())\n"
 
-# ARGV: P, clock, id, state, result, claim_next ('1' or '0'), worker, lease_s, history_limit
+# ARGV: P, clock, id, state, result, claim_next ('1' or '0'), worker, lease_s, history per owner and in all
 FINISH = (
     PRELUDE
     + r"""
 local t = now()
-finish(ARGV[3], ARGV[4], ARGV[5], t, ARGV[9])
+finish(ARGV[3], ARGV[4], ARGV[5], t, ARGV[9], ARGV[10])
 if ARGV[6] == '1' then return claim(ARGV[7], ARGV[8], t) end
 return false
 """
@@ -230,7 +266,7 @@ return renewed
 
 # ARGV: P, clock, id, how ('requeue': as if never started, the attempt not counted; 'retry': queued again;
 # 'fail': ended as an error with `result`), result, expected worker, expected lease (both '*' for any),
-# history_limit. 1 if the job was running (and held as expected) and was moved, else 0.
+# history per owner and in all. 1 if the job was running (and held as expected) and was moved, else 0.
 RELEASE = (
     PRELUDE
     + r"""
@@ -240,7 +276,7 @@ local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker', 'lease'
 if fields[1] ~= 'running' then return 0 end
 if ARGV[6] ~= '*' and (fields[4] ~= ARGV[6] or fields[5] ~= ARGV[7]) then return 0 end
 if how == 'fail' then
-  finish(id, 'error', result, now(), ARGV[8])
+  finish(id, 'error', result, now(), ARGV[8], ARGV[9])
   return 1
 end
 move(fields[2], fields[3], 'running', 'pending', fields[6])

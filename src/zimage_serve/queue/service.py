@@ -220,8 +220,11 @@ class QueueService:
         ]
 
     # -- the queue and the history ---------------------------------------------------------------------
-    def remaining(self) -> int:
-        return self.store.count("pending") + self.store.count("running")
+    def remaining(self, identity: Identity = LOCAL) -> int:
+        """Prompts waiting or running: the caller's own (everyone's for an admin), as ComfyUI's
+        `queue_remaining` counts them; a user never learns how busy other users are."""
+        owner = identity.owner_filter()
+        return self.store.count("pending", owner) + self.store.count("running", owner)
 
     def queue_json(self, limit: int | None = None, offset: int = 0, identity: Identity = LOCAL) -> str:
         """GET /queue's answer, {"queue_running": [...], "queue_pending": [...]}, as JSON text (the

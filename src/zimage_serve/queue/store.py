@@ -32,12 +32,12 @@ from zimage_serve import strict_json
 from zimage_serve.private import private_file
 from zimage_serve.queue.jobs import (
     FINISHED,
-    HISTORY_LIMIT,
     LEASE_S,
     NUMBER_LIMIT,
     RETRY_QUEUED_S,
     STATES,
     DuplicateJob,
+    HistoryLimits,
     Job,
     QueueFull,
     QuotaExceeded,
@@ -171,6 +171,22 @@ CREATE INDEX IF NOT EXISTS jobs_owner_live ON jobs (owner, number, seq) WHERE fi
 CREATE INDEX IF NOT EXISTS jobs_owner_done ON jobs (owner, finished, seq) WHERE finished IS NOT NULL AND owner <> '';
 CREATE INDEX IF NOT EXISTS jobs_owner_running ON jobs (owner) WHERE state = 'running' AND owner <> '';
 """
+# History entries per owner, kept by triggers, so that each owner's history is trimmed to its own limit and
+# the largest owners are found at once when everyone's together is over the total (queue/jobs.py).
+HISTORY_OWNERS = f"""
+CREATE TABLE IF NOT EXISTS history_owners (owner TEXT PRIMARY KEY, n INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS jobs_history_in AFTER INSERT ON jobs WHEN NEW.{DONE} BEGIN
+    INSERT INTO history_owners (owner, n) VALUES (NEW.owner, 1) ON CONFLICT(owner) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_history_out AFTER DELETE ON jobs WHEN OLD.{DONE} BEGIN
+    UPDATE history_owners SET n = n - 1 WHERE owner = OLD.owner;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_history_moved AFTER UPDATE OF finished ON jobs
+WHEN (OLD.finished IS NULL) <> (NEW.finished IS NULL) BEGIN
+    INSERT INTO history_owners (owner, n) VALUES (NEW.owner, CASE WHEN NEW.{DONE} THEN 1 ELSE -1 END)
+    ON CONFLICT(owner) DO UPDATE SET n = n + excluded.n;
+END;
+"""
 OWNED = "owner = ? AND owner <> ''"
 # Every job's end is copied, in the transaction that records it, to the outbox the audit log's writer
 # empties (security/audit.py): a generation is in the audit log even if a process dies right after it.
@@ -206,10 +222,17 @@ STRICT_VERSION = 2
 
 
 class JobStore:
-    def __init__(self, path: Path, max_pending: int = 10000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_pending: int = 10000,
+        clock: Callable[[], float] = time.time,
+        history: HistoryLimits | None = None,
+    ) -> None:
         """`clock`: the time of submissions, starts, ends and leases (seconds since the epoch); tests pass
         their own, to move time on without sleeping."""
         self.path, self.max_pending, self.clock = private_file(path), max_pending, clock
+        self.history_limits = history or HistoryLimits()
         self._lock = threading.Lock()
         self._number_lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -230,12 +253,17 @@ class JobStore:
         self._db.executescript(SCHEMA)
         self._add_owner_columns()
         self._db.executescript(OWNER_INDEXES)
+        self._db.executescript(HISTORY_OWNERS)
         self._db.executescript(AUDIT_TRIGGER)
         self._db.execute("BEGIN IMMEDIATE")
         if self._db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
             found = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
             self._db.executemany(
                 "INSERT INTO state_counts (state, n) VALUES (?, ?)", [(s, found.get(s, 0)) for s in STATES]
+            )
+        if self._db.execute("SELECT COUNT(*) FROM history_owners").fetchone()[0] == 0:  # a file from before it
+            self._db.execute(
+                f"INSERT INTO history_owners (owner, n) SELECT owner, COUNT(*) FROM jobs WHERE {DONE} GROUP BY owner"
             )
         self._db.execute("COMMIT")
         if self._db.execute("PRAGMA user_version").fetchone()[0] < STRICT_VERSION:
@@ -410,11 +438,13 @@ class JobStore:
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
         with self._writing():
-            self._execute(
-                "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running'",
+            ended = self._execute(
+                "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running' "
+                "RETURNING owner",
                 (state, self.clock(), strict_json.dumps(result), job_id),
-            )
-            self._trim_history()
+            ).fetchone()
+            if ended is not None:
+                self._trim_history(str(ended[0]))
             return self._claim_next(worker, lease_s) if claim_next else None
 
     def heartbeat(self, worker: str, lease_s: float = LEASE_S) -> int:
@@ -648,13 +678,35 @@ class JobStore:
         row = self._execute("SELECT SUM(n) FROM state_counts WHERE state <> 'pending' AND state <> 'running'")
         return int(row.fetchone()[0] or 0)
 
-    def _trim_history(self) -> None:
-        excess = self._count_finished() - HISTORY_LIMIT
-        if excess > 0:
-            self._execute(
-                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {DONE} ORDER BY finished, seq LIMIT ?)",
-                (excess,),
-            )
+    def _trim_history(self, owner: str) -> None:
+        """`owner` keeps their newest entries (HistoryLimits.per_owner); past the total for everyone, the
+        largest owners lose their oldest first, down to 99 % of it (so this is not paid per job)."""
+        limits = self.history_limits
+        row = self._execute("SELECT n FROM history_owners WHERE owner = ?", (owner,)).fetchone()
+        if row is not None and row[0] > limits.per_owner:
+            self._drop_oldest(owner, row[0] - limits.per_owner)
+        total = self._count_finished()
+        if total <= limits.total:
+            return
+        target = limits.total - limits.total // 100
+        while total > target:
+            largest = self._execute("SELECT owner, n FROM history_owners ORDER BY n DESC LIMIT 2").fetchall()
+            if not largest or largest[0][1] <= 0:
+                return
+            runner_up = largest[1][1] if len(largest) > 1 else 0
+            self._drop_oldest(str(largest[0][0]), min(total - target, max(1, largest[0][1] - runner_up)))
+            left = self._count_finished()
+            if left == total:
+                return
+            total = left
+
+    def _drop_oldest(self, owner: str, count: int) -> None:
+        mine = OWNED if owner else "owner = ?"  # owner <> '': SQLite may use the per-owner index
+        self._execute(
+            f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE {mine} AND {DONE} "
+            "ORDER BY finished, seq LIMIT ?)",
+            (owner, count),
+        )
 
     def _select(self, where: str, args: tuple[Any, ...] = ()) -> list[Job]:
         with self._lock:

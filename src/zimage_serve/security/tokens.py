@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 SESSION_PREFIX = "zss_"
 SESSION_S = 30 * 24 * 3600  # a browser's sign-in lasts a month, or until it signs out or the token goes
 SESSIONS_PER_TOKEN = 20  # signing in again past this ends the token's oldest session
+SESSION_ID_CHARS = 16  # of a session's hash: how sessions are named when listed and ended
 LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
 
 
@@ -243,6 +244,47 @@ class TokenStore:
         with self._writing():
             self._db.execute("DELETE FROM sessions WHERE hash = ?", (hash_token(secret),))
         self.refresh(force=True)
+
+    def sessions(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Open sign-in sessions (`name`'s token's only, when given), newest first: an id (the start of the
+        secret's hash: it names the session, and signs nobody in), the token's name, when it opened and
+        when it ends."""
+        where, args = ("AND tokens.name = ?", (name,)) if name is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sessions.hash, tokens.name, sessions.created, sessions.expires FROM sessions "
+                f"JOIN tokens ON tokens.hash = sessions.token_hash WHERE sessions.expires >= ? {where} "
+                "ORDER BY sessions.created DESC",
+                (time.time(), *args),
+            ).fetchall()
+        return [
+            {"id": digest[:SESSION_ID_CHARS], "user": user, "created": created, "expires": expires}
+            for digest, user, created, expires in rows
+        ]
+
+    def end_sessions(self, name: str | None, session_id: str | None = None) -> int:
+        """End sign-in sessions: `name`'s token's (everyone's: None), all of them or the one `session_id`
+        names; how many ended."""
+        if session_id is not None and (len(session_id) != SESSION_ID_CHARS or not session_id.isalnum()):
+            return 0
+        conditions: list[str] = []
+        args: list[str | int] = []
+        if name is not None:
+            conditions.append("token_hash IN (SELECT hash FROM tokens WHERE name = ?)")
+            args.append(name)
+        if session_id is not None:
+            conditions.append("substr(hash, 1, ?) = ?")
+            args += [SESSION_ID_CHARS, session_id]
+        with self._writing():
+            ended = self._db.execute(
+                "DELETE FROM sessions" + (" WHERE " + " AND ".join(conditions) if conditions else ""), args
+            ).rowcount
+        self.refresh(force=True)
+        return int(ended)
+
+    @staticmethod
+    def session_id(secret: str) -> str:
+        return hash_token(secret)[:SESSION_ID_CHARS]
 
     def empty(self) -> bool:
         self.refresh()

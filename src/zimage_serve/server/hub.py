@@ -19,6 +19,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
+from zimage_serve.identity import LOCAL, Identity
+
 log = logging.getLogger(__name__)
 
 Session = tuple[str, str]  # (user, clientId)
@@ -33,6 +35,7 @@ class Hub:
     def __init__(self) -> None:
         self.sockets: dict[Session, WebSocket] = {}
         self._holders: dict[Session, str] = {}  # who holds each socket, as WebSocket caps count it
+        self._viewers: dict[Session, Identity] = {}  # whose view of the queue each socket is sent
         self._held: Counter[str] = Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[tuple[str, list[Session] | str | None]] | None = None
@@ -54,14 +57,16 @@ class Hub:
                 await socket.close(code=1001)
         self.sockets.clear()
         self._holders.clear()
+        self._viewers.clear()
         self._held.clear()
 
     def held_by(self, holder: str) -> int:
         return self._held[holder]
 
-    async def add(self, session: Session, socket: WebSocket, holder: str = "") -> None:
+    async def add(self, session: Session, socket: WebSocket, holder: str = "", viewer: Identity = LOCAL) -> None:
         old = self.sockets.get(session)
         self.sockets[session] = socket
+        self._viewers[session] = viewer
         if old is None:
             self._holders[session] = holder
             self._held[holder] += 1
@@ -74,6 +79,7 @@ class Hub:
         if self.sockets.get(session) is socket:
             del self.sockets[session]
             holder = self._holders.pop(session, "")
+            self._viewers.pop(session, None)
             self._held[holder] -= 1
             if self._held[holder] <= 0:
                 del self._held[holder]
@@ -108,6 +114,19 @@ class Hub:
         if not self.sockets:
             return
         self._post(json.dumps({"type": event, "data": data() if callable(data) else data}), None)
+
+    def broadcast_by_view(self, event: str, data: Callable[[Identity], dict[str, Any]]) -> None:
+        """To every session, `data` as its caller sees it: computed once per view (everyone's for the
+        admins, one user's own for each user), only for the views someone connected has."""
+        groups: dict[str | None, list[Session]] = {}
+        viewers: dict[str | None, Identity] = {}
+        for session in list(self.sockets):
+            viewer = self._viewers.get(session, LOCAL)
+            view = viewer.owner_filter()
+            groups.setdefault(view, []).append(session)
+            viewers.setdefault(view, viewer)
+        for view, sessions in groups.items():
+            self._post(json.dumps({"type": event, "data": data(viewers[view])}), sessions)
 
     def _post(self, text: str, targets: list[Session] | str | None) -> None:
         """To the sessions listed, to every session of one owner (a string), or to everyone (None)."""

@@ -72,7 +72,7 @@ def parse_body(raw: bytes, *, empty_ok: bool = False) -> Any:
 
 @router.get("/prompt")
 async def get_prompt(request: Request) -> dict[str, Any]:
-    return {"exec_info": {"queue_remaining": runtime(request).service.remaining()}}
+    return {"exec_info": {"queue_remaining": runtime(request).service.remaining(caller(request))}}
 
 
 async def post_prompt(request: Request) -> Response:

@@ -9,6 +9,7 @@ gate's Origin and Sec-Fetch-Site checks); it closes the session on the server, n
 
 from __future__ import annotations
 
+import asyncio
 import html
 from pathlib import Path
 from string import Template
@@ -16,11 +17,11 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from zimage_serve.security.tokens import SESSION_S, Token
 from zimage_serve.server.gate import SESSION_COOKIE, audit_note, caller, caller_token
-from zimage_serve.server.routes_queue import runtime
+from zimage_serve.server.routes_queue import comfy_error, runtime
 
 router = APIRouter()
 PAGE = Template((Path(__file__).parent / "pages" / "sign_in.html").read_text(encoding="utf-8"))
@@ -115,3 +116,39 @@ async def session(request: Request) -> dict[str, Any]:
         and caller_token(request) is not None
     )
     return {"user": identity.user, "role": identity.role, "signed_in": signed_in}
+
+
+@router.get("/zimage/sessions")
+async def list_sessions(request: Request) -> dict[str, Any]:
+    """The caller's open sign-in sessions, newest first (an admin's: everyone's, or `?user=NAME`'s), each
+    marked `current` if it is the one this request came with."""
+    identity = caller(request)
+    tokens = runtime(request).security.tokens
+    name = request.query_params.get("user") if identity.admin else identity.user
+    found = await asyncio.to_thread(tokens.sessions, name)
+    secret = request.cookies.get(SESSION_COOKIE)
+    current = tokens.session_id(secret) if secret else None
+    return {"sessions": [{**entry, "current": entry["id"] == current} for entry in found]}
+
+
+@router.delete("/zimage/sessions/{session_id}")
+async def end_session(request: Request, session_id: str) -> Response:
+    """End one sign-in session of the caller's (an admin: anyone's)."""
+    identity = caller(request)
+    name = None if identity.admin else identity.user
+    ended = await asyncio.to_thread(runtime(request).security.tokens.end_sessions, name, session_id)
+    audit_note(request, session=session_id)
+    if not ended:
+        return comfy_error("not_found", "No such session", f"no open session {session_id!r} of yours", 404)
+    return JSONResponse({"ended": ended})
+
+
+@router.delete("/zimage/sessions")
+async def end_sessions(request: Request) -> Response:
+    """End every sign-in session of the caller's token (an admin may name another user: `?user=NAME`),
+    this one included: signing out everywhere."""
+    identity = caller(request)
+    name = request.query_params.get("user") if identity.admin and "user" in request.query_params else identity.user
+    ended = await asyncio.to_thread(runtime(request).security.tokens.end_sessions, name)
+    audit_note(request, token_name=name)
+    return JSONResponse({"ended": ended})

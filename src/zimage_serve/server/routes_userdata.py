@@ -25,6 +25,11 @@ from zimage_serve.workflow.folders import UnknownFileError, contained
 
 router = APIRouter()
 SETTINGS_FILE = "comfy.settings.json"
+# Each user's share of the server's disk (one file is bounded by the request body limit, 8 MB): a user's
+# folder is read whole to list it, and the settings object is read on every page load.
+USERDATA_FILES = 2000
+USERDATA_BYTES = 256 * 1024 * 1024
+SETTINGS_BYTES = 1024 * 1024
 FOLDERS = ("workflows", "subgraphs")  # the frontend lists these at start: there from the first visit
 
 
@@ -93,14 +98,21 @@ def _write_settings(root: Path, settings: dict[str, Any]) -> None:
 _settings_lock = asyncio.Lock()
 
 
+def _settings_too_big(settings: dict[str, Any]) -> Response | None:
+    size = len(json.dumps(settings, ensure_ascii=False).encode())
+    if size <= SETTINGS_BYTES:
+        return None
+    return plain_error(413, f"the settings would take {size} bytes, past the {SETTINGS_BYTES} each user may keep")
+
+
 @router.get("/settings")
 async def get_settings(request: Request) -> JSONResponse:
-    return JSONResponse(_read_settings(user_root(request)))
+    return JSONResponse(await asyncio.to_thread(_read_settings, user_root(request)))
 
 
 @router.get("/settings/{setting_id}")
 async def get_setting(request: Request, setting_id: str) -> JSONResponse:
-    return JSONResponse(_read_settings(user_root(request)).get(setting_id))
+    return JSONResponse((await asyncio.to_thread(_read_settings, user_root(request))).get(setting_id))
 
 
 @router.post("/settings")
@@ -113,9 +125,12 @@ async def post_settings(request: Request) -> Response:
         return plain_error(400, "the settings must be a JSON object")
     root = user_root(request)
     async with _settings_lock:
-        settings = _read_settings(root)
+        settings = await asyncio.to_thread(_read_settings, root)
         settings.update(body)
-        _write_settings(root, settings)
+        refused = _settings_too_big(settings)
+        if refused is not None:
+            return refused
+        await asyncio.to_thread(_write_settings, root, settings)
     return Response(status_code=200)
 
 
@@ -127,9 +142,12 @@ async def post_setting(request: Request, setting_id: str) -> Response:
         return plain_error(400, f"the value must be JSON ({exc})")
     root = user_root(request)
     async with _settings_lock:
-        settings = _read_settings(root)
+        settings = await asyncio.to_thread(_read_settings, root)
         settings[setting_id] = value
-        _write_settings(root, settings)
+        refused = _settings_too_big(settings)
+        if refused is not None:
+            return refused
+        await asyncio.to_thread(_write_settings, root, settings)
     return Response(status_code=200)
 
 
@@ -149,10 +167,13 @@ async def list_userdata(request: Request) -> Response:
     recurse = query.get("recurse", "").lower() == "true"
     full_info = query.get("full_info", "").lower() == "true"
     split = query.get("split", "").lower() == "true"
-    root = Path(folder)
+    return JSONResponse(await asyncio.to_thread(_listing, Path(folder), recurse, full_info, split))
+
+
+def _listing(root: Path, recurse: bool, full_info: bool, split: bool) -> list[Any]:
+    """A folder's files as GET /userdata lists them (read off the event loop: a folder may hold thousands)."""
     found: list[Any] = []
-    paths = sorted(root.rglob("*") if recurse else root.iterdir())
-    for path in paths:
+    for path in sorted(root.rglob("*") if recurse else root.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
         relative = path.relative_to(root).as_posix()
@@ -162,7 +183,7 @@ async def list_userdata(request: Request) -> Response:
             found.append([relative, *relative.split("/")])
         else:
             found.append(relative)
-    return JSONResponse(found)
+    return found
 
 
 @router.get("/v2/userdata")
@@ -174,6 +195,10 @@ async def list_userdata_v2(request: Request) -> Response:
         return _refusal(exc)
     if not os.path.isdir(folder):
         return JSONResponse([])
+    return JSONResponse(await asyncio.to_thread(_entries, root, folder))
+
+
+def _entries(root: Path, folder: str) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for entry in sorted(os.scandir(folder), key=lambda e: (not e.is_dir(), e.name)):
         if entry.name.startswith("."):
@@ -186,7 +211,7 @@ async def list_userdata_v2(request: Request) -> Response:
             entries.append(
                 {"name": entry.name, "path": relative, "type": "file", "size": stat.st_size, "modified": stat.st_mtime}
             )
-    return JSONResponse(entries)
+    return entries
 
 
 def _segments(request: Request) -> list[str]:
@@ -252,9 +277,30 @@ async def post_userdata(request: Request, file: str) -> Response:
         return plain_error(409, "file exists; send overwrite=true to replace it")
     if os.path.isdir(path):
         return plain_error(409, "a folder has that name")
+    files, used = await asyncio.to_thread(_usage, root)
+    replaced = os.path.getsize(path) if os.path.isfile(path) else None
+    if replaced is None and files + 1 > USERDATA_FILES:
+        return plain_error(413, f"each user may keep {USERDATA_FILES} files here; delete some first")
+    if used - (replaced or 0) + len(body) > USERDATA_BYTES:
+        return plain_error(
+            413, f"each user may keep {USERDATA_BYTES // (1024 * 1024)} MiB here ({used} bytes used); delete some first"
+        )
     await asyncio.to_thread(_write_file, path, body)
     audit_note(request, files=["userdata/" + _relative(root, path)])
     return _saved(request, root, path)
+
+
+def _usage(root: Path) -> tuple[int, int]:
+    """How many files a user keeps here, and their bytes (the settings file among them)."""
+    files = used = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                used += os.path.getsize(os.path.join(folder, name))
+            except OSError:  # removed meanwhile
+                continue
+            files += 1
+    return files, used
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -29,10 +29,10 @@ async def websocket(socket: WebSocket) -> None:
         return
     # Counted before the handshake completes: a client may post a prompt the moment it is connected, and
     # the worker process must know by then that someone listens (it sends no events to nobody).
-    await rt.hub.add(session, socket, holder)
+    await rt.hub.add(session, socket, holder, identity)
     try:
         await socket.accept()
-        status = rt.status()
+        status = rt.status(identity)
         status["sid"] = sid
         await socket.send_text(json.dumps({"type": "status", "data": status}))
         # The worker process may take a moment to answer (a thread, not the loop, waits for it).

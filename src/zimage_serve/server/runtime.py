@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from zimage_serve.config import ConfigError
 from zimage_serve.engine.fastpath import FastPath
-from zimage_serve.identity import USER, Identity
+from zimage_serve.identity import LOCAL, USER, Identity
 from zimage_serve.image_safety import use_bomb_limit
 from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
 from zimage_serve.queue import backends
@@ -271,7 +271,8 @@ class Runtime:
     def queue_changed(self) -> None:
         # While the queue is away, sockets get its state with the next change, or as they connect.
         with contextlib.suppress(QueueUnavailable):
-            self.hub.broadcast("status", self.status)
+            self.hub.broadcast_by_view("status", self.status)
 
-    def status(self) -> dict[str, Any]:
-        return {"status": {"exec_info": {"queue_remaining": self.service.remaining()}}}
+    def status(self, identity: Identity = LOCAL) -> dict[str, Any]:
+        """ComfyUI's `status` message, as `identity` sees the queue (its own prompts; all, for an admin)."""
+        return {"status": {"exec_info": {"queue_remaining": self.service.remaining(identity)}}}
