@@ -238,6 +238,25 @@ def test_a_claim_is_a_lease_that_heartbeats_renew(connect: Connect) -> None:
     assert store.get("b") is not None and store.get("b").worker == ""  # type: ignore[union-attr]
 
 
+def test_a_worker_whose_lease_ran_out_records_nothing_once_another_took_its_job(connect: Connect) -> None:
+    clock = Clock()
+    store = connect(clock=clock)
+    add(store, "a")
+    frozen = store.claim("machine-1:1:aaaa", lease_s=10)
+    assert frozen is not None
+    clock.advance(11)  # it stopped renewing (SIGSTOP, a network split): its job goes to another worker
+    assert [job.id for job in store.recover(cause="its worker stopped renewing its lease")] == ["a"]
+    taken = store.claim("machine-2:2:bbbb", lease_s=10)
+    assert taken is not None and taken.id == "a"
+    # The frozen worker wakes and finishes its stale run: refused, whatever it found.
+    store.finish("a", "success", {"outputs": {"9": {"stale": True}}}, worker="machine-1:1:aaaa")
+    job = store.get("a")
+    assert job is not None and job.state == "running" and job.worker == "machine-2:2:bbbb"
+    store.finish("a", "success", {"outputs": {"9": {"fresh": True}}}, worker="machine-2:2:bbbb")
+    job = store.get("a")
+    assert job is not None and job.state == "success" and job.result["outputs"] == {"9": {"fresh": True}}
+
+
 def test_recovery_takes_the_jobs_of_dead_processes_on_this_host_only(connect: Connect) -> None:
     import os
     import socket

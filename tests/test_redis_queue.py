@@ -10,9 +10,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.redis_server import RedisServer, running_redis
-from tests.support.jobs import wait_until
+from tests.support.app import serving
+from tests.support.jobs import small_job, wait_until
 from tests.support.queues import Clock, enqueue
 from zimage_serve.queue.jobs import Job, QueueUnavailable
 from zimage_serve.queue.redis_queue import FAIL_FAST_S, RedisQueue
@@ -124,3 +126,22 @@ def test_every_end_is_written_to_the_audit_outbox_with_its_owner(redis_server: R
         ("b", "", "error"),
     ]
     assert entries[0][1]["context"] == '{"role": "user"}' and float(entries[0][1]["finished"]) > 0
+
+
+def test_a_redis_at_its_maxmemory_answers_503_and_shows_in_the_metrics(tmp_path: Path) -> None:
+    with running_redis(tmp_path / "redis", "--maxmemory-policy", "noeviction") as full:
+        prefix = f"t-{uuid.uuid4().hex[:8]}:"
+        url = full.url + f"?prefix={prefix}"
+        with serving(tmp_path / "data", queue=url, workers=0, preload=False) as server:
+            assert server.json("POST", "/prompt", {"prompt": small_job("before")})[0] == 200
+            operator = redis.Redis.from_url(full.url)
+            operator.config_set("maxmemory", "1")  # it holds more than its maxmemory: every write is refused
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                operator.set("anything", b"x")
+            status, headers, body = server.request("POST", "/prompt", {"prompt": small_job("refused")})
+            assert status == 503 and headers["retry-after"] == "5" and b"out of memory" in body, body
+            assert server.json("GET", "/queue")[0] == 200  # reads go on
+            metrics = server.request("GET", "/metrics")[2].decode()
+            assert 'zimage_queue_unavailable_total{reason="out_of_memory"}' in metrics
+            operator.config_set("maxmemory", "0")  # room again
+            assert server.json("POST", "/prompt", {"prompt": small_job("after")})[0] == 200

@@ -40,6 +40,12 @@ JOB_LATENCY_SECONDS = Histogram(
 NODE_EXECUTIONS = Counter(
     "zimage_node_executions", "Nodes executed (not cached), by class", ["class_type"], registry=REGISTRY
 )
+QUEUE_UNAVAILABLE = Counter(
+    "zimage_queue_unavailable",
+    "Calls refused because the queue could not take them: Redis unreachable, or out of memory",
+    ["reason"],
+    registry=REGISTRY,
+)
 HTTP_REQUESTS = Counter(
     "zimage_http_requests", "HTTP requests answered, by route", ["method", "route", "status"], registry=REGISTRY
 )

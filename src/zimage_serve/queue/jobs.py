@@ -34,9 +34,14 @@ RETRY_UNAVAILABLE_S = 5  # Retry-After while the queue cannot be reached
 
 
 class QueueUnavailable(ZImageError):
-    """The queue cannot be reached now (its Redis is down or restarting): 503, try again shortly."""
+    """The queue cannot take calls now (its Redis is down, restarting or full): 503, try again shortly.
+    The message names the Redis and is logged; `shown` is what clients are told."""
 
     retry_after = RETRY_UNAVAILABLE_S
+
+    def __init__(self, message: str, shown: str = "the queue cannot be reached just now; try again shortly") -> None:
+        super().__init__(message)
+        self.shown = shown
 
 
 class QueueFull(ZImageError):

@@ -29,6 +29,7 @@ from redis.retry import Retry
 
 from zimage_serve import strict_json
 from zimage_serve.errors import ZImageError
+from zimage_serve.metrics import QUEUE_UNAVAILABLE
 from zimage_serve.queue import redis_scripts
 from zimage_serve.queue.jobs import (
     FINISHED,
@@ -120,7 +121,17 @@ class RedisQueue:
             yield
         except _UNREACHABLE as exc:
             self._down_until = time.monotonic() + FAIL_FAST_S
+            QUEUE_UNAVAILABLE.labels("unreachable").inc()
             raise QueueUnavailable(f"the queue (Redis at {self._where()}) cannot be reached: {exc}") from exc
+        except redis.ResponseError as exc:
+            # At its maxmemory, Redis refuses writes (scripts included): nothing was stored; try again later.
+            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and not str(exc).startswith("OOM"):
+                raise
+            QUEUE_UNAVAILABLE.labels("out_of_memory").inc()
+            raise QueueUnavailable(
+                f"the queue (Redis at {self._where()}) is full: it is at its maxmemory",
+                "the queue is full just now (its store is out of memory); try again shortly",
+            ) from exc
 
     def _where(self) -> str:
         kwargs = self.redis.connection_pool.connection_kwargs

@@ -157,10 +157,12 @@ local function trim_history(owner, per_owner, total)
 end
 
 -- A running job's end: its state, result and history entry, and a copy in the audit outbox.
-local function finish(id, state, result, t, per_owner, total)
+local function finish(id, state, result, t, per_owner, total, worker)
   local key = P .. 'job:' .. id
   local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker')
   if fields[1] ~= 'running' then return false end
+  -- Fenced: a worker whose lease ran out, and whose job another worker took, records nothing.
+  if worker ~= nil and worker ~= '' and fields[4] ~= worker then return false end
   local finished = fmt(t)
   count_history_owners()
   redis.call('HSET', key, 'state', state, 'finished', finished, 'result', result)
@@ -237,7 +239,7 @@ FINISH = (
     PRELUDE
     + r"""
 local t = now()
-finish(ARGV[3], ARGV[4], ARGV[5], t, ARGV[9], ARGV[10])
+finish(ARGV[3], ARGV[4], ARGV[5], t, ARGV[9], ARGV[10], ARGV[7])
 if ARGV[6] == '1' then return claim(ARGV[7], ARGV[8], t) end
 return false
 """

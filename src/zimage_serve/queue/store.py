@@ -439,9 +439,10 @@ class JobStore:
             raise ValueError(f"not a final state: {state}")
         with self._writing():
             ended = self._execute(
+                # Fenced: a worker whose lease ran out, and whose job another worker took, records nothing.
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running' "
-                "RETURNING owner",
-                (state, self.clock(), strict_json.dumps(result), job_id),
+                "AND (? = '' OR worker = ?) RETURNING owner",
+                (state, self.clock(), strict_json.dumps(result), job_id, worker, worker),
             ).fetchone()
             if ended is not None:
                 self._trim_history(str(ended[0]))

@@ -356,8 +356,9 @@ class Worker:
     def _record(self, job_id: str, state: str, entry: dict[str, Any]) -> Job | None:
         """The job's end in the queue, and the next job claimed with it. While the queue cannot be reached
         the result is kept and the write tried again every second: a finished image is not thrown away
-        for an outage (if the lease runs out meanwhile, the job may run elsewhere too; the first end
-        recorded is the one kept). Given up only when a shutdown cuts the worker off."""
+        for an outage. If the lease ran out meanwhile and another worker took the job, the queue records
+        nothing from this one (fencing): the other worker's end is the one kept. Given up only when a
+        shutdown cuts the worker off."""
         while True:
             try:
                 next_job = self.store.finish(

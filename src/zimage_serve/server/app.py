@@ -191,7 +191,7 @@ def unavailable_response(exc: QueueUnavailable) -> JSONResponse:
             "error": {
                 "type": "queue_unavailable",
                 "message": "The queue is unavailable",
-                "details": "the queue cannot be reached just now; try again shortly",
+                "details": exc.shown,
                 "extra_info": {},
             },
             "node_errors": {},
