@@ -270,7 +270,10 @@ class AuditLog:
         self._size = start + len(data)
         self.seq, self.head = seq, head
         if rotated:
-            self._apply_retention()
+            try:  # the batch is written and recorded: a failure here must not undo that
+                self._apply_retention()
+            except (OSError, sqlite3.Error) as exc:
+                log.error("audit log: old segments could not be removed: %s", exc)
 
     def _write_bytes(self, data: bytes) -> None:
         assert self._file is not None
@@ -387,7 +390,7 @@ class AuditLog:
         end_number = segment_number(Path(state.end_file))
         for path in files:
             if segment_number(path) > end_number and path.name != state.pending_file:
-                repairs.append(set_aside(self.folder, path, 0, "appended while the server was stopped"))
+                repairs += _set_aside(self.folder, path, 0, "appended while the server was stopped")
         beyond = [(state.end_file, state.end_size)]
         if state.pending_file is not None and state.pending_file != state.end_file:
             beyond.append((state.pending_file, 0))  # a batch that began a new segment
@@ -408,7 +411,7 @@ class AuditLog:
                 continue
             cut_short = pending and size < state.pending_size
             why = "a write cut short (a crash or a full disk)" if cut_short else "appended while the server was stopped"
-            repairs.append(set_aside(self.folder, path, start, why))
+            repairs += _set_aside(self.folder, path, start, why)
         for repair in repairs:
             log.error(
                 "audit log: %s: %d bytes of %s set aside as %s",
@@ -435,6 +438,18 @@ class AuditLog:
             outbox = [r["outbox"] for r in later[:good] if isinstance(r.get("outbox"), int)]
             self._record_head(seq, head, max(outbox) if outbox else None, files[-1].name, files[-1].stat().st_size)
         return seq, head
+
+
+def _set_aside(folder: Path, segment: Path, start: int, why: str) -> list[dict[str, Any]]:
+    """`set_aside`, or, where that fails (a full disk at start), the bytes left in place to be reported by
+    `zimage audit verify`: the server starts all the same."""
+    try:
+        return [set_aside(folder, segment, start, why)]
+    except OSError as exc:
+        log.error(
+            "audit log: %s in %s could not be set aside (%s); `zimage audit verify` reports it", why, segment.name, exc
+        )
+        return []
 
 
 def _lines_from(path: Path, start: int) -> list[tuple[int, dict[str, Any], bool]]:

@@ -71,13 +71,14 @@ def verify(folder: Path, queue_file: Path) -> tuple[int, Problem | None]:
     if torn is not None and not live and not _finishing(queue_file, after, torn.file):
         why = "a write cut short (a crash or a full disk): the server sets it aside at its next start"
         return checked, Problem(torn.file, torn.line, None, why)
-    first = before if before is not None and live else after
-    if last.seq < first.seq:
+    # All that was written before the files were read must be in them (on a live server, no more).
+    written = (before.seq if before is not None else 0) if live else after.seq
+    if last.seq < written:
         return checked, Problem(
             last.file or "(no file)",
             last.line,
-            first.seq,
-            f"the log ends at record {last.seq}, but {first.seq} were written: records were cut from the end",
+            written,
+            f"the log ends at record {last.seq}, but {written} were written: records were cut from the end",
         )
     if live:
         return checked, None
