@@ -256,15 +256,20 @@ def test_a_frozen_worker_loses_its_job_when_its_lease_runs_out(tmp_path: Path, r
         prompt_id = post(node, long_job("frozen"))
         holder = wait_for(lambda: worker_running(cluster, prompt_id), 60, "the job to start", cluster.live_workers)
         os.kill(holder["pid"], signal.SIGSTOP)  # alive, but no heartbeat: only its lease can free the job
+        [frozen] = [w for w in cluster.workers if w.pid == holder["pid"]]
         try:
             stopped_at = time.monotonic()
             wait_for(lambda: worker_running(cluster, prompt_id, other_than=holder["pid"]), 30, "the re-run")
             assert time.monotonic() - stopped_at >= float(LEASE) - 1.5  # not before the lease ran out
+            # It wakes up and goes on with its stale run: fenced, it records nothing and names no file.
+            os.kill(holder["pid"], signal.SIGCONT)
             entry = wait_for(lambda: ended(node, prompt_id), 300, "the job to end")
             assert entry["status"]["completed"]
+            wait_for(lambda: "its run here is dropped" in frozen.log.read_text(), 300, "the stale run to end")
         finally:
             os.kill(holder["pid"], signal.SIGKILL)
         assert len(outputs_named(cluster, "frozen")) == 1
+        assert ended(node, prompt_id) == entry  # the history entry is the other worker's, untouched
 
 
 def test_redis_restarted_mid_queue_loses_nothing(tmp_path: Path) -> None:

@@ -319,7 +319,9 @@ class Worker:
 
         try:
             identity = Identity.of_job(job.owner, job.context, self.executor.limits)
-            result = self.executor.run(job.id, job.prompt, job.outputs, job.extra_data, emit, identity)
+            result = self.executor.run(
+                job.id, job.prompt, job.outputs, job.extra_data, emit, identity, lambda: self._holds(job.id)
+            )
         finally:
             self._deadlines.remove(job.id)
         if result.status == "interrupted" and job.id in self._timed_out:
@@ -334,6 +336,15 @@ class Worker:
                 del self._running[job.id]
             if closing is not None:
                 self._tell(job, *closing)
+            return None
+        if not self._holds(job.id):
+            # The lease ran out (a frozen or cut-off worker) and another worker runs the prompt: nothing of
+            # this run counts, neither its end, its events nor its files (the fence kept their final names).
+            log.warning(
+                "prompt %s was taken by another worker when this one's lease ran out: its run here is dropped", job.id
+            )
+            with self._running_lock:
+                del self._running[job.id]
             return None
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
@@ -352,6 +363,15 @@ class Worker:
         except Exception:  # the next job is claimed already: it must still run
             log.exception("could not report the end of job %s", job.id)
         return next_job
+
+    def _holds(self, job_id: str) -> bool:
+        """Whether this worker still holds the job (the output fence: asked before each final file name).
+        While the queue cannot be reached it is taken to hold it: the finish, fenced too, decides then."""
+        try:
+            job = self.store.get(job_id)
+        except QueueUnavailable:
+            return True
+        return job is not None and job.state == "running" and job.worker == self.id
 
     def _record(self, job_id: str, state: str, entry: dict[str, Any]) -> Job | None:
         """The job's end in the queue, and the next job claimed with it. While the queue cannot be reached

@@ -127,9 +127,12 @@ class Executor:
         extra_data: dict[str, Any] | None = None,
         emit: Emit | None = None,
         identity: Identity = LOCAL,
+        still_held: Callable[[], bool] | None = None,
     ) -> RunResult:
-        """Run a validated prompt for `identity`: its files are that user's, its limits theirs."""
-        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity)
+        """Run a validated prompt for `identity`: its files are that user's, its limits theirs.
+        `still_held`: asked before each output takes its final name; False stops the run there (a worker
+        that lost its prompt to another writes nothing more)."""
+        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held)
         with self._lock:
             if prompt_id in self._active:
                 raise ZImageError(f"prompt {prompt_id} is already running")
@@ -191,6 +194,7 @@ class _Run:
         extra_data: dict[str, Any],
         emit: Emit | None,
         identity: Identity,
+        still_held: Callable[[], bool] | None = None,
     ) -> None:
         self.ex, self.prompt_id, self.prompt, self.outputs = executor, prompt_id, prompt, outputs
         self.identity = identity
@@ -204,7 +208,7 @@ class _Run:
         self._links: dict[str, dict[str, tuple[str, int]]] = {}
         self.current_inputs: dict[str, Any] = {}
         self.interrupted = _Flag()
-        self.files = RunOutputs(prompt_id, executor.journal) if executor.journal is not None else None
+        self.files = RunOutputs(prompt_id, executor.journal, still_held) if executor.journal is not None else None
 
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from zimage_serve.errors import InvalidParameterError
+from zimage_serve.errors import InvalidParameterError, ZImageError
 from zimage_serve.workflow.folders import UnknownFileError, check_relative
 from zimage_serve.workflow.output_journal import NO_LINK, OutputJournal
 
@@ -179,12 +179,19 @@ def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filen
     return ClaimedName(os.path.join(target, filename), filename, subfolder, fd)
 
 
+class OutputFenced(ZImageError):
+    """The run no longer holds its prompt (a cluster worker whose lease ran out, whose prompt another
+    worker took): it writes no final output name."""
+
+
 @dataclass(frozen=True)
 class RunOutputs:
-    """Where one run's outputs are journaled (see `output_journal`): the prompt and its journal."""
+    """Where one run's outputs are journaled (see `output_journal`): the prompt and its journal, and
+    `still_held`, asked before each final name is taken (None: the run always holds its prompt)."""
 
     prompt_id: str
     journal: OutputJournal
+    still_held: Callable[[], bool] | None = None
 
 
 def write_new(
@@ -206,6 +213,14 @@ def write_new(
 
     def take(path: str) -> None:
         nonlocal own
+        if outputs.still_held is not None and not outputs.still_held():
+            with contextlib.suppress(OSError):
+                if own is not None:
+                    os.unlink(own)
+            raise OutputFenced(
+                f"prompt {outputs.prompt_id} is no longer this worker's (its lease ran out and another worker "
+                "took it): its output is not written here"
+            )
         if own is not None:
             outputs.journal.note(outputs.prompt_id, path, own)
             try:
