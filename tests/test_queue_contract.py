@@ -248,6 +248,7 @@ def test_a_worker_whose_lease_ran_out_records_nothing_once_another_took_its_job(
     assert [job.id for job in store.recover(cause="its worker stopped renewing its lease")] == ["a"]
     taken = store.claim("machine-2:2:bbbb", lease_s=10)
     assert taken is not None and taken.id == "a"
+    assert store.holds("a", "machine-2:2:bbbb") and not store.holds("a", "machine-1:1:aaaa")
     # The frozen worker wakes and finishes its stale run: refused, whatever it found.
     store.finish("a", "success", {"outputs": {"9": {"stale": True}}}, worker="machine-1:1:aaaa")
     job = store.get("a")
@@ -255,6 +256,7 @@ def test_a_worker_whose_lease_ran_out_records_nothing_once_another_took_its_job(
     store.finish("a", "success", {"outputs": {"9": {"fresh": True}}}, worker="machine-2:2:bbbb")
     job = store.get("a")
     assert job is not None and job.state == "success" and job.result["outputs"] == {"9": {"fresh": True}}
+    assert not store.holds("a", "machine-2:2:bbbb") and not store.holds("gone", "machine-2:2:bbbb")
 
 
 def test_recovery_takes_the_jobs_of_dead_processes_on_this_host_only(connect: Connect) -> None:

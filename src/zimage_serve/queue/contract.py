@@ -48,6 +48,10 @@ class JobQueue(Protocol):
         """Record a running job's end and history entry; with `claim_next`, hand `worker` the next job too."""
         ...
 
+    def holds(self, job_id: str, worker: str) -> bool:
+        """Whether `worker` still runs `job_id` (its lease did not run out and pass the job to another)."""
+        ...
+
     def heartbeat(self, worker: str, lease_s: float = ...) -> int:
         """`worker` lives: its leases hold `lease_s` s more. How many jobs it runs."""
         ...

@@ -268,6 +268,10 @@ class RedisQueue:
         )
         return self._job_or_none(fields)
 
+    def holds(self, job_id: str, worker: str) -> bool:
+        state, holder = self.call(lambda: self.redis.hmget(f"{self.prefix}job:{job_id}", "state", "worker"))
+        return bool(state == "running" and holder == worker)  # the client decodes replies: text
+
     def heartbeat(self, worker: str, lease_s: float = LEASE_S) -> int:
         return int(self._run("HEARTBEAT", worker, repr(lease_s)))
 

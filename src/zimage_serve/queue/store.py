@@ -448,6 +448,13 @@ class JobStore:
                 self._trim_history(str(ended[0]))
             return self._claim_next(worker, lease_s) if claim_next else None
 
+    def holds(self, job_id: str, worker: str) -> bool:
+        with self._lock:
+            row = self._execute(
+                f"SELECT 1 FROM jobs WHERE id = ? AND {LIVE} AND state = 'running' AND worker = ?", (job_id, worker)
+            ).fetchone()
+        return row is not None
+
     def heartbeat(self, worker: str, lease_s: float = LEASE_S) -> int:
         """`worker` is alive: its running jobs' leases hold `lease_s` seconds more. How many it runs."""
         with self._writing():

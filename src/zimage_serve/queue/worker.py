@@ -368,10 +368,9 @@ class Worker:
         """Whether this worker still holds the job (the output fence: asked before each final file name).
         While the queue cannot be reached it is taken to hold it: the finish, fenced too, decides then."""
         try:
-            job = self.store.get(job_id)
+            return self.store.holds(job_id, self.id)
         except QueueUnavailable:
             return True
-        return job is not None and job.state == "running" and job.worker == self.id
 
     def _record(self, job_id: str, state: str, entry: dict[str, Any]) -> Job | None:
         """The job's end in the queue, and the next job claimed with it. While the queue cannot be reached
