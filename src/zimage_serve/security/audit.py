@@ -196,7 +196,7 @@ class AuditLog:
                 pass
             try:
                 self._write(batch)
-            except (OSError, sqlite3.Error) as exc:
+            except Exception as exc:  # a full disk, or anything else: the writer thread must live on
                 failures += 1
                 self._failed(batch, exc)
                 if self._stopping:
@@ -213,7 +213,11 @@ class AuditLog:
         """A write failed: the requests waiting on it are answered 503 at once (their records now say so),
         and every record is kept for the next try."""
         if self.available:
-            log.warning("audit log: cannot write (%s); changing requests are refused with 503 until it can", exc)
+            log.warning(
+                "audit log: cannot write (%s); changing requests are refused with 503 until it can",
+                exc,
+                exc_info=not isinstance(exc, OSError | sqlite3.Error),  # the trace only where it is not the disk
+            )
             self._failing_since = self.clock()
         self.available = False
         for pending in batch:
