@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,3 +202,29 @@ def test_each_user_has_a_quota_of_userdata_files_bytes_and_settings(
         for name in ("a", "b"):
             assert alice.request("DELETE", f"/api/userdata/workflows%2F{name}.json")[0] == 204
         assert alice.request("POST", "/api/userdata/workflows%2Fd.json", raw=b"{}")[0] == 200
+
+
+def test_the_jobs_list_is_built_off_the_event_loop(server: AppServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Summarising, sorting and paging thousands of entries takes most of a second: never on the loop that
+    answers every other user."""
+    import asyncio
+
+    from zimage_serve.server import routes_jobs
+
+    on_the_loop: list[bool] = []
+    summarise = routes_jobs.job_summary
+
+    def watched(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            asyncio.get_running_loop()
+            on_the_loop.append(True)
+        except RuntimeError:
+            on_the_loop.append(False)
+        return summarise(*args, **kwargs)
+
+    monkeypatch.setattr(routes_jobs, "job_summary", watched)
+    done_job = submit(server, small_job("listed"))
+    wait_until(lambda: server.json("GET", f"/api/jobs/{done_job}")[1]["status"] == "completed")
+    on_the_loop.clear()  # one job's own page summarises that job alone
+    assert server.json("GET", "/api/jobs?limit=5")[0] == 200
+    assert on_the_loop and not any(on_the_loop)
