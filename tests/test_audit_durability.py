@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -29,8 +30,6 @@ def disk_full(log: AuditLog) -> Any:
 
     def write(data: bytes) -> None:
         assert log._file is not None
-        import os
-
         os.write(log._file, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -231,8 +230,6 @@ def test_retention_by_age_removes_segments_older_than_the_days_kept(tmp_path: Pa
     log.stop()
     first = audit_files(tmp_path / "audit")
     now[0] += 3 * 86400  # three days on: a new day's segment, and the old one is past its age
-    import os
-
     for path in first:
         os.utime(path, (now[0] - 2 * 86400, now[0] - 2 * 86400))
     again = AuditLog(tmp_path / "audit", queue_file, Retention(days=1), clock=lambda: now[0])

@@ -156,7 +156,7 @@ class QueueService:
             for name in prompt_inputs(self.validator.nodes[node["class_type"]])
             if isinstance(text := node["inputs"].get(name), str) and text
         ]
-        joined = [(node_id, name, text) for node_id, name, text in texts]
+        joined = list(texts)
         if 1 < len(texts) <= JOINED_PAIRS_UP_TO:
             joined += [(a[0], a[1], a[2] + b[2]) for a in texts for b in texts if a is not b]
         elif len(texts) > JOINED_PAIRS_UP_TO:  # many texts: neighbours only, in either order

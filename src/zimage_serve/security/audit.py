@@ -288,7 +288,7 @@ class AuditLog:
 
     # -- segments ------------------------------------------------------------------------------------
     def _today(self) -> str:
-        return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC).strftime("%Y-%m-%d")
+        return _day_of(self.clock())
 
     def _choose_segment(self) -> bool:
         """Open the segment to append to; True if a new one was started (by size or by a new day)."""
@@ -297,9 +297,10 @@ class AuditLog:
         files = audit_files(self.folder)
         number = segment_number(files[-1]) if files else 1
         path = segment_path(self.folder, number)
+        found = path.stat() if self._file is None and path.exists() else None
         if self._file is not None or (
-            path.exists()
-            and (path.stat().st_size >= self.retention.segment_bytes or _day_of(path.stat().st_mtime) != self._today())
+            found is not None
+            and (found.st_size >= self.retention.segment_bytes or _day_of(found.st_mtime) != self._today())
         ):
             path = segment_path(self.folder, number + 1)
         if self._file is not None:
@@ -406,7 +407,7 @@ class AuditLog:
             if size <= start:
                 continue
             pending = state.pending_file == name
-            batch = [record for _, record, _ in _lines_from(path, start)]
+            batch = [record for _, record, _ in read_records(path, start)]
             if pending and size == state.pending_size and _chains(batch, seq, head, state.pending_hash):
                 log.warning("audit log: %d records written after the last recorded head (a crash)", len(batch))
                 seq, head = state.pending_seq, state.pending_hash
@@ -454,20 +455,6 @@ def _set_aside(folder: Path, segment: Path, start: int, why: str) -> list[dict[s
             "audit log: %s in %s could not be set aside (%s); `zimage audit verify` reports it", why, segment.name, exc
         )
         return []
-
-
-def _lines_from(path: Path, start: int) -> list[tuple[int, dict[str, Any], bool]]:
-    with open(path, "rb") as file:
-        file.seek(start)
-        data = file.read()
-    found = []
-    for number, line in enumerate(data.splitlines(keepends=True), 1):
-        try:
-            record = json.loads(line) if line.endswith(b"\n") else {}
-        except ValueError:
-            record = {}
-        found.append((number, record if isinstance(record, dict) else {}, line.endswith(b"\n")))
-    return found
 
 
 def _chains(batch: list[dict[str, Any]], seq: int, head: str, ends_at: str) -> bool:

@@ -47,10 +47,11 @@ def segment_path(folder: Path, number: int) -> Path:
     return folder / FILE_PATTERN.format(number)
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any], bool]]:
-    """(line number, record, complete) for each line; a line that is not a JSON object reads as {}; the
-    last line is incomplete when the file does not end with a newline (a write cut short)."""
+def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, dict[str, Any], bool]]:
+    """(line number, record, complete) for each line from byte `start` on; a line that is not a JSON object
+    reads as {}; the last line is incomplete when the file does not end with a newline (a write cut short)."""
     with open(path, "rb") as file:
+        file.seek(start)
         for number, line in enumerate(file, 1):
             complete = line.endswith(b"\n")
             try:
