@@ -98,11 +98,17 @@ def _write_settings(root: Path, settings: dict[str, Any]) -> None:
 _settings_lock = asyncio.Lock()
 
 
-def _settings_too_big(settings: dict[str, Any]) -> Response | None:
-    size = len(json.dumps(settings, ensure_ascii=False).encode())
-    if size <= SETTINGS_BYTES:
-        return None
-    return plain_error(413, f"the settings would take {size} bytes, past the {SETTINGS_BYTES} each user may keep")
+async def _change_settings(root: Path, change: dict[str, Any]) -> Response:
+    """Apply `change` to a user's settings, read and written off the event loop, within SETTINGS_BYTES."""
+    async with _settings_lock:
+        settings = await asyncio.to_thread(_read_settings, root)
+        settings.update(change)
+        size = len(json.dumps(settings, ensure_ascii=False).encode())
+        if size > SETTINGS_BYTES:
+            message = f"the settings would take {size} bytes, past the {SETTINGS_BYTES} each user may keep"
+            return plain_error(413, message)
+        await asyncio.to_thread(_write_settings, root, settings)
+    return Response(status_code=200)
 
 
 @router.get("/settings")
@@ -124,14 +130,7 @@ async def post_settings(request: Request) -> Response:
     if not isinstance(body, dict):
         return plain_error(400, "the settings must be a JSON object")
     root = user_root(request)
-    async with _settings_lock:
-        settings = await asyncio.to_thread(_read_settings, root)
-        settings.update(body)
-        refused = _settings_too_big(settings)
-        if refused is not None:
-            return refused
-        await asyncio.to_thread(_write_settings, root, settings)
-    return Response(status_code=200)
+    return await _change_settings(root, body)
 
 
 @router.post("/settings/{setting_id}")
@@ -141,14 +140,7 @@ async def post_setting(request: Request, setting_id: str) -> Response:
     except strict_json.JsonRejected as exc:
         return plain_error(400, f"the value must be JSON ({exc})")
     root = user_root(request)
-    async with _settings_lock:
-        settings = await asyncio.to_thread(_read_settings, root)
-        settings[setting_id] = value
-        refused = _settings_too_big(settings)
-        if refused is not None:
-            return refused
-        await asyncio.to_thread(_write_settings, root, settings)
-    return Response(status_code=200)
+    return await _change_settings(root, {setting_id: value})
 
 
 # -- files ---------------------------------------------------------------------------------------------
