@@ -34,8 +34,7 @@ class Hub:
 
     def __init__(self) -> None:
         self.sockets: dict[Session, WebSocket] = {}
-        self._holders: dict[Session, str] = {}  # who holds each socket, as WebSocket caps count it
-        self._viewers: dict[Session, Identity] = {}  # whose view of the queue each socket is sent
+        self._viewers: dict[Session, Identity] = {}  # who each socket is (its view of the queue, its cap)
         self._held: Counter[str] = Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[tuple[str, list[Session] | str | None]] | None = None
@@ -56,20 +55,19 @@ class Hub:
             with contextlib.suppress(Exception):  # already closed
                 await socket.close(code=1001)
         self.sockets.clear()
-        self._holders.clear()
         self._viewers.clear()
         self._held.clear()
 
-    def held_by(self, holder: str) -> int:
-        return self._held[holder]
+    def held_by(self, viewer: Identity) -> int:
+        """How many sockets count against `viewer`'s cap (server/connections.py)."""
+        return self._held[_holder(viewer)]
 
-    async def add(self, session: Session, socket: WebSocket, holder: str = "", viewer: Identity = LOCAL) -> None:
+    async def add(self, session: Session, socket: WebSocket, viewer: Identity = LOCAL) -> None:
         old = self.sockets.get(session)
         self.sockets[session] = socket
-        self._viewers[session] = viewer
-        if old is None:
-            self._holders[session] = holder
-            self._held[holder] += 1
+        if old is None:  # a session taken over keeps its first socket's viewer: the same user, counted once
+            self._viewers[session] = viewer
+            self._held[_holder(viewer)] += 1
         self._audience_changed()
         if old is not None and old is not socket:
             with contextlib.suppress(Exception):  # the old connection may already be gone
@@ -78,8 +76,7 @@ class Hub:
     def remove(self, session: Session, socket: WebSocket) -> None:
         if self.sockets.get(session) is socket:
             del self.sockets[session]
-            holder = self._holders.pop(session, "")
-            self._viewers.pop(session, None)
+            holder = _holder(self._viewers.pop(session, LOCAL))
             self._held[holder] -= 1
             if self._held[holder] <= 0:
                 del self._held[holder]
@@ -156,3 +153,9 @@ class Hub:
                     await socket.send_text(text)
                 except Exception:  # a client that went away; its handler removes it
                     log.debug("could not send to %s", sid)
+
+
+def _holder(viewer: Identity) -> str:
+    """Whose WebSocket cap a socket counts against: its user's; with authentication off, where everyone is
+    one user, its address's."""
+    return viewer.user or viewer.address

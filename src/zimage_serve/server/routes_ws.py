@@ -22,14 +22,13 @@ async def websocket(socket: WebSocket) -> None:
     identity = caller(socket)
     owner = identity.user
     session = (owner, sid)  # the clientId is the caller's: another user with the same one has their own
-    holder = owner or identity.address  # with authentication off, everyone is one user: count by address
-    if session not in rt.hub.sockets and rt.hub.held_by(holder) >= WEBSOCKETS_PER_USER:
+    if session not in rt.hub.sockets and rt.hub.held_by(identity) >= WEBSOCKETS_PER_USER:
         # Refused before the handshake: the browser sees a 403, and the server keeps its descriptors.
         await socket.close(code=1008, reason=f"more than {WEBSOCKETS_PER_USER} WebSockets at once")
         return
     # Counted before the handshake completes: a client may post a prompt the moment it is connected, and
     # the worker process must know by then that someone listens (it sends no events to nobody).
-    await rt.hub.add(session, socket, holder, identity)
+    await rt.hub.add(session, socket, identity)
     try:
         await socket.accept()
         status = rt.status(identity)
