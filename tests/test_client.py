@@ -157,6 +157,8 @@ def test_deleting_a_waiting_prompt_ends_its_wait(served: Listening) -> None:
             with pytest.raises(Cancelled, match="removed from the queue"):
                 await asyncio.wait_for(task, 30)
             await client.cancel(running)
+            with pytest.raises(Cancelled):  # ended, so the next test starts on an idle server
+                await asyncio.wait_for(client.wait(running), 60)
 
     asyncio.run(main())
 
