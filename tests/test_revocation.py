@@ -1,5 +1,6 @@
 """Revoking a token stops its work: its waiting jobs are deleted and its running one interrupted, whether
-it is revoked over the API or on the command line of the same machine."""
+it is revoked over the API or on the command line of the same machine. A new token under the revoked
+name is a new user, unless the admin says it continues the old one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.app import serving
-from tests.support.jobs import history, running_ids, running_job, slow_job, submit, wait_until
+from tests.support.app import AppServer, serving
+from tests.support.jobs import (
+    done,
+    history,
+    image_of,
+    running_ids,
+    running_job,
+    slow_job,
+    small_job,
+    submit,
+    view_query,
+    wait_until,
+)
 from tests.support.tokens import make_tokens
 from zimage_serve.security.audit_verify import records
 from zimage_serve.security.tokens import TokenStore
@@ -35,3 +47,49 @@ def test_a_revoked_users_waiting_jobs_are_deleted_and_its_running_one_stopped(tm
         assert not set(waiting) & set(history(admin))  # deleted, never run
     revocations = [r for r in records(data / "audit") if r["kind"] == "revocation"]
     assert [(r["user"], r["deleted"], r["interrupted"]) for r in revocations] == [("alice", 3, True)]
+
+
+def test_a_new_token_under_a_revoked_name_inherits_nothing_unless_the_admin_says_so(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on") as server:
+        admin = server.as_token(tokens["admin"])
+        first = server.as_token(tokens["user"])
+        image = image_of(done(first, submit(first, small_job("alice-first"))))
+        assert first.request("POST", "/userdata/workflows%2Fa.json", raw=b"{}")[0] == 200
+        template = {"name": "mine", "workflow": small_job("mine")}
+        assert first.json("POST", "/api/zimage/templates", template)[0] == 201
+
+        def token_for(body: dict[str, object]) -> AppServer:
+            assert admin.request("DELETE", "/api/zimage/tokens/alice")[0] == 200
+            status, made = admin.json("POST", "/api/zimage/tokens", {"name": "alice", **body})
+            assert status == 201, made
+            return server.as_token(made["token"])
+
+        def sees_the_first_users_things(user: AppServer) -> bool:
+            found = [
+                user.request("GET", view_query(image))[0] == 200,
+                len(history(user)) == 1,
+                user.json("GET", "/userdata?dir=workflows")[1] == ["a.json"],
+                "mine" in {t["name"] for t in user.json("GET", "/api/zimage/templates")[1]["templates"]},
+            ]
+            assert len(set(found)) == 1, found  # all of them, or none
+            return found[0]
+
+        continued = token_for({"inherit": True})
+        assert sees_the_first_users_things(continued)
+        assert continued.json("GET", "/api/zimage/usage")[1]["user"] == "alice"
+
+        fresh = token_for({})
+        assert not sees_the_first_users_things(fresh)
+        assert fresh.request("GET", view_query(image))[0] == 404
+        assert fresh.json("GET", "/api/zimage/usage")[1]["user"] == "alice~2"
+        assert fresh.json("GET", "/api/zimage/session")[1]["user"] == "alice"
+        mine = image_of(done(fresh, submit(fresh, small_job("alice-second"))))
+        assert mine["subfolder"] == "" and fresh.request("GET", view_query(mine))[0] == 200
+        users = {row["user"]: row for row in admin.json("GET", "/api/zimage/usage")[1]["users"]}
+        assert users["alice"]["jobs_today"] == 1 and users["alice~2"]["jobs_today"] == 1
+        assert users["alice~2"]["name"] == "alice" and users["alice"]["name"] is None
+
+        status, refused = admin.json("POST", "/api/zimage/tokens", {"name": "dave", "inherit": True})
+        assert status == 400 and "no earlier token named 'dave'" in refused["error"]["details"]

@@ -203,6 +203,31 @@ def test_tokens_are_kept_as_hashes_and_checked(tmp_path: Path) -> None:
     store.close()
 
 
+def test_users_have_ids_a_reused_name_is_a_new_user_and_older_token_files_keep_theirs(tmp_path: Path) -> None:
+    path = tmp_path / "auth.sqlite3"
+    old = sqlite3.connect(path)  # a file written before users had ids: the user was the token's name
+    old.executescript(
+        "CREATE TABLE tokens (name TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, role TEXT NOT NULL, rpm INTEGER, "
+        "images_per_day INTEGER, max_queued INTEGER, max_pixels INTEGER, max_steps INTEGER, created REAL NOT NULL, "
+        "last_used REAL, revoked REAL);"
+        "INSERT INTO tokens (name, hash, role, created) VALUES ('alice', 'x', 'user', 1.0);"
+    )
+    old.commit()
+    old.close()
+    store = TokenStore(path)
+    assert [t.owner for t in store.tokens()] == ["alice"]  # keeps the files it has under users/alice
+    store.revoke("alice")
+    _, second = store.create("alice")
+    store.revoke("alice")
+    _, third = store.create("alice")
+    store.revoke("alice")
+    _, continued = store.create("alice", inherit=True)
+    assert (second.owner, third.owner, continued.owner) == ("alice~2", "alice~3", "alice~3")
+    with pytest.raises(TokenError, match="no earlier token named 'erin'"):
+        store.create("erin", inherit=True)
+    store.close()
+
+
 def test_a_token_revoked_by_another_process_stops_working_within_a_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,7 +1,9 @@
 """Who a request, and the job it queues, belongs to: one value resolved at the edge of the server and
 carried down through the queue and the worker to every node.
 
-The user is a token's name; with authentication off, every caller is the local operator (`LOCAL`), an
+The user is the id of the user a token stands for: the token's name for the first user of that name, then
+`name~2` and so on (security/tokens.py), so a new token under a revoked name starts afresh. With
+authentication off, every caller is the local operator (`LOCAL`), an
 admin whose files are the server's own folders, as they are without users at all. A user's files live
 in a space of their own below those folders (`Folders.space`); an admin's are the folders themselves,
 which hold every user's space, so an admin can read everything and a user only their own.
@@ -28,10 +30,15 @@ def valid_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Identity:
-    user: str  # a token's name; "" for the local operator (authentication off)
+    user: str  # the user's id (owner of jobs and files); "" for the local operator (authentication off)
     role: str = ADMIN
     address: str = ""  # the client's address (after a trusted proxy's X-Forwarded-For)
     limits: Limits | None = field(default=None, compare=False)  # the server's, lowered by the token's
+    name: str = field(default="", compare=False)  # the token's name, when it is not the id itself
+
+    @property
+    def token_name(self) -> str:
+        return self.name or self.user
 
     @property
     def admin(self) -> bool:

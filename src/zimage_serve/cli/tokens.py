@@ -38,6 +38,14 @@ def create(
     max_queued: Annotated[int | None, typer.Option(help="Jobs waiting or running at once", min=1)] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Pixels per image", min=1)] = None,
     max_steps: Annotated[int | None, typer.Option(help="Sampler steps", min=1)] = None,
+    inherit: Annotated[
+        bool,
+        typer.Option(
+            "--inherit",
+            help="Continue the user of NAME's revoked token: its jobs, history, files and templates. Without "
+            "it, a token under a used name is a new user who sees none of them",
+        ),
+    ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Make a token and print it once, as the last line (it is stored only as a hash)."""
@@ -48,6 +56,7 @@ def create(
         token, record = store.create(
             name,
             role,
+            inherit,
             rpm=rpm,
             images_per_day=images_per_day,
             max_queued=max_queued,
@@ -59,7 +68,8 @@ def create(
         raise typer.BadParameter(reason, param_hint=hint) from exc
     finally:
         store.close()
-    console_err.print(f"token for {record.name} ({record.role}); it is shown only now:", highlight=False)
+    user = "" if record.owner == record.name else f", user {record.owner}"
+    console_err.print(f"token for {record.name} ({record.role}{user}); it is shown only now:", highlight=False)
     typer.echo(token)
 
 
@@ -83,11 +93,12 @@ def list_tokens(data_dir: DataDirOption = None) -> None:
             usage = {row["user"]: row for row in jobs.usage()}
         finally:
             jobs.close()
-    table = Table("name", "role", *LIMITS, "images today", "queued", "created", "last used", "state")
+    table = Table("name", "user", "role", *LIMITS, "images today", "queued", "created", "last used", "state")
     for token in tokens:
-        used = usage.get(token.name, {})
+        used = usage.get(token.owner, {})
         table.add_row(
             token.name,
+            token.owner,
             token.role,
             *(str(getattr(token, k)) if getattr(token, k) is not None else "-" for k in LIMITS),
             str(used.get("images_today", 0)),

@@ -145,7 +145,7 @@ class Security:
         if limits is None:
             limits = self.limits.for_token(token.name, pixels=token.max_pixels, steps=token.max_steps)
             self._limits[key] = limits
-        return Identity(token.name, token.role, address, limits)
+        return Identity(token.owner, token.role, address, limits, name=token.name)
 
     # -- lifetime ------------------------------------------------------------------------------------
     def start(self, on_revoked: Callable[[str], Awaitable[None]] | None = None) -> None:
@@ -161,8 +161,8 @@ class Security:
             await asyncio.sleep(REFRESH_S)
             self.refusals.flush_due()
             try:
-                for name in await asyncio.to_thread(self.tokens.take_revoked):
-                    await on_revoked(name)
+                for user in await asyncio.to_thread(self.tokens.take_revoked):
+                    await on_revoked(user)
                 await asyncio.to_thread(self.tokens.flush_use, TOUCH_S)
             except Exception:  # keep maintaining; the next turn tries again
                 log.exception("token maintenance failed")

@@ -40,7 +40,13 @@ CREATE TABLE IF NOT EXISTS tokens (
     max_steps INTEGER,
     created REAL NOT NULL,
     last_used REAL,
-    revoked REAL
+    revoked REAL,
+    user TEXT
+);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sessions (
     hash TEXT PRIMARY KEY,
@@ -54,6 +60,9 @@ SESSION_S = 30 * 24 * 3600  # a browser's sign-in lasts a month, or until it sig
 SESSIONS_PER_TOKEN = 20  # signing in again past this ends the token's oldest session
 SESSION_ID_CHARS = 16  # of a session's hash: how sessions are named when listed and ended
 LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
+# A user id other than the name itself: `alice~2` is the second user named alice. No name holds a '~',
+# so an id never collides with another user's name.
+GENERATION = "~"
 
 
 class TokenError(ZImageError):
@@ -77,6 +86,11 @@ class Token:
     created: float = 0.0
     last_used: float | None = None
     revoked: float | None = None
+    user: str = ""  # the user the token stands for: who owns its jobs, files, templates and history
+
+    @property
+    def owner(self) -> str:
+        return self.user or self.name
 
     @property
     def active(self) -> bool:
@@ -99,6 +113,7 @@ class TokenStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        self._upgrade()
         self._by_hash: dict[str, Token] = {}
         self._sessions: dict[str, tuple[str, float]] = {}  # hash → (the token's hash, expiry)
         self._version = -1
@@ -113,9 +128,23 @@ class TokenStore:
         with self._lock:
             self._db.close()
 
+    def _upgrade(self) -> None:
+        """Files written before users had ids: each token's user is its name, as its data's folders are."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
+        if "user" in columns and self._db.execute("SELECT 1 FROM tokens WHERE user IS NULL").fetchone() is None:
+            return
+        with self._writing():
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
+            if "user" not in columns:
+                self._db.execute("ALTER TABLE tokens ADD COLUMN user TEXT")
+            self._db.execute("UPDATE tokens SET user = name WHERE user IS NULL")
+            self._db.execute("INSERT OR IGNORE INTO users (id, name, created) SELECT user, name, created FROM tokens")
+
     # -- managing ------------------------------------------------------------------------------------
-    def create(self, name: str, role: str = USER, **limits: int | None) -> tuple[str, Token]:
-        """A new token for `name`: (the token, shown once, and its record). A revoked name may be reused."""
+    def create(self, name: str, role: str = USER, inherit: bool = False, **limits: int | None) -> tuple[str, Token]:
+        """A new token for `name`: (the token, shown once, and its record). A revoked name may be reused:
+        the new token is a new user, who sees nothing of the old one's jobs, files or templates, unless
+        `inherit` says it continues the user of the name's last token."""
         if not valid_name(name):
             raise TokenError(
                 f"NAME: {name!r} is not a valid name (letters, digits, '_', '.', '-'; at most 64; not starting "
@@ -130,19 +159,33 @@ class TokenStore:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise TokenError(f"--{key.replace('_', '-')}: must be a whole number of at least 1")
         token = PREFIX + secrets.token_urlsafe(32)
-        record = Token(name, role, created=time.time(), **{k: limits.get(k) for k in LIMITS})
+        created = time.time()
         with self._writing():
-            existing = self._db.execute("SELECT revoked FROM tokens WHERE name = ?", (name,)).fetchone()
+            existing = self._db.execute("SELECT revoked, user FROM tokens WHERE name = ?", (name,)).fetchone()
             if existing is not None and existing[0] is None:
                 raise TokenError(f"NAME: a token named {name!r} exists; revoke it first", conflict=True)
+            if inherit and existing is None:
+                raise TokenError(f"--inherit: no earlier token named {name!r} to continue")
+            user = existing[1] if inherit else self._new_user(name, created)
+            record = Token(name, role, created=created, user=user, **{k: limits.get(k) for k in LIMITS})
             self._db.execute("DELETE FROM tokens WHERE name = ?", (name,))
-            columns = ", ".join(["name", "hash", "role", *LIMITS, "created"])
+            columns = ["name", "hash", "role", *LIMITS, "created", "user"]
             self._db.execute(
-                f"INSERT INTO tokens ({columns}) VALUES ({', '.join('?' * (len(LIMITS) + 4))})",
-                (name, hash_token(token), role, *(getattr(record, k) for k in LIMITS), record.created),
+                f"INSERT INTO tokens ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                (name, hash_token(token), role, *(getattr(record, k) for k in LIMITS), created, user),
             )
         self.refresh(force=True)
         return token, record
+
+    def _new_user(self, name: str, created: float) -> str:
+        """An id no user has had: the name itself for its first user, then `name~2`, `name~3` ..."""
+        taken = {row[0] for row in self._db.execute("SELECT id FROM users WHERE name = ?", (name,))}
+        user, generation = name, 1
+        while user in taken:
+            generation += 1
+            user = f"{name}{GENERATION}{generation}"
+        self._db.execute("INSERT INTO users (id, name, created) VALUES (?, ?, ?)", (user, name, created))
+        return user
 
     def revoke(self, name: str) -> Token:
         with self._writing():
@@ -153,8 +196,9 @@ class TokenStore:
             known = any(t.name == name for t in self.tokens())
             raise TokenError(f"NAME: {name!r} is {'revoked already' if known else 'not a token'}")
         self.refresh(force=True)
-        self._revoked.discard(name)  # revoked here: the caller acts on it (take_revoked is for the others')
-        return next(t for t in self.tokens() if t.name == name)
+        record = next(t for t in self.tokens() if t.name == name)
+        self._revoked.discard(record.owner)  # revoked here: the caller acts on it (take_revoked: the others')
+        return record
 
     def tokens(self) -> list[Token]:
         self.flush_use()
@@ -183,13 +227,13 @@ class TokenStore:
             rows = self._db.execute(f"SELECT {fields} FROM tokens").fetchall()
             sessions = self._db.execute("SELECT hash, token_hash, expires FROM sessions").fetchall()
         self._sessions = {h: (token_hash, expires) for h, token_hash, expires in sessions}
-        before = {t.name for t in self._by_hash.values() if t.active}
+        before = {t.owner for t in self._by_hash.values() if t.active}
         self._by_hash = {row[0]: Token(*row[1:]) for row in rows}
-        after = {t.name for t in self._by_hash.values() if t.active}
+        after = {t.owner for t in self._by_hash.values() if t.active}
         self._revoked |= before - after
 
     def take_revoked(self) -> list[str]:
-        """The names whose tokens were revoked (or removed) since the last call."""
+        """The users whose tokens were revoked (or removed) since the last call."""
         self.refresh()
         revoked, self._revoked = self._revoked, set()
         return sorted(revoked)

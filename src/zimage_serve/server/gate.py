@@ -136,7 +136,7 @@ class Gate:
                     401,
                     "unauthorized",
                     "the token is not valid" if token is None else "the token was revoked",
-                    token.name if token is not None else "",
+                    token.owner if token is not None else "",
                     **{"WWW-Authenticate": 'Bearer realm="zimage-serve", error="invalid_token"'},
                 )
                 return
@@ -144,13 +144,13 @@ class Gate:
         identity = security.identity(token, address)
         changing = method not in READS and kind == "http"
         if changing and token is not None and token.rpm is not None:
-            wait = security.rate.take(token.name, token.rpm)
+            wait = security.rate.take(token.owner, token.rpm)
             if wait:
                 await refuse(
                     429,
                     "rate_limited",
                     f"more than the {token.rpm} requests a minute token {token.name!r} allows (its rpm)",
-                    token.name,
+                    token.owner,
                     **{"Retry-After": str(wait)},
                 )
                 return

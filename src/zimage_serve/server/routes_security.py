@@ -48,22 +48,24 @@ async def create_token(request: Request) -> Response:
         return comfy_error("invalid_request", "Invalid request body", str(exc))
     if not isinstance(body, dict):
         return comfy_error("invalid_request", "Invalid request body", "the body must be a JSON object")
-    unknown = sorted(set(body) - {"name", "role", *LIMITS})
+    unknown = sorted(set(body) - {"name", "role", "inherit", *LIMITS})
     if unknown:
         return comfy_error("invalid_request", "Unknown field", f"{unknown[0]}: not a token field")
-    name, role = body.get("name"), body.get("role", "user")
+    name, role, inherit = body.get("name"), body.get("role", "user"), body.get("inherit", False)
     if not isinstance(name, str) or not isinstance(role, str):
         return comfy_error("invalid_request", "Invalid token", "name and role must be text")
+    if not isinstance(inherit, bool):
+        return comfy_error("invalid_request", "Invalid token", "inherit: must be true or false")
     limits: dict[str, Any] = {key: body.get(key) for key in LIMITS}
     for key, value in limits.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             return comfy_error("invalid_request", "Invalid token", f"{key}: must be a whole number")
     try:
-        token, record = await asyncio.to_thread(runtime(request).security.tokens.create, name, role, **limits)
+        token, record = await asyncio.to_thread(runtime(request).security.tokens.create, name, role, inherit, **limits)
     except TokenError as exc:
         status = 409 if exc.conflict else 400
         return comfy_error("invalid_token_request", "Cannot create the token", str(exc).removeprefix("NAME: "), status)
-    audit_note(request, token_name=name, role=role)
+    audit_note(request, token_name=name, role=role, token_user=record.owner)
     return JSONResponse({"token": token, **record.public()}, status_code=201)
 
 
@@ -77,30 +79,32 @@ async def revoke_token(request: Request, name: str) -> Response:
         record = await asyncio.to_thread(rt.security.tokens.revoke, name)
     except TokenError as exc:
         return comfy_error("not_found", "No such token", str(exc).removeprefix("NAME: "), 404)
-    await rt.revoked(name)
-    audit_note(request, token_name=name)
+    await rt.revoked(record.owner)
+    audit_note(request, token_name=name, token_user=record.owner)
     return JSONResponse(record.public())
 
 
 @router.get("/zimage/usage")
 async def usage(request: Request) -> Response:
-    """The caller's own usage today (UTC) and limits; an admin's answer lists every user."""
+    """The caller's own usage today (UTC) and limits; an admin's answer lists every user (by id: a user of
+    a revoked token keeps their row, apart from a later user of the same name)."""
     rt = runtime(request)
     identity = caller(request)
     rows = {row["user"]: row for row in await asyncio.to_thread(rt.service.usage, identity)}
 
-    def entry(name: str, token: Token | None) -> dict[str, Any]:
-        row = rows.get(name) or {"user": name, "jobs_today": 0, "images_today": 0, "queued": 0}
+    def entry(user: str, token: Token | None) -> dict[str, Any]:
+        row = rows.get(user) or {"user": user, "jobs_today": 0, "images_today": 0, "queued": 0}
         return {
             **row,
-            "requests_last_minute": rt.security.rate.recent(name),
+            "name": token.name if token is not None else None,
+            "requests_last_minute": rt.security.rate.recent(user),
             "role": token.role if token is not None else identity.role,
             "limits": _limits(token),
         }
 
     if not identity.admin:
         return JSONResponse(entry(identity.user, caller_token(request)))
-    tokens = {t.name: t for t in await asyncio.to_thread(rt.security.tokens.tokens)}
+    tokens = {t.owner: t for t in await asyncio.to_thread(rt.security.tokens.tokens)}
     names = sorted(set(rows) | set(tokens))
     users = [{**entry(n, tokens.get(n)), "revoked": tokens[n].revoked if n in tokens else None} for n in names]
     return JSONResponse({"user": identity.user, "role": identity.role, "users": users})

@@ -115,7 +115,7 @@ async def session(request: Request) -> dict[str, Any]:
         and request.cookies.get(SESSION_COOKIE)
         and caller_token(request) is not None
     )
-    return {"user": identity.user, "role": identity.role, "signed_in": signed_in}
+    return {"user": identity.token_name, "role": identity.role, "signed_in": signed_in}
 
 
 @router.get("/zimage/sessions")
@@ -124,7 +124,7 @@ async def list_sessions(request: Request) -> dict[str, Any]:
     marked `current` if it is the one this request came with."""
     identity = caller(request)
     tokens = runtime(request).security.tokens
-    name = request.query_params.get("user") if identity.admin else identity.user
+    name = request.query_params.get("user") if identity.admin else identity.token_name
     found = await asyncio.to_thread(tokens.sessions, name)
     secret = request.cookies.get(SESSION_COOKIE)
     current = tokens.session_id(secret) if secret else None
@@ -135,7 +135,7 @@ async def list_sessions(request: Request) -> dict[str, Any]:
 async def end_session(request: Request, session_id: str) -> Response:
     """End one sign-in session of the caller's (an admin: anyone's)."""
     identity = caller(request)
-    name = None if identity.admin else identity.user
+    name = None if identity.admin else identity.token_name
     ended = await asyncio.to_thread(runtime(request).security.tokens.end_sessions, name, session_id)
     audit_note(request, session=session_id)
     if not ended:
@@ -148,7 +148,9 @@ async def end_sessions(request: Request) -> Response:
     """End every sign-in session of the caller's token (an admin may name another user: `?user=NAME`),
     this one included: signing out everywhere."""
     identity = caller(request)
-    name = request.query_params.get("user") if identity.admin and "user" in request.query_params else identity.user
+    name = (
+        request.query_params.get("user") if identity.admin and "user" in request.query_params else identity.token_name
+    )
     ended = await asyncio.to_thread(runtime(request).security.tokens.end_sessions, name)
     audit_note(request, token_name=name)
     return JSONResponse({"ended": ended})

@@ -226,18 +226,19 @@ class Runtime:
         if self.settings.metrics_port is not None:
             serve_on(self.settings.metrics_port, self.metrics)
 
-    async def revoked(self, name: str) -> None:
-        """A token was revoked (here, by another node, or on the command line): its sockets are closed, its
-        waiting jobs deleted and its running ones interrupted, as the audit log records."""
-        await self.hub.close_user(name)
-        owner = Identity(name, role=USER)
+    async def revoked(self, user: str) -> None:
+        """The token of `user` (a user id) was revoked (here, by another node, or on the command line): its
+        sockets are closed, its waiting jobs deleted and its running ones interrupted, as the audit log
+        records."""
+        await self.hub.close_user(user)
+        owner = Identity(user, role=USER)
         deleted = await asyncio.to_thread(self.service.delete_pending, None, owner)
         interrupted = await asyncio.to_thread(self.service.interrupt, None, owner)
         if not deleted and not interrupted:
             return
         log.warning(
-            "token %s was revoked: %d waiting job(s) deleted%s",
-            name,
+            "the token of user %s was revoked: %d waiting job(s) deleted%s",
+            user,
             deleted,
             ", its running ones interrupted" if interrupted else "",
         )
@@ -245,7 +246,7 @@ class Runtime:
             {
                 "time": iso(time.time()),
                 "kind": "revocation",
-                "user": name,
+                "user": user,
                 "deleted": deleted,
                 "interrupted": interrupted,
             }

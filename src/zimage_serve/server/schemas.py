@@ -71,6 +71,11 @@ class TokenRequest(BaseModel):
     max_queued: int | None = Field(None, ge=1, description="Jobs waiting or running at once")
     max_pixels: int | None = Field(None, ge=1, description="Pixels per image")
     max_steps: int | None = Field(None, ge=1, description="Sampler steps")
+    inherit: bool = Field(
+        False,
+        description="Continue the user of the name's revoked token (their jobs, files and templates); "
+        "otherwise a token under a used name is a new user",
+    )
 
 
 class UploadForm(BaseModel):
