@@ -5,6 +5,7 @@ queue; "reopened" means a new connection, as a restarted process makes."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -322,6 +323,28 @@ def test_owners_narrow_listings_counts_deletes_and_quotas(connect: Connect) -> N
         {"user": "alice", "day": store.usage()[0]["day"], "jobs_today": 2, "images_today": 3, "queued": 1}
     ]
     assert store.delete_history(owner="alice") == 1 and store.count_finished() == 1
+
+
+def test_images_are_counted_as_made_within_the_allowance_and_given_back_to_their_day(connect: Connect) -> None:
+    clock = Clock(start=86400 * 20000 + 3600.0)  # 01:00 UTC on some day
+    store = connect(clock=clock)
+    quota = Quota(images_per_day=5)
+    [stored] = store.enqueue_many([Job("a1", 1, {}, {}, [], owner="alice", quota=quota, images=2)])
+    assert isinstance(stored, Job)
+    assert store.count_images("alice", 3, allowed=5) is None  # 2 charged at submission, 3 more made: 5
+    refused = store.count_images("alice", 1, allowed=5)
+    assert isinstance(refused, QuotaExceeded) and refused.used == 6 and refused.allowed == 5
+    assert refused.quota == "images_per_day" and 1 <= refused.retry_after <= 23 * 3600
+    assert store.count_images("bob", 4, allowed=5) is None  # another owner's day is their own
+    yesterday = clock.now
+    clock.advance(86400)
+    assert store.count_images("alice", 5, allowed=5) is None  # a new day
+    assert store.count_images("alice", -2, when=yesterday) is None  # given back to the day charged
+    assert store.count_images("alice", -9, when=yesterday) is None  # never below nothing
+    today = {u["user"]: u["images_today"] for u in store.usage()}
+    before = {u["user"]: u["images_today"] for u in store.usage(day=time.strftime("%Y-%m-%d", time.gmtime(yesterday)))}
+    assert today == {"alice": 5} and before == {"alice": 0, "bob": 4}
+    assert store.count_images("alice", 1) is None and connect(clock=clock).usage("alice")[0]["images_today"] == 6
 
 
 def test_requeue_puts_a_cut_off_job_back_without_counting_its_attempt(connect: Connect) -> None:

@@ -3,11 +3,14 @@ survive a restart."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from tests.support.app import serving
-from tests.support.jobs import done, running_ids, settle, slow_job, small_job, submit, wait_until
+from tests.support.jobs import done, png, running_ids, settle, slow_job, small_job, submit, upload, wait_until
 from tests.support.tokens import make_tokens
 
 
@@ -76,6 +79,64 @@ def test_images_per_day_count_a_batch_and_survive_a_restart(tmp_path: Path) -> N
         admin = server.as_token(tokens["admin"]).json("GET", "/api/zimage/usage")[1]
         assert {u["user"]: u["images_today"] for u in admin["users"]}["alice"] == 3
         assert {u["user"] for u in admin["users"]} >= {"alice", "bob", "root"}
+
+
+def chained_samplers(prefix: str, samplers: int) -> dict[str, Any]:
+    """One latent through `samplers` samplers, one after the other: one image saved, `samplers` made."""
+    prompt = small_job(prefix, steps=1)
+    previous = "3"
+    for i in range(1, samplers):
+        prompt[f"s{i}"] = {**prompt["3"], "inputs": {**prompt["3"]["inputs"], "latent_image": [previous, 0]}}
+        previous = f"s{i}"
+    prompt["8"]["inputs"]["samples"] = [previous, 0]
+    return prompt
+
+
+def from_upload(prefix: str, image: str, repeat: int = 1, seed: int = 0) -> dict[str, Any]:
+    """An uploaded image, encoded (each of its frames a latent), repeated `repeat` times, then sampled."""
+    prompt = small_job(prefix, seed=seed)
+    del prompt["13"]
+    prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": image}}
+    prompt["21"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["29", 0]}}
+    prompt["22"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["21", 0], "amount": repeat}}
+    prompt["3"]["inputs"]["latent_image"] = ["22", 0]
+    return prompt
+
+
+def animation(frames: int) -> bytes:
+    pictures = [Image.new("RGB", (64, 64), colour) for colour in ("red", "green", "blue", "white")[:frames]]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=100)
+    return buffer.getvalue()
+
+
+def test_images_per_day_count_every_sampler_run_and_every_frame_made(tmp_path: Path) -> None:
+    """F7: images are counted where samplers make them; what the graph does not show is counted as made."""
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"images_per_day": 5})
+    with serving(data, auth="on") as server:
+        alice = server.as_token(tokens["user"])
+        status, _, body = alice.request("POST", "/prompt", {"prompt": chained_samplers("six", 6)})
+        assert status == 429 and b"images_per_day: 6 images" in body  # one latent, six sampler runs
+        assert upload(alice, png((64, 64)), "still.png")[0] == 200
+        status, _, body = alice.request("POST", "/prompt", {"prompt": from_upload("repeat", "still.png", 16)})
+        assert status == 429 and b"images_per_day: 16 images" in body
+        assert alice.json("GET", "/api/zimage/usage")[1]["images_today"] == 0  # refused: nothing charged
+
+        assert upload(alice, animation(4), "moving.gif")[0] == 200  # its graph shows 1 image; it makes 4
+        first = done(alice, submit(alice, from_upload("frames", "moving.gif")))
+        assert first["status"]["status_str"] == "success"
+        assert len(first["outputs"]["9"]["images"]) == 4
+        assert alice.json("GET", "/api/zimage/usage")[1]["images_today"] == 4
+
+        failed = done(alice, submit(alice, from_upload("frames", "moving.gif", seed=1)))  # 1 fits, 4 do not
+        [error] = [data for event, data in failed["status"]["messages"] if event == "execution_error"]
+        assert error["node_id"] == "3" and "images_per_day: 8 images" in error["exception_message"]
+        assert alice.json("GET", "/api/zimage/usage")[1]["images_today"] == 4  # the refused run made none
+
+        again = done(alice, submit(alice, from_upload("frames", "moving.gif")))  # the first, cached whole
+        assert again["status"]["status_str"] == "success" and len(again["outputs"]["9"]["images"]) == 4
+        assert alice.json("GET", "/api/zimage/usage")[1]["images_today"] == 4  # nothing was made again
 
 
 def test_queued_jobs(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def create(
     role: Annotated[str, typer.Option(help="user or admin")] = "user",
     rpm: Annotated[int | None, typer.Option(help="State-changing requests a minute", min=1)] = None,
     images_per_day: Annotated[
-        int | None, typer.Option(help="Images a day (UTC; a batch's images all count)", min=1)
+        int | None, typer.Option(help="Images a day (UTC; every image a sampler makes counts)", min=1)
     ] = None,
     max_queued: Annotated[int | None, typer.Option(help="Jobs waiting or running at once", min=1)] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Pixels per image", min=1)] = None,

@@ -31,6 +31,13 @@ class JobQueue(Protocol):
         """Store each job, or say why not, in one transaction: each job gets its own answer."""
         ...
 
+    def count_images(
+        self, owner: str, images: int, when: float | None = None, allowed: int | None = None
+    ) -> QuotaExceeded | None:
+        """Add `images` (negative: given back) to `owner`'s count of the day of `when` (now: None), never
+        below 0. With `allowed`, adding that would pass it adds nothing and answers the quota exceeded."""
+        ...
+
     # -- working -----------------------------------------------------------------------------------------
     def claim(self, worker: str = "", lease_s: float = ...) -> Job | None:
         """The next pending job, now running and leased to `worker` for `lease_s` s; None when none waits."""

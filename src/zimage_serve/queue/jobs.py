@@ -60,6 +60,11 @@ class QuotaExceeded(ZImageError):
         self.quota, self.used, self.allowed, self.retry_after = quota, used, allowed, retry_after
 
 
+# What a job's context keeps of its images: the estimate its owner was charged at submission, and the
+# owner's daily allowance then; the worker counts the images really made against both (image_tally.py).
+IMAGES, IMAGES_PER_DAY = "images", "images_per_day"
+
+
 @dataclass(frozen=True)
 class Quota:
     """What a token allows its owner in the queue; checked as a job is stored, in the same transaction."""

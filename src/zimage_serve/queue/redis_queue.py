@@ -103,7 +103,7 @@ class RedisQueue:
         self._history_args = (self.history_limits.per_owner, self.history_limits.total)
         self.redis = client if client is not None else connect(url)
         self._down_until = 0.0
-        scripts = ("ENQUEUE", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
+        scripts = ("ENQUEUE", "COUNT_IMAGES", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
         self._scripts = {name: self.redis.register_script(getattr(redis_scripts, name)) for name in scripts}
 
     def _run(self, script: str, *args: Any) -> Any:
@@ -217,6 +217,16 @@ class RedisQueue:
                     allowed = job.quota.images_per_day
                     found.append(QuotaExceeded(which, int(used), allowed, seconds_to_midnight(now)))
         return found
+
+    def count_images(
+        self, owner: str, images: int, when: float | None = None, allowed: int | None = None
+    ) -> QuotaExceeded | None:
+        now = self._now_here() if when is None else when
+        answer = self._run("COUNT_IMAGES", owner, day_of(now), images, _limit(allowed))
+        if answer == "ok":
+            return None
+        assert allowed is not None
+        return QuotaExceeded("images_per_day", int(answer), allowed, seconds_to_midnight(now))
 
     def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
         day = day or day_of(self._now_here())

@@ -231,6 +231,17 @@ return answers
 """
 )
 
+# ARGV: P, clock, owner, day, images (negative: given back), allowed ('' for none). Answers 'ok' or the count
+# the images would have made.
+COUNT_IMAGES = r"""
+local key, field, images = ARGV[1] .. 'usage:' .. ARGV[4], 'images:' .. ARGV[3], tonumber(ARGV[5])
+local used = tonumber(redis.call('HGET', key, field) or '0') + images
+if images > 0 and ARGV[6] ~= '' and used > tonumber(ARGV[6]) then return tostring(used) end
+redis.call('HSET', key, field, math.max(0, used))
+redis.call('EXPIRE', key, 40 * 86400)
+return 'ok'
+"""
+
 # ARGV: P, clock, worker, lease_s
 CLAIM = PRELUDE + "\nreturn claim(ARGV[3], ARGV[4], now())\n"
 

@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import IMAGES, IMAGES_PER_DAY, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.worker import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
+from zimage_serve.workflow.image_count import estimated_images
 from zimage_serve.workflow.spec import node_info, object_info, prompt_inputs
 from zimage_serve.workflow.validate import Validator
 from zimage_serve.workflow.validate import error as validate_error
@@ -136,7 +137,10 @@ class QueueService:
         job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
         if identity.user:
             job.owner, job.context, job.quota = identity.user, identity.job_context(), quota
-            job.images = self._images(checked.prompt)
+            job.images = estimated_images(checked.prompt, self.validator.nodes)
+            job.context[IMAGES] = job.images
+            if quota is not None and quota.images_per_day is not None:
+                job.context[IMAGES_PER_DAY] = quota.images_per_day
         try:
             job.encode()  # here, where a large prompt is off the event loop, not in the shared commit
         except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored
@@ -180,17 +184,6 @@ class QueueService:
                 }
                 body = {"error": {**problem, "extra_info": {}}, "node_errors": node_errors}
                 raise PromptBlocked(body, rule, node_id, text)
-
-    def _images(self, prompt: dict[str, Any]) -> int:
-        """How many images a prompt makes: the batch of each node that makes images (pixels it asks for)."""
-        images = 0
-        for node in prompt.values():
-            node_class = self.validator.nodes[node["class_type"]]
-            constants = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
-            demands = node_class.demands(**constants)
-            if any(limit == "pixels" for limit, _, _ in demands):
-                images += next((amount for limit, _, amount in demands if limit == "batch"), 1)
-        return images
 
     def summary(self, prompt: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """What the audit log keeps of a prompt: the texts it encodes, and each node's other constants."""

@@ -398,6 +398,23 @@ class JobStore:
                 return QuotaExceeded("images_per_day", used, quota.images_per_day, seconds_to_midnight(now))
         return None
 
+    def count_images(
+        self, owner: str, images: int, when: float | None = None, allowed: int | None = None
+    ) -> QuotaExceeded | None:
+        now = self.clock() if when is None else when
+        day = day_of(now)
+        with self._writing():
+            row = self._execute("SELECT images FROM usage WHERE owner = ? AND day = ?", (owner, day)).fetchone()
+            used = (row[0] if row else 0) + images
+            if images > 0 and allowed is not None and used > allowed:
+                return QuotaExceeded("images_per_day", used, allowed, seconds_to_midnight(now))
+            self._execute(
+                "INSERT INTO usage (owner, day, jobs, images) VALUES (?, ?, 0, max(0, ?)) ON CONFLICT(owner, day) "
+                "DO UPDATE SET images = max(0, images + ?)",
+                (owner, day, images, images),
+            )
+        return None
+
     def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
         """Jobs and images queued per owner on `day` (today, UTC), with each owner's jobs queued now."""
         day = day or day_of(self.clock())

@@ -23,6 +23,7 @@ from zimage_serve.identity import Identity
 from zimage_serve.metrics import JobEnd, observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.deadlines import Deadlines
+from zimage_serve.queue.image_tally import ImageTally
 from zimage_serve.queue.jobs import LEASE_S, Job, QueueUnavailable, worker_id
 from zimage_serve.workflow.events import execution_error
 
@@ -317,10 +318,11 @@ class Worker:
         if job.attempts > 1:  # run before and never finished: what that run wrote goes first
             self.executor.discard_outputs(job.id)
 
+        tally = ImageTally(self.store, job) if job.owner else None
         try:
             identity = Identity.of_job(job.owner, job.context, self.executor.limits)
             result = self.executor.run(
-                job.id, job.prompt, job.outputs, job.extra_data, emit, identity, lambda: self._holds(job.id)
+                job.id, job.prompt, job.outputs, job.extra_data, emit, identity, lambda: self._holds(job.id), tally
             )
         finally:
             self._deadlines.remove(job.id)
@@ -349,6 +351,8 @@ class Worker:
         state = {"success": "success", "error": "error", "interrupted": "interrupted"}[result.status]
         entry = {"outputs": result.outputs, "messages": result.messages}
         next_job = self._record(job.id, state, entry)
+        if tally is not None:
+            self._settle(tally)
         self._ended(job, state, running.started, result.executed)
         self.executor.settle_outputs(job.id)
         if self._stopping.is_set():
@@ -390,6 +394,12 @@ class Worker:
                 continue
             self._found_queue()
             return next_job
+
+    def _settle(self, tally: ImageTally) -> None:
+        try:
+            tally.settle()
+        except QueueUnavailable as exc:  # the owner keeps the charge; the job's end is recorded already
+            log.warning("could not give back the images prompt %s did not make: %s", tally.job.id, exc)
 
     def _ended(self, job: Job, state: str, started: float, executed: list[str]) -> None:
         nodes: dict[str, int] = {}

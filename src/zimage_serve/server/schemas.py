@@ -67,7 +67,7 @@ class TokenRequest(BaseModel):
     name: str = Field(description="The user's name (letters, digits, '_', '.', '-')")
     role: Literal["user", "admin"] = "user"
     rpm: int | None = Field(None, ge=1, description="State-changing requests a minute")
-    images_per_day: int | None = Field(None, ge=1, description="Images a day (UTC), a batch's images counted")
+    images_per_day: int | None = Field(None, ge=1, description="Images a day (UTC): every image a sampler makes")
     max_queued: int | None = Field(None, ge=1, description="Jobs waiting or running at once")
     max_pixels: int | None = Field(None, ge=1, description="Pixels per image")
     max_steps: int | None = Field(None, ge=1, description="Sampler steps")

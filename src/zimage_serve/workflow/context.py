@@ -36,6 +36,8 @@ class NodeContext:
     limits: Limits = field(default_factory=Limits)
     outputs: RunOutputs | None = None  # where the run's files are journaled (exactly one file per output)
     identity: Identity = LOCAL  # whose job this is; `folders` are that caller's space, `limits` theirs
+    # Told the images a sampler is about to make; raises (a quota reached) to stop the run before it does.
+    count_images: Callable[[int], None] = lambda images: None
 
     def progress(self, value: int, total: int) -> None:
         if self.on_progress is not None:

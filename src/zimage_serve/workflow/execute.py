@@ -128,11 +128,13 @@ class Executor:
         emit: Emit | None = None,
         identity: Identity = LOCAL,
         still_held: Callable[[], bool] | None = None,
+        count_images: Callable[[int], None] | None = None,
     ) -> RunResult:
         """Run a validated prompt for `identity`: its files are that user's, its limits theirs.
         `still_held`: asked before each output takes its final name; False stops the run there (a worker
-        that lost its prompt to another writes nothing more)."""
-        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held)
+        that lost its prompt to another writes nothing more). `count_images`: told the images each sampler
+        is about to make; what it raises fails the run at that node (a daily quota reached)."""
+        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held, count_images)
         with self._lock:
             if prompt_id in self._active:
                 raise ZImageError(f"prompt {prompt_id} is already running")
@@ -195,6 +197,7 @@ class _Run:
         emit: Emit | None,
         identity: Identity,
         still_held: Callable[[], bool] | None = None,
+        count_images: Callable[[int], None] | None = None,
     ) -> None:
         self.ex, self.prompt_id, self.prompt, self.outputs = executor, prompt_id, prompt, outputs
         self.identity = identity
@@ -209,6 +212,7 @@ class _Run:
         self.current_inputs: dict[str, Any] = {}
         self.interrupted = _Flag()
         self.files = RunOutputs(prompt_id, executor.journal, still_held) if executor.journal is not None else None
+        self.count_images = count_images
 
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:
@@ -335,6 +339,8 @@ class _Run:
             outputs=self.files,
             identity=self.identity,
         )
+        if self.count_images is not None:
+            ctx.count_images = self.count_images
         self.current_inputs = inputs
         result = node_class().run(ctx, **inputs)
         self.values[node_id] = result.outputs

@@ -184,6 +184,8 @@ class Node:
     owned: ClassVar[bool] = False
     # Inputs whose list/range check `check` replaces (ComfyUI's VALIDATE_INPUTS arguments).
     custom_checks: ClassVar[tuple[str, ...]] = ()
+    # A sampler's LATENT input: each run makes as many images as that latent holds (what quotas count).
+    denoises: ClassVar[str | None] = None
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         raise NotImplementedError
@@ -198,6 +200,14 @@ class Node:
         """What running with these (converted) inputs asks of the machine, as (`Limits` field, input name,
         amount): by default the inputs declared with a `limit`; nodes that make images add their pixels."""
         return [(limit, name, inputs[name]) for name, limit in limited_inputs(cls) if isinstance(inputs.get(name), int)]
+
+    @classmethod
+    def batch(cls, constants: dict[str, Any], linked: dict[str, int]) -> int:
+        """How many images (or latents, masks) the node's outputs will hold, told before anything runs:
+        `constants` are its inputs that are values, `linked` the batch of each input that comes by a link.
+        By default its declared batch input (a `limit="batch"` one), else the largest batch it is given."""
+        declared = next((amount for limit, _, amount in cls.demands(**constants) if limit == "batch"), None)
+        return declared if declared is not None else max(linked.values(), default=1)
 
     @classmethod
     def fingerprint(cls, lists: ResourceLists, **inputs: Any) -> Any:

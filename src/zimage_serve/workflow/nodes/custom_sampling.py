@@ -113,6 +113,7 @@ class CFGGuider(Node):
 
 class SamplerCustomAdvanced(Node):
     category = "sampling/custom_sampling"
+    denoises = "latent_image"
     description = "Samples with separately chosen noise, guider, sampler and sigmas."
     required = {
         "noise": link("NOISE"),

@@ -166,6 +166,10 @@ class ImageBatch(Node):
     required = {"image1": link("IMAGE"), "image2": link("IMAGE")}
     outputs = (Output("IMAGE"),)
 
+    @classmethod
+    def batch(cls, constants: dict[str, Any], linked: dict[str, int]) -> int:
+        return linked.get("image1", 1) + linked.get("image2", 1)
+
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         import torch
 

@@ -223,6 +223,11 @@ class RepeatLatentBatch(Node):
     required = {"samples": link("LATENT"), "amount": Int(default=1, min=1, max=64)}
     outputs = (Output("LATENT"),)
 
+    @classmethod
+    def batch(cls, constants: dict[str, Any], linked: dict[str, int]) -> int:
+        amount = constants.get("amount")
+        return linked.get("samples", 1) * (amount if isinstance(amount, int) else 1)
+
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         from zimage_serve.engine.resize import repeat_to_batch
         from zimage_serve.workflow.limits import enforce

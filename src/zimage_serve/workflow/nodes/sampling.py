@@ -78,6 +78,7 @@ def run_sampler(ctx: NodeContext, run: Sampling) -> tuple[dict[str, Any], dict[s
     if len(sigmas) < 2:
         passed = {**latent, "samples": samples}
         return passed, passed
+    ctx.count_images(samples.shape[0])
     height, width = (side * LATENT_FACTOR for side in samples.shape[-2:])
     warning = size_warning(model.name, model.trained_size, width, height)
     if warning is not None:
@@ -132,6 +133,7 @@ CFG = Float(
 
 class KSampler(Node):
     category = "sampling"
+    denoises = "latent_image"
     description = "Uses the provided model, positive and negative conditioning to denoise the latent image."
     required = {
         "model": link("MODEL", "The model used for denoising the input latent."),
@@ -163,6 +165,7 @@ class KSampler(Node):
 
 class KSamplerAdvanced(Node):
     category = "sampling"
+    denoises = "latent_image"
     description = "KSampler over a window of the schedule, with the noise and the final step under control."
     required = {
         "model": link("MODEL"),
