@@ -4,6 +4,7 @@ survive a restart."""
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from PIL import Image
 from tests.support.app import serving
 from tests.support.jobs import done, png, running_ids, settle, slow_job, small_job, submit, upload, wait_until
 from tests.support.tokens import make_tokens
+from zimage_serve.security.storage import StorageLimits
 
 
 def batch_job(prefix: str, batch: int, **options: Any) -> dict[str, Any]:
@@ -155,3 +157,36 @@ def test_queued_jobs(tmp_path: Path) -> None:
         done(alice, waiting)
         assert alice.request("POST", "/prompt", {"prompt": small_job("q-3")})[0] == 200
         settle(server.as_token(tokens["admin"]))  # nor the jobs accepted here
+
+
+def test_what_a_user_stores_is_bounded_per_token_and_by_the_servers_default(tmp_path: Path) -> None:
+    """Uploads, saved workflows and templates count together; concurrent uploads cannot share the last room."""
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"max_storage": 40_000, "max_files": 5})
+    with serving(data, auth="on", security={"user_storage": StorageLimits(bytes=10**9, files=2)}) as server:
+        alice, bob = server.as_token(tokens["user"]), server.as_token(tokens["other"])
+        admin = server.as_token(tokens["admin"])
+        picture = png((64, 64), "red") + b"\0" * 9_000  # about 9 KB, still a valid PNG
+
+        def upload_as(who: Any, name: str) -> int:
+            return int(upload(who, picture, name)[0])
+
+        with ThreadPoolExecutor(8) as pool:  # 8 at once: 4 fit in 40,000 bytes, the rest are refused
+            statuses = list(pool.map(lambda i: upload_as(alice, f"p{i}.png"), range(8)))
+        assert sorted(statuses) == [200] * 4 + [413] * 4, statuses
+        status, _, body = alice.request("POST", "/userdata/workflows%2Fbig.json", raw=b"x" * 5_000)
+        assert status == 413 and b"40,000" in body  # bytes: the uploads took the room
+        assert upload_as(alice, "p0.png") == 200  # the same bytes again: replaces nothing, adds nothing
+        assert alice.request("POST", "/userdata/workflows%2Fa.json", raw=b"{}")[0] == 200  # the fifth file
+        template = {"name": "mine", "workflow": small_job("mine")}
+        status, answer = alice.json("POST", "/api/zimage/templates", template)
+        assert status == 413 and "may keep 5" in answer["error"]  # files: a template version is one more
+
+        assert upload_as(bob, "b0.png") == 200 and upload_as(bob, "b1.png") == 200  # the server's default: 2 files
+        status, body = upload(bob, picture, "b2.png")
+        assert status == 413 and "may keep 2" in body["error"]
+        assert upload_as(admin, "shared.png") == 200  # the shared folders are the operator's
+        status, body = upload(alice, picture, "x.png", type="output")
+        assert status == 403 and "input or temp" in body["error"]
+        usage = {t["name"]: t for t in admin.json("GET", "/api/zimage/tokens")[1]["tokens"]}
+        assert (usage["alice"]["max_storage"], usage["alice"]["max_files"]) == (40_000, 5)

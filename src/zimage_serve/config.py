@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from zimage_serve.errors import ZImageError
+from zimage_serve.security.storage import USER_BYTES, USER_FILES
 from zimage_serve.workflow.limits import Limits
 
 _DEFAULT_LIMITS = Limits()
@@ -83,6 +84,8 @@ class ServeConfig(BaseSettings):
     audit_rotate_mb: int = Field(64, ge=1)
     audit_max_bytes: ByteSize = Field(ByteSize(1024**3), ge=1024 * 1024)
     audit_retention_days: float = Field(0, ge=0, le=36500)
+    user_storage: ByteSize = Field(ByteSize(USER_BYTES), ge=1)
+    user_files: int = Field(USER_FILES, ge=1)
     queue: str | None = None
     workers: int = Field(1, ge=0, le=64)
     lease: float = Field(30.0, ge=1, le=3600)

@@ -139,6 +139,17 @@ def serve(
         float | None,
         typer.Option(help="Days of audit log kept: older segments go [default: 0, no age limit]"),
     ] = None,
+    user_storage: Annotated[
+        str | None,
+        typer.Option(
+            help="What each user may store (uploads, saved workflows, templates), as 500MB or 2GiB; a token's "
+            "--max-storage overrides it [default: 1GiB]"
+        ),
+    ] = None,
+    user_files: Annotated[
+        int | None,
+        typer.Option(help="Files each user may store; a token's --max-files overrides it [default: 10000]", min=1),
+    ] = None,
     queue: Annotated[
         str | None,
         typer.Option(
@@ -192,6 +203,7 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
 def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[socket.socket]) -> None:
     from zimage_serve.config import ConfigError
     from zimage_serve.security.guard import SecuritySettings
+    from zimage_serve.security.storage import StorageLimits
     from zimage_serve.server.app import create_app
     from zimage_serve.server.connections import ConnectionLimits, bounded_server
     from zimage_serve.server.runtime import ServerSettings
@@ -211,6 +223,7 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
             audit_rotate_bytes=config.audit_rotate_mb * 1024 * 1024,
             audit_max_bytes=int(config.audit_max_bytes),
             audit_retention_days=config.audit_retention_days,
+            user_storage=StorageLimits(int(config.user_storage), config.user_files),
         )
         settings = ServerSettings(
             data_dir=config.data_dir or default_data_dir(),

@@ -38,6 +38,13 @@ def create(
     max_queued: Annotated[int | None, typer.Option(help="Jobs waiting or running at once", min=1)] = None,
     max_pixels: Annotated[int | None, typer.Option(help="Pixels per image", min=1)] = None,
     max_steps: Annotated[int | None, typer.Option(help="Sampler steps", min=1)] = None,
+    max_storage: Annotated[
+        str | None,
+        typer.Option(help="What the user may store (uploads, saved workflows, templates), as 500MB or 2GiB"),
+    ] = None,
+    max_files: Annotated[
+        int | None, typer.Option(help="Files the user may store (uploads, saved workflows, templates)", min=1)
+    ] = None,
     inherit: Annotated[
         bool,
         typer.Option(
@@ -51,6 +58,7 @@ def create(
     """Make a token and print it once, as the last line (it is stored only as a hash)."""
     from zimage_serve.security.tokens import TokenError
 
+    storage = _bytes(max_storage)
     store = _store(data_dir)
     try:
         token, record = store.create(
@@ -62,6 +70,8 @@ def create(
             max_queued=max_queued,
             max_pixels=max_pixels,
             max_steps=max_steps,
+            max_storage=storage,
+            max_files=max_files,
         )
     except TokenError as exc:
         hint, _, reason = str(exc).partition(": ")
@@ -124,6 +134,17 @@ def revoke(name: Annotated[str, typer.Argument(help="The token's name")], data_d
     finally:
         store.close()
     console_err.print(f"revoked {name}", highlight=False)
+
+
+def _bytes(size: str | None) -> int | None:
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    if size is None:
+        return None
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(size))
+    except ValidationError as exc:
+        raise typer.BadParameter(f"{size!r} is not a size such as 500MB or 2GiB", param_hint="--max-storage") from exc
 
 
 def _when(value: float | None) -> str:

@@ -17,6 +17,7 @@ from zimage_serve.security.blocklist import Blocklist
 from zimage_serve.security.network import NetworkPolicy, is_loopback_bind
 from zimage_serve.security.rate import RateLimiter
 from zimage_serve.security.refusals import RefusalTally
+from zimage_serve.security.storage import StorageLimits
 from zimage_serve.security.tokens import REFRESH_S, TOUCH_S, Token, TokenStore
 from zimage_serve.workflow.limits import Limits
 
@@ -43,6 +44,7 @@ class SecuritySettings:
     audit_rotate_bytes: int = ROTATE_BYTES
     audit_max_bytes: int = MAX_BYTES
     audit_retention_days: float = 0
+    user_storage: StorageLimits = field(default_factory=StorageLimits)  # each user's, unless their token says
 
     @property
     def audit_retention(self) -> Retention:

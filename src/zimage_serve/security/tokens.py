@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     max_queued INTEGER,
     max_pixels INTEGER,
     max_steps INTEGER,
+    max_storage INTEGER,
+    max_files INTEGER,
     created REAL NOT NULL,
     last_used REAL,
     revoked REAL,
@@ -59,7 +61,7 @@ SESSION_PREFIX = "zss_"
 SESSION_S = 30 * 24 * 3600  # a browser's sign-in lasts a month, or until it signs out or the token goes
 SESSIONS_PER_TOKEN = 20  # signing in again past this ends the token's oldest session
 SESSION_ID_CHARS = 16  # of a session's hash: how sessions are named when listed and ended
-LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps")
+LIMITS = ("rpm", "images_per_day", "max_queued", "max_pixels", "max_steps", "max_storage", "max_files")
 # A user id other than the name itself: `alice~2` is the second user named alice. No name holds a '~',
 # so an id never collides with another user's name.
 GENERATION = "~"
@@ -83,6 +85,8 @@ class Token:
     max_queued: int | None = None
     max_pixels: int | None = None
     max_steps: int | None = None
+    max_storage: int | None = None  # bytes of uploads, saved workflows and templates (security/storage.py)
+    max_files: int | None = None
     created: float = 0.0
     last_used: float | None = None
     revoked: float | None = None
@@ -129,14 +133,17 @@ class TokenStore:
             self._db.close()
 
     def _upgrade(self) -> None:
-        """Files written before users had ids: each token's user is its name, as its data's folders are."""
+        """Files written by earlier versions: the columns added since; and, from before users had ids, each
+        token's user is its name, as its data's folders are."""
+        added = {"user": "TEXT", "max_storage": "INTEGER", "max_files": "INTEGER"}  # columns of later versions
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
-        if "user" in columns and self._db.execute("SELECT 1 FROM tokens WHERE user IS NULL").fetchone() is None:
+        if columns >= set(added) and self._db.execute("SELECT 1 FROM tokens WHERE user IS NULL").fetchone() is None:
             return
         with self._writing():
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
-            if "user" not in columns:
-                self._db.execute("ALTER TABLE tokens ADD COLUMN user TEXT")
+            for column, kind in added.items():
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} {kind}")
             self._db.execute("UPDATE tokens SET user = name WHERE user IS NULL")
             self._db.execute("INSERT OR IGNORE INTO users (id, name, created) SELECT user, name, created FROM tokens")
 

@@ -17,7 +17,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from zimage_serve.server.gate import caller
+from zimage_serve import strict_json
+from zimage_serve.security.storage import StorageFull
+from zimage_serve.server.gate import caller, caller_token
 from zimage_serve.server.routes_queue import json_body, optional_int, plain_error, queue_prompt, runtime
 from zimage_serve.templates import TemplateError, TemplateNotFound, TemplateParameterError
 from zimage_serve.templates.source import template_from
@@ -84,9 +86,13 @@ async def add_template(request: Request) -> Response:
         unknown = sorted({node["class_type"] for node in template.workflow.values()} - set(NODES))
         if unknown:
             raise TemplateError(f"workflow: this server has no node {', '.join(unknown)}")
-        added = await asyncio.to_thread(library.add, template, user)
+        size = len(strict_json.dumps(template.to_json()))  # about what a version takes on disk
+        async with rt.storage.room(who, rt.storage_limits(who, caller_token(request)), size):
+            added = await asyncio.to_thread(library.add, template, user)
     except TemplateError as exc:
         return template_error(exc)
+    except StorageFull as exc:
+        return plain_error(exc.status, str(exc))
     made = added.template
     answer = {"name": made.name, "version": made.version, "created": added.created, "parameters": list(made.parameters)}
     return JSONResponse(answer, status_code=201 if added.created else 200)

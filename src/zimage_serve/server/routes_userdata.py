@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from zimage_serve import strict_json
-from zimage_serve.server.gate import audit_note, caller
+from zimage_serve.security.storage import StorageFull, kept
+from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import plain_error, runtime
 from zimage_serve.workflow.folders import UnknownFileError, contained
 
@@ -36,7 +37,7 @@ FOLDERS = ("workflows", "subgraphs")  # the frontend lists these at start: there
 def user_root(request: Request) -> Path:
     """The caller's own folder of saved workflows and settings (made on first use)."""
     identity = caller(request)
-    root: Path = runtime(request).settings.data_dir / "userdata" / (identity.user or "default")
+    root = runtime(request).userdata_folder(identity.user)
     if not root.is_dir():
         for folder in FOLDERS:
             (root / folder).mkdir(parents=True, exist_ok=True)
@@ -269,30 +270,24 @@ async def post_userdata(request: Request, file: str) -> Response:
         return plain_error(409, "file exists; send overwrite=true to replace it")
     if os.path.isdir(path):
         return plain_error(409, "a folder has that name")
-    files, used = await asyncio.to_thread(_usage, root)
+    here = await asyncio.to_thread(kept, [root])
     replaced = os.path.getsize(path) if os.path.isfile(path) else None
-    if replaced is None and files + 1 > USERDATA_FILES:
+    if replaced is None and here.files + 1 > USERDATA_FILES:
         return plain_error(413, f"each user may keep {USERDATA_FILES} files here; delete some first")
-    if used - (replaced or 0) + len(body) > USERDATA_BYTES:
+    if here.bytes - (replaced or 0) + len(body) > USERDATA_BYTES:
         return plain_error(
-            413, f"each user may keep {USERDATA_BYTES // (1024 * 1024)} MiB here ({used} bytes used); delete some first"
+            413,
+            f"each user may keep {USERDATA_BYTES // (1024 * 1024)} MiB here ({here.bytes} bytes used); "
+            "delete some first",
         )
-    await asyncio.to_thread(_write_file, path, body)
+    rt, identity = runtime(request), caller(request)
+    try:
+        async with rt.storage.room(identity, rt.storage_limits(identity, caller_token(request)), len(body), Path(path)):
+            await asyncio.to_thread(_write_file, path, body)
+    except StorageFull as exc:
+        return plain_error(413, str(exc))
     audit_note(request, files=["userdata/" + _relative(root, path)])
     return _saved(request, root, path)
-
-
-def _usage(root: Path) -> tuple[int, int]:
-    """How many files a user keeps here, and their bytes (the settings file among them)."""
-    files = used = 0
-    for folder, _, names in os.walk(root):
-        for name in names:
-            try:
-                used += os.path.getsize(os.path.join(folder, name))
-            except OSError:  # removed meanwhile
-                continue
-            files += 1
-    return files, used
 
 
 def _write_file(path: str, data: bytes) -> None:

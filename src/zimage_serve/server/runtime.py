@@ -28,9 +28,12 @@ from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.security.audit import iso, log_place
 from zimage_serve.security.guard import Security, SecuritySettings
+from zimage_serve.security.storage import Storage, StorageLimits
+from zimage_serve.security.tokens import Token
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.templates import TemplateLibrary
+from zimage_serve.templates.library import USERS
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
@@ -102,6 +105,7 @@ class Runtime:
         self.security = Security(
             settings.security, settings.listen, settings.port, data, audit_head, settings.limits, audit_folder
         )
+        self.storage = Storage(self.stored_by, settings.security.user_storage)
         use_bomb_limit(settings.limits.upload_pixels)
         self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
         self.worker = self._worker()
@@ -112,6 +116,21 @@ class Runtime:
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         self._started = self._stopped = False
+
+    # -- what users store ------------------------------------------------------------------------------
+    def userdata_folder(self, user: str) -> Path:
+        """Where a user's saved workflows and settings are (the local operator's: `default`)."""
+        return self.settings.data_dir / "userdata" / (user or "default")
+
+    def stored_by(self, user: str) -> list[Path]:
+        """The folders of what `user` stores (their storage limits count these): uploads, userdata, templates."""
+        space = self.folders.space(user)
+        return [space.input, space.temp, self.userdata_folder(user), self.templates.root / USERS / user]
+
+    def storage_limits(self, identity: Identity, token: Token | None) -> StorageLimits | None:
+        return self.storage.limits_of(
+            identity, token.max_storage if token else None, token.max_files if token else None
+        )
 
     def _worker(self) -> DeviceWorker:
         settings = self.settings

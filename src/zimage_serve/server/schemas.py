@@ -71,6 +71,8 @@ class TokenRequest(BaseModel):
     max_queued: int | None = Field(None, ge=1, description="Jobs waiting or running at once")
     max_pixels: int | None = Field(None, ge=1, description="Pixels per image")
     max_steps: int | None = Field(None, ge=1, description="Sampler steps")
+    max_storage: int | None = Field(None, ge=1, description="Bytes of uploads, saved workflows and templates")
+    max_files: int | None = Field(None, ge=1, description="Files of uploads, saved workflows and templates")
     inherit: bool = Field(
         False,
         description="Continue the user of the name's revoked token (their jobs, files and templates); "

@@ -3,6 +3,9 @@
 Checks ComfyUI does not make: the bytes must decode as an image of an allowed format, within a pixel
 budget (a small file can decompress to gigapixels), and names are plain file names inside the folder.
 Without `overwrite`, an existing different file is never replaced: the new one gets `name (1).png`.
+
+A user's uploads count against what they may store (security/storage.py); their output folder holds the
+images their jobs make, bounded by their images a day, so users upload to input or temp only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from starlette.datastructures import UploadFile
 
 from zimage_serve import strict_json
 from zimage_serve.image_safety import ImageRefused, facts, refusing
-from zimage_serve.server.gate import audit_note, caller
+from zimage_serve.security.storage import StorageFull
+from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.schemas import MaskForm, UploadForm, form_request
 from zimage_serve.workflow.folders import UnknownFileError, contained
@@ -131,15 +135,38 @@ async def upload_image(request: Request) -> Response:
     try:
         data, name, fields = await read_form(request)
         await asyncio.to_thread(check_image, data, "image", max_upload_pixels(request))
-        subfolder = fields.get("subfolder", "")
-        kind = fields.get("type") or "input"
-        folder = target_folder(request, kind, subfolder)
-        overwrite = fields.get("overwrite", "").lower() in ("true", "1")
-        stored = await asyncio.to_thread(store, data, folder, name, overwrite)
-        audit_note(request, files=["/".join(p for p in (kind, subfolder, stored) if p)])
-        return _answer(Stored(stored, subfolder, kind))
+        return _answer(await _kept(request, data, name, fields))
     except UploadError as exc:
         return _answer(exc)
+
+
+async def _kept(request: Request, data: bytes, name: str, fields: dict[str, str]) -> Stored:
+    """`data` stored as the form asks (type, subfolder, overwrite), within the caller's storage."""
+    subfolder = fields.get("subfolder", "")
+    kind = fields.get("type") or "input"
+    identity = caller(request)
+    if kind == "output" and identity.space is not None:
+        raise UploadError(403, "type: users upload to input or temp; output holds the images your jobs make")
+    folder = target_folder(request, kind, subfolder)
+    overwrite = fields.get("overwrite", "").lower() in ("true", "1")
+    rt = runtime(request)
+    limits = rt.storage_limits(identity, caller_token(request))
+    # What it replaces: the file of that name when overwriting, or when it holds these very bytes (reused).
+    replaced = folder / name if overwrite or await asyncio.to_thread(_holds, folder / name, data) else None
+    try:
+        async with rt.storage.room(identity, limits, len(data), replaced):
+            stored = await asyncio.to_thread(store, data, folder, name, overwrite)
+    except StorageFull as exc:
+        raise UploadError(exc.status, str(exc)) from exc
+    audit_note(request, files=["/".join(p for p in (kind, subfolder, stored) if p)])
+    return Stored(stored, subfolder, kind)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _masked(data: bytes, original_path: str, max_pixels: int) -> bytes:
@@ -178,13 +205,7 @@ async def upload_mask(request: Request) -> Response:
             raise UploadError(exc.status, str(exc)) from exc
         if not os.path.isfile(original_path):
             raise UploadError(404, f"original_ref: {os.path.basename(original_path)} not found")
-        subfolder = fields.get("subfolder", "")
-        kind = fields.get("type") or "input"
-        folder = target_folder(request, kind, subfolder)
-        overwrite = fields.get("overwrite", "").lower() in ("true", "1")
         masked = await asyncio.to_thread(_masked, data, original_path, max_upload_pixels(request))
-        stored = await asyncio.to_thread(store, masked, folder, name, overwrite)
-        audit_note(request, files=["/".join(p for p in (kind, subfolder, stored) if p)])
-        return _answer(Stored(stored, subfolder, kind))
+        return _answer(await _kept(request, masked, name, fields))
     except UploadError as exc:
         return _answer(exc)
