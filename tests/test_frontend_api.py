@@ -228,3 +228,35 @@ def test_the_jobs_list_is_built_off_the_event_loop(server: AppServer, monkeypatc
     on_the_loop.clear()  # one job's own page summarises that job alone
     assert server.json("GET", "/api/jobs?limit=5")[0] == 200
     assert on_the_loop and not any(on_the_loop)
+
+
+def test_a_page_of_jobs_reads_that_page_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F15: the store pages; 2,000 history entries are neither read nor summarised for a page of 10."""
+    from zimage_serve.queue.jobs import Job
+    from zimage_serve.queue.store import JobStore
+    from zimage_serve.server import routes_jobs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store = JobStore(data / "queue.sqlite3")
+    store.enqueue_many([Job(f"old{i:04}", i, {}, {}, []) for i in range(2000)])
+    claimed = store.claim()
+    while claimed is not None:
+        claimed = store.finish(claimed.id, "error" if claimed.number % 4 == 0 else "success", {}, claim_next=True)
+    store.close()
+    summarised: list[str] = []
+    summarise = routes_jobs.job_summary
+
+    def counted(job: Job, *args: Any) -> dict[str, Any]:
+        summarised.append(job.id)
+        return summarise(job, *args)
+
+    monkeypatch.setattr(routes_jobs, "job_summary", counted)
+    with serving(data, preload=False) as server:
+        status, page = server.json("GET", "/api/jobs?limit=10&offset=20")
+        assert status == 200 and [job["id"] for job in page["jobs"]] == [f"old{i:04}" for i in range(1979, 1969, -1)]
+        assert page["pagination"] == {"offset": 20, "limit": 10, "total": 2000, "has_more": True}
+        assert len(summarised) == 10
+        status, page = server.json("GET", "/api/jobs?status=failed&limit=3&sort_order=asc")
+        assert [job["id"] for job in page["jobs"]] == ["old0000", "old0004", "old0008"]
+        assert {job["status"] for job in page["jobs"]} == {"failed"} and page["pagination"]["total"] == 500

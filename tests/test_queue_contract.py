@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -345,6 +346,32 @@ def test_images_are_counted_as_made_within_the_allowance_and_given_back_to_their
     before = {u["user"]: u["images_today"] for u in store.usage(day=time.strftime("%Y-%m-%d", time.gmtime(yesterday)))}
     assert today == {"alice": 5} and before == {"alice": 0, "bob": 4}
     assert store.count_images("alice", 1) is None and connect(clock=clock).usage("alice")[0]["images_today"] == 6
+
+
+def test_a_page_of_jobs_in_some_states_is_read_newest_first_with_their_total(connect: Connect) -> None:
+    store = connect()
+    store.enqueue_many([Job(f"j{i}", i, {}, {}, [], owner="alice" if i % 2 else "bob") for i in range(8)])
+    for job_id, state in (("j0", "success"), ("j1", "error"), ("j2", "interrupted"), ("j3", "success")):
+        claimed = store.claim()
+        assert claimed is not None and claimed.id == job_id
+        store.finish(job_id, state, {"outputs": {}})
+    assert store.claim() is not None  # j4 runs; j5, j6, j7 wait
+
+    def ids(*states: str, **options: Any) -> tuple[list[str], int]:
+        jobs, total = store.jobs_page(states, **options)
+        return [job.id for job in jobs], total
+
+    everything = ("pending", "running", "success", "error", "interrupted")
+    assert ids(*everything) == ([f"j{i}" for i in reversed(range(8))], 8)
+    assert ids(*everything, offset=2, limit=3) == (["j5", "j4", "j3"], 8)
+    assert ids(*everything, offset=6, limit=5, newest_first=False) == (["j6", "j7"], 8)
+    assert ids("success", "error") == (["j3", "j1", "j0"], 3)  # some of the finished states only
+    assert ids("running", "success", limit=1) == (["j4"], 3)
+    assert ids(*everything, owner="alice") == (["j7", "j5", "j3", "j1"], 4)
+    assert ids("success", "interrupted", owner="bob") == (["j2", "j0"], 2)
+    assert ids(*everything, owner="") == ([], 0) and ids() == ([], 0)
+    [job], _ = store.jobs_page({"error"})
+    assert job.state == "error" and job.owner == "alice" and job.finished is not None
 
 
 def test_requeue_puts_a_cut_off_job_back_without_counting_its_attempt(connect: Connect) -> None:

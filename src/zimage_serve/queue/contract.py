@@ -15,7 +15,7 @@ so the layers above never learn which one they talk to. The semantics each metho
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, QuotaExceeded
@@ -93,6 +93,18 @@ class JobQueue(Protocol):
 
     def history(self, max_items: int | None = None, offset: int | None = None, owner: str | None = None) -> list[Job]:
         """Finished jobs, oldest first; `max_items` alone gives the newest that many."""
+        ...
+
+    def jobs_page(
+        self,
+        states: Collection[str],
+        owner: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        newest_first: bool = True,
+    ) -> tuple[list[Job], int]:
+        """One page of the jobs in `states` (`owner`'s only, when given), in submission order (newest
+        first unless told otherwise), and how many there are in all: read without the jobs off the page."""
         ...
 
     def usage(self, owner: str | None = None, day: str | None = None) -> list[dict[str, Any]]: ...

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from zimage_serve.queue.jobs import (
     FINISHED,
     LEASE_S,
     RETRY_QUEUED_S,
+    STATES,
     DuplicateJob,
     HistoryLimits,
     Job,
@@ -375,6 +376,43 @@ class RedisQueue:
             return []
         key = "history" if owner is None else self._owned(owner, "history", prefixed=False)
         return self._jobs(key, offset, stop)
+
+    def jobs_page(
+        self,
+        states: Collection[str],
+        owner: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        newest_first: bool = True,
+    ) -> tuple[list[Job], int]:
+        if owner == "" or not set(states) & set(STATES):
+            return [], 0
+        done = [state for state in FINISHED if state in states]
+        keys = [state for state in ("pending", "running") if state in states] + (["history"] if done else [])
+
+        def read() -> tuple[list[Job], int]:
+            # Members are the submission sequence and the id ('%016d:id'): ordered as text, in submission order.
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrange(self.prefix + key if owner is None else self._owned(owner, key), 0, -1)
+                found: list[list[str]] = pipe.execute()
+            members = [m for listed in found[: len(keys) - bool(done)] for m in listed]
+            finished = found[-1] if done else []
+            if 0 < len(done) < 3 and finished:  # some finished states only: each one's state decides
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for m in finished:
+                        pipe.hget(f"{self.prefix}job:{m[17:]}", "state")
+                    finished = [m for m, state in zip(finished, pipe.execute(), strict=True) if state in done]
+            members += finished
+            members.sort(reverse=newest_first)
+            chosen = members[max(0, offset) :][: limit if limit is not None else None]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for m in chosen:
+                    pipe.hgetall(f"{self.prefix}job:{m[17:]}")
+                rows = pipe.execute()
+            return [_job(_texts(row)) for row in rows if row], len(members)
+
+        return self.call(read)
 
     # -- removing --------------------------------------------------------------------------------------
     def delete_pending(self, ids: Iterable[str] | None = None, owner: str | None = None) -> int:

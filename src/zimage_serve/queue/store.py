@@ -23,7 +23,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -594,6 +594,27 @@ class JobStore:
         return self._select(
             f"{OWNED} AND {DONE} ORDER BY finished, seq LIMIT ? OFFSET ?", (owner, limit, max(0, offset))
         )
+
+    def jobs_page(
+        self,
+        states: Collection[str],
+        owner: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        newest_first: bool = True,
+    ) -> tuple[list[Job], int]:
+        chosen = [state for state in STATES if state in states]
+        if not chosen or owner == "":
+            return [], 0
+        where = f"({' OR '.join('state = ?' for _ in chosen)})" + (f" AND {OWNED}" if owner is not None else "")
+        args: tuple[Any, ...] = (*chosen, *((owner,) if owner is not None else ()))
+        with self._lock:
+            total = int(self._execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args).fetchone()[0])
+        order = "DESC" if newest_first else "ASC"
+        page = self._select(
+            f"{where} ORDER BY seq {order} LIMIT ? OFFSET ?", (*args, -1 if limit is None else limit, max(0, offset))
+        )
+        return page, total
 
     def count_finished(self, owner: str | None = None) -> int:
         with self._lock:

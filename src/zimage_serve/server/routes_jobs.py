@@ -20,19 +20,21 @@ from zimage_serve.server.routes_queue import history_entry, json_body, optional_
 from zimage_serve.server.runtime import Runtime
 
 router = APIRouter()
-STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+# Each status is one state of the queue's: the store selects and counts by it.
+STATES = {
+    "pending": "pending",
+    "in_progress": "running",
+    "completed": "success",
+    "failed": "error",
+    "cancelled": "interrupted",
+}
+STATUSES = tuple(STATES)
+STATUS_OF = {state: status for status, state in STATES.items()}
 MEDIA = {"images": "images", "gifs": "video", "audio": "audio"}
 
 
 def job_status(job: Job) -> str:
-    if job.state == "pending":
-        return "pending"
-    if job.state == "running":
-        return "in_progress"
-    if job.state == "success":
-        return "completed"
-    messages = [event for event, _ in job.result.get("messages", [])]
-    return "cancelled" if job.state == "interrupted" or "execution_interrupted" in messages else "failed"
+    return STATUS_OF[job.state]
 
 
 def job_summary(job: Job, identity: Identity) -> dict[str, Any]:
@@ -127,6 +129,12 @@ def _page(
     offset: int,
     limit: int | None,
 ) -> dict[str, Any]:
+    if sort_by == "created_at" and not workflow_id:  # the frontend's question: the store reads one page
+        states = {STATES[status] for status in wanted}
+        jobs, total = rt.store.jobs_page(states, identity.owner_filter(), offset, limit, order == "desc")
+        page = [job_summary(job, identity) for job in jobs]
+        return {"jobs": page, "pagination": _pagination(offset, limit, len(page), total)}
+    # Sorted by how long each ran, or narrowed to a workflow: from every job's summary.
     summaries = [job_summary(job, identity) for job in _listed(rt, identity, wanted)]
     summaries = [s for s in summaries if s["status"] in wanted]
     if workflow_id:
@@ -139,9 +147,16 @@ def _page(
     summaries.sort(key=key, reverse=order == "desc")
     total = len(summaries)
     page = summaries[offset : offset + limit] if limit is not None else summaries[offset:]
-    shown_limit = limit if limit is not None else total
-    pagination = {"offset": offset, "limit": shown_limit, "total": total, "has_more": offset + len(page) < total}
-    return {"jobs": page, "pagination": pagination}
+    return {"jobs": page, "pagination": _pagination(offset, limit, len(page), total)}
+
+
+def _pagination(offset: int, limit: int | None, shown: int, total: int) -> dict[str, Any]:
+    return {
+        "offset": offset,
+        "limit": limit if limit is not None else total,
+        "total": total,
+        "has_more": offset + shown < total,
+    }
 
 
 @router.get("/jobs/{job_id}")
