@@ -59,6 +59,7 @@ ROTATE_BYTES = 64 * 1024 * 1024
 MAX_BYTES = 1024 * 1024 * 1024
 KEPT_LIMIT = 10_000  # records held in memory while the log cannot be written; beyond, counted as lost
 RETRY_S = (0.5, 1.0, 2.0, 5.0)
+IDLE_RECORD_S = 0.05  # how soon an idle writer records the last batch's head (verify waits far longer)
 OUTCOMES = ("ok", "error", "refused", "blocked")
 UNAVAILABLE = "the audit log cannot be written (is the disk full?): nothing was done; try again shortly"
 
@@ -118,6 +119,18 @@ class _Pending:
     loop: asyncio.AbstractEventLoop | None = None
 
 
+@dataclass(frozen=True)
+class _Written:
+    """A batch in the log whose head the database does not hold yet (it is recorded with the next batch's
+    intent, in one transaction, or when the writer is idle): where it ends, and what it took from the outbox."""
+
+    seq: int
+    head: str
+    file: str
+    size: int
+    outbox_done: int | None
+
+
 class AuditLog:
     """The server's writer: `write` (await it: answered once written) and `add` (no wait) from the event
     loop; a thread appends."""
@@ -147,6 +160,8 @@ class AuditLog:
         self._failing_since: float | None = None
         self.available = True  # False from a failed write until one succeeds: changing requests get 503
         self._stopping = False
+        self._unrecorded: _Written | None = None
+        self._outbox_taken = 0  # outbox rows up to this id are in the log (their removal may be unrecorded)
         self.seq, self.head = self._recover()
 
     # -- from the event loop -------------------------------------------------------------------------
@@ -183,6 +198,8 @@ class AuditLog:
         failures = 0
         while True:
             wait = 0.5 if self.available else RETRY_S[min(failures, len(RETRY_S) - 1)]
+            if self._unrecorded is not None and self.available:
+                wait = IDLE_RECORD_S  # a batch's head waits for the next batch's commit only this long
             batch: list[_Pending] = []
             try:  # generations wait for the next request's record, or half a second at most
                 first = self._queue.get(timeout=wait)
@@ -196,6 +213,8 @@ class AuditLog:
                 pass
             try:
                 self._write(batch)
+                if not batch or self._stopping:  # idle, or the last batch: the database gets its head now
+                    self._record_written()
             except Exception as exc:  # a full disk, or anything else: the writer thread must live on
                 failures += 1
                 self._failed(batch, exc)
@@ -235,7 +254,9 @@ class AuditLog:
             self._lost += 1
 
     def _write(self, batch: list[_Pending]) -> None:
-        outbox = self._db.execute("SELECT * FROM audit_outbox ORDER BY id LIMIT 1000").fetchall()
+        outbox = self._db.execute(
+            "SELECT * FROM audit_outbox WHERE id > ? ORDER BY id LIMIT 1000", (self._outbox_taken,)
+        ).fetchall()
         records = list(self._kept)
         if self._lost:
             gap = {"time": iso(self.clock()), "kind": "log_gap", "lost": self._lost, "why": UNAVAILABLE}
@@ -262,15 +283,21 @@ class AuditLog:
         start = self._size
         if os.fstat(self._file).st_size != start:  # the end of a failed write that could not be cut then
             os.ftruncate(self._file, start)
-        self._set_pending(self._path.name, start + len(data), seq, head)
+        written = _Written(seq, head, self._path.name, start + len(data), outbox_done)
+        # One transaction per batch: the previous batch's head, and where this one will end (said before it
+        # is written, so that recovery can tell a batch the server wrote from lines added by anything else).
+        self._record(self._unrecorded, written)
+        self._unrecorded = None
         try:
             self._write_bytes(data)
-            self._record_head(seq, head, outbox_done, self._path.name, start + len(data))
         except BaseException:
             # A torn line, or lines the head does not name, would break the chain for good: cut them now.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._file, start)
             raise
+        self._unrecorded = written
+        if outbox_done is not None:
+            self._outbox_taken = outbox_done
         self._size = start + len(data)
         self.seq, self.head = seq, head
         if rotated:
@@ -347,35 +374,43 @@ class AuditLog:
             )
 
     # -- the database --------------------------------------------------------------------------------
-    def _set_pending(self, file: str, size: int, seq: int, head: str) -> None:
-        """Say where the batch about to be appended will end, before it is (so that recovery can tell a
-        batch the server wrote from lines added by anything else)."""
-        self._db.execute(
-            "INSERT INTO audit_end (id, file, size, pending_file, pending_size, pending_seq, pending_hash) "
-            "VALUES (1, NULL, 0, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pending_file = excluded.pending_file, "
-            "pending_size = excluded.pending_size, pending_seq = excluded.pending_seq, "
-            "pending_hash = excluded.pending_hash",
-            (file, size, seq, head),
-        )
+    def _record_written(self) -> None:
+        if self._unrecorded is not None:
+            self._record(self._unrecorded, None)
+            self._unrecorded = None
 
     def _record_head(self, seq: int, head: str, outbox_done: int | None, file: str, size: int) -> None:
-        """In one transaction: the newest record's number and hash, where the log ends (`file` at `size`),
-        and the outbox rows up to `outbox_done` removed (they are in the log now)."""
+        self._record(_Written(seq, head, file, size, outbox_done), None)
+
+    def _record(self, written: _Written | None, intended: _Written | None) -> None:
+        """In one transaction: a written batch's head (the newest record's number and hash, where the log
+        ends, its outbox rows removed: they are in the log now), and where the next batch will end."""
+        if written is None and intended is None:
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute(
-                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                (seq, head),
-            )
-            self._db.execute(
-                "INSERT INTO audit_end (id, file, size) VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "file = excluded.file, size = excluded.size, pending_file = NULL, pending_size = NULL, "
-                "pending_seq = NULL, pending_hash = NULL",
-                (file, size),
-            )
-            if outbox_done is not None:
-                self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (outbox_done,))
+            if written is not None:
+                self._db.execute(
+                    "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                    (written.seq, written.head),
+                )
+                self._db.execute(
+                    "INSERT INTO audit_end (id, file, size) VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "file = excluded.file, size = excluded.size, pending_file = NULL, pending_size = NULL, "
+                    "pending_seq = NULL, pending_hash = NULL",
+                    (written.file, written.size),
+                )
+                if written.outbox_done is not None:
+                    self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (written.outbox_done,))
+            if intended is not None:
+                self._db.execute(
+                    "INSERT INTO audit_end (id, file, size, pending_file, pending_size, pending_seq, pending_hash) "
+                    "VALUES (1, NULL, 0, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "pending_file = excluded.pending_file, pending_size = excluded.pending_size, "
+                    "pending_seq = excluded.pending_seq, pending_hash = excluded.pending_hash",
+                    (intended.file, intended.size, intended.seq, intended.head),
+                )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
