@@ -176,7 +176,8 @@ def test_what_a_user_stores_is_bounded_per_token_and_by_the_servers_default(tmp_
         assert sorted(statuses) == [200] * 4 + [413] * 4, statuses
         status, _, body = alice.request("POST", "/userdata/workflows%2Fbig.json", raw=b"x" * 5_000)
         assert status == 413 and b"40,000" in body  # bytes: the uploads took the room
-        assert upload_as(alice, "p0.png") == 200  # the same bytes again: replaces nothing, adds nothing
+        stored = next(f"p{i}.png" for i, status in enumerate(statuses) if status == 200)
+        assert upload_as(alice, stored) == 200  # the same bytes again: replaces nothing, adds nothing
         assert alice.request("POST", "/userdata/workflows%2Fa.json", raw=b"{}")[0] == 200  # the fifth file
         template = {"name": "mine", "workflow": small_job("mine")}
         status, answer = alice.json("POST", "/api/zimage/templates", template)
