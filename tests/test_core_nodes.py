@@ -17,9 +17,9 @@ from tests.workflows import nano_prompt, run
 from zimage_serve.engine.parts import prepare_mask
 from zimage_serve.engine.sampling import FlowSampling
 from zimage_serve.engine.text import PromptEmbedding
+from zimage_serve.limits import Limits
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.nodes.image_ops import gaussian_kernel
 

@@ -27,8 +27,8 @@ from tests.support.app import AppServer, serving
 from tests.support.clients import requests_session
 from tests.support.jobs import done, listings_are_strict, ready, small_job, submit
 from tests.support.watch import no_server_errors
+from zimage_serve.limits import Limits
 from zimage_serve.security.tokens import TokenStore
-from zimage_serve.workflow.limits import Limits
 
 # ZIMAGE_FUZZ_SCALE=10 runs ten times as many (a deeper run by hand; the suite's run is bounded).
 SCALE = int(os.environ.get("ZIMAGE_FUZZ_SCALE", "1"))

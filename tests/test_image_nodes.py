@@ -12,9 +12,9 @@ from PIL import Image
 
 from tests.workflows import run, validate
 from zimage_serve.engine.parts import Placing
+from zimage_serve.limits import Limits
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.nodes.image_ops import scale
 

@@ -26,7 +26,7 @@ def test_defaults_leave_steps_and_guidance_to_the_model() -> None:
         ("prompt", None),
         ("width", 100),
         ("width", 48),
-        ("width", 4112),  # beyond workflow/limits.py MAX_SIDE
+        ("width", 4112),  # beyond zimage_serve/limits.py MAX_SIDE
         ("height", 0),
         ("height", 1024.0),
         ("height", True),

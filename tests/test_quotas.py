@@ -13,7 +13,7 @@ from PIL import Image
 from tests.support.app import serving
 from tests.support.jobs import done, png, running_ids, settle, slow_job, small_job, submit, upload, wait_until
 from tests.support.tokens import make_tokens
-from zimage_serve.security.storage import StorageLimits
+from zimage_serve.limits import StorageLimits
 
 
 def batch_job(prefix: str, batch: int, **options: Any) -> dict[str, Any]:

@@ -16,13 +16,13 @@ from tests.support.app import serving
 from tests.support.serve_command import serve_command
 from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.identity import Identity
+from zimage_serve.limits import Limits
 from zimage_serve.queue.jobs import Job, Quota, QuotaExceeded
 from zimage_serve.queue.store import JobStore
 from zimage_serve.security import tokens as token_module
 from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
 from zimage_serve.security.rate import RateLimiter
 from zimage_serve.security.tokens import SESSIONS_PER_TOKEN, TokenError, TokenStore
-from zimage_serve.workflow.limits import Limits
 
 
 def test_flags_win_over_the_environment_over_the_toml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,5 @@
 """One set of size limits everywhere: `zimage generate`, the OpenAI route, a template's width and height, and
-a workflow's latent refuse the same oversized picture, each naming the same bound (workflow/limits.py).
+a workflow's latent refuse the same oversized picture, each naming the same bound (zimage_serve/limits.py).
 
 They used to disagree: the CLI stopped at 2048 a side, the OpenAI route at 4096, templates and workflows at
 ComfyUI's 16384 (a 4112 × 64 latent was queued and drawn)."""
@@ -17,8 +17,8 @@ from starlette.testclient import TestClient
 from tests.support.app import serving
 from tests.workflows import nano_prompt
 from zimage_serve.cli import main
+from zimage_serve.limits import MAX_SIDE, MIN_SIDE, Limits
 from zimage_serve.templates.builtin import builtin
-from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, Limits
 
 # (width, height, the bound every refusal must name)
 OVERSIZED = [

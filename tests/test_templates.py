@@ -15,11 +15,11 @@ from tests.support.jobs import wait_until
 from tests.support.tokens import make_tokens
 from tests.workflows import img2img_workflow, nested_subgraphs
 from zimage_serve import workflows
+from zimage_serve.limits import Limits
 from zimage_serve.templates import Template, TemplateError, TemplateLibrary, TemplateNotFound, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
 from zimage_serve.templates.infer import infer_parameters
 from zimage_serve.templates.source import template_from
-from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_export import to_ui
 from zimage_serve.workflow.ui_format import to_api

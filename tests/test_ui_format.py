@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.workflows import SHARED_TEMPLATES, TEMPLATES, nested_subgraphs
-from zimage_serve.workflow.limits import Limits
+from zimage_serve.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_format import WorkflowFormatError, WorkflowTooLarge, _Converter, is_api_format, to_api
 

@@ -24,8 +24,7 @@ from pydantic_settings import (
 )
 
 from zimage_serve.errors import ZImageError
-from zimage_serve.security.storage import USER_BYTES, USER_FILES
-from zimage_serve.workflow.limits import Limits
+from zimage_serve.limits import USER_BYTES, USER_FILES, Limits
 
 _DEFAULT_LIMITS = Limits()
 _TOML: contextvars.ContextVar[Path | None] = contextvars.ContextVar("zimage_config_toml", default=None)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from zimage_serve.workflow.limits import Limits
+from zimage_serve.limits import Limits
 
 ADMIN, USER = "admin", "user"
 ROLES = (ADMIN, USER)

@@ -17,10 +17,10 @@ from typing import Any
 
 from starlette.testclient import TestClient, WebSocketTestSession
 
+from zimage_serve.limits import Limits
 from zimage_serve.security.guard import SecuritySettings
 from zimage_serve.server.app import create_app
 from zimage_serve.server.runtime import Runtime, ServerSettings
-from zimage_serve.workflow.limits import Limits
 
 HOST = "127.0.0.1"
 PORT = 8188

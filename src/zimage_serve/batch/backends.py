@@ -174,11 +174,9 @@ class LocalBackend:
             return await asyncio.to_thread(self._run, graph)
 
     def _run(self, graph: dict[str, Any]) -> list[Image]:
-        from zimage_serve.cli.run import describe_errors
-
         checked = self.validator.validate(graph)
         if not checked.ok:
-            raise RowFailed(describe_errors(checked))
+            raise RowFailed(checked.describe())
         prompt_id = uuid.uuid4().hex
         result = self.executor.run(prompt_id, checked.prompt, checked.outputs)
         try:

@@ -279,8 +279,8 @@ TRAINED_LONG_SIDE = 2048  # the 6B models' largest trained side: a picture's siz
 
 def _suggested_size(width: int, height: int) -> tuple[int, int]:
     """A picture's size in whole steps, its long side at most 2048 (the aspect ratio kept): within the
-    sides and pixels every route allows (workflow/limits.py)."""
-    from zimage_serve.workflow.limits import MIN_SIDE, SIDE_STEP
+    sides and pixels every route allows (zimage_serve/limits.py)."""
+    from zimage_serve.limits import MIN_SIDE, SIDE_STEP
 
     factor = min(1.0, TRAINED_LONG_SIDE / max(width, height))
     fit = [max(MIN_SIDE, int(side * factor) // SIDE_STEP * SIDE_STEP) for side in (width, height)]

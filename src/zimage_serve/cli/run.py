@@ -26,16 +26,6 @@ class WorkflowInvalid(ZImageError):
     """A workflow that fails validation; the message lists every error by node and input."""
 
 
-def describe_errors(result: Any) -> str:
-    lines = [str(result.error["message"]) if result.error else "some outputs failed validation"]
-    for node_id, entry in result.node_errors.items():
-        for reason in entry["errors"]:
-            lines.append(f"  node {node_id} ({entry['class_type']}): {reason['message']}: {reason['details']}")
-    if result.error and not result.node_errors and result.error.get("details"):
-        lines.append(f"  {result.error['details']}")
-    return "\n".join(lines)
-
-
 def load_workflow(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -78,9 +68,9 @@ def run(
     apply_overrides(prompt, set_ or [], NODES)
     checked = Validator(NODES, folders).validate(prompt)
     if not checked.ok:
-        raise WorkflowInvalid(f"{workflow}: {describe_errors(checked)}")
+        raise WorkflowInvalid(f"{workflow}: {checked.describe()}")
     if checked.node_errors:
-        console_err.print(f"[yellow]warning:[/] {describe_errors(checked)}", highlight=False)
+        console_err.print(f"[yellow]warning:[/] {checked.describe()}", highlight=False)
 
     from zimage_serve.engine.parts import Placing
     from zimage_serve.workflow.execute import Executor

@@ -28,8 +28,8 @@ from zimage_serve.cli.flags import (
     ShutdownGraceFlag,
 )
 from zimage_serve.errors import ZImageError
+from zimage_serve.limits import Limits
 from zimage_serve.settings import default_data_dir
-from zimage_serve.workflow.limits import Limits
 
 DEFAULTS = Limits()
 
@@ -202,8 +202,8 @@ def _serve(config: ServeConfig, models: list[Path] | None) -> None:
 
 def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[socket.socket]) -> None:
     from zimage_serve.config import ConfigError
+    from zimage_serve.limits import StorageLimits
     from zimage_serve.security.guard import SecuritySettings
-    from zimage_serve.security.storage import StorageLimits
     from zimage_serve.server.app import create_app
     from zimage_serve.server.connections import ConnectionLimits, bounded_server
     from zimage_serve.server.runtime import ServerSettings

@@ -36,6 +36,7 @@ import torch
 
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.checkpoint import Checkpoint
+from zimage_serve.engine.names import LATENT_FACTOR
 from zimage_serve.engine.resize import common_upscale, repeat_to_batch
 from zimage_serve.errors import ModelLoadError, ZImageError
 
@@ -271,8 +272,6 @@ class ControlPatch:
             return found
 
     def _encode(self, height: int, width: int, fmt: LatentFormat, cancel: Callable[[], bool] | None) -> torch.Tensor:
-        from zimage_serve.engine.parts import LATENT_FACTOR
-
         size = (width * LATENT_FACTOR, height * LATENT_FACTOR)
 
         def fitted(image: torch.Tensor) -> torch.Tensor:  # ComfyUI scales with "area" and a centre crop

@@ -14,6 +14,8 @@ SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "beta", "normal"
 DISCARD_PENULTIMATE_SIGMA = ("dpm_2", "uni_pc")
 WEIGHT_DTYPES: tuple[str, ...] = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
+LATENT_FACTOR = 8  # pixels per latent cell along each side: the VAE's downscaling
+
 # Folder names ComfyUI uses (and the older names it still reads) for each kind.
 ROOT_FOLDERS: dict[str, tuple[str, ...]] = {
     "transformer": ("diffusion_models", "unet"),

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zimage_serve.errors import InvalidParameterError
-from zimage_serve.workflow.limits import side_refusal, size_refusal  # sizes' one home, the server's too
+from zimage_serve.limits import side_refusal, size_refusal  # sizes' one home, the server's too
 
 MAX_SEQUENCE_LENGTH = 512
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF

@@ -24,6 +24,7 @@ from zimage_serve.engine.controlnet import install as install_control_hooks
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel
+from zimage_serve.engine.names import LATENT_FACTOR
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
 from zimage_serve.engine.parts import DiffusionModel, LatentFormat, Vae, sample
 from zimage_serve.engine.pixels import to_pil
@@ -34,7 +35,6 @@ from zimage_serve.engine.variants import DEFAULTS
 from zimage_serve.errors import InvalidParameterError, ZImageError
 
 DEFAULT_NATIVE_SIZE = 1024
-LATENT_FACTOR = 8
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.limits import Limits
 from zimage_serve.queue.cluster import ClusterBus
 from zimage_serve.queue.jobs import LEASE_S, QueueUnavailable
 from zimage_serve.queue.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged, Wake
 from zimage_serve.queue.redis_queue import DEFAULT_PREFIX, RedisQueue
 from zimage_serve.redact import redacted
-from zimage_serve.workflow.limits import Limits
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.limits import Limits
 from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import LEASE_S
@@ -53,7 +54,6 @@ from zimage_serve.queue.messages import (
 )
 from zimage_serve.queue.store import JobStore
 from zimage_serve.queue.worker import Executing, Listener
-from zimage_serve.workflow.limits import Limits
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1

@@ -12,14 +12,13 @@ from pathlib import Path
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import Identity
+from zimage_serve.limits import Limits, StorageLimits
 from zimage_serve.security.audit import MAX_BYTES, ROTATE_BYTES, AuditLog, Retention
 from zimage_serve.security.blocklist import Blocklist
 from zimage_serve.security.network import NetworkPolicy, is_loopback_bind
 from zimage_serve.security.rate import RateLimiter
 from zimage_serve.security.refusals import RefusalTally
-from zimage_serve.security.storage import StorageLimits
 from zimage_serve.security.tokens import REFRESH_S, TOUCH_S, Token, TokenStore
-from zimage_serve.workflow.limits import Limits
 
 log = logging.getLogger(__name__)
 AUTH_MODES = ("auto", "on", "off")

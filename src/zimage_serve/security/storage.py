@@ -21,15 +21,7 @@ from pathlib import Path
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import Identity
-
-USER_BYTES = 1024**3
-USER_FILES = 10_000
-
-
-@dataclass(frozen=True)
-class StorageLimits:
-    bytes: int = USER_BYTES
-    files: int = USER_FILES
+from zimage_serve.limits import StorageLimits
 
 
 class StorageFull(ZImageError):

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_serve.engine.trained_size import size_warning
+from zimage_serve.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP, describe, size_refusal
 from zimage_serve.queue.jobs import QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.security.audit import prompt_fields
@@ -29,7 +30,6 @@ from zimage_serve.server.schemas import ImagesRequest, json_request
 from zimage_serve.templates import Template, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP, describe, size_refusal
 from zimage_serve.workflow.spec import MAX_SEED
 
 router = APIRouter()

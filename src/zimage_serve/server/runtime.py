@@ -15,6 +15,7 @@ from zimage_serve.config import ConfigError
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.identity import LOCAL, USER, Identity
 from zimage_serve.image_safety import use_bomb_limit
+from zimage_serve.limits import Limits, StorageLimits
 from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
 from zimage_serve.queue import backends
 from zimage_serve.queue.audit_relay import AuditRelay, audit_file
@@ -28,14 +29,13 @@ from zimage_serve.queue.worker import Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.security.audit import iso, log_place
 from zimage_serve.security.guard import Security, SecuritySettings
-from zimage_serve.security.storage import Storage, StorageLimits
+from zimage_serve.security.storage import Storage
 from zimage_serve.security.tokens import Token
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.output_journal import journal_folder
 from zimage_serve.workflow.tokens import PromptTokens

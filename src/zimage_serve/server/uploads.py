@@ -24,12 +24,12 @@ from starlette.datastructures import UploadFile
 
 from zimage_serve import strict_json
 from zimage_serve.image_safety import ImageRefused, facts, refusing
+from zimage_serve.limits import flag
 from zimage_serve.security.storage import StorageFull
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.schemas import MaskForm, UploadForm, form_request
 from zimage_serve.workflow.folders import UnknownFileError, contained
-from zimage_serve.workflow.limits import flag
 
 router = APIRouter()
 

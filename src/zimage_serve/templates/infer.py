@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
+from zimage_serve.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from zimage_serve.templates.document import Bypass, Parameter, Target
-from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP
 from zimage_serve.workflow.spec import MAX_SEED
 
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")

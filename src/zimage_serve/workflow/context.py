@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zimage_serve.identity import LOCAL, Identity
+from zimage_serve.limits import Limits
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.naming import RunOutputs
 
 if TYPE_CHECKING:

@@ -20,11 +20,11 @@ from zimage_serve.engine.devices import device_stats
 from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import LOCAL, Identity
+from zimage_serve.limits import Limits
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
 from zimage_serve.workflow.context import Interrupted, NodeContext
 from zimage_serve.workflow.events import execution_error, now_ms
 from zimage_serve.workflow.folders import Folders
-from zimage_serve.workflow.limits import Limits
 from zimage_serve.workflow.naming import RunOutputs
 from zimage_serve.workflow.output_journal import OutputJournal
 from zimage_serve.workflow.spec import Link, Node

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from zimage_serve.limits import Limits
     from zimage_serve.workflow.context import NodeContext, ResourceLists
-    from zimage_serve.workflow.limits import Limits
 
 LINK_TYPES = (
     *("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "MODEL_PATCH", "UPSCALE_MODEL"),
@@ -224,7 +224,7 @@ class SizedNode(Node):
     when validated (where the inputs are constants) and again when it runs (where they came by links)."""
 
     # A latent the models draw at this size: its sides are also bounded as in every other route
-    # (workflow/limits.py MIN_SIDE..MAX_SIDE). object_info keeps ComfyUI's wider declared range, as KSampler's
+    # (zimage_serve/limits.py MIN_SIDE..MAX_SIDE). object_info keeps ComfyUI's wider declared range, as KSampler's
     # steps keep ComfyUI's 10000 beside --max-steps. Images and masks (1×1 is a fine mask) are not drawn.
     drawn: ClassVar[bool] = False
 
@@ -239,7 +239,7 @@ class SizedNode(Node):
     @classmethod
     def side_refusals(cls, **inputs: Any) -> list[tuple[str, int, str]]:
         """(input name, value, why) for each side of a drawn latent outside the shared bounds."""
-        from zimage_serve.workflow.limits import side_refusal
+        from zimage_serve.limits import side_refusal
 
         if not cls.drawn:
             return []
@@ -253,7 +253,7 @@ class SizedNode(Node):
         return found
 
     def enforce_demands(self, limits: Limits, inputs: Mapping[str, Any]) -> None:
-        from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, LimitExceeded, enforce
+        from zimage_serve.limits import MAX_SIDE, MIN_SIDE, LimitExceeded, enforce
 
         for limit, name, amount in self.demands(**inputs):
             enforce(limits, limit, amount, name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_serve.errors import ZImageError
-from zimage_serve.workflow.limits import Limits
+from zimage_serve.limits import Limits
 from zimage_serve.workflow.spec import Combo, Int, Link, Node
 
 MODE_NEVER, MODE_BYPASS = 2, 4

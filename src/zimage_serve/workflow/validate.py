@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from zimage_serve.limits import MAX_SIDE, MIN_SIDE, WHAT, Limits, flag
 from zimage_serve.workflow.context import ResourceLists
-from zimage_serve.workflow.limits import MAX_SIDE, MIN_SIDE, WHAT, Limits, flag
 from zimage_serve.workflow.spec import (
     Boolean,
     Combo,
@@ -43,6 +43,16 @@ class ValidationResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def describe(self) -> str:
+        """The problems as lines a person reads: the error, then each node's (for the command line)."""
+        lines = [str(self.error["message"]) if self.error else "some outputs failed validation"]
+        for node_id, entry in self.node_errors.items():
+            for reason in entry["errors"]:
+                lines.append(f"  node {node_id} ({entry['class_type']}): {reason['message']}: {reason['details']}")
+        if self.error and not self.node_errors and self.error.get("details"):
+            lines.append(f"  {self.error['details']}")
+        return "\n".join(lines)
 
 
 def error(kind: str, message: str, details: str = "", extra_info: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 from zimage_serve.errors import GenerationCancelled
+from zimage_serve.limits import enforce
 from zimage_serve.workflow.context import Interrupted, NodeContext
-from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import Float, Node, NodeResult, Output, String, link
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,7 @@ class BasicScheduler(Node):
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         from zimage_serve.engine.sampling import schedule
-        from zimage_serve.workflow.limits import enforce
+        from zimage_serve.limits import enforce
 
         steps, denoise = inputs["steps"], inputs["denoise"]
         enforce(ctx.limits, "steps", steps, "steps")

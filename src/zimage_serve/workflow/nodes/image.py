@@ -16,10 +16,10 @@ from PIL import Image, ImageOps, ImageSequence
 from zimage_serve.engine.pixels import to_pil
 from zimage_serve.errors import GenerationCancelled, InvalidParameterError
 from zimage_serve.image_safety import ImageFacts, ImageRefused, facts, refusing
+from zimage_serve.limits import Limits, enforce
 from zimage_serve.png import png_bytes, png_info
 from zimage_serve.workflow.context import Interrupted, NodeContext, ResourceLists
 from zimage_serve.workflow.folders import UnknownFileError
-from zimage_serve.workflow.limits import Limits, enforce
 from zimage_serve.workflow.naming import check_prefix, write_new
 from zimage_serve.workflow.spec import Combo, Node, NodeResult, Output, String, link
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from zimage_serve.limits import enforce
 from zimage_serve.workflow.context import NodeContext
-from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import (
     MAX_RESOLUTION,
     Boolean,

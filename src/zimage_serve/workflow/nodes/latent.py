@@ -174,7 +174,7 @@ class LatentUpscale(Node):
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         from zimage_serve.engine.resize import common_upscale
-        from zimage_serve.workflow.limits import enforce
+        from zimage_serve.limits import enforce
 
         latent = inputs["samples"]
         samples = latent["samples"]
@@ -206,7 +206,7 @@ class LatentUpscaleBy(Node):
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         from zimage_serve.engine.resize import common_upscale
-        from zimage_serve.workflow.limits import enforce
+        from zimage_serve.limits import enforce
 
         latent = inputs["samples"]
         samples = latent["samples"]
@@ -230,7 +230,7 @@ class RepeatLatentBatch(Node):
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         from zimage_serve.engine.resize import repeat_to_batch
-        from zimage_serve.workflow.limits import enforce
+        from zimage_serve.limits import enforce
 
         latent, amount = dict(inputs["samples"]), inputs["amount"]
         samples = latent["samples"]

@@ -6,11 +6,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zimage_serve.engine.names import SAMPLERS, SCHEDULERS
+from zimage_serve.engine.names import LATENT_FACTOR, SAMPLERS, SCHEDULERS
 from zimage_serve.engine.trained_size import size_warning
 from zimage_serve.errors import GenerationCancelled
+from zimage_serve.limits import enforce
 from zimage_serve.workflow.context import Interrupted, NodeContext
-from zimage_serve.workflow.limits import enforce
 from zimage_serve.workflow.spec import MAX_SEED, Combo, Float, Int, Node, NodeResult, Output, link
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from zimage_serve.engine.parts import DiffusionModel
 
 log = logging.getLogger(__name__)
-LATENT_FACTOR = 8  # pixels per latent cell (engine.parts.LATENT_FACTOR; not imported: see nodes/__init__)
 
 
 class ModelSamplingAuraFlow(Node):

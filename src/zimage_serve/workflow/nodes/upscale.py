@@ -31,7 +31,7 @@ class ImageUpscaleWithModel(Node):
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         from zimage_serve.engine.cancel import cancellable
         from zimage_serve.engine.upscale import upscale
-        from zimage_serve.workflow.limits import enforce
+        from zimage_serve.limits import enforce
 
         model, image = inputs["upscale_model"], inputs["image"]
         enforce(ctx.limits, "pixels", image.shape[1] * image.shape[2] * model.scale**2, "image")

@@ -1,4 +1,5 @@
-"""What one prompt may ask of the machine: pixels, batch, steps, prompt length, graph size, uploads.
+"""What one prompt may ask of the machine: pixels, batch, steps, prompt length, graph size, uploads; and
+what one user may keep on its disk (`StorageLimits`, enforced by security/storage.py).
 
 The limits are checked before a job is queued (the validator reads the demands nodes declare) and again
 where the work happens (a node refuses to start work beyond them), so a graph that slips past one check,
@@ -22,6 +23,16 @@ MEGAPIXELS_4 = 2048 * 2048
 SIDE_STEP = 16  # the VAE's factor 8 × the transformer's patch 2: a side in whole patches
 MIN_SIDE = 64  # four patches; the least `zimage generate` and the OpenAI route ever took
 MAX_SIDE = 4096  # twice the 6B models' largest trained side (2048), within their position grid (512 patches)
+
+
+USER_BYTES = 1024**3  # what each user may store by default (--user-storage)
+USER_FILES = 10_000  # (--user-files)
+
+
+@dataclass(frozen=True)
+class StorageLimits:
+    bytes: int = USER_BYTES
+    files: int = USER_FILES
 
 
 @dataclass(frozen=True)
