@@ -21,6 +21,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 quiet_libraries()
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker more than the cores. Many tests wait on a server or a process they started, so
+    one more worker keeps the cores busy (on 2 cores: 414 s against 437 s for the whole suite)."""
+    return (os.cpu_count() or 1) + 1
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An official-layout diffusers folder with sharded weights and shard indexes."""

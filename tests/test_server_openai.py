@@ -108,3 +108,28 @@ def test_the_6b_models_are_listed_when_their_files_are_there(tmp_path: Path) -> 
         assert [m.id for m in client.models.list()] == ["zimage-nano", "z-image"]  # not Turbo: its file is missing
         (models / "diffusion_models" / "z_image_turbo_bf16.safetensors").write_bytes(b"")
         assert [m.id for m in client.models.list()] == ["zimage-nano", "z-image-turbo", "z-image"]
+
+
+def test_the_route_waits_on_the_jobs_end_not_by_polling_the_queue_on_the_event_loop(
+    server: AppServer, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One way to wait: woken by the job's closing event, reading the queue off the loop, a few times."""
+    import asyncio
+
+    service = server.runtime.service
+    reads: list[bool] = []  # one per read of the job: whether it ran on an event loop
+    get = service.get
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            reads.append(True)
+        except RuntimeError:
+            reads.append(False)
+        return get(*args, **kwargs)
+
+    monkeypatch.setattr(service, "get", watched)
+    result = client.images.generate(model="zimage-nano", prompt="a red circle", size="256x256")
+    assert result.data is not None and len(result.data) == 1
+    assert reads and not any(reads)
+    assert len(reads) <= 3  # before the wait, once woken (and a recheck, had the run been slow)

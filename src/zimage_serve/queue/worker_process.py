@@ -53,7 +53,7 @@ from zimage_serve.queue.messages import (
     Wake,
 )
 from zimage_serve.queue.store import JobStore
-from zimage_serve.queue.worker import Executing, Listener
+from zimage_serve.queue.worker import CLOSING, Executing, Listener
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -333,7 +333,7 @@ class _PipeListener:
     def job_event(
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
     ) -> None:
-        if self.audience.value:
+        if self.audience.value or event in CLOSING:  # a job's end, also for the server's own waiters
             self.send(JobEvent(prompt_id, client_id, event, data, owner))
 
     def queue_changed(self) -> None:

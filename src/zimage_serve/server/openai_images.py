@@ -27,6 +27,7 @@ from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
+from zimage_serve.server.waits import LIVE
 from zimage_serve.templates import Template, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
 from zimage_serve.workflow.folders import Folders
@@ -135,9 +136,9 @@ async def generate(request: Request) -> Response:
         name, why = next(iter(exc.problems.items()))
         return openai_error(400, f"{name}: {why}", name)
     try:
-        submitted = await asyncio.to_thread(
-            rt.service.submit,
+        submitted = await rt.submissions.submit(  # the way every route queues a prompt
             workflow,
+            off_loop=True,
             extra_data={"source": "openai"},
             identity=identity,
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
@@ -161,18 +162,14 @@ async def generate(request: Request) -> Response:
     rt.queue_changed()
     job_id = submitted.job.id
     note_job(request, rt, submitted.job)
-    while True:
-        job = rt.service.get(job_id, identity)
-        if job is None:
-            return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")
-        if job.state not in ("pending", "running"):
-            break
-        if await request.is_disconnected():  # nobody waits for these images: free the worker for others
-            rt.service.cancel(job_id, identity)
-            rt.queue_changed()
-            log.info("OpenAI images request %s: the client left; its prompt was cancelled", job_id)
-            return Response(status_code=499)
-        await asyncio.sleep(0.02)
+    job = await rt.waits.wait(job_id, client_left(request))
+    if job is None:
+        return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")
+    if job.state in LIVE:  # nobody waits for these images: free the worker for others
+        await asyncio.to_thread(rt.service.cancel, job_id, identity)
+        rt.queue_changed()
+        log.info("OpenAI images request %s: the client left; its prompt was cancelled", job_id)
+        return Response(status_code=499)
     if job.state != "success":
         errors = [d.get("exception_message") for e, d in job.result.get("messages", []) if e == "execution_error"]
         return openai_error(500, errors[0] if errors and errors[0] else "the generation did not finish", code=job.state)
@@ -188,6 +185,12 @@ async def generate(request: Request) -> Response:
             query = urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
             data.append({"url": f"{base}/view?{query}", "revised_prompt": prompt})
     return answer({"created": int(time.time()), "data": data}, warning)
+
+
+async def client_left(request: Request) -> None:
+    """Returns once the client has gone (its body was read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def answer(body: dict[str, Any], warning: str | None) -> JSONResponse:

@@ -25,7 +25,7 @@ from zimage_serve.queue.jobs import LEASE_S, STATES, QueueUnavailable
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
-from zimage_serve.queue.worker import Worker
+from zimage_serve.queue.worker import CLOSING, Worker
 from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.security.audit import iso, log_place
 from zimage_serve.security.guard import Security, SecuritySettings
@@ -33,6 +33,7 @@ from zimage_serve.security.storage import Storage
 from zimage_serve.security.tokens import Token
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.submissions import SubmissionBatcher
+from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
 from zimage_serve.workflow.folders import Folders
@@ -113,6 +114,7 @@ class Runtime:
             self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
         )
         self.submissions = SubmissionBatcher(self.service, remote=self.queue_choice.shared)
+        self.waits = JobWaits(lambda job_id: self.service.get(job_id, LOCAL))
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         self._started = self._stopped = False
@@ -287,6 +289,8 @@ class Runtime:
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
     ) -> None:
         self.hub.publish(event, data, client_id, owner)
+        if event in CLOSING:  # recorded in the queue before it is sent: whoever waits may read it now
+            self.waits.ended(prompt_id)
 
     def queue_changed(self) -> None:
         # While the queue is away, sockets get its state with the next change, or as they connect.
