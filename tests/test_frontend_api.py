@@ -13,6 +13,7 @@ import pytest
 from tests.support.app import AppServer, serving
 from tests.support.jobs import ready, settle, slow_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
+from tests.support.watch import calls_on_the_loop
 
 JOB_KEYS = {"id", "status", "priority", "create_time", "outputs_count"}
 
@@ -207,22 +208,10 @@ def test_each_user_has_a_quota_of_userdata_files_bytes_and_settings(
 def test_the_jobs_list_is_built_off_the_event_loop(server: AppServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Summarising, sorting and paging thousands of entries takes most of a second: never on the loop that
     answers every other user."""
-    import asyncio
-
     from zimage_serve.server import routes_jobs
 
     on_the_loop: list[bool] = []
-    summarise = routes_jobs.job_summary
-
-    def watched(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        try:
-            asyncio.get_running_loop()
-            on_the_loop.append(True)
-        except RuntimeError:
-            on_the_loop.append(False)
-        return summarise(*args, **kwargs)
-
-    monkeypatch.setattr(routes_jobs, "job_summary", watched)
+    monkeypatch.setattr(routes_jobs, "job_summary", calls_on_the_loop(routes_jobs.job_summary, on_the_loop))
     done_job = submit(server, small_job("listed"))
     wait_until(lambda: server.json("GET", f"/api/jobs/{done_job}")[1]["status"] == "completed")
     on_the_loop.clear()  # one job's own page summarises that job alone

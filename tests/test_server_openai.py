@@ -18,6 +18,7 @@ from PIL import Image
 from tests.support.app import AppServer, serving
 from tests.support.clients import httpx_client
 from tests.support.jobs import ready
+from tests.support.watch import calls_on_the_loop
 from zimage_serve.nano.checker import read
 
 
@@ -114,21 +115,9 @@ def test_the_route_waits_on_the_jobs_end_not_by_polling_the_queue_on_the_event_l
     server: AppServer, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One way to wait: woken by the job's closing event, reading the queue off the loop, a few times."""
-    import asyncio
-
     service = server.runtime.service
     reads: list[bool] = []  # one per read of the job: whether it ran on an event loop
-    get = service.get
-
-    def watched(*args: Any, **kwargs: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-            reads.append(True)
-        except RuntimeError:
-            reads.append(False)
-        return get(*args, **kwargs)
-
-    monkeypatch.setattr(service, "get", watched)
+    monkeypatch.setattr(service, "get", calls_on_the_loop(service.get, reads))
     result = client.images.generate(model="zimage-nano", prompt="a red circle", size="256x256")
     assert result.data is not None and len(result.data) == 1
     assert reads and not any(reads)

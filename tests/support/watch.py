@@ -1,13 +1,17 @@
-"""What a real server's log would show, watched in this process: a 5xx answer, a logged traceback."""
+"""What a real server's log would show, watched in this process: a 5xx answer, a logged traceback; and
+which calls ran on the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.support.app import AppServer
+
+T = TypeVar("T")
 
 
 class _Tracebacks(logging.Handler):
@@ -45,3 +49,18 @@ def no_server_errors(server: AppServer) -> Iterator[None]:
         server.client.event_hooks = hooks
     assert not errors, errors[:20]
     assert not tracebacks.found, "\n".join(tracebacks.found)[-3000:]
+
+
+def calls_on_the_loop(function: Callable[..., T], seen: list[bool]) -> Callable[..., T]:
+    """`function`, noting in `seen` for each call whether it ran on an event loop's thread (where a slow
+    call would keep every other request waiting)."""
+
+    def watched(*args: Any, **kwargs: Any) -> T:
+        try:
+            asyncio.get_running_loop()
+            seen.append(True)
+        except RuntimeError:
+            seen.append(False)
+        return function(*args, **kwargs)
+
+    return watched
