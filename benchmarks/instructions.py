@@ -53,7 +53,7 @@ def worker_inside(jobs: int) -> None:
     from zimage_serve.engine.parts import Placing
     from zimage_serve.queue.jobs import Job
     from zimage_serve.queue.store import JobStore
-    from zimage_serve.queue.worker import OTHER_JOB_TIMEOUT_S, Worker
+    from zimage_serve.worker.loop import OTHER_JOB_TIMEOUT_S, Worker
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from tests.support.jobs import wait_until
-from zimage_serve.queue.deadlines import Deadlines
+from zimage_serve.worker.deadlines import Deadlines
 
 
 class Clock:

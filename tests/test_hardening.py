@@ -211,7 +211,7 @@ def test_a_job_that_kills_the_worker_twice_is_failed_with_the_reason(tmp_path: P
 
 
 def test_restart_delays_are_short_and_capped() -> None:
-    from zimage_serve.queue.worker_process import MAX_RESTART_DELAY_S, restart_delay
+    from zimage_serve.worker.process import MAX_RESTART_DELAY_S, restart_delay
 
     delays = [restart_delay(n) for n in range(1, 10)]
     assert delays[0] == 0.0 and delays == sorted(delays) and max(delays) == MAX_RESTART_DELAY_S <= 5.0

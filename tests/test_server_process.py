@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 from tests.server import process_state, running_server, worker_processes
 from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
 from zimage_serve.queue.store import JobStore
-from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
+from zimage_serve.worker.process import WorkerConfig, WorkerProcess
 
 
 def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from zimage_serve.queue.jobs import DuplicateJob, QueueFull
-from zimage_serve.queue.service import PromptRejected, QueueService
 from zimage_serve.queue.store import JobStore
+from zimage_serve.server.service import PromptRejected, QueueService
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES

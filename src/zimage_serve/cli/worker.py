@@ -57,7 +57,7 @@ def worker(
     toml = flags.pop("config")
     from zimage_serve.config import ConfigError, ServeConfig
     from zimage_serve.queue import backends
-    from zimage_serve.queue.cluster_worker import ClusterWorkerConfig, run
+    from zimage_serve.worker.cluster import ClusterWorkerConfig, run
     from zimage_serve.workflow.folders import Folders
     from zimage_serve.workflow.output_journal import journal_folder
 

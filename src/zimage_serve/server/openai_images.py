@@ -22,11 +22,11 @@ from fastapi.responses import JSONResponse
 from zimage_serve.engine.trained_size import size_warning
 from zimage_serve.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP, describe, size_refusal
 from zimage_serve.queue.jobs import QueueFull, Quota, QuotaExceeded
-from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
+from zimage_serve.server.service import PromptBlocked, PromptRejected
 from zimage_serve.server.waits import LIVE
 from zimage_serve.templates import Template, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names

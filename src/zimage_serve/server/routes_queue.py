@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse
 from zimage_serve import strict_json
 from zimage_serve.identity import USER, Identity
 from zimage_serve.queue.jobs import NUMBER_LIMIT, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
-from zimage_serve.queue.service import PromptBlocked, PromptRejected
 from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token, on_unrecorded
 from zimage_serve.server.runtime import Runtime
@@ -27,6 +26,7 @@ from zimage_serve.server.schemas import (
     json_request,
     query,
 )
+from zimage_serve.server.service import PromptBlocked, PromptRejected
 from zimage_serve.workflow.folders import USERS
 
 router = APIRouter()

@@ -19,23 +19,23 @@ from zimage_serve.limits import Limits, StorageLimits
 from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
 from zimage_serve.queue import backends
 from zimage_serve.queue.audit_relay import AuditRelay, audit_file
-from zimage_serve.queue.cluster_api import ClusterWorkers
-from zimage_serve.queue.cluster_worker import ClusterWorkerConfig
 from zimage_serve.queue.jobs import LEASE_S, STATES, QueueUnavailable
 from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.queue.service import DeviceWorker, QueueService
 from zimage_serve.queue.store import JobStore
-from zimage_serve.queue.worker import CLOSING, Worker
-from zimage_serve.queue.worker_process import WorkerConfig, WorkerProcess
 from zimage_serve.security.audit import iso, log_place
 from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.security.storage import Storage
 from zimage_serve.security.tokens import Token
 from zimage_serve.server.hub import Hub
+from zimage_serve.server.service import DeviceWorker, QueueService
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
+from zimage_serve.worker.cluster import ClusterWorkerConfig
+from zimage_serve.worker.cluster_workers import ClusterWorkers
+from zimage_serve.worker.loop import CLOSING, Worker
+from zimage_serve.worker.process import WorkerConfig, WorkerProcess
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.output_journal import journal_folder
@@ -150,7 +150,7 @@ class Runtime:
             self.hub.on_audience = process.audience_changed
             return process
         from zimage_serve.engine.parts import Placing
-        from zimage_serve.queue.worker import job_timeout
+        from zimage_serve.worker.loop import job_timeout
         from zimage_serve.workflow.execute import Executor
         from zimage_serve.workflow.output_journal import OutputJournal
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from zimage_serve.queue.service import QueueService, Stored, Submitted
+from zimage_serve.server.service import QueueService, Stored, Submitted
 
 
 class SubmissionBatcher:

@@ -1,5 +1,5 @@
 """A worker of a cluster: claims jobs from the Redis queue, runs them on its device, and tells every API
-node what happens (queue/cluster.py's channels).
+node what happens (worker/bus.py's channels).
 
 `zimage worker` runs one on any host that mounts the shared data dir; `zimage serve --queue redis://...
 --workers N` starts N of them as child processes of the API node. Either way it is the same `Worker` as
@@ -23,11 +23,11 @@ from typing import Any, Protocol
 
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.limits import Limits
-from zimage_serve.queue.cluster import ClusterBus
 from zimage_serve.queue.jobs import LEASE_S, QueueUnavailable
-from zimage_serve.queue.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged, Wake
 from zimage_serve.queue.redis_queue import DEFAULT_PREFIX, RedisQueue
 from zimage_serve.redact import redacted
+from zimage_serve.worker.bus import ClusterBus
+from zimage_serve.worker.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged, Wake
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run(config: ClusterWorkerConfig, stopping: Stopping) -> int:
     """Run a worker until `stopping` is set, then let its jobs finish within the grace; 0 if they did."""
     from zimage_serve.engine.parts import Placing
     from zimage_serve.image_safety import use_bomb_limit
-    from zimage_serve.queue.worker import Worker, job_timeout
+    from zimage_serve.worker.loop import Worker, job_timeout
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES
@@ -177,7 +177,7 @@ def _quietly(call: Any) -> None:
 
 def child_main(config: ClusterWorkerConfig, stopping: Stopping, parent_pid: int) -> None:
     """A worker started by an API node (`--workers N`): it dies with the node, and stops when told."""
-    from zimage_serve.queue.worker_process import child_setup
+    from zimage_serve.worker.process import child_setup
 
     child_setup(parent_pid, config.log_level)
     os._exit(run(config, stopping))

@@ -8,7 +8,7 @@ same Redis as the queue (under its prefix).
 - `workers`: a hash, each worker's last heartbeat (Redis' clock) with its device, state and jobs; a
   worker that stops beating is shown with the age of its last heartbeat, then dropped.
 
-Messages are `queue/messages.py`'s, as JSON. Pub/sub is at most once: a node that is disconnected misses
+Messages are `worker/messages.py`'s, as JSON. Pub/sub is at most once: a node that is disconnected misses
 what was said meanwhile. Nothing depends on it but liveness: a job's record is in the queue, workers poll
 it every second even without a wake, and sockets get the queue's state when they reconnect.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from zimage_serve.queue.jobs import LEASE_S
-from zimage_serve.queue.messages import Cluster, from_json, to_json
 from zimage_serve.queue.redis_queue import RedisQueue
+from zimage_serve.worker.messages import Cluster, from_json, to_json
 
 log = logging.getLogger(__name__)
 FORGET_AFTER_S = 10 * LEASE_S  # a worker silent this long is dropped from the register

@@ -99,7 +99,7 @@ ToWorker = Wake | Interrupt | Free | Report | Stop
 
 
 # -- across machines -------------------------------------------------------------------------------------
-# In a cluster the same messages travel as JSON over Redis channels (queue/cluster.py): job events and
+# In a cluster the same messages travel as JSON over Redis channels (worker/bus.py): job events and
 # queue changes from workers to every API node, wake, interrupt and free from API nodes to every worker.
 Cluster = JobEvent | QueueChanged | Wake | Interrupt | Free
 _BY_NAME: dict[str, type[Cluster]] = {kind.__name__: kind for kind in (JobEvent, QueueChanged, Wake, Interrupt, Free)}

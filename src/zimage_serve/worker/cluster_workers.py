@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from zimage_serve.queue.cluster import ClusterBus, WorkerRecord
-from zimage_serve.queue.cluster_worker import ClusterWorkerConfig, child_main
 from zimage_serve.queue.jobs import QueueUnavailable
-from zimage_serve.queue.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged
 from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.queue.worker import Executing, Listener
-from zimage_serve.queue.worker_process import restart_delay, wait_for_child
+from zimage_serve.worker.bus import ClusterBus, WorkerRecord
+from zimage_serve.worker.cluster import ClusterWorkerConfig, child_main
+from zimage_serve.worker.loop import Executing, Listener
+from zimage_serve.worker.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged
+from zimage_serve.worker.process import restart_delay, wait_for_child
 
 log = logging.getLogger(__name__)
 NO_DEVICE: dict[str, object] = {

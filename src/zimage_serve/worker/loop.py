@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from zimage_serve.identity import Identity
 from zimage_serve.metrics import JobEnd, observe_job
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.deadlines import Deadlines
-from zimage_serve.queue.image_tally import ImageTally
 from zimage_serve.queue.jobs import LEASE_S, Job, QueueUnavailable, worker_id
+from zimage_serve.worker.deadlines import Deadlines
+from zimage_serve.worker.image_tally import ImageTally
 from zimage_serve.workflow.events import execution_error
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ requests does not slow a sampling loop, nor the other way round, and the two use
 that dies (a driver fault, the OOM killer) takes no request and no queued prompt with it.
 
 The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
-only hand-over) and runs a `Worker` there. One pipe carries typed messages (`queue/messages.py`), child
+only hand-over) and runs a `Worker` there. One pipe carries typed messages (`worker/messages.py`), child
 to parent and in order (in batches): job events, queue changes and device statistics; parent to child:
 wake, interrupt, free, report and stop. Events go only to sockets, so while none is connected to the
 parent (a number in shared memory says how many are) the child sends none: what runs is read from the
@@ -36,7 +36,9 @@ from zimage_serve.limits import Limits
 from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import LEASE_S
-from zimage_serve.queue.messages import (
+from zimage_serve.queue.store import JobStore
+from zimage_serve.worker.loop import CLOSING, Executing, Listener
+from zimage_serve.worker.messages import (
     DeviceStats,
     Free,
     Idle,
@@ -52,8 +54,6 @@ from zimage_serve.queue.messages import (
     ToWorker,
     Wake,
 )
-from zimage_serve.queue.store import JobStore
-from zimage_serve.queue.worker import CLOSING, Executing, Listener
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -378,7 +378,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
     child_setup(parent_pid, config.log_level)
     from zimage_serve.engine.parts import Placing
     from zimage_serve.image_safety import use_bomb_limit
-    from zimage_serve.queue.worker import Worker, job_timeout
+    from zimage_serve.worker.loop import Worker, job_timeout
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES
