@@ -13,7 +13,8 @@ from websockets.sync.client import connect
 from tests.server import process_state, running_server, worker_processes
 from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
 from zimage_serve.queue.store import JobStore
-from zimage_serve.worker.process import WorkerConfig, WorkerProcess
+from zimage_serve.worker.build import WorkerConfig
+from zimage_serve.worker.process import WorkerProcess
 
 
 def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ class _Ignoring:
 def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "queue.sqlite3")
     folders = [tmp_path / name for name in ("models", "input", "output", "temp")]
-    config = WorkerConfig(tmp_path / "queue.sqlite3", [folders[0]], *folders[1:], device="cpu")
+    config = WorkerConfig([folders[0]], *folders[1:], device="cpu", queue=str(tmp_path / "queue.sqlite3"))
     worker = WorkerProcess(config, _Ignoring(), store)
     worker.start()
     process = worker._process

@@ -57,7 +57,8 @@ def worker(
     toml = flags.pop("config")
     from zimage_serve.config import ConfigError, ServeConfig
     from zimage_serve.queue import backends
-    from zimage_serve.worker.cluster import ClusterWorkerConfig, run
+    from zimage_serve.worker.build import WorkerConfig
+    from zimage_serve.worker.cluster import run
     from zimage_serve.workflow.folders import Folders
     from zimage_serve.workflow.output_journal import journal_folder
 
@@ -73,8 +74,8 @@ def worker(
     folders = Folders.default(data, models_roots(models or settings.models or None, data))
     for folder in (folders.input, folders.output, folders.temp):
         folder.mkdir(parents=True, exist_ok=True)
-    worker_config = ClusterWorkerConfig(
-        queue_url=choice.url,
+    worker_config = WorkerConfig(
+        queue=choice.url,
         prefix=choice.prefix,
         models=folders.models,
         input=folders.input,

@@ -32,10 +32,10 @@ from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
-from zimage_serve.worker.cluster import ClusterWorkerConfig
+from zimage_serve.worker.build import WorkerConfig, build_worker
 from zimage_serve.worker.cluster_workers import ClusterWorkers
-from zimage_serve.worker.loop import CLOSING, Worker
-from zimage_serve.worker.process import WorkerConfig, WorkerProcess
+from zimage_serve.worker.loop import CLOSING
+from zimage_serve.worker.process import WorkerProcess
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.output_journal import journal_folder
@@ -135,73 +135,53 @@ class Runtime:
         )
 
     def _worker(self) -> DeviceWorker:
-        settings = self.settings
+        config = self._worker_config()
         if self.queue_choice.shared:
             return ClusterWorkers(
                 cast(RedisQueue, self.store),
                 self,
-                [self._cluster_worker(i) for i in range(settings.workers)],
+                [self._cluster_worker(config, i) for i in range(self.settings.workers)],
                 audience=lambda: len(self.hub.sockets),
             )
-        if settings.worker_process:
+        if self.settings.worker_process:
             assert isinstance(self.store, JobStore)
-            config = WorkerConfig(store_path=self.store.path, **self._worker_settings())
-            process = WorkerProcess(config, self, self.store)
+            process = WorkerProcess(config.with_changes(queue=str(self.store.path)), self, self.store)
             self.hub.on_audience = process.audience_changed
             return process
-        from zimage_serve.engine.parts import Placing
-        from zimage_serve.worker.loop import job_timeout
-        from zimage_serve.workflow.execute import Executor
-        from zimage_serve.workflow.output_journal import OutputJournal
+        return build_worker(config, self.store, self)
 
-        placing = Placing.choose(settings.device, settings.dtype, settings.fast, settings.memory_mode)
-        timeout = job_timeout(settings.job_timeout, placing.device)
-        executor = Executor(
-            NODES, self.folders, placing, limits=settings.limits, journal=OutputJournal(self.journal_folder)
-        )
-        concurrency = placing.concurrency_cap(settings.concurrency)
-        return Worker(
-            self.store,
-            executor,
-            self,
-            job_timeout=timeout,
-            concurrency=concurrency,
-            preload=settings.preload,
-            lease_s=settings.lease_s,
-        )
-
-    def _cluster_worker(self, index: int) -> ClusterWorkerConfig:
-        """The settings of local worker `index`: with `--device cuda` and several workers, one GPU each."""
+    def _cluster_worker(self, config: WorkerConfig, index: int) -> WorkerConfig:
+        """Local worker `index`: with `--device cuda` and several workers, one GPU each."""
         settings = self.settings
-        device = f"cuda:{index}" if settings.device == "cuda" and settings.workers > 1 else settings.device
-        return ClusterWorkerConfig(
-            queue_url=self.queue_choice.url,
+        several_gpus = settings.device == "cuda" and settings.workers > 1
+        return config.with_changes(
+            queue=self.queue_choice.url,
             prefix=self.queue_choice.prefix,
-            shutdown_grace_s=settings.shutdown_grace_s,
+            device=f"cuda:{index}" if several_gpus else settings.device,
             metrics_port=None if settings.metrics_port is None else settings.metrics_port + 1 + index,
-            **{**self._worker_settings(), "device": device},
         )
 
-    def _worker_settings(self) -> dict[str, Any]:
-        """What every worker process is told, whichever queue it takes its jobs from."""
+    def _worker_config(self) -> WorkerConfig:
+        """What every worker of this server is built from, whichever way it runs."""
         settings = self.settings
-        return {
-            "models": self.folders.models,
-            "input": self.folders.input,
-            "output": self.folders.output,
-            "temp": self.folders.temp,
-            "journal": self.journal_folder,
-            "device": settings.device,
-            "dtype": settings.dtype,
-            "fast": settings.fast,
-            "memory_mode": settings.memory_mode,
-            "preload": settings.preload,
-            "job_timeout": settings.job_timeout,
-            "concurrency": settings.concurrency,
-            "limits": settings.limits,
-            "lease_s": settings.lease_s,
-            "log_level": logging.getLogger().getEffectiveLevel(),
-        }
+        return WorkerConfig(
+            models=self.folders.models,
+            input=self.folders.input,
+            output=self.folders.output,
+            temp=self.folders.temp,
+            journal=self.journal_folder,
+            device=settings.device,
+            dtype=settings.dtype,
+            fast=settings.fast,
+            memory_mode=settings.memory_mode,
+            preload=settings.preload,
+            job_timeout=settings.job_timeout,
+            concurrency=settings.concurrency,
+            limits=settings.limits,
+            lease_s=settings.lease_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker serving this node's queue, as /system_stats lists them."""

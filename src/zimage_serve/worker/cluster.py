@@ -17,44 +17,19 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from zimage_serve.engine.fastpath import FastPath
-from zimage_serve.limits import Limits
-from zimage_serve.queue.jobs import LEASE_S, QueueUnavailable
+from zimage_serve.queue.jobs import QueueUnavailable
 from zimage_serve.queue.redis_queue import DEFAULT_PREFIX, RedisQueue
 from zimage_serve.redact import redacted
+from zimage_serve.worker.build import WorkerConfig, build_executor, build_worker
 from zimage_serve.worker.bus import ClusterBus
 from zimage_serve.worker.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged, Wake
 
+if TYPE_CHECKING:
+    from zimage_serve.worker.loop import Worker
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusterWorkerConfig:
-    """What a worker needs; plain data, sent to a child process as it is."""
-
-    queue_url: str
-    models: list[Path]
-    input: Path
-    output: Path
-    temp: Path
-    journal: Path  # the output journal's folder: in the shared data dir, so a re-run elsewhere finds it
-    prefix: str = DEFAULT_PREFIX
-    device: str = "auto"
-    dtype: str = "auto"
-    fast: FastPath = field(default_factory=FastPath)
-    memory_mode: str = "auto"
-    preload: bool = True
-    job_timeout: float | None = None
-    concurrency: int = 1
-    limits: Limits = field(default_factory=Limits)
-    shutdown_grace_s: float = 30.0
-    lease_s: float = LEASE_S
-    metrics_port: int | None = None  # this worker's /metrics on a loopback port
-    log_level: int = logging.WARNING
 
 
 class Stopping(Protocol):
@@ -98,22 +73,11 @@ class BusListener:
                 self.bus.publish_all(self.bus.events, batch)
 
 
-def run(config: ClusterWorkerConfig, stopping: Stopping) -> int:
+def run(config: WorkerConfig, stopping: Stopping) -> int:
     """Run a worker until `stopping` is set, then let its jobs finish within the grace; 0 if they did."""
-    from zimage_serve.engine.parts import Placing
-    from zimage_serve.image_safety import use_bomb_limit
-    from zimage_serve.worker.loop import Worker, job_timeout
-    from zimage_serve.workflow.execute import Executor
-    from zimage_serve.workflow.folders import Folders, builtin_models
-    from zimage_serve.workflow.nodes import NODES
-    from zimage_serve.workflow.output_journal import OutputJournal
-
-    store = RedisQueue(config.queue_url, prefix=config.prefix)
+    store = RedisQueue(config.queue, prefix=config.prefix or DEFAULT_PREFIX)
     bus = ClusterBus(store)
-    folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
-    use_bomb_limit(config.limits.upload_pixels)
-    placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
-    executor = Executor(NODES, folders, placing, limits=config.limits, journal=OutputJournal(config.journal))
+    executor = build_executor(config)
     worker: Worker | None = None
     started = time.time()
 
@@ -131,17 +95,7 @@ def run(config: ClusterWorkerConfig, stopping: Stopping) -> int:
         }
         bus.beat(worker.id, info)
 
-    worker = Worker(
-        store,
-        executor,
-        BusListener(bus),
-        job_timeout=job_timeout(config.job_timeout, executor.placing.device),
-        concurrency=executor.placing.concurrency_cap(config.concurrency),
-        preload=config.preload,
-        on_ready=lambda: _quietly(beat),
-        on_beat=beat,
-        lease_s=config.lease_s,
-    )
+    worker = build_worker(config, store, BusListener(bus), executor, on_ready=lambda: _quietly(beat), on_beat=beat)
 
     def heard(message: Cluster) -> None:
         assert worker is not None
@@ -175,7 +129,7 @@ def _quietly(call: Any) -> None:
         call()
 
 
-def child_main(config: ClusterWorkerConfig, stopping: Stopping, parent_pid: int) -> None:
+def child_main(config: WorkerConfig, stopping: Stopping, parent_pid: int) -> None:
     """A worker started by an API node (`--workers N`): it dies with the node, and stops when told."""
     from zimage_serve.worker.process import child_setup
 

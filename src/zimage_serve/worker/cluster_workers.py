@@ -17,8 +17,9 @@ from typing import Any
 
 from zimage_serve.queue.jobs import QueueUnavailable
 from zimage_serve.queue.redis_queue import RedisQueue
+from zimage_serve.worker.build import WorkerConfig
 from zimage_serve.worker.bus import ClusterBus, WorkerRecord
-from zimage_serve.worker.cluster import ClusterWorkerConfig, child_main
+from zimage_serve.worker.cluster import child_main
 from zimage_serve.worker.loop import Executing, Listener
 from zimage_serve.worker.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged
 from zimage_serve.worker.process import restart_delay, wait_for_child
@@ -38,7 +39,7 @@ NO_DEVICE: dict[str, object] = {
 class _LocalWorker:
     """One child process running a cluster worker, and its supervisor thread."""
 
-    def __init__(self, config: ClusterWorkerConfig, index: int, owner: ClusterWorkers) -> None:
+    def __init__(self, config: WorkerConfig, index: int, owner: ClusterWorkers) -> None:
         self.config, self.index, self.owner = config, index, owner
         context = multiprocessing.get_context("spawn")  # no fork: threads and CUDA do not survive one
         self._context = context
@@ -86,7 +87,7 @@ class ClusterWorkers:
         self,
         store: RedisQueue,
         listener: Listener,
-        local: list[ClusterWorkerConfig],
+        local: list[WorkerConfig],
         audience: Callable[[], int] = lambda: 1,
     ) -> None:
         self.store, self.listener = store, listener

@@ -31,12 +31,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from zimage_serve.engine.fastpath import FastPath
-from zimage_serve.limits import Limits
 from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import LEASE_S
 from zimage_serve.queue.store import JobStore
+from zimage_serve.worker.build import WorkerConfig, build_executor, build_worker
 from zimage_serve.worker.loop import CLOSING, Executing, Listener
 from zimage_serve.worker.messages import (
     DeviceStats,
@@ -87,28 +85,6 @@ def restart_delay(quick_failures: int) -> float:
     if quick_failures <= 1:
         return 0.0
     return min(MAX_RESTART_DELAY_S, 0.5 * 2.0 ** (quick_failures - 2))
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What the child needs to build its worker; plain data, sent to the new process."""
-
-    store_path: Path
-    models: list[Path]
-    input: Path
-    output: Path
-    temp: Path
-    device: str = "auto"
-    dtype: str = "auto"
-    fast: FastPath = field(default_factory=FastPath)
-    memory_mode: str = "auto"
-    preload: bool = True  # load the default model at start, before the first prompt asks for it
-    job_timeout: float | None = None  # as configured: None is the device's default, decided in the child
-    concurrency: int = 1
-    limits: Limits = field(default_factory=Limits)
-    journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
-    lease_s: float = LEASE_S
-    log_level: int = logging.WARNING
 
 
 @dataclass
@@ -376,21 +352,9 @@ def die_with(parent_pid: int) -> None:
 
 def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any) -> None:
     child_setup(parent_pid, config.log_level)
-    from zimage_serve.engine.parts import Placing
-    from zimage_serve.image_safety import use_bomb_limit
-    from zimage_serve.worker.loop import Worker, job_timeout
-    from zimage_serve.workflow.execute import Executor
-    from zimage_serve.workflow.folders import Folders, builtin_models
-    from zimage_serve.workflow.nodes import NODES
-    from zimage_serve.workflow.output_journal import OutputJournal
-
-    folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
-    store = JobStore(config.store_path)
+    store = JobStore(Path(config.queue))
     listener = _PipeListener(connection, audience)
-    use_bomb_limit(config.limits.upload_pixels)
-    placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
-    journal = OutputJournal(config.journal) if config.journal is not None else None
-    executor = Executor(NODES, folders, placing, limits=config.limits, journal=journal)
+    executor = build_executor(config)
     last_stats = 0.0
 
     def report_idle() -> None:  # whenever the queue runs dry; statistics at most once a second
@@ -401,16 +365,13 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         listener.send(Idle())
 
     listener.send(DeviceStats(executor.device_stats()))
-    worker = Worker(
+    worker = build_worker(
+        config,
         store,
-        executor,
         listener,
-        job_timeout=job_timeout(config.job_timeout, executor.placing.device),
-        concurrency=executor.placing.concurrency_cap(config.concurrency),
+        executor,
         on_idle=report_idle,
-        preload=config.preload,
         on_ready=lambda: listener.send(Ready()),
-        lease_s=config.lease_s,
         on_end=lambda end: listener.send(JobEnded(end)),
     )
     worker.start()

@@ -1,0 +1,88 @@
+"""One way to build a worker, whichever way it runs: in the server's own threads, in its worker process,
+or serving a cluster's queue (in a process of its own or beside an API node).
+
+Its settings are one `WorkerConfig`, plain data that crosses into a new process as it is; `build_worker`
+makes the folders, the device placement, the executor and the worker loop from it, for the queue and the
+listener the caller opened.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from zimage_serve.engine.fastpath import FastPath
+from zimage_serve.limits import Limits
+from zimage_serve.queue.jobs import LEASE_S
+
+if TYPE_CHECKING:
+    from zimage_serve.queue.contract import JobQueue
+    from zimage_serve.worker.loop import Listener, Worker
+    from zimage_serve.workflow.execute import Executor
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker is built from (`zimage serve`'s settings, or `zimage worker`'s: the same names)."""
+
+    models: list[Path]
+    input: Path
+    output: Path
+    temp: Path
+    journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
+    device: str = "auto"
+    dtype: str = "auto"
+    fast: FastPath = field(default_factory=FastPath)
+    memory_mode: str = "auto"
+    preload: bool = True  # load the default model at start, before the first prompt asks for it
+    job_timeout: float | None = None  # as configured: None is the device's default, decided where it runs
+    concurrency: int = 1
+    limits: Limits = field(default_factory=Limits)
+    lease_s: float = LEASE_S
+    shutdown_grace_s: float = 30.0
+    log_level: int = logging.WARNING
+    # Where a worker in a process of its own finds its jobs: the SQLite file, or the cluster's Redis.
+    queue: str = ""
+    prefix: str = ""  # of the cluster's keys in Redis ("": the default)
+    metrics_port: int | None = None  # a cluster worker's own /metrics, on a loopback port
+
+    def with_changes(self, **changes: Any) -> WorkerConfig:
+        return replace(self, **changes)
+
+
+def build_executor(config: WorkerConfig) -> Executor:
+    """The executor a worker runs prompts with: the folders, the device placement, the limits."""
+    from zimage_serve.engine.parts import Placing
+    from zimage_serve.image_safety import use_bomb_limit
+    from zimage_serve.workflow.execute import Executor
+    from zimage_serve.workflow.folders import Folders, builtin_models
+    from zimage_serve.workflow.nodes import NODES
+    from zimage_serve.workflow.output_journal import OutputJournal
+
+    folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
+    use_bomb_limit(config.limits.upload_pixels)
+    placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
+    journal = OutputJournal(config.journal) if config.journal is not None else None
+    return Executor(NODES, folders, placing, limits=config.limits, journal=journal)
+
+
+def build_worker(
+    config: WorkerConfig, store: JobQueue, listener: Listener, executor: Executor | None = None, **hooks: Any
+) -> Worker:
+    """The worker loop on `store`, telling `listener`; `hooks` are the loop's callbacks for the way it runs
+    (on_idle, on_ready, on_beat, on_end)."""
+    from zimage_serve.worker.loop import Worker, job_timeout
+
+    executor = executor if executor is not None else build_executor(config)
+    return Worker(
+        store,
+        executor,
+        listener,
+        job_timeout=job_timeout(config.job_timeout, executor.placing.device),
+        concurrency=executor.placing.concurrency_cap(config.concurrency),
+        preload=config.preload,
+        lease_s=config.lease_s,
+        **hooks,
+    )
