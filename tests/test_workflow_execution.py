@@ -127,6 +127,23 @@ def test_interrupt_stops_between_sampler_steps(executor: Executor) -> None:
     assert run(executor, nano_prompt()).ok  # the flag is cleared for the next prompt
 
 
+def test_a_run_stopped_by_its_time_limit_ends_as_that_error(executor: Executor) -> None:
+    """The executor tells the run's story itself: a time limit is an error naming it, not an interrupt."""
+    events: list[Any] = []
+
+    def emit(event: str, data: dict[str, Any]) -> None:
+        events.append((event, data))
+        if event == "progress" and data["value"] == 1:
+            executor.interrupt("limited", timeout="the prompt ran longer than the 1 s limit and was stopped")
+
+    checked = validate(nano_prompt(), executor.folders)
+    result = executor.run("limited", checked.prompt, checked.outputs, {}, emit)
+    assert result.status == "error" and [e for e, _ in result.messages][-1] == "execution_error"
+    [data] = [d for e, d in events if e == "execution_error"]
+    assert data["exception_type"] == "Timeout" and "1 s limit" in data["exception_message"]
+    assert data["node_id"] == "3" and not [e for e, _ in events if e == "execution_interrupted"]
+
+
 def test_a_failing_node_is_reported_with_its_id_and_class(tmp_path: Path) -> None:
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)

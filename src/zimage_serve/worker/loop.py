@@ -30,7 +30,7 @@ from zimage_serve.workflow.events import execution_error
 if TYPE_CHECKING:
     import torch
 
-    from zimage_serve.workflow.execute import Executor, RunResult
+    from zimage_serve.workflow.execute import Executor
 
 log = logging.getLogger(__name__)
 GPU_JOB_TIMEOUT_S = 30.0
@@ -110,7 +110,6 @@ class Worker:
         self._stopping = threading.Event()
         self._cut_off = threading.Event()  # the shutdown's grace ran out: interrupted jobs go back to the queue
         self._threads: list[threading.Thread] = []
-        self._timed_out: set[str] = set()
         self._deadlines = Deadlines(self._time_out)
         self._on_idle = on_idle
         self._preload, self._on_ready = preload, on_ready
@@ -326,9 +325,6 @@ class Worker:
             )
         finally:
             self._deadlines.remove(job.id)
-        if result.status == "interrupted" and job.id in self._timed_out:
-            self._note_timeout(job, result)
-        self._timed_out.discard(job.id)
         closing = next(((e, d) for e, d in reversed(result.messages) if e in CLOSING), None)
         if result.status == "interrupted" and self._cut_off.is_set():
             self.store.requeue(job.id)
@@ -360,7 +356,7 @@ class Worker:
         try:
             with self._running_lock:
                 del self._running[job.id]
-            if closing is not None:  # a timeout's is its error, not the interrupt that stopped it
+            if closing is not None:
                 self._tell(job, *closing)
             self.listener.queue_changed()
             self._tell(job, "executing", {"node": None, "prompt_id": job.id})
@@ -416,24 +412,10 @@ class Worker:
         self.listener.job_event(job.id, job.extra_data.get("client_id"), event, data, job.owner)
 
     def _time_out(self, job_id: str) -> None:
-        self._timed_out.add(job_id)
-        self.executor.interrupt(job_id)
-
-    def _note_timeout(self, job: Job, result: RunResult) -> None:
-        """A job stopped by the time limit is an error in history, with the limit named."""
-        message = f"the prompt ran longer than the {self.job_timeout:g} s limit and was stopped"
-        interrupted = next((d for e, d in result.messages if e == "execution_interrupted"), {})
-        data = execution_error(
-            job.id,
-            message,
-            "Timeout",
-            node_id=interrupted.get("node_id"),
-            node_type=interrupted.get("node_type"),
-            executed=interrupted.get("executed"),
+        """A job past its time limit: the executor stops it and reports the limit as the run's error."""
+        self.executor.interrupt(
+            job_id, timeout=f"the prompt ran longer than the {self.job_timeout:g} s limit and was stopped"
         )
-        result.messages = [(e, d) for e, d in result.messages if e != "execution_interrupted"]
-        result.messages.append(("execution_error", data))
-        result.status = "error"
 
     def _record_failure(self, job: Job, message: str) -> None:
         data = execution_error(job.id, message, "InternalError")

@@ -50,6 +50,10 @@ class RunResult:
         return self.status == "success"
 
 
+class RunTimedOut(ZImageError):
+    """A run stopped by its time limit: reported as an error (type `Timeout`) with the limit named."""
+
+
 class Executor:
     """Runs prompts, several at once from several threads if asked; `interrupt` and `free` may be called
     from any thread.
@@ -79,12 +83,13 @@ class Executor:
         self._computed = threading.Condition(self._lock)  # notified when one of them is done
         self._waiting = 0  # runs waiting on _computed: most releases have none to wake
 
-    def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Stop `prompt_id` (or every running prompt) before its next node or sampling step."""
+    def interrupt(self, prompt_id: str | None = None, timeout: str | None = None) -> bool:
+        """Stop `prompt_id` (or every running prompt) before its next node or sampling step. With
+        `timeout`, the run was given too long: it ends as an error saying so, not as interrupted."""
         with self._lock:
             runs = [r for i, r in self._active.items() if prompt_id is None or i == prompt_id]
         for run in runs:
-            run.interrupted.set()
+            run.interrupted.set(timeout)
         return bool(runs)
 
     def free(self) -> None:
@@ -172,14 +177,16 @@ class Executor:
 
 class _Flag:
     """Set from any thread, read by the run between nodes and steps: an Event without the waiting (no one
-    waits on it), which is cheaper to make once per prompt."""
+    waits on it), which is cheaper to make once per prompt. `timeout`: why a time limit stopped the run."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "timeout")
 
     def __init__(self) -> None:
         self._value = False
+        self.timeout: str | None = None
 
-    def set(self) -> None:
+    def set(self, timeout: str | None = None) -> None:
+        self.timeout = self.timeout or timeout
         self._value = True
 
     def is_set(self) -> bool:
@@ -239,7 +246,10 @@ class _Run:
                 current = node_id
                 self._execute_node(node_id)
         except Interrupted:
-            self._interrupted(current)
+            if self.interrupted.timeout is not None:
+                self._failed(current, RunTimedOut(self.interrupted.timeout))
+            else:
+                self._interrupted(current)
         except Exception as exc:
             self._failed(current, exc)
         else:
@@ -387,10 +397,11 @@ class _Run:
             log.error("node %s failed:\n%s", node_id, "".join(traceback.format_exception(exc)))
         inputs = self.current_inputs if node_id is not None else {}
         base = self._base(node_id)
+        kind = "Timeout" if isinstance(exc, RunTimedOut) else f"{type(exc).__module__}.{type(exc).__qualname__}"
         data = execution_error(
             self.prompt_id,
             str(exc) or type(exc).__name__,
-            f"{type(exc).__module__}.{type(exc).__qualname__}",
+            kind,
             node_id=node_id,
             node_type=base["node_type"],
             executed=base["executed"],
