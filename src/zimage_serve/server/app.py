@@ -36,6 +36,7 @@ from zimage_serve.server import (
 )
 from zimage_serve.server.gate import Gate
 from zimage_serve.server.runtime import Runtime, ServerSettings
+from zimage_serve.workflow.validate import error_body
 
 log = logging.getLogger(__name__)
 ROUTERS = (
@@ -123,17 +124,7 @@ class BodyLimit:
 
     @staticmethod
     async def _refuse(send: Send, details: str) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "request_too_large",
-                    "message": "Request body too large",
-                    "details": details,
-                    "extra_info": {},
-                },
-                "node_errors": {},
-            }
-        ).encode()
+        body = json.dumps(error_body("request_too_large", "Request body too large", details)).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -187,15 +178,7 @@ def unavailable_response(exc: QueueUnavailable) -> JSONResponse:
     """503 while the queue cannot be reached (a cluster's Redis restarting): try again after a few seconds."""
     log.warning("answered 503: %s", exc)
     return JSONResponse(
-        {
-            "error": {
-                "type": "queue_unavailable",
-                "message": "The queue is unavailable",
-                "details": exc.shown,
-                "extra_info": {},
-            },
-            "node_errors": {},
-        },
+        error_body("queue_unavailable", "The queue is unavailable", exc.shown),
         status_code=503,
         headers={"Retry-After": str(exc.retry_after)},
     )
@@ -203,15 +186,7 @@ def unavailable_response(exc: QueueUnavailable) -> JSONResponse:
 
 def internal_error_response() -> JSONResponse:
     return JSONResponse(
-        {
-            "error": {
-                "type": "internal_error",
-                "message": "Internal server error",
-                "details": "the error was logged on the server",
-                "extra_info": {},
-            },
-            "node_errors": {},
-        },
+        error_body("internal_error", "Internal server error", "the error was logged on the server"),
         status_code=500,
     )
 

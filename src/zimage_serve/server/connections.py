@@ -23,6 +23,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from zimage_serve.workflow.validate import error_body
+
 log = logging.getLogger(__name__)
 
 HEADER_TIMEOUT_S = 20.0
@@ -58,7 +60,7 @@ class ConnectionLimits:
 
 
 def _answer(status: int, reason: str, message: str, extra: str = "") -> bytes:
-    body = json.dumps({"error": {"type": reason, "message": message, "details": message, "extra_info": {}}}).encode()
+    body = json.dumps(error_body(reason, message, message)).encode()
     head = (
         f"HTTP/1.1 {status} {'Too Many Requests' if status == 429 else 'Request Timeout'}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"

@@ -30,6 +30,7 @@ from zimage_serve.security.audit import UNAVAILABLE, AuditUnavailable, iso
 from zimage_serve.security.guard import Security
 from zimage_serve.security.refusals import cut
 from zimage_serve.security.tokens import Token
+from zimage_serve.workflow.validate import error_body
 
 IDENTITY = "zimage.identity"
 TOKEN = "zimage.token"
@@ -288,9 +289,7 @@ async def _see_other(send: Send, location: str) -> None:
 
 
 def _error_body(reason: str, message: str) -> bytes:
-    return json.dumps(
-        {"error": {"type": reason, "message": message, "details": message, "extra_info": {}}, "node_errors": {}}
-    ).encode()
+    return json.dumps(error_body(reason, message, message)).encode()
 
 
 async def _refuse(

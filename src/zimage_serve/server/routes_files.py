@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 from zimage_serve.server.gate import audit_note, caller
 from zimage_serve.server.routes_queue import plain_error, runtime
 from zimage_serve.server.schemas import query
-from zimage_serve.workflow.folders import UnknownFileError, contained
+from zimage_serve.workflow.folders import FILE_TYPES, UnknownFileError, contained
 
 router = APIRouter()
 
@@ -35,7 +35,7 @@ def content_disposition(disposition: str, filename: str) -> str:
     "/view",
     openapi_extra=query(
         ("filename", {"type": "string"}, "A file name (may end in ' [output]', ' [input]' or ' [temp]')"),
-        ("type", {"type": "string", "enum": ["output", "input", "temp"]}, "The folder; output when absent"),
+        ("type", {"type": "string", "enum": list(FILE_TYPES)}, "The folder; output when absent"),
         ("subfolder", {"type": "string"}, "A folder inside it"),
     ),
 )
@@ -50,14 +50,14 @@ async def view(request: Request) -> Response:
     for suffix, annotated in ANNOTATIONS.items():
         if filename.endswith(suffix):
             filename, kind = filename.removesuffix(suffix), annotated
-    roots = {"output": folders.output, "input": folders.input, "temp": folders.temp}
-    if kind not in roots:
-        return plain_error(400, f"type must be output, input or temp, not {kind!r}")
+    root = folders.of_type(kind)
+    if root is None:
+        return plain_error(400, f"type must be {' or '.join(FILE_TYPES)}, not {kind!r}")
     if "/" in filename or "\\" in filename:
         return plain_error(400, "filename must be a plain file name")
     subfolder = query.get("subfolder", "")
     try:
-        path = contained(roots[kind], f"{subfolder}/{filename}" if subfolder else filename, "filename")
+        path = contained(root, f"{subfolder}/{filename}" if subfolder else filename, "filename")
     except UnknownFileError as exc:
         return plain_error(exc.status, str(exc))
     if not os.path.isfile(path):  # another user's file too: it is not in this caller's space

@@ -214,10 +214,9 @@ async def internal_logs_subscribe() -> Response:
 async def internal_files(request: Request, kind: str) -> Response:
     """The caller's own files of a folder, newest first (not recursive), as ComfyUI lists them."""
     space = runtime(request).folders.space(caller(request).space)
-    roots = {"output": space.output, "input": space.input, "temp": space.temp}
-    if kind not in roots:
+    root = space.of_type(kind)
+    if root is None:
         return JSONResponse({"error": "Invalid directory type"}, status_code=400)
-    root = roots[kind]
     try:
         entries = [e for e in os.scandir(contained(root, "", kind, empty_ok=True)) if e.is_file()]
     except (OSError, UnknownFileError):

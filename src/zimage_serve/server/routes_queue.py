@@ -28,6 +28,7 @@ from zimage_serve.server.schemas import (
 )
 from zimage_serve.server.service import PromptBlocked, PromptRejected
 from zimage_serve.workflow.folders import USERS
+from zimage_serve.workflow.validate import error_body
 
 router = APIRouter()
 MAX_CLIENT_ID = 256
@@ -48,8 +49,7 @@ def plain_error(status: int, message: str) -> JSONResponse:
 
 
 def comfy_error(kind: str, message: str, details: str = "", status: int = 400, **headers: str) -> JSONResponse:
-    body = {"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": {}}
-    return JSONResponse(body, status_code=status, headers=headers or None)
+    return JSONResponse(error_body(kind, message, details), status_code=status, headers=headers or None)
 
 
 async def json_body(request: Request, *, empty_ok: bool = False) -> Any:

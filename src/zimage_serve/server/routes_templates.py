@@ -25,6 +25,7 @@ from zimage_serve.templates import TemplateError, TemplateNotFound, TemplatePara
 from zimage_serve.templates.source import template_from
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.ui_format import to_api
+from zimage_serve.workflow.validate import error_body
 
 router = APIRouter()
 QUEUE_FIELDS = ("client_id", "front", "number", "prompt_id", "extra_data")
@@ -33,12 +34,8 @@ QUEUE_FIELDS = ("client_id", "front", "number", "prompt_id", "extra_data")
 def template_error(exc: TemplateError, status: int = 400) -> JSONResponse:
     problems = exc.problems if isinstance(exc, TemplateParameterError) else {}
     kind = "invalid_template_parameters" if problems else "invalid_template"
-    body = {
-        "error": {"type": kind, "message": "Invalid template values" if problems else "Invalid template",
-                  "details": str(exc), "extra_info": {"parameters": problems}},
-        "node_errors": {},
-    }  # fmt: skip
-    return JSONResponse(body, status_code=status)
+    message = "Invalid template values" if problems else "Invalid template"
+    return JSONResponse(error_body(kind, message, str(exc), {"parameters": problems}), status_code=status)
 
 
 @router.get("/zimage/templates")

@@ -22,7 +22,7 @@ from zimage_serve.worker.loop import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.image_count import estimated_images
 from zimage_serve.workflow.spec import node_info, object_info, prompt_inputs
-from zimage_serve.workflow.validate import Validator
+from zimage_serve.workflow.validate import Validator, error_body
 from zimage_serve.workflow.validate import error as validate_error
 
 SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
@@ -144,9 +144,7 @@ class QueueService:
         try:
             job.encode()  # here, where a large prompt is off the event loop, not in the shared commit
         except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored
-            raise PromptRejected(
-                {"error": validate_error("invalid_prompt", "Invalid prompt", str(exc)), "node_errors": {}}
-            ) from exc
+            raise PromptRejected(error_body("invalid_prompt", "Invalid prompt", str(exc))) from exc
         return Submitted(job, checked.node_errors)
 
     def _screen(self, prompt: dict[str, Any]) -> None:
@@ -182,7 +180,7 @@ class QueueService:
                 node_errors = {
                     node_id: {"errors": [problem], "dependent_outputs": [], "class_type": node["class_type"]}
                 }
-                body = {"error": {**problem, "extra_info": {}}, "node_errors": node_errors}
+                body = error_body("prompt_blocked", "Prompt blocked by the word filter", details, None, node_errors)
                 raise PromptBlocked(body, rule, node_id, text)
 
     def summary(self, prompt: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:

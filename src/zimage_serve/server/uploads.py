@@ -29,11 +29,9 @@ from zimage_serve.security.storage import StorageFull
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.schemas import MaskForm, UploadForm, form_request
-from zimage_serve.workflow.folders import UnknownFileError, contained
+from zimage_serve.workflow.folders import FILE_TYPES, UnknownFileError, contained
 
 router = APIRouter()
-
-TYPES = ("input", "temp", "output")
 
 
 class UploadError(Exception):
@@ -72,11 +70,11 @@ def check_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
 
 def target_folder(request: Request, kind: str, subfolder: str) -> Path:
     space = runtime(request).folders.space(caller(request).space)  # uploads go to the caller's own folders
-    folders = {"input": space.input, "temp": space.temp, "output": space.output}
-    if kind not in folders:
-        raise UploadError(400, f"type must be one of {', '.join(TYPES)}, not {kind!r}")
+    folder = space.of_type(kind)
+    if folder is None:
+        raise UploadError(400, f"type must be one of {', '.join(FILE_TYPES)}, not {kind!r}")
     try:
-        return Path(contained(folders[kind], subfolder, "subfolder", empty_ok=True))
+        return Path(contained(folder, subfolder, "subfolder", empty_ok=True))
     except UnknownFileError as exc:
         raise UploadError(400, str(exc)) from exc
 

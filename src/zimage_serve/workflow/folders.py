@@ -78,6 +78,10 @@ class Folders:
     def default(cls, data_dir: Path, models: Iterable[Path] = ()) -> Folders:
         return cls(list(models), data_dir / "input", data_dir / "output", data_dir / "temp", builtin_models())
 
+    def of_type(self, kind: str) -> Path | None:
+        """The folder a file's `type` names (ComfyUI's output, input or temp); None for any other."""
+        return {"output": self.output, "input": self.input, "temp": self.temp}.get(kind)
+
     _listings: dict[str, tuple[dict[Path, int], list[str]]] = field(default_factory=dict, repr=False, compare=False)
     _listing_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _spaces: dict[str, Folders] = field(default_factory=dict, repr=False, compare=False)
@@ -190,6 +194,7 @@ ESCAPES = (OUTSIDE, LINKED_OUT)  # the reasons that are attempts to leave a fold
 MAX_NAME_BYTES = 255  # one path component, as Linux, macOS and Windows allow
 MAX_PATH_BYTES = 1024
 _PLAIN = frozenset("/\\:")  # not in a plain file name: separators, and a drive's colon
+FILE_TYPES = ("output", "input", "temp")  # the folders a file's `type` names, as ComfyUI lists them
 
 
 def check_relative(resource: str, name: str, *, empty_ok: bool = False) -> None:

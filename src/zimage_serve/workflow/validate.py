@@ -59,6 +59,18 @@ def error(kind: str, message: str, details: str = "", extra_info: dict[str, Any]
     return {"type": kind, "message": message, "details": details, "extra_info": extra_info or {}}
 
 
+def error_body(
+    kind: str,
+    message: str,
+    details: str = "",
+    extra_info: dict[str, Any] | None = None,
+    node_errors: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """ComfyUI's answer to a prompt it refuses, `{"error": {...}, "node_errors": {...}}`: the one shape of
+    every error the server gives outside the file and user-data routes."""
+    return {"error": error(kind, message, details, extra_info), "node_errors": node_errors or {}}
+
+
 def is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2
 
