@@ -15,6 +15,7 @@ import pytest
 
 from tests.redis_server import RedisServer
 from tests.support.queues import Clock, enqueue
+from zimage_serve.identity import JobContext
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import DuplicateJob, HistoryLimits, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.redis_queue import RedisQueue
@@ -294,8 +295,8 @@ def test_finishing_hands_the_next_job_to_the_same_worker(connect: Connect) -> No
 def test_owners_narrow_listings_counts_deletes_and_quotas(connect: Connect) -> None:
     store = connect()
     add(store, "local", 1)  # the local operator's (no owner)
-    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context={"role": "user"}, images=2)])
-    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context={"role": "user"}, images=1)])
+    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user"), images=2)])
+    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context=JobContext("user"), images=1)])
     assert [j.id for j in store.pending()] == ["local", "a1", "b1"]
     assert store.queue_items_json("pending", owner="alice")[0].startswith('[2, "a1"')
     assert store.queue_items_json("pending", owner="") == [] and store.count("pending", "") == 0
@@ -309,7 +310,7 @@ def test_owners_narrow_listings_counts_deletes_and_quotas(connect: Connect) -> N
     assert job is not None and job.id == "local"
     store.finish("local", "success", {"outputs": {}})
     job = store.claim()
-    assert job is not None and job.owner == "alice" and job.context == {"role": "user"}
+    assert job is not None and job.owner == "alice" and job.context == JobContext("user")
     assert store.count("running", "alice") == 1 and store.count("running", "bob") == 0
     store.finish("a1", "success", {"outputs": {}})
     [refused] = store.enqueue_many([Job("a3", 5, {}, {}, [], owner="alice", quota=quota, images=2)])

@@ -15,7 +15,7 @@ import pytest
 from tests.support.app import serving
 from tests.support.serve_command import serve_command
 from zimage_serve.config import ConfigError, ServeConfig
-from zimage_serve.identity import Identity
+from zimage_serve.identity import Identity, JobContext
 from zimage_serve.limits import Limits
 from zimage_serve.queue.jobs import Job, Quota, QuotaExceeded
 from zimage_serve.queue.store import JobStore
@@ -134,13 +134,19 @@ def test_the_network_policy() -> None:
 def test_a_jobs_identity_carries_the_tokens_limits_to_the_worker() -> None:
     server = Limits(steps=100, pixels=10**6)
     identity = Identity("alice", "user", "10.0.0.1", server.for_token("alice", steps=8, pixels=None))
-    context = identity.job_context()
-    assert context == {"role": "user", "address": "10.0.0.1", "limits": {"steps": 8}}
+    context = identity.job_context(images=3, images_per_day=20)
+    stored = {"role": "user", "address": "10.0.0.1", "limits": {"steps": 8}, "images": 3, "images_per_day": 20}
+    assert context.to_json() == stored and JobContext.from_json(stored) == context
     again = Identity.of_job("alice", context, server)
     assert again.limits is not None and again.limits.steps == 8 and again.limits.pixels == 10**6
     assert again.space == "alice" and not again.admin and again.may_see("alice") and not again.may_see("bob")
     assert "token 'alice'" in again.limits.refusal("steps", 9)
-    assert Identity.of_job("", {}, server).admin  # the local operator's jobs
+    assert Identity.of_job("", JobContext(), server).admin  # the local operator's jobs
+    # A row written by an earlier version, or damaged: what is there and sound is kept, the rest defaulted.
+    assert JobContext.from_json({"role": "emperor", "limits": {"steps": "8", "pixels": 9}, "images": -1}) == JobContext(
+        limits={"pixels": 9}
+    )
+    assert JobContext.from_json(["not", "an", "object"]) == JobContext()
 
 
 def test_owners_in_the_queue_file_and_an_older_file_upgraded(tmp_path: Path) -> None:
@@ -158,9 +164,9 @@ def test_owners_in_the_queue_file_and_an_older_file_upgraded(tmp_path: Path) -> 
     db.close()
     store = JobStore(path)
     [old] = store.pending()
-    assert old.owner == "" and old.context == {}
-    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context={"role": "user"}, images=2)])
-    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context={"role": "user"}, images=1)])
+    assert old.owner == "" and old.context == JobContext()
+    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user"), images=2)])
+    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context=JobContext("user"), images=1)])
     assert [j.id for j in store.pending()] == ["old", "a1", "b1"]
     assert store.queue_items_json("pending", owner="alice")[0].startswith('[2, "a1"')
     assert store.count("pending", "alice") == 1 and store.count("pending") == 3
@@ -173,7 +179,7 @@ def test_owners_in_the_queue_file_and_an_older_file_upgraded(tmp_path: Path) -> 
     assert job is not None and job.id == "old"
     store.finish("old", "success", {"outputs": {}})
     job = store.claim()
-    assert job is not None and job.owner == "alice" and job.context == {"role": "user"}
+    assert job is not None and job.owner == "alice" and job.context == JobContext("user")
     store.finish("a1", "success", {"outputs": {}})
     [refused] = store.enqueue_many([Job("a3", 5, {}, {}, [], owner="alice", quota=quota, images=2)])
     assert isinstance(refused, QuotaExceeded) and refused.quota == "images_per_day" and refused.retry_after >= 1

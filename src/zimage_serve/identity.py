@@ -58,20 +58,56 @@ class Identity:
         return None if self.admin else self.user
 
     # -- stored with a job ---------------------------------------------------------------------------
-    def job_context(self) -> dict[str, Any]:
+    def job_context(self, images: int = 0, images_per_day: int | None = None) -> JobContext:
         """What the worker needs of the caller, stored with the job (its owner has a column of its own)."""
-        context: dict[str, Any] = {"role": self.role}
-        if self.address:
-            context["address"] = self.address
-        if self.limits is not None and self.limits.capped:
-            context["limits"] = {name: getattr(self.limits, name) for name in sorted(self.limits.capped)}
-        return context
+        caps = {} if self.limits is None else {name: getattr(self.limits, name) for name in sorted(self.limits.capped)}
+        return JobContext(self.role, self.address, caps, images, images_per_day)
 
     @classmethod
-    def of_job(cls, owner: str, context: dict[str, Any], server_limits: Limits) -> Identity:
-        caps = context.get("limits") or {}
-        limits = server_limits.for_token(owner, **{k: caps.get(k) for k in CAPPED})
-        return cls(owner, str(context.get("role") or ADMIN), str(context.get("address") or ""), limits)
+    def of_job(cls, owner: str, context: JobContext, server_limits: Limits) -> Identity:
+        limits = server_limits.for_token(owner, **{k: context.limits.get(k) for k in CAPPED})
+        return cls(owner, context.role, context.address, limits)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Who queued a job, beside its owner, and what they were allowed then: made from the caller's
+    identity at submission, stored with the job (as JSON), and read back by the worker that runs it."""
+
+    role: str = ADMIN
+    address: str = ""
+    limits: dict[str, int] = field(default_factory=dict)  # the limits the token lowered (pixels, steps)
+    images: int = 0  # the images the owner was charged at submission (the graph's count)
+    images_per_day: int | None = None  # the owner's daily allowance then: the run's real count is held to it
+
+    def to_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"role": self.role}
+        if self.address:
+            found["address"] = self.address
+        if self.limits:
+            found["limits"] = dict(self.limits)
+        if self.images:
+            found["images"] = self.images
+        if self.images_per_day is not None:
+            found["images_per_day"] = self.images_per_day
+        return found
+
+    @classmethod
+    def from_json(cls, data: object) -> JobContext:
+        """From what a job's row holds (every version's: keys may be missing; a bad value is dropped)."""
+        if not isinstance(data, dict) or not data:
+            return cls()
+        limits = data.get("limits")
+        images, per_day = data.get("images"), data.get("images_per_day")
+        return cls(
+            role=data["role"] if data.get("role") in ROLES else ADMIN,
+            address=data["address"] if isinstance(data.get("address"), str) else "",
+            limits={k: v for k, v in limits.items() if k in CAPPED and isinstance(v, int)}
+            if isinstance(limits, dict)
+            else {},
+            images=images if isinstance(images, int) and images >= 0 else 0,
+            images_per_day=per_day if isinstance(per_day, int) else None,
+        )
 
 
 LOCAL = Identity("")

@@ -11,6 +11,7 @@ from typing import Any
 
 from zimage_serve import strict_json
 from zimage_serve.errors import ZImageError
+from zimage_serve.identity import JobContext
 
 STATES = ("pending", "running", "success", "error", "interrupted")
 FINISHED = ("success", "error", "interrupted")
@@ -60,11 +61,6 @@ class QuotaExceeded(ZImageError):
         self.quota, self.used, self.allowed, self.retry_after = quota, used, allowed, retry_after
 
 
-# What a job's context keeps of its images: the estimate its owner was charged at submission, and the
-# owner's daily allowance then; the worker counts the images really made against both (image_tally.py).
-IMAGES, IMAGES_PER_DAY = "images", "images_per_day"
-
-
 @dataclass(frozen=True)
 class Quota:
     """What a token allows its owner in the queue; checked as a job is stored, in the same transaction."""
@@ -93,7 +89,7 @@ class Job:
     finished: float | None = None
     result: dict[str, Any] = field(default_factory=dict)
     owner: str = ""  # the user who queued it ("" with authentication off)
-    context: dict[str, Any] = field(default_factory=dict)  # the rest of who queued it (identity.Identity)
+    context: JobContext = field(default_factory=JobContext)  # the rest of who queued it, and what they may
     worker: str = ""  # the worker running it (queue/store.worker_id), "" when none
     lease: float | None = None  # until when that worker's claim holds, unless renewed by a heartbeat
     # prompt, extra_data, outputs and context as the JSON texts to store, when encoded ahead (off the loop)
@@ -109,7 +105,7 @@ class Job:
                 strict_json.dumps(self.prompt),
                 strict_json.dumps(self.extra_data),
                 strict_json.dumps(self.outputs),
-                strict_json.dumps(self.context) if self.context else "{}",
+                strict_json.dumps(self.context.to_json()) if self.context != JobContext() else "{}",
             )
         return self.encoded
 

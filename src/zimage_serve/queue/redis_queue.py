@@ -29,6 +29,7 @@ from redis.retry import Retry
 
 from zimage_serve import strict_json
 from zimage_serve.errors import ZImageError
+from zimage_serve.identity import JobContext
 from zimage_serve.metrics import QUEUE_UNAVAILABLE
 from zimage_serve.queue import redis_scripts
 from zimage_serve.queue.jobs import (
@@ -474,7 +475,7 @@ def _job(fields: dict[str, str]) -> Job:
         finished=_time(fields.get("finished")),
         result=json.loads(fields["result"]) if fields.get("result") else {},
         owner=fields.get("owner", ""),
-        context=json.loads(context) if context != "{}" else {},
+        context=JobContext.from_json(json.loads(context)) if context != "{}" else JobContext(),
         worker=fields.get("worker", ""),
         lease=_time(fields.get("lease")),
     )

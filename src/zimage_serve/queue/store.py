@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from zimage_serve import strict_json
+from zimage_serve.identity import JobContext
 from zimage_serve.private import private_file
 from zimage_serve.queue.jobs import (
     FINISHED,
@@ -817,7 +818,7 @@ class JobStore:
             finished=finished,
             result=json.loads(result) if result else {},
             owner=owner,
-            context=json.loads(context) if context != "{}" else {},
+            context=JobContext.from_json(json.loads(context)) if context != "{}" else JobContext(),
             worker=worker,
             lease=lease,
         )
@@ -828,7 +829,6 @@ class JobStore:
             (job.result, dict),
             (job.id, str),
             (job.owner, str),
-            (job.context, dict),
         )
         if not all(isinstance(value, kind) for value, kind in shapes) or not isinstance(number, float | int):
             raise TypeError(

@@ -277,7 +277,7 @@ def history_entry(job: Job, identity: Identity) -> dict[str, Any]:
     their space; another user's, for an admin (whose space holds every user's), with that user's folder
     in front of the subfolder."""
     entry = job.history_entry()
-    in_a_users_space = bool(job.owner) and job.context.get("role") == USER  # an admin's files are the shared ones
+    in_a_users_space = bool(job.owner) and job.context.role == USER  # an admin's files are the shared ones
     if in_a_users_space and job.owner != identity.user and identity.admin:
         for ui in entry["outputs"].values():
             for items in ui.values() if isinstance(ui, dict) else ():

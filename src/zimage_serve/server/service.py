@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import IMAGES, IMAGES_PER_DAY, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.worker.loop import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.image_count import estimated_images
@@ -136,11 +136,9 @@ class QueueService:
             extra["client_id"] = client_id
         job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
         if identity.user:
-            job.owner, job.context, job.quota = identity.user, identity.job_context(), quota
             job.images = estimated_images(checked.prompt, self.validator.nodes)
-            job.context[IMAGES] = job.images
-            if quota is not None and quota.images_per_day is not None:
-                job.context[IMAGES_PER_DAY] = quota.images_per_day
+            per_day = quota.images_per_day if quota is not None else None
+            job.owner, job.context, job.quota = identity.user, identity.job_context(job.images, per_day), quota
         try:
             job.encode()  # here, where a large prompt is off the event loop, not in the shared commit
         except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored

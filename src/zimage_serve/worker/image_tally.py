@@ -12,16 +12,13 @@ the difference is given back, to the day it was charged on.
 from __future__ import annotations
 
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import IMAGES, IMAGES_PER_DAY, Job
+from zimage_serve.queue.jobs import Job
 
 
 class ImageTally:
     def __init__(self, queue: JobQueue, job: Job) -> None:
         self.queue, self.job = queue, job
-        charged = job.context.get(IMAGES)
-        allowed = job.context.get(IMAGES_PER_DAY)
-        self.estimate = charged if isinstance(charged, int) and charged >= 0 else 0
-        self.allowed = allowed if isinstance(allowed, int) else None
+        self.estimate, self.allowed = job.context.images, job.context.images_per_day
         self.made = 0
         self.beyond = 0  # charged during the run, past the estimate
 
