@@ -20,7 +20,7 @@ import redis
 
 from zimage_serve.private import private_file
 from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.queue.store import AUDIT_TABLES
+from zimage_serve.security.audit_files import AUDIT_TABLES
 
 log = logging.getLogger(__name__)
 GROUP = "audit"

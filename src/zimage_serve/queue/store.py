@@ -47,44 +47,11 @@ from zimage_serve.queue.jobs import (
     seconds_to_midnight,
     worker_gone,
 )
+from zimage_serve.security.audit_files import AUDIT_TABLES, AUDIT_TRIGGER
 from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 
-# The audit log's head, end, cut and outbox (security/audit.py, audit_files.py); in the queue file, so that a
-# job's end and its copy in the outbox are one transaction. A node whose queue is Redis keeps them in a file
-# of its own.
-AUDIT_TABLES = """
-CREATE TABLE IF NOT EXISTS audit_head (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_end (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    file TEXT,
-    size INTEGER NOT NULL DEFAULT 0,
-    pending_file TEXT,
-    pending_size INTEGER,
-    pending_seq INTEGER,
-    pending_hash TEXT
-);
-CREATE TABLE IF NOT EXISTS audit_cut (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    context TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created REAL,
-    started REAL,
-    finished REAL,
-    result TEXT
-);"""
 # The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
 # IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
 # a sixth of the queue file's work, counted with callgrind).
@@ -189,15 +156,6 @@ WHEN (OLD.finished IS NULL) <> (NEW.finished IS NULL) BEGIN
 END;
 """
 OWNED = "owner = ? AND owner <> ''"
-# Every job's end is copied, in the transaction that records it, to the outbox the audit log's writer
-# empties (security/audit.py): a generation is in the audit log even if a process dies right after it.
-AUDIT_TRIGGER = """
-CREATE TRIGGER IF NOT EXISTS jobs_audited AFTER UPDATE OF finished ON jobs
-WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL BEGIN
-    INSERT INTO audit_outbox (job_id, owner, context, state, created, started, finished, result)
-    VALUES (NEW.id, NEW.owner, NEW.context, NEW.state, NEW.created, NEW.started, NEW.finished, NEW.result);
-END;
-"""
 PENDING_ORDER = f"{LIVE} AND state = 'pending' ORDER BY number, seq"
 # Running jobs are found on the way through jobs_live (no index of their own to update per job), by start.
 RUNNING_ORDER = f"{LIVE} AND state = 'running' ORDER BY started"

@@ -145,7 +145,7 @@ class AuditLog:
         self.folder, self.retention, self.clock = folder, retention or Retention(), clock
         private_folder(folder)
         self._db = sqlite3.connect(str(queue_file), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA busy_timeout=10000")  # the tables are the store's (queue/store.py)
+        self._db.execute("PRAGMA busy_timeout=10000")  # the tables: audit_files.AUDIT_TABLES
         # As the store's own connection: a commit survives a killed process without waiting for the disk
         # (only a power cut could lose the newest head, which `_recover` then finds again from the file).
         self._db.execute("PRAGMA synchronous=NORMAL")

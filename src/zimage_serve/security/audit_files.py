@@ -27,6 +27,51 @@ from typing import Any
 
 from zimage_serve.private import private_folder
 
+# The audit log's head, end, cut and outbox (security/audit.py, this module); kept in the queue file, so
+# that a job's end and its copy in the outbox are one transaction. A node whose queue is Redis keeps them
+# in a file of its own.
+AUDIT_TABLES = """
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_end (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    file TEXT,
+    size INTEGER NOT NULL DEFAULT 0,
+    pending_file TEXT,
+    pending_size INTEGER,
+    pending_seq INTEGER,
+    pending_hash TEXT
+);
+CREATE TABLE IF NOT EXISTS audit_cut (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    context TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL,
+    started REAL,
+    finished REAL,
+    result TEXT
+);"""
+# Every job's end is copied, in the transaction that records it, to the outbox the audit log's writer
+# empties (security/audit.py): a generation is in the audit log even if a process dies right after it. The
+# queue's SQLite store installs it on its jobs table.
+AUDIT_TRIGGER = """
+CREATE TRIGGER IF NOT EXISTS jobs_audited AFTER UPDATE OF finished ON jobs
+WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL BEGIN
+    INSERT INTO audit_outbox (job_id, owner, context, state, created, started, finished, result)
+    VALUES (NEW.id, NEW.owner, NEW.context, NEW.state, NEW.created, NEW.started, NEW.finished, NEW.result);
+END;
+"""
+
 GENESIS = "0" * 64
 FILE_PATTERN = "audit-{:06d}.jsonl"
 QUARANTINE = "quarantine"
