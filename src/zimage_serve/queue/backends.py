@@ -1,4 +1,4 @@
-"""Which queue a node uses: the one place that decides it.
+"""Which queue a `--queue` URL names (server/backend.py opens it, with what it brings).
 
 No `--queue` (or `sqlite`): the SQLite file `<data dir>/queue.sqlite3`, one machine. `redis://HOST:PORT/DB`
 (also `rediss://` with TLS, `unix:///path/to/socket`): Redis, shared by every API node and worker that
@@ -8,11 +8,9 @@ names it. `?prefix=NAME` keeps several clusters apart in one Redis (`zimage:` by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from zimage_serve.config import ConfigError
-from zimage_serve.queue.contract import JobQueue
 from zimage_serve.redact import redacted
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -49,13 +47,3 @@ def choose(url: str | None) -> QueueChoice:
         raise ConfigError(f"prefix {prefix!r} must be 1 to 64 characters without spaces", "--queue")
     query = "&".join(f"{key}={value}" for key, values in options.items() for value in values)
     return QueueChoice("redis", urlunsplit(parts._replace(query=query)), prefix)
-
-
-def open_queue(choice: QueueChoice, data_dir: Path, max_pending: int) -> JobQueue:
-    if choice.kind == "sqlite":
-        from zimage_serve.queue.store import JobStore
-
-        return JobStore(data_dir / "queue.sqlite3", max_pending=max_pending)
-    from zimage_serve.queue.redis_queue import RedisQueue
-
-    return RedisQueue(choice.url, max_pending=max_pending, prefix=choice.prefix)

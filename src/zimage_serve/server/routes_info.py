@@ -132,7 +132,7 @@ async def get_workers(request: Request) -> dict[str, Any]:
             }
             for w in workers
         ]
-    return {"queue": rt.queue_choice.kind, "node": rt.node_name, "workers": workers}
+    return {"queue": rt.backend.kind, "node": rt.node_name, "workers": workers}
 
 
 def shown_worker(worker: str) -> str:

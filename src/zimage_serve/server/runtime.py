@@ -9,33 +9,27 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from zimage_serve.config import ConfigError
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.identity import LOCAL, USER, Identity
 from zimage_serve.image_safety import use_bomb_limit
 from zimage_serve.limits import Limits, StorageLimits
 from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
-from zimage_serve.queue import backends
-from zimage_serve.queue.audit_relay import AuditRelay, audit_file
 from zimage_serve.queue.jobs import LEASE_S, STATES, QueueUnavailable
-from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.queue.store import JobStore
-from zimage_serve.security.audit import iso, log_place
+from zimage_serve.security.audit import iso
 from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.security.storage import Storage
 from zimage_serve.security.tokens import Token
+from zimage_serve.server.backend import WorkerPlan, open_backend
 from zimage_serve.server.hub import Hub
-from zimage_serve.server.service import DeviceWorker, QueueService
+from zimage_serve.server.service import QueueService
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
-from zimage_serve.worker.build import WorkerConfig, build_worker
-from zimage_serve.worker.cluster_workers import ClusterWorkers
+from zimage_serve.worker.build import WorkerConfig
 from zimage_serve.worker.loop import CLOSING
-from zimage_serve.worker.process import WorkerProcess
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.output_journal import journal_folder
@@ -88,32 +82,22 @@ class Runtime:
         self.hub = Hub()
         self.templates = TemplateLibrary(data / "templates")
         self.journal_folder = journal_folder(data)  # the files each running prompt wrote
-        self.queue_choice = backends.choose(settings.queue)
-        if not self.queue_choice.shared and settings.workers != 1:
-            raise ConfigError(
-                "a node of its own runs one worker; more (or none) need a shared queue (--queue redis://...)",
-                "--workers",
-            )
-        self.store = backends.open_queue(self.queue_choice, data, settings.max_queue)
         self.node_name = settings.node_name or f"{socket.gethostname()}-{settings.port}"
-        self.audit_relay: AuditRelay | None = None
-        # One machine: the log's head and outbox are in the queue file. A cluster: every API node keeps its own
-        # log (one chain per writer), fed job ends by the relay.
-        audit_folder, audit_head = log_place(data, None if isinstance(self.store, JobStore) else self.node_name)
-        if not isinstance(self.store, JobStore):
-            audit_file(audit_head)
-            self.audit_relay = AuditRelay(cast(RedisQueue, self.store), audit_head, self.node_name)
+        plan = WorkerPlan(settings.worker_process, settings.workers, settings.metrics_port)
+        self.backend = open_backend(settings.queue, data, settings.max_queue, plan, self.node_name)
+        self.store = self.backend.queue
+        audit_folder, audit_head = self.backend.audit_place(data)
         self.security = Security(
             settings.security, settings.listen, settings.port, data, audit_head, settings.limits, audit_folder
         )
         self.storage = Storage(self.stored_by, settings.security.user_storage)
         use_bomb_limit(settings.limits.upload_pixels)
         self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
-        self.worker = self._worker()
+        self.worker = self.backend.workers(self._worker_config(), self, self.hub)
         self.service = QueueService(
             self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
         )
-        self.submissions = SubmissionBatcher(self.service, remote=self.queue_choice.shared)
+        self.submissions = SubmissionBatcher(self.service, remote=self.backend.shared)
         self.waits = JobWaits(lambda job_id: self.service.get(job_id, LOCAL))
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
@@ -132,33 +116,6 @@ class Runtime:
     def storage_limits(self, identity: Identity, token: Token | None) -> StorageLimits | None:
         return self.storage.limits_of(
             identity, token.max_storage if token else None, token.max_files if token else None
-        )
-
-    def _worker(self) -> DeviceWorker:
-        config = self._worker_config()
-        if self.queue_choice.shared:
-            return ClusterWorkers(
-                cast(RedisQueue, self.store),
-                self,
-                [self._cluster_worker(config, i) for i in range(self.settings.workers)],
-                audience=lambda: len(self.hub.sockets),
-            )
-        if self.settings.worker_process:
-            assert isinstance(self.store, JobStore)
-            process = WorkerProcess(config.with_changes(queue=str(self.store.path)), self, self.store)
-            self.hub.on_audience = process.audience_changed
-            return process
-        return build_worker(config, self.store, self)
-
-    def _cluster_worker(self, config: WorkerConfig, index: int) -> WorkerConfig:
-        """Local worker `index`: with `--device cuda` and several workers, one GPU each."""
-        settings = self.settings
-        several_gpus = settings.device == "cuda" and settings.workers > 1
-        return config.with_changes(
-            queue=self.queue_choice.url,
-            prefix=self.queue_choice.prefix,
-            device=f"cuda:{index}" if several_gpus else settings.device,
-            metrics_port=None if settings.metrics_port is None else settings.metrics_port + 1 + index,
         )
 
     def _worker_config(self) -> WorkerConfig:
@@ -185,21 +142,7 @@ class Runtime:
 
     def workers(self) -> list[dict[str, Any]]:
         """Every worker serving this node's queue, as /system_stats lists them."""
-        if isinstance(self.worker, ClusterWorkers):
-            return [record.shown() for record in self.worker.workers()]
-        # From the queue, not asked of the worker process (which answers only between its steps, and
-        # not at all while it loads a model: /system_stats must not wait for that).
-        running = [{"prompt_id": job.id, "node": None} for job in self.store.running()]
-        return [
-            {
-                "id": getattr(self.worker, "id", "local"),
-                "heartbeat_age_s": 0.0,
-                "host": socket.gethostname(),
-                "state": self.worker.state(),
-                "device": self.worker.device_stats(),
-                "running": running,
-            }
-        ]
+        return self.backend.workers_shown(self.worker)
 
     def start(self) -> None:
         """Recover what a crash left running, then start the worker; once (later calls do nothing)."""
@@ -207,9 +150,6 @@ class Runtime:
             return
         self._started = True
         self.security.announce()
-        if isinstance(self.store, RedisQueue):
-            for warning in self.store.durability_warnings():
-                log.warning("%s", warning)
         try:
             recovered = self.store.recover()
         except QueueUnavailable as exc:  # a cluster's Redis is down: answer 503 until it is back
@@ -222,8 +162,7 @@ class Runtime:
                 "queued again" if job.state == "pending" else "marked failed",
             )
         self.worker.start()
-        if self.audit_relay is not None:
-            self.audit_relay.start()
+        self.backend.start()
         if self.settings.metrics_port is not None:
             serve_on(self.settings.metrics_port, self.metrics)
 
@@ -259,8 +198,7 @@ class Runtime:
         self._stopped = True
         if not self.worker.stop(timeout=self.settings.shutdown_grace_s):
             log.error("the running prompt did not stop; it will be run again at the next start")
-        if self.audit_relay is not None:
-            self.audit_relay.stop()
+        self.backend.stop()
         self.security.stop()
         self.store.close()
 

@@ -1,0 +1,163 @@
+"""What the queue a server uses brings with it, opened in the one place that tells the two apart.
+
+- **One machine** (`LocalBackend`): the SQLite file in the data dir, the audit log's head and outbox in
+  that same file, and one worker: a child process (the default) or threads of the server.
+- **A cluster** (`ClusterBackend`): the shared Redis, the workers this node starts as processes of its
+  own (`--workers N`, one GPU each with `--device cuda`), the register of every worker in the cluster,
+  and a relay that feeds this node's own audit log the job ends the workers record.
+
+The runtime composes the server from what `open_backend` returns and never asks which one it got.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from zimage_serve.config import ConfigError
+from zimage_serve.queue import backends
+from zimage_serve.queue.audit_relay import AuditRelay, audit_file
+from zimage_serve.queue.contract import JobQueue
+from zimage_serve.queue.redis_queue import RedisQueue
+from zimage_serve.queue.store import JobStore
+from zimage_serve.security.audit import log_place
+from zimage_serve.server.service import DeviceWorker
+from zimage_serve.worker.build import WorkerConfig, build_worker
+from zimage_serve.worker.cluster_workers import ClusterWorkers
+from zimage_serve.worker.process import WorkerProcess
+
+if TYPE_CHECKING:
+    from zimage_serve.server.hub import Hub
+    from zimage_serve.worker.loop import Listener
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How this node runs its workers (from the server's settings)."""
+
+    in_process: bool  # one machine: a worker process (True) or the server's threads
+    count: int  # a cluster: the workers this node starts (0: an API node only)
+    metrics_port: int | None  # a cluster: worker i serves its /metrics on metrics_port + 1 + i
+
+
+class Backend(Protocol):
+    shared: bool  # other machines' nodes share the queue (a cluster)
+    kind: str  # sqlite or redis, as /api/zimage/cluster says
+
+    @property
+    def queue(self) -> JobQueue: ...
+
+    def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
+        """Where this node's audit log is: its folder, and the database of its head and outbox."""
+        ...
+
+    def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker: ...
+
+    def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
+        """Every worker serving the queue, as /system_stats lists them."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def open_backend(url: str | None, data_dir: Path, max_pending: int, plan: WorkerPlan, node_name: str) -> Backend:
+    """The queue `url` names (`--queue`; none: this machine's SQLite file), with all that comes with it."""
+    choice = backends.choose(url)
+    if choice.shared:
+        return ClusterBackend(
+            RedisQueue(choice.url, max_pending=max_pending, prefix=choice.prefix), choice, plan, node_name
+        )
+    if plan.count != 1:
+        raise ConfigError(
+            "a node of its own runs one worker; more (or none) need a shared queue (--queue redis://...)", "--workers"
+        )
+    return LocalBackend(JobStore(data_dir / "queue.sqlite3", max_pending=max_pending), plan)
+
+
+class LocalBackend:
+    shared, kind = False, "sqlite"
+
+    def __init__(self, queue: JobStore, plan: WorkerPlan) -> None:
+        self.queue, self.plan = queue, plan
+
+    def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
+        return log_place(data_dir, None)  # the head and outbox in the queue file: a job's end and its record are one
+
+    def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
+        if not self.plan.in_process:
+            return build_worker(config, self.queue, listener)
+        process = WorkerProcess(config.with_changes(queue=str(self.queue.path)), listener, self.queue)
+        hub.on_audience = process.audience_changed
+        return process
+
+    def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
+        # From the queue, not asked of the worker process (which answers only between its steps, and
+        # not at all while it loads a model: /system_stats must not wait for that).
+        running = [{"prompt_id": job.id, "node": None} for job in self.queue.running()]
+        shown = {
+            "id": getattr(worker, "id", "local"),
+            "heartbeat_age_s": 0.0,
+            "host": socket.gethostname(),
+            "state": worker.state(),
+            "device": worker.device_stats(),
+            "running": running,
+        }
+        return [shown]
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class ClusterBackend:
+    shared, kind = True, "redis"
+
+    def __init__(self, queue: RedisQueue, choice: backends.QueueChoice, plan: WorkerPlan, node_name: str) -> None:
+        self.queue, self.choice, self.plan, self.node_name = queue, choice, plan, node_name
+        self.relay: AuditRelay | None = None
+
+    def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
+        # Every API node keeps its own log (one chain per writer), fed the job ends by the relay.
+        folder, head = log_place(data_dir, self.node_name)
+        audit_file(head)
+        self.relay = AuditRelay(self.queue, head, self.node_name)
+        return folder, head
+
+    def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
+        several_gpus = config.device == "cuda" and self.plan.count > 1
+        port = self.plan.metrics_port
+
+        def worker_config(index: int) -> WorkerConfig:
+            return config.with_changes(
+                queue=self.choice.url,
+                prefix=self.choice.prefix,
+                device=f"cuda:{index}" if several_gpus else config.device,
+                metrics_port=None if port is None else port + 1 + index,
+            )
+
+        audience: Callable[[], int] = lambda: len(hub.sockets)  # noqa: E731 - read at each call
+        return ClusterWorkers(self.queue, listener, [worker_config(i) for i in range(self.plan.count)], audience)
+
+    def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
+        assert isinstance(worker, ClusterWorkers)
+        return [record.shown() for record in worker.workers()]
+
+    def start(self) -> None:
+        for warning in self.queue.durability_warnings():
+            log.warning("%s", warning)
+        if self.relay is not None:
+            self.relay.start()
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
