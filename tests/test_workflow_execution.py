@@ -44,7 +44,8 @@ def test_the_nano_workflow_draws_what_it_is_asked(executor: Executor) -> None:
     assert json.loads(chunks["prompt"])["6"]["inputs"]["text"] == "一个红色的圆形在蓝色背景上"
 
     kinds = [e for e, _ in events]
-    assert kinds[:2] == ["execution_start", "execution_cached"] and kinds[-1] == "execution_success"
+    assert kinds[:2] == ["execution_start", "execution_cached"] and kinds[-1] == "executed"
+    assert result.closing is not None and result.closing[0] == "execution_success"  # returned, not emitted
     assert kinds.count("progress") == 8
     progress = [d for e, d in events if e == "progress"]
     assert progress[0] == {"value": 1, "max": 8, "prompt_id": "first", "node": "3"}
@@ -78,7 +79,8 @@ def test_an_unchanged_prompt_executes_nothing_and_reports_the_cached_output(exec
     again = run(executor, nano_prompt(), "again", events)
     assert again.executed == [] and sorted(again.cached) == sorted(nano_prompt())
     assert again.outputs == first.outputs
-    assert [e for e, _ in events] == ["execution_start", "execution_cached", "executed", "execution_success"]
+    assert [e for e, _ in events] == ["execution_start", "execution_cached", "executed"]
+    assert again.closing is not None and again.closing[0] == "execution_success"
     assert len(list(executor.folders.output.glob("*.png"))) == 1
 
 
@@ -119,8 +121,10 @@ def test_interrupt_stops_between_sampler_steps(executor: Executor) -> None:
     result = executor.run("stopped", checked.prompt, checked.outputs, {}, emit)
     assert result.status == "interrupted" and not result.ok
     assert [d["value"] for e, d in events if e == "progress"] == [1, 2]
-    [data] = [d for e, d in events if e == "execution_interrupted"]
-    assert data["node_id"] == "3" and data["node_type"] == "KSampler" and data["prompt_id"] == "stopped"
+    assert "execution_interrupted" not in [e for e, _ in events] and result.closing is not None
+    kind, data = result.closing
+    assert kind == "execution_interrupted" and (data["node_id"], data["node_type"]) == ("3", "KSampler")
+    assert data["prompt_id"] == "stopped"
     assert "3" not in data["executed"] and "28" in data["executed"]
     assert result.messages[-1][0] == "execution_interrupted"
     assert not list(executor.folders.output.glob("*.png"))
@@ -139,9 +143,10 @@ def test_a_run_stopped_by_its_time_limit_ends_as_that_error(executor: Executor) 
     checked = validate(nano_prompt(), executor.folders)
     result = executor.run("limited", checked.prompt, checked.outputs, {}, emit)
     assert result.status == "error" and [e for e, _ in result.messages][-1] == "execution_error"
-    [data] = [d for e, d in events if e == "execution_error"]
+    assert result.closing is not None and result.closing[0] == "execution_error"
+    data = result.closing[1]
     assert data["exception_type"] == "Timeout" and "1 s limit" in data["exception_message"]
-    assert data["node_id"] == "3" and not [e for e, _ in events if e == "execution_interrupted"]
+    assert data["node_id"] == "3" and not [e for e, _ in result.messages if e == "execution_interrupted"]
 
 
 def test_a_failing_node_is_reported_with_its_id_and_class(tmp_path: Path) -> None:
@@ -159,8 +164,8 @@ def test_a_failing_node_is_reported_with_its_id_and_class(tmp_path: Path) -> Non
     assert "bundle.safetensors" in result.error["exception_message"]
     assert result.error["exception_type"] == "zimage_serve.errors.ModelLoadError"
     assert result.error["traceback"] == [] and result.error["current_inputs"] == {"ckpt_name": ["bundle.safetensors"]}
-    assert [e for e, _ in events][-1] == "execution_error"
-    assert result.messages[-1] == ("execution_error", result.error)
+    assert "execution_error" not in [e for e, _ in events]  # returned as the closing event, not emitted
+    assert result.messages[-1] == ("execution_error", result.error) == result.closing
 
 
 def image_to_image(executor: Executor, scene: scenes.Scene, denoise: float, text: str) -> Image.Image:

@@ -29,7 +29,7 @@ from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
 from zimage_serve.worker.build import WorkerConfig
-from zimage_serve.worker.loop import CLOSING
+from zimage_serve.workflow.events import CLOSING
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.output_journal import journal_folder

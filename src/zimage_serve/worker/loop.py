@@ -5,9 +5,9 @@ encoding, decoding and saving overlap the first one's sampling (the field report
 
 Every event goes to `Listener.job_event` with the prompt and client it belongs to, in ComfyUI's
 order; after a job the history is written first, then the run's closing event (`execution_success`,
-`execution_error` or `execution_interrupted`: held back until then), then `status`, then `executing`
-with node null, so a client that reacts to any of ComfyUI's completion events finds the history entry
-(ComfyUI itself sends `execution_success` before it writes the history).
+`execution_error` or `execution_interrupted`, which the executor returns rather than emits), then
+`status`, then `executing` with node null, so a client that reacts to any of ComfyUI's completion events
+finds the history entry (ComfyUI itself sends `execution_success` before it writes the history).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ GPU_JOB_TIMEOUT_S = 30.0
 # On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
 OTHER_JOB_TIMEOUT_S = 1800.0
 PRELOAD_ID = "zimage-preload"  # the warm-up run's id (never a UUID, so never a client's)
-CLOSING = frozenset({"execution_success", "execution_error", "execution_interrupted"})
 
 
 def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:
@@ -311,8 +310,7 @@ class Worker:
         def emit(event: str, data: dict[str, Any]) -> None:
             if event == "executing":
                 running.node = data.get("node")
-            if event not in CLOSING:  # sent once the history holds the run (below), from result.messages
-                self._tell(job, event, data)
+            self._tell(job, event, data)
 
         if job.attempts > 1:  # run before and never finished: what that run wrote goes first
             self.executor.discard_outputs(job.id)
@@ -325,7 +323,7 @@ class Worker:
             )
         finally:
             self._deadlines.remove(job.id)
-        closing = next(((e, d) for e, d in reversed(result.messages) if e in CLOSING), None)
+        closing = result.closing  # said once the history holds the run
         if result.status == "interrupted" and self._cut_off.is_set():
             self.store.requeue(job.id)
             self.executor.discard_outputs(job.id)

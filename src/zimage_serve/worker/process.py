@@ -35,7 +35,7 @@ from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.store import JobStore
 from zimage_serve.worker.build import WorkerConfig, build_executor, build_worker
-from zimage_serve.worker.loop import CLOSING, Executing, Listener
+from zimage_serve.worker.loop import Executing, Listener
 from zimage_serve.worker.messages import (
     DeviceStats,
     Free,
@@ -52,6 +52,7 @@ from zimage_serve.worker.messages import (
     ToWorker,
     Wake,
 )
+from zimage_serve.workflow.events import CLOSING
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1

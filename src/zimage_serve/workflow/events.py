@@ -6,6 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+# How a run ends: the last of its events. The executor returns it (`RunResult.closing`) rather than emit
+# it, so that whoever records the run says it only once the run is recorded.
+CLOSING = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)

@@ -23,7 +23,7 @@ from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.limits import Limits
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
 from zimage_serve.workflow.context import Interrupted, NodeContext
-from zimage_serve.workflow.events import execution_error, now_ms
+from zimage_serve.workflow.events import CLOSING, execution_error, now_ms
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.naming import RunOutputs
 from zimage_serve.workflow.output_journal import OutputJournal
@@ -48,6 +48,12 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.status == "success"
+
+    @property
+    def closing(self) -> tuple[str, dict[str, Any]] | None:
+        """The run's closing event (`execution_success`, `_error` or `_interrupted`), which it does not emit."""
+        last = self.messages[-1] if self.messages else None
+        return last if last is not None and last[0] in CLOSING else None
 
 
 class RunTimedOut(ZImageError):
@@ -224,7 +230,7 @@ class _Run:
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:
             self.result.messages.append((event, data))
-        if self._emit is not None:
+        if self._emit is not None and event not in CLOSING:  # the closing one is returned (RunResult.closing)
             try:
                 self._emit(event, data)
             except Exception:  # a listener's failure (a closed socket, say) must not fail the run
