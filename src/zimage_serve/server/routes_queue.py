@@ -19,6 +19,7 @@ from zimage_serve.server.gate import audit_note, caller, caller_token, on_unreco
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import (
     COUNT,
+    MAX_CLIENT_ID,
     FreeRequest,
     InterruptRequest,
     PromptRequest,
@@ -31,7 +32,6 @@ from zimage_serve.workflow.folders import USERS
 from zimage_serve.workflow.validate import error_body
 
 router = APIRouter()
-MAX_CLIENT_ID = 256
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed and validated in a thread, not on the event loop
 LONG_TEXT = 256  # characters of one input beyond which its tokens may be counted (see tokens.PromptTokens)
 OFF_LOOP_QUEUE = 500  # a queue listing longer than this is put together in a thread

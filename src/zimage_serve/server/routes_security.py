@@ -13,7 +13,7 @@ from zimage_serve.identity import Identity
 from zimage_serve.security.tokens import LIMITS, Token, TokenError
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import comfy_error, json_body, runtime
-from zimage_serve.server.schemas import TokenRequest, json_request
+from zimage_serve.server.schemas import BodyError, TokenRequest, json_request, validated
 
 router = APIRouter()
 
@@ -46,22 +46,16 @@ async def create_token(request: Request) -> Response:
         body = await json_body(request)
     except ValueError as exc:
         return comfy_error("invalid_request", "Invalid request body", str(exc))
-    if not isinstance(body, dict):
-        return comfy_error("invalid_request", "Invalid request body", "the body must be a JSON object")
-    unknown = sorted(set(body) - {"name", "role", "inherit", *LIMITS})
-    if unknown:
-        return comfy_error("invalid_request", "Unknown field", f"{unknown[0]}: not a token field")
-    name, role, inherit = body.get("name"), body.get("role", "user"), body.get("inherit", False)
-    if not isinstance(name, str) or not isinstance(role, str):
-        return comfy_error("invalid_request", "Invalid token", "name and role must be text")
-    if not isinstance(inherit, bool):
-        return comfy_error("invalid_request", "Invalid token", "inherit: must be true or false")
-    limits: dict[str, Any] = {key: body.get(key) for key in LIMITS}
-    for key, value in limits.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            return comfy_error("invalid_request", "Invalid token", f"{key}: must be a whole number")
     try:
-        token, record = await asyncio.to_thread(runtime(request).security.tokens.create, name, role, inherit, **limits)
+        asked = validated(TokenRequest, body)
+    except BodyError as exc:
+        return comfy_error("invalid_request", "Invalid token", str(exc))
+    name, role = asked.name, asked.role
+    limits: dict[str, Any] = {key: getattr(asked, key) for key in LIMITS}
+    try:
+        token, record = await asyncio.to_thread(
+            runtime(request).security.tokens.create, name, role, asked.inherit, **limits
+        )
     except TokenError as exc:
         status = 409 if exc.conflict else 400
         return comfy_error("invalid_token_request", "Cannot create the token", str(exc).removeprefix("NAME: "), status)

@@ -1,18 +1,36 @@
 """The request bodies and query parameters of every route, for the OpenAPI schema at /openapi.json.
 
 The routes read their bodies themselves (strict JSON, ComfyUI's error shapes, no 422s of FastAPI's
-own), so these models describe and do not validate: each route names its body here and `document`
-puts the models into the schema's components. Clients, code generators and the fuzzing suite
-(schemathesis) read the same description.
+own): each route names its body here and `document` puts the models into the schema's components.
+Clients, code generators and the fuzzing suite (schemathesis) read the same description, and a route
+whose body has no rule of its own beyond them checks it with the same model (`validated`), so the
+contract has one home.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_CLIENT_ID = 256  # characters of a client_id (a WebSocket session's name)
+Body = TypeVar("Body", bound=BaseModel)
+
+
+class BodyError(ValueError):
+    """A body its model refuses; the message names the first field at fault and why."""
+
+
+def validated(model: type[Body], body: object) -> Body:
+    """`body` (parsed JSON) checked by `model`, strictly: no text taken for a number, no unknown field."""
+    try:
+        return model.model_validate(body, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise BodyError(f"{where}: {first['msg']}") from None
 
 
 class GraphNode(BaseModel):
@@ -25,7 +43,7 @@ class PromptRequest(BaseModel):
     """POST /prompt: ComfyUI's body."""
 
     prompt: dict[str, GraphNode] = Field(description="An API-format graph, node id → node")
-    client_id: str | None = Field(None, max_length=256, description="The WebSocket session to send events to")
+    client_id: str | None = Field(None, max_length=MAX_CLIENT_ID, description="The WebSocket session to send events to")
     extra_data: dict[str, Any] | None = Field(None, description="Kept with the job (extra_pnginfo ...)")
     number: float | None = Field(None, description="Priority: the lowest runs first")
     front: bool | None = Field(None, description="Run before everything waiting")
@@ -64,6 +82,8 @@ class ImagesRequest(BaseModel):
 
 
 class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(description="The user's name (letters, digits, '_', '.', '-')")
     role: Literal["user", "admin"] = "user"
     rpm: int | None = Field(None, ge=1, description="State-changing requests a minute")
