@@ -1,0 +1,114 @@
+"""One client, one request at a time: the latency a simple script sees, not the capacity of many.
+
+    .venv/bin/python benchmarks/sequential_client.py [--jobs 300] [--auth on|off] [--comfyui URL]
+
+The client posts `--jobs` model-free jobs (server_throughput.py's LoadImage → SaveImage, a new prefix
+each) one after another over one keep-alive connection, then polls GET /queue every 20 ms until it is
+empty, as scripts written against ComfyUI do. It prints the POST /prompt round trip (median, p90, p99)
+and the finished jobs per second, from the first post until the queue is empty. With `--comfyui URL` the
+same client runs against a ComfyUI there too (its input folder must hold `bench.png`), alternating with
+ours, so both figures come from the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.server_throughput import graph
+from tests.server import running_server
+
+from zimage_serve.security.tokens import TokenStore
+
+
+def run_client(host: str, port: int, jobs: int, headers: dict[str, str], tag: str) -> dict[str, float]:
+    """Post the jobs one by one, then wait for an empty queue; the round trips and the jobs per second."""
+    trips: list[float] = []
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    started = time.perf_counter()
+    with socket.create_connection((host, port), timeout=60) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = connection.makefile("rb")
+        for i in range(jobs):
+            body = json.dumps({"prompt": graph(f"seq-{tag}/{i}")}).encode()
+            head = f"POST /prompt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+            sent = time.perf_counter()
+            connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            status = stream.readline()
+            length = 0
+            while (line := stream.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            payload = stream.read(length)
+            trips.append(time.perf_counter() - sent)
+            if not status.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"job {i} refused: {(status + payload).decode(errors='replace')[:200]}")
+    poll = http.client.HTTPConnection(host, port, timeout=60)
+    while True:
+        poll.request("GET", "/queue", headers=headers)
+        queue = json.loads(poll.getresponse().read())
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            break
+        time.sleep(0.02)
+    poll.close()
+    elapsed = time.perf_counter() - started
+    trips.sort()
+    return {
+        "POST round trip median ms": statistics.median(trips) * 1000,
+        "POST round trip p90 ms": trips[int(len(trips) * 0.9)] * 1000,
+        "POST round trip p99 ms": trips[int(len(trips) * 0.99)] * 1000,
+        "jobs/s until the queue is empty": jobs / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--auth", choices=("on", "off"), default="on")
+    parser.add_argument("--comfyui", help="a ComfyUI to measure beside ours, e.g. http://127.0.0.1:8189")
+    args = parser.parse_args()
+
+    data = Path(tempfile.mkdtemp()) / "data"
+    headers: dict[str, str] = {}
+    server_args: tuple[str, ...] = ()
+    inputs = data / "input"
+    if args.auth == "on":
+        store = TokenStore(data / "auth.sqlite3")
+        headers["Authorization"] = "Bearer " + store.create("bench", "user")[0]
+        store.close()
+        inputs, server_args = data / "input" / "users" / "bench", ("--auth", "on")
+    inputs.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")
+    results: dict[str, list[dict[str, float]]] = {"zimage-serve": [], "ComfyUI": []}
+    with running_server(data, "--max-queue", str(args.jobs * (args.rounds + 1) + 10), *server_args) as server:
+        run_client("127.0.0.1", server.port, 5, headers, "warm-up")
+        for round_ in range(args.rounds):
+            results["zimage-serve"].append(run_client("127.0.0.1", server.port, args.jobs, headers, f"z{round_}"))
+            if args.comfyui:
+                url = urlsplit(args.comfyui)
+                host, port = url.hostname or "127.0.0.1", url.port or 80
+                results["ComfyUI"].append(run_client(host, port, args.jobs, {}, f"c{round_}"))
+    print(f"{args.jobs} model-free jobs, one at a time, authentication {args.auth}, {args.rounds} rounds")
+    for name, rounds in results.items():
+        if not rounds:
+            continue
+        print(f"  {name}")
+        for key in rounds[0]:
+            print(f"    {key:<36} {statistics.median(r[key] for r in rounds):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
