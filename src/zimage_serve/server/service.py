@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
-from zimage_serve.worker.loop import Executing
+from zimage_serve.worker.messages import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.image_count import estimated_images
 from zimage_serve.workflow.spec import node_info, object_info, prompt_inputs

@@ -20,8 +20,8 @@ from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.worker.build import WorkerConfig
 from zimage_serve.worker.bus import ClusterBus, WorkerRecord
 from zimage_serve.worker.cluster import child_main
-from zimage_serve.worker.loop import Executing, Listener
-from zimage_serve.worker.messages import Cluster, Free, Interrupt, JobEvent, QueueChanged
+from zimage_serve.worker.loop import Listener
+from zimage_serve.worker.messages import Cluster, Executing, Free, Interrupt, JobEvent, QueueChanged
 from zimage_serve.worker.process import restart_delay, wait_for_child
 
 log = logging.getLogger(__name__)

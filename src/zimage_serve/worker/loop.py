@@ -25,6 +25,7 @@ from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import LEASE_S, Job, QueueUnavailable, worker_id
 from zimage_serve.worker.deadlines import Deadlines
 from zimage_serve.worker.image_tally import ImageTally
+from zimage_serve.worker.messages import Executing
 from zimage_serve.workflow.events import execution_error
 
 if TYPE_CHECKING:
@@ -72,16 +73,6 @@ class Running:
     job: Job
     node: str | None = None
     started: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True)
-class Executing:
-    """A running prompt as the API sees it: who queued it and which node it is on."""
-
-    prompt_id: str
-    client_id: str | None
-    node: str | None
-    owner: str = ""
 
 
 class Worker:

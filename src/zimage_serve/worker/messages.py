@@ -55,11 +55,22 @@ class JobEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class Executing:
+    """A running prompt as the API sees it: who queued it and which node it is on. The one record of
+    what runs now, whether the worker is in this process, a child process or (by the register) a cluster."""
+
+    prompt_id: str
+    client_id: str | None
+    node: str | None
+    owner: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RunningNow:
-    """The answer to `Report`: (prompt id, client id, node, owner) of each running job."""
+    """The answer to `Report`: each running job."""
 
     token: int
-    running: list[tuple[str, str | None, str | None, str]]
+    running: list[Executing]
 
 
 # -- server → worker ---------------------------------------------------------------------------------

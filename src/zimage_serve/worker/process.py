@@ -35,9 +35,10 @@ from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.store import JobStore
 from zimage_serve.worker.build import WorkerConfig, build_executor, build_worker
-from zimage_serve.worker.loop import Executing, Listener
+from zimage_serve.worker.loop import Listener
 from zimage_serve.worker.messages import (
     DeviceStats,
+    Executing,
     Free,
     Idle,
     Interrupt,
@@ -271,7 +272,7 @@ class WorkerProcess:
                 with self._lock:
                     report = self._reports.get(token)
                 if report is not None:
-                    report.running = [Executing(*item) for item in running]
+                    report.running = list(running)
                     report.done.set()
             case QueueChanged():
                 self.listener.queue_changed()
@@ -389,8 +390,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
             case Free():
                 executor.free()
             case Report(token):
-                running = [(e.prompt_id, e.client_id, e.node, e.owner) for e in worker.executing()]
-                listener.send(RunningNow(token, running))
+                listener.send(RunningNow(token, worker.executing()))
             case Stop(timeout):
                 clean = worker.stop(timeout)
                 store.close()
