@@ -52,7 +52,7 @@ def worker_inside(jobs: int) -> None:
     """Run under callgrind: the worker loop over `jobs` jobs, counted."""
     from zimage_serve.engine.parts import Placing
     from zimage_serve.queue.jobs import Job
-    from zimage_serve.queue.store import JobStore
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.worker.loop import OTHER_JOB_TIMEOUT_S, Worker
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
@@ -71,7 +71,7 @@ def worker_inside(jobs: int) -> None:
         (data / sub).mkdir()
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     folders = Folders([data / "models"], data / "input", data / "output", data / "temp", builtin_models())
-    store = JobStore(data / "queue.db", max_pending=WARM_UP + jobs + 1)
+    store = SQLiteQueue(data / "queue.db", max_pending=WARM_UP + jobs + 1)
     store.enqueue_many(
         [Job(str(uuid.uuid4()), i, graph(f"bench/{i}"), {"client_id": "c"}, ["2"]) for i in range(WARM_UP + jobs + 1)]
     )

@@ -198,11 +198,11 @@ def test_nothing_is_lost_on_sigkill(tmp_path: Path) -> None:
 def test_the_log_rotates_by_size_and_the_chain_runs_across_files(tmp_path: Path) -> None:
     import asyncio
 
-    from zimage_serve.queue.store import JobStore
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.security.audit import AuditLog, Retention
 
     queue_file = tmp_path / "queue.sqlite3"
-    JobStore(queue_file).close()  # the store owns the queue file's tables, the audit head among them
+    SQLiteQueue(queue_file).close()  # the store owns the queue file's tables, the audit head among them
     log = AuditLog(tmp_path / "audit", queue_file, Retention(segment_bytes=2000))
     log.start()
 

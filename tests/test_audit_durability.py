@@ -19,7 +19,7 @@ from tests.support.app import serving
 from tests.support.cli import run
 from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.security.audit import AuditLog, Retention, chained
 from zimage_serve.security.audit_files import QUARANTINE, audit_files
 from zimage_serve.security.audit_verify import records, verify
@@ -38,7 +38,7 @@ def disk_full(log: AuditLog) -> Any:
 
 def new_log(folder: Path, **retention: Any) -> tuple[AuditLog, Path]:
     queue_file = folder / "queue.sqlite3"
-    JobStore(queue_file).close()  # the store owns the queue file's tables, the audit log's among them
+    SQLiteQueue(queue_file).close()  # the store owns the queue file's tables, the audit log's among them
     return AuditLog(folder / "audit", queue_file, Retention(**retention)), queue_file
 
 
@@ -223,7 +223,7 @@ def test_retention_by_size_keeps_the_log_bounded_and_verifiable(tmp_path: Path) 
 def test_retention_by_age_removes_segments_older_than_the_days_kept(tmp_path: Path) -> None:
     now = [1_800_000_000.0]
     queue_file = tmp_path / "queue.sqlite3"
-    JobStore(queue_file).close()
+    SQLiteQueue(queue_file).close()
     log = AuditLog(tmp_path / "audit", queue_file, Retention(days=1), clock=lambda: now[0])
     log.start()
     write_all(log, 5)

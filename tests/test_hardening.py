@@ -46,7 +46,7 @@ from tests.support.watch import no_server_errors
 from tests.workflows import nano_prompt
 from zimage_serve import strict_json
 from zimage_serve.queue.jobs import Job
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.server import routes_queue
 
 
@@ -147,7 +147,7 @@ def test_an_infinite_number_stored_by_an_older_version_cannot_stop_the_server(
     """Rows the old code let in (a number of Infinity, NaN in extra_data, JSON nested 950 deep) are
     quarantined when the file is first opened; the server starts, lists strict JSON and runs jobs."""
     data = tmp_path / "data"
-    store = JobStore(data / "queue.sqlite3")
+    store = SQLiteQueue(data / "queue.sqlite3")
     store.close()
     db = sqlite3.connect(data / "queue.sqlite3")
     db.execute("PRAGMA user_version=1")  # as the older version left it
@@ -171,7 +171,7 @@ def test_an_infinite_number_stored_by_an_older_version_cannot_stop_the_server(
         listings_are_strict(server)
         assert set(history(server)) == {"fine"}
         assert "quarantined" in caplog.text
-    quarantined = {row["id"] for row in JobStore(data / "queue.sqlite3").quarantined()}
+    quarantined = {row["id"] for row in SQLiteQueue(data / "queue.sqlite3").quarantined()}
     assert quarantined == {"inf", "nan-extra", "deep"}
 
 
@@ -437,7 +437,7 @@ def test_sigterm_queues_a_job_cut_off_by_the_grace_again(tmp_path: Path) -> None
     log = server.log.read_text()
     assert f"prompt {long_job} did not finish within the 1.0 s grace" in log, log[-2000:]
     assert f"prompt {long_job} was stopped by the shutdown and is queued again" in log
-    [job] = JobStore(data / "queue.sqlite3").pending()
+    [job] = SQLiteQueue(data / "queue.sqlite3").pending()
     assert job.id == long_job and job.attempts == 0
     with serving(data) as again:  # the next start, in this process: it runs the job queued again
         assert done(again, long_job, timeout=300)["status"]["completed"]
@@ -450,7 +450,7 @@ def test_queue_pages_are_read_from_the_store_a_page_at_a_time_with_10000_waiting
     """A page of the queue costs its own rows, not the whole queue's: the store is asked for 100 rows (one
     SQL page), not for 10,000 to be cut down. The whole queue still lists as strict JSON."""
     data = tmp_path / "data"
-    store = JobStore(data / "queue.sqlite3")
+    store = SQLiteQueue(data / "queue.sqlite3")
     blocker = small_job("blocker", size=512, steps=200)
     waiting = nano_prompt()
     enqueue(store, "blocker", -1.0, blocker, {}, ["9"])

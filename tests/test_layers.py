@@ -105,9 +105,9 @@ def test_the_checker_sees_an_upward_import_and_a_pair(tmp_path: Path) -> None:
     module.write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from zimage_serve.server import app\n"
-        "def f():\n    from zimage_serve.queue import store\n",
+        "def f():\n    from zimage_serve.queue import sqlite_queue\n",
         encoding="utf-8",
     )
-    assert imports("zimage_serve.engine.m", module) == {"zimage_serve.queue", "zimage_serve.queue.store"}
-    assert layer("zimage_serve.engine.parts") > layer("zimage_serve.queue.store")
+    assert imports("zimage_serve.engine.m", module) == {"zimage_serve.queue", "zimage_serve.queue.sqlite_queue"}
+    assert layer("zimage_serve.engine.parts") > layer("zimage_serve.queue.sqlite_queue")
     assert layer("zimage_serve.errors")[0] == BASE

@@ -19,13 +19,13 @@ from zimage_serve.identity import JobContext
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import DuplicateJob, HistoryLimits, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 
 Connect = Callable[..., JobQueue]
 
 
 def sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Connect:
-    return lambda **options: JobStore(tmp_path / "q.db", **options)
+    return lambda **options: SQLiteQueue(tmp_path / "q.db", **options)
 
 
 def redis_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Connect:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.queues import enqueue
-from zimage_serve.queue import store as store_module
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue import sqlite_queue as store_module
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 
 
-def add(store: JobStore, job_id: str, number: float | None = None) -> None:
+def add(store: SQLiteQueue, job_id: str, number: float | None = None) -> None:
     enqueue(store, job_id, store.next_number() if number is None else number, {"1": {"class_type": "X"}}, {}, ["1"])
 
 
@@ -29,8 +29,8 @@ def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
         import os, signal
         from pathlib import Path
         from tests.support.queues import enqueue
-        from zimage_serve.queue.store import JobStore
-        store = JobStore(Path({str(path)!r}))
+        from zimage_serve.queue.sqlite_queue import SQLiteQueue
+        store = SQLiteQueue(Path({str(path)!r}))
         for i in range(50):
             enqueue(store, f"job{{i}}", store.next_number(), {{"1": {{}}}}, {{}}, ["1"])
         store.claim()
@@ -39,31 +39,31 @@ def test_sigkill_loses_no_accepted_job(tmp_path: Path) -> None:
     )
     process = subprocess.run([sys.executable, "-c", child], env={**os.environ}, check=False)
     assert process.returncode == -signal.SIGKILL
-    store = JobStore(path)
+    store = SQLiteQueue(path)
     assert store.count("pending") == 49 and [j.id for j in store.running()] == ["job0"]
     store.recover()
     assert [j.id for j in store.pending()] == [f"job{i}" for i in range(50)]
 
 
 def test_a_files_counter_is_one_past_the_highest_number_after_a_crash_and_exact_after_a_close(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = SQLiteQueue(tmp_path / "q.db")
     for name in ("a", "b", "c"):
         add(store, name)
     store.next_number()  # counted, not stored
-    assert JobStore(tmp_path / "q.db").next_number() == 3  # the counter was not saved: read from the jobs
+    assert SQLiteQueue(tmp_path / "q.db").next_number() == 3  # the counter was not saved: read from the jobs
     store.close()
-    assert JobStore(tmp_path / "q.db").next_number() == 4
+    assert SQLiteQueue(tmp_path / "q.db").next_number() == 4
 
 
 def test_claiming_reads_one_index_entry_not_every_waiting_job(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = SQLiteQueue(tmp_path / "q.db")
     plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.NEXT_PENDING))
     assert "jobs_live" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_an_older_files_indexes_are_replaced_and_its_jobs_kept_in_order(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    older = JobStore(path)
+    older = SQLiteQueue(path)
     for name in "abc":
         add(older, name)
     assert (running := older.claim()) is not None and running.id == "a"
@@ -77,7 +77,7 @@ def test_an_older_files_indexes_are_replaced_and_its_jobs_kept_in_order(tmp_path
         db.execute(
             "CREATE INDEX jobs_history ON jobs (finished, seq) WHERE state IN ('success', 'error', 'interrupted')"
         )
-    store = JobStore(path)
+    store = SQLiteQueue(path)
     names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert not {"jobs_state", "jobs_history", "jobs_pending", "jobs_running"} & names
     assert {"jobs_live", "jobs_finished"} <= names
@@ -121,7 +121,7 @@ def test_an_older_jobs_table_is_made_again_with_every_job_kept(tmp_path: Path) -
         db.executescript(store_module.SCHEMA.split(");", 1)[1])
         for state in store_module.STATES:
             db.execute("INSERT INTO state_counts SELECT ?, COUNT(*) FROM jobs WHERE state = ?", (state, state))
-    store = JobStore(path)
+    store = SQLiteQueue(path)
     [table] = store._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
     assert "IN (" not in table and "state = 'interrupted'" in table
     assert [j.id for j in store.history()] == ["done"] and store.history()[0].result == {"outputs": {}}
@@ -134,19 +134,19 @@ def test_an_older_jobs_table_is_made_again_with_every_job_kept(tmp_path: Path) -
     with pytest.raises(sqlite3.IntegrityError):  # the check still holds
         store._db.execute("UPDATE jobs SET state = 'lost' WHERE id = 'new'")
     store.close()
-    reopened = JobStore(path)  # made again once only
+    reopened = SQLiteQueue(path)  # made again once only
     assert [j.id for j in reopened.pending()] == ["wait", "new"] and reopened.count("pending") == 2
 
 
 def test_history_is_read_in_order_from_its_index(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = SQLiteQueue(tmp_path / "q.db")
     query = f"SELECT * FROM jobs WHERE {store_module.DONE} ORDER BY finished, seq LIMIT 10"
     plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + query))
     assert "jobs_finished" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_jobs_are_read_by_column_position_so_the_table_keeps_the_declared_order(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "q.db")
+    store = SQLiteQueue(tmp_path / "q.db")
     declared = [row[1] for row in store._db.execute("PRAGMA table_info(jobs)")]
     assert declared == store_module.JOBS_COLUMNS.split(", ")
     add(store, "a")

@@ -18,7 +18,7 @@ from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.identity import Identity, JobContext
 from zimage_serve.limits import Limits
 from zimage_serve.queue.jobs import Job, Quota, QuotaExceeded
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.security import tokens as token_module
 from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
 from zimage_serve.security.rate import RateLimiter
@@ -162,7 +162,7 @@ def test_owners_in_the_queue_file_and_an_older_file_upgraded(tmp_path: Path) -> 
     )
     db.commit()
     db.close()
-    store = JobStore(path)
+    store = SQLiteQueue(path)
     [old] = store.pending()
     assert old.owner == "" and old.context == JobContext()
     store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user"), images=2)])

@@ -12,7 +12,7 @@ from websockets.sync.client import connect
 
 from tests.server import process_state, running_server, worker_processes
 from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker.build import WorkerConfig
 from zimage_serve.worker.process import WorkerProcess
 
@@ -72,7 +72,7 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
         server.process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it stopped.
         assert server.process.wait(300) in (0, -signal.SIGTERM)
-    finished = JobStore(data / "queue.sqlite3").get(job)  # what the next start would serve as its history
+    finished = SQLiteQueue(data / "queue.sqlite3").get(job)  # what the next start would serve as its history
     assert finished is not None and finished.state == "success", finished
     assert (data / "output" / "last_00001_.png").is_file()
 
@@ -86,7 +86,7 @@ class _Ignoring:
 
 
 def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "queue.sqlite3")
+    store = SQLiteQueue(tmp_path / "queue.sqlite3")
     folders = [tmp_path / name for name in ("models", "input", "output", "temp")]
     config = WorkerConfig([folders[0]], *folders[1:], device="cpu", queue=str(tmp_path / "queue.sqlite3"))
     worker = WorkerProcess(config, _Ignoring(), store)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from zimage_serve.queue.jobs import DuplicateJob, QueueFull
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.server.service import PromptRejected, QueueService
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.workflow.folders import Folders
@@ -41,7 +41,7 @@ def batcher(tmp_path: Path) -> SubmissionBatcher:
     folders = Folders.default(tmp_path / "data", [])
     folders.input.mkdir(parents=True)
     Image.new("RGB", (8, 8), "red").save(folders.input / "in.png")
-    store = JobStore(tmp_path / "data" / "queue.sqlite3", max_pending=12)
+    store = SQLiteQueue(tmp_path / "data" / "queue.sqlite3", max_pending=12)
     service = QueueService(store, Validator(NODES, folders), CountingWorker(), folders)  # type: ignore[arg-type]
     return SubmissionBatcher(service)
 

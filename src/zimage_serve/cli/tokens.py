@@ -86,7 +86,7 @@ def create(
 @app.command("list")
 def list_tokens(data_dir: DataDirOption = None) -> None:
     """Names, roles, limits, usage today, created and last used (never a token)."""
-    from zimage_serve.queue.store import JobStore
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.security.tokens import LIMITS
 
     folder = data_dir or default_data_dir()
@@ -98,7 +98,7 @@ def list_tokens(data_dir: DataDirOption = None) -> None:
     usage: dict[str, dict[str, int]] = {}
     queue_file = folder / "queue.sqlite3"
     if queue_file.exists():
-        jobs = JobStore(queue_file)
+        jobs = SQLiteQueue(queue_file)
         try:
             usage = {row["user"]: row for row in jobs.usage()}
         finally:

@@ -1,6 +1,6 @@
 """What the server, the service and the workers ask of a queue, whatever keeps it.
 
-Two implementations keep it: the SQLite file of one machine (`queue/store.JobStore`) and a cluster's
+Two implementations keep it: the SQLite file of one machine (`queue/store.SQLiteQueue`) and a cluster's
 Redis (`queue/redis_queue.RedisQueue`). Both pass the same contract tests (`tests/test_queue_contract.py`),
 so the layers above never learn which one they talk to. The semantics each method promises:
 

@@ -23,7 +23,7 @@ from zimage_serve.queue import backends
 from zimage_serve.queue.audit_relay import AuditRelay, audit_file
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.security.audit import log_place
 from zimage_serve.server.service import DeviceWorker
 from zimage_serve.worker.build import WorkerConfig, build_worker
@@ -79,13 +79,13 @@ def open_backend(url: str | None, data_dir: Path, max_pending: int, plan: Worker
         raise ConfigError(
             "a node of its own runs one worker; more (or none) need a shared queue (--queue redis://...)", "--workers"
         )
-    return LocalBackend(JobStore(data_dir / "queue.sqlite3", max_pending=max_pending), plan)
+    return LocalBackend(SQLiteQueue(data_dir / "queue.sqlite3", max_pending=max_pending), plan)
 
 
 class LocalBackend:
     shared, kind = False, "sqlite"
 
-    def __init__(self, queue: JobStore, plan: WorkerPlan) -> None:
+    def __init__(self, queue: SQLiteQueue, plan: WorkerPlan) -> None:
         self.queue, self.plan = queue, plan
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:

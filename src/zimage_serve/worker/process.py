@@ -33,7 +33,7 @@ from typing import Any
 
 from zimage_serve.metrics import observe_job
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.store import JobStore
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker.build import WorkerConfig, build_executor, build_worker
 from zimage_serve.worker.loop import Listener
 from zimage_serve.worker.messages import (
@@ -354,7 +354,7 @@ def die_with(parent_pid: int) -> None:
 
 def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any) -> None:
     child_setup(parent_pid, config.log_level)
-    store = JobStore(Path(config.queue))
+    store = SQLiteQueue(Path(config.queue))
     listener = _PipeListener(connection, audience)
     executor = build_executor(config)
     last_stats = 0.0

@@ -180,7 +180,7 @@ BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transactio
 STRICT_VERSION = 2
 
 
-class JobStore:
+class SQLiteQueue:
     def __init__(
         self,
         path: Path,
@@ -798,7 +798,7 @@ class JobStore:
 def _unreadable(row: sqlite3.Row, strict: bool) -> str | None:
     """Why a row cannot be used as a job (read strictly: NaN and the like refused), or None."""
     try:
-        JobStore._job(row)
+        SQLiteQueue._job(row)
         if strict:
             for column in ("prompt", "extra_data", "outputs", "result", "context"):
                 if row[column]:
