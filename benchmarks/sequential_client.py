@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import graph
+from benchmarks.server_throughput import graph, read_response
 from tests.server import running_server
 
 from zimage_serve.security.tokens import TokenStore
@@ -45,13 +45,7 @@ def run_client(host: str, port: int, jobs: int, headers: dict[str, str], tag: st
             head = f"POST /prompt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
             sent = time.perf_counter()
             connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            status = stream.readline()
-            length = 0
-            while (line := stream.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-            payload = stream.read(length)
+            status, payload = read_response(stream)
             trips.append(time.perf_counter() - sent)
             if not status.startswith(b"HTTP/1.1 200"):
                 raise SystemExit(f"job {i} refused: {(status + payload).decode(errors='replace')[:200]}")

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -63,15 +63,20 @@ def post_prompts(port: int, bodies: list[bytes], errors: list[str]) -> None:
                 f"{name}: {value}\r\n" for name, value in AUTH.items()
             )
             connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            status = stream.readline()
-            length = 0
-            while (line := stream.readline()) not in (b"\r\n", b""):
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-            payload = stream.read(length)
+            status, payload = read_response(stream)
             if not status.startswith(b"HTTP/1.1 200"):
                 errors.append((status + payload).decode(errors="replace")[:200])
+
+
+def read_response(stream: BinaryIO) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response from a keep-alive connection: its status line and its body (by Content-Length)."""
+    status = stream.readline()
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return status, stream.read(length)
 
 
 def submit_all(port: int, prefixes: list[str], clients: int) -> float:

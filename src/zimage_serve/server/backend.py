@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -145,8 +144,8 @@ class ClusterBackend:
                 metrics_port=None if port is None else port + 1 + index,
             )
 
-        audience: Callable[[], int] = lambda: len(hub.sockets)  # noqa: E731 - read at each call
-        return ClusterWorkers(self.queue, listener, [worker_config(i) for i in range(self.plan.count)], audience)
+        local = [worker_config(i) for i in range(self.plan.count)]
+        return ClusterWorkers(self.queue, listener, local, audience=lambda: len(hub.sockets))
 
     def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
         assert isinstance(worker, ClusterWorkers)
