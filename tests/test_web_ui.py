@@ -13,6 +13,7 @@ import pytest
 
 from tests.browser import browser_page
 from tests.server import Listening
+from tests.support.jobs import history, wait_until
 from tests.support.threaded import threaded_server
 from tests.support.tokens import make_tokens
 
@@ -198,6 +199,42 @@ def test_the_simple_page_generates_with_progress_and_lists_its_images(
         assert not page.is_checked("#random")
         page.click("#language")  # the switch shows the other language
         assert page.inner_text("#generate") == ("Generate" if locale.startswith("zh") else "生成")
+        assert untolerated(watched.bad) == [] and watched.errors == []
+
+
+def test_the_simple_page_shows_events_that_come_before_its_prompt_is_answered(tmp_path: Path) -> None:
+    """A short prompt on a busy machine: every event, its end included, reaches the page before the POST's
+    answer does (held back here until the job is in the history)."""
+    with threaded_server(tmp_path / "data") as server, browser_page() as watched:
+        page = watched.page
+        page.goto(server.url + "/simple", wait_until="networkidle")
+        page.wait_for_function("() => document.querySelector('#model').options.length > 0")
+        page.fill("#prompt", "a red circle on a blue background")
+        page.select_option("#size", "64x64")
+        page.fill("#steps", "3")
+        progress: list[float] = []
+        page.expose_function("noteProgress", lambda value: progress.append(value))
+        page.evaluate(
+            """() => {
+                const bar = document.querySelector('#progress');
+                const own = Object.getOwnPropertyDescriptor(HTMLProgressElement.prototype, 'value');
+                Object.defineProperty(bar, 'value', {
+                    set(v) { own.set.call(this, v); window.noteProgress(v) }, get() { return own.get.call(this) } });
+            }"""
+        )
+
+        def answered_late(route: Any) -> None:
+            response = route.fetch()
+            prompt_id = response.json()["prompt_id"]
+            wait_until(lambda: prompt_id in history(server))
+            route.fulfill(response=response)
+
+        page.route("**/api/prompt", answered_late)
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        page.wait_for_function("() => !document.querySelector('#generate').disabled")
+        assert page.inner_text("#status") == "Done"
+        assert any(0 < value < 3 for value in progress), progress
         assert untolerated(watched.bad) == [] and watched.errors == []
 
 

@@ -16,6 +16,7 @@ from tests.support.images import read_png_text
 from tests.workflows import nano_prompt, run, validate
 from zimage_serve.engine.parts import Placing
 from zimage_serve.nano import checker, scenes
+from zimage_serve.workflow.context import Stop
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -134,19 +135,30 @@ def test_interrupt_stops_between_sampler_steps(executor: Executor) -> None:
 def test_a_run_stopped_by_its_time_limit_ends_as_that_error(executor: Executor) -> None:
     """The executor tells the run's story itself: a time limit is an error naming it, not an interrupt."""
     events: list[Any] = []
+    stop = Stop()  # the caller's: a worker's deadline sets it
 
     def emit(event: str, data: dict[str, Any]) -> None:
         events.append((event, data))
         if event == "progress" and data["value"] == 1:
-            executor.interrupt("limited", timeout="the prompt ran longer than the 1 s limit and was stopped")
+            stop.set(timeout="the prompt ran longer than the 1 s limit and was stopped")
 
     checked = validate(nano_prompt(), executor.folders)
-    result = executor.run("limited", checked.prompt, checked.outputs, {}, emit)
+    result = executor.run("limited", checked.prompt, checked.outputs, {}, emit, stop=stop)
     assert result.status == "error" and [e for e, _ in result.messages][-1] == "execution_error"
     assert result.closing is not None and result.closing[0] == "execution_error"
     data = result.closing[1]
     assert data["exception_type"] == "Timeout" and "1 s limit" in data["exception_message"]
     assert data["node_id"] == "3" and not [e for e, _ in result.messages if e == "execution_interrupted"]
+
+
+def test_a_stop_asked_before_the_run_begins_stops_it_before_its_first_node(executor: Executor) -> None:
+    stop = Stop()
+    stop.set()
+    events: list[str] = []
+    checked = validate(nano_prompt(), executor.folders)
+    result = executor.run("early", checked.prompt, checked.outputs, {}, lambda e, d: events.append(e), stop=stop)
+    assert result.status == "interrupted" and "executing" not in events and result.executed == []
+    assert not list(executor.folders.output.glob("*.png"))
 
 
 def test_a_failing_node_is_reported_with_its_id_and_class(tmp_path: Path) -> None:

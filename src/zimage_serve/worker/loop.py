@@ -26,6 +26,7 @@ from zimage_serve.queue.jobs import LEASE_S, Job, QueueUnavailable, worker_id
 from zimage_serve.worker.deadlines import Deadlines
 from zimage_serve.worker.image_tally import ImageTally
 from zimage_serve.worker.messages import Executing
+from zimage_serve.workflow.context import Stop
 from zimage_serve.workflow.events import execution_error
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ GPU_JOB_TIMEOUT_S = 30.0
 # On a CPU (or MPS) a full-size Z-Image prompt can take many minutes; past half an hour it is stuck.
 OTHER_JOB_TIMEOUT_S = 1800.0
 PRELOAD_ID = "zimage-preload"  # the warm-up run's id (never a UUID, so never a client's)
+# How long a stop asked for a prompt this worker has claimed, but not begun, waits for the prompt to begin.
+ASKED_STOP_S = 60.0
 
 
 def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:
@@ -73,6 +76,7 @@ class Running:
     job: Job
     node: str | None = None
     started: float = field(default_factory=time.monotonic)
+    stop: Stop = field(default_factory=Stop)  # the run's stop request, made before the run (Executor.run)
 
 
 class Worker:
@@ -95,6 +99,9 @@ class Worker:
         self.store, self.executor, self.listener = store, executor, listener
         self.job_timeout, self.concurrency = job_timeout, concurrency
         self._running: dict[str, Running] = {}
+        # Stops asked for prompts this worker claimed and has not begun yet (id -> when asked): the claim and
+        # the run's start are two steps, and a cancel that comes between must still stop the run.
+        self._asked: dict[str, float] = {}
         self._running_lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -255,11 +262,37 @@ class Worker:
         return self.executor.device_stats()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        """Interrupt `prompt_id` if it runs, or every running job. True if one was interrupted."""
+        """Interrupt `prompt_id` if it runs here, or every running job. True if one was interrupted.
+
+        A prompt this worker has claimed but not begun yet is stopped as it begins (then False)."""
+        if prompt_id is None:
+            with self._running_lock:
+                runs = list(self._running.values())
+            for run in runs:
+                run.stop.set()
+            return self.executor.interrupt() or bool(runs)  # the executor's own: the warm-up run too
+        if self._stop_running(prompt_id):
+            return True
+        try:
+            job = self.store.get(prompt_id)
+        except QueueUnavailable:
+            return False
+        if job is None or job.state != "running" or job.worker != self.id:
+            return False
         with self._running_lock:
-            if prompt_id is not None and prompt_id not in self._running:
+            if prompt_id not in self._running:
+                now = time.monotonic()
+                self._asked = {i: t for i, t in self._asked.items() if now - t < ASKED_STOP_S}
+                self._asked[prompt_id] = now
                 return False
-        return self.executor.interrupt(prompt_id)
+        return self._stop_running(prompt_id)  # it began while the queue was read
+
+    def _stop_running(self, prompt_id: str, timeout: str | None = None) -> bool:
+        with self._running_lock:
+            running = self._running.get(prompt_id)
+        if running is not None:
+            running.stop.set(timeout)
+        return running is not None
 
     # -- the loop ------------------------------------------------------------------------------------
     def _loop(self, slot: int = 0) -> None:
@@ -294,6 +327,8 @@ class Worker:
         running = Running(job)
         with self._running_lock:
             self._running[job.id] = running
+            if self._asked.pop(job.id, None) is not None:  # cancelled between its claim and now
+                running.stop.set()
         self.listener.queue_changed()
         if self.job_timeout is not None:
             self._deadlines.add(job.id, self.job_timeout)
@@ -310,7 +345,15 @@ class Worker:
         try:
             identity = Identity.of_job(job.owner, job.context, self.executor.limits)
             result = self.executor.run(
-                job.id, job.prompt, job.outputs, job.extra_data, emit, identity, lambda: self._holds(job.id), tally
+                job.id,
+                job.prompt,
+                job.outputs,
+                job.extra_data,
+                emit,
+                identity,
+                lambda: self._holds(job.id),
+                tally,
+                running.stop,
             )
         finally:
             self._deadlines.remove(job.id)
@@ -402,9 +445,7 @@ class Worker:
 
     def _time_out(self, job_id: str) -> None:
         """A job past its time limit: the executor stops it and reports the limit as the run's error."""
-        self.executor.interrupt(
-            job_id, timeout=f"the prompt ran longer than the {self.job_timeout:g} s limit and was stopped"
-        )
+        self._stop_running(job_id, f"the prompt ran longer than the {self.job_timeout:g} s limit and was stopped")
 
     def _record_failure(self, job: Job, message: str) -> None:
         data = execution_error(job.id, message, "InternalError")

@@ -24,6 +24,25 @@ class Interrupted(Exception):
     """Raised inside a node when the run was interrupted; the executor reports it, never as an error."""
 
 
+class Stop:
+    """A run's stop request: set from any thread, read by the run between nodes and steps (an Event without
+    the waiting, cheaper to make once per prompt). `timeout`: why a time limit stopped the run. A caller
+    may make it before the run starts and pass it to `Executor.run`: a stop asked for in between is kept."""
+
+    __slots__ = ("_value", "timeout")
+
+    def __init__(self) -> None:
+        self._value = False
+        self.timeout: str | None = None
+
+    def set(self, timeout: str | None = None) -> None:
+        self.timeout = self.timeout or timeout
+        self._value = True
+
+    def is_set(self) -> bool:
+        return self._value
+
+
 @dataclass
 class NodeContext:
     folders: Folders

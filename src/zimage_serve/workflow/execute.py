@@ -22,7 +22,7 @@ from zimage_serve.errors import ZImageError
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.limits import Limits
 from zimage_serve.workflow.cache import DEFAULT_CACHE_BYTES, CacheEntry, OutputCache, signature
-from zimage_serve.workflow.context import Interrupted, NodeContext
+from zimage_serve.workflow.context import Interrupted, NodeContext, Stop
 from zimage_serve.workflow.events import CLOSING, execution_error, now_ms
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.naming import RunOutputs
@@ -89,13 +89,12 @@ class Executor:
         self._computed = threading.Condition(self._lock)  # notified when one of them is done
         self._waiting = 0  # runs waiting on _computed: most releases have none to wake
 
-    def interrupt(self, prompt_id: str | None = None, timeout: str | None = None) -> bool:
-        """Stop `prompt_id` (or every running prompt) before its next node or sampling step. With
-        `timeout`, the run was given too long: it ends as an error saying so, not as interrupted."""
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        """Stop `prompt_id` (or every running prompt) before its next node or sampling step."""
         with self._lock:
             runs = [r for i, r in self._active.items() if prompt_id is None or i == prompt_id]
         for run in runs:
-            run.interrupted.set(timeout)
+            run.interrupted.set()
         return bool(runs)
 
     def free(self) -> None:
@@ -140,12 +139,14 @@ class Executor:
         identity: Identity = LOCAL,
         still_held: Callable[[], bool] | None = None,
         count_images: Callable[[int], None] | None = None,
+        stop: Stop | None = None,
     ) -> RunResult:
         """Run a validated prompt for `identity`: its files are that user's, its limits theirs.
         `still_held`: asked before each output takes its final name; False stops the run there (a worker
         that lost its prompt to another writes nothing more). `count_images`: told the images each sampler
-        is about to make; what it raises fails the run at that node (a daily quota reached)."""
-        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held, count_images)
+        is about to make; what it raises fails the run at that node (a daily quota reached). `stop`: the run's
+        stop request, made by the caller (already set: the run stops before its first node)."""
+        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held, count_images, stop)
         with self._lock:
             if prompt_id in self._active:
                 raise ZImageError(f"prompt {prompt_id} is already running")
@@ -181,24 +182,6 @@ class Executor:
                 self._computed.notify_all()
 
 
-class _Flag:
-    """Set from any thread, read by the run between nodes and steps: an Event without the waiting (no one
-    waits on it), which is cheaper to make once per prompt. `timeout`: why a time limit stopped the run."""
-
-    __slots__ = ("_value", "timeout")
-
-    def __init__(self) -> None:
-        self._value = False
-        self.timeout: str | None = None
-
-    def set(self, timeout: str | None = None) -> None:
-        self.timeout = self.timeout or timeout
-        self._value = True
-
-    def is_set(self) -> bool:
-        return self._value
-
-
 class _Run:
     def __init__(
         self,
@@ -211,6 +194,7 @@ class _Run:
         identity: Identity,
         still_held: Callable[[], bool] | None = None,
         count_images: Callable[[int], None] | None = None,
+        stop: Stop | None = None,
     ) -> None:
         self.ex, self.prompt_id, self.prompt, self.outputs = executor, prompt_id, prompt, outputs
         self.identity = identity
@@ -223,7 +207,7 @@ class _Run:
         self.signatures: dict[str, str] = {}
         self._links: dict[str, dict[str, tuple[str, int]]] = {}
         self.current_inputs: dict[str, Any] = {}
-        self.interrupted = _Flag()
+        self.interrupted = stop if stop is not None else Stop()
         self.files = RunOutputs(prompt_id, executor.journal, still_held) if executor.journal is not None else None
         self.count_images = count_images
 
