@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 from tests.server import process_state, running_server, worker_processes
 from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
-from zimage_serve.worker.build import WorkerConfig
+from zimage_serve.worker.build import RunSettings, WorkerConfig
 from zimage_serve.worker.process import WorkerProcess
 
 
@@ -88,7 +88,7 @@ class _Ignoring:
 def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model(tmp_path: Path) -> None:
     store = SQLiteQueue(tmp_path / "queue.sqlite3")
     folders = [tmp_path / name for name in ("models", "input", "output", "temp")]
-    config = WorkerConfig([folders[0]], *folders[1:], device="cpu", queue=str(tmp_path / "queue.sqlite3"))
+    config = WorkerConfig([folders[0]], *folders[1:], RunSettings(device="cpu"), queue=str(tmp_path / "queue.sqlite3"))
     worker = WorkerProcess(config, _Ignoring(), store)
     worker.start()
     process = worker._process

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,25 @@ from zimage_serve.limits import Limits
 from zimage_serve.security.guard import SecuritySettings
 from zimage_serve.server.app import create_app
 from zimage_serve.server.runtime import Runtime, ServerSettings
+from zimage_serve.worker.build import RunSettings
 
 HOST = "127.0.0.1"
 PORT = 8188
+RUN_FIELDS = frozenset(f.name for f in fields(RunSettings))
+
+
+def server_settings(data_dir: Path, auth: str, security: dict[str, Any] | None, **given: Any) -> ServerSettings:
+    """A test server's settings: on the CPU, prompts in this process's threads; `given` are ServerSettings'
+    fields or RunSettings' (preload=False, say), `security` SecuritySettings' beside `auth`."""
+    run = RunSettings(device="cpu", **{k: v for k, v in given.items() if k in RUN_FIELDS})
+    rest = {k: v for k, v in given.items() if k not in RUN_FIELDS}
+    return ServerSettings(
+        data_dir=data_dir,
+        run=run,
+        worker_process=False,
+        security=SecuritySettings(auth=auth, **(security or {})),
+        **rest,
+    )
 
 
 @dataclass
@@ -76,17 +92,9 @@ def serving(
 ) -> Iterator[AppServer]:
     """The application on `data_dir`, started (recovery, worker threads) and stopped with its lifespan.
 
-    `settings` are ServerSettings' fields; `security` SecuritySettings' beside `auth`; `client` is the
+    `settings` are ServerSettings' fields or RunSettings'; `security` SecuritySettings' beside `auth`; `client` is the
     address requests come from."""
-    config = ServerSettings(
-        data_dir=data_dir,
-        port=PORT,
-        device="cpu",
-        worker_process=False,
-        limits=limits or Limits(),
-        security=SecuritySettings(auth=auth, **(security or {})),
-        **settings,
-    )
+    config = server_settings(data_dir, auth, security, port=PORT, limits=limits or Limits(), **settings)
     app = create_app(config)
     with TestClient(app, base_url=f"http://{HOST}:{PORT}", client=(client, 50000)) as test_client:
         yield AppServer(test_client, data_dir)

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.server import Listening
-from zimage_serve.security.guard import SecuritySettings
+from tests.support.app import server_settings
 from zimage_serve.server.app import create_app
 from zimage_serve.server.connections import HEADER_TIMEOUT_S, ConnectionLimits, bounded_server
 from zimage_serve.server.listen import bind
-from zimage_serve.server.runtime import ServerSettings
 
 HOST = "127.0.0.1"
 
@@ -32,25 +31,17 @@ def threaded_server(
     header_timeout_s: float = HEADER_TIMEOUT_S,
     **settings: Any,
 ) -> Iterator[Listening]:
-    """The application on `data_dir` on a free port; `settings` are ServerSettings' fields, `security`
+    """The application on `data_dir` on a free port; `settings` are ServerSettings' fields or RunSettings', `security`
     SecuritySettings' beside `auth`. Stopped, with its lifespan, at the end."""
     sockets = bind(HOST, 0)
     port = int(sockets[0].getsockname()[1])
-    config = ServerSettings(
-        data_dir=data_dir,
-        listen=HOST,
-        port=port,
-        device="cpu",
-        worker_process=False,
-        security=SecuritySettings(auth=auth, **(security or {})),
-        **settings,
-    )
+    config = server_settings(data_dir, auth, security, listen=HOST, port=port, **settings)
     # log_config=None: uvicorn's records (an exception a route let out) reach the root logger, and caplog.
     app = create_app(config)
     network = app.app.state.runtime.security.network
     limits = ConnectionLimits(header_timeout_s=header_timeout_s, exempt=network.trusted)
     server = bounded_server(
-        app, limits=limits, shutdown_grace_s=config.shutdown_grace_s, log_config=None, log_level="warning"
+        app, limits=limits, shutdown_grace_s=config.run.shutdown_grace_s, log_config=None, log_level="warning"
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="zimage-test-server")
     thread.start()

@@ -18,7 +18,9 @@ from zimage_serve.errors import DeviceError
 from zimage_serve.settings import MODEL_ENV, MODELS_ENV, default_models_dir
 
 if TYPE_CHECKING:
+    from zimage_serve.config import ServeConfig
     from zimage_serve.engine.fastpath import FastPath
+    from zimage_serve.worker.build import RunSettings
 
 console = Console(soft_wrap=True)
 console_err = Console(stderr=True, soft_wrap=True)
@@ -95,6 +97,25 @@ def checked_fast_path(attention: str, compile: str, memory_mode: str, device: st
     fast = fast_path(attention, compile, device)
     check_memory_mode(memory_mode, device)
     return fast
+
+
+def run_settings(config: ServeConfig) -> RunSettings:
+    """How the workers run prompts, from `zimage serve`'s or `zimage worker`'s configuration (the same
+    options, the same derivation); a bad device option stops the command here."""
+    from zimage_serve.worker.build import RunSettings
+
+    return RunSettings(
+        device=config.device,
+        dtype=config.dtype,
+        fast=checked_fast_path(config.attention, config.compile, config.memory_mode, config.device),
+        memory_mode=config.memory_mode,
+        preload=config.preload,
+        job_timeout=config.job_timeout,
+        concurrency=config.concurrency,
+        limits=config.limits(),
+        lease_s=config.lease,
+        shutdown_grace_s=config.shutdown_grace,
+    )
 
 
 def check_memory_mode(memory_mode: str, device: str) -> None:

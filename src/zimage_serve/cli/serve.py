@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from zimage_serve.cli.common import checked_fast_path, console_err, models_roots
+from zimage_serve.cli.common import console_err, models_roots, run_settings
 from zimage_serve.cli.flags import (
     AttentionFlag,
     CompileFlag,
@@ -209,8 +209,7 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
     from zimage_serve.server.runtime import ServerSettings
 
     roots = models_roots(models or config.models or None, config.data_dir)
-    device, memory_mode = config.device, config.memory_mode
-    fast = checked_fast_path(config.attention, config.compile, memory_mode, device)
+    run = run_settings(config)
     try:
         security = SecuritySettings(
             auth=config.auth,
@@ -230,21 +229,12 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
             models=roots,
             listen=config.listen,
             port=config.port,
-            device=device,
-            dtype=config.dtype,
-            fast=fast,
-            memory_mode=memory_mode,
+            run=run,
             max_queue=config.max_queue,
-            job_timeout=config.job_timeout,
-            concurrency=config.concurrency,
             worker_process=config.worker_process,
-            preload=config.preload,
-            shutdown_grace_s=config.shutdown_grace,
-            limits=config.limits(),
             security=security,
             queue=config.queue,
             workers=config.workers,
-            lease_s=config.lease,
             metrics_port=config.metrics_port,
             node_name=config.node_name or "",
         )
@@ -266,7 +256,7 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
     server = bounded_server(
         app,
         limits=ConnectionLimits(exempt=security.network.trusted),
-        shutdown_grace_s=settings.shutdown_grace_s,
+        shutdown_grace_s=run.shutdown_grace_s,
         host=config.listen,
         port=config.port,
         log_level="warning",

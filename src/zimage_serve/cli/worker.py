@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from zimage_serve.cli.common import checked_fast_path, console_err, models_roots
+from zimage_serve.cli.common import console_err, models_roots, run_settings
 from zimage_serve.cli.flags import (
     AttentionFlag,
     CompileFlag,
@@ -58,7 +58,7 @@ def worker(
     from zimage_serve.config import ConfigError, ServeConfig
     from zimage_serve.queue import backends
     from zimage_serve.worker.build import WorkerConfig
-    from zimage_serve.worker.cluster import run
+    from zimage_serve.worker.cluster import run as run_worker
     from zimage_serve.workflow.folders import Folders
     from zimage_serve.workflow.output_journal import journal_folder
 
@@ -69,7 +69,7 @@ def worker(
         raise typer.BadParameter(str(exc), param_hint=exc.option or None) from exc
     if not choice.shared:
         raise typer.BadParameter("a worker needs the cluster's queue: redis://HOST:PORT/DB", param_hint="--queue")
-    fast = checked_fast_path(settings.attention, settings.compile, settings.memory_mode, settings.device)
+    run = run_settings(settings)
     data = settings.data_dir or default_data_dir()
     folders = Folders.default(data, models_roots(models or settings.models or None, data))
     for folder in (folders.input, folders.output, folders.temp):
@@ -81,17 +81,8 @@ def worker(
         input=folders.input,
         output=folders.output,
         temp=folders.temp,
+        run=run,
         journal=journal_folder(data),
-        device=settings.device,
-        dtype=settings.dtype,
-        fast=fast,
-        memory_mode=settings.memory_mode,
-        preload=settings.preload,
-        job_timeout=settings.job_timeout,
-        concurrency=settings.concurrency,
-        limits=settings.limits(),
-        shutdown_grace_s=settings.shutdown_grace,
-        lease_s=settings.lease,
         metrics_port=settings.metrics_port,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s [worker] %(name)s: %(message)s")
@@ -99,4 +90,4 @@ def worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     console_err.print(f"zimage worker: queue {choice.shown} (data: {data})", highlight=False)
-    raise typer.Exit(run(worker_config, stopping))
+    raise typer.Exit(run_worker(worker_config, stopping))

@@ -133,14 +133,14 @@ class ClusterBackend:
         return folder, head
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
-        several_gpus = config.device == "cuda" and self.plan.count > 1
+        several_gpus = config.run.device == "cuda" and self.plan.count > 1
         port = self.plan.metrics_port
 
         def worker_config(index: int) -> WorkerConfig:
             return config.with_changes(
                 queue=self.choice.url,
                 prefix=self.choice.prefix,
-                device=f"cuda:{index}" if several_gpus else config.device,
+                run=config.run.with_changes(device=f"cuda:{index}") if several_gpus else config.run,
                 metrics_port=None if port is None else port + 1 + index,
             )
 

@@ -98,7 +98,7 @@ async def generate(request: Request) -> Response:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         return openai_error(400, "prompt must be a non-empty string", "prompt")
-    limits = rt.settings.limits
+    limits = rt.settings.run.limits
     most = min(MAX_IMAGES, limits.batch)
     n = body.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:

@@ -74,7 +74,7 @@ async def add_template(request: Request) -> Response:
     if not isinstance(name, str):
         return plain_error(400, "name: give the template a name")
     rt, who = runtime(request), caller(request)
-    library, user, limits = rt.templates, who.space, who.limits or rt.settings.limits
+    library, user, limits = rt.templates, who.space, who.limits or rt.settings.run.limits
     try:
         # Off the loop: a UI-format workflow is counted, then flattened, and a large one takes a while.
         template = await asyncio.to_thread(

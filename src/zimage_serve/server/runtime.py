@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.identity import LOCAL, USER, Identity
 from zimage_serve.image_safety import use_bomb_limit
-from zimage_serve.limits import Limits, StorageLimits
+from zimage_serve.limits import StorageLimits
 from zimage_serve.metrics import ClusterCollector, node_registry, serve_on
-from zimage_serve.queue.jobs import LEASE_S, STATES, QueueUnavailable
+from zimage_serve.queue.jobs import STATES, QueueUnavailable
 from zimage_serve.security.audit import iso
 from zimage_serve.security.guard import Security, SecuritySettings
 from zimage_serve.security.storage import Storage
@@ -28,7 +27,7 @@ from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
-from zimage_serve.worker.build import WorkerConfig
+from zimage_serve.worker.build import RunSettings, WorkerConfig
 from zimage_serve.workflow.events import CLOSING
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -45,24 +44,15 @@ class ServerSettings:
     models: list[Path] = field(default_factory=list)
     listen: str = "127.0.0.1"
     port: int = 8188
-    device: str = "auto"
-    dtype: str = "auto"
+    run: RunSettings = field(default_factory=RunSettings)  # how this node's workers run prompts
     max_queue: int = 10000
-    job_timeout: float | None = None  # seconds; None: 30 on a GPU, 1800 elsewhere; 0: no limit
-    concurrency: int = 1  # prompts run at once on the device
     worker_process: bool = True  # run prompts in a child process (False: threads in this one)
-    fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
-    memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placing.choose)
-    preload: bool = True  # the worker loads the default model (zimage-nano) at start
     max_body_bytes: int = 8 * 1024 * 1024  # JSON requests
     max_upload_bytes: int = 100 * 1024 * 1024
     retry_after_s: int = 5
-    limits: Limits = field(default_factory=Limits)  # what one prompt may ask for (pixels, batch, steps ...)
-    shutdown_grace_s: float = 30.0
     security: SecuritySettings = field(default_factory=SecuritySettings)
     queue: str | None = None  # None: the SQLite file in the data dir; redis://...: a cluster's (queue/backends.py)
     workers: int = 1  # with a Redis queue: workers this node runs (0: an API node only)
-    lease_s: float = LEASE_S  # how long a worker's claim holds without a heartbeat
     metrics_port: int | None = None  # /metrics also on this loopback port (local workers: the ports after it)
     node_name: str = ""  # with a Redis queue: this API node's name (its audit log's folder); default host-port
 
@@ -88,11 +78,11 @@ class Runtime:
         self.store = self.backend.queue
         audit_folder, audit_head = self.backend.audit_place(data)
         self.security = Security(
-            settings.security, settings.listen, settings.port, data, audit_head, settings.limits, audit_folder
+            settings.security, settings.listen, settings.port, data, audit_head, settings.run.limits, audit_folder
         )
         self.storage = Storage(self.stored_by, settings.security.user_storage)
-        use_bomb_limit(settings.limits.upload_pixels)
-        self.validator = Validator(NODES, self.folders, settings.limits, PromptTokens(self.folders))
+        use_bomb_limit(settings.run.limits.upload_pixels)
+        self.validator = Validator(NODES, self.folders, settings.run.limits, PromptTokens(self.folders))
         self.worker = self.backend.workers(self._worker_config(), self, self.hub)
         self.service = QueueService(
             self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
@@ -120,23 +110,13 @@ class Runtime:
 
     def _worker_config(self) -> WorkerConfig:
         """What every worker of this server is built from, whichever way it runs."""
-        settings = self.settings
         return WorkerConfig(
             models=self.folders.models,
             input=self.folders.input,
             output=self.folders.output,
             temp=self.folders.temp,
+            run=self.settings.run,
             journal=self.journal_folder,
-            device=settings.device,
-            dtype=settings.dtype,
-            fast=settings.fast,
-            memory_mode=settings.memory_mode,
-            preload=settings.preload,
-            job_timeout=settings.job_timeout,
-            concurrency=settings.concurrency,
-            limits=settings.limits,
-            lease_s=settings.lease_s,
-            shutdown_grace_s=settings.shutdown_grace_s,
             log_level=logging.getLogger().getEffectiveLevel(),
         )
 
@@ -196,7 +176,7 @@ class Runtime:
         if not self._started or self._stopped:
             return
         self._stopped = True
-        if not self.worker.stop(timeout=self.settings.shutdown_grace_s):
+        if not self.worker.stop(timeout=self.settings.run.shutdown_grace_s):
             log.error("the running prompt did not stop; it will be run again at the next start")
         self.backend.stop()
         self.security.stop()

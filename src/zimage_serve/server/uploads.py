@@ -180,7 +180,7 @@ def _masked(data: bytes, original_path: str, max_pixels: int) -> bytes:
 
 
 def max_upload_pixels(request: Request) -> int:
-    pixels: int = runtime(request).settings.limits.upload_pixels
+    pixels: int = runtime(request).settings.run.limits.upload_pixels
     return pixels
 
 

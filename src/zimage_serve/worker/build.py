@@ -1,9 +1,10 @@
 """One way to build a worker, whichever way it runs: in the server's own threads, in its worker process,
 or serving a cluster's queue (in a process of its own or beside an API node).
 
-Its settings are one `WorkerConfig`, plain data that crosses into a new process as it is; `build_worker`
-makes the folders, the device placement, the executor and the worker loop from it, for the queue and the
-listener the caller opened.
+Its settings are one `WorkerConfig`, plain data that crosses into a new process as it is: where its files
+are, how it runs prompts (`RunSettings`, the same for `zimage serve` and `zimage worker`), and where a
+worker of its own finds its queue. `build_worker` makes the folders, the device placement, the executor
+and the worker loop from it, for the queue and the listener the caller opened.
 """
 
 from __future__ import annotations
@@ -24,24 +25,35 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class RunSettings:
+    """How a worker runs prompts: its device and the engine's options, what one prompt may ask for, and its
+    timings. `zimage serve` and `zimage worker` derive it the same way from their configuration."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
+    memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placing.choose)
+    preload: bool = True  # load the default model at start, before the first prompt asks for it
+    job_timeout: float | None = None  # as configured: None is the device's default, decided where it runs
+    concurrency: int = 1  # prompts run at once on the device
+    limits: Limits = field(default_factory=Limits)  # what one prompt may ask for (pixels, batch, steps ...)
+    lease_s: float = LEASE_S  # how long a worker's claim holds without a heartbeat
+    shutdown_grace_s: float = 30.0  # how long a stop lets running prompts finish
+
+    def with_changes(self, **changes: Any) -> RunSettings:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
-    """What a worker is built from (`zimage serve`'s settings, or `zimage worker`'s: the same names)."""
+    """What a worker is built from: its folders, how it runs prompts, and where it finds its queue."""
 
     models: list[Path]
     input: Path
     output: Path
     temp: Path
+    run: RunSettings = field(default_factory=RunSettings)
     journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
-    device: str = "auto"
-    dtype: str = "auto"
-    fast: FastPath = field(default_factory=FastPath)
-    memory_mode: str = "auto"
-    preload: bool = True  # load the default model at start, before the first prompt asks for it
-    job_timeout: float | None = None  # as configured: None is the device's default, decided where it runs
-    concurrency: int = 1
-    limits: Limits = field(default_factory=Limits)
-    lease_s: float = LEASE_S
-    shutdown_grace_s: float = 30.0
     log_level: int = logging.WARNING
     # Where a worker in a process of its own finds its jobs: the SQLite file, or the cluster's Redis.
     queue: str = ""
@@ -61,11 +73,12 @@ def build_executor(config: WorkerConfig) -> Executor:
     from zimage_serve.workflow.nodes import NODES
     from zimage_serve.workflow.output_journal import OutputJournal
 
+    run = config.run
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
-    use_bomb_limit(config.limits.upload_pixels)
-    placing = Placing.choose(config.device, config.dtype, config.fast, config.memory_mode)
+    use_bomb_limit(run.limits.upload_pixels)
+    placing = Placing.choose(run.device, run.dtype, run.fast, run.memory_mode)
     journal = OutputJournal(config.journal) if config.journal is not None else None
-    return Executor(NODES, folders, placing, limits=config.limits, journal=journal)
+    return Executor(NODES, folders, placing, limits=run.limits, journal=journal)
 
 
 def build_worker(
@@ -80,9 +93,9 @@ def build_worker(
         store,
         executor,
         listener,
-        job_timeout=job_timeout(config.job_timeout, executor.placing.device),
-        concurrency=executor.placing.concurrency_cap(config.concurrency),
-        preload=config.preload,
-        lease_s=config.lease_s,
+        job_timeout=job_timeout(config.run.job_timeout, executor.placing.device),
+        concurrency=executor.placing.concurrency_cap(config.run.concurrency),
+        preload=config.run.preload,
+        lease_s=config.run.lease_s,
         **hooks,
     )

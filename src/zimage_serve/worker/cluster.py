@@ -116,7 +116,7 @@ def run(config: WorkerConfig, stopping: Stopping) -> int:
     worker.start()
     log.warning("worker %s takes jobs from %s (device %s)", worker.id, redacted(store.url), executor.placing.device)
     stopping.wait()
-    clean = worker.stop(config.shutdown_grace_s)
+    clean = worker.stop(config.run.shutdown_grace_s)
     listening.set()
     listener.join(5)  # before the connections close under it
     _quietly(lambda: bus.leave(worker.id))

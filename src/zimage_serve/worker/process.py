@@ -210,9 +210,10 @@ class WorkerProcess:
         its first report, the configured device with no memory figures (the parent loads no torch)."""
         if self._stats:
             return dict(self._stats)
-        kind, _, index = self.config.device.partition(":")
+        device = self.config.run.device
+        kind, _, index = device.partition(":")
         return {
-            "name": self.config.device,
+            "name": device,
             "type": kind,
             "index": int(index) if index.isdigit() else 0,
             "vram_total": 0,
