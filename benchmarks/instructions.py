@@ -51,7 +51,7 @@ def counting(pid: int, state: str, busy: object = None) -> None:
 def worker_inside(jobs: int) -> None:
     """Run under callgrind: the worker loop over `jobs` jobs, counted."""
     from zimage_serve.engine.parts import Placing
-    from zimage_serve.queue.jobs import Job
+    from zimage_serve.queue.jobs import Job, NewJob
     from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.worker.loop import OTHER_JOB_TIMEOUT_S, Worker
     from zimage_serve.workflow.execute import Executor
@@ -73,7 +73,10 @@ def worker_inside(jobs: int) -> None:
     folders = Folders([data / "models"], data / "input", data / "output", data / "temp", builtin_models())
     store = SQLiteQueue(data / "queue.db", max_pending=WARM_UP + jobs + 1)
     store.enqueue_many(
-        [Job(str(uuid.uuid4()), i, graph(f"bench/{i}"), {"client_id": "c"}, ["2"]) for i in range(WARM_UP + jobs + 1)]
+        [
+            NewJob.of(Job(str(uuid.uuid4()), i, graph(f"bench/{i}"), {"client_id": "c"}, ["2"]))
+            for i in range(WARM_UP + jobs + 1)
+        ]
     )
     # As the server's worker process runs: the output journal on, the CPU's default time limit.
     executor = Executor(NODES, folders, Placing.choose("cpu"), journal=OutputJournal(data / "runs"))

@@ -221,14 +221,14 @@ def test_the_jobs_list_is_built_off_the_event_loop(server: AppServer, monkeypatc
 
 def test_a_page_of_jobs_reads_that_page_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """F15: the store pages; 2,000 history entries are neither read nor summarised for a page of 10."""
-    from zimage_serve.queue.jobs import Job
+    from zimage_serve.queue.jobs import Job, NewJob
     from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.server import routes_jobs
 
     data = tmp_path / "data"
     data.mkdir()
     store = SQLiteQueue(data / "queue.sqlite3")
-    store.enqueue_many([Job(f"old{i:04}", i, {}, {}, []) for i in range(2000)])
+    store.enqueue_many([NewJob.of(Job(f"old{i:04}", i, {}, {}, [])) for i in range(2000)])
     claimed = store.claim()
     while claimed is not None:
         claimed = store.finish(claimed.id, "error" if claimed.number % 4 == 0 else "success", {}, claim_next=True)

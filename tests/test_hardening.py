@@ -45,7 +45,7 @@ from tests.support.threaded import threaded_server
 from tests.support.watch import no_server_errors
 from tests.workflows import nano_prompt
 from zimage_serve import strict_json
-from zimage_serve.queue.jobs import Job
+from zimage_serve.queue.jobs import Job, NewJob
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.server import routes_queue
 
@@ -456,7 +456,7 @@ def test_queue_pages_are_read_from_the_store_a_page_at_a_time_with_10000_waiting
     enqueue(store, "blocker", -1.0, blocker, {}, ["9"])
     for start in range(0, 10_000, 1000):
         store.enqueue_many(
-            [Job(f"w{i}", float(i), waiting, {"client_id": "c"}, ["9"]) for i in range(start, start + 1000)]
+            [NewJob.of(Job(f"w{i}", float(i), waiting, {"client_id": "c"}, ["9"])) for i in range(start, start + 1000)]
         )
     store.close()
     with serving(data, preload=False, shutdown_grace_s=0) as server:

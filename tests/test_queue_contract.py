@@ -17,7 +17,7 @@ from tests.redis_server import RedisServer
 from tests.support.queues import Clock, enqueue
 from zimage_serve.identity import JobContext
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import DuplicateJob, HistoryLimits, Job, QueueFull, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import DuplicateJob, HistoryLimits, Job, NewJob, QueueFull, Quota, QuotaExceeded
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 
@@ -210,7 +210,7 @@ def test_a_burst_is_stored_in_one_transaction_and_each_job_gets_its_own_answer(c
     add(store, "taken", 0)
     prompt = {"1": {"class_type": "X"}}
     ids = (("a", 1), ("taken", 2), ("b", 3), ("a", 4), ("c", 5), ("d", 6))
-    results = store.enqueue_many([Job(i, n, prompt, {}, ["1"]) for i, n in ids])
+    results = store.enqueue_many([NewJob.of(Job(i, n, prompt, {}, ["1"])) for i, n in ids])
     kinds = [type(r).__name__ for r in results]
     assert kinds == ["Job", "DuplicateJob", "Job", "DuplicateJob", "Job", "QueueFull"]
     assert [j.id for j in store.pending()] == ["taken", "a", "b", "c"]
@@ -295,8 +295,8 @@ def test_finishing_hands_the_next_job_to_the_same_worker(connect: Connect) -> No
 def test_owners_narrow_listings_counts_deletes_and_quotas(connect: Connect) -> None:
     store = connect()
     add(store, "local", 1)  # the local operator's (no owner)
-    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user"), images=2)])
-    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context=JobContext("user"), images=1)])
+    store.enqueue_many([NewJob.of(Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user", images=2)))])
+    store.enqueue_many([NewJob.of(Job("b1", 3, {}, {}, [], owner="bob", context=JobContext("user", images=1)))])
     assert [j.id for j in store.pending()] == ["local", "a1", "b1"]
     assert store.queue_items_json("pending", owner="alice")[0].startswith('[2, "a1"')
     assert store.queue_items_json("pending", owner="") == [] and store.count("pending", "") == 0
@@ -304,18 +304,24 @@ def test_owners_narrow_listings_counts_deletes_and_quotas(connect: Connect) -> N
     assert store.delete_pending(None, owner="bob") == 1 and store.count("pending") == 2
     assert store.delete_pending(["a1"], owner="bob") == 0 and store.delete_pending(["local"], owner="") == 0
     quota = Quota(max_queued=1, images_per_day=3)
-    [refused] = store.enqueue_many([Job("a2", 4, {}, {}, [], owner="alice", quota=quota, images=1)])
+    [refused] = store.enqueue_many(
+        [NewJob.of(Job("a2", 4, {}, {}, [], owner="alice", context=JobContext(images=1)), quota)]
+    )
     assert isinstance(refused, QuotaExceeded) and refused.quota == "max_queued" and refused.used == 2
     job = store.claim()
     assert job is not None and job.id == "local"
     store.finish("local", "success", {"outputs": {}})
     job = store.claim()
-    assert job is not None and job.owner == "alice" and job.context == JobContext("user")
+    assert job is not None and job.owner == "alice" and job.context == JobContext("user", images=2)
     assert store.count("running", "alice") == 1 and store.count("running", "bob") == 0
     store.finish("a1", "success", {"outputs": {}})
-    [refused] = store.enqueue_many([Job("a3", 5, {}, {}, [], owner="alice", quota=quota, images=2)])
+    [refused] = store.enqueue_many(
+        [NewJob.of(Job("a3", 5, {}, {}, [], owner="alice", context=JobContext(images=2)), quota)]
+    )
     assert isinstance(refused, QuotaExceeded) and refused.quota == "images_per_day" and refused.retry_after >= 1
-    [stored] = store.enqueue_many([Job("a4", 6, {}, {}, [], owner="alice", quota=quota, images=1)])
+    [stored] = store.enqueue_many(
+        [NewJob.of(Job("a4", 6, {}, {}, [], owner="alice", context=JobContext(images=1)), quota)]
+    )
     assert isinstance(stored, Job) and stored.owner == "alice"
     assert [j.id for j in store.history(owner="alice")] == ["a1"] and store.count_finished("alice") == 1
     assert store.history(owner="bob") == [] and store.count_finished() == 2
@@ -331,7 +337,9 @@ def test_images_are_counted_as_made_within_the_allowance_and_given_back_to_their
     clock = Clock(start=86400 * 20000 + 3600.0)  # 01:00 UTC on some day
     store = connect(clock=clock)
     quota = Quota(images_per_day=5)
-    [stored] = store.enqueue_many([Job("a1", 1, {}, {}, [], owner="alice", quota=quota, images=2)])
+    [stored] = store.enqueue_many(
+        [NewJob.of(Job("a1", 1, {}, {}, [], owner="alice", context=JobContext(images=2)), quota)]
+    )
     assert isinstance(stored, Job)
     assert store.count_images("alice", 3, allowed=5) is None  # 2 charged at submission, 3 more made: 5
     refused = store.count_images("alice", 1, allowed=5)
@@ -351,7 +359,7 @@ def test_images_are_counted_as_made_within_the_allowance_and_given_back_to_their
 
 def test_a_page_of_jobs_in_some_states_is_read_newest_first_with_their_total(connect: Connect) -> None:
     store = connect()
-    store.enqueue_many([Job(f"j{i}", i, {}, {}, [], owner="alice" if i % 2 else "bob") for i in range(8)])
+    store.enqueue_many([NewJob.of(Job(f"j{i}", i, {}, {}, [], owner="alice" if i % 2 else "bob")) for i in range(8)])
     for job_id, state in (("j0", "success"), ("j1", "error"), ("j2", "interrupted"), ("j3", "success")):
         claimed = store.claim()
         assert claimed is not None and claimed.id == job_id
@@ -388,15 +396,15 @@ def test_requeue_puts_a_cut_off_job_back_without_counting_its_attempt(connect: C
 
 def test_owners_share_the_workers_fairly_and_keep_their_own_priorities(connect: Connect) -> None:
     store = connect()
-    store.enqueue_many([Job(f"a{i}", i, {}, {}, [], owner="alice") for i in range(4)])  # alice queues first
-    store.enqueue_many([Job(f"b{i}", 10 + i, {}, {}, [], owner="bob") for i in range(2)])
+    store.enqueue_many([NewJob.of(Job(f"a{i}", i, {}, {}, [], owner="alice")) for i in range(4)])  # alice queues first
+    store.enqueue_many([NewJob.of(Job(f"b{i}", 10 + i, {}, {}, [], owner="bob")) for i in range(2)])
     enqueue(store, "local", 20, {}, {}, [])  # the local operator counts as one more owner
     claimed = [store.claim(f"w:{i}:x") for i in range(3)]
     assert [j.id for j in claimed if j] == ["a0", "b0", "local"]  # one each before anyone gets a second
     store.finish("b0", "success", {})
     following = store.claim("w:3:x")  # alice and the local operator run one each, bob none: bob's turn
     assert following is not None and following.id == "b1"
-    store.enqueue_many([Job("a-front", -5, {}, {}, [], owner="alice")])  # `front` orders alice's own jobs
+    store.enqueue_many([NewJob.of(Job("a-front", -5, {}, {}, [], owner="alice"))])  # `front` orders alice's own jobs
     following = store.finish("local", "success", {}, claim_next=True, worker="w:2:x")
     assert following is not None and following.id == "a-front"
     assert [j.id for j in store.pending()] == ["a1", "a2", "a3"]
@@ -406,12 +414,17 @@ def test_front_and_numbers_never_jump_another_owners_earlier_job(connect: Connec
     """A stream of `front` jobs (or client-chosen low numbers) from one user kept another user's earlier job
     waiting: between owners, the earlier submission goes first when both run as many jobs."""
     store = connect()
-    store.enqueue_many([Job("a-running", 0, {}, {}, [], owner="alice"), Job("b-running", 1, {}, {}, [], owner="bob")])
+    store.enqueue_many(
+        [
+            NewJob.of(Job("a-running", 0, {}, {}, [], owner="alice")),
+            NewJob.of(Job("b-running", 1, {}, {}, [], owner="bob")),
+        ]
+    )
     claimed = [store.claim("w:1:x"), store.claim("w:2:x")]
     assert {job.id for job in claimed if job} == {"a-running", "b-running"}
-    store.enqueue_many([Job("b-waiting", 5, {}, {}, [], owner="bob")])
+    store.enqueue_many([NewJob.of(Job("b-waiting", 5, {}, {}, [], owner="bob"))])
     for turn in range(3):
-        store.enqueue_many([Job(f"a-front{turn}", -1_000_000 - turn, {}, {}, [], owner="alice")])
+        store.enqueue_many([NewJob.of(Job(f"a-front{turn}", -1_000_000 - turn, {}, {}, [], owner="alice"))])
     store.finish("a-running", "success", {})
     store.finish("b-running", "success", {})
     assert (first := store.claim("w:1:x")) is not None and first.id == "b-waiting"
@@ -422,7 +435,7 @@ def test_each_owner_keeps_their_own_history_and_a_flood_trims_the_flooder(connec
     store = connect(history=HistoryLimits(per_owner=5, total=12))
 
     def run(owner: str, count: int, first: int = 0) -> None:
-        jobs = [Job(f"{owner}{i}", float(i), {}, {}, [], owner=owner) for i in range(first, first + count)]
+        jobs = [NewJob.of(Job(f"{owner}{i}", float(i), {}, {}, [], owner=owner)) for i in range(first, first + count)]
         store.enqueue_many(jobs)
         for _ in range(count):
             job = store.claim()

@@ -17,7 +17,7 @@ from tests.support.app import serving
 from tests.support.jobs import small_job, wait_until
 from tests.support.queues import Clock, enqueue
 from zimage_serve.identity import JobContext
-from zimage_serve.queue.jobs import Job, QueueUnavailable
+from zimage_serve.queue.jobs import Job, NewJob, QueueUnavailable
 from zimage_serve.queue.redis_queue import FAIL_FAST_S, RedisQueue
 
 
@@ -115,7 +115,7 @@ def test_a_heartbeat_between_reading_and_moving_keeps_the_job(redis_server: Redi
 
 def test_every_end_is_written_to_the_audit_outbox_with_its_owner(redis_server: RedisServer) -> None:
     store = queue_on(redis_server)
-    store.enqueue_many([Job("a", 1, {}, {}, [], owner="alice", context=JobContext("user"))])
+    store.enqueue_many([NewJob.of(Job("a", 1, {}, {}, [], owner="alice", context=JobContext("user")))])
     enqueue(store, "b", 2, {}, {}, [])
     for _ in range(2):
         job = store.claim()

@@ -17,7 +17,7 @@ from tests.support.serve_command import serve_command
 from zimage_serve.config import ConfigError, ServeConfig
 from zimage_serve.identity import Identity, JobContext
 from zimage_serve.limits import Limits
-from zimage_serve.queue.jobs import Job, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import Job, NewJob, Quota, QuotaExceeded
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.security import tokens as token_module
 from zimage_serve.security.network import NetworkPolicy, NetworkSettingError
@@ -165,23 +165,27 @@ def test_owners_in_the_queue_file_and_an_older_file_upgraded(tmp_path: Path) -> 
     store = SQLiteQueue(path)
     [old] = store.pending()
     assert old.owner == "" and old.context == JobContext()
-    store.enqueue_many([Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user"), images=2)])
-    store.enqueue_many([Job("b1", 3, {}, {}, [], owner="bob", context=JobContext("user"), images=1)])
+    store.enqueue_many([NewJob.of(Job("a1", 2, {}, {}, [], owner="alice", context=JobContext("user", images=2)))])
+    store.enqueue_many([NewJob.of(Job("b1", 3, {}, {}, [], owner="bob", context=JobContext("user", images=1)))])
     assert [j.id for j in store.pending()] == ["old", "a1", "b1"]
     assert store.queue_items_json("pending", owner="alice")[0].startswith('[2, "a1"')
     assert store.count("pending", "alice") == 1 and store.count("pending") == 3
     assert store.delete_pending(None, owner="bob") == 1 and store.count("pending") == 2
     assert store.delete_pending(["a1"], owner="bob") == 0
     quota = Quota(max_queued=1, images_per_day=3)
-    [refused] = store.enqueue_many([Job("a2", 4, {}, {}, [], owner="alice", quota=quota, images=1)])
+    [refused] = store.enqueue_many(
+        [NewJob.of(Job("a2", 4, {}, {}, [], owner="alice", context=JobContext(images=1)), quota)]
+    )
     assert isinstance(refused, QuotaExceeded) and refused.quota == "max_queued"
     job = store.claim()
     assert job is not None and job.id == "old"
     store.finish("old", "success", {"outputs": {}})
     job = store.claim()
-    assert job is not None and job.owner == "alice" and job.context == JobContext("user")
+    assert job is not None and job.owner == "alice" and job.context == JobContext("user", images=2)
     store.finish("a1", "success", {"outputs": {}})
-    [refused] = store.enqueue_many([Job("a3", 5, {}, {}, [], owner="alice", quota=quota, images=2)])
+    [refused] = store.enqueue_many(
+        [NewJob.of(Job("a3", 5, {}, {}, [], owner="alice", context=JobContext(images=2)), quota)]
+    )
     assert isinstance(refused, QuotaExceeded) and refused.quota == "images_per_day" and refused.retry_after >= 1
     assert [j.id for j in store.history(owner="alice")] == ["a1"] and store.count_finished("alice") == 1
     assert {u["user"]: u["images_today"] for u in store.usage()} == {"alice": 2, "bob": 1}

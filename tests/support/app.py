@@ -31,7 +31,7 @@ RUN_FIELDS = frozenset(f.name for f in fields(RunSettings))
 def server_settings(data_dir: Path, auth: str, security: dict[str, Any] | None, **given: Any) -> ServerSettings:
     """A test server's settings: on the CPU, prompts in this process's threads; `given` are ServerSettings'
     fields or RunSettings' (preload=False, say), `security` SecuritySettings' beside `auth`."""
-    run = RunSettings(device="cpu", **{k: v for k, v in given.items() if k in RUN_FIELDS})
+    run = RunSettings(**{"device": "cpu", **{k: v for k, v in given.items() if k in RUN_FIELDS}})
     rest = {k: v for k, v in given.items() if k not in RUN_FIELDS}
     return ServerSettings(
         data_dir=data_dir,

@@ -6,14 +6,14 @@ import time
 from typing import Any
 
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import Job
+from zimage_serve.queue.jobs import Job, NewJob
 
 
 def enqueue(
     store: JobQueue, job_id: str, number: float, prompt: dict[str, Any], extra_data: dict[str, Any], outputs: list[str]
 ) -> Job:
     """One job stored, or its refusal raised (QueueFull, DuplicateJob, QuotaExceeded)."""
-    [stored] = store.enqueue_many([Job(job_id, number, prompt, extra_data, outputs)])
+    [stored] = store.enqueue_many([NewJob.of(Job(job_id, number, prompt, extra_data, outputs))])
     if isinstance(stored, Exception):
         raise stored
     return stored

@@ -1,6 +1,6 @@
 """What the server, the service and the workers ask of a queue, whatever keeps it.
 
-Two implementations keep it: the SQLite file of one machine (`queue/store.SQLiteQueue`) and a cluster's
+Two implementations keep it: the SQLite file of one machine (`queue/sqlite_queue.SQLiteQueue`) and a cluster's
 Redis (`queue/redis_queue.RedisQueue`). Both pass the same contract tests (`tests/test_queue_contract.py`),
 so the layers above never learn which one they talk to. The semantics each method promises:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 
-from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, QuotaExceeded
+from zimage_serve.queue.jobs import DuplicateJob, Job, NewJob, QueueFull, QuotaExceeded
 
 
 class JobQueue(Protocol):
@@ -27,8 +27,9 @@ class JobQueue(Protocol):
         """The next number in submission order (counted even if the job is then refused, as ComfyUI does)."""
         ...
 
-    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
-        """Store each job, or say why not, in one transaction: each job gets its own answer."""
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
+        """Store each job, or say why not (its quota checked in the same transaction), in one transaction:
+        each job gets its own answer, the job as stored."""
         ...
 
     def count_images(

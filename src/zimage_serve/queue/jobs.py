@@ -7,7 +7,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from zimage_serve import strict_json
 from zimage_serve.errors import ZImageError
@@ -92,22 +92,16 @@ class Job:
     context: JobContext = field(default_factory=JobContext)  # the rest of who queued it, and what they may
     worker: str = ""  # the worker running it (queue/store.worker_id), "" when none
     lease: float | None = None  # until when that worker's claim holds, unless renewed by a heartbeat
-    # prompt, extra_data, outputs and context as the JSON texts to store, when encoded ahead (off the loop)
-    encoded: tuple[str, str, str, str] | None = field(default=None, repr=False, compare=False)
-    # Not stored: what the owner's token allows, and how many images this job makes (its quota's count)
-    quota: Quota | None = field(default=None, repr=False, compare=False)
-    images: int = field(default=0, repr=False, compare=False)
 
-    def encode(self) -> tuple[str, str, str, str]:
-        """The texts to store (strict JSON: ValueError for NaN and the like), made once."""
-        if self.encoded is None:
-            self.encoded = (
-                strict_json.dumps(self.prompt),
-                strict_json.dumps(self.extra_data),
-                strict_json.dumps(self.outputs),
-                strict_json.dumps(self.context.to_json()) if self.context != JobContext() else "{}",
-            )
-        return self.encoded
+    def stored_texts(self) -> StoredTexts:
+        """Its prompt, extra_data, outputs and context as the JSON texts a queue stores (strict JSON:
+        ValueError for NaN and the like)."""
+        return StoredTexts(
+            strict_json.dumps(self.prompt),
+            strict_json.dumps(self.extra_data),
+            strict_json.dumps(self.outputs),
+            strict_json.dumps(self.context.to_json()) if self.context != JobContext() else "{}",
+        )
 
     def queue_item(self) -> list[Any]:
         """ComfyUI's QueueItem: [number, prompt_id, prompt, extra_data, outputs_to_execute]."""
@@ -130,6 +124,34 @@ class Job:
             },
             "meta": meta,
         }
+
+
+class StoredTexts(NamedTuple):
+    prompt: str
+    extra_data: str
+    outputs: str
+    context: str
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job on its way into the queue: its texts, made ahead where a large prompt is off the event loop
+    (not in the commit that stores a whole batch), and what its owner's token allows, checked as it is
+    stored and never stored itself."""
+
+    job: Job
+    texts: StoredTexts
+    quota: Quota | None = None
+
+    @classmethod
+    def of(cls, job: Job, quota: Quota | None = None) -> NewJob:
+        """ValueError for a value that is not JSON (NaN): such a job is never stored."""
+        return cls(job, job.stored_texts(), quota if job.owner else None)
+
+    @property
+    def images(self) -> int:
+        """The images its owner is charged for it now (the graph's count: workflow/image_count.py)."""
+        return self.job.context.images
 
 
 def comfy_number(number: float) -> float | int:

@@ -40,6 +40,7 @@ from zimage_serve.queue.jobs import (
     DuplicateJob,
     HistoryLimits,
     Job,
+    NewJob,
     QueueFull,
     QueueUnavailable,
     QuotaExceeded,
@@ -185,24 +186,24 @@ class RedisQueue:
         """This machine's time (the clock given, if any): days of quotas, as the SQLite queue counts them."""
         return self.clock() if self.clock is not None else time.time()
 
-    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         if not jobs:
             return []
         now = self._now_here()
         args: list[Any] = [self.max_pending, day_of(now)]
-        for job in jobs:
-            prompt, extra, outputs, context = job.encode()
-            quota = job.quota if job.owner else None
-            args += [job.id, repr(float(job.number)), prompt, extra, outputs, context, job.owner]
+        for new in jobs:
+            job, quota = new.job, new.quota
+            args += [job.id, repr(float(job.number)), *new.texts, job.owner]
             args += [_limit(quota.max_queued if quota else None), _limit(quota.images_per_day if quota else None)]
-            args.append(job.images)
+            args.append(new.images)
         answers = self._run("ENQUEUE", *args)
         found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
-        for job, answer in zip(jobs, answers, strict=True):
+        for new, answer in zip(jobs, answers, strict=True):
+            job = new.job
             kind, _, rest = answer.partition(":")
             if kind == "ok":
                 stored = Job(job.id, job.number, job.prompt, job.extra_data, job.outputs, created=float(rest))
-                stored.owner, stored.context, stored.images = job.owner, job.context, job.images
+                stored.owner, stored.context = job.owner, job.context
                 found.append(stored)
             elif kind == "full":
                 found.append(QueueFull(self.max_pending))
@@ -210,13 +211,13 @@ class RedisQueue:
                 found.append(DuplicateJob(job.id))
             else:
                 which, _, used = rest.partition(":")
-                assert job.quota is not None
+                assert new.quota is not None
                 if which == "max_queued":
-                    assert job.quota.max_queued is not None
-                    found.append(QuotaExceeded(which, int(used), job.quota.max_queued, RETRY_QUEUED_S))
+                    assert new.quota.max_queued is not None
+                    found.append(QuotaExceeded(which, int(used), new.quota.max_queued, RETRY_QUEUED_S))
                 else:
-                    assert job.quota.images_per_day is not None
-                    allowed = job.quota.images_per_day
+                    assert new.quota.images_per_day is not None
+                    allowed = new.quota.images_per_day
                     found.append(QuotaExceeded(which, int(used), allowed, seconds_to_midnight(now)))
         return found
 

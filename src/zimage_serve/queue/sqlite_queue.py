@@ -40,6 +40,7 @@ from zimage_serve.queue.jobs import (
     DuplicateJob,
     HistoryLimits,
     Job,
+    NewJob,
     QueueFull,
     QuotaExceeded,
     comfy_number,
@@ -286,7 +287,7 @@ class SQLiteQueue:
             self._number += 1
             return self._number - 1
 
-    def enqueue_many(self, jobs: Sequence[Job]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
+    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         """Store new jobs in one transaction (one commit for a burst of submissions); each one comes
         back stored, or as the error that kept it out (the queue full, its owner's quota, its id taken).
         An owner's jobs and images of the day are counted in the same transaction."""
@@ -295,11 +296,12 @@ class SQLiteQueue:
         used: dict[str, list[int]] = {}  # owner → [jobs, images] stored in this transaction
         with self._writing():
             pending = self._count("pending")
-            for job in jobs:
+            for new in jobs:
+                job = new.job
                 if pending >= self.max_pending:
                     found.append(QueueFull(self.max_pending))
                     continue
-                over = self._over_quota(job, now, used.get(job.owner, [0, 0])[1]) if job.owner else None
+                over = self._over_quota(new, now, used.get(job.owner, [0, 0])[1]) if job.owner else None
                 if over is not None:
                     found.append(over)
                     continue
@@ -308,7 +310,7 @@ class SQLiteQueue:
                 inserted = self._execute(
                     "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created, owner, context) "
                     "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                    (job.id, job.number, *job.encode()[:3], now, job.owner, job.encode()[3]),
+                    (job.id, job.number, *new.texts[:3], now, job.owner, new.texts.context),  # prompt, extra, outputs
                 ).rowcount
                 if not inserted:
                     found.append(DuplicateJob(job.id))
@@ -316,7 +318,7 @@ class SQLiteQueue:
                 if job.owner:
                     counted = used.setdefault(job.owner, [0, 0])
                     counted[0] += 1
-                    counted[1] += job.images
+                    counted[1] += new.images
                 pending += 1
                 found.append(
                     Job(
@@ -328,7 +330,6 @@ class SQLiteQueue:
                         created=now,
                         owner=job.owner,
                         context=job.context,
-                        images=job.images,
                     )
                 )
             for owner, (count, images) in used.items():  # one row change per user, not per job
@@ -339,10 +340,10 @@ class SQLiteQueue:
                 )
         return found
 
-    def _over_quota(self, job: Job, now: float, images_so_far: int) -> QuotaExceeded | None:
+    def _over_quota(self, new: NewJob, now: float, images_so_far: int) -> QuotaExceeded | None:
         """Within the enqueue transaction: the quota this job would break, if any (`images_so_far`: the
         owner's images stored earlier in the same transaction, not yet in the usage table)."""
-        quota = job.quota
+        job, quota = new.job, new.quota
         if quota is None:
             return None
         if quota.max_queued is not None:
@@ -352,7 +353,7 @@ class SQLiteQueue:
         if quota.images_per_day is not None:
             row = self._execute("SELECT images FROM usage WHERE owner = ? AND day = ?", (job.owner, day_of(now)))
             today = row.fetchone()
-            used = (today[0] if today else 0) + images_so_far + job.images
+            used = (today[0] if today else 0) + images_so_far + new.images
             if used > quota.images_per_day:
                 return QuotaExceeded("images_per_day", used, quota.images_per_day, seconds_to_midnight(now))
         return None

@@ -187,7 +187,7 @@ def note_job(request: Request, rt: Runtime, job: Job) -> None:
         request,
         job_id=job.id,
         parameters=parameters,
-        images=job.images,
+        images=job.context.images,
         **prompt_fields(texts, rt.settings.security.audit_prompts),
     )
 

@@ -12,12 +12,12 @@ import itertools
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.queue.contract import JobQueue
-from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
+from zimage_serve.queue.jobs import DuplicateJob, Job, NewJob, QueueFull, Quota, QuotaExceeded
 from zimage_serve.worker.messages import Executing
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.image_count import estimated_images
@@ -78,8 +78,12 @@ class TextScreen(Protocol):
 
 @dataclass
 class Submitted:
-    job: Job
+    new: NewJob  # the job, its texts and its quota: as the queue is given it, and the job as stored after
     node_errors: dict[str, Any]
+
+    @property
+    def job(self) -> Job:
+        return self.new.job
 
 
 Stored = Submitted | QueueFull | DuplicateJob | QuotaExceeded
@@ -136,14 +140,14 @@ class QueueService:
             extra["client_id"] = client_id
         job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
         if identity.user:
-            job.images = estimated_images(checked.prompt, self.validator.nodes)
+            images = estimated_images(checked.prompt, self.validator.nodes)
             per_day = quota.images_per_day if quota is not None else None
-            job.owner, job.context, job.quota = identity.user, identity.job_context(job.images, per_day), quota
+            job.owner, job.context = identity.user, identity.job_context(images, per_day)
         try:
-            job.encode()  # here, where a large prompt is off the event loop, not in the shared commit
+            new = NewJob.of(job, quota)  # here, where a large prompt is off the event loop
         except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored
             raise PromptRejected(error_body("invalid_prompt", "Invalid prompt", str(exc))) from exc
-        return Submitted(job, checked.node_errors)
+        return Submitted(new, checked.node_errors)
 
     def _screen(self, prompt: dict[str, Any]) -> None:
         """Every text a text-encoding node would encode goes through the word filter: each alone, then
@@ -201,10 +205,10 @@ class QueueService:
     def enqueue(self, prepared: Sequence[Submitted]) -> list[Stored]:
         """Store prepared prompts in one transaction and wake the worker; each comes back stored or as
         the error that kept it out."""
-        stored = self.store.enqueue_many([p.job for p in prepared])
+        stored = self.store.enqueue_many([p.new for p in prepared])
         self.worker.notify()
         return [
-            job if isinstance(job, Exception) else Submitted(job, p.node_errors)
+            job if isinstance(job, Exception) else Submitted(replace(p.new, job=job), p.node_errors)
             for p, job in zip(prepared, stored, strict=True)
         ]
 
