@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from zimage_serve import strict_json
+from zimage_serve import sqlite_busy, strict_json
 from zimage_serve.identity import JobContext
 from zimage_serve.private import private_file
 from zimage_serve.queue.jobs import (
@@ -175,7 +175,6 @@ LOCAL_FIRST = f"SELECT * FROM jobs WHERE owner = '' AND {PENDING_ORDER} LIMIT 1"
 MARK_RUNNING = (
     "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, worker = ?, lease = ? WHERE seq = ?"
 )
-BUSY_TIMEOUT_S = 10.0  # how long a write waits for another process's transaction
 # Files from before strict JSON may hold rows that are not JSON (NaN) or cannot be read back; such a file
 # is read through once, and its bad rows quarantined, when it is first opened by this version.
 STRICT_VERSION = 2
@@ -208,7 +207,7 @@ class SQLiteQueue:
         # Each commit by the other process (server or worker) empties this connection's page cache; with
         # the file mapped, reading the pages back costs no system call (worker CPU per job ~6 % lower).
         self._db.execute("PRAGMA mmap_size=268435456")
-        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")  # setting up, once
+        self._db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")  # setting up, once
         self._rebuild_older_jobs_table()
         self._db.executescript(SCHEMA)
         self._add_owner_columns()
@@ -229,7 +228,7 @@ class SQLiteQueue:
         if self._db.execute("PRAGMA user_version").fetchone()[0] < STRICT_VERSION:
             self._quarantine_unreadable()
             self._db.execute(f"PRAGMA user_version={STRICT_VERSION}")
-        self._db.execute("PRAGMA busy_timeout=0")  # from now on waits for locks are _execute's, see there
+        self._db.execute("PRAGMA busy_timeout=0")  # from now on waits for locks are sqlite_busy's, see there
         # The counter is saved on close; after a crash, one past the highest number still stored (numbers a
         # client gave are floats: only those a counter could have made count).
         saved = self._db.execute("SELECT value FROM counters WHERE name = 'number' AND typeof(value) = 'integer'")
@@ -602,22 +601,8 @@ class SQLiteQueue:
 
     # -- internals ---------------------------------------------------------------------------------
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
-        """Run a statement, retrying while another process holds the lock it needs.
-
-        SQLite's own busy handler sleeps 1, 2, 5, 10 ms ... between tries, far longer than the other
-        process's write transactions last here (about 0.1 ms): a server sharing the file with its
-        worker process would sleep more than it writes. Short, growing waits keep both moving.
-        """
-        delay, deadline = 0.00005, time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                return self._db.execute(sql, args)
-            except sqlite3.OperationalError as exc:
-                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
-                if not busy or time.monotonic() > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+        """Run a statement, waiting in short steps while another process holds the lock it needs."""
+        return sqlite_busy.execute(self._db, sql, args)
 
     @contextmanager
     def _writing(self) -> Iterator[None]:

@@ -33,11 +33,12 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zimage_serve import sqlite_busy
 from zimage_serve.errors import ZImageError
 from zimage_serve.private import private_folder
 from zimage_serve.security.audit_files import (
@@ -163,6 +164,7 @@ class AuditLog:
         self._unrecorded: _Written | None = None
         self._outbox_taken = 0  # outbox rows up to this id are in the log (their removal may be unrecorded)
         self.seq, self.head = self._recover()
+        self._db.execute("PRAGMA busy_timeout=0")  # set up: from now on waits for locks are `_sql`'s
 
     # -- from the event loop -------------------------------------------------------------------------
     def add(self, record: dict[str, Any]) -> None:
@@ -254,7 +256,7 @@ class AuditLog:
             self._lost += 1
 
     def _write(self, batch: list[_Pending]) -> None:
-        outbox = self._db.execute(
+        outbox = self._sql(
             "SELECT * FROM audit_outbox WHERE id > ? ORDER BY id LIMIT 1000", (self._outbox_taken,)
         ).fetchall()
         records = list(self._kept)
@@ -352,7 +354,7 @@ class AuditLog:
             last = last_record(path)
             if last is None or not isinstance(last.get("seq"), int):
                 break  # not a segment of this chain's making: verify will say so; never delete it
-            self._db.execute(
+            self._sql(
                 "INSERT INTO audit_cut (id, seq, hash) VALUES (1, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                 (int(last["seq"]), str(last.get("hash", ""))),
@@ -374,6 +376,11 @@ class AuditLog:
             )
 
     # -- the database --------------------------------------------------------------------------------
+    def _sql(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """A statement on the queue file, waiting in short steps for the queue's and the worker's writes
+        (sqlite_busy): SQLite's own waits would hold a request's answer for milliseconds."""
+        return sqlite_busy.execute(self._db, sql, args)
+
     def _record_written(self) -> None:
         if self._unrecorded is not None:
             self._record(self._unrecorded, None)
@@ -387,33 +394,33 @@ class AuditLog:
         ends, its outbox rows removed: they are in the log now), and where the next batch will end."""
         if written is None and intended is None:
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        self._sql("BEGIN IMMEDIATE")
         try:
             if written is not None:
-                self._db.execute(
+                self._sql(
                     "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                     (written.seq, written.head),
                 )
-                self._db.execute(
+                self._sql(
                     "INSERT INTO audit_end (id, file, size) VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                     "file = excluded.file, size = excluded.size, pending_file = NULL, pending_size = NULL, "
                     "pending_seq = NULL, pending_hash = NULL",
                     (written.file, written.size),
                 )
                 if written.outbox_done is not None:
-                    self._db.execute("DELETE FROM audit_outbox WHERE id <= ?", (written.outbox_done,))
+                    self._sql("DELETE FROM audit_outbox WHERE id <= ?", (written.outbox_done,))
             if intended is not None:
-                self._db.execute(
+                self._sql(
                     "INSERT INTO audit_end (id, file, size, pending_file, pending_size, pending_seq, pending_hash) "
                     "VALUES (1, NULL, 0, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                     "pending_file = excluded.pending_file, pending_size = excluded.pending_size, "
                     "pending_seq = excluded.pending_seq, pending_hash = excluded.pending_hash",
                     (intended.file, intended.size, intended.seq, intended.head),
                 )
-            self._db.execute("COMMIT")
+            self._sql("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._sql("ROLLBACK")
             raise
 
     # -- at start ------------------------------------------------------------------------------------
