@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from tests.workflows import nano_prompt, run
+from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.parts import prepare_mask
-from zimage_serve.engine.sampling import FlowSampling
 from zimage_serve.engine.text import PromptEmbedding
 from zimage_serve.limits import Limits
 from zimage_serve.workflow.execute import Executor

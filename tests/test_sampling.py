@@ -7,15 +7,9 @@ import math
 import pytest
 import torch
 
-from zimage_serve.engine.sampling import (
-    BrownianNoise,
-    FlowSampling,
-    Sampler,
-    deis_coefficients,
-    denoise_schedule,
-    sampler_schedule,
-    schedule,
-)
+from zimage_serve.engine.model_sampling import FlowSampling
+from zimage_serve.engine.sampling import BrownianNoise, Sampler, deis_coefficients
+from zimage_serve.engine.schedulers import denoise_schedule, sampler_schedule, schedule
 from zimage_serve.errors import GenerationCancelled
 
 TURBO = FlowSampling(shift=3.0)

@@ -34,11 +34,12 @@ from zimage_serve.engine.devices import (
 from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae, for_offload
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
+from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.names import LATENT_FACTOR
 from zimage_serve.engine.offload import ModelSwap, execution_device
 from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.resize import repeat_to_batch
-from zimage_serve.engine.sampling import CancelCheck, FlowSampling, Sampler, StepHook
+from zimage_serve.engine.sampling import CancelCheck, Sampler, StepHook
 from zimage_serve.engine.text import PromptEmbedding, encode_text
 from zimage_serve.errors import GenerationCancelled
 

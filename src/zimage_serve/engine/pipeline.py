@@ -24,11 +24,11 @@ from zimage_serve.engine.controlnet import install as install_control_hooks
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel
+from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.names import LATENT_FACTOR
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
 from zimage_serve.engine.parts import DiffusionModel, LatentFormat, Vae, sample
 from zimage_serve.engine.pixels import to_pil
-from zimage_serve.engine.sampling import FlowSampling
 from zimage_serve.engine.schedule import sigma_schedule
 from zimage_serve.engine.text import PromptEmbedding, encode_text
 from zimage_serve.engine.variants import DEFAULTS

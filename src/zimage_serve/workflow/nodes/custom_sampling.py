@@ -60,7 +60,7 @@ class BasicScheduler(Node):
     outputs = (Output("SIGMAS"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from zimage_serve.engine.sampling import schedule
+        from zimage_serve.engine.schedulers import schedule
         from zimage_serve.limits import enforce
 
         steps, denoise = inputs["steps"], inputs["denoise"]

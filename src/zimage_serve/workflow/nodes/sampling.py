@@ -153,7 +153,7 @@ class KSampler(Node):
     outputs = (Output("LATENT", tooltip="The denoised latent."),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from zimage_serve.engine.sampling import denoise_schedule
+        from zimage_serve.engine.schedulers import denoise_schedule
 
         model: DiffusionModel = inputs["model"]
         sigmas = denoise_schedule(
@@ -184,7 +184,7 @@ class KSamplerAdvanced(Node):
     outputs = (Output("LATENT"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from zimage_serve.engine.sampling import sampler_schedule
+        from zimage_serve.engine.schedulers import sampler_schedule
 
         model: DiffusionModel = inputs["model"]
         sigmas = sampler_schedule(model.sampling, inputs["scheduler"], inputs["steps"], inputs["sampler_name"])
