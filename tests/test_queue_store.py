@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.queues import enqueue
-from zimage_serve.queue import sqlite_queue as store_module
+from zimage_serve.queue import sqlite_queue, sqlite_schema
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 
 
@@ -57,7 +57,7 @@ def test_a_files_counter_is_one_past_the_highest_number_after_a_crash_and_exact_
 
 def test_claiming_reads_one_index_entry_not_every_waiting_job(tmp_path: Path) -> None:
     store = SQLiteQueue(tmp_path / "q.db")
-    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + store_module.NEXT_PENDING))
+    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + sqlite_queue.NEXT_PENDING))
     assert "jobs_live" in plan and "TEMP B-TREE" not in plan, plan
 
 
@@ -118,8 +118,8 @@ def test_an_older_jobs_table_is_made_again_with_every_job_kept(tmp_path: Path) -
             )
         db.execute("UPDATE sqlite_sequence SET seq = 9 WHERE name = 'jobs'")  # seq 5 to 9 were deleted
         # Its indexes, counts and triggers as that version kept them.
-        db.executescript(store_module.SCHEMA.split(");", 1)[1])
-        for state in store_module.STATES:
+        db.executescript(sqlite_schema.SCHEMA.split(");", 1)[1])
+        for state in sqlite_schema.STATES:
             db.execute("INSERT INTO state_counts SELECT ?, COUNT(*) FROM jobs WHERE state = ?", (state, state))
     store = SQLiteQueue(path)
     [table] = store._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
@@ -140,7 +140,7 @@ def test_an_older_jobs_table_is_made_again_with_every_job_kept(tmp_path: Path) -
 
 def test_history_is_read_in_order_from_its_index(tmp_path: Path) -> None:
     store = SQLiteQueue(tmp_path / "q.db")
-    query = f"SELECT * FROM jobs WHERE {store_module.DONE} ORDER BY finished, seq LIMIT 10"
+    query = f"SELECT * FROM jobs WHERE {sqlite_schema.DONE} ORDER BY finished, seq LIMIT 10"
     plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + query))
     assert "jobs_finished" in plan and "TEMP B-TREE" not in plan, plan
 
@@ -148,7 +148,7 @@ def test_history_is_read_in_order_from_its_index(tmp_path: Path) -> None:
 def test_jobs_are_read_by_column_position_so_the_table_keeps_the_declared_order(tmp_path: Path) -> None:
     store = SQLiteQueue(tmp_path / "q.db")
     declared = [row[1] for row in store._db.execute("PRAGMA table_info(jobs)")]
-    assert declared == store_module.JOBS_COLUMNS.split(", ")
+    assert declared == sqlite_schema.JOBS_COLUMNS.split(", ")
     add(store, "a")
     job = store.claim()
     assert job is not None and (job.id, job.number, job.prompt, job.outputs, job.attempts) == (

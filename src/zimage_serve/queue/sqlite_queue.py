@@ -48,114 +48,11 @@ from zimage_serve.queue.jobs import (
     seconds_to_midnight,
     worker_gone,
 )
-from zimage_serve.security.audit_files import AUDIT_TABLES, AUDIT_TRIGGER
+from zimage_serve.queue.sqlite_schema import DONE, LIVE, STRICT_VERSION, create_or_upgrade
 from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
 
-# The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
-# IN list each time it checks one, on every insert and change of state (70 thousand instructions per job,
-# a sixth of the queue file's work, counted with callgrind).
-STATE_CHECK = " OR ".join(f"state = '{state}'" for state in STATES)
-JOBS_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {{name}} (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    number REAL NOT NULL,
-    prompt TEXT NOT NULL,
-    extra_data TEXT NOT NULL,
-    outputs TEXT NOT NULL,
-    state TEXT NOT NULL CHECK ({STATE_CHECK}),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    result TEXT,
-    owner TEXT NOT NULL DEFAULT '',
-    context TEXT NOT NULL DEFAULT '{{{{}}}}',
-    worker TEXT NOT NULL DEFAULT '',
-    lease REAL
-);"""
-# Files from before owners or leases lack the columns after `result`; they are added at the end, where `_job`
-# reads them.
-LEGACY_COLUMNS = "seq, id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result"
-OWNER_COLUMNS = (("owner", "TEXT NOT NULL DEFAULT ''"), ("context", "TEXT NOT NULL DEFAULT '{}'"))
-# Which worker runs a job, and until when its lease holds (heartbeats extend it); appended after the owners.
-LEASE_COLUMNS = (("worker", "TEXT NOT NULL DEFAULT ''"), ("lease", "REAL"))
-ADDED_COLUMNS = (*OWNER_COLUMNS, *LEASE_COLUMNS)
-JOBS_COLUMNS = LEGACY_COLUMNS + ", " + ", ".join(name for name, _ in ADDED_COLUMNS)  # `_job` reads them in this order
-SCHEMA = (
-    JOBS_TABLE.format(name="jobs")
-    + """
-CREATE INDEX IF NOT EXISTS jobs_live ON jobs (number, seq) WHERE finished IS NULL;
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished, seq) WHERE finished IS NOT NULL;
-CREATE TABLE IF NOT EXISTS usage (
-    owner TEXT NOT NULL,
-    day TEXT NOT NULL,
-    jobs INTEGER NOT NULL DEFAULT 0,
-    images INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (owner, day)
-) WITHOUT ROWID;
-DROP INDEX IF EXISTS jobs_pending;
-DROP INDEX IF EXISTS jobs_running;
-DROP INDEX IF EXISTS jobs_history;
-DROP INDEX IF EXISTS jobs_state;
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS quarantine (
-    seq INTEGER PRIMARY KEY,
-    id TEXT,
-    state TEXT,
-    row TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    quarantined REAL NOT NULL
-);
-"""
-    + AUDIT_TABLES
-    + """
-CREATE TABLE IF NOT EXISTS state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
-CREATE TRIGGER IF NOT EXISTS jobs_counted_in AFTER INSERT ON jobs BEGIN
-    UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_counted_out AFTER DELETE ON jobs BEGIN
-    UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_counted_moved AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
-    UPDATE state_counts SET n = n - 1 WHERE state = OLD.state;
-    UPDATE state_counts SET n = n + 1 WHERE state = NEW.state;
-END;
-"""
-)
-# A job has a `finished` time exactly when its state is one of FINISHED (finish and recover set both), and
-# jobs are found by it: finished ones for the history, live ones (pending or running) for the queue. An
-# index whose condition was `state IN (...)` made SQLite test that list on every change to a row, nearly
-# a quarter of the queue file's work per job (counted with callgrind). One index for both live states,
-# not one each: a claim then changes no index entry and a job's end removes one, so each commit writes
-# one page fewer.
-DONE = "finished IS NOT NULL"
-LIVE = "finished IS NULL"
-# Per-owner indexes hold only jobs that have an owner (authentication on): the local operator's jobs cost
-# them nothing. A query names `owner <> ''` in its text, so SQLite sees that it may use them.
-OWNER_INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_owner_live ON jobs (owner, number, seq) WHERE finished IS NULL AND owner <> '';
-CREATE INDEX IF NOT EXISTS jobs_owner_done ON jobs (owner, finished, seq) WHERE finished IS NOT NULL AND owner <> '';
-CREATE INDEX IF NOT EXISTS jobs_owner_running ON jobs (owner) WHERE state = 'running' AND owner <> '';
-"""
-# History entries per owner, kept by triggers, so that each owner's history is trimmed to its own limit and
-# the largest owners are found at once when everyone's together is over the total (queue/jobs.py).
-HISTORY_OWNERS = f"""
-CREATE TABLE IF NOT EXISTS history_owners (owner TEXT PRIMARY KEY, n INTEGER NOT NULL);
-CREATE TRIGGER IF NOT EXISTS jobs_history_in AFTER INSERT ON jobs WHEN NEW.{DONE} BEGIN
-    INSERT INTO history_owners (owner, n) VALUES (NEW.owner, 1) ON CONFLICT(owner) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_history_out AFTER DELETE ON jobs WHEN OLD.{DONE} BEGIN
-    UPDATE history_owners SET n = n - 1 WHERE owner = OLD.owner;
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_history_moved AFTER UPDATE OF finished ON jobs
-WHEN (OLD.finished IS NULL) <> (NEW.finished IS NULL) BEGIN
-    INSERT INTO history_owners (owner, n) VALUES (NEW.owner, CASE WHEN NEW.{DONE} THEN 1 ELSE -1 END)
-    ON CONFLICT(owner) DO UPDATE SET n = n + excluded.n;
-END;
-"""
 OWNED = "owner = ? AND owner <> ''"
 PENDING_ORDER = f"{LIVE} AND state = 'pending' ORDER BY number, seq"
 # Running jobs are found on the way through jobs_live (no index of their own to update per job), by start.
@@ -175,9 +72,6 @@ LOCAL_FIRST = f"SELECT * FROM jobs WHERE owner = '' AND {PENDING_ORDER} LIMIT 1"
 MARK_RUNNING = (
     "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, worker = ?, lease = ? WHERE seq = ?"
 )
-# Files from before strict JSON may hold rows that are not JSON (NaN) or cannot be read back; such a file
-# is read through once, and its bad rows quarantined, when it is first opened by this version.
-STRICT_VERSION = 2
 
 
 class SQLiteQueue:
@@ -208,23 +102,7 @@ class SQLiteQueue:
         # the file mapped, reading the pages back costs no system call (worker CPU per job ~6 % lower).
         self._db.execute("PRAGMA mmap_size=268435456")
         self._db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")  # setting up, once
-        self._rebuild_older_jobs_table()
-        self._db.executescript(SCHEMA)
-        self._add_owner_columns()
-        self._db.executescript(OWNER_INDEXES)
-        self._db.executescript(HISTORY_OWNERS)
-        self._db.executescript(AUDIT_TRIGGER)
-        self._db.execute("BEGIN IMMEDIATE")
-        if self._db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
-            found = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-            self._db.executemany(
-                "INSERT INTO state_counts (state, n) VALUES (?, ?)", [(s, found.get(s, 0)) for s in STATES]
-            )
-        if self._db.execute("SELECT COUNT(*) FROM history_owners").fetchone()[0] == 0:  # a file from before it
-            self._db.execute(
-                f"INSERT INTO history_owners (owner, n) SELECT owner, COUNT(*) FROM jobs WHERE {DONE} GROUP BY owner"
-            )
-        self._db.execute("COMMIT")
+        create_or_upgrade(self._db)
         if self._db.execute("PRAGMA user_version").fetchone()[0] < STRICT_VERSION:
             self._quarantine_unreadable()
             self._db.execute(f"PRAGMA user_version={STRICT_VERSION}")
@@ -246,29 +124,6 @@ class SQLiteQueue:
                 reason = _unreadable(row, strict=True)
                 if reason is not None:
                     self._quarantine(row, reason)
-
-    def _rebuild_older_jobs_table(self) -> None:
-        """A file whose jobs table checks states with `IN (...)` gets the table made again, once, with every
-        row, and the sequence as it was (a new job's seq stays above any deleted one). One transaction: a
-        crash leaves the older table as it was. Indexes and triggers are made again by SCHEMA."""
-        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
-        if row is None or "state IN (" not in row[0]:
-            return
-        with self._writing():
-            self._execute(JOBS_TABLE.format(name="jobs_rebuilt"))
-            self._execute(f"INSERT INTO jobs_rebuilt ({LEGACY_COLUMNS}) SELECT {LEGACY_COLUMNS} FROM jobs")
-            sequence = self._execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()
-            self._execute("DROP TABLE jobs")
-            self._execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
-            if sequence is not None:
-                self._execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'jobs'", (sequence[0],))
-
-    def _add_owner_columns(self) -> None:
-        """A file from before owners (or leases) gets their columns (its jobs are the local operator's)."""
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, declaration in ADDED_COLUMNS:
-            if name not in present:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         with self._lock, self._number_lock:
@@ -640,7 +495,7 @@ class SQLiteQueue:
             first = self._execute(OWNERS_FIRST, (owner,)).fetchone()
             if first is not None and first[1] != head[1]:
                 candidates.append(first)
-        # row[12] is the owner, row[0] the submission sequence (JOBS_COLUMNS' order)
+        # row[12] is the owner, row[0] the submission sequence (sqlite_schema.JOBS_COLUMNS' order)
         return min(candidates, key=lambda row: (running.get(row[12], 0), row[0]))
 
     def _claim_next(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
@@ -744,8 +599,8 @@ class SQLiteQueue:
 
     @staticmethod
     def _job(row: sqlite3.Row) -> Job:
-        """A job from a `SELECT *` row, whose columns come in JOBS_COLUMNS' order: unpacked by position, as
-        reading eleven columns by name costs SQLite's row a search through the names for each. Raises
+        """A job from a `SELECT *` row, whose columns come in sqlite_schema.JOBS_COLUMNS' order: unpacked by
+        position, as reading eleven columns by name costs SQLite's row a search through the names for each. Raises
         (ValueError, TypeError ...) for a row that does not hold a job."""
         _, job_id, number, prompt, extra_data, outputs, state, attempts, created, started, finished, result = row[:12]
         owner, context, worker, lease = row[12], row[13], row[14], row[15]
