@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from zimage_serve.cli.common import quiet_libraries
-from zimage_serve.engine.controlnet import ControlPatch, FunControlNet, detect_variant, install
+from zimage_serve.engine.control_hooks import install
+from zimage_serve.engine.control_patch import ControlPatch
+from zimage_serve.engine.controlnet import FunControlNet, detect_variant
 from zimage_serve.engine.parts import FLUX_LATENT, DiffusionModel, sample
 from zimage_serve.engine.text import PromptEmbedding
 from zimage_serve.nano.random_model import randomise

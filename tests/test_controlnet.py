@@ -18,7 +18,9 @@ from tests.controlnets import build_controlnet, write_controlnet, write_controln
 from tests.loras import lora_pairs, write_diffusers
 from tests.workflows import TEMPLATES, saved_image, validate
 from zimage_serve.engine.checkpoint import Checkpoint
-from zimage_serve.engine.controlnet import ControlNetError, ControlPatch, FunControlNet, _Stream, detect_variant
+from zimage_serve.engine.control_hooks import _Stream
+from zimage_serve.engine.control_patch import ControlPatch
+from zimage_serve.engine.controlnet import ControlNetError, FunControlNet, detect_variant
 from zimage_serve.engine.parts import FLUX_LATENT, Placing
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.execute import Executor

@@ -1,4 +1,5 @@
-"""The Z-Image Fun ControlNet Union (alibaba-pai): its variants, loading, and steering a sampling run.
+"""The Z-Image Fun ControlNet Union (alibaba-pai): its variants and loading. The control input it reads is
+`engine/control_patch.py`'s; steering a sampling run with it, `engine/control_hooks.py`'s.
 
 A Fun ControlNet is a model patch: a second stream of transformer blocks that reads a control latent
 (the VAE encoding of an edge map, a depth map, a pose, ...) and adds a residual ("hint") to the image
@@ -25,9 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,13 +34,11 @@ import torch
 
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.checkpoint import Checkpoint
-from zimage_serve.engine.names import LATENT_FACTOR
-from zimage_serve.engine.resize import common_upscale, repeat_to_batch
 from zimage_serve.errors import ModelLoadError, ZImageError
 
 if TYPE_CHECKING:
     from zimage_serve.engine.offload import ModelSwap
-    from zimage_serve.engine.parts import LatentFormat, Placing, Vae
+    from zimage_serve.engine.parts import Placing
 
 log = logging.getLogger(__name__)
 
@@ -237,226 +233,3 @@ def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
     level = logging.WARNING if variant.broken else logging.INFO
     log.log(level, "loaded %s: %s", name, variant.describe())
     return FunControlNet(name, module, variant, swap)
-
-
-# -- the control input -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class ControlPatch:
-    """One ControlNet applied to a MODEL: its images, the VAE that encodes them, and the strength.
-
-    `mask` follows ComfyUI's nodes (1 = regenerate) and is inverted here, as ComfyUI's node does."""
-
-    controlnet: FunControlNet
-    vae: Vae
-    strength: float
-    image: torch.Tensor | None = None  # IMAGE (batch, H, W, C): the control map
-    inpaint_image: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # MASK (batch, H, W)
-    _contexts: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.image is None and self.inpaint_image is None:
-            raise ControlNetError("image: a ControlNet needs a control image, an inpaint_image, or both")
-
-    def context(self, height: int, width: int, fmt: LatentFormat, cancel: Callable[[], bool] | None) -> torch.Tensor:
-        """The control input (batch, channels, height, width) for a latent of this size, encoded once."""
-        with self._lock:
-            found = self._contexts.get((height, width))
-            if found is None:
-                found = self._encode(height, width, fmt, cancel)
-                self._contexts.clear()  # one size at a time: a run samples at one size
-                self._contexts[(height, width)] = found
-            return found
-
-    def _encode(self, height: int, width: int, fmt: LatentFormat, cancel: Callable[[], bool] | None) -> torch.Tensor:
-        size = (width * LATENT_FACTOR, height * LATENT_FACTOR)
-
-        def fitted(image: torch.Tensor) -> torch.Tensor:  # ComfyUI scales with "area" and a centre crop
-            image = image[..., :3].float()
-            if (image.shape[2], image.shape[1]) != size:
-                image = common_upscale(image.movedim(-1, 1), *size, "area", "center").movedim(1, -1)
-            return image
-
-        def encoded(image: torch.Tensor) -> torch.Tensor:
-            return fmt.process_in(self.vae.encode(image, cancel))
-
-        control = fitted(self.image) if self.image is not None else None
-        inpaint = fitted(self.inpaint_image) if self.inpaint_image is not None else None
-        control_latent = encoded(control) if control is not None else None
-        if not self.controlnet.variant.inpaint:
-            assert control_latent is not None  # an inpaint image alone only reaches an inpainting patch
-            return control_latent
-        grey = torch.full((1, size[1], size[0], 3), 0.5)
-        keep = None if self.mask is None else 1.0 - self.mask.float().reshape(-1, 1, *self.mask.shape[-2:])
-        if inpaint is None:
-            inpaint = grey if control is None else torch.full_like(control, 0.5)
-        if keep is not None:
-            keep_pixels = common_upscale(keep, size[0], size[1], "bilinear", "center").movedim(1, -1).round()
-            inpaint = (inpaint - 0.5) * keep_pixels + 0.5
-        inpaint_latent = encoded(inpaint)
-        if keep is None:
-            keep_latent = torch.zeros_like(inpaint_latent[:, :1])
-        else:
-            keep_latent = common_upscale(keep, width, height, "nearest", "center")
-        if control_latent is None:
-            control_latent = encoded(grey)
-        batch = max(control_latent.shape[0], keep_latent.shape[0], inpaint_latent.shape[0])
-        parts = [repeat_to_batch(t, batch) for t in (control_latent, keep_latent, inpaint_latent)]
-        return torch.cat(parts, dim=1)
-
-
-# -- steering the transformer -------------------------------------------------------------------------
-
-_steering = threading.local()
-_INSTALLED = "_zimage_control_hooks"
-
-
-class _Stream:
-    """One patch's control stream through one transformer call."""
-
-    def __init__(self, patch: ControlPatch, context: torch.Tensor, main_blocks: int) -> None:
-        self.patch = patch
-        self.net = patch.controlnet.module
-        self.variant = patch.controlnet.variant
-        self.context = context
-        self.every = max(1, round(main_blocks / self.variant.layers))
-        self.tokens = (context.shape[-2] // PATCH) * (context.shape[-1] // PATCH)
-        self.stream: torch.Tensor | None = None
-        self.next_layer = 0
-        self.refiner_input: torch.Tensor | None = None
-        self.main_input: torch.Tensor | None = None
-        self.freqs: torch.Tensor | None = None
-        self.adaln: torch.Tensor | None = None
-
-    def start(self, x: torch.Tensor, freqs: torch.Tensor, adaln: torch.Tensor) -> None:
-        """At the noise refiner's input: embed the control latent, as the image latent was."""
-        n = self.tokens
-        batch, channels, height, width = self.context.shape
-        patches = self.context.to(x.device, x.dtype).view(batch, channels, height // 2, 2, width // 2, 2)
-        tokens = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, n, 4 * channels)
-        stream = self.net.control_all_x_embedder["2-1"](tokens)
-        stream = repeat_to_batch(stream, x.shape[0]) if stream.shape[0] != x.shape[0] else stream
-        self.refiner_input, self.freqs, self.adaln = x[:, :n], freqs[:, :n], adaln
-        if self.variant.refiner == PLAIN:
-            for block in self.net.control_noise_refiner:
-                stream = block(stream, None, self.freqs, adaln)
-        self.stream = stream
-
-    def _step(self, block: Any, x: torch.Tensor) -> torch.Tensor:
-        """Advance the stream through one control block; returns its hint."""
-        assert self.stream is not None
-        given = self.stream if block.block_id == 0 else self.stream[None]  # diffusers' blocks stack their state
-        state: torch.Tensor = block(given, x, None, self.freqs, self.adaln)
-        hint, self.stream = state.unbind(0)
-        return hint * self.patch.strength
-
-    def after_refiner(self, index: int, out: torch.Tensor) -> torch.Tensor:
-        assert self.refiner_input is not None
-        if self.variant.refiner == PLAIN:
-            return out
-        if self.variant.refiner == OWN:
-            hint = self._step(self.net.control_noise_refiner[index], self.refiner_input)
-        elif index == 0:
-            hint = self._step(self.net.control_layers[0], self.refiner_input)
-        else:  # as ComfyUI runs a broken 2.0: the remaining control layers, the first one's hint
-            hints = [self._step(block, self.refiner_input) for block in self.net.control_layers[1:]]
-            hint = hints[0] if hints else torch.zeros_like(out[:, : self.tokens])
-        return _added(out, hint)
-
-    def after_main(self, index: int, out: torch.Tensor) -> torch.Tensor:
-        if index % self.every or index // self.every >= self.variant.layers:
-            return out
-        assert self.main_input is not None
-        layer = index // self.every
-        hint = None
-        while self.next_layer <= layer:
-            hint = self._step(self.net.control_layers[self.next_layer], self.main_input)
-            self.next_layer += 1
-        return out if hint is None else _added(out, hint)
-
-
-def _added(out: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
-    """The image tokens (first in the sequence) plus the hint; padding and caption tokens unchanged."""
-    n = hint.shape[1]
-    return torch.cat([out[:, :n] + hint.to(out.dtype), out[:, n:]], dim=1)
-
-
-def _streams() -> list[_Stream]:
-    return getattr(_steering, "streams", None) or []
-
-
-def _refiner_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-    for stream in _streams():
-        stream.start(args[0], args[2], args[3])
-
-
-def _after_refiner(index: int) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        for stream in _streams():
-            out = stream.after_refiner(index, out)
-        return out
-
-    return hook
-
-
-def _main_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-    for stream in _streams():
-        stream.main_input = args[0][:, : stream.tokens]
-
-
-def _after_main(index: int) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-        for stream in _streams():
-            out = stream.after_main(index, out)
-        return out
-
-    return hook
-
-
-def install(transformer: Any) -> None:
-    """Hooks on the noise refiner and the main blocks, idle unless a run on this thread is steered.
-
-    Installed once per loaded transformer; each run says on its own thread what steers it, so runs that
-    share one loaded model (concurrency 2) are steered only by their own patches."""
-    if getattr(transformer, _INSTALLED, False):
-        return
-    # Eager even inside regionally compiled blocks (the fast path): they read per-thread state.
-    eager: Callable[[Any], Any] = torch.compiler.disable
-    refiner, layers = transformer.noise_refiner, transformer.layers
-    refiner[0].register_forward_pre_hook(eager(_refiner_input))
-    for index, block in enumerate(refiner):
-        block.register_forward_hook(eager(_after_refiner(index)))
-    layers[0].register_forward_pre_hook(eager(_main_input))
-    for index, block in enumerate(layers):
-        block.register_forward_hook(eager(_after_main(index)))
-    setattr(transformer, _INSTALLED, True)
-
-
-@contextmanager
-def steering(
-    transformer: Any,
-    patches: tuple[ControlPatch, ...],
-    latent: torch.Tensor,
-    fmt: LatentFormat,
-    cancel: Callable[[], bool] | None = None,
-) -> Iterator[None]:
-    """Within the block, calls of `transformer` on this thread on latents like `latent` are steered."""
-    if not patches:
-        yield
-        return
-    height, width = latent.shape[-2:]
-    streams = []
-    for patch in patches:
-        if patch.controlnet.swap is not None:
-            patch.controlnet.swap.accompany(patch.controlnet.module)
-        context = patch.context(height, width, fmt, cancel)
-        streams.append(_Stream(patch, context, len(transformer.layers)))
-    previous = getattr(_steering, "streams", None)
-    _steering.streams = streams
-    try:
-        yield
-    finally:
-        _steering.streams = previous

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from zimage_serve.engine import components, controlnet
+from zimage_serve.engine import components, control_hooks
 from zimage_serve.engine.cancel import cancellable
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.components import ComponentSource
-from zimage_serve.engine.controlnet import ControlPatch
+from zimage_serve.engine.control_patch import ControlPatch
 from zimage_serve.engine.devices import (
     TURBO_BF16_BYTES,
     MemoryMode,
@@ -173,7 +173,7 @@ class DiffusionModel:
         timestep = torch.full((x.shape[0],), 1.0 - sigma, device=self.device, dtype=torch.float32)
         model_input = list(padded.to(self.device, self.dtype).unsqueeze(2).unbind(0))
         captions = [c.to(self.device, self.dtype) for c in captions]
-        with controlnet.steering(self.transformer, self.controls, padded, self.latent_format):
+        with control_hooks.steering(self.transformer, self.controls, padded, self.latent_format):
             outputs = self.transformer(model_input, timestep, captions)[0]
         return -torch.stack([o.float() for o in outputs]).squeeze(2)[..., :height, :width]
 
@@ -277,7 +277,7 @@ def load_diffusion_model(
     transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype)
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
     install_cancel_checks(transformer)
-    controlnet.install(transformer)
+    control_hooks.install(transformer)
     placing.place(transformer)
     log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from zimage_serve.engine.controlnet import ControlPatch, FunControlNet, load_controlnet
-from zimage_serve.engine.controlnet import install as install_control_hooks
+from zimage_serve.engine.control_hooks import install as install_control_hooks
+from zimage_serve.engine.control_patch import ControlPatch
+from zimage_serve.engine.controlnet import FunControlNet, load_controlnet
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel

@@ -67,7 +67,7 @@ def _steered(
     inpaint_image: Any = None,
     mask: Any = None,
 ) -> Any:
-    from zimage_serve.engine.controlnet import ControlPatch
+    from zimage_serve.engine.control_patch import ControlPatch
 
     patch = ControlPatch(model_patch, vae, strength, image=image, inpaint_image=inpaint_image, mask=mask)
     return model.with_control(patch)
