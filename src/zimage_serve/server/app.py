@@ -191,8 +191,9 @@ def internal_error_response() -> JSONResponse:
     )
 
 
-class Served:
-    """What `create_app` returns: the gate in front of the lane in front of FastAPI (`.app`)."""
+class ServerApp:
+    """The ASGI application the server runs (`create_app`): each request timed for the metrics, then the gate,
+    then the prompt lane, then FastAPI (`.app`)."""
 
     def __init__(self, gate: Gate, app: FastAPI) -> None:
         self.gate, self.app = gate, app
@@ -227,7 +228,7 @@ def route_of(scope: Scope) -> str:
     return "other"
 
 
-def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
+def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
     """The FastAPI application with every route, behind the lane for POST /prompt, behind the gate that
     decides who is calling; `.app` is FastAPI's.
 
@@ -277,4 +278,4 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> Served:
         return internal_error_response()
 
     lane = PromptLane(app, settings.max_body_bytes)
-    return Served(Gate(lane, runtime.security), app)
+    return ServerApp(Gate(lane, runtime.security), app)
