@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, ZImageTransformer2DModel
-from transformers import Qwen3Config, Qwen3Model
 
 from zimage_serve.engine import configs
 from zimage_serve.engine.checkpoint import Checkpoint, name_keys
 from zimage_serve.engine.construction import building
 from zimage_serve.engine.keymap import Kind, is_ldm_vae, to_diffusers
+from zimage_serve.engine.libraries import load_model_libraries
 from zimage_serve.errors import ModelLoadError
 
 
@@ -77,6 +76,12 @@ def load(prepared: PreparedComponent, device: torch.device, dtype: torch.dtype) 
 
 def build_empty(kind: Kind, config: dict[str, Any], origin: Path) -> torch.nn.Module:
     """The model with parameters on the meta device; buffers stay real so derived tables are kept."""
+    # Imported here, not with the module: a worker that has loaded no model yet holds none of them
+    # (engine/libraries.py).
+    load_model_libraries()
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
     try:
         with building(empty=True):
             if kind == "transformer":

@@ -195,11 +195,15 @@ def _agree(config: dict[str, Any], variant: ControlNetVariant, origin: Path) -> 
 
 
 def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
-    from diffusers import ZImageControlNetModel
-
     from zimage_serve.engine.components import check_keys
     from zimage_serve.engine.construction import building
     from zimage_serve.engine.devices import MemoryMode
+    from zimage_serve.engine.libraries import load_model_libraries
+
+    # A ControlNet may be a prompt's first model (ModelPatchLoader has no model input): the libraries'
+    # first import goes through their one lock (engine/libraries.py).
+    load_model_libraries()
+    from diffusers import ZImageControlNetModel
 
     weights, config = controlnet_weights(path)
     checkpoint = Checkpoint.open(weights)

@@ -7,7 +7,10 @@ import torch
 
 def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """IMAGE (batch, H, W, C) in 0..1 → white edges on black, as a 3-channel IMAGE."""
-    from kornia.filters import canny as detect
+    from zimage_serve.engine.libraries import importing
+
+    with importing():  # kornia only for the Canny node, one importing thread at a time
+        from kornia.filters import canny as detect
 
     if not 0 < low <= high < 1:
         raise ValueError(f"low_threshold {low} and high_threshold {high}: need 0 < low ≤ high < 1")

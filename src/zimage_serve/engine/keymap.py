@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_vae_checkpoint,
-    convert_z_image_transformer_checkpoint_to_diffusers,
-)
+
+from zimage_serve.engine.libraries import load_model_libraries
 
 Kind = Literal["transformer", "text_encoder", "vae"]
 COMFY_PREFIX = "model.diffusion_model."
@@ -51,6 +49,10 @@ def to_diffusers(kind: Kind, source: dict[str, torch.Tensor], vae_config: dict[s
         state = {key.removeprefix("model."): tensor for key, tensor in source.items()}
     elif is_ldm_vae(source):
         assert vae_config is not None, "an LDM-layout VAE needs its block layout to convert"
+        # diffusers' converter, imported only for a file that needs it (engine/libraries.py).
+        load_model_libraries()
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
         state = convert_ldm_vae_checkpoint(dict(source), vae_config)
     else:
         state = dict(source)
@@ -63,6 +65,10 @@ def to_diffusers(kind: Kind, source: dict[str, torch.Tensor], vae_config: dict[s
 
 def _transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if is_comfy_transformer(state):
+        # diffusers' converter, imported only for a file that needs it (engine/libraries.py).
+        load_model_libraries()
+        from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
         converted: dict[str, torch.Tensor] = convert_z_image_transformer_checkpoint_to_diffusers(state)
         return converted
     return state

@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from zimage_serve.engine import components
 from zimage_serve.engine.components import PreparedComponent
 from zimage_serve.engine.devices import Placement, pick_device, pick_dtypes, pick_memory_mode
 from zimage_serve.engine.fp8 import check_weight_dtype, fp8_bytes_saved, quantise_transformer
 from zimage_serve.engine.layouts import ModelSources
+from zimage_serve.engine.libraries import load_model_libraries
 from zimage_serve.engine.offload import OffloadHooks, apply_memory_mode
 from zimage_serve.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ def prepare_all(sources: ModelSources) -> dict[str, PreparedComponent]:
 
 
 def load_tokenizer(folder: Path, vocab_size: int) -> PreTrainedTokenizerBase:
+    # transformers is imported with the first model, not with the engine (engine/libraries.py).
+    load_model_libraries()
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises many types for a broken folder

@@ -21,6 +21,7 @@ import torch
 
 from zimage_serve.engine.checkpoint import read_header
 from zimage_serve.engine.fp8 import Fp8Linear, quantise_rows
+from zimage_serve.engine.libraries import load_model_libraries
 from zimage_serve.engine.weight_lock import lock_for
 from zimage_serve.errors import ModelLoadError
 
@@ -40,6 +41,8 @@ class LoraPatch:
 
 
 def load_lora(path: Path) -> LoraWeights:
+    # diffusers, first imported through its one lock (engine/libraries.py)
+    load_model_libraries()
     from diffusers.loaders.lora_pipeline import ZImageLoraLoaderMixin
 
     header = read_header(path)  # a clear error for a missing or non-safetensors file

@@ -38,7 +38,10 @@ class BrownianNoise:
     on how the schedule was cut into steps."""
 
     def __init__(self, x: torch.Tensor, sigmas: list[float], seed: int | None) -> None:
-        import torchsde
+        from zimage_serve.engine.libraries import importing
+
+        with importing():  # torchsde only for the SDE samplers, one importing thread at a time
+            import torchsde
 
         positive = [s for s in sigmas if s > 0]
         entropy = seed if seed is not None else int(torch.randint(0, 2**63 - 1, ()).item())

@@ -35,7 +35,11 @@ def normal_schedule(sampling: FlowSampling, steps: int, sgm: bool = False) -> li
 def beta_schedule(sampling: FlowSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> list[float]:
     """Timesteps at the quantiles of Beta(α, β) (arXiv 2407.12173), repeated indices dropped."""
     import numpy as np
-    from scipy.stats import beta as beta_distribution
+
+    from zimage_serve.engine.libraries import importing
+
+    with importing():  # scipy only for the beta scheduler, one importing thread at a time
+        from scipy.stats import beta as beta_distribution
 
     table = sampling.table()
     last = len(table) - 1

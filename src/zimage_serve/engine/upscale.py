@@ -22,7 +22,10 @@ def load_upscale_model(path: Path) -> Any:
     """A spandrel ImageModelDescriptor for a single-image model; a clear error for anything else.
 
     Pickled files are read with `weights_only=True`: tensors and plain containers only, never code."""
-    from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
+    from zimage_serve.engine.libraries import importing
+
+    with importing():  # spandrel (and torchvision) only for upscale models, one importing thread at a time
+        from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
     from zimage_serve.engine.construction import building
 

@@ -91,7 +91,11 @@ class GrowMask(Node):
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         import numpy as np
         import torch
-        from scipy import ndimage
+
+        from zimage_serve.engine.libraries import importing
+
+        with importing():  # scipy (about 60 MiB) only for the node that needs it, one importing thread at a time
+            from scipy import ndimage
 
         mask: torch.Tensor = inputs["mask"]
         expand = inputs["expand"]
