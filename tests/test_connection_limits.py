@@ -55,7 +55,7 @@ def test_half_open_connections_and_one_users_websockets_lock_nobody_out(tmp_path
     raise_open_file_limit()  # this process holds 1,100 connections too
     data = tmp_path / "data"
     tokens = make_tokens(data)
-    with running_server(data, "--auth", "on", open_files=SYSTEMD_DEFAULT) as served:
+    with running_server(data, "--auth", "on", "--no-preload", open_files=SYSTEMD_DEFAULT) as served:
         alice, bob = served.as_token(tokens["user"]), served.as_token(tokens["other"])
         assert connection_cap(SYSTEMD_DEFAULT) > PER_ADDRESS + WEBSOCKETS_PER_USER + 100
 

@@ -254,7 +254,7 @@ def test_serve_reads_the_models_folder_of_its_data_dir(hub: FakeHub, tmp_path: P
     data = tmp_path / "data"
     done = zimage(["models", "pull", "z-image-turbo", "--models", str(data / "models")], _env(tmp_path, hub.url))
     assert done.returncode == 0, done.stderr
-    with running_server(data, "--no-worker-process") as server:
+    with running_server(data, "--no-worker-process", "--no-preload") as server:
         assert server.json("GET", "/models/diffusion_models") == (
             200,
             ["zimage-nano", "z_image_turbo_bf16.safetensors"],
