@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -291,3 +292,31 @@ def test_a_tokens_sign_in_sessions_are_bounded_oldest_out(tmp_path: Path, monkey
     assert kept is not None
     assert [store.session(s) is not None for s in secrets] == [False] * 5 + [True] * SESSIONS_PER_TOKEN
     assert store.session(kept[0]) is not None  # another token's sessions are its own
+
+
+def test_a_token_revoked_here_is_not_handed_out_again_as_revoked_elsewhere(tmp_path: Path) -> None:
+    """The server acts on a revocation made through its API at once; its maintenance turn, which acts on
+    those made elsewhere (another node, the command line), must not act on it a second time, even when it
+    runs while the revocation is being made (here: just after it read the tokens again)."""
+    store = TokenStore(tmp_path / "auth.sqlite3")
+    store.create("alice", "user")
+    store.create("bob", "user")
+    assert store.take_revoked() == []
+    taken: list[list[str]] = []
+    maintenance = threading.Thread(target=lambda: taken.append(store.take_revoked()))
+    original = store.refresh
+
+    def refresh(force: bool = False) -> None:
+        original(force)
+        if force and not maintenance.is_alive() and not taken:  # revoke's own reading, after its write
+            maintenance.start()
+            maintenance.join(0.2)  # it waits for the revocation to be done, or takes it if it may
+
+    store.refresh = refresh  # type: ignore[method-assign]
+    store.revoke("alice")
+    maintenance.join(30)
+    assert taken == [[]]
+    store.refresh = original  # type: ignore[method-assign]
+    TokenStore(tmp_path / "auth.sqlite3").revoke("bob")  # elsewhere: the command line
+    store._checked = float("-inf")
+    assert store.take_revoked() == ["bob"]

@@ -113,6 +113,9 @@ class TokenStore:
     def __init__(self, path: Path) -> None:
         self.path = private_file(path)
         self._lock = threading.Lock()
+        # Held by `revoke` from its write to its discard, and by `take_revoked`: a revocation made here is
+        # never also handed out as another's (the caller acts on it once).
+        self._revoking = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")
@@ -195,17 +198,18 @@ class TokenStore:
         return user
 
     def revoke(self, name: str) -> Token:
-        with self._writing():
-            changed = self._db.execute(
-                "UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name)
-            ).rowcount
-        if not changed:
-            known = any(t.name == name for t in self.tokens())
-            raise TokenError(f"NAME: {name!r} is {'revoked already' if known else 'not a token'}")
-        self.refresh(force=True)
-        record = next(t for t in self.tokens() if t.name == name)
-        self._revoked.discard(record.owner)  # revoked here: the caller acts on it (take_revoked: the others')
-        return record
+        with self._revoking:
+            with self._writing():
+                changed = self._db.execute(
+                    "UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name)
+                ).rowcount
+            if not changed:
+                known = any(t.name == name for t in self.tokens())
+                raise TokenError(f"NAME: {name!r} is {'revoked already' if known else 'not a token'}")
+            self.refresh(force=True)
+            record = next(t for t in self.tokens() if t.name == name)
+            self._revoked.discard(record.owner)  # revoked here: the caller acts on it (take_revoked: the others')
+            return record
 
     def tokens(self) -> list[Token]:
         self.flush_use()
@@ -240,9 +244,10 @@ class TokenStore:
         self._revoked |= before - after
 
     def take_revoked(self) -> list[str]:
-        """The users whose tokens were revoked (or removed) since the last call."""
-        self.refresh()
-        revoked, self._revoked = self._revoked, set()
+        """The users whose tokens were revoked (or removed) since the last call, elsewhere than by `revoke`."""
+        with self._revoking:
+            self.refresh()
+            revoked, self._revoked = self._revoked, set()
         return sorted(revoked)
 
     def used(self, name: str) -> None:
