@@ -90,7 +90,7 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     owner: str = ""  # the user who queued it ("" with authentication off)
     context: JobContext = field(default_factory=JobContext)  # the rest of who queued it, and what they may
-    worker: str = ""  # the worker running it (queue/store.worker_id), "" when none
+    worker: str = ""  # the worker running it (`worker_id` below), "" when none
     lease: float | None = None  # until when that worker's claim holds, unless renewed by a heartbeat
 
     def stored_texts(self) -> StoredTexts:
