@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class WorkerPlan:
     """How this node runs its workers (from the server's settings)."""
 
-    in_process: bool  # one machine: a worker process (True) or the server's threads
+    worker_process: bool  # one machine: a child process runs the prompts (True), or the server's threads
     count: int  # a cluster: the workers this node starts (0: an API node only)
     metrics_port: int | None  # a cluster: worker i serves its /metrics on metrics_port + 1 + i
 
@@ -91,7 +91,7 @@ class LocalBackend:
         return log_place(data_dir, None)  # the head and outbox in the queue file: a job's end and its record are one
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
-        if not self.plan.in_process:
+        if not self.plan.worker_process:
             return build_worker(config, self.queue, listener)
         process = WorkerProcess(config.with_changes(queue=str(self.queue.path)), listener, self.queue)
         hub.on_audience = process.audience_changed

@@ -80,7 +80,7 @@ class Folders:
 
     def of_type(self, kind: str) -> Path | None:
         """The folder a file's `type` names (ComfyUI's output, input or temp); None for any other."""
-        return {"output": self.output, "input": self.input, "temp": self.temp}.get(kind)
+        return getattr(self, kind) if kind in FILE_TYPES else None
 
     _listings: dict[str, tuple[dict[Path, int], list[str]]] = field(default_factory=dict, repr=False, compare=False)
     _listing_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
