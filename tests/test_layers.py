@@ -1,7 +1,7 @@
 """The package's layers point down, read from the source's imports (every one, also those inside
 functions; not those under `if TYPE_CHECKING:`, which never run):
 
-    cli → server, batch → client → worker → queue → security, templates → workflow → nano → engine → base
+    cli → server, batch → client → worker → records → queue → security, templates → workflow → nano → engine → base
 
 A module imports from its own package, from the layers below it, and from the base modules (the
 package's top-level modules: errors, identity, limits, settings ...), which import only each other.
@@ -22,6 +22,7 @@ LAYERS = (
     ("server", "batch"),
     ("client",),
     ("worker",),
+    ("records",),
     ("queue",),
     ("security", "templates"),
     ("workflow", "workflows"),
