@@ -458,3 +458,17 @@ def test_each_owner_keeps_their_own_history_and_a_flood_trims_the_flooder(connec
     assert store.delete_history(["bob4", "bob5"], "bob") == 2
     run("bob", 2, first=8)
     assert kept("bob") == ["bob6", "bob7", "bob8", "bob9"] and store.count_finished() == 12
+
+
+def test_a_waiting_job_knows_its_place_in_the_queue_and_in_its_owners_share(connect: Connect) -> None:
+    store = connect()
+    for job_id, owner, number in (("a1", "alice", 1), ("b1", "bob", 2), ("a2", "alice", 3), ("a0", "alice", -1)):
+        store.enqueue_many([NewJob.of(Job(job_id, number, {}, {}, [], owner=owner, context=JobContext("user")))])
+    assert [store.position(i) for i in ("a0", "a1", "b1", "a2")] == [1, 2, 3, 4]
+    assert [store.position(i, "alice") for i in ("a0", "a1", "a2")] == [1, 2, 3]
+    assert store.position("b1", "bob") == 1
+    assert store.position("missing") is None
+    while (claimed := store.claim()) is not None and claimed.id != "a0":  # fair share may pick bob first
+        pass
+    assert store.position("a0") is None  # running, not waiting
+    assert store.position("a1", "alice") == 1 and store.position("a2", "alice") == 2

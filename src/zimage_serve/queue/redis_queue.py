@@ -348,6 +348,20 @@ class RedisQueue:
             for number, job_id, prompt, extra, outputs in rows
         ]
 
+    def position(self, job_id: str, owner: str | None = None) -> int | None:
+        def read() -> Any:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(f"{self.prefix}job:{job_id}", "m")
+            pipe.hget(f"{self.prefix}job:{job_id}", "state")
+            return pipe.execute()
+
+        member, state = self.call(read)
+        if member is None or state != "pending":
+            return None
+        key = self.prefix + "pending" if owner is None else self._owned(owner, "pending")
+        rank = self.call(lambda: self.redis.zrank(key, member))
+        return None if rank is None else int(rank) + 1
+
     def count(self, state: str, owner: str | None = None) -> int:
         if owner is None:
             return int(self.call(lambda: self.redis.hget(self.prefix + "counts", state)) or 0)

@@ -388,6 +388,22 @@ class SQLiteQueue:
             for number, job_id, prompt, extra, outputs in rows
         ]
 
+    def position(self, job_id: str, owner: str | None = None) -> int | None:
+        with self._lock:
+            row = self._execute(
+                f"SELECT number, seq FROM jobs WHERE id = ? AND {LIVE} AND state = 'pending'", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            ahead = "(number < ? OR (number = ? AND seq < ?))"
+            args: tuple[Any, ...] = (row["number"], row["number"], row["seq"])
+            if owner is None:
+                sql = f"SELECT COUNT(*) FROM jobs WHERE {LIVE} AND state = 'pending' AND {ahead}"
+            else:
+                sql = f"SELECT COUNT(*) FROM jobs WHERE {OWNED} AND {LIVE} AND state = 'pending' AND {ahead}"
+                args = (owner, *args)
+            return int(self._execute(sql, args).fetchone()[0]) + 1
+
     def count(self, state: str, owner: str | None = None) -> int:
         """Jobs in `state` (everyone's from the kept counts, or `owner`'s, counted)."""
         with self._lock:

@@ -25,18 +25,25 @@ def output_asset_id(job_id: str, kind: str, subfolder: str, filename: str) -> st
 
 @dataclass(frozen=True)
 class Place:
-    """Where an asset's bytes are: a file of its owner's, named as `/view` names one."""
+    """Where an asset's bytes are: a file named as `/view` names one, in the folders of a user's space
+    (`Folders.space`; "" for the shared folders, an admin's)."""
 
     kind: str  # input, output or temp
     subfolder: str
     filename: str
+    space: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"type": self.kind, "subfolder": self.subfolder, "filename": self.filename}
+        return {"type": self.kind, "subfolder": self.subfolder, "filename": self.filename, "space": self.space}
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Place:
-        return cls(str(data["type"]), str(data["subfolder"]), str(data["filename"]))
+        return cls(str(data["type"]), str(data["subfolder"]), str(data["filename"]), str(data.get("space") or ""))
+
+    @property
+    def key(self) -> str:
+        """One text per file: records over the same file share it."""
+        return "/".join((self.space, self.kind, self.subfolder, self.filename))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ local key = prefix .. 'asset:' .. id
 local text = redis.call('GET', key)
 if not text then return false end
 local record = cjson.decode(text)
-local place = record.place.type .. '/' .. record.place.subfolder .. '/' .. record.place.filename
+local place = (record.place.space or '') .. '/' .. record.place.type .. '/' .. record.place.subfolder .. '/'
+    .. record.place.filename
 local places = prefix .. 'asset_place:' .. record.owner .. ':' .. place
 redis.call('DEL', key)
 redis.call('SREM', places, id)
@@ -81,7 +82,7 @@ class RedisRecords:
             asset.id,
             json.dumps(asset.to_json()),
             asset.owner,
-            f"{place.kind}/{place.subfolder}/{place.filename}",
+            place.key,
             asset.hash if asset.hash is not None and asset.job_id is None else "",
             "" if asset.expires is None else repr(asset.expires),
         ]

@@ -27,6 +27,7 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_expiring ON idempotency_keys (expire
 CREATE TABLE IF NOT EXISTS assets (
     id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
+    space TEXT NOT NULL,
     kind TEXT NOT NULL,
     subfolder TEXT NOT NULL,
     filename TEXT NOT NULL,
@@ -41,11 +42,12 @@ CREATE TABLE IF NOT EXISTS assets (
     tags TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS assets_by_hash ON assets (owner, hash) WHERE hash IS NOT NULL AND job_id IS NULL;
-CREATE INDEX IF NOT EXISTS assets_by_place ON assets (owner, kind, subfolder, filename);
+CREATE INDEX IF NOT EXISTS assets_by_place ON assets (owner, space, kind, subfolder, filename);
 CREATE INDEX IF NOT EXISTS assets_expiring ON assets (expires) WHERE expires IS NOT NULL;
 """
 COLUMNS = (
-    "id, owner, kind, subfolder, filename, size, content_type, created, hash, file_path, expires, job_id, node_id, tags"
+    "id, owner, space, kind, subfolder, filename, size, content_type, created, hash, file_path, expires, job_id, "
+    "node_id, tags"
 )
 
 
@@ -92,7 +94,7 @@ class SQLiteRecords:
     # -- assets --------------------------------------------------------------------------------------
     def add_asset(self, asset: Asset) -> Asset:
         with self._writing():
-            self._execute(f"INSERT OR IGNORE INTO assets ({COLUMNS}) VALUES ({', '.join('?' * 14)})", _row(asset))
+            self._execute(f"INSERT OR IGNORE INTO assets ({COLUMNS}) VALUES ({', '.join('?' * 15)})", _row(asset))
             row = self._execute(f"SELECT {COLUMNS} FROM assets WHERE id = ?", (asset.id,)).fetchone()
         return _asset(row)
 
@@ -121,8 +123,9 @@ class SQLiteRecords:
                 return None
             self._execute("DELETE FROM assets WHERE id = ?", (asset_id,))
             others = self._execute(
-                "SELECT 1 FROM assets WHERE owner = ? AND kind = ? AND subfolder = ? AND filename = ? LIMIT 1",
-                (row["owner"], row["kind"], row["subfolder"], row["filename"]),
+                "SELECT 1 FROM assets WHERE owner = ? AND space = ? AND kind = ? AND subfolder = ? AND filename = ? "
+                "LIMIT 1",
+                (row["owner"], row["space"], row["kind"], row["subfolder"], row["filename"]),
             ).fetchone()
         return _asset(row), others is None
 
@@ -155,6 +158,7 @@ def _row(asset: Asset) -> tuple[Any, ...]:
     return (
         asset.id,
         asset.owner,
+        place.space,
         place.kind,
         place.subfolder,
         place.filename,
@@ -174,7 +178,7 @@ def _asset(row: sqlite3.Row) -> Asset:
     return Asset(
         id=row["id"],
         owner=row["owner"],
-        place=Place(row["kind"], row["subfolder"], row["filename"]),
+        place=Place(row["kind"], row["subfolder"], row["filename"], row["space"]),
         size=row["size"],
         content_type=row["content_type"],
         created=row["created"],
