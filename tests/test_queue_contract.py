@@ -472,3 +472,21 @@ def test_a_waiting_job_knows_its_place_in_the_queue_and_in_its_owners_share(conn
         pass
     assert store.position("a0") is None  # running, not waiting
     assert store.position("a1", "alice") == 1 and store.position("a2", "alice") == 2
+
+
+def test_a_waiting_job_canceled_ends_in_the_history_without_running(connect: Connect) -> None:
+    store = connect()
+    add(store, "waits")
+    add(store, "runs")
+    result = {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": []}}
+    assert store.cancel_waiting("waits", result)
+    assert not store.cancel_waiting("waits", result)  # once
+    job = store.get("waits")
+    assert job is not None and job.state == "interrupted" and job.started is None and job.finished is not None
+    assert job.result == result
+    assert [j.id for j in store.history()] == ["waits"]
+    assert store.count("pending") == 1 and store.count("interrupted") == 1
+    claimed = store.claim()
+    assert claimed is not None and claimed.id == "runs"
+    assert not store.cancel_waiting("runs", result)  # running: interrupted by its worker, not here
+    assert connect().get("waits") == job

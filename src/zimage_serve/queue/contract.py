@@ -56,6 +56,11 @@ class JobQueue(Protocol):
         """Record a running job's end and history entry; with `claim_next`, hand `worker` the next job too."""
         ...
 
+    def cancel_waiting(self, job_id: str, result: dict[str, Any]) -> bool:
+        """End a waiting job as `interrupted` without running it (its history entry `result`, recorded as any
+        job's end is); False if it was not waiting."""
+        ...
+
     def holds(self, job_id: str, worker: str) -> bool:
         """Whether `worker` still runs `job_id` (its lease did not run out and pass the job to another)."""
         ...

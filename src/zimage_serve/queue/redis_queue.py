@@ -106,7 +106,9 @@ class RedisQueue:
         self._history_args = (self.history_limits.per_owner, self.history_limits.total)
         self.redis = client if client is not None else connect(url)
         self._down_until = 0.0
-        scripts = ("ENQUEUE", "COUNT_IMAGES", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE")
+        scripts = (
+            "ENQUEUE", "COUNT_IMAGES", "CLAIM", "FINISH", "HEARTBEAT", "RELEASE", "DELETE", "PAGE", "CANCEL_WAITING"
+        )  # fmt: skip
         self._scripts = {name: self.redis.register_script(getattr(redis_scripts, name)) for name in scripts}
 
     def _run(self, script: str, *args: Any) -> Any:
@@ -280,6 +282,9 @@ class RedisQueue:
             "FINISH", job_id, state, text, "1" if claim_next else "0", worker, repr(lease_s), *self._history_args
         )
         return self._job_or_none(fields)
+
+    def cancel_waiting(self, job_id: str, result: dict[str, Any]) -> bool:
+        return bool(self._run("CANCEL_WAITING", job_id, strict_json.dumps(result), *self._history_args))
 
     def holds(self, job_id: str, worker: str) -> bool:
         state, holder = self.call(lambda: self.redis.hmget(f"{self.prefix}job:{job_id}", "state", "worker"))

@@ -156,22 +156,24 @@ local function trim_history(owner, per_owner, total)
   end
 end
 
--- A running job's end: its state, result and history entry, and a copy in the audit outbox.
-local function finish(id, state, result, t, per_owner, total, worker)
+-- A running job's end (or, `from` 'pending', a waiting job's, canceled before it ran): its state, result
+-- and history entry, and a copy in the audit outbox.
+local function finish(id, state, result, t, per_owner, total, worker, from)
+  from = from or 'running'
   local key = P .. 'job:' .. id
   local fields = redis.call('HMGET', key, 'state', 'm', 'owner', 'worker')
-  if fields[1] ~= 'running' then return false end
+  if fields[1] ~= from then return false end
   -- Fenced: a worker whose lease ran out, and whose job another worker took, records nothing.
   if worker ~= nil and worker ~= '' and fields[4] ~= worker then return false end
   local finished = fmt(t)
   count_history_owners()
   redis.call('HSET', key, 'state', state, 'finished', finished, 'result', result)
-  move(fields[2], fields[3], 'running', 'history', finished)
-  if fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
-  counted('running', state)
+  move(fields[2], fields[3], from, 'history', finished)
+  if fields[4] and fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
+  counted(from, state)
   local job = redis.call('HMGET', key, 'owner', 'context', 'created', 'started')
   redis.call('XADD', P .. 'audit', 'MAXLEN', '~', 100000, '*', 'job_id', id, 'owner', job[1],
-             'context', job[2], 'state', state, 'created', job[3], 'started', job[4], 'finished', finished,
+             'context', job[2], 'state', state, 'created', job[3], 'started', job[4] or '', 'finished', finished,
              'result', result)
   trim_history(fields[3], tonumber(per_owner), tonumber(total))
   return true
@@ -301,6 +303,16 @@ if fields[4] ~= '' then redis.call('SREM', P .. 'held:' .. fields[4], id) end
 counted('running', 'pending')
 redis.call('PUBLISH', P .. 'control', '{"type":"Wake"}')
 return 1
+"""
+)
+
+# ARGV: P, clock, id, result, per_owner, total. A waiting job ends canceled, never having run: 1, or 0 if it
+# was not waiting.
+CANCEL_WAITING = (
+    PRELUDE
+    + r"""
+if finish(ARGV[3], 'interrupted', ARGV[4], now(), ARGV[5], ARGV[6], '', 'pending') then return 1 end
+return 0
 """
 )
 

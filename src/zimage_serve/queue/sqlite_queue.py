@@ -279,6 +279,17 @@ class SQLiteQueue:
                 self._trim_history(str(ended[0]))
             return self._claim_next(worker, lease_s) if claim_next else None
 
+    def cancel_waiting(self, job_id: str, result: dict[str, Any]) -> bool:
+        with self._writing():
+            ended = self._execute(
+                "UPDATE jobs SET state = 'interrupted', finished = ?, result = ? WHERE id = ? AND state = 'pending' "
+                "RETURNING owner",
+                (self.clock(), strict_json.dumps(result), job_id),
+            ).fetchone()
+            if ended is not None:
+                self._trim_history(str(ended[0]))
+        return ended is not None
+
     def holds(self, job_id: str, worker: str) -> bool:
         with self._lock:
             row = self._execute(
