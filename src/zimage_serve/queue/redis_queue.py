@@ -364,7 +364,7 @@ class RedisQueue:
         if member is None or state != "pending":
             return None
         key = self.prefix + "pending" if owner is None else self._owned(owner, "pending")
-        rank = self.call(lambda: self.redis.zrank(key, member))
+        rank: Any = self.call(lambda: self.redis.zrank(key, member))
         return None if rank is None else int(rank) + 1
 
     def count(self, state: str, owner: str | None = None) -> int:
