@@ -53,10 +53,8 @@ COLUMNS = (
 
 class SQLiteRecords:
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path, self.clock = path, clock
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.clock = private_file(path), clock
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        private_file(path)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

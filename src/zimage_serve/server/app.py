@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.requests import Request as PlainRequest
@@ -36,6 +38,11 @@ from zimage_serve.server import (
 )
 from zimage_serve.server.gate import Gate
 from zimage_serve.server.runtime import Runtime, ServerSettings
+from zimage_serve.server.v2 import assets as v2_assets
+from zimage_serve.server.v2 import jobs as v2_jobs
+from zimage_serve.server.v2.assets import ASSET_UPLOADS
+from zimage_serve.server.v2.envelope import V2Error, envelope_bytes, error_response, is_v2
+from zimage_serve.server.v2.requests import v2_validation_error
 from zimage_serve.workflow.validate import error_body
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,8 @@ class ApiPrefix:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope["path"].startswith("/api/"):
+        path: str = scope.get("path", "")
+        if scope["type"] in ("http", "websocket") and path.startswith("/api/") and not is_v2(path):
             inner = {**scope, "path": scope["path"][4:]}
             raw: bytes | None = scope.get("raw_path")
             if raw is not None and raw.startswith(b"/api/"):
@@ -93,12 +101,13 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        limit = self.upload_limit if path.endswith(("/upload/image", "/upload/mask")) else self.limit
+        uploading = path.endswith(("/upload/image", "/upload/mask")) or path == ASSET_UPLOADS
+        limit = self.upload_limit if uploading else self.limit
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         if length is not None:
             if length.isdigit() and int(length) > limit:
-                await self._refuse(send, f"{int(length)} bytes; the limit is {limit}")
+                await self._refuse(send, f"{int(length)} bytes; the limit is {limit}", path)
                 return
             await self.app(scope, receive, send)
             return
@@ -111,7 +120,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                await self._refuse(send, f"more than {limit} bytes")
+                await self._refuse(send, f"more than {limit} bytes", path)
                 return
             if not message.get("more_body", False):
                 break
@@ -123,8 +132,11 @@ class BodyLimit:
         await self.app(scope, replayed, send)
 
     @staticmethod
-    async def _refuse(send: Send, details: str) -> None:
-        body = json.dumps(error_body("request_too_large", "Request body too large", details)).encode()
+    async def _refuse(send: Send, details: str, path: str) -> None:
+        if is_v2(path):
+            body = envelope_bytes("request_too_large", f"Request body too large: {details}")
+        else:
+            body = json.dumps(error_body("request_too_large", "Request body too large", details)).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -241,6 +253,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.hub.bind(asyncio.get_running_loop())
+        runtime.feeds.bind(asyncio.get_running_loop())
         runtime.start()
         runtime.security.start(runtime.revoked)
         try:
@@ -266,15 +279,33 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         app.include_router(router)
     schemas.document(app)
     app.include_router(openai_images.router)  # OpenAI clients use /v1 as their base URL
+    app.include_router(v2_jobs.router, prefix="/api/v2")  # Comfy API v2 clients use /api/v2
+    app.include_router(v2_assets.router, prefix="/api/v2")
     app.mount("/", routes_frontend.frontend_files(), name="frontend")  # last: every route above comes first
 
     @app.exception_handler(QueueUnavailable)
     async def queue_unavailable(request: Request, exc: QueueUnavailable) -> JSONResponse:
+        if is_v2(request.url.path):
+            log.warning("answered 503: %s", exc)
+            headers = {"Retry-After": str(exc.retry_after)}
+            return error_response(503, "queue_unavailable", exc.shown, headers=headers)
         return unavailable_response(exc)
+
+    @app.exception_handler(V2Error)
+    async def v2_error(request: Request, exc: V2Error) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if is_v2(request.url.path):
+            return v2_validation_error(exc.errors())
+        return await request_validation_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if is_v2(request.url.path):
+            return error_response(500, "upstream_error", "Internal server error: the error was logged on the server")
         return internal_error_response()
 
     lane = PromptLane(app, settings.max_body_bytes)

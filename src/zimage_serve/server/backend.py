@@ -23,6 +23,9 @@ from zimage_serve.queue.audit_relay import AuditRelay, audit_file
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.redis_queue import RedisQueue
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
+from zimage_serve.records.contract import Records
+from zimage_serve.records.redis_records import RedisRecords
+from zimage_serve.records.sqlite_records import SQLiteRecords
 from zimage_serve.security.audit import log_place
 from zimage_serve.server.service import DeviceWorker
 from zimage_serve.worker.build import WorkerConfig, build_worker
@@ -52,6 +55,11 @@ class Backend(Protocol):
     @property
     def queue(self) -> JobQueue: ...
 
+    @property
+    def records(self) -> Records:
+        """Comfy API v2's idempotency keys and asset records."""
+        ...
+
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         """Where this node's audit log is: its folder, and the database of its head and outbox."""
         ...
@@ -78,14 +86,15 @@ def open_backend(url: str | None, data_dir: Path, max_pending: int, plan: Worker
         raise ConfigError(
             "a node of its own runs one worker; more (or none) need a shared queue (--queue redis://...)", "--workers"
         )
-    return LocalBackend(SQLiteQueue(data_dir / "queue.sqlite3", max_pending=max_pending), plan)
+    queue = SQLiteQueue(data_dir / "queue.sqlite3", max_pending=max_pending)
+    return LocalBackend(queue, SQLiteRecords(data_dir / "records.sqlite3"), plan)
 
 
 class LocalBackend:
     shared, kind = False, "sqlite"
 
-    def __init__(self, queue: SQLiteQueue, plan: WorkerPlan) -> None:
-        self.queue, self.plan = queue, plan
+    def __init__(self, queue: SQLiteQueue, records: SQLiteRecords, plan: WorkerPlan) -> None:
+        self.queue, self.records, self.plan = queue, records, plan
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         return log_place(data_dir, None)  # the head and outbox in the queue file: a job's end and its record are one
@@ -94,7 +103,7 @@ class LocalBackend:
         if not self.plan.worker_process:
             return build_worker(config, self.queue, listener)
         process = WorkerProcess(config.with_changes(queue=str(self.queue.path)), listener, self.queue)
-        hub.on_audience = process.audience_changed
+        hub.on_audience = process.audience_changed  # sockets and event streams: who wants every event
         return process
 
     def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
@@ -115,7 +124,7 @@ class LocalBackend:
         pass
 
     def stop(self) -> None:
-        pass
+        self.records.close()
 
 
 class ClusterBackend:
@@ -123,6 +132,7 @@ class ClusterBackend:
 
     def __init__(self, queue: RedisQueue, choice: backends.QueueChoice, plan: WorkerPlan, node_name: str) -> None:
         self.queue, self.choice, self.plan, self.node_name = queue, choice, plan, node_name
+        self.records = RedisRecords(queue)
         self.relay: AuditRelay | None = None
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
@@ -145,7 +155,7 @@ class ClusterBackend:
             )
 
         local = [worker_config(i) for i in range(self.plan.count)]
-        return ClusterWorkers(self.queue, listener, local, audience=lambda: len(hub.sockets))
+        return ClusterWorkers(self.queue, listener, local, audience=hub.audience)
 
     def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
         assert isinstance(worker, ClusterWorkers)

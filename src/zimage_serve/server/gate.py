@@ -30,6 +30,7 @@ from zimage_serve.security.audit import UNAVAILABLE, AuditUnavailable, iso
 from zimage_serve.security.guard import Security
 from zimage_serve.security.refusals import cut
 from zimage_serve.security.tokens import Token
+from zimage_serve.server.v2.envelope import envelope_bytes, is_v2
 from zimage_serve.workflow.validate import error_body
 
 IDENTITY = "zimage.identity"
@@ -38,7 +39,7 @@ AUDIT = "zimage.audit"  # what a route adds to its request's audit record (job i
 UNRECORDED = "zimage.unrecorded"  # what undoes a request whose audit record cannot be written
 RETRY_AFTER_S = "5"
 READS = ("GET", "HEAD", "OPTIONS")
-HEALTH = ("/health", "/api/health")
+HEALTH = ("/health", "/api/health", "/api/v2/health")
 VIEW = ("/view", "/api/view")
 QUERY_TOKEN_PATHS = VIEW  # and every WebSocket: where browsers cannot send an Authorization header
 SIGN_IN = ("/login", "/logout")  # open to all: the sign-in page and its form
@@ -203,7 +204,7 @@ class _Audited:
                     self.replaced = True
                     for undo in self.undo:
                         await run_in_threadpool(undo)
-                    body = _error_body("audit_unavailable", UNAVAILABLE)
+                    body = _error_body("audit_unavailable", UNAVAILABLE, self.base["route"])
                     headers = [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
@@ -288,14 +289,17 @@ async def _see_other(send: Send, location: str) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _error_body(reason: str, message: str) -> bytes:
+def _error_body(reason: str, message: str, path: str) -> bytes:
+    """ComfyUI's error shape, or v2's envelope under /api/v2."""
+    if is_v2(path):
+        return envelope_bytes(reason, message, {"reason": reason})
     return json.dumps(error_body(reason, message, message)).encode()
 
 
 async def _refuse(
     scope: Scope, receive: Receive, send: Send, status: int, reason: str, message: str, extra: dict[str, str]
 ) -> None:
-    body = _error_body(reason, message)
+    body = _error_body(reason, message, scope["path"])
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -39,9 +39,10 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue[tuple[str, list[Session] | str | None]] | None = None
         self._pump_task: asyncio.Task[None] | None = None
-        # Told the number of sockets whenever it changes (the worker process skips, while nobody is
-        # connected, the events that only sockets would receive).
+        # Told the number of sockets and event streams whenever it changes (the worker process skips, while
+        # nobody is connected, the events that only they would receive).
         self.on_audience: Callable[[int], None] | None = None
+        self._streams = 0  # Comfy API v2's event streams (server/v2/feeds.py)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -90,9 +91,17 @@ class Hub:
                 with contextlib.suppress(Exception):
                     await socket.close(code=code)
 
+    def audience(self) -> int:
+        """Sockets and event streams: while there are none, workers send only each job's end."""
+        return len(self.sockets) + self._streams
+
+    def streams_changed(self, streams: int) -> None:
+        self._streams = streams
+        self._audience_changed()
+
     def _audience_changed(self) -> None:
         if self.on_audience is not None:
-            self.on_audience(len(self.sockets))
+            self.on_audience(self.audience())
 
     # -- from any thread ---------------------------------------------------------------------------
     def publish(self, event: str, data: dict[str, Any], client_id: str | None, owner: str = "") -> None:

@@ -24,6 +24,8 @@ from zimage_serve.server.backend import WorkerPlan, open_backend
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.service import QueueService
 from zimage_serve.server.submissions import SubmissionBatcher
+from zimage_serve.server.v2.feeds import JobFeeds
+from zimage_serve.server.v2.job_view import JobViews
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
@@ -55,6 +57,8 @@ class ServerSettings:
     workers: int = 1  # with a Redis queue: workers this node runs (0: an API node only)
     metrics_port: int | None = None  # /metrics also on this loopback port (local workers: the ports after it)
     node_name: str = ""  # with a Redis queue: this API node's name (its audit log's folder); default host-port
+    job_retention_s: float = 30 * 86400.0  # how long v2 says a job is kept after it ends (its expires_at)
+    event_streams: int = 100  # v2 event streams one user may hold open at once
 
 
 class Runtime:
@@ -76,6 +80,7 @@ class Runtime:
         plan = WorkerPlan(settings.worker_process, settings.workers, settings.metrics_port)
         self.backend = open_backend(settings.queue, data, settings.max_queue, plan, self.node_name)
         self.store = self.backend.queue
+        self.records = self.backend.records
         audit_folder, audit_head = self.backend.audit_place(data)
         self.security = Security(
             settings.security, settings.listen, settings.port, data, audit_head, settings.run.limits, audit_folder
@@ -89,6 +94,8 @@ class Runtime:
         )
         self.submissions = SubmissionBatcher(self.service, remote=self.backend.shared)
         self.waits = JobWaits(lambda job_id: self.service.get(job_id, LOCAL))
+        self.feeds = JobFeeds(on_watched=self.hub.streams_changed)
+        self.v2_jobs = JobViews(self.store, self.records, self.folders, self.feeds, settings.job_retention_s)
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         self._started = self._stopped = False
@@ -187,6 +194,7 @@ class Runtime:
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
     ) -> None:
         self.hub.publish(event, data, client_id, owner)
+        self.feeds.publish(prompt_id, event, data)
         if event in CLOSING:  # recorded in the queue before it is sent: whoever waits may read it now
             self.waits.ended(prompt_id)
 

@@ -19,6 +19,7 @@ from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import DuplicateJob, Job, NewJob, QueueFull, Quota, QuotaExceeded
 from zimage_serve.worker.messages import Executing
+from zimage_serve.workflow.events import now_ms
 from zimage_serve.workflow.folders import MODEL_FOLDERS, Folders
 from zimage_serve.workflow.image_count import estimated_images
 from zimage_serve.workflow.spec import node_info, object_info, prompt_inputs
@@ -268,6 +269,21 @@ class QueueService:
         if self.get(prompt_id, identity) is None:
             return False
         return bool(self.store.delete_pending([prompt_id])) or self.worker.interrupt(prompt_id)
+
+    def cancel_waiting(self, prompt_id: str, identity: Identity = LOCAL) -> dict[str, Any] | None:
+        """End a waiting prompt as interrupted, in the history, without running it: its
+        `execution_interrupted` data, or None if it is not the caller's, or not waiting."""
+        if self.get(prompt_id, identity) is None:
+            return None
+        data: dict[str, Any] = {
+            "prompt_id": prompt_id,
+            "node_id": None,
+            "node_type": None,
+            "executed": [],
+            "timestamp": now_ms(),
+        }
+        result = {"outputs": {}, "messages": [["execution_interrupted", data]]}
+        return data if self.store.cancel_waiting(prompt_id, result) else None
 
     def usage(self, identity: Identity) -> list[dict[str, Any]]:
         """Today's jobs and images per user, and what each has queued: the caller's own, everyone's for an

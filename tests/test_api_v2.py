@@ -1,0 +1,315 @@
+"""Comfy API v2 (`/api/v2`), in process against real SQLite, with authentication on: the shapes are checked
+with the official client's own models (`comfy_low.models`, generated from the spec), so what passes here is
+what `comfy-sdk` reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blake3 import blake3
+from comfy_low import models
+from PIL import Image
+
+from tests.support.app import AppServer, serving
+from tests.support.jobs import done, ready, settle, slow_job, small_job, submit, wait_until
+from tests.support.tokens import make_tokens
+from zimage_serve.security.audit_verify import records
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AppServer, dict[str, str]]]:
+    data = tmp_path_factory.mktemp("v2") / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on") as running:
+        ready(running.as_token(tokens["admin"]))
+        yield running, tokens
+
+
+@pytest.fixture()
+def alice(shared: tuple[AppServer, dict[str, str]]) -> AppServer:
+    server, tokens = shared
+    settle(server.as_token(tokens["admin"]))
+    return server.as_token(tokens["user"])
+
+
+@pytest.fixture()
+def bob(shared: tuple[AppServer, dict[str, str]]) -> AppServer:
+    server, tokens = shared
+    return server.as_token(tokens["other"])
+
+
+def png(colour: str = "red", size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(server: AppServer, content: bytes, *, name: str = "photo.png", **fields: str) -> tuple[int, Any]:
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + content
+        + b"\r\n"
+    )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    status, _, answer = server.request(
+        "POST", "/api/v2/assets", raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    return status, json.loads(answer) if answer else None
+
+
+def asset_ref(asset: dict[str, Any]) -> dict[str, Any]:
+    return {"__type": "core/ASSET", "info": {"id": asset["id"], "hash": asset["hash"], "file_path": "photo.png"}}
+
+
+def copy_graph(image: Any, prefix: str) -> dict[str, Any]:
+    """A model-free graph: an image loaded and saved again."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def submit_v2(server: AppServer, workflow: dict[str, Any], key: str | None = None, **body: Any) -> tuple[int, Any]:
+    headers = {"Idempotency-Key": key} if key else {}
+    status, _, answer = server.request("POST", "/api/v2/jobs", {"workflow": workflow, **body}, headers=headers)
+    return status, json.loads(answer)
+
+
+def finished(server: AppServer, job_id: str) -> dict[str, Any]:
+    def ended() -> bool:
+        return server.json("GET", f"/api/v2/jobs/{job_id}")[1]["status"] in ("succeeded", "failed", "canceled")
+
+    wait_until(ended)
+    job: dict[str, Any] = server.json("GET", f"/api/v2/jobs/{job_id}")[1]
+    models.Job.model_validate(job)  # the official client's reading of it
+    return job
+
+
+def code(answer: Any) -> str:
+    models.ErrorEnvelope.model_validate(answer)
+    return str(answer["error"]["code"])
+
+
+def test_a_workflow_runs_through_v2_from_an_uploaded_asset_to_an_output_asset(alice: AppServer) -> None:
+    content = png("blue")
+    status, asset = upload(alice, content, content_type="image/png", file_path="photo.png", tags="input")
+    assert status == 201 and asset["created_new"] is True, asset
+    models.Asset.model_validate(asset)
+    assert asset["hash"] == "blake3:" + blake3(content).hexdigest() and asset["size_bytes"] == len(content)
+
+    status, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/copy"), str(uuid.uuid4()), metadata={"sku": "A-7"})
+    assert status == 201, job
+    models.Job.model_validate(job)
+    assert job["status"] in ("queued", "running") and job["urls"]["self"] == f"/api/v2/jobs/{job['id']}"
+    assert job["metadata"] == {"sku": "A-7"}
+
+    job = finished(alice, job["id"])
+    assert job["status"] == "succeeded" and job["error"] is None and job["progress"]["value"] == 1.0
+    [output] = job["outputs"]
+    assert output["node_id"] == "2" and output["type"] == "image" and output["name"].startswith("copy")
+    status, headers, saved = alice.request("GET", output["url"])
+    assert status == 200 and headers["content-type"] == "image/png" and saved[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(saved)).getpixel((0, 0)) == (0, 0, 255)
+    assert output["size_bytes"] == len(saved)
+    # The output is an asset: its hash is computed when asked for, and the id is stable.
+    status, described = alice.json("GET", f"/api/v2/assets/{output['id']}")
+    assert status == 200 and described["hash"] == "blake3:" + blake3(saved).hexdigest()
+    assert described["job_id"] == job["id"]
+    assert finished(alice, job["id"])["outputs"][0]["id"] == output["id"]
+
+    # An ordinary job: ComfyUI's routes show it, and the audit log recorded who queued it.
+    assert job["id"] in alice.json("GET", "/history")[1]
+    assert any(j["id"] == job["id"] for j in alice.json("GET", "/api/jobs")[1]["jobs"])
+    logged = [r for r in records(alice.data_dir / "audit") if r.get("job_id") == job["id"]]
+    assert any(r["kind"] == "request" and r["route"] == "/api/v2/jobs" and r["user"] == "alice" for r in logged)
+    status, graph = alice.json("GET", f"/api/v2/jobs/{job['id']}/workflow")
+    assert (
+        status == 200 and graph["format"] == "api" and graph["workflow"]["1"]["inputs"]["image"].startswith("assets/")
+    )
+
+
+def test_a_comfyui_job_reads_through_v2(alice: AppServer) -> None:
+    prompt_id = submit(alice, small_job("v2/comfy"))
+    done(alice, prompt_id)
+    job = finished(alice, prompt_id)
+    assert job["status"] == "succeeded" and len(job["outputs"]) == 1
+
+
+def test_an_idempotency_key_is_single_use_and_released_when_nothing_was_queued(alice: AppServer) -> None:
+    key = str(uuid.uuid4())
+    status, answer = submit_v2(alice, {"1": {"class_type": "NoSuchNode", "inputs": {}}}, key)
+    assert status == 422 and code(answer) == "invalid_workflow"
+    status, job = submit_v2(alice, small_job("v2/key"), key)  # the failed one did not use the key up
+    assert status == 201, job
+    status, answer = submit_v2(alice, small_job("v2/key"), key)
+    assert status == 422 and code(answer) == "idempotency_key_reuse"
+    finished(alice, job["id"])
+    assert len([j for j in alice.json("GET", "/api/v2/jobs?limit=100")[1]["jobs"] if j["id"] == job["id"]]) == 1
+
+
+def test_errors_come_in_v2s_envelope_and_name_what_is_wrong(alice: AppServer, shared: Any) -> None:
+    server, _ = shared
+    status, _, body = server.request("GET", "/api/v2/jobs/x")  # no token
+    assert status == 401 and code(json.loads(body)) == "unauthorized"
+    assert server.request("GET", "/api/v2/health")[0] == 200  # always open
+    ui = {"nodes": [], "links": [], "version": 0.4}
+    assert code(submit_v2(alice, ui)[1]) == "workflow_format_ui"
+    status, answer = submit_v2(alice, small_job("v2/x"), webhook_url="https://example.com/hook")
+    assert status == 422 and "webhook_url" in answer["error"]["message"]
+    status, answer = submit_v2(alice, small_job("v2/x"), extra_data={"client_id": "x"})
+    assert status == 422 and answer["error"]["details"]["errors"][0]["field"] == "extra_data.client_id"
+    status, answer = submit_v2(alice, copy_graph({"__type": "core/ASSET", "info": {"id": str(uuid.uuid4())}}, "x"))
+    assert status == 422 and code(answer) == "missing_asset" and answer["error"]["details"]["node_id"] == "1"
+    status, _, body = alice.request("POST", "/api/v2/jobs", raw=b'{"workflow": NaN}')
+    assert status == 422 and code(json.loads(body)) == "invalid_request"
+    status, answer = submit_v2(alice, small_job("v2/x"), metadata="x" * 1025)
+    assert status == 422 and answer["error"]["details"]["errors"][0]["field"] == "metadata"
+    status, answer = alice.json("GET", "/api/v2/jobs?limit=1000")
+    assert status == 422 and code(answer) == "invalid_request"
+
+
+def test_another_users_jobs_and_assets_are_not_found(alice: AppServer, bob: AppServer) -> None:
+    content = png("green")
+    _, asset = upload(alice, content, content_type="image/png", file_path="secret.png")
+    status, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/secret"))
+    assert status == 201
+    job = finished(alice, job["id"])
+    for path in (f"/api/v2/jobs/{job['id']}", f"/api/v2/jobs/{job['id']}/workflow"):
+        status, answer = bob.json("GET", path)
+        assert status == 404 and code(answer) == "not_found"
+    assert bob.json("POST", f"/api/v2/jobs/{job['id']}/cancel")[0] == 404
+    assert bob.request("GET", f"/api/v2/jobs/{job['id']}/events")[0] == 404
+    for asset_id in (asset["id"], job["outputs"][0]["id"]):
+        assert bob.json("GET", f"/api/v2/assets/{asset_id}")[0] == 404
+        assert bob.request("GET", f"/api/v2/assets/{asset_id}/content")[0] == 404
+        assert bob.request("DELETE", f"/api/v2/assets/{asset_id}")[0] == 404
+    # Content addressing tells bob nothing about what alice uploaded.
+    assert alice.request("HEAD", f"/api/v2/assets/by-hash/{asset['hash']}")[0] == 200
+    assert bob.request("HEAD", f"/api/v2/assets/by-hash/{asset['hash']}")[0] == 404
+    status, answer = bob.json("POST", "/api/v2/assets/from-hash", {"hash": asset["hash"]})
+    assert status == 404 and code(answer) == "blob_not_found"
+    status, answer = submit_v2(bob, copy_graph(asset_ref(asset), "v2/steal"))
+    assert status == 422 and code(answer) == "missing_asset"
+    assert all(j["id"] != job["id"] for j in bob.json("GET", "/api/v2/jobs")[1]["jobs"])
+
+
+def test_uploads_are_stored_once_per_content_and_served_with_ranges(alice: AppServer) -> None:
+    content = png("yellow", 48)
+    first = upload(alice, content, content_type="image/png", file_path="a.png")[1]
+    status, second = upload(alice, content, content_type="image/png", file_path="b.png")
+    assert status == 200 and second["created_new"] is False and second["hash"] == first["hash"]
+    assert second["id"] != first["id"]
+    folder = alice.data_dir / "input" / "users" / "alice" / "assets"
+    assert [p.name for p in folder.iterdir() if first["hash"][7:] in p.name] == [first["hash"][7:] + ".png"]
+    status, minted = alice.json("POST", "/api/v2/assets/from-hash", {"hash": first["hash"], "file_path": "c.png"})
+    assert status == 201 and minted["hash"] == first["hash"] and minted["file_path"] == "c.png"
+    status, answer = upload(
+        alice, content, content_type="image/png", file_path="d.png", expected_hash="blake3:" + "0" * 64
+    )
+    assert status == 409 and code(answer) == "hash_mismatch"
+
+    status, headers, part = alice.request("GET", first["url"], headers={"Range": "bytes=0-7"})
+    assert status == 206 and part == content[:8] and headers["content-range"] == f"bytes 0-7/{len(content)}"
+    assert alice.request("GET", first["url"], headers={"Range": f"bytes={len(content) + 10}-"})[0] == 416
+
+    # The bytes go with the last record over them.
+    for asset in (first, second):
+        assert alice.request("DELETE", f"/api/v2/assets/{asset['id']}")[0] == 204
+        assert alice.request("DELETE", f"/api/v2/assets/{asset['id']}")[0] == 404
+    assert (folder / (first["hash"][7:] + ".png")).exists()  # `minted` still holds them
+    assert alice.request("DELETE", f"/api/v2/assets/{minted['id']}")[0] == 204
+    assert not (folder / (first["hash"][7:] + ".png")).exists()
+    assert alice.request("HEAD", f"/api/v2/assets/by-hash/{first['hash']}")[0] == 404
+
+
+def test_an_output_is_held_by_its_job(alice: AppServer) -> None:
+    status, job = submit_v2(alice, small_job("v2/held"))
+    output = finished(alice, job["id"])["outputs"][0]
+    status, _, body = alice.request("DELETE", f"/api/v2/assets/{output['id']}")
+    assert status == 409 and code(json.loads(body)) == "asset_in_use"
+
+
+def test_cancel_ends_a_waiting_job_at_once_and_stops_a_running_one(alice: AppServer) -> None:
+    _, running = submit_v2(alice, slow_job("v2/slow"))
+    _, waiting = submit_v2(alice, small_job("v2/waiting"))
+    wait_until(lambda: alice.json("GET", f"/api/v2/jobs/{running['id']}")[1]["status"] == "running")
+    status, answer = alice.json("POST", f"/api/v2/jobs/{waiting['id']}/cancel")
+    assert status == 200 and answer["status"] == "canceled", answer
+    models.Job.model_validate(answer)
+    assert waiting["id"] in alice.json("GET", "/history")[1]  # in the history, never run
+    status, answer = alice.json("POST", f"/api/v2/jobs/{running['id']}/cancel")
+    assert status == 200 and answer["status"] in ("canceling", "canceled")
+    assert finished(alice, running["id"])["status"] == "canceled"
+    assert alice.json("POST", f"/api/v2/jobs/{running['id']}/cancel")[1]["status"] == "canceled"  # idempotent
+
+
+def test_the_list_pages_newest_first_and_filters_by_status_and_label(alice: AppServer) -> None:
+    ids = []
+    for i in range(3):
+        status, job = submit_v2(alice, small_job(f"v2/list{i}", seed=i), metadata={"batch": "list", "n": str(i)})
+        assert status == 201
+        ids.append(job["id"])
+    for job_id in ids:
+        finished(alice, job_id)
+    status, page = alice.json("GET", "/api/v2/jobs?limit=2&metadata[batch]=list")
+    assert status == 200 and [j["id"] for j in page["jobs"]] == ids[::-1][:2]
+    rest = alice.json("GET", f"/api/v2/jobs?limit=2&metadata[batch]=list&cursor={page['next_cursor']}")[1]
+    assert [j["id"] for j in rest["jobs"]] == [ids[0]]
+    labelled = alice.json("GET", "/api/v2/jobs?metadata[n]=1")[1]["jobs"]
+    assert [j["id"] for j in labelled] == [ids[1]]
+    assert all(j["status"] == "succeeded" for j in alice.json("GET", "/api/v2/jobs?status=succeeded")[1]["jobs"])
+    assert alice.json("GET", "/api/v2/jobs?status=queued")[1]["jobs"] == []
+
+
+def test_an_event_stream_tells_a_job_from_its_status_to_its_outputs(alice: AppServer) -> None:
+    status, job = submit_v2(alice, small_job("v2/stream", steps=3))
+    assert status == 201
+    events: list[tuple[str, dict[str, Any]]] = []
+    with alice.client.stream("GET", f"/api/v2/jobs/{job['id']}/events", headers=alice.headers) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and name is not None:
+                events.append((name, json.loads(line[6:])))
+    names = [name for name, _ in events]
+    assert names[0] == "status" and names[-1] == "status" and "output" in names, names
+    final = events[-1][1]
+    assert final["status"] == "succeeded" and len(final["outputs"]) == 1
+    for name, data in events:
+        if name == "progress":
+            models.Progress.model_validate(data)
+        elif name == "output":
+            models.Output.model_validate(data)
+            assert data["id"] == final["outputs"][0]["id"]
+        elif name == "status":
+            models.StatusEvent.model_validate(data)
+
+
+def test_data_written_by_v2_survives_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    key = str(uuid.uuid4())
+    with serving(data, auth="on", preload=False) as server:
+        alice = server.as_token(tokens["user"])
+        _, asset = upload(alice, png("red"), content_type="image/png", file_path="p.png")
+        status, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/restart"), key)
+        assert status == 201
+        job = finished(alice, job["id"])
+    with serving(data, auth="on", preload=False) as server:
+        alice = server.as_token(tokens["user"])
+        assert finished(alice, job["id"])["outputs"][0]["id"] == job["outputs"][0]["id"]
+        assert alice.json("GET", f"/api/v2/assets/{asset['id']}")[0] == 200
+        assert code(submit_v2(alice, copy_graph(asset_ref(asset), "v2/again"), key)[1]) == "idempotency_key_reuse"
