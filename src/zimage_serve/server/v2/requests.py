@@ -106,4 +106,6 @@ def _invalid(errors: Sequence[Any]) -> tuple[int, str, str, dict[str, Any]]:
         for error in errors
     ]
     first = listed[0] if listed else {"field": "", "message": "invalid"}
-    return 422, "invalid_request", f"{first['field'] or 'body'}: {first['message']}", {"errors": listed}
+    # Labels have a code of their own, which the official client raises as such.
+    kind = "metadata_invalid" if str(first["field"]).split(".")[0] == "metadata" else "invalid_request"
+    return 422, kind, f"{first['field'] or 'body'}: {first['message']}", {"errors": listed}
