@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.support.app import AppServer, serving
 from tests.support.jobs import done, ready, settle, slow_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
 from zimage_serve.security.audit_verify import records
+from zimage_serve.server.v2.retention import expire
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +318,24 @@ def test_data_written_by_v2_survives_a_restart(tmp_path: Path) -> None:
         assert finished(alice, job["id"])["outputs"][0]["id"] == job["outputs"][0]["id"]
         assert alice.json("GET", f"/api/v2/assets/{asset['id']}")[0] == 200
         assert code(submit_v2(alice, copy_graph(asset_ref(asset), "v2/again"), key)[1]) == "idempotency_key_reuse"
+
+
+def test_jobs_and_uploads_go_once_past_their_expiry(alice: AppServer) -> None:
+    runtime = alice.runtime
+    _, asset = upload(alice, png("white"), content_type="image/png", file_path="w.png", expires_in="60")
+    assert asset["expires_at"] is not None
+    _, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/expire"))
+    job = finished(alice, job["id"])
+    output = job["outputs"][0]
+    blob = alice.data_dir / "input" / "users" / "alice" / "assets" / (asset["hash"][7:] + ".png")
+    assert blob.exists()
+    now = time.time()
+    expire(runtime, now + 30)  # neither is due yet
+    assert alice.json("GET", f"/api/v2/assets/{asset['id']}")[0] == 200
+    assert alice.json("GET", f"/api/v2/jobs/{job['id']}")[0] == 200
+    jobs, assets = expire(runtime, now + runtime.settings.job_retention_s + 3600)
+    assert jobs >= 1 and assets >= 1
+    assert alice.json("GET", f"/api/v2/assets/{asset['id']}")[0] == 404 and not blob.exists()
+    assert alice.json("GET", f"/api/v2/jobs/{job['id']}")[0] == 404
+    assert alice.json("GET", f"/api/v2/assets/{output['id']}")[0] == 404  # its job's output, gone with it
+    assert job["id"] not in alice.json("GET", "/history")[1]

@@ -90,6 +90,8 @@ class ServeConfig(BaseSettings):
     lease: float = Field(30.0, ge=1, le=3600)
     metrics_port: int | None = Field(None, ge=1, le=65535)
     node_name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    job_retention_days: float = Field(30, gt=0, le=36500)
+    event_streams: int = Field(100, ge=1, le=100_000)
 
     @classmethod
     def settings_customise_sources(

@@ -172,6 +172,17 @@ def serve(
         str | None,
         typer.Option(help="With --queue redis://: this API node's name, for its audit log [default: HOST-PORT]"),
     ] = None,
+    job_retention_days: Annotated[
+        float | None,
+        typer.Option(
+            help="Days a finished job is kept (its outputs' records with it), as Comfy API v2's "
+            "expires_at says [default: 30]"
+        ),
+    ] = None,
+    event_streams: Annotated[
+        int | None,
+        typer.Option(help="Comfy API v2 event streams one user may hold open at once [default: 100]"),
+    ] = None,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API.
 
@@ -237,6 +248,8 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
             workers=config.workers,
             metrics_port=config.metrics_port,
             node_name=config.node_name or "",
+            job_retention_s=config.job_retention_days * 86400,
+            event_streams=config.event_streams,
         )
         app = create_app(settings)
     except ZImageError as exc:

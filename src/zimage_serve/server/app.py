@@ -43,6 +43,7 @@ from zimage_serve.server.v2 import jobs as v2_jobs
 from zimage_serve.server.v2.assets import ASSET_UPLOADS
 from zimage_serve.server.v2.envelope import V2Error, envelope_bytes, error_response, is_v2
 from zimage_serve.server.v2.requests import v2_validation_error
+from zimage_serve.server.v2.retention import keep_expiring
 from zimage_serve.workflow.validate import error_body
 
 log = logging.getLogger(__name__)
@@ -256,9 +257,11 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         runtime.feeds.bind(asyncio.get_running_loop())
         runtime.start()
         runtime.security.start(runtime.revoked)
+        expiring = asyncio.get_running_loop().create_task(keep_expiring(runtime))
         try:
             yield
         finally:
+            expiring.cancel()
             await runtime.security.stop_tasks()
             await asyncio.to_thread(runtime.stop)
             await runtime.hub.close()

@@ -66,8 +66,12 @@ def _missing(asset_id: str) -> V2Error:
 
 
 async def _own(rt: Runtime, asset_id: str, identity: Identity) -> Asset:
+    """The caller's asset; an output whose job is gone (past its retention, deleted) is gone with it."""
     asset = await asyncio.to_thread(rt.records.asset, asset_id)
     if asset is None or not identity.may_see(asset.owner):
+        raise _missing(asset_id)
+    if asset.job_id is not None and await asyncio.to_thread(rt.store.get, asset.job_id) is None:
+        await asyncio.to_thread(rt.records.delete_asset, asset_id)
         raise _missing(asset_id)
     return asset
 
