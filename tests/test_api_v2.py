@@ -4,6 +4,7 @@ what `comfy-sdk` reads."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -278,7 +279,10 @@ def test_the_list_pages_newest_first_and_filters_by_status_and_label(alice: AppS
 
 
 def test_an_event_stream_tells_a_job_from_its_status_to_its_outputs(alice: AppServer) -> None:
-    status, job = submit_v2(alice, small_job("v2/stream", steps=3))
+    # The worker busy with another job: the stream is open before this one starts.
+    _, blocker = submit_v2(alice, slow_job("v2/blocker"))
+    wait_until(lambda: alice.json("GET", f"/api/v2/jobs/{blocker['id']}")[1]["status"] == "running")
+    status, job = submit_v2(alice, small_job("v2/stream", steps=3, seed=uuid.uuid4().int % 2**32))
     assert status == 201
     events: list[tuple[str, dict[str, Any]]] = []
     with alice.client.stream("GET", f"/api/v2/jobs/{job['id']}/events", headers=alice.headers) as response:
@@ -289,8 +293,12 @@ def test_an_event_stream_tells_a_job_from_its_status_to_its_outputs(alice: AppSe
                 name = line[7:]
             elif line.startswith("data: ") and name is not None:
                 events.append((name, json.loads(line[6:])))
+                if len(events) == 1:
+                    assert events[0] == ("status", {"status": "queued", "queue_position": 1})
+                    assert alice.json("POST", f"/api/v2/jobs/{blocker['id']}/cancel")[0] == 200
     names = [name for name, _ in events]
-    assert names[0] == "status" and names[-1] == "status" and "output" in names, names
+    assert names[-1] == "status" and {"progress", "preview", "output"} <= set(names), names
+    assert ("status", {"status": "running", "queue_position": None}) in events
     final = events[-1][1]
     assert final["status"] == "succeeded" and len(final["outputs"]) == 1
     for name, data in events:
@@ -301,6 +309,10 @@ def test_an_event_stream_tells_a_job_from_its_status_to_its_outputs(alice: AppSe
             assert data["id"] == final["outputs"][0]["id"]
         elif name == "status":
             models.StatusEvent.model_validate(data)
+        elif name == "preview":
+            models.PreviewEvent.model_validate(data)
+            assert data["node_id"] == "3" and data["content_type"] == "image/jpeg"
+            assert Image.open(io.BytesIO(base64.b64decode(data["data_base64"]))).format == "JPEG"
 
 
 def test_data_written_by_v2_survives_a_restart(tmp_path: Path) -> None:

@@ -96,6 +96,9 @@ class Quiet:
     def queue_changed(self) -> None:
         pass
 
+    def listening(self) -> bool:
+        return False
+
 
 def test_a_cancel_between_a_jobs_claim_and_its_start_stops_it(tmp_path: Path) -> None:
     store = PausedClaims(tmp_path / "queue.sqlite3")

@@ -84,6 +84,9 @@ class _Ignoring:
     def queue_changed(self) -> None:
         pass
 
+    def listening(self) -> bool:
+        return False
+
 
 def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model(tmp_path: Path) -> None:
     store = SQLiteQueue(tmp_path / "queue.sqlite3")

@@ -65,6 +65,8 @@ class ServeConfig(BaseSettings):
     preload: bool = True
     worker_process: bool = True
     shutdown_grace: float = Field(30.0, ge=0)
+    preview_method: Literal["auto", "latent2rgb", "none"] = "auto"
+    preview_size: int = Field(512, ge=16, le=4096)
     max_pixels: int = Field(_DEFAULT_LIMITS.pixels, ge=1)
     max_batch: int = Field(_DEFAULT_LIMITS.batch, ge=1)
     max_steps: int = Field(_DEFAULT_LIMITS.steps, ge=1)

@@ -115,6 +115,8 @@ def run_settings(config: ServeConfig) -> RunSettings:
         limits=config.limits(),
         lease_s=config.lease,
         shutdown_grace_s=config.shutdown_grace,
+        preview_method=config.preview_method,
+        preview_size=config.preview_size,
     )
 
 

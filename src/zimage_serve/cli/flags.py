@@ -71,6 +71,18 @@ ShutdownGraceFlag = Annotated[
     ),
 ]
 
+PreviewMethodFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="Live previews while sampling, on the WebSocket and on Comfy API v2's event streams: auto or "
+        "latent2rgb (the latent mapped to RGB), or none; a prompt's extra_data.preview_method overrides it "
+        "[default: auto]"
+    ),
+]
+PreviewSizeFlag = Annotated[
+    int | None, typer.Option(help="A preview's longer side at most, in pixels [default: 512]", min=16, max=4096)
+]
+
 LeaseFlag = Annotated[
     float | None,
     typer.Option(

@@ -25,6 +25,8 @@ from zimage_serve.cli.flags import (
     MetricsPortFlag,
     ModelsFlag,
     PreloadFlag,
+    PreviewMethodFlag,
+    PreviewSizeFlag,
     ShutdownGraceFlag,
 )
 from zimage_serve.errors import ZImageError
@@ -66,6 +68,8 @@ def serve(
         ),
     ] = None,
     shutdown_grace: ShutdownGraceFlag = None,
+    preview_method: PreviewMethodFlag = None,
+    preview_size: PreviewSizeFlag = None,
     max_pixels: Annotated[
         int | None, typer.Option(help=f"Pixels per image (width × height) [default: {DEFAULTS.pixels}]", min=1)
     ] = None,

@@ -28,6 +28,8 @@ from zimage_serve.cli.flags import (
     MetricsPortFlag,
     ModelsFlag,
     PreloadFlag,
+    PreviewMethodFlag,
+    PreviewSizeFlag,
     ShutdownGraceFlag,
 )
 from zimage_serve.settings import default_data_dir
@@ -51,6 +53,8 @@ def worker(
     lease: LeaseFlag = None,
     metrics_port: MetricsPortFlag = None,
     shutdown_grace: ShutdownGraceFlag = None,
+    preview_method: PreviewMethodFlag = None,
+    preview_size: PreviewSizeFlag = None,
 ) -> None:
     """Run prompts from a cluster's Redis queue on this machine's device."""
     flags = dict(locals())

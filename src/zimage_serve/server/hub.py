@@ -10,12 +10,14 @@ owner's sockets. Messages come from the worker thread and are handed to the even
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import struct
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.websockets import WebSocket
 
@@ -24,6 +26,32 @@ from zimage_serve.identity import LOCAL, Identity
 log = logging.getLogger(__name__)
 
 Session = tuple[str, str]  # (user, clientId)
+PREVIEW_IMAGE, PREVIEW_IMAGE_WITH_METADATA, JPEG = 1, 4, 1  # ComfyUI's binary message types, image format
+
+
+class Frames(NamedTuple):
+    """One preview as ComfyUI's two binary messages: type 1 (format and image), type 4 (with its node)."""
+
+    plain: bytes
+    with_metadata: bytes
+
+
+def preview_frames(data: dict[str, Any]) -> Frames:
+    image = base64.b64decode(data["data_base64"])
+    node = data.get("node")
+    metadata = {
+        "node_id": node,
+        "display_node_id": data.get("display_node", node),
+        "parent_node_id": None,
+        "real_node_id": node,
+        "prompt_id": data.get("prompt_id"),
+        "image_type": data.get("image_type", "image/jpeg"),
+    }
+    encoded = json.dumps(metadata).encode()
+    plain = struct.pack(">II", PREVIEW_IMAGE, JPEG) + image
+    return Frames(plain, struct.pack(">II", PREVIEW_IMAGE_WITH_METADATA, len(encoded)) + encoded + image)
+
+
 TO_CLIENT_ONLY = frozenset(
     {"execution_start", "execution_cached", "executing", "executed", "execution_success", "execution_error"}
 )
@@ -37,7 +65,8 @@ class Hub:
         self._viewers: dict[Session, Identity] = {}  # who each socket is (its view of the queue, its cap)
         self._held: Counter[str] = Counter()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: asyncio.Queue[tuple[str, list[Session] | str | None]] | None = None
+        self._outbox: asyncio.Queue[tuple[str | Frames, list[Session] | str | None]] | None = None
+        self._with_metadata: set[Session] = set()  # sockets that asked for previews with their node (type 4)
         self._pump_task: asyncio.Task[None] | None = None
         # Told the number of sockets and event streams whenever it changes (the worker process skips, while
         # nobody is connected, the events that only they would receive).
@@ -77,6 +106,7 @@ class Hub:
     def remove(self, session: Session, socket: WebSocket) -> None:
         if self.sockets.get(session) is socket:
             del self.sockets[session]
+            self._with_metadata.discard(session)
             holder = _holder(self._viewers.pop(session, LOCAL))
             self._held[holder] -= 1
             if self._held[holder] <= 0:
@@ -113,7 +143,11 @@ class Hub:
         session = (owner, client_id) if client_id is not None else None
         if not self.sockets or (event in TO_CLIENT_ONLY and session not in self.sockets):
             return
-        self._post(json.dumps({"type": event, "data": data}), [session] if session is not None else owner)
+        targets = [session] if session is not None else owner
+        if event == "preview":  # binary, as ComfyUI sends it; to the prompt's client, else its owner's sockets
+            self._post(preview_frames(data), targets)
+            return
+        self._post(json.dumps({"type": event, "data": data}), targets)
 
     def broadcast(self, event: str, data: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
         """`data` may be a function, called only when someone is connected."""
@@ -134,7 +168,14 @@ class Hub:
         for view, sessions in groups.items():
             self._post(json.dumps({"type": event, "data": data(viewers[view])}), sessions)
 
-    def _post(self, text: str, targets: list[Session] | str | None) -> None:
+    def wants_metadata(self, session: Session, wanted: bool) -> None:
+        """The socket's feature flags: previews as type 4 (with their node) rather than type 1."""
+        if wanted:
+            self._with_metadata.add(session)
+        else:
+            self._with_metadata.discard(session)
+
+    def _post(self, text: str | Frames, targets: list[Session] | str | None) -> None:
         """To the sessions listed, to every session of one owner (a string), or to everyone (None)."""
         loop, outbox = self.loop, self._outbox
         if loop is None or outbox is None or loop.is_closed():
@@ -159,7 +200,10 @@ class Hub:
                 if socket is None:
                     continue
                 try:
-                    await socket.send_text(text)
+                    if isinstance(text, Frames):
+                        await socket.send_bytes(text.with_metadata if sid in self._with_metadata else text.plain)
+                    else:
+                        await socket.send_text(text)
                 except Exception:  # a client that went away; its handler removes it
                     log.debug("could not send to %s", sid)
 

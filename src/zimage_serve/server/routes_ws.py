@@ -49,7 +49,11 @@ async def websocket(socket: WebSocket) -> None:
             except json.JSONDecodeError:
                 continue
             if isinstance(message, dict) and message.get("type") == "feature_flags":
-                flags = {"supports_preview_metadata": False, "max_upload_size": rt.settings.max_upload_bytes}
+                asked = message.get("data")
+                rt.hub.wants_metadata(
+                    session, isinstance(asked, dict) and asked.get("supports_preview_metadata") is True
+                )
+                flags = {"supports_preview_metadata": True, "max_upload_size": rt.settings.max_upload_bytes}
                 await socket.send_text(json.dumps({"type": "feature_flags", "data": flags}))
     except WebSocketDisconnect:
         pass

@@ -198,6 +198,9 @@ class Runtime:
         if event in CLOSING:  # recorded in the queue before it is sent: whoever waits may read it now
             self.waits.ended(prompt_id)
 
+    def listening(self) -> bool:
+        return self.hub.audience() > 0
+
     def queue_changed(self) -> None:
         # While the queue is away, sockets get its state with the next change, or as they connect.
         with contextlib.suppress(QueueUnavailable):

@@ -39,6 +39,8 @@ class RunSettings:
     limits: Limits = field(default_factory=Limits)  # what one prompt may ask for (pixels, batch, steps ...)
     lease_s: float = LEASE_S  # how long a worker's claim holds without a heartbeat
     shutdown_grace_s: float = 30.0  # how long a stop lets running prompts finish
+    preview_method: str = "auto"  # live previews while sampling: auto or latent2rgb (the same here), or none
+    preview_size: int = 512  # a preview's longer side at most, in pixels
 
     def with_changes(self, **changes: Any) -> RunSettings:
         return replace(self, **changes)
@@ -72,13 +74,15 @@ def build_executor(config: WorkerConfig) -> Executor:
     from zimage_serve.workflow.folders import Folders, builtin_models
     from zimage_serve.workflow.nodes import NODES
     from zimage_serve.workflow.output_journal import OutputJournal
+    from zimage_serve.workflow.previews import PreviewSettings
 
     run = config.run
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     use_bomb_limit(run.limits.upload_pixels)
     placing = Placing.choose(run.device, run.dtype, run.fast, run.memory_mode)
     journal = OutputJournal(config.journal) if config.journal is not None else None
-    return Executor(NODES, folders, placing, limits=run.limits, journal=journal)
+    previews = PreviewSettings(run.preview_method, run.preview_size)
+    return Executor(NODES, folders, placing, limits=run.limits, journal=journal, previews=previews)
 
 
 def build_worker(

@@ -70,6 +70,10 @@ class Listener(Protocol):
 
     def queue_changed(self) -> None: ...
 
+    def listening(self) -> bool:
+        """Whether anyone would see a job's events beyond its end (a socket, an event stream) just now."""
+        ...
+
 
 @dataclass
 class Running:
@@ -354,6 +358,7 @@ class Worker:
                 lambda: self._holds(job.id),
                 tally,
                 running.stop,
+                self.listener.listening,
             )
         finally:
             self._deadlines.remove(job.id)

@@ -319,6 +319,9 @@ class _PipeListener:
         if self.audience.value:  # a status broadcast, to sockets only
             self.send(QueueChanged())
 
+    def listening(self) -> bool:
+        return bool(self.audience.value)
+
     def _pump(self) -> None:
         while True:
             batch: list[ToServer] = []

@@ -58,9 +58,17 @@ class NodeContext:
     # Told the images a sampler is about to make; raises (a quota reached) to stop the run before it does.
     count_images: Callable[[int], None] = lambda images: None
 
+    # Given the sampler's newest prediction of the clean latent (and its format) after each step: the run
+    # turns it into a preview when someone watches (workflow/previews.py). None: no previews for this run.
+    on_preview: Callable[[Any, Any], None] | None = None
+
     def progress(self, value: int, total: int) -> None:
         if self.on_progress is not None:
             self.on_progress(value, total)
+
+    def preview(self, latent: Any, latent_format: Any) -> None:
+        if self.on_preview is not None:
+            self.on_preview(latent, latent_format)
 
     def check_interrupt(self) -> None:
         if self.interrupted():

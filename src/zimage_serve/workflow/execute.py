@@ -27,6 +27,7 @@ from zimage_serve.workflow.events import CLOSING, execution_error, now_ms
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.naming import RunOutputs
 from zimage_serve.workflow.output_journal import OutputJournal
+from zimage_serve.workflow.previews import PreviewSettings, RunPreviews
 from zimage_serve.workflow.spec import Link, Node
 from zimage_serve.workflow.validate import is_link, link_source
 
@@ -77,8 +78,10 @@ class Executor:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         limits: Limits | None = None,
         journal: OutputJournal | None = None,
+        previews: PreviewSettings | None = None,
     ) -> None:
         self.nodes, self.folders = nodes, folders
+        self.previews = previews or PreviewSettings()
         self.limits = limits or Limits()
         self.journal = journal  # where runs note the files they write (None: not noted, as for `zimage run`)
         self.placing = placing or Placing.choose()
@@ -140,13 +143,17 @@ class Executor:
         still_held: Callable[[], bool] | None = None,
         count_images: Callable[[int], None] | None = None,
         stop: Stop | None = None,
+        watched: Callable[[], bool] | None = None,
     ) -> RunResult:
         """Run a validated prompt for `identity`: its files are that user's, its limits theirs.
         `still_held`: asked before each output takes its final name; False stops the run there (a worker
         that lost its prompt to another writes nothing more). `count_images`: told the images each sampler
         is about to make; what it raises fails the run at that node (a daily quota reached). `stop`: the run's
-        stop request, made by the caller (already set: the run stops before its first node)."""
-        run = _Run(self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held, count_images, stop)
+        stop request, made by the caller (already set: the run stops before its first node). `watched`: whether
+        anyone would see a live preview now (None: always made)."""
+        run = _Run(
+            self, prompt_id, prompt, outputs, extra_data or {}, emit, identity, still_held, count_images, stop, watched
+        )
         with self._lock:
             if prompt_id in self._active:
                 raise ZImageError(f"prompt {prompt_id} is already running")
@@ -195,6 +202,7 @@ class _Run:
         still_held: Callable[[], bool] | None = None,
         count_images: Callable[[int], None] | None = None,
         stop: Stop | None = None,
+        watched: Callable[[], bool] | None = None,
     ) -> None:
         self.ex, self.prompt_id, self.prompt, self.outputs = executor, prompt_id, prompt, outputs
         self.identity = identity
@@ -210,6 +218,7 @@ class _Run:
         self.interrupted = stop if stop is not None else Stop()
         self.files = RunOutputs(prompt_id, executor.journal, still_held) if executor.journal is not None else None
         self.count_images = count_images
+        self.previews = RunPreviews(executor.previews, extra_data, prompt_id, self.emit, watched)
 
     def emit(self, event: str, data: dict[str, Any], record: bool = False) -> None:
         if record:
@@ -338,6 +347,7 @@ class _Run:
             limits=self.limits,
             outputs=self.files,
             identity=self.identity,
+            on_preview=self.previews.for_node(node_id),
         )
         if self.count_images is not None:
             ctx.count_images = self.count_images

@@ -81,9 +81,13 @@ class Feed:
         elif event == "executed" and isinstance(data.get("output"), dict):
             self.executed.append((str(data.get("node")), data["output"]))
             items.append(("executed", {"node": str(data.get("node")), "output": data["output"]}))
-        elif event == "preview":
-            self.preview = data
-            items.append(("preview", data))
+        elif event == "preview" and isinstance(data.get("data_base64"), str):
+            self.preview = {
+                "node_id": str(data.get("node")),
+                "content_type": data.get("image_type", "image/jpeg"),
+                "data_base64": data["data_base64"],
+            }
+            items.append(("preview", self.preview))
         elif event in CLOSING:
             self.ended = True
             items.append(("end", {}))

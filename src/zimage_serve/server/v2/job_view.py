@@ -86,6 +86,8 @@ class JobViews:
         status = STATUS_OF[job.state]
         if status == "running" and job.id in self.feeds.canceling:
             return "canceling"
+        if status != "running":  # ended: its end may not have reached this node as an event
+            self.feeds.canceling.discard(job.id)
         return status
 
     def view(self, job: Job, owner_view: str | None, origin: str) -> dict[str, Any]:

@@ -304,9 +304,10 @@ async def cancel(request: Request, job_id: str) -> Response:
         rt.job_event(job_id, job.extra_data.get("client_id"), "execution_interrupted", ended, job.owner)
         rt.queue_changed()
     elif job.state in ("pending", "running"):  # running (or it started meanwhile)
+        # Asked of its worker: one that has claimed it but not begun it yet stops it as it begins, so the
+        # job is `canceling` until it ends whatever the worker answered now.
         rt.feeds.canceling.add(job_id)
-        if not await asyncio.to_thread(rt.service.interrupt, job_id, identity):
-            rt.feeds.canceling.discard(job_id)
+        await asyncio.to_thread(rt.service.interrupt, job_id, identity)
     audit_note(request, job_id=job_id)
     origin = origin_of(str(request.base_url))
     return JSONResponse(await _view(rt, await _job(rt, job_id, identity), identity, origin))

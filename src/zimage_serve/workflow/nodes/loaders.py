@@ -57,12 +57,9 @@ class VAELoader(Node):
     outputs = (Output("VAE"),)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from zimage_serve.engine.parts import load_vae
-        from zimage_serve.workflow.nodes.loading import component
+        from zimage_serve.workflow.nodes.loading import load_vae_file
 
-        name = inputs["vae_name"]
-        path = ctx.folders.resolve("vae", name)
-        return NodeResult((load_vae(name, component(path, "vae"), ctx.placing),))
+        return NodeResult((load_vae_file(ctx, "vae", inputs["vae_name"]),))
 
 
 class CheckpointLoaderSimple(Node):
@@ -77,8 +74,7 @@ class CheckpointLoaderSimple(Node):
     )
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        from zimage_serve.engine.parts import load_vae
-        from zimage_serve.workflow.nodes.loading import component, load_clip_file, load_model_file
+        from zimage_serve.workflow.nodes.loading import load_clip_file, load_model_file, load_vae_file
 
         name = inputs["ckpt_name"]
         path = ctx.folders.resolve("checkpoints", name)
@@ -90,7 +86,7 @@ class CheckpointLoaderSimple(Node):
             )
         model = load_model_file(ctx, "checkpoints", name)
         clip = load_clip_file(ctx, "checkpoints", name)
-        vae = load_vae(name, component(path, "vae"), ctx.placing)
+        vae = load_vae_file(ctx, "checkpoints", name)
         return NodeResult((model, clip, vae))
 
 

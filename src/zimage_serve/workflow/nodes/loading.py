@@ -12,14 +12,17 @@ from pathlib import Path
 
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.keymap import Kind
+from zimage_serve.engine.latent_preview import PREVIEWS
 from zimage_serve.engine.layouts import diffusers_component, single_file
 from zimage_serve.engine.parts import (
     FLUX_LATENT,
     DiffusionModel,
     LatentFormat,
     TextEncoder,
+    Vae,
     load_diffusion_model,
     load_text_encoder,
+    load_vae,
 )
 from zimage_serve.engine.trained_size import declared_size
 from zimage_serve.errors import ModelLoadError
@@ -51,7 +54,19 @@ def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: st
     model = load_diffusion_model(
         name, component(path, "transformer"), ctx.placing, latent_format_of(path), weight_dtype
     )
-    return replace(model, trained_size=declared_size(path)) if path.is_dir() else model
+    if not path.is_dir():
+        return model
+    PREVIEWS.know_file(model.latent_format, path / "vae")  # its previews' map, before its VAE is loaded
+    return replace(model, trained_size=declared_size(path))
+
+
+def load_vae_file(ctx: NodeContext, resource: str, name: str) -> Vae:
+    """A VAE; the previews of its latent space learn their map from it (or from the map its folder brings)."""
+    path = ctx.folders.resolve(resource, name)
+    vae = load_vae(name, component(path, "vae"), ctx.placing)
+    if not (path.is_dir() and PREVIEWS.know_file(vae.scaling, path / "vae")):
+        PREVIEWS.teach(vae)
+    return vae
 
 
 def load_clip_file(ctx: NodeContext, resource: str, name: str) -> TextEncoder:

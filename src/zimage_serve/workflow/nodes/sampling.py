@@ -95,7 +95,7 @@ def run_sampler(ctx: NodeContext, run: Sampling) -> tuple[dict[str, Any], dict[s
             sampler=run.sampler,
             sigmas=sigmas,
             seed=run.seed,
-            on_step=lambda step, total, _x: ctx.progress(step, total),
+            on_step=lambda step, total, _x: _stepped(ctx, step, total, x0, model.latent_format),
             cancel=ctx.interrupted,
             denoise_mask=latent.get("noise_mask"),
             x0_output=x0,
@@ -104,6 +104,12 @@ def run_sampler(ctx: NodeContext, run: Sampling) -> tuple[dict[str, Any], dict[s
         raise Interrupted(str(exc)) from exc
     out = {**latent, "samples": result.cpu()}
     return out, ({**latent, "samples": x0["x0"].cpu()} if "x0" in x0 else out)
+
+
+def _stepped(ctx: NodeContext, step: int, total: int, x0: dict[str, Any], latent_format: Any) -> None:
+    ctx.progress(step, total)
+    if "x0" in x0:  # the newest prediction of the clean latent, in the sampler's space
+        ctx.preview(x0["x0"], latent_format)
 
 
 def _ksampler(
