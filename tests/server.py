@@ -216,3 +216,12 @@ def running_worker(data_dir: Path, queue: str, *args: str) -> Iterator[WorkerPro
         yield WorkerProc(process, log)
     finally:
         terminate(process)
+
+
+def next_message(socket: Any, timeout: float = 60) -> dict[str, Any]:
+    """A `websockets` client's next JSON message, past the binary preview frames a sampler sends."""
+    while True:
+        message = socket.recv(timeout=timeout)
+        if isinstance(message, str):
+            found: dict[str, Any] = json.loads(message)
+            return found

@@ -351,3 +351,10 @@ def test_jobs_and_uploads_go_once_past_their_expiry(alice: AppServer) -> None:
     assert alice.json("GET", f"/api/v2/jobs/{job['id']}")[0] == 404
     assert alice.json("GET", f"/api/v2/assets/{output['id']}")[0] == 404  # its job's output, gone with it
     assert job["id"] not in alice.json("GET", "/history")[1]
+
+
+def test_comfyuis_own_routes_under_api_v2_keep_comfyuis_shapes(alice: AppServer) -> None:
+    status, tree = alice.json("GET", "/api/v2/userdata?path=")
+    assert status == 200 and isinstance(tree, list)
+    status, answer = alice.json("GET", "/api/v2/nothing-here")
+    assert (status == 404 and "error" not in answer) or not isinstance(answer.get("error"), dict)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.app import AppServer, serving
-from tests.support.jobs import ready, settle, slow_job, small_job, submit, wait_until
+from tests.support.jobs import next_event, ready, settle, slow_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
 from tests.support.watch import calls_on_the_loop
 
@@ -35,11 +35,11 @@ def server(shared: AppServer) -> AppServer:
 def test_completion_events_always_find_the_history_entry(server: AppServer) -> None:
     """The frontend refreshes its panels on execution_success: the entry must be there by then."""
     with server.websocket("/ws?clientId=panels") as socket:
-        socket.receive_json()
+        next_event(socket)
         jobs = [submit(server, small_job("events", seed=i), client_id="panels") for i in range(15)]
         seen: dict[str, str] = {}
         while len(seen) < len(jobs):
-            message = socket.receive_json()
+            message = next_event(socket)
             if message["type"] in ("execution_success", "execution_error", "execution_interrupted"):
                 prompt_id = message["data"]["prompt_id"]
                 entry = server.json("GET", f"/history/{prompt_id}")[1]

@@ -18,6 +18,7 @@ from tests.support.cli import run
 from tests.support.jobs import (
     done,
     image_of,
+    next_event,
     png,
     ready,
     running_ids,
@@ -198,9 +199,9 @@ def test_every_route_needs_a_token_except_health(clients: Clients) -> None:
 
 def read_until(socket: WebSocketTestSession, stop: Any) -> list[dict[str, Any]]:
     """Messages up to and including the first for which `stop(message)` is true."""
-    messages = [socket.receive_json()]
+    messages = [next_event(socket)]
     while not stop(messages[-1]):
-        messages.append(socket.receive_json())
+        messages.append(next_event(socket))
     return messages
 
 
@@ -215,7 +216,7 @@ def test_websockets_need_a_token_and_a_client_id_is_its_users_own(clients: Clien
         anyone.websocket(f"/ws?clientId=shared&token={token_of(clients['other'])}") as bob,
     ):
         for socket in (alice, bob, bob_header):
-            assert socket.receive_json()["type"] == "status"
+            assert next_event(socket)["type"] == "status"
         job = submit(clients["user"], small_job("ws-alice", seed=7), client_id="shared")
         seen = read_until(alice, lambda m: m["type"] == "executing" and m["data"]["node"] is None)
         assert seen[-1]["data"]["prompt_id"] == job
@@ -233,7 +234,7 @@ def test_status_messages_count_only_the_users_own_prompts(clients: Clients) -> N
     alice, bob, admin = clients["user"], clients["other"], clients["admin"]
     with alice.websocket("/ws?clientId=a") as alices, bob.websocket("/ws?clientId=b") as bobs:
         for socket in (alices, bobs):
-            assert socket.receive_json()["data"]["status"]["exec_info"]["queue_remaining"] == 0
+            assert next_event(socket)["data"]["status"]["exec_info"]["queue_remaining"] == 0
         blocker = submit(alice, slow_job("status-blocker"))
         read_until(alices, lambda m: m["type"] == "status" and m["data"]["status"]["exec_info"]["queue_remaining"])
         alice.request("POST", "/interrupt", {})

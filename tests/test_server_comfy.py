@@ -37,7 +37,9 @@ def queue_and_wait(server: AppServer, prompt: dict[str, Any]) -> tuple[str, list
         prompt_id = answer["prompt_id"]
         while True:
             message = socket.receive()
-            assert "text" in message, "no binary frames unless previews were asked for"
+            if message.get("bytes") is not None:  # a live preview: ComfyUI's type 1 frame, a JPEG
+                assert message["bytes"][:8] == b"\x00\x00\x00\x01\x00\x00\x00\x01"
+                continue
             messages.append(json.loads(message["text"]))
             data = messages[-1]["data"]
             if messages[-1]["type"] == "executing" and data["node"] is None and data["prompt_id"] == prompt_id:

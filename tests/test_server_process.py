@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import uuid
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-from tests.server import process_state, running_server, worker_processes
+from tests.server import next_message, process_state, running_server, worker_processes
 from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker.build import RunSettings, WorkerConfig
@@ -112,16 +111,16 @@ def test_the_worker_process_reports_its_node_sends_events_and_takes_interrupts_a
         prompt_id = submit(server, slow_job("late"), client_id=client_id)
         wait_until(lambda: prompt_id in running_ids(server))
         with connect(f"{server.ws_url}?clientId={client_id}") as socket:
-            messages = [json.loads(socket.recv(timeout=60))]
+            messages = [next_message(socket)]
             assert messages[0]["type"] == "status"
             while not {"progress", "executing"} <= {m["type"] for m in messages}:  # in either order
-                messages.append(json.loads(socket.recv(timeout=60)))
+                messages.append(next_message(socket))
             nodes = [m["data"]["node"] for m in messages if m["type"] == "executing"]
             assert nodes[:1] == ["3"]  # the warm run cached everything before the sampler
             assert all(m["data"]["prompt_id"] == prompt_id for m in messages if m["type"] == "progress")
             assert server.request("POST", "/interrupt", {"prompt_id": prompt_id})[0] == 200
             while not (messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None):
-                messages.append(json.loads(socket.recv(timeout=60)))
+                messages.append(next_message(socket))
             assert "execution_interrupted" in [m["type"] for m in messages]
         assert server.request("POST", "/free", {"unload_models": True, "free_memory": True})[0] == 200
         after = submit(server, small_job("after"))  # the models load again in the child

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from tests.support.app import serving
-from tests.support.jobs import history, png, running_ids, slow_job, small_job, submit, upload, wait_until
+from tests.support.jobs import history, next_event, png, running_ids, slow_job, small_job, submit, upload, wait_until
 from tests.workflows import nano_prompt
 
 
@@ -122,15 +122,15 @@ def test_a_socket_that_connects_while_its_prompt_runs_gets_its_node_and_the_even
         prompt_id = submit(server, slow_job("late"), client_id=client_id)
         wait_until(lambda: [e.node for e in server.runtime.service.executing()] == ["3"])  # sampling, for seconds
         with server.websocket(f"/ws?clientId={client_id}") as socket:
-            messages = [socket.receive_json()]
+            messages = [next_event(socket)]
             assert messages[0]["type"] == "status"
             seen = {"progress", "executing"}  # in either order: events flow while the child is asked
             while not seen <= {m["type"] for m in messages}:
-                messages.append(socket.receive_json())
+                messages.append(next_event(socket))
             nodes = [m["data"]["node"] for m in messages if m["type"] == "executing"]
             assert nodes[:1] == ["3"]  # the node it was on when the socket connected: KSampler
             assert all(m["data"]["prompt_id"] == prompt_id for m in messages if m["type"] == "progress")
             server.request("POST", "/interrupt", {"prompt_id": prompt_id})
             while not (messages[-1]["type"] == "executing" and messages[-1]["data"]["node"] is None):
-                messages.append(socket.receive_json())
+                messages.append(next_event(socket))
             assert "execution_interrupted" in [m["type"] for m in messages]

@@ -140,3 +140,14 @@ def ready(server: Caller, timeout: float = 120.0) -> None:
     thread after it starts: wait for that before another server in the same process loads models, since
     building a model (accelerate's init_empty_weights) patches torch for the whole process."""
     wait_until(lambda: server.request("GET", "/health")[0] == 200, timeout)
+
+
+def next_event(socket: Any) -> dict[str, Any]:
+    """The socket's next JSON message, past the binary preview frames a sampler sends meanwhile."""
+    while True:
+        message = socket.receive()
+        if message.get("text") is not None:
+            found: dict[str, Any] = json.loads(message["text"])
+            return found
+        if message.get("type") == "websocket.close":
+            raise AssertionError(f"the socket closed: {message}")

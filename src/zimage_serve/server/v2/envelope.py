@@ -9,6 +9,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 PREFIX = "/api/v2/"
+# Comfy API v2's own resources; ComfyUI's frontend has routes of its own under /api/v2 (`/api/v2/userdata`),
+# which keep ComfyUI's shapes.
+RESOURCES = ("jobs", "assets", "health")
 # The gate's reasons, as v2 names them (its own codes for a refusal it has no name for).
 CODES = {"address_not_allowed": "forbidden", "cross_site_request": "forbidden"}
 
@@ -32,7 +35,10 @@ class V2Error(Exception):
 
 
 def is_v2(path: str) -> bool:
-    return path.startswith(PREFIX)
+    if not path.startswith(PREFIX):
+        return False
+    resource = path[len(PREFIX) :].split("/", 1)[0]
+    return resource in RESOURCES
 
 
 def envelope(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
