@@ -1,13 +1,15 @@
 """One client, one request at a time: the latency a simple script sees, not the capacity of many.
 
-    .venv/bin/python benchmarks/sequential_client.py [--jobs 300] [--auth on|off] [--comfyui URL]
+    .venv/bin/python benchmarks/sequential_client.py [--jobs 300] [--auth on|off] [--comfyui URL] [--v2]
 
 The client posts `--jobs` model-free jobs (server_throughput.py's LoadImage → SaveImage, a new prefix
 each) one after another over one keep-alive connection, then polls GET /queue every 20 ms until it is
 empty, as scripts written against ComfyUI do. It prints the POST /prompt round trip (median, p90, p99)
 and the finished jobs per second, from the first post until the queue is empty. With `--comfyui URL` the
 same client runs against a ComfyUI there too (its input folder must hold `bench.png`), alternating with
-ours, so both figures come from the same run on the same machine.
+ours, so both figures come from the same run on the same machine. With `--v2` the same client also posts
+the jobs through Comfy API v2 (`POST /api/v2/jobs`, one Idempotency-Key each, as the official client sends),
+alternating with `/prompt` on the same server.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,22 +35,27 @@ from tests.server import running_server
 from zimage_serve.security.tokens import TokenStore
 
 
-def run_client(host: str, port: int, jobs: int, headers: dict[str, str], tag: str) -> dict[str, float]:
+def run_client(
+    host: str, port: int, jobs: int, headers: dict[str, str], tag: str, v2: bool = False
+) -> dict[str, float]:
     """Post the jobs one by one, then wait for an empty queue; the round trips and the jobs per second."""
     trips: list[float] = []
     extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    path, expected = ("/api/v2/jobs", b"HTTP/1.1 201") if v2 else ("/prompt", b"HTTP/1.1 200")
     started = time.perf_counter()
     with socket.create_connection((host, port), timeout=60) as connection:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = connection.makefile("rb")
         for i in range(jobs):
-            body = json.dumps({"prompt": graph(f"seq-{tag}/{i}")}).encode()
-            head = f"POST /prompt HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+            workflow = graph(f"seq-{tag}/{i}")
+            body = json.dumps({"workflow": workflow} if v2 else {"prompt": workflow}).encode()
+            key = f"Idempotency-Key: {uuid.uuid4()}\r\n" if v2 else ""
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}{key}"
             sent = time.perf_counter()
             connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
             status, payload = read_response(stream)
             trips.append(time.perf_counter() - sent)
-            if not status.startswith(b"HTTP/1.1 200"):
+            if not status.startswith(expected):
                 raise SystemExit(f"job {i} refused: {(status + payload).decode(errors='replace')[:200]}")
     poll = http.client.HTTPConnection(host, port, timeout=60)
     while True:
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--auth", choices=("on", "off"), default="on")
     parser.add_argument("--comfyui", help="a ComfyUI to measure beside ours, e.g. http://127.0.0.1:8189")
+    parser.add_argument("--v2", action="store_true", help="also submit through Comfy API v2, alternating")
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp()) / "data"
@@ -86,11 +95,16 @@ def main() -> None:
         inputs, server_args = data / "input" / "users" / "bench", ("--auth", "on")
     inputs.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")
-    results: dict[str, list[dict[str, float]]] = {"zimage-serve": [], "ComfyUI": []}
-    with running_server(data, "--max-queue", str(args.jobs * (args.rounds + 1) + 10), *server_args) as server:
+    results: dict[str, list[dict[str, float]]] = {"zimage-serve": [], "zimage-serve, Comfy API v2": [], "ComfyUI": []}
+    queued = args.jobs * (args.rounds + 1) * 2 + 10
+    with running_server(data, "--max-queue", str(queued), *server_args) as server:
         run_client("127.0.0.1", server.port, 5, headers, "warm-up")
         for round_ in range(args.rounds):
             results["zimage-serve"].append(run_client("127.0.0.1", server.port, args.jobs, headers, f"z{round_}"))
+            if args.v2:
+                results["zimage-serve, Comfy API v2"].append(
+                    run_client("127.0.0.1", server.port, args.jobs, headers, f"v{round_}", v2=True)
+                )
             if args.comfyui:
                 url = urlsplit(args.comfyui)
                 host, port = url.hostname or "127.0.0.1", url.port or 80

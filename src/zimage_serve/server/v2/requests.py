@@ -61,9 +61,9 @@ class SubmitJob(BaseModel):
 
 
 class FromHash(BaseModel):
-    """POST /api/v2/assets/from-hash."""
+    """POST /api/v2/assets/from-hash (its spec allows fields it does not name: they are ignored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     hash: str
     file_path: str | None = None
     tags: list[str] | None = None
