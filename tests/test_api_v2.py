@@ -19,7 +19,7 @@ from comfy_low import models
 from PIL import Image
 
 from tests.support.app import AppServer, serving
-from tests.support.jobs import done, ready, settle, slow_job, small_job, submit, wait_until
+from tests.support.jobs import done, ready, settle, slow_job, small_job, submit, upload_asset, wait_until
 from tests.support.tokens import make_tokens
 from zimage_serve.security.audit_verify import records
 from zimage_serve.server.v2.retention import expire
@@ -54,21 +54,7 @@ def png(colour: str = "red", size: int = 32) -> bytes:
 
 
 def upload(server: AppServer, content: bytes, *, name: str = "photo.png", **fields: str) -> tuple[int, Any]:
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n".encode()
-        + content
-        + b"\r\n"
-    )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    status, _, answer = server.request(
-        "POST", "/api/v2/assets", raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    return status, json.loads(answer) if answer else None
+    return upload_asset(server, content, name=name, **fields)
 
 
 def asset_ref(asset: dict[str, Any]) -> dict[str, Any]:
@@ -358,3 +344,25 @@ def test_comfyuis_own_routes_under_api_v2_keep_comfyuis_shapes(alice: AppServer)
     assert status == 200 and isinstance(tree, list)
     status, answer = alice.json("GET", "/api/v2/nothing-here")
     assert (status == 404 and "error" not in answer) or not isinstance(answer.get("error"), dict)
+
+
+def test_hostile_values_get_a_4xx_and_reads_of_bytes_are_audited(alice: AppServer) -> None:
+    ref = {"__type": "core/ASSET", "info": {"id": str(uuid.uuid4())}}
+    status, answer = submit_v2(alice, {"1": {"class_type": "LoadImage", "inputs": {"image": ref}}, "2": 5})
+    assert status == 422 and code(answer) in ("missing_asset", "invalid_workflow")
+    assert alice.json("GET", "/api/v2/jobs?limit=²")[0] == 422
+    deep = base64.urlsafe_b64encode(b"[" * 5000).decode()
+    assert code(alice.json("GET", f"/api/v2/jobs?cursor={deep}")[1]) == "invalid_cursor"
+    huge = base64.urlsafe_b64encode(json.dumps({"offset": 10**20}).encode()).decode()
+    assert code(alice.json("GET", f"/api/v2/jobs?cursor={huge}")[1]) == "invalid_cursor"
+    status, answer = upload(alice, png("gray"), content_type="image/png", file_path="g.png", expires_in="²")
+    assert status == 422 and code(answer) == "invalid_request"
+    _, asset = upload(alice, png("gray"), content_type="image/png", file_path="g.png")
+    assert alice.request("GET", asset["url"])[0] == 200
+    wait_until(
+        lambda: any(
+            r.get("asset_id") == asset["id"] and r["method"] == "GET"
+            for r in records(alice.data_dir / "audit")
+            if r.get("kind") == "request"
+        )
+    )

@@ -145,3 +145,28 @@ def test_expired_assets_are_listed_oldest_first(connect: Connect) -> None:
     assert records.expired_assets(1600.0) == [early]
     assert records.expired_assets(5000.0) == [early, late]
     assert records.expired_assets(5000.0, limit=1) == [early]
+
+
+def test_a_file_shared_by_two_owners_stays_until_the_last_record_over_it(connect: Connect) -> None:
+    records = connect(Clock())
+    # Admins keep their uploads in the shared folders: the same bytes are one file for both.
+    place = Place("input", "assets", "ab.png", "")
+    first = records.add_asset(Asset(str(uuid.uuid4()), "root", place, 3, "image/png", 1.0, "blake3:" + "ab" * 32))
+    second = records.add_asset(Asset(str(uuid.uuid4()), "root2", place, 3, "image/png", 1.0, "blake3:" + "ab" * 32))
+    found = records.delete_asset(first.id)
+    assert found is not None and found[1] is False
+    found = records.delete_asset(second.id)
+    assert found is not None and found[1] is True
+
+
+def test_the_outputs_of_jobs_that_are_gone_are_forgotten(connect: Connect) -> None:
+    records = connect(Clock())
+    ids = []
+    for job in ("j1", "j1", "j2"):
+        asset_id = output_asset_id(job, "output", "", f"{len(ids)}.png")
+        ids.append(asset_id)
+        place = Place("output", "", f"{len(ids)}.png", "alice")
+        records.add_asset(Asset(asset_id, "alice", place, 1, "image/png", 1.0, job_id=job, node_id="9"))
+    assert records.forget_outputs(["j1", "missing"]) == 2
+    assert [records.asset(i) is None for i in ids] == [True, True, False]
+    assert records.forget_outputs([]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import uuid
@@ -10,7 +11,17 @@ from pathlib import Path
 from websockets.sync.client import connect
 
 from tests.server import next_message, process_state, running_server, worker_processes
-from tests.support.jobs import history, running_ids, running_job, slow_job, small_job, submit, wait_until
+from tests.support.jobs import (
+    history,
+    png,
+    running_ids,
+    running_job,
+    slow_job,
+    small_job,
+    submit,
+    upload_asset,
+    wait_until,
+)
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker.build import RunSettings, WorkerConfig
 from zimage_serve.worker.process import WorkerProcess
@@ -18,21 +29,39 @@ from zimage_serve.worker.process import WorkerProcess
 
 def test_sigkill_with_50_queued_loses_nothing_and_writes_nothing_twice(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    key = str(uuid.uuid4())
     with running_server(data) as server:
         blocker = submit(server, running_job("blocker"))
         wait_until(lambda: running_ids(server) == [blocker])
         queued = [submit(server, small_job(f"job{i}", seed=i)) for i in range(50)]
+        # Comfy API v2's records too: an uploaded asset, and a job queued with an idempotency key.
+        status, asset = upload_asset(server, png((24, 24), "blue"), content_type="image/png", file_path="k.png")
+        assert status == 201, asset
+        copy = {
+            "1": {
+                "class_type": "LoadImage",
+                "inputs": {"image": {"__type": "core/ASSET", "info": {"id": asset["id"]}}},
+            },
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "v2copy"}},
+        }
+        status, _, answer = server.request("POST", "/api/v2/jobs", {"workflow": copy}, headers={"Idempotency-Key": key})
+        assert status == 201, answer
+        v2_job = json.loads(answer)["id"]
         earlier = history(server)
         assert blocker not in earlier  # killed while it runs
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(30)
     with running_server(data) as server:
-        wait_until(lambda: len(history(server)) == 51, timeout=300)
+        wait_until(lambda: len(history(server)) == 52, timeout=300)
         done = history(server)
-        assert set(done) == {blocker, *queued} and earlier.keys() <= done.keys()
+        assert set(done) == {blocker, v2_job, *queued} and earlier.keys() <= done.keys()
         assert all(entry["status"]["status_str"] == "success" for entry in done.values())
         outputs = sorted(p.name for p in (data / "output").glob("*.png"))
-        assert outputs == sorted(["blocker_00001_.png", *[f"job{i}_00001_.png" for i in range(50)]])
+        expected = ["blocker_00001_.png", "v2copy_00001_.png", *[f"job{i}_00001_.png" for i in range(50)]]
+        assert outputs == sorted(expected)
+        assert server.json("GET", f"/api/v2/assets/{asset['id']}")[0] == 200
+        status, _, answer = server.request("POST", "/api/v2/jobs", {"workflow": copy}, headers={"Idempotency-Key": key})
+        assert status == 422 and json.loads(answer)["error"]["code"] == "idempotency_key_reuse"
 
 
 def test_a_killed_worker_process_is_replaced_and_its_job_run_again(tmp_path: Path) -> None:

@@ -152,6 +152,26 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
         jobs = server.json("GET", "/api/jobs?status=completed")[1]["jobs"]
         assert len(jobs) == 1 and jobs[0]["preview_output"]["filename"].startswith("zimage-nano")
 
+        # A longer run: the sampler node shows the live preview while it samples, as in ComfyUI.
+        page.evaluate(
+            """() => {
+                window.previewsSeen = 0;
+                for (const kind of ['b_preview', 'b_preview_with_metadata'])
+                    window.app.api.addEventListener(kind, () => { window.previewsSeen += 1; });
+                const sampler = window.app.graph._nodes.find(n => n.type === 'KSampler');
+                sampler.widgets.find(w => w.name === 'steps').value = 40;
+                sampler.widgets.find(w => w.name === 'seed').value = 7;
+                const latent = window.app.graph._nodes.find(n => /^Empty.*Latent/.test(n.type));
+                for (const name of ['width', 'height']) latent.widgets.find(w => w.name === name).value = 384;
+            }"""
+        )
+        with page.expect_response(lambda r: "/api/view?" in r.url and r.status == 200, timeout=300_000):
+            page.evaluate("() => window.app.queuePrompt(0, 1)")
+            page.wait_for_function("() => window.previewsSeen > 0", timeout=120_000)
+            page.wait_for_timeout(300)  # the frontend draws it on the node
+            watched.screenshot("frontend-live-preview")
+        assert untolerated(watched.bad) == [] and error_dialogs(page) == []
+
 
 @pytest.mark.parametrize(("locale", "words"), [("en-US", ("Generate", "Your images")), ("zh-CN", ("生成", "我的图片"))])
 def test_the_simple_page_generates_with_progress_and_lists_its_images(

@@ -151,3 +151,22 @@ def next_event(socket: Any) -> dict[str, Any]:
             return found
         if message.get("type") == "websocket.close":
             raise AssertionError(f"the socket closed: {message}")
+
+
+def upload_asset(server: Caller, content: bytes, *, name: str = "photo.png", **fields: str) -> tuple[int, Any]:
+    """A multipart upload to Comfy API v2's `POST /api/v2/assets` (`fields`: content_type, file_path ...)."""
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + content
+        + b"\r\n"
+    )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    status, _, answer = server.request(
+        "POST", "/api/v2/assets", raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    return status, json.loads(answer) if answer else None

@@ -121,8 +121,12 @@ class Records(Protocol):
         ...
 
     def delete_asset(self, asset_id: str) -> tuple[Asset, bool] | None:
-        """Forget a record: it, and whether it was the last record over its file (which may then go);
-        None if there was none."""
+        """Forget a record: it, and whether it was the last record over its file, anyone's (which may then
+        go); None if there was none."""
+        ...
+
+    def forget_outputs(self, job_ids: list[str]) -> int:
+        """Forget the output records of jobs that are gone (their files are the history's to keep or not)."""
         ...
 
     def expired_assets(self, now: float, limit: int = 100) -> list[Asset]:

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS assets (
     tags TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS assets_by_hash ON assets (owner, hash) WHERE hash IS NOT NULL AND job_id IS NULL;
-CREATE INDEX IF NOT EXISTS assets_by_place ON assets (owner, space, kind, subfolder, filename);
+CREATE INDEX IF NOT EXISTS assets_by_place ON assets (space, kind, subfolder, filename);
+CREATE INDEX IF NOT EXISTS assets_of_jobs ON assets (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS assets_expiring ON assets (expires) WHERE expires IS NOT NULL;
 """
 COLUMNS = (
@@ -121,11 +122,14 @@ class SQLiteRecords:
                 return None
             self._execute("DELETE FROM assets WHERE id = ?", (asset_id,))
             others = self._execute(
-                "SELECT 1 FROM assets WHERE owner = ? AND space = ? AND kind = ? AND subfolder = ? AND filename = ? "
-                "LIMIT 1",
-                (row["owner"], row["space"], row["kind"], row["subfolder"], row["filename"]),
+                "SELECT 1 FROM assets WHERE space = ? AND kind = ? AND subfolder = ? AND filename = ? LIMIT 1",
+                (row["space"], row["kind"], row["subfolder"], row["filename"]),
             ).fetchone()
         return _asset(row), others is None
+
+    def forget_outputs(self, job_ids: list[str]) -> int:
+        with self._writing():
+            return sum(self._execute("DELETE FROM assets WHERE job_id = ?", (job_id,)).rowcount for job_id in job_ids)
 
     def expired_assets(self, now: float, limit: int = 100) -> list[Asset]:
         with self._lock:

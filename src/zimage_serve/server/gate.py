@@ -41,10 +41,16 @@ RETRY_AFTER_S = "5"
 READS = ("GET", "HEAD", "OPTIONS")
 HEALTH = ("/health", "/api/health", "/api/v2/health")
 VIEW = ("/view", "/api/view")
+ASSETS = "/api/v2/assets/"
 QUERY_TOKEN_PATHS = VIEW  # and every WebSocket: where browsers cannot send an Authorization header
 SIGN_IN = ("/login", "/logout")  # open to all: the sign-in page and its form
 PAGES = ("/", "/index.html", "/simple")  # a browser without a credential is sent to the sign-in page
 SESSION_COOKIE = "zimage_session"
+
+
+def reads_files(path: str) -> bool:
+    """Reads of a user's files, which the audit log records: /view, and v2's asset contents."""
+    return path in VIEW or (path.startswith(ASSETS) and path.endswith("/content"))
 
 
 def caller(connection: HTTPConnection) -> Identity:
@@ -160,7 +166,7 @@ class Gate:
             await refuse(503, "audit_unavailable", UNAVAILABLE, identity.user, **{"Retry-After": RETRY_AFTER_S})
             return
         scope[IDENTITY], scope[TOKEN] = identity, token
-        if not changing and path not in VIEW:
+        if not changing and not reads_files(path):
             await self.app(scope, receive, send)
             return
         note: dict[str, Any] = {}

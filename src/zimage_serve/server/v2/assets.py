@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import mimetypes
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
 from zimage_serve.identity import Identity
+from zimage_serve.limits import StorageLimits
 from zimage_serve.records import blobs
 from zimage_serve.records.contract import Asset, Place
 from zimage_serve.security.storage import StorageFull
@@ -40,6 +42,10 @@ ASSET = "core/ASSET"
 MIN_EXPIRES_S, MAX_EXPIRES_S = 60, 604800
 MAX_TAGS, MAX_TAG = 32, 64
 MAX_FILE_PATH = 1024
+WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only ("²".isdigit() is true), and few of them
+# A file's records and the file itself change together: storing bytes and recording them, or forgetting a
+# record and removing the bytes it was the last to hold, never interleave in this process.
+FILES = asyncio.Lock()
 
 
 def asset_json(asset: Asset, origin: str, created_new: bool | None = None) -> dict[str, Any]:
@@ -110,6 +116,28 @@ async def upload(request: Request) -> Response:
     if key is not None and not await asyncio.to_thread(rt.records.claim_key, identity.user, f"assets/{key}"):
         raise V2Error(422, "idempotency_key_reuse", "This Idempotency-Key was used already: a key is good once")
     folder = rt.folders.space(identity.space).input
+    async with FILES:
+        asset, new = await _stored(
+            request, rt, identity, upload, folder, key, expected, file_path, content_type, tags, expires_in
+        )
+    origin = origin_of(str(request.base_url))
+    return JSONResponse(asset_json(asset, origin, created_new=new), status_code=201 if new else 200)
+
+
+async def _stored(
+    request: Request,
+    rt: Runtime,
+    identity: Identity,
+    upload: UploadFile,
+    folder: Path,
+    key: str | None,
+    expected: str | None,
+    file_path: str,
+    content_type: str,
+    tags: list[str],
+    expires_in: int | None,
+) -> tuple[Asset, bool]:
+    """The upload's bytes in the caller's blobs, and its record: the asset, and whether the bytes are new."""
     limits = rt.storage_limits(identity, caller_token(request))
     size = upload.size if upload.size is not None else 0
     try:
@@ -142,9 +170,7 @@ async def upload(request: Request) -> Response:
     )
     asset = await asyncio.to_thread(rt.records.add_asset, asset)
     audit_note(request, asset_id=asset.id, files=[f"input/{name}"], hash=digest)
-    return JSONResponse(
-        asset_json(asset, origin_of(str(request.base_url)), created_new=new), status_code=201 if new else 200
-    )
+    return asset, new
 
 
 def _text(value: Any, field: str, limit: int, required: bool = False) -> str | None:
@@ -166,7 +192,7 @@ def _tags(tags: list[str]) -> list[str]:
 def _expires_in(value: Any) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, str | int) or not str(value).isdigit():
+    if not isinstance(value, str | int) or not WHOLE.fullmatch(str(value)):
         raise V2Error(422, "invalid_request", "expires_in: a whole number of seconds")
     seconds = int(value)
     if not MIN_EXPIRES_S <= seconds <= MAX_EXPIRES_S:
@@ -281,20 +307,23 @@ async def delete_asset(request: Request, asset_id: str) -> Response:
     asset = await _own(rt, asset_id, identity)
     if asset.job_id is not None and await asyncio.to_thread(rt.store.get, asset.job_id) is not None:
         raise V2Error(409, "asset_in_use", "This asset is held, and cannot be deleted now")
-    deleted = await asyncio.to_thread(rt.records.delete_asset, asset_id)
-    if deleted is None:
-        raise _missing(asset_id)
-    _, last = deleted
-    if last and asset.job_id is None:
-        path = rt.v2_jobs.file_of(asset.place)
-        if path is not None:
-            await asyncio.to_thread(_remove, Path(path))
+    async with FILES:
+        deleted = await asyncio.to_thread(rt.records.delete_asset, asset_id)
+        if deleted is None:
+            raise _missing(asset_id)
+        _, last = deleted
+        if last and asset.job_id is None:
+            path = rt.v2_jobs.file_of(asset.place)
+            if path is not None:
+                await asyncio.to_thread(_remove, Path(path))
     audit_note(request, asset_id=asset_id)
     return Response(status_code=204)
 
 
 # -- references in a workflow ------------------------------------------------------------------------
-async def resolve_assets(rt: Runtime, identity: Identity, workflow: dict[str, Any]) -> dict[str, Any]:
+async def resolve_assets(
+    rt: Runtime, identity: Identity, limits: StorageLimits | None, workflow: dict[str, Any]
+) -> dict[str, Any]:
     """The workflow with each `core/ASSET` input replaced by the name a loader reads (a file in the
     caller's input folder); 422 `missing_asset` for a reference that is malformed, unknown or not theirs."""
     found = [
@@ -306,7 +335,7 @@ async def resolve_assets(rt: Runtime, identity: Identity, workflow: dict[str, An
     ]
     if not found:
         return workflow
-    resolved = {node_id: dict(node) for node_id, node in workflow.items()}
+    resolved = {node_id: dict(node) if isinstance(node, dict) else node for node_id, node in workflow.items()}
     for node_id, name, value in found:
         info = value.get("info")
         asset_id = info.get("id") if isinstance(info, dict) else None
@@ -314,7 +343,7 @@ async def resolve_assets(rt: Runtime, identity: Identity, workflow: dict[str, An
         asset = await asyncio.to_thread(rt.records.asset, asset_id) if isinstance(asset_id, str) else None
         if asset is None or (asset.owner != identity.user and not identity.admin):
             raise V2Error(422, "missing_asset", f"node {node_id}, input {name}: no such asset of yours", where)
-        loader_name = await asyncio.to_thread(_input_name, rt, identity, asset)
+        loader_name = await _input_name(rt, identity, limits, asset)
         if loader_name is None:
             raise V2Error(422, "missing_asset", f"node {node_id}, input {name}: the asset's bytes are gone", where)
         inputs = dict(resolved[node_id]["inputs"])
@@ -323,19 +352,31 @@ async def resolve_assets(rt: Runtime, identity: Identity, workflow: dict[str, An
     return resolved
 
 
-def _input_name(rt: Runtime, identity: Identity, asset: Asset) -> str | None:
+async def _input_name(rt: Runtime, identity: Identity, limits: StorageLimits | None, asset: Asset) -> str | None:
     """The name the caller's loaders read `asset` by: its file in their input folder (a job's output is
-    copied there first, once per content)."""
+    copied there first, once per content, within the caller's storage)."""
     place = asset.place
     path = rt.v2_jobs.file_of(place)
-    if path is None or not os.path.isfile(path):
+    size = await asyncio.to_thread(_size_of, path)
+    if path is None or size is None:
         return None
     if place.kind != "input" or (identity.space is not None and place.space != identity.space):
         folder = rt.folders.space(identity.space).input
-        with open(path, "rb") as source:
-            _, name, _, _ = blobs.store(source, folder, blobs.extension(place.filename))
-        return name
+        async with FILES, rt.storage.room(identity, limits, size):
+            return await asyncio.to_thread(_copied, path, folder, blobs.extension(place.filename))
     name = f"{place.subfolder}/{place.filename}" if place.subfolder else place.filename
     if place.space and identity.space is None:  # an admin's loaders read from the shared folders
         name = f"{USERS}/{place.space}/{name}"
     return name
+
+
+def _size_of(path: str | None) -> int | None:
+    try:
+        return os.path.getsize(path) if path is not None and os.path.isfile(path) else None
+    except OSError:
+        return None
+
+
+def _copied(path: str, folder: Path, suffix: str) -> str:
+    with open(path, "rb") as source:
+        return blobs.store(source, folder, suffix)[1]

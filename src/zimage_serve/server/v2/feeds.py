@@ -20,6 +20,8 @@ from typing import Any
 from zimage_serve.workflow.events import CLOSING
 
 PROGRESS_EVERY_S = 0.5  # progress snapshots at most twice a second per job, the newest always sent
+BACKLOG = 32  # items a stream may have unread before its progress and previews are skipped
+SKIPPABLE = ("progress", "preview")
 Item = tuple[str, dict[str, Any]]  # (event name, payload); ("end", {}) when the job has ended
 
 
@@ -172,7 +174,7 @@ class JobFeeds:
             items.insert(0, ("progress", feed.progress))
         for inbox in list(feed.subscribers):
             for item in items:
-                inbox.put_nowait(item)
+                _put(inbox, item)
 
     def _progress(self, feed: Feed) -> None:
         """The newest snapshot to the streams: at once if the last went out long enough ago, else a little
@@ -190,7 +192,15 @@ class JobFeeds:
             return
         feed._sent_at = time.monotonic()
         for inbox in list(feed.subscribers):
-            inbox.put_nowait(("progress", feed.progress))
+            _put(inbox, ("progress", feed.progress))
+
+
+def _put(inbox: asyncio.Queue[Item], item: Item) -> None:
+    """An item for one stream. A stream whose client reads too slowly skips progress and previews (each is
+    a whole snapshot: the next one says it all) rather than holding ever more of them."""
+    if item[0] in SKIPPABLE and inbox.qsize() >= BACKLOG:
+        return
+    inbox.put_nowait(item)
 
 
 def _int(value: Any) -> int | None:

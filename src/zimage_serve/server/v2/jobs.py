@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,7 +40,8 @@ router = APIRouter(tags=["Comfy API v2"])
 LIST_LIMIT, LIST_MAX = 50, 100
 LABEL_SCAN = 500  # jobs read at most per page of a list filtered by labels (the page then says so)
 HEARTBEAT_S = 15.0
-RECHECK_S = 5.0  # a stream reads its job from the queue this often while no event comes
+RECHECK_S = 5.0
+MAX_OFFSET = 2**31 - 1  # a stream reads its job from the queue this often while no event comes
 
 
 def _not_found(job_id: str) -> V2Error:
@@ -115,13 +117,13 @@ async def submit(request: Request) -> Response:
             "This is a workflow in the editor's format (nodes and links): export it in API format "
             "(Workflow > Export (API)) and send that",
         )
-    workflow = await resolve_assets(rt, identity, body.workflow)
+    workflow = await resolve_assets(rt, identity, rt.storage_limits(identity, token), body.workflow)
     extra: dict[str, Any] = {}
     v2_fields = {name: getattr(body, name) for name in ("metadata", "priority") if getattr(body, name) is not None}
     if v2_fields:
         extra[EXTRA_KEY] = v2_fields
     owner = identity.user
-    if key is not None and not await asyncio.to_thread(rt.records.claim_key, owner, key):
+    if key is not None and not await asyncio.to_thread(rt.records.claim_key, owner, f"jobs/{key}"):
         raise V2Error(
             422,
             "idempotency_key_reuse",
@@ -139,7 +141,7 @@ async def submit(request: Request) -> Response:
         )
     except (PromptRejected, QueueFull, QuotaExceeded, DuplicateJob) as exc:  # definitely not queued
         if key is not None:
-            await asyncio.to_thread(rt.records.release_key, owner, key)
+            await asyncio.to_thread(rt.records.release_key, owner, f"jobs/{key}")
         raise _refused(request, rt, exc) from exc
     rt.queue_changed()
     job = submitted.job
@@ -197,7 +199,7 @@ async def list_jobs(request: Request) -> Response:
 def _count(text: str | None, name: str, default: int, low: int, high: int) -> int:
     if text is None or text == "":
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not low <= int(text) <= high:
         raise V2Error(422, "invalid_request", f"{name}: a whole number from {low} to {high}")
     return int(text)
 
@@ -207,9 +209,10 @@ def _cursor(text: str | None) -> int:
         return 0
     try:
         found = json.loads(base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)))
-        if isinstance(found, dict) and isinstance(found.get("offset"), int) and found["offset"] >= 0:
-            return int(found["offset"])
-    except (ValueError, binascii.Error):
+        offset = found.get("offset") if isinstance(found, dict) else None
+        if isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset <= MAX_OFFSET:
+            return offset
+    except (ValueError, binascii.Error, RecursionError):
         pass
     raise V2Error(422, "invalid_cursor", "cursor: use the next_cursor a page of this list gave")
 

@@ -33,6 +33,7 @@ def expire(rt: Runtime, now: float) -> tuple[int, int]:
         if not old:
             break
         jobs += rt.store.delete_history(old)
+        rt.records.forget_outputs(old)
         if len(old) < len(page):
             break
     assets = 0
