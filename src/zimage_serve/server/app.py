@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.requests import Request as PlainRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -164,17 +164,38 @@ class PromptLane:
     """
 
     PATHS = ("/prompt", "/api/prompt")
+    V2_JOBS = "/api/v2/jobs"  # Comfy API v2's submissions take the lane too
 
     def __init__(self, app: FastAPI, body_limit: int) -> None:
         self.app = app
         self._limited = BodyLimit(self._post_prompt, limit=body_limit, upload_limit=body_limit)
+        self._limited_v2 = BodyLimit(self._post_v2_job, limit=body_limit, upload_limit=body_limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
-            scope["app"] = self.app  # what Starlette sets: the route reaches the runtime through it
-            await self._limited(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path in self.PATHS or path == self.V2_JOBS:
+                scope["app"] = self.app  # what Starlette sets: the route reaches the runtime through it
+                await (self._limited if path != self.V2_JOBS else self._limited_v2)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _post_v2_job(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response: Response = await v2_jobs.submit(PlainRequest(scope, receive))
+        except V2Error as exc:
+            response = exc.response()
+        except QueueUnavailable as exc:
+            log.warning("answered 503: %s", exc)
+            response = error_response(
+                503, "queue_unavailable", exc.shown, headers={"Retry-After": str(exc.retry_after)}
+            )
+        except Exception:
+            log.exception("unhandled error on POST %s", scope["path"])
+            response = error_response(
+                500, "upstream_error", "Internal server error: the error was logged on the server"
+            )
+        await response(scope, receive, send)
 
     async def _post_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -238,6 +259,8 @@ def route_of(scope: Scope) -> str:
         return path
     if scope.get("path") in PromptLane.PATHS:
         return "/prompt"
+    if scope.get("path") == PromptLane.V2_JOBS and scope.get("method") == "POST":
+        return PromptLane.V2_JOBS
     return "other"
 
 
@@ -278,12 +301,14 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
     app.state.runtime = runtime
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes)
     app.add_middleware(ApiPrefix)
+    # Comfy API v2 first: a request is matched against the routes in order, and a v2 client's submissions
+    # come one after another (ComfyUI's POST /prompt has a lane of its own, PromptLane).
+    app.include_router(v2_jobs.router, prefix="/api/v2")
+    app.include_router(v2_assets.router, prefix="/api/v2")
     for router in ROUTERS:
         app.include_router(router)
     schemas.document(app)
     app.include_router(openai_images.router)  # OpenAI clients use /v1 as their base URL
-    app.include_router(v2_jobs.router, prefix="/api/v2")  # Comfy API v2 clients use /api/v2
-    app.include_router(v2_assets.router, prefix="/api/v2")
     app.mount("/", routes_frontend.frontend_files(), name="frontend")  # last: every route above comes first
 
     @app.exception_handler(QueueUnavailable)

@@ -123,7 +123,7 @@ async def submit(request: Request) -> Response:
     if v2_fields:
         extra[EXTRA_KEY] = v2_fields
     owner = identity.user
-    if key is not None and not await asyncio.to_thread(rt.records.claim_key, owner, f"jobs/{key}"):
+    if key is not None and not await rt.quick(rt.records.claim_key, owner, f"jobs/{key}"):
         raise V2Error(
             422,
             "idempotency_key_reuse",
@@ -146,7 +146,7 @@ async def submit(request: Request) -> Response:
     rt.queue_changed()
     job = submitted.job
     note_job(request, rt, job)
-    view = await _view(rt, job, identity, origin_of(str(request.base_url)))
+    view = await rt.quick(rt.v2_jobs.view, job, identity.owner_filter(), origin_of(str(request.base_url)))
     return JSONResponse(view, status_code=201, headers={"Location": view["urls"]["self"]})
 
 
