@@ -41,6 +41,10 @@ class Feed:
     executed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (node, its ui output)
     running: bool = False
     ended: bool = False
+    # The job as its streams last read it from the queue, per view of the queue (an owner, or everyone):
+    # (when, (job, status, position) or None when it is gone); shared by the job's streams.
+    checked: dict[str | None, tuple[float, tuple[Any, str, int | None] | None]] = field(default_factory=dict)
+    final: dict[tuple[str | None, str], bytes] = field(default_factory=dict)  # its terminal frame, per view
     _sent_at: float = 0.0
     _trailing: asyncio.TimerHandle | None = None
 

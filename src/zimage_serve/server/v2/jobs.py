@@ -32,7 +32,7 @@ from zimage_serve.server.schemas import json_request
 from zimage_serve.server.service import PromptBlocked, PromptRejected
 from zimage_serve.server.v2.assets import resolve_assets
 from zimage_serve.server.v2.envelope import V2Error
-from zimage_serve.server.v2.feeds import Item
+from zimage_serve.server.v2.feeds import Feed, Item
 from zimage_serve.server.v2.job_view import EXTRA_KEY, STATES_OF, TERMINAL, iso, origin_of
 from zimage_serve.server.v2.requests import MAX_KEY, SubmitJob, parsed
 
@@ -49,13 +49,16 @@ def _not_found(job_id: str) -> V2Error:
 
 
 async def _job(rt: Runtime, job_id: str, identity: Identity) -> Job:
-    job = await asyncio.to_thread(rt.service.get, job_id, identity)
+    job = await rt.quick(rt.service.get, job_id, identity)
     if job is None:
         raise _not_found(job_id)
     return job
 
 
 async def _view(rt: Runtime, job: Job, identity: Identity, origin: str) -> dict[str, Any]:
+    if job.state in ("pending", "running"):  # a read or two of the queue
+        return await rt.quick(rt.v2_jobs.view, job, identity.owner_filter(), origin)
+    # An ended job's outputs are recorded as assets the first time they are shown: in a thread.
     return await asyncio.to_thread(rt.v2_jobs.view, job, identity.owner_filter(), origin)
 
 
@@ -354,10 +357,10 @@ async def events(request: Request, job_id: str) -> Response:
 
 
 async def _stream(
-    rt: Runtime, identity: Identity, job_id: str, feed: Any, inbox: asyncio.Queue[Item], origin: str
+    rt: Runtime, identity: Identity, job_id: str, feed: Feed, inbox: asyncio.Queue[Item], origin: str
 ) -> AsyncIterator[bytes]:
     # Read after watching: an event that comes between is in the inbox, never lost.
-    job = await asyncio.to_thread(rt.service.get, job_id, identity)
+    job = await rt.quick(rt.service.get, job_id, identity)
     if job is None:
         return
     view = await _view(rt, job, identity, origin)
@@ -375,15 +378,15 @@ async def _stream(
         try:
             kind, data = await asyncio.wait_for(inbox.get(), timeout=RECHECK_S)
         except TimeoutError:  # no event: the queue says how the job stands (an event may have been lost)
-            job = await asyncio.to_thread(rt.service.get, job_id, identity)
-            if job is None:
+            checked = await _checked(rt, feed, job_id, identity.owner_filter())
+            if checked is None:
                 return
-            view = await _view(rt, job, identity, origin)
-            if view["status"] in TERMINAL:
-                yield _frame("status", _final(view))
+            job, now_status, now_position = checked
+            if now_status in TERMINAL:
+                yield await _final_frame(rt, feed, job, identity, origin)
                 return
-            if (view["status"], view["queue_position"]) != (status, position):
-                status, position = view["status"], view["queue_position"]
+            if (now_status, now_position) != (status, position):
+                status, position = now_status, now_position
                 yield _frame("status", {"status": status, "queue_position": position})
                 written = time.monotonic()
             elif time.monotonic() - written >= HEARTBEAT_S:
@@ -391,10 +394,10 @@ async def _stream(
                 written = time.monotonic()
             continue
         if kind == "end":  # recorded in the queue before the event was sent
-            job = await asyncio.to_thread(rt.service.get, job_id, identity)
+            job = await rt.quick(rt.service.get, job_id, identity)
             if job is None:
                 return
-            yield _frame("status", _final(await _view(rt, job, identity, origin)))
+            yield await _final_frame(rt, feed, job, identity, origin)
             return
         if kind == "executed":
             outputs = await asyncio.to_thread(rt.v2_jobs.outputs, job, [(data["node"], data["output"])], origin)
@@ -406,6 +409,34 @@ async def _stream(
         else:
             yield _frame(kind, data)
         written = time.monotonic()
+
+
+async def _checked(rt: Runtime, feed: Feed, job_id: str, owner_view: str | None) -> tuple[Job, str, int | None] | None:
+    """The job as the queue holds it, its status and its position: read once per job and recheck period,
+    whichever of its streams asks first, so thousands of streams cost their jobs' reads, not theirs."""
+    now = time.monotonic()
+    cached = feed.checked.get(owner_view)
+    if cached is not None and now - cached[0] < RECHECK_S / 2:
+        return cached[1]
+    job = await rt.quick(rt.store.get, job_id)
+    if job is None:
+        found = None
+    else:
+        status = rt.v2_jobs.status(job)
+        position = await rt.quick(rt.store.position, job_id, owner_view) if status == "queued" else None
+        found = (job, status, position)
+    feed.checked[owner_view] = (now, found)
+    return found
+
+
+async def _final_frame(rt: Runtime, feed: Feed, job: Job, identity: Identity, origin: str) -> bytes:
+    """The terminal `status` frame, made once per job and view for all of its streams (a job watched by
+    thousands makes its outputs' list once, not once each)."""
+    key = (identity.owner_filter(), origin)
+    frame = feed.final.get(key)
+    if frame is None:
+        frame = feed.final[key] = _frame("status", _final(await _view(rt, job, identity, origin)))
+    return frame
 
 
 def _final(view: dict[str, Any]) -> dict[str, Any]:
