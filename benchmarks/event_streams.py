@@ -31,6 +31,7 @@ from tests.server import running_server
 from zimage_serve import workflows
 
 PER_ADDRESS = 200
+WAVE = 500
 
 
 def rss_kib(pid: int) -> int:
@@ -78,13 +79,13 @@ async def main_async(args: argparse.Namespace) -> None:
         ended: list[float] = []
         tasks = []
         opened = time.monotonic()
-        for i in range(args.streams):
+        for i in range(args.streams):  # in waves, each open before the next: never past the listen backlog
             first = asyncio.Event()
             firsts.append(first)
             source = f"127.0.0.{2 + i // PER_ADDRESS}"
             tasks.append(asyncio.create_task(stream(port, jobs[i % len(jobs)], source, first, ended)))
-            if i % 100 == 99:
-                await asyncio.sleep(0.01)
+            if i % WAVE == WAVE - 1:
+                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts[-WAVE:])), 120)
         for first in firsts:
             await asyncio.wait_for(first.wait(), 120)
         all_open = time.monotonic() - opened

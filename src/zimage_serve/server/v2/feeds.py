@@ -45,6 +45,7 @@ class Feed:
     # (when, (job, status, position) or None when it is gone); shared by the job's streams.
     checked: dict[str | None, tuple[float, tuple[Any, str, int | None] | None]] = field(default_factory=dict)
     final: dict[tuple[str | None, str], bytes] = field(default_factory=dict)  # its terminal frame, per view
+    output_frames: dict[tuple[str, str], list[bytes]] = field(default_factory=dict)  # per (node, origin)
     _sent_at: float = 0.0
     _trailing: asyncio.TimerHandle | None = None
 

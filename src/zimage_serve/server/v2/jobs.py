@@ -400,9 +400,13 @@ async def _stream(
             yield await _final_frame(rt, feed, job, identity, origin)
             return
         if kind == "executed":
-            outputs = await asyncio.to_thread(rt.v2_jobs.outputs, job, [(data["node"], data["output"])], origin)
-            for output in outputs:
-                yield _frame("output", output)
+            key = (data["node"], origin)
+            frames = feed.output_frames.get(key)
+            if frames is None:  # made once for all of the job's streams
+                outputs = await asyncio.to_thread(rt.v2_jobs.outputs, job, [(data["node"], data["output"])], origin)
+                frames = feed.output_frames[key] = [_frame("output", output) for output in outputs]
+            for frame in frames:
+                yield frame
         elif kind == "status":
             status, position = data["status"], data.get("queue_position")
             yield _frame("status", data)
