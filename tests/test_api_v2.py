@@ -366,3 +366,25 @@ def test_hostile_values_get_a_4xx_and_reads_of_bytes_are_audited(alice: AppServe
             if r.get("kind") == "request"
         )
     )
+
+
+def test_the_word_filter_quotas_and_rate_limits_apply_to_v2_as_to_prompt(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.txt"
+    rules.write_text("R-BAN: banned\n", "utf-8")
+    data = tmp_path / "data"
+    tokens = make_tokens(data, alice={"images_per_day": 1, "rpm": 3})
+    with serving(data, auth="on", security={"blocklist": (rules,)}, preload=False) as server:
+        alice = server.as_token(tokens["user"])
+        blocked = small_job("v2/blocked")
+        blocked["6"]["inputs"]["text"] = "a b.a.n.n.e.d circle"
+        key = str(uuid.uuid4())
+        status, answer = submit_v2(alice, blocked, key)
+        assert status == 422 and code(answer) == "prompt_blocked" and "R-BAN" in answer["error"]["message"]
+        assert "banned" not in json.dumps(answer).lower()
+        assert any(r.get("outcome") == "blocked" for r in records(data / "audit") if r.get("kind") == "request")
+        status, job = submit_v2(alice, small_job("v2/first"), key)  # a refused submission left the key free
+        assert status == 201, job
+        status, answer = submit_v2(alice, small_job("v2/second", seed=1))  # one image a day
+        assert status == 429 and code(answer) == "quota_exceeded" and answer["error"]["details"]["quota"]
+        status, _, body = alice.request("POST", "/api/v2/jobs", {"workflow": small_job("v2/third")})
+        assert status == 429 and code(json.loads(body)) == "rate_limited"  # the fourth change this minute

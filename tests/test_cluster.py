@@ -9,6 +9,7 @@ nodes and both workers end once each, each with one file."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -171,6 +172,24 @@ def test_jobs_through_two_nodes_and_two_workers_end_once_each_seen_from_every_no
     assert kinds.index("execution_start") < kinds.index("execution_success") < len(kinds) - 1
     entry = ended(second, prompt_id)  # the history is the cluster's: the other node has it too
     assert entry is not None and entry["status"]["completed"]
+
+    # Comfy API v2 likewise: submitted on one node, followed on the other's event stream, its output read
+    # through either (the job, its asset records and its files are the cluster's).
+    v2 = nano_prompt()
+    v2["9"]["inputs"]["filename_prefix"] = "across-v2"
+    status, job = first.json("POST", "/api/v2/jobs", {"workflow": v2})
+    assert status == 201, job
+    stream = http.client.HTTPConnection("127.0.0.1", second.port, timeout=60)
+    stream.request("GET", f"/api/v2/jobs/{job['id']}/events")
+    response = stream.getresponse()
+    assert response.status == 200
+    statuses = [json.loads(line[6:]) for line in response if line.startswith(b"data: ") and b'"status"' in line]
+    stream.close()
+    assert statuses[-1]["status"] == "succeeded" and len(statuses[-1]["outputs"]) == 1
+    output = statuses[-1]["outputs"][0]
+    for node in (first, second):
+        status, _, image = node.request("GET", f"/api/v2/assets/{output['id']}/content")
+        assert status == 200 and image[:8] == b"\x89PNG\r\n\x1a\n"
 
     ids: list[str] = []
     lock = threading.Lock()

@@ -163,7 +163,9 @@ def _refused(request: Request, rt: Runtime, exc: Exception) -> V2Error:
             node=exc.node_id,
             **prompt_fields([exc.text], rt.settings.security.audit_prompts),
         )
-        return V2Error(422, "prompt_blocked", str(exc), {"node_errors": node_errors(exc.body)})
+        error = exc.body.get("error") or {}
+        message = ": ".join(p for p in (error.get("message"), error.get("details")) if p) or str(exc)
+        return V2Error(422, "prompt_blocked", message, {"node_errors": node_errors(exc.body), "rule": exc.rule})
     if isinstance(exc, PromptRejected):
         error = exc.body.get("error") or {}
         message = ": ".join(p for p in (error.get("message"), error.get("details")) if p) or "invalid workflow"
