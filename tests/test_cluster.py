@@ -233,7 +233,7 @@ def test_jobs_through_two_nodes_and_two_workers_end_once_each_seen_from_every_no
         assert worker.metrics_port is not None
         with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as answer:
             counted += value(samples(answer.read().decode()), "zimage_jobs_ended_total", outcome="success")
-    assert counted == 1001
+    assert counted == 1002  # the two jobs through both nodes, and the thousand
 
     # the audit: each end in one API node's log, once; every log verifies
     command = [sys.executable, "-m", "zimage_serve.cli", "audit"]
@@ -246,8 +246,8 @@ def test_jobs_through_two_nodes_and_two_workers_end_once_each_seen_from_every_no
             found += [r["job_id"] for r in map(json.loads, exported.stdout.splitlines()) if r["kind"] == "generation"]
         return found
 
-    ends = wait_for(lambda: len(found := logged()) >= 1001 and found, 60, "every end in a log")
-    assert sorted(ends) == sorted([prompt_id, *ids])  # in one node's log, once each
+    ends = wait_for(lambda: len(found := logged()) >= 1002 and found, 60, "every end in a log")
+    assert sorted(ends) == sorted([prompt_id, job["id"], *ids])  # in one node's log, once each
     for where in places:
         checked = subprocess.run([*command, "verify", *where], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0 and "intact" in checked.stderr, checked.stderr
