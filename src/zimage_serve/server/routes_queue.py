@@ -148,7 +148,7 @@ async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = 
             front=bool(body.get("front")),
             prompt_id=prompt_id,
             partial_targets=targets,
-            off_loop=large or _has_long_text(body["prompt"]),
+            off_loop=large or has_long_text(body["prompt"]),
             identity=identity,
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
         )
@@ -196,7 +196,7 @@ def note_job(request: Request, rt: Runtime, job: Job) -> None:
 router.add_api_route("/prompt", post_prompt, methods=["POST"], openapi_extra=json_request(PromptRequest))
 
 
-def _has_long_text(prompt: Any) -> bool:
+def has_long_text(prompt: Any) -> bool:
     """Whether an input holds text long enough that validation may count its tokens (which can load a
     tokenizer, once per model): such a prompt is validated off the event loop too."""
     if not isinstance(prompt, dict):

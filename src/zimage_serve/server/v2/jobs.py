@@ -26,7 +26,7 @@ from zimage_serve.identity import Identity
 from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token
-from zimage_serve.server.routes_queue import OFF_LOOP_BYTES, note_job, runtime
+from zimage_serve.server.routes_queue import OFF_LOOP_BYTES, has_long_text, note_job, runtime
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import json_request
 from zimage_serve.server.service import PromptBlocked, PromptRejected
@@ -138,7 +138,7 @@ async def submit(request: Request) -> Response:
             workflow,
             extra_data=extra,
             prompt_id=str(uuid.uuid4()),
-            off_loop=large,
+            off_loop=large or has_long_text(workflow),  # counting a long text's tokens may load a tokenizer
             identity=identity,
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
         )
