@@ -388,3 +388,20 @@ def test_the_word_filter_quotas_and_rate_limits_apply_to_v2_as_to_prompt(tmp_pat
         assert status == 429 and code(answer) == "quota_exceeded" and answer["error"]["details"]["quota"]
         status, _, body = alice.request("POST", "/api/v2/jobs", {"workflow": small_job("v2/third")})
         assert status == 429 and code(json.loads(body)) == "rate_limited"  # the fourth change this minute
+
+
+def test_a_revoked_users_event_streams_end(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on", preload=False, shutdown_grace_s=0) as server:
+        alice, admin = server.as_token(tokens["user"]), server.as_token(tokens["admin"])
+        submit_v2(alice, slow_job("v2/revoked-blocker"))  # the worker busy: the job waits
+        _, job = submit_v2(alice, small_job("v2/revoked"))
+        seen = []
+        with alice.client.stream("GET", f"/api/v2/jobs/{job['id']}/events", headers=alice.headers) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if len(seen) == 1:
+                        assert admin.request("DELETE", "/api/zimage/tokens/alice")[0] == 200
+        assert len(seen) == 1 and seen[0]["status"] == "queued"  # then the stream ended, no more

@@ -168,6 +168,7 @@ class Runtime:
         sockets are closed, its waiting jobs deleted and its running ones interrupted, as the audit log
         records."""
         await self.hub.close_user(user)
+        self.feeds.close_holder(user)
         owner = Identity(user, role=USER)
         deleted = await asyncio.to_thread(self.service.delete_pending, None, owner)
         interrupted = await asyncio.to_thread(self.service.interrupt, None, owner)

@@ -112,6 +112,7 @@ class JobFeeds:
         self._feeds: dict[str, Feed] = {}
         self._lock = threading.Lock()
         self._streams: Counter[str] = Counter()  # open streams per holder (a user, or an address)
+        self._holders: dict[asyncio.Queue[Item], str] = {}  # whose each open stream is
         # Running jobs this node was asked to cancel, until they end: v2 shows them as `canceling`.
         self.canceling: set[str] = set()
 
@@ -136,6 +137,7 @@ class JobFeeds:
             if feed is None:
                 feed = self._feeds[job_id] = Feed(job_id, classes)
             feed.subscribers.add(inbox)
+            self._holders[inbox] = holder
         self._streams[holder] += 1
         self._changed()
         return feed, inbox
@@ -143,6 +145,7 @@ class JobFeeds:
     def leave(self, feed: Feed, inbox: asyncio.Queue[Item], holder: str) -> None:
         with self._lock:
             feed.subscribers.discard(inbox)
+            self._holders.pop(inbox, None)
             if not feed.subscribers and self._feeds.get(feed.job_id) is feed:
                 del self._feeds[feed.job_id]
                 if feed._trailing is not None:
@@ -151,6 +154,14 @@ class JobFeeds:
         if self._streams[holder] <= 0:
             del self._streams[holder]
         self._changed()
+
+    def close_holder(self, holder: str) -> int:
+        """End every stream of `holder` (a user whose token was revoked): each gets a `closed` item."""
+        with self._lock:
+            inboxes = [inbox for inbox, whose in self._holders.items() if whose == holder]
+        for inbox in inboxes:
+            inbox.put_nowait(("closed", {}))
+        return len(inboxes)
 
     def _changed(self) -> None:
         if self.on_watched is not None:

@@ -395,6 +395,8 @@ async def _stream(
                 yield b": heartbeat\n\n"
                 written = time.monotonic()
             continue
+        if kind == "closed":  # the caller's token was revoked
+            return
         if kind == "end":  # recorded in the queue before the event was sent
             job = await rt.quick(rt.service.get, job_id, identity)
             if job is None:
