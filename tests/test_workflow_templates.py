@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 import json
 import threading
 from pathlib import Path
@@ -230,3 +232,22 @@ def test_memory_modes_give_the_same_image(executor: Executor, mode: MemoryMode) 
     else:
         with_lora = run(offloaded, lora_graph("ai-toolkit.safetensors"))
         assert np.abs(pixels(output_image(offloaded, with_lora)) - base).mean() > 2
+
+
+def test_previews_of_split_files_use_a_map_fitted_from_their_vae(executor: Executor) -> None:
+    """ComfyUI's split files bring no preview map: it is fitted from their VAE once it is loaded, and the
+    runs after that one have previews (the latent's cells, as JPEG)."""
+    prompt = to_api(json.loads((TEMPLATES / "image_z_image_turbo.subgraph.json").read_text()), NODES)
+    prompt["57:13"]["inputs"].update(width=256, height=256)
+    prompt["57:3"]["inputs"]["steps"] = 4
+    checked = validate(prompt, executor.folders)
+    events: list[tuple[str, dict[str, Any]]] = []
+    for seed in (1, 2):  # the first run loads the VAE after its sampler has run
+        checked.prompt["57:3"]["inputs"]["seed"] = seed
+        result = executor.run(f"p{seed}", checked.prompt, checked.outputs, {}, lambda e, d: events.append((e, d)),
+                              watched=lambda: True)  # fmt: skip
+        assert result.ok, result.error
+    previews = [data for event, data in events if event == "preview"]
+    assert previews and all(data["node"] == "57:3" for data in previews)
+    picture = Image.open(io.BytesIO(base64.b64decode(previews[-1]["data_base64"])))
+    assert picture.format == "JPEG" and picture.size == (32, 32)
