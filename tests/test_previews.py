@@ -122,3 +122,23 @@ def test_the_shipped_nano_map_comes_close_to_its_vaes_decodes() -> None:
     assert float((mapped - cells[0]).abs().mean()) < 0.16
     refitted = fit(vae, vae.scaling)  # the fit is deterministic: the shipped map is what the tool makes
     assert all(abs(a - b) < 1e-3 for a, b in zip(refitted.bias, table.bias, strict=True))
+
+
+def test_a_map_fitted_from_a_vae_is_kept_for_the_next_process(comfy_root: Path, tmp_path: Path) -> None:
+    from zimage_serve.engine.latent_preview import Previews, kept_name
+    from zimage_serve.engine.layouts import single_file
+    from zimage_serve.engine.libraries import load_model_libraries
+    from zimage_serve.engine.parts import Placing, load_vae
+
+    load_model_libraries()
+    vae = load_vae("ae.safetensors", single_file("vae", comfy_root / "vae" / "ae.safetensors"), Placing.choose("cpu"))
+    first = Previews()
+    first.keep_in(tmp_path / "previews")
+    assert first.table(vae.scaling) is None  # no VAE of that space seen yet
+    first.teach(vae)
+    fitted = first.table(vae.scaling)
+    assert fitted is not None and fitted.channels == 16
+    assert (tmp_path / "previews" / kept_name(vae.scaling)).is_file()
+    later = Previews()  # another process sharing the data dir: no VAE loaded there yet
+    later.keep_in(tmp_path / "previews")
+    assert later.table(vae.scaling) == fitted

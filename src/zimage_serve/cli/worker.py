@@ -87,6 +87,7 @@ def worker(
         temp=folders.temp,
         run=run,
         journal=journal_folder(data),
+        preview_maps=data / "previews",
         metrics_port=settings.metrics_port,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s [worker] %(name)s: %(message)s")

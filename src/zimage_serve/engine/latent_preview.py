@@ -5,8 +5,9 @@ Each latent space has its own map, fitted by least squares against its VAE's own
 synthetic pictures are encoded, their latents decoded again, and the decodes, averaged over each latent
 cell, are what the map learns to give. A diffusers folder may bring its map beside its VAE
 (`vae/latent_rgb.json`, written by `tools/fit_latent_rgb.py`; zimage-nano's is); for any other space
-(Z-Image's, the Flux VAE's) the map is fitted once per process from the first VAE of that space that is
-loaded (a few small pictures: under a second on a GPU, a few on a CPU), and a preview waits for it.
+(Z-Image's, the Flux VAE's) the map is fitted from the first VAE of that space that is loaded (a few small
+pictures: under a second on a GPU, a few on a CPU) and kept in the data dir (`previews/`), so every
+worker sharing it, and every later start, has it from its first image on.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -125,14 +127,19 @@ class Previews:
         self._teachers: dict[LatentFormat, weakref.ref[Vae]] = {}
         self._lock = threading.Lock()
         self._fitting: set[LatentFormat] = set()
+        self._folder: Path | None = None
+
+    def keep_in(self, folder: Path | None) -> None:
+        """Where fitted maps are kept (None: in memory only)."""
+        self._folder = folder
 
     def know(self, fmt: LatentFormat, table: LatentToRGB) -> None:
         with self._lock:
             self._tables[fmt] = table
 
-    def know_file(self, fmt: LatentFormat, folder: Path) -> bool:
+    def know_file(self, fmt: LatentFormat, folder: Path, name: str = TABLE_FILE) -> bool:
         """The map a folder brings (`latent_rgb.json`), if it brings one."""
-        path = folder / TABLE_FILE
+        path = folder / name
         if not path.is_file():
             return False
         try:
@@ -154,6 +161,10 @@ class Previews:
             known = self._tables.get(fmt)
             if known is not None or fmt in self._fitting:
                 return known
+            kept = self._folder / kept_name(fmt) if self._folder is not None else None
+        if kept is not None and self.know_file(fmt, kept.parent, kept.name):
+            return self._tables.get(fmt)
+        with self._lock:
             teacher = self._teachers.get(fmt)
             vae = teacher() if teacher is not None else None
             if vae is None:
@@ -163,6 +174,8 @@ class Previews:
             table = fit(vae, fmt)
             log.info("previews: fitted the latent-to-RGB map of %s", vae.name)
             self.know(fmt, table)
+            if kept is not None:
+                _write(kept, table)
             return table
         except Exception:  # a preview is never worth a failed job
             log.warning("previews: could not fit a latent-to-RGB map from %s", vae.name, exc_info=True)
@@ -171,6 +184,22 @@ class Previews:
             with self._lock:
                 self._fitting.discard(fmt)
                 self._teachers.pop(fmt, None)
+
+
+def kept_name(fmt: LatentFormat) -> str:
+    """The file a fitted map of a latent space is kept in: named by its scale and shift."""
+    return f"latent-rgb-{fmt.scale:.6g}-{fmt.shift:.6g}.json".replace("+", "")
+
+
+def _write(path: Path, table: LatentToRGB) -> None:
+    """Written whole or not at all (workers sharing a data dir may write one at once)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        temp.write_text(json.dumps(table.to_json()), encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as exc:  # a read-only data dir: the map stays in memory
+        log.warning("previews: could not keep the fitted map in %s (%s)", path, exc)
 
 
 PREVIEWS = Previews()

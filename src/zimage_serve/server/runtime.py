@@ -134,6 +134,7 @@ class Runtime:
             temp=self.folders.temp,
             run=self.settings.run,
             journal=self.journal_folder,
+            preview_maps=self.settings.data_dir / "previews",
             log_level=logging.getLogger().getEffectiveLevel(),
         )
 

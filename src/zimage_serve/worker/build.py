@@ -56,6 +56,7 @@ class WorkerConfig:
     temp: Path
     run: RunSettings = field(default_factory=RunSettings)
     journal: Path | None = None  # the output journal's folder (workflow/output_journal.py)
+    preview_maps: Path | None = None  # where fitted latent-to-RGB maps are kept (engine/latent_preview.py)
     log_level: int = logging.WARNING
     # Where a worker in a process of its own finds its jobs: the SQLite file, or the cluster's Redis.
     queue: str = ""
@@ -68,6 +69,7 @@ class WorkerConfig:
 
 def build_executor(config: WorkerConfig) -> Executor:
     """The executor a worker runs prompts with: the folders, the device placement, the limits."""
+    from zimage_serve.engine.latent_preview import PREVIEWS
     from zimage_serve.engine.parts import Placing
     from zimage_serve.image_safety import use_bomb_limit
     from zimage_serve.workflow.execute import Executor
@@ -82,6 +84,7 @@ def build_executor(config: WorkerConfig) -> Executor:
     placing = Placing.choose(run.device, run.dtype, run.fast, run.memory_mode)
     journal = OutputJournal(config.journal) if config.journal is not None else None
     previews = PreviewSettings(run.preview_method, run.preview_size)
+    PREVIEWS.keep_in(config.preview_maps)
     return Executor(NODES, folders, placing, limits=run.limits, journal=journal, previews=previews)
 
 
