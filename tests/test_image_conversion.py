@@ -11,12 +11,15 @@ from PIL import Image
 from zimage_serve.workflow.nodes.image import open_image, to_pil
 
 
-def test_values_are_clamped_and_rounded_to_the_nearest_level() -> None:
-    levels = torch.tensor([-0.5, 0.0, 0.499 / 255, 0.501 / 255, 0.5, 254.6 / 255, 1.0, 7.0])
+def test_values_are_clamped_and_cut_to_the_level_below_as_comfyui_does() -> None:
+    """ComfyUI's SaveImage casts clip(255 · x) to 8 bits, which truncates: these values would round up."""
+    levels = torch.tensor([-0.5, 0.0, 0.499 / 255, 0.999 / 255, 0.5, 254.6 / 255, 1.0, 7.0])
     image = levels.repeat(3, 1).T.reshape(1, 2, 4, 3)
     [picture] = to_pil(image)
     assert picture.mode == "RGB" and picture.size == (4, 2)
-    assert np.asarray(picture)[..., 0].ravel().tolist() == [0, 0, 0, 1, 128, 255, 255, 255]
+    assert np.asarray(picture)[..., 0].ravel().tolist() == [0, 0, 0, 0, 127, 254, 255, 255]
+    comfyui = np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)[0]  # ComfyUI's own expression
+    assert (np.asarray(picture) == comfyui).all()
 
 
 def test_a_batch_gives_one_picture_each_and_alpha_is_kept() -> None:
@@ -25,9 +28,9 @@ def test_a_batch_gives_one_picture_each_and_alpha_is_kept() -> None:
     pictures = to_pil(batch)
     assert [p.mode for p in pictures] == ["RGBA"] * 3 and all(p.size == (7, 5) for p in pictures)
     for picture, frame in zip(pictures, batch, strict=True):
-        assert np.array_equal(np.asarray(picture), (frame.numpy() * 255).round().astype(np.uint8))
+        assert np.array_equal(np.asarray(picture), np.clip(255.0 * frame.numpy(), 0, 255).astype(np.uint8))
     gray = to_pil(torch.full((1, 2, 2, 1), 0.5))
-    assert np.asarray(gray[0]).squeeze().tolist() == [[128, 128], [128, 128]]
+    assert np.asarray(gray[0]).squeeze().tolist() == [[127, 127], [127, 127]]
 
 
 def test_a_saved_picture_loads_back_to_the_same_pixels(tmp_path: Path) -> None:

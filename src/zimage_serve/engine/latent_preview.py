@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from zimage_serve.engine.pixels import eight_bit
+
 if TYPE_CHECKING:
     import torch
 
@@ -59,8 +61,7 @@ class LatentToRGB:
         matrix = torch.tensor(self.matrix, dtype=torch.float32, device=first.device)
         bias = torch.tensor(self.bias, dtype=torch.float32, device=first.device)
         rgb = torch.einsum("rc,chw->hwr", matrix, first) + bias
-        pixels = (rgb * 255.0).clamp(0, 255).to(torch.uint8).cpu().numpy()
-        return np.ascontiguousarray(pixels)
+        return eight_bit(rgb.cpu().numpy())
 
     def to_json(self) -> dict[str, Any]:
         return {"matrix": [list(row) for row in self.matrix], "bias": list(self.bias)}

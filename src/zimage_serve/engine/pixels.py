@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
     import torch
+
+
+def eight_bit(array: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """0..1 floats as 8-bit levels, as ComfyUI converts them: `clip(255 · x, 0, 255)` cast to uint8, which
+    truncates (0.5 is 127, not 128), so that the same tensor gives ComfyUI's pixels byte for byte. The one
+    conversion of the project: saved images, resized ones, previews."""
+    pixels = np.multiply(array, 255.0)  # float32 stays float32, as in ComfyUI's `255. * array`
+    np.clip(pixels, 0.0, 255.0, out=pixels)  # in place: small images cost more in allocations than in arithmetic
+    levels: np.ndarray[Any, np.dtype[np.uint8]] = pixels.astype(np.uint8, order="C")
+    return levels
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -23,9 +33,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
         array = images.numpy()  # as it comes from LoadImage or a CPU decode: no new tensor to make
     else:
         array = images.detach().to("cpu", torch.float32).numpy()
-    pixels = np.multiply(array, 255.0)
-    np.clip(pixels, 0.0, 255.0, out=pixels)  # in place: small images cost more in allocations than in arithmetic
-    frames = np.rint(pixels, out=pixels).astype(np.uint8, order="C")
+    frames = eight_bit(array)
     mode = _PIL_MODES.get(frames.shape[-1]) if frames.ndim == 4 else None
     if mode is None:
         return [Image.fromarray(frame) for frame in frames]

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zimage_serve.engine.pixels import eight_bit
+
 
 def common_upscale(samples: torch.Tensor, width: int, height: int, method: str, crop: str) -> torch.Tensor:
     """(batch, channels, height, width) → the new size: an optional centre crop to the new aspect ratio,
@@ -45,7 +47,7 @@ def repeat_to_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     pictures = []
     for frame in samples.movedim(1, -1):
-        pixels = np.clip(frame.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8)
+        pixels = eight_bit(frame.float().cpu().numpy())
         picture = Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels)
         resized = np.asarray(picture.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
         pictures.append(torch.from_numpy(resized.reshape(height, width, -1)).movedim(-1, 0))
