@@ -133,11 +133,16 @@ def test_an_out_of_range_value_names_the_node_and_the_input(server: AppServer) -
     assert error["type"] == "value_smaller_than_min" and error["extra_info"]["input_name"] == "steps"
 
 
-def test_a_reused_prompt_id_is_refused(server: AppServer) -> None:
+def test_a_reused_prompt_id_is_refused_and_a_null_one_is_chosen_by_the_server(server: AppServer) -> None:
     prompt_id = str(uuid.uuid4())
     body = json.loads(prompt_body())
     assert server.json("POST", "/prompt", {**body, "prompt_id": prompt_id})[0] == 200
-    assert server.json("POST", "/prompt", {**body, "prompt_id": prompt_id})[0] == 409
+    assert server.json("POST", "/prompt", {**body, "prompt_id": prompt_id}) == (
+        409,
+        {"error": "prompt_id already exists"},
+    )
+    status, answer = server.json("POST", "/prompt", {**body, "prompt_id": None})  # as newer ComfyUI accepts
+    assert status == 200 and str(uuid.UUID(answer["prompt_id"])) == answer["prompt_id"] != prompt_id
 
 
 REQUEST_CASES: list[tuple[str, str, str, bytes | None, dict[str, str], int]] = [
