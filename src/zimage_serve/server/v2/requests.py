@@ -4,6 +4,7 @@ field that is wrong."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -61,7 +62,8 @@ class SubmitJob(BaseModel):
 
 
 class FromHash(BaseModel):
-    """POST /api/v2/assets/from-hash (its spec allows fields it does not name: they are ignored)."""
+    """POST /api/v2/assets/from-hash (its spec allows fields it does not name: they are ignored, whatever
+    they hold)."""
 
     model_config = ConfigDict(extra="ignore")
     hash: str
@@ -69,16 +71,33 @@ class FromHash(BaseModel):
     tags: list[str] | None = None
     expires_in: int | None = Field(None, ge=60, le=604800)
 
+    @field_validator("hash", "file_path")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None:
+            value.encode("utf-8")  # a lone surrogate is not text: UnicodeEncodeError is a ValueError
+        return value
 
-def parsed(raw: bytes, model: type[BaseModel]) -> Any:
-    """The body `raw` as `model`: strict JSON (no NaN, no duplicate keys, bounded depth), then the model;
-    V2Error 422 naming what is wrong."""
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str] | None) -> list[str] | None:
+        for tag in value or ():
+            tag.encode("utf-8")
+        return value
+
+
+def parsed(raw: bytes, model: type[BaseModel], *, strict: bool = True) -> Any:
+    """The body `raw` as `model`: strict JSON (no NaN, no duplicate keys, bounded depth and integers), then
+    the model; V2Error 422 naming what is wrong. `strict=False` for a body whose unnamed fields are ignored:
+    any JSON, the fields the model names checked by it."""
     if not raw.strip():
         raise V2Error(422, "invalid_request", "The request body is empty: send a JSON object")
     try:
-        body = strict_json.loads(raw)
+        body = strict_json.loads(raw) if strict else json.loads(raw)
     except strict_json.JsonRejected as exc:
         raise V2Error(422, "invalid_request", f"The request body is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise V2Error(422, "invalid_request", "The request body is not valid JSON") from exc
     if not isinstance(body, dict):
         raise V2Error(422, "invalid_request", "The request body must be a JSON object")
     reserved = [name for name in RESERVED if name in body]
