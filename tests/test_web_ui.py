@@ -159,10 +159,10 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
                 for (const kind of ['b_preview', 'b_preview_with_metadata'])
                     window.app.api.addEventListener(kind, () => { window.previewsSeen += 1; });
                 const sampler = window.app.graph._nodes.find(n => n.type === 'KSampler');
-                sampler.widgets.find(w => w.name === 'steps').value = 40;
+                sampler.widgets.find(w => w.name === 'steps').value = 12;
                 sampler.widgets.find(w => w.name === 'seed').value = 7;
                 const latent = window.app.graph._nodes.find(n => /^Empty.*Latent/.test(n.type));
-                for (const name of ['width', 'height']) latent.widgets.find(w => w.name === name).value = 384;
+                for (const name of ['width', 'height']) latent.widgets.find(w => w.name === name).value = 256;
             }"""
         )
         with page.expect_response(lambda r: "/api/view?" in r.url and r.status == 200, timeout=300_000):
