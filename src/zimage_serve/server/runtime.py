@@ -100,6 +100,9 @@ class Runtime:
         self.v2_jobs = JobViews(self.store, self.records, self.folders, self.feeds, settings.job_retention_s)
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
+        # An asset file's records and the file change together: storing bytes and recording them, or
+        # forgetting a record and removing the bytes it was the last to hold, never interleave here.
+        self.asset_files = asyncio.Lock()
         self._started = self._stopped = False
 
     async def quick(self, call: Callable[..., T], *args: Any) -> T:

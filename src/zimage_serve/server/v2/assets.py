@@ -43,9 +43,6 @@ MIN_EXPIRES_S, MAX_EXPIRES_S = 60, 604800
 MAX_TAGS, MAX_TAG = 32, 64
 MAX_FILE_PATH = 1024
 WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only ("²".isdigit() is true), and few of them
-# A file's records and the file itself change together: storing bytes and recording them, or forgetting a
-# record and removing the bytes it was the last to hold, never interleave in this process.
-FILES = asyncio.Lock()
 
 
 def asset_json(asset: Asset, origin: str, created_new: bool | None = None) -> dict[str, Any]:
@@ -116,7 +113,7 @@ async def upload(request: Request) -> Response:
     if key is not None and not await asyncio.to_thread(rt.records.claim_key, identity.user, f"assets/{key}"):
         raise V2Error(422, "idempotency_key_reuse", "This Idempotency-Key was used already: a key is good once")
     folder = rt.folders.space(identity.space).input
-    async with FILES:
+    async with rt.asset_files:
         asset, new = await _stored(
             request, rt, identity, upload, folder, key, expected, file_path, content_type, tags, expires_in
         )
@@ -307,7 +304,7 @@ async def delete_asset(request: Request, asset_id: str) -> Response:
     asset = await _own(rt, asset_id, identity)
     if asset.job_id is not None and await asyncio.to_thread(rt.store.get, asset.job_id) is not None:
         raise V2Error(409, "asset_in_use", "This asset is held, and cannot be deleted now")
-    async with FILES:
+    async with rt.asset_files:
         deleted = await asyncio.to_thread(rt.records.delete_asset, asset_id)
         if deleted is None:
             raise _missing(asset_id)
@@ -362,7 +359,7 @@ async def _input_name(rt: Runtime, identity: Identity, limits: StorageLimits | N
         return None
     if place.kind != "input" or (identity.space is not None and place.space != identity.space):
         folder = rt.folders.space(identity.space).input
-        async with FILES, rt.storage.room(identity, limits, size):
+        async with rt.asset_files, rt.storage.room(identity, limits, size):
             return await asyncio.to_thread(_copied, path, folder, blobs.extension(place.filename))
     name = f"{place.subfolder}/{place.filename}" if place.subfolder else place.filename
     if place.space and identity.space is None:  # an admin's loaders read from the shared folders
