@@ -22,6 +22,7 @@ from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
 from zimage_serve.workflow.nodes.image_ops import gaussian_kernel
+from zimage_serve.workflow.spec import node_info
 
 
 class Context:
@@ -440,3 +441,23 @@ def test_basic_scheduler_takes_the_tail_for_a_partial_denoise() -> None:
     [none] = node("BasicScheduler", model=model, scheduler="simple", steps=4, denoise=0.0)
     assert full == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-4)
     assert half == pytest.approx([0.75, 0.6429, 0.5, 0.3, 0.0], abs=1e-4) and none == []
+
+
+# -- sizes ----------------------------------------------------------------------------------------------
+
+
+def test_resolution_selector_gives_comfyuis_sizes_and_feeds_a_latent(tmp_path: Path) -> None:
+    assert node("ResolutionSelector", aspect_ratio="1:1 (Square)", megapixels=1.0, multiple=8) == (1024, 1024)
+    # 16:9 at 1 MP: each side is 16 or 9 times √(1 MP / 144), to the nearest 8
+    assert node("ResolutionSelector", aspect_ratio="16:9 (Widescreen)", megapixels=1.0, multiple=8) == (1368, 768)
+    assert node("ResolutionSelector", aspect_ratio="3:2 (Photo)", megapixels=2.0, multiple=64) == (1792, 1152)
+    assert node("ResolutionSelector", aspect_ratio="9:16 (Portrait Widescreen)", megapixels=0.1) == (240, 432)
+    spec = node_info("ResolutionSelector", NODES["ResolutionSelector"], Folders.default(tmp_path, []))
+    required = spec["input"]["required"]
+    assert required["aspect_ratio"][0][0] == "1:1 (Square)" and len(required["aspect_ratio"][0]) == 8
+    assert required["multiple"][1]["advanced"] is True and spec["output"] == ["INT", "INT"]
+    assert spec["output_name"] == ["width", "height"] and spec["category"] == "utilities"
+    # Its outputs set a latent's size, as the official template wires them.
+    width, height = node("ResolutionSelector", aspect_ratio="4:3 (Standard)", megapixels=0.1, multiple=8)
+    [latent] = node("EmptySD3LatentImage", width=width, height=height, batch_size=1)
+    assert tuple(latent["samples"].shape[-2:]) == (height // 8, width // 8)

@@ -41,6 +41,7 @@ from zimage_serve.workflow.nodes.image_ops import (
     ImageScaleToMaxDimension,
     ImageScaleToTotalPixels,
     ImageSharpen,
+    ResolutionSelector,
 )
 from zimage_serve.workflow.nodes.latent import (
     EmptyLatentImage,
@@ -115,6 +116,7 @@ NODES: dict[str, type[Node]] = {
         ImagePadForOutpaint,
         ImageCompositeMasked,
         GetImageSize,
+        ResolutionSelector,
         ImageBatch,
         LoadImageMask,
         SolidMask,

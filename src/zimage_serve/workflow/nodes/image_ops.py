@@ -6,6 +6,7 @@ makes count against the pixel limit when it runs (and, where the inputs say the 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from zimage_serve.limits import enforce
@@ -138,6 +139,48 @@ class GetImageSize(Node):
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         image: torch.Tensor = inputs["image"]
         return NodeResult((int(image.shape[2]), int(image.shape[1]), int(image.shape[0])))
+
+
+# ComfyUI's aspect ratios, as its frontend shows them (portrait ones first within each pair).
+ASPECT_RATIOS = {
+    "1:1 (Square)": (1, 1),
+    "2:3 (Portrait Photo)": (2, 3),
+    "3:2 (Photo)": (3, 2),
+    "3:4 (Portrait Standard)": (3, 4),
+    "4:3 (Standard)": (4, 3),
+    "9:16 (Portrait Widescreen)": (9, 16),
+    "16:9 (Widescreen)": (16, 9),
+    "21:9 (Ultrawide)": (21, 9),
+}
+
+
+class ResolutionSelector(Node):
+    display_name = "Resolution Selector"
+    category = "utilities"
+    description = "A width and height for an aspect ratio and a number of megapixels, for Empty Latent Image nodes."
+    required = {
+        "aspect_ratio": Combo(choices=tuple(ASPECT_RATIOS), default="1:1 (Square)"),
+        "megapixels": Float(
+            default=1.0, min=0.1, max=16.0, step=0.1, tooltip="The image's size: 1.0 is about 1024×1024."
+        ),
+        "multiple": Int(
+            default=8,
+            min=8,
+            max=128,
+            step=4,
+            tooltip="Width and height are rounded to the nearest multiple of this.",
+            options={"advanced": True},
+        ),
+    }
+    outputs = (Output("INT", "width"), Output("INT", "height"))
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        across, down = ASPECT_RATIOS[inputs["aspect_ratio"]]
+        multiple = int(inputs.get("multiple", 8))
+        scale = math.sqrt(float(inputs["megapixels"]) * 1024 * 1024 / (across * down))
+        width = round(across * scale / multiple) * multiple
+        height = round(down * scale / multiple) * multiple
+        return NodeResult((int(width), int(height)))
 
 
 class ImageCrop(Node):
