@@ -11,8 +11,10 @@ request. Here the waits start at 50 µs and double up to 5 ms. A connection usin
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another connection's transaction
@@ -32,3 +34,17 @@ def execute(
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.005)
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection, lock: threading.Lock) -> Iterator[None]:
+    """One write transaction on `db` under `lock` (its connection's, shared by threads): begun as soon as
+    the file's write lock can be had, committed at the end, rolled back on any error."""
+    with lock:
+        execute(db, "BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            execute(db, "ROLLBACK")
+            raise
+        execute(db, "COMMIT")

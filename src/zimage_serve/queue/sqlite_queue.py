@@ -23,8 +23,8 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -486,17 +486,9 @@ class SQLiteQueue:
         """Run a statement, waiting in short steps while another process holds the lock it needs."""
         return sqlite_busy.execute(self._db, sql, args)
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self) -> AbstractContextManager[None]:
         """One write transaction under this store's lock: committed at the end, rolled back on any error."""
-        with self._lock:
-            self._execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._execute("ROLLBACK")
-                raise
-            self._execute("COMMIT")
+        return sqlite_busy.transaction(self._db, self._lock)
 
     def _next_pending(self) -> sqlite3.Row | None:
         """Within a write transaction: the next job by fair share. With no owners (authentication off) that

@@ -7,8 +7,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -143,16 +143,8 @@ class SQLiteRecords:
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
         return sqlite_busy.execute(self._db, sql, args)
 
-    @contextmanager
-    def _writing(self) -> Iterator[None]:
-        with self._lock:
-            self._execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._execute("ROLLBACK")
-                raise
-            self._execute("COMMIT")
+    def _writing(self) -> AbstractContextManager[None]:
+        return sqlite_busy.transaction(self._db, self._lock)
 
 
 def _row(asset: Asset) -> tuple[Any, ...]:
