@@ -163,16 +163,16 @@ class JobViews:
         filename, subfolder = item["filename"], str(item.get("subfolder") or "")
         folder_kind = str(item["type"]) if item.get("type") in FILE_TYPES else "output"
         asset_id = output_asset_id(job.id, folder_kind, subfolder, filename)
-        path = self.file_of(Place(folder_kind, subfolder, filename, job_space(job) or ""))
-        size = _size(path)
+        place = Place(folder_kind, subfolder, filename, job_space(job) or "")
+        size = _size(self.file_of(place)) or 0
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        digest = self._record(job, asset_id, node_id, Place(folder_kind, subfolder, filename, job_space(job) or ""))
+        digest = self._record(job, asset_id, node_id, place, size, content_type)
         return {
             "node_id": node_id,
             "name": filename,
             "type": kind,
             "content_type": content_type,
-            "size_bytes": size or 0,
+            "size_bytes": size,
             "id": asset_id,
             "hash": digest,
             "url": content_url(origin, asset_id),
@@ -180,18 +180,17 @@ class JobViews:
             "job_id": job.id,
         }
 
-    def _record(self, job: Job, asset_id: str, node_id: str, place: Place) -> str | None:
+    def _record(self, job: Job, asset_id: str, node_id: str, place: Place, size: int, content_type: str) -> str | None:
         """Record an output asset once; its hash, if known."""
         with self._lock:
             if asset_id in self._recorded:
                 return self._recorded[asset_id]
-        path = self.file_of(place)
         asset = Asset(
             id=asset_id,
             owner=job.owner,
             place=place,
-            size=_size(path) or 0,
-            content_type=mimetypes.guess_type(place.filename)[0] or "application/octet-stream",
+            size=size,
+            content_type=content_type,
             created=job.finished or job.created,
             job_id=job.id,
             node_id=node_id,
