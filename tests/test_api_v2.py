@@ -53,10 +53,6 @@ def png(colour: str = "red", size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
-def upload(server: AppServer, content: bytes, *, name: str = "photo.png", **fields: str) -> tuple[int, Any]:
-    return upload_asset(server, content, name=name, **fields)
-
-
 def asset_ref(asset: dict[str, Any]) -> dict[str, Any]:
     return {"__type": "core/ASSET", "info": {"id": asset["id"], "hash": asset["hash"], "file_path": "photo.png"}}
 
@@ -92,7 +88,7 @@ def code(answer: Any) -> str:
 
 def test_a_workflow_runs_through_v2_from_an_uploaded_asset_to_an_output_asset(alice: AppServer) -> None:
     content = png("blue")
-    status, asset = upload(alice, content, content_type="image/png", file_path="photo.png", tags="input")
+    status, asset = upload_asset(alice, content, content_type="image/png", file_path="photo.png", tags="input")
     assert status == 201 and asset["created_new"] is True, asset
     models.Asset.model_validate(asset)
     assert asset["hash"] == "blake3:" + blake3(content).hexdigest() and asset["size_bytes"] == len(content)
@@ -173,7 +169,7 @@ def test_errors_come_in_v2s_envelope_and_name_what_is_wrong(alice: AppServer, sh
 
 def test_another_users_jobs_and_assets_are_not_found(alice: AppServer, bob: AppServer) -> None:
     content = png("green")
-    _, asset = upload(alice, content, content_type="image/png", file_path="secret.png")
+    _, asset = upload_asset(alice, content, content_type="image/png", file_path="secret.png")
     status, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/secret"))
     assert status == 201
     job = finished(alice, job["id"])
@@ -198,15 +194,15 @@ def test_another_users_jobs_and_assets_are_not_found(alice: AppServer, bob: AppS
 
 def test_uploads_are_stored_once_per_content_and_served_with_ranges(alice: AppServer) -> None:
     content = png("yellow", 48)
-    first = upload(alice, content, content_type="image/png", file_path="a.png")[1]
-    status, second = upload(alice, content, content_type="image/png", file_path="b.png")
+    first = upload_asset(alice, content, content_type="image/png", file_path="a.png")[1]
+    status, second = upload_asset(alice, content, content_type="image/png", file_path="b.png")
     assert status == 200 and second["created_new"] is False and second["hash"] == first["hash"]
     assert second["id"] != first["id"]
     folder = alice.data_dir / "input" / "users" / "alice" / "assets"
     assert [p.name for p in folder.iterdir() if first["hash"][7:] in p.name] == [first["hash"][7:] + ".png"]
     status, minted = alice.json("POST", "/api/v2/assets/from-hash", {"hash": first["hash"], "file_path": "c.png"})
     assert status == 201 and minted["hash"] == first["hash"] and minted["file_path"] == "c.png"
-    status, answer = upload(
+    status, answer = upload_asset(
         alice, content, content_type="image/png", file_path="d.png", expected_hash="blake3:" + "0" * 64
     )
     assert status == 409 and code(answer) == "hash_mismatch"
@@ -307,7 +303,7 @@ def test_data_written_by_v2_survives_a_restart(tmp_path: Path) -> None:
     key = str(uuid.uuid4())
     with serving(data, auth="on", preload=False) as server:
         alice = server.as_token(tokens["user"])
-        _, asset = upload(alice, png("red"), content_type="image/png", file_path="p.png")
+        _, asset = upload_asset(alice, png("red"), content_type="image/png", file_path="p.png")
         status, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/restart"), key)
         assert status == 201
         job = finished(alice, job["id"])
@@ -320,7 +316,7 @@ def test_data_written_by_v2_survives_a_restart(tmp_path: Path) -> None:
 
 def test_jobs_and_uploads_go_once_past_their_expiry(alice: AppServer) -> None:
     runtime = alice.runtime
-    _, asset = upload(alice, png("white"), content_type="image/png", file_path="w.png", expires_in="60")
+    _, asset = upload_asset(alice, png("white"), content_type="image/png", file_path="w.png", expires_in="60")
     assert asset["expires_at"] is not None
     _, job = submit_v2(alice, copy_graph(asset_ref(asset), "v2/expire"))
     job = finished(alice, job["id"])
@@ -355,9 +351,9 @@ def test_hostile_values_get_a_4xx_and_reads_of_bytes_are_audited(alice: AppServe
     assert code(alice.json("GET", f"/api/v2/jobs?cursor={deep}")[1]) == "invalid_cursor"
     huge = base64.urlsafe_b64encode(json.dumps({"offset": 10**20}).encode()).decode()
     assert code(alice.json("GET", f"/api/v2/jobs?cursor={huge}")[1]) == "invalid_cursor"
-    status, answer = upload(alice, png("gray"), content_type="image/png", file_path="g.png", expires_in="²")
+    status, answer = upload_asset(alice, png("gray"), content_type="image/png", file_path="g.png", expires_in="²")
     assert status == 422 and code(answer) == "invalid_request"
-    _, asset = upload(alice, png("gray"), content_type="image/png", file_path="g.png")
+    _, asset = upload_asset(alice, png("gray"), content_type="image/png", file_path="g.png")
     assert alice.request("GET", asset["url"])[0] == 200
     wait_until(
         lambda: any(

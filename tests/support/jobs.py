@@ -95,12 +95,19 @@ def upload(
     server: Caller, content: bytes, filename: str = "photo.png", path: str = "/upload/image", **fields: str
 ) -> tuple[int, Any]:
     """A multipart upload as the frontend sends it (`fields` beside the file: overwrite, subfolder ...)."""
+    return post_file(server, path, "image", content, filename, fields)
+
+
+def post_file(
+    server: Caller, path: str, field: str, content: bytes, filename: str, fields: dict[str, str]
+) -> tuple[int, Any]:
+    """A multipart form posted to `path`: `fields`, then the file `content` in `field`; the status and JSON."""
     boundary = uuid.uuid4().hex
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
     ]
     parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n".encode()
         + content
         + b"\r\n"
@@ -155,18 +162,4 @@ def next_event(socket: Any) -> dict[str, Any]:
 
 def upload_asset(server: Caller, content: bytes, *, name: str = "photo.png", **fields: str) -> tuple[int, Any]:
     """A multipart upload to Comfy API v2's `POST /api/v2/assets` (`fields`: content_type, file_path ...)."""
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n".encode()
-        + content
-        + b"\r\n"
-    )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    status, _, answer = server.request(
-        "POST", "/api/v2/assets", raw=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    return status, json.loads(answer) if answer else None
+    return post_file(server, "/api/v2/assets", "file", content, name, fields)
