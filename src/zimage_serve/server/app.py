@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -181,48 +181,45 @@ class PromptLane:
         await self.app(scope, receive, send)
 
     async def _post_v2_job(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._answer(v2_jobs.submit, scope, receive, send)
+
+    async def _post_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._answer(routes_queue.post_prompt, scope, receive, send)
+
+    @staticmethod
+    async def _answer(
+        route: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """The route's answer, or the error it raised in the shape of its API, never a traceback."""
+        path = scope["path"]
         try:
-            response: Response = await v2_jobs.submit(PlainRequest(scope, receive))
+            response = await route(PlainRequest(scope, receive))
         except V2Error as exc:
             response = exc.response()
         except QueueUnavailable as exc:
-            log.warning("answered 503: %s", exc)
-            response = error_response(
-                503, "queue_unavailable", exc.shown, headers={"Retry-After": str(exc.retry_after)}
-            )
+            response = unavailable_response(exc, path)
         except Exception:
-            log.exception("unhandled error on POST %s", scope["path"])
-            response = error_response(
-                500, "upstream_error", "Internal server error: the error was logged on the server"
-            )
-        await response(scope, receive, send)
-
-    async def _post_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            response = await routes_queue.post_prompt(PlainRequest(scope, receive))
-        except QueueUnavailable as exc:
-            response = unavailable_response(exc)
-        except Exception:
-            log.exception("unhandled error on POST %s", scope["path"])
-            response = internal_error_response()
+            log.exception("unhandled error on POST %s", path)
+            response = internal_error_response(path)
         await response(scope, receive, send)
 
 
-def unavailable_response(exc: QueueUnavailable) -> JSONResponse:
-    """503 while the queue cannot be reached (a cluster's Redis restarting): try again after a few seconds."""
+def unavailable_response(exc: QueueUnavailable, path: str) -> JSONResponse:
+    """503 while the queue cannot be reached (a cluster's Redis restarting): try again after a few seconds.
+    In ComfyUI's error shape, or v2's envelope under /api/v2."""
     log.warning("answered 503: %s", exc)
-    return JSONResponse(
-        error_body("queue_unavailable", "The queue is unavailable", exc.shown),
-        status_code=503,
-        headers={"Retry-After": str(exc.retry_after)},
-    )
+    headers = {"Retry-After": str(exc.retry_after)}
+    if is_v2(path):
+        return error_response(503, "queue_unavailable", exc.shown, headers=headers)
+    body = error_body("queue_unavailable", "The queue is unavailable", exc.shown)
+    return JSONResponse(body, status_code=503, headers=headers)
 
 
-def internal_error_response() -> JSONResponse:
-    return JSONResponse(
-        error_body("internal_error", "Internal server error", "the error was logged on the server"),
-        status_code=500,
-    )
+def internal_error_response(path: str) -> JSONResponse:
+    if is_v2(path):
+        return error_response(500, "upstream_error", "Internal server error: the error was logged on the server")
+    body = error_body("internal_error", "Internal server error", "the error was logged on the server")
+    return JSONResponse(body, status_code=500)
 
 
 class ServerApp:
@@ -313,11 +310,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
 
     @app.exception_handler(QueueUnavailable)
     async def queue_unavailable(request: Request, exc: QueueUnavailable) -> JSONResponse:
-        if is_v2(request.url.path):
-            log.warning("answered 503: %s", exc)
-            headers = {"Retry-After": str(exc.retry_after)}
-            return error_response(503, "queue_unavailable", exc.shown, headers=headers)
-        return unavailable_response(exc)
+        return unavailable_response(exc, request.url.path)
 
     @app.exception_handler(V2Error)
     async def v2_error(request: Request, exc: V2Error) -> JSONResponse:
@@ -332,9 +325,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        if is_v2(request.url.path):
-            return error_response(500, "upstream_error", "Internal server error: the error was logged on the server")
-        return internal_error_response()
+        return internal_error_response(request.url.path)
 
     lane = PromptLane(app, settings.max_body_bytes)
     return ServerApp(Gate(lane, runtime.security), app)
