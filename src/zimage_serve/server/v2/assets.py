@@ -33,7 +33,7 @@ from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.v2.envelope import V2Error
 from zimage_serve.server.v2.job_view import URL_LIFETIME_S, content_url, iso, origin_of
-from zimage_serve.server.v2.requests import MAX_KEY, FromHash, parsed
+from zimage_serve.server.v2.requests import FromHash, idempotency_key, parsed
 from zimage_serve.workflow.folders import USERS
 
 router = APIRouter(tags=["Comfy API v2"])
@@ -93,9 +93,7 @@ async def upload(request: Request) -> Response:
     """Multipart: `file`, `content_type`, `file_path`, optional `expected_hash` (blake3:<hex>), `tags`,
     `expires_in`. 201 when the bytes are new to the caller, 200 when they were stored already."""
     rt, identity = runtime(request), caller(request)
-    key = request.headers.get("idempotency-key")
-    if key is not None and (not key or len(key) > MAX_KEY or not all(" " <= c <= "~" for c in key)):
-        raise V2Error(422, "invalid_request", f"Idempotency-Key: 1 to {MAX_KEY} printable ASCII characters")
+    key = idempotency_key(request.headers)
     try:
         form = await request.form(max_files=1, max_fields=64)
     except Exception as exc:  # malformed multipart bodies raise several types

@@ -34,7 +34,7 @@ from zimage_serve.server.v2.assets import resolve_assets
 from zimage_serve.server.v2.envelope import V2Error
 from zimage_serve.server.v2.feeds import Feed, Item
 from zimage_serve.server.v2.job_view import EXTRA_KEY, STATES_OF, TERMINAL, iso, origin_of
-from zimage_serve.server.v2.requests import MAX_KEY, SubmitJob, parsed
+from zimage_serve.server.v2.requests import SubmitJob, idempotency_key, parsed
 
 router = APIRouter(tags=["Comfy API v2"])
 LIST_LIMIT, LIST_MAX = 50, 100
@@ -69,20 +69,6 @@ async def health(request: Request) -> dict[str, Any]:
 
 
 # -- submit ------------------------------------------------------------------------------------------
-def _idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is None:
-        return None
-    if not key or len(key) > MAX_KEY or not all(" " <= c <= "~" for c in key):
-        raise V2Error(
-            422,
-            "invalid_request",
-            f"Idempotency-Key: 1 to {MAX_KEY} printable ASCII characters (a UUID is best)",
-            {"errors": [{"field": "Idempotency-Key", "message": "invalid"}]},
-        )
-    return key
-
-
 def _is_ui_format(workflow: dict[str, Any]) -> bool:
     return isinstance(workflow.get("nodes"), list) and "links" in workflow
 
@@ -109,7 +95,7 @@ def node_errors(body: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 async def submit(request: Request) -> Response:
     """Queue a workflow (API format). 201 with the job once it is durably queued."""
     rt, identity, token = runtime(request), caller(request), caller_token(request)
-    key = _idempotency_key(request)
+    key = idempotency_key(request.headers)
     raw = await request.body()
     large = len(raw) > OFF_LOOP_BYTES
     body: SubmitJob = await asyncio.to_thread(parsed, raw, SubmitJob) if large else parsed(raw, SubmitJob)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -112,6 +112,19 @@ def parsed(raw: bytes, model: type[BaseModel], *, strict: bool = True) -> Any:
         return model.model_validate(body)
     except ValidationError as exc:
         raise V2Error(*_invalid(exc.errors())) from exc
+
+
+def idempotency_key(headers: Mapping[str, str]) -> str | None:
+    """The request's Idempotency-Key (None without one): 1 to 255 printable ASCII characters, else 422."""
+    key = headers.get("idempotency-key")
+    if key is not None and (not key or len(key) > MAX_KEY or not all(" " <= c <= "~" for c in key)):
+        raise V2Error(
+            422,
+            "invalid_request",
+            f"Idempotency-Key: 1 to {MAX_KEY} printable ASCII characters (a UUID is best)",
+            {"errors": [{"field": "Idempotency-Key", "message": "invalid"}]},
+        )
+    return key
 
 
 def v2_validation_error(errors: Sequence[Any]) -> JSONResponse:
