@@ -39,7 +39,6 @@ class Feed:
     progress: dict[str, Any] | None = None
     preview: dict[str, Any] | None = None
     executed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (node, its ui output)
-    running: bool = False
     ended: bool = False
     # The job as its streams last read it from the queue, per view of the queue (an owner, or everyone):
     # (when, (job, status, position) or None when it is gone); shared by the job's streams.
@@ -74,7 +73,6 @@ class Feed:
         """The stream items an event makes (status, progress, output), and the feed brought up to date."""
         items: list[Item] = []
         if event == "execution_start":
-            self.running = True
             items.append(("status", {"status": "running", "queue_position": None}))
         elif event == "execution_cached":
             self.cached.update(str(n) for n in data.get("nodes") or ())
