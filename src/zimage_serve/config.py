@@ -59,6 +59,7 @@ class ServeConfig(BaseSettings):
     memory_mode: str = "auto"
     attention: str = "auto"
     compile: str = "auto"
+    int8_matmul: str = "auto"
     max_queue: int = Field(10000, ge=1)
     job_timeout: float | None = Field(None, ge=0)
     concurrency: int = Field(1, ge=1)

@@ -63,6 +63,12 @@ CompileOption = Annotated[
     typer.Option("--compile", help="torch.compile the transformer blocks: auto (on CUDA GPUs), on or off"),
 ]
 
+INT8_MATMUL_HELP = (
+    "INT8 weight files (ComfyUI's ConvRot): multiply in INT8: auto (on CUDA GPUs; elsewhere they are "
+    "dequantised at load), on or off"
+)
+Int8MatmulOption = Annotated[str, typer.Option("--int8-matmul", help=INT8_MATMUL_HELP)]
+
 
 @contextlib.contextmanager
 def option_errors() -> Iterator[None]:
@@ -74,27 +80,30 @@ def option_errors() -> Iterator[None]:
         raise typer.BadParameter(reason, param_hint=f"--{field.replace('_', '-')}") from exc
 
 
-def fast_path(attention: str, compile: str, device: str) -> FastPath:
+def fast_path(attention: str, compile: str, device: str, int8_matmul: str = "auto") -> FastPath:
     """The engine's fast path from the command's options, checked against the device they name; a bad
     value is an error naming the option (before any model loads, and before a server starts)."""
     from zimage_serve.engine.devices import device_kind
     from zimage_serve.engine.fastpath import FastPath, chosen_attention
 
     with option_errors():
-        fast = FastPath(attention=attention, compile=compile)  # type: ignore[arg-type]  # FastPath checks it
+        # FastPath checks the values
+        fast = FastPath(attention=attention, compile=compile, int8_matmul=int8_matmul)  # type: ignore[arg-type]
         chosen_attention(fast, device_kind(device))
     return fast
 
 
-def checked_fast_path(attention: str, compile: str, memory_mode: str, device: str) -> FastPath:
+def checked_fast_path(
+    attention: str, compile: str, memory_mode: str, device: str, int8_matmul: str = "auto"
+) -> FastPath:
     """The fast path of a server's or worker's settings. Left to the worker to resolve when all is "auto" on
     a CPU (nothing to check, and no torch loaded here); otherwise checked now, so a bad option stops the
     command at once (that loads torch: a slower start)."""
     from zimage_serve.engine.fastpath import FastPath
 
-    if (attention, compile, memory_mode) == ("auto", "auto", "auto") and device in ("auto", "cpu"):
+    if (attention, compile, memory_mode, int8_matmul) == ("auto",) * 4 and device in ("auto", "cpu"):
         return FastPath()
-    fast = fast_path(attention, compile, device)
+    fast = fast_path(attention, compile, device, int8_matmul)
     check_memory_mode(memory_mode, device)
     return fast
 
@@ -107,7 +116,7 @@ def run_settings(config: ServeConfig) -> RunSettings:
     return RunSettings(
         device=config.device,
         dtype=config.dtype,
-        fast=checked_fast_path(config.attention, config.compile, config.memory_mode, config.device),
+        fast=checked_fast_path(config.attention, config.compile, config.memory_mode, config.device, config.int8_matmul),
         memory_mode=config.memory_mode,
         preload=config.preload,
         job_timeout=config.job_timeout,

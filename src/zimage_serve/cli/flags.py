@@ -45,6 +45,14 @@ CompileFlag = Annotated[
     str | None, typer.Option(help="torch.compile the transformer blocks: auto (on CUDA GPUs), on or off")
 ]
 
+Int8MatmulFlag = Annotated[
+    str | None,
+    typer.Option(
+        help="INT8 weight files (ComfyUI's ConvRot): multiply in INT8: auto (on CUDA GPUs; elsewhere they are "
+        "dequantised at load), on or off [default: auto]"
+    ),
+]
+
 JobTimeoutFlag = Annotated[
     float | None,
     typer.Option(

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from zimage_serve.cli.common import (
     AttentionOption,
     CompileOption,
+    Int8MatmulOption,
     ModelOption,
     TextEncoderOption,
     TokenizerOption,
@@ -70,6 +71,7 @@ def generate(
     memory_mode: Annotated[str, typer.Option(help="auto, gpu, model or sequential")] = "auto",
     attention: AttentionOption = "auto",
     compile: CompileOption = "auto",
+    int8_matmul: Int8MatmulOption = "auto",
     weight_dtype: Annotated[
         str,
         typer.Option(help="Transformer weights: default, fp8_e4m3fn, fp8_e5m2 (FP8 storage) or fp8_e4m3fn_fast"),
@@ -107,7 +109,7 @@ def generate(
     from zimage_serve.engine.params import MAX_SEED, GenerationParams  # with the command, not at `zimage --help`
     from zimage_serve.png import png_info, save_png
 
-    fast = fast_path(attention, compile, device)
+    fast = fast_path(attention, compile, device, int8_matmul)
     with option_errors():
         from zimage_serve.engine.fp8 import check_weight_dtype
 

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from zimage_serve.cli.common import (
     AttentionOption,
     CompileOption,
+    Int8MatmulOption,
     ModelsRootOption,
     console,
     console_err,
@@ -48,6 +49,7 @@ def run(
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
     attention: AttentionOption = "auto",
     compile: CompileOption = "auto",
+    int8_matmul: Int8MatmulOption = "auto",
 ) -> None:
     """Run a workflow and write its outputs; the built-in zimage-nano is listed as a model."""
     # Here, not at the top: `zimage --help` and the other commands do not load the node set (PIL, numpy).
@@ -57,7 +59,7 @@ def run(
     from zimage_serve.workflow.ui_format import is_api_format, to_api
     from zimage_serve.workflow.validate import Validator
 
-    fast = fast_path(attention, compile, device)
+    fast = fast_path(attention, compile, device, int8_matmul)
     roots = models_roots(models)
     folders = Folders(roots, input_dir, output_dir, output_dir / "temp", builtin_models())
 

@@ -19,6 +19,7 @@ from zimage_serve.cli.flags import (
     DataDirFlag,
     DeviceFlag,
     DtypeFlag,
+    Int8MatmulFlag,
     JobTimeoutFlag,
     LeaseFlag,
     MemoryModeFlag,
@@ -54,6 +55,7 @@ def serve(
     memory_mode: MemoryModeFlag = None,
     attention: AttentionFlag = None,
     compile: CompileFlag = None,
+    int8_matmul: Int8MatmulFlag = None,
     max_queue: Annotated[
         int | None, typer.Option(help="Waiting prompts beyond which POST /prompt answers 429 [default: 10000]", min=1)
     ] = None,

@@ -72,5 +72,7 @@ def open_engine(
     sources = resolve(model, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
     if variant is not None:
         sources = replace(sources, variant=variant)
-    loaded = load_model(sources, device=device, dtype=dtype, memory_mode=memory_mode, weight_dtype=weight_dtype)
+    loaded = load_model(
+        sources, device=device, dtype=dtype, memory_mode=memory_mode, weight_dtype=weight_dtype, fast=fast
+    )
     return ZImageEngine(loaded, native_size=sources.native_size, fast=fast)

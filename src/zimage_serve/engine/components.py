@@ -15,8 +15,9 @@ import torch
 
 from zimage_serve.engine import configs
 from zimage_serve.engine.checkpoint import Checkpoint, name_keys
+from zimage_serve.engine.comfy_quant import QuantConf, use_int8_modules
 from zimage_serve.engine.construction import building
-from zimage_serve.engine.keymap import Kind, is_ldm_vae, to_diffusers
+from zimage_serve.engine.keymap import Kind, is_ldm_vae, root, to_diffusers
 from zimage_serve.engine.libraries import load_model_libraries
 from zimage_serve.errors import ModelLoadError
 
@@ -61,17 +62,51 @@ def prepare(source: ComponentSource) -> PreparedComponent:
     return PreparedComponent(source, checkpoint, config, model)
 
 
-def load(prepared: PreparedComponent, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Read the tensors onto `device` and fill the prepared model; call once per prepared component."""
+def load(
+    prepared: PreparedComponent, device: torch.device, dtype: torch.dtype, int8_matmul: bool = False
+) -> torch.nn.Module:
+    """Read the tensors onto `device` and fill the prepared model; call once per prepared component.
+    Quantised layers are dequantised into `dtype`, except, with `int8_matmul`, INT8 ones, which become
+    `Int8Linear` layers over their codes."""
     source, checkpoint = prepared.source, prepared.checkpoint
-    tensors = checkpoint.load(checkpoint.tensors.keys(), device, dtype)
+    tensors = checkpoint.load(checkpoint.weight_keys(), device, dtype, keep_int8=int8_matmul)
+    scales = {key: tensors.pop(key) for key in [k for k in tensors if k.endswith(".weight_scale")]}
     state = to_diffusers(source.kind, tensors, prepared.config if source.kind == "vae" else None).state
     model = prepared.empty_model
+    if scales:
+        _int8_layers(model, state, tensors, scales, checkpoint.quant)
     model.load_state_dict({key: value.contiguous() for key, value in state.items()}, strict=True, assign=True)
     # Parameters are already in place; this moves the buffers built at construction (e.g. RoPE tables).
     model.to(device)
     model.eval().requires_grad_(False)
     return model
+
+
+def _int8_layers(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: dict[str, torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    quant: dict[str, QuantConf],
+) -> None:
+    """Each renamed weight that is INT8 codes makes its layer an `Int8Linear`, with the rows of its
+    source layer's scales that it took (the fused qkv is cut into three by rows)."""
+    origins = {id(root(tensor)): key for key, tensor in source.items()}
+    kept = {}
+    for key, codes in list(state.items()):
+        if codes.dtype != torch.int8:
+            continue
+        origin = origins[id(root(codes))]
+        whole = source[origin]
+        first = (codes.storage_offset() - whole.storage_offset()) // whole.shape[1]
+        rows = scales[origin + "_scale"].float().reshape(-1)
+        rows = rows.expand(whole.shape[0]) if rows.numel() == 1 else rows
+        name = key.removesuffix(".weight")
+        conf = quant[origin.removesuffix(".weight")]
+        kept[name] = (codes.contiguous(), rows[first : first + codes.shape[0]].clone(), conf)
+        state[f"{name}.scale"] = kept[name][1]
+        state[key] = kept[name][0]
+    use_int8_modules(model, kept)
 
 
 def build_empty(kind: Kind, config: dict[str, Any], origin: Path) -> torch.nn.Module:

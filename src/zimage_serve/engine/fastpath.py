@@ -39,6 +39,8 @@ class FastPath:
     # CUDA only. Off by default: on an H100 the channels-last decode took 145 ms against 91 ms contiguous.
     vae_channels_last: bool = False
     prompt_cache: int = 64  # prompt embeddings kept per engine (0: none)
+    # INT8 weight files (ComfyUI's ConvRot): multiply in INT8 (W8A8) rather than dequantise at load; auto: on CUDA
+    int8_matmul: Switch = "auto"
 
     def __post_init__(self) -> None:
         if self.attention != "auto":  # diffusers (and torch) only for a name to check: the server loads neither
@@ -51,6 +53,8 @@ class FastPath:
                 )
         if self.compile not in ("auto", "on", "off"):
             raise DeviceError(f"compile: {self.compile!r} is not one of auto, on, off")
+        if self.int8_matmul not in ("auto", "on", "off"):
+            raise DeviceError(f"int8_matmul: {self.int8_matmul!r} is not one of auto, on, off")
         if self.prompt_cache < 0:
             raise DeviceError(f"prompt_cache: {self.prompt_cache} entries; must be 0 or more")
 
@@ -95,6 +99,10 @@ def chosen_attention(fast: FastPath, device: torch.device) -> str:
 
 def compile_enabled(fast: FastPath, device: torch.device) -> bool:
     return fast.compile == "on" or (fast.compile == "auto" and device.type == "cuda")
+
+
+def int8_matmul_enabled(fast: FastPath, device: torch.device) -> bool:
+    return fast.int8_matmul == "on" or (fast.int8_matmul == "auto" and device.type == "cuda")
 
 
 def compiled_blocks(transformer: Any) -> list[torch.nn.Module]:

@@ -56,7 +56,7 @@ def to_diffusers(kind: Kind, source: dict[str, torch.Tensor], vae_config: dict[s
         state = convert_ldm_vae_checkpoint(dict(source), vae_config)
     else:
         state = dict(source)
-    used = {origins.get(id(_root(tensor))) for tensor in state.values()}
+    used = {origins.get(id(root(tensor))) for tensor in state.values()}
     ignored = IGNORED_KEYS[kind]
     state = {key: tensor for key, tensor in state.items() if key not in ignored}
     unused = sorted(key for key in source if key not in used and key not in ignored)
@@ -74,7 +74,7 @@ def _transformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _root(tensor: torch.Tensor) -> torch.Tensor:
+def root(tensor: torch.Tensor) -> torch.Tensor:
     """Converters slice (qkv chunks, 1x1 conv squeezes); a view's base names the source tensor."""
     while tensor._base is not None:
         tensor = tensor._base

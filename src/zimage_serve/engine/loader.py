@@ -12,6 +12,7 @@ import torch
 from zimage_serve.engine import components
 from zimage_serve.engine.components import PreparedComponent
 from zimage_serve.engine.devices import Placement, pick_device, pick_dtypes, pick_memory_mode
+from zimage_serve.engine.fastpath import FastPath, int8_matmul_enabled
 from zimage_serve.engine.fp8 import check_weight_dtype, fp8_bytes_saved, quantise_transformer
 from zimage_serve.engine.layouts import ModelSources
 from zimage_serve.engine.libraries import load_model_libraries
@@ -81,8 +82,10 @@ def load_model(
     memory_mode: str = "auto",
     placement: Placement | None = None,
     weight_dtype: str = "default",
+    fast: FastPath | None = None,
 ) -> LoadedModel:
-    """Check, place and load. An explicit `placement` overrides the device/dtype/mode choice."""
+    """Check, place and load. An explicit `placement` overrides the device/dtype/mode choice; `fast` says
+    whether INT8 weight files multiply in INT8."""
     check_weight_dtype(weight_dtype)
     prepared = prepare_all(sources)
     tokenizer = load_tokenizer(sources.tokenizer, prepared["text_encoder"].config["vocab_size"])
@@ -92,7 +95,13 @@ def load_model(
     loaded = LoadedModel(
         sources=sources,
         placement=placement,
-        transformer=load_transformer(prepared["transformer"], placement.load_device, placement.dtype, weight_dtype),
+        transformer=load_transformer(
+            prepared["transformer"],
+            placement.load_device,
+            placement.dtype,
+            weight_dtype,
+            int8_matmul_enabled(fast or FastPath(), placement.device),
+        ),
         text_encoder=components.load(prepared["text_encoder"], placement.load_device, placement.dtype),
         vae=components.load(prepared["vae"], placement.load_device, placement.vae_dtype),
         tokenizer=tokenizer,
@@ -101,11 +110,14 @@ def load_model(
     return loaded
 
 
-def load_transformer(prepared: PreparedComponent, device: torch.device, dtype: torch.dtype, weight_dtype: str) -> Any:
-    """Quantised weights are made on the host and then moved: the card never holds the bf16 copy."""
+def load_transformer(
+    prepared: PreparedComponent, device: torch.device, dtype: torch.dtype, weight_dtype: str, int8_matmul: bool = False
+) -> Any:
+    """FP8 weights are made on the host and then moved: the card never holds the bf16 copy. A file's own
+    INT8 layers stay INT8 with `int8_matmul` (and are dequantised otherwise)."""
     if weight_dtype == "default":
-        return components.load(prepared, device, dtype)
-    transformer = components.load(prepared, torch.device("cpu"), dtype)
+        return components.load(prepared, device, dtype, int8_matmul)
+    transformer = components.load(prepared, torch.device("cpu"), dtype, int8_matmul)
     count = quantise_transformer(transformer, weight_dtype)
     log.info("transformer: %d projections in %s", count, weight_dtype)
     return transformer.to(device)

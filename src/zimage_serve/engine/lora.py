@@ -7,7 +7,8 @@ Formats (all normalised by diffusers' own Z-Image LoRA converter, then by `_comf
 
 A LoRA is applied the way ComfyUI patches a model: ``W += strength · (B @ A)`` on the weights in place for
 the duration of a sampling run, then the saved originals are put back, so the cached base model is shared
-by every workflow whatever LoRAs they stack on it.
+by every workflow whatever LoRAs they stack on it. Quantised weights (FP8, INT8) are dequantised, patched
+and quantised again with fresh scales; their saved codes and scales come back bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from zimage_serve.engine.checkpoint import read_header
+from zimage_serve.engine.comfy_quant import Int8Linear, quantise_int8
 from zimage_serve.engine.fp8 import Fp8Linear, quantise_rows
 from zimage_serve.engine.libraries import load_model_libraries
 from zimage_serve.engine.weight_lock import lock_for
@@ -134,8 +136,8 @@ def _apply(model: torch.nn.Module, active: Sequence[LoraPatch]) -> Iterator[None
 
 
 def _stored(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The tensors a patch changes: the weight, and for FP8 weights their row scales."""
-    if isinstance(module, Fp8Linear):
+    """The tensors a patch changes: the weight, and for FP8 and INT8 weights their row scales."""
+    if isinstance(module, Fp8Linear | Int8Linear):
         return [module.weight, module.scale]
     weight: torch.Tensor = module.weight  # type: ignore[assignment]  # check_fits saw a 2-D weight
     return [weight]
@@ -145,6 +147,13 @@ def _add(module: torch.nn.Module, delta: torch.Tensor) -> None:
     if isinstance(module, Fp8Linear):  # merged in fp32, then quantised again with fresh row scales
         weight, scale = quantise_rows(module.dequantised(torch.float32) + delta.float(), module.weight.dtype)
         module.weight.copy_(weight)
+        module.scale.copy_(scale)
+    elif isinstance(module, Int8Linear):  # the same, rotated again as the file's layer was
+        conf = module.conf
+        codes, scale = quantise_int8(
+            module.dequantised(torch.float32) + delta.float(), conf.group_size if conf.convrot else None
+        )
+        module.weight.copy_(codes)
         module.scale.copy_(scale)
     else:
         [plain] = _stored(module)

@@ -31,7 +31,13 @@ from zimage_serve.engine.devices import (
     pick_dtypes,
     pick_memory_mode,
 )
-from zimage_serve.engine.fastpath import FastPath, accelerate_transformer, accelerate_vae, for_offload
+from zimage_serve.engine.fastpath import (
+    FastPath,
+    accelerate_transformer,
+    accelerate_vae,
+    for_offload,
+    int8_matmul_enabled,
+)
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.model_sampling import FlowSampling
@@ -274,7 +280,8 @@ def load_diffusion_model(
     weight_dtype: str = "default",
 ) -> DiffusionModel:
     prepared = components.prepare(source)
-    transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype)
+    int8 = int8_matmul_enabled(placing.fast, placing.device)
+    transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype, int8)
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
     install_cancel_checks(transformer)
     control_hooks.install(transformer)
