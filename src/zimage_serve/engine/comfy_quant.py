@@ -38,6 +38,9 @@ FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 FORMATS = (INT8, *FP8_FORMATS)
 INT8_MAX = 127
 _REGULAR_4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
+_CPU = torch.device("cpu")
+# cuBLASLt's int8 GEMM behind torch._int_mm wants more than 16 rows and widths in multiples of 8.
+_CUDA_MIN_ROWS = 17
 
 
 @dataclass(frozen=True)
@@ -131,17 +134,14 @@ def check_layer(origin: Path, layer: str, conf: QuantConf, shapes: Mapping[str, 
 
 
 @functools.cache
-def _hadamard(group_size: int) -> torch.Tensor:
+def regular_hadamard(group_size: int, device: torch.device = _CPU) -> torch.Tensor:
+    """H_G: the Kronecker power of the 4×4 regular Hadamard matrix over √G (symmetric, H·H = I); one
+    copy per device, so a forward pass never copies it to the card."""
     matrix = torch.ones(1, 1, dtype=torch.float64)
     block = torch.tensor(_REGULAR_4, dtype=torch.float64)
     while matrix.shape[0] < group_size:
         matrix = torch.kron(matrix, block)
-    return (matrix / math.sqrt(group_size)).to(torch.float32)
-
-
-def regular_hadamard(group_size: int, device: torch.device | None = None) -> torch.Tensor:
-    """H_G: the Kronecker power of the 4×4 regular Hadamard matrix over √G (symmetric, H·H = I)."""
-    return _hadamard(group_size).to(device) if device is not None else _hadamard(group_size)
+    return (matrix / math.sqrt(group_size)).to(device, torch.float32)
 
 
 def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -197,11 +197,16 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.conf.full_precision:
             return F.linear(x, self.dequantised(x.dtype), bias)
+        if rows.is_cuda and (self.in_features % 8 or self.out_features % 8):
+            return F.linear(x, self.dequantised(x.dtype), bias)
+        count = rows.shape[0]
+        if rows.is_cuda and count < _CUDA_MIN_ROWS:  # zero rows quantise to zero codes; cut off below
+            rows = F.pad(rows, (0, 0, 0, _CUDA_MIN_ROWS - count))
         rotated = rotate_groups(rows, self.conf.group_size) if self.conf.convrot else rows.float()
         row_scale = (rotated.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp(min=1e-30)
         codes = torch.round(rotated / row_scale).clamp(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
         product = torch._int_mm(codes, self.weight.t()).float() * row_scale * self.scale[None, :]
-        out = product.to(x.dtype)
+        out = product[:count].to(x.dtype)
         if bias is not None:
             out = out + bias
         return out.reshape(*x.shape[:-1], self.out_features)
