@@ -262,8 +262,9 @@ class _Run:
         if found is None:
             node_class = self.ex.nodes[self.prompt[node_id]["class_type"]]
             found = {}
-            for name in node_class.all_inputs():
-                value = self.prompt[node_id]["inputs"].get(name)
+            given = self.prompt[node_id]["inputs"]
+            for name in node_class.inputs_for(given):
+                value = given.get(name)
                 if is_link(value) and (source := link_source(value)) is not None:
                     found[name] = source
             self._links[node_id] = found
@@ -297,7 +298,8 @@ class _Run:
         node = self.prompt[node_id]
         node_class = self.ex.nodes[node["class_type"]]
         links = {name: (self.signatures[s], i) for name, (s, i) in self._sources(node_id).items()}
-        constants = {k: v for k, v in node["inputs"].items() if k in node_class.all_inputs() and k not in links}
+        declared = node_class.inputs_for(node["inputs"])
+        constants = {k: v for k, v in node["inputs"].items() if k in declared and k not in links}
         try:
             fingerprint = node_class.fingerprint(self.folders, **constants)
         except Exception:  # a fingerprint that fails means "always re-run", as ComfyUI's NaN
@@ -352,7 +354,7 @@ class _Run:
         if self.count_images is not None:
             ctx.count_images = self.count_images
         self.current_inputs = inputs
-        result = node_class().run(ctx, **inputs)
+        result = node_class().run(ctx, **node_class.arguments(inputs))
         self.values[node_id] = result.outputs
         self.result.executed.append(node_id)
         self.ex.cache.put(key, CacheEntry(result.outputs, result.ui))
@@ -368,7 +370,7 @@ class _Run:
         raw = self.prompt[node_id]["inputs"]
         inputs: dict[str, Any] = {}
         sources = self._sources(node_id)
-        for name, declared in node_class.all_inputs().items():
+        for name, declared in node_class.inputs_for(raw).items():
             if name in sources:
                 source, index = sources[name]
                 inputs[name] = self.values[source][index]

@@ -144,14 +144,17 @@ def _target(folder: Path, prefix: str, field: str) -> tuple[str, str, str]:
     return target, subfolder, stem
 
 
-def _next_free(target: str, stem: str, extension: str, make: Callable[[str], T]) -> tuple[str, T]:
-    """The next free `<stem>_NNNNN_.<ext>` in `target`, one past the highest counter seen, taken by
-    `make(path)`, which must fail with FileExistsError when the name is taken (then the next is tried)."""
+def _next_free(
+    target: str, stem: str, extension: str, make: Callable[[str], T], trailing: bool = True
+) -> tuple[str, T]:
+    """The next free `<stem>_NNNNN_.<ext>` in `target` (`<stem>_NNNNN.<ext>` without `trailing`, as V3
+    nodes name theirs), one past the highest counter seen in either form, taken by `make(path)`, which must
+    fail with FileExistsError when the name is taken (then the next is tried)."""
     with _lock:
         counters = _folder_counters(target, extension)
         counter = counters.get(stem, 0) + 1
         while True:
-            filename = f"{stem}_{counter:05}_.{extension}"
+            filename = f"{stem}_{counter:05}{'_' if trailing else ''}.{extension}"
             try:
                 made = make(os.path.join(target, filename))
             except FileExistsError:  # written by someone else meanwhile: the exclusive create is the guard
@@ -168,14 +171,16 @@ def _create_new(path: str) -> int:
     return os.open(path, _CREATE_NEW, 0o666)  # the user's umask applies, as with open()
 
 
-def claim(folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix") -> ClaimedName:
+def claim(
+    folder: Path, prefix: str, extension: str = "png", field: str = "filename_prefix", trailing: bool = True
+) -> ClaimedName:
     """Create the next free `<prefix>_NNNNN_.<ext>` under `folder`, exclusively, and hand it over open.
 
     The caller writes through the claimed name: reopening the empty file to write it would make ext4
     flush it on close (its guard against truncated-then-rewritten files), which costs more than the image.
     """
     target, subfolder, stem = _target(folder, prefix, field)
-    filename, fd = _next_free(target, stem, extension, _create_new)
+    filename, fd = _next_free(target, stem, extension, _create_new, trailing)
     return ClaimedName(os.path.join(target, filename), filename, subfolder, fd)
 
 
@@ -201,11 +206,12 @@ def write_new(
     outputs: RunOutputs | None = None,
     extension: str = "png",
     field: str = "filename_prefix",
+    trailing: bool = True,
 ) -> tuple[str, str]:
     """Write `data` under the next free `<prefix>_NNNNN_.<ext>`; (file name, subfolder). With `outputs`,
     the file is journaled so that a run of the same prompt after a crash leaves no second copy."""
     if outputs is None:
-        with claim(folder, prefix, extension, field) as name:
+        with claim(folder, prefix, extension, field, trailing) as name:
             name.write(data)
         return name.filename, name.subfolder
     target, subfolder, stem = _target(folder, prefix, field)
@@ -239,7 +245,7 @@ def write_new(
         finally:
             os.close(fd)
 
-    filename, _ = _next_free(target, stem, extension, take)
+    filename, _ = _next_free(target, stem, extension, take, trailing)
     return filename, subfolder
 
 

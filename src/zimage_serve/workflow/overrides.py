@@ -33,8 +33,9 @@ def apply_overrides(prompt: dict[str, Any], assignments: Iterable[str], nodes: M
             known = ", ".join(sorted(prompt, key=lambda k: (len(k), k)))
             raise InvalidParameterError("--set", f"{text!r}: the workflow has no node {node_id} (it has {known})")
         node_class = nodes.get(str(node.get("class_type")))
-        if node_class is not None and name not in node_class.all_inputs():
-            names = ", ".join(node_class.all_inputs())
+        declared = node_class.inputs_for(node.get("inputs") or {}) if node_class is not None else None
+        if declared is not None and name not in declared:
+            names = ", ".join(declared)
             raise InvalidParameterError(
                 "--set", f"{text!r}: node {node_id} ({node['class_type']}) has no input {name!r}; it has {names}"
             )

@@ -146,6 +146,81 @@ class Link(Input):
         return self.link_type
 
 
+@dataclass(frozen=True)
+class DynamicOption:
+    """One choice of a `DynamicCombo` and the inputs that come with it."""
+
+    key: str
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DynamicCombo(Input):
+    """ComfyUI's V3 DynamicCombo: a choice whose option brings inputs of its own. An API-format graph sends
+    them beside it under dotted names (`format`: "png", `format.bit_depth`: "8-bit"); the node receives
+    them nested, as ComfyUI's V3 nodes do: `format={"format": "png", "bit_depth": "8-bit"}`."""
+
+    choices: tuple[DynamicOption, ...] = ()
+    default: str | None = None
+
+    type_name: ClassVar[str] = "COMFY_DYNAMICCOMBO_V3"
+
+    def keys(self) -> list[str]:
+        return [choice.key for choice in self.choices]
+
+    def option(self, key: Any) -> DynamicOption | None:
+        return next((choice for choice in self.choices if choice.key == key), None)
+
+    def spec_options(self) -> dict[str, Any]:
+        return {"default": self.default} if self.default is not None else {}
+
+    def spec(self, lists: ResourceLists) -> list[Any]:
+        options = self.spec_options()
+        options["options"] = [
+            {"key": choice.key, "inputs": {"required": {k: v.spec(lists) for k, v in choice.inputs.items()}}}
+            for choice in self.choices
+        ]
+        options.update(self.options)
+        if self.tooltip:
+            options["tooltip"] = self.tooltip
+        return [self.type_name, options]
+
+
+def expanded(declared: Mapping[str, Input], given: Mapping[str, Any]) -> dict[str, Input]:
+    """The inputs a node has with these values: its declared ones and, after each DynamicCombo, the inputs
+    of the option chosen (by dotted name, nested options too), in the order the frontend shows them."""
+    found: dict[str, Input] = {}
+    for name, spec in declared.items():
+        found[name] = spec
+        if isinstance(spec, DynamicCombo):
+            chosen = spec.option(_plain(given.get(name, spec.default)))
+            if chosen is not None:
+                inner = {key[len(name) + 1 :]: value for key, value in given.items() if key.startswith(name + ".")}
+                for sub, sub_spec in expanded(chosen.inputs, inner).items():
+                    found[f"{name}.{sub}"] = sub_spec
+    return found
+
+
+def nested(declared: Mapping[str, Input], inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat dotted inputs as a V3 node receives them: each DynamicCombo a dict of its choice (under its own
+    name) and the chosen option's inputs."""
+    result: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if "." not in name:
+            result.setdefault(name, value)
+    for name, spec in declared.items():
+        if isinstance(spec, DynamicCombo) and name in inputs:
+            chosen = spec.option(inputs[name])
+            inner = {key[len(name) + 1 :]: value for key, value in inputs.items() if key.startswith(name + ".")}
+            group = nested(chosen.inputs if chosen is not None else {}, inner)
+            result[name] = {name: inputs[name], **group}
+    return result
+
+
+def _plain(value: Any) -> Any:
+    return value["__value__"] if isinstance(value, dict) and "__value__" in value else value
+
+
 def link(link_type: str, tooltip: str | None = None) -> Link:
     if link_type not in LINK_TYPES:
         raise ValueError(f"unknown link type {link_type}")
@@ -186,6 +261,11 @@ class Node:
     custom_checks: ClassVar[tuple[str, ...]] = ()
     # A sampler's LATENT input: each run makes as many images as that latent holds (what quotas count).
     denoises: ClassVar[str | None] = None
+    dynamic: ClassVar[bool] = False  # has a DynamicCombo input (set by __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.dynamic = any(isinstance(spec, DynamicCombo) for spec in cls.all_inputs().values())
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         raise NotImplementedError
@@ -217,6 +297,20 @@ class Node:
     @classmethod
     def all_inputs(cls) -> dict[str, Input]:
         return {**cls.required, **cls.optional}
+
+    @classmethod
+    def inputs_for(cls, given: Mapping[str, Any]) -> dict[str, Input]:
+        """The inputs this node has with these values (`expanded`: a DynamicCombo's chosen option adds
+        inputs of its own)."""
+        declared = cls.all_inputs()
+        if not cls.dynamic:
+            return declared
+        return expanded(declared, given)
+
+    @classmethod
+    def arguments(cls, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments `run` receives for these (flat, validated) inputs."""
+        return nested(cls.all_inputs(), inputs) if cls.dynamic else inputs
 
 
 class SizedNode(Node):

@@ -45,7 +45,7 @@ def to_ui(prompt: Mapping[str, Any], nodes: Mapping[str, type[Node]]) -> dict[st
         node_class = nodes[node["class_type"]]
         inputs: list[dict[str, Any]] = []
         widgets: list[Any] = []
-        for name, declared in node_class.all_inputs().items():
+        for name, declared in node_class.inputs_for(node["inputs"]).items():
             value = node["inputs"].get(name)
             linked = is_link(value)
             if linked:

@@ -18,7 +18,7 @@ from typing import Any
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.limits import Limits
-from zimage_serve.workflow.spec import Combo, Int, Link, Node
+from zimage_serve.workflow.spec import Combo, DynamicCombo, Int, Link, Node
 
 MODE_NEVER, MODE_BYPASS = 2, 4
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
@@ -295,13 +295,17 @@ class _Converter:
             return {}
         named: dict[str, Any] = {}
         position = 0
-        for name, spec in declared:
-            if position >= len(values):
-                break
+        pending = list(declared)
+        while pending and position < len(values):
+            name, spec = pending.pop(0)
             value = values[position]
             named[name] = {"__value__": value} if isinstance(value, list) else value
             position += 1
-            if isinstance(spec, Int) and spec.control_after_generate:
+            if isinstance(spec, DynamicCombo) and (chosen := spec.option(value)) is not None:
+                # the chosen option's widgets follow it, under dotted names (as the frontend adds them)
+                widgets = [(f"{name}.{sub}", i) for sub, i in chosen.inputs.items() if not isinstance(i, Link)]
+                pending[:0] = widgets
+            elif isinstance(spec, Int) and spec.control_after_generate:
                 position += 1  # the "randomize"/"fixed" control value the frontend does not send
             elif (
                 isinstance(spec, Combo)

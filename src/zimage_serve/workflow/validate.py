@@ -20,6 +20,7 @@ from zimage_serve.workflow.context import ResourceLists
 from zimage_serve.workflow.spec import (
     Boolean,
     Combo,
+    DynamicCombo,
     Float,
     Input,
     Int,
@@ -197,8 +198,9 @@ class Validator:
     def _links(self, prompt: dict[str, Any], node_id: str) -> list[str]:
         node_class = self.nodes[prompt[node_id]["class_type"]]
         found = []
-        for name in node_class.all_inputs():
-            value = prompt[node_id]["inputs"].get(name)
+        given = prompt[node_id]["inputs"]
+        for name in node_class.inputs_for(given):
+            value = given.get(name)
             if is_link(value) and (source := link_source(value)) is not None and source[0] in prompt:
                 found.append(source[0])
         return found
@@ -256,7 +258,9 @@ class Validator:
         inputs: dict[str, Any] = node["inputs"]
         reasons: list[dict[str, Any]] = []
         constants: dict[str, Any] = {}
-        for name, declared in node_class.all_inputs().items():
+        for name, declared in node_class.inputs_for(inputs).items():
+            if name not in inputs and "." in name:  # an input of a DynamicCombo's option: ComfyUI's default
+                inputs[name] = default_of(declared, self.lists)
             if name not in inputs:
                 if name in node_class.required:
                     reasons.append(
@@ -450,8 +454,8 @@ class Validator:
             if value < declared.min:
                 return error("value_smaller_than_min", f"Value {value} smaller than min of {declared.min}", name, extra)
             return error("value_bigger_than_max", f"Value {value} bigger than max of {declared.max}", name, extra)
-        if isinstance(declared, Combo):
-            choices = declared.values(self.lists)
+        if isinstance(declared, Combo | DynamicCombo):
+            choices = declared.values(self.lists) if isinstance(declared, Combo) else declared.keys()
             if value not in choices:
                 listed = f"(list of length {len(choices)})" if len(choices) > MAX_LISTED_CHOICES else str(choices)
                 shown_config = None if len(choices) > MAX_LISTED_CHOICES else self._config(declared)
@@ -466,6 +470,16 @@ class Validator:
 
 def declared_config(node_class: type[Node], name: str, lists: ResourceLists) -> list[Any]:
     return node_class.all_inputs()[name].spec(lists)
+
+
+def default_of(declared: Input, lists: ResourceLists) -> Any:
+    """What an input is when a graph leaves it out: its default, or a list's first choice."""
+    if isinstance(declared, Combo) and declared.default is None:
+        choices = declared.values(lists)
+        return choices[0] if choices else None
+    if isinstance(declared, DynamicCombo) and declared.default is None:
+        return declared.keys()[0] if declared.choices else None
+    return getattr(declared, "default", None)
 
 
 def _own_node(node: Any) -> Any:

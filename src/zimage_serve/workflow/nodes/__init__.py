@@ -64,6 +64,7 @@ from zimage_serve.workflow.nodes.loaders import (
 from zimage_serve.workflow.nodes.mask import GrowMask, ImageToMask, InvertMask, MaskToImage, SolidMask
 from zimage_serve.workflow.nodes.model_patch import ModelPatchLoader, QwenImageDiffsynthControlnet, ZImageFunControlnet
 from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
+from zimage_serve.workflow.nodes.save_advanced import SaveImageAdvanced
 from zimage_serve.workflow.nodes.upscale import ImageUpscaleWithModel, UpscaleModelLoader
 from zimage_serve.workflow.spec import Node
 
@@ -103,6 +104,7 @@ NODES: dict[str, type[Node]] = {
         VAEEncode,
         LoadImage,
         SaveImage,
+        SaveImageAdvanced,
         PreviewImage,
         EmptyImage,
         ImageInvert,
