@@ -195,6 +195,11 @@ def test_animated_avif_is_one_file_of_all_the_images(executor: Executor) -> None
 def test_batch_num_names_each_image(executor: Executor) -> None:
     _, paths = run(executor, graph("shot-%batch_num%", batch=2, format="png"))
     assert [p.name for p in paths] == ["shot-0_00001.png", "shot-1_00001.png"]
+    prompt = graph("classic-%batch_num%", batch=2, format="png")
+    prompt["9"] = {"class_type": "SaveImage", "inputs": {"images": prompt["9"]["inputs"]["images"],
+                                                        "filename_prefix": "classic-%batch_num%"}}  # fmt: skip
+    _, paths = run(executor, prompt)
+    assert [p.name for p in paths] == ["classic-0_00001_.png", "classic-1_00001_.png"]
 
 
 @pytest.mark.parametrize(

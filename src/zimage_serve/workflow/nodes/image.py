@@ -206,14 +206,17 @@ def _input_file(lists: ResourceLists, name: str) -> str:
     return path
 
 
+BATCH_NUMBER = "%batch_num%"  # in a prefix: the image's place in its batch
+
+
 def save_images(
     ctx: NodeContext, images: torch.Tensor, folder: Path, prefix: str, kind: str, compress_level: int
 ) -> list[dict[str, str]]:
     info = png_info(prompt=ctx.prompt or None, extra_pnginfo=ctx.extra_pnginfo)
     saved = []
-    for picture in to_pil(images):
+    for index, picture in enumerate(to_pil(images)):
         data = png_bytes(picture, info, compress_level)
-        filename, subfolder = write_new(folder, prefix, data, ctx.outputs)
+        filename, subfolder = write_new(folder, prefix.replace(BATCH_NUMBER, str(index)), data, ctx.outputs)
         saved.append({"filename": filename, "subfolder": subfolder, "type": kind})
     return saved
 
@@ -227,7 +230,7 @@ class SaveImage(Node):
         "filename_prefix": String(
             default="ComfyUI",
             tooltip="The prefix for the file to save. This may include formatting information such as "
-            "%date:yyyy-MM-dd%.",
+            "%date:yyyy-MM-dd% or %batch_num%.",
         ),
     }
     hidden = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
@@ -237,7 +240,7 @@ class SaveImage(Node):
     @classmethod
     def check(cls, lists: ResourceLists, limits: Limits, **inputs: Any) -> str | None:
         try:
-            check_prefix(str(inputs.get("filename_prefix")))
+            check_prefix(str(inputs.get("filename_prefix")).replace(BATCH_NUMBER, "0"))
         except InvalidParameterError as exc:
             return str(exc)
         return None

@@ -16,24 +16,20 @@ import numpy as np
 from zimage_serve import image_formats
 from zimage_serve.engine.pixels import to_pil
 from zimage_serve.errors import InvalidParameterError
-from zimage_serve.limits import Limits
 from zimage_serve.png import png_bytes, png_info
-from zimage_serve.workflow.context import NodeContext, ResourceLists
-from zimage_serve.workflow.naming import check_prefix, write_new
+from zimage_serve.workflow.context import NodeContext
+from zimage_serve.workflow.naming import write_new
+from zimage_serve.workflow.nodes.image import BATCH_NUMBER, SaveImage
 from zimage_serve.workflow.spec import (
     Combo,
     DynamicCombo,
     DynamicOption,
     Float,
     Int,
-    Node,
     NodeResult,
     Output,
-    String,
-    link,
 )
 
-BATCH_NUMBER = "%batch_num%"
 FORMATS = DynamicCombo(
     tooltip="The file format, and the options it has.",
     choices=(
@@ -85,31 +81,11 @@ FORMATS = DynamicCombo(
 )
 
 
-class SaveImageAdvanced(Node):
+class SaveImageAdvanced(SaveImage):
     display_name = "Save Image (Advanced)"
-    category = "image"
     description = "Saves the input images to your output folder as PNG (8 or 16 bits), EXR or AVIF."
-    required = {
-        "images": link("IMAGE", "The images to save."),
-        "filename_prefix": String(
-            default="ComfyUI",
-            tooltip="The prefix for the file to save. This may include formatting information such as "
-            "%date:yyyy-MM-dd% or %batch_num%.",
-        ),
-        "format": FORMATS,
-    }
-    hidden = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+    required = {**SaveImage.required, "format": FORMATS}
     outputs = (Output("IMAGE", "images"),)
-    output_node = True
-    custom_checks = ("filename_prefix",)
-
-    @classmethod
-    def check(cls, lists: ResourceLists, limits: Limits, **inputs: Any) -> str | None:
-        try:
-            check_prefix(str(inputs.get("filename_prefix")).replace(BATCH_NUMBER, "0"))
-        except InvalidParameterError as exc:
-            return str(exc)
-        return None
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         images, prefix, chosen = inputs["images"], inputs["filename_prefix"], inputs["format"]
