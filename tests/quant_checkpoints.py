@@ -22,11 +22,26 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from tests.checkpoints import comfy_text_encoder, comfy_transformer, copy_tokenizer, diffusers_state, ldm_vae
+from tests.loras import lora_pairs, write_kohya
+from zimage_serve.nano.random_model import TinyConfig, write_random_model
+
 INT8_LAYER = re.compile(
     r"^(?P<layer>(?:model\.diffusion_model\.)?(?:layers|noise_refiner|context_refiner)\.\d+\."
     r"(?:attention\.qkv|attention\.out|feed_forward\.w[123]|adaLN_modulation\.0))\.weight$"
 )
 FP8_LAYER = re.compile(r"^(?P<layer>model\.layers\.(?P<block>\d+)\.(?:self_attn|mlp)\.\w+_proj)\.weight$")
+PREFIX = "model.diffusion_model."
+GROUP = 16  # divides every quantised layer's input width of the tiny model (48, 128), as 256 does Turbo's
+# dim 48: its feed-forward is 128 wide, so every layer the published file quantises can be rotated here too
+TINY_QUANT = TinyConfig(
+    transformer={"dim": 48, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 1, "n_kv_heads": 1, "cap_feat_dim": 32}
+)
+TURBO_BF16 = "z_image_turbo_bf16.safetensors"
+TURBO_INT8 = "z_image_turbo_int8_convrot.safetensors"
+BASE_INT8 = "z_image_int8_convrot.safetensors"
+TE_BF16 = "qwen_3_4b.safetensors"
+TE_FP8 = "qwen_3_4b_fp8_mixed.safetensors"
 _REGULAR_4 = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=np.float64)
 
 
@@ -108,3 +123,25 @@ def write_fp8_mixed(comfy_state: dict[str, torch.Tensor], path: Path) -> list[st
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, path)
     return layers
+
+
+def write_quant_models_root(root: Path) -> Path:
+    """A ComfyUI models root with every file the official Z-Image templates name, in their layouts: the
+    bf16 Turbo transformer, the INT8 ConvRot Turbo and base transformers (the base one with its confs in the
+    header too), the bf16 and FP8-mixed text encoders, the VAE; a tokenizer beside the text encoders (the
+    published files carry none) and a LoRA."""
+    tiny = write_random_model(root.parent / "Z-Image-Tiny-48", TINY_QUANT, seed=3)
+    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    transformer = comfy_transformer(diffusers_state(tiny / "transformer"), PREFIX)
+    save_file({k: v.contiguous() for k, v in transformer.items()}, root / "diffusion_models" / TURBO_BF16)
+    write_int8_convrot(transformer, root / "diffusion_models" / TURBO_INT8, GROUP)
+    write_int8_convrot(transformer, root / "diffusion_models" / BASE_INT8, GROUP, header_metadata=True)
+    text_encoder = comfy_text_encoder(diffusers_state(tiny / "text_encoder"))
+    save_file({k: v.contiguous() for k, v in text_encoder.items()}, root / "text_encoders" / TE_BF16)
+    write_fp8_mixed(text_encoder, root / "text_encoders" / TE_FP8)
+    copy_tokenizer(tiny, root / "text_encoders" / "tokenizer")
+    levels = len(json.loads((tiny / "vae" / "config.json").read_text())["block_out_channels"])
+    save_file(ldm_vae(diffusers_state(tiny / "vae"), levels), root / "vae" / "ae.safetensors")
+    write_kohya(lora_pairs(diffusers_state(tiny / "transformer")), root / "loras" / "style.safetensors")
+    return root

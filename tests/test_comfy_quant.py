@@ -13,9 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import comfy_text_encoder, comfy_transformer, copy_tokenizer, diffusers_state, ldm_vae
-from tests.loras import lora_pairs, write_kohya
-from tests.quant_checkpoints import hadamard_by_digits, marker, write_fp8_mixed, write_int8_convrot
+from tests.quant_checkpoints import (
+    BASE_INT8,
+    PREFIX,
+    TE_FP8,
+    TURBO_INT8,
+    hadamard_by_digits,
+    marker,
+    write_quant_models_root,
+)
 from tests.workflows import TURBO_WORKFLOW, validate
 from zimage_serve.engine import comfy_quant, components
 from zimage_serve.engine.comfy_quant import Int8Linear, QuantConf, regular_hadamard
@@ -23,45 +29,15 @@ from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.engine.layouts import single_file
 from zimage_serve.engine.parts import Placing
 from zimage_serve.errors import ModelLoadError
-from zimage_serve.nano.random_model import TinyConfig, write_random_model
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
-
-PREFIX = "model.diffusion_model."
-GROUP = 16  # divides every quantised layer's input width of the tiny model (96, 256), as 256 does Turbo's
-# dim 96: its feed-forward is 256 wide, so every layer the published file quantises can be rotated here too
-TINY_96 = TinyConfig(
-    transformer={"dim": 96, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32}
-)
-TURBO_INT8 = "z_image_turbo_int8_convrot.safetensors"
-BASE_INT8 = "z_image_int8_convrot.safetensors"
-TE_FP8 = "qwen_3_4b_fp8_mixed.safetensors"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ComfyUI models root: the bf16 files and, made from them, the INT8 and FP8-mixed ones."""
-    tiny = write_random_model(tmp_path_factory.mktemp("tiny96") / "Z-Image-Tiny", TINY_96, seed=3)
-    root = tmp_path_factory.mktemp("quant") / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
-        (root / sub).mkdir(parents=True)
-    transformer = comfy_transformer(diffusers_state(tiny / "transformer"), PREFIX)
-    save_file(
-        {k: v.contiguous() for k, v in transformer.items()},
-        root / "diffusion_models" / "z_image_turbo_bf16.safetensors",
-    )
-    write_int8_convrot(transformer, root / "diffusion_models" / TURBO_INT8, GROUP)
-    write_int8_convrot(transformer, root / "diffusion_models" / BASE_INT8, GROUP, header_metadata=True)
-    text_encoder = comfy_text_encoder(diffusers_state(tiny / "text_encoder"))
-    save_file({k: v.contiguous() for k, v in text_encoder.items()}, root / "text_encoders" / "qwen_3_4b.safetensors")
-    write_fp8_mixed(text_encoder, root / "text_encoders" / TE_FP8)
-    copy_tokenizer(tiny, root / "text_encoders" / "qwen_3_4b_tokenizer")
-    copy_tokenizer(tiny, root / "text_encoders" / "qwen_3_4b_fp8_mixed_tokenizer")
-    levels = len(json.loads((tiny / "vae" / "config.json").read_text())["block_out_channels"])
-    save_file(ldm_vae(diffusers_state(tiny / "vae"), levels), root / "vae" / "ae.safetensors")
-    write_kohya(lora_pairs(diffusers_state(tiny / "transformer")), root / "loras" / "style.safetensors")
-    return root
+    return write_quant_models_root(tmp_path_factory.mktemp("quant") / "models")
 
 
 def executor(models: Path, tmp_path: Path, int8_matmul: str = "off") -> Executor:
@@ -149,11 +125,11 @@ def test_the_int8_file_loads_with_its_high_precision_layers_untouched(models: Pa
         "noise_refiner.0.adaLN_modulation.0",
     } <= int8
     assert not any("embedder" in name or "final_layer" in name for name in int8)
-    rows = torch.randn(9, 96, generator=torch.Generator().manual_seed(1))
+    rows = torch.randn(9, 48, generator=torch.Generator().manual_seed(1))
     dequantised_model = load(models / "diffusion_models" / TURBO_INT8)
     for name in ("layers.1.attention.to_v", "layers.0.feed_forward.w2", "noise_refiner.0.adaLN_modulation.0"):
         exact, w8a8 = dequantised_model.get_submodule(name), kept.get_submodule(name)
-        x = rows if exact.in_features == 96 else torch.randn(9, exact.in_features)
+        x = rows if exact.in_features == 48 else torch.randn(9, exact.in_features)
         assert float((w8a8(x) - exact(x)).norm() / exact(x).norm()) < 0.03, name
 
 

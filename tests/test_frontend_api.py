@@ -122,7 +122,8 @@ def test_assets_are_cached_and_index_is_not(server: AppServer) -> None:
     status, headers, body = server.request("GET", "/")
     assert status == 200 and "no-cache" in headers["cache-control"] and b'<div id="vue-app">' in body
     index = server.json("GET", "/templates/index.json")[1]
-    assert [t["name"] for t in index[0]["templates"]] == ["zimage-nano", "z-image-turbo", "z-image"]
+    names = [t["name"] for t in index[0]["templates"]]
+    assert names[:3] == ["zimage-nano", "01_get_started_text_to_image", "z-image-turbo"] and len(names) == 6
     assert (
         server.json("GET", "/templates/index.zh.json")[1] == index
         and server.json("GET", "/templates/index_logo.json")[1] == {}
@@ -131,6 +132,12 @@ def test_assets_are_cached_and_index_is_not(server: AppServer) -> None:
     assert {n["type"] for n in template["nodes"]} >= {"KSampler", "SaveImage"}
     status, headers, _ = server.request("GET", "/templates/zimage-nano-1.webp")
     assert status == 200 and headers["content-type"] == "image/webp"
+    # ComfyUI's own templates are served as they are published, with the picture of their model
+    from zimage_serve.workflows.templates import COMFY_ORG
+
+    published = json.loads((COMFY_ORG / "image_z_image_int8.json").read_text())
+    assert server.json("GET", "/templates/image_z_image_int8.json")[1] == published
+    assert server.request("GET", "/templates/image_z_image_int8-1.webp")[0] == 200
     assert server.request("GET", "/templates/nothing.json")[0] == 404
     assert server.json("GET", "/api/system_stats")[1]["system"]["required_frontend_version"] == "1.58.1"
 

@@ -39,5 +39,13 @@ def test_node_ids_must_be_numbers() -> None:
 
 def test_the_index_lists_every_template() -> None:
     [category] = templates.index()
-    assert [t["name"] for t in category["templates"]] == ["zimage-nano", "z-image-turbo", "z-image"]
+    names = [t["name"] for t in category["templates"]]
+    assert names == [
+        "zimage-nano",
+        "01_get_started_text_to_image",  # ComfyUI's 4-step start, the first Z-Image-Turbo one offered
+        "z-image-turbo",
+        "image_z_image_turbo_int8",
+        "z-image",
+        "image_z_image_int8",
+    ]
     assert all(t["mediaSubtype"] == "webp" and t["description"] for t in category["templates"])

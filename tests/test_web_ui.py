@@ -134,12 +134,16 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
         open_frontend(server, page)  # a first visit opens the template browser by itself
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("zimage-nano: shapes in a second").wait_for(timeout=30_000)
-        assert dialog.get_by_text("Z-Image-Turbo text to image").is_visible()
+        assert dialog.get_by_text("Z-Image-Turbo text to image", exact=True).is_visible()
         assert dialog.get_by_text("Z-Image text to image", exact=True).is_visible()
+        titles = page.evaluate("() => document.querySelector('[role=dialog]').innerText")
+        start = "Z-Image-Turbo text to image, 4 steps (ComfyUI's first template)"
+        assert titles.index(start) < titles.index("Z-Image-Turbo text to image\n")  # the 4-step start first
+        assert "Z-Image-Turbo INT8 text to image" in titles and "Z-Image INT8 text to image" in titles
         watched.screenshot("templates")
         page.wait_for_function("() => [...document.querySelectorAll('[role=dialog] img')].every(i => i.complete)")
         sizes = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map(i => i.naturalWidth)")
-        assert sizes == [256, 256, 256], sizes  # every thumbnail, as shipped
+        assert sizes == [256] * 6, sizes  # every thumbnail, as shipped
         dialog.get_by_text("zimage-nano: shapes in a second").click()
         page.wait_for_function("() => (window.app?.graph?._nodes?.length ?? 0) >= 10", timeout=30_000)
         types = set(page.evaluate("() => window.app.graph._nodes.map(n => n.type)"))
@@ -170,6 +174,56 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
             page.wait_for_function("() => window.previewsSeen > 0", timeout=120_000)
             page.wait_for_timeout(300)  # the frontend draws it on the node
             watched.screenshot("frontend-live-preview")
+        assert untolerated(watched.bad) == [] and error_dialogs(page) == []
+
+
+def test_comfyuis_int8_template_and_a_save_image_advanced_built_in_the_frontend_run(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "input").mkdir(parents=True)
+    Image.new("RGB", (32, 24), (200, 40, 90)).save(data / "input" / "red.png")
+    with threaded_server(data) as server, browser_page() as watched:
+        page = watched.page
+        open_frontend(server, page)
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Z-Image INT8 text to image", exact=True).click(timeout=30_000)
+        page.wait_for_function(
+            "() => window.app.graph._nodes.some(n => n.type === 'SaveImageAdvanced')", timeout=30_000
+        )
+        sent = page.evaluate("() => window.app.graphToPrompt().then(p => p.output)")
+        [saver] = [node for node in sent.values() if node["class_type"] == "SaveImageAdvanced"]
+        assert saver["inputs"]["format"] == "png" and saver["inputs"]["format.bit_depth"] == "8-bit"
+        assert any(node["class_type"] == "ResolutionSelector" for node in sent.values())
+        watched.screenshot("frontend-int8-template")
+
+        # Built by hand: the format's options follow the choice, and the dotted inputs reach the server.
+        names = page.evaluate(
+            """() => {
+                const graph = window.app.graph; graph.clear();
+                const load = LiteGraph.createNode('LoadImage'); graph.add(load);
+                load.widgets.find(w => w.name === 'image').value = 'red.png';
+                const save = LiteGraph.createNode('SaveImageAdvanced'); graph.add(save);
+                save.pos = [400, 100];
+                load.connect(0, save, 0);
+                save.widgets.find(w => w.name === 'filename_prefix').value = 'from-frontend';
+                const before = save.widgets.map(w => w.name);
+                const format = save.widgets.find(w => w.name === 'format');
+                format.value = 'exr'; format.callback?.('exr');
+                save.widgets.find(w => w.name === 'format.input_color_space').value = 'linear';
+                return {before, after: save.widgets.map(w => w.name)};
+            }"""
+        )
+        assert names["before"] == ["filename_prefix", "format", "format.bit_depth", "format.input_color_space"]
+        assert names["after"] == names["before"]
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        wait_until(lambda: "from-frontend" in json.dumps(history(server)))
+        [entry] = [e for e in history(server).values() if "from-frontend" in json.dumps(e["outputs"])]
+        [(_, outputs)] = [(k, v) for k, v in entry["outputs"].items() if "images" in v]
+        assert outputs["images"][0]["filename"] == "from-frontend_00001.exr"
+        inputs = next(n for n in entry["prompt"][2].values() if n["class_type"] == "SaveImageAdvanced")["inputs"]
+        assert inputs["format"] == "exr" and inputs["format.input_color_space"] == "linear"
+        assert (data / "output" / "from-frontend_00001.exr").is_file()
         assert untolerated(watched.bad) == [] and error_dialogs(page) == []
 
 

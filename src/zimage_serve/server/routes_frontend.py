@@ -95,7 +95,9 @@ async def template_file(name: str) -> Response:
         return JSONResponse({"error": f"no template {name!r}"}, status_code=404)
     if suffix == "webp":
         return FileResponse(template.thumbnail, media_type="image/webp", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(to_ui(workflows.load(template.workflow), NODES), headers={"Cache-Control": "no-cache"})
+    document = workflows.load(template.workflow)
+    shown = document if template.ui_format else to_ui(document, NODES)
+    return JSONResponse(shown, headers={"Cache-Control": "no-cache"})
 
 
 # -- the simple page ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The templates the frontend's template browser lists: the shipped workflows, in UI format (made from
-the API workflows by `workflow.ui_export`), each with a thumbnail and a description."""
+"""The templates the frontend's template browser lists, each with a thumbnail and a description: the shipped
+API workflows (served in UI format, made by `workflow.ui_export`) and ComfyUI's own Z-Image templates
+(`comfy_org/`, UI format already, served as published)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from zimage_serve import workflows
 
 THUMBNAILS = workflows.FOLDER / "thumbnails"
+COMFY_ORG = workflows.FOLDER / "comfy_org"
 
 
 @dataclass(frozen=True)
@@ -20,10 +22,12 @@ class Template:
     workflow: Path
     models: tuple[str, ...]
     tags: tuple[str, ...] = ("Text to Image", "Image")
+    ui_format: bool = False  # the file is a UI-format workflow, served as it is
+    picture: str | None = None  # another template's thumbnail, when it has none of its own
 
     @property
     def thumbnail(self) -> Path:
-        return THUMBNAILS / f"{self.name}-1.webp"
+        return THUMBNAILS / f"{self.picture or self.name}-1.webp"
 
     def entry(self) -> dict[str, Any]:
         """Its entry in the frontend's `templates/index.json`."""
@@ -67,6 +71,49 @@ TEMPLATES = (
 )
 
 
+COMFY_ORG_TEMPLATES = (
+    Template(
+        "01_get_started_text_to_image",
+        "Z-Image-Turbo text to image, 4 steps (ComfyUI's first template)",
+        "ComfyUI's first-run template: Z-Image-Turbo in a subgraph at 4 steps, 1024 × 1024. Needs "
+        "z_image_turbo_bf16.safetensors (diffusion_models), qwen_3_4b.safetensors (text_encoders) and ae.safetensors "
+        "(vae) in a models folder.",
+        COMFY_ORG / "01_get_started_text_to_image.json",
+        ("Z-Image-Turbo",),
+        ui_format=True,
+        picture="z-image-turbo",
+    ),
+    Template(
+        "image_z_image_turbo_int8",
+        "Z-Image-Turbo INT8 text to image",
+        "ComfyUI's INT8 template: the Turbo transformer in INT8 ConvRot and an FP8-mixed text encoder, 8 steps. "
+        "Needs z_image_turbo_int8_convrot.safetensors (diffusion_models), qwen_3_4b_fp8_mixed.safetensors "
+        "(text_encoders) and ae.safetensors (vae).",
+        COMFY_ORG / "image_z_image_turbo_int8.json",
+        ("Z-Image-Turbo",),
+        tags=("Text to Image", "Int8"),
+        ui_format=True,
+        picture="z-image-turbo",
+    ),
+    Template(
+        "image_z_image_int8",
+        "Z-Image INT8 text to image",
+        "ComfyUI's INT8 template of the base model: 25 steps, cfg 4, a Resolution Selector and Save Image "
+        "(Advanced). Needs z_image_int8_convrot.safetensors (diffusion_models), qwen_3_4b.safetensors "
+        "(text_encoders) and ae.safetensors (vae).",
+        COMFY_ORG / "image_z_image_int8.json",
+        ("Z-Image",),
+        tags=("Text to Image", "Int8"),
+        ui_format=True,
+        picture="z-image",
+    ),
+)
+# The browser's order: zimage-nano, then Z-Image-Turbo with ComfyUI's 4-step start first, then the base model.
+NANO, TURBO, BASE = TEMPLATES
+GET_STARTED, TURBO_INT8, BASE_INT8 = COMFY_ORG_TEMPLATES
+BROWSER = (NANO, GET_STARTED, TURBO, TURBO_INT8, BASE, BASE_INT8)
+
+
 def index() -> list[dict[str, Any]]:
     """`templates/index.json`: one category of ours."""
     return [
@@ -75,10 +122,10 @@ def index() -> list[dict[str, Any]]:
             "title": "Z-Image",
             "type": "image",
             "category": "Z-Image",
-            "templates": [template.entry() for template in TEMPLATES],
+            "templates": [template.entry() for template in BROWSER],
         }
     ]
 
 
 def find(name: str) -> Template | None:
-    return next((t for t in TEMPLATES if t.name == name), None)
+    return next((t for t in BROWSER if t.name == name), None)
