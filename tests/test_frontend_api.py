@@ -123,7 +123,7 @@ def test_assets_are_cached_and_index_is_not(server: AppServer) -> None:
     assert status == 200 and "no-cache" in headers["cache-control"] and b'<div id="vue-app">' in body
     index = server.json("GET", "/templates/index.json")[1]
     names = [t["name"] for t in index[0]["templates"]]
-    assert names[:3] == ["zimage-nano", "01_get_started_text_to_image", "z-image-turbo"] and len(names) == 6
+    assert names[:3] == ["zimage-nano", "01_get_started_text_to_image", "z-image-turbo"] and len(names) == 7
     assert (
         server.json("GET", "/templates/index.zh.json")[1] == index
         and server.json("GET", "/templates/index_logo.json")[1] == {}

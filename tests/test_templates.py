@@ -36,11 +36,12 @@ def ui_to_api(data: Any) -> dict[str, Any]:
 
 
 def test_the_built_ins_are_one_per_model_and_render_their_shipped_workflow_unchanged() -> None:
-    assert builtin_names() == ("zimage-nano", "z-image-turbo", "z-image")
+    assert builtin_names() == ("zimage-nano", "z-image-turbo", "z-image", "z-image-distill")
     for name, path in (
         ("zimage-nano", workflows.NANO),
         ("z-image-turbo", workflows.TURBO),
         ("z-image", workflows.BASE),
+        ("z-image-distill", workflows.DISTILL),
     ):
         template = builtin(name)
         assert template is not None and template.builtin and template.version == 1

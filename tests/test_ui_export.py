@@ -46,6 +46,7 @@ def test_the_index_lists_every_template() -> None:
         "z-image-turbo",
         "image_z_image_turbo_int8",
         "z-image",
+        "z-image-distill",
         "image_z_image_int8",
     ]
     assert all(t["mediaSubtype"] == "webp" and t["description"] for t in category["templates"])

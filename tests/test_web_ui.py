@@ -143,7 +143,7 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
         watched.screenshot("templates")
         page.wait_for_function("() => [...document.querySelectorAll('[role=dialog] img')].every(i => i.complete)")
         sizes = page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')].map(i => i.naturalWidth)")
-        assert sizes == [256] * 6, sizes  # every thumbnail, as shipped
+        assert sizes == [256] * 7, sizes  # every thumbnail, as shipped
         dialog.get_by_text("zimage-nano: shapes in a second").click()
         page.wait_for_function("() => (window.app?.graph?._nodes?.length ?? 0) >= 10", timeout=30_000)
         types = set(page.evaluate("() => window.app.graph._nodes.map(n => n.type)"))

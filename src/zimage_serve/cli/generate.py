@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,7 +25,9 @@ from zimage_serve.cli.common import (
     fast_path,
     option_errors,
 )
+from zimage_serve.cli.extras import distill_lora, find_controlnet, parsed_lora
 from zimage_serve.engine.names import CANNY_TEMPLATE_HIGH, CANNY_TEMPLATE_LOW
+from zimage_serve.engine.variants import DISTILL, DISTILL_STRENGTH
 from zimage_serve.errors import InvalidParameterError, ZImageError
 
 if TYPE_CHECKING:
@@ -58,8 +59,16 @@ def generate(
         float, typer.Option(help="Guide only while 1 - sigma is at most this (1 guides every step)")
     ] = 1.0,
     variant: Annotated[
-        str, typer.Option(help="auto (from the names), base (Z-Image) or turbo: the default steps and guidance")
+        str,
+        typer.Option(
+            help="auto (from the names), base (Z-Image), turbo, or distill (the base model with alibaba-pai's "
+            "distill LoRA, found in the models folder's loras/: 8 steps, cfg 1): the default steps and guidance"
+        ),
     ] = "auto",
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(metavar="PATH[:STRENGTH]", help="A LoRA to apply (repeatable; strength 1 when left out)"),
+    ] = None,
     shift: Annotated[float, typer.Option(help="Flow shift of the sigma schedule")] = 3.0,
     batch: Annotated[int, typer.Option("--batch", "-n", help="Images to make; image i uses seed + i")] = 1,
     model: ModelOption = None,
@@ -142,6 +151,15 @@ def generate(
     model_path, label = chosen_model(model)
     if label:
         console_err.print(f"[yellow]model:[/] {label}")
+    loras = [parsed_lora(text) for text in lora or []]
+    if variant == DISTILL and not loras:
+        loras = [(distill_lora(model_path), DISTILL_STRENGTH)]
+    if variant == DISTILL and model_path.is_file():
+        from zimage_serve.engine.variants import TURBO, detect_variant
+
+        if detect_variant(model_path) == TURBO:
+            console_err.print("[yellow]warning:[/] the distill LoRA is made for the base model (Z-Image)")
+    applied = [(_loaded_lora(path), strength) for path, strength in loras]  # before the model: a bad file is quick
     from zimage_serve.engine import open_engine
 
     engine = open_engine(
@@ -161,12 +179,14 @@ def generate(
     if steering.control is not None or steering.image is not None:
         net = None
         if steering.control is not None or controlnet is not None:
-            path = controlnet or _find_controlnet(model_path)
+            path = controlnet or find_controlnet(model_path)
             net = engine.load_controlnet(path)
             console_err.print(f"[cyan]controlnet:[/] {path} — {net.variant.describe()}", highlight=False)
         from zimage_serve.engine.pipeline import ImageInputs
 
         inputs = ImageInputs(net, steering.control, control_strength, steering.image, steering.mask)
+    for path, strength in loras:
+        console_err.print(f"[cyan]lora:[/] {path} at {strength:g}", highlight=False)
     console_err.print(
         f"[cyan]{engine.model.sources.name}[/] ({engine.model.sources.layout}, {engine.variant}): "
         f"{engine.model.placement.describe()}; {params.steps} steps, guidance {params.guidance_scale:g}",
@@ -193,7 +213,7 @@ def generate(
         def advance(step: StepInfo) -> None:
             progress.update(task, completed=step.step)
 
-        result = engine.generate(params, on_step=advance, inputs=inputs)
+        result = engine.generate(params, on_step=advance, inputs=inputs, loras=applied)
     for warning in result.warnings:
         console_err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
@@ -289,34 +309,13 @@ def _suggested_size(width: int, height: int) -> tuple[int, int]:
     return fit[0], fit[1]
 
 
-def _find_controlnet(model_path: Path) -> Path:
-    """The one ControlNet in model_patches/ beside the model (its ComfyUI models folder), or a clear error."""
-    import os
+def _loaded_lora(path: Path) -> Any:
+    from zimage_serve.engine.lora import load_lora
 
-    from zimage_serve.engine.layouts import classify, models_root_of
-    from zimage_serve.settings import MODELS_ENV
-
-    roots = [model_path] if model_path.is_dir() else [r for r in [models_root_of(model_path)] if r]
-    roots += [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
-    found: list[Path] = []
-    for root in roots:
-        folder = root / "model_patches"
-        if folder.is_dir():
-            found += [p for p in sorted(folder.iterdir()) if _is_controlnet(p, classify)]
-    if len(found) == 1:
-        return found[0]
-    where = ", ".join(str(r / "model_patches") for r in roots) or "no models folder"
-    why = "none found in" if not found else f"{len(found)} found in"
-    raise typer.BadParameter(f"name the Fun ControlNet file or folder ({why} {where})", param_hint="--controlnet")
-
-
-def _is_controlnet(path: Path, classify: Callable[[Path], str]) -> bool:
-    if path.is_dir():
-        return (path / "config.json").is_file()
     try:
-        return path.suffix == ".safetensors" and classify(path) == "model_patch"
-    except ZImageError:
-        return False
+        return load_lora(path)
+    except ZImageError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--lora") from exc
 
 
 def _output_paths(output: Path | None, seeds: list[int]) -> list[Path]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from zimage_serve.engine.controlnet import FunControlNet, load_controlnet
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
 from zimage_serve.engine.loader import LoadedModel
+from zimage_serve.engine.lora import LoraWeights
 from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.names import LATENT_FACTOR
 from zimage_serve.engine.params import MAX_SEQUENCE_LENGTH, GenerationParams
@@ -145,6 +146,7 @@ class ZImageEngine:
         start: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         controls: tuple[ControlPatch, ...] = (),
+        loras: Sequence[tuple[LoraWeights, float]] = (),
     ) -> torch.Tensor:
         """Euler flow matching from the noise `latents` at σ=1 to raw VAE latents, in exactly `steps` steps.
 
@@ -162,6 +164,8 @@ class ZImageEngine:
                 on_step(StepInfo(step, total, sigmas[step], x))
 
         model = self._diffusion_model(shift)
+        for lora, strength in loras:
+            model = model.with_lora(lora, strength)
         for control in controls:
             model = model.with_control(control)
         return sample(
@@ -243,7 +247,10 @@ class ZImageEngine:
         on_step: StepCallback | None = None,
         cancel: CancelCheck | None = None,
         inputs: ImageInputs | None = None,
+        loras: Sequence[tuple[LoraWeights, float]] = (),
     ) -> GenerationResult:
+        """Text (and pictures, `inputs`) to images, with each LoRA of `loras` applied at its strength for
+        this generation only."""
         inputs = inputs or ImageInputs()
         inputs.check()
         params = self.resolve(params)
@@ -292,6 +299,7 @@ class ZImageEngine:
             start=start,
             mask=mask,
             controls=controls,
+            loras=loras,
         )
         timings["denoise"] = self._lap(started)
 

@@ -38,8 +38,18 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGES = 10
 SIZE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
-LOADERS = {"UNETLoader": "unet_name", "CLIPLoader": "clip_name", "VAELoader": "vae_name"}
-RESOURCES = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
+LOADERS = {
+    "UNETLoader": "unet_name",
+    "CLIPLoader": "clip_name",
+    "VAELoader": "vae_name",
+    "LoraLoaderModelOnly": "lora_name",
+}
+RESOURCES = {
+    "UNETLoader": "diffusion_models",
+    "CLIPLoader": "text_encoders",
+    "VAELoader": "vae",
+    "LoraLoaderModelOnly": "loras",
+}
 DEFAULT_SIZE = 1024  # the 6B models' native size; a template that knows better says so
 
 
@@ -58,6 +68,8 @@ def _installed(template: Template, folders: Folders) -> bool:
         kind = node["class_type"]
         if kind in LOADERS:
             file = node["inputs"][LOADERS[kind]]
+            if file == "":  # an optional LoRA left unset
+                continue
             if file not in folders.builtin and file not in folders.names(RESOURCES[kind]):
                 return False
     return True

@@ -23,11 +23,10 @@ def _builtins() -> dict[str, Template]:
     made: dict[str, Template] = {}
     for shipped in TEMPLATES:
         workflow = workflows.load(shipped.workflow)
-        model_node = "28"
         shift = next(k for k, v in workflow.items() if v["class_type"] == "ModelSamplingAuraFlow")
-        workflow[LORA_NODE] = {
+        workflow[LORA_NODE] = {  # after whatever feeds the shift (the model, or a LoRA the recipe brings)
             "class_type": "LoraLoaderModelOnly",
-            "inputs": {"lora_name": "", "strength_model": 1.0, "model": [model_node, 0]},
+            "inputs": {"lora_name": "", "strength_model": 1.0, "model": workflow[shift]["inputs"]["model"]},
             "_meta": {"title": "LoRA (optional)"},
         }
         workflow[shift]["inputs"]["model"] = [LORA_NODE, 0]

@@ -68,6 +68,16 @@ TEMPLATES = (
         workflows.BASE,
         ("Z-Image",),
     ),
+    Template(
+        "z-image-distill",
+        "Z-Image in 8 steps (distill LoRA)",
+        "The base model with alibaba-pai's distill LoRA at 0.8: 8 steps at cfg 1, no negative prompt. Needs "
+        "z_image.safetensors (diffusion_models), Z-Image-Fun-Lora-Distill-8-Steps-2603-ComfyUI.safetensors (loras), "
+        "qwen_3_4b.safetensors (text_encoders) and ae.safetensors (vae) in a models folder.",
+        workflows.DISTILL,
+        ("Z-Image",),
+        picture="z-image",
+    ),
 )
 
 
@@ -109,9 +119,9 @@ COMFY_ORG_TEMPLATES = (
     ),
 )
 # The browser's order: zimage-nano, then Z-Image-Turbo with ComfyUI's 4-step start first, then the base model.
-NANO, TURBO, BASE = TEMPLATES
+NANO, TURBO, BASE, DISTILL = TEMPLATES
 GET_STARTED, TURBO_INT8, BASE_INT8 = COMFY_ORG_TEMPLATES
-BROWSER = (NANO, GET_STARTED, TURBO, TURBO_INT8, BASE, BASE_INT8)
+BROWSER = (NANO, GET_STARTED, TURBO, TURBO_INT8, BASE, DISTILL, BASE_INT8)
 
 
 def index() -> list[dict[str, Any]]:
