@@ -31,6 +31,15 @@ from zimage_serve.workflow.ui_format import to_api
 TEMPLATE = TEMPLATES / "image_z_image_turbo_fun_union_controlnet.json"
 PATCH_FILE = "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"
 INPUT_IMAGE = "image_z_image_turbo_fun_union_controlnet_input_image.png"
+# alibaba-pai's later files: ControlNets for Turbo at 8 steps, and Tile ones that re-detail an upscaled picture
+PUBLISHED_21 = {
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-8steps.safetensors": "2.1",
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-2601-8steps.safetensors": "2.1",
+    "Z-Image-Turbo-Fun-Controlnet-Union-2.1-lite-2601-8steps.safetensors": "2.1 lite",
+    "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-8steps.safetensors": "2.1",
+    "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-lite-2601-8steps.safetensors": "2.1 lite",
+}
+TILE = "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-8steps.safetensors"
 
 
 def picture(size: int = 64) -> Image.Image:
@@ -51,6 +60,8 @@ def executor(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Exec
     write_controlnet(patches / PATCH_FILE, "1.0")
     for version in ("2.0", "2.1", "2.1 lite"):
         write_controlnet(patches / f"union-{version.replace(' ', '-')}.safetensors", version, seed=1)
+    for name, version in PUBLISHED_21.items():  # the 8-step and Tile files, in the layouts they share with 2.1
+        write_controlnet(patches / name, version, seed=2)
     write_controlnet_folder(patches / "union-2.1-diffusers", "2.1", seed=1)
     (root / "loras").mkdir(exist_ok=True)
     write_diffusers(
@@ -401,3 +412,48 @@ def test_generate_crops_the_mask_with_its_picture(
     made, kept = pixels(out), wide[:, 16:80].astype(np.int16)
     assert np.array_equal(made[:, :32], kept[:, :32])
     assert (np.abs(made[:, 32:] - kept[:, 32:]).mean(axis=(0, 2)) > 1).all()  # every masked column is new
+
+
+@pytest.mark.parametrize(("name", "version"), PUBLISHED_21.items())
+def test_the_8_step_and_tile_files_are_told_apart_as_2_1_and_lite(executor: Executor, name: str, version: str) -> None:
+    variant = detect_variant(Checkpoint.open(executor.folders.resolve("model_patches", name)))
+    assert variant.version == version and variant.inpaint
+
+
+def tile_graph(patch: str, strength: float) -> dict[str, Any]:
+    """Upscale, then control: a 32² picture made 64² with Lanczos, re-detailed by a Tile ControlNet at 8 steps."""
+    graph = template()
+    graph["58"]["inputs"]["image"] = "small.png"
+    graph["57"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["58", 0], "upscale_method": "lanczos",
+                                                           "scale_by": 2.0}}  # in Canny's place  # fmt: skip
+    graph["69"]["inputs"]["image"] = ["57", 0]  # the latent takes the upscaled size
+    graph["64"]["inputs"]["name"] = patch
+    graph["60"]["inputs"]["strength"] = strength
+    graph["44"]["inputs"]["steps"] = 8
+    return graph
+
+
+@pytest.mark.parametrize("patch", [TILE, "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-lite-2601-8steps.safetensors"])
+def test_a_tile_controlnet_redetails_an_upscaled_picture(executor: Executor, patch: str) -> None:
+    picture(32).save(executor.folders.input / "small.png")
+    steered = image(executor, tile_graph(patch, 0.75))
+    assert steered.shape == (64, 64, 3)  # twice the picture
+    assert np.abs(steered - image(executor, tile_graph(patch, 0.0))).mean() > 1
+
+
+def test_generate_tile_upscales_then_controls(
+    executor: Executor, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    small = tmp_path / "small.png"
+    picture(32).save(small)
+    tile = str(executor.folders.resolve("model_patches", TILE))
+    common = ["--control-image", str(small), "--controlnet", tile]
+    code, stderr = generate(executor, capsys, tmp_path / "t.png", *common, "--control-type", "tile")
+    assert code == 0, stderr
+    assert "Fun ControlNet Union 2.1" in stderr and Image.open(tmp_path / "t.png").size == (64, 64)
+    code, stderr = generate(executor, capsys, tmp_path / "r.png", *common, "--control-type", "raw", "--width", "64",
+                            "--height", "64")  # fmt: skip
+    assert code == 0, stderr
+    assert np.abs(pixels(tmp_path / "t.png") - pixels(tmp_path / "r.png")).mean() > 0  # Lanczos, not an area resize
+    code, stderr = generate(executor, capsys, tmp_path / "x.png", *common, "--control-type", "depth")
+    assert code == 2 and "canny, raw, tile" in stderr

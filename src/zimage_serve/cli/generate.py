@@ -90,7 +90,11 @@ def generate(
         typer.Option(help="Steer the layout with a Fun ControlNet: a picture to take edges from, or a ready map"),
     ] = None,
     control_type: Annotated[
-        str, typer.Option(help="canny (edges are detected in --control-image) or raw (it is the map already)")
+        str,
+        typer.Option(
+            help="canny (edges are detected in --control-image), raw (it is the map already) or tile (a small "
+            "picture a Tile ControlNet re-details: upscaled with Lanczos to the size made, twice its own by default)"
+        ),
     ] = "canny",
     control_strength: Annotated[
         float, typer.Option(help="How strongly the ControlNet steers (0 is not at all)")
@@ -175,6 +179,12 @@ def generate(
         variant=None if variant == "auto" else variant,
     )
     params = engine.resolve(params)
+    assert params.width is not None and params.height is not None
+    if control_type == "tile" and steering.control is not None:  # upscale, then control
+        from zimage_serve.engine.resize import scale_image
+
+        upscaled = scale_image(steering.control, params.width, params.height, "lanczos", "disabled")
+        steering = replace(steering, control=upscaled)
     inputs = None
     if steering.control is not None or steering.image is not None:
         net = None
@@ -249,8 +259,9 @@ def _pictures(
     mask: Path | None,
 ) -> _Pictures:
     """The steering pictures read and checked before any model loads; each error names its option."""
-    if control_type not in ("canny", "raw"):
-        raise typer.BadParameter(f"{control_type!r} is not canny or raw", param_hint="--control-type")
+    if control_type not in CONTROL_TYPES:
+        listed = ", ".join(CONTROL_TYPES)
+        raise typer.BadParameter(f"{control_type!r} is not one of {listed}", param_hint="--control-type")
     if not (math.isfinite(strength) and -10 <= strength <= 10):
         raise typer.BadParameter(f"{strength} is outside -10..10", param_hint="--control-strength")
     if (image is None) != (mask is None):
@@ -277,7 +288,8 @@ def _pictures(
         regenerate = from_pil(_read_picture(mask, "--mask")).mean(-1)  # its brightness: white = regenerate
     first = source if source is not None else control
     assert first is not None
-    return _Pictures(control, source, regenerate, _suggested_size(first.shape[2], first.shape[1]))
+    grow = 2 if control_type == "tile" and source is None else 1  # a tile upscale makes it twice as large
+    return _Pictures(control, source, regenerate, _suggested_size(first.shape[2] * grow, first.shape[1] * grow))
 
 
 def _read_picture(path: Path, option: str) -> Image.Image:
@@ -296,6 +308,7 @@ def _read_picture(path: Path, option: str) -> Image.Image:
         raise typer.BadParameter(f"{path}: {exc}", param_hint=option) from exc
 
 
+CONTROL_TYPES = ("canny", "raw", "tile")
 TRAINED_LONG_SIDE = 2048  # the 6B models' largest trained side: a picture's size is a suggestion, kept to it
 
 
