@@ -209,3 +209,10 @@ def test_a_lora_applies_to_int8_weights_and_comes_off_exactly(models: Path, tmp_
     assert np.abs(styled - plain).mean() > 2  # the LoRA changed the INT8 model's image
     assert psnr(styled, reference) > 30  # as it changes the bf16 model's
     assert np.array_equal(image(run, graph(TURBO_INT8)), plain)  # and came off, codes and scales exactly
+
+
+def test_a_bad_int8_matmul_option_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.cli import run
+
+    code, _, stderr = run(["generate", "x", "--int8-matmul", "maybe"], capsys)
+    assert code == 2 and "--int8-matmul" in stderr and "auto, on, off" in stderr
