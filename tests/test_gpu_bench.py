@@ -1,4 +1,4 @@
-"""benchmarks/gpu_bench.py runs end to end on the CPU with a tiny config (the GPU run is prepared here).
+"""The GPU benchmarks run end to end on the CPU with a tiny config (the GPU run is prepared here).
 
 The scripts run in this process, as `python benchmarks/NAME.py ...` would run them: a process of their own
 would spend most of the test importing torch and diffusers again."""
@@ -46,3 +46,11 @@ def test_gpu_memory_modes_runs_tiny_on_the_cpu(tmp_path: Path, monkeypatch: pyte
     assert rows["bf16, sequential offload"]["relative_error"] < 1e-5
     for name in ("fp8_e4m3fn_fast, all on the GPU", "8 GB card: fp8_e4m3fn, sequential offload"):
         assert 0 < rows[name]["relative_error"] < 0.1  # FP8 is close, and really in use
+
+
+def test_int8_matmul_runs_tiny_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_script(monkeypatch, "int8_matmul.py", "--tiny", "--runs", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "int8_matmul.json").read_text())["rows"]
+    assert [row["layer"] for row in rows] == ["qkv", "out", "w1/w3", "w2"]
+    for row in rows:  # both INT8 forms are close to bf16, and W8A8's two roundings cost a little more
+        assert 0 < row["dequantised_error"] < row["w8a8_error"] < 0.03

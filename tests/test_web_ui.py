@@ -177,7 +177,7 @@ def test_the_template_browser_offers_ours_and_a_template_runs_from_the_frontend(
         assert untolerated(watched.bad) == [] and error_dialogs(page) == []
 
 
-def test_comfyuis_int8_template_and_a_save_image_advanced_built_in_the_frontend_run(tmp_path: Path) -> None:
+def test_comfyuis_int8_template_and_v3_nodes_built_in_the_frontend_run(tmp_path: Path) -> None:
     from PIL import Image
 
     data = tmp_path / "data"
@@ -224,6 +224,29 @@ def test_comfyuis_int8_template_and_a_save_image_advanced_built_in_the_frontend_
         inputs = next(n for n in entry["prompt"][2].values() if n["class_type"] == "SaveImageAdvanced")["inputs"]
         assert inputs["format"] == "exr" and inputs["format.input_color_space"] == "linear"
         assert (data / "output" / "from-frontend_00001.exr").is_file()
+
+        # An Autogrow input: each connection adds the next numbered input, sent under its dotted name.
+        grown = page.evaluate(
+            """async () => {
+                const graph = window.app.graph; graph.clear();
+                const loads = [0, 1].map(() => {
+                    const n = LiteGraph.createNode('LoadImage'); graph.add(n);
+                    n.widgets.find(w => w.name === 'image').value = 'red.png'; return n;
+                });
+                const batch = LiteGraph.createNode('BatchImagesNode'); graph.add(batch);
+                const save = LiteGraph.createNode('SaveImage'); graph.add(save);
+                loads[0].connect(0, batch, batch.inputs.findIndex(i => i.name === 'images.image0'));
+                loads[1].connect(0, batch, batch.inputs.findIndex(i => i.name === 'images.image1'));
+                batch.connect(0, save, 0);
+                save.widgets.find(w => w.name === 'filename_prefix').value = 'grown';
+                const sent = (await window.app.graphToPrompt()).output;
+                return {inputs: batch.inputs.map(i => i.name), sent: sent[String(batch.id)].inputs};
+            }"""
+        )
+        assert grown["inputs"][:3] == ["images.image0", "images.image1", "images.image2"], grown
+        assert set(grown["sent"]) == {"images.image0", "images.image1"}
+        page.evaluate("() => window.app.queuePrompt(0, 1)")
+        wait_until(lambda: (data / "output" / "grown_00002_.png").is_file())
         assert untolerated(watched.bad) == [] and error_dialogs(page) == []
 
 

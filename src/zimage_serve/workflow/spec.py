@@ -186,13 +186,55 @@ class DynamicCombo(Input):
         return [self.type_name, options]
 
 
+@dataclass(frozen=True)
+class Autogrow(Input):
+    """ComfyUI's V3 Autogrow: as many copies of one input as the user connects, `min` of them required and
+    at most `max`, named `<prefix><n>` from 0. An API-format graph sends them under dotted names
+    (`images.image0`, `images.image1`); the node receives them as a dict in order (`images={"image0": ...}`)."""
+
+    member: Input = field(default_factory=Input)
+    member_name: str = ""  # the template input's own name (its label in the frontend)
+    prefix: str = ""
+    min: int = 1
+    max: int = 50
+
+    type_name: ClassVar[str] = "COMFY_AUTOGROW_V3"
+
+    def is_widget(self) -> bool:
+        return False
+
+    def members(self, name: str) -> list[str]:
+        return [f"{name}.{self.prefix}{index}" for index in range(self.max)]
+
+    def required(self, name: str, member: str) -> bool:
+        """Whether `member` (a dotted name) is one of the first `min`, which must be given."""
+        return member in self.members(name)[: self.min]
+
+    def spec(self, lists: ResourceLists) -> list[Any]:
+        template = {
+            "input": {"required": {self.member_name: self.member.spec(lists)}},
+            "prefix": self.prefix,
+            "min": self.min,
+            "max": self.max,
+        }
+        options: dict[str, Any] = {"template": template, **self.options}
+        if self.tooltip:
+            options["tooltip"] = self.tooltip
+        return [self.type_name, options]
+
+
 def expanded(declared: Mapping[str, Input], given: Mapping[str, Any]) -> dict[str, Input]:
     """The inputs a node has with these values: its declared ones and, after each DynamicCombo, the inputs
-    of the option chosen (by dotted name, nested options too), in the order the frontend shows them."""
+    of the option chosen (by dotted name, nested options too), in the order the frontend shows them; after
+    each Autogrow, its required members and those given."""
     found: dict[str, Input] = {}
     for name, spec in declared.items():
         found[name] = spec
-        if isinstance(spec, DynamicCombo):
+        if isinstance(spec, Autogrow):
+            for index, member in enumerate(spec.members(name)):
+                if index < spec.min or member in given:
+                    found[member] = spec.member
+        elif isinstance(spec, DynamicCombo):
             chosen = spec.option(_plain(given.get(name, spec.default)))
             if chosen is not None:
                 inner = {key[len(name) + 1 :]: value for key, value in given.items() if key.startswith(name + ".")}
@@ -209,6 +251,9 @@ def nested(declared: Mapping[str, Input], inputs: Mapping[str, Any]) -> dict[str
         if "." not in name:
             result.setdefault(name, value)
     for name, spec in declared.items():
+        if isinstance(spec, Autogrow):
+            given = {member: inputs[member] for member in spec.members(name) if member in inputs}
+            result[name] = {member.removeprefix(name + "."): value for member, value in given.items()}
         if isinstance(spec, DynamicCombo) and name in inputs:
             chosen = spec.option(inputs[name])
             inner = {key[len(name) + 1 :]: value for key, value in inputs.items() if key.startswith(name + ".")}
@@ -261,11 +306,11 @@ class Node:
     custom_checks: ClassVar[tuple[str, ...]] = ()
     # A sampler's LATENT input: each run makes as many images as that latent holds (what quotas count).
     denoises: ClassVar[str | None] = None
-    dynamic: ClassVar[bool] = False  # has a DynamicCombo input (set by __init_subclass__)
+    dynamic: ClassVar[bool] = False  # has a DynamicCombo or Autogrow input (set by __init_subclass__)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.dynamic = any(isinstance(spec, DynamicCombo) for spec in cls.all_inputs().values())
+        cls.dynamic = any(isinstance(spec, DynamicCombo | Autogrow) for spec in cls.all_inputs().values())
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         raise NotImplementedError

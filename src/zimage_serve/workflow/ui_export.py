@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from zimage_serve.errors import ZImageError
-from zimage_serve.workflow.spec import Combo, Int, Link, Node, String
+from zimage_serve.workflow.spec import Autogrow, Combo, Int, Link, Node, String
 from zimage_serve.workflow.validate import is_link
 
 # litegraph's measures (graph units): a node's title bar, one slot row, one widget row with its margin.
@@ -46,6 +46,8 @@ def to_ui(prompt: Mapping[str, Any], nodes: Mapping[str, type[Node]]) -> dict[st
         inputs: list[dict[str, Any]] = []
         widgets: list[Any] = []
         for name, declared in node_class.inputs_for(node["inputs"]).items():
+            if isinstance(declared, Autogrow):  # its members follow it, each an input of its own
+                continue
             value = node["inputs"].get(name)
             linked = is_link(value)
             if linked:

@@ -18,7 +18,7 @@ from typing import Any
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.limits import Limits
-from zimage_serve.workflow.spec import Combo, DynamicCombo, Int, Link, Node
+from zimage_serve.workflow.spec import Combo, DynamicCombo, Int, Node
 
 MODE_NEVER, MODE_BYPASS = 2, 4
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
@@ -288,7 +288,7 @@ class _Converter:
     @staticmethod
     def _widget_inputs(node: _Flat, node_class: type[Node]) -> dict[str, Any]:
         values = node.widgets_values
-        declared = [(n, i) for n, i in node_class.all_inputs().items() if not isinstance(i, Link)]
+        declared = [(n, i) for n, i in node_class.all_inputs().items() if i.is_widget()]
         if isinstance(values, dict):
             return {n: values[n] for n, _ in declared if n in values}
         if not isinstance(values, list):
@@ -303,7 +303,7 @@ class _Converter:
             position += 1
             if isinstance(spec, DynamicCombo) and (chosen := spec.option(value)) is not None:
                 # the chosen option's widgets follow it, under dotted names (as the frontend adds them)
-                widgets = [(f"{name}.{sub}", i) for sub, i in chosen.inputs.items() if not isinstance(i, Link)]
+                widgets = [(f"{name}.{sub}", i) for sub, i in chosen.inputs.items() if i.is_widget()]
                 pending[:0] = widgets
             elif isinstance(spec, Int) and spec.control_after_generate:
                 position += 1  # the "randomize"/"fixed" control value the frontend does not send

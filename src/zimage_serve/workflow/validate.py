@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from zimage_serve.limits import MAX_SIDE, MIN_SIDE, WHAT, Limits, flag
 from zimage_serve.workflow.context import ResourceLists
 from zimage_serve.workflow.spec import (
+    Autogrow,
     Boolean,
     Combo,
     DynamicCombo,
@@ -258,11 +259,16 @@ class Validator:
         inputs: dict[str, Any] = node["inputs"]
         reasons: list[dict[str, Any]] = []
         constants: dict[str, Any] = {}
+        top_level = node_class.all_inputs()
         for name, declared in node_class.inputs_for(inputs).items():
-            if name not in inputs and "." in name:  # an input of a DynamicCombo's option: ComfyUI's default
+            if isinstance(declared, Autogrow):  # its members are checked one by one
+                continue
+            owner = top_level.get(name.split(".", 1)[0]) if "." in name else None
+            if name not in inputs and isinstance(owner, DynamicCombo):  # its option's input: ComfyUI's default
                 inputs[name] = default_of(declared, self.lists)
             if name not in inputs:
-                if name in node_class.required:
+                first = isinstance(owner, Autogrow) and owner.required(name.split(".", 1)[0], name)
+                if name in node_class.required or first:
                     reasons.append(
                         error("required_input_missing", "Required input is missing", name, {"input_name": name})
                     )

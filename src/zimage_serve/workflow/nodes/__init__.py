@@ -27,6 +27,7 @@ from zimage_serve.workflow.nodes.image import (
     VAEEncode,
 )
 from zimage_serve.workflow.nodes.image_ops import (
+    BatchImagesNode,
     Canny,
     EmptyImage,
     GetImageSize,
@@ -61,7 +62,14 @@ from zimage_serve.workflow.nodes.loaders import (
     UNETLoader,
     VAELoader,
 )
-from zimage_serve.workflow.nodes.mask import GrowMask, ImageToMask, InvertMask, MaskToImage, SolidMask
+from zimage_serve.workflow.nodes.mask import (
+    BatchMasksNode,
+    GrowMask,
+    ImageToMask,
+    InvertMask,
+    MaskToImage,
+    SolidMask,
+)
 from zimage_serve.workflow.nodes.model_patch import ModelPatchLoader, QwenImageDiffsynthControlnet, ZImageFunControlnet
 from zimage_serve.workflow.nodes.sampling import KSampler, KSamplerAdvanced, ModelSamplingAuraFlow
 from zimage_serve.workflow.nodes.save_advanced import SaveImageAdvanced
@@ -120,10 +128,12 @@ NODES: dict[str, type[Node]] = {
         GetImageSize,
         ResolutionSelector,
         ImageBatch,
+        BatchImagesNode,
         LoadImageMask,
         SolidMask,
         InvertMask,
         GrowMask,
+        BatchMasksNode,
         ImageToMask,
         MaskToImage,
         Canny,

@@ -13,6 +13,7 @@ from zimage_serve.limits import enforce
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.spec import (
     MAX_RESOLUTION,
+    Autogrow,
     Boolean,
     Combo,
     Float,
@@ -214,15 +215,41 @@ class ImageBatch(Node):
         return linked.get("image1", 1) + linked.get("image2", 1)
 
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
-        import torch
+        return NodeResult((batched_images(ctx, [inputs["image1"], inputs["image2"]], "image2"),))
 
-        first: torch.Tensor = inputs["image1"]
-        second: torch.Tensor = inputs["image2"]
-        if second.shape[1:3] != first.shape[1:3]:  # the second is fitted to the first, as ComfyUI does
-            second = scale(second, first.shape[2], first.shape[1], "bilinear", "center")
-        channels = min(first.shape[-1], second.shape[-1])
-        enforce(ctx.limits, "batch", first.shape[0] + second.shape[0], "image2")
-        return NodeResult((torch.cat((first[..., :channels], second[..., :channels])),))
+
+class BatchImagesNode(Node):
+    """ComfyUI's V3 Batch Images: any number of images (two at least) in one batch."""
+
+    display_name = "Batch Images"
+    category = "image"
+    required = {
+        "images": Autogrow(member=link("IMAGE"), member_name="image", prefix="image", min=2, max=50),
+    }
+    outputs = (Output("IMAGE"),)
+
+    @classmethod
+    def batch(cls, constants: dict[str, Any], linked: dict[str, int]) -> int:
+        return sum(linked.values()) or 1
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        images = list(inputs["images"].values())
+        return NodeResult((batched_images(ctx, images, "images"),))
+
+
+def batched_images(ctx: NodeContext, images: list[torch.Tensor], field: str) -> torch.Tensor:
+    """One batch of `images`, each fitted to the first's size (bilinear, centre crop) and to the fewest
+    channels among them, as ComfyUI batches them."""
+    import torch
+
+    height, width = images[0].shape[1:3]
+    fitted = [
+        image if image.shape[1:3] == (height, width) else scale(image, width, height, "bilinear", "center")
+        for image in images
+    ]
+    channels = min(image.shape[-1] for image in fitted)
+    enforce(ctx.limits, "batch", sum(image.shape[0] for image in fitted), field)
+    return torch.cat([image[..., :channels] for image in fitted])
 
 
 class Canny(Node):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from zimage_serve.limits import enforce
 from zimage_serve.workflow.context import NodeContext
 from zimage_serve.workflow.spec import (
     MAX_RESOLUTION,
+    Autogrow,
     Boolean,
     Combo,
     Float,
@@ -75,6 +77,34 @@ class MaskToImage(Node):
     def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
         mask: torch.Tensor = inputs["mask"]
         return NodeResult((mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]).movedim(1, -1).expand(-1, -1, -1, 3),))
+
+
+class BatchMasksNode(Node):
+    """ComfyUI's V3 Batch Masks: any number of masks (two at least) in one batch, each fitted to the first's
+    size."""
+
+    display_name = "Batch Masks"
+    category = "mask"
+    required = {"masks": Autogrow(member=link("MASK"), member_name="mask", prefix="mask", min=2, max=50)}
+    outputs = (Output("MASK"),)
+
+    @classmethod
+    def batch(cls, constants: dict[str, Any], linked: dict[str, int]) -> int:
+        return sum(linked.values()) or 1
+
+    def run(self, ctx: NodeContext, **inputs: Any) -> NodeResult:
+        import torch
+
+        masks = [mask.reshape(-1, mask.shape[-2], mask.shape[-1]) for mask in inputs["masks"].values()]
+        height, width = masks[0].shape[-2:]
+        fitted = [
+            mask
+            if mask.shape[-2:] == (height, width)
+            else torch.nn.functional.interpolate(mask[:, None], size=(height, width), mode="bilinear")[:, 0]
+            for mask in masks
+        ]
+        enforce(ctx.limits, "batch", sum(mask.shape[0] for mask in fitted), "masks")
+        return NodeResult((torch.cat(fitted),))
 
 
 class GrowMask(Node):
