@@ -94,3 +94,15 @@ def test_batch_masks_fits_each_mask_to_the_first(executor: Executor) -> None:
     first, second = saved(executor, prompt)
     assert first.shape == second.shape == (24, 32, 3)
     assert first.min() == 255 and second[10, 10].tolist() == [127, 127, 127]
+
+
+def test_keys_past_the_last_member_are_no_links_for_the_image_count(executor: Executor) -> None:
+    """A key the node does not have is ignored everywhere: in the quota's count too, where a link through it
+    back from a later node would otherwise look like a cycle."""
+    from zimage_serve.workflow.image_count import estimated_images
+
+    prompt = graph(image0="a.png", image1="b.png")
+    prompt["10"]["inputs"]["images.image99"] = ["11", 0]
+    checked = validate(prompt, executor.folders)
+    assert checked.ok, checked.node_errors
+    assert estimated_images(checked.prompt, NODES) == 0

@@ -216,3 +216,44 @@ def test_a_bad_int8_matmul_option_is_named(capsys: pytest.CaptureFixture[str]) -
 
     code, _, stderr = run(["generate", "x", "--int8-matmul", "maybe"], capsys)
     assert code == 2 and "--int8-matmul" in stderr and "auto, on, off" in stderr
+
+
+@pytest.mark.parametrize(
+    ("marker_tensor", "metadata", "why"),
+    [
+        (torch.zeros(4, dtype=torch.float32), None, "1-D uint8"),
+        (torch.zeros(70_000, dtype=torch.uint8), None, "at most 65536 bytes"),
+        (torch.tensor(list(b"[" * 50_000), dtype=torch.uint8), None, "not a JSON quantisation conf"),
+        (None, {"_quantization_metadata": "[" * 50_000}, "_quantization_metadata"),
+        (marker({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 4**7}), None, "up to 4096"),
+    ],
+)
+def test_a_hostile_marker_or_header_is_refused_before_anything_large_is_read(
+    models: Path, tmp_path: Path, marker_tensor: torch.Tensor | None, metadata: dict[str, str] | None, why: str
+) -> None:
+    tensors = load_file(models / "diffusion_models" / TURBO_INT8)
+    if marker_tensor is not None:
+        tensors[f"{PREFIX}layers.0.feed_forward.w2.comfy_quant"] = marker_tensor
+    bad = tmp_path / "hostile.safetensors"
+    save_file(tensors, bad, metadata=metadata)
+    with pytest.raises(ModelLoadError, match=why):
+        load(bad)
+
+
+def test_a_controlnet_with_quantised_layers_loads_dequantised(tmp_path: Path) -> None:
+    from tests.controlnets import write_controlnet
+    from tests.quant_checkpoints import int8_convrot
+    from zimage_serve.engine.controlnet import load_controlnet
+
+    plain = write_controlnet(tmp_path / "plain.safetensors", "2.1 lite")
+    tensors = load_file(plain)
+    layer = "control_layers.0.attention.to_q"
+    codes, scale = int8_convrot(tensors[f"{layer}.weight"].float(), 16)
+    tensors.update({f"{layer}.weight": codes, f"{layer}.weight_scale": scale})
+    tensors[f"{layer}.comfy_quant"] = marker({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16})
+    quantised = tmp_path / "quantised.safetensors"
+    save_file(tensors, quantised)
+    placing = Placing.choose("cpu")
+    original = load_controlnet("plain", plain, placing).module.state_dict()[f"{layer}.weight"]
+    loaded = load_controlnet("quantised", quantised, placing).module.state_dict()[f"{layer}.weight"]
+    assert 0 < float((loaded - original).norm() / original.norm()) < 0.02

@@ -39,6 +39,8 @@ def root(comfy_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFa
     copy_tokenizer(tiny_model, models / "text_encoders" / "tokenizer")
     (models / "loras").mkdir(exist_ok=True)
     write_comfy(shared_qkv_down(lora_pairs(diffusers_state(tiny_model / "transformer"))), models / "loras" / LORA)
+    write_comfy(shared_qkv_down(lora_pairs(diffusers_state(tiny_model / "transformer"), seed=5)),
+                models / "loras" / "style.safetensors")  # fmt: skip
     return models
 
 
@@ -111,6 +113,11 @@ def test_generate_with_the_distill_variant_finds_the_lora(
     assert (
         np.abs(np.asarray(Image.open(out), dtype=np.int16) - np.asarray(Image.open(plain), dtype=np.int16)).mean() > 2
     )
+    other = tmp_path / "o.png"  # another LoRA beside the recipe's: the distill LoRA is still applied
+    code, _, stderr = run(["generate", "a fox", "-o", str(other), *args[4:], "--variant", "distill", "--lora",
+                           f"{root / 'loras' / 'style.safetensors'}:0"], capsys)  # fmt: skip
+    assert code == 0 and stderr.count("lora:") == 2, stderr
+    assert np.array_equal(np.asarray(Image.open(other)), np.asarray(Image.open(out)))
     half = tmp_path / "h.png"
     lora = f"{root / 'loras' / LORA}:0"
     code, _, stderr = run(

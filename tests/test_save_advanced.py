@@ -170,8 +170,8 @@ def test_exr_linear_input_is_written_as_it_is(executor: Executor) -> None:
 @pytest.mark.parametrize("depth", ["8-bit YUV420", "10-bit YUV420"])
 def test_avif_stills_carry_the_graph_in_exif_as_comfyuis_frontend_reads_it(executor: Executor, depth: str) -> None:
     flat = {"format": "avif", "format.bit_depth": depth, "format.crf": 10, "format.save_mode": "still images"}
-    result, paths = run(executor, graph("avif", batch=2, **flat))
-    assert [p.name for p in paths][-2:] == [paths[-2].name, paths[-1].name] and len(paths) == 2
+    result, paths = run(executor, graph(f"avif-{depth[:2]}", batch=2, **flat))
+    assert [p.name for p in paths] == [f"avif-{depth[:2]}_00001.avif", f"avif-{depth[:2]}_00002.avif"]
     assert all(p.suffix == ".avif" for p in paths) and "animated" not in result.outputs["9"]
     picture = Image.open(paths[0])
     exif = picture.getexif()
@@ -262,9 +262,55 @@ def test_its_image_output_passes_the_images_on(executor: Executor) -> None:
     assert result.ok and result.outputs["10"]["images"][0]["filename"] == "after_00001_.png"
 
 
-def test_exif_survives_an_avif_with_existing_item_references() -> None:
+def test_exif_goes_into_an_avif_that_has_item_references_already() -> None:
+    """A second EXIF item: the existing references box is extended, every offset still points right."""
     rgb = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)
-    data = image_formats.avif_bytes([rgb], "auto", "sRGB", 20, {"prompt": "{}"})
-    again = image_formats.with_avif_exif(data, image_formats.exif_payload({"prompt": '{"x": 1}'}))
-    assert Image.open(io.BytesIO(again)).getexif()[0x0110] in ("prompt:{}", 'prompt:{"x": 1}')
-    assert np.asarray(Image.open(io.BytesIO(again)).convert("RGB")).shape == (16, 16, 3)
+    first = image_formats.avif_bytes([rgb], "auto", "sRGB", 20, {"prompt": "{}"})  # has an iref box now
+    second = image_formats.with_avif_exif(first, image_formats.exif_payload({"prompt": '{"x": 1}'}))
+    meta = next(box for box in image_formats._boxes(second, 0, len(second)) if box[2] == b"meta")
+    children = {kind: (at, size) for at, size, kind, _ in image_formats._boxes(second, meta[0] + 12, meta[0] + meta[1])}
+    iref_at, iref_size = children[b"iref"]
+    assert second[iref_at : iref_at + iref_size].count(b"cdsc") == 2 and second.count(b"Exif\0") >= 2
+    exif_items = image_formats._iloc_with(second, (*children[b"iloc"], 8), 0, len(second), 0, 0)[1]
+    assert len(exif_items) == 3  # the image and both EXIF items
+    assert Image.open(io.BytesIO(second)).getexif()[0x0110] == 'prompt:{"x": 1}'  # libavif reads the added one
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(second))), np.asarray(Image.open(io.BytesIO(first))))
+
+
+def test_set_reaches_a_dotted_input(executor: Executor) -> None:
+    from zimage_serve.workflow.overrides import apply_overrides
+
+    prompt = graph("set", format="avif")
+    apply_overrides(prompt, ["9.format.crf=20", "9.format.save_mode=animated"], NODES)
+    assert prompt["9"]["inputs"]["format.crf"] == 20 and prompt["9"]["inputs"]["format.save_mode"] == "animated"
+
+
+def test_texts_never_replace_the_exr_attributes_and_extra_exif_keys_are_bounded(executor: Executor) -> None:
+    pixels = source_pixels(executor).astype(np.float32)
+    data = image_formats.exr_bytes(pixels, "linear", {"channels": "x", "dataWindow": "y", "workflow": "{}"})
+    path = executor.folders.output / "attributes.exr"
+    path.write_bytes(data)
+    exr = OpenEXR.File(str(path))
+    assert exr.channels()["RGB"].pixels.shape == (HEIGHT, WIDTH, 3) and exr.header()["workflow"] == "{}"
+    texts = {"prompt": "{}", **{f"key{i}": f'"{i}"' for i in range(6)}}
+    exif = Image.Exif()
+    exif.load(b"Exif\0\0" + image_formats.exif_payload(texts)[4:])
+    assert [exif[t] for t in (0x010F, 0x010E, 0x010D)] == ['key0:"0"', 'key1:"1"', 'key2:"2"'] and 0x010C not in exif
+
+
+def test_a_linked_value_out_of_range_is_refused_when_it_arrives(executor: Executor) -> None:
+    Image.new("RGB", (100, 8), "white").save(executor.folders.input / "wide.png")
+    prompt = graph("linked", format="avif")
+    prompt["20"] = {"class_type": "LoadImage", "inputs": {"image": "wide.png"}}
+    prompt["21"] = {"class_type": "GetImageSize", "inputs": {"image": ["20", 0]}}
+    prompt["9"]["inputs"]["format.crf"] = ["21", 0]  # 100: past crf's 63
+    checked = validate(prompt, executor.folders)
+    assert checked.ok, checked.node_errors
+    result = executor.run("linked", checked.prompt, checked.outputs, {}, None)
+    assert not result.ok and "format.crf" in json.dumps(result.error)
+    tiny = graph("tiny", format="avif")
+    Image.new("RGB", (2, 2), "white").save(executor.folders.input / "dot.png")
+    tiny["1"]["inputs"]["image"] = "dot.png"
+    checked = validate(tiny, executor.folders)
+    result = executor.run("tiny", checked.prompt, checked.outputs, {}, None)
+    assert not result.ok and "format" in json.dumps(result.error) and "Traceback" not in json.dumps(result.error)

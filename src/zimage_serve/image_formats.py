@@ -30,6 +30,22 @@ _PNG16_NATIVE = {1: "gray16le", 3: "rgb48le", 4: "rgba64le"}
 EXR_COLOR_SPACES = ("sRGB", "HDR", "linear")
 AVIF_COLOR_SPACES = ("sRGB", "HDR", "HDR PQ")
 AVIF_BIT_DEPTHS = ("auto", "8-bit YUV420", "10-bit YUV420")
+# The attributes the EXR format itself defines (OpenEXR's standard and optional ones): a run's text never
+# takes one of these names.
+EXR_ATTRIBUTES = frozenset(
+    {
+        *("channels", "compression", "dataWindow", "displayWindow", "lineOrder", "pixelAspectRatio"),
+        *("screenWindowCenter", "screenWindowWidth", "tiles", "type", "name", "version", "chunkCount"),
+        *("chromaticities", "whiteLuminance", "adoptedNeutral", "comments", "owner", "capDate", "utcOffset"),
+        *("longitude", "latitude", "altitude", "focus", "expTime", "aperture", "isoSpeed", "envmap"),
+        *("keyCode", "timeCode", "wrapmodes", "framesPerSecond", "multiView", "worldToCamera", "worldToNDC"),
+        *("deepImageState", "originalDataWindow", "dwaCompressionLevel", "renderingTransform", "lookModTransform"),
+    }
+)
+# EXIF tags of ASCII text, from Model (the prompt's) down: the other texts take Make, ImageDescription and
+# DocumentName in turn, as ComfyUI's savers number them; the next tags down hold numbers, not text.
+EXIF_PROMPT_TAG = 0x0110
+EXIF_TEXT_TAGS = (0x010F, 0x010E, 0x010D)
 # (x, y) of red, green, blue and white (D65)
 REC709 = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06), (0.3127, 0.3290))
 REC2020 = ((0.708, 0.292), (0.170, 0.797), (0.131, 0.046), (0.3127, 0.3290))
@@ -134,9 +150,13 @@ def exr_bytes(pixels: np.ndarray, color_space: str, texts: Mapping[str, str]) ->
         "type": OpenEXR.scanlineimage,
         "chromaticities": tuple(v for xy in (REC2020 if color_space == "HDR" else REC709) for v in xy),
     }
-    header.update({key: value for key, value in texts.items() if key not in header})
+    # the run's texts as string attributes, but never in place of one EXR itself defines
+    header.update({key: value for key, value in texts.items() if key not in EXR_ATTRIBUTES})
     stream = io.BytesIO()
-    OpenEXR.File(header, layers).write(stream)
+    try:
+        OpenEXR.File(header, layers).write(stream)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise FormatError(f"the EXR file could not be written: {exc}") from exc
     return stream.getvalue()
 
 
@@ -203,19 +223,21 @@ def avif_bytes(
 
 
 def exif_payload(texts: Mapping[str, str]) -> bytes:
-    """The EXIF item ComfyUI's savers write: `prompt:<json>` in tag 0x0110 (Model), each other entry as
-    `<key>:<json>` from tag 0x010F (Make) downwards; with the 4-byte TIFF-header offset HEIF items start with."""
+    """The EXIF item ComfyUI's savers write: `prompt:<json>` in tag 0x0110 (Model), the next entries as
+    `<key>:<json>` from tag 0x010F (Make) downwards while the tags hold text (three: `workflow` is the usual
+    one); with the 4-byte TIFF-header offset HEIF items start with."""
     from PIL import Image
 
     exif = Image.Exif()
     if "prompt" in texts:
-        exif[0x0110] = f"prompt:{texts['prompt']}"
-    tag = 0x010F
-    for key, value in texts.items():
-        if key != "prompt":
-            exif[tag] = f"{key}:{value}"
-            tag -= 1
-    tiff = exif.tobytes()
+        exif[EXIF_PROMPT_TAG] = f"prompt:{texts['prompt']}"
+    others = [(key, value) for key, value in texts.items() if key != "prompt"]
+    for tag, (key, value) in zip(EXIF_TEXT_TAGS, others, strict=False):  # any further ones have no text tag
+        exif[tag] = f"{key}:{value}"
+    try:
+        tiff = exif.tobytes()
+    except (ValueError, struct.error) as exc:
+        raise FormatError(f"the metadata could not be written as EXIF: {exc}") from exc
     return b"\0\0\0\0" + tiff.removeprefix(b"Exif\x00\x00")
 
 

@@ -50,7 +50,7 @@ def distill_lora(model_path: Path) -> Path:
     where = ", ".join(str(r / "loras") for r in roots) or "no models folder (pass --lora)"
     raise typer.BadParameter(
         f"the distill recipe needs {DISTILL_LORAS[0]} (alibaba-pai/Z-Image-Fun-Lora-Distill) in {where}, "
-        "or give it with --lora PATH[:STRENGTH]",
+        "or give it with --lora PATH[:STRENGTH] (a file whose name says distill)",
         param_hint="--variant",
     )
 

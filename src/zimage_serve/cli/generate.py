@@ -156,8 +156,8 @@ def generate(
     if label:
         console_err.print(f"[yellow]model:[/] {label}")
     loras = [parsed_lora(text) for text in lora or []]
-    if variant == DISTILL and not loras:
-        loras = [(distill_lora(model_path), DISTILL_STRENGTH)]
+    if variant == DISTILL and not any("distill" in path.name.lower() for path, _ in loras):
+        loras = [(distill_lora(model_path), DISTILL_STRENGTH), *loras]  # the recipe's, and any others given
     if variant == DISTILL and model_path.is_file():
         from zimage_serve.engine.variants import TURBO, detect_variant
 

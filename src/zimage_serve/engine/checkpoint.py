@@ -203,16 +203,16 @@ def _read_file(path: Path, confs: bool = True) -> tuple[dict[str, TensorInfo], d
             metadata = handle.metadata()
             if not confs or not comfy_quant.has_markers(tensors, metadata):
                 return tensors, {}
-            markers = {key: _bytes_of(handle.get_tensor(key)) for key in tensors if key.endswith(comfy_quant.MARKER)}
+            markers = {}
+            for key, info in tensors.items():
+                if key.endswith(comfy_quant.MARKER):
+                    comfy_quant.check_marker(path, key, info.shape, info.dtype)  # before a byte of it is read
+                    markers[key] = handle.get_tensor(key).numpy().tobytes()
             return tensors, comfy_quant.read_confs(path, markers, metadata)
     except SafetensorError as exc:
         raise ModelLoadError(path, f"not a valid safetensors file (truncated or corrupt?): {exc}") from exc
     except OSError as exc:
         raise ModelLoadError(path, f"cannot be read: {exc}") from exc
-
-
-def _bytes_of(tensor: torch.Tensor) -> bytes:
-    return bytes(tensor.reshape(-1).to(torch.uint8).tolist())
 
 
 def name_keys(keys: Iterable[str]) -> str:

@@ -37,6 +37,8 @@ INT8 = "int8_tensorwise"
 FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 FORMATS = (INT8, *FP8_FORMATS)
 INT8_MAX = 127
+MAX_MARKER_BYTES = 64 * 1024  # a conf is a short JSON object; anything bigger is not one
+MAX_GROUP = 4096
 _REGULAR_4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
 _CPU = torch.device("cpu")
 # cuBLASLt's int8 GEMM behind torch._int_mm wants more than 16 rows and widths in multiples of 8.
@@ -66,6 +68,13 @@ def has_markers(keys: Iterable[str], metadata: Mapping[str, str] | None) -> bool
     return bool(metadata and HEADER_KEY in metadata) or any(key.endswith(MARKER) for key in keys)
 
 
+def check_marker(origin: Path, key: str, shape: tuple[int, ...], dtype: str) -> None:
+    """A marker is a short 1-D uint8 tensor: checked from the header, before it is read."""
+    if dtype != "U8" or len(shape) != 1 or shape[0] > MAX_MARKER_BYTES:
+        limit = f"a quantisation marker is 1-D uint8 of at most {MAX_MARKER_BYTES} bytes"
+        raise ModelLoadError(origin, f"{key} is {dtype} {list(shape)}; {limit}")
+
+
 def parse_conf(raw: Any, layer: str, origin: Path) -> QuantConf:
     """A layer's conf (the decoded JSON object), checked; ComfyUI also nests convrot under `params`."""
     if not isinstance(raw, dict):
@@ -82,9 +91,11 @@ def parse_conf(raw: Any, layer: str, origin: Path) -> QuantConf:
     full = raw.get("full_precision_matrix_mult", False)
     if not isinstance(convrot, bool) or not isinstance(full, bool):
         raise ModelLoadError(origin, f"{layer}: convrot and full_precision_matrix_mult must be true or false")
-    if convrot and (fmt != INT8 or not _power_of_four(group)):
+    if convrot and (fmt != INT8 or not _power_of_four(group) or group > MAX_GROUP):
         raise ModelLoadError(
-            origin, f"{layer}: convrot needs format {INT8} and a group size that is a power of 4, got {group!r}"
+            origin,
+            f"{layer}: convrot needs format {INT8} and a group size that is a power of 4 up to {MAX_GROUP}, "
+            f"got {group!r}",
         )
     return QuantConf(fmt, convrot, group if convrot else 256, full)
 
@@ -104,12 +115,12 @@ def read_confs(
         layer = key.removesuffix(MARKER)
         try:
             raw[layer] = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ModelLoadError(origin, f"{key} is not a JSON quantisation conf: {exc}") from exc
     if metadata and HEADER_KEY in metadata:
         try:
             layers = json.loads(metadata[HEADER_KEY]).get("layers", {})
-        except (ValueError, AttributeError) as exc:
+        except (ValueError, AttributeError, RecursionError) as exc:
             raise ModelLoadError(origin, f"the header's {HEADER_KEY} is not a JSON object with 'layers'") from exc
         if not isinstance(layers, dict):
             raise ModelLoadError(origin, f"the header's {HEADER_KEY} 'layers' is not an object")
@@ -124,7 +135,7 @@ def check_layer(origin: Path, layer: str, conf: QuantConf, shapes: Mapping[str, 
         raise ModelLoadError(origin, f"{layer} is marked quantised but lacks its weight or weight_scale")
     (shape, dtype), (scale_shape, _) = weight, scale
     wanted = "I8" if conf.int8 else FP8_FORMATS[conf.format]
-    if dtype != wanted or len(shape) != 2:
+    if dtype != wanted or len(shape) != 2 or 0 in shape:
         raise ModelLoadError(origin, f"{layer}.weight is {dtype} {list(shape)}; {conf.format} needs a 2-D {wanted}")
     rows = math.prod(scale_shape)
     if rows not in (1, shape[0]):

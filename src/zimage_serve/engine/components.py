@@ -74,7 +74,7 @@ def load(
     state = to_diffusers(source.kind, tensors, prepared.config if source.kind == "vae" else None).state
     model = prepared.empty_model
     if scales:
-        _int8_layers(model, state, tensors, scales, checkpoint.quant)
+        _int8_layers(model, state, tensors, scales, checkpoint.quant, checkpoint.origin)
     model.load_state_dict({key: value.contiguous() for key, value in state.items()}, strict=True, assign=True)
     # Parameters are already in place; this moves the buffers built at construction (e.g. RoPE tables).
     model.to(device)
@@ -88,6 +88,7 @@ def _int8_layers(
     source: dict[str, torch.Tensor],
     scales: dict[str, torch.Tensor],
     quant: dict[str, QuantConf],
+    origin_file: Path,
 ) -> None:
     """Each renamed weight that is INT8 codes makes its layer an `Int8Linear`, with the rows of its
     source layer's scales that it took (the fused qkv is cut into three by rows)."""
@@ -96,7 +97,9 @@ def _int8_layers(
     for key, codes in list(state.items()):
         if codes.dtype != torch.int8:
             continue
-        origin = origins[id(root(codes))]
+        origin = origins.get(id(root(codes)))
+        if origin is None or codes.dim() != 2:
+            raise ModelLoadError(origin_file, f"{key}: INT8 codes that the key conversion reshaped; cannot keep them")
         whole = source[origin]
         first = (codes.storage_offset() - whole.storage_offset()) // whole.shape[1]
         rows = scales[origin + "_scale"].float().reshape(-1)
@@ -106,7 +109,10 @@ def _int8_layers(
         kept[name] = (codes.contiguous(), rows[first : first + codes.shape[0]].clone(), conf)
         state[f"{name}.scale"] = kept[name][1]
         state[key] = kept[name][0]
-    use_int8_modules(model, kept)
+    try:
+        use_int8_modules(model, kept)
+    except (AttributeError, TypeError) as exc:
+        raise ModelLoadError(origin_file, f"an INT8 layer is not a linear layer of this model: {exc}") from exc
 
 
 def build_empty(kind: Kind, config: dict[str, Any], origin: Path) -> torch.nn.Module:

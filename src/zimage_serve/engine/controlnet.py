@@ -227,7 +227,7 @@ def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
             n_kv_heads=variant.heads,
         )
     check_keys(checkpoint.origin, "ControlNet", checkpoint.meta_state_dict(), [], module)
-    tensors = checkpoint.load(checkpoint.tensors.keys(), placing.load_device, placing.dtype)
+    tensors = checkpoint.load(checkpoint.weight_keys(), placing.load_device, placing.dtype)
     module.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
     install_cancel_checks(module)

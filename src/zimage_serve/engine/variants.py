@@ -73,4 +73,4 @@ def _declared(index_file: Path) -> str | None:
         return None
     extra = index.get("_zimage_serve") if isinstance(index, dict) else None
     value = extra.get("variant") if isinstance(extra, dict) else None
-    return value if value in VARIANTS else None
+    return value if value in (BASE, TURBO) else None  # a checkpoint is one of the two; distill is a recipe

@@ -23,10 +23,12 @@ def estimated_images(prompt: dict[str, Any], nodes: Mapping[str, type[Node]]) ->
     """The images a validated prompt's samplers will make (its graph has no cycle and knows every node)."""
     links: dict[str, dict[str, str]] = {}
     for node_id, node in prompt.items():
+        declared = nodes[node["class_type"]].inputs_for(node["inputs"])  # keys the node does not have are no links
         links[node_id] = {
             name: source[0]
             for name, value in node["inputs"].items()
-            if is_link(value) and (source := link_source(value)) is not None and source[0] in prompt
+            if name in declared and is_link(value) and (source := link_source(value)) is not None
+            if source[0] in prompt
         }
     batches: dict[str, int] = {}
     images = 0

@@ -11,9 +11,10 @@ from zimage_serve.workflow.spec import Node
 
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:
-    """`6.text=a cat` → ("6", "text", "a cat"); values that parse as JSON (42, 1.5, true) are typed."""
+    """`6.text=a cat` → ("6", "text", "a cat"); values that parse as JSON (42, 1.5, true) are typed. The
+    node id ends at the first dot: `9.format.crf=20` sets input `format.crf` (a V3 node's dotted input)."""
     key, sep, raw = text.partition("=")
-    node, dot, name = key.strip().rpartition(".")
+    node, dot, name = key.strip().partition(".")
     if not sep or not dot or not node or not name:
         raise InvalidParameterError("--set", f"{text!r} must look like NODE_ID.INPUT=VALUE (e.g. 3.seed=42)")
     try:

@@ -171,6 +171,10 @@ class DynamicCombo(Input):
     def option(self, key: Any) -> DynamicOption | None:
         return next((choice for choice in self.choices if choice.key == key), None)
 
+    def fallback(self) -> str | None:
+        """What it is when a graph leaves it out: its default, else its first choice."""
+        return self.default if self.default is not None else next((c.key for c in self.choices), None)
+
     def spec_options(self) -> dict[str, Any]:
         return {"default": self.default} if self.default is not None else {}
 
@@ -235,7 +239,7 @@ def expanded(declared: Mapping[str, Input], given: Mapping[str, Any]) -> dict[st
                 if index < spec.min or member in given:
                     found[member] = spec.member
         elif isinstance(spec, DynamicCombo):
-            chosen = spec.option(_plain(given.get(name, spec.default)))
+            chosen = spec.option(_plain(given.get(name, spec.fallback())))
             if chosen is not None:
                 inner = {key[len(name) + 1 :]: value for key, value in given.items() if key.startswith(name + ".")}
                 for sub, sub_spec in expanded(chosen.inputs, inner).items():

@@ -264,11 +264,12 @@ class Validator:
             if isinstance(declared, Autogrow):  # its members are checked one by one
                 continue
             owner = top_level.get(name.split(".", 1)[0]) if "." in name else None
-            if name not in inputs and isinstance(owner, DynamicCombo):  # its option's input: ComfyUI's default
-                inputs[name] = default_of(declared, self.lists)
+            if name not in inputs and isinstance(owner, DynamicCombo) and declared.is_widget():
+                inputs[name] = default_of(declared, self.lists)  # an option's widget left out: ComfyUI's default
             if name not in inputs:
                 first = isinstance(owner, Autogrow) and owner.required(name.split(".", 1)[0], name)
-                if name in node_class.required or first:
+                option_link = isinstance(owner, DynamicCombo)  # an option's link input: it must be given
+                if name in node_class.required or first or option_link:
                     reasons.append(
                         error("required_input_missing", "Required input is missing", name, {"input_name": name})
                     )
@@ -483,8 +484,8 @@ def default_of(declared: Input, lists: ResourceLists) -> Any:
     if isinstance(declared, Combo) and declared.default is None:
         choices = declared.values(lists)
         return choices[0] if choices else None
-    if isinstance(declared, DynamicCombo) and declared.default is None:
-        return declared.keys()[0] if declared.choices else None
+    if isinstance(declared, DynamicCombo):
+        return declared.fallback()
     return getattr(declared, "default", None)
 
 

@@ -81,6 +81,24 @@ FORMATS = DynamicCombo(
 )
 
 
+def _check_linked(chosen: dict[str, Any], declared: DynamicCombo, name: str) -> None:
+    """The chosen option's values against their declared ranges and choices: one that came by a link was
+    not checked when the graph was (ComfyUI checks only values written in the graph)."""
+    option = declared.option(chosen.get(name))
+    if option is None:
+        raise InvalidParameterError(name, f"{chosen.get(name)!r} is not one of {', '.join(declared.keys())}")
+    for key, spec in option.inputs.items():
+        value, field = chosen.get(key), f"{name}.{key}"
+        if isinstance(spec, DynamicCombo):
+            _check_linked(value if isinstance(value, dict) else {key: value}, spec, key)
+        elif isinstance(spec, Int | Float) and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not spec.min <= value <= spec.max
+        ):
+            raise InvalidParameterError(field, f"{value!r} is outside {spec.min}..{spec.max}")
+        elif isinstance(spec, Combo) and value not in spec.choices:
+            raise InvalidParameterError(field, f"{value!r} is not one of {', '.join(spec.choices)}")
+
+
 class SaveImageAdvanced(SaveImage):
     display_name = "Save Image (Advanced)"
     description = "Saves the input images to your output folder as PNG (8 or 16 bits), EXR or AVIF."
@@ -92,10 +110,15 @@ class SaveImageAdvanced(SaveImage):
         kind = chosen["format"]
         texts = image_formats.metadata_texts(ctx.prompt or None, ctx.extra_pnginfo)
         array = images.detach().to("cpu").float().numpy()
+        _check_linked(chosen, FORMATS, "format")
+        import av  # FFmpeg's libraries: loaded by the first run that saves this way
+
         try:
             files = self._encoded(images, array, chosen, texts, ctx)
         except image_formats.FormatError as exc:
             raise InvalidParameterError("format", str(exc)) from exc
+        except av.FFmpegError as exc:  # what the encoder refuses (an image too small for AV1, say)
+            raise InvalidParameterError("format", f"the {kind} encoder refused these images: {exc}") from exc
         saved = []
         for index, (data, extension) in enumerate(files):
             filename, subfolder = write_new(
