@@ -84,6 +84,12 @@ def interrupted_then_resumed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
         BAD_SEED_ROW: "seed: 'abc' is not a whole number",
         EMPTY_PROMPT_ROW: "prompt: must not be empty",
     }
+    by_row = {r["row"]: r for r in records}
+    # a failed product is found by its own columns, and carries the name the pattern gives it
+    assert by_row[BAD_SEED_ROW]["fields"]["sku"] == "SKU005" and by_row[BAD_SEED_ROW]["name"] == "SKU005_abc"
+    assert by_row[EMPTY_PROMPT_ROW]["fields"] == {"sku": "SKU012", "prompt": "", "seed": "112", "price": "12.99"}
+    assert by_row[EMPTY_PROMPT_ROW]["name"] == "SKU012_112"
+    assert by_row[1]["fields"]["price"] == "1.99"  # the finished rows too
     made = images(out)
     assert len(made) == 18 and not [p for p in out.iterdir() if p.name.startswith(".")]
     assert sorted(out / f for r in records for f in r["files"]) == made
@@ -142,12 +148,16 @@ def test_jsonl_rows_explicit_params_patterns_and_bad_lines(tmp_path: Path, serve
     records = {r["row"]: r for r in manifest(tmp_path / "out")}
     assert records[1]["status"] == "ok" and records[1]["files"] == ["shoes/A1.png"]
     assert records[2]["error"].startswith("stepz: no such parameter; zimage-nano has prompt")
+    assert records[2]["name"] == "shoes/A2" and records[2]["fields"] == {
+        "prompt": "a blue square", "sku": "A2", "category": "shoes", "params": {"stepz": 3}
+    }  # fmt: skip
     assert records[3]["error"].startswith("not JSON")
     assert records[4]["error"] == "a row is a JSON object"
     assert records[5]["error"] == "the name 'shoes/A1' is row 1's too"
     assert "'..' part" in records[6]["error"]
     assert records[7]["status"] == "ok" and isinstance(records[7]["seed"], int)  # a drawn seed, recorded
     assert records[8]["error"] == "--name '{category}/{sku}': no column or parameter 'category'"
+    assert records[8]["name"] == "" and records[8]["fields"]["sku"] == "C1"
     assert {p.relative_to(tmp_path / "out").as_posix() for p in images(tmp_path / "out")} == {
         "shoes/A1.png",
         "bags/B7.png",

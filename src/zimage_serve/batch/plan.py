@@ -64,14 +64,16 @@ def check_pattern(pattern: str) -> str:
 
 
 def plan_row(row: Row, template: Template, sets: list[Assignment], pattern: str) -> Planned:
+    """The row's values, graph and file name; a row that cannot run keeps the name its pattern gives where
+    one can be formed, so its manifest line names it."""
     if row.error is not None:
-        return Planned(row, {}, None, "", None, row.error)
+        return Planned(row, {}, None, _name(pattern, row, {}, None, template)[0], None, row.error)
     given: dict[str, Any] = {}
     try:
         for assignment in sets:
             given[assignment.name] = _formatted(assignment.value, row, f"--set {assignment.name}")
     except ValueError as exc:
-        return Planned(row, {}, None, "", None, str(exc))
+        return Planned(row, {}, None, _name(pattern, row, {}, None, template)[0], None, str(exc))
     for key, value in row.fields.items():
         parameter = template.parameters.get(key)
         if parameter is None:
@@ -86,16 +88,23 @@ def plan_row(row: Row, template: Template, sets: list[Assignment], pattern: str)
     try:
         graph = template.render(given)
     except TemplateParameterError as exc:
-        return Planned(row, given, None, "", seed, "; ".join(f"{k}: {why}" for k, why in exc.problems.items()))
+        problems = "; ".join(f"{k}: {reason}" for k, reason in exc.problems.items())
+        return Planned(row, given, None, _name(pattern, row, given, seed, template)[0], seed, problems)
     if seed is not None and "seed" in template.parameters:
         seed = template.parameters["seed"].check(seed)  # as the graph has it: "42" from a CSV cell is 42
+    name, unnamed = _name(pattern, row, given, seed, template)
+    if unnamed is not None:
+        return Planned(row, given, None, "", seed, f"--name {pattern!r}: {unnamed}")
+    return Planned(row, given, graph, name, seed)
+
+
+def _name(pattern: str, row: Row, given: dict[str, Any], seed: Any, template: Template) -> tuple[str, str | None]:
+    """(the file stem the pattern gives for the row, "") or ("", why it cannot be formed)."""
     fields = {**given, **row.fields, "row": row.number, "seed": seed, "template": template.name}
     try:
-        name = safe_name(pattern.format_map(_Fields(fields)))
+        return safe_name(pattern.format_map(_Fields(fields))), None
     except (KeyError, ValueError, IndexError) as exc:
-        why = f"no column or parameter {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
-        return Planned(row, given, None, "", seed, f"--name {pattern!r}: {why}")
-    return Planned(row, given, graph, name, seed)
+        return "", f"no column or parameter {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
 
 
 def safe_name(text: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from zimage_serve.batch.backends import Backend, Interrupted, RowFailed
 from zimage_serve.batch.manifest import FAILED, OK, Manifest
 from zimage_serve.batch.plan import Assignment, Planned, plan_row
-from zimage_serve.batch.rows import Row
+from zimage_serve.batch.rows import EXPLICIT, Row
 from zimage_serve.engine.trained_size import size_warning
 from zimage_serve.templates.document import Template
 
@@ -138,6 +138,7 @@ class Batch:
             "row": plan.row.number,
             "status": FAILED,
             "name": plan.name,
+            "fields": _own_fields(plan),
             "seed": plan.seed,
             "template": self.template.name,
             "version": self.template.version,
@@ -211,6 +212,15 @@ def _claim_names(plans: list[Planned]) -> None:
             plans[index] = Planned(
                 plan.row, plan.values, None, plan.name, plan.seed, f"the name {plan.name!r} is row {first}'s too"
             )
+
+
+def _own_fields(plan: Planned) -> dict[str, Any]:
+    """The row as its file has it: the CSV columns, or the JSONL object (its "params" included), so that a
+    row is found by its own keys (a SKU) whatever became of it."""
+    fields: dict[str, Any] = dict(plan.row.fields)
+    if plan.row.params:
+        fields[EXPLICIT] = dict(plan.row.params)
+    return fields
 
 
 def _file_names(stem: str, suffixes: list[str]) -> list[str]:
