@@ -1,7 +1,8 @@
 """The package's layers point down, read from the source's imports (every one, also those inside
 functions; not those under `if TYPE_CHECKING:`, which never run):
 
-    cli → server, batch → client → worker → records → queue → security, templates → workflow → nano → engine → base
+    cli → server, batch → client → worker → records → queue → security, templates, webhooks → workflow → nano
+    → engine → base
 
 A module imports from its own package, from the layers below it, and from the base modules (the
 package's top-level modules: errors, identity, limits, settings ...), which import only each other.
@@ -24,7 +25,7 @@ LAYERS = (
     ("worker",),
     ("records",),
     ("queue",),
-    ("security", "templates"),
+    ("security", "templates", "webhooks"),
     ("workflow", "workflows"),
     ("nano",),
     ("engine",),

@@ -95,6 +95,8 @@ class ServeConfig(BaseSettings):
     node_name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     job_retention_days: float = Field(30, gt=0, le=36500)
     event_streams: int = Field(100, ge=1, le=100_000)
+    webhook_allow: list[str] = Field(default_factory=list)
+    webhook_retry_hours: float = Field(24, gt=0, le=720)
 
     @classmethod
     def settings_customise_sources(

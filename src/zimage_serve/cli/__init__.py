@@ -8,7 +8,20 @@ import sys
 import typer
 
 from zimage_serve import __version__
-from zimage_serve.cli import audit, batch, generate, info, models, nano, run, serve, templates, tokens, worker
+from zimage_serve.cli import (
+    audit,
+    batch,
+    generate,
+    info,
+    models,
+    nano,
+    run,
+    serve,
+    templates,
+    tokens,
+    webhooks,
+    worker,
+)
 from zimage_serve.cli.common import console_err, quiet_libraries
 from zimage_serve.errors import ZImageError
 
@@ -46,6 +59,7 @@ app.add_typer(nano.app, name="nano")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(audit.app, name="audit")
 app.add_typer(templates.app, name="templates")
+app.add_typer(webhooks.app, name="webhooks")
 
 
 def main(args: list[str] | None = None) -> None:

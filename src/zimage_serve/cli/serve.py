@@ -40,6 +40,20 @@ if TYPE_CHECKING:
     import socket
 
     from zimage_serve.config import ServeConfig
+    from zimage_serve.webhooks.delivery import DeliveryPolicy
+
+
+def delivery_policy(allow: list[str], retry_hours: float) -> DeliveryPolicy:
+    """How webhook events are delivered; a network that is not one is an error naming --webhook-allow."""
+    import ipaddress
+
+    from zimage_serve.webhooks.delivery import DeliveryPolicy
+
+    try:
+        networks = tuple(ipaddress.ip_network(text, strict=False) for text in allow)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--webhook-allow") from exc
+    return DeliveryPolicy(retry_for_s=retry_hours * 3600, allowed=networks)
 
 
 def serve(
@@ -189,6 +203,17 @@ def serve(
         int | None,
         typer.Option(help="Comfy API v2 event streams one user may hold open at once [default: 100]"),
     ] = None,
+    webhook_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A private or local network (CIDR) webhook deliveries may reach all the same (repeatable; "
+            "loopback, private and link-local addresses are refused otherwise)"
+        ),
+    ] = None,
+    webhook_retry_hours: Annotated[
+        float | None,
+        typer.Option(help="How long an undelivered webhook event is retried before it is dead [default: 24]"),
+    ] = None,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API.
 
@@ -256,6 +281,7 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
             node_name=config.node_name or "",
             job_retention_s=config.job_retention_days * 86400,
             event_streams=config.event_streams,
+            webhooks=delivery_policy(config.webhook_allow, config.webhook_retry_hours),
         )
         app = create_app(settings)
     except ZImageError as exc:

@@ -44,6 +44,7 @@ from zimage_serve.server.v2.assets import ASSET_UPLOADS
 from zimage_serve.server.v2.envelope import V2Error, envelope_bytes, error_response, is_v2
 from zimage_serve.server.v2.requests import v2_validation_error
 from zimage_serve.server.v2.retention import keep_expiring
+from zimage_serve.webhooks.delivery import Dispatcher, stopped
 from zimage_serve.workflow.validate import error_body
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,16 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         runtime.start()
         runtime.security.start(runtime.revoked)
         expiring = asyncio.get_running_loop().create_task(keep_expiring(runtime))
+        sending = None
+        if runtime.webhooks is not None:
+            dispatcher = Dispatcher(runtime.webhooks, settings.webhooks, runtime.security.public_base())
+            sending = asyncio.get_running_loop().create_task(dispatcher.run())
         try:
             yield
         finally:
             expiring.cancel()
+            if sending is not None:
+                await stopped(sending)
             await runtime.security.stop_tasks()
             await asyncio.to_thread(runtime.stop)
             await runtime.hub.close()

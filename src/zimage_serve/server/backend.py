@@ -28,6 +28,7 @@ from zimage_serve.records.redis_records import RedisRecords
 from zimage_serve.records.sqlite_records import SQLiteRecords
 from zimage_serve.security.audit import log_place
 from zimage_serve.server.service import DeviceWorker
+from zimage_serve.webhooks.store import WebhookStore
 from zimage_serve.worker.build import WorkerConfig, build_worker
 from zimage_serve.worker.cluster_workers import ClusterWorkers
 from zimage_serve.worker.process import WorkerProcess
@@ -66,6 +67,10 @@ class Backend(Protocol):
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker: ...
 
+    def webhook_store(self) -> WebhookStore | None:
+        """The webhook endpoints and the outbox the queue writes job events to (None: none for this queue)."""
+        ...
+
     def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
         """Every worker serving the queue, as /system_stats lists them."""
         ...
@@ -98,6 +103,10 @@ class LocalBackend:
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         return log_place(data_dir, None)  # the head and outbox in the queue file: a job's end and its record are one
+
+    def webhook_store(self) -> WebhookStore | None:
+        """The endpoints and the outbox, in the queue file (its triggers write the outbox)."""
+        return WebhookStore(self.queue.path)
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
         if not self.plan.worker_process:
@@ -134,6 +143,9 @@ class ClusterBackend:
         self.queue, self.choice, self.plan, self.node_name = queue, choice, plan, node_name
         self.records = RedisRecords(queue)
         self.relay: AuditRelay | None = None
+
+    def webhook_store(self) -> WebhookStore | None:
+        return None  # a Redis queue has no webhook outbox yet: webhooks need the SQLite queue
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         # Every API node keeps its own log (one chain per writer), fed the job ends by the relay.

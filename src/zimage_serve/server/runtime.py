@@ -30,6 +30,7 @@ from zimage_serve.server.v2.job_view import JobViews
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
+from zimage_serve.webhooks.delivery import DeliveryPolicy
 from zimage_serve.worker.build import RunSettings, WorkerConfig
 from zimage_serve.workflow.events import CLOSING
 from zimage_serve.workflow.folders import Folders
@@ -61,6 +62,7 @@ class ServerSettings:
     node_name: str = ""  # with a Redis queue: this API node's name (its audit log's folder); default host-port
     job_retention_s: float = 30 * 86400.0  # how long v2 says a job is kept after it ends (its expires_at)
     event_streams: int = 100  # v2 event streams one user may hold open at once
+    webhooks: DeliveryPolicy = field(default_factory=DeliveryPolicy)  # how job events reach their endpoints
 
 
 class Runtime:
@@ -91,8 +93,9 @@ class Runtime:
         use_bomb_limit(settings.run.limits.upload_pixels)
         self.validator = Validator(NODES, self.folders, settings.run.limits, PromptTokens(self.folders))
         self.worker = self.backend.workers(self._worker_config(), self, self.hub)
+        self.webhooks = self.backend.webhook_store()
         self.service = QueueService(
-            self.store, self.validator, self.worker, self.folders, screen=self.security.blocklist
+            self.store, self.validator, self.worker, self.folders, self.security.blocklist, self.webhooks
         )
         self.submissions = SubmissionBatcher(self.service, remote=self.backend.shared)
         self.waits = JobWaits(lambda job_id: self.service.get(job_id, LOCAL))
@@ -202,6 +205,8 @@ class Runtime:
             log.error("the running prompt did not stop; it will be run again at the next start")
         self.backend.stop()
         self.security.stop()
+        if self.webhooks is not None:
+            self.webhooks.close()
         self.store.close()
 
     # -- Listener: worker → clients ------------------------------------------------------------------

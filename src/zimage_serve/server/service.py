@@ -71,6 +71,10 @@ class PromptBlocked(PromptRejected):
         self.rule, self.node_id, self.text = rule, node_id, text
 
 
+class WebhookNames(Protocol):
+    def usable(self, name: str, owner: str) -> bool: ...
+
+
 class TextScreen(Protocol):
     """The word filter (`security.blocklist.Blocklist`): the id of the first rule a text breaks, or None."""
 
@@ -98,9 +102,11 @@ class QueueService:
         worker: DeviceWorker,
         folders: Folders,
         screen: TextScreen | None = None,
+        webhooks: WebhookNames | None = None,
     ) -> None:
         self.store, self.validator, self.worker, self.folders = store, validator, worker, folders
         self.screen = screen
+        self.webhooks = webhooks
 
     def submit(self, prompt: Any, **options: Any) -> Submitted:
         """Validate, number and store one prompt (`prepare`'s options); raises PromptRejected, QueueFull
@@ -137,6 +143,7 @@ class QueueService:
             assert counter is not None
             number = float(-counter) if front else float(counter)
         extra = {k: v for k, v in (extra_data or {}).items() if k not in SENSITIVE_KEYS}
+        self._check_webhook(extra.get("webhook"), identity)
         if client_id is not None:
             extra["client_id"] = client_id
         job = Job(prompt_id or str(uuid.uuid4()), number, checked.prompt, extra, checked.outputs)
@@ -149,6 +156,16 @@ class QueueService:
         except ValueError as exc:  # a value that is not JSON (NaN) got through: refused, never stored
             raise PromptRejected(error_body("invalid_prompt", "Invalid prompt", str(exc))) from exc
         return Submitted(new, checked.node_errors)
+
+    def _check_webhook(self, name: Any, identity: Identity) -> None:
+        """A job may name a registered endpoint it is allowed to use (`extra_data.webhook`), or none."""
+        if name is None:
+            return
+        if not isinstance(name, str) or self.webhooks is None or not self.webhooks.usable(name, identity.user):
+            why = f"no endpoint {repr(name)[:80]} this user may use"
+            if self.webhooks is None:
+                why = "webhooks need the SQLite queue (no --queue redis://)"
+            raise PromptRejected(error_body("invalid_webhook", "Unknown webhook", f"extra_data.webhook: {why}"))
 
     def _screen(self, prompt: dict[str, Any]) -> None:
         """Every text a text-encoding node would encode goes through the word filter: each alone, then

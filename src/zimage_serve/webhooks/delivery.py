@@ -1,0 +1,235 @@
+"""Sending the outbox: signed POSTs (Standard Webhooks), retried with backoff, never to a forbidden address.
+
+Each delivery is a JSON body `{"type": "job.succeeded", "timestamp": ..., "data": {...}}` with the
+`webhook-id`, `webhook-timestamp` and `webhook-signature` headers of the Standard Webhooks convention
+(HMAC-SHA256 with the endpoint's secret), so a receiver verifies it with any of that convention's
+libraries. A 2xx answer delivers it; anything else (a timeout, a redirect, which is never followed, a
+refused address) is tried again after an exponential backoff with jitter, until `retry_for_s` after the
+event; then it goes to the dead-letter list an admin sees and replays.
+
+The address is resolved here and checked before connecting: loopback, private, link-local, multicast,
+reserved and unspecified addresses are refused unless an allowed network names them, and the request goes
+to the address that was checked (the host name stays in the Host header and the TLS server name), so a
+name that resolves differently a moment later cannot redirect it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+from standardwebhooks import Webhook
+
+from zimage_serve.webhooks.store import Delivery, WebhookStore
+
+log = logging.getLogger(__name__)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+EVENT_TYPES = {"queued": "job.queued", "started": "job.started", "succeeded": "job.succeeded",
+               "failed": "job.failed", "canceled": "job.canceled"}  # fmt: skip
+MAX_ANSWER_BYTES = 64 * 1024  # what is read of a receiver's answer: only its status matters
+
+
+class Refused(Exception):
+    """The endpoint's address is not one deliveries may go to."""
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    retry_for_s: float = 24 * 3600.0  # how long an event is tried before it goes to the dead letters
+    first_delay_s: float = 2.0
+    max_delay_s: float = 900.0
+    timeout_s: float = 10.0
+    allowed: tuple[IPNetwork, ...] = ()  # private or local networks deliveries may go to all the same
+    concurrency: int = 8
+    poll_s: float = 0.2  # how often the outbox is looked at while it is empty
+
+
+def retry_delay(attempts: int, policy: DeliveryPolicy, draw: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter: up to first_delay · 2^(attempts-1), capped."""
+    ceiling = min(policy.max_delay_s, policy.first_delay_s * 2.0 ** max(0, attempts - 1))
+    return float(max(policy.first_delay_s / 2, ceiling * draw()))
+
+
+def forbidden(address: IPAddress, allowed: Sequence[IPNetwork]) -> bool:
+    """Whether a delivery may not go to `address` (an IPv4-mapped IPv6 address is judged as its IPv4 one)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in network for network in allowed):
+        return False
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+async def checked_address(host: str, port: int, allowed: Sequence[IPNetwork]) -> IPAddress:
+    """The address to connect to for `host`: every address it resolves to must be allowed (a name with one
+    private address among public ones is refused, as a rebinding trick would be)."""
+    try:
+        literal = ipaddress.ip_address(host)
+        addresses: list[IPAddress] = [literal]
+    except ValueError:
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise Refused(f"{host} does not resolve: {exc}") from exc
+        addresses = [ipaddress.ip_address(info[4][0]) for info in found]
+    if not addresses:
+        raise Refused(f"{host} resolves to no address")
+    for address in addresses:
+        if forbidden(address, allowed):
+            raise Refused(f"{host} resolves to {address}, which deliveries may not reach (see --webhook-allow)")
+    return addresses[0]
+
+
+def payload(delivery: Delivery, view_url: Callable[[dict[str, Any]], str]) -> bytes:
+    """The body: the event, when it happened, and the job (its outputs, with URLs, once it succeeded)."""
+    data: dict[str, Any] = {"job_id": delivery.job_id, "status": delivery.state}
+    if delivery.result is not None:
+        try:
+            result = json.loads(delivery.result)
+        except ValueError:
+            result = {}
+        if isinstance(result, dict):
+            found = result.get("outputs")
+            outputs: dict[str, Any] = found if isinstance(found, dict) else {}
+            data["outputs"] = outputs
+            data["images"] = [
+                {**image, "url": view_url(image)}
+                for output in outputs.values()
+                if isinstance(output, dict)
+                for image in output.get("images", [])
+                if isinstance(image, dict) and isinstance(image.get("filename"), str)
+            ]
+            status = result.get("status")
+            if isinstance(status, dict) and delivery.event == "failed":
+                data["messages"] = status.get("messages", [])
+    body = {
+        "type": EVENT_TYPES.get(delivery.event, delivery.event),
+        "timestamp": datetime.fromtimestamp(delivery.created, UTC).isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def view_path(image: dict[str, Any]) -> str:
+    """ComfyUI's /view address of an output (the server's public URL goes in front when it has one)."""
+    return (
+        f"/view?filename={quote(str(image.get('filename', '')))}&subfolder={quote(str(image.get('subfolder', '')))}"
+        f"&type={quote(str(image.get('type', 'output')))}"
+    )
+
+
+@dataclass
+class Dispatcher:
+    """Empties the outbox while the server runs (every API node runs one; leases keep them apart)."""
+
+    store: WebhookStore
+    policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    public_url: str = ""
+    counted: Callable[[str, str], None] = lambda endpoint, outcome: None  # metrics: delivered, retried, dead
+    _client: httpx.AsyncClient | None = None
+
+    async def run(self) -> None:
+        self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.policy.timeout_s, trust_env=False)
+        slots = asyncio.Semaphore(self.policy.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                claimed = await asyncio.to_thread(self.store.claim, time.time(), self.policy.concurrency * 2)
+                for delivery in claimed:
+                    await slots.acquire()
+                    task = asyncio.create_task(self._send(delivery, slots))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if not claimed:
+                    await asyncio.sleep(self.policy.poll_s)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self._client.aclose()
+
+    async def _send(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+        try:
+            error = await self.attempt(delivery)
+            if error is None:
+                await asyncio.to_thread(self.store.delivered, delivery.seq)
+                self.counted(delivery.endpoint.name, "delivered")
+                return
+            give_up = time.time() - delivery.created >= self.policy.retry_for_s
+            retry_at = None if give_up else time.time() + retry_delay(delivery.attempts, self.policy)
+            await asyncio.to_thread(self.store.failed, delivery.seq, error, retry_at)
+            self.counted(delivery.endpoint.name, "dead" if give_up else "retried")
+            log.warning(
+                "webhook %s to %s (%s): %s; %s", delivery.id, delivery.endpoint.name, delivery.event, error,
+                "given up" if give_up else f"tried again in {retry_at - time.time():.0f} s" if retry_at else "",
+            )  # fmt: skip
+        except Exception:  # a bug here must not stop the dispatcher; the lease brings the delivery back
+            log.exception("webhook delivery %s failed", delivery.id)
+        finally:
+            slots.release()
+
+    async def attempt(self, delivery: Delivery) -> str | None:
+        """One POST; None when the endpoint answered 2xx, else why not."""
+        assert self._client is not None
+        url = urlsplit(delivery.endpoint.url)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        try:
+            address = await checked_address(host, port, self.policy.allowed)
+        except Refused as exc:
+            return str(exc)
+        body = payload(delivery, lambda image: self.public_url.rstrip("/") + view_path(image))
+        sent_at = datetime.now(UTC)
+        signature = Webhook(delivery.secret).sign(delivery.id, sent_at, body)
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "zimage-serve webhooks",
+            "webhook-id": delivery.id,
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": signature,
+            "host": url.netloc.rpartition("@")[2],
+        }
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        target = url._replace(netloc=f"{literal}:{port}").geturl()
+        extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+        try:
+            request = self._client.build_request("POST", target, content=body, headers=headers, extensions=extensions)
+            response = await self._client.send(request, stream=True)
+            try:
+                read = 0
+                async for chunk in response.aiter_raw():  # only the status matters; the rest is bounded
+                    read += len(chunk)
+                    if read > MAX_ANSWER_BYTES:
+                        break
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if 200 <= response.status_code < 300:
+            return None
+        if 300 <= response.status_code < 400:
+            return f"answered {response.status_code} (a redirect, which deliveries do not follow)"
+        return f"answered {response.status_code}"
+
+
+async def stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

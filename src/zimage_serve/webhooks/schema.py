@@ -1,0 +1,73 @@
+"""The webhook tables in the queue's SQLite file, and the triggers that fill the outbox.
+
+The triggers write a job's events in the transaction that changes the job, so no event is lost to a crash
+between the two: queued (a job stored), started (taken by a worker), succeeded, failed or canceled (its
+end, or a waiting job deleted). One row per event and endpoint: every endpoint subscribed to the job's
+owner (or to every job), and the one the job names in `extra_data.webhook` if its owner may use it. With
+no endpoint registered the triggers do nothing (their WHEN clause reads one empty table).
+"""
+
+from __future__ import annotations
+
+EVENTS = ("queued", "started", "succeeded", "failed", "canceled")
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix time, in SQLite before unixepoch('subsec')
+TABLES = """
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    events TEXT NOT NULL,          -- ',queued,succeeded,': the events it receives
+    owner TEXT NOT NULL DEFAULT '', -- '' : any user's jobs may use it; else that user's only
+    subscribe INTEGER NOT NULL DEFAULT 0, -- 1: every job of `owner` (of everyone for ''), named or not
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,       -- the webhook-id a receiver deduplicates by: one per event and endpoint
+    endpoint TEXT NOT NULL,
+    event TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    result TEXT,                   -- the job's history entry at its end (outputs, status)
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    lease_until REAL,
+    last_error TEXT,
+    dead REAL                      -- when it was given up on (the dead-letter list), else NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at) WHERE dead IS NULL;
+"""
+
+
+def _insert(event: str, row: str, result: str) -> str:
+    """The rows of one event of job `row` (NEW or OLD), for every endpoint it goes to."""
+    named = f"CASE WHEN json_valid({row}.extra_data) THEN json_extract({row}.extra_data, '$.webhook') END"
+    return f"""
+    INSERT INTO webhook_outbox (id, endpoint, event, job_id, owner, state, result, created, next_at)
+    SELECT 'msg_' || lower(hex(randomblob(16))), e.id, {event}, {row}.id, {row}.owner, {row}.state, {result},
+           {NOW}, {NOW}
+    FROM webhook_endpoints e
+    WHERE instr(e.events, ',' || {event} || ',') > 0
+      AND (e.owner = '' OR e.owner = {row}.owner)
+      AND (e.subscribe = 1 OR e.name = {named});"""
+
+
+ANY_ENDPOINT = "EXISTS (SELECT 1 FROM webhook_endpoints)"
+ENDED = "CASE NEW.state WHEN 'success' THEN 'succeeded' WHEN 'error' THEN 'failed' ELSE 'canceled' END"
+TRIGGERS = f"""
+CREATE TRIGGER IF NOT EXISTS jobs_webhook_queued AFTER INSERT ON jobs
+WHEN NEW.finished IS NULL AND {ANY_ENDPOINT} BEGIN {_insert("'queued'", "NEW", "NULL")}
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_webhook_started AFTER UPDATE OF state ON jobs
+WHEN NEW.state = 'running' AND OLD.state <> 'running' AND {ANY_ENDPOINT} BEGIN {_insert("'started'", "NEW", "NULL")}
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_webhook_ended AFTER UPDATE OF finished ON jobs
+WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL AND {ANY_ENDPOINT} BEGIN {_insert(ENDED, "NEW", "NEW.result")}
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_webhook_deleted AFTER DELETE ON jobs
+WHEN OLD.finished IS NULL AND {ANY_ENDPOINT} BEGIN {_insert("'canceled'", "OLD", "NULL")}
+END;
+"""

@@ -1,0 +1,246 @@
+"""The registered endpoints and the outbox of deliveries, in the queue's SQLite file (webhooks/schema.py).
+
+Deliveries are claimed with a lease, so that two API nodes sharing the file never send one at the same
+time, and each is removed once its endpoint answered 2xx: an event is delivered at least once (a node
+that dies after the receiver's answer and before the removal sends it again, with the same webhook-id).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from zimage_serve import sqlite_busy
+from zimage_serve.errors import ZImageError
+from zimage_serve.webhooks.schema import EVENTS, TABLES
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_URL = 2048
+SECRET_BYTES = 32
+
+
+class WebhookError(ZImageError):
+    """An endpoint that cannot be registered as asked; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str
+    name: str
+    url: str
+    events: tuple[str, ...]
+    owner: str  # '' : any user's jobs may name it
+    subscribe: bool  # every job of `owner` (of everyone for '') goes to it, named or not
+    created: float
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API and the CLI show: everything but the secret."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "url": self.url,
+            "events": list(self.events),
+            "user": self.owner or None,
+            "subscribe": self.subscribe,
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event for one endpoint, claimed for sending."""
+
+    seq: int
+    id: str  # webhook-id
+    event: str
+    job_id: str
+    owner: str
+    state: str
+    result: str | None
+    created: float
+    attempts: int
+    endpoint: Endpoint
+    secret: str
+
+
+def checked_events(events: list[str] | None) -> tuple[str, ...]:
+    if not events or events == ["all"]:
+        return EVENTS
+    unknown = [e for e in events if e not in EVENTS]
+    if unknown:
+        raise WebhookError(f"events: {', '.join(unknown)} not among all, {', '.join(EVENTS)}")
+    return tuple(e for e in EVENTS if e in events)
+
+
+def checked_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
+        raise WebhookError(f"url: {url[:80]!r} is not an http(s) URL with a host (at most {MAX_URL} characters)")
+    if parts.username or parts.password:
+        raise WebhookError("url: credentials in the URL are not kept; the signature authenticates the sender")
+    return url
+
+
+class WebhookStore:
+    """The webhook tables of one queue file; thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")
+        self._db.executescript(TABLES)  # the queue makes the same tables, and the triggers, as it opens the file
+        self._db.execute("PRAGMA busy_timeout=0")
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- endpoints -------------------------------------------------------------------------------------
+    def add(
+        self, name: str, url: str, events: list[str] | None = None, owner: str = "", subscribe: bool = False
+    ) -> tuple[Endpoint, str]:
+        """Register an endpoint; (it, its signing secret), the secret shown this once."""
+        if not NAME.fullmatch(name):
+            raise WebhookError(f"name: {name[:80]!r} must be 1 to 64 letters, digits, '.', '_' or '-'")
+        endpoint = Endpoint(
+            "ep_" + uuid.uuid4().hex, name, checked_url(url), checked_events(events), owner, subscribe, time.time()
+        )
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+        try:
+            with self._writing():
+                self._execute(
+                    "INSERT INTO webhook_endpoints (id, name, url, secret, events, owner, subscribe, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (endpoint.id, name, endpoint.url, secret, _events_text(endpoint.events), owner,
+                     int(subscribe), endpoint.created),
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise WebhookError(f"name: an endpoint named {name!r} exists already") from None
+        return endpoint, secret
+
+    def endpoints(self) -> list[Endpoint]:
+        with self._lock:
+            rows = self._execute("SELECT * FROM webhook_endpoints ORDER BY created").fetchall()
+        return [_endpoint(row) for row in rows]
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        return next((e for e in self.endpoints() if e.name == name), None)
+
+    def usable(self, name: str, owner: str) -> bool:
+        """Whether a job of `owner` may name this endpoint."""
+        found = self.endpoint(name)
+        return found is not None and found.owner in ("", owner)
+
+    def remove(self, name: str) -> bool:
+        """Remove an endpoint and the deliveries still waiting for it (its dead letters stay, for the record)."""
+        with self._writing():
+            row = self._execute("SELECT id FROM webhook_endpoints WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return False
+            self._execute("DELETE FROM webhook_outbox WHERE endpoint = ? AND dead IS NULL", (row[0],))
+            self._execute("DELETE FROM webhook_endpoints WHERE id = ?", (row[0],))
+        return True
+
+    # -- deliveries ------------------------------------------------------------------------------------
+    def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
+        """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that)."""
+        with self._writing():
+            rows = self._execute(
+                "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1 WHERE seq IN ("
+                "SELECT seq FROM webhook_outbox WHERE dead IS NULL AND next_at <= ? "
+                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_at, seq LIMIT ?) RETURNING *",
+                (now + lease_s, now, now, limit),
+            ).fetchall()
+            endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
+        claimed = []
+        for row in sorted(rows, key=lambda r: r["seq"]):
+            endpoint = endpoints.get(row["endpoint"])
+            if endpoint is None:  # removed meanwhile
+                continue
+            claimed.append(
+                Delivery(row["seq"], row["id"], row["event"], row["job_id"], row["owner"], row["state"],
+                         row["result"], row["created"], row["attempts"], _endpoint(endpoint), endpoint["secret"])
+            )  # fmt: skip
+        return claimed
+
+    def delivered(self, seq: int) -> None:
+        with self._writing():
+            self._execute("DELETE FROM webhook_outbox WHERE seq = ?", (seq,))
+
+    def failed(self, seq: int, error: str, retry_at: float | None) -> None:
+        """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None."""
+        with self._writing():
+            if retry_at is None:
+                self._execute(
+                    "UPDATE webhook_outbox SET dead = ?, last_error = ?, lease_until = NULL WHERE seq = ?",
+                    (time.time(), error[:500], seq),
+                )
+            else:
+                self._execute(
+                    "UPDATE webhook_outbox SET next_at = ?, last_error = ?, lease_until = NULL WHERE seq = ?",
+                    (retry_at, error[:500], seq),
+                )
+
+    def waiting(self) -> int:
+        with self._lock:
+            return int(self._execute("SELECT COUNT(*) FROM webhook_outbox WHERE dead IS NULL").fetchone()[0])
+
+    def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._execute(
+                "SELECT o.*, e.name AS endpoint_name FROM webhook_outbox o LEFT JOIN webhook_endpoints e "
+                "ON e.id = o.endpoint WHERE o.dead IS NOT NULL ORDER BY o.seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            {"id": r["id"], "endpoint": r["endpoint_name"], "event": r["event"], "job_id": r["job_id"],
+             "attempts": r["attempts"], "error": r["last_error"], "created": r["created"], "dead": r["dead"]}
+            for r in rows
+        ]  # fmt: skip
+
+    def replay(self, ids: list[str] | None = None) -> int:
+        """Dead letters (these, or all) go back to the outbox, to be tried again now with fresh attempts."""
+        with self._writing():
+            if ids is None:
+                cursor = self._execute(
+                    "UPDATE webhook_outbox SET dead = NULL, attempts = 0, next_at = ?, lease_until = NULL "
+                    "WHERE dead IS NOT NULL AND endpoint IN (SELECT id FROM webhook_endpoints)",
+                    (time.time(),),
+                )
+                return int(cursor.rowcount)
+            count = 0
+            for message in ids:
+                count += self._execute(
+                    "UPDATE webhook_outbox SET dead = NULL, attempts = 0, next_at = ?, lease_until = NULL "
+                    "WHERE id = ? AND dead IS NOT NULL AND endpoint IN (SELECT id FROM webhook_endpoints)",
+                    (time.time(), message),
+                ).rowcount
+            return count
+
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return sqlite_busy.execute(self._db, sql, args)
+
+    def _writing(self) -> Any:
+        return sqlite_busy.transaction(self._db, self._lock)
+
+
+def _events_text(events: tuple[str, ...]) -> str:
+    return "," + ",".join(events) + ","
+
+
+def _endpoint(row: sqlite3.Row) -> Endpoint:
+    events = tuple(e for e in row["events"].split(",") if e)
+    return Endpoint(row["id"], row["name"], row["url"], events, row["owner"], bool(row["subscribe"]), row["created"])

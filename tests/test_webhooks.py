@@ -1,0 +1,218 @@
+"""Webhooks: endpoints, the outbox the queue's triggers fill, signed deliveries (verified with the Standard
+Webhooks library a receiver would use), retries, dead letters and replay, and the addresses refused."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from standardwebhooks import Webhook
+
+from tests.support.cli import run
+from tests.support.jobs import wait_until
+from tests.support.threaded import threaded_server
+from zimage_serve.webhooks.delivery import DeliveryPolicy, forbidden, retry_delay
+from zimage_serve.webhooks.store import WebhookError, WebhookStore
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+@dataclass
+class Receiver:
+    """An HTTP endpoint on loopback that records what it is sent, answering as `answers` says."""
+
+    port: int = 0
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)  # statuses to answer, in turn; then 200
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def bodies(self, event: str | None = None) -> list[dict[str, Any]]:
+        found = [json.loads(body) for _, body in self.received]
+        return [b for b in found if event is None or b["type"] == event]
+
+
+@contextmanager
+def receiving(answers: list[int] | None = None) -> Iterator[Receiver]:
+    receiver = Receiver(answers=list(answers or []))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            status = receiver.answers.pop(0) if receiver.answers else 200
+            self.send_response(status)
+            if status in (301, 302, 307):
+                self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def graph(prefix: str) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "red.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def data_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    (data / "input").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(data / "input" / "red.png")
+    return data
+
+
+def policy(**changes: Any) -> DeliveryPolicy:
+    return DeliveryPolicy(**{"allowed": LOOPBACK, "first_delay_s": 0.05, "poll_s": 0.02, **changes})
+
+
+def test_a_named_job_sends_its_events_signed_and_each_once(tmp_path: Path) -> None:
+    data = data_dir(tmp_path)
+    store = WebhookStore(data / "queue.sqlite3")
+    with receiving() as receiver:
+        endpoint, secret = store.add("shop", receiver.url)
+        store.close()
+        assert secret.startswith("whsec_") and "secret" not in json.dumps(endpoint.public())
+        security = {"public_url": "https://images.example"}
+        with threaded_server(data, security=security, webhooks=policy(), preload=False) as server:
+            status, answer = server.json(
+                "POST", "/prompt", {"prompt": graph("named"), "extra_data": {"webhook": "shop"}}
+            )
+            assert status == 200, answer
+            job = answer["prompt_id"]
+            wait_until(lambda: len(receiver.bodies("job.succeeded")) == 1, timeout=30)
+            server.json("POST", "/prompt", {"prompt": graph("anonymous")})  # names no endpoint: nothing is sent
+            status, refused = server.json("POST", "/prompt", {"prompt": graph("x"), "extra_data": {"webhook": "nope"}})
+            assert status == 400 and refused["error"]["type"] == "invalid_webhook", refused
+            assert "extra_data.webhook" in refused["error"]["details"]
+            wait_until(lambda: len(server.json("GET", "/history")[1]) == 2)
+    types = [body["type"] for body in receiver.bodies()]
+    assert types == ["job.queued", "job.started", "job.succeeded"], types
+    for headers, body in receiver.received:  # what a receiver checks, with the convention's own library
+        event = Webhook(secret).verify(body, headers)
+        assert event["data"]["job_id"] == job
+    assert len({headers["webhook-id"] for headers, _ in receiver.received}) == 3
+    done = receiver.bodies("job.succeeded")[0]["data"]
+    [image] = done["images"]
+    assert image["filename"] == "named_00001_.png" and image["url"].startswith("https://images.example/view?filename=")
+    assert done["status"] == "success" and done["outputs"]["2"]["images"][0] == {
+        k: image[k] for k in done["outputs"]["2"]["images"][0]
+    }
+
+
+def test_a_failing_endpoint_is_tried_again_with_the_same_id_then_given_up_and_replayed(tmp_path: Path) -> None:
+    data = data_dir(tmp_path)
+    store = WebhookStore(data / "queue.sqlite3")
+    with receiving(answers=[500, 302]) as receiver:
+        _, secret = store.add("ops", receiver.url, ["succeeded"], subscribe=True)
+        with threaded_server(data, webhooks=policy(), preload=False) as server:
+            server.json("POST", "/prompt", {"prompt": graph("retried")})  # subscribed: no name needed
+            wait_until(lambda: len(receiver.received) == 3, timeout=30)  # 500, then a redirect not followed, then 200
+        assert len({headers["webhook-id"] for headers, _ in receiver.received}) == 1
+        assert all(Webhook(secret).verify(body, headers) for headers, body in receiver.received)
+        assert store.waiting() == 0 and store.dead_letters() == []
+
+    # An endpoint that never answers well: tried until the retry window closes, then a dead letter.
+    with receiving(answers=[503] * 1000) as receiver:
+        store.remove("ops")
+        store.add("flaky", receiver.url, ["succeeded"], subscribe=True)
+        with threaded_server(data, webhooks=policy(retry_for_s=0.5), preload=False) as server:
+            server.json("POST", "/prompt", {"prompt": graph("dead")})
+            wait_until(lambda: len(store.dead_letters()) == 1, timeout=30)
+            [letter] = store.dead_letters()
+            assert letter["endpoint"] == "flaky" and letter["error"] == "answered 503" and letter["attempts"] >= 2
+            receiver.answers.clear()
+            tried = len(receiver.received)
+            assert store.replay() == 1
+            wait_until(lambda: len(receiver.received) == tried + 1 and store.waiting() == 0, timeout=30)
+            assert store.dead_letters() == []
+    store.close()
+
+
+def test_addresses_deliveries_may_not_reach_are_refused(tmp_path: Path) -> None:
+    allowed = (ipaddress.ip_network("10.1.0.0/16"),)
+    for text in ("127.0.0.1", "10.0.0.5", "192.168.1.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fe80::1",
+                 "0.0.0.0", "224.0.0.1", "fc00::1"):  # fmt: skip
+        assert forbidden(ipaddress.ip_address(text), allowed), text
+    assert not forbidden(ipaddress.ip_address("10.1.2.3"), allowed)  # the admin allowed this network
+    assert not forbidden(ipaddress.ip_address("93.184.216.34"), ())
+
+    data = data_dir(tmp_path)
+    store = WebhookStore(data / "queue.sqlite3")
+    with receiving() as receiver:
+        store.add("local", receiver.url, ["succeeded"], subscribe=True)
+        with threaded_server(data, webhooks=policy(allowed=(), retry_for_s=0.3), preload=False) as server:
+            server.json("POST", "/prompt", {"prompt": graph("refused")})
+            wait_until(lambda: len(store.dead_letters()) == 1, timeout=30)
+        assert receiver.received == []  # never connected to
+    assert "127.0.0.1, which deliveries may not reach" in store.dead_letters()[0]["error"]
+    store.close()
+
+
+def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
+    slow = DeliveryPolicy(first_delay_s=2, max_delay_s=60)
+    assert [retry_delay(n, slow, lambda: 1.0) for n in (1, 2, 3, 4, 10)] == [2, 4, 8, 16, 60]
+    assert retry_delay(3, slow, lambda: 0.0) == 1.0  # jitter, with a floor
+
+
+@pytest.mark.parametrize(
+    ("call", "why"),
+    [
+        (lambda s: s.add("bad name!", "https://x.example"), "name"),
+        (lambda s: s.add("ok", "ftp://x.example"), "url"),
+        (lambda s: s.add("ok", "https://user:pw@x.example"), "credentials"),
+        (lambda s: s.add("ok", "https://x.example", ["sent"]), "events"),
+    ],
+)
+def test_an_endpoint_is_checked_before_it_is_kept(
+    tmp_path: Path, call: Callable[[WebhookStore], Any], why: str
+) -> None:
+    store = WebhookStore(tmp_path / "queue.sqlite3")
+    with pytest.raises(WebhookError, match=why):
+        call(store)
+    assert store.endpoints() == []
+    store.add("twice", "https://x.example")
+    with pytest.raises(WebhookError, match="exists already"):
+        store.add("twice", "https://y.example")
+
+
+def test_the_command_line_registers_lists_and_removes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data-dir", str(tmp_path)]
+    code, stdout, stderr = run(["webhooks", "add", "https://erp.example/hook", "--name", "erp", "--events",
+                                "succeeded,failed", *data], capsys)  # fmt: skip
+    assert code == 0, stderr
+    secret = stdout.strip().splitlines()[-1]
+    assert secret.startswith("whsec_") and "shown only now" in stderr
+    code, stdout, _ = run(["webhooks", "list", "--json", *data], capsys)
+    [listed] = [json.loads(line) for line in stdout.splitlines()]
+    assert listed["name"] == "erp" and listed["events"] == ["succeeded", "failed"] and secret not in stdout
+    code, _, stderr = run(["webhooks", "add", "gopher://x", *data], capsys)
+    assert code == 2 and "URL" in stderr
+    code, _, stderr = run(["webhooks", "add", "https://x.example", "--user", "nobody", *data], capsys)
+    assert code == 2 and "--user" in stderr
+    assert run(["webhooks", "remove", "erp", *data], capsys)[0] == 0
+    code, _, stderr = run(["webhooks", "remove", "erp", *data], capsys)
+    assert code == 2 and "no endpoint" in stderr
