@@ -216,3 +216,58 @@ def test_the_command_line_registers_lists_and_removes(tmp_path: Path, capsys: py
     assert run(["webhooks", "remove", "erp", *data], capsys)[0] == 0
     code, _, stderr = run(["webhooks", "remove", "erp", *data], capsys)
     assert code == 2 and "no endpoint" in stderr
+
+
+def test_admins_manage_endpoints_over_http_and_users_name_them_through_v2_and_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.support.tokens import make_tokens
+
+    data = data_dir(tmp_path)
+    tokens = make_tokens(data)
+    for user in ("alice", "bob"):
+        (data / "input" / "users" / user).mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(data / "input" / "users" / user / "red.png")
+    with receiving() as receiver, threaded_server(data, auth="on", webhooks=policy(), preload=False) as server:
+        admin, alice, bob = (server.as_token(tokens[k]) for k in ("admin", "user", "other"))
+        assert alice.json("GET", "/api/zimage/webhooks")[0] == 403
+        body = {"name": "alices", "url": receiver.url, "events": ["succeeded"], "user": "alice"}
+        status, made = admin.json("POST", "/api/zimage/webhooks", body)
+        assert (
+            status == 201 and made["secret"].startswith("whsec_") and made["user"] and made["events"] == ["succeeded"]
+        )
+        assert admin.json("POST", "/api/zimage/webhooks", body)[0] == 409
+        assert admin.json("POST", "/api/zimage/webhooks", {**body, "name": "x", "url": "file:///etc"})[0] == 400
+        [listed] = admin.json("GET", "/api/zimage/webhooks")[1]["endpoints"]
+        assert "secret" not in listed and listed["name"] == "alices"
+
+        v2 = {"workflow": graph("v2"), "metadata": {"webhook": "alices", "sku": "A1"}}
+        status, job = alice.json("POST", "/api/v2/jobs", v2)
+        assert status == 201, job
+        status, refused = bob.json("POST", "/api/v2/jobs", v2)  # alice's endpoint: not bob's to name
+        assert status == 422 and refused["error"]["code"] == "invalid_webhook", refused
+        wait_until(lambda: len(receiver.bodies("job.succeeded")) == 1, timeout=30)
+        assert Webhook(made["secret"]).verify(*reversed(receiver.received[0]))["data"]["job_id"] == job["id"]
+
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text('{"prompt": "a red circle", "seed": 1}\n{"prompt": "a blue square", "seed": 2}\n')
+        from zimage_serve.security.tokens import TokenStore
+
+        store = TokenStore(data / "auth.sqlite3")
+        nano = store.create("nano-user", "user")[0]
+        store.close()
+        hook = {"name": "batch", "url": receiver.url, "events": ["succeeded"], "user": "nano-user"}
+        assert admin.json("POST", "/api/zimage/webhooks", hook)[0] == 201
+        remote = ["--server", server.url, "--token", nano, "--webhook", "batch"]
+        out = ["--set", "steps=2", "--out", str(tmp_path / "out")]
+        code, _, stderr = run(["batch", str(rows), "--template", "zimage-nano", *remote, *out], capsys)
+        assert code == 0, stderr
+        wait_until(lambda: len(receiver.bodies("job.succeeded")) == 3, timeout=60)
+        assert admin.json("GET", "/api/zimage/webhooks/dead")[1] == {"dead": []}
+        assert admin.json("POST", "/api/zimage/webhooks/replay", {})[1] == {"replayed": 0}
+        metrics = admin.request("GET", "/metrics")[2].decode()
+        assert 'zimage_webhook_deliveries_total{endpoint="alices",outcome="delivered"} 1.0' in metrics
+        assert admin.request("DELETE", "/api/zimage/webhooks/alices")[0] == 200
+        assert admin.request("DELETE", "/api/zimage/webhooks/alices")[0] == 404
+    code, _, stderr = run(["batch", str(rows), "--template", "zimage-nano", "--webhook", "x"], capsys)
+    assert code == 2 and "--webhook" in stderr and "--server" in stderr

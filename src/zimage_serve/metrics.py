@@ -4,6 +4,7 @@ Where each is observed:
 - a job's end (outcome, run time, time from queued to ended, the nodes it executed), in the process that
   recorded it: a worker, or the server that hears it from its worker process (`JobEnded`);
 - HTTP requests by route template (never by raw path: a client cannot grow the label set), on API nodes;
+- webhook deliveries (by endpoint, which only an admin creates) and their latency, on API nodes;
 - the queue's depth per state, the workers' heartbeat ages and device memory, read from the queue and
   the register when scraped, on API nodes.
 
@@ -26,6 +27,18 @@ REGISTRY = CollectorRegistry()
 _JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+WEBHOOK_DELIVERIES = Counter(
+    "zimage_webhook_deliveries",
+    "Webhook delivery tries, by endpoint and outcome (delivered, retried, dead)",
+    ["endpoint", "outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_LATENCY_SECONDS = Histogram(
+    "zimage_webhook_latency_seconds",
+    "Time from a job's event to its endpoint's 2xx answer",
+    buckets=(*_HTTP_BUCKETS, 30, 60, 300, 900, 3600),
+    registry=REGISTRY,
+)
 JOBS_ENDED = Counter("zimage_jobs_ended", "Jobs recorded as ended, by outcome", ["outcome"], registry=REGISTRY)
 JOB_RUN_SECONDS = Histogram(
     "zimage_job_run_seconds", "Time a job ran on its worker", ["outcome"], buckets=_JOB_BUCKETS, registry=REGISTRY

@@ -52,10 +52,15 @@ class Backend(Protocol):
 
 
 class RemoteBackend:
-    def __init__(self, url: str, token: str | None, token_env: str = "ZIMAGE_TOKEN") -> None:
+    def __init__(
+        self, url: str, token: str | None, token_env: str = "ZIMAGE_TOKEN", webhook: str | None = None
+    ) -> None:
         from zimage_serve.client import AsyncClient
 
         self.client = AsyncClient(url, token)
+        self.extra: dict[str, Any] = {"source": "zimage batch"}
+        if webhook is not None:  # each job's events go to this registered endpoint
+            self.extra["webhook"] = webhook
         self.where = url
         self.token, self.token_env = token, token_env
         self._running: set[str] = set()
@@ -96,7 +101,7 @@ class RemoteBackend:
         if self._stopping:
             raise Interrupted("stopping")
         try:
-            prompt_id = await self.client.submit(graph, extra_data={"source": "zimage batch"})
+            prompt_id = await self.client.submit(graph, extra_data=self.extra)
         except ClientError as exc:
             raise RowFailed(str(exc)) from None
         self._running.add(prompt_id)

@@ -39,6 +39,9 @@ def batch(
         str | None, typer.Option(help=f"The server's API token [env {TOKEN_ENV}]", envvar=TOKEN_ENV)
     ] = None,
     concurrency: Annotated[int, typer.Option(help="Jobs in flight at once on a server", min=1, max=64)] = 1,
+    webhook: Annotated[
+        str | None, typer.Option(help="With --server: a registered webhook endpoint each row's job reports to")
+    ] = None,
     input_dir: Annotated[
         Path | None, typer.Option(help="Where image parameters' files are [default: FILE's folder]")
     ] = None,
@@ -62,7 +65,9 @@ def batch(
     base = input_dir if input_dir is not None else file.parent
     if concurrency > 1 and server is None:
         console_err.print("[yellow]note:[/] --concurrency is for --server; here, rows run one by one", highlight=False)
-    backend = _backend(server, token, folder, base, models, data_dir, device, dtype)
+    if webhook is not None and server is None:
+        raise typer.BadParameter("webhooks are sent by a server: use it with --server", param_hint="--webhook")
+    backend = _backend(server, token, folder, base, models, data_dir, device, dtype, webhook)
 
     async def main() -> Summary:
         try:
@@ -108,11 +113,12 @@ def _backend(
     data_dir: Path | None,
     device: str,
     dtype: str,
+    webhook: str | None = None,
 ) -> Backend:
     if server is not None:
         from zimage_serve.batch.backends import RemoteBackend
 
-        return RemoteBackend(server, token, TOKEN_ENV)
+        return RemoteBackend(server, token, TOKEN_ENV, webhook)
     from zimage_serve.batch.backends import LocalBackend
 
     work = out / ".zimage-work"

@@ -81,6 +81,24 @@ class ImagesRequest(BaseModel):
     user: str | None = None
 
 
+class WebhookRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="What jobs call it in extra_data.webhook (letters, digits, '.', '_', '-')")
+    url: str = Field(description="Where the events are POSTed (http or https)")
+    events: list[Literal["queued", "started", "succeeded", "failed", "canceled"]] | None = Field(
+        None, description="The events it receives (all when left out)"
+    )
+    user: str | None = Field(None, description="Only this user's jobs may name it (a token's name)")
+    subscribe: bool = Field(False, description="Every job's events (the user's, or everyone's), named or not")
+
+
+class ReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(None, description="The webhook-ids to send again (every dead one when left out)")
+
+
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -32,6 +32,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from standardwebhooks import Webhook
 
+from zimage_serve.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY_SECONDS
 from zimage_serve.webhooks.store import Delivery, WebhookStore
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,6 @@ class Dispatcher:
     store: WebhookStore
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
-    counted: Callable[[str, str], None] = lambda endpoint, outcome: None  # metrics: delivered, retried, dead
     _client: httpx.AsyncClient | None = None
 
     async def run(self) -> None:
@@ -171,12 +171,13 @@ class Dispatcher:
             error = await self.attempt(delivery)
             if error is None:
                 await asyncio.to_thread(self.store.delivered, delivery.seq)
-                self.counted(delivery.endpoint.name, "delivered")
+                WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "delivered").inc()
+                WEBHOOK_LATENCY_SECONDS.observe(max(0.0, time.time() - delivery.created))
                 return
             give_up = time.time() - delivery.created >= self.policy.retry_for_s
             retry_at = None if give_up else time.time() + retry_delay(delivery.attempts, self.policy)
             await asyncio.to_thread(self.store.failed, delivery.seq, error, retry_at)
-            self.counted(delivery.endpoint.name, "dead" if give_up else "retried")
+            WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "dead" if give_up else "retried").inc()
             log.warning(
                 "webhook %s to %s (%s): %s; %s", delivery.id, delivery.endpoint.name, delivery.event, error,
                 "given up" if give_up else f"tried again in {retry_at - time.time():.0f} s" if retry_at else "",

@@ -111,6 +111,8 @@ async def submit(request: Request) -> Response:
     v2_fields = {name: getattr(body, name) for name in ("metadata", "priority") if getattr(body, name) is not None}
     if v2_fields:
         extra[EXTRA_KEY] = v2_fields
+    if isinstance(body.metadata, dict) and "webhook" in body.metadata:  # a registered endpoint, by its name
+        extra["webhook"] = body.metadata["webhook"]
     owner = identity.user
     if key is not None and not await rt.quick(rt.records.claim_key, owner, f"jobs/{key}"):
         raise V2Error(
@@ -152,6 +154,8 @@ def _refused(request: Request, rt: Runtime, exc: Exception) -> V2Error:
         error = exc.body.get("error") or {}
         message = ": ".join(p for p in (error.get("message"), error.get("details")) if p) or str(exc)
         return V2Error(422, "prompt_blocked", message, {"node_errors": node_errors(exc.body), "rule": exc.rule})
+    if isinstance(exc, PromptRejected) and (exc.body.get("error") or {}).get("type") == "invalid_webhook":
+        return V2Error(422, "invalid_webhook", exc.body["error"]["details"])
     if isinstance(exc, PromptRejected):
         error = exc.body.get("error") or {}
         message = ": ".join(p for p in (error.get("message"), error.get("details")) if p) or "invalid workflow"
