@@ -285,6 +285,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         if runtime.webhooks is not None:
             dispatcher = Dispatcher(runtime.webhooks, settings.webhooks, runtime.security.public_base())
             sending = asyncio.get_running_loop().create_task(dispatcher.run())
+            runtime.webhooks_due = dispatcher.wake
         try:
             yield
         finally:

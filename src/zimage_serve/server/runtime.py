@@ -107,6 +107,7 @@ class Runtime:
         # forgetting a record and removing the bytes it was the last to hold, never interleave here.
         self.asset_files = asyncio.Lock()
         self._started = self._stopped = False
+        self.webhooks_due: Callable[[], None] = lambda: None  # wakes the webhook dispatcher (app.py sets it)
 
     async def quick(self, call: Callable[..., T], *args: Any) -> T:
         """A short call on the queue's store or the records: on the event loop for this machine's SQLite
@@ -217,11 +218,13 @@ class Runtime:
         self.feeds.publish(prompt_id, event, data)
         if event in CLOSING:  # recorded in the queue before it is sent: whoever waits may read it now
             self.waits.ended(prompt_id)
+            self.webhooks_due()
 
     def listening(self) -> bool:
         return self.hub.audience() > 0
 
     def queue_changed(self) -> None:
+        self.webhooks_due()  # a job queued: its event may be in the outbox
         # While the queue is away, sockets get its state with the next change, or as they connect.
         with contextlib.suppress(QueueUnavailable):
             self.hub.broadcast_by_view("status", self.status)

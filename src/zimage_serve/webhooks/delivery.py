@@ -146,13 +146,25 @@ class Dispatcher:
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
     _client: httpx.AsyncClient | None = None
+    _due: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _delivered: list[int] = field(default_factory=list)  # removed from the outbox together, once a loop
+
+    def wake(self) -> None:
+        """An event may be waiting (a job ended, a job was queued): look now, not at the next poll. Any thread."""
+        if self._loop is not None and self._due is not None:
+            self._loop.call_soon_threadsafe(self._due.set)
 
     async def run(self) -> None:
         self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.policy.timeout_s, trust_env=False)
+        self._loop, self._due = asyncio.get_running_loop(), asyncio.Event()
         slots = asyncio.Semaphore(self.policy.concurrency)
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
+                if self._delivered:
+                    done, self._delivered = self._delivered, []
+                    await asyncio.to_thread(self.store.delivered, done)
                 claimed = await asyncio.to_thread(self.store.claim, time.time(), self.policy.concurrency * 2)
                 for delivery in claimed:
                     await slots.acquire()
@@ -160,17 +172,22 @@ class Dispatcher:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if not claimed:
-                    await asyncio.sleep(self.policy.poll_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._due.wait(), self.policy.poll_s)
+                    self._due.clear()
         finally:
             for task in tasks:
                 task.cancel()
+            if self._delivered:  # what was delivered is not sent again after a restart
+                self.store.delivered(self._delivered)
             await self._client.aclose()
 
     async def _send(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         try:
             error = await self.attempt(delivery)
             if error is None:
-                await asyncio.to_thread(self.store.delivered, delivery.seq)
+                self._delivered.append(delivery.seq)  # leased meanwhile: no other node sends it again
+                self.wake()
                 WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "delivered").inc()
                 WEBHOOK_LATENCY_SECONDS.observe(max(0.0, time.time() - delivery.created))
                 return

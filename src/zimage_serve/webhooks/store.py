@@ -176,9 +176,11 @@ class WebhookStore:
             )  # fmt: skip
         return claimed
 
-    def delivered(self, seq: int) -> None:
+    def delivered(self, seqs: list[int]) -> None:
+        """These deliveries got their 2xx: out of the outbox, in one transaction."""
         with self._writing():
-            self._execute("DELETE FROM webhook_outbox WHERE seq = ?", (seq,))
+            for seq in seqs:
+                self._execute("DELETE FROM webhook_outbox WHERE seq = ?", (seq,))
 
     def failed(self, seq: int, error: str, retry_at: float | None) -> None:
         """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None."""
