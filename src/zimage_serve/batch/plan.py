@@ -103,7 +103,7 @@ def _name(pattern: str, row: Row, given: dict[str, Any], seed: Any, template: Te
     fields = {**given, **row.fields, "row": row.number, "seed": seed, "template": template.name}
     try:
         return safe_name(pattern.format_map(_Fields(fields))), None
-    except (KeyError, ValueError, IndexError) as exc:
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:  # a format the value has not
         return "", f"no column or parameter {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
 
 

@@ -11,6 +11,7 @@ POST   /api/zimage/webhooks/replay     {"ids"?}: send dead deliveries again
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -67,7 +68,9 @@ async def add_webhook(request: Request) -> Response:
     except WebhookError as exc:
         status = 409 if "exists already" in str(exc) else 400
         return comfy_error("invalid_webhook", "Cannot register the webhook", str(exc), status)
-    audit_note(request, webhook=endpoint.name, webhook_url=endpoint.url)
+    # the host only: a path or query may be a secret of the receiver's (chat webhooks put one there)
+    parts = urlsplit(endpoint.url)
+    audit_note(request, webhook=endpoint.name, webhook_host=f"{parts.scheme}://{parts.netloc}")
     return JSONResponse({"secret": secret, **endpoint.public()}, status_code=201)
 
 

@@ -41,6 +41,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 EVENT_TYPES = {"queued": "job.queued", "started": "job.started", "succeeded": "job.succeeded",
                "failed": "job.failed", "canceled": "job.canceled"}  # fmt: skip
 MAX_ANSWER_BYTES = 64 * 1024  # what is read of a receiver's answer: only its status matters
+LEASE_S = 60.0  # a claimed delivery is this node's for a minute ...
+ATTEMPT_S = 30.0  # ... and a try (resolving, connecting, sending, the answer) ends well within it
+DEAD_KEPT_S = 30 * 86400.0
 
 
 class Refused(Exception):
@@ -65,19 +68,20 @@ def retry_delay(attempts: int, policy: DeliveryPolicy, draw: Callable[[], float]
 
 
 def forbidden(address: IPAddress, allowed: Sequence[IPNetwork]) -> bool:
-    """Whether a delivery may not go to `address` (an IPv4-mapped IPv6 address is judged as its IPv4 one)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Whether a delivery may not go to `address`: anything not globally reachable (private, loopback,
+    link-local, shared address space such as carrier-grade NAT, multicast, reserved) unless an allowed network
+    names it. An IPv6 address that carries an IPv4 one (mapped, 6to4, Teredo) is judged by that one too."""
     if any(address in network for network in allowed):
         return False
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        if any(embedded is not None and forbidden(embedded, allowed) for embedded in inner):
+            return True
+        if address.ipv4_mapped is not None:
+            return False  # judged by its IPv4 address above
+        if address.is_site_local:  # deprecated, and still routed inside some networks
+            return True
+    return not address.is_global or address.is_multicast
 
 
 async def checked_address(host: str, port: int, allowed: Sequence[IPNetwork]) -> IPAddress:
@@ -102,7 +106,7 @@ async def checked_address(host: str, port: int, allowed: Sequence[IPNetwork]) ->
 
 def payload(delivery: Delivery, view_url: Callable[[dict[str, Any]], str]) -> bytes:
     """The body: the event, when it happened, and the job (its outputs, with URLs, once it succeeded)."""
-    data: dict[str, Any] = {"job_id": delivery.job_id, "status": delivery.state}
+    data: dict[str, Any] = {"job_id": delivery.job_id, "status": delivery.state, "attempt": delivery.attempt}
     if delivery.result is not None:
         try:
             result = json.loads(delivery.result)
@@ -145,10 +149,10 @@ class Dispatcher:
     store: WebhookStore
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
-    _client: httpx.AsyncClient | None = None
     _due: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
-    _delivered: list[int] = field(default_factory=list)  # removed from the outbox together, once a loop
+    _delivered: list[tuple[int, float]] = field(default_factory=list)  # (seq, lease): removed together
+    _clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)  # one per host: see `_client_for`
 
     def wake(self) -> None:
         """An event may be waiting (a job ended, a job was queued): look now, not at the next poll. Any thread."""
@@ -156,16 +160,21 @@ class Dispatcher:
             self._loop.call_soon_threadsafe(self._due.set)
 
     async def run(self) -> None:
-        self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.policy.timeout_s, trust_env=False)
         self._loop, self._due = asyncio.get_running_loop(), asyncio.Event()
         slots = asyncio.Semaphore(self.policy.concurrency)
         tasks: set[asyncio.Task[None]] = set()
+        forgotten_at = 0.0
         try:
             while True:
-                if self._delivered:
-                    done, self._delivered = self._delivered, []
-                    await asyncio.to_thread(self.store.delivered, done)
-                claimed = await asyncio.to_thread(self.store.claim, time.time(), self.policy.concurrency * 2)
+                try:
+                    claimed = await self._turn()
+                    if time.time() - forgotten_at > 3600:  # dead letters are kept a month
+                        forgotten_at = time.time()
+                        await asyncio.to_thread(self.store.forget_dead, forgotten_at - DEAD_KEPT_S)
+                except Exception:  # the database away a moment (a long lock, a full disk): later, never dead
+                    log.exception("the webhook outbox could not be read; trying again in a few seconds")
+                    await asyncio.sleep(5)
+                    continue
                 for delivery in claimed:
                     await slots.acquire()
                     task = asyncio.create_task(self._send(delivery, slots))
@@ -178,35 +187,64 @@ class Dispatcher:
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self._delivered:  # what was delivered is not sent again after a restart
-                self.store.delivered(self._delivered)
-            await self._client.aclose()
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.store.delivered, self._delivered)
+            for client in self._clients.values():
+                await client.aclose()
+
+    async def _turn(self) -> list[Delivery]:
+        """Record what was delivered, then claim what is due."""
+        if self._delivered:
+            done, self._delivered = self._delivered, []
+            try:
+                await asyncio.to_thread(self.store.delivered, done)
+            except Exception:
+                self._delivered.extend(done)
+                raise
+        return await asyncio.to_thread(self.store.claim, time.time(), self.policy.concurrency * 2, LEASE_S)
+
+    def _client_for(self, host: str) -> httpx.AsyncClient:
+        """A client (and so a connection pool) per host name: pools key connections by address, so hosts
+        that share one (a CDN, virtual hosts) must not share a connection made, and verified, for another."""
+        client = self._clients.get(host)
+        if client is None:
+            client = self._clients[host] = httpx.AsyncClient(
+                follow_redirects=False, timeout=self.policy.timeout_s, trust_env=False
+            )
+        return client
 
     async def _send(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         try:
-            error = await self.attempt(delivery)
+            try:
+                async with asyncio.timeout(ATTEMPT_S):  # every step, the name's resolution included
+                    error = await self.attempt(delivery)
+            except TimeoutError:
+                error = f"no answer within {ATTEMPT_S:.0f} s"
+            except Exception as exc:  # whatever it was, it counts as a failed try: retried, then dead
+                log.exception("webhook delivery %s could not be tried", delivery.id)
+                error = f"{type(exc).__name__}: {exc}"
             if error is None:
-                self._delivered.append(delivery.seq)  # leased meanwhile: no other node sends it again
+                self._delivered.append((delivery.seq, delivery.lease_until))  # leased: no one else sends it
                 self.wake()
                 WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "delivered").inc()
                 WEBHOOK_LATENCY_SECONDS.observe(max(0.0, time.time() - delivery.created))
                 return
-            give_up = time.time() - delivery.created >= self.policy.retry_for_s
+            give_up = time.time() - delivery.window_from >= self.policy.retry_for_s
             retry_at = None if give_up else time.time() + retry_delay(delivery.attempts, self.policy)
-            await asyncio.to_thread(self.store.failed, delivery.seq, error, retry_at)
+            await asyncio.to_thread(self.store.failed, delivery, error, retry_at)
             WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "dead" if give_up else "retried").inc()
-            log.warning(
-                "webhook %s to %s (%s): %s; %s", delivery.id, delivery.endpoint.name, delivery.event, error,
-                "given up" if give_up else f"tried again in {retry_at - time.time():.0f} s" if retry_at else "",
-            )  # fmt: skip
-        except Exception:  # a bug here must not stop the dispatcher; the lease brings the delivery back
-            log.exception("webhook delivery %s failed", delivery.id)
+            later = "given up" if retry_at is None else f"tried again in {retry_at - time.time():.0f} s"
+            log.warning("webhook %s to %s (%s): %s; %s", delivery.id, delivery.endpoint.name, delivery.event, error,
+                        later)  # fmt: skip
+        except Exception:  # recording the outcome failed: the lease brings the delivery back later
+            log.exception("webhook delivery %s: its outcome could not be recorded", delivery.id)
         finally:
             slots.release()
 
     async def attempt(self, delivery: Delivery) -> str | None:
         """One POST; None when the endpoint answered 2xx, else why not."""
-        assert self._client is not None
         url = urlsplit(delivery.endpoint.url)
         host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
         try:
@@ -222,14 +260,15 @@ class Dispatcher:
             "webhook-id": delivery.id,
             "webhook-timestamp": str(int(sent_at.timestamp())),
             "webhook-signature": signature,
-            "host": url.netloc.rpartition("@")[2],
+            "host": url.netloc.rpartition("@")[2].encode("idna").decode("ascii"),
         }
         literal = f"[{address}]" if address.version == 6 else str(address)
         target = url._replace(netloc=f"{literal}:{port}").geturl()
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         try:
-            request = self._client.build_request("POST", target, content=body, headers=headers, extensions=extensions)
-            response = await self._client.send(request, stream=True)
+            client = self._client_for(host)
+            request = client.build_request("POST", target, content=body, headers=headers, extensions=extensions)
+            response = await client.send(request, stream=True)
             try:
                 read = 0
                 async for chunk in response.aiter_raw():  # only the status matters; the rest is bounded
@@ -248,6 +287,11 @@ class Dispatcher:
 
 
 async def stopped(task: asyncio.Task[None]) -> None:
+    """The dispatcher ended, whatever became of it (a server's shutdown goes on)."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception("the webhook dispatcher had stopped")

@@ -31,7 +31,9 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     owner TEXT NOT NULL,
     state TEXT NOT NULL,
     result TEXT,                   -- the job's history entry at its end (outputs, status)
+    attempt INTEGER NOT NULL DEFAULT 0, -- the job's run: a job run again after a crash starts again
     created REAL NOT NULL,
+    retry_from REAL,               -- a replayed dead letter's retry window starts here, not at `created`
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
     lease_until REAL,
@@ -46,9 +48,9 @@ def _insert(event: str, row: str, result: str) -> str:
     """The rows of one event of job `row` (NEW or OLD), for every endpoint it goes to."""
     named = f"CASE WHEN json_valid({row}.extra_data) THEN json_extract({row}.extra_data, '$.webhook') END"
     return f"""
-    INSERT INTO webhook_outbox (id, endpoint, event, job_id, owner, state, result, created, next_at)
+    INSERT INTO webhook_outbox (id, endpoint, event, job_id, owner, state, result, attempt, created, next_at)
     SELECT 'msg_' || lower(hex(randomblob(16))), e.id, {event}, {row}.id, {row}.owner, {row}.state, {result},
-           {NOW}, {NOW}
+           {row}.attempts, {NOW}, {NOW}
     FROM webhook_endpoints e
     WHERE instr(e.events, ',' || {event} || ',') > 0
       AND (e.owner = '' OR e.owner = {row}.owner)
@@ -57,7 +59,12 @@ def _insert(event: str, row: str, result: str) -> str:
 
 ANY_ENDPOINT = "EXISTS (SELECT 1 FROM webhook_endpoints)"
 ENDED = "CASE NEW.state WHEN 'success' THEN 'succeeded' WHEN 'error' THEN 'failed' ELSE 'canceled' END"
+# Dropped and made again as the queue opens its file, so a file from an older version gets these bodies.
 TRIGGERS = f"""
+DROP TRIGGER IF EXISTS jobs_webhook_queued;
+DROP TRIGGER IF EXISTS jobs_webhook_started;
+DROP TRIGGER IF EXISTS jobs_webhook_ended;
+DROP TRIGGER IF EXISTS jobs_webhook_deleted;
 CREATE TRIGGER IF NOT EXISTS jobs_webhook_queued AFTER INSERT ON jobs
 WHEN NEW.finished IS NULL AND {ANY_ENDPOINT} BEGIN {_insert("'queued'", "NEW", "NULL")}
 END;

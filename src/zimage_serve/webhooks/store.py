@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from zimage_serve import sqlite_busy
 from zimage_serve.errors import ZImageError
+from zimage_serve.private import private_file
 from zimage_serve.webhooks.schema import EVENTS, TABLES
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -67,9 +68,12 @@ class Delivery:
     state: str
     result: str | None
     created: float
-    attempts: int
+    attempts: int  # tries of this delivery, this one included
     endpoint: Endpoint
     secret: str
+    attempt: int = 0  # the job's run it reports on (a job run again after a crash starts again)
+    window_from: float = 0.0  # its retry window starts here: the event, or its replay
+    lease_until: float = 0.0  # the claim's lease: the fence its outcome is recorded under
 
 
 def checked_events(events: list[str] | None) -> tuple[str, ...]:
@@ -82,11 +86,24 @@ def checked_events(events: list[str] | None) -> tuple[str, ...]:
 
 
 def checked_url(url: str) -> str:
+    """An http(s) URL with a host (its IDNA form must exist) and a port that is one, and nothing a header
+    could not carry (no spaces, no control characters)."""
+    if len(url) > MAX_URL or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise WebhookError(
+            f"url: {url[:80]!r} is longer than {MAX_URL} characters or holds spaces or control characters"
+        )
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
-        raise WebhookError(f"url: {url[:80]!r} is not an http(s) URL with a host (at most {MAX_URL} characters)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookError(f"url: {url[:80]!r} is not an http(s) URL with a host")
     if parts.username or parts.password:
         raise WebhookError("url: credentials in the URL are not kept; the signature authenticates the sender")
+    try:
+        parts.hostname.encode("idna")
+        port = parts.port
+    except (UnicodeError, ValueError) as exc:
+        raise WebhookError(f"url: {url[:80]!r} has no usable host or port ({exc})") from None
+    if port == 0:
+        raise WebhookError(f"url: {url[:80]!r} has port 0")
     return url
 
 
@@ -95,18 +112,26 @@ class WebhookStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # the endpoints' secrets are in it, whoever makes the file first
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=4000")  # as the queue's own connection
         self._db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")
         self._db.executescript(TABLES)  # the queue makes the same tables, and the triggers, as it opens the file
         self._db.execute("PRAGMA busy_timeout=0")
         self._lock = threading.Lock()
+        # Reads that a request makes on the event loop (may a job name this endpoint?) never wait for the
+        # dispatcher's writes: a connection and a lock of their own (WAL readers do not block on writers).
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._reader.row_factory = sqlite3.Row
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     # -- endpoints -------------------------------------------------------------------------------------
     def add(
@@ -132,8 +157,8 @@ class WebhookStore:
         return endpoint, secret
 
     def endpoints(self) -> list[Endpoint]:
-        with self._lock:
-            rows = self._execute("SELECT * FROM webhook_endpoints ORDER BY created").fetchall()
+        with self._read_lock:
+            rows = sqlite_busy.execute(self._reader, "SELECT * FROM webhook_endpoints ORDER BY created").fetchall()
         return [_endpoint(row) for row in rows]
 
     def endpoint(self, name: str) -> Endpoint | None:
@@ -145,18 +170,28 @@ class WebhookStore:
         return found is not None and found.owner in ("", owner)
 
     def remove(self, name: str) -> bool:
-        """Remove an endpoint and the deliveries still waiting for it (its dead letters stay, for the record)."""
+        """Remove an endpoint with its deliveries, waiting and dead (nothing could send them any more)."""
         with self._writing():
             row = self._execute("SELECT id FROM webhook_endpoints WHERE name = ?", (name,)).fetchone()
             if row is None:
                 return False
-            self._execute("DELETE FROM webhook_outbox WHERE endpoint = ? AND dead IS NULL", (row[0],))
+            self._execute("DELETE FROM webhook_outbox WHERE endpoint = ?", (row[0],))
             self._execute("DELETE FROM webhook_endpoints WHERE id = ?", (row[0],))
         return True
 
     # -- deliveries ------------------------------------------------------------------------------------
     def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
-        """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that)."""
+        """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that).
+        A plain read first: with nothing due (no endpoint, say) the write lock is never taken."""
+        with self._read_lock:
+            due = sqlite_busy.execute(
+                self._reader,
+                "SELECT 1 FROM webhook_outbox WHERE dead IS NULL AND next_at <= ? "
+                "AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
+                (now, now),
+            ).fetchone()
+        if due is None:
+            return []
         with self._writing():
             rows = self._execute(
                 "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1 WHERE seq IN ("
@@ -172,29 +207,38 @@ class WebhookStore:
                 continue
             claimed.append(
                 Delivery(row["seq"], row["id"], row["event"], row["job_id"], row["owner"], row["state"],
-                         row["result"], row["created"], row["attempts"], _endpoint(endpoint), endpoint["secret"])
+                         row["result"], row["created"], row["attempts"], _endpoint(endpoint), endpoint["secret"],
+                         row["attempt"], row["retry_from"] or row["created"], row["lease_until"])
             )  # fmt: skip
         return claimed
 
-    def delivered(self, seqs: list[int]) -> None:
-        """These deliveries got their 2xx: out of the outbox, in one transaction."""
+    def delivered(self, done: list[tuple[int, float]]) -> None:
+        """These deliveries (seq, lease) got their 2xx: out of the outbox, in one transaction."""
         with self._writing():
-            for seq in seqs:
-                self._execute("DELETE FROM webhook_outbox WHERE seq = ?", (seq,))
+            for seq, lease in done:
+                self._execute("DELETE FROM webhook_outbox WHERE seq = ? AND lease_until = ?", (seq, lease))
 
-    def failed(self, seq: int, error: str, retry_at: float | None) -> None:
-        """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None."""
+    def failed(self, delivery: Delivery, error: str, retry_at: float | None) -> None:
+        """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None. Fenced
+        by the claim's lease: a try that outlived it records nothing (the delivery was taken again)."""
         with self._writing():
             if retry_at is None:
                 self._execute(
-                    "UPDATE webhook_outbox SET dead = ?, last_error = ?, lease_until = NULL WHERE seq = ?",
-                    (time.time(), error[:500], seq),
+                    "UPDATE webhook_outbox SET dead = ?, last_error = ?, lease_until = NULL "
+                    "WHERE seq = ? AND lease_until = ?",
+                    (time.time(), error[:500], delivery.seq, delivery.lease_until),
                 )
             else:
                 self._execute(
-                    "UPDATE webhook_outbox SET next_at = ?, last_error = ?, lease_until = NULL WHERE seq = ?",
-                    (retry_at, error[:500], seq),
+                    "UPDATE webhook_outbox SET next_at = ?, last_error = ?, lease_until = NULL "
+                    "WHERE seq = ? AND lease_until = ?",
+                    (retry_at, error[:500], delivery.seq, delivery.lease_until),
                 )
+
+    def forget_dead(self, before: float) -> int:
+        """Dead letters older than `before` go (they are kept for an admin to see, not forever)."""
+        with self._writing():
+            return int(self._execute("DELETE FROM webhook_outbox WHERE dead < ?", (before,)).rowcount)
 
     def waiting(self) -> int:
         with self._lock:
@@ -204,7 +248,7 @@ class WebhookStore:
         with self._lock:
             rows = self._execute(
                 "SELECT o.*, e.name AS endpoint_name FROM webhook_outbox o LEFT JOIN webhook_endpoints e "
-                "ON e.id = o.endpoint WHERE o.dead IS NOT NULL ORDER BY o.seq LIMIT ?",
+                "ON e.id = o.endpoint WHERE o.dead IS NOT NULL ORDER BY o.seq DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
@@ -218,17 +262,18 @@ class WebhookStore:
         with self._writing():
             if ids is None:
                 cursor = self._execute(
-                    "UPDATE webhook_outbox SET dead = NULL, attempts = 0, next_at = ?, lease_until = NULL "
-                    "WHERE dead IS NOT NULL AND endpoint IN (SELECT id FROM webhook_endpoints)",
-                    (time.time(),),
+                    "UPDATE webhook_outbox SET dead = NULL, attempts = 0, next_at = ?, retry_from = ?, "
+                    "lease_until = NULL WHERE dead IS NOT NULL AND endpoint IN (SELECT id FROM webhook_endpoints)",
+                    (time.time(), time.time()),
                 )
                 return int(cursor.rowcount)
             count = 0
             for message in ids:
                 count += self._execute(
-                    "UPDATE webhook_outbox SET dead = NULL, attempts = 0, next_at = ?, lease_until = NULL "
-                    "WHERE id = ? AND dead IS NOT NULL AND endpoint IN (SELECT id FROM webhook_endpoints)",
-                    (time.time(), message),
+                    "UPDATE webhook_outbox SET dead = NULL, attempts = 0, next_at = ?, retry_from = ?, "
+                    "lease_until = NULL WHERE id = ? AND dead IS NOT NULL "
+                    "AND endpoint IN (SELECT id FROM webhook_endpoints)",
+                    (time.time(), time.time(), message),
                 ).rowcount
             return count
 
