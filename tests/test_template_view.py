@@ -50,7 +50,10 @@ def test_a_template_opens_readable_in_the_frontend(tmp_path: Path) -> None:
         page = watched.page
         page.goto(server.url + "/", wait_until="networkidle", timeout=90_000)
         dialog = page.get_by_role("dialog")  # a first visit opens the template browser by itself
-        dialog.get_by_text("zimage-nano: shapes in a second").click(timeout=30_000)
+        dialog.get_by_text("zimage-nano: shapes in a second").wait_for(timeout=30_000)
+        # the cards stop moving once their thumbnails are in (a busy machine loads them late)
+        page.wait_for_function("() => [...document.querySelectorAll('[role=dialog] img')].every(i => i.complete)")
+        dialog.get_by_text("zimage-nano: shapes in a second").click(timeout=60_000)
         text = workflows.load(workflows.NANO)["6"]["inputs"]["text"]  # the template's, not the default graph's
         page.wait_for_function(
             """text => window.app.graph._nodes.some(n => (n.widgets ?? []).some(w => w.value === text))
