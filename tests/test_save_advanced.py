@@ -285,10 +285,12 @@ def test_set_reaches_a_dotted_input(executor: Executor) -> None:
     assert prompt["9"]["inputs"]["format.crf"] == 20 and prompt["9"]["inputs"]["format.save_mode"] == "animated"
 
 
-def test_texts_never_replace_the_exr_attributes_and_extra_exif_keys_are_bounded(executor: Executor) -> None:
+def test_texts_never_replace_the_exr_attributes_and_extra_exif_keys_are_bounded(
+    executor: Executor, tmp_path: Path
+) -> None:
     pixels = source_pixels(executor).astype(np.float32)
     data = image_formats.exr_bytes(pixels, "linear", {"channels": "x", "dataWindow": "y", "workflow": "{}"})
-    path = executor.folders.output / "attributes.exr"
+    path = tmp_path / "attributes.exr"
     path.write_bytes(data)
     exr = OpenEXR.File(str(path))
     assert exr.channels()["RGB"].pixels.shape == (HEIGHT, WIDTH, 3) and exr.header()["workflow"] == "{}"
