@@ -112,7 +112,10 @@ class WebhookStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        private_file(path)  # the endpoints' secrets are in it, whoever makes the file first
+        if not path.exists():  # the endpoints' secrets are in it: made private by whoever makes it first
+            private_file(path)
+        # Never reopened when it exists: the queue may have it open in this process, and closing another
+        # descriptor of the file would drop that connection's locks (POSIX record locks are per process).
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
