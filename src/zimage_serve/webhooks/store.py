@@ -108,7 +108,8 @@ def checked_url(url: str) -> str:
 
 
 class WebhookStore:
-    """The webhook tables of one queue file; thread-safe (one connection, one lock)."""
+    """The webhook tables of one queue file; thread-safe (a connection and a lock for writes, another pair
+    for the reads a request makes)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
