@@ -22,7 +22,7 @@ from tests.quant_checkpoints import (
     marker,
     write_quant_models_root,
 )
-from tests.workflows import TURBO_WORKFLOW, validate
+from tests.workflows import TURBO_WORKFLOW, saved_image
 from zimage_serve.engine import comfy_quant, components
 from zimage_serve.engine.comfy_quant import Int8Linear, QuantConf, regular_hadamard
 from zimage_serve.engine.fastpath import FastPath
@@ -61,20 +61,8 @@ def graph(unet: str, clip: str = "qwen_3_4b.safetensors", lora: str | None = Non
     return prompt
 
 
-def image(executor: Executor, prompt: dict[str, Any]) -> np.ndarray:
-    checked = validate(prompt, executor.folders)
-    assert checked.ok, (checked.error, checked.node_errors)
-    result = executor.run("q", checked.prompt, checked.outputs, {}, None)
-    assert result.ok, result.error
-    [(_, ui)] = result.outputs.items()
-    saved = ui["images"][-1]
-    from PIL import Image
-
-    return np.asarray(Image.open(executor.folders.output / saved["subfolder"] / saved["filename"]), dtype=np.float64)
-
-
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a - b) ** 2))
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
@@ -189,9 +177,9 @@ def test_the_fp8_mixed_text_encoder_gives_hidden_states_close_to_the_bf16_ones(m
 @pytest.mark.parametrize("int8_matmul", ["off", "on"])
 def test_the_int8_template_files_make_the_bf16_image(models: Path, tmp_path: Path, int8_matmul: str) -> None:
     run = executor(models, tmp_path, int8_matmul)
-    reference = image(run, graph("z_image_turbo_bf16.safetensors"))
-    int8 = image(run, graph(TURBO_INT8))
-    both = image(run, graph(TURBO_INT8, TE_FP8))
+    reference = saved_image(run, graph("z_image_turbo_bf16.safetensors"), "9")
+    int8 = saved_image(run, graph(TURBO_INT8), "9")
+    both = saved_image(run, graph(TURBO_INT8, TE_FP8), "9")
     print(
         f"PSNR against bf16, int8 matmul {int8_matmul}: DiT {psnr(int8, reference):.1f} dB, "
         f"DiT + FP8 text encoder {psnr(both, reference):.1f} dB"
@@ -203,12 +191,12 @@ def test_the_int8_template_files_make_the_bf16_image(models: Path, tmp_path: Pat
 
 def test_a_lora_applies_to_int8_weights_and_comes_off_exactly(models: Path, tmp_path: Path) -> None:
     run = executor(models, tmp_path, "on")
-    plain = image(run, graph(TURBO_INT8))
-    styled = image(run, graph(TURBO_INT8, lora="style.safetensors"))
-    reference = image(run, graph("z_image_turbo_bf16.safetensors", lora="style.safetensors"))
+    plain = saved_image(run, graph(TURBO_INT8), "9")
+    styled = saved_image(run, graph(TURBO_INT8, lora="style.safetensors"), "9")
+    reference = saved_image(run, graph("z_image_turbo_bf16.safetensors", lora="style.safetensors"), "9")
     assert np.abs(styled - plain).mean() > 2  # the LoRA changed the INT8 model's image
     assert psnr(styled, reference) > 30  # as it changes the bf16 model's
-    assert np.array_equal(image(run, graph(TURBO_INT8)), plain)  # and came off, codes and scales exactly
+    assert np.array_equal(saved_image(run, graph(TURBO_INT8), "9"), plain)  # and came off, codes and scales exactly
 
 
 def test_a_bad_int8_matmul_option_is_named(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ from tests.checkpoints import copy_tokenizer, diffusers_state
 from tests.loras import lora_pairs, shared_qkv_down, write_comfy
 from tests.support.cli import run
 from tests.support.images import read_png_text
-from tests.workflows import validate
+from tests.workflows import saved_image
 from zimage_serve import workflows
 from zimage_serve.engine.parts import Placing
 from zimage_serve.engine.variants import DISTILL_LORAS
@@ -52,15 +52,6 @@ def small(strength: float | None = None) -> dict[str, Any]:
     return prompt
 
 
-def image(executor: Executor, prompt: dict[str, Any]) -> np.ndarray:
-    checked = validate(prompt, executor.folders)
-    assert checked.ok, (checked.error, checked.node_errors)
-    result = executor.run("d", checked.prompt, checked.outputs, {}, None)
-    assert result.ok, result.error
-    [saved] = result.outputs["9"]["images"]
-    return np.asarray(Image.open(executor.folders.output / saved["subfolder"] / saved["filename"]), dtype=np.int16)
-
-
 def test_the_template_runs_the_base_model_with_the_lora_at_8_steps_and_cfg_1(root: Path, tmp_path: Path) -> None:
     prompt = workflows.load(workflows.DISTILL)
     sampler = prompt["3"]["inputs"]
@@ -68,7 +59,7 @@ def test_the_template_runs_the_base_model_with_the_lora_at_8_steps_and_cfg_1(roo
     assert prompt["28"]["inputs"]["unet_name"] == "z_image.safetensors"
     assert prompt["41"]["inputs"] == {"lora_name": LORA, "strength_model": 0.8, "model": ["28", 0]}
     executor = Executor(NODES, Folders.default(tmp_path / "data", [root]), Placing.choose("cpu"))
-    with_lora, without = image(executor, small()), image(executor, small(strength=0.0))
+    with_lora, without = saved_image(executor, small(), "9"), saved_image(executor, small(strength=0.0), "9")
     assert np.abs(with_lora - without).mean() > 2  # the LoRA is on
 
 

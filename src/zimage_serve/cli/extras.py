@@ -57,14 +57,12 @@ def distill_lora(model_path: Path) -> Path:
 
 def find_controlnet(model_path: Path) -> Path:
     """The one ControlNet in model_patches/ beside the model (its ComfyUI models folder), or a clear error."""
-    from zimage_serve.engine.layouts import classify
-
     roots = model_roots(model_path)
     found: list[Path] = []
     for root in roots:
         folder = root / "model_patches"
         if folder.is_dir():
-            found += [p for p in sorted(folder.iterdir()) if _is_controlnet(p, classify)]
+            found += [p for p in sorted(folder.iterdir()) if _is_controlnet(p)]
     if len(found) == 1:
         return found[0]
     where = ", ".join(str(r / "model_patches") for r in roots) or "no models folder"
@@ -72,10 +70,12 @@ def find_controlnet(model_path: Path) -> Path:
     raise typer.BadParameter(f"name the Fun ControlNet file or folder ({why} {where})", param_hint="--controlnet")
 
 
-def _is_controlnet(path: Path, classify: object) -> bool:
+def _is_controlnet(path: Path) -> bool:
+    from zimage_serve.engine.layouts import classify
+
     if path.is_dir():
         return (path / "config.json").is_file()
     try:
-        return path.suffix == ".safetensors" and classify(path) == "model_patch"  # type: ignore[operator]
+        return path.suffix == ".safetensors" and classify(path) == "model_patch"
     except ZImageError:
         return False

@@ -29,17 +29,17 @@ def _store(data_dir: Path | None) -> WebhookStore:
 
 
 def _user_id(name: str, data_dir: Path | None) -> str:
-    """The user a token name stands for (its newest token's), as jobs are owned."""
+    """The user a token name stands for, as jobs are owned."""
     from zimage_serve.security.tokens import TokenStore
 
     store = TokenStore((data_dir or default_data_dir()) / "auth.sqlite3")
     try:
-        found = [token for token in store.tokens() if token.name == name]
+        user = store.user_named(name)
     finally:
         store.close()
-    if not found:
+    if user is None:
         raise typer.BadParameter(f"no token is named {name!r} (`zimage tokens list`)", param_hint="--user")
-    return max(found, key=lambda token: token.created).owner
+    return user
 
 
 @app.command("add")

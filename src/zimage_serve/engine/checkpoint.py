@@ -78,6 +78,7 @@ class Checkpoint:
         self.tensors = dict(tensors)
         self.origin = origin
         self.quant = dict(quant or {})
+        self._quantised = {f"{layer}.weight": conf for layer, conf in self.quant.items()}  # by the weight's key
         shapes = {key: (info.shape, info.dtype) for key, info in self.tensors.items()}
         for layer, conf in self.quant.items():
             comfy_quant.check_layer(origin, layer, conf, shapes)
@@ -127,7 +128,8 @@ class Checkpoint:
         state = {}
         for key in self.weight_keys():
             info = self.tensors[key]
-            state[key] = info.meta_tensor() if key not in self._quantised else torch.empty(info.shape, device="meta")
+            quantised = key in self._quantised
+            state[key] = torch.empty(info.shape, device="meta") if quantised else info.meta_tensor()
         return state
 
     def load(
@@ -153,11 +155,6 @@ class Checkpoint:
 
         self._read(keys, device, converted, loaded)
         return loaded
-
-    @property
-    def _quantised(self) -> dict[str, QuantConf]:
-        """Quantised layers by their weight's key."""
-        return {f"{layer}.weight": conf for layer, conf in self.quant.items()}
 
     def _read(
         self,

@@ -211,6 +211,10 @@ class TokenStore:
             self._revoked.discard(record.owner)  # revoked here: the caller acts on it (take_revoked: the others')
             return record
 
+    def user_named(self, name: str) -> str | None:
+        """The user the token named `name` stands for (a name has one token at a time), or None."""
+        return next((token.owner for token in self.tokens() if token.name == name), None)
+
     def tokens(self) -> list[Token]:
         self.flush_use()
         with self._lock:

@@ -56,11 +56,10 @@ async def add_webhook(request: Request) -> Response:
         return comfy_error("invalid_request", "Invalid webhook", str(exc))
     owner = ""
     if asked.user is not None:
-        tokens = await asyncio.to_thread(runtime(request).security.tokens.tokens)
-        named = [token for token in tokens if token.name == asked.user]
-        if not named:
+        found = await asyncio.to_thread(runtime(request).security.tokens.user_named, asked.user)
+        if found is None:
             return comfy_error("invalid_request", "Invalid webhook", f"user: no token is named {asked.user!r}")
-        owner = max(named, key=lambda token: token.created).owner
+        owner = found
     try:
         endpoint, secret = await asyncio.to_thread(
             store.add, asked.name, asked.url, list(asked.events or []), owner, asked.subscribe
