@@ -1,7 +1,7 @@
 """The package's layers point down, read from the source's imports (every one, also those inside
 functions; not those under `if TYPE_CHECKING:`, which never run):
 
-    cli → server, batch → client → worker → records → queue → security, templates, webhooks → workflow → nano
+    cli → server, batch → client → worker → records → queue → security, templates, webhooks → storage → workflow → nano
     → engine → base
 
 A module imports from its own package, from the layers below it, and from the base modules (the
@@ -26,6 +26,7 @@ LAYERS = (
     ("records",),
     ("queue",),
     ("security", "templates", "webhooks"),
+    ("storage",),
     ("workflow", "workflows"),
     ("nano",),
     ("engine",),

@@ -97,6 +97,11 @@ class ServeConfig(BaseSettings):
     event_streams: int = Field(100, ge=1, le=100_000)
     webhook_allow: list[str] = Field(default_factory=list)
     webhook_retry_hours: float = Field(24, gt=0, le=720)
+    output_store: str | None = Field(None, pattern=r"^s3://")
+    keep_local: bool = True
+    output_public_url: str | None = Field(None, pattern=r"^https?://")
+    output_url_lifetime: int = Field(3600, ge=1, le=7 * 86400)
+    output_retry_hours: float = Field(24, gt=0, le=720)
 
     @classmethod
     def settings_customise_sources(

@@ -39,6 +39,18 @@ WEBHOOK_LATENCY_SECONDS = Histogram(
     buckets=(*_HTTP_BUCKETS, 30, 60, 300, 900, 3600),
     registry=REGISTRY,
 )
+OUTPUT_UPLOADS = Counter(
+    "zimage_output_uploads",
+    "Jobs' output uploads to the object store, by outcome (stored, retried, dead)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+OUTPUT_UPLOAD_SECONDS = Histogram(
+    "zimage_output_upload_seconds",
+    "Time from a job's end to every one of its files being in the object store",
+    buckets=(*_HTTP_BUCKETS, 30, 60, 300, 900, 3600),
+    registry=REGISTRY,
+)
 JOBS_ENDED = Counter("zimage_jobs_ended", "Jobs recorded as ended, by outcome", ["outcome"], registry=REGISTRY)
 JOB_RUN_SECONDS = Histogram(
     "zimage_job_run_seconds", "Time a job ran on its worker", ["outcome"], buckets=_JOB_BUCKETS, registry=REGISTRY

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import socket
 
     from zimage_serve.config import ServeConfig
+    from zimage_serve.storage.bucket import OutputStoreSettings
     from zimage_serve.webhooks.delivery import DeliveryPolicy
 
 
@@ -54,6 +55,20 @@ def delivery_policy(allow: list[str], retry_hours: float) -> DeliveryPolicy:
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--webhook-allow") from exc
     return DeliveryPolicy(retry_for_s=retry_hours * 3600, allowed=networks)
+
+
+def output_store(config: ServeConfig) -> OutputStoreSettings | None:
+    from zimage_serve.storage.bucket import OutputStoreSettings
+
+    if config.output_store is None:
+        return None
+    return OutputStoreSettings(
+        config.output_store,
+        keep_local=config.keep_local,
+        public_url=config.output_public_url or "",
+        url_lifetime_s=config.output_url_lifetime,
+        retry_for_s=config.output_retry_hours * 3600,
+    )
 
 
 def serve(
@@ -214,6 +229,32 @@ def serve(
         float | None,
         typer.Option(help="How long an undelivered webhook event is retried before it is dead [default: 24]"),
     ] = None,
+    output_store: Annotated[
+        str | None,
+        typer.Option(
+            help="Upload every output to this S3-compatible bucket: s3://BUCKET/PREFIX (endpoint and credentials "
+            "from AWS_* variables or ~/.aws files)"
+        ),
+    ] = None,
+    keep_local: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-local/--no-keep-local",
+            help="With --output-store: keep each output's file on disk, or empty it once its object is stored "
+            "[default: keep]",
+        ),
+    ] = None,
+    output_public_url: Annotated[
+        str | None,
+        typer.Option(help="With --output-store: objects are public at URL/KEY (a CDN); else URLs are presigned"),
+    ] = None,
+    output_url_lifetime: Annotated[
+        int | None, typer.Option(help="Seconds a presigned object URL holds (at most 7 days) [default: 3600]")
+    ] = None,
+    output_retry_hours: Annotated[
+        float | None,
+        typer.Option(help="How long a job's outputs are retried while the store is away [default: 24]"),
+    ] = None,
 ) -> None:
     """Serve ComfyUI's HTTP and WebSocket API.
 
@@ -282,6 +323,7 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
             job_retention_s=config.job_retention_days * 86400,
             event_streams=config.event_streams,
             webhooks=delivery_policy(config.webhook_allow, config.webhook_retry_hours),
+            outputs=output_store(config),
         )
         app = create_app(settings)
     except ZImageError as exc:
@@ -298,6 +340,9 @@ def _serve_on(config: ServeConfig, models: list[Path] | None, sockets: list[sock
         f"authentication {'on' if security.auth else 'off'}: {security.auth_reason})",
         highlight=False,
     )
+    if settings.outputs is not None:
+        kept = "kept on disk" if settings.outputs.keep_local else "emptied on disk once stored"
+        console_err.print(f"outputs to {settings.outputs.location} ({kept})", highlight=False)
     server = bounded_server(
         app,
         limits=ConnectionLimits(exempt=security.network.trusted),

@@ -9,6 +9,7 @@ import sqlite3
 
 from zimage_serve.queue.jobs import STATES
 from zimage_serve.security.audit_files import AUDIT_TABLES, AUDIT_TRIGGER
+from zimage_serve.storage import schema as storage
 from zimage_serve.webhooks import schema as webhooks
 
 # The allowed states as a chain of equalities, not `state IN (...)`: SQLite builds a temporary index of an
@@ -129,6 +130,8 @@ def create_or_upgrade(db: sqlite3.Connection) -> None:
     db.executescript(AUDIT_TRIGGER)
     db.executescript(webhooks.TABLES)
     db.executescript(webhooks.TRIGGERS)
+    db.executescript(storage.TABLES)
+    db.executescript(storage.TRIGGERS)
     db.execute("BEGIN IMMEDIATE")
     if db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
         found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())

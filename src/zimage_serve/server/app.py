@@ -45,6 +45,7 @@ from zimage_serve.server.v2.assets import ASSET_UPLOADS
 from zimage_serve.server.v2.envelope import V2Error, envelope_bytes, error_response, is_v2
 from zimage_serve.server.v2.requests import v2_validation_error
 from zimage_serve.server.v2.retention import keep_expiring
+from zimage_serve.storage.uploader import Uploader
 from zimage_serve.webhooks.delivery import Dispatcher, stopped
 from zimage_serve.workflow.validate import error_body
 
@@ -281,17 +282,25 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         runtime.start()
         runtime.security.start(runtime.revoked)
         expiring = asyncio.get_running_loop().create_task(keep_expiring(runtime))
-        sending = None
+        sending = uploading = None
         if runtime.webhooks is not None:
-            dispatcher = Dispatcher(runtime.webhooks, settings.webhooks, runtime.security.public_base())
-            sending = asyncio.get_running_loop().create_task(dispatcher.run())
+            dispatcher = Dispatcher(
+                runtime.webhooks, settings.webhooks, runtime.security.public_base(), runtime.outputs.job_urls
+            )
+            sending = asyncio.get_running_loop().create_task(dispatcher.run(), name="the webhook dispatcher")
             runtime.webhooks_due = dispatcher.wake
+        if runtime.outputs.bucket is not None and runtime.uploads is not None:
+            bucket, folders = runtime.outputs.bucket, runtime.folders
+            uploader = Uploader(runtime.uploads, bucket, folders, lambda: runtime.webhooks_due())
+            uploading = asyncio.get_running_loop().create_task(uploader.run(), name="the uploader")
+            runtime.uploads_due = uploader.wake
         try:
             yield
         finally:
             expiring.cancel()
-            if sending is not None:
-                await stopped(sending)
+            for task in (uploading, sending):
+                if task is not None:
+                    await stopped(task)
             await runtime.security.stop_tasks()
             await asyncio.to_thread(runtime.stop)
             await runtime.hub.close()

@@ -28,6 +28,8 @@ from zimage_serve.records.redis_records import RedisRecords
 from zimage_serve.records.sqlite_records import SQLiteRecords
 from zimage_serve.security.audit import log_place
 from zimage_serve.server.service import DeviceWorker
+from zimage_serve.storage.bucket import StoreLocationError
+from zimage_serve.storage.uploads import UploadOutbox
 from zimage_serve.webhooks.store import WebhookStore
 from zimage_serve.worker.build import WorkerConfig, build_worker
 from zimage_serve.worker.cluster_workers import ClusterWorkers
@@ -71,6 +73,11 @@ class Backend(Protocol):
         """The webhook endpoints and the outbox the queue writes job events to (None: none for this queue)."""
         ...
 
+    def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
+        """The outbox of uploads to the output store the queue's job ends fill (None: none for this queue;
+        an error naming --output-store when one is `wanted` and this queue cannot have it)."""
+        ...
+
     def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
         """Every worker serving the queue, as /system_stats lists them."""
         ...
@@ -107,6 +114,9 @@ class LocalBackend:
     def webhook_store(self) -> WebhookStore | None:
         """The endpoints and the outbox, in the queue file (its triggers write the outbox)."""
         return WebhookStore(self.queue.path)
+
+    def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
+        return UploadOutbox(self.queue.path)  # also without a store: it says so to the file's trigger
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
         if not self.plan.worker_process:
@@ -146,6 +156,11 @@ class ClusterBackend:
 
     def webhook_store(self) -> WebhookStore | None:
         return None  # a Redis queue has no webhook outbox yet: webhooks need the SQLite queue
+
+    def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
+        if wanted:
+            raise StoreLocationError("--output-store: uploads need the SQLite queue for now, not --queue redis://")
+        return None
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         # Every API node keeps its own log (one chain per writer), fed the job ends by the relay.

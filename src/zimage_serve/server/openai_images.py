@@ -13,6 +13,7 @@ import logging
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,11 +21,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from zimage_serve.engine.trained_size import size_warning
+from zimage_serve.identity import Identity
 from zimage_serve.limits import MAX_SIDE, MIN_SIDE, SIDE_STEP, describe, size_refusal
 from zimage_serve.queue.jobs import QueueFull, Quota, QuotaExceeded
 from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_queue import json_body, note_job, runtime
+from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
 from zimage_serve.server.service import PromptBlocked, PromptRejected
 from zimage_serve.server.waits import LIVE
@@ -192,7 +195,8 @@ async def generate(request: Request) -> Response:
     for image in images:
         if response_format == "b64_json":
             path = space.output / image["subfolder"] / image["filename"]
-            data.append({"b64_json": base64.b64encode(path.read_bytes()).decode(), "revised_prompt": prompt})
+            data.append({"b64_json": base64.b64encode(await _read(rt, identity, image, path)).decode(),
+                         "revised_prompt": prompt})  # fmt: skip
         else:
             query = urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
             data.append({"url": f"{base}/view?{query}", "revised_prompt": prompt})
@@ -217,3 +221,14 @@ def answer(body: dict[str, Any], warning: str | None) -> JSONResponse:
         return JSONResponse(body)
     text = warning.replace("×", "x").replace('"', "'").encode("ascii", "replace").decode()
     return JSONResponse({**body, "warnings": [warning]}, headers={"Warning": f'299 zimage-serve "{text}"'})
+
+
+async def _read(rt: Runtime, identity: Identity, image: dict[str, Any], path: Path) -> bytes:
+    """An image's bytes: from the disk, or from the output store once its upload emptied the file."""
+    if rt.outputs.enabled:
+        stored = await asyncio.to_thread(
+            rt.outputs.emptied_bytes, "output", identity.space or "", image["subfolder"], image["filename"], str(path)
+        )
+        if stored is not None:
+            return stored
+    return await asyncio.to_thread(path.read_bytes)

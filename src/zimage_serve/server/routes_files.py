@@ -6,6 +6,7 @@ attachment, with sniffing off, so a file a client put in a folder never runs as 
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 import os
 from urllib.parse import quote
@@ -71,4 +72,9 @@ async def view(request: Request) -> Response:
     }
     if not inline:
         media_type = "application/octet-stream"
+    if rt.outputs.enabled:
+        space = caller(request).space or ""
+        stored = await asyncio.to_thread(rt.outputs.emptied_bytes, kind, space, subfolder, filename, path)
+        if stored is not None:
+            return Response(stored, media_type=media_type, headers=headers)
     return FileResponse(path, media_type=media_type, headers=headers)

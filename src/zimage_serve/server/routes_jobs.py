@@ -18,6 +18,7 @@ from zimage_serve.queue.jobs import Job
 from zimage_serve.server.gate import caller
 from zimage_serve.server.routes_queue import history_entry, json_body, optional_int, plain_error, runtime
 from zimage_serve.server.runtime import Runtime
+from zimage_serve.server.stored_outputs import link
 
 router = APIRouter()
 # Each status is one state of the queue's: the store selects and counts by it.
@@ -132,7 +133,7 @@ def _page(
     if sort_by == "created_at" and not workflow_id:  # the frontend's question: the store reads one page
         states = {STATES[status] for status in wanted}
         jobs, total = rt.store.jobs_page(states, identity.owner_filter(), offset, limit, order == "desc")
-        page = [job_summary(job, identity) for job in jobs]
+        page = _linked(rt, [job_summary(job, identity) for job in jobs])
         return {"jobs": page, "pagination": _pagination(offset, limit, len(page), total)}
     # Sorted by how long each ran, or narrowed to a workflow: from every job's summary.
     summaries = [job_summary(job, identity) for job in _listed(rt, identity, wanted)]
@@ -146,8 +147,18 @@ def _page(
     key = duration if sort_by == "execution_duration" else (lambda s: float(s["create_time"]))
     summaries.sort(key=key, reverse=order == "desc")
     total = len(summaries)
-    page = summaries[offset : offset + limit] if limit is not None else summaries[offset:]
+    page = _linked(rt, summaries[offset : offset + limit] if limit is not None else summaries[offset:])
     return {"jobs": page, "pagination": _pagination(offset, limit, len(page), total)}
+
+
+def _linked(rt: Runtime, page: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A page of summaries whose preview files carry their objects' URLs, when they are stored."""
+    shown = [s for s in page if "preview_output" in s]
+    if shown and rt.outputs.enabled:
+        links = rt.outputs.links(s["id"] for s in shown)
+        for summary in shown:
+            link(summary["preview_output"], links.get(summary["id"], {}))
+    return page
 
 
 def _pagination(offset: int, limit: int | None, shown: int, total: int) -> dict[str, Any]:
@@ -161,13 +172,16 @@ def _pagination(offset: int, limit: int | None, shown: int, total: int) -> dict[
 
 @router.get("/jobs/{job_id}")
 async def get_job(request: Request, job_id: str) -> Response:
-    identity = caller(request)
-    job = runtime(request).service.get(job_id, identity)
+    identity, rt = caller(request), runtime(request)
+    job = rt.service.get(job_id, identity)
     if job is None:
         return plain_error(404, "Job not found")
     found = job_summary(job, identity)
     if job.state not in ("pending", "running"):
-        entry = history_entry(job, identity)
+        links = await asyncio.to_thread(rt.outputs.job_links, job.id) if rt.outputs.enabled else None
+        entry = history_entry(job, identity, links)
+        if links and "preview_output" in found:
+            link(found["preview_output"], links)
         found["outputs"] = entry["outputs"]
         found["execution_status"] = entry["status"]
     found["workflow"] = {"prompt": job.prompt, "extra_data": job.extra_data}

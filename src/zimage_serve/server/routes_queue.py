@@ -28,6 +28,7 @@ from zimage_serve.server.schemas import (
     query,
 )
 from zimage_serve.server.service import PromptBlocked, PromptRejected
+from zimage_serve.server.stored_outputs import FileLinks, with_links
 from zimage_serve.workflow.folders import USERS
 from zimage_serve.workflow.validate import error_body
 
@@ -262,21 +263,25 @@ async def get_history(request: Request) -> Response:
     except ValueError as exc:
         return comfy_error("invalid_query", "Invalid query parameter", str(exc))
     identity = caller(request)
-    if (max_items is None or max_items > OFF_LOOP_QUEUE) and rt.service.finished_count(identity) > OFF_LOOP_QUEUE:
+    many = (max_items is None or max_items > OFF_LOOP_QUEUE) and rt.service.finished_count(identity) > OFF_LOOP_QUEUE
+    if many or rt.outputs.enabled:  # signing the objects' URLs costs CPU per file: never on the event loop
         return await asyncio.to_thread(_history_answer, rt, max_items, offset, identity)
     return _history_answer(rt, max_items, offset, identity)
 
 
 def _history_answer(rt: Runtime, max_items: int | None, offset: int | None, identity: Identity) -> Response:
     jobs = rt.service.history(max_items=max_items, offset=offset, identity=identity)
-    return JSONResponse({job.id: history_entry(job, identity) for job in jobs})
+    links = rt.outputs.links(job.id for job in jobs)
+    return JSONResponse({job.id: history_entry(job, identity, links.get(job.id)) for job in jobs})
 
 
-def history_entry(job: Job, identity: Identity) -> dict[str, Any]:
+def history_entry(job: Job, identity: Identity, links: FileLinks | None = None) -> dict[str, Any]:
     """ComfyUI's history entry. Its files are named as the caller reaches them: a user's own, within
     their space; another user's, for an admin (whose space holds every user's), with that user's folder
-    in front of the subfolder."""
+    in front of the subfolder. Files in the output store carry their object's URL (`links`)."""
     entry = job.history_entry()
+    if links:
+        with_links(entry["outputs"], links)
     in_a_users_space = bool(job.owner) and job.context.role == USER  # an admin's files are the shared ones
     if in_a_users_space and job.owner != identity.user and identity.admin:
         for ui in entry["outputs"].values():
@@ -289,11 +294,12 @@ def history_entry(job: Job, identity: Identity) -> dict[str, Any]:
 
 @router.get("/history/{prompt_id}")
 async def get_history_entry(request: Request, prompt_id: str) -> Response:
-    identity = caller(request)
-    job = runtime(request).service.get(prompt_id, identity)
+    identity, rt = caller(request), runtime(request)
+    job = rt.service.get(prompt_id, identity)
     if job is None or job.state in ("pending", "running"):
         return JSONResponse({})
-    return JSONResponse({job.id: history_entry(job, identity)})
+    links = await asyncio.to_thread(rt.outputs.job_links, job.id) if rt.outputs.enabled else None
+    return JSONResponse({job.id: history_entry(job, identity, links)})
 
 
 @router.post("/history", openapi_extra=json_request(QueueChange, required=False))

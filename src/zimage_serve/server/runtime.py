@@ -24,10 +24,12 @@ from zimage_serve.security.tokens import Token
 from zimage_serve.server.backend import WorkerPlan, open_backend
 from zimage_serve.server.hub import Hub
 from zimage_serve.server.service import QueueService
+from zimage_serve.server.stored_outputs import StoredOutputs
 from zimage_serve.server.submissions import SubmissionBatcher
 from zimage_serve.server.v2.feeds import JobFeeds
 from zimage_serve.server.v2.job_view import JobViews
 from zimage_serve.server.waits import JobWaits
+from zimage_serve.storage.bucket import Bucket, OutputStoreSettings
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
 from zimage_serve.webhooks.delivery import DeliveryPolicy
@@ -63,6 +65,7 @@ class ServerSettings:
     job_retention_s: float = 30 * 86400.0  # how long v2 says a job is kept after it ends (its expires_at)
     event_streams: int = 100  # v2 event streams one user may hold open at once
     webhooks: DeliveryPolicy = field(default_factory=DeliveryPolicy)  # how job events reach their endpoints
+    outputs: OutputStoreSettings | None = None  # outputs uploaded to an S3-compatible store (storage/)
 
 
 class Runtime:
@@ -94,13 +97,20 @@ class Runtime:
         self.validator = Validator(NODES, self.folders, settings.run.limits, PromptTokens(self.folders))
         self.worker = self.backend.workers(self._worker_config(), self, self.hub)
         self.webhooks = self.backend.webhook_store()
+        bucket = Bucket(settings.outputs) if settings.outputs is not None else None
+        self.uploads = self.backend.upload_outbox(wanted=bucket is not None)
+        if self.uploads is not None:
+            self.uploads.use(bucket.location if bucket is not None else None)  # for the jobs that end from now on
+        self.outputs = StoredOutputs(bucket, self.uploads)
         self.service = QueueService(
             self.store, self.validator, self.worker, self.folders, self.security.blocklist, self.webhooks
         )
         self.submissions = SubmissionBatcher(self.service, remote=self.backend.shared)
         self.waits = JobWaits(lambda job_id: self.service.get(job_id, LOCAL))
         self.feeds = JobFeeds(on_watched=self.hub.streams_changed)
-        self.v2_jobs = JobViews(self.store, self.records, self.folders, self.feeds, settings.job_retention_s)
+        self.v2_jobs = JobViews(
+            self.store, self.records, self.folders, self.feeds, settings.job_retention_s, self.outputs
+        )
         self.metrics = node_registry(ClusterCollector(lambda: {s: self.store.count(s) for s in STATES}, self.workers))
         self.large_bodies = asyncio.Semaphore(1)  # POST /prompt bodies parsed off the event loop, one at a time
         # An asset file's records and the file change together: storing bytes and recording them, or
@@ -108,6 +118,7 @@ class Runtime:
         self.asset_files = asyncio.Lock()
         self._started = self._stopped = False
         self.webhooks_due: Callable[[], None] = lambda: None  # wakes the webhook dispatcher (app.py sets it)
+        self.uploads_due: Callable[[], None] = lambda: None  # wakes the uploader (app.py sets it)
 
     async def quick(self, call: Callable[..., T], *args: Any) -> T:
         """A short call on the queue's store or the records: on the event loop for this machine's SQLite
@@ -208,6 +219,8 @@ class Runtime:
         self.security.stop()
         if self.webhooks is not None:
             self.webhooks.close()
+        if self.uploads is not None:
+            self.uploads.close()
         self.store.close()
 
     # -- Listener: worker → clients ------------------------------------------------------------------
@@ -218,6 +231,7 @@ class Runtime:
         self.feeds.publish(prompt_id, event, data)
         if event in CLOSING:  # recorded in the queue before it is sent: whoever waits may read it now
             self.waits.ended(prompt_id)
+            self.uploads_due()
             self.webhooks_due()
 
     def listening(self) -> bool:

@@ -32,6 +32,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from standardwebhooks import Webhook
 
+from zimage_serve import outbox
 from zimage_serve.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY_SECONDS
 from zimage_serve.webhooks.store import Delivery, WebhookStore
 
@@ -62,9 +63,7 @@ class DeliveryPolicy:
 
 
 def retry_delay(attempts: int, policy: DeliveryPolicy, draw: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with full jitter: up to first_delay · 2^(attempts-1), capped."""
-    ceiling = min(policy.max_delay_s, policy.first_delay_s * 2.0 ** max(0, attempts - 1))
-    return float(max(policy.first_delay_s / 2, ceiling * draw()))
+    return outbox.retry_delay(attempts, policy.first_delay_s, policy.max_delay_s, draw)
 
 
 def forbidden(address: IPAddress, allowed: Sequence[IPNetwork]) -> bool:
@@ -104,8 +103,13 @@ async def checked_address(host: str, port: int, allowed: Sequence[IPNetwork]) ->
     return addresses[0]
 
 
-def payload(delivery: Delivery, view_url: Callable[[dict[str, Any]], str]) -> bytes:
-    """The body: the event, when it happened, and the job (its outputs, with URLs, once it succeeded)."""
+def payload(
+    delivery: Delivery, view_url: Callable[[dict[str, Any]], str], stored: dict[tuple[str, str], str] | None = None
+) -> bytes:
+    """The body: the event, when it happened, and the job (its outputs, with URLs, once it succeeded): a
+    file's object's URL when it is in the output store (`stored`: (subfolder, filename) → URL), else its
+    /view address."""
+    stored = stored or {}
     data: dict[str, Any] = {"job_id": delivery.job_id, "status": delivery.state, "attempt": delivery.attempt}
     if delivery.result is not None:
         try:
@@ -117,7 +121,7 @@ def payload(delivery: Delivery, view_url: Callable[[dict[str, Any]], str]) -> by
             outputs: dict[str, Any] = found if isinstance(found, dict) else {}
             data["outputs"] = outputs
             data["images"] = [
-                {**image, "url": view_url(image)}
+                {**image, "url": stored.get((str(image.get("subfolder") or ""), image["filename"])) or view_url(image)}
                 for output in outputs.values()
                 if isinstance(output, dict)
                 for image in output.get("images", [])
@@ -149,6 +153,7 @@ class Dispatcher:
     store: WebhookStore
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
+    stored: Callable[[str], dict[tuple[str, str], str]] = lambda job_id: {}  # a job's files' objects' URLs
     _due: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _delivered: list[tuple[int, float]] = field(default_factory=list)  # (seq, lease): removed together
@@ -161,33 +166,20 @@ class Dispatcher:
 
     async def run(self) -> None:
         self._loop, self._due = asyncio.get_running_loop(), asyncio.Event()
-        slots = asyncio.Semaphore(self.policy.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
         forgotten_at = 0.0
+
+        async def claim() -> list[Delivery]:
+            nonlocal forgotten_at
+            claimed = await self._turn()
+            if time.time() - forgotten_at > 3600:  # dead letters are kept a month
+                forgotten_at = time.time()
+                await asyncio.to_thread(self.store.forget_dead, forgotten_at - DEAD_KEPT_S)
+            return claimed
+
         try:
-            while True:
-                try:
-                    claimed = await self._turn()
-                    if time.time() - forgotten_at > 3600:  # dead letters are kept a month
-                        forgotten_at = time.time()
-                        await asyncio.to_thread(self.store.forget_dead, forgotten_at - DEAD_KEPT_S)
-                except Exception:  # the database away a moment (a long lock, a full disk): later, never dead
-                    log.exception("the webhook outbox could not be read; trying again in a few seconds")
-                    await asyncio.sleep(5)
-                    continue
-                for delivery in claimed:
-                    await slots.acquire()
-                    task = asyncio.create_task(self._send(delivery, slots))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if not claimed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._due.wait(), self.policy.poll_s)
-                    self._due.clear()
+            await outbox.drain(claim, self._send, self.policy.concurrency, self.policy.poll_s, self._due,
+                               "the webhook outbox")  # fmt: skip
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             if self._delivered:  # what was delivered is not sent again after a restart
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.store.delivered, self._delivered)
@@ -215,7 +207,7 @@ class Dispatcher:
             )
         return client
 
-    async def _send(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+    async def _send(self, delivery: Delivery) -> None:
         try:
             try:
                 async with asyncio.timeout(ATTEMPT_S):  # every step, the name's resolution included
@@ -240,8 +232,6 @@ class Dispatcher:
                         later)  # fmt: skip
         except Exception:  # recording the outcome failed: the lease brings the delivery back later
             log.exception("webhook delivery %s: its outcome could not be recorded", delivery.id)
-        finally:
-            slots.release()
 
     async def attempt(self, delivery: Delivery) -> str | None:
         """One POST; None when the endpoint answered 2xx, else why not."""
@@ -251,7 +241,8 @@ class Dispatcher:
             address = await checked_address(host, port, self.policy.allowed)
         except Refused as exc:
             return str(exc)
-        body = payload(delivery, lambda image: self.public_url.rstrip("/") + view_path(image))
+        stored = await asyncio.to_thread(self.stored, delivery.job_id) if delivery.event == "succeeded" else {}
+        body = payload(delivery, lambda image: self.public_url.rstrip("/") + view_path(image), stored)
         sent_at = datetime.now(UTC)
         signature = Webhook(delivery.secret).sign(delivery.id, sent_at, body)
         headers = {
@@ -287,11 +278,11 @@ class Dispatcher:
 
 
 async def stopped(task: asyncio.Task[None]) -> None:
-    """The dispatcher ended, whatever became of it (a server's shutdown goes on)."""
+    """A background task (the dispatcher, the uploader) ended, whatever became of it (a shutdown goes on)."""
     task.cancel()
     try:
         await task
     except asyncio.CancelledError:
         pass
     except Exception:
-        log.exception("the webhook dispatcher had stopped")
+        log.exception("%s had stopped", task.get_name())

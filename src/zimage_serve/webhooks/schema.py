@@ -9,8 +9,9 @@ no endpoint registered the triggers do nothing (their WHEN clause reads one empt
 
 from __future__ import annotations
 
+from zimage_serve.outbox import NOW
+
 EVENTS = ("queued", "started", "succeeded", "failed", "canceled")
-NOW = "((julianday('now') - 2440587.5) * 86400.0)"  # Unix time, in SQLite before unixepoch('subsec')
 TABLES = """
 CREATE TABLE IF NOT EXISTS webhook_endpoints (
     id TEXT PRIMARY KEY,

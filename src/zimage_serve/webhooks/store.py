@@ -11,7 +11,6 @@ import base64
 import re
 import secrets
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,14 +18,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from zimage_serve import sqlite_busy
+from zimage_serve import outbox
 from zimage_serve.errors import ZImageError
-from zimage_serve.private import private_file
+from zimage_serve.storage import schema as storage_schema
 from zimage_serve.webhooks.schema import EVENTS, TABLES
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_URL = 2048
 SECRET_BYTES = 32
+# Due, not leased, and for a job that succeeded, sent only once its files are in the output store (their
+# upload has not been given up on): the receiver can fetch every object the event names.
+DUE = (
+    "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?) AND NOT (event = 'succeeded' "
+    "AND EXISTS (SELECT 1 FROM output_outbox u WHERE u.job_id = webhook_outbox.job_id AND u.dead IS NULL))"
+)
 
 
 class WebhookError(ZImageError):
@@ -107,35 +112,13 @@ def checked_url(url: str) -> str:
     return url
 
 
-class WebhookStore:
-    """The webhook tables of one queue file; thread-safe (a connection and a lock for writes, another pair
-    for the reads a request makes)."""
+class WebhookStore(outbox.OutboxFile):
+    """The webhook tables of one queue file; thread-safe."""
+
+    TABLE = "webhook_outbox"
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():  # the endpoints' secrets are in it: made private by whoever makes it first
-            private_file(path)
-        # Never reopened when it exists: the queue may have it open in this process, and closing another
-        # descriptor of the file would drop that connection's locks (POSIX record locks are per process).
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA wal_autocheckpoint=4000")  # as the queue's own connection
-        self._db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")
-        self._db.executescript(TABLES)  # the queue makes the same tables, and the triggers, as it opens the file
-        self._db.execute("PRAGMA busy_timeout=0")
-        self._lock = threading.Lock()
-        # Reads that a request makes on the event loop (may a job name this endpoint?) never wait for the
-        # dispatcher's writes: a connection and a lock of their own (WAL readers do not block on writers).
-        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._reader.row_factory = sqlite3.Row
-        self._read_lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock, self._read_lock:
-            self._db.close()
-            self._reader.close()
+        super().__init__(path, TABLES + storage_schema.TABLES)  # the claim reads the uploads' outbox
 
     # -- endpoints -------------------------------------------------------------------------------------
     def add(
@@ -161,8 +144,7 @@ class WebhookStore:
         return endpoint, secret
 
     def endpoints(self) -> list[Endpoint]:
-        with self._read_lock:
-            rows = sqlite_busy.execute(self._reader, "SELECT * FROM webhook_endpoints ORDER BY created").fetchall()
+        rows = self._read("SELECT * FROM webhook_endpoints ORDER BY created")
         return [_endpoint(row) for row in rows]
 
     def endpoint(self, name: str) -> Endpoint | None:
@@ -187,20 +169,12 @@ class WebhookStore:
     def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
         """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that).
         A plain read first: with nothing due (no endpoint, say) the write lock is never taken."""
-        with self._read_lock:
-            due = sqlite_busy.execute(
-                self._reader,
-                "SELECT 1 FROM webhook_outbox WHERE dead IS NULL AND next_at <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) LIMIT 1",
-                (now, now),
-            ).fetchone()
-        if due is None:
+        if not self._read(f"SELECT 1 FROM webhook_outbox WHERE {DUE} LIMIT 1", (now, now)):
             return []
         with self._writing():
             rows = self._execute(
                 "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1 WHERE seq IN ("
-                "SELECT seq FROM webhook_outbox WHERE dead IS NULL AND next_at <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY next_at, seq LIMIT ?) RETURNING *",
+                f"SELECT seq FROM webhook_outbox WHERE {DUE} ORDER BY next_at, seq LIMIT ?) RETURNING *",
                 (now + lease_s, now, now, limit),
             ).fetchall()
             endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
@@ -223,21 +197,8 @@ class WebhookStore:
                 self._execute("DELETE FROM webhook_outbox WHERE seq = ? AND lease_until = ?", (seq, lease))
 
     def failed(self, delivery: Delivery, error: str, retry_at: float | None) -> None:
-        """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None. Fenced
-        by the claim's lease: a try that outlived it records nothing (the delivery was taken again)."""
-        with self._writing():
-            if retry_at is None:
-                self._execute(
-                    "UPDATE webhook_outbox SET dead = ?, last_error = ?, lease_until = NULL "
-                    "WHERE seq = ? AND lease_until = ?",
-                    (time.time(), error[:500], delivery.seq, delivery.lease_until),
-                )
-            else:
-                self._execute(
-                    "UPDATE webhook_outbox SET next_at = ?, last_error = ?, lease_until = NULL "
-                    "WHERE seq = ? AND lease_until = ?",
-                    (retry_at, error[:500], delivery.seq, delivery.lease_until),
-                )
+        """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None."""
+        self.retry_or_give_up(delivery.seq, delivery.lease_until, error, retry_at)
 
     def forget_dead(self, before: float) -> int:
         """Dead letters older than `before` go (they are kept for an admin to see, not forever)."""
@@ -280,12 +241,6 @@ class WebhookStore:
                     (time.time(), time.time(), message),
                 ).rowcount
             return count
-
-    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        return sqlite_busy.execute(self._db, sql, args)
-
-    def _writing(self) -> Any:
-        return sqlite_busy.transaction(self._db, self._lock)
 
 
 def _events_text(events: tuple[str, ...]) -> str:

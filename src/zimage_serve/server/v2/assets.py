@@ -291,7 +291,14 @@ async def asset_content(request: Request, asset_id: str) -> Response:
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "private, max-age=3600",
     }
-    return FileResponse(path, media_type=media_type if inline else "application/octet-stream", headers=headers)
+    media_type = media_type if inline else "application/octet-stream"
+    if rt.outputs.enabled:
+        stored = await asyncio.to_thread(
+            rt.outputs.emptied_bytes, place.kind, place.space, place.subfolder, place.filename, path
+        )
+        if stored is not None:
+            return Response(stored, media_type=media_type, headers=headers)
+    return FileResponse(path, media_type=media_type, headers=headers)
 
 
 @router.delete("/assets/{asset_id}", status_code=204)

@@ -20,6 +20,7 @@ from zimage_serve.identity import ADMIN
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.jobs import Job
 from zimage_serve.records.contract import Asset, Place, Records, output_asset_id
+from zimage_serve.server.stored_outputs import FileLinks, StoredOutputs
 from zimage_serve.server.v2.feeds import JobFeeds
 from zimage_serve.workflow.folders import FILE_TYPES, Folders, UnknownFileError, contained
 
@@ -75,9 +76,16 @@ def links(job_id: str) -> dict[str, str]:
 
 class JobViews:
     def __init__(
-        self, store: JobQueue, records: Records, folders: Folders, feeds: JobFeeds, retention_s: float
+        self,
+        store: JobQueue,
+        records: Records,
+        folders: Folders,
+        feeds: JobFeeds,
+        retention_s: float,
+        stored: StoredOutputs | None = None,
     ) -> None:
         self.store, self.records, self.folders, self.feeds = store, records, folders, feeds
+        self.stored = stored or StoredOutputs(None, None)
         self.retention_s = retention_s
         self._recorded: dict[str, str | None] = {}  # output ids known to be recorded, and their hashes
         self._lock = threading.Lock()
@@ -149,6 +157,8 @@ class JobViews:
     def outputs(self, job: Job, ui: Iterable[tuple[str, dict[str, Any]]], origin: str) -> list[dict[str, Any]]:
         """Each file the job's nodes listed, as v2's `Output` (recorded as an asset the first time)."""
         shown = []
+        ended = job.state not in ("pending", "running")
+        links = self.stored.job_links(job.id) if ended and self.stored.enabled else {}
         for node_id, output in ui:
             for key, items in output.items():
                 kind = KINDS.get(key)
@@ -156,17 +166,24 @@ class JobViews:
                     continue
                 for item in items:
                     if isinstance(item, dict) and isinstance(item.get("filename"), str):
-                        shown.append(self._output(job, node_id, kind, item, origin))
+                        shown.append(self._output(job, node_id, kind, item, origin, links))
         return shown
 
-    def _output(self, job: Job, node_id: str, kind: str, item: dict[str, Any], origin: str) -> dict[str, Any]:
+    def _output(
+        self, job: Job, node_id: str, kind: str, item: dict[str, Any], origin: str, links: FileLinks
+    ) -> dict[str, Any]:
+        """v2's `Output`; its URL is the object's in the output store once the file is stored there (a
+        public URL is said to hold as long as a signed one would)."""
         filename, subfolder = item["filename"], str(item.get("subfolder") or "")
         folder_kind = str(item["type"]) if item.get("type") in FILE_TYPES else "output"
         asset_id = output_asset_id(job.id, folder_kind, subfolder, filename)
         place = Place(folder_kind, subfolder, filename, job_space(job) or "")
-        size = _size(self.file_of(place)) or 0
+        stored = links.get((subfolder, filename)) if folder_kind == "output" else None
+        size = stored.size if stored is not None else _size(self.file_of(place)) or 0  # an emptied file: the object's
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         digest = self._record(job, asset_id, node_id, place, size, content_type)
+        url, expires = (content_url(origin, asset_id), time.time() + URL_LIFETIME_S) if stored is None else (
+            stored.url, stored.expires_at or time.time() + URL_LIFETIME_S)  # fmt: skip
         return {
             "node_id": node_id,
             "name": filename,
@@ -175,8 +192,8 @@ class JobViews:
             "size_bytes": size,
             "id": asset_id,
             "hash": digest,
-            "url": content_url(origin, asset_id),
-            "url_expires_at": iso(time.time() + URL_LIFETIME_S),
+            "url": url,
+            "url_expires_at": iso(expires),
             "job_id": job.id,
         }
 

@@ -1,0 +1,135 @@
+"""Uploading the outbox: each succeeded job's files go to the bucket, with retries, while the server runs.
+
+Every API node runs one uploader; leases keep them apart. A job's files are recorded as stored, and its row
+leaves the outbox, only once every file is in the bucket; then its `job.succeeded` webhooks go out, naming
+the objects. A try that fails (the store down, refused credentials) is tried again after a backoff with
+jitter, until `retry_for_s` after the job's end; then it is given up on and the files stay where they are.
+Without --keep-local a file's bytes leave the disk once its object is recorded: an empty file keeps its name
+(no later image takes it) and reads of it are served from the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zimage_serve import outbox
+from zimage_serve.metrics import OUTPUT_UPLOAD_SECONDS, OUTPUT_UPLOADS
+from zimage_serve.storage.bucket import Bucket
+from zimage_serve.storage.uploads import StoredObject, Upload, UploadOutbox
+from zimage_serve.workflow.folders import Folders, UnknownFileError, contained
+
+log = logging.getLogger(__name__)
+LEASE_S = 600.0  # a claimed job is this node's for ten minutes: large files on a slow link take a while
+
+
+def file_of(folders: Folders, space: str, subfolder: str, filename: str) -> str | None:
+    """The path of a file in a space's output folder; None when the name would leave it."""
+    try:
+        return contained(folders.space(space or None).output, f"{subfolder}/{filename}" if subfolder else filename,
+                         "filename")  # fmt: skip
+    except UnknownFileError:
+        return None
+
+
+def emptied(path: str, before: os.stat_result) -> None:
+    """The file's bytes leave the disk, its name stays (an empty file), if it is still the file uploaded."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+        return
+    stub = f"{path}.{os.getpid()}.stub"
+    with open(stub, "wb"):
+        pass
+    os.replace(stub, path)  # a reader that has the file open goes on reading the whole image
+
+
+@dataclass
+class Uploader:
+    """Empties the upload outbox into the bucket (every API node runs one)."""
+
+    outbox: UploadOutbox
+    bucket: Bucket
+    folders: Folders
+    on_stored: Callable[[], None] = lambda: None  # a job's files are stored: its webhooks may go
+    _due: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """A job may have ended: look now, not at the next poll. Any thread."""
+        if self._loop is not None and self._due is not None:
+            self._loop.call_soon_threadsafe(self._due.set)
+
+    async def run(self) -> None:
+        self._loop, self._due = asyncio.get_running_loop(), asyncio.Event()
+        settings = self.bucket.settings
+
+        async def claim() -> list[Upload]:
+            return await asyncio.to_thread(self.outbox.claim, time.time(), settings.concurrency * 2, LEASE_S)
+
+        await outbox.drain(claim, self._upload, settings.concurrency, settings.poll_s, self._due, "the upload outbox")
+
+    async def _upload(self, upload: Upload) -> None:
+        settings = self.bucket.settings
+        try:
+            try:
+                await asyncio.to_thread(self.store, upload)
+            except Exception as exc:  # whatever it was, the try failed: again later, then given up on
+                error = f"{type(exc).__name__}: {exc}"
+                give_up = time.time() - upload.created >= settings.retry_for_s
+                delay = outbox.retry_delay(upload.attempts, settings.first_delay_s, settings.max_delay_s)
+                retry_at = None if give_up else time.time() + delay
+                await asyncio.to_thread(self.outbox.failed, upload, error, retry_at)
+                OUTPUT_UPLOADS.labels("dead" if give_up else "retried").inc()
+                later = "given up: its files stay on disk" if retry_at is None else f"tried again in {delay:.0f} s"
+                log.warning("the outputs of job %s could not be stored in %s: %s; %s", upload.job_id,
+                            self.bucket.location, error, later)  # fmt: skip
+                if give_up:
+                    self.on_stored()  # its webhooks go out without the objects
+                return
+            OUTPUT_UPLOADS.labels("stored").inc()
+            OUTPUT_UPLOAD_SECONDS.observe(max(0.0, time.time() - upload.created))
+            self.on_stored()
+            self.wake()
+        except Exception:  # recording the outcome failed: the lease brings the job back later
+            log.exception("the upload of job %s: its outcome could not be recorded", upload.job_id)
+
+    def store(self, upload: Upload) -> None:
+        """Put each of the job's files in the bucket, then record them (in a worker thread); raises when a
+        file could not be stored."""
+        objects: list[StoredObject] = []
+        uploaded: list[tuple[str, os.stat_result]] = []
+        for file in upload.files:
+            key = self.bucket.key(upload.space, file.subfolder, file.filename)
+            earlier = self.outbox.stored_as(upload.space, file)
+            if earlier is not None and earlier.key == key:  # an earlier job's file, listed again from the cache
+                objects.append(StoredObject(upload.job_id, upload.space, file.subfolder, file.filename, key,
+                                            earlier.size))  # fmt: skip
+                continue
+            path = file_of(self.folders, upload.space, file.subfolder, file.filename)
+            try:
+                before = os.stat(path) if path is not None else None
+            except FileNotFoundError:
+                before = None
+            if path is None or before is None:  # removed since (or a name no folder holds): nothing to store
+                log.warning("job %s lists %s, which is not in its output folder: not stored", upload.job_id, key)
+                continue
+            size = self.bucket.size(key) if before.st_size == 0 else None
+            if size is None:  # an empty file may be one whose bytes are in the bucket already: never emptied there
+                self.bucket.put(path, key, upload.job_id)
+                uploaded.append((path, before))
+            objects.append(StoredObject(upload.job_id, upload.space, file.subfolder, file.filename, key,
+                                        before.st_size if size is None else size))  # fmt: skip
+        if not self.outbox.stored(upload, objects):
+            return  # the lease ran out: another node took the job and records it
+        if not self.bucket.settings.keep_local:
+            for path, before in uploaded:
+                with contextlib.suppress(OSError):
+                    emptied(path, before)

@@ -1,0 +1,160 @@
+"""The output store's outbox and its record of stored objects, in the queue's SQLite file (storage/schema.py).
+
+One row per succeeded job, claimed with a lease (two API nodes sharing the file never upload one job at
+once), removed when each of its files is stored: an output is uploaded at least once, always under the one
+key its place names, so a second upload after a crash replaces the object with the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zimage_serve import outbox
+from zimage_serve.storage.schema import TABLES
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file a job listed in its outputs' `output` folder."""
+
+    subfolder: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One job's files, claimed for uploading."""
+
+    seq: int
+    job_id: str
+    space: str  # '' : the shared folders
+    files: tuple[OutputFile, ...]
+    created: float
+    attempts: int  # tries, this one included
+    lease_until: float
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    job_id: str
+    space: str
+    subfolder: str
+    filename: str
+    key: str
+    size: int
+
+
+def output_files(result: Any) -> Iterator[OutputFile]:
+    """The files in the output folder that a history entry's outputs list (each node's lists of files)."""
+    outputs = result.get("outputs") if isinstance(result, dict) else None
+    for ui in outputs.values() if isinstance(outputs, dict) else ():
+        for items in ui.values() if isinstance(ui, dict) else ():
+            for item in items if isinstance(items, list) else ():
+                if (
+                    isinstance(item, dict)
+                    and isinstance(item.get("filename"), str)
+                    and item.get("type", "output") == "output"
+                ):
+                    yield OutputFile(str(item.get("subfolder") or ""), item["filename"])
+
+
+class UploadOutbox(outbox.OutboxFile):
+    """The uploads' outbox of one queue file; thread-safe."""
+
+    TABLE = "output_outbox"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, TABLES)
+
+    def use(self, location: str | None) -> None:
+        """Uploads from now on go to `location` (None: none; a job that ends then puts nothing in the outbox)."""
+        with self._writing():
+            self._execute("DELETE FROM output_store")
+            if location is not None:
+                self._execute("INSERT INTO output_store (id, location) VALUES (1, ?)", (location,))
+
+    def claim(self, now: float, limit: int, lease_s: float) -> list[Upload]:
+        if not self._read(f"SELECT 1 FROM output_outbox WHERE {DUE} LIMIT 1", (now, now)):
+            return []
+        with self._writing():
+            rows = self._execute(
+                "UPDATE output_outbox SET lease_until = ?, attempts = attempts + 1 WHERE seq IN ("
+                f"SELECT seq FROM output_outbox WHERE {DUE} ORDER BY next_at, seq LIMIT ?) RETURNING *",
+                (now + lease_s, now, now, limit),
+            ).fetchall()
+        claimed = []
+        for row in sorted(rows, key=lambda r: r["seq"]):
+            try:
+                result = json.loads(row["result"] or "{}")
+            except ValueError:
+                result = {}
+            files = tuple(dict.fromkeys(output_files(result)))
+            claimed.append(
+                Upload(row["seq"], row["job_id"], row["space"], files, row["created"], row["attempts"],
+                       row["lease_until"])
+            )  # fmt: skip
+        return claimed
+
+    def stored_as(self, space: str, file: OutputFile) -> StoredObject | None:
+        """The object a file was stored as by any job (a job served from the cache lists an earlier job's file)."""
+        rows = self._read(
+            "SELECT * FROM output_objects WHERE space = ? AND subfolder = ? AND filename = ? LIMIT 1",
+            (space, file.subfolder, file.filename),
+        )
+        return _stored(rows[0]) if rows else None
+
+    def stored(self, upload: Upload, objects: list[StoredObject]) -> bool:
+        """The job's files are stored: recorded, and its row out of the outbox, in one transaction. False when
+        the lease ran out meanwhile (another node has the job now: it records the same keys)."""
+        with self._writing():
+            gone = self._execute(
+                "DELETE FROM output_outbox WHERE seq = ? AND lease_until = ?", (upload.seq, upload.lease_until)
+            )
+            if gone.rowcount == 0:
+                return False
+            for found in objects:
+                self._execute(
+                    "INSERT OR REPLACE INTO output_objects (job_id, space, subfolder, filename, key, size, uploaded) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (found.job_id, found.space, found.subfolder, found.filename, found.key, found.size, time.time()),
+                )
+        return True
+
+    def failed(self, upload: Upload, error: str, retry_at: float | None) -> None:
+        """A try that did not store every file: again at `retry_at`, or given up on (None): its files stay on
+        disk, and the job's events go out without their objects."""
+        self.retry_or_give_up(upload.seq, upload.lease_until, error, retry_at)
+
+    def objects_of(self, job_ids: Iterable[str]) -> dict[str, list[StoredObject]]:
+        """The stored objects of these jobs, by job."""
+        wanted = list(dict.fromkeys(job_ids))
+        found: dict[str, list[StoredObject]] = {}
+        for start in range(0, len(wanted), 500):  # SQLite's limit on bound values, well within
+            chunk = wanted[start : start + 500]
+            rows = self._read(
+                f"SELECT * FROM output_objects WHERE job_id IN ({','.join('?' * len(chunk))})", tuple(chunk)
+            )
+            for row in rows:
+                found.setdefault(row["job_id"], []).append(_stored(row))
+        return found
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Jobs whose files are not all stored yet (dead ones too), oldest first: what an admin looks at."""
+        rows = self._read("SELECT * FROM output_outbox ORDER BY seq")
+        return [
+            {"job_id": r["job_id"], "attempts": r["attempts"], "error": r["last_error"], "created": r["created"],
+             "next_at": r["next_at"], "dead": r["dead"]}
+            for r in rows
+        ]  # fmt: skip
+
+
+DUE = "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+
+
+def _stored(row: Any) -> StoredObject:
+    return StoredObject(row["job_id"], row["space"], row["subfolder"], row["filename"], row["key"], row["size"])

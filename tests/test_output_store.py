@@ -1,0 +1,253 @@
+"""Outputs in an S3-compatible store: uploaded from the queue's outbox after each job, under the owner's prefix,
+named by history, /api/jobs, Comfy API v2 and webhooks; the store away and back again loses nothing and
+stores nothing twice. The store is moto's S3 server, on a loopback port, reached over HTTP as any would be."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from tests.support.jobs import wait_until
+from tests.support.threaded import threaded_server
+from tests.test_webhooks import graph, policy, receiving
+from zimage_serve.storage.bucket import Bucket, OutputStoreSettings, StoreLocationError, parse_location
+from zimage_serve.storage.uploads import OutputFile, UploadOutbox, output_files
+from zimage_serve.webhooks.store import WebhookStore
+
+BUCKET = "shop-images"
+
+
+class S3:
+    """moto's S3 server on a fixed loopback port, which can be stopped and started again (its objects stay:
+    they live in this process)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+
+    def keys(self) -> list[str]:
+        found = self.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])
+        return sorted(item["Key"] for item in found)
+
+    def body(self, key: str) -> bytes:
+        return bytes(self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    store = S3()
+    for name, value in {
+        "AWS_ENDPOINT_URL_S3": store.url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    }.items():
+        monkeypatch.setenv(name, value)
+    store.server.start()
+    store.client().create_bucket(Bucket=BUCKET)
+    try:
+        yield store
+    finally:
+        store.server.stop()
+        s3_backends[DEFAULT_ACCOUNT_ID]["global"].reset()
+
+
+def data_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    for folder in (data / "input", data / "input" / "users" / "alice"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(folder / "red.png")
+    return data
+
+
+def outputs(**changes: Any) -> OutputStoreSettings:
+    return replace(
+        OutputStoreSettings(f"s3://{BUCKET}/renders"), first_delay_s=0.05, max_delay_s=0.2, poll_s=0.02, **changes
+    )
+
+
+def files_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [item for ui in entry["outputs"].values() for item in ui.get("images", [])]
+
+
+def test_each_output_goes_to_the_users_prefix_and_every_view_of_the_job_names_it(tmp_path: Path, s3: S3) -> None:
+    from tests.support.tokens import make_tokens
+
+    data = data_dir(tmp_path)
+    tokens = make_tokens(data)
+    hooks = WebhookStore(data / "queue.sqlite3")
+    with receiving() as receiver:
+        hooks.add("shop", receiver.url, ["succeeded"], subscribe=True)
+        store = outputs(keep_local=False)
+        with threaded_server(data, auth="on", webhooks=policy(), outputs=store, preload=False) as server:
+            admin, alice = server.as_token(tokens["admin"]), server.as_token(tokens["user"])
+            status, answer = alice.json("POST", "/prompt", {"prompt": graph("sku-42")})
+            assert status == 200, answer
+            job = answer["prompt_id"]
+            wait_until(lambda: len(receiver.bodies("job.succeeded")) == 1, timeout=30)
+            key = "renders/users/alice/sku-42_00001_.png"
+            assert s3.keys() == [key]
+            png = s3.body(key)
+            assert png.startswith(b"\x89PNG")
+
+            [image] = receiver.bodies("job.succeeded")[0]["data"]["images"]
+            assert image["url"].startswith(f"{s3.url}/{BUCKET}/{key}?") and "X-Amz-Signature=" in image["url"]
+            assert httpx.get(image["url"]).content == png  # a presigned URL: no credentials needed
+
+            [listed] = files_of(alice.json("GET", f"/history/{job}")[1][job])
+            assert listed["filename"] == "sku-42_00001_.png" and listed["url"].startswith(f"{s3.url}/{BUCKET}/{key}?")
+            assert listed["url_expires_at"] > 0
+            [listed] = files_of(alice.json("GET", "/history")[1][job])
+            assert "url" in listed
+            found = alice.json("GET", f"/api/jobs/{job}")[1]
+            assert found["preview_output"]["url"].startswith(s3.url) and "url" in files_of(found)[0]
+            assert alice.json("GET", "/api/jobs")[1]["jobs"][0]["preview_output"]["url"].startswith(s3.url)
+            [output] = alice.json("GET", f"/api/v2/jobs/{job}")[1]["outputs"]
+            assert output["url"].startswith(f"{s3.url}/{BUCKET}/{key}?") and output["size_bytes"] == len(png)
+
+            # --no-keep-local: the bytes left the disk, the name stays (no later image takes it) ...
+            local = data / "output" / "users" / "alice" / "sku-42_00001_.png"
+            assert local.stat().st_size == 0
+            # ... and every way of reading the file reads the object.
+            view = "/view?filename=sku-42_00001_.png&type=output"
+            assert alice.request("GET", view)[2] == png
+            assert admin.request("GET", view + "&subfolder=users/alice")[2] == png
+            assets = alice.json("GET", f"/api/v2/jobs/{job}")[1]["outputs"][0]["id"]
+            assert alice.request("GET", f"/api/v2/assets/{assets}/content")[2] == png
+
+            # The same graph again is served from the cache: it lists the first job's file, which is not stored
+            # again; the admin's files go under the prefix itself.
+            second = alice.json("POST", "/prompt", {"prompt": graph("sku-42")})[1]["prompt_id"]
+            shared = admin.json("POST", "/prompt", {"prompt": graph("banner")})[1]["prompt_id"]
+            wait_until(lambda: len(receiver.bodies("job.succeeded")) == 3, timeout=30)
+            [again] = files_of(alice.json("GET", f"/history/{second}")[1][second])
+            assert again["filename"] == "sku-42_00001_.png" and again["url"].startswith(f"{s3.url}/{BUCKET}/{key}?")
+            [banner] = files_of(admin.json("GET", f"/history/{shared}")[1][shared])
+            assert banner["url"].startswith(f"{s3.url}/{BUCKET}/renders/banner_00001_.png?")
+            assert s3.keys() == ["renders/banner_00001_.png", key]
+            metrics = admin.request("GET", "/metrics")[2].decode()
+            assert 'zimage_output_uploads_total{outcome="stored"} 3.0' in metrics
+    hooks.close()
+
+
+def test_the_store_away_then_back_loses_nothing_stores_nothing_twice_and_holds_the_webhook(
+    tmp_path: Path, s3: S3
+) -> None:
+    data = data_dir(tmp_path)
+    hooks = WebhookStore(data / "queue.sqlite3")
+    with receiving() as receiver:
+        hooks.add("shop", receiver.url, ["succeeded"], subscribe=True)
+        s3.server.stop()  # away before the jobs end
+        with threaded_server(data, webhooks=policy(), outputs=outputs(), preload=False) as server:
+            jobs = [server.json("POST", "/prompt", {"prompt": graph(f"p{n}")})[1]["prompt_id"] for n in range(3)]
+            uploads = UploadOutbox(data / "queue.sqlite3")
+            wait_until(lambda: len(server.json("GET", "/history")[1]) == 3, timeout=30)
+            wait_until(lambda: all(row["attempts"] >= 2 for row in uploads.pending()), timeout=30)
+            assert len(uploads.pending()) == 3 and all(row["error"] for row in uploads.pending())
+            assert receiver.bodies("job.succeeded") == []  # held: the receiver could not fetch the objects yet
+            for job in jobs:
+                assert "url" not in files_of(server.json("GET", f"/history/{job}")[1][job])[0]
+
+            s3.server.start()
+            wait_until(lambda: len(receiver.bodies("job.succeeded")) == 3, timeout=30)
+            assert uploads.pending() == []
+            uploads.close()
+            assert s3.keys() == [f"renders/p{n}_00001_.png" for n in range(3)]
+            for body in receiver.bodies("job.succeeded"):
+                [image] = body["data"]["images"]
+                assert image["url"].startswith(f"{s3.url}/{BUCKET}/renders/")
+            for n in range(3):  # --keep-local (the default): the files stay, equal to their objects
+                local = data / "output" / f"p{n}_00001_.png"
+                assert local.read_bytes() == s3.body(f"renders/p{n}_00001_.png")
+    hooks.close()
+
+
+def test_a_job_ending_writes_its_upload_in_the_same_transaction_only_while_a_store_is_configured(
+    tmp_path: Path,
+) -> None:
+    from zimage_serve.identity import USER, JobContext
+    from zimage_serve.queue.jobs import Job, NewJob
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
+
+    queue = SQLiteQueue(tmp_path / "queue.sqlite3")
+    uploads = UploadOutbox(tmp_path / "queue.sqlite3")
+    result = {"outputs": {"9": {"images": [{"filename": "a_00001_.png", "subfolder": "x", "type": "output"}]}}}
+    for n, store in enumerate((None, "s3://b/p")):
+        uploads.use(store)
+        job = Job(f"job{n}", 1.0, {"1": {}}, {}, ["1"], owner="alice", context=JobContext(role=USER))
+        queue.enqueue_many([NewJob.of(job)])
+        claimed = queue.claim("w")
+        assert claimed is not None and claimed.id == job.id
+        queue.finish(job.id, "success", result)
+        queue.finish(job.id, "success", result)  # again (a stale worker): no second row
+    [pending] = uploads.pending()  # only the job that ended with a store configured
+    [upload] = uploads.claim(pending["next_at"] + 1, 10, 60)
+    assert upload.job_id == job.id and upload.space == "alice"
+    assert upload.files == (OutputFile("x", "a_00001_.png"),)
+    assert uploads.claim(pending["next_at"] + 2, 10, 60) == []  # leased
+    uploads.close()
+    queue.close()
+
+
+def test_the_files_of_a_history_entry_are_read_from_whatever_it_holds() -> None:
+    hostile: list[Any] = [
+        None,
+        "text",
+        {"outputs": "x"},
+        {"outputs": {"1": "x", "2": {"images": "x"}, "3": {"images": [1, "x", {"filename": 3}]}}},
+    ]
+    assert all(list(output_files(result)) == [] for result in hostile)
+    entry = {
+        "outputs": {
+            "1": {"images": [{"filename": "a.png", "type": "output"}, {"filename": "t.png", "type": "temp"}]},
+            "2": {"gifs": [{"filename": "b.webp", "subfolder": "s"}], "text": ["hello"]},
+        }
+    }
+    assert list(output_files(json.loads(json.dumps(entry)))) == [OutputFile("", "a.png"), OutputFile("s", "b.webp")]
+
+
+@pytest.mark.parametrize(
+    ("location", "problem"),
+    [
+        ("bucket/prefix", "s3://BUCKET"),
+        ("s3://", "bucket name"),
+        ("s3://Upper", "bucket name"),
+        ("s3://ok-bucket/../up", "plain path parts"),
+        ("gs://ok-bucket", "s3://BUCKET"),
+    ],
+)
+def test_a_store_location_that_is_not_one_is_refused_naming_the_option(location: str, problem: str) -> None:
+    with pytest.raises(StoreLocationError, match="--output-store") as refused:
+        parse_location(location)
+    assert problem in str(refused.value)
+
+
+def test_keys_mirror_the_output_folder_below_the_prefix() -> None:
+    assert parse_location("s3://shop-images//renders/2026/") == ("shop-images", "renders/2026")
+    bucket = Bucket(OutputStoreSettings("s3://shop-images/renders", public_url="https://cdn.example/img"))
+    assert bucket.key("", "", "a.png") == "renders/a.png"
+    assert bucket.key("alice", "sku/7", "a b.png") == "renders/users/alice/sku/7/a b.png"
+    assert bucket.url("renders/a b.png") == ("https://cdn.example/img/renders/a%20b.png", None)
+    with pytest.raises(StoreLocationError, match="--output-url-lifetime"):
+        Bucket(OutputStoreSettings("s3://shop-images", url_lifetime_s=8 * 86400))
