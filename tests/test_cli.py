@@ -141,6 +141,9 @@ def test_guidance_and_negative(tiny_model: Path, tmp_path: Path, capsys: pytest.
         (["serve", "--compile", "sometimes"], "--compile: 'sometimes'"),
         (["serve", "--memory-mode", "model"], "--memory-mode: model offloads to host memory from a CUDA GPU"),
         (["serve", "--memory-mode", "half"], "--memory-mode: 'half' is not one of"),
+        (["serve", "--data-dir", "{tmp}/d", "--output-store", "gs://shop"], "--output-store"),
+        (["serve", "--data-dir", "{tmp}/d", "--output-store", "s3://Shop_Images"], "bucket name"),
+        (["serve", "--data-dir", "{tmp}/d", "--output-store", "s3://shop", "--output-url-lifetime", "0"], "lifetime"),
     ],
 )
 def test_bad_input_is_a_clear_error(

@@ -114,3 +114,59 @@ def test_a_staff_request_form_back_end(tmp_path: Path, served: Listening) -> Non
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_product_images_land_in_the_bucket_and_the_catalogue_hears_of_each_by_webhook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline of the README's last section: `zimage serve --output-store ...`, an endpoint registered,
+    the receiver running, the batch run with WEBHOOK set; the receiver's table fills in, with no polling."""
+    import ipaddress
+
+    from tests.support.jobs import wait_until
+    from tests.support.s3 import BUCKET, running_s3
+    from zimage_serve.storage.bucket import OutputStoreSettings
+    from zimage_serve.webhooks.delivery import DeliveryPolicy
+    from zimage_serve.webhooks.store import WebhookStore
+
+    data, port = tmp_path / "data", free_port()
+    hooks = WebhookStore(data / "queue.sqlite3")
+    _, secret = hooks.add("catalogue", f"http://127.0.0.1:{port}/zimage-hook", ["succeeded", "failed"])
+    hooks.close()
+    loopback = DeliveryPolicy(allowed=(ipaddress.ip_network("127.0.0.0/8"),), first_delay_s=0.1, poll_s=0.05)
+    store = OutputStoreSettings(f"s3://{BUCKET}/catalogue", poll_s=0.05)
+    database = tmp_path / "products.sqlite3"
+    env = {**os.environ, "WEBHOOK_SECRET": secret, "CATALOGUE_DB": str(database)}
+    command = [sys.executable, "-m", "uvicorn", "receiver:app", "--port", str(port), "--log-level", "warning"]
+    with running_s3(monkeypatch) as s3, threaded_server(data, webhooks=loopback, outputs=store) as server:
+        receiver = subprocess.Popen(command, cwd=EXAMPLES / "product_images", env=env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+
+            def answering() -> bool:
+                assert receiver.poll() is None, "the receiver stopped"
+                try:
+                    return httpx.get(f"{base}/products").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(answering, timeout=60)
+            assert {p["status"] for p in httpx.get(f"{base}/products").json()} == {"waiting"}
+            batch = {**os.environ, "PATH": PATH, "TEMPLATE": "zimage-nano", "SERVER": server.url,
+                     "WEBHOOK": "catalogue", "OUT": str(tmp_path / "images")}  # fmt: skip
+            script = EXAMPLES / "product_images" / "run.sh"
+            result = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=batch, timeout=300)
+            assert result.returncode == 0, result.stderr
+            wait_until(lambda: all(p["status"] == "ready" for p in httpx.get(f"{base}/products").json()), timeout=60)
+            products = httpx.get(f"{base}/products").json()
+            assert sorted(p["sku"] for p in products) == ["BAG-101", "BAG-102", "LAMP-201", "MUG-301", "SHOE-001",
+                                                          "SHOE-002"]  # fmt: skip
+            keys = s3.keys()
+            assert len(keys) == 6 and all(key.startswith("catalogue/") for key in keys)
+            assert sorted(p["image"] for p in products) == sorted(f"s3://{BUCKET}/{key}" for key in keys)
+            for product in products:  # each link is the product's own image, as the batch saved it locally
+                saved = tmp_path / "images" / f"{product['category']}/{product['sku']}_42.png"
+                assert httpx.get(product["image_url"]).content == saved.read_bytes()
+        finally:
+            receiver.terminate()
+            receiver.wait(30)

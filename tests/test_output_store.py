@@ -5,72 +5,28 @@ stores nothing twice. The store is moto's S3 server, on a loopback port, reached
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from tests.support.jobs import wait_until
+from tests.support.s3 import BUCKET, S3, running_s3
 from tests.support.threaded import threaded_server
 from tests.test_webhooks import graph, policy, receiving
 from zimage_serve.storage.bucket import Bucket, OutputStoreSettings, StoreLocationError, parse_location
 from zimage_serve.storage.uploads import OutputFile, UploadOutbox, output_files
 from zimage_serve.webhooks.store import WebhookStore
 
-BUCKET = "shop-images"
-
-
-class S3:
-    """moto's S3 server on a fixed loopback port, which can be stopped and started again (its objects stay:
-    they live in this process)."""
-
-    def __init__(self) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> Any:
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
-
-    def keys(self) -> list[str]:
-        found = self.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])
-        return sorted(item["Key"] for item in found)
-
-    def body(self, key: str) -> bytes:
-        return bytes(self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
-
 
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-
-    store = S3()
-    for name, value in {
-        "AWS_ENDPOINT_URL_S3": store.url,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": "/nonexistent",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-    }.items():
-        monkeypatch.setenv(name, value)
-    store.server.start()
-    store.client().create_bucket(Bucket=BUCKET)
-    try:
+    with running_s3(monkeypatch) as store:
         yield store
-    finally:
-        store.server.stop()
-        s3_backends[DEFAULT_ACCOUNT_ID]["global"].reset()
 
 
 def data_dir(tmp_path: Path) -> Path:
@@ -113,6 +69,7 @@ def test_each_output_goes_to_the_users_prefix_and_every_view_of_the_job_names_it
 
             [image] = receiver.bodies("job.succeeded")[0]["data"]["images"]
             assert image["url"].startswith(f"{s3.url}/{BUCKET}/{key}?") and "X-Amz-Signature=" in image["url"]
+            assert image["object"] == f"s3://{BUCKET}/{key}"
             assert httpx.get(image["url"]).content == png  # a presigned URL: no credentials needed
 
             [listed] = files_of(alice.json("GET", f"/history/{job}")[1][job])
@@ -250,4 +207,4 @@ def test_keys_mirror_the_output_folder_below_the_prefix() -> None:
     assert bucket.key("alice", "sku/7", "a b.png") == "renders/users/alice/sku/7/a b.png"
     assert bucket.url("renders/a b.png") == ("https://cdn.example/img/renders/a%20b.png", None)
     with pytest.raises(StoreLocationError, match="--output-url-lifetime"):
-        Bucket(OutputStoreSettings("s3://shop-images", url_lifetime_s=8 * 86400))
+        OutputStoreSettings("s3://shop-images", url_lifetime_s=8 * 86400)

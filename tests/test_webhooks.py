@@ -256,7 +256,8 @@ def test_admins_manage_endpoints_over_http_and_users_name_them_through_v2_and_ba
         status, refused = bob.json("POST", "/api/v2/jobs", v2)  # alice's endpoint: not bob's to name
         assert status == 422 and refused["error"]["code"] == "invalid_webhook", refused
         wait_until(lambda: len(receiver.bodies("job.succeeded")) == 1, timeout=30)
-        assert Webhook(made["secret"]).verify(*reversed(receiver.received[0]))["data"]["job_id"] == job["id"]
+        event = Webhook(made["secret"]).verify(*reversed(receiver.received[0]))
+        assert event["data"]["job_id"] == job["id"] and event["data"]["metadata"] == {"webhook": "alices", "sku": "A1"}
 
         rows = tmp_path / "rows.jsonl"
         rows.write_text('{"prompt": "a red circle", "seed": 1}\n{"prompt": "a blue square", "seed": 2}\n')
@@ -272,6 +273,8 @@ def test_admins_manage_endpoints_over_http_and_users_name_them_through_v2_and_ba
         code, _, stderr = run(["batch", str(rows), "--template", "zimage-nano", *remote, *out], capsys)
         assert code == 0, stderr
         wait_until(lambda: len(receiver.bodies("job.succeeded")) == 3, timeout=60)
+        labels = sorted((b["data"]["metadata"] for b in receiver.bodies("job.succeeded")[1:]), key=lambda m: m["row"])
+        assert [(m["row"], m["fields"]["prompt"]) for m in labels] == [(1, "a red circle"), (2, "a blue square")]
         assert admin.json("GET", "/api/zimage/webhooks/dead")[1] == {"dead": []}
         assert admin.json("POST", "/api/zimage/webhooks/replay", {})[1] == {"replayed": 0}
         metrics = admin.request("GET", "/metrics")[2].decode()
@@ -319,3 +322,29 @@ def test_a_batch_pattern_a_failed_row_cannot_fill_fails_that_row_only(tmp_path: 
     assert template is not None
     planned = plan_row(Row(3, error="not JSON"), template, [], "{row:04d}_{seed:08d}")
     assert planned.error == "not JSON" and planned.name == ""
+
+
+def test_an_outbox_written_before_labels_gains_them_and_a_jobs_labels_are_kept_with_its_events(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from tests.support.queues import enqueue
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
+    from zimage_serve.webhooks.schema import TABLES
+
+    path = tmp_path / "queue.sqlite3"
+    older = TABLES.replace("dead REAL,", "dead REAL").split("    metadata TEXT")[0] + ");"
+    with sqlite3.connect(path) as db:
+        db.executescript(older)
+    queue = SQLiteQueue(path)
+    store = WebhookStore(path)
+    store.add("all", "https://a.example", ["queued"], subscribe=True)
+    enqueue(queue, "one", 1.0, {"1": {}}, {"metadata": {"sku": "A1"}}, ["1"])
+    enqueue(queue, "two", 2.0, {"1": {}}, {"comfy_api_v2": {"metadata": "a label"}}, ["1"])
+    enqueue(queue, "big", 3.0, {"1": {}}, {"metadata": {"x": "y" * 20_000}}, ["1"])  # too large: not sent
+    enqueue(queue, "odd", 4.0, {"1": {}}, {"metadata": 7}, ["1"])
+    rows = store._db.execute("SELECT job_id, metadata FROM webhook_outbox ORDER BY seq").fetchall()
+    assert [tuple(r) for r in rows] == [("one", '{"sku":"A1"}'), ("two", '"a label"'), ("big", None), ("odd", "7")]
+    queue.close()
+    store.close()

@@ -44,7 +44,9 @@ class Backend(Protocol):
 
     async def image_value(self, value: str, base: Path) -> str: ...
 
-    async def run(self, graph: dict[str, Any]) -> list[Image]: ...
+    async def run(self, graph: dict[str, Any], labels: dict[str, Any] | None = None) -> list[Image]:
+        """The row's images; `labels` (its number, name and fields) travel with a server's job, to its webhooks."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -95,13 +97,14 @@ class RemoteBackend:
         local = base / value
         return await self.client.upload(local) if local.is_file() else value
 
-    async def run(self, graph: dict[str, Any]) -> list[Image]:
+    async def run(self, graph: dict[str, Any], labels: dict[str, Any] | None = None) -> list[Image]:
         from zimage_serve.client import Cancelled, ClientError
 
         if self._stopping:
             raise Interrupted("stopping")
         try:
-            prompt_id = await self.client.submit(graph, extra_data=self.extra)
+            extra = self.extra if labels is None else {**self.extra, "metadata": labels}
+            prompt_id = await self.client.submit(graph, extra_data=extra)
         except ClientError as exc:
             raise RowFailed(str(exc)) from None
         self._running.add(prompt_id)
@@ -172,7 +175,7 @@ class LocalBackend:
     async def image_value(self, value: str, base: Path) -> str:
         return value  # LoadImage reads the input folder: the batch file's own folder unless told otherwise
 
-    async def run(self, graph: dict[str, Any]) -> list[Image]:
+    async def run(self, graph: dict[str, Any], labels: dict[str, Any] | None = None) -> list[Image]:
         async with self._lock:
             if self._stopping:
                 raise Interrupted("stopping")

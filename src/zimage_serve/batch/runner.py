@@ -151,7 +151,8 @@ class Batch:
         started = time.monotonic()
         try:
             graph = await self._with_images(plan, backend)
-            images = await backend.run(graph)
+            labels = {key: record[key] for key in ("row", "name", "fields")}
+            images = await backend.run(graph, labels)
             if not images:
                 raise RowFailed("the job made no image")
             names = _file_names(plan.name, [image.suffix for image in images])

@@ -129,6 +129,7 @@ def create_or_upgrade(db: sqlite3.Connection) -> None:
     db.executescript(HISTORY_OWNERS)
     db.executescript(AUDIT_TRIGGER)
     db.executescript(webhooks.TABLES)
+    webhooks.upgrade(db)
     db.executescript(webhooks.TRIGGERS)
     db.executescript(storage.TABLES)
     db.executescript(storage.TRIGGERS)

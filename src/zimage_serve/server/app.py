@@ -285,7 +285,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         sending = uploading = None
         if runtime.webhooks is not None:
             dispatcher = Dispatcher(
-                runtime.webhooks, settings.webhooks, runtime.security.public_base(), runtime.outputs.job_urls
+                runtime.webhooks, settings.webhooks, runtime.security.public_base(), runtime.outputs.job_objects
             )
             sending = asyncio.get_running_loop().create_task(dispatcher.run(), name="the webhook dispatcher")
             runtime.webhooks_due = dispatcher.wake

@@ -50,9 +50,14 @@ class StoredOutputs:
     def job_links(self, job_id: str) -> FileLinks:
         return self.links([job_id]).get(job_id, {})
 
-    def job_urls(self, job_id: str) -> dict[tuple[str, str], str]:
-        """What a webhook names: each stored file's object URL."""
-        return {place: found.url for place, found in self.job_links(job_id).items()}
+    def job_objects(self, job_id: str) -> dict[tuple[str, str], dict[str, str]]:
+        """What a webhook says of each stored file: its object's URL, and where it is (`s3://BUCKET/KEY`)."""
+        if self.bucket is None:
+            return {}
+        return {
+            place: {"url": found.url, "object": f"s3://{self.bucket.name}/{found.key}"}
+            for place, found in self.job_links(job_id).items()
+        }
 
     def emptied_bytes(self, kind: str, space: str, subfolder: str, filename: str, path: str) -> bytes | None:
         """The bytes of an output file whose local copy was emptied after its upload (call in a thread); None

@@ -41,6 +41,15 @@ class OutputStoreSettings:
     concurrency: int = 4
     poll_s: float = 0.5  # how often the outbox is looked at while it is empty
 
+    def __post_init__(self) -> None:
+        parse_location(self.location)
+        if self.public_url and not self.public_url.startswith(("https://", "http://")):
+            raise StoreLocationError(f"--output-public-url: {self.public_url[:80]!r} is not an http(s) URL")
+        if not 1 <= self.url_lifetime_s <= MAX_URL_LIFETIME_S:
+            raise StoreLocationError(
+                f"--output-url-lifetime: {self.url_lifetime_s} s is not between 1 s and 7 days (SigV4's limit)"
+            )
+
 
 def parse_location(location: str) -> tuple[str, str]:
     """(bucket, prefix) of `s3://BUCKET/PREFIX`; an error naming --output-store when it is not one."""
@@ -63,12 +72,6 @@ class Bucket:
     def __init__(self, settings: OutputStoreSettings) -> None:
         self.settings = settings
         self.name, self.prefix = parse_location(settings.location)
-        if settings.public_url and not settings.public_url.startswith(("https://", "http://")):
-            raise StoreLocationError(f"--output-public-url: {settings.public_url[:80]!r} is not an http(s) URL")
-        if not 1 <= settings.url_lifetime_s <= MAX_URL_LIFETIME_S:
-            raise StoreLocationError(
-                f"--output-url-lifetime: {settings.url_lifetime_s} s is not between 1 s and 7 days (SigV4's limit)"
-            )
         self._client: Any = None
         self._lock = threading.Lock()
 

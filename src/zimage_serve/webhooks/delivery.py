@@ -104,13 +104,18 @@ async def checked_address(host: str, port: int, allowed: Sequence[IPNetwork]) ->
 
 
 def payload(
-    delivery: Delivery, view_url: Callable[[dict[str, Any]], str], stored: dict[tuple[str, str], str] | None = None
+    delivery: Delivery,
+    view_url: Callable[[dict[str, Any]], str],
+    stored: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> bytes:
     """The body: the event, when it happened, and the job (its outputs, with URLs, once it succeeded): a
-    file's object's URL when it is in the output store (`stored`: (subfolder, filename) → URL), else its
-    /view address."""
+    file in the output store has its object's `url` and `object` (`stored`: (subfolder, filename) → those),
+    any other its /view address."""
     stored = stored or {}
     data: dict[str, Any] = {"job_id": delivery.job_id, "status": delivery.state, "attempt": delivery.attempt}
+    if delivery.metadata is not None:
+        with contextlib.suppress(ValueError):
+            data["metadata"] = json.loads(delivery.metadata)
     if delivery.result is not None:
         try:
             result = json.loads(delivery.result)
@@ -121,7 +126,11 @@ def payload(
             outputs: dict[str, Any] = found if isinstance(found, dict) else {}
             data["outputs"] = outputs
             data["images"] = [
-                {**image, "url": stored.get((str(image.get("subfolder") or ""), image["filename"])) or view_url(image)}
+                {
+                    **image,
+                    "url": view_url(image),
+                    **stored.get((str(image.get("subfolder") or ""), image["filename"]), {}),
+                }
                 for output in outputs.values()
                 if isinstance(output, dict)
                 for image in output.get("images", [])
@@ -136,6 +145,10 @@ def payload(
         "data": data,
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _place(image: dict[str, Any]) -> tuple[str, str]:
+    return str(image.get("subfolder") or ""), str(image["filename"])
 
 
 def view_path(image: dict[str, Any]) -> str:
@@ -153,7 +166,7 @@ class Dispatcher:
     store: WebhookStore
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
-    stored: Callable[[str], dict[tuple[str, str], str]] = lambda job_id: {}  # a job's files' objects' URLs
+    stored: Callable[[str], dict[tuple[str, str], dict[str, str]]] = lambda job_id: {}  # a job's stored files
     _due: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _delivered: list[tuple[int, float]] = field(default_factory=list)  # (seq, lease): removed together

@@ -9,6 +9,8 @@ no endpoint registered the triggers do nothing (their WHEN clause reads one empt
 
 from __future__ import annotations
 
+import sqlite3
+
 from zimage_serve.outbox import NOW
 
 EVENTS = ("queued", "started", "succeeded", "failed", "canceled")
@@ -39,19 +41,41 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     next_at REAL NOT NULL,
     lease_until REAL,
     last_error TEXT,
-    dead REAL                      -- when it was given up on (the dead-letter list), else NULL
+    dead REAL,                     -- when it was given up on (the dead-letter list), else NULL
+    metadata TEXT                  -- the job's own labels (JSON), sent with each of its events
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at) WHERE dead IS NULL;
 """
+ADDED_COLUMNS = (("metadata", "TEXT"),)  # files from before a column have it added (`upgrade`)
+METADATA_BYTES = 16 * 1024  # a job's labels larger than this are not sent
+
+
+def upgrade(db: sqlite3.Connection) -> None:
+    """Bring a file an older version wrote to these tables: its missing columns, added at the end."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(webhook_outbox)")}
+    for name, kind in ADDED_COLUMNS:
+        if name not in have:
+            db.execute(f"ALTER TABLE webhook_outbox ADD COLUMN {name} {kind}")
+
+
+def _metadata(row: str) -> str:
+    """A job's labels, as JSON: a v2 job's `metadata`, or `extra_data.metadata` on /prompt (zimage batch puts
+    each row's fields there); none when larger than METADATA_BYTES."""
+    labels = (
+        f"CASE WHEN json_valid({row}.extra_data) THEN "
+        f"coalesce({row}.extra_data -> '$.comfy_api_v2.metadata', {row}.extra_data -> '$.metadata') END"
+    )
+    return f"(SELECT m FROM (SELECT {labels} AS m) WHERE length(m) <= {METADATA_BYTES})"
 
 
 def _insert(event: str, row: str, result: str) -> str:
     """The rows of one event of job `row` (NEW or OLD), for every endpoint it goes to."""
     named = f"CASE WHEN json_valid({row}.extra_data) THEN json_extract({row}.extra_data, '$.webhook') END"
     return f"""
-    INSERT INTO webhook_outbox (id, endpoint, event, job_id, owner, state, result, attempt, created, next_at)
+    INSERT INTO webhook_outbox (id, endpoint, event, job_id, owner, state, result, attempt, created, next_at,
+                                metadata)
     SELECT 'msg_' || lower(hex(randomblob(16))), e.id, {event}, {row}.id, {row}.owner, {row}.state, {result},
-           {row}.attempts, {NOW}, {NOW}
+           {row}.attempts, {NOW}, {NOW}, {_metadata(row)}
     FROM webhook_endpoints e
     WHERE instr(e.events, ',' || {event} || ',') > 0
       AND (e.owner = '' OR e.owner = {row}.owner)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from zimage_serve import outbox
 from zimage_serve.errors import ZImageError
 from zimage_serve.storage import schema as storage_schema
-from zimage_serve.webhooks.schema import EVENTS, TABLES
+from zimage_serve.webhooks.schema import EVENTS, TABLES, upgrade
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_URL = 2048
@@ -79,6 +79,7 @@ class Delivery:
     attempt: int = 0  # the job's run it reports on (a job run again after a crash starts again)
     window_from: float = 0.0  # its retry window starts here: the event, or its replay
     lease_until: float = 0.0  # the claim's lease: the fence its outcome is recorded under
+    metadata: str | None = None  # the job's labels, as JSON
 
 
 def checked_events(events: list[str] | None) -> tuple[str, ...]:
@@ -119,6 +120,8 @@ class WebhookStore(outbox.OutboxFile):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, TABLES + storage_schema.TABLES)  # the claim reads the uploads' outbox
+        with self._writing():
+            upgrade(self._db)
 
     # -- endpoints -------------------------------------------------------------------------------------
     def add(
@@ -186,7 +189,7 @@ class WebhookStore(outbox.OutboxFile):
             claimed.append(
                 Delivery(row["seq"], row["id"], row["event"], row["job_id"], row["owner"], row["state"],
                          row["result"], row["created"], row["attempts"], _endpoint(endpoint), endpoint["secret"],
-                         row["attempt"], row["retry_from"] or row["created"], row["lease_until"])
+                         row["attempt"], row["retry_from"] or row["created"], row["lease_until"], row["metadata"])
             )  # fmt: skip
         return claimed
 
