@@ -237,6 +237,11 @@ def test_admins_manage_endpoints_over_http_and_users_name_them_through_v2_and_ba
     for user in ("alice", "bob"):
         (data / "input" / "users" / user).mkdir(parents=True)
         Image.new("RGB", (8, 8), "red").save(data / "input" / "users" / user / "red.png")
+    from zimage_serve.security.tokens import TokenStore
+
+    store = TokenStore(data / "auth.sqlite3")  # made before the server starts: it reads new tokens every few s
+    nano = store.create("nano-user", "user")[0]
+    store.close()
     with receiving() as receiver, threaded_server(data, auth="on", webhooks=policy(), preload=False) as server:
         admin, alice, bob = (server.as_token(tokens[k]) for k in ("admin", "user", "other"))
         assert alice.json("GET", "/api/zimage/webhooks")[0] == 403
@@ -261,11 +266,6 @@ def test_admins_manage_endpoints_over_http_and_users_name_them_through_v2_and_ba
 
         rows = tmp_path / "rows.jsonl"
         rows.write_text('{"prompt": "a red circle", "seed": 1}\n{"prompt": "a blue square", "seed": 2}\n')
-        from zimage_serve.security.tokens import TokenStore
-
-        store = TokenStore(data / "auth.sqlite3")
-        nano = store.create("nano-user", "user")[0]
-        store.close()
         hook = {"name": "batch", "url": receiver.url, "events": ["succeeded"], "user": "nano-user"}
         assert admin.json("POST", "/api/zimage/webhooks", hook)[0] == 201
         remote = ["--server", server.url, "--token", nano, "--webhook", "batch"]
@@ -348,3 +348,37 @@ def test_an_outbox_written_before_labels_gains_them_and_a_jobs_labels_are_kept_w
     assert [tuple(r) for r in rows] == [("one", '{"sku":"A1"}'), ("two", '"a label"'), ("big", None), ("odd", "7")]
     queue.close()
     store.close()
+
+
+def test_with_no_endpoint_a_submission_does_not_wake_the_dispatcher(tmp_path: Path) -> None:
+    """The outbox is read at the poll, not once per job, while there is nothing it could hold."""
+    import asyncio
+
+    from zimage_serve.webhooks.delivery import Dispatcher
+
+    store = WebhookStore(tmp_path / "queue.sqlite3")
+    claims: list[float] = []
+    claim = store.claim
+    store.claim = lambda now, *args: claims.append(now) or claim(now, *args)  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[int, int]:
+        dispatcher = Dispatcher(store, policy(poll_s=3600))
+        running = asyncio.create_task(dispatcher.run())
+        await asyncio.sleep(0)
+        while store.has_endpoints:  # the first look, at the start, found none
+            await asyncio.sleep(0.01)
+        for _ in range(50):
+            dispatcher.wake()
+            await asyncio.sleep(0.001)
+        idle = len(claims)
+        store.add("shop", "https://shop.example/hook")
+        dispatcher.wake()
+        while len(claims) == idle:
+            await asyncio.sleep(0.01)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        return idle, len(claims)
+
+    idle, woken = asyncio.run(scenario())
+    store.close()
+    assert idle == 1 and woken == 2

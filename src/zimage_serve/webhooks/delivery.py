@@ -173,8 +173,9 @@ class Dispatcher:
     _clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)  # one per host: see `_client_for`
 
     def wake(self) -> None:
-        """An event may be waiting (a job ended, a job was queued): look now, not at the next poll. Any thread."""
-        if self._loop is not None and self._due is not None:
+        """An event may be waiting (a job ended, a job was queued): look now, not at the next poll. Any thread.
+        With no endpoint registered no event was written: nothing to do (the submission path stays as fast)."""
+        if self._loop is not None and self._due is not None and self.store.has_endpoints:
             self._loop.call_soon_threadsafe(self._due.set)
 
     async def run(self) -> None:

@@ -122,6 +122,9 @@ class WebhookStore(outbox.OutboxFile):
         super().__init__(path, TABLES + storage_schema.TABLES)  # the claim reads the uploads' outbox
         with self._writing():
             upgrade(self._db)
+        # Whether an endpoint was registered when the outbox was last looked at: while none is, a job's
+        # change writes no event, and the dispatcher need not be woken for it (its poll finds a new endpoint).
+        self.has_endpoints = True
 
     # -- endpoints -------------------------------------------------------------------------------------
     def add(
@@ -144,6 +147,7 @@ class WebhookStore(outbox.OutboxFile):
                 )  # fmt: skip
         except sqlite3.IntegrityError:
             raise WebhookError(f"name: an endpoint named {name!r} exists already") from None
+        self.has_endpoints = True
         return endpoint, secret
 
     def endpoints(self) -> list[Endpoint]:
@@ -171,8 +175,14 @@ class WebhookStore(outbox.OutboxFile):
     # -- deliveries ------------------------------------------------------------------------------------
     def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
         """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that).
-        A plain read first: with nothing due (no endpoint, say) the write lock is never taken."""
-        if not self._read(f"SELECT 1 FROM webhook_outbox WHERE {DUE} LIMIT 1", (now, now)):
+        A plain read first: with nothing due (no endpoint, say) the write lock is never taken. It also
+        notes whether any endpoint is registered (`has_endpoints`)."""
+        [(endpoints_now, due)] = self._read(
+            f"SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox WHERE {DUE})",
+            (now, now),
+        )
+        self.has_endpoints = bool(endpoints_now)
+        if not due:
             return []
         with self._writing():
             rows = self._execute(
