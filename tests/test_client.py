@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def test_deleting_a_waiting_prompt_ends_its_wait(served: Listening) -> None:
             with pytest.raises(Cancelled, match="removed from the queue"):
                 await asyncio.wait_for(task, 30)
             await client.cancel(running)
-            with pytest.raises(Cancelled):  # ended, so the next test starts on an idle server
+            with contextlib.suppress(Cancelled):  # ended (canceled, or done first), so the next test starts idle
                 await asyncio.wait_for(client.wait(running), 60)
 
     asyncio.run(main())

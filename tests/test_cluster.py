@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks import Webhook
 from websockets.sync.client import connect
 
 from tests.redis_server import RedisServer, running_redis
 from tests.server import Server, WorkerProc, free_port, next_message, running_server, running_worker
 from tests.support.metrics import samples, scrape, value
+from tests.test_webhooks import receiving
 from tests.workflows import nano_prompt
 
 LEASE = "3"  # seconds: a frozen worker loses its job after this, and heartbeats come every second
@@ -84,7 +86,11 @@ def running_cluster(base: Path, redis: RedisServer, nodes: int = 2, workers: int
     url = f"{redis.url}?prefix=c{uuid.uuid4().hex[:10]}:"
     with ExitStack() as stack:
         started = [
-            stack.enter_context(running_server(data, "--queue", url, "--workers", "0", "--lease", LEASE))
+            stack.enter_context(
+                running_server(
+                    data, "--queue", url, "--workers", "0", "--lease", LEASE, "--webhook-allow", "127.0.0.0/8"
+                )
+            )
             for _ in range(nodes)
         ]
         found = Cluster(redis, url, started, [], data, stack)
@@ -191,6 +197,14 @@ def test_jobs_through_two_nodes_and_two_workers_end_once_each_seen_from_every_no
         status, _, image = node.request("GET", f"/api/v2/assets/{output['id']}/content")
         assert status == 200 and image[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # A webhook registered on one node, named by a job posted to the other: each event is sent once, by
+    # whichever node's dispatcher leased it, signed, with the job's labels.
+    receiver = cluster.stack.enter_context(receiving())  # open to the end: a second sending would show
+    status, made = first.json("POST", "/api/zimage/webhooks", {"name": "erp", "url": receiver.url})
+    assert status == 201, made
+    hooked = post(second, quick_job("hooked", 7), extra_data={"webhook": "erp", "metadata": {"sku": "A1"}})
+    wait_for(lambda: receiver.bodies("job.succeeded"), 60, "the job's webhook")
+
     ids: list[str] = []
     lock = threading.Lock()
 
@@ -233,7 +247,7 @@ def test_jobs_through_two_nodes_and_two_workers_end_once_each_seen_from_every_no
         assert worker.metrics_port is not None
         with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as answer:
             counted += value(samples(answer.read().decode()), "zimage_jobs_ended_total", outcome="success")
-    assert counted == 1002  # the two jobs through both nodes, and the thousand
+    assert counted == 1003  # the three jobs through both nodes, and the thousand
 
     # the audit: each end in one API node's log, once; every log verifies
     command = [sys.executable, "-m", "zimage_serve.cli", "audit"]
@@ -246,11 +260,18 @@ def test_jobs_through_two_nodes_and_two_workers_end_once_each_seen_from_every_no
             found += [r["job_id"] for r in map(json.loads, exported.stdout.splitlines()) if r["kind"] == "generation"]
         return found
 
-    ends = wait_for(lambda: len(found := logged()) >= 1002 and found, 60, "every end in a log")
-    assert sorted(ends) == sorted([prompt_id, job["id"], *ids])  # in one node's log, once each
+    ends = wait_for(lambda: len(found := logged()) >= 1003 and found, 60, "every end in a log")
+    assert sorted(ends) == sorted([prompt_id, job["id"], hooked, *ids])  # in one node's log, once each
     for where in places:
         checked = subprocess.run([*command, "verify", *where], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0 and "intact" in checked.stderr, checked.stderr
+
+    # by now any second sending of the webhook's events would have come
+    assert sorted(body["type"] for body in receiver.bodies()) == ["job.queued", "job.started", "job.succeeded"]
+    for headers, body in receiver.received:
+        event = Webhook(made["secret"]).verify(body, headers)
+        assert event["data"]["job_id"] == hooked and event["data"]["metadata"] == {"sku": "A1"}
+    assert len({headers["webhook-id"] for headers, _ in receiver.received}) == 3
 
 
 def sampling(cluster: Cluster, prompt_id: str) -> dict[str, Any] | None:

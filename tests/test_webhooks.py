@@ -285,34 +285,6 @@ def test_admins_manage_endpoints_over_http_and_users_name_them_through_v2_and_ba
     assert code == 2 and "--webhook" in stderr and "--server" in stderr
 
 
-def test_the_triggers_write_each_event_with_the_job_in_its_transaction(tmp_path: Path) -> None:
-    """Queued, started, failed and canceled (a waiting job deleted), for the endpoints each job goes to."""
-    from tests.support.queues import enqueue
-    from zimage_serve.queue.sqlite_queue import SQLiteQueue
-
-    queue = SQLiteQueue(tmp_path / "queue.sqlite3")
-    store = WebhookStore(tmp_path / "queue.sqlite3")
-    store.add("all", "https://a.example", subscribe=True)
-    store.add("named", "https://b.example", ["canceled"])
-    enqueue(queue, "one", 1.0, {"1": {}}, {}, ["1"])
-    enqueue(queue, "two", 2.0, {"1": {}}, {"webhook": "named"}, ["1"])
-    enqueue(queue, "odd", 3.0, {"1": {}}, {"webhook": ["not", "a", "name"]}, ["1"])
-    claimed = queue.claim()
-    assert claimed is not None and claimed.id == "one"
-    queue.finish("one", "error", {"outputs": {}, "status": {"status_str": "error", "messages": [["m", {}]]}})
-    assert queue.delete_pending(["two"]) == 1
-    rows = store._db.execute("SELECT job_id, event, endpoint, attempt FROM webhook_outbox ORDER BY seq").fetchall()
-    ids = {e.name: e.id for e in store.endpoints()}
-    seen = [(r[0], r[1], "all" if r[2] == ids["all"] else "named") for r in rows]
-    assert seen == [
-        ("one", "queued", "all"), ("two", "queued", "all"), ("odd", "queued", "all"), ("one", "started", "all"),
-        ("one", "failed", "all"), ("two", "canceled", "all"), ("two", "canceled", "named"),
-    ]  # fmt: skip
-    assert [r[3] for r in rows if r[1] == "started"] == [1]  # the run it reports on
-    queue.close()
-    store.close()
-
-
 def test_a_batch_pattern_a_failed_row_cannot_fill_fails_that_row_only(tmp_path: Path) -> None:
     from zimage_serve.batch.plan import plan_row
     from zimage_serve.batch.rows import Row

@@ -1,6 +1,7 @@
 """`zimage webhooks`: register the endpoints job events are sent to, see what could not be delivered, replay it.
 
-Endpoints live in the data folder's queue file; a running server sends to a new one from its next event.
+Endpoints live with the queue: the data folder's queue file, or a cluster's Redis (`--queue`); a running
+server sends to a new one from its next event.
 """
 
 from __future__ import annotations
@@ -16,13 +17,32 @@ from zimage_serve.cli.common import console, console_err
 from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
 
 if TYPE_CHECKING:
-    from zimage_serve.webhooks.store import WebhookStore
+    from zimage_serve.webhooks.store import Webhooks
 
 app = typer.Typer(help="Webhooks: endpoints that receive signed job events.", no_args_is_help=True)
 DataDirOption = Annotated[Path | None, typer.Option(help=f"The server's data folder [env {DATA_DIR_ENV}]")]
 
 
-def _store(data_dir: Path | None) -> WebhookStore:
+QueueOption = Annotated[
+    str | None,
+    typer.Option(envvar="ZIMAGE_QUEUE", help="A cluster's queue, redis://HOST:PORT/DB [default: the data folder's]"),
+]
+
+
+def _store(data_dir: Path | None, queue: str | None) -> Webhooks:
+    from zimage_serve.config import ConfigError
+    from zimage_serve.queue import backends
+
+    try:
+        choice = backends.choose(queue)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--queue") from exc
+    if choice.kind == "redis":
+        from zimage_serve.queue.redis_queue import RedisQueue
+        from zimage_serve.webhooks.redis_store import RedisWebhookStore
+
+        cluster = RedisQueue(choice.url, prefix=choice.prefix)
+        return RedisWebhookStore(cluster.redis, cluster.prefix, cluster.call, on_close=cluster.close)
     from zimage_serve.webhooks.store import WebhookStore
 
     return WebhookStore((data_dir or default_data_dir()) / "queue.sqlite3")
@@ -59,6 +79,7 @@ def add(
         ),
     ] = False,
     data_dir: DataDirOption = None,
+    queue: QueueOption = None,
 ) -> None:
     """Register an endpoint and print its signing secret once, as the last line."""
     from urllib.parse import urlsplit
@@ -66,7 +87,7 @@ def add(
     from zimage_serve.webhooks.store import WebhookError
 
     owner = _user_id(user, data_dir) if user else ""
-    store = _store(data_dir)
+    store = _store(data_dir, queue)
     try:
         chosen = [event.strip() for event in events.split(",")]
         endpoint, secret = store.add(name or (urlsplit(url).hostname or "endpoint"), url, chosen, owner, subscribe)
@@ -86,9 +107,10 @@ def add(
 def list_endpoints(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per endpoint")] = False,
     data_dir: DataDirOption = None,
+    queue: QueueOption = None,
 ) -> None:
     """The endpoints, without their secrets."""
-    store = _store(data_dir)
+    store = _store(data_dir, queue)
     try:
         endpoints = store.endpoints()
     finally:
@@ -105,9 +127,9 @@ def list_endpoints(
 
 
 @app.command("remove")
-def remove(name: Annotated[str, typer.Argument()], data_dir: DataDirOption = None) -> None:
+def remove(name: Annotated[str, typer.Argument()], data_dir: DataDirOption = None, queue: QueueOption = None) -> None:
     """Remove an endpoint; deliveries still waiting for it are dropped."""
-    store = _store(data_dir)
+    store = _store(data_dir, queue)
     try:
         if not store.remove(name):
             raise typer.BadParameter(f"no endpoint is named {name!r}", param_hint="NAME")
@@ -117,9 +139,9 @@ def remove(name: Annotated[str, typer.Argument()], data_dir: DataDirOption = Non
 
 
 @app.command("dead")
-def dead(data_dir: DataDirOption = None) -> None:
+def dead(data_dir: DataDirOption = None, queue: QueueOption = None) -> None:
     """Deliveries given up on (their endpoint never answered 2xx in time), one JSON object a line."""
-    store = _store(data_dir)
+    store = _store(data_dir, queue)
     try:
         for letter in store.dead_letters():
             console.print(json.dumps(letter), highlight=False)
@@ -131,9 +153,10 @@ def dead(data_dir: DataDirOption = None) -> None:
 def replay(
     ids: Annotated[list[str] | None, typer.Argument(help="webhook-ids to send again [default: every dead one]")] = None,
     data_dir: DataDirOption = None,
+    queue: QueueOption = None,
 ) -> None:
     """Send dead deliveries again, with fresh attempts (a running server picks them up at once)."""
-    store = _store(data_dir)
+    store = _store(data_dir, queue)
     try:
         count = store.replay(ids or None)
     finally:

@@ -12,7 +12,9 @@ Keys, under the queue's prefix P (`zimage:` unless the URL names another):
 - `P history_owners`: history entries per owner (score), whose largest lose entries first past the total;
 - `P counts`: jobs per state; `P seq`, `P number`: counters; `P usage:<day>`: jobs and images per owner;
 - `P audit`: a stream, every job's end, written in the script that records it (the audit log's outbox);
-- `P control`: the channel that wakes workers when jobs are queued.
+- `P control`: the channel that wakes workers when jobs are queued;
+- `P webhook:...`: the webhook endpoints and the outbox the scripts write each job's events to
+  (webhooks/redis_store.py).
 
 Times are Redis' own clock (TIME), so leases mean the same on every machine; ARGV[2], when not empty, is
 the time to use instead (a queue given a clock: the tests' own, so lease tests need not sleep). Numbers
@@ -21,7 +23,10 @@ written back by Lua are formatted with six decimals: Lua's own conversion keeps 
 
 from __future__ import annotations
 
-PRELUDE = r"""
+from zimage_serve.webhooks.redis_store import EVENT_HOOK
+
+PRELUDE = (
+    r"""
 local P = ARGV[1]
 local CLOCK = ARGV[2]
 
@@ -37,6 +42,9 @@ local function fmt(x)
   return string.format('%.6f', x)
 end
 
+"""
+    + EVENT_HOOK
+    + r"""
 local function owned(owner, state)
   return P .. 'owner:' .. owner .. ':' .. state
 end
@@ -108,6 +116,7 @@ local function claim(worker, lease_s, t)
       redis.call('HINCRBY', key, 'attempts', 1)
       if worker ~= '' then redis.call('SADD', P .. 'held:' .. worker, id) end
       counted('pending', 'running')
+      webhook_event(id, 'started')
       return redis.call('HGETALL', key)
     end
   end
@@ -176,9 +185,11 @@ local function finish(id, state, result, t, per_owner, total, worker, from)
              'context', job[2], 'state', state, 'created', job[3], 'started', job[4] or '', 'finished', finished,
              'result', result)
   trim_history(fields[3], tonumber(per_owner), tonumber(total))
+  webhook_end(id, state, result)
   return true
 end
 """
+)
 
 # ARGV: P, clock, max_pending, day, then 10 per job: id, number, prompt, extra_data, outputs, context, owner,
 # max_queued ('' for none), images_per_day ('' for none), images. Each job's answer: 'ok:<created>',
@@ -222,6 +233,7 @@ for b = 5, #ARGV, 10 do
       redis.call('EXPIRE', P .. 'usage:' .. day, 40 * 86400)
     end
     counted(nil, 'pending')
+    webhook_event(id, 'queued')
     pending = pending + 1
     stored = stored + 1
     answer = 'ok:' .. t
@@ -335,6 +347,7 @@ for _, id in ipairs(ids) do
   local fields = redis.call('HMGET', key, 'state', 'm', 'owner')
   local mine = owner == '*' or (owner ~= '' and fields[3] == owner)
   if fields[1] and where(fields[1]) == which and mine then
+    if which == 'pending' then webhook_event(id, 'canceled') end  -- a waiting job deleted: it never ran
     move(fields[2], fields[3], which, nil, 0)
     redis.call('DEL', key)
     counted(fields[1], nil)

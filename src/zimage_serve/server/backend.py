@@ -30,7 +30,8 @@ from zimage_serve.security.audit import log_place
 from zimage_serve.server.service import DeviceWorker
 from zimage_serve.storage.bucket import StoreLocationError
 from zimage_serve.storage.uploads import UploadOutbox
-from zimage_serve.webhooks.store import WebhookStore
+from zimage_serve.webhooks.redis_store import RedisWebhookStore
+from zimage_serve.webhooks.store import Webhooks, WebhookStore
 from zimage_serve.worker.build import WorkerConfig, build_worker
 from zimage_serve.worker.cluster_workers import ClusterWorkers
 from zimage_serve.worker.process import WorkerProcess
@@ -69,7 +70,7 @@ class Backend(Protocol):
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker: ...
 
-    def webhook_store(self) -> WebhookStore | None:
+    def webhook_store(self) -> Webhooks | None:
         """The webhook endpoints and the outbox the queue writes job events to (None: none for this queue)."""
         ...
 
@@ -111,7 +112,7 @@ class LocalBackend:
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         return log_place(data_dir, None)  # the head and outbox in the queue file: a job's end and its record are one
 
-    def webhook_store(self) -> WebhookStore | None:
+    def webhook_store(self) -> Webhooks | None:
         """The endpoints and the outbox, in the queue file (its triggers write the outbox)."""
         return WebhookStore(self.queue.path)
 
@@ -154,8 +155,9 @@ class ClusterBackend:
         self.records = RedisRecords(queue)
         self.relay: AuditRelay | None = None
 
-    def webhook_store(self) -> WebhookStore | None:
-        return None  # a Redis queue has no webhook outbox yet: webhooks need the SQLite queue
+    def webhook_store(self) -> Webhooks | None:
+        """The endpoints and the outbox, in Redis (the queue's scripts write the outbox)."""
+        return RedisWebhookStore(self.queue.redis, self.queue.prefix, self.queue.call)
 
     def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
         if wanted:

@@ -20,18 +20,18 @@ from zimage_serve.server.gate import audit_note, caller
 from zimage_serve.server.routes_queue import comfy_error, json_body, runtime
 from zimage_serve.server.routes_security import admin_only
 from zimage_serve.server.schemas import BodyError, ReplayRequest, WebhookRequest, json_request, validated
-from zimage_serve.webhooks.store import WebhookError, WebhookStore
+from zimage_serve.webhooks.store import WebhookError, Webhooks
 
 router = APIRouter()
 
 
-def _store(request: Request) -> WebhookStore | Response:
+def _store(request: Request) -> Webhooks | Response:
     refused = admin_only(caller(request))
     if refused is not None:
         return refused
     store = runtime(request).webhooks
     if store is None:
-        why = "webhooks need the SQLite queue (no --queue redis://)"
+        why = "this server keeps no webhook endpoints"
         return comfy_error("unsupported", "No webhooks here", why, 409)
     return store
 

@@ -164,7 +164,7 @@ class QueueService:
         if not isinstance(name, str) or self.webhooks is None or not self.webhooks.usable(name, identity.user):
             why = f"no endpoint {repr(name)[:80]} this user may use"
             if self.webhooks is None:
-                why = "webhooks need the SQLite queue (no --queue redis://)"
+                why = "this server keeps no webhook endpoints"
             raise PromptRejected(error_body("invalid_webhook", "Unknown webhook", f"extra_data.webhook: {why}"))
 
     def _screen(self, prompt: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from standardwebhooks import Webhook
 
 from zimage_serve import outbox
 from zimage_serve.metrics import WEBHOOK_DELIVERIES, WEBHOOK_LATENCY_SECONDS
-from zimage_serve.webhooks.store import Delivery, WebhookStore
+from zimage_serve.webhooks.store import Delivery, Webhooks
 
 log = logging.getLogger(__name__)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -163,7 +163,7 @@ def view_path(image: dict[str, Any]) -> str:
 class Dispatcher:
     """Empties the outbox while the server runs (every API node runs one; leases keep them apart)."""
 
-    store: WebhookStore
+    store: Webhooks
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
     stored: Callable[[str], dict[tuple[str, str], dict[str, str]]] = lambda job_id: {}  # a job's stored files

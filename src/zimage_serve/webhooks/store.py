@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from zimage_serve import outbox
@@ -113,7 +113,82 @@ def checked_url(url: str) -> str:
     return url
 
 
-class WebhookStore(outbox.OutboxFile):
+class Webhooks(Protocol):
+    """The endpoints and the outbox of deliveries, kept with the queue: in its SQLite file (`WebhookStore`) or
+    in its Redis (`redis_store.RedisWebhookStore`); tests/test_webhooks.py holds both to the same contract."""
+
+    has_endpoints: bool  # whether an endpoint was registered when the outbox was last looked at
+
+    def close(self) -> None: ...
+
+    def add(
+        self, name: str, url: str, events: list[str] | None = None, owner: str = "", subscribe: bool = False
+    ) -> tuple[Endpoint, str]:
+        """Register an endpoint; (it, its signing secret), the secret shown this once."""
+        ...
+
+    def endpoints(self) -> list[Endpoint]: ...
+
+    def endpoint(self, name: str) -> Endpoint | None: ...
+
+    def usable(self, name: str, owner: str) -> bool:
+        """Whether a job of `owner` may name this endpoint."""
+        ...
+
+    def remove(self, name: str) -> bool:
+        """Remove an endpoint with its deliveries, waiting and dead (nothing could send them any more)."""
+        ...
+
+    def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
+        """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that)."""
+        ...
+
+    def delivered(self, done: list[tuple[int, float]]) -> None:
+        """These deliveries (seq, lease) got their 2xx: out of the outbox."""
+        ...
+
+    def failed(self, delivery: Delivery, error: str, retry_at: float | None) -> None:
+        """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None; fenced by
+        the claim's lease (a try that outlived it records nothing)."""
+        ...
+
+    def forget_dead(self, before: float) -> int: ...
+
+    def waiting(self) -> int: ...
+
+    def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    def replay(self, ids: list[str] | None = None) -> int:
+        """Dead letters (these, or all) go back to the outbox, to be tried again now with fresh attempts."""
+        ...
+
+
+def new_endpoint(name: str, url: str, events: list[str] | None, owner: str, subscribe: bool) -> tuple[Endpoint, str]:
+    """An endpoint as asked, checked (a WebhookError names the field), and its new signing secret."""
+    if not NAME.fullmatch(name):
+        raise WebhookError(f"name: {name[:80]!r} must be 1 to 64 letters, digits, '.', '_' or '-'")
+    endpoint = Endpoint(
+        "ep_" + uuid.uuid4().hex, name, checked_url(url), checked_events(events), owner, subscribe, time.time()
+    )
+    return endpoint, "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+class NamedEndpoints:
+    """What both stores answer from their list of endpoints."""
+
+    def endpoints(self) -> list[Endpoint]:
+        raise NotImplementedError
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        return next((e for e in self.endpoints() if e.name == name), None)
+
+    def usable(self, name: str, owner: str) -> bool:
+        """Whether a job of `owner` may name this endpoint."""
+        found = self.endpoint(name)
+        return found is not None and found.owner in ("", owner)
+
+
+class WebhookStore(outbox.OutboxFile, NamedEndpoints):
     """The webhook tables of one queue file; thread-safe."""
 
     TABLE = "webhook_outbox"
@@ -131,12 +206,7 @@ class WebhookStore(outbox.OutboxFile):
         self, name: str, url: str, events: list[str] | None = None, owner: str = "", subscribe: bool = False
     ) -> tuple[Endpoint, str]:
         """Register an endpoint; (it, its signing secret), the secret shown this once."""
-        if not NAME.fullmatch(name):
-            raise WebhookError(f"name: {name[:80]!r} must be 1 to 64 letters, digits, '.', '_' or '-'")
-        endpoint = Endpoint(
-            "ep_" + uuid.uuid4().hex, name, checked_url(url), checked_events(events), owner, subscribe, time.time()
-        )
-        secret = "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+        endpoint, secret = new_endpoint(name, url, events, owner, subscribe)
         try:
             with self._writing():
                 self._execute(
@@ -153,14 +223,6 @@ class WebhookStore(outbox.OutboxFile):
     def endpoints(self) -> list[Endpoint]:
         rows = self._read("SELECT * FROM webhook_endpoints ORDER BY created")
         return [_endpoint(row) for row in rows]
-
-    def endpoint(self, name: str) -> Endpoint | None:
-        return next((e for e in self.endpoints() if e.name == name), None)
-
-    def usable(self, name: str, owner: str) -> bool:
-        """Whether a job of `owner` may name this endpoint."""
-        found = self.endpoint(name)
-        return found is not None and found.owner in ("", owner)
 
     def remove(self, name: str) -> bool:
         """Remove an endpoint with its deliveries, waiting and dead (nothing could send them any more)."""
