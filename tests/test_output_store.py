@@ -19,6 +19,7 @@ from tests.support.metrics import samples, value
 from tests.support.s3 import BUCKET, S3, running_s3
 from tests.support.threaded import threaded_server
 from tests.test_webhooks import graph, policy, receiving
+from zimage_serve.security.audit_verify import records
 from zimage_serve.storage.bucket import Bucket, OutputStoreSettings, StoreLocationError, parse_location
 from zimage_serve.storage.uploads import OutputFile, UploadOutbox, output_files
 from zimage_serve.webhooks.store import WebhookStore
@@ -112,6 +113,11 @@ def test_each_output_goes_to_the_users_prefix_and_every_view_of_the_job_names_it
             assert s3.keys() == ["renders/banner_00001_.png", key]
             assert stored_count(admin) - stored_before == 3  # the three jobs (counters are this process's)
     hooks.close()
+    found = list(records(data / "audit"))  # the server has stopped: its log is written
+    [first] = [r for r in found if r["kind"] == "output_store" and r["job_id"] == job]
+    assert first["outcome"] == "stored" and first["user"] == "alice" and first["files"] == [key]
+    sent = [r for r in found if r["kind"] == "webhook" and r["job_id"] == job]
+    assert [(r["event"], r["outcome"], r["endpoint"]) for r in sent] == [("succeeded", "delivered", "shop")]
 
 
 def test_the_store_away_then_back_loses_nothing_stores_nothing_twice_and_holds_the_webhook(
@@ -144,6 +150,9 @@ def test_the_store_away_then_back_loses_nothing_stores_nothing_twice_and_holds_t
                 local = data / "output" / f"p{n}_00001_.png"
                 assert local.read_bytes() == s3.body(f"renders/p{n}_00001_.png")
     hooks.close()
+    tries = [r for r in records(data / "audit") if r["kind"] == "output_store" and r["job_id"] == jobs[0]]
+    assert {r["outcome"] for r in tries[:-1]} == {"retried"} and tries[-1]["outcome"] == "stored"
+    assert "Error" in tries[0]["error"] or "error" in tries[0]["error"].lower()
 
 
 def test_a_job_ending_writes_its_upload_in_the_same_transaction_only_while_a_store_is_configured(
@@ -169,6 +178,9 @@ def test_a_job_ending_writes_its_upload_in_the_same_transaction_only_while_a_sto
     assert upload.job_id == job.id and upload.space == "alice"
     assert upload.files == (OutputFile("x", "a_00001_.png"),)
     assert uploads.claim(pending["next_at"] + 2, 10, 60) == []  # leased
+    uploads.use(None)  # the server started again without a store: the job's upload is given up on
+    [given_up] = uploads.pending()
+    assert given_up["dead"] is not None and "no output store" in given_up["error"]
     uploads.close()
     queue.close()
 
@@ -214,3 +226,20 @@ def test_keys_mirror_the_output_folder_below_the_prefix() -> None:
     assert bucket.url("renders/a b.png") == ("https://cdn.example/img/renders/a%20b.png", None)
     with pytest.raises(StoreLocationError, match="--output-url-lifetime"):
         OutputStoreSettings("s3://shop-images", url_lifetime_s=8 * 86400)
+
+
+def test_a_large_output_goes_up_in_parts_and_a_small_one_in_one_request(tmp_path: Path, s3: S3) -> None:
+    import os
+
+    bucket = Bucket(OutputStoreSettings(f"s3://{BUCKET}/renders"))
+    large, small = tmp_path / "clip.webm", tmp_path / "a.png"
+    large.write_bytes(os.urandom(9 * 1024 * 1024))
+    small.write_bytes(b"\x89PNG small")
+    for path in (large, small):
+        bucket.put(str(path), f"renders/{path.name}", "job-1", path.stat().st_size)
+        assert s3.body(f"renders/{path.name}") == path.read_bytes()
+    head = s3.client().head_object(Bucket=BUCKET, Key="renders/clip.webm")
+    assert head["ETag"].strip('"').endswith("-2") and head["Metadata"] == {"job-id": "job-1"}  # two parts
+    assert s3.client().head_object(Bucket=BUCKET, Key="renders/a.png")["ContentType"] == "image/png"
+    assert bucket.size("renders/a.png") == len(b"\x89PNG small") and bucket.size("renders/none") is None
+    assert bucket.get("renders/none") is None

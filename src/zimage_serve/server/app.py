@@ -285,13 +285,17 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
         sending = uploading = None
         if runtime.webhooks is not None:
             dispatcher = Dispatcher(
-                runtime.webhooks, settings.webhooks, runtime.security.public_base(), runtime.outputs.job_objects
+                runtime.webhooks,
+                settings.webhooks,
+                runtime.security.public_base(),
+                runtime.outputs.job_objects,
+                runtime.audit_delivery,
             )
             sending = asyncio.get_running_loop().create_task(dispatcher.run(), name="the webhook dispatcher")
             runtime.webhooks_due = dispatcher.wake
         if runtime.outputs.bucket is not None and runtime.uploads is not None:
             bucket, folders = runtime.outputs.bucket, runtime.folders
-            uploader = Uploader(runtime.uploads, bucket, folders, lambda: runtime.webhooks_due())
+            uploader = Uploader(runtime.uploads, bucket, folders, lambda: runtime.webhooks_due(), runtime.audit_upload)
             uploading = asyncio.get_running_loop().create_task(uploader.run(), name="the uploader")
             runtime.uploads_due = uploader.wake
         try:

@@ -30,9 +30,11 @@ from zimage_serve.server.v2.feeds import JobFeeds
 from zimage_serve.server.v2.job_view import JobViews
 from zimage_serve.server.waits import JobWaits
 from zimage_serve.storage.bucket import Bucket, OutputStoreSettings
+from zimage_serve.storage.uploads import Upload
 from zimage_serve.templates import TemplateLibrary
 from zimage_serve.templates.library import USERS
 from zimage_serve.webhooks.delivery import DeliveryPolicy
+from zimage_serve.webhooks.store import Delivery
 from zimage_serve.worker.build import RunSettings, WorkerConfig
 from zimage_serve.workflow.events import CLOSING
 from zimage_serve.workflow.folders import Folders
@@ -199,15 +201,32 @@ class Runtime:
             deleted,
             ", its running ones interrupted" if interrupted else "",
         )
-        self.security.audit.add(
-            {
-                "time": iso(time.time()),
-                "kind": "revocation",
-                "user": user,
-                "deleted": deleted,
-                "interrupted": interrupted,
-            }
-        )
+        self.audit("revocation", user=user, deleted=deleted, interrupted=interrupted)
+
+    def audit(self, kind: str, **fields: Any) -> None:
+        """A record in the audit log, now (any thread; its writer appends it)."""
+        self.security.audit.add({"time": iso(time.time()), "kind": kind, **fields})
+
+    def audit_delivery(self, delivery: Delivery, outcome: str, error: str | None) -> None:
+        """Each webhook try: which event of which job went to which endpoint, and how it went."""
+        found: dict[str, Any] = {
+            "user": delivery.owner,
+            "job_id": delivery.job_id,
+            "outcome": outcome,
+            "event": delivery.event,
+            "endpoint": delivery.endpoint.name,
+            "webhook_id": delivery.id,
+            "attempts": delivery.attempts,
+        }
+        if error:
+            found["error"] = error[:200]
+        self.audit("webhook", **found)
+
+    def audit_upload(self, upload: Upload, outcome: str, detail: list[str] | str) -> None:
+        """Each try to store a job's files: their keys, or why it failed."""
+        found: dict[str, Any] = {"user": upload.space, "job_id": upload.job_id, "outcome": outcome}
+        found.update({"files": detail} if isinstance(detail, list) else {"error": detail[:200]})
+        self.audit("output_store", **found, attempts=upload.attempts)
 
     def stop(self) -> None:
         if not self._started or self._stopped:

@@ -23,6 +23,7 @@ from zimage_serve.workflow.folders import USERS
 
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules (OSS and MinIO keep to them)
 MAX_URL_LIFETIME_S = 7 * 86400  # the longest a SigV4 presigned URL may hold
+MULTIPART_BYTES = 8 * 1024 * 1024  # boto3's own threshold for uploading in parts
 
 
 class StoreLocationError(ZImageError):
@@ -98,10 +99,14 @@ class Bucket:
         """The object key of an output file: its place below the shared output folder, under the prefix."""
         return "/".join(p for p in (self.prefix, f"{USERS}/{space}" if space else "", subfolder, filename) if p)
 
-    def put(self, path: str, key: str, job_id: str) -> None:
+    def put(self, path: str, key: str, job_id: str, size: int) -> None:
         content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         extra = {"ContentType": content_type, "Metadata": {"job-id": job_id}}
-        self.client().upload_file(path, self.name, key, ExtraArgs=extra)  # multipart for large files
+        if size >= MULTIPART_BYTES:  # in parts, several at once, each retried on its own
+            self.client().upload_file(path, self.name, key, ExtraArgs=extra)
+            return
+        with open(path, "rb") as body:  # one request: a transfer manager's threads cost more than an image
+            self.client().put_object(Bucket=self.name, Key=key, Body=body, **extra)
 
     def get(self, key: str) -> bytes | None:
         """An object's bytes; None when there is no such object."""

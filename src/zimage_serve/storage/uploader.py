@@ -59,6 +59,8 @@ class Uploader:
     bucket: Bucket
     folders: Folders
     on_stored: Callable[[], None] = lambda: None  # a job's files are stored: its webhooks may go
+    # Each try's outcome (stored, with the keys; retried or dead, with the error), for the audit log.
+    on_outcome: Callable[[Upload, str, list[str] | str], None] = lambda upload, outcome, detail: None
     _due: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -80,7 +82,7 @@ class Uploader:
         settings = self.bucket.settings
         try:
             try:
-                await asyncio.to_thread(self.store, upload)
+                keys = await asyncio.to_thread(self.store, upload)
             except Exception as exc:  # whatever it was, the try failed: again later, then given up on
                 error = f"{type(exc).__name__}: {exc}"
                 give_up = time.time() - upload.created >= settings.retry_for_s
@@ -88,22 +90,26 @@ class Uploader:
                 retry_at = None if give_up else time.time() + delay
                 await asyncio.to_thread(self.outbox.failed, upload, error, retry_at)
                 OUTPUT_UPLOADS.labels("dead" if give_up else "retried").inc()
+                self.on_outcome(upload, "dead" if give_up else "retried", error)
                 later = "given up: its files stay on disk" if retry_at is None else f"tried again in {delay:.0f} s"
                 log.warning("the outputs of job %s could not be stored in %s: %s; %s", upload.job_id,
                             self.bucket.location, error, later)  # fmt: skip
                 if give_up:
                     self.on_stored()  # its webhooks go out without the objects
                 return
+            if keys is None:
+                return  # the lease ran out meanwhile: the node that took the job records it
             OUTPUT_UPLOADS.labels("stored").inc()
             OUTPUT_UPLOAD_SECONDS.observe(max(0.0, time.time() - upload.created))
+            self.on_outcome(upload, "stored", keys)
             self.on_stored()
             self.wake()
         except Exception:  # recording the outcome failed: the lease brings the job back later
             log.exception("the upload of job %s: its outcome could not be recorded", upload.job_id)
 
-    def store(self, upload: Upload) -> None:
-        """Put each of the job's files in the bucket, then record them (in a worker thread); raises when a
-        file could not be stored."""
+    def store(self, upload: Upload) -> list[str] | None:
+        """Put each of the job's files in the bucket, then record them (in a worker thread): the keys, or None
+        when the lease ran out meanwhile; raises when a file could not be stored."""
         objects: list[StoredObject] = []
         uploaded: list[tuple[str, os.stat_result]] = []
         for file in upload.files:
@@ -123,13 +129,14 @@ class Uploader:
                 continue
             size = self.bucket.size(key) if before.st_size == 0 else None
             if size is None:  # an empty file may be one whose bytes are in the bucket already: never emptied there
-                self.bucket.put(path, key, upload.job_id)
+                self.bucket.put(path, key, upload.job_id, before.st_size)
                 uploaded.append((path, before))
             objects.append(StoredObject(upload.job_id, upload.space, file.subfolder, file.filename, key,
                                         before.st_size if size is None else size))  # fmt: skip
         if not self.outbox.stored(upload, objects):
-            return  # the lease ran out: another node took the job and records it
+            return None
         if not self.bucket.settings.keep_local:
             for path, before in uploaded:
                 with contextlib.suppress(OSError):
                     emptied(path, before)
+        return [found.key for found in objects]

@@ -72,11 +72,18 @@ class UploadOutbox(outbox.OutboxFile):
         super().__init__(path, TABLES)
 
     def use(self, location: str | None) -> None:
-        """Uploads from now on go to `location` (None: none; a job that ends then puts nothing in the outbox)."""
+        """Uploads from now on go to `location`. None: none (a job that ends then puts nothing in the outbox),
+        and the jobs still waiting for an upload are given up on, so their webhooks are no longer held."""
         with self._writing():
             self._execute("DELETE FROM output_store")
             if location is not None:
                 self._execute("INSERT INTO output_store (id, location) VALUES (1, ?)", (location,))
+            else:
+                self._execute(
+                    "UPDATE output_outbox SET dead = ?, last_error = 'no output store is configured any more', "
+                    "lease_until = NULL WHERE dead IS NULL",
+                    (time.time(),),
+                )
 
     def claim(self, now: float, limit: int, lease_s: float) -> list[Upload]:
         if not self._read(f"SELECT 1 FROM output_outbox WHERE {DUE} LIMIT 1", (now, now)):

@@ -167,6 +167,8 @@ class Dispatcher:
     policy: DeliveryPolicy = field(default_factory=DeliveryPolicy)
     public_url: str = ""
     stored: Callable[[str], dict[tuple[str, str], dict[str, str]]] = lambda job_id: {}  # a job's stored files
+    # Each try's outcome (delivered, retried, dead; the error), for the audit log.
+    on_outcome: Callable[[Delivery, str, str | None], None] = lambda delivery, outcome, error: None
     _due: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _delivered: list[tuple[int, float]] = field(default_factory=list)  # (seq, lease): removed together
@@ -236,11 +238,13 @@ class Dispatcher:
                 self.wake()
                 WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "delivered").inc()
                 WEBHOOK_LATENCY_SECONDS.observe(max(0.0, time.time() - delivery.created))
+                self.on_outcome(delivery, "delivered", None)
                 return
             give_up = time.time() - delivery.window_from >= self.policy.retry_for_s
             retry_at = None if give_up else time.time() + retry_delay(delivery.attempts, self.policy)
             await asyncio.to_thread(self.store.failed, delivery, error, retry_at)
             WEBHOOK_DELIVERIES.labels(delivery.endpoint.name, "dead" if give_up else "retried").inc()
+            self.on_outcome(delivery, "dead" if give_up else "retried", error)
             later = "given up" if retry_at is None else f"tried again in {retry_at - time.time():.0f} s"
             log.warning("webhook %s to %s (%s): %s; %s", delivery.id, delivery.endpoint.name, delivery.event, error,
                         later)  # fmt: skip
