@@ -141,3 +141,17 @@ def test_with_no_endpoint_a_claim_says_so(opened: Opened) -> None:
     assert store.claim(time.time(), 10, 60) == [] and not store.has_endpoints
     store.add("one", "https://a.example")
     assert store.has_endpoints
+
+
+def test_a_claim_takes_a_share_of_each_endpoint_and_none_of_a_busy_one(opened: Opened) -> None:
+    queue, store = opened
+    slow, _ = store.add("slow", "https://slow.example", ["queued"], subscribe=True)
+    store.add("fast", "https://fast.example", ["queued"], subscribe=True)
+    for n in range(4):
+        enqueue(queue, f"job{n}", float(n), {"1": {}}, {}, ["1"])
+    first = store.claim(time.time() + 5, 16, 60, frozenset(), 2)
+    assert sorted(d.endpoint.name for d in first) == ["fast", "fast", "slow", "slow"]
+    assert [d.job_id for d in first if d.endpoint.name == "fast"] == ["job0", "job1"]  # the oldest first
+    second = store.claim(time.time() + 5, 16, 60, frozenset({slow.id}), 2)
+    assert [(d.endpoint.name, d.job_id) for d in second] == [("fast", "job2"), ("fast", "job3")]
+    assert store.waiting() == 8

@@ -354,3 +354,64 @@ def test_with_no_endpoint_a_submission_does_not_wake_the_dispatcher(tmp_path: Pa
     idle, woken = asyncio.run(scenario())
     store.close()
     assert idle == 1 and woken == 2
+
+
+def test_an_endpoint_that_hangs_holds_its_own_deliveries_only(tmp_path: Path) -> None:
+    """Tries to one endpoint are capped (`per_endpoint`): while a receiver that never answers holds its own,
+    the other endpoints' deliveries go out."""
+    import asyncio
+
+    from tests.support.queues import enqueue
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
+    from zimage_serve.webhooks.delivery import Dispatcher
+
+    hanging = threading.Event()
+    release = threading.Event()
+
+    class Stuck(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hanging.set()
+            release.wait(30)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    queue = SQLiteQueue(tmp_path / "queue.sqlite3")
+    store = WebhookStore(tmp_path / "queue.sqlite3")
+    with threaded_http(Stuck) as stuck_port, receiving() as receiver:
+        store.add("stuck", f"http://127.0.0.1:{stuck_port}/hook", ["queued"], subscribe=True)
+        store.add("fine", receiver.url, ["queued"], subscribe=True)
+        for n in range(6):
+            enqueue(queue, f"job{n}", float(n), {"1": {}}, {}, ["1"])
+
+        async def scenario() -> None:
+            dispatcher = Dispatcher(store, policy(concurrency=2, per_endpoint=1, timeout_s=30))
+            running = asyncio.create_task(dispatcher.run())
+            try:
+                while len(receiver.received) < 6:
+                    await asyncio.sleep(0.01)
+                assert hanging.is_set()  # one try to the stuck endpoint is under way, the whole time
+            finally:
+                release.set()
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert sorted(body["data"]["job_id"] for body in receiver.bodies()) == [f"job{n}" for n in range(6)]
+    store.close()
+    queue.close()
+
+
+@contextmanager
+def threaded_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -23,6 +23,7 @@ import logging
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,7 @@ class DeliveryPolicy:
     timeout_s: float = 10.0
     allowed: tuple[IPNetwork, ...] = ()  # private or local networks deliveries may go to all the same
     concurrency: int = 8
+    per_endpoint: int = 2  # tries in flight to one endpoint at most: a slow one never holds every sender
     poll_s: float = 0.2  # how often the outbox is looked at while it is empty
 
 
@@ -173,6 +175,7 @@ class Dispatcher:
     _loop: asyncio.AbstractEventLoop | None = None
     _delivered: list[tuple[int, float]] = field(default_factory=list)  # (seq, lease): removed together
     _clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)  # one per host: see `_client_for`
+    _in_flight: Counter[str] = field(default_factory=Counter)  # tries under way, by endpoint id
 
     def wake(self) -> None:
         """An event may be waiting (a job ended, a job was queued): look now, not at the next poll. Any thread.
@@ -211,7 +214,13 @@ class Dispatcher:
             except Exception:
                 self._delivered.extend(done)
                 raise
-        return await asyncio.to_thread(self.store.claim, time.time(), self.policy.concurrency * 2, LEASE_S)
+        cap = self.policy.per_endpoint
+        busy = frozenset(endpoint for endpoint, count in self._in_flight.items() if count >= cap)
+        claimed = await asyncio.to_thread(
+            self.store.claim, time.time(), self.policy.concurrency * 2, LEASE_S, busy, cap
+        )
+        self._in_flight.update(delivery.endpoint.id for delivery in claimed)
+        return claimed
 
     def _client_for(self, host: str) -> httpx.AsyncClient:
         """A client (and so a connection pool) per host name: pools key connections by address, so hosts
@@ -250,6 +259,10 @@ class Dispatcher:
                         later)  # fmt: skip
         except Exception:  # recording the outcome failed: the lease brings the delivery back later
             log.exception("webhook delivery %s: its outcome could not be recorded", delivery.id)
+        finally:
+            self._in_flight[delivery.endpoint.id] -= 1
+            if self._in_flight[delivery.endpoint.id] <= 0:
+                del self._in_flight[delivery.endpoint.id]
 
     async def attempt(self, delivery: Delivery) -> str | None:
         """One POST; None when the endpoint answered 2xx, else why not."""

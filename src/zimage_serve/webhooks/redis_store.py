@@ -94,18 +94,26 @@ redis.call('HDEL', P .. 'webhook:names', ARGV[2])
 return 1
 """
 
-# ARGV: P, now, limit, lease_s. {whether any endpoint is registered, {delivery's HGETALL, endpoint JSON}...}
+# ARGV: P, now, limit, lease_s, per endpoint, then the busy endpoints' ids. {whether any endpoint is
+# registered, {delivery's HGETALL, endpoint JSON}...}. Deliveries of busy endpoints, and those past an
+# endpoint's share, stay due; up to eight times the limit are looked at, past them.
 CLAIM = r"""
-local P, t, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local P, t, limit, lease, share = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local busy, taken = {}, {}
+for i = 6, #ARGV do busy[ARGV[i]] = true end
 local claimed = {}
-for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 'LIMIT', 0, tonumber(ARGV[3]))) do
+for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 'LIMIT', 0, limit * 8)) do
+  if #claimed >= limit then break end
   local d = P .. 'webhook:d:' .. seq
   local id = redis.call('HGET', d, 'endpoint')
   local endpoint = id and redis.call('HGET', P .. 'webhook:endpoints', id)
   if not endpoint then  -- removed meanwhile
     redis.call('DEL', d)
     redis.call('ZREM', P .. 'webhook:due', seq)
+  elseif busy[id] or (taken[id] or 0) >= share then
+    -- left due: taken once the endpoint has room
   else
+    taken[id] = (taken[id] or 0) + 1
     redis.call('HSET', d, 'lease_until', string.format('%.6f', t + lease))
     redis.call('HINCRBY', d, 'attempts', 1)
     redis.call('ZADD', P .. 'webhook:due', t + lease, seq)  -- due again when the lease runs out
@@ -225,8 +233,16 @@ class RedisWebhookStore(NamedEndpoints):
         return bool(self._run("remove", name))
 
     # -- deliveries ------------------------------------------------------------------------------------
-    def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
-        registered, rows = self._run("claim", f"{now:.6f}", limit, lease_s)
+    def claim(
+        self,
+        now: float,
+        limit: int = 16,
+        lease_s: float = 60.0,
+        busy: frozenset[str] = frozenset(),
+        per_endpoint: int | None = None,
+    ) -> list[Delivery]:
+        share = per_endpoint or limit
+        registered, rows = self._run("claim", f"{now:.6f}", limit, lease_s, share, *sorted(busy))
         self.has_endpoints = bool(registered)
         claimed = []
         for flat, endpoint_text in rows:

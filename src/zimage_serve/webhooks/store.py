@@ -139,8 +139,17 @@ class Webhooks(Protocol):
         """Remove an endpoint with its deliveries, waiting and dead (nothing could send them any more)."""
         ...
 
-    def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
-        """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that)."""
+    def claim(
+        self,
+        now: float,
+        limit: int = 16,
+        lease_s: float = 60.0,
+        busy: frozenset[str] = frozenset(),
+        per_endpoint: int | None = None,
+    ) -> list[Delivery]:
+        """Due deliveries, oldest first, leased to the caller for `lease_s` (another node takes them only after
+        that): at most `per_endpoint` for any one endpoint, none for those in `busy` (their ids: the caller has
+        enough in flight to them already), so a slow endpoint never takes every sender."""
         ...
 
     def delivered(self, done: list[tuple[int, float]]) -> None:
@@ -235,13 +244,21 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
         return True
 
     # -- deliveries ------------------------------------------------------------------------------------
-    def claim(self, now: float, limit: int = 16, lease_s: float = 60.0) -> list[Delivery]:
-        """Due deliveries, leased to the caller for `lease_s` (another node takes them only after that).
-        A plain read first: with nothing due (no endpoint, say) the write lock is never taken. It also
-        notes whether any endpoint is registered (`has_endpoints`)."""
+    def claim(
+        self,
+        now: float,
+        limit: int = 16,
+        lease_s: float = 60.0,
+        busy: frozenset[str] = frozenset(),
+        per_endpoint: int | None = None,
+    ) -> list[Delivery]:
+        """As `Webhooks.claim`. A plain read first: with nothing due (no endpoint, say) the write lock is never
+        taken. It also notes whether any endpoint is registered (`has_endpoints`)."""
+        spare = f" AND endpoint NOT IN ({','.join('?' * len(busy))})" if busy else ""
+        due_here = DUE + spare
         [(endpoints_now, due)] = self._read(
-            f"SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox WHERE {DUE})",
-            (now, now),
+            f"SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox WHERE {due_here})",
+            (now, now, *sorted(busy)),
         )
         self.has_endpoints = bool(endpoints_now)
         if not due:
@@ -249,8 +266,10 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
         with self._writing():
             rows = self._execute(
                 "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1 WHERE seq IN ("
-                f"SELECT seq FROM webhook_outbox WHERE {DUE} ORDER BY next_at, seq LIMIT ?) RETURNING *",
-                (now + lease_s, now, now, limit),
+                "SELECT seq FROM (SELECT seq, next_at, "
+                "ROW_NUMBER() OVER (PARTITION BY endpoint ORDER BY next_at, seq) AS nth "
+                f"FROM webhook_outbox WHERE {due_here}) WHERE nth <= ? ORDER BY next_at, seq LIMIT ?) RETURNING *",
+                (now + lease_s, now, now, *sorted(busy), per_endpoint or limit, limit),
             ).fetchall()
             endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
         claimed = []
