@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.redis_server import RedisServer
 from tests.support.jobs import wait_until
 from tests.support.metrics import samples, value
 from tests.support.s3 import BUCKET, S3, running_s3
@@ -155,36 +156,6 @@ def test_the_store_away_then_back_loses_nothing_stores_nothing_twice_and_holds_t
     assert "Error" in tries[0]["error"] or "error" in tries[0]["error"].lower()
 
 
-def test_a_job_ending_writes_its_upload_in_the_same_transaction_only_while_a_store_is_configured(
-    tmp_path: Path,
-) -> None:
-    from zimage_serve.identity import USER, JobContext
-    from zimage_serve.queue.jobs import Job, NewJob
-    from zimage_serve.queue.sqlite_queue import SQLiteQueue
-
-    queue = SQLiteQueue(tmp_path / "queue.sqlite3")
-    uploads = UploadOutbox(tmp_path / "queue.sqlite3")
-    result = {"outputs": {"9": {"images": [{"filename": "a_00001_.png", "subfolder": "x", "type": "output"}]}}}
-    for n, store in enumerate((None, "s3://b/p")):
-        uploads.use(store)
-        job = Job(f"job{n}", 1.0, {"1": {}}, {}, ["1"], owner="alice", context=JobContext(role=USER))
-        queue.enqueue_many([NewJob.of(job)])
-        claimed = queue.claim("w")
-        assert claimed is not None and claimed.id == job.id
-        queue.finish(job.id, "success", result)
-        queue.finish(job.id, "success", result)  # again (a stale worker): no second row
-    [pending] = uploads.pending()  # only the job that ended with a store configured
-    [upload] = uploads.claim(pending["next_at"] + 1, 10, 60)
-    assert upload.job_id == job.id and upload.space == "alice"
-    assert upload.files == (OutputFile("x", "a_00001_.png"),)
-    assert uploads.claim(pending["next_at"] + 2, 10, 60) == []  # leased
-    uploads.use(None)  # the server started again without a store: the job's upload is given up on
-    [given_up] = uploads.pending()
-    assert given_up["dead"] is not None and "no output store" in given_up["error"]
-    uploads.close()
-    queue.close()
-
-
 def test_the_files_of_a_history_entry_are_read_from_whatever_it_holds() -> None:
     hostile: list[Any] = [
         None,
@@ -243,3 +214,40 @@ def test_a_large_output_goes_up_in_parts_and_a_small_one_in_one_request(tmp_path
     assert s3.client().head_object(Bucket=BUCKET, Key="renders/a.png")["ContentType"] == "image/png"
     assert bucket.size("renders/a.png") == len(b"\x89PNG small") and bucket.size("renders/none") is None
     assert bucket.get("renders/none") is None
+
+
+def test_on_a_cluster_queue_a_remote_workers_output_is_stored_and_its_webhook_names_it(
+    tmp_path: Path, s3: S3, redis_server: RedisServer
+) -> None:
+    """An API node on Redis (no worker of its own); the test is the worker on another machine, writing the
+    output in the shared data dir and recording the job's end in Redis: the node uploads it, and the job's
+    `succeeded` webhook, held until then, names the object."""
+    import uuid
+
+    from tests.support.app import serving
+    from zimage_serve.queue.redis_queue import RedisQueue
+
+    data, prefix = data_dir(tmp_path), f"o{uuid.uuid4().hex[:10]}:"
+    url = f"{redis_server.url}?prefix={prefix}"
+    with (
+        receiving() as receiver,
+        serving(data, queue=url, workers=0, preload=False, webhooks=policy(), outputs=outputs()) as server,
+    ):
+        hook = {"name": "shop", "url": receiver.url, "events": ["succeeded"]}
+        assert server.json("POST", "/api/zimage/webhooks", hook)[0] == 201
+        status, answer = server.json("POST", "/prompt", {"prompt": graph("remote"), "extra_data": {"webhook": "shop"}})
+        assert status == 200, answer
+        job = answer["prompt_id"]
+        worker = RedisQueue(redis_server.url, prefix=prefix)
+        claimed = worker.claim("elsewhere")
+        assert claimed is not None and claimed.id == job
+        (data / "output" / "remote_00001_.png").write_bytes(b"\x89PNG from another machine")
+        image = {"filename": "remote_00001_.png", "subfolder": "", "type": "output"}
+        worker.finish(job, "success", {"outputs": {"2": {"images": [image]}}, "messages": []})
+        wait_until(lambda: receiver.bodies("job.succeeded"), timeout=30)
+        [sent] = receiver.bodies("job.succeeded")[0]["data"]["images"]
+        assert sent["object"] == f"s3://{BUCKET}/renders/remote_00001_.png"
+        assert httpx.get(sent["url"]).content == b"\x89PNG from another machine"
+        [listed] = files_of(server.json("GET", f"/history/{job}")[1][job])
+        assert listed["url"].startswith(f"{s3.url}/{BUCKET}/renders/remote_00001_.png?")
+        worker.close()

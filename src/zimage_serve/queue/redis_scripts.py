@@ -14,7 +14,8 @@ Keys, under the queue's prefix P (`zimage:` unless the URL names another):
 - `P audit`: a stream, every job's end, written in the script that records it (the audit log's outbox);
 - `P control`: the channel that wakes workers when jobs are queued;
 - `P webhook:...`: the webhook endpoints and the outbox the scripts write each job's events to
-  (webhooks/redis_store.py).
+  (webhooks/redis_store.py); `P upload...`, `P objects:<id>`: the output store's outbox and record
+  (storage/redis_uploads.py).
 
 Times are Redis' own clock (TIME), so leases mean the same on every machine; ARGV[2], when not empty, is
 the time to use instead (a queue given a clock: the tests' own, so lease tests need not sleep). Numbers
@@ -23,6 +24,7 @@ written back by Lua are formatted with six decimals: Lua's own conversion keeps 
 
 from __future__ import annotations
 
+from zimage_serve.storage.redis_uploads import FINISH_HOOK
 from zimage_serve.webhooks.redis_store import EVENT_HOOK
 
 PRELUDE = (
@@ -44,6 +46,7 @@ end
 
 """
     + EVENT_HOOK
+    + FINISH_HOOK
     + r"""
 local function owned(owner, state)
   return P .. 'owner:' .. owner .. ':' .. state
@@ -131,6 +134,7 @@ local function drop_oldest(owner, count)
     if state then
       counted(state, nil)
       redis.call('DEL', key)
+      forget_objects(string.sub(m, 18))
     end
   end
 end
@@ -185,6 +189,7 @@ local function finish(id, state, result, t, per_owner, total, worker, from)
              'context', job[2], 'state', state, 'created', job[3], 'started', job[4] or '', 'finished', finished,
              'result', result)
   trim_history(fields[3], tonumber(per_owner), tonumber(total))
+  output_upload(id, state, result)
   webhook_end(id, state, result)
   return true
 end
@@ -350,6 +355,7 @@ for _, id in ipairs(ids) do
     if which == 'pending' then webhook_event(id, 'canceled') end  -- a waiting job deleted: it never ran
     move(fields[2], fields[3], which, nil, 0)
     redis.call('DEL', key)
+    if which == 'history' then forget_objects(id) end
     counted(fields[1], nil)
     removed = removed + 1
   end

@@ -28,8 +28,8 @@ from zimage_serve.records.redis_records import RedisRecords
 from zimage_serve.records.sqlite_records import SQLiteRecords
 from zimage_serve.security.audit import log_place
 from zimage_serve.server.service import DeviceWorker
-from zimage_serve.storage.bucket import StoreLocationError
-from zimage_serve.storage.uploads import UploadOutbox
+from zimage_serve.storage.redis_uploads import RedisUploadOutbox
+from zimage_serve.storage.uploads import UploadOutbox, Uploads
 from zimage_serve.webhooks.redis_store import RedisWebhookStore
 from zimage_serve.webhooks.store import Webhooks, WebhookStore
 from zimage_serve.worker.build import WorkerConfig, build_worker
@@ -74,7 +74,7 @@ class Backend(Protocol):
         """The webhook endpoints and the outbox the queue writes job events to (None: none for this queue)."""
         ...
 
-    def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
+    def upload_outbox(self, wanted: bool) -> Uploads | None:
         """The outbox of uploads to the output store the queue's job ends fill (None: none for this queue;
         an error naming --output-store when one is `wanted` and this queue cannot have it)."""
         ...
@@ -116,7 +116,7 @@ class LocalBackend:
         """The endpoints and the outbox, in the queue file (its triggers write the outbox)."""
         return WebhookStore(self.queue.path)
 
-    def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
+    def upload_outbox(self, wanted: bool) -> Uploads | None:
         return UploadOutbox(self.queue.path)  # also without a store: it says so to the file's trigger
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
@@ -159,10 +159,8 @@ class ClusterBackend:
         """The endpoints and the outbox, in Redis (the queue's scripts write the outbox)."""
         return RedisWebhookStore(self.queue.redis, self.queue.prefix, self.queue.call)
 
-    def upload_outbox(self, wanted: bool) -> UploadOutbox | None:
-        if wanted:
-            raise StoreLocationError("--output-store: uploads need the SQLite queue for now, not --queue redis://")
-        return None
+    def upload_outbox(self, wanted: bool) -> Uploads | None:
+        return RedisUploadOutbox(self.queue.redis, self.queue.prefix, self.queue.call)
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:
         # Every API node keeps its own log (one chain per writer), fed the job ends by the relay.

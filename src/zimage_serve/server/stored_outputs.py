@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zimage_serve.storage.bucket import Bucket
-from zimage_serve.storage.uploads import UploadOutbox
+from zimage_serve.storage.uploads import Uploads
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ FileLinks = dict[tuple[str, str], ObjectLink]  # (subfolder, filename) as the jo
 
 
 class StoredOutputs:
-    def __init__(self, bucket: Bucket | None, uploads: UploadOutbox | None) -> None:
+    def __init__(self, bucket: Bucket | None, uploads: Uploads | None) -> None:
         self.bucket = bucket if uploads is not None else None
         self.uploads = uploads
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from zimage_serve import outbox
 from zimage_serve.metrics import OUTPUT_UPLOAD_SECONDS, OUTPUT_UPLOADS
 from zimage_serve.storage.bucket import Bucket
-from zimage_serve.storage.uploads import StoredObject, Upload, UploadOutbox
+from zimage_serve.storage.uploads import StoredObject, Upload, Uploads
 from zimage_serve.workflow.folders import Folders, UnknownFileError, contained
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def emptied(path: str, before: os.stat_result) -> None:
 class Uploader:
     """Empties the upload outbox into the bucket (every API node runs one)."""
 
-    outbox: UploadOutbox
+    outbox: Uploads
     bucket: Bucket
     folders: Folders
     on_stored: Callable[[], None] = lambda: None  # a job's files are stored: its webhooks may go

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from zimage_serve import outbox
 from zimage_serve.storage.schema import TABLES
@@ -47,6 +47,43 @@ class StoredObject:
     filename: str
     key: str
     size: int
+
+
+class Uploads(Protocol):
+    """The uploads' outbox and the record of stored objects, kept with the queue: in its SQLite file
+    (`UploadOutbox`) or in its Redis (`redis_uploads.RedisUploadOutbox`); one contract suite holds both."""
+
+    def close(self) -> None: ...
+
+    def use(self, location: str | None) -> None:
+        """Jobs that succeed from now on are uploaded to `location`; None: not by this node."""
+        ...
+
+    def claim(self, now: float, limit: int, lease_s: float) -> list[Upload]:
+        """Due uploads, oldest first, leased to the caller for `lease_s`."""
+        ...
+
+    def stored_as(self, space: str, file: OutputFile) -> StoredObject | None:
+        """The object a file was stored as by any job (a job served from the cache lists an earlier job's file)."""
+        ...
+
+    def stored(self, upload: Upload, objects: list[StoredObject]) -> bool:
+        """The job's files are stored: recorded, and its upload out of the outbox, at once. False when the
+        lease ran out meanwhile (another node has the job now: it records the same keys)."""
+        ...
+
+    def failed(self, upload: Upload, error: str, retry_at: float | None) -> None:
+        """A try that did not store every file: again at `retry_at`, or given up on (None): its files stay on
+        disk, and the job's events go out without their objects. Fenced by the claim's lease."""
+        ...
+
+    def objects_of(self, job_ids: Iterable[str]) -> dict[str, list[StoredObject]]:
+        """The stored objects of these jobs, by job."""
+        ...
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Jobs whose files are not all stored yet (dead ones too), oldest first: what an admin looks at."""
+        ...
 
 
 def output_files(result: Any) -> Iterator[OutputFile]:

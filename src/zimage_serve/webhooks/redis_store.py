@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from zimage_serve.storage.redis_uploads import UPLOAD_PENDING
 from zimage_serve.webhooks.schema import METADATA_BYTES
 from zimage_serve.webhooks.store import Delivery, Endpoint, NamedEndpoints, WebhookError, new_endpoint
 
@@ -97,8 +98,18 @@ return 1
 # ARGV: P, now, limit, lease_s, per endpoint, then the busy endpoints' ids. {whether any endpoint is
 # registered, {delivery's HGETALL, endpoint JSON}...}. Deliveries of busy endpoints, and those past an
 # endpoint's share, stay due; up to eight times the limit are looked at, past them.
-CLAIM = r"""
+CLAIM = (
+    r"""
 local P, t, limit, lease, share = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+-- A job's `succeeded` waits for its files to be in the output store (not given up on), as with SQLite.
+local function held(d)
+  local fields = redis.call('HMGET', d, 'event', 'job_id')
+  if fields[1] ~= 'succeeded' then return false end
+  local job = fields[2]
+  return """
+    + UPLOAD_PENDING
+    + r"""
+end
 local busy, taken = {}, {}
 for i = 6, #ARGV do busy[ARGV[i]] = true end
 local claimed = {}
@@ -110,8 +121,8 @@ for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 
   if not endpoint then  -- removed meanwhile
     redis.call('DEL', d)
     redis.call('ZREM', P .. 'webhook:due', seq)
-  elseif busy[id] or (taken[id] or 0) >= share then
-    -- left due: taken once the endpoint has room
+  elseif busy[id] or (taken[id] or 0) >= share or held(d) then
+    -- left due: taken once the endpoint has room, or once the job's files are stored
   else
     taken[id] = (taken[id] or 0) + 1
     redis.call('HSET', d, 'lease_until', string.format('%.6f', t + lease))
@@ -122,6 +133,7 @@ for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 
 end
 return {redis.call('HLEN', P .. 'webhook:endpoints'), claimed}
 """
+)
 
 # ARGV: P, then (seq, lease) pairs: those still leased so are removed.
 DELIVERED = r"""

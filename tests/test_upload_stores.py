@@ -1,0 +1,137 @@
+"""The uploads contract (`storage/uploads.Uploads`), run against both: the SQLite queue's file (its trigger
+writes the outbox) and a cluster's Redis (the queue's finish script does). A succeeded job's upload, its
+lease, its record of objects, and the `job.succeeded` webhook that waits for it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.redis_server import RedisServer
+from zimage_serve.identity import USER, JobContext
+from zimage_serve.queue.contract import JobQueue
+from zimage_serve.queue.jobs import Job, NewJob
+from zimage_serve.queue.redis_queue import RedisQueue
+from zimage_serve.queue.sqlite_queue import SQLiteQueue
+from zimage_serve.storage.redis_uploads import RedisUploadOutbox
+from zimage_serve.storage.uploads import OutputFile, StoredObject, UploadOutbox, Uploads
+from zimage_serve.webhooks.redis_store import RedisWebhookStore
+from zimage_serve.webhooks.store import Webhooks, WebhookStore
+
+Opened = tuple[JobQueue, Uploads, Webhooks]
+
+
+def sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Opened:
+    path = tmp_path / "queue.sqlite3"
+    return SQLiteQueue(path), UploadOutbox(path), WebhookStore(path)
+
+
+def redis_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Opened:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    queue = RedisQueue(server.url, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    uploads = RedisUploadOutbox(queue.redis, queue.prefix, queue.call)
+    return queue, uploads, RedisWebhookStore(queue.redis, queue.prefix, queue.call)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Opened]] = {
+    "sqlite": sqlite_backend,
+    "redis": redis_backend,
+}
+RESULT = {
+    "outputs": {
+        "9": {
+            "images": [
+                {"filename": "a_00001_.png", "subfolder": "x", "type": "output"},
+                {"filename": "t_00001_.png", "subfolder": "", "type": "temp"},
+            ]
+        }
+    }
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def opened(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opened]:
+    queue, uploads, hooks = BACKENDS[request.param](request, tmp_path)
+    yield queue, uploads, hooks
+    hooks.close()
+    uploads.close()
+    queue.close()
+
+
+def run(queue: JobQueue, job_id: str, owner: str = "alice", state: str = "success") -> None:
+    job = Job(job_id, 1.0, {"1": {}}, {}, ["1"], owner=owner, context=JobContext(role=USER))
+    queue.enqueue_many([NewJob.of(job)])
+    claimed = queue.claim("w")
+    assert claimed is not None and claimed.id == job_id
+    queue.finish(job_id, state, RESULT)
+    queue.finish(job_id, state, RESULT)  # again (a stale worker): nothing more
+
+
+def test_a_succeeded_job_is_uploaded_once_a_store_is_in_use_and_its_webhook_waits(opened: Opened) -> None:
+    queue, uploads, hooks = opened
+    hooks.add("shop", "https://shop.example", ["succeeded"], subscribe=True)
+    run(queue, "before")  # no store in use yet: nothing to upload
+    assert uploads.pending() == []
+    uploads.use("s3://bucket/prefix")
+    run(queue, "failed", state="error")  # only succeeded jobs have files to store
+    run(queue, "job")
+    [pending] = uploads.pending()
+    assert pending["job_id"] == "job" and pending["dead"] is None
+
+    later = time.time() + 5
+    sent = [d.job_id for d in hooks.claim(later, 100, 60)]
+    assert "before" in sent and "job" not in sent  # its event waits for its files
+    [upload] = uploads.claim(later, 10, 60)
+    assert (upload.job_id, upload.space, upload.files) == ("job", "alice", (OutputFile("x", "a_00001_.png"),))
+    assert upload.attempts == 1 and uploads.claim(later, 10, 60) == []  # leased
+
+    stored = StoredObject("job", "alice", "x", "a_00001_.png", "prefix/users/alice/x/a_00001_.png", 123)
+    stale = type(upload)(**{**upload.__dict__, "lease_until": upload.lease_until - 1})
+    assert not uploads.stored(stale, [stored])  # another claim's: records nothing
+    assert uploads.stored(upload, [stored])
+    assert uploads.pending() == [] and uploads.objects_of(["job", "before"]) == {"job": [stored]}
+    assert uploads.stored_as("alice", OutputFile("x", "a_00001_.png")) == stored
+    assert uploads.stored_as("bob", OutputFile("x", "a_00001_.png")) is None
+    [event] = [d for d in hooks.claim(later + 120, 100, 60) if d.job_id == "job"]  # now it goes
+    assert event.event == "succeeded"
+
+    assert queue.delete_history(["job"]) == 1  # the job leaves the history: its record goes with it
+    assert uploads.objects_of(["job"]) == {} and uploads.stored_as("alice", OutputFile("x", "a_00001_.png")) is None
+
+
+def test_an_upload_that_fails_is_tried_again_then_given_up_on_and_the_webhook_goes(opened: Opened) -> None:
+    queue, uploads, hooks = opened
+    hooks.add("shop", "https://shop.example", ["succeeded"], subscribe=True)
+    uploads.use("s3://bucket/prefix")
+    run(queue, "job", owner="")
+    now = time.time() + 5
+    [upload] = uploads.claim(now, 10, 60)
+    assert upload.space == ""  # the local operator's files are the shared folders'
+    uploads.failed(upload, "EndpointConnectionError: the store is away", now + 30)
+    assert uploads.claim(now + 10, 10, 60) == []
+    [again] = uploads.claim(now + 31, 10, 60)
+    assert again.attempts == 2
+    assert [d.job_id for d in hooks.claim(now + 31, 100, 60)] == []  # still waiting for the files
+    uploads.failed(again, "AccessDenied", None)
+    [dead] = uploads.pending()
+    assert dead["dead"] is not None and dead["error"] == "AccessDenied"
+    assert uploads.claim(now + 3600, 10, 60) == []
+    assert [d.job_id for d in hooks.claim(now + 3600, 100, 60)] == ["job"]  # given up on: it goes, without
+
+
+def test_a_sqlite_server_started_without_a_store_gives_up_what_waits(tmp_path: Path) -> None:
+    """One machine: its uploads wait for no one else. (A cluster's wait for any node still uploading; the
+    mark that says one does expires two minutes after the last.)"""
+    path = tmp_path / "queue.sqlite3"
+    queue, uploads = SQLiteQueue(path), UploadOutbox(path)
+    uploads.use("s3://bucket/prefix")
+    run(queue, "job")
+    uploads.use(None)
+    [given_up] = uploads.pending()
+    assert given_up["dead"] is not None and "no output store" in given_up["error"]
+    uploads.close()
+    queue.close()
