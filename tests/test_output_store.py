@@ -5,6 +5,7 @@ stores nothing twice. The store is moto's S3 server, on a loopback port, reached
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -207,7 +208,7 @@ def test_a_large_output_goes_up_in_parts_and_a_small_one_in_one_request(tmp_path
     large.write_bytes(os.urandom(9 * 1024 * 1024))
     small.write_bytes(b"\x89PNG small")
     for path in (large, small):
-        bucket.put(str(path), f"renders/{path.name}", "job-1", path.stat().st_size)
+        bucket.put(str(path), f"renders/{path.name}", "job-1", path.stat())
         assert s3.body(f"renders/{path.name}") == path.read_bytes()
     head = s3.client().head_object(Bucket=BUCKET, Key="renders/clip.webm")
     assert head["ETag"].strip('"').endswith("-2") and head["Metadata"] == {"job-id": "job-1"}  # two parts
@@ -251,3 +252,53 @@ def test_on_a_cluster_queue_a_remote_workers_output_is_stored_and_its_webhook_na
         [listed] = files_of(server.json("GET", f"/history/{job}")[1][job])
         assert listed["url"].startswith(f"{s3.url}/{BUCKET}/renders/remote_00001_.png?")
         worker.close()
+
+
+def test_a_file_is_uploaded_only_as_it_was_looked_at_and_a_reused_name_is_uploaded_again(
+    tmp_path: Path, s3: S3
+) -> None:
+    """The bytes that go up are the file's that was looked at (not an empty file put in its place by another
+    upload meanwhile); a file an earlier job stored is not sent again, unless a new file took its name."""
+    import os
+
+    from zimage_serve.storage.bucket import FileChanged
+    from zimage_serve.storage.uploader import Uploader
+    from zimage_serve.storage.uploads import Upload
+    from zimage_serve.workflow.folders import Folders
+
+    data = data_dir(tmp_path)
+    folders = Folders.default(data)
+    (data / "output").mkdir()
+    image = data / "output" / "x_00001_.png"
+    image.write_bytes(b"first image")
+    bucket = Bucket(outputs(keep_local=False))
+    looked = os.stat(image)
+    image.with_name("empty").touch()
+    os.replace(image.with_name("empty"), image)  # what a finished upload does to a stored file
+    with pytest.raises(FileChanged):
+        bucket.put(str(image), "renders/x_00001_.png", "job", looked)
+    assert s3.keys() == []
+
+    image.write_bytes(b"first image")
+    outbox = UploadOutbox(data / "queue.sqlite3")
+    uploader = Uploader(outbox, bucket, folders)
+    puts: list[str] = []
+    put = bucket.put
+    bucket.put = lambda path, key, job, expected: puts.append(key) or put(path, key, job, expected)  # type: ignore[method-assign]
+
+    def upload(job: str, seq: int) -> None:
+        outbox._execute(
+            "INSERT INTO output_outbox (seq, job_id, space, result, created, next_at) VALUES (?, ?, '', ?, 0, 0)",
+            (seq, job, json.dumps({"outputs": {"1": {"images": [{"filename": image.name, "type": "output"}]}}})),
+        )
+        [claimed] = outbox.claim(time.time(), 10, 60)
+        assert isinstance(claimed, Upload) and uploader.store(claimed) == ["renders/x_00001_.png"]
+
+    upload("one", 1)
+    assert image.stat().st_size == 0 and s3.body("renders/x_00001_.png") == b"first image"  # --no-keep-local
+    upload("two", 2)  # the same file listed again (from the cache): not sent again
+    image.unlink()
+    image.write_bytes(b"another image")  # the name given out again (after a restart, say)
+    upload("three", 3)
+    assert puts == ["renders/x_00001_.png", "renders/x_00001_.png"] and s3.body(puts[0]) == b"another image"
+    outbox.close()

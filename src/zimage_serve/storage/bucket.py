@@ -11,6 +11,7 @@ own prefix: `PREFIX/users/<user>/<subfolder>/<file>`, an admin's (the shared fol
 from __future__ import annotations
 
 import mimetypes
+import os
 import re
 import threading
 import time
@@ -24,6 +25,10 @@ from zimage_serve.workflow.folders import USERS
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules (OSS and MinIO keep to them)
 MAX_URL_LIFETIME_S = 7 * 86400  # the longest a SigV4 presigned URL may hold
 MULTIPART_BYTES = 8 * 1024 * 1024  # boto3's own threshold for uploading in parts
+
+
+class FileChanged(ZImageError):
+    """A file was replaced or changed between its look and its upload."""
 
 
 class StoreLocationError(ZImageError):
@@ -99,14 +104,23 @@ class Bucket:
         """The object key of an output file: its place below the shared output folder, under the prefix."""
         return "/".join(p for p in (self.prefix, f"{USERS}/{space}" if space else "", subfolder, filename) if p)
 
-    def put(self, path: str, key: str, job_id: str, size: int) -> None:
+    def put(self, path: str, key: str, job_id: str, expected: os.stat_result) -> None:
+        """Upload the file at `path` as `key`, if it is still the file `expected` (never another file put in
+        its place since, such as the empty one a stored file leaves): FileChanged otherwise."""
         content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
         extra = {"ContentType": content_type, "Metadata": {"job-id": job_id}}
-        if size >= MULTIPART_BYTES:  # in parts, several at once, each retried on its own
-            self.client().upload_file(path, self.name, key, ExtraArgs=extra)
-            return
-        with open(path, "rb") as body:  # one request: a transfer manager's threads cost more than an image
-            self.client().put_object(Bucket=self.name, Key=key, Body=body, **extra)
+        with open(path, "rb") as body:
+            found = os.fstat(body.fileno())
+            if (found.st_ino, found.st_size, found.st_mtime_ns) != (
+                expected.st_ino,
+                expected.st_size,
+                expected.st_mtime_ns,
+            ):
+                raise FileChanged(f"{key}: the file changed before it was uploaded; it is looked at again")
+            if found.st_size >= MULTIPART_BYTES:  # in parts, several at once, each retried on its own
+                self.client().upload_fileobj(body, self.name, key, ExtraArgs=extra)
+            else:  # one request: a transfer manager's threads cost more than an image
+                self.client().put_object(Bucket=self.name, Key=key, Body=body, **extra)
 
     def get(self, key: str) -> bytes | None:
         """An object's bytes; None when there is no such object."""
@@ -123,7 +137,8 @@ class Bucket:
         try:
             answer = client.head_object(Bucket=self.name, Key=key)
         except client.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            # 403: what S3 answers for a missing object to a caller that may not list the bucket
+            if exc.response.get("Error", {}).get("Code") in ("404", "403", "NoSuchKey", "NotFound", "Forbidden"):
                 return None
             raise
         return int(answer["ContentLength"])

@@ -213,5 +213,6 @@ def _field(space: str, file: OutputFile) -> str:
 
 def _stored(found: dict[str, Any]) -> StoredObject:
     return StoredObject(
-        found["job_id"], found["space"], found["subfolder"], found["filename"], found["key"], int(found["size"])
-    )
+        found["job_id"], found["space"], found["subfolder"], found["filename"], found["key"], int(found["size"]),
+        int(found.get("mtime_ns", 0)),
+    )  # fmt: skip

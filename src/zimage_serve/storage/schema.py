@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS output_objects (
     filename TEXT NOT NULL,
     key TEXT NOT NULL,
     size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
     uploaded REAL NOT NULL,
     PRIMARY KEY (job_id, space, subfolder, filename)
 ) WITHOUT ROWID;

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zimage_serve import outbox
 from zimage_serve.metrics import OUTPUT_UPLOAD_SECONDS, OUTPUT_UPLOADS
@@ -26,6 +26,7 @@ from zimage_serve.workflow.folders import Folders, UnknownFileError, contained
 
 log = logging.getLogger(__name__)
 LEASE_S = 600.0  # a claimed job is this node's for ten minutes: large files on a slow link take a while
+MISSING_TRIES = 5  # a file the job lists and the disk lacks is looked for this many times (about half a minute)
 
 
 def file_of(folders: Folders, space: str, subfolder: str, filename: str) -> str | None:
@@ -114,25 +115,31 @@ class Uploader:
         uploaded: list[tuple[str, os.stat_result]] = []
         for file in upload.files:
             key = self.bucket.key(upload.space, file.subfolder, file.filename)
-            earlier = self.outbox.stored_as(upload.space, file)
-            if earlier is not None and earlier.key == key:  # an earlier job's file, listed again from the cache
-                objects.append(StoredObject(upload.job_id, upload.space, file.subfolder, file.filename, key,
-                                            earlier.size))  # fmt: skip
-                continue
             path = file_of(self.folders, upload.space, file.subfolder, file.filename)
             try:
                 before = os.stat(path) if path is not None else None
             except FileNotFoundError:
                 before = None
-            if path is None or before is None:  # removed since (or a name no folder holds): nothing to store
+            if path is None or before is None:
+                if upload.attempts < MISSING_TRIES:  # a shared data dir's mount or cache a moment behind
+                    raise FileNotFoundError(f"{key} is not in the output folder (yet)")
                 log.warning("job %s lists %s, which is not in its output folder: not stored", upload.job_id, key)
+                continue
+            earlier = self.outbox.stored_as(upload.space, file)
+            if (
+                earlier is not None
+                and earlier.key == key
+                and (before.st_size == 0 or (before.st_size, before.st_mtime_ns) == (earlier.size, earlier.mtime_ns))
+            ):  # the file an earlier job stored (emptied since, or unchanged): listed again from the cache
+                objects.append(replace(earlier, job_id=upload.job_id))
                 continue
             size = self.bucket.size(key) if before.st_size == 0 else None
             if size is None:  # an empty file may be one whose bytes are in the bucket already: never emptied there
-                self.bucket.put(path, key, upload.job_id, before.st_size)
+                self.bucket.put(path, key, upload.job_id, before)
                 uploaded.append((path, before))
+            stored_size = before.st_size if size is None else size
             objects.append(StoredObject(upload.job_id, upload.space, file.subfolder, file.filename, key,
-                                        before.st_size if size is None else size))  # fmt: skip
+                                        stored_size, before.st_mtime_ns))  # fmt: skip
         if not self.outbox.stored(upload, objects):
             return None
         if not self.bucket.settings.keep_local:

@@ -47,6 +47,7 @@ class StoredObject:
     filename: str
     key: str
     size: int
+    mtime_ns: int = 0  # the local file's when it was stored: a later file under a reused name is another
 
 
 class Uploads(Protocol):
@@ -163,9 +164,18 @@ class UploadOutbox(outbox.OutboxFile):
                 return False
             for found in objects:
                 self._execute(
-                    "INSERT OR REPLACE INTO output_objects (job_id, space, subfolder, filename, key, size, uploaded) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (found.job_id, found.space, found.subfolder, found.filename, found.key, found.size, time.time()),
+                    "INSERT OR REPLACE INTO output_objects (job_id, space, subfolder, filename, key, size, mtime_ns, "
+                    "uploaded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        found.job_id,
+                        found.space,
+                        found.subfolder,
+                        found.filename,
+                        found.key,
+                        found.size,
+                        found.mtime_ns,
+                        time.time(),
+                    ),
                 )
         return True
 
@@ -201,4 +211,6 @@ DUE = "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?
 
 
 def _stored(row: Any) -> StoredObject:
-    return StoredObject(row["job_id"], row["space"], row["subfolder"], row["filename"], row["key"], row["size"])
+    return StoredObject(
+        row["job_id"], row["space"], row["subfolder"], row["filename"], row["key"], row["size"], row["mtime_ns"]
+    )
