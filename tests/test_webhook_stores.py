@@ -77,6 +77,7 @@ def test_each_change_of_a_job_writes_its_events_for_the_endpoints_it_goes_to(ope
     again = store.claim(time.time() + 120, 100, 60)  # the leases ran out: each is taken again
     [started] = [d for d in again if d.event == "started"]
     assert started.attempt == 1 and started.attempts == 2  # the job's first run; this delivery's second claim
+    assert all(d.window_from < time.time() + 10 for d in again)  # the retry window began at the first claim
     [failed] = [d for d in again if d.event == "failed"]
     assert json.loads(failed.result or "{}")["status"]["status_str"] == "error"
     assert json.loads(failed.metadata or "null") == {"sku": "A1"}
@@ -149,9 +150,27 @@ def test_a_claim_takes_a_share_of_each_endpoint_and_none_of_a_busy_one(opened: O
     store.add("fast", "https://fast.example", ["queued"], subscribe=True)
     for n in range(4):
         enqueue(queue, f"job{n}", float(n), {"1": {}}, {}, ["1"])
-    first = store.claim(time.time() + 5, 16, 60, frozenset(), 2)
+    now = time.time() + 5
+    first = store.claim(now, 16, 60, 2)
     assert sorted(d.endpoint.name for d in first) == ["fast", "fast", "slow", "slow"]
     assert [d.job_id for d in first if d.endpoint.name == "fast"] == ["job0", "job1"]  # the oldest first
-    second = store.claim(time.time() + 5, 16, 60, frozenset({slow.id}), 2)
+    assert store.claim(now, 16, 60, 2) == []  # the rest were pushed back a moment
+    second = store.claim(now + 2, 16, 60, 2, {slow.id: 2})  # two to slow under way: none of it
     assert [(d.endpoint.name, d.job_id) for d in second] == [("fast", "job2"), ("fast", "job3")]
     assert store.waiting() == 8
+
+
+def test_a_backlog_of_one_endpoint_never_stands_in_front_of_another(opened: Opened) -> None:
+    """More waiting for a busy endpoint than a claim looks at: they are pushed back, the others go."""
+    queue, store = opened
+    slow, _ = store.add("slow", "https://slow.example", ["queued"], subscribe=True)
+    for n in range(200):
+        enqueue(queue, f"backlog{n}", float(n), {"1": {}}, {}, ["1"])
+    store.add("fast", "https://fast.example", ["queued"], subscribe=True)
+    enqueue(queue, "late", 999.0, {"1": {}}, {}, ["1"])
+    now = time.time() + 5
+    taken: list[str] = []
+    for _ in range(4):  # a few turns of a dispatcher with two tries under way to slow the whole time
+        taken += [d.endpoint.name for d in store.claim(now, 16, 60, 2, {slow.id: 2})]
+        now += 0.01
+    assert taken == ["fast"]

@@ -214,10 +214,13 @@ class Dispatcher:
             except Exception:
                 self._delivered.extend(done)
                 raise
-        cap = self.policy.per_endpoint
-        busy = frozenset(endpoint for endpoint, count in self._in_flight.items() if count >= cap)
         claimed = await asyncio.to_thread(
-            self.store.claim, time.time(), self.policy.concurrency * 2, LEASE_S, busy, cap
+            self.store.claim,
+            time.time(),
+            self.policy.concurrency * 2,
+            LEASE_S,
+            self.policy.per_endpoint,
+            dict(self._in_flight),
         )
         self._in_flight.update(delivery.endpoint.id for delivery in claimed)
         return claimed

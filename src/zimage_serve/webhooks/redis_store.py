@@ -16,14 +16,23 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import redis
 
 from zimage_serve.storage.redis_uploads import UPLOAD_PENDING
 from zimage_serve.webhooks.schema import METADATA_BYTES
-from zimage_serve.webhooks.store import Delivery, Endpoint, NamedEndpoints, WebhookError, new_endpoint
+from zimage_serve.webhooks.store import (
+    BUSY_PUSH_S,
+    HELD_PUSH_S,
+    WINDOW,
+    Delivery,
+    Endpoint,
+    NamedEndpoints,
+    WebhookError,
+    new_endpoint,
+)
 
 T = TypeVar("T")
 
@@ -53,7 +62,10 @@ local function webhook_event(id, event, result)
        and (e.subscribe == 1 or e.name == named) then
       local seq = redis.call('INCR', P .. 'webhook:seq')
       local d = P .. 'webhook:d:' .. seq
-      redis.call('HSET', d, 'seq', seq, 'id', 'msg_' .. string.sub(e.id, 4, 19) .. string.format('%016x', seq),
+      -- never the same twice, even from a Redis that lost its latest writes (and so counts again)
+      local digest = redis.sha1hex(e.id .. ':' .. id .. ':' .. event .. ':' .. seq .. ':' .. fmt(t))
+      local message = 'msg_' .. string.sub(digest, 1, 32)
+      redis.call('HSET', d, 'seq', seq, 'id', message,
                  'endpoint', e.id, 'event', event, 'job_id', id, 'owner', owner, 'state', job[3] or '',
                  'attempt', job[4] or '0', 'created', fmt(t), 'attempts', 0)
       if result ~= nil then redis.call('HSET', d, 'result', result) end
@@ -95,12 +107,15 @@ redis.call('HDEL', P .. 'webhook:names', ARGV[2])
 return 1
 """
 
-# ARGV: P, now, limit, lease_s, per endpoint, then the busy endpoints' ids. {whether any endpoint is
-# registered, {delivery's HGETALL, endpoint JSON}...}. Deliveries of busy endpoints, and those past an
-# endpoint's share, stay due; up to eight times the limit are looked at, past them.
+# ARGV: P, now, limit, lease_s, per endpoint ('' : no cap), then (endpoint id, tries in flight) pairs.
+# {whether any endpoint is registered, {delivery's HGETALL, endpoint JSON}...}. As the SQLite store's `pick`:
+# the first WINDOW × limit due ones are looked at; those of an endpoint with enough tries under way, and held
+# `succeeded` events, are pushed back a moment.
 CLAIM = (
     r"""
 local P, t, limit, lease, share = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local taken = {}
+for i = 6, #ARGV, 2 do taken[ARGV[i]] = tonumber(ARGV[i + 1]) end
 -- A job's `succeeded` waits for its files to be in the output store (not given up on), as with SQLite.
 local function held(d)
   local fields = redis.call('HMGET', d, 'event', 'job_id')
@@ -108,12 +123,11 @@ local function held(d)
   local job = fields[2]
   return """
     + UPLOAD_PENDING
-    + r"""
+    + rf"""
 end
-local busy, taken = {}, {}
-for i = 6, #ARGV do busy[ARGV[i]] = true end
-local claimed = {}
-for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 'LIMIT', 0, limit * 8)) do
+local claimed = {{}}
+local due = redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 'LIMIT', 0, limit * {WINDOW})
+for _, seq in ipairs(due) do
   if #claimed >= limit then break end
   local d = P .. 'webhook:d:' .. seq
   local id = redis.call('HGET', d, 'endpoint')
@@ -121,17 +135,22 @@ for _, seq in ipairs(redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 
   if not endpoint then  -- removed meanwhile
     redis.call('DEL', d)
     redis.call('ZREM', P .. 'webhook:due', seq)
-  elseif busy[id] or (taken[id] or 0) >= share or held(d) then
-    -- left due: taken once the endpoint has room, or once the job's files are stored
+  elseif held(d) then
+    redis.call('ZADD', P .. 'webhook:due', t + {HELD_PUSH_S}, seq)
+  elseif share and (taken[id] or 0) >= share then
+    redis.call('ZADD', P .. 'webhook:due', t + {BUSY_PUSH_S}, seq)
   else
     taken[id] = (taken[id] or 0) + 1
     redis.call('HSET', d, 'lease_until', string.format('%.6f', t + lease))
     redis.call('HINCRBY', d, 'attempts', 1)
+    if (redis.call('HGET', d, 'retry_from') or '') == '' then
+      redis.call('HSET', d, 'retry_from', string.format('%.6f', t))
+    end
     redis.call('ZADD', P .. 'webhook:due', t + lease, seq)  -- due again when the lease runs out
-    claimed[#claimed + 1] = {redis.call('HGETALL', d), endpoint}
+    claimed[#claimed + 1] = {{redis.call('HGETALL', d), endpoint}}
   end
 end
-return {redis.call('HLEN', P .. 'webhook:endpoints'), claimed}
+return {{redis.call('HLEN', P .. 'webhook:endpoints'), claimed}}
 """
 )
 
@@ -250,21 +269,22 @@ class RedisWebhookStore(NamedEndpoints):
         now: float,
         limit: int = 16,
         lease_s: float = 60.0,
-        busy: frozenset[str] = frozenset(),
         per_endpoint: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
-        share = per_endpoint or limit
-        registered, rows = self._run("claim", f"{now:.6f}", limit, lease_s, share, *sorted(busy))
+        flights = [part for endpoint, count in sorted((in_flight or {}).items()) for part in (endpoint, count)]
+        share = "" if per_endpoint is None else per_endpoint
+        registered, rows = self._run("claim", f"{now:.6f}", limit, lease_s, share, *flights)
         self.has_endpoints = bool(registered)
         claimed = []
         for flat, endpoint_text in rows:
             row = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
             endpoint, secret = _endpoint(json.loads(endpoint_text))
-            created = float(row["created"])
             claimed.append(
                 Delivery(int(row["seq"]), row["id"], row["event"], row["job_id"], row["owner"], row["state"],
-                         row.get("result"), created, int(row["attempts"]), endpoint, secret, int(row["attempt"]),
-                         float(row.get("retry_from") or created), float(row["lease_until"]), row.get("metadata"))
+                         row.get("result"), float(row["created"]), int(row["attempts"]), endpoint, secret,
+                         int(row["attempt"]), float(row["retry_from"]), float(row["lease_until"]),
+                         row.get("metadata"))
             )  # fmt: skip
         return sorted(claimed, key=lambda d: d.seq)
 

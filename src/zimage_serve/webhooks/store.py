@@ -13,6 +13,8 @@ import secrets
 import sqlite3
 import time
 import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,12 +28,40 @@ from zimage_serve.webhooks.schema import EVENTS, TABLES, upgrade
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_URL = 2048
 SECRET_BYTES = 32
-# Due, not leased, and for a job that succeeded, sent only once its files are in the output store (their
-# upload has not been given up on): the receiver can fetch every object the event names.
-DUE = (
-    "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?) AND NOT (event = 'succeeded' "
-    "AND EXISTS (SELECT 1 FROM output_outbox u WHERE u.job_id = webhook_outbox.job_id AND u.dead IS NULL))"
-)
+# Due and not leased. A claim looks at the first WINDOW × its limit of these (`pick`): those of an endpoint
+# with enough tries under way, and job.succeeded events whose job's files are not stored yet, are pushed back
+# a moment, so that a backlog of either never stands in front of the rest.
+DUE = "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+WINDOW = 8
+BUSY_PUSH_S = 1.0
+HELD_PUSH_S = 2.0
+
+
+def pick(
+    window: Sequence[Mapping[str, Any]],
+    limit: int,
+    per_endpoint: int | None,
+    in_flight: Mapping[str, int],
+    waiting: set[str],
+) -> tuple[list[int], list[int], list[int]]:
+    """Of the due deliveries, oldest first: (those to claim, those of busy endpoints, those held for their
+    job's files). At most `limit`, and no endpoint past `per_endpoint` tries in flight, these included."""
+    chosen: list[int] = []
+    busy: list[int] = []
+    held: list[int] = []
+    taken: Counter[str] = Counter()
+    for row in window:
+        if len(chosen) >= limit:
+            break
+        endpoint = row["endpoint"]
+        if row["event"] == "succeeded" and row["job_id"] in waiting:
+            held.append(row["seq"])
+        elif per_endpoint is not None and in_flight.get(endpoint, 0) + taken[endpoint] >= per_endpoint:
+            busy.append(row["seq"])
+        else:
+            taken[endpoint] += 1
+            chosen.append(row["seq"])
+    return chosen, busy, held
 
 
 class WebhookError(ZImageError):
@@ -144,12 +174,13 @@ class Webhooks(Protocol):
         now: float,
         limit: int = 16,
         lease_s: float = 60.0,
-        busy: frozenset[str] = frozenset(),
         per_endpoint: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         """Due deliveries, oldest first, leased to the caller for `lease_s` (another node takes them only after
-        that): at most `per_endpoint` for any one endpoint, none for those in `busy` (their ids: the caller has
-        enough in flight to them already), so a slow endpoint never takes every sender."""
+        that). No endpoint gets more than `per_endpoint` tries in flight, counting `in_flight` (the caller's,
+        by endpoint id), so a slow endpoint never takes every sender; a job's `succeeded` waits until its
+        files are in the output store (or given up on). A delivery's retry window starts at its first claim."""
         ...
 
     def delivered(self, done: list[tuple[int, float]]) -> None:
@@ -249,27 +280,38 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
         now: float,
         limit: int = 16,
         lease_s: float = 60.0,
-        busy: frozenset[str] = frozenset(),
         per_endpoint: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
     ) -> list[Delivery]:
         """As `Webhooks.claim`. A plain read first: with nothing due (no endpoint, say) the write lock is never
         taken. It also notes whether any endpoint is registered (`has_endpoints`)."""
-        spare = f" AND endpoint NOT IN ({','.join('?' * len(busy))})" if busy else ""
-        due_here = DUE + spare
         [(endpoints_now, due)] = self._read(
-            f"SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox WHERE {due_here})",
-            (now, now, *sorted(busy)),
+            f"SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox WHERE {DUE})",
+            (now, now),
         )
         self.has_endpoints = bool(endpoints_now)
         if not due:
             return []
         with self._writing():
+            window = self._execute(
+                f"SELECT seq, endpoint, event, job_id FROM webhook_outbox WHERE {DUE} ORDER BY next_at, seq LIMIT ?",
+                (now, now, limit * WINDOW),
+            ).fetchall()
+            succeeded = sorted({row["job_id"] for row in window if row["event"] == "succeeded"})
+            waiting = {
+                found[0]
+                for found in self._execute(
+                    f"SELECT job_id FROM output_outbox WHERE dead IS NULL AND job_id IN ({_marks(succeeded)})",
+                    tuple(succeeded),
+                ).fetchall()
+            }
+            chosen, busy, held = pick(window, limit, per_endpoint, in_flight or {}, waiting)
+            for seqs, until in ((busy, now + BUSY_PUSH_S), (held, now + HELD_PUSH_S)):
+                self._execute(f"UPDATE webhook_outbox SET next_at = ? WHERE seq IN ({_marks(seqs)})", (until, *seqs))
             rows = self._execute(
-                "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1 WHERE seq IN ("
-                "SELECT seq FROM (SELECT seq, next_at, "
-                "ROW_NUMBER() OVER (PARTITION BY endpoint ORDER BY next_at, seq) AS nth "
-                f"FROM webhook_outbox WHERE {due_here}) WHERE nth <= ? ORDER BY next_at, seq LIMIT ?) RETURNING *",
-                (now + lease_s, now, now, *sorted(busy), per_endpoint or limit, limit),
+                "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1, "
+                f"retry_from = coalesce(retry_from, ?) WHERE seq IN ({_marks(chosen)}) RETURNING *",
+                (now + lease_s, now, *chosen),
             ).fetchall()
             endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
         claimed = []
@@ -280,7 +322,7 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
             claimed.append(
                 Delivery(row["seq"], row["id"], row["event"], row["job_id"], row["owner"], row["state"],
                          row["result"], row["created"], row["attempts"], _endpoint(endpoint), endpoint["secret"],
-                         row["attempt"], row["retry_from"] or row["created"], row["lease_until"], row["metadata"])
+                         row["attempt"], row["retry_from"], row["lease_until"], row["metadata"])
             )  # fmt: skip
         return claimed
 
@@ -335,6 +377,11 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
                     (time.time(), time.time(), message),
                 ).rowcount
             return count
+
+
+def _marks(values: Sequence[Any]) -> str:
+    """The placeholders of an IN list (`IN ()` is valid SQLite: it matches nothing)."""
+    return ",".join("?" * len(values))
 
 
 def _events_text(events: tuple[str, ...]) -> str:
