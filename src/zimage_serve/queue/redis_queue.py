@@ -49,6 +49,7 @@ from zimage_serve.queue.jobs import (
     seconds_to_midnight,
     worker_gone,
 )
+from zimage_serve.webhooks.schema import job_labels
 from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class RedisQueue:
             args += [job.id, repr(float(job.number)), *new.texts, job.owner]
             args += [_limit(quota.max_queued if quota else None), _limit(quota.images_per_day if quota else None)]
             args.append(new.images)
+            args += job_labels(job.extra_data)
         answers = self._run("ENQUEUE", *args)
         found: list[Job | QueueFull | DuplicateJob | QuotaExceeded] = []
         for new, answer in zip(jobs, answers, strict=True):

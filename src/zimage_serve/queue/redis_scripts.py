@@ -196,8 +196,9 @@ end
 """
 )
 
-# ARGV: P, clock, max_pending, day, then 10 per job: id, number, prompt, extra_data, outputs, context, owner,
-# max_queued ('' for none), images_per_day ('' for none), images. Each job's answer: 'ok:<created>',
+# ARGV: P, clock, max_pending, day, then 12 per job: id, number, prompt, extra_data, outputs, context, owner,
+# max_queued ('' for none), images_per_day ('' for none), images, the webhook it names and its labels (JSON;
+# both '' for none). Each job's answer: 'ok:<created>',
 # 'full', 'dup', or 'quota:<which>:<used>'.
 ENQUEUE = (
     PRELUDE
@@ -208,7 +209,7 @@ local t = fmt(now())
 local pending = tonumber(redis.call('HGET', P .. 'counts', 'pending') or '0')
 local answers = {}
 local stored = 0
-for b = 5, #ARGV, 10 do
+for b = 5, #ARGV, 12 do
   local id, number, owner = ARGV[b], ARGV[b + 1], ARGV[b + 6]
   local max_queued, per_day, images = ARGV[b + 7], ARGV[b + 8], tonumber(ARGV[b + 9])
   local key = P .. 'job:' .. id
@@ -227,7 +228,7 @@ for b = 5, #ARGV, 10 do
     local m = string.format('%016d', redis.call('INCR', P .. 'seq')) .. ':' .. id
     redis.call('HSET', key, 'id', id, 'm', m, 'number', number, 'prompt', ARGV[b + 2], 'extra_data', ARGV[b + 3],
                'outputs', ARGV[b + 4], 'context', ARGV[b + 5], 'owner', owner, 'state', 'pending',
-               'attempts', 0, 'created', t, 'worker', '')
+               'attempts', 0, 'created', t, 'worker', '', 'webhook', ARGV[b + 10], 'labels', ARGV[b + 11])
     redis.call('ZADD', P .. 'pending', number, m)
     redis.call('ZADD', owned(owner, 'pending'), number, m)
     redis.call('SADD', P .. 'waiting', owner)

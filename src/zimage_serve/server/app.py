@@ -295,7 +295,7 @@ def create_app(settings: ServerSettings, start_now: bool = False) -> ServerApp:
             runtime.webhooks_due = dispatcher.wake
         if runtime.outputs.bucket is not None and runtime.uploads is not None:
             bucket, folders = runtime.outputs.bucket, runtime.folders
-            uploader = Uploader(runtime.uploads, bucket, folders, lambda: runtime.webhooks_due(), runtime.audit_upload)
+            uploader = Uploader(runtime.uploads, bucket, folders, runtime.files_stored, runtime.audit_upload)
             uploading = asyncio.get_running_loop().create_task(uploader.run(), name="the uploader")
             runtime.uploads_due = uploader.wake
         try:

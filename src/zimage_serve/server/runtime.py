@@ -203,6 +203,12 @@ class Runtime:
         )
         self.audit("revocation", user=user, deleted=deleted, interrupted=interrupted)
 
+    def files_stored(self, job_id: str) -> None:
+        """A job's files are in the output store, or given up on: its held job.succeeded webhooks go now."""
+        if self.webhooks is not None:
+            self.webhooks.release(job_id, time.time())
+        self.webhooks_due()
+
     def audit(self, kind: str, **fields: Any) -> None:
         """A record in the audit log, now (any thread; its writer appends it)."""
         self.security.audit.add({"time": iso(time.time()), "kind": kind, **fields})

@@ -59,7 +59,8 @@ class Uploader:
     outbox: Uploads
     bucket: Bucket
     folders: Folders
-    on_stored: Callable[[], None] = lambda: None  # a job's files are stored: its webhooks may go
+    on_stored: Callable[[str], None] = lambda job_id: None  # a job's files are stored (or given up on): its
+    # job.succeeded webhooks may go (called in a worker thread)
     # Each try's outcome (stored, with the keys; retried or dead, with the error), for the audit log.
     on_outcome: Callable[[Upload, str, list[str] | str], None] = lambda upload, outcome, detail: None
     _due: asyncio.Event | None = None
@@ -96,14 +97,14 @@ class Uploader:
                 log.warning("the outputs of job %s could not be stored in %s: %s; %s", upload.job_id,
                             self.bucket.location, error, later)  # fmt: skip
                 if give_up:
-                    self.on_stored()  # its webhooks go out without the objects
+                    await asyncio.to_thread(self.on_stored, upload.job_id)  # its webhooks go, without the objects
                 return
             if keys is None:
                 return  # the lease ran out meanwhile: the node that took the job records it
             OUTPUT_UPLOADS.labels("stored").inc()
             OUTPUT_UPLOAD_SECONDS.observe(max(0.0, time.time() - upload.created))
             self.on_outcome(upload, "stored", keys)
-            self.on_stored()
+            await asyncio.to_thread(self.on_stored, upload.job_id)
             self.wake()
         except Exception:  # recording the outcome failed: the lease brings the job back later
             log.exception("the upload of job %s: its outcome could not be recorded", upload.job_id)

@@ -60,7 +60,7 @@ class DeliveryPolicy:
     timeout_s: float = 10.0
     allowed: tuple[IPNetwork, ...] = ()  # private or local networks deliveries may go to all the same
     concurrency: int = 8
-    per_endpoint: int = 2  # tries in flight to one endpoint at most: a slow one never holds every sender
+    per_endpoint: int = 4  # tries in flight to one endpoint at most: a slow one never holds every sender
     poll_s: float = 0.2  # how often the outbox is looked at while it is empty
 
 

@@ -8,8 +8,10 @@ it at a time, and a node that dies mid-send leaves it to be taken again when the
 
 Keys, under the queue's prefix P: `P webhook:endpoints` (endpoint id → its JSON, the secret included),
 `P webhook:names` (name → id), `P webhook:seq`, `P webhook:d:<seq>` (a delivery: a hash of the SQLite
-outbox's columns), `P webhook:due` (live deliveries by when they are due), `P webhook:dead` (dead letters by
-when they were given up on).
+outbox's columns), `P webhook:due:<endpoint id>` (an endpoint's live deliveries by when they are due: a
+claim takes each endpoint's oldest, so no backlog of one stands in front of another), `P webhook:dead`
+(dead letters by when they were given up on), `P webhook:held:<job id>` (its job.succeeded deliveries
+held for its files, which `release` makes due).
 """
 
 from __future__ import annotations
@@ -22,11 +24,8 @@ from typing import Any, TypeVar
 import redis
 
 from zimage_serve.storage.redis_uploads import UPLOAD_PENDING
-from zimage_serve.webhooks.schema import METADATA_BYTES
 from zimage_serve.webhooks.store import (
-    BUSY_PUSH_S,
-    HELD_PUSH_S,
-    WINDOW,
+    HELD_S,
     Delivery,
     Endpoint,
     NamedEndpoints,
@@ -38,39 +37,28 @@ T = TypeVar("T")
 
 # Lua, run inside the queue's scripts (their PRELUDE gives P, now() and fmt()): the deliveries of one event
 # of job `id`, one per endpoint it goes to, as the SQLite queue's triggers write them (webhooks/schema.py).
-EVENT_HOOK = rf"""
+EVENT_HOOK = r"""
 local function webhook_event(id, event, result)
   if redis.call('HLEN', P .. 'webhook:endpoints') == 0 then return end
-  local job = redis.call('HMGET', P .. 'job:' .. id, 'owner', 'extra_data', 'state', 'attempts')
-  local owner, named, metadata = job[1] or '', nil, nil
-  local ok, extra = pcall(cjson.decode, job[2] or '')
-  if ok and type(extra) == 'table' then
-    if type(extra.webhook) == 'string' then named = extra.webhook end
-    local labels = extra.metadata
-    if type(extra.comfy_api_v2) == 'table' and extra.comfy_api_v2.metadata ~= nil then
-      labels = extra.comfy_api_v2.metadata
-    end
-    if labels ~= nil then
-      local encoded, text = pcall(cjson.encode, labels)
-      if encoded and #text <= {METADATA_BYTES} then metadata = text end
-    end
-  end
+  -- the endpoint the job names and its labels were read from its extra_data as it was queued (in Python)
+  local job = redis.call('HMGET', P .. 'job:' .. id, 'owner', 'webhook', 'labels', 'state', 'attempts')
+  local owner, named, metadata = job[1] or '', job[2] or '', job[3] or ''
   local t = now()
   for _, text in ipairs(redis.call('HVALS', P .. 'webhook:endpoints')) do
     local e = cjson.decode(text)
     if string.find(e.events, ',' .. event .. ',', 1, true) and (e.owner == '' or e.owner == owner)
-       and (e.subscribe == 1 or e.name == named) then
+       and (e.subscribe == 1 or (named ~= '' and e.name == named)) then
       local seq = redis.call('INCR', P .. 'webhook:seq')
       local d = P .. 'webhook:d:' .. seq
       -- never the same twice, even from a Redis that lost its latest writes (and so counts again)
       local digest = redis.sha1hex(e.id .. ':' .. id .. ':' .. event .. ':' .. seq .. ':' .. fmt(t))
       local message = 'msg_' .. string.sub(digest, 1, 32)
       redis.call('HSET', d, 'seq', seq, 'id', message,
-                 'endpoint', e.id, 'event', event, 'job_id', id, 'owner', owner, 'state', job[3] or '',
-                 'attempt', job[4] or '0', 'created', fmt(t), 'attempts', 0)
+                 'endpoint', e.id, 'event', event, 'job_id', id, 'owner', owner, 'state', job[4] or '',
+                 'attempt', job[5] or '0', 'created', fmt(t), 'attempts', 0)
       if result ~= nil then redis.call('HSET', d, 'result', result) end
-      if metadata ~= nil then redis.call('HSET', d, 'metadata', metadata) end
-      redis.call('ZADD', P .. 'webhook:due', t, seq)
+      if metadata ~= '' then redis.call('HSET', d, 'metadata', metadata) end
+      redis.call('ZADD', P .. 'webhook:due:' .. e.id, t, seq)
     end
   end
 end
@@ -94,12 +82,14 @@ REMOVE = r"""
 local P = ARGV[1]
 local id = redis.call('HGET', P .. 'webhook:names', ARGV[2])
 if not id then return 0 end
-for _, set in ipairs({'webhook:due', 'webhook:dead'}) do
-  for _, seq in ipairs(redis.call('ZRANGE', P .. set, 0, -1)) do
-    if redis.call('HGET', P .. 'webhook:d:' .. seq, 'endpoint') == id then
-      redis.call('DEL', P .. 'webhook:d:' .. seq)
-      redis.call('ZREM', P .. set, seq)
-    end
+for _, seq in ipairs(redis.call('ZRANGE', P .. 'webhook:due:' .. id, 0, -1)) do
+  redis.call('DEL', P .. 'webhook:d:' .. seq)
+end
+redis.call('DEL', P .. 'webhook:due:' .. id)
+for _, seq in ipairs(redis.call('ZRANGE', P .. 'webhook:dead', 0, -1)) do
+  if redis.call('HGET', P .. 'webhook:d:' .. seq, 'endpoint') == id then
+    redis.call('DEL', P .. 'webhook:d:' .. seq)
+    redis.call('ZREM', P .. 'webhook:dead', seq)
   end
 end
 redis.call('HDEL', P .. 'webhook:endpoints', id)
@@ -108,15 +98,14 @@ return 1
 """
 
 # ARGV: P, now, limit, lease_s, per endpoint ('' : no cap), then (endpoint id, tries in flight) pairs.
-# {whether any endpoint is registered, {delivery's HGETALL, endpoint JSON}...}. As the SQLite store's `pick`:
-# the first WINDOW × limit due ones are looked at; those of an endpoint with enough tries under way, and held
-# `succeeded` events, are pushed back a moment.
+# {whether any endpoint is registered, {delivery's HGETALL, endpoint JSON}...}: each endpoint's oldest, as
+# many as it has room for, then the oldest of those. A job.succeeded whose files are not stored yet is held
+# (as the SQLite store's claim holds it) until `release`, or HELD_S.
 CLAIM = (
     r"""
 local P, t, limit, lease, share = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local taken = {}
-for i = 6, #ARGV, 2 do taken[ARGV[i]] = tonumber(ARGV[i + 1]) end
--- A job's `succeeded` waits for its files to be in the output store (not given up on), as with SQLite.
+local flying = {}
+for i = 6, #ARGV, 2 do flying[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local function held(d)
   local fields = redis.call('HMGET', d, 'event', 'job_id')
   if fields[1] ~= 'succeeded' then return false end
@@ -125,29 +114,33 @@ local function held(d)
     + UPLOAD_PENDING
     + rf"""
 end
+local found = {{}}
+for _, id in ipairs(redis.call('HKEYS', P .. 'webhook:endpoints')) do
+  local room = limit
+  if share then room = math.min(limit, share - (flying[id] or 0)) end
+  if room > 0 then
+    local due = redis.call('ZRANGEBYSCORE', P .. 'webhook:due:' .. id, '-inf', t, 'WITHSCORES', 'LIMIT', 0, room)
+    for i = 1, #due, 2 do found[#found + 1] = {{tonumber(due[i + 1]), tonumber(due[i]), id}} end
+  end
+end
+table.sort(found, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
 local claimed = {{}}
-local due = redis.call('ZRANGEBYSCORE', P .. 'webhook:due', '-inf', t, 'LIMIT', 0, limit * {WINDOW})
-for _, seq in ipairs(due) do
-  if #claimed >= limit then break end
+for i = 1, math.min(#found, limit) do
+  local seq, id = found[i][2], found[i][3]
   local d = P .. 'webhook:d:' .. seq
-  local id = redis.call('HGET', d, 'endpoint')
-  local endpoint = id and redis.call('HGET', P .. 'webhook:endpoints', id)
-  if not endpoint then  -- removed meanwhile
-    redis.call('DEL', d)
-    redis.call('ZREM', P .. 'webhook:due', seq)
-  elseif held(d) then
-    redis.call('ZADD', P .. 'webhook:due', t + {HELD_PUSH_S}, seq)
-  elseif share and (taken[id] or 0) >= share then
-    redis.call('ZADD', P .. 'webhook:due', t + {BUSY_PUSH_S}, seq)
+  if held(d) then
+    local job = redis.call('HGET', d, 'job_id')
+    redis.call('ZADD', P .. 'webhook:due:' .. id, t + {HELD_S}, seq)
+    redis.call('SADD', P .. 'webhook:held:' .. job, seq)
+    redis.call('EXPIRE', P .. 'webhook:held:' .. job, 86400)
   else
-    taken[id] = (taken[id] or 0) + 1
     redis.call('HSET', d, 'lease_until', string.format('%.6f', t + lease))
     redis.call('HINCRBY', d, 'attempts', 1)
     if (redis.call('HGET', d, 'retry_from') or '') == '' then
       redis.call('HSET', d, 'retry_from', string.format('%.6f', t))
     end
-    redis.call('ZADD', P .. 'webhook:due', t + lease, seq)  -- due again when the lease runs out
-    claimed[#claimed + 1] = {{redis.call('HGETALL', d), endpoint}}
+    redis.call('ZADD', P .. 'webhook:due:' .. id, t + lease, seq)  -- due again when the lease runs out
+    claimed[#claimed + 1] = {{redis.call('HGETALL', d), redis.call('HGET', P .. 'webhook:endpoints', id)}}
   end
 end
 return {{redis.call('HLEN', P .. 'webhook:endpoints'), claimed}}
@@ -158,9 +151,10 @@ return {{redis.call('HLEN', P .. 'webhook:endpoints'), claimed}}
 DELIVERED = r"""
 for i = 2, #ARGV, 2 do
   local d = ARGV[1] .. 'webhook:d:' .. ARGV[i]
-  if redis.call('HGET', d, 'lease_until') == ARGV[i + 1] then
+  local fields = redis.call('HMGET', d, 'lease_until', 'endpoint')
+  if fields[1] == ARGV[i + 1] then
     redis.call('DEL', d)
-    redis.call('ZREM', ARGV[1] .. 'webhook:due', ARGV[i])
+    redis.call('ZREM', ARGV[1] .. 'webhook:due:' .. fields[2], ARGV[i])
   end
 end
 return 0
@@ -170,17 +164,32 @@ return 0
 FAILED = r"""
 local P, seq = ARGV[1], ARGV[2]
 local d = P .. 'webhook:d:' .. seq
-if redis.call('HGET', d, 'lease_until') ~= ARGV[3] then return 0 end
+local fields = redis.call('HMGET', d, 'lease_until', 'endpoint')
+if fields[1] ~= ARGV[3] then return 0 end
+local due = P .. 'webhook:due:' .. fields[2]
 redis.call('HSET', d, 'last_error', ARGV[4], 'lease_until', '')
 if ARGV[5] == '' then
   redis.call('HSET', d, 'dead', ARGV[6])
-  redis.call('ZREM', P .. 'webhook:due', seq)
+  redis.call('ZREM', due, seq)
   redis.call('ZADD', P .. 'webhook:dead', ARGV[6], seq)
 else
   redis.call('HSET', d, 'next_at', ARGV[5])
-  redis.call('ZADD', P .. 'webhook:due', ARGV[5], seq)
+  redis.call('ZADD', due, ARGV[5], seq)
 end
 return 1
+"""
+
+# ARGV: P, job id, now. Its held job.succeeded deliveries are due now.
+RELEASE = r"""
+local P, held = ARGV[1], ARGV[1] .. 'webhook:held:' .. ARGV[2]
+for _, seq in ipairs(redis.call('SMEMBERS', held)) do
+  local fields = redis.call('HMGET', P .. 'webhook:d:' .. seq, 'endpoint', 'lease_until', 'dead')
+  if fields[1] and (fields[2] or '') == '' and (fields[3] or '') == '' then
+    redis.call('ZADD', P .. 'webhook:due:' .. fields[1], ARGV[3], seq)
+  end
+end
+redis.call('DEL', held)
+return 0
 """
 
 # ARGV: P, now, 'all' or 'these', then the webhook ids. How many went back to the outbox.
@@ -195,7 +204,7 @@ for _, seq in ipairs(redis.call('ZRANGE', P .. 'webhook:dead', 0, -1)) do
   if (all or wanted[fields[1]]) and fields[2] and redis.call('HEXISTS', P .. 'webhook:endpoints', fields[2]) == 1 then
     redis.call('HSET', d, 'dead', '', 'attempts', 0, 'next_at', t, 'retry_from', t, 'lease_until', '')
     redis.call('ZREM', P .. 'webhook:dead', seq)
-    redis.call('ZADD', P .. 'webhook:due', t, seq)
+    redis.call('ZADD', P .. 'webhook:due:' .. fields[2], t, seq)
     count = count + 1
   end
 end
@@ -223,11 +232,9 @@ class RedisWebhookStore(NamedEndpoints):
         on_close: Callable[[], None] = lambda: None,  # a connection of the store's own is closed with it
     ) -> None:
         self.redis, self.prefix, self._call, self._on_close = client, prefix, call, on_close
-        self._scripts = {
-            name: client.register_script(text)
-            for name, text in (("add", ADD), ("remove", REMOVE), ("claim", CLAIM), ("delivered", DELIVERED),
-                               ("failed", FAILED), ("replay", REPLAY), ("forget_dead", FORGET_DEAD))
-        }  # fmt: skip
+        scripts = {"add": ADD, "remove": REMOVE, "claim": CLAIM, "delivered": DELIVERED, "failed": FAILED,
+                   "release": RELEASE, "replay": REPLAY, "forget_dead": FORGET_DEAD}  # fmt: skip
+        self._scripts = {name: client.register_script(text) for name, text in scripts.items()}
         self.has_endpoints = True  # as the SQLite store's: refreshed by each claim
 
     def close(self) -> None:
@@ -295,11 +302,21 @@ class RedisWebhookStore(NamedEndpoints):
         retry = "" if retry_at is None else f"{retry_at:.6f}"
         self._run("failed", delivery.seq, f"{delivery.lease_until:.6f}", error[:500], retry, f"{time.time():.6f}")
 
+    def release(self, job_id: str, now: float) -> None:
+        self._run("release", job_id, f"{now:.6f}")
+
     def forget_dead(self, before: float) -> int:
         return int(self._run("forget_dead", f"{before:.6f}"))
 
     def waiting(self) -> int:
-        return int(self._call(lambda: self.redis.zcard(self.prefix + "webhook:due")))
+        def count() -> int:
+            endpoints = self.redis.hkeys(self.prefix + "webhook:endpoints")
+            pipe = self.redis.pipeline(transaction=False)
+            for endpoint in endpoints:
+                pipe.zcard(f"{self.prefix}webhook:due:{_text(endpoint)}")
+            return sum(int(n) for n in pipe.execute())
+
+        return int(self._call(count))
 
     def dead_letters(self, limit: int = 1000) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:

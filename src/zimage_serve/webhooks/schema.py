@@ -9,7 +9,9 @@ no endpoint registered the triggers do nothing (their WHEN clause reads one empt
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from typing import Any
 
 from zimage_serve.outbox import NOW
 
@@ -45,6 +47,8 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
     metadata TEXT                  -- the job's own labels (JSON), sent with each of its events
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at) WHERE dead IS NULL;
+CREATE INDEX IF NOT EXISTS webhook_outbox_endpoint ON webhook_outbox (endpoint, next_at) WHERE dead IS NULL;
+CREATE INDEX IF NOT EXISTS webhook_outbox_job ON webhook_outbox (job_id) WHERE dead IS NULL;
 """
 ADDED_COLUMNS = (("metadata", "TEXT"),)  # files from before a column have it added (`upgrade`)
 METADATA_BYTES = 16 * 1024  # a job's labels larger than this are not sent
@@ -58,14 +62,40 @@ def upgrade(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE webhook_outbox ADD COLUMN {name} {kind}")
 
 
+def _json_at(text: str, path: str) -> str:
+    """The JSON text at `path` in `text` (NULL where there is none, or a JSON null), in SQL that SQLite 3.35
+    reads (its `->` operator came in 3.38)."""
+    at = f"json_extract({text}, '{path}')"
+    return (
+        f"CASE json_type({text}, '{path}') WHEN 'object' THEN {at} WHEN 'array' THEN {at} "
+        f"WHEN 'text' THEN json_quote({at}) WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' "
+        f"WHEN 'null' THEN NULL ELSE CAST({at} AS TEXT) END"
+    )
+
+
 def _metadata(row: str) -> str:
     """A job's labels, as JSON: a v2 job's `metadata`, or `extra_data.metadata` on /prompt (zimage batch puts
-    each row's fields there); none when larger than METADATA_BYTES."""
+    each row's fields there); none when larger than METADATA_BYTES (UTF-8 bytes)."""
+    extra = f"{row}.extra_data"
     labels = (
-        f"CASE WHEN json_valid({row}.extra_data) THEN "
-        f"coalesce({row}.extra_data -> '$.comfy_api_v2.metadata', {row}.extra_data -> '$.metadata') END"
+        f"CASE WHEN json_valid({extra}) THEN "
+        f"coalesce({_json_at(extra, '$.comfy_api_v2.metadata')}, {_json_at(extra, '$.metadata')}) END"
     )
-    return f"(SELECT m FROM (SELECT {labels} AS m) WHERE length(m) <= {METADATA_BYTES})"
+    return f"(SELECT m FROM (SELECT {labels} AS m) WHERE length(CAST(m AS BLOB)) <= {METADATA_BYTES})"
+
+
+def job_labels(extra_data: Any) -> tuple[str, str]:
+    """(the endpoint a job names, its labels as JSON) as the triggers read them from `extra_data`, for a queue
+    that stores them beside the job (Redis: its scripts do no JSON work on what users send); '' for none."""
+    if not isinstance(extra_data, dict):
+        return "", ""
+    named = extra_data.get("webhook")
+    v2 = extra_data.get("comfy_api_v2")
+    labels = v2.get("metadata") if isinstance(v2, dict) and v2.get("metadata") is not None else None
+    if labels is None:
+        labels = extra_data.get("metadata")
+    text = "" if labels is None else json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+    return (named if isinstance(named, str) else ""), (text if len(text.encode()) <= METADATA_BYTES else "")
 
 
 def _insert(event: str, row: str, result: str) -> str:

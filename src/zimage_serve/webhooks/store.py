@@ -13,7 +13,6 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,40 +27,8 @@ from zimage_serve.webhooks.schema import EVENTS, TABLES, upgrade
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_URL = 2048
 SECRET_BYTES = 32
-# Due and not leased. A claim looks at the first WINDOW × its limit of these (`pick`): those of an endpoint
-# with enough tries under way, and job.succeeded events whose job's files are not stored yet, are pushed back
-# a moment, so that a backlog of either never stands in front of the rest.
-DUE = "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
-WINDOW = 8
-BUSY_PUSH_S = 1.0
-HELD_PUSH_S = 2.0
-
-
-def pick(
-    window: Sequence[Mapping[str, Any]],
-    limit: int,
-    per_endpoint: int | None,
-    in_flight: Mapping[str, int],
-    waiting: set[str],
-) -> tuple[list[int], list[int], list[int]]:
-    """Of the due deliveries, oldest first: (those to claim, those of busy endpoints, those held for their
-    job's files). At most `limit`, and no endpoint past `per_endpoint` tries in flight, these included."""
-    chosen: list[int] = []
-    busy: list[int] = []
-    held: list[int] = []
-    taken: Counter[str] = Counter()
-    for row in window:
-        if len(chosen) >= limit:
-            break
-        endpoint = row["endpoint"]
-        if row["event"] == "succeeded" and row["job_id"] in waiting:
-            held.append(row["seq"])
-        elif per_endpoint is not None and in_flight.get(endpoint, 0) + taken[endpoint] >= per_endpoint:
-            busy.append(row["seq"])
-        else:
-            taken[endpoint] += 1
-            chosen.append(row["seq"])
-    return chosen, busy, held
+DUE = "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"  # and not leased
+HELD_S = 30.0  # a job.succeeded held for its files is looked at again after this, if not released before
 
 
 class WebhookError(ZImageError):
@@ -192,6 +159,10 @@ class Webhooks(Protocol):
         the claim's lease (a try that outlived it records nothing)."""
         ...
 
+    def release(self, job_id: str, now: float) -> None:
+        """The job's files are stored (or given up on): its job.succeeded deliveries, held for them, are due."""
+        ...
+
     def forget_dead(self, before: float) -> int: ...
 
     def waiting(self) -> int: ...
@@ -293,11 +264,18 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
         if not due:
             return []
         with self._writing():
-            window = self._execute(
-                f"SELECT seq, endpoint, event, job_id FROM webhook_outbox WHERE {DUE} ORDER BY next_at, seq LIMIT ?",
-                (now, now, limit * WINDOW),
-            ).fetchall()
-            succeeded = sorted({row["job_id"] for row in window if row["event"] == "succeeded"})
+            endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
+            due_rows: list[sqlite3.Row] = []
+            for endpoint in endpoints:  # each endpoint's oldest, as many as it has room for
+                room = limit if per_endpoint is None else per_endpoint - (in_flight or {}).get(endpoint, 0)
+                if room > 0:
+                    due_rows += self._execute(
+                        f"SELECT seq, event, job_id, next_at FROM webhook_outbox WHERE endpoint = ? AND {DUE} "
+                        "ORDER BY next_at, seq LIMIT ?",
+                        (endpoint, now, now, min(room, limit)),
+                    ).fetchall()
+            due_rows = sorted(due_rows, key=lambda r: (r["next_at"], r["seq"]))[:limit]
+            succeeded = sorted({row["job_id"] for row in due_rows if row["event"] == "succeeded"})
             waiting = {
                 found[0]
                 for found in self._execute(
@@ -305,15 +283,15 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
                     tuple(succeeded),
                 ).fetchall()
             }
-            chosen, busy, held = pick(window, limit, per_endpoint, in_flight or {}, waiting)
-            for seqs, until in ((busy, now + BUSY_PUSH_S), (held, now + HELD_PUSH_S)):
-                self._execute(f"UPDATE webhook_outbox SET next_at = ? WHERE seq IN ({_marks(seqs)})", (until, *seqs))
+            held = [r["seq"] for r in due_rows if r["event"] == "succeeded" and r["job_id"] in waiting]
+            chosen = [r["seq"] for r in due_rows if r["seq"] not in held]
+            # until `release` (its files stored, or given up on), or a while, whichever comes first
+            self._execute(f"UPDATE webhook_outbox SET next_at = ? WHERE seq IN ({_marks(held)})", (now + HELD_S, *held))
             rows = self._execute(
                 "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1, "
                 f"retry_from = coalesce(retry_from, ?) WHERE seq IN ({_marks(chosen)}) RETURNING *",
                 (now + lease_s, now, *chosen),
             ).fetchall()
-            endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
         claimed = []
         for row in sorted(rows, key=lambda r: r["seq"]):
             endpoint = endpoints.get(row["endpoint"])
@@ -335,6 +313,15 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
     def failed(self, delivery: Delivery, error: str, retry_at: float | None) -> None:
         """A try that did not get a 2xx: tried again at `retry_at`, or given up on (dead) when None."""
         self.retry_or_give_up(delivery.seq, delivery.lease_until, error, retry_at)
+
+    def release(self, job_id: str, now: float) -> None:
+        """The job's files are stored (or given up on): its held job.succeeded deliveries are due now."""
+        with self._writing():
+            self._execute(
+                "UPDATE webhook_outbox SET next_at = ? WHERE job_id = ? AND event = 'succeeded' AND dead IS NULL "
+                "AND lease_until IS NULL",
+                (now, job_id),
+            )
 
     def forget_dead(self, before: float) -> int:
         """Dead letters older than `before` go (they are kept for an admin to see, not forever)."""
