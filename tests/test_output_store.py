@@ -90,6 +90,12 @@ def test_each_output_goes_to_the_users_prefix_and_every_view_of_the_job_names_it
             found = alice.json("GET", f"/api/jobs/{job}")[1]
             assert found["preview_output"]["url"].startswith(s3.url) and "url" in files_of(found)[0]
             assert alice.json("GET", "/api/jobs")[1]["jobs"][0]["preview_output"]["url"].startswith(s3.url)
+            [seen] = [j for j in admin.json("GET", "/api/jobs")[1]["jobs"] if j["id"] == job]  # under users/alice
+            assert seen["preview_output"]["subfolder"] == "users/alice"
+            assert seen["preview_output"]["url"].startswith(f"{s3.url}/{BUCKET}/{key}?")
+            assert admin.json("GET", f"/api/jobs/{job}")[1]["preview_output"]["url"].startswith(
+                f"{s3.url}/{BUCKET}/{key}?"
+            )
             [output] = alice.json("GET", f"/api/v2/jobs/{job}")[1]["outputs"]
             assert output["url"].startswith(f"{s3.url}/{BUCKET}/{key}?") and output["size_bytes"] == len(png)
 

@@ -120,9 +120,11 @@ def test_an_upload_that_fails_is_tried_again_then_given_up_on_and_the_webhook_go
     uploads.failed(again, "AccessDenied", None)
     [dead] = uploads.pending()
     assert dead["dead"] is not None and dead["error"] == "AccessDenied"
+    assert uploads.forget_dead(dead["dead"] - 1) == 0 and len(uploads.pending()) == 1
     assert uploads.claim(now + 3600, 10, 60) == []
     hooks.release("job", now + 31)
     assert [d.job_id for d in hooks.claim(now + 31, 100, 60)] == ["job"]  # given up on: it goes, without
+    assert uploads.forget_dead(time.time() + 1) == 1 and uploads.pending() == []
 
 
 def test_a_sqlite_server_started_without_a_store_gives_up_what_waits(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from zimage_serve.queue.jobs import Job
 from zimage_serve.server.gate import caller
 from zimage_serve.server.routes_queue import history_entry, json_body, optional_int, plain_error, runtime
 from zimage_serve.server.runtime import Runtime
-from zimage_serve.server.stored_outputs import link
+from zimage_serve.server.stored_outputs import FileLinks
 
 router = APIRouter()
 # Each status is one state of the queue's: the store selects and counts by it.
@@ -38,7 +38,7 @@ def job_status(job: Job) -> str:
     return STATUS_OF[job.state]
 
 
-def job_summary(job: Job, identity: Identity) -> dict[str, Any]:
+def job_summary(job: Job, identity: Identity, links: FileLinks | None = None) -> dict[str, Any]:
     status = job_status(job)
     found: dict[str, Any] = {
         "id": job.id,
@@ -61,7 +61,7 @@ def job_summary(job: Job, identity: Identity) -> dict[str, Any]:
                 found["execution_end_time"] = data["timestamp"]
             if event == "execution_error":
                 found["execution_error"] = data
-    entry = history_entry(job, identity)
+    entry = history_entry(job, identity, links)
     items = [
         {**item, "nodeId": node_id, "mediaType": MEDIA[kind]}
         for node_id, ui in entry["outputs"].items()
@@ -133,10 +133,12 @@ def _page(
     if sort_by == "created_at" and not workflow_id:  # the frontend's question: the store reads one page
         states = {STATES[status] for status in wanted}
         jobs, total = rt.store.jobs_page(states, identity.owner_filter(), offset, limit, order == "desc")
-        page = _linked(rt, [job_summary(job, identity) for job in jobs])
+        links = rt.outputs.links(job.id for job in jobs)
+        page = [job_summary(job, identity, links.get(job.id)) for job in jobs]
         return {"jobs": page, "pagination": _pagination(offset, limit, len(page), total)}
     # Sorted by how long each ran, or narrowed to a workflow: from every job's summary.
-    summaries = [job_summary(job, identity) for job in _listed(rt, identity, wanted)]
+    listed = {job.id: job for job in _listed(rt, identity, wanted)}
+    summaries = [job_summary(job, identity) for job in listed.values()]
     summaries = [s for s in summaries if s["status"] in wanted]
     if workflow_id:
         summaries = [s for s in summaries if s.get("workflow_id") == workflow_id]
@@ -147,18 +149,11 @@ def _page(
     key = duration if sort_by == "execution_duration" else (lambda s: float(s["create_time"]))
     summaries.sort(key=key, reverse=order == "desc")
     total = len(summaries)
-    page = _linked(rt, summaries[offset : offset + limit] if limit is not None else summaries[offset:])
+    page = summaries[offset : offset + limit] if limit is not None else summaries[offset:]
+    if rt.outputs.enabled:  # the page's files with their objects' URLs
+        links = rt.outputs.links(summary["id"] for summary in page)
+        page = [job_summary(listed[s["id"]], identity, links.get(s["id"])) for s in page]
     return {"jobs": page, "pagination": _pagination(offset, limit, len(page), total)}
-
-
-def _linked(rt: Runtime, page: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A page of summaries whose preview files carry their objects' URLs, when they are stored."""
-    shown = [s for s in page if "preview_output" in s]
-    if shown and rt.outputs.enabled:
-        links = rt.outputs.links(s["id"] for s in shown)
-        for summary in shown:
-            link(summary["preview_output"], links.get(summary["id"], {}))
-    return page
 
 
 def _pagination(offset: int, limit: int | None, shown: int, total: int) -> dict[str, Any]:
@@ -176,12 +171,10 @@ async def get_job(request: Request, job_id: str) -> Response:
     job = rt.service.get(job_id, identity)
     if job is None:
         return plain_error(404, "Job not found")
-    found = job_summary(job, identity)
+    links = await asyncio.to_thread(rt.outputs.job_links, job.id) if rt.outputs.enabled else None
+    found = job_summary(job, identity, links)
     if job.state not in ("pending", "running"):
-        links = await asyncio.to_thread(rt.outputs.job_links, job.id) if rt.outputs.enabled else None
         entry = history_entry(job, identity, links)
-        if links and "preview_output" in found:
-            link(found["preview_output"], links)
         found["outputs"] = entry["outputs"]
         found["execution_status"] = entry["status"]
     found["workflow"] = {"prompt": job.prompt, "extra_data": job.extra_data}

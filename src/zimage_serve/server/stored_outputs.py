@@ -73,17 +73,17 @@ class StoredOutputs:
 
 
 def with_links(outputs: dict[str, Any], links: FileLinks) -> None:
-    """Each output file of a history entry that is stored gains its object's URL (see `link`)."""
+    """Each output file of a history entry that is stored gains its object's URL (see `_link`)."""
     if not links:
         return
     for ui in outputs.values():
         for items in ui.values() if isinstance(ui, dict) else ():
             for item in items if isinstance(items, list) else ():
                 if isinstance(item, dict):
-                    link(item, links)
+                    _link(item, links)
 
 
-def link(item: dict[str, Any], links: FileLinks) -> None:
+def _link(item: dict[str, Any], links: FileLinks) -> None:
     """An output file's entry gains its object's `url` (and `url_expires_at`, Unix seconds, for a presigned
     one) beside ComfyUI's filename, subfolder and type, when the file is stored."""
     if item.get("type", "output") != "output":

@@ -113,6 +113,15 @@ return 1
 """
 
 
+# ARGV: P, before. Uploads given up on before then go; how many.
+FORGET_DEAD = r"""
+local old = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'uploads:dead', '-inf', ARGV[2])
+for _, seq in ipairs(old) do redis.call('DEL', ARGV[1] .. 'upload:' .. seq) end
+redis.call('ZREMRANGEBYSCORE', ARGV[1] .. 'uploads:dead', '-inf', ARGV[2])
+return #old
+"""
+
+
 class RedisUploadOutbox:
     """A Redis queue's uploads outbox; `call` runs each Redis call (the queue's: an unreachable Redis is its
     QueueUnavailable)."""
@@ -121,7 +130,7 @@ class RedisUploadOutbox:
         self.redis, self.prefix, self._call = client, prefix, call
         self._scripts = {
             name: client.register_script(text)
-            for name, text in (("claim", CLAIM), ("stored", STORED), ("failed", FAILED))
+            for name, text in (("claim", CLAIM), ("stored", STORED), ("failed", FAILED), ("forget_dead", FORGET_DEAD))
         }
         self.location = ""
 
@@ -169,6 +178,9 @@ class RedisUploadOutbox:
     def failed(self, upload: Upload, error: str, retry_at: float | None) -> None:
         retry = "" if retry_at is None else f"{retry_at:.6f}"
         self._run("failed", upload.seq, f"{upload.lease_until:.6f}", error[:500], retry, f"{time.time():.6f}")
+
+    def forget_dead(self, before: float) -> int:
+        return int(self._run("forget_dead", f"{before:.6f}"))
 
     def objects_of(self, job_ids: Iterable[str]) -> dict[str, list[StoredObject]]:
         wanted = list(dict.fromkeys(job_ids))

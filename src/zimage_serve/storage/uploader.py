@@ -26,6 +26,8 @@ from zimage_serve.workflow.folders import Folders, UnknownFileError, contained
 
 log = logging.getLogger(__name__)
 LEASE_S = 600.0  # a claimed job is this node's for ten minutes: large files on a slow link take a while
+KEEP_UP_S = 30.0
+DEAD_KEPT_S = 30 * 86400.0  # uploads given up on are listed this long (their files stay on disk)
 MISSING_TRIES = 5  # a file the job lists and the disk lacks is looked for this many times (about half a minute)
 
 
@@ -78,7 +80,27 @@ class Uploader:
         async def claim() -> list[Upload]:
             return await asyncio.to_thread(self.outbox.claim, time.time(), settings.concurrency * 2, LEASE_S)
 
-        await outbox.drain(claim, self._upload, settings.concurrency, settings.poll_s, self._due, "the upload outbox")
+        keeping = asyncio.create_task(self._keep_up())
+        try:
+            await outbox.drain(claim, self._upload, settings.concurrency, settings.poll_s, self._due,
+                               "the upload outbox")  # fmt: skip
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+
+    async def _keep_up(self) -> None:
+        """Say, every half minute, that this node uploads (a cluster's mark expires without it, however long
+        the uploads under way take), and forget uploads given up on a month ago, every hour."""
+        forgotten_at = 0.0
+        while True:
+            try:
+                await asyncio.to_thread(self.outbox.use, self.bucket.location)
+                if time.time() - forgotten_at > 3600:
+                    forgotten_at = time.time()
+                    await asyncio.to_thread(self.outbox.forget_dead, forgotten_at - DEAD_KEPT_S)
+            except Exception:  # the store's database away a moment: the next round says it again
+                log.exception("the upload outbox could not be kept up")
+            await asyncio.sleep(KEEP_UP_S)
 
     async def _upload(self, upload: Upload) -> None:
         settings = self.bucket.settings

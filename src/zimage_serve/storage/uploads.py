@@ -86,6 +86,10 @@ class Uploads(Protocol):
         """Jobs whose files are not all stored yet (dead ones too), oldest first: what an admin looks at."""
         ...
 
+    def forget_dead(self, before: float) -> int:
+        """Uploads given up on before then are no longer listed; how many."""
+        ...
+
 
 def output_files(result: Any) -> Iterator[OutputFile]:
     """The files in the output folder that a history entry's outputs list (each node's lists of files)."""
@@ -183,6 +187,10 @@ class UploadOutbox(outbox.OutboxFile):
         """A try that did not store every file: again at `retry_at`, or given up on (None): its files stay on
         disk, and the job's events go out without their objects."""
         self.retry_or_give_up(upload.seq, upload.lease_until, error, retry_at)
+
+    def forget_dead(self, before: float) -> int:
+        with self._writing():
+            return int(self._execute("DELETE FROM output_outbox WHERE dead < ?", (before,)).rowcount)
 
     def objects_of(self, job_ids: Iterable[str]) -> dict[str, list[StoredObject]]:
         """The stored objects of these jobs, by job."""
