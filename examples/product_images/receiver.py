@@ -61,8 +61,10 @@ def load_catalogue() -> None:
 def record(event_id: str, event: dict[str, Any]) -> None:
     """One event, in one transaction with its id: a second delivery of it changes nothing."""
     data = event["data"]
-    sku = (data.get("metadata") or {}).get("fields", {}).get("sku")
-    if sku is None:
+    labels = data.get("metadata")
+    fields = labels.get("fields") if isinstance(labels, dict) else None
+    sku = fields.get("sku") if isinstance(fields, dict) else None
+    if not isinstance(sku, str):
         return  # not a catalogue job (another pipeline's, on the same endpoint)
     with contextlib.closing(connect()) as db:
         db.execute("BEGIN IMMEDIATE")
@@ -77,7 +79,8 @@ def record(event_id: str, event: dict[str, Any]) -> None:
             elif event["type"] == "job.failed":
                 messages = [m[1].get("exception_message", "") for m in data.get("messages", []) if len(m) == 2]
                 db.execute(
-                    "UPDATE products SET status = 'failed', job_id = ?, error = ?, updated = ? WHERE sku = ?",
+                    "UPDATE products SET status = 'failed', job_id = ?, error = ?, updated = ? "
+                    "WHERE sku = ? AND status <> 'ready'",  # an earlier run's failure never hides an image
                     (data["job_id"], "; ".join(filter(None, messages)) or "failed", time.time(), sku),
                 )
         db.execute("COMMIT")

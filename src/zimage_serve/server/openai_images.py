@@ -30,6 +30,7 @@ from zimage_serve.server.routes_queue import json_body, note_job, runtime
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import ImagesRequest, json_request
 from zimage_serve.server.service import PromptBlocked, PromptRejected
+from zimage_serve.server.stored_outputs import StoreUnavailable
 from zimage_serve.server.waits import LIVE
 from zimage_serve.templates import Template, TemplateParameterError
 from zimage_serve.templates.builtin import builtin, builtin_names
@@ -195,8 +196,11 @@ async def generate(request: Request) -> Response:
     for image in images:
         if response_format == "b64_json":
             path = space.output / image["subfolder"] / image["filename"]
-            data.append({"b64_json": base64.b64encode(await _read(rt, identity, image, path)).decode(),
-                         "revised_prompt": prompt})  # fmt: skip
+            try:
+                found = await _read(rt, identity, image, path)
+            except StoreUnavailable as exc:
+                return openai_error(503, str(exc), code="store_unavailable")
+            data.append({"b64_json": base64.b64encode(found).decode(), "revised_prompt": prompt})
         else:
             query = urlencode({"filename": image["filename"], "subfolder": image["subfolder"], "type": image["type"]})
             data.append({"url": f"{base}/view?{query}", "revised_prompt": prompt})

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse
 from zimage_serve.server.gate import audit_note, caller
 from zimage_serve.server.routes_queue import plain_error, runtime
 from zimage_serve.server.schemas import query
+from zimage_serve.server.stored_outputs import StoreUnavailable
 from zimage_serve.workflow.folders import FILE_TYPES, UnknownFileError, contained
 
 router = APIRouter()
@@ -74,7 +75,10 @@ async def view(request: Request) -> Response:
         media_type = "application/octet-stream"
     if rt.outputs.enabled:
         space = caller(request).space or ""
-        stored = await asyncio.to_thread(rt.outputs.emptied_bytes, kind, space, subfolder, filename, path)
+        try:
+            stored = await asyncio.to_thread(rt.outputs.emptied_bytes, kind, space, subfolder, filename, path)
+        except StoreUnavailable as exc:
+            return plain_error(503, str(exc))
         if stored is not None:
             return Response(stored, media_type=media_type, headers=headers)
     return FileResponse(path, media_type=media_type, headers=headers)

@@ -214,7 +214,10 @@ class Runtime:
         self.security.audit.add({"time": iso(time.time()), "kind": kind, **fields})
 
     def audit_delivery(self, delivery: Delivery, outcome: str, error: str | None) -> None:
-        """Each webhook try: which event of which job went to which endpoint, and how it went."""
+        """A webhook's delivery, its first failed try, and its giving up: which event of which job went to
+        which endpoint, and how it went (not every retry: an endpoint away for a day would fill the log)."""
+        if outcome == "retried" and delivery.attempts > 1:
+            return
         found: dict[str, Any] = {
             "user": delivery.owner,
             "job_id": delivery.job_id,
@@ -229,8 +232,10 @@ class Runtime:
         self.audit("webhook", **found)
 
     def audit_upload(self, upload: Upload, outcome: str, detail: list[str] | str) -> None:
-        """Each try to store a job's files: their keys, or why it failed."""
-        found: dict[str, Any] = {"user": upload.space, "job_id": upload.job_id, "outcome": outcome}
+        """A job's files stored (their keys), its first failed try and its giving up (why)."""
+        if outcome == "retried" and upload.attempts > 1:
+            return
+        found: dict[str, Any] = {"user": upload.owner, "job_id": upload.job_id, "outcome": outcome}
         found.update({"files": detail} if isinstance(detail, list) else {"error": detail[:200]})
         self.audit("output_store", **found, attempts=upload.attempts)
 

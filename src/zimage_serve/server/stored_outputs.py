@@ -7,13 +7,21 @@ With no output store configured every method answers at once, without touching a
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from zimage_serve.errors import ZImageError
 from zimage_serve.storage.bucket import Bucket
 from zimage_serve.storage.uploads import Uploads
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailable(ZImageError):
+    """An emptied output's object could not be read from the store (503: try again)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,12 @@ class StoredOutputs:
                 return None
         except OSError:
             return None
-        return self.bucket.get(self.bucket.key(space, subfolder, filename))
+        key = self.bucket.key(space, subfolder, filename)
+        try:
+            return self.bucket.get(key)
+        except Exception as exc:  # the store away, or refusing: the client is told so, never a 500
+            log.warning("output %s could not be read from %s: %s", key, self.bucket.location, exc)
+            raise StoreUnavailable(f"{filename}: the output store could not be read just now; try again") from exc
 
 
 def with_links(outputs: dict[str, Any], links: FileLinks) -> None:

@@ -36,8 +36,8 @@ local function output_upload(id, state, result)
   if job[1] and job[1] ~= '' and ok and type(context) == 'table' and context.role == 'user' then space = job[1] end
   local seq = redis.call('INCR', P .. 'upload:seq')
   local t = now()
-  redis.call('HSET', P .. 'upload:' .. seq, 'seq', seq, 'job_id', id, 'space', space, 'result', result,
-             'created', fmt(t), 'attempts', 0)
+  redis.call('HSET', P .. 'upload:' .. seq, 'seq', seq, 'job_id', id, 'owner', job[1] or '', 'space', space,
+             'result', result, 'created', fmt(t), 'attempts', 0)
   redis.call('ZADD', P .. 'uploads:due', t, seq)
   redis.call('HSET', P .. 'uploads:pending', id, seq)
 end
@@ -159,7 +159,7 @@ class RedisUploadOutbox:
             files = tuple(dict.fromkeys(output_files(result)))
             claimed.append(
                 Upload(int(row["seq"]), row["job_id"], row["space"], files, float(row["created"]),
-                       int(row["attempts"]), float(row["lease_until"]))
+                       int(row["attempts"]), float(row["lease_until"]), row.get("owner", ""))
             )  # fmt: skip
         return sorted(claimed, key=lambda u: u.seq)
 

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS output_store (
 CREATE TABLE IF NOT EXISTS output_outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT '', -- who queued the job (the audit log's user)
     space TEXT NOT NULL,            -- '' : the shared folders; else the user whose folders hold the files
     result TEXT,                    -- the job's history entry at its end: the files to upload
     created REAL NOT NULL,
@@ -52,8 +53,8 @@ DROP TRIGGER IF EXISTS jobs_outputs_forgotten;
 CREATE TRIGGER IF NOT EXISTS jobs_outputs_stored AFTER UPDATE OF finished ON jobs
 WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL AND NEW.state = 'success'
      AND EXISTS (SELECT 1 FROM output_store) BEGIN
-    INSERT INTO output_outbox (job_id, space, result, created, next_at)
-    VALUES (NEW.id, {SPACE}, NEW.result, {NOW}, {NOW});
+    INSERT INTO output_outbox (job_id, owner, space, result, created, next_at)
+    VALUES (NEW.id, NEW.owner, {SPACE}, NEW.result, {NOW}, {NOW});
 END;
 CREATE TRIGGER IF NOT EXISTS jobs_outputs_forgotten AFTER DELETE ON jobs
 WHEN OLD.finished IS NOT NULL BEGIN

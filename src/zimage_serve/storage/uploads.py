@@ -37,6 +37,7 @@ class Upload:
     created: float
     attempts: int  # tries, this one included
     lease_until: float
+    owner: str = ""  # who queued the job
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class UploadOutbox(outbox.OutboxFile):
             files = tuple(dict.fromkeys(output_files(result)))
             claimed.append(
                 Upload(row["seq"], row["job_id"], row["space"], files, row["created"], row["attempts"],
-                       row["lease_until"])
+                       row["lease_until"], row["owner"])
             )  # fmt: skip
         return claimed
 

@@ -31,6 +31,7 @@ from zimage_serve.server.gate import audit_note, caller, caller_token
 from zimage_serve.server.routes_files import INLINE_TYPES, content_disposition
 from zimage_serve.server.routes_queue import runtime
 from zimage_serve.server.runtime import Runtime
+from zimage_serve.server.stored_outputs import StoreUnavailable
 from zimage_serve.server.v2.envelope import V2Error
 from zimage_serve.server.v2.job_view import URL_LIFETIME_S, content_url, iso, origin_of
 from zimage_serve.server.v2.requests import FromHash, idempotency_key, parsed
@@ -295,9 +296,12 @@ async def asset_content(request: Request, asset_id: str) -> Response:
     }
     media_type = media_type if inline else "application/octet-stream"
     if rt.outputs.enabled:
-        stored = await asyncio.to_thread(
-            rt.outputs.emptied_bytes, place.kind, place.space, place.subfolder, place.filename, path
-        )
+        try:
+            stored = await asyncio.to_thread(
+                rt.outputs.emptied_bytes, place.kind, place.space, place.subfolder, place.filename, path
+            )
+        except StoreUnavailable as exc:
+            raise V2Error(503, "store_unavailable", str(exc)) from exc
         if stored is not None:
             return Response(stored, media_type=media_type, headers=headers)
     return FileResponse(path, media_type=media_type, headers=headers)
