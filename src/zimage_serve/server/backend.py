@@ -74,9 +74,8 @@ class Backend(Protocol):
         """The webhook endpoints and the outbox the queue writes job events to (None: none for this queue)."""
         ...
 
-    def upload_outbox(self, wanted: bool) -> Uploads | None:
-        """The outbox of uploads to the output store the queue's job ends fill (None: none for this queue;
-        an error naming --output-store when one is `wanted` and this queue cannot have it)."""
+    def upload_outbox(self) -> Uploads | None:
+        """The outbox of uploads to the output store the queue's job ends fill (None: none for this queue)."""
         ...
 
     def workers_shown(self, worker: DeviceWorker) -> list[dict[str, Any]]:
@@ -116,7 +115,7 @@ class LocalBackend:
         """The endpoints and the outbox, in the queue file (its triggers write the outbox)."""
         return WebhookStore(self.queue.path)
 
-    def upload_outbox(self, wanted: bool) -> Uploads | None:
+    def upload_outbox(self) -> Uploads | None:
         return UploadOutbox(self.queue.path)  # also without a store: it says so to the file's trigger
 
     def workers(self, config: WorkerConfig, listener: Listener, hub: Hub) -> DeviceWorker:
@@ -159,7 +158,7 @@ class ClusterBackend:
         """The endpoints and the outbox, in Redis (the queue's scripts write the outbox)."""
         return RedisWebhookStore(self.queue.redis, self.queue.prefix, self.queue.call)
 
-    def upload_outbox(self, wanted: bool) -> Uploads | None:
+    def upload_outbox(self) -> Uploads | None:
         return RedisUploadOutbox(self.queue.redis, self.queue.prefix, self.queue.call)
 
     def audit_place(self, data_dir: Path) -> tuple[Path, Path]:

@@ -100,7 +100,7 @@ class Runtime:
         self.worker = self.backend.workers(self._worker_config(), self, self.hub)
         self.webhooks = self.backend.webhook_store()
         bucket = Bucket(settings.outputs) if settings.outputs is not None else None
-        self.uploads = self.backend.upload_outbox(wanted=bucket is not None)
+        self.uploads = self.backend.upload_outbox()
         if self.uploads is not None:
             self.uploads.use(bucket.location if bucket is not None else None)  # for the jobs that end from now on
         self.outputs = StoredOutputs(bucket, self.uploads)

@@ -149,10 +149,6 @@ def payload(
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _place(image: dict[str, Any]) -> tuple[str, str]:
-    return str(image.get("subfolder") or ""), str(image["filename"])
-
-
 def view_path(image: dict[str, Any]) -> str:
     """ComfyUI's /view address of an output (the server's public URL goes in front when it has one)."""
     return (
