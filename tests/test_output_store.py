@@ -272,6 +272,8 @@ def test_a_file_is_uploaded_only_as_it_was_looked_at_and_a_reused_name_is_upload
     upload meanwhile); a file an earlier job stored is not sent again, unless a new file took its name."""
     import os
 
+    from zimage_serve.queue.jobs import Job, NewJob
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.storage.bucket import FileChanged
     from zimage_serve.storage.uploader import Uploader
     from zimage_serve.storage.uploads import Upload
@@ -291,25 +293,28 @@ def test_a_file_is_uploaded_only_as_it_was_looked_at_and_a_reused_name_is_upload
     assert s3.keys() == []
 
     image.write_bytes(b"first image")
+    queue = SQLiteQueue(data / "queue.sqlite3")
     outbox = UploadOutbox(data / "queue.sqlite3")
+    outbox.use(bucket.location)
     uploader = Uploader(outbox, bucket, folders)
     puts: list[str] = []
     put = bucket.put
     bucket.put = lambda path, key, job, expected: puts.append(key) or put(path, key, job, expected)  # type: ignore[method-assign]
 
-    def upload(job: str, seq: int) -> None:
-        outbox._execute(
-            "INSERT INTO output_outbox (seq, job_id, space, result, created, next_at) VALUES (?, ?, '', ?, 0, 0)",
-            (seq, job, json.dumps({"outputs": {"1": {"images": [{"filename": image.name, "type": "output"}]}}})),
-        )
-        [claimed] = outbox.claim(time.time(), 10, 60)
+    def upload(job: str) -> None:
+        queue.enqueue_many([NewJob.of(Job(job, 1.0, {"1": {}}, {}, ["1"]))])
+        assert queue.claim() is not None
+        queue.finish(job, "success", {"outputs": {"1": {"images": [{"filename": image.name, "type": "output"}]}}})
+        [claimed] = outbox.claim(time.time() + 1, 10, 60)
         assert isinstance(claimed, Upload) and uploader.store(claimed) == ["renders/x_00001_.png"]
 
-    upload("one", 1)
+    upload("one")
     assert image.stat().st_size == 0 and s3.body("renders/x_00001_.png") == b"first image"  # --no-keep-local
-    upload("two", 2)  # the same file listed again (from the cache): not sent again
+    upload("two")  # the same file listed again (from the cache): not sent again
     image.unlink()
     image.write_bytes(b"another image")  # the name given out again (after a restart, say)
-    upload("three", 3)
+    upload("three")
     assert puts == ["renders/x_00001_.png", "renders/x_00001_.png"] and s3.body(puts[0]) == b"another image"
+    assert queue.delete_history(["three"]) == 1 and outbox.objects_of(["three"]) == {}
     outbox.close()
+    queue.close()

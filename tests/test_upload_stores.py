@@ -103,6 +103,12 @@ def test_a_succeeded_job_is_uploaded_once_a_store_is_in_use_and_its_webhook_wait
     assert queue.delete_history(["job"]) == 1  # the job leaves the history: its record goes with it
     assert uploads.objects_of(["job"]) == {} and uploads.stored_as("alice", OutputFile("x", "a_00001_.png")) is None
 
+    run(queue, "gone")  # deleted while its upload was under way: its upload ends, and records nothing
+    [late] = uploads.claim(later + 200, 10, 60)
+    assert queue.delete_history(["gone"]) == 1
+    assert uploads.stored(late, [StoredObject("gone", "alice", "x", "a_00001_.png", "k", 1)])
+    assert uploads.objects_of(["gone"]) == {} and uploads.pending() == []
+
 
 def test_an_upload_that_fails_is_tried_again_then_given_up_on_and_the_webhook_goes(opened: Opened) -> None:
     queue, uploads, hooks = opened

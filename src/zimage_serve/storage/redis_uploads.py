@@ -86,6 +86,7 @@ if redis.call('HGET', key, 'lease_until') ~= ARGV[3] then return 0 end
 redis.call('DEL', key)
 redis.call('ZREM', P .. 'uploads:due', seq)
 if redis.call('HGET', P .. 'uploads:pending', job) == seq then redis.call('HDEL', P .. 'uploads:pending', job) end
+if redis.call('EXISTS', P .. 'job:' .. job) == 0 then return 1 end  -- deleted meanwhile: nothing to record
 for i = 5, #ARGV, 2 do
   redis.call('HSET', P .. 'objects:' .. job, ARGV[i], ARGV[i + 1])
   redis.call('HSET', P .. 'object_files', ARGV[i], ARGV[i + 1])

@@ -167,21 +167,13 @@ class UploadOutbox(outbox.OutboxFile):
             )
             if gone.rowcount == 0:
                 return False
-            for found in objects:
+            for found in objects:  # recorded while its job is kept (a job deleted meanwhile leaves no record)
                 self._execute(
                     "INSERT OR REPLACE INTO output_objects (job_id, space, subfolder, filename, key, size, mtime_ns, "
-                    "uploaded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        found.job_id,
-                        found.space,
-                        found.subfolder,
-                        found.filename,
-                        found.key,
-                        found.size,
-                        found.mtime_ns,
-                        time.time(),
-                    ),
-                )
+                    "uploaded) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)",
+                    (found.job_id, found.space, found.subfolder, found.filename, found.key, found.size,
+                     found.mtime_ns, time.time(), found.job_id),
+                )  # fmt: skip
         return True
 
     def failed(self, upload: Upload, error: str, retry_at: float | None) -> None:
