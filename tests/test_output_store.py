@@ -318,3 +318,31 @@ def test_a_file_is_uploaded_only_as_it_was_looked_at_and_a_reused_name_is_upload
     assert queue.delete_history(["three"]) == 1 and outbox.objects_of(["three"]) == {}
     outbox.close()
     queue.close()
+
+
+def test_the_command_line_lists_uploads_given_up_on_and_tries_them_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.support.cli import run
+    from zimage_serve.queue.jobs import Job, NewJob
+    from zimage_serve.queue.sqlite_queue import SQLiteQueue
+
+    data = data_dir(tmp_path)
+    queue = SQLiteQueue(data / "queue.sqlite3")
+    uploads = UploadOutbox(data / "queue.sqlite3")
+    uploads.use(f"s3://{BUCKET}/renders")
+    queue.enqueue_many([NewJob.of(Job("job-1", 1.0, {"1": {}}, {}, ["1"]))])
+    assert queue.claim() is not None
+    queue.finish("job-1", "success", {"outputs": {}})
+    [upload] = uploads.claim(time.time() + 1, 10, 60)
+    uploads.failed(upload, "NoSuchBucket: the bucket does not exist", None)
+    code, out, _ = run(["outputs", "pending", "--data-dir", str(data)], capsys)
+    [row] = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and row["job_id"] == "job-1" and row["dead"] and "NoSuchBucket" in row["error"]
+    code, _, err = run(["outputs", "retry", "job-1", "--data-dir", str(data)], capsys)
+    assert code == 0 and "1 uploads back in the outbox" in err
+    assert [u.job_id for u in uploads.claim(time.time() + 2, 10, 60)] == ["job-1"]
+    code, _, err = run(["outputs", "pending", "--queue", "ftp://x", "--data-dir", str(data)], capsys)
+    assert code == 2 and "--queue" in err
+    uploads.close()
+    queue.close()

@@ -145,3 +145,19 @@ def test_a_sqlite_server_started_without_a_store_gives_up_what_waits(tmp_path: P
     assert given_up["dead"] is not None and "no output store" in given_up["error"]
     uploads.close()
     queue.close()
+
+
+def test_uploads_given_up_on_are_listed_and_tried_again(opened: Opened) -> None:
+    queue, uploads, _ = opened
+    uploads.use("s3://bucket/prefix")
+    for job in ("a", "b"):
+        run(queue, job)
+    now = time.time() + 5
+    for upload in uploads.claim(now, 10, 60):
+        uploads.failed(upload, "NoSuchBucket", None)
+    assert [(row["job_id"], row["dead"] is not None) for row in uploads.pending()] == [("a", True), ("b", True)]
+    assert uploads.retry([], now) == 0 and uploads.retry(["b"], now + 1) == 1
+    [again] = uploads.claim(now + 2, 10, 60)
+    assert again.job_id == "b" and again.attempts == 1 and again.created == pytest.approx(now + 1)
+    assert uploads.retry(None, now + 3) == 1  # every one given up on: a
+    assert sorted(u.job_id for u in uploads.claim(now + 4, 10, 60)) == ["a"]

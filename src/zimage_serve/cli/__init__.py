@@ -15,6 +15,7 @@ from zimage_serve.cli import (
     info,
     models,
     nano,
+    outputs,
     run,
     serve,
     templates,
@@ -60,6 +61,7 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(audit.app, name="audit")
 app.add_typer(templates.app, name="templates")
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(outputs.app, name="outputs")
 
 
 def main(args: list[str] | None = None) -> None:

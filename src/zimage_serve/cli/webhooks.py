@@ -14,38 +14,25 @@ import typer
 from rich.table import Table
 
 from zimage_serve.cli.common import console, console_err
-from zimage_serve.settings import DATA_DIR_ENV, default_data_dir
+from zimage_serve.cli.queue_side import DataDirOption, QueueOption, queue_side
+from zimage_serve.settings import default_data_dir
 
 if TYPE_CHECKING:
     from zimage_serve.webhooks.store import Webhooks
 
 app = typer.Typer(help="Webhooks: endpoints that receive signed job events.", no_args_is_help=True)
-DataDirOption = Annotated[Path | None, typer.Option(help=f"The server's data folder [env {DATA_DIR_ENV}]")]
-
-
-QueueOption = Annotated[
-    str | None,
-    typer.Option(envvar="ZIMAGE_QUEUE", help="A cluster's queue, redis://HOST:PORT/DB [default: the data folder's]"),
-]
 
 
 def _store(data_dir: Path | None, queue: str | None) -> Webhooks:
-    from zimage_serve.config import ConfigError
-    from zimage_serve.queue import backends
-
-    try:
-        choice = backends.choose(queue)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--queue") from exc
-    if choice.kind == "redis":
-        from zimage_serve.queue.redis_queue import RedisQueue
+    side = queue_side(data_dir, queue)
+    if side.cluster is not None:
         from zimage_serve.webhooks.redis_store import RedisWebhookStore
 
-        cluster = RedisQueue(choice.url, prefix=choice.prefix)
+        cluster = side.cluster
         return RedisWebhookStore(cluster.redis, cluster.prefix, cluster.call, on_close=cluster.close)
     from zimage_serve.webhooks.store import WebhookStore
 
-    return WebhookStore((data_dir or default_data_dir()) / "queue.sqlite3")
+    return WebhookStore(side.path)
 
 
 def _user_id(name: str, data_dir: Path | None) -> str:

@@ -123,6 +123,27 @@ return #old
 """
 
 
+# ARGV: P, now, 'all' or 'these', then job ids. Uploads given up on go back to the outbox; how many.
+RETRY = r"""
+local P, t, all = ARGV[1], ARGV[2], ARGV[3] == 'all'
+local wanted = {}
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local count = 0
+for _, seq in ipairs(redis.call('ZRANGE', P .. 'uploads:dead', 0, -1)) do
+  local key = P .. 'upload:' .. seq
+  local job = redis.call('HGET', key, 'job_id')
+  if job and (all or wanted[job]) then
+    redis.call('HSET', key, 'dead', '', 'attempts', 0, 'created', t, 'next_at', t, 'lease_until', '')
+    redis.call('ZREM', P .. 'uploads:dead', seq)
+    redis.call('ZADD', P .. 'uploads:due', t, seq)
+    redis.call('HSET', P .. 'uploads:pending', job, seq)
+    count = count + 1
+  end
+end
+return count
+"""
+
+
 class RedisUploadOutbox:
     """A Redis queue's uploads outbox; `call` runs each Redis call (the queue's: an unreachable Redis is its
     QueueUnavailable)."""
@@ -131,7 +152,13 @@ class RedisUploadOutbox:
         self.redis, self.prefix, self._call = client, prefix, call
         self._scripts = {
             name: client.register_script(text)
-            for name, text in (("claim", CLAIM), ("stored", STORED), ("failed", FAILED), ("forget_dead", FORGET_DEAD))
+            for name, text in (
+                ("claim", CLAIM),
+                ("stored", STORED),
+                ("failed", FAILED),
+                ("forget_dead", FORGET_DEAD),
+                ("retry", RETRY),
+            )
         }
         self.location = ""
 
@@ -182,6 +209,9 @@ class RedisUploadOutbox:
 
     def forget_dead(self, before: float) -> int:
         return int(self._run("forget_dead", f"{before:.6f}"))
+
+    def retry(self, job_ids: list[str] | None, now: float) -> int:
+        return int(self._run("retry", f"{now:.6f}", "all" if job_ids is None else "these", *(job_ids or [])))
 
     def objects_of(self, job_ids: Iterable[str]) -> dict[str, list[StoredObject]]:
         wanted = list(dict.fromkeys(job_ids))

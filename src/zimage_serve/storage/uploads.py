@@ -91,6 +91,11 @@ class Uploads(Protocol):
         """Uploads given up on before then are no longer listed; how many."""
         ...
 
+    def retry(self, job_ids: list[str] | None, now: float) -> int:
+        """Uploads given up on (these jobs', or all) are tried again from `now`, with a fresh retry window;
+        how many."""
+        ...
+
 
 def output_files(result: Any) -> Iterator[OutputFile]:
     """The files in the output folder that a history entry's outputs list (each node's lists of files)."""
@@ -184,6 +189,17 @@ class UploadOutbox(outbox.OutboxFile):
     def forget_dead(self, before: float) -> int:
         with self._writing():
             return int(self._execute("DELETE FROM output_outbox WHERE dead < ?", (before,)).rowcount)
+
+    def retry(self, job_ids: list[str] | None, now: float) -> int:
+        which = "" if job_ids is None else f" AND job_id IN ({','.join('?' * len(job_ids))})"
+        with self._writing():
+            return int(
+                self._execute(
+                    "UPDATE output_outbox SET dead = NULL, attempts = 0, created = ?, next_at = ?, lease_until = NULL "
+                    f"WHERE dead IS NOT NULL{which}",
+                    (now, now, *(job_ids or [])),
+                ).rowcount
+            )
 
     def objects_of(self, job_ids: Iterable[str]) -> dict[str, list[StoredObject]]:
         """The stored objects of these jobs, by job."""
