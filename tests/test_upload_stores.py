@@ -161,3 +161,20 @@ def test_uploads_given_up_on_are_listed_and_tried_again(opened: Opened) -> None:
     assert again.job_id == "b" and again.attempts == 1 and again.created == pytest.approx(now + 1)
     assert uploads.retry(None, now + 3) == 1  # every one given up on: a
     assert sorted(u.job_id for u in uploads.claim(now + 4, 10, 60)) == ["a"]
+
+
+def test_held_events_take_no_room_from_the_endpoints_other_events(opened: Opened) -> None:
+    """Many job.succeeded events waiting for their files (a store away for a while): a new event of the same
+    endpoint still goes at once, and the held ones go the moment their files are stored."""
+    queue, uploads, hooks = opened
+    hooks.add("shop", "https://shop.example", ["succeeded", "failed"], subscribe=True)
+    uploads.use("s3://bucket/prefix")
+    for n in range(12):
+        run(queue, f"held{n}")
+    run(queue, "broken", state="error")  # its job.failed comes after twelve held events
+    now = time.time() + 5
+    assert [d.job_id for d in hooks.claim(now, 16, 60, 2)] == ["broken"]
+    [upload] = [u for u in uploads.claim(now, 16, 60) if u.job_id == "held3"]
+    assert uploads.stored(upload, [])
+    hooks.release("held3", now + 1)
+    assert [d.job_id for d in hooks.claim(now + 1, 16, 60, 2, {})] == ["held3"]

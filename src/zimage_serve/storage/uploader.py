@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from zimage_serve import outbox
 from zimage_serve.metrics import OUTPUT_UPLOAD_SECONDS, OUTPUT_UPLOADS
 from zimage_serve.storage.bucket import Bucket
-from zimage_serve.storage.uploads import StoredObject, Upload, Uploads
+from zimage_serve.storage.uploads import OutputFile, StoredObject, Upload, Uploads
 from zimage_serve.workflow.folders import Folders, UnknownFileError, contained
 
 log = logging.getLogger(__name__)
@@ -136,18 +136,21 @@ class Uploader:
         when the lease ran out meanwhile; raises when a file could not be stored."""
         objects: list[StoredObject] = []
         uploaded: list[tuple[str, os.stat_result]] = []
-        for file in upload.files:
+        found: list[tuple[OutputFile, str, str, os.stat_result]] = []
+        for file in upload.files:  # every file looked at first: none is sent for a try that cannot end well
             key = self.bucket.key(upload.space, file.subfolder, file.filename)
             path = file_of(self.folders, upload.space, file.subfolder, file.filename)
             try:
                 before = os.stat(path) if path is not None else None
             except FileNotFoundError:
                 before = None
-            if path is None or before is None:
-                if upload.attempts < MISSING_TRIES:  # a shared data dir's mount or cache a moment behind
-                    raise FileNotFoundError(f"{key} is not in the output folder (yet)")
+            if path is not None and before is not None:
+                found.append((file, key, path, before))
+            elif upload.attempts < MISSING_TRIES:  # a shared data dir's mount or cache a moment behind
+                raise FileNotFoundError(f"{key} is not in the output folder (yet)")
+            else:
                 log.warning("job %s lists %s, which is not in its output folder: not stored", upload.job_id, key)
-                continue
+        for file, key, path, before in found:
             earlier = self.outbox.stored_as(upload.space, file)
             if (
                 earlier is not None

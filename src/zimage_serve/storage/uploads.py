@@ -158,7 +158,8 @@ class UploadOutbox(outbox.OutboxFile):
     def stored_as(self, space: str, file: OutputFile) -> StoredObject | None:
         """The object a file was stored as by any job (a job served from the cache lists an earlier job's file)."""
         rows = self._read(
-            "SELECT * FROM output_objects WHERE space = ? AND subfolder = ? AND filename = ? LIMIT 1",
+            "SELECT * FROM output_objects WHERE space = ? AND subfolder = ? AND filename = ? "
+            "ORDER BY uploaded DESC LIMIT 1",
             (space, file.subfolder, file.filename),
         )
         return _stored(rows[0]) if rows else None

@@ -26,6 +26,8 @@ import redis
 from zimage_serve.storage.redis_uploads import UPLOAD_PENDING
 from zimage_serve.webhooks.store import (
     HELD_S,
+    HOLD_BATCH,
+    HOLD_ROUNDS,
     Delivery,
     Endpoint,
     NamedEndpoints,
@@ -118,9 +120,35 @@ local found = {{}}
 for _, id in ipairs(redis.call('HKEYS', P .. 'webhook:endpoints')) do
   local room = limit
   if share then room = math.min(limit, share - (flying[id] or 0)) end
-  if room > 0 then
-    local due = redis.call('ZRANGEBYSCORE', P .. 'webhook:due:' .. id, '-inf', t, 'WITHSCORES', 'LIMIT', 0, room)
-    for i = 1, #due, 2 do found[#found + 1] = {{tonumber(due[i + 1]), tonumber(due[i]), id}} end
+  local due_key, taken, count, rounds = P .. 'webhook:due:' .. id, {{}}, 0, 0
+  -- the endpoint's oldest, as many as it has room for; held events are set aside on the way, taking none
+  while room > 0 and count < room and rounds < {HOLD_ROUNDS} do
+    rounds = rounds + 1
+    local window = room + {HOLD_BATCH}
+    local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', t, 'WITHSCORES', 'LIMIT', 0, window)
+    local held_any = false
+    for i = 1, #due, 2 do
+      local seq = due[i]
+      if not taken[seq] then
+        local d = P .. 'webhook:d:' .. seq
+        if redis.call('EXISTS', d) == 0 then  -- gone (removed by hand, evicted): never handed out
+          redis.call('ZREM', due_key, seq)
+        elseif held(d) then
+          local job = redis.call('HGET', d, 'job_id')
+          redis.call('ZADD', due_key, t + {HELD_S}, seq)
+          redis.call('SADD', P .. 'webhook:held:' .. job, seq)
+          redis.call('EXPIRE', P .. 'webhook:held:' .. job, 86400)
+          held_any = true
+        elseif count < room then
+          taken[seq] = true
+          count = count + 1
+          found[#found + 1] = {{tonumber(due[i + 1]), tonumber(seq), id}}
+        else
+          break
+        end
+      end
+    end
+    if not held_any or #due < window * 2 then break end
   end
 end
 table.sort(found, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
@@ -128,20 +156,13 @@ local claimed = {{}}
 for i = 1, math.min(#found, limit) do
   local seq, id = found[i][2], found[i][3]
   local d = P .. 'webhook:d:' .. seq
-  if held(d) then
-    local job = redis.call('HGET', d, 'job_id')
-    redis.call('ZADD', P .. 'webhook:due:' .. id, t + {HELD_S}, seq)
-    redis.call('SADD', P .. 'webhook:held:' .. job, seq)
-    redis.call('EXPIRE', P .. 'webhook:held:' .. job, 86400)
-  else
-    redis.call('HSET', d, 'lease_until', string.format('%.6f', t + lease))
-    redis.call('HINCRBY', d, 'attempts', 1)
-    if (redis.call('HGET', d, 'retry_from') or '') == '' then
-      redis.call('HSET', d, 'retry_from', string.format('%.6f', t))
-    end
-    redis.call('ZADD', P .. 'webhook:due:' .. id, t + lease, seq)  -- due again when the lease runs out
-    claimed[#claimed + 1] = {{redis.call('HGETALL', d), redis.call('HGET', P .. 'webhook:endpoints', id)}}
+  redis.call('HSET', d, 'lease_until', string.format('%.6f', t + lease))
+  redis.call('HINCRBY', d, 'attempts', 1)
+  if (redis.call('HGET', d, 'retry_from') or '') == '' then
+    redis.call('HSET', d, 'retry_from', string.format('%.6f', t))
   end
+  redis.call('ZADD', P .. 'webhook:due:' .. id, t + lease, seq)  -- due again when the lease runs out
+  claimed[#claimed + 1] = {{redis.call('HGETALL', d), redis.call('HGET', P .. 'webhook:endpoints', id)}}
 end
 return {{redis.call('HLEN', P .. 'webhook:endpoints'), claimed}}
 """
@@ -184,7 +205,8 @@ RELEASE = r"""
 local P, held = ARGV[1], ARGV[1] .. 'webhook:held:' .. ARGV[2]
 for _, seq in ipairs(redis.call('SMEMBERS', held)) do
   local fields = redis.call('HMGET', P .. 'webhook:d:' .. seq, 'endpoint', 'lease_until', 'dead')
-  if fields[1] and (fields[2] or '') == '' and (fields[3] or '') == '' then
+  local unleased = (fields[2] or '') == '' or tonumber(fields[2]) < tonumber(ARGV[3])
+  if fields[1] and unleased and (fields[3] or '') == '' then
     redis.call('ZADD', P .. 'webhook:due:' .. fields[1], ARGV[3], seq)
   end
 end

@@ -94,7 +94,7 @@ def job_labels(extra_data: Any) -> tuple[str, str]:
     labels = v2.get("metadata") if isinstance(v2, dict) and v2.get("metadata") is not None else None
     if labels is None:
         labels = extra_data.get("metadata")
-    text = "" if labels is None else json.dumps(labels, ensure_ascii=False, separators=(",", ":"))
+    text = "" if labels is None else json.dumps(labels, separators=(",", ":"))  # as the queue file keeps it
     return (named if isinstance(named, str) else ""), (text if len(text.encode()) <= METADATA_BYTES else "")
 
 

@@ -28,7 +28,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_URL = 2048
 SECRET_BYTES = 32
 DUE = "dead IS NULL AND next_at <= ? AND (lease_until IS NULL OR lease_until < ?)"  # and not leased
-HELD_S = 30.0  # a job.succeeded held for its files is looked at again after this, if not released before
+HELD_S = 300.0  # a job.succeeded held for its files is looked at again after this, if `release` did not come
+HOLD_ROUNDS, HOLD_BATCH = 8, 256  # a claim holds up to about 2,000 of an endpoint's events on its way
 
 
 class WebhookError(ZImageError):
@@ -256,41 +257,27 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
     ) -> list[Delivery]:
         """As `Webhooks.claim`. A plain read first: with nothing due (no endpoint, say) the write lock is never
         taken. It also notes whether any endpoint is registered (`has_endpoints`)."""
+        flying = in_flight or {}
+        full = sorted(e for e, n in flying.items() if per_endpoint is not None and n >= per_endpoint)
         [(endpoints_now, due)] = self._read(
-            f"SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox WHERE {DUE})",
-            (now, now),
+            "SELECT EXISTS (SELECT 1 FROM webhook_endpoints), EXISTS (SELECT 1 FROM webhook_outbox "
+            f"WHERE {DUE} AND endpoint NOT IN ({_marks(full)}))",
+            (now, now, *full),
         )
         self.has_endpoints = bool(endpoints_now)
-        if not due:
+        if not due:  # nothing due, or only for endpoints with no room: the write lock is not taken
             return []
         with self._writing():
             endpoints = {row["id"]: row for row in self._execute("SELECT * FROM webhook_endpoints").fetchall()}
-            due_rows: list[sqlite3.Row] = []
-            for endpoint in endpoints:  # each endpoint's oldest, as many as it has room for
-                room = limit if per_endpoint is None else per_endpoint - (in_flight or {}).get(endpoint, 0)
-                if room > 0:
-                    due_rows += self._execute(
-                        f"SELECT seq, event, job_id, next_at FROM webhook_outbox WHERE endpoint = ? AND {DUE} "
-                        "ORDER BY next_at, seq LIMIT ?",
-                        (endpoint, now, now, min(room, limit)),
-                    ).fetchall()
-            due_rows = sorted(due_rows, key=lambda r: (r["next_at"], r["seq"]))[:limit]
-            succeeded = sorted({row["job_id"] for row in due_rows if row["event"] == "succeeded"})
-            waiting = {
-                found[0]
-                for found in self._execute(
-                    f"SELECT job_id FROM output_outbox WHERE dead IS NULL AND job_id IN ({_marks(succeeded)})",
-                    tuple(succeeded),
-                ).fetchall()
-            }
-            held = [r["seq"] for r in due_rows if r["event"] == "succeeded" and r["job_id"] in waiting]
-            chosen = [r["seq"] for r in due_rows if r["seq"] not in held]
-            # until `release` (its files stored, or given up on), or a while, whichever comes first
-            self._execute(f"UPDATE webhook_outbox SET next_at = ? WHERE seq IN ({_marks(held)})", (now + HELD_S, *held))
+            chosen: list[tuple[float, int]] = []
+            for endpoint in endpoints:
+                room = limit if per_endpoint is None else per_endpoint - flying.get(endpoint, 0)
+                chosen += self._oldest(endpoint, min(room, limit), now)
+            chosen = sorted(chosen)[:limit]
             rows = self._execute(
                 "UPDATE webhook_outbox SET lease_until = ?, attempts = attempts + 1, "
                 f"retry_from = coalesce(retry_from, ?) WHERE seq IN ({_marks(chosen)}) RETURNING *",
-                (now + lease_s, now, *chosen),
+                (now + lease_s, now, *(seq for _, seq in chosen)),
             ).fetchall()
         claimed = []
         for row in sorted(rows, key=lambda r: r["seq"]):
@@ -303,6 +290,42 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
                          row["attempt"], row["retry_from"], row["lease_until"], row["metadata"])
             )  # fmt: skip
         return claimed
+
+    def _oldest(self, endpoint: str, room: int, now: float) -> list[tuple[float, int]]:
+        """(next_at, seq) of an endpoint's oldest due deliveries, `room` of them at most (in the claim's
+        transaction). A job.succeeded whose job's files are still being stored is held on the way, for
+        HELD_S or until `release`, and takes no room: held events never stand in front of the others."""
+        found: dict[int, float] = {}
+        for _ in range(HOLD_ROUNDS if room > 0 else 0):
+            window = room + HOLD_BATCH  # the ones found already come first again: they are not leased yet
+            rows = self._execute(
+                f"SELECT seq, event, job_id, next_at FROM webhook_outbox WHERE endpoint = ? AND {DUE} "
+                "ORDER BY next_at, seq LIMIT ?",
+                (endpoint, now, now, window),
+            ).fetchall()
+            succeeded = sorted({row["job_id"] for row in rows if row["event"] == "succeeded"})
+            waiting = {
+                row[0]
+                for row in self._execute(
+                    "SELECT job_id FROM output_outbox WHERE dead IS NULL AND EXISTS (SELECT 1 FROM output_store) "
+                    f"AND job_id IN ({_marks(succeeded)})",
+                    tuple(succeeded),
+                ).fetchall()
+            }
+            held: list[int] = []
+            for row in rows:
+                if row["seq"] in found:
+                    continue
+                if row["event"] == "succeeded" and row["job_id"] in waiting:
+                    held.append(row["seq"])
+                elif len(found) < room:
+                    found[row["seq"]] = row["next_at"]
+                else:
+                    break
+            self._execute(f"UPDATE webhook_outbox SET next_at = ? WHERE seq IN ({_marks(held)})", (now + HELD_S, *held))
+            if len(found) >= room or not held or len(rows) < window:
+                break
+        return [(next_at, seq) for seq, next_at in found.items()]
 
     def delivered(self, done: list[tuple[int, float]]) -> None:
         """These deliveries (seq, lease) got their 2xx: out of the outbox, in one transaction."""
@@ -319,8 +342,8 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
         with self._writing():
             self._execute(
                 "UPDATE webhook_outbox SET next_at = ? WHERE job_id = ? AND event = 'succeeded' AND dead IS NULL "
-                "AND lease_until IS NULL",
-                (now, job_id),
+                "AND (lease_until IS NULL OR lease_until < ?)",
+                (now, job_id, now),
             )
 
     def forget_dead(self, before: float) -> int:
