@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import cpu_seconds, get_json, graph, submit_all
+from benchmarks.server_throughput import cpu_seconds, drained, get_json, graph, per_job, print_medians, submit_all
 from tests.server import running_server
 
 JSON = {"Content-Type": "application/json"}
@@ -53,14 +53,12 @@ def measure(jobs: int, store: str | None) -> dict[str, float]:
     found: dict[str, float] = {}
     with running_server(data, *options) as server:
         submit_all(server.port, ["warm-up"], 1)
-        while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0 or (
-            store and stored(server.port) < 1
-        ):
+        drained(server.port)
+        while store and stored(server.port) < 1:
             time.sleep(0.01)
         started, cpu_before = time.perf_counter(), cpu_seconds(server.process.pid)
         submit_all(server.port, [f"bench/{i}" for i in range(jobs)], 8)
-        while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
-            time.sleep(0.01)
+        drained(server.port)
         total = time.perf_counter() - started
         deadline = time.monotonic() + 300
         while store and stored(server.port) < jobs + 1 and time.monotonic() < deadline:
@@ -82,9 +80,7 @@ def measure(jobs: int, store: str | None) -> dict[str, float]:
                         quiet.append(time.time() * 1000 - ended)
                         break
                 time.sleep(0.005)
-    found["completed jobs/s"] = jobs / total
-    for role in ("server", "worker"):
-        found[f"{role} CPU ms per job"] = 1000 * (cpu_after[role] - cpu_before[role]) / jobs
+    found.update(per_job(jobs, total, cpu_before, cpu_after))
     if store:
         found["uploads/s (all stored)"] = jobs / all_stored
         found["one job alone: end → URL in history p50 ms"] = statistics.median(quiet)
@@ -118,11 +114,7 @@ def main() -> None:
             results["--output-store (moto, loopback)"].append(measure(args.jobs, "s3://bench/out"))
     finally:
         moto.stop()
-    print(f"{args.jobs} model-free jobs, 8 clients, {args.rounds} rounds (medians)")
-    for name, rounds in results.items():
-        print(f"  {name}")
-        for key in rounds[0]:
-            print(f"    {key:<44} {statistics.median(r[key] for r in rounds):9.2f}")
+    print_medians(f"{args.jobs} model-free jobs, 8 clients, {args.rounds} rounds (medians)", results, 44)
 
 
 if __name__ == "__main__":

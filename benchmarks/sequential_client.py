@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import graph, read_response
+from benchmarks.server_throughput import graph, print_medians, read_response
 from tests.server import running_server
 
 from zimage_serve.security.tokens import TokenStore
@@ -109,13 +109,8 @@ def main() -> None:
                 url = urlsplit(args.comfyui)
                 host, port = url.hostname or "127.0.0.1", url.port or 80
                 results["ComfyUI"].append(run_client(host, port, args.jobs, {}, f"c{round_}"))
-    print(f"{args.jobs} model-free jobs, one at a time, authentication {args.auth}, {args.rounds} rounds")
-    for name, rounds in results.items():
-        if not rounds:
-            continue
-        print(f"  {name}")
-        for key in rounds[0]:
-            print(f"    {key:<36} {statistics.median(r[key] for r in rounds):8.2f}")
+    title = f"{args.jobs} model-free jobs, one at a time, authentication {args.auth}, {args.rounds} rounds"
+    print_medians(title, results)
 
 
 if __name__ == "__main__":

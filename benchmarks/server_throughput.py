@@ -102,6 +102,31 @@ def get_json(port: int, path: str) -> Any:
     return answer
 
 
+def drained(port: int) -> None:
+    """Wait until the server's queue is empty (nothing waiting or running)."""
+    while get_json(port, "/prompt")["exec_info"]["queue_remaining"] > 0:
+        time.sleep(0.01)
+
+
+def per_job(jobs: int, seconds: float, cpu_before: dict[str, float], cpu_after: dict[str, float]) -> dict[str, float]:
+    """Completed jobs/s, and the server's and worker's CPU per job, over a burst of `jobs`."""
+    found = {"completed jobs/s": jobs / seconds}
+    for role in ("server", "worker"):
+        found[f"{role} CPU ms per job"] = 1000 * (cpu_after[role] - cpu_before[role]) / jobs
+    return found
+
+
+def print_medians(title: str, results: dict[str, list[dict[str, float]]], width: int = 36) -> None:
+    """Each variant's figures, the median of its rounds."""
+    print(title)
+    for name, rounds in results.items():
+        if not rounds:
+            continue
+        print(f"  {name}")
+        for key in rounds[0]:
+            print(f"    {key:<{width}} {statistics.median(r[key] for r in rounds):9.2f}")
+
+
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time (user + system) used so far by the server process and by its worker process.
 

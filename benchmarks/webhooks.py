@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import cpu_seconds, get_json, submit_all
+from benchmarks.server_throughput import cpu_seconds, drained, per_job, print_medians, submit_all
 from tests.server import running_server
 
 from zimage_serve.webhooks.store import WebhookStore
@@ -68,12 +68,10 @@ def measure(jobs: int, with_endpoint: bool) -> dict[str, float]:
     expected = 3 * (jobs + 1) if with_endpoint else 0  # queued, started, succeeded
     with running_server(data, "--max-queue", str(jobs + 10), "--webhook-allow", "127.0.0.1/32") as server:
         submit_all(server.port, ["warm-up"], 1)
-        while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
-            time.sleep(0.01)
+        drained(server.port)
         started, cpu_before = time.perf_counter(), cpu_seconds(server.process.pid)
         submit_all(server.port, [f"bench/{i}" for i in range(jobs)], 8)
-        while get_json(server.port, "/prompt")["exec_info"]["queue_remaining"] > 0:
-            time.sleep(0.01)
+        drained(server.port)
         total = time.perf_counter() - started
         deadline = time.monotonic() + 300
         while len(receiver.arrivals) < expected and time.monotonic() < deadline:
@@ -88,9 +86,7 @@ def measure(jobs: int, with_endpoint: bool) -> dict[str, float]:
             done = [(t, b) for t, b in receiver.arrivals[before:] if b["type"] == "job.succeeded"]
             quiet += [(t - datetime.fromisoformat(b["timestamp"]).timestamp()) * 1000 for t, b in done]
     receiver.shutdown()
-    found["completed jobs/s"] = jobs / total
-    for role in ("server", "worker"):
-        found[f"{role} CPU ms per job"] = 1000 * (cpu_after[role] - cpu_before[role]) / jobs
+    found.update(per_job(jobs, total, cpu_before, cpu_after))
     if with_endpoint:
         if len(receiver.arrivals) < expected:
             raise SystemExit(f"only {len(receiver.arrivals)} of {expected} deliveries arrived")
@@ -117,11 +113,7 @@ def main() -> None:
     for _ in range(args.rounds):
         results["no endpoint"].append(measure(args.jobs, False))
         results["one endpoint, every event"].append(measure(args.jobs, True))
-    print(f"{args.jobs} model-free jobs, 8 clients, {args.rounds} rounds (medians)")
-    for name, rounds in results.items():
-        print(f"  {name}")
-        for key in rounds[0]:
-            print(f"    {key:<32} {statistics.median(r[key] for r in rounds):9.2f}")
+    print_medians(f"{args.jobs} model-free jobs, 8 clients, {args.rounds} rounds (medians)", results, 32)
 
 
 if __name__ == "__main__":
