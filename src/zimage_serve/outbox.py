@@ -139,3 +139,8 @@ def retry_delay(
     first delay."""
     ceiling = min(max_delay_s, first_delay_s * 2.0 ** max(0, attempts - 1))
     return float(max(first_delay_s / 2, ceiling * draw()))
+
+
+def text(value: Any) -> str:
+    """A Redis reply as text, whether the client decodes replies or not."""
+    return value.decode() if isinstance(value, bytes) else str(value)

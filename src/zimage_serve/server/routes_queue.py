@@ -29,6 +29,7 @@ from zimage_serve.server.schemas import (
 )
 from zimage_serve.server.service import PromptBlocked, PromptRejected
 from zimage_serve.server.stored_outputs import FileLinks, with_links
+from zimage_serve.storage.uploads import listed_items
 from zimage_serve.workflow.folders import USERS
 from zimage_serve.workflow.validate import error_body
 
@@ -284,11 +285,9 @@ def history_entry(job: Job, identity: Identity, links: FileLinks | None = None) 
         with_links(entry["outputs"], links)
     in_a_users_space = bool(job.owner) and job.context.role == USER  # an admin's files are the shared ones
     if in_a_users_space and job.owner != identity.user and identity.admin:
-        for ui in entry["outputs"].values():
-            for items in ui.values() if isinstance(ui, dict) else ():
-                for item in items if isinstance(items, list) else ():
-                    if isinstance(item, dict) and "filename" in item:
-                        item["subfolder"] = "/".join(p for p in (USERS, job.owner, item.get("subfolder", "")) if p)
+        for item in listed_items(entry["outputs"]):
+            if "filename" in item:
+                item["subfolder"] = "/".join(p for p in (USERS, job.owner, item.get("subfolder", "")) if p)
     return entry
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from zimage_serve.errors import ZImageError
 from zimage_serve.storage.bucket import Bucket
-from zimage_serve.storage.uploads import Uploads
+from zimage_serve.storage.uploads import Uploads, listed_items
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,8 @@ def with_links(outputs: dict[str, Any], links: FileLinks) -> None:
     """Each output file of a history entry that is stored gains its object's URL (see `_link`)."""
     if not links:
         return
-    for ui in outputs.values():
-        for items in ui.values() if isinstance(ui, dict) else ():
-            for item in items if isinstance(items, list) else ():
-                if isinstance(item, dict):
-                    _link(item, links)
+    for item in listed_items(outputs):
+        _link(item, links)
 
 
 def _link(item: dict[str, Any], links: FileLinks) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from zimage_serve import outbox
 from zimage_serve.storage.uploads import OutputFile, StoredObject, Upload, output_files
 
 ALIVE_S = 120  # `P output_store` outlives the last claim by this long
@@ -179,7 +180,7 @@ class RedisUploadOutbox:
         rows = self._run("claim", f"{now:.6f}", limit, lease_s, self.location)
         claimed = []
         for flat in rows:
-            row = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+            row = {outbox.text(flat[i]): outbox.text(flat[i + 1]) for i in range(0, len(flat), 2)}
             try:
                 result = json.loads(row.get("result") or "{}")
             except ValueError:
@@ -233,9 +234,9 @@ class RedisUploadOutbox:
             seqs = [*self.redis.zrange(self.prefix + "uploads:due", 0, -1),
                     *self.redis.zrange(self.prefix + "uploads:dead", 0, -1)]  # fmt: skip
             pipe = self.redis.pipeline(transaction=False)
-            for seq in sorted(seqs, key=lambda s: int(_text(s))):
-                pipe.hgetall(f"{self.prefix}upload:{_text(seq)}")
-            return [{_text(k): _text(v) for k, v in row.items()} for row in pipe.execute() if row]
+            for seq in sorted(seqs, key=lambda s: int(outbox.text(s))):
+                pipe.hgetall(f"{self.prefix}upload:{outbox.text(seq)}")
+            return [{outbox.text(k): outbox.text(v) for k, v in row.items()} for row in pipe.execute() if row]
 
         rows: list[dict[str, str]] = self._call(read)
         return [
@@ -244,10 +245,6 @@ class RedisUploadOutbox:
              "dead": float(r["dead"]) if r.get("dead") else None}
             for r in rows
         ]  # fmt: skip
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _field(space: str, file: OutputFile) -> str:

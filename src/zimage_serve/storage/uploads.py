@@ -97,18 +97,21 @@ class Uploads(Protocol):
         ...
 
 
-def output_files(result: Any) -> Iterator[OutputFile]:
-    """The files in the output folder that a history entry's outputs list (each node's lists of files)."""
-    outputs = result.get("outputs") if isinstance(result, dict) else None
+def listed_items(outputs: Any) -> Iterator[dict[str, Any]]:
+    """Every entry (a dict) in the lists a history entry's `outputs` holds per node (images, gifs, audio ...),
+    whatever else they hold."""
     for ui in outputs.values() if isinstance(outputs, dict) else ():
         for items in ui.values() if isinstance(ui, dict) else ():
             for item in items if isinstance(items, list) else ():
-                if (
-                    isinstance(item, dict)
-                    and isinstance(item.get("filename"), str)
-                    and item.get("type", "output") == "output"
-                ):
-                    yield OutputFile(str(item.get("subfolder") or ""), item["filename"])
+                if isinstance(item, dict):
+                    yield item
+
+
+def output_files(result: Any) -> Iterator[OutputFile]:
+    """The files in the output folder that a history entry's outputs list (each node's lists of files)."""
+    for item in listed_items(result.get("outputs") if isinstance(result, dict) else None):
+        if isinstance(item.get("filename"), str) and item.get("type", "output") == "output":
+            yield OutputFile(str(item.get("subfolder") or ""), item["filename"])
 
 
 class UploadOutbox(outbox.OutboxFile):

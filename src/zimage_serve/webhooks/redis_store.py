@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from zimage_serve import outbox
 from zimage_serve.storage.redis_uploads import UPLOAD_PENDING
 from zimage_serve.webhooks.store import (
     HELD_S,
@@ -307,7 +308,7 @@ class RedisWebhookStore(NamedEndpoints):
         self.has_endpoints = bool(registered)
         claimed = []
         for flat, endpoint_text in rows:
-            row = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+            row = {outbox.text(flat[i]): outbox.text(flat[i + 1]) for i in range(0, len(flat), 2)}
             endpoint, secret = _endpoint(json.loads(endpoint_text))
             claimed.append(
                 Delivery(int(row["seq"]), row["id"], row["event"], row["job_id"], row["owner"], row["state"],
@@ -335,7 +336,7 @@ class RedisWebhookStore(NamedEndpoints):
             endpoints = self.redis.hkeys(self.prefix + "webhook:endpoints")
             pipe = self.redis.pipeline(transaction=False)
             for endpoint in endpoints:
-                pipe.zcard(f"{self.prefix}webhook:due:{_text(endpoint)}")
+                pipe.zcard(f"{self.prefix}webhook:due:{outbox.text(endpoint)}")
             return sum(int(n) for n in pipe.execute())
 
         return int(self._call(count))
@@ -345,8 +346,8 @@ class RedisWebhookStore(NamedEndpoints):
             seqs = self.redis.zrevrange(self.prefix + "webhook:dead", 0, limit - 1)
             pipe = self.redis.pipeline(transaction=False)
             for seq in seqs:
-                pipe.hgetall(f"{self.prefix}webhook:d:{_text(seq)}")
-            rows = [{_text(k): _text(v) for k, v in found.items()} for found in pipe.execute() if found]
+                pipe.hgetall(f"{self.prefix}webhook:d:{outbox.text(seq)}")
+            rows = [{outbox.text(k): outbox.text(v) for k, v in found.items()} for found in pipe.execute() if found]
             names = {e.id: e.name for e in self.endpoints()}
             return [
                 {"id": r["id"], "endpoint": names.get(r["endpoint"]), "event": r["event"], "job_id": r["job_id"],
@@ -360,10 +361,6 @@ class RedisWebhookStore(NamedEndpoints):
 
     def replay(self, ids: list[str] | None = None) -> int:
         return int(self._run("replay", f"{time.time():.6f}", "all" if ids is None else "these", *(ids or [])))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _endpoint(stored: dict[str, Any]) -> tuple[Endpoint, str]:
