@@ -410,6 +410,25 @@ def test_owners_share_the_workers_fairly_and_keep_their_own_priorities(connect: 
     assert [j.id for j in store.pending()] == ["a1", "a2", "a3"]
 
 
+@pytest.mark.parametrize("other", ["alice", "carol", ""])
+def test_an_owner_waiting_behind_another_owners_first_job_is_found_whichever_side_of_it(
+    connect: Connect, other: str
+) -> None:
+    """The first waiting job is the next one only when nobody else waits: an owner named before its owner,
+    one named after it, and the local operator ("") are each found behind it."""
+    store = connect()
+    store.enqueue_many([NewJob.of(Job(f"b{i}", i, {}, {}, [], owner="bob")) for i in range(3)])
+    assert (first := store.claim("w:1:x")) is not None and first.id == "b0"
+    if other:
+        store.enqueue_many([NewJob.of(Job("other", 10, {}, {}, [], owner=other))])
+    else:
+        enqueue(store, "other", 10, {}, {}, [])
+    following = store.finish("b0", "success", {}, claim_next=True, worker="w:1:x")
+    assert following is not None and following.id == "b1"  # nobody runs: the earlier submission first
+    assert (third := store.claim("w:2:x")) is not None and third.id == "other"  # bob runs one already
+    assert [j.id for j in store.pending()] == ["b2"]
+
+
 def test_front_and_numbers_never_jump_another_owners_earlier_job(connect: Connect) -> None:
     """A stream of `front` jobs (or client-chosen low numbers) from one user kept another user's earlier job
     waiting: between owners, the earlier submission goes first when both run as many jobs."""

@@ -81,6 +81,10 @@ class Running:
     node: str | None = None
     started: float = field(default_factory=time.monotonic)
     stop: Stop = field(default_factory=Stop)  # the run's stop request, made before the run (Executor.run)
+    # Until when (this process's monotonic clock) the lease surely holds: from before the claim or the last
+    # renewal that took it, plus the lease. Leases end only by running out, so until then the job is this
+    # worker's without asking the queue.
+    leased_until: float = 0.0
 
 
 class Worker:
@@ -106,6 +110,8 @@ class Worker:
         # Stops asked for prompts this worker claimed and has not begun yet (id -> when asked): the claim and
         # the run's start are two steps, and a cancel that comes between must still stop the run.
         self._asked: dict[str, float] = {}
+        # When each claim not yet begun was asked for (monotonic): where its lease starts, at the latest.
+        self._claimed_at: dict[str, float] = {}
         self._running_lock = threading.Lock()
         self._wake = threading.Condition()
         self._stopping = threading.Event()
@@ -143,8 +149,10 @@ class Worker:
         leases ran out (dead elsewhere, or stopped sending heartbeats)."""
         self._beat()
         while not self._stopping.wait(self.lease_s / 3):
+            asked = time.monotonic()
             try:
                 self.store.heartbeat(self.id, self.lease_s)
+                self._renewed(asked)
                 recovered = self.store.recover(cause="its worker stopped renewing its lease")
             except QueueUnavailable as exc:
                 self._lost_queue(exc)
@@ -159,6 +167,15 @@ class Worker:
             if recovered:
                 self.listener.queue_changed()
                 self.notify()
+
+    def _renewed(self, asked: float) -> None:
+        """A heartbeat asked for at `asked` renewed the leases this worker held then. Only runs whose lease
+        surely held at that moment are known to be among them: one that may have run out (the worker froze)
+        may be another worker's now, and is asked about from then on."""
+        with self._running_lock:
+            for run in self._running.values():
+                if asked < run.leased_until - self.lease_s / 2:
+                    run.leased_until = asked + self.lease_s
 
     def _beat(self) -> None:
         if self._on_beat is None:
@@ -306,7 +323,10 @@ class Worker:
         while job is not None or not self._stopping.is_set():
             if job is None:
                 try:
+                    asked = time.monotonic()
                     job = self.store.claim(self.id, self.lease_s)
+                    if job is not None:
+                        self._claimed_at[job.id] = asked
                 except QueueUnavailable as exc:
                     self._lost_queue(exc)
                     self._stopping.wait(1.0)
@@ -328,7 +348,7 @@ class Worker:
 
     def _run(self, job: Job) -> Job | None:
         """Run `job`, record it, and return the next job, claimed in the same transaction."""
-        running = Running(job)
+        running = Running(job, leased_until=self._claimed_at.pop(job.id, 0.0) + self.lease_s)
         with self._running_lock:
             self._running[job.id] = running
             if self._asked.pop(job.id, None) is not None:  # cancelled between its claim and now
@@ -355,7 +375,7 @@ class Worker:
                 job.extra_data,
                 emit,
                 identity,
-                lambda: self._holds(job.id),
+                lambda: self._holds(job.id, running),
                 tally,
                 running.stop,
                 self.listener.listening,
@@ -372,7 +392,7 @@ class Worker:
             if closing is not None:
                 self._tell(job, *closing)
             return None
-        if not self._holds(job.id):
+        if not self._holds(job.id, running):
             # The lease ran out (a frozen or cut-off worker) and another worker runs the prompt: nothing of
             # this run counts, neither its end, its events nor its files (the fence kept their final names).
             log.warning(
@@ -401,9 +421,16 @@ class Worker:
             log.exception("could not report the end of job %s", job.id)
         return next_job
 
-    def _holds(self, job_id: str) -> bool:
+    def _holds(self, job_id: str, running: Running) -> bool:
         """Whether this worker still holds the job (the output fence: asked before each final file name).
-        While the queue cannot be reached it is taken to hold it: the finish, fenced too, decides then."""
+
+        Within the first half of the lease since it was taken or last renewed, the answer is yes without
+        asking the queue: a lease ends only by running out, and the half left over covers a queue whose
+        clock runs apart from this process's (Redis', another host's). Past that (a frozen process, beats
+        that failed) the queue is asked. While the queue cannot be reached it is taken to hold it: the
+        finish, fenced too, decides then."""
+        if time.monotonic() < running.leased_until - self.lease_s / 2:
+            return True
         try:
             return self.store.holds(job_id, self.id)
         except QueueUnavailable:
@@ -417,9 +444,12 @@ class Worker:
         shutdown cuts the worker off."""
         while True:
             try:
+                asked = time.monotonic()
                 next_job = self.store.finish(
                     job_id, state, entry, claim_next=not self._stopping.is_set(), worker=self.id, lease_s=self.lease_s
                 )
+                if next_job is not None:
+                    self._claimed_at[next_job.id] = asked
             except QueueUnavailable as exc:
                 self._lost_queue(exc)
                 if self._cut_off.wait(1.0):
