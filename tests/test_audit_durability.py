@@ -1,6 +1,7 @@
-"""The audit log when things go wrong: a full disk (503 at once, no job left behind, the chain intact once
-space is back), a write cut short, lines added while the server was stopped, `verify` during traffic,
-and retention by size and by age with a chain that still verifies."""
+"""The audit log when things go wrong: a full disk (a job's record kept with it in the queue file, or 503 at
+once with no job left behind; the chain intact once space is back), a write cut short, lines added while
+the server was stopped, `verify` during traffic, and retention by size and by age with a chain that still
+verifies."""
 
 from __future__ import annotations
 
@@ -64,9 +65,12 @@ def write_all(log: AuditLog, count: int, start: int = 0) -> None:
 def test_a_full_disk_answers_503_at_once_leaves_no_job_and_the_chain_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Where the queue keeps no audit records (a cluster's Redis), a request's record is written before its
+    answer: a full disk makes that write fail, and the job it queued is undone."""
     data = tmp_path / "data"
     tokens = make_tokens(data)
     with serving(data, auth="on") as served:
+        monkeypatch.setattr(served.runtime.service.store, "keeps_records", False)
         server = served.as_token(tokens["user"])
         blocker = submit(server, running_job("blocker"))
         wait_until(lambda: running_ids(server) == [blocker])
@@ -96,6 +100,44 @@ def test_a_full_disk_answers_503_at_once_leaves_no_job_and_the_chain_continues(
     assert found[0]["error"].startswith("the audit log cannot be written")  # it was answered 503, undone
     assert found[1]["reason"] == "audit_unavailable"  # refused before it did anything
     assert all(line.endswith(b"\n") for f in audit_files(data / "audit") for line in f.read_bytes().splitlines(True))
+
+
+def test_a_job_queued_as_the_disk_fills_keeps_its_record_with_it_until_the_log_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite queue stores a request's record with its job, in one transaction: the answer waits for no
+    writer, and a log that cannot be written loses nothing. Its append fails, requests that would change
+    something are refused from then on, and the record is in the log once there is space again."""
+    data = tmp_path / "data"
+    tokens = make_tokens(data)
+    with serving(data, auth="on") as served:
+        server = served.as_token(tokens["user"])
+        blocker = submit(server, running_job("blocker"))
+        wait_until(lambda: running_ids(server) == [blocker])
+        log = served.runtime.security.audit
+        writes = log._write_bytes
+        monkeypatch.setattr(log, "_write_bytes", disk_full(log))
+
+        kept = submit(server, small_job("kept"))  # queued, its record beside it in the queue file
+        wait_until(lambda: not log.available)
+        status, body = server.json("POST", "/prompt", {"prompt": small_job("refused")})
+        assert status == 503 and body["error"]["type"] == "audit_unavailable", body
+        queue = server.json("GET", "/queue")[1]
+        assert [item[1] for item in queue["queue_running"] + queue["queue_pending"]] == [blocker, kept]
+
+        monkeypatch.setattr(log, "_write_bytes", writes)  # space is back
+        wait_until(lambda: log.available)
+        assert server.json("POST", "/interrupt", {})[0] == 200
+        wait_until(lambda: kept in history(server))
+    assert verify(data / "audit", data / "queue.sqlite3")[1] is None
+    found = list(records(data / "audit"))
+    queued = [r for r in found if r.get("route") == "/prompt" and r.get("status") == 200]
+    assert [r["job_id"] for r in queued] == [blocker, kept]  # each once, in the order they were queued
+    assert queued[1]["user"] == "alice" and queued[1]["outcome"] == "ok" and "prompt" in queued[1]
+    refused = [r for r in found if r.get("status") == 503]
+    assert [(r["route"], r["reason"]) for r in refused] == [("/prompt", "audit_unavailable")]
+    generations = [r["job_id"] for r in found if r["kind"] == "generation"]
+    assert sorted(generations) == sorted([blocker, kept])
 
 
 def test_stopping_while_the_disk_is_full_does_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

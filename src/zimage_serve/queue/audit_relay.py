@@ -20,7 +20,7 @@ import redis
 
 from zimage_serve.private import private_file
 from zimage_serve.queue.redis_queue import RedisQueue
-from zimage_serve.security.audit_files import AUDIT_TABLES
+from zimage_serve.security.audit_files import AUDIT_TABLES, upgrade_audit_tables
 
 log = logging.getLogger(__name__)
 GROUP = "audit"
@@ -33,6 +33,7 @@ def audit_file(path: Path) -> Path:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(AUDIT_TABLES)
+        upgrade_audit_tables(db)
     finally:
         db.close()
     return path

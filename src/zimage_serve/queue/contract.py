@@ -22,6 +22,10 @@ from zimage_serve.queue.jobs import DuplicateJob, Job, NewJob, QueueFull, QuotaE
 
 
 class JobQueue(Protocol):
+    # Whether the audit log's outbox is in this queue's own store, so that a request's record can be stored
+    # in the transaction that stores its job (SQLite's file; not Redis, whose API nodes keep their own logs).
+    keeps_records: bool
+
     # -- submitting --------------------------------------------------------------------------------------
     def next_number(self) -> int:
         """The next number in submission order (counted even if the job is then refused, as ComfyUI does)."""
@@ -29,7 +33,8 @@ class JobQueue(Protocol):
 
     def enqueue_many(self, jobs: Sequence[NewJob]) -> list[Job | QueueFull | DuplicateJob | QuotaExceeded]:
         """Store each job, or say why not (its quota checked in the same transaction), in one transaction:
-        each job gets its own answer, the job as stored."""
+        each job gets its own answer, the job as stored. A stored job's `record` goes to the audit log's
+        outbox in the same transaction (only where `keeps_records`; elsewhere a record is a ValueError)."""
         ...
 
     def count_images(

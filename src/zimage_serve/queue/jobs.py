@@ -142,6 +142,9 @@ class NewJob:
     job: Job
     texts: StoredTexts
     quota: Quota | None = None
+    # The audit record of the request that queues it (JSON), stored in the same transaction, by a queue
+    # that keeps the audit log's outbox in its own file (`JobQueue.keeps_records`).
+    record: str | None = None
 
     @classmethod
     def of(cls, job: Job, quota: Quota | None = None) -> NewJob:

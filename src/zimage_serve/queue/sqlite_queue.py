@@ -49,6 +49,7 @@ from zimage_serve.queue.jobs import (
     worker_gone,
 )
 from zimage_serve.queue.sqlite_schema import DONE, LIVE, STRICT_VERSION, create_or_upgrade
+from zimage_serve.security.audit_files import REQUEST_STATE
 from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ MARK_RUNNING = (
 
 
 class SQLiteQueue:
+    keeps_records = True  # the audit tables are in the queue file (security/audit_files.py)
+
     def __init__(
         self,
         path: Path,
@@ -176,6 +179,11 @@ class SQLiteQueue:
                 if not inserted:
                     found.append(DuplicateJob(job.id))
                     continue
+                if new.record is not None:  # the request's audit record, in the commit that answers it
+                    self._execute(
+                        "INSERT INTO audit_outbox (job_id, owner, context, state, record) VALUES (?, ?, '', ?, ?)",
+                        (job.id, job.owner, REQUEST_STATE, new.record),
+                    )
                 if job.owner:
                     counted = used.setdefault(job.owner, [0, 0])
                     counted[0] += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 
 from zimage_serve.queue.jobs import STATES
-from zimage_serve.security.audit_files import AUDIT_TABLES, AUDIT_TRIGGER
+from zimage_serve.security.audit_files import AUDIT_TABLES, AUDIT_TRIGGER, upgrade_audit_tables
 from zimage_serve.storage import schema as storage
 from zimage_serve.webhooks import schema as webhooks
 
@@ -127,6 +127,7 @@ def create_or_upgrade(db: sqlite3.Connection) -> None:
     _add_owner_columns(db)
     db.executescript(OWNER_INDEXES)
     db.executescript(HISTORY_OWNERS)
+    upgrade_audit_tables(db)
     db.executescript(AUDIT_TRIGGER)
     db.executescript(webhooks.TABLES)
     webhooks.upgrade(db)

@@ -43,6 +43,7 @@ from zimage_serve.errors import ZImageError
 from zimage_serve.private import private_folder
 from zimage_serve.security.audit_files import (
     GENESIS,
+    OUTBOX_COLUMNS,
     LogState,
     audit_files,
     iso,
@@ -61,6 +62,7 @@ MAX_BYTES = 1024 * 1024 * 1024
 KEPT_LIMIT = 10_000  # records held in memory while the log cannot be written; beyond, counted as lost
 RETRY_S = (0.5, 1.0, 2.0, 5.0)
 IDLE_RECORD_S = 0.05  # how soon an idle writer records the last batch's head (verify waits far longer)
+OUTBOX_EVERY_S = 0.02  # records stored with their jobs are appended at most this often (batched)
 OUTCOMES = ("ok", "error", "refused", "blocked")
 UNAVAILABLE = "the audit log cannot be written (is the disk full?): nothing was done; try again shortly"
 
@@ -120,6 +122,9 @@ class _Pending:
     loop: asyncio.AbstractEventLoop | None = None
 
 
+_WAKE = _Pending({})  # in the writer's queue: the outbox has new rows
+
+
 @dataclass(frozen=True)
 class _Written:
     """A batch in the log whose head the database does not hold yet (it is recorded with the next batch's
@@ -163,12 +168,17 @@ class AuditLog:
         self._stopping = False
         self._unrecorded: _Written | None = None
         self._outbox_taken = 0  # outbox rows up to this id are in the log (their removal may be unrecorded)
+        self._last_batch = 0.0  # when the last batch was written (monotonic)
         self.seq, self.head = self._recover()
         self._db.execute("PRAGMA busy_timeout=0")  # set up: from now on waits for locks are `_sql`'s
 
     # -- from the event loop -------------------------------------------------------------------------
     def add(self, record: dict[str, Any]) -> None:
         self._queue.put(_Pending(record))
+
+    def wake(self) -> None:
+        """Rows were added to the outbox (a request's record, stored with the job it queued): write them soon."""
+        self._queue.put(_WAKE)
 
     async def write(self, record: dict[str, Any]) -> None:
         """Answered once the record is in the log; raises `AuditUnavailable` at once if it cannot be."""
@@ -202,20 +212,11 @@ class AuditLog:
             wait = 0.5 if self.available else RETRY_S[min(failures, len(RETRY_S) - 1)]
             if self._unrecorded is not None and self.available:
                 wait = IDLE_RECORD_S  # a batch's head waits for the next batch's commit only this long
-            batch: list[_Pending] = []
-            try:  # generations wait for the next request's record, or half a second at most
-                first = self._queue.get(timeout=wait)
-                if first is not None:
-                    batch.append(first)
-                while True:
-                    more = self._queue.get_nowait()
-                    if more is not None:
-                        batch.append(more)
-            except queue.Empty:
-                pass
+            batch, woken = self._take(wait)
             try:
                 self._write(batch)
-                if not batch or self._stopping:  # idle, or the last batch: the database gets its head now
+                self._last_batch = time.monotonic()
+                if not (batch or woken) or self._stopping:  # idle, or the last batch: the database gets its head now
                     self._record_written()
             except Exception as exc:  # a full disk, or anything else: the writer thread must live on
                 failures += 1
@@ -229,6 +230,35 @@ class AuditLog:
                 failures, self._failing_since, self.available = 0, None, True
             if self._stopping and self._queue.empty():
                 return
+
+    def _take(self, wait: float) -> tuple[list[_Pending], bool]:
+        """The records to write next, and whether the outbox has new rows (a wake). Generations wait for
+        the next record or wake, or `wait` at most. A wake alone, within OUTBOX_EVERY_S of the last batch,
+        lingers until then (a record someone awaits cuts that short): a stream of jobs costs one append and
+        one transaction per interval, not one each."""
+        taken: list[_Pending | None] = []
+        try:
+            taken.append(self._queue.get(timeout=wait))
+            while True:
+                taken.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        records = [p for p in taken if p is not None and p is not _WAKE]
+        woken = _WAKE in taken
+        if records or not woken or self._stopping:
+            return records, woken
+        while (linger := self._last_batch + OUTBOX_EVERY_S - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=linger)
+            except queue.Empty:
+                break
+            if item is None:  # stopping: write what there is now
+                break
+            if item is not _WAKE:
+                records.append(item)
+                if item.done is not None:
+                    break
+        return records, woken
 
     def _failed(self, batch: list[_Pending], exc: BaseException) -> None:
         """A write failed: the requests waiting on it are answered 503 at once (their records now say so),
@@ -257,13 +287,13 @@ class AuditLog:
 
     def _write(self, batch: list[_Pending]) -> None:
         outbox = self._sql(
-            "SELECT * FROM audit_outbox WHERE id > ? ORDER BY id LIMIT 1000", (self._outbox_taken,)
+            f"SELECT {OUTBOX_COLUMNS} FROM audit_outbox WHERE id > ? ORDER BY id LIMIT 1000", (self._outbox_taken,)
         ).fetchall()
         records = list(self._kept)
         if self._lost:
             gap = {"time": iso(self.clock()), "kind": "log_gap", "lost": self._lost, "why": UNAVAILABLE}
             records.append(gap)
-        records += [p.record for p in batch] + [generation_record(row) for row in outbox]
+        records += [p.record for p in batch] + [outbox_record(row) for row in outbox]
         if not records:
             return
         self._append_records(records, outbox[-1][0] if outbox else None)  # raises: nothing of it is in the log
@@ -540,6 +570,19 @@ def _tail(files: list[Path], after: int) -> list[dict[str, Any]]:
         for _, record, _ in read_records(path)
         if isinstance(record.get("seq"), int) and record["seq"] > after
     ]
+
+
+def outbox_record(row: tuple[Any, ...]) -> dict[str, Any]:
+    """The record an outbox row holds (OUTBOX_COLUMNS): a request's, whole, or a job's end. Each names its
+    row (`outbox`), so that a crash right after a batch's append is recovered without writing it twice."""
+    if row[-1] is not None:
+        try:
+            record: dict[str, Any] = json.loads(row[-1])
+        except ValueError:
+            record = {"time": iso(time.time()), "kind": "request", "job_id": row[1], "unreadable": True}
+        record["outbox"] = row[0]
+        return record
+    return generation_record(row[:-1])
 
 
 def generation_record(row: tuple[Any, ...]) -> dict[str, Any]:

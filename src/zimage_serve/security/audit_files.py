@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS audit_outbox (
     created REAL,
     started REAL,
     finished REAL,
-    result TEXT
+    result TEXT,
+    record TEXT
 );"""
 # Every job's end is copied, in the transaction that records it, to the outbox the audit log's writer
 # empties (security/audit.py): a generation is in the audit log even if a process dies right after it. The
@@ -71,6 +72,19 @@ WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL BEGIN
     VALUES (NEW.id, NEW.owner, NEW.context, NEW.state, NEW.created, NEW.started, NEW.finished, NEW.result);
 END;
 """
+
+# The outbox also takes whole records (`record`, JSON): a request's, written in the transaction that stores
+# the job it queued, so that the request is answered without waiting for the log's writer.
+OUTBOX_COLUMNS = "id, job_id, owner, context, state, created, started, finished, result, record"
+REQUEST_STATE = "request"  # an outbox row holding a request's record, not a job's end
+
+
+def upgrade_audit_tables(db: sqlite3.Connection) -> None:
+    """Bring an older file's audit tables to this version's (an outbox without whole records)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit_outbox)")}
+    if "record" not in columns:
+        db.execute("ALTER TABLE audit_outbox ADD COLUMN record TEXT")
+
 
 GENESIS = "0" * 64
 FILE_PATTERN = "audit-{:06d}.jsonl"

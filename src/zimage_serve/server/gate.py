@@ -36,6 +36,7 @@ from zimage_serve.workflow.validate import error_body
 IDENTITY = "zimage.identity"
 TOKEN = "zimage.token"
 AUDIT = "zimage.audit"  # what a route adds to its request's audit record (job id, prompt, files, outcome)
+AUDITED = "zimage.audited"  # the request's record in the making (`_Audited`): for a route that stores it itself
 UNRECORDED = "zimage.unrecorded"  # what undoes a request whose audit record cannot be written
 RETRY_AFTER_S = "5"
 READS = ("GET", "HEAD", "OPTIONS")
@@ -70,6 +71,24 @@ def audit_note(connection: HTTPConnection, **fields: Any) -> None:
     note = connection.scope.get(AUDIT)
     if note is not None:
         note.update(fields)
+
+
+def job_record(connection: HTTPConnection, status: int, **fields: Any) -> str | None:
+    """This request's audit record as answered `status`, with `fields`, as JSON: for a route that stores it
+    with the job it queues, in the same transaction (the queue's audit outbox), so that the answer waits for
+    no writer. Then `stored_with_job` says so. None: the request is not one whose record is awaited."""
+    audited: _Audited | None = connection.scope.get(AUDITED)
+    if audited is None or not audited.wait:
+        return None
+    record = _record(audited.base, audited.user, status, "ok", {**audited.note, **fields})
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+def stored_with_job(connection: HTTPConnection) -> None:
+    """The request's record went into the queue with its job (`job_record`): the gate writes none."""
+    audited: _Audited | None = connection.scope.get(AUDITED)
+    if audited is not None:
+        audited.stored = True
 
 
 def on_unrecorded(connection: HTTPConnection, undo: Callable[[], object]) -> None:
@@ -172,7 +191,7 @@ class Gate:
         note: dict[str, Any] = {}
         undo: list[Callable[[], object]] = []
         scope[AUDIT], scope[UNRECORDED] = note, undo
-        audited = _Audited(send, security, base, identity.user, note, changing, undo)
+        audited = scope[AUDITED] = _Audited(send, security, base, identity.user, note, changing, undo)
         await self.app(scope, receive, audited)
 
 
@@ -193,11 +212,12 @@ class _Audited:
     ) -> None:
         self.send, self.security, self.base, self.user, self.note, self.wait = send, security, base, user, note, wait
         self.undo, self.replaced = undo, False
+        self.stored = False  # the route stored the record with its job (`stored_with_job`)
 
     async def __call__(self, message: Message) -> None:
         if self.replaced:
             return  # the rest of the route's answer, which the client never gets
-        if message["type"] == "http.response.start":
+        if message["type"] == "http.response.start" and not self.stored:
             status = int(message["status"])
             outcome = self.note.pop("outcome", None) or (
                 "ok" if status < 400 else "refused" if status in (401, 403, 429) else "error"

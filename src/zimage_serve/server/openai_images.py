@@ -177,7 +177,7 @@ async def generate(request: Request) -> Response:
         return response
     rt.queue_changed()
     job_id = submitted.job.id
-    note_job(request, rt, submitted.job)
+    note_job(request, rt, submitted)  # written by the gate once the images are answered (no record given)
     job = await rt.waits.wait(job_id, client_left(request))
     if job is None:
         return openai_error(409, "the request was removed from the queue before it ran", code="cancelled")

@@ -15,7 +15,7 @@ from zimage_serve import strict_json
 from zimage_serve.identity import USER, Identity
 from zimage_serve.queue.jobs import NUMBER_LIMIT, DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.security.audit import prompt_fields
-from zimage_serve.server.gate import audit_note, caller, caller_token, on_unrecorded
+from zimage_serve.server.gate import audit_note, caller, caller_token, job_record, on_unrecorded, stored_with_job
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import (
     COUNT,
@@ -27,7 +27,7 @@ from zimage_serve.server.schemas import (
     json_request,
     query,
 )
-from zimage_serve.server.service import PromptBlocked, PromptRejected
+from zimage_serve.server.service import PromptBlocked, PromptRejected, Submitted
 from zimage_serve.server.stored_outputs import FileLinks, with_links
 from zimage_serve.storage.uploads import listed_items
 from zimage_serve.workflow.folders import USERS
@@ -153,6 +153,7 @@ async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = 
             off_loop=large or has_long_text(body["prompt"]),
             identity=identity,
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
+            record=recorder(request, rt, 200),
         )
     except PromptBlocked as exc:
         audit_note(
@@ -176,22 +177,41 @@ async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = 
         return JSONResponse({"error": "prompt_id already exists"}, status_code=409)
     rt.queue_changed()
     job = submitted.job
-    note_job(request, rt, job)
+    note_job(request, rt, submitted)
     shown = int(job.number) if number is None else job.number
     return JSONResponse({"prompt_id": job.id, "number": shown, "node_errors": submitted.node_errors})
 
 
-def note_job(request: Request, rt: Runtime, job: Job) -> None:
-    """The audit record of a request that queued `job`: its id, prompt texts and parameters."""
+def job_fields(rt: Runtime, job: Job) -> dict[str, Any]:
+    """What the audit record of a request that queued `job` says of it: its id, prompt texts and parameters."""
     texts, parameters = rt.service.summary(job.prompt)
-    on_unrecorded(request, lambda: rt.service.cancel(job.id))  # a 503 must leave no job behind
-    audit_note(
-        request,
-        job_id=job.id,
-        parameters=parameters,
-        images=job.context.images,
+    return {
+        "job_id": job.id,
+        "parameters": parameters,
+        "images": job.context.images,
         **prompt_fields(texts, rt.settings.security.audit_prompts),
-    )
+    }
+
+
+def recorder(request: Request, rt: Runtime, status: int) -> Callable[[Job], str | None] | None:
+    """Where the queue keeps the audit outbox in its own file: what makes this request's record (answered
+    `status`) to be stored with its job, in the transaction that stores it. The answer then waits for no
+    writer, and the job and its record are kept together or not at all."""
+    if not rt.service.store.keeps_records:
+        return None
+    return lambda job: job_record(request, status, **job_fields(rt, job))
+
+
+def note_job(request: Request, rt: Runtime, submitted: Submitted) -> None:
+    """The audit record of a request that queued a job: stored with it already (the log's writer is told),
+    or given to the gate to write before the answer."""
+    job = submitted.job
+    if submitted.new.record is not None:
+        stored_with_job(request)
+        rt.security.audit.wake()
+        return
+    on_unrecorded(request, lambda: rt.service.cancel(job.id))  # a 503 must leave no job behind
+    audit_note(request, **job_fields(rt, job))
 
 
 # Served by `app.PromptLane` ahead of FastAPI; the route is here so the schema describes its body.

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+from zimage_serve.queue.jobs import Job
 from zimage_serve.server.service import QueueService, Stored, Submitted
 
 
@@ -22,13 +25,23 @@ class SubmissionBatcher:
         self._waiting: list[tuple[Submitted, asyncio.Future[Stored]]] = []
         self._storing: set[asyncio.Future[list[Stored]]] = set()
 
-    async def submit(self, prompt: Any, *, off_loop: bool = False, **options: Any) -> Submitted:
+    async def submit(
+        self,
+        prompt: Any,
+        *,
+        off_loop: bool = False,
+        record: Callable[[Job], str | None] | None = None,
+        **options: Any,
+    ) -> Submitted:
         """As `QueueService.submit`: raises PromptRejected, QueueFull, QuotaExceeded or DuplicateJob. With `off_loop`, a
-        large prompt is validated in a thread, so the event loop keeps serving others meanwhile."""
+        large prompt is validated in a thread, so the event loop keeps serving others meanwhile. `record`
+        makes the request's audit record from the prepared job, to be stored with it (`NewJob.record`)."""
         if off_loop or self.remote:
             prepared = await asyncio.to_thread(self.service.prepare, prompt, **options)
         else:
             prepared = self.service.prepare(prompt, **options)
+        if record is not None:
+            prepared.new = replace(prepared.new, record=record(prepared.job))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Stored] = loop.create_future()
         if not self._waiting:

@@ -26,7 +26,7 @@ from zimage_serve.identity import Identity
 from zimage_serve.queue.jobs import DuplicateJob, Job, QueueFull, Quota, QuotaExceeded
 from zimage_serve.security.audit import prompt_fields
 from zimage_serve.server.gate import audit_note, caller, caller_token
-from zimage_serve.server.routes_queue import OFF_LOOP_BYTES, has_long_text, note_job, runtime
+from zimage_serve.server.routes_queue import OFF_LOOP_BYTES, has_long_text, note_job, recorder, runtime
 from zimage_serve.server.runtime import Runtime
 from zimage_serve.server.schemas import json_request
 from zimage_serve.server.service import PromptBlocked, PromptRejected
@@ -129,6 +129,7 @@ async def submit(request: Request) -> Response:
             off_loop=large or has_long_text(workflow),  # counting a long text's tokens may load a tokenizer
             identity=identity,
             quota=Quota(token.max_queued, token.images_per_day) if token is not None else None,
+            record=recorder(request, rt, 201),
         )
     except (PromptRejected, QueueFull, QuotaExceeded, DuplicateJob) as exc:  # definitely not queued
         if key is not None:
@@ -136,7 +137,7 @@ async def submit(request: Request) -> Response:
         raise _refused(request, rt, exc) from exc
     rt.queue_changed()
     job = submitted.job
-    note_job(request, rt, job)
+    note_job(request, rt, submitted)
     view = await rt.quick(rt.v2_jobs.view, job, identity.owner_filter(), origin_of(str(request.base_url)))
     return JSONResponse(view, status_code=201, headers={"Location": view["urls"]["self"]})
 
