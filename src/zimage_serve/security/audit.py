@@ -12,8 +12,10 @@ in between.
 The server never writes on its event loop: records go to one writer thread, which says in the database
 where the batch will end, appends it in one write, then records the new head (and removes the outbox
 rows it wrote) in one transaction. A request that changes state is answered only once its record is
-written (`AuditLog.write`); when the log cannot be written (a full disk), `write` raises at once and
-the server answers 503 until a write succeeds again, and the records kept meanwhile are written then.
+written (`AuditLog.write`), or stored in the outbox with the job it queued, in the transaction that
+stores the job (SQLite's queue: `NewJob.record`; the writer is woken, and appends such rows at most every
+OUTBOX_EVERY_S). When the log cannot be written (a full disk), `write` raises at once and the server
+answers 503 until a write succeeds again, and the records kept meanwhile are written then.
 
 The log is bounded: segments rotate by size and by day, and the oldest are removed once the log is over
 its size or past its age (`--audit-max-bytes`, `--audit-retention-days`); the database keeps the last

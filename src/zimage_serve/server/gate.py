@@ -5,8 +5,9 @@ In order: the client's address (X-Forwarded-For only from a trusted proxy) again
 browser checks (another site's Origin, DNS rebinding); the credential; the request rate. What it
 resolves travels in the ASGI scope as one `Identity` (`caller(request)` reads it): no route finds
 the user by itself. Requests that change something, output reads and refusals are written to the audit
-log; a request that changes something is answered only once its record is written. While the log cannot
-be written, such requests are answered 503 before they do anything; one caught by the failure itself is
+log; a request that changes something is answered only once its record is written (or, for a job queued
+where the queue keeps the audit outbox, stored with the job: `job_record`). While the log cannot be
+written, such requests are answered 503 before they do anything; one caught by the failure itself is
 undone where its route said how (`on_unrecorded`), and answered 503.
 """
 
