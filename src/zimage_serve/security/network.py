@@ -10,6 +10,7 @@ its own host name, with a matching Origin: there the Host must be a loopback nam
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ def origins(values: Iterable[str]) -> frozenset[str]:
     return frozenset(found)
 
 
+@functools.lru_cache(maxsize=256)  # every request's Host and peer are parsed: the same few, over and over
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text.strip().strip("[]"))

@@ -6,7 +6,7 @@ that dies (a driver fault, the OOM killer) takes no request and no queued prompt
 
 The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
 only hand-over) and runs a `Worker` there. One pipe carries typed messages (`worker/messages.py`), child
-to parent and in order (in batches): job events, queue changes and device statistics; parent to child:
+to parent and in order: job events, queue changes and device statistics; parent to child:
 wake, interrupt, free, report and stop. Events go only to sockets, so while none is connected to the
 parent (a number in shared memory says how many are) the child sends none: what runs is read from the
 queue file, and the node a prompt is on is asked of the child when a socket connects. The child dies
@@ -21,7 +21,6 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import queue
 import signal
 import sys
 import threading
@@ -231,14 +230,13 @@ class WorkerProcess:
     def _read(self, connection: Connection, process: multiprocessing.process.BaseProcess) -> None:
         while True:
             try:
-                batch = connection.recv()
+                message = connection.recv()
             except (EOFError, OSError):
                 break
-            for message in batch:
-                try:
-                    self._dispatch(message)
-                except Exception:  # a listener's failure must not stop the events of other prompts
-                    log.exception("could not deliver %s from the worker", type(message).__name__)
+            try:
+                self._dispatch(message)
+            except Exception:  # a listener's failure must not stop the events of other prompts
+                log.exception("could not deliver %s from the worker", type(message).__name__)
         connection.close()
         process.join(10)
         with self._lock:
@@ -291,23 +289,20 @@ class WorkerProcess:
 
 # -- child side -----------------------------------------------------------------------------------------
 class _PipeListener:
-    """The child's worker reports through the pipe. Messages queue here and one thread sends them in
-    order, as many as are waiting in one write: under load that is one write (and one wake-up of the
-    server) per several messages instead of one each."""
+    """The child's worker reports through the pipe, each message written by the thread that has it, one at
+    a time. A thread of its own to write them cost more than the writes: a thread switch, and a turn of
+    the interpreter lock, for each of a job's two or three messages."""
 
     def __init__(self, connection: Connection, audience: Any) -> None:
         self.connection, self.audience = connection, audience
-        self._outbox: queue.SimpleQueue[ToServer | threading.Event] = queue.SimpleQueue()
-        threading.Thread(target=self._pump, name="zimage-worker-outbox", daemon=True).start()
+        self._lock = threading.Lock()  # one message on the pipe at a time
 
     def send(self, message: ToServer) -> None:
-        self._outbox.put(message)
-
-    def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything sent so far is written to the pipe."""
-        done = threading.Event()
-        self._outbox.put(done)
-        done.wait(timeout)
+        with self._lock:
+            try:
+                self.connection.send(message)
+            except (OSError, ValueError):  # the parent is gone; its successor recovers what was running
+                os._exit(1)
 
     def job_event(
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
@@ -321,30 +316,6 @@ class _PipeListener:
 
     def listening(self) -> bool:
         return bool(self.audience.value)
-
-    def _pump(self) -> None:
-        while True:
-            batch: list[ToServer] = []
-            markers: list[threading.Event] = []
-            item = self._outbox.get()
-            while True:
-                if isinstance(item, threading.Event):
-                    markers.append(item)
-                else:
-                    batch.append(item)
-                if len(batch) >= 256:
-                    break
-                try:
-                    item = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                try:
-                    self.connection.send(batch)
-                except (OSError, ValueError):  # the parent is gone; its successor recovers what was running
-                    os._exit(1)
-            for marker in markers:
-                marker.set()
 
 
 def die_with(parent_pid: int) -> None:
@@ -398,5 +369,4 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
             case Stop(timeout):
                 clean = worker.stop(timeout)
                 store.close()
-                listener.flush()
-                os._exit(0 if clean else 3)
+                os._exit(0 if clean else 3)  # every message is on the pipe already: each was written by its sender
