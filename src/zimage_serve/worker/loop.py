@@ -41,6 +41,7 @@ OTHER_JOB_TIMEOUT_S = 1800.0
 PRELOAD_ID = "zimage-preload"  # the warm-up run's id (never a UUID, so never a client's)
 # How long a stop asked for a prompt this worker has claimed, but not begun, waits for the prompt to begin.
 ASKED_STOP_S = 60.0
+IDLE_WAIT_S = 1.0  # how long an idle worker sleeps before it looks at the queue again, unless woken
 
 
 def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:
@@ -114,6 +115,7 @@ class Worker:
         self._claimed_at: dict[str, float] = {}
         self._running_lock = threading.Lock()
         self._wake = threading.Condition()
+        self._wakes = 0  # wake-ups so far (under `_wake`): one that came while a thread was not waiting counts
         self._stopping = threading.Event()
         self._cut_off = threading.Event()  # the shutdown's grace ran out: interrupted jobs go back to the queue
         self._threads: list[threading.Thread] = []
@@ -200,6 +202,7 @@ class Worker:
     def notify(self) -> None:
         """A job was queued: wake the worker if it sleeps."""
         with self._wake:
+            self._wakes += 1
             self._wake.notify_all()
 
     def stop(self, timeout: float | None = None) -> bool:
@@ -320,8 +323,10 @@ class Worker:
         if slot == 0 and self._preload:
             self._warm_up()
         job: Job | None = None
+        wakes = self._wakes
         while job is not None or not self._stopping.is_set():
             if job is None:
+                wakes = self._wakes  # a wake-up from here on means: look again before sleeping
                 try:
                     asked = time.monotonic()
                     job = self.store.claim(self.id, self.lease_s)
@@ -336,8 +341,10 @@ class Worker:
                 if self._on_idle is not None:
                     self._on_idle()
                 with self._wake:
-                    if not self._stopping.is_set():
-                        self._wake.wait(timeout=1.0)
+                    # A job queued after the claim looked woke nobody (this thread was not waiting yet):
+                    # without this check it would wait for the timeout.
+                    if not self._stopping.is_set() and self._wakes == wakes:
+                        self._wake.wait(timeout=IDLE_WAIT_S)
                 continue
             current, job = job, None
             try:
