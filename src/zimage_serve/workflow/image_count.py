@@ -21,6 +21,8 @@ from zimage_serve.workflow.validate import is_link, link_source
 
 def estimated_images(prompt: dict[str, Any], nodes: Mapping[str, type[Node]]) -> int:
     """The images a validated prompt's samplers will make (its graph has no cycle and knows every node)."""
+    if all(nodes[node["class_type"]].denoises is None for node in prompt.values()):
+        return 0  # no sampler: nothing to follow
     links: dict[str, dict[str, str]] = {}
     for node_id, node in prompt.items():
         declared = nodes[node["class_type"]].inputs_for(node["inputs"])  # keys the node does not have are no links
