@@ -12,6 +12,7 @@ import os
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from tests.support.app import serving
 from tests.support.cli import run
 from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
+from zimage_serve.queue.jobs import Job, NewJob
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
+from zimage_serve.security import audit
 from zimage_serve.security.audit import AuditLog, Retention, chained
 from zimage_serve.security.audit_files import QUARANTINE, audit_files
 from zimage_serve.security.audit_verify import records, verify
@@ -138,6 +141,31 @@ def test_a_job_queued_as_the_disk_fills_keeps_its_record_with_it_until_the_log_t
     assert [(r["route"], r["reason"]) for r in refused] == [("/prompt", "audit_unavailable")]
     generations = [r["job_id"] for r in found if r["kind"] == "generation"]
     assert sorted(generations) == sorted([blocker, kept])
+
+
+def test_records_stored_with_their_jobs_are_appended_once_each_soon_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wake-up is taken (none is swallowed by the batching): with the writer's idle wait made an hour,
+    every record stored with a job still reaches the log, once, in the order the jobs were stored."""
+    monkeypatch.setattr(audit, "IDLE_WAIT_S", 3600.0)
+    log, queue_file = new_log(tmp_path)
+    store = SQLiteQueue(queue_file)
+    log.start()
+    try:
+        for n in range(12):
+            job = Job(f"job-{n}", n, {}, {}, [], owner="alice")
+            text = json.dumps({"kind": "request", "user": "alice", "route": "/prompt", "job_id": job.id})
+            [stored] = store.enqueue_many([replace(NewJob.of(job), record=text)])
+            assert isinstance(stored, Job)
+            log.wake()
+            if n % 4 == 3:  # some at once, some after the writer caught up
+                wait_until(lambda n=n: sum(1 for _ in records(tmp_path / "audit")) == n + 1, 10)
+    finally:
+        log.stop()
+        store.close()
+    assert [r["job_id"] for r in records(tmp_path / "audit")] == [f"job-{n}" for n in range(12)]
+    assert verify(tmp_path / "audit", queue_file)[1] is None
 
 
 def test_stopping_while_the_disk_is_full_does_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

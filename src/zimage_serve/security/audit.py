@@ -64,6 +64,7 @@ MAX_BYTES = 1024 * 1024 * 1024
 KEPT_LIMIT = 10_000  # records held in memory while the log cannot be written; beyond, counted as lost
 RETRY_S = (0.5, 1.0, 2.0, 5.0)
 IDLE_RECORD_S = 0.05  # how soon an idle writer records the last batch's head (verify waits far longer)
+IDLE_WAIT_S = 0.5  # how long an idle writer waits before it looks at the outbox anyway (job ends)
 OUTBOX_EVERY_S = 0.02  # records stored with their jobs are appended at most this often (batched)
 OUTCOMES = ("ok", "error", "refused", "blocked")
 UNAVAILABLE = "the audit log cannot be written (is the disk full?): nothing was done; try again shortly"
@@ -172,6 +173,7 @@ class AuditLog:
         self._unrecorded: _Written | None = None
         self._outbox_taken = 0  # outbox rows up to this id are in the log (their removal may be unrecorded)
         self._last_batch = 0.0  # when the last batch was written (monotonic)
+        self._woken = False  # a wake-up is in the writer's queue, not taken yet
         self.seq, self.head = self._recover()
         self._db.execute("PRAGMA busy_timeout=0")  # set up: from now on waits for locks are `_sql`'s
 
@@ -180,8 +182,11 @@ class AuditLog:
         self._queue.put(_Pending(record))
 
     def wake(self) -> None:
-        """Rows were added to the outbox (a request's record, stored with the job it queued): write them soon."""
-        self._queue.put(_WAKE)
+        """Rows were added to the outbox (a request's record, stored with the job it queued): write them soon.
+        Once per batch: a wake-up the writer has not taken yet covers every row committed before it looks."""
+        if not self._woken:
+            self._woken = True
+            self._queue.put(_WAKE)
 
     async def write(self, record: dict[str, Any]) -> None:
         """Answered once the record is in the log; raises `AuditUnavailable` at once if it cannot be."""
@@ -212,10 +217,12 @@ class AuditLog:
     def _run(self) -> None:
         failures = 0
         while True:
-            wait = 0.5 if self.available else RETRY_S[min(failures, len(RETRY_S) - 1)]
+            wait = IDLE_WAIT_S if self.available else RETRY_S[min(failures, len(RETRY_S) - 1)]
             if self._unrecorded is not None and self.available:
                 wait = IDLE_RECORD_S  # a batch's head waits for the next batch's commit only this long
             batch, woken = self._take(wait)
+            if woken:
+                self._woken = False  # before the outbox is read: a row committed after this wakes it again
             try:
                 self._write(batch)
                 self._last_batch = time.monotonic()
