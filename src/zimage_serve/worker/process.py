@@ -6,7 +6,7 @@ that dies (a driver fault, the OOM killer) takes no request and no queued prompt
 
 The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
 only hand-over) and runs a `Worker` there. One pipe carries typed messages (`worker/messages.py`), child
-to parent and in order: job events, queue changes and device statistics; parent to child:
+to parent and in order (a few at a time): job events, queue changes and device statistics; parent to child:
 wake, interrupt, free, report and stop. Events go only to sockets, so while none is connected to the
 parent (a number in shared memory says how many are) the child sends none: what runs is read from the
 queue file, and the node a prompt is on is asked of the child when a socket connects. The child dies
@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from zimage_serve.metrics import observe_job
+from zimage_serve.metrics import JobEnd, observe_job
 from zimage_serve.queue.contract import JobQueue
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker.build import WorkerConfig, build_executor, build_worker
@@ -230,13 +230,14 @@ class WorkerProcess:
     def _read(self, connection: Connection, process: multiprocessing.process.BaseProcess) -> None:
         while True:
             try:
-                message = connection.recv()
+                batch = connection.recv()
             except (EOFError, OSError):
                 break
-            try:
-                self._dispatch(message)
-            except Exception:  # a listener's failure must not stop the events of other prompts
-                log.exception("could not deliver %s from the worker", type(message).__name__)
+            for message in batch:
+                try:
+                    self._dispatch(message)
+                except Exception:  # a listener's failure must not stop the events of other prompts
+                    log.exception("could not deliver %s from the worker", type(message).__name__)
         connection.close()
         process.join(10)
         with self._lock:
@@ -289,20 +290,34 @@ class WorkerProcess:
 
 # -- child side -----------------------------------------------------------------------------------------
 class _PipeListener:
-    """The child's worker reports through the pipe, each message written by the thread that has it, one at
-    a time. A thread of its own to write them cost more than the writes: a thread switch, and a turn of
-    the interpreter lock, for each of a job's two or three messages."""
+    """The child's worker reports through the pipe, each write made by the thread that has the message, one
+    at a time. A thread of its own to write them cost more than the writes: a thread switch, and a turn
+    of the interpreter lock, for each of a job's messages. A job's count for the metrics (`ended`) waits
+    for the next message, its closing event as a rule, and goes in the same write."""
 
     def __init__(self, connection: Connection, audience: Any) -> None:
         self.connection, self.audience = connection, audience
-        self._lock = threading.Lock()  # one message on the pipe at a time
+        self._lock = threading.Lock()  # one write on the pipe at a time
+        self._held: list[ToServer] = []
 
     def send(self, message: ToServer) -> None:
         with self._lock:
+            batch, self._held = [*self._held, message], []
             try:
-                self.connection.send(message)
+                self.connection.send(batch)
             except (OSError, ValueError):  # the parent is gone; its successor recovers what was running
                 os._exit(1)
+
+    def ended(self, end: JobEnd) -> None:
+        with self._lock:
+            self._held.append(JobEnded(end))
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._held:
+                batch, self._held = self._held, []
+                with contextlib.suppress(OSError, ValueError):
+                    self.connection.send(batch)
 
     def job_event(
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
@@ -349,7 +364,7 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         executor,
         on_idle=report_idle,
         on_ready=lambda: listener.send(Ready()),
-        on_end=lambda end: listener.send(JobEnded(end)),
+        on_end=listener.ended,
     )
     worker.start()
     while True:
@@ -369,4 +384,5 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
             case Stop(timeout):
                 clean = worker.stop(timeout)
                 store.close()
-                os._exit(0 if clean else 3)  # every message is on the pipe already: each was written by its sender
+                listener.flush()
+                os._exit(0 if clean else 3)
