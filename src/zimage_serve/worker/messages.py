@@ -1,8 +1,9 @@
 """The messages between the server and its worker process, one type each (no tuples tagged by a string).
 
 Worker → server: what happens to jobs and to the worker itself (events a socket may want, that the queue
-changed, device statistics, idle, ready, the answer to "what runs now"). Server → worker: wake, interrupt,
-free, report, stop. Small frozen dataclasses: they pickle to a few dozen bytes and are matched by type.
+changed, device statistics, ready, the answer to "what runs now"; that it is idle is a flag in shared
+memory, `worker/process.py`). Server → worker: wake, interrupt, free, report, stop. Small frozen
+dataclasses: they pickle to a few dozen bytes and are matched by type.
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ class QueueChanged:
 @dataclass(frozen=True, slots=True)
 class DeviceStats:
     stats: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Idle:
-    """The worker found no job to claim."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +101,7 @@ class Stop:
     timeout: float | None
 
 
-ToServer = JobEvent | JobEnded | QueueChanged | DeviceStats | Idle | Ready | RunningNow
+ToServer = JobEvent | JobEnded | QueueChanged | DeviceStats | Ready | RunningNow
 ToWorker = Wake | Interrupt | Free | Report | Stop
 
 

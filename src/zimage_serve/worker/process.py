@@ -1,17 +1,19 @@
 """The device worker in a process of its own.
 
-The server's event loop and the prompts it runs then never share one interpreter lock: serving
-requests does not slow a sampling loop, nor the other way round, and the two use two cores. A worker
-that dies (a driver fault, the OOM killer) takes no request and no queued prompt with it.
+The server's event loop and the prompts it runs then never share one interpreter lock: serving requests does
+not slow a sampling loop, nor the other way round, and the two use two cores. A worker that dies (a driver
+fault, the OOM killer) takes no request and no queued prompt with it.
 
-The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the
-only hand-over) and runs a `Worker` there. One pipe carries typed messages (`worker/messages.py`), child
-to parent and in order (a few at a time): job events, queue changes and device statistics; parent to child:
-wake, interrupt, free, report and stop. Events go only to sockets, so while none is connected to the
-parent (a number in shared memory says how many are) the child sends none: what runs is read from the
-queue file, and the node a prompt is on is asked of the child when a socket connects. The child dies
-with the parent (Linux's parent-death signal, else the pipe's end). A child that dies unexpectedly is
-started again once its running jobs are put back or failed, as crash recovery does at start.
+The child opens its own connection to the queue's SQLite file (claims are atomic, so the file is the only
+hand-over) and runs a `Worker` there. One pipe carries typed messages (`worker/messages.py`), child to
+parent and in order (a few at a time): job events, queue changes and device statistics; parent to child:
+wake, interrupt, free, report and stop. A wake is sent only while the child says, by a flag in shared
+memory, that it found no job (it sets the flag, then looks at the queue once more, so a job queued meanwhile
+is not missed). Events go only to sockets, so while none is connected to the parent (a number in shared
+memory says how many are) the child sends none: what runs is read from the queue file, and the node a prompt
+is on is asked of the child when a socket connects. The child dies with the parent (Linux's parent-death
+signal, else the pipe's end). A child that dies unexpectedly is started again once its running jobs are put
+back or failed, as crash recovery does at start.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from zimage_serve.worker.messages import (
     DeviceStats,
     Executing,
     Free,
-    Idle,
     Interrupt,
     JobEnded,
     JobEvent,
@@ -109,13 +110,15 @@ class WorkerProcess:
         self._next_report = 0
         self._stats: dict[str, object] = {}
         self._stopping = threading.Event()
-        self._child_idle = False
         self._child_ready = False  # the child loaded the default model (or has nothing to preload)
         self._started = 0.0
         self._quick_failures = 0
         # Sockets connected to the parent, read by the child before each event; shared memory, so a socket
         # that connects is seen by the next event the child sends, with no message in between.
         self._audience = multiprocessing.get_context("spawn").Value("i", 0, lock=False)
+        # Set by the child as it goes idle (then it looks at the queue once more before it sleeps), cleared
+        # by the server as it sends a wake-up: no message each way to say so.
+        self._idle = multiprocessing.get_context("spawn").Value("i", 0, lock=False)
 
     # -- control ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,7 +126,7 @@ class WorkerProcess:
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(
             target=_child_main,
-            args=(self.config, child_end, os.getpid(), self._audience),
+            args=(self.config, child_end, os.getpid(), self._audience, self._idle),
             name="zimage-worker",
             daemon=True,
         )
@@ -170,8 +173,8 @@ class WorkerProcess:
         """Wake the child only if it said it is idle: a message per submission would fill the pipe
         faster than a busy child reads it, and block the server on the send."""
         with self._lock:
-            if self._child_idle:
-                self._child_idle = False
+            if self._idle.value:  # read after the job's commit; the child sets it before it looks again
+                self._idle.value = 0
                 self._send_locked(Wake())
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
@@ -276,12 +279,6 @@ class WorkerProcess:
                     report.done.set()
             case QueueChanged():
                 self.listener.queue_changed()
-            case Idle():
-                # A job queued between the child's last look and this message got no wake-up: send one.
-                with self._lock:
-                    self._child_idle = self.store.count("pending") == 0
-                    if not self._child_idle:
-                        self._send_locked(Wake())
             case DeviceStats(stats):
                 self._stats = stats
             case Ready():
@@ -342,7 +339,7 @@ def die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any) -> None:
+def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any, idle: Any) -> None:
     child_setup(parent_pid, config.log_level)
     store = SQLiteQueue(Path(config.queue))
     listener = _PipeListener(connection, audience)
@@ -354,7 +351,10 @@ def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, a
         if time.monotonic() - last_stats >= 1.0:
             last_stats = time.monotonic()
             listener.send(DeviceStats(executor.device_stats()))
-        listener.send(Idle())
+        idle.value = 1  # from now on the server wakes this worker for each job it queues ...
+        if store.count("pending"):  # ... and one queued before it could see the flag is found here
+            idle.value = 0
+            worker.notify()
 
     listener.send(DeviceStats(executor.device_stats()))
     worker = build_worker(
