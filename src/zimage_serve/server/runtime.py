@@ -109,6 +109,7 @@ class Runtime:
         )
         self.submissions = SubmissionBatcher(self.service, remote=self.backend.shared)
         self.waits = JobWaits(lambda job_id: self.service.get(job_id, LOCAL))
+        self.waits.on_count = lambda count: self._ends_wanted()
         self.feeds = JobFeeds(on_watched=self.hub.streams_changed)
         self.v2_jobs = JobViews(
             self.store, self.records, self.folders, self.feeds, settings.job_retention_s, self.outputs
@@ -179,6 +180,7 @@ class Runtime:
                 job.id,
                 "queued again" if job.state == "pending" else "marked failed",
             )
+        self._ends_wanted()
         self.worker.start()
         self.backend.start()
         if self.settings.metrics_port is not None:
@@ -267,7 +269,14 @@ class Runtime:
     def listening(self) -> bool:
         return self.hub.audience() > 0
 
+    def _ends_wanted(self) -> None:
+        """Tell the worker how many here wait for job ends as they happen, beyond sockets and streams: routes
+        waiting for their jobs, and the webhooks and uploads that follow each job's end."""
+        webhooks = self.webhooks is not None and self.webhooks.has_endpoints
+        self.worker.ends_wanted(self.waits.count + int(webhooks) + int(self.outputs.bucket is not None))
+
     def queue_changed(self) -> None:
+        self._ends_wanted()  # the webhooks may have an endpoint now: as the job queued ends, they want it
         self.webhooks_due()  # a job queued: its event may be in the outbox
         # While the queue is away, sockets get its state with the next change, or as they connect.
         with contextlib.suppress(QueueUnavailable):

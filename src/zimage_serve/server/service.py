@@ -49,6 +49,12 @@ class DeviceWorker(Protocol):
 
     def state(self) -> str: ...
 
+    def ends_wanted(self, count: int) -> None:
+        """How many on the server wait for job ends as they happen, beyond its sockets and event streams
+        (a route waiting for its job, webhooks, uploads). While none do, a worker that reports across a
+        process boundary may send job ends a little later, several at a time."""
+        ...
+
 
 JOINED_PAIRS_UP_TO = 8  # texts in a prompt up to which every ordered pair of them is screened joined
 

@@ -27,6 +27,20 @@ class JobWaits:
         self.read = read
         self._lock = threading.Lock()
         self._waiting: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waits = 0  # `wait` calls in progress
+        # Told the number of waits in progress when it changes: a worker process sends job ends at once
+        # only while someone waits for them (worker/process.py).
+        self.on_count: Callable[[int], None] = lambda count: None
+
+    @property
+    def count(self) -> int:
+        return self._waits
+
+    def _counted(self, change: int) -> None:
+        with self._lock:
+            self._waits += change
+            count = self._waits
+        self.on_count(count)
 
     def ended(self, job_id: str) -> None:
         """A job's closing event arrived (from any thread)."""
@@ -40,6 +54,7 @@ class JobWaits:
         completes when nobody waits any more (a client that left), the job as it is then."""
         event = asyncio.Event()
         entry = (asyncio.get_running_loop(), event)
+        self._counted(1)  # before the job is read: its end, if it comes after, is sent at once
         with self._lock:
             self._waiting.setdefault(job_id, []).append(entry)
         left: asyncio.Future[None] | None = asyncio.ensure_future(gone) if gone is not None else None
@@ -68,3 +83,4 @@ class JobWaits:
                     listed.remove(entry)
                 if not listed:
                     self._waiting.pop(job_id, None)
+            self._counted(-1)

@@ -135,6 +135,9 @@ class ClusterWorkers:
         """The register (empty while Redis is away: /system_stats still answers)."""
         return self._live()
 
+    def ends_wanted(self, count: int) -> None:
+        """The cluster's workers publish every job end on the bus as it happens: nothing to change."""
+
     def device_stats(self) -> dict[str, object]:
         """The first live worker's device (ComfyUI's /system_stats shows one per worker: see `workers`)."""
         for record in self._live():

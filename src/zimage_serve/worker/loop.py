@@ -282,6 +282,9 @@ class Worker:
     def free(self) -> None:
         self.executor.free()
 
+    def ends_wanted(self, count: int) -> None:
+        """Job ends are told to the listener as they happen, in this process: nothing to change."""
+
     def device_stats(self) -> dict[str, object]:
         return self.executor.device_stats()
 

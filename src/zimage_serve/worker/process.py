@@ -119,6 +119,9 @@ class WorkerProcess:
         # Set by the child as it goes idle (then it looks at the queue once more before it sleeps), cleared
         # by the server as it sends a wake-up: no message each way to say so.
         self._idle = multiprocessing.get_context("spawn").Value("i", 0, lock=False)
+        # How many on the server wait for job ends as they happen (`ends_wanted`): while none do, the child
+        # sends them a little later, several in one write.
+        self._ends_wanted = multiprocessing.get_context("spawn").Value("i", 0, lock=False)
 
     # -- control ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -126,7 +129,7 @@ class WorkerProcess:
         parent_end, child_end = context.Pipe(duplex=True)
         process = context.Process(
             target=_child_main,
-            args=(self.config, child_end, os.getpid(), self._audience, self._idle),
+            args=(self.config, child_end, os.getpid(), self._audience, self._idle, self._ends_wanted),
             name="zimage-worker",
             daemon=True,
         )
@@ -168,6 +171,9 @@ class WorkerProcess:
 
     def audience_changed(self, sockets: int) -> None:
         self._audience.value = sockets
+
+    def ends_wanted(self, count: int) -> None:
+        self._ends_wanted.value = count
 
     def notify(self) -> None:
         """Wake the child only if it said it is idle: a message per submission would fill the pipe
@@ -285,42 +291,53 @@ class WorkerProcess:
                 self._child_ready = True
 
 
+HOLD_S = 0.2  # how long the child may hold job ends nobody waits for (then sent together)
+
+
 # -- child side -----------------------------------------------------------------------------------------
 class _PipeListener:
     """The child's worker reports through the pipe, each write made by the thread that has the message, one
-    at a time. A thread of its own to write them cost more than the writes: a thread switch, and a turn
-    of the interpreter lock, for each of a job's messages. A job's count for the metrics (`ended`) waits
-    for the next message, its closing event as a rule, and goes in the same write."""
+    at a time (a thread of its own to write them cost more than the writes: a thread switch, and a turn of
+    the interpreter lock, per message).
 
-    def __init__(self, connection: Connection, audience: Any) -> None:
-        self.connection, self.audience = connection, audience
+    A job's end (its closing event, and its count for the metrics) is sent as it happens only while someone
+    on the server waits for it: a socket or an event stream (`audience`), a route waiting for its job, the
+    webhooks or the uploads (`ends_wanted`). Otherwise it is held, and sent with the next message or within
+    HOLD_S, several in one write: a job's two messages cost both processes more than the job's own
+    bookkeeping, and nobody was waiting to read them sooner."""
+
+    def __init__(self, connection: Connection, audience: Any, ends_wanted: Any) -> None:
+        self.connection, self.audience, self.ends_wanted = connection, audience, ends_wanted
         self._lock = threading.Lock()  # one write on the pipe at a time
         self._held: list[ToServer] = []
+        self._holding = threading.Event()  # set while messages are held: the flusher sends them in HOLD_S
+        threading.Thread(target=self._flush_held, name="zimage-worker-flush", daemon=True).start()
 
     def send(self, message: ToServer) -> None:
         with self._lock:
             batch, self._held = [*self._held, message], []
-            try:
-                self.connection.send(batch)
-            except (OSError, ValueError):  # the parent is gone; its successor recovers what was running
-                os._exit(1)
+            self._write(batch)
 
     def ended(self, end: JobEnd) -> None:
-        with self._lock:
-            self._held.append(JobEnded(end))
+        self._hold(JobEnded(end))
 
     def flush(self) -> None:
         with self._lock:
-            if self._held:
-                batch, self._held = self._held, []
-                with contextlib.suppress(OSError, ValueError):
-                    self.connection.send(batch)
+            batch, self._held = self._held, []
+            if batch:
+                self._write(batch)
 
     def job_event(
         self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
     ) -> None:
-        if self.audience.value or event in CLOSING:  # a job's end, also for the server's own waiters
+        if self.audience.value:
             self.send(JobEvent(prompt_id, client_id, event, data, owner))
+        elif event in CLOSING:  # a job's end: for the server's own waiters, and its bookkeeping
+            message = JobEvent(prompt_id, client_id, event, data, owner)
+            if self.ends_wanted.value:
+                self.send(message)
+            else:
+                self._hold(message)
 
     def queue_changed(self) -> None:
         if self.audience.value:  # a status broadcast, to sockets only
@@ -328,6 +345,24 @@ class _PipeListener:
 
     def listening(self) -> bool:
         return bool(self.audience.value)
+
+    def _hold(self, message: ToServer) -> None:
+        with self._lock:
+            self._held.append(message)
+        self._holding.set()
+
+    def _flush_held(self) -> None:
+        while True:
+            self._holding.wait()
+            time.sleep(HOLD_S)
+            self._holding.clear()  # before the flush: a message held after it sets it again
+            self.flush()
+
+    def _write(self, batch: list[ToServer]) -> None:
+        try:
+            self.connection.send(batch)
+        except (OSError, ValueError):  # the parent is gone; its successor recovers what was running
+            os._exit(1)
 
 
 def die_with(parent_pid: int) -> None:
@@ -339,10 +374,12 @@ def die_with(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any, idle: Any) -> None:
+def _child_main(
+    config: WorkerConfig, connection: Connection, parent_pid: int, audience: Any, idle: Any, ends_wanted: Any
+) -> None:
     child_setup(parent_pid, config.log_level)
     store = SQLiteQueue(Path(config.queue))
-    listener = _PipeListener(connection, audience)
+    listener = _PipeListener(connection, audience, ends_wanted)
     executor = build_executor(config)
     last_stats = 0.0
 
