@@ -146,9 +146,10 @@ def test_a_job_queued_as_the_disk_fills_keeps_its_record_with_it_until_the_log_t
 def test_records_stored_with_their_jobs_are_appended_once_each_soon_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each wake-up is taken (none is swallowed by the batching): with the writer's idle wait made an hour,
+    """Each wake-up is taken (none is swallowed by the batching): with the writer's idle waits made an hour,
     every record stored with a job still reaches the log, once, in the order the jobs were stored."""
     monkeypatch.setattr(audit, "IDLE_WAIT_S", 3600.0)
+    monkeypatch.setattr(audit, "IDLE_RECORD_S", 3600.0)  # nor does it look again to record a batch's head
     log, queue_file = new_log(tmp_path)
     store = SQLiteQueue(queue_file)
     log.start()
@@ -166,6 +167,43 @@ def test_records_stored_with_their_jobs_are_appended_once_each_soon_after(
         store.close()
     assert [r["job_id"] for r in records(tmp_path / "audit")] == [f"job-{n}" for n in range(12)]
     assert verify(tmp_path / "audit", queue_file)[1] is None
+
+
+def test_an_outbox_row_comes_before_a_record_of_the_same_batch_that_follows_from_it(tmp_path: Path) -> None:
+    """A job's record waits in the outbox while a request that deletes the job (a moment later) is handed to
+    the writer: the chain names the job queued first, then deleted."""
+    log, queue_file = new_log(tmp_path)
+    store = SQLiteQueue(queue_file)
+    job = Job("queued-then-deleted", 1, {}, {}, [], owner="alice")
+    queued = json.dumps({"kind": "request", "route": "/prompt", "job_id": job.id})
+    assert isinstance(store.enqueue_many([replace(NewJob.of(job), record=queued)])[0], Job)
+    log.add({"kind": "request", "route": "/queue", "delete": [job.id]})  # taken with the outbox, in one batch
+    log.wake()
+    log.start()
+    log.stop()
+    store.close()
+    assert [r["route"] for r in records(tmp_path / "audit")] == ["/prompt", "/queue"]
+
+
+def test_a_queue_file_from_before_whole_records_gains_the_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    queue_file = tmp_path / "queue.sqlite3"
+    db = sqlite3.connect(queue_file)
+    db.execute(
+        "CREATE TABLE audit_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, owner TEXT NOT "
+        "NULL, context TEXT NOT NULL, state TEXT NOT NULL, created REAL, started REAL, finished REAL, result TEXT)"
+    )
+    db.execute(
+        "INSERT INTO audit_outbox (job_id, owner, context, state, created, started, finished, result) "
+        "VALUES ('older', 'bob', '{}', 'success', 1.0, 2.0, 3.0, '{}')"
+    )
+    db.commit()
+    db.close()
+    SQLiteQueue(queue_file).close()
+    log = AuditLog(tmp_path / "audit", queue_file)
+    log.start()
+    log.stop()
+    [generation] = list(records(tmp_path / "audit"))
+    assert generation["kind"] == "generation" and generation["job_id"] == "older" and generation["user"] == "bob"
 
 
 def test_stopping_while_the_disk_is_full_does_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -303,7 +303,10 @@ class AuditLog:
         if self._lost:
             gap = {"time": iso(self.clock()), "kind": "log_gap", "lost": self._lost, "why": UNAVAILABLE}
             records.append(gap)
-        records += [p.record for p in batch] + [outbox_record(row) for row in outbox]
+        # The outbox first: its rows were committed before the batch's records could follow from them (a
+        # request that cancels a job queued a moment ago comes after the request that queued it). A record
+        # that is awaited is answered only once written, so nothing in the outbox follows from one of these.
+        records += [outbox_record(row) for row in outbox] + [p.record for p in batch]
         if not records:
             return
         self._append_records(records, outbox[-1][0] if outbox else None)  # raises: nothing of it is in the log

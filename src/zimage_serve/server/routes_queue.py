@@ -175,9 +175,9 @@ async def queue_prompt(request: Request, body: dict[str, Any], *, large: bool = 
         return comfy_error("quota_exceeded", "Quota exceeded", str(exc), 429, **{"Retry-After": str(exc.retry_after)})
     except DuplicateJob:
         return JSONResponse({"error": "prompt_id already exists"}, status_code=409)
+    note_job(request, rt, submitted)  # first: whatever happens next, the record says the job was queued
     rt.queue_changed()
     job = submitted.job
-    note_job(request, rt, submitted)
     shown = int(job.number) if number is None else job.number
     return JSONResponse({"prompt_id": job.id, "number": shown, "node_errors": submitted.node_errors})
 

@@ -44,6 +44,14 @@ ASKED_STOP_S = 60.0
 IDLE_WAIT_S = 1.0  # how long an idle worker sleeps before it looks at the queue again, unless woken
 
 
+def lease_clock() -> float:
+    """Seconds on a clock that goes on while the machine sleeps (Linux's boot time), as leases do: a host
+    woken from a suspend must not think a lease that ran out meanwhile still holds."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
+
+
 def warm_up_prompt() -> tuple[dict[str, Any], list[str]]:
     """The shipped nano workflow with one step, run up to its decoded image (nothing is saved)."""
     from zimage_serve import workflows
@@ -82,8 +90,8 @@ class Running:
     node: str | None = None
     started: float = field(default_factory=time.monotonic)
     stop: Stop = field(default_factory=Stop)  # the run's stop request, made before the run (Executor.run)
-    # Until when (this process's monotonic clock) the lease surely holds: from before the claim or the last
-    # renewal that took it, plus the lease. Leases end only by running out, so until then the job is this
+    # Until when (`lease_clock`) the lease surely holds: from before the claim or the last renewal that took
+    # it, plus the lease. Leases end only by running out, so until then the job is this
     # worker's without asking the queue.
     leased_until: float = 0.0
 
@@ -111,7 +119,7 @@ class Worker:
         # Stops asked for prompts this worker claimed and has not begun yet (id -> when asked): the claim and
         # the run's start are two steps, and a cancel that comes between must still stop the run.
         self._asked: dict[str, float] = {}
-        # When each claim not yet begun was asked for (monotonic): where its lease starts, at the latest.
+        # When each claim not yet begun was asked for (`lease_clock`): where its lease starts, at the latest.
         self._claimed_at: dict[str, float] = {}
         self._running_lock = threading.Lock()
         self._wake = threading.Condition()
@@ -151,10 +159,10 @@ class Worker:
         leases ran out (dead elsewhere, or stopped sending heartbeats)."""
         self._beat()
         while not self._stopping.wait(self.lease_s / 3):
-            asked = time.monotonic()
+            asked = lease_clock()
             try:
                 self.store.heartbeat(self.id, self.lease_s)
-                self._renewed(asked)
+                self._renewed(asked, lease_clock())
                 recovered = self.store.recover(cause="its worker stopped renewing its lease")
             except QueueUnavailable as exc:
                 self._lost_queue(exc)
@@ -170,13 +178,14 @@ class Worker:
                 self.listener.queue_changed()
                 self.notify()
 
-    def _renewed(self, asked: float) -> None:
-        """A heartbeat asked for at `asked` renewed the leases this worker held then. Only runs whose lease
-        surely held at that moment are known to be among them: one that may have run out (the worker froze)
-        may be another worker's now, and is asked about from then on."""
+    def _renewed(self, asked: float, done: float) -> None:
+        """A heartbeat asked for at `asked`, answered at `done`, renewed the leases this worker held as it ran.
+        Only runs whose lease surely held until it was answered are known to be among them: one that may
+        have run out (the worker froze, the heartbeat was slow) may be another worker's now, and is asked
+        about from then on."""
         with self._running_lock:
             for run in self._running.values():
-                if asked < run.leased_until - self.lease_s / 2:
+                if done < run.leased_until - self.lease_s / 2:
                     run.leased_until = asked + self.lease_s
 
     def _beat(self) -> None:
@@ -331,7 +340,7 @@ class Worker:
             if job is None:
                 wakes = self._wakes  # a wake-up from here on means: look again before sleeping
                 try:
-                    asked = time.monotonic()
+                    asked = lease_clock()
                     job = self.store.claim(self.id, self.lease_s)
                     if job is not None:
                         self._claimed_at[job.id] = asked
@@ -342,7 +351,10 @@ class Worker:
                 self._found_queue()
             if job is None:
                 if self._on_idle is not None:
-                    self._on_idle()
+                    try:
+                        self._on_idle()
+                    except Exception:  # a report for the server: never worth the worker's thread
+                        log.exception("worker %s could not report that it is idle", self.id)
                 with self._wake:
                     # A job queued after the claim looked woke nobody (this thread was not waiting yet):
                     # without this check it would wait for the timeout.
@@ -439,7 +451,7 @@ class Worker:
         clock runs apart from this process's (Redis', another host's). Past that (a frozen process, beats
         that failed) the queue is asked. While the queue cannot be reached it is taken to hold it: the
         finish, fenced too, decides then."""
-        if time.monotonic() < running.leased_until - self.lease_s / 2:
+        if lease_clock() < running.leased_until - self.lease_s / 2:
             return True
         try:
             return self.store.holds(job_id, self.id)
@@ -454,7 +466,7 @@ class Worker:
         shutdown cuts the worker off."""
         while True:
             try:
-                asked = time.monotonic()
+                asked = lease_clock()
                 next_job = self.store.finish(
                     job_id, state, entry, claim_next=not self._stopping.is_set(), worker=self.id, lease_s=self.lease_s
                 )

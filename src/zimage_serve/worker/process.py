@@ -10,10 +10,10 @@ parent and in order (a few at a time): job events, queue changes and device stat
 wake, interrupt, free, report and stop. A wake is sent only while the child says, by a flag in shared
 memory, that it found no job (it sets the flag, then looks at the queue once more, so a job queued meanwhile
 is not missed). Events go only to sockets, so while none is connected to the parent (a number in shared
-memory says how many are) the child sends none: what runs is read from the queue file, and the node a prompt
-is on is asked of the child when a socket connects. The child dies with the parent (Linux's parent-death
-signal, else the pipe's end). A child that dies unexpectedly is started again once its running jobs are put
-back or failed, as crash recovery does at start.
+memory says how many are) the child sends only each job's end (`_PipeListener`): what runs is read from the
+queue file, and the node a prompt is on is asked of the child when a socket connects. The child dies with
+the parent (Linux's parent-death signal, else the pipe's end). A child that dies unexpectedly is started
+again once its running jobs are put back or failed, as crash recovery does at start.
 """
 
 from __future__ import annotations

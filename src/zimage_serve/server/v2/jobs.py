@@ -135,9 +135,9 @@ async def submit(request: Request) -> Response:
         if key is not None:
             await asyncio.to_thread(rt.records.release_key, owner, f"jobs/{key}")
         raise _refused(request, rt, exc) from exc
+    note_job(request, rt, submitted)  # first: whatever happens next, the record says the job was queued
     rt.queue_changed()
     job = submitted.job
-    note_job(request, rt, submitted)
     view = await rt.quick(rt.v2_jobs.view, job, identity.owner_filter(), origin_of(str(request.base_url)))
     return JSONResponse(view, status_code=201, headers={"Location": view["urls"]["self"]})
 
