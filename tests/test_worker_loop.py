@@ -3,7 +3,6 @@ and the output fence asks the queue only once a lease may have run out."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ class WatchedQueue(SQLiteQueue):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.after_empty_claim: Callable[[], None] | None = None
-        self.frozen_after_claim = 0.0  # the worker stops for this long right after it claimed a job
+        self.after_claim: Callable[[], None] | None = None  # run right after a claim that took a job
         self.asked_holds = 0
 
     def claim(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
@@ -50,8 +49,8 @@ class WatchedQueue(SQLiteQueue):
         hook, self.after_empty_claim = (self.after_empty_claim, None) if job is None else (None, None)
         if hook is not None:
             hook()
-        if job is not None and self.frozen_after_claim:
-            time.sleep(self.frozen_after_claim)  # a frozen process: what stands for it here
+        if job is not None and self.after_claim is not None:
+            self.after_claim()
         return job
 
     def holds(self, job_id: str, worker: str) -> bool:
@@ -85,7 +84,9 @@ def test_a_job_queued_between_an_empty_claim_and_the_sleep_runs_at_once(
         worker.stop(10)
 
 
-def test_the_fence_asks_the_queue_only_past_half_a_lease(tmp_path: Path) -> None:
+def test_the_fence_asks_the_queue_only_past_half_a_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]  # the workers' lease clock, moved by the test
+    monkeypatch.setattr(loop, "lease_clock", lambda: now[0])
     store = WatchedQueue(tmp_path / "queue.sqlite3")
     executor = Executor(NODES, Folders.default(tmp_path / "data"), Placing.choose("cpu"), journal=None)
     worker = Worker(store, executor, Quiet(), lease_s=60)
@@ -95,7 +96,11 @@ def test_the_fence_asks_the_queue_only_past_half_a_lease(tmp_path: Path) -> None
     try:
         wait_until(lambda: all(store.get(f"fresh{n}").state == "success" for n in range(3)), 30)  # type: ignore[union-attr]
         assert store.asked_holds == 0  # each run well within its lease: the queue is not asked
-        worker.lease_s, store.frozen_after_claim = 2.0, 1.5  # the next claim is past half its lease as it runs
+
+        def frozen() -> None:  # the worker stops for 45 s right after its claim: past half its lease
+            now[0] += 45.0
+
+        store.after_claim = frozen
         enqueue(store, "late", 9, picture("late"), {}, ["2"])
         worker.notify()
         wait_until(lambda: store.get("late").state == "success", 30)  # type: ignore[union-attr]
