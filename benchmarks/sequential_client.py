@@ -4,8 +4,10 @@
 
 The client posts `--jobs` model-free jobs (server_throughput.py's LoadImage → SaveImage, a new prefix
 each) one after another over one keep-alive connection, then polls GET /queue every 20 ms until it is
-empty, as scripts written against ComfyUI do. It prints the POST /prompt round trip (median, p90, p99)
-and the finished jobs per second, from the first post until the queue is empty. With `--comfyui URL` the
+empty, as scripts written against ComfyUI do. It prints the POST /prompt round trip (median, mean, p90,
+p99), the jobs still queued when the last POST was answered and how long they took (the worker's share:
+a server whose worker keeps up leaves one or two, and pays one 20 ms poll), and the finished jobs per
+second, from the first post until the queue is empty. With `--comfyui URL` the
 same client runs against a ComfyUI there too (its input folder must hold `bench.png`), alternating with
 ours, so both figures come from the same run on the same machine. With `--v2` the same client also posts
 the jobs through Comfy API v2 (`POST /api/v2/jobs`, one Idempotency-Key each, as the official client sends),
@@ -57,20 +59,28 @@ def run_client(
             trips.append(time.perf_counter() - sent)
             if not status.startswith(expected):
                 raise SystemExit(f"job {i} refused: {(status + payload).decode(errors='replace')[:200]}")
+    posted = time.perf_counter()
     poll = http.client.HTTPConnection(host, port, timeout=60)
+    left: int | None = None
     while True:
         poll.request("GET", "/queue", headers=headers)
         queue = json.loads(poll.getresponse().read())
+        if left is None:  # behind the posts: the worker's share of the time, beside the server's answers
+            left = len(queue["queue_running"]) + len(queue["queue_pending"])
         if not queue["queue_running"] and not queue["queue_pending"]:
             break
         time.sleep(0.02)
     poll.close()
     elapsed = time.perf_counter() - started
+    mean = statistics.fmean(trips)
     trips.sort()
     return {
         "POST round trip median ms": statistics.median(trips) * 1000,
+        "POST round trip mean ms": mean * 1000,
         "POST round trip p90 ms": trips[int(len(trips) * 0.9)] * 1000,
         "POST round trip p99 ms": trips[int(len(trips) * 0.99)] * 1000,
+        "jobs left after the last POST": float(left),
+        "ms from the last POST to an empty queue": (time.perf_counter() - posted) * 1000,
         "jobs/s until the queue is empty": jobs / elapsed,
     }
 
