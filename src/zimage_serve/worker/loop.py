@@ -91,8 +91,8 @@ class Running:
     started: float = field(default_factory=time.monotonic)
     stop: Stop = field(default_factory=Stop)  # the run's stop request, made before the run (Executor.run)
     # Until when (`lease_clock`) the lease surely holds: from before the claim or the last renewal that took
-    # it, plus the lease. Leases end only by running out, so until then the job is this
-    # worker's without asking the queue.
+    # it, plus the lease. Leases end only by running out, so until then the job is this worker's without
+    # asking the queue.
     leased_until: float = 0.0
 
 
