@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from tests.support.jobs import wait_until
+from tests.support.listeners import Quiet
 from tests.support.queues import enqueue
 from zimage_serve.engine.cancel import cancellable, install
 from zimage_serve.engine.parts import Placing
@@ -85,19 +85,6 @@ class PausedClaims(SQLiteQueue):
             self.claimed.set()
             self.go_on.wait(60)
         return job
-
-
-class Quiet:
-    def job_event(
-        self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
-    ) -> None:
-        pass
-
-    def queue_changed(self) -> None:
-        pass
-
-    def listening(self) -> bool:
-        return False
 
 
 def test_a_cancel_between_a_jobs_claim_and_its_start_stops_it(tmp_path: Path) -> None:

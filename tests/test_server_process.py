@@ -22,6 +22,7 @@ from tests.support.jobs import (
     upload_asset,
     wait_until,
 )
+from tests.support.listeners import Quiet
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker.build import RunSettings, WorkerConfig
 from zimage_serve.worker.process import WorkerProcess
@@ -105,22 +106,11 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
     assert (data / "output" / "last_00001_.png").is_file()
 
 
-class _Ignoring:
-    def job_event(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def queue_changed(self) -> None:
-        pass
-
-    def listening(self) -> bool:
-        return False
-
-
 def test_a_worker_process_still_loading_is_stopped_without_waiting_for_its_model(tmp_path: Path) -> None:
     store = SQLiteQueue(tmp_path / "queue.sqlite3")
     folders = [tmp_path / name for name in ("models", "input", "output", "temp")]
     config = WorkerConfig([folders[0]], *folders[1:], RunSettings(device="cpu"), queue=str(tmp_path / "queue.sqlite3"))
-    worker = WorkerProcess(config, _Ignoring(), store)
+    worker = WorkerProcess(config, Quiet(), store)
     worker.start()
     process = worker._process
     assert worker.stop(timeout=60) is True

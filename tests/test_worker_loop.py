@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support.jobs import wait_until
+from tests.support.listeners import Quiet
 from tests.support.queues import enqueue
 from zimage_serve.engine.parts import Placing
 from zimage_serve.queue.jobs import LEASE_S, Job
@@ -19,19 +20,6 @@ from zimage_serve.worker.loop import Worker
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
-
-
-class Quiet:
-    def job_event(
-        self, prompt_id: str, client_id: str | None, event: str, data: dict[str, Any], owner: str = ""
-    ) -> None:
-        pass
-
-    def queue_changed(self) -> None:
-        pass
-
-    def listening(self) -> bool:
-        return False
 
 
 class WatchedQueue(SQLiteQueue):

@@ -335,7 +335,6 @@ class Worker:
         if slot == 0 and self._preload:
             self._warm_up()
         job: Job | None = None
-        wakes = self._wakes
         while job is not None or not self._stopping.is_set():
             if job is None:
                 wakes = self._wakes  # a wake-up from here on means: look again before sleeping
