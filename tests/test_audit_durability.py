@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.app import serving
+from tests.support.app import AppServer, serving
 from tests.support.cli import run
 from tests.support.jobs import history, running_ids, running_job, small_job, submit, wait_until
 from tests.support.tokens import make_tokens
@@ -39,6 +39,20 @@ def disk_full(log: AuditLog) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     return write
+
+
+def fill_the_disk_while_a_job_runs(
+    served: AppServer, token: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[AppServer, str, AuditLog, Any]:
+    """A user's job running, then the disk full under the audit log: (the server as the user, the running
+    job, the log, its own write to put back once there is space)."""
+    server = served.as_token(token)
+    blocker = submit(server, running_job("blocker"))
+    wait_until(lambda: running_ids(server) == [blocker])
+    log = served.runtime.security.audit
+    writes = log._write_bytes
+    monkeypatch.setattr(log, "_write_bytes", disk_full(log))
+    return server, blocker, log, writes
 
 
 def new_log(folder: Path, **retention: Any) -> tuple[AuditLog, Path]:
@@ -74,12 +88,7 @@ def test_a_full_disk_answers_503_at_once_leaves_no_job_and_the_chain_continues(
     tokens = make_tokens(data)
     with serving(data, auth="on") as served:
         monkeypatch.setattr(served.runtime.service.store, "keeps_records", False)
-        server = served.as_token(tokens["user"])
-        blocker = submit(server, running_job("blocker"))
-        wait_until(lambda: running_ids(server) == [blocker])
-        log = served.runtime.security.audit
-        writes = log._write_bytes
-        monkeypatch.setattr(log, "_write_bytes", disk_full(log))
+        server, blocker, log, writes = fill_the_disk_while_a_job_runs(served, tokens["user"], monkeypatch)
 
         status, body = server.json("POST", "/prompt", {"prompt": small_job("refused")})
         assert status == 503 and body["error"]["type"] == "audit_unavailable", body
@@ -114,12 +123,7 @@ def test_a_job_queued_as_the_disk_fills_keeps_its_record_with_it_until_the_log_t
     data = tmp_path / "data"
     tokens = make_tokens(data)
     with serving(data, auth="on") as served:
-        server = served.as_token(tokens["user"])
-        blocker = submit(server, running_job("blocker"))
-        wait_until(lambda: running_ids(server) == [blocker])
-        log = served.runtime.security.audit
-        writes = log._write_bytes
-        monkeypatch.setattr(log, "_write_bytes", disk_full(log))
+        server, blocker, log, writes = fill_the_disk_while_a_job_runs(served, tokens["user"], monkeypatch)
 
         kept = submit(server, small_job("kept"))  # queued, its record beside it in the queue file
         wait_until(lambda: not log.available)
