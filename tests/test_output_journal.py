@@ -56,3 +56,57 @@ def test_without_hard_links_the_final_name_is_journaled_and_undone(
     assert not list(out.glob(".*.part"))
     assert journal.undo("job-3") == 1
     assert sorted(p.name for p in out.iterdir()) == ["img_00001_.png"]
+
+
+def test_a_settled_journal_becomes_the_next_prompts_without_a_file_made_or_freed(tmp_path: Path) -> None:
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    journal = OutputJournal(runs)
+    kept = write_new(out, "img", b"first", RunOutputs("job-1", journal))[0]
+    inode = (runs / "job-1.outputs").stat().st_ino
+    journal.settle("job-1")
+    [spare] = [p for p in runs.iterdir()]
+    assert spare.name.startswith(".spare-") and spare.stat().st_size == 0 and journal.journaled() == []
+    second = write_new(out, "img", b"second", RunOutputs("job-2", journal))[0]
+    assert [p.name for p in runs.iterdir()] == ["job-2.outputs"]
+    assert (runs / "job-2.outputs").stat().st_ino == inode  # the same file, holding job 2's entry only
+    assert journal.undo("job-2") == 1
+    assert sorted(p.name for p in out.iterdir()) == [kept] and (out / kept).read_bytes() == b"first"
+    assert second != kept and list(runs.iterdir()) == []
+
+
+def test_a_journal_left_by_an_earlier_run_is_appended_to_not_replaced_by_a_spare(tmp_path: Path) -> None:
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    crashed = write_new(out, "img", b"crashed run", RunOutputs("job-1", OutputJournal(runs)))[0]
+    journal = OutputJournal(runs)  # the next process
+    write_new(out, "other", b"x", RunOutputs("job-0", journal))
+    journal.settle("job-0")
+    write_new(out, "img", b"second run", RunOutputs("job-1", journal))
+    assert journal.undo("job-1") == 2 and not (out / crashed).exists()
+
+
+def test_spares_an_ended_process_left_are_removed_once_an_hour_old(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old, fresh = runs / ".spare-gone-0", runs / ".spare-alive-0"
+    old.touch()
+    fresh.touch()
+    os.utime(old, (0, 0))
+    write_new(tmp_path / "out", "img", b"1", RunOutputs("job-1", OutputJournal(runs)))
+    assert sorted(p.name for p in runs.iterdir()) == [".spare-alive-0", "job-1.outputs"]
+
+
+def test_without_hard_links_settled_journals_are_deleted_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    journal = OutputJournal(runs)
+    write_new(out, "img", b"1", RunOutputs("job-1", journal))
+    journal.settle("job-1")
+
+    def no_links(source: str, target: str) -> None:
+        raise PermissionError("hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    name = write_new(out, "img", b"2", RunOutputs("job-2", journal))[0]
+    journal.settle("job-2")
+    assert list(runs.iterdir()) == [] and (out / name).read_bytes() == b"2"
