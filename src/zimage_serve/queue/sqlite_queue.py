@@ -108,9 +108,10 @@ class SQLiteQueue:
         # table and index leaves, the state counts), and a rarer checkpoint copies each of them once for
         # many commits (measured: 88 → 63 µs per commit on this queue's workload).
         self._db.execute("PRAGMA wal_autocheckpoint=4000")
-        # Each commit by the other process (server or worker) empties this connection's page cache; with
-        # the file mapped, reading the pages back costs no system call (worker CPU per job ~6 % lower).
-        self._db.execute("PRAGMA mmap_size=268435456")
+        # No memory-mapped reads: the other process (server or worker) commits between almost every two
+        # transactions of this one, and SQLite then unmaps and maps the file again, which costs more than
+        # reading the few pages back (measured, enqueue 149 → 128 µs, finish and claim 229 → 208 µs).
+        self._db.execute("PRAGMA mmap_size=0")
         self._db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")  # setting up, once
         create_or_upgrade(self._db)
         if self._db.execute("PRAGMA user_version").fetchone()[0] < STRICT_VERSION:
