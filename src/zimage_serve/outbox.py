@@ -40,7 +40,7 @@ def connect(path: Path, tables: str) -> sqlite3.Connection:
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA wal_autocheckpoint=4000")  # as the queue's own connection
+    db.execute("PRAGMA wal_autocheckpoint=4000")  # rarely: the queue's own thread checkpoints the log
     db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")
     db.executescript(tables)  # the queue makes the same tables, and the triggers, as it opens the file
     db.execute("PRAGMA busy_timeout=0")

@@ -158,7 +158,7 @@ class AuditLog:
         # As the store's own connection: a commit survives a killed process without waiting for the disk
         # (only a power cut could lose the newest head, which `_recover` then finds again from the file).
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA wal_autocheckpoint=4000")  # as the queue's own connection: checkpoints as rare
+        self._db.execute("PRAGMA wal_autocheckpoint=4000")  # rarely: the queue's own thread checkpoints the log
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._file: int | None = None
