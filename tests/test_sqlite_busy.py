@@ -58,3 +58,23 @@ def test_a_lock_held_past_the_timeout_is_sqlites_busy_error(tmp_path: Path) -> N
     holder.execute("ROLLBACK")
     sqlite_busy.execute(waiter, "BEGIN IMMEDIATE")
     sqlite_busy.execute(waiter, "ROLLBACK")
+
+
+def test_a_short_wait_only_yields_the_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transaction of the other process that ends within SPIN_S is followed at the waiter's next turn on the
+    core, not after a sleep (one is ~0.1 ms at least, longer than such a transaction): the other side commits
+    only from within the third yield."""
+    holder, waiter = connect(tmp_path / "q.sqlite3"), connect(tmp_path / "q.sqlite3")
+    holder.execute("BEGIN IMMEDIATE")
+    yields: list[int] = []
+
+    def other_side_commits_on_the_third_yield() -> None:
+        yields.append(1)
+        if len(yields) == 3:
+            holder.execute("COMMIT")
+
+    monkeypatch.setattr(sqlite_busy, "_yield", other_side_commits_on_the_third_yield)
+    monkeypatch.setattr(sqlite_busy, "SPIN_S", 60.0)  # a slow machine's tries stay within it
+    sqlite_busy.execute(waiter, "BEGIN IMMEDIATE")
+    sqlite_busy.execute(waiter, "ROLLBACK")
+    assert len(yields) == 3
