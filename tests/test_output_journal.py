@@ -110,3 +110,30 @@ def test_without_hard_links_settled_journals_are_deleted_as_before(
     name = write_new(out, "img", b"2", RunOutputs("job-2", journal))[0]
     journal.settle("job-2")
     assert list(runs.iterdir()) == [] and (out / name).read_bytes() == b"2"
+
+
+def test_a_run_whose_prompt_another_worker_took_leaves_that_workers_journal_alone(tmp_path: Path) -> None:
+    """Worker A's lease ran out mid-run; worker B took the prompt, undid A's files and journals its own.
+    A's settle (its end is fenced) must neither take B's journal as a spare nor delete it."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    stale, taker = OutputJournal(runs), OutputJournal(runs)
+    write_new(out, "img", b"A's image", RunOutputs("job-p", stale))
+    assert taker.undo("job-p") == 1
+    b_image = write_new(out, "img", b"B's image", RunOutputs("job-p", taker))[0]
+    stale.settle("job-p")
+    assert (runs / "job-p.outputs").read_text().startswith(str(out / b_image))
+    write_new(out, "other", b"A's next", RunOutputs("job-q", stale))  # a new journal, not B's
+    assert str(out / b_image) not in (runs / "job-q.outputs").read_text()
+    assert taker.undo("job-p") == 1 and not (out / b_image).exists()
+
+
+def test_a_spare_removed_by_another_process_makes_way_for_a_new_journal(tmp_path: Path) -> None:
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    journal = OutputJournal(runs)
+    write_new(out, "img", b"1", RunOutputs("job-1", journal))
+    journal.settle("job-1")
+    [spare] = list(runs.iterdir())
+    spare.unlink()  # as another process's start removes an old spare
+    name = write_new(out, "img", b"2", RunOutputs("job-2", journal))[0]
+    assert [p.name for p in runs.iterdir()] == ["job-2.outputs"]
+    assert journal.undo("job-2") == 1 and not (out / name).exists()

@@ -1,15 +1,15 @@
-"""Write-ahead log checkpoints are made by a thread of their own, never inside a commit."""
+"""Write-ahead log checkpoints are made by a thread of their own, not inside a commit."""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.support.jobs import wait_until
 from tests.support.queues import enqueue
+from zimage_serve import sqlite_checkpoints
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.sqlite_checkpoints import Checkpoints
 
@@ -21,10 +21,6 @@ def _logged_file(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA wal_autocheckpoint=0")
     db.execute("CREATE TABLE rows (text TEXT)")
     return db
-
-
-def _threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name == "zimage-checkpoints"]
 
 
 def test_the_queues_commits_reach_the_database_file_by_the_thread_alone(tmp_path: Path) -> None:
@@ -52,19 +48,42 @@ def test_commits_are_checkpointed_by_the_thread_which_ends_when_idle(tmp_path: P
     path = tmp_path / "rows.sqlite3"
     db = _logged_file(path)
     checkpoints = Checkpoints(path, every_s=0.05, idle_s=0.2)
-    before = _threads()
+    assert not checkpoints.running  # nothing committed yet
     for _ in range(20):
         db.execute("INSERT INTO rows VALUES (?)", ("x" * 3000,))
         checkpoints.committed()
-    wait_until(lambda: path.stat().st_size > 20 * 3000, timeout=10)
-    assert 1 <= checkpoints.done <= 20
-    wait_until(lambda: _threads() == before, timeout=10)  # idle: the thread is gone
+    wait_until(lambda: checkpoints.done >= 1, timeout=10)
+    assert path.stat().st_size > 20 * 3000 and checkpoints.done <= 20
+    wait_until(lambda: not checkpoints.running, timeout=10)  # idle: the thread is gone
     done = checkpoints.done
     db.execute("INSERT INTO rows VALUES ('later')")
     checkpoints.committed()  # and a later commit starts it again
     wait_until(lambda: checkpoints.done == done + 1, timeout=10)
     checkpoints.close()
-    assert _threads() == before
+    assert not checkpoints.running
     checkpoints.committed()  # closed: nothing starts
-    assert _threads() == before
+    assert not checkpoints.running
+    db.close()
+
+
+def test_a_thread_that_could_not_start_is_started_again_by_the_next_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "rows.sqlite3"
+    db = _logged_file(path)
+    db.execute("INSERT INTO rows VALUES (?)", ("x" * 3000,))
+    checkpoints = Checkpoints(path, every_s=0.01, idle_s=5)
+    connect = sqlite3.connect
+
+    def out_of_descriptors(*args: object, **kwargs: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite_checkpoints.sqlite3, "connect", out_of_descriptors)
+    checkpoints.committed()
+    wait_until(lambda: not checkpoints.running, timeout=10)
+    monkeypatch.setattr(sqlite_checkpoints.sqlite3, "connect", connect)
+    checkpoints.committed()
+    wait_until(lambda: checkpoints.done == 1, timeout=10)
+    assert path.stat().st_size > 3000
+    checkpoints.close()
     db.close()

@@ -50,7 +50,7 @@ from zimage_serve.queue.jobs import (
 )
 from zimage_serve.queue.sqlite_schema import DONE, LIVE, STRICT_VERSION, create_or_upgrade
 from zimage_serve.security.audit_files import REQUEST_STATE
-from zimage_serve.sqlite_checkpoints import Checkpoints
+from zimage_serve.sqlite_checkpoints import BACKSTOP_PAGES, Checkpoints
 from zimage_serve.workflow.events import execution_error
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,11 @@ class SQLiteQueue:
         # NORMAL in WAL mode: a commit survives a process crash (SIGKILL); only a power cut can lose the
         # last transactions. That is the trade ComfyUI users ask for at 1000s of submissions per second.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # No checkpoint inside a commit: one waits for the disk, and the request or job that happened to commit
-        # then waited with it (~21 ms). A thread checkpoints instead (sqlite_checkpoints), twice a second at
-        # most, so that each hot page (the table and index leaves, the state counts) is copied once for many
-        # commits.
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        # No checkpoint inside a commit but as a backstop: one waits for the disk, and the request or job that
+        # happened to commit then waited with it (~21 ms). A thread checkpoints instead (sqlite_checkpoints),
+        # twice a second at most, so that each hot page (the table and index leaves, the state counts) is
+        # copied once for many commits.
+        self._db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         self._checkpoints = Checkpoints(self.path)
         # No memory-mapped reads: the other process (server or worker) commits between almost every two
         # transactions of this one, and SQLite then unmaps and maps the file again, which costs more than

@@ -15,8 +15,9 @@ A settled journal is not deleted: it is emptied and renamed to a spare name of t
 (`.spare-<process>-<n>`), and the next prompt's journal is that file linked to its own name. Creating and
 deleting a file per prompt would make ext4 (without its journal, as on many cloud disks) look through every
 recently freed inode each time it makes a new file, the prompt's images included: at a thousand small jobs a
-second that cost a tenth of a millisecond per job. Spares left by a process that ended are removed by the
-next one to start, once they are an hour old.
+second that cost a tenth of a millisecond per job. Spares untouched for an hour are removed by the next
+process to note an output (a live process whose spare went makes a new journal instead). Where an open file
+cannot be renamed (Windows) or linked (file systems without hard links), journals are made and deleted.
 """
 
 from __future__ import annotations
@@ -142,26 +143,46 @@ class OutputJournal:
 
     def settle(self, prompt_id: str) -> None:
         """The prompt's end is recorded: its final files stay, its own names and journal go. A prompt that
-        noted nothing in this process costs nothing here."""
+        noted nothing in this process costs nothing here. Only this run's journal file goes: a run whose
+        lease ran out, and whose prompt another worker took meanwhile, finds that worker's journal under
+        the name, and leaves it alone."""
         with self._lock:
             journal = self._open.pop(prompt_id, None)
         if journal is None:
             return
         self._drop_own(journal.entries)
-        path = self.path(prompt_id)
+        path, mine = self.path(prompt_id), _identity(journal.fd)
         with self._lock:
-            if self._reuse and len(self._spares) < MAX_SPARES:
+            if self._reuse and len(self._spares) < MAX_SPARES and _is(mine, path):
                 spare = os.path.join(self.folder, f"{self._spare_prefix}{next(self._spare_numbers)}")
                 try:
                     os.rename(path, spare)  # first: the prompt has no journal any more, then it is emptied
-                    os.ftruncate(journal.fd, 0)
-                    self._spares.append(_Spare(spare, journal.fd))
-                    return
-                except OSError as exc:
+                except OSError as exc:  # Windows renames no open file: deleted below, as before
                     log.debug("journal %s not kept as a spare: %s", path, exc)
+                else:
+                    if self._keep_spare(journal.fd, mine, spare, path):
+                        return
         os.close(journal.fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if _is(mine, path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _keep_spare(self, fd: int, mine: tuple[int, int], spare: str, path: str) -> bool:
+        """Under the lock, `path` just renamed to `spare`: emptied and kept if it is this run's journal;
+        otherwise (another process made a new one between the look and the rename) put back."""
+        if not _is(mine, spare):
+            with contextlib.suppress(FileExistsError):
+                os.link(spare, path)
+            os.unlink(spare)
+            return False
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            log.debug("journal %s not kept as a spare: %s", path, exc)
+            os.unlink(spare)
+            return False
+        self._spares.append(_Spare(spare, fd))
+        return True
 
     def settle_left_over(self, prompt_id: str) -> None:
         """As `settle`, for a journal another process left (its end was recorded just before a crash)."""
@@ -236,3 +257,17 @@ class OutputJournal:
                 with contextlib.suppress(OSError):
                     if entry.stat(follow_symlinks=False).st_mtime < old:
                         os.unlink(entry.path)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    found = os.fstat(fd)
+    return found.st_dev, found.st_ino
+
+
+def _is(identity: tuple[int, int], path: str) -> bool:
+    """Whether `path` names the file `identity` (device, inode) was taken from."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == identity
