@@ -43,7 +43,7 @@ SUFFIX = ".outputs"
 NO_LINK = "-"  # in place of the own name: the final name was created directly
 SPARE_PREFIX = ".spare-"
 MAX_SPARES = 8  # as many as prompts run at once in one process, for the usual concurrency
-SPARE_AGE_S = 3600.0  # a spare untouched this long was left by a process that ended
+SPARE_AGE_S = 3600.0  # a spare untouched this long is removed (its process, if alive, makes a new journal)
 
 
 def journal_folder(data_dir: Path) -> Path:
@@ -173,7 +173,8 @@ class OutputJournal:
         if not _is(mine, spare):
             with contextlib.suppress(FileExistsError):
                 os.link(spare, path)
-            os.unlink(spare)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spare)
             return False
         try:
             os.ftruncate(fd, 0)
@@ -246,7 +247,8 @@ class OutputJournal:
         return os.open(path, _APPEND, 0o600)
 
     def _remove_old_spares(self) -> None:
-        """Spares of processes that ended: untouched for an hour (a live one's are emptied at each use)."""
+        """Spares untouched for an hour, mostly of processes that ended (a live one that loses one makes a new
+        journal when it next needs one: see `_journal_file`)."""
         old = time.time() - SPARE_AGE_S
         try:
             entries = list(os.scandir(self.folder))
