@@ -151,7 +151,7 @@ class OutputJournal:
         if journal is None:
             return
         self._drop_own(journal.entries)
-        path, mine = self.path(prompt_id), _identity(journal.fd)
+        path, mine = self.path(prompt_id), os.fstat(journal.fd)
         with self._lock:
             if self._reuse and len(self._spares) < MAX_SPARES and _is(mine, path):
                 spare = os.path.join(self.folder, f"{self._spare_prefix}{next(self._spare_numbers)}")
@@ -167,7 +167,7 @@ class OutputJournal:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def _keep_spare(self, fd: int, mine: tuple[int, int], spare: str, path: str) -> bool:
+    def _keep_spare(self, fd: int, mine: os.stat_result, spare: str, path: str) -> bool:
         """Under the lock, `path` just renamed to `spare`: emptied and kept if it is this run's journal;
         otherwise (another process made a new one between the look and the rename) put back."""
         if not _is(mine, spare):
@@ -261,15 +261,9 @@ class OutputJournal:
                         os.unlink(entry.path)
 
 
-def _identity(fd: int) -> tuple[int, int]:
-    found = os.fstat(fd)
-    return found.st_dev, found.st_ino
-
-
-def _is(identity: tuple[int, int], path: str) -> bool:
-    """Whether `path` names the file `identity` (device, inode) was taken from."""
+def _is(mine: os.stat_result, path: str) -> bool:
+    """Whether `path` names the file `mine` was taken from."""
     try:
-        found = os.stat(path)
+        return os.path.samestat(mine, os.stat(path))
     except OSError:
         return False
-    return (found.st_dev, found.st_ino) == identity
