@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def manifest(out: Path) -> list[dict[str, Any]]:
 
 
 def images(out: Path) -> list[Path]:
-    return sorted(out.rglob("*.png"))
+    """The PNGs under `out`; a running batch makes and removes its work folder per row, so the walk skips a
+    folder that is gone by the time it is read, where `rglob` would raise."""
+    return sorted(Path(root) / name for root, _, names in os.walk(out) for name in names if name.endswith(".png"))
 
 
 def interrupted_then_resumed(tmp_path: Path, capsys: pytest.CaptureFixture[str], *server: str) -> None:

@@ -94,9 +94,10 @@ def test_the_worker_process_dies_with_the_server(tmp_path: Path) -> None:
 
 def test_sigterm_lets_the_running_job_finish(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    # A job long enough to be running when the signal comes, and a grace long enough for it on a busy machine.
+    # A job of seconds, so that it is still running when seen and signalled on a busy machine (a shorter one
+    # could finish between two looks at the queue), and a grace long enough for it.
     with running_server(data, "--shutdown-grace", "240") as server:
-        job = submit(server, small_job("last", size=256, steps=8))
+        job = submit(server, running_job("last"))
         wait_until(lambda: running_ids(server) == [job])
         server.process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it stopped.
