@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.loras import lora_pairs, write_diffusers
 from tests.server import Listening, free_port
-from tests.support.jobs import small_job
+from tests.support.jobs import small_job, wait_until
 from tests.support.threaded import threaded_server
 from tests.support.tokens import make_tokens
 from tests.workflows import img2img_workflow
@@ -63,6 +63,16 @@ def test_generate_gives_images_files_and_progress_in_order(served: Listening) ->
     assert {e.prompt_id for e in events} == {result.prompt_id} and {e.node for e in events} == {"3"}
     history = served.json("GET", f"/history/{result.prompt_id}")[1][result.prompt_id]
     assert history["prompt"][2]["3"]["inputs"]["seed"] == 5  # the values reached the graph the server ran
+
+
+def test_a_prompt_that_ended_before_the_wait_still_hands_on_its_progress(served: Listening) -> None:
+    events: list[Progress] = []
+    with Client(served.url) as client:
+        prompt_id = client.submit(small_job("client-early", steps=3))
+        wait_until(lambda: prompt_id in served.json("GET", f"/history/{prompt_id}")[1])
+        result = client.wait(prompt_id, on_progress=events.append, timeout=60)
+    assert [(e.node, e.value, e.max) for e in events] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
+    assert result.files[0].filename.startswith("client-early")
 
 
 def test_the_async_client_runs_jobs_concurrently(served: Listening) -> None:

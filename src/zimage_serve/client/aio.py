@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 DEFAULT_URL = "http://127.0.0.1:8188"
 MAX_RETRY_AFTER = 60.0  # a 429 that asks for a longer wait (a daily quota) is raised, not slept through
 BUFFERED_PROMPTS = 256  # events of prompts nobody waits for yet (a fast job can finish before `wait`)
+EXPECTED_PROMPTS = 4096  # prompts queued here while the socket was open: their events all come to it
 QUIET_CHECK = 5.0  # seconds without an event after which the history and the queue are asked
 RECONNECT_AFTER = 30.0  # seconds of polling after the socket failed before it is tried again
 END_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
@@ -163,8 +164,6 @@ class AsyncClient:
                 value = await self.upload(value)
             chosen[name] = value
         graph = resolved.render(chosen)
-        if self._events is not None:
-            await self._events.connect()  # listening before the prompt is queued: no event is missed
         extra = {"template": {"name": resolved.name, "version": resolved.version}}
         prompt_id = await self.submit(graph, extra_data=extra)
         result = await self.wait(prompt_id, on_progress=on_progress, timeout=timeout, download=download)
@@ -211,7 +210,10 @@ class AsyncClient:
     async def submit(
         self, graph: Mapping[str, Any], *, extra_data: Mapping[str, Any] | None = None, front: bool = False
     ) -> str:
-        """Queue an API-format graph; its prompt id. A refused graph raises `PromptError` with `node_errors`."""
+        """Queue an API-format graph; its prompt id. A refused graph raises `PromptError` with `node_errors`.
+
+        The event socket is opened first, so that `wait` hands on every progress event of the prompt, even
+        one that has ended by the time `wait` is called."""
         prompt_id = str(uuid.uuid4())
         body = {
             "prompt": dict(graph),
@@ -220,6 +222,8 @@ class AsyncClient:
             "extra_data": dict(extra_data or {}),
             "front": front,
         }
+        if self._events is not None and await self._events.connect():  # listening before it is queued
+            self._events.expect(prompt_id)
         response, attempts = await self._request_counted("POST", "/prompt", json=body)
         if response.status_code == 409 and attempts > 1:
             return prompt_id  # an earlier attempt got through before its answer was lost
@@ -287,11 +291,15 @@ class AsyncClient:
 
     # -- inside ----------------------------------------------------------------------------------------
     async def _wait_for_entry(self, prompt_id: str, on_progress: ProgressCallback | None) -> dict[str, Any]:
-        events = None
+        events, heard_from_start = None, False
         if self._events is not None and await self._events.connect():
+            heard_from_start = self._events.hears_all_of(prompt_id)
             events = self._events.watch(prompt_id)
         try:
-            polls = 0
+            # A prompt queued elsewhere sends no events here: the history is asked at once. One queued here
+            # with the socket open is followed by its events alone, so that a job that ended before this
+            # call still hands its progress to `on_progress` before its end.
+            polls = 1 if heard_from_start else 0
             while True:
                 entry = await self.history(prompt_id) if events is None or polls == 0 else None
                 if entry is not None:
@@ -401,6 +409,7 @@ class _Events:
         self._failed_at: float | None = None  # when the socket last failed: polling until RECONNECT_AFTER
         self._watchers: dict[str, asyncio.Queue[tuple[str, dict[str, Any]] | None]] = {}
         self._early: OrderedDict[str, list[tuple[str, dict[str, Any]]]] = OrderedDict()
+        self._expected: OrderedDict[str, None] = OrderedDict()
 
     async def connect(self) -> bool:
         """Whether events flow; after a failure the client polls, and tries the socket again later."""
@@ -419,6 +428,19 @@ class _Events:
             self._reader = asyncio.create_task(self._read())
             return True
 
+    def expect(self, prompt_id: str) -> None:
+        """`prompt_id` is about to be queued by this client: with the socket open, each of its events comes here."""
+        if self._socket is None:
+            return
+        self._expected[prompt_id] = None
+        while len(self._expected) > EXPECTED_PROMPTS:
+            self._expected.popitem(last=False)
+
+    def hears_all_of(self, prompt_id: str) -> bool:
+        """Whether every event of `prompt_id` reaches its watcher: it was queued while the socket was open,
+        the socket has stayed open since, and none of its early events was dropped from the buffer."""
+        return self._socket is not None and prompt_id in self._expected
+
     def watch(self, prompt_id: str) -> asyncio.Queue[tuple[str, dict[str, Any]] | None]:
         queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         for event in self._early.pop(prompt_id, []):
@@ -430,6 +452,7 @@ class _Events:
 
     def unwatch(self, prompt_id: str) -> None:
         self._watchers.pop(prompt_id, None)
+        self._expected.pop(prompt_id, None)
 
     async def _read(self) -> None:
         try:
@@ -452,11 +475,13 @@ class _Events:
                     self._early.setdefault(prompt_id, []).append(item)
                     self._early.move_to_end(prompt_id)
                     while len(self._early) > BUFFERED_PROMPTS:
-                        self._early.popitem(last=False)
+                        dropped, _ = self._early.popitem(last=False)
+                        self._expected.pop(dropped, None)
         except Exception:  # the connection dropped: every waiter polls from here on
             pass
         finally:
             self._socket = None
+            self._expected.clear()  # a socket opened later has missed some of their events
             self._failed_at = time.monotonic()
             for watcher in self._watchers.values():
                 watcher.put_nowait(None)
