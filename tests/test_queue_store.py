@@ -158,3 +158,41 @@ def test_jobs_are_read_by_column_position_so_the_table_keeps_the_declared_order(
         ["1"],
         1,
     )
+
+
+def broken(store: SQLiteQueue, job_id: str, number: float) -> None:
+    """A pending row whose prompt is not JSON (as a damaged or hand-edited file may hold)."""
+    store._db.execute(
+        "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created) "
+        "VALUES (?, ?, '{not json', '{}', '[]', 'pending', 0)",
+        (job_id, number),
+    )
+
+
+def test_a_claim_quarantines_a_row_it_cannot_read_and_takes_the_next(tmp_path: Path) -> None:
+    """The claimed row is read once the transaction is over; an unreadable one is put aside, never run."""
+    store = SQLiteQueue(tmp_path / "q.db")
+    add(store, "first", 0)
+    broken(store, "bad1", 1)
+    broken(store, "bad2", 2)
+    add(store, "next", 3)
+    first = store.claim("w1")
+    assert first is not None and first.id == "first" and first.state == "running" and first.worker == "w1"
+    taken = store.finish("first", "success", {}, claim_next=True, worker="w1")
+    assert taken is not None and (taken.id, taken.state, taken.attempts, taken.worker) == ("next", "running", 1, "w1")
+    assert taken.lease is not None and taken.started is not None and taken.lease > taken.started
+    assert [j.id for j in store.running()] == ["next"] and store.count("pending") == 0
+    assert [(row["id"], row["state"]) for row in store.quarantined()] == [("bad1", "pending"), ("bad2", "pending")]
+    broken(store, "bad3", 4)
+    assert store.claim("w1") is None and [row["id"] for row in store.quarantined()][-1] == "bad3"
+
+
+def test_an_unreadable_claim_another_worker_took_over_is_not_quarantined_by_the_first(tmp_path: Path) -> None:
+    store = SQLiteQueue(tmp_path / "q.db")
+    broken(store, "bad", 0)
+    with store._writing():
+        claim = store._claim_next("w1", 60)
+    assert claim is not None
+    store._db.execute("UPDATE jobs SET worker = 'w2' WHERE id = 'bad'")  # its lease ran out; w2 took it
+    assert store._read_claimed(claim) is None
+    assert store.quarantined() == [] and [row[0] for row in store._db.execute("SELECT id FROM jobs")] == ["bad"]

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from zimage_serve import sqlite_busy, strict_json
 from zimage_serve.identity import JobContext
@@ -81,6 +81,15 @@ LOCAL_FIRST = f"SELECT * FROM jobs WHERE owner = '' AND {PENDING_ORDER} LIMIT 1"
 MARK_RUNNING = (
     "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, worker = ?, lease = ? WHERE seq = ?"
 )
+
+
+class _Claim(NamedTuple):
+    """A pending job's row as a claim read it, and the values the claim marked it running with."""
+
+    row: sqlite3.Row
+    started: float
+    worker: str
+    lease: float
 
 
 class SQLiteQueue:
@@ -272,8 +281,14 @@ class SQLiteQueue:
     def claim(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
         """Hand out the next pending job (lowest number, then oldest) and mark it running, leased to
         `worker` for `lease_s` seconds."""
-        with self._writing():
-            return self._claim_next(worker, lease_s)
+        while True:
+            with self._writing():
+                claimed = self._claim_next(worker, lease_s)
+            if claimed is None:
+                return None
+            job = self._read_claimed(claimed)
+            if job is not None:
+                return job
 
     def finish(
         self,
@@ -288,16 +303,21 @@ class SQLiteQueue:
         `claim_next` hand out the next job to `worker` in the same transaction (one commit per job, not two)."""
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state}")
+        stored = strict_json.dumps(result)  # before the write lock, which the server's submissions wait for
         with self._writing():
             ended = self._execute(
                 # Fenced: a worker whose lease ran out, and whose job another worker took, records nothing.
                 "UPDATE jobs SET state = ?, finished = ?, result = ? WHERE id = ? AND state = 'running' "
                 "AND (? = '' OR worker = ?) RETURNING owner",
-                (state, self.clock(), strict_json.dumps(result), job_id, worker, worker),
+                (state, self.clock(), stored, job_id, worker, worker),
             ).fetchone()
             if ended is not None:
                 self._trim_history(str(ended[0]))
-            return self._claim_next(worker, lease_s) if claim_next else None
+            claimed = self._claim_next(worker, lease_s) if claim_next else None
+        if claimed is None:
+            return None
+        job = self._read_claimed(claimed)
+        return job if job is not None else self.claim(worker, lease_s)
 
     def cancel_waiting(self, job_id: str, result: dict[str, Any]) -> bool:
         with self._writing():
@@ -540,20 +560,34 @@ class SQLiteQueue:
         # row[12] is the owner, row[0] the submission sequence (sqlite_schema.JOBS_COLUMNS' order)
         return min(candidates, key=lambda row: (running.get(row[12], 0), row[0]))
 
-    def _claim_next(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
-        """Within a write transaction: the next pending job, now marked running and leased to `worker`."""
-        while True:
-            row = self._next_pending()
-            if row is None:
-                return None
-            try:
-                job = self._job(row)
-                break
-            except Exception as exc:  # a row no worker could run: out of the way, never crash-looped on
-                self._quarantine(row, _reason(exc))
-        job.state, job.started, job.attempts = "running", self.clock(), job.attempts + 1
-        job.worker, job.lease = worker, job.started + lease_s
-        self._execute(MARK_RUNNING, (job.started, worker, job.lease, row[0]))  # seq
+    def _claim_next(self, worker: str = "", lease_s: float = LEASE_S) -> _Claim | None:
+        """Within a write transaction: the next pending job's row, now marked running and leased to `worker`.
+        Its JSON is read by `_read_claimed` once the transaction is over: the other process's transactions
+        wait for this one, and reading a prompt is the longest part of a claim."""
+        row = self._next_pending()
+        if row is None:
+            return None
+        started = self.clock()
+        self._execute(MARK_RUNNING, (started, worker, started + lease_s, row[0]))  # seq
+        return _Claim(row, started, worker, started + lease_s)
+
+    def _read_claimed(self, claim: _Claim) -> Job | None:
+        """The job a claim took, running; None if its row cannot be read (then quarantined: a row no worker
+        could run is put out of the way, never crash-looped on)."""
+        try:
+            job = self._job(claim.row)
+        except Exception as exc:  # anything a damaged row can raise
+            with self._writing():
+                # Only while it is still this claim's: its lease may have run out and another worker taken it.
+                still = self._execute(
+                    "SELECT 1 FROM jobs WHERE seq = ? AND state = 'running' AND worker = ? AND started = ?",
+                    (claim.row[0], claim.worker, claim.started),
+                ).fetchone()
+                if still is not None:
+                    self._quarantine(claim.row, _reason(exc))
+            return None
+        job.state, job.started, job.attempts = "running", claim.started, job.attempts + 1
+        job.worker, job.lease = claim.worker, claim.lease
         return job
 
     def _count(self, state: str) -> int:
