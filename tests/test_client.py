@@ -68,11 +68,34 @@ def test_generate_gives_images_files_and_progress_in_order(served: Listening) ->
 def test_a_prompt_that_ended_before_the_wait_still_hands_on_its_progress(served: Listening) -> None:
     events: list[Progress] = []
     with Client(served.url) as client:
-        prompt_id = client.submit(small_job("client-early", steps=3))
+        # a seed of its own: a sampler cached from another test of this module's server reports no progress
+        prompt_id = client.submit(small_job("client-early", seed=71, steps=3))
         wait_until(lambda: prompt_id in served.json("GET", f"/history/{prompt_id}")[1])
         result = client.wait(prompt_id, on_progress=events.append, timeout=60)
     assert [(e.node, e.value, e.max) for e in events] == [("3", 1, 3), ("3", 2, 3), ("3", 3, 3)]
     assert result.files[0].filename.startswith("client-early")
+
+
+def test_two_waits_on_one_ended_prompt_both_end_at_once(served: Listening, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first wait takes the prompt's events; the second, which cannot hear all of them, asks the history
+    (were it left to the events, it would sit until the quiet check, made an hour long here)."""
+    monkeypatch.setattr("zimage_serve.client.aio.QUIET_CHECK", 3600.0)
+
+    async def main() -> tuple[list[list[int]], list[str]]:
+        async with AsyncClient(served.url) as client:
+            prompt_id = await client.submit(small_job("client-twice", seed=85, steps=2))  # not cached: see above
+            await asyncio.to_thread(wait_until, lambda: prompt_id in served.json("GET", f"/history/{prompt_id}")[1])
+            steps: list[list[int]] = [[], []]
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(client.wait(prompt_id, on_progress=lambda p, i=i: steps[i].append(p.value)) for i in (0, 1))
+                ),
+                timeout=60,
+            )
+            return steps, [r.files[0].filename for r in results]
+
+    steps, files = asyncio.run(main())
+    assert steps[0] == [1, 2] and files[0] == files[1] and files[0].startswith("client-twice")
 
 
 def test_the_async_client_runs_jobs_concurrently(served: Listening) -> None:

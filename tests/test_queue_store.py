@@ -196,3 +196,31 @@ def test_an_unreadable_claim_another_worker_took_over_is_not_quarantined_by_the_
     store._db.execute("UPDATE jobs SET worker = 'w2' WHERE id = 'bad'")  # its lease ran out; w2 took it
     assert store._read_claimed(claim) is None
     assert store.quarantined() == [] and [row[0] for row in store._db.execute("SELECT id FROM jobs")] == ["bad"]
+
+
+def test_a_claimed_row_whose_quarantine_failed_is_quarantined_by_the_next_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteQueue(tmp_path / "q.db")
+    broken(store, "bad", 0)
+    store._db.execute(
+        "INSERT INTO jobs (id, number, prompt, extra_data, outputs, state, created, attempts) "
+        "VALUES ('odd', 1, '{}', '{}', '[]', 'pending', 0, 'many')"  # attempts that are not a number
+    )
+    add(store, "good", 2)
+    real = store._quarantine
+    failures = iter([sqlite3.OperationalError("database is locked")])
+
+    def failing_once(row: sqlite3.Row, reason: str) -> None:
+        for exc in failures:
+            raise exc
+        real(row, reason)
+
+    monkeypatch.setattr(store, "_quarantine", failing_once)
+    with pytest.raises(sqlite3.OperationalError):
+        store.claim("w1")
+    # claimed, unread, not yet out of the way (read as rows: listing jobs would quarantine it too)
+    assert [tuple(r) for r in store._db.execute("SELECT id FROM jobs WHERE state = 'running'")] == [("bad",)]
+    job = store.claim("w1")
+    assert job is not None and job.id == "good" and [j.id for j in store.running()] == ["good"]
+    assert [row["id"] for row in store.quarantined()] == ["bad", "odd"]

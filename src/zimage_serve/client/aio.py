@@ -222,17 +222,26 @@ class AsyncClient:
             "extra_data": dict(extra_data or {}),
             "front": front,
         }
-        if self._events is not None and await self._events.connect():  # listening before it is queued
-            self._events.expect(prompt_id)
-        response, attempts = await self._request_counted("POST", "/prompt", json=body)
-        if response.status_code == 409 and attempts > 1:
-            return prompt_id  # an earlier attempt got through before its answer was lost
-        if response.status_code != 200:
-            raise refusal(response.status_code, _json(response), response.text)
-        answer = _json(response)
-        if answer.get("error"):
-            raise refusal(400, answer, response.text)
-        return str(answer.get("prompt_id") or prompt_id)
+        events = self._events
+        if events is not None and await events.connect():  # listening before it is queued
+            events.expect(prompt_id)
+        try:
+            response, attempts = await self._request_counted("POST", "/prompt", json=body)
+            if response.status_code == 409 and attempts > 1:
+                return prompt_id  # an earlier attempt got through before its answer was lost
+            if response.status_code != 200:
+                raise refusal(response.status_code, _json(response), response.text)
+            answer = _json(response)
+            if answer.get("error"):
+                raise refusal(400, answer, response.text)
+        except BaseException:
+            if events is not None:
+                events.forget(prompt_id)
+            raise
+        queued = str(answer.get("prompt_id") or prompt_id)
+        if queued != prompt_id and events is not None:  # a server that chose its own id
+            events.forget(prompt_id)
+        return queued
 
     async def wait(
         self,
@@ -293,12 +302,13 @@ class AsyncClient:
     async def _wait_for_entry(self, prompt_id: str, on_progress: ProgressCallback | None) -> dict[str, Any]:
         events, heard_from_start = None, False
         if self._events is not None and await self._events.connect():
-            heard_from_start = self._events.hears_all_of(prompt_id)
+            heard_from_start = on_progress is not None and self._events.hears_all_of(prompt_id)
             events = self._events.watch(prompt_id)
+        watched = events  # `events` becomes None if the socket closes meanwhile
         try:
             # A prompt queued elsewhere sends no events here: the history is asked at once. One queued here
-            # with the socket open is followed by its events alone, so that a job that ended before this
-            # call still hands its progress to `on_progress` before its end.
+            # with the socket open, whose progress is wanted, is followed by its events alone, so that a job
+            # that ended before this call still hands its progress to `on_progress` before its end.
             polls = 1 if heard_from_start else 0
             while True:
                 entry = await self.history(prompt_id) if events is None or polls == 0 else None
@@ -333,8 +343,8 @@ class AsyncClient:
                     await self._ensure_known(prompt_id)
                 await asyncio.sleep(min(self.poll_interval * (1 + polls / 8), 1.0))
         finally:
-            if self._events is not None:
-                self._events.unwatch(prompt_id)
+            if self._events is not None and watched is not None:
+                self._events.unwatch(prompt_id, watched)
 
     async def _entry_after_end(self, prompt_id: str) -> dict[str, Any]:
         # A ComfyUI server may announce the end a moment before its history has the entry.
@@ -407,7 +417,7 @@ class _Events:
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._failed_at: float | None = None  # when the socket last failed: polling until RECONNECT_AFTER
-        self._watchers: dict[str, asyncio.Queue[tuple[str, dict[str, Any]] | None]] = {}
+        self._watchers: dict[str, list[asyncio.Queue[tuple[str, dict[str, Any]] | None]]] = {}
         self._early: OrderedDict[str, list[tuple[str, dict[str, Any]]]] = OrderedDict()
         self._expected: OrderedDict[str, None] = OrderedDict()
 
@@ -436,23 +446,33 @@ class _Events:
         while len(self._expected) > EXPECTED_PROMPTS:
             self._expected.popitem(last=False)
 
+    def forget(self, prompt_id: str) -> None:
+        """`prompt_id` was not queued under that id after all."""
+        self._expected.pop(prompt_id, None)
+
     def hears_all_of(self, prompt_id: str) -> bool:
-        """Whether every event of `prompt_id` reaches its watcher: it was queued while the socket was open,
-        the socket has stayed open since, and none of its early events was dropped from the buffer."""
+        """Whether every event of `prompt_id` would reach a watcher starting now: it was queued while the
+        socket was open, the socket has stayed open since, none of its early events was dropped from the
+        buffer, and no watcher has taken any of them (`watch` forgets it)."""
         return self._socket is not None and prompt_id in self._expected
 
     def watch(self, prompt_id: str) -> asyncio.Queue[tuple[str, dict[str, Any]] | None]:
+        """The prompt's events from now on (and those buffered before, for its first watcher)."""
         queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
         for event in self._early.pop(prompt_id, []):
             queue.put_nowait(event)
         if self._socket is None:
             queue.put_nowait(None)
-        self._watchers[prompt_id] = queue
+        self._watchers.setdefault(prompt_id, []).append(queue)
+        self._expected.pop(prompt_id, None)  # a later watcher has missed what this one takes
         return queue
 
-    def unwatch(self, prompt_id: str) -> None:
-        self._watchers.pop(prompt_id, None)
-        self._expected.pop(prompt_id, None)
+    def unwatch(self, prompt_id: str, queue: asyncio.Queue[tuple[str, dict[str, Any]] | None]) -> None:
+        watchers = self._watchers.get(prompt_id, [])
+        if queue in watchers:
+            watchers.remove(queue)
+        if not watchers:
+            self._watchers.pop(prompt_id, None)
 
     async def _read(self) -> None:
         try:
@@ -468,9 +488,10 @@ class _Events:
                     continue
                 prompt_id = data["prompt_id"]
                 item = (str(event.get("type")), data)
-                watcher = self._watchers.get(prompt_id)
-                if watcher is not None:
-                    watcher.put_nowait(item)
+                watchers = self._watchers.get(prompt_id)
+                if watchers:
+                    for watcher in watchers:
+                        watcher.put_nowait(item)
                 else:
                     self._early.setdefault(prompt_id, []).append(item)
                     self._early.move_to_end(prompt_id)
@@ -483,8 +504,9 @@ class _Events:
             self._socket = None
             self._expected.clear()  # a socket opened later has missed some of their events
             self._failed_at = time.monotonic()
-            for watcher in self._watchers.values():
-                watcher.put_nowait(None)
+            for watchers in self._watchers.values():
+                for watcher in watchers:
+                    watcher.put_nowait(None)
 
     async def close(self) -> None:
         socket, reader = self._socket, self._reader

@@ -107,6 +107,8 @@ class SQLiteQueue:
         self.path, self.max_pending, self.clock = private_file(path), max_pending, clock
         self.history_limits = history or HistoryLimits()
         self._lock = threading.Lock()
+        self._unreadable_claims: list[tuple[_Claim, str]] = []  # see _quarantine_unreadable_claims
+        self._unreadable_lock = threading.Lock()
         self._number_lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -281,6 +283,7 @@ class SQLiteQueue:
     def claim(self, worker: str = "", lease_s: float = LEASE_S) -> Job | None:
         """Hand out the next pending job (lowest number, then oldest) and mark it running, leased to
         `worker` for `lease_s` seconds."""
+        self._quarantine_unreadable_claims()
         while True:
             with self._writing():
                 claimed = self._claim_next(worker, lease_s)
@@ -576,19 +579,34 @@ class SQLiteQueue:
         could run is put out of the way, never crash-looped on)."""
         try:
             job = self._job(claim.row)
+            job.attempts += 1
         except Exception as exc:  # anything a damaged row can raise
-            with self._writing():
-                # Only while it is still this claim's: its lease may have run out and another worker taken it.
-                still = self._execute(
-                    "SELECT 1 FROM jobs WHERE seq = ? AND state = 'running' AND worker = ? AND started = ?",
-                    (claim.row[0], claim.worker, claim.started),
-                ).fetchone()
-                if still is not None:
-                    self._quarantine(claim.row, _reason(exc))
+            with self._unreadable_lock:
+                self._unreadable_claims.append((claim, _reason(exc)))
+            self._quarantine_unreadable_claims()
             return None
-        job.state, job.started, job.attempts = "running", claim.started, job.attempts + 1
+        job.state, job.started = "running", claim.started
         job.worker, job.lease = claim.worker, claim.lease
         return job
+
+    def _quarantine_unreadable_claims(self) -> None:
+        """Quarantine the rows claims took and could not read. Each is quarantined only while it is still its
+        claim's: its lease may have run out and another worker taken it. A claim whose quarantine fails (the
+        file locked past the timeout, say) is tried again by the next claim: the row, marked running by this
+        worker, whose heartbeats renew its lease, would otherwise stay running for good."""
+        if not self._unreadable_claims:
+            return
+        with self._unreadable_lock:  # taken before the store's lock, never after
+            while self._unreadable_claims:
+                claim, reason = self._unreadable_claims[0]
+                with self._writing():
+                    still = self._execute(
+                        "SELECT 1 FROM jobs WHERE seq = ? AND state = 'running' AND worker = ? AND started = ?",
+                        (claim.row[0], claim.worker, claim.started),
+                    ).fetchone()
+                    if still is not None:
+                        self._quarantine(claim.row, reason)
+                self._unreadable_claims.pop(0)
 
     def _count(self, state: str) -> int:
         row = self._execute("SELECT n FROM state_counts WHERE state = ?", (state,)).fetchone()
