@@ -439,9 +439,7 @@ class _Events:
             return True
 
     def expect(self, prompt_id: str) -> None:
-        """`prompt_id` is about to be queued by this client: with the socket open, each of its events comes here."""
-        if self._socket is None:
-            return
+        """`prompt_id` is about to be queued by this client, with the socket open: each of its events comes here."""
         self._expected[prompt_id] = None
         while len(self._expected) > EXPECTED_PROMPTS:
             self._expected.popitem(last=False)
