@@ -66,7 +66,11 @@ def worker_inside(jobs: int) -> None:
         def queue_changed(self) -> None:
             pass
 
-    data = Path(tempfile.mkdtemp())
+        def listening(self) -> bool:
+            return False
+
+    scratch = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, when this returns
+    data = Path(scratch.name)
     for sub in ("input", "output", "temp", "models"):
         (data / sub).mkdir()
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
@@ -81,7 +85,7 @@ def worker_inside(jobs: int) -> None:
     # As the server's worker process runs: the output journal on, the CPU's default time limit.
     executor = Executor(NODES, folders, Placing.choose("cpu"), journal=OutputJournal(data / "runs"))
     worker = Worker(store, executor, Quiet(), job_timeout=OTHER_JOB_TIMEOUT_S)
-    job = store.claim()
+    job = store.claim(worker.id, worker.lease_s)  # as the worker's loop claims: its own, leased
     for _ in range(WARM_UP):
         job = worker._run(job)  # type: ignore[arg-type]
     counting(os.getpid(), "on")
@@ -154,7 +158,8 @@ def main() -> None:
     if args.inside_worker:
         worker_inside(args.inside_worker)
         return
-    work = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, at the end
+    work = Path(scratch.name)
     parts = ["worker", "server"] if args.part == "both" else [args.part]
     for part in parts:
         per_job = measure_worker(args.jobs, work) if part == "worker" else measure_server(args.jobs, work)
