@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
 import sys
@@ -35,6 +36,8 @@ from benchmarks.server_throughput import graph, print_medians, read_response
 from tests.server import running_server
 
 from zimage_serve.security.tokens import TokenStore
+
+SLOW_CREATION_US = 50
 
 
 def run_client(
@@ -85,6 +88,18 @@ def run_client(
     }
 
 
+def file_creation_us(folder: Path, files: int = 200) -> float:
+    """How long creating one empty file takes in `folder`, in microseconds: every saved image pays it. On ext4
+    without a journal it grows from ~10 µs to 100–200 µs for a few minutes after many files nearby were
+    deleted (a test suite's temporary folders, say), since each new file then looks at every recently freed
+    inode first. The files stay (removed with the data folder at the end): deleting them now would cause just that."""
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    for i in range(files):
+        os.close(os.open(folder / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - started) / files * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=300)
@@ -93,20 +108,35 @@ def main() -> None:
     parser.add_argument("--comfyui", help="a ComfyUI to measure beside ours, e.g. http://127.0.0.1:8189")
     parser.add_argument("--v2", action="store_true", help="also submit through Comfy API v2, alternating")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
+        results, creation_us = measure(args, Path(work) / "data")
+    title = f"{args.jobs} model-free jobs, one at a time, authentication {args.auth}, {args.rounds} rounds"
+    print_medians(f"{title}; creating a file in our data folder took {creation_us:.0f} µs", results)
+    if creation_us > SLOW_CREATION_US:
+        print(
+            f"  (more than {SLOW_CREATION_US} µs: the file system is looking through recently freed inodes, and each"
+            " image we save pays it; the figures are lower than usual until that passes, a few minutes)"
+        )
 
-    data = Path(tempfile.mkdtemp()) / "data"
+
+def measure(args: argparse.Namespace, data: Path) -> tuple[dict[str, list[dict[str, float]]], float]:
+    """Each variant's rounds, taking turns on one server (and the ComfyUI, if given), and the file creation
+    time in the data folder just before."""
     headers: dict[str, str] = {}
     server_args: tuple[str, ...] = ()
     inputs = data / "input"
     if args.auth == "on":
+        inputs.mkdir(parents=True)
         store = TokenStore(data / "auth.sqlite3")
         headers["Authorization"] = "Bearer " + store.create("bench", "user")[0]
         store.close()
         inputs, server_args = data / "input" / "users" / "bench", ("--auth", "on")
-    inputs.mkdir(parents=True)
+    inputs.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")
     results: dict[str, list[dict[str, float]]] = {"zimage-serve": [], "zimage-serve, Comfy API v2": [], "ComfyUI": []}
     queued = args.jobs * (args.rounds + 1) * 2 + 10
+    outputs = data / "output" / "users" / "bench" if args.auth == "on" else data / "output"
+    creation_us = file_creation_us(outputs / ".probe")  # beside the folders the jobs' images go to
     with running_server(data, "--max-queue", str(queued), *server_args) as server:
         run_client("127.0.0.1", server.port, 5, headers, "warm-up")
         for round_ in range(args.rounds):
@@ -119,8 +149,7 @@ def main() -> None:
                 url = urlsplit(args.comfyui)
                 host, port = url.hostname or "127.0.0.1", url.port or 80
                 results["ComfyUI"].append(run_client(host, port, args.jobs, {}, f"c{round_}"))
-    title = f"{args.jobs} model-free jobs, one at a time, authentication {args.auth}, {args.rounds} rounds"
-    print_medians(title, results)
+    return results, creation_us
 
 
 if __name__ == "__main__":
