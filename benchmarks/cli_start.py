@@ -30,7 +30,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     runs = parser.parse_args().runs
-    data = Path(tempfile.mkdtemp()) / "data"
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
+        measure(runs, Path(work) / "data")
+
+
+def measure(runs: int, data: Path) -> None:
     subprocess.run([*ZIMAGE, "tokens", "create", "bench", "--data-dir", str(data)], check=True, capture_output=True)
     commands = {
         "zimage --help": ["--help"],

@@ -51,11 +51,11 @@ def cpu_s(pid: int) -> float:
 @contextmanager
 def configuration(name: str, workers: int, lease: float, jobs: int) -> Iterator[dict[str, Any]]:
     """The processes of one configuration, started and warm: {"server", "workers", "redis"}."""
-    base = Path(tempfile.mkdtemp())
-    data = base / "data"
-    (data / "input").mkdir(parents=True)
-    Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     with ExitStack() as stack:
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zimage-bench-")))  # removed last
+        data = base / "data"
+        (data / "input").mkdir(parents=True)
+        Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
         found: dict[str, Any] = {"workers": [], "redis": None}
         args = ["--max-queue", str(jobs + 10), "--lease", str(lease)]
         if name == "sqlite":

@@ -79,7 +79,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import tempfile
 
-    scratch = tempfile.mkdtemp()
+    scratch_folder = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, at the end
+    scratch = scratch_folder.name
     main_model = transformer(args.dim)
     install(main_model)
     side = args.size // 8

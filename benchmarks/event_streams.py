@@ -61,7 +61,11 @@ async def stream(port: int, job_id: str, source: str, first: asyncio.Event, ende
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    data = Path(tempfile.mkdtemp()) / "data"
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
+        await measure(args, Path(work) / "data")
+
+
+async def measure(args: argparse.Namespace, data: Path) -> None:
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     with running_server(data, "--event-streams", str(args.streams + 10), "--max-queue", "1000") as server:

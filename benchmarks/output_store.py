@@ -46,7 +46,11 @@ def stored(port: int) -> float:
 
 
 def measure(jobs: int, store: str | None) -> dict[str, float]:
-    data = Path(tempfile.mkdtemp()) / "data"
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
+        return measure_in(Path(work) / "data", jobs, store)
+
+
+def measure_in(data: Path, jobs: int, store: str | None) -> dict[str, float]:
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     options = ["--max-queue", str(jobs + 10)] + (["--output-store", store] if store else [])

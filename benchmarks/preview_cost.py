@@ -41,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    folders = Folders.default(Path(tempfile.mkdtemp()))
+    scratch = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, at the end
+    folders = Folders.default(Path(scratch.name))
     placing = Placing.choose("cpu")
     # One executor (the same loaded models for both): a run asks for no previews as a prompt can.
     executor = Executor(NODES, folders, placing, previews=PreviewSettings("auto"))

@@ -141,7 +141,11 @@ def cpu_seconds(pid: int) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace, *server_args: str, auth: bool = False) -> dict[str, float]:
-    data = Path(tempfile.mkdtemp()) / "data"
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
+        return measure_in(Path(work) / "data", args, *server_args, auth=auth)
+
+
+def measure_in(data: Path, args: argparse.Namespace, *server_args: str, auth: bool = False) -> dict[str, float]:
     inputs = data / "input" / "users" / "bench" if auth else data / "input"  # a user's uploads are their own
     inputs.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")

@@ -54,7 +54,11 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def measure(jobs: int, with_endpoint: bool) -> dict[str, float]:
-    data = Path(tempfile.mkdtemp()) / "data"
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
+        return measure_in(Path(work) / "data", jobs, with_endpoint)
+
+
+def measure_in(data: Path, jobs: int, with_endpoint: bool) -> dict[str, float]:
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     receiver = Receiver(("127.0.0.1", 0), Handler)

@@ -47,7 +47,8 @@ def main() -> None:
     quiet_libraries()
     torch.set_num_threads(args.threads)
     engine = open_engine(default_model(), device="cpu")
-    folders = Folders.default(Path(tempfile.mkdtemp()))
+    scratch = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, at the end
+    folders = Folders.default(Path(scratch.name))
     executor = Executor(NODES, folders, Placing.choose("cpu"))
     validator = Validator(NODES, folders)
     template = json.loads(WORKFLOW.read_text())
