@@ -224,3 +224,74 @@ def test_a_claimed_row_whose_quarantine_failed_is_quarantined_by_the_next_claim(
     job = store.claim("w1")
     assert job is not None and job.id == "good" and [j.id for j in store.running()] == ["good"]
     assert [row["id"] for row in store.quarantined()] == ["bad", "odd"]
+
+
+def triggers(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+
+
+WEBHOOK_TRIGGERS = {"jobs_webhook_queued", "jobs_webhook_started", "jobs_webhook_ended", "jobs_webhook_deleted"}
+
+
+def test_the_webhook_triggers_exist_only_while_an_endpoint_does(tmp_path: Path) -> None:
+    """Without an endpoint a job's changes run no webhook trigger at all (each costs SQLite a sub-program per
+    row even when its WHEN clause is false); an endpoint registered from another connection makes them, in
+    its own transaction, and the other connections' next statements use them."""
+    from zimage_serve.webhooks.store import WebhookStore
+
+    path = tmp_path / "queue.sqlite3"
+    queue = SQLiteQueue(path)
+    assert not triggers(path) & WEBHOOK_TRIGGERS
+    hooks = WebhookStore(path)
+    hooks.add("all", "https://a.example", ["queued", "started"], subscribe=True)
+    hooks.add("second", "https://b.example", ["queued"], subscribe=True)
+    assert triggers(path) >= WEBHOOK_TRIGGERS
+    add(queue, "after")
+    queue.claim()
+    events = hooks._db.execute("SELECT event, endpoint FROM webhook_outbox WHERE job_id = 'after'").fetchall()
+    assert sorted(e for e, _ in events) == ["queued", "queued", "started"]
+    assert hooks.remove("all") and triggers(path) >= WEBHOOK_TRIGGERS  # one endpoint is left
+    assert hooks.remove("second") and not triggers(path) & WEBHOOK_TRIGGERS
+    add(queue, "later")
+    assert hooks._db.execute("SELECT COUNT(*) FROM webhook_outbox WHERE job_id = 'later'").fetchone()[0] == 0
+    queue.close()
+    hooks.close()
+
+
+def test_opening_the_file_fits_its_triggers_to_its_endpoints_and_store_and_changes_nothing_that_fits(
+    tmp_path: Path,
+) -> None:
+    """An endpoint registered before the queue ever made its tables gets its triggers when the queue opens
+    the file; triggers an older version left with no endpoint (or written differently) are dropped or made
+    again; a file whose triggers fit is not touched (a schema change makes every connection prepare again)."""
+    from zimage_serve.storage.uploads import UploadOutbox
+    from zimage_serve.webhooks.store import WebhookStore
+
+    path = tmp_path / "queue.sqlite3"
+    hooks = WebhookStore(path)  # no jobs table yet: nothing to put triggers on
+    hooks.add("all", "https://a.example", subscribe=True)
+    assert not triggers(path) & WEBHOOK_TRIGGERS
+    SQLiteQueue(path).close()
+    assert triggers(path) >= WEBHOOK_TRIGGERS
+    with sqlite3.connect(path) as db:
+        version = db.execute("PRAGMA schema_version").fetchone()[0]
+    SQLiteQueue(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA schema_version").fetchone()[0] == version
+        db.execute("DELETE FROM webhook_endpoints")  # as a version that kept its triggers always would
+        db.execute("DROP TRIGGER jobs_outputs_forgotten")
+        db.execute("CREATE TRIGGER jobs_outputs_forgotten AFTER DELETE ON jobs BEGIN SELECT 1; END")
+    SQLiteQueue(path).close()
+    assert not triggers(path) & WEBHOOK_TRIGGERS
+    with sqlite3.connect(path) as db:
+        [kept] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs_outputs_forgotten'").fetchone()
+    assert "DELETE FROM output_objects" in kept
+    uploads = UploadOutbox(path)
+    assert "jobs_outputs_stored" not in triggers(path)
+    uploads.use("s3://bucket/outputs")
+    assert "jobs_outputs_stored" in triggers(path)
+    uploads.use(None)
+    assert "jobs_outputs_stored" not in triggers(path) and "jobs_outputs_forgotten" in triggers(path)
+    uploads.close()
+    hooks.close()

@@ -131,10 +131,10 @@ def create_or_upgrade(db: sqlite3.Connection) -> None:
     db.executescript(AUDIT_TRIGGER)
     db.executescript(webhooks.TABLES)
     webhooks.upgrade(db)
-    db.executescript(webhooks.TRIGGERS)
     db.executescript(storage.TABLES)
-    db.executescript(storage.TRIGGERS)
     db.execute("BEGIN IMMEDIATE")
+    webhooks.fit_triggers(db.execute)  # in this transaction: no moment without them while an endpoint exists
+    storage.fit_triggers(db.execute)
     if db.execute("SELECT COUNT(*) FROM state_counts").fetchone()[0] == 0:  # a new or older file
         found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         db.executemany("INSERT INTO state_counts (state, n) VALUES (?, ?)", [(s, found.get(s, 0)) for s in STATES])

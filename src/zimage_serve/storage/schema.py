@@ -1,14 +1,16 @@
 """The output store's tables in the queue's SQLite file, and the trigger that fills its outbox.
 
 A job that succeeds while an output store is configured (the one row of `output_store`) gets one outbox row,
-written by the trigger in the transaction that records its end, with the history entry that lists its files:
-no output is forgotten by a crash between the job's end and its upload. Each file uploaded is recorded in
+written by the trigger (there only while a store is configured) in the transaction that records its end, with
+the history entry that lists its files: no output is forgotten by a crash between the job's end and its
+upload. Each file uploaded is recorded in
 `output_objects` (the key it went to) for as long as its job is kept.
 """
 
 from __future__ import annotations
 
 from zimage_serve.outbox import NOW
+from zimage_serve.sqlite_triggers import Execute, keep_while
 
 # A job's files are in its owner's space when a user queued it, in the shared folders when an admin did
 # (v2's job_space, identity.JobContext: a context without a role is an admin's).
@@ -47,17 +49,28 @@ CREATE TABLE IF NOT EXISTS output_objects (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS output_objects_file ON output_objects (space, subfolder, filename);
 """
-TRIGGERS = f"""
-DROP TRIGGER IF EXISTS jobs_outputs_stored;
-DROP TRIGGER IF EXISTS jobs_outputs_forgotten;
-CREATE TRIGGER IF NOT EXISTS jobs_outputs_stored AFTER UPDATE OF finished ON jobs
+ANY_STORE = "EXISTS (SELECT 1 FROM output_store)"
+# name → statement, as SQLite keeps it (`sqlite_triggers.keep_while` compares them). The first exists while a
+# store is configured (`fit_triggers`); the WHEN clause still asks, for a file an older version changed.
+STORED = {
+    "jobs_outputs_stored": f"""CREATE TRIGGER jobs_outputs_stored AFTER UPDATE OF finished ON jobs
 WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL AND NEW.state = 'success'
-     AND EXISTS (SELECT 1 FROM output_store) BEGIN
+     AND {ANY_STORE} BEGIN
     INSERT INTO output_outbox (job_id, owner, space, result, created, next_at)
     VALUES (NEW.id, NEW.owner, {SPACE}, NEW.result, {NOW}, {NOW});
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_outputs_forgotten AFTER DELETE ON jobs
+END""",
+}
+# Always: the records of a job's uploaded files go with it, whether a store is configured now or not.
+FORGOTTEN = {
+    "jobs_outputs_forgotten": """CREATE TRIGGER jobs_outputs_forgotten AFTER DELETE ON jobs
 WHEN OLD.finished IS NOT NULL BEGIN
     DELETE FROM output_objects WHERE job_id = OLD.id;
-END;
-"""
+END""",
+}
+
+
+def fit_triggers(execute: Execute) -> None:
+    """Within a write transaction: the job triggers as this version writes them, the outbox's only while an
+    output store is configured (see `sqlite_triggers`)."""
+    keep_while(execute, f"SELECT {ANY_STORE}", STORED)
+    keep_while(execute, "SELECT 1", FORGOTTEN)

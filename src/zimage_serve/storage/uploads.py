@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from zimage_serve import outbox
-from zimage_serve.storage.schema import TABLES
+from zimage_serve.storage.schema import TABLES, fit_triggers
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ class UploadOutbox(outbox.OutboxFile):
                     "lease_until = NULL WHERE dead IS NULL",
                     (time.time(),),
                 )
+            fit_triggers(self._execute)
 
     def claim(self, now: float, limit: int, lease_s: float) -> list[Upload]:
         if not self._read(f"SELECT 1 FROM output_outbox WHERE {DUE} LIMIT 1", (now, now)):

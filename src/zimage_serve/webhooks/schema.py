@@ -4,7 +4,7 @@ The triggers write a job's events in the transaction that changes the job, so no
 between the two: queued (a job stored), started (taken by a worker), succeeded, failed or canceled (its
 end, or a waiting job deleted). One row per event and endpoint: every endpoint subscribed to the job's
 owner (or to every job), and the one the job names in `extra_data.webhook` if its owner may use it. With
-no endpoint registered the triggers do nothing (their WHEN clause reads one empty table).
+no endpoint registered there are no triggers (`fit_triggers`): a job's change then costs nothing more.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sqlite3
 from typing import Any
 
 from zimage_serve.outbox import NOW
+from zimage_serve.sqlite_triggers import Execute, keep_while
 
 EVENTS = ("queued", "started", "succeeded", "failed", "canceled")
 TABLES = """
@@ -114,22 +115,25 @@ def _insert(event: str, row: str, result: str) -> str:
 
 ANY_ENDPOINT = "EXISTS (SELECT 1 FROM webhook_endpoints)"
 ENDED = "CASE NEW.state WHEN 'success' THEN 'succeeded' WHEN 'error' THEN 'failed' ELSE 'canceled' END"
-# Dropped and made again as the queue opens its file, so a file from an older version gets these bodies.
-TRIGGERS = f"""
-DROP TRIGGER IF EXISTS jobs_webhook_queued;
-DROP TRIGGER IF EXISTS jobs_webhook_started;
-DROP TRIGGER IF EXISTS jobs_webhook_ended;
-DROP TRIGGER IF EXISTS jobs_webhook_deleted;
-CREATE TRIGGER IF NOT EXISTS jobs_webhook_queued AFTER INSERT ON jobs
+# name → statement, as SQLite keeps it (`sqlite_triggers.keep_while` compares them). They exist while an
+# endpoint does (`fit_triggers`); the WHEN clause still asks, for a file an older version changed.
+TRIGGERS = {
+    "jobs_webhook_queued": f"""CREATE TRIGGER jobs_webhook_queued AFTER INSERT ON jobs
 WHEN NEW.finished IS NULL AND {ANY_ENDPOINT} BEGIN {_insert("'queued'", "NEW", "NULL")}
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_webhook_started AFTER UPDATE OF state ON jobs
+END""",
+    "jobs_webhook_started": f"""CREATE TRIGGER jobs_webhook_started AFTER UPDATE OF state ON jobs
 WHEN NEW.state = 'running' AND OLD.state <> 'running' AND {ANY_ENDPOINT} BEGIN {_insert("'started'", "NEW", "NULL")}
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_webhook_ended AFTER UPDATE OF finished ON jobs
+END""",
+    "jobs_webhook_ended": f"""CREATE TRIGGER jobs_webhook_ended AFTER UPDATE OF finished ON jobs
 WHEN OLD.finished IS NULL AND NEW.finished IS NOT NULL AND {ANY_ENDPOINT} BEGIN {_insert(ENDED, "NEW", "NEW.result")}
-END;
-CREATE TRIGGER IF NOT EXISTS jobs_webhook_deleted AFTER DELETE ON jobs
+END""",
+    "jobs_webhook_deleted": f"""CREATE TRIGGER jobs_webhook_deleted AFTER DELETE ON jobs
 WHEN OLD.finished IS NULL AND {ANY_ENDPOINT} BEGIN {_insert("'canceled'", "OLD", "NULL")}
-END;
-"""
+END""",
+}
+
+
+def fit_triggers(execute: Execute) -> None:
+    """Within a write transaction: the job triggers exist, as this version writes them, while an endpoint
+    is registered, and not otherwise (see `sqlite_triggers`)."""
+    keep_while(execute, f"SELECT {ANY_ENDPOINT}", TRIGGERS)

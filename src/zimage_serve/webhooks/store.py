@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from zimage_serve import outbox
 from zimage_serve.errors import ZImageError
 from zimage_serve.storage import schema as storage_schema
-from zimage_serve.webhooks.schema import EVENTS, TABLES, upgrade
+from zimage_serve.webhooks.schema import EVENTS, TABLES, fit_triggers, upgrade
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_URL = 2048
@@ -227,6 +227,7 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
                     (endpoint.id, name, endpoint.url, secret, _events_text(endpoint.events), owner,
                      int(subscribe), endpoint.created),
                 )  # fmt: skip
+                fit_triggers(self._execute)
         except sqlite3.IntegrityError:
             raise WebhookError(f"name: an endpoint named {name!r} exists already") from None
         self.has_endpoints = True
@@ -244,6 +245,7 @@ class WebhookStore(outbox.OutboxFile, NamedEndpoints):
                 return False
             self._execute("DELETE FROM webhook_outbox WHERE endpoint = ?", (row[0],))
             self._execute("DELETE FROM webhook_endpoints WHERE id = ?", (row[0],))
+            fit_triggers(self._execute)
         return True
 
     # -- deliveries ------------------------------------------------------------------------------------
