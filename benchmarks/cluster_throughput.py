@@ -25,7 +25,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -36,7 +35,7 @@ import redis
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import get_json, submit_all
+from benchmarks.server_throughput import Scratch, get_json, submit_all
 from tests.redis_server import RedisServer
 from tests.server import Server, WorkerProc, proc_stat, running_server, running_worker, worker_processes
 
@@ -49,11 +48,10 @@ def cpu_s(pid: int) -> float:
 
 
 @contextmanager
-def configuration(name: str, workers: int, lease: float, jobs: int) -> Iterator[dict[str, Any]]:
-    """The processes of one configuration, started and warm: {"server", "workers", "redis"}."""
+def configuration(data: Path, name: str, workers: int, lease: float, jobs: int) -> Iterator[dict[str, Any]]:
+    """The processes of one configuration, started and warm, with `data` as the data folder (Redis's files
+    beside it): {"server", "workers", "redis"}."""
     with ExitStack() as stack:
-        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="zimage-bench-")))  # removed last
-        data = base / "data"
         (data / "input").mkdir(parents=True)
         Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
         found: dict[str, Any] = {"workers": [], "redis": None}
@@ -61,7 +59,7 @@ def configuration(name: str, workers: int, lease: float, jobs: int) -> Iterator[
         if name == "sqlite":
             found["server"] = stack.enter_context(running_server(data, *args))
         else:
-            server = RedisServer(base / "redis")
+            server = RedisServer(data.parent / "redis")
             server.start()
             stack.callback(server.stop, True)
             client = redis.Redis(port=server.port)
@@ -92,8 +90,8 @@ def pids(found: dict[str, Any]) -> dict[str, list[int]]:
     }
 
 
-def measure(name: str, workers: int, args: argparse.Namespace) -> dict[str, float]:
-    with configuration(name, workers, args.lease, args.jobs) as found:
+def measure(data: Path, name: str, workers: int, args: argparse.Namespace) -> dict[str, float]:
+    with configuration(data, name, workers, args.lease, args.jobs) as found:
         node: Server = found["server"]
         processes = pids(found)
         before = {role: sum(cpu_s(p) for p in ids) for role, ids in processes.items()}
@@ -132,9 +130,9 @@ def running_elsewhere(node: Server, prompt_id: str, other_than: int | None) -> d
     return None
 
 
-def failover(args: argparse.Namespace, how: str) -> float:
+def failover(data: Path, args: argparse.Namespace, how: str) -> float:
     """Seconds from a worker's SIGKILL (or SIGSTOP) mid-job to another worker running that job."""
-    with configuration("redis", 2, args.lease, 10) as found:
+    with configuration(data, "redis", 2, args.lease, 10) as found:
         node: Server = found["server"]
         prompt = workflows.load(workflows.NANO)
         prompt["3"]["inputs"].update(steps=200, seed=int(time.time()))
@@ -168,10 +166,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lease", type=float, default=5.0)
     args = parser.parse_args()
+    with Scratch() as scratch:
+        report(scratch, args)
+
+
+def report(scratch: Scratch, args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, float]]] = {label: [] for label, _ in CONFIGURATIONS}
     for _ in range(args.rounds):
         for label, workers in CONFIGURATIONS:
-            results[label].append(measure(label.split(",")[0], workers, args))
+            results[label].append(measure(scratch.data(), label.split(",")[0], workers, args))
     print(f"{args.jobs} model-free jobs from {args.clients} client threads, median of {args.rounds} rounds")
     print(f"{'':26}" + "".join(f"{label:>20}" for label in results))
     for key in results[CONFIGURATIONS[0][0]][0]:
@@ -182,7 +185,7 @@ def main() -> None:
         rate = statistics.median(r["completed jobs/s"] for r in results[label])
         print(f"completed jobs/s, {label} / sqlite: {rate / base:.2f}")
     for how in ("SIGKILL", "SIGSTOP"):
-        times = [failover(args, how) for _ in range(args.rounds)]
+        times = [failover(scratch.data(), args, how) for _ in range(args.rounds)]
         print(f"{how} of a worker mid-job → running on the other (lease {args.lease:g} s): "
               f"{', '.join(f'{t:.2f}' for t in times)} s")  # fmt: skip
 

@@ -19,12 +19,11 @@ import json
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import graph
+from benchmarks.server_throughput import Scratch, graph
 from PIL import Image
 from tests.server import running_server
 
@@ -61,8 +60,8 @@ async def stream(port: int, job_id: str, source: str, first: asyncio.Event, ende
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
-        await measure(args, Path(work) / "data")
+    with Scratch() as scratch:
+        await measure(args, scratch.data())
 
 
 async def measure(args: argparse.Namespace, data: Path) -> None:

@@ -20,14 +20,22 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import cpu_seconds, drained, get_json, graph, per_job, print_medians, submit_all
+from benchmarks.server_throughput import (
+    Scratch,
+    cpu_seconds,
+    drained,
+    get_json,
+    graph,
+    per_job,
+    print_medians,
+    submit_all,
+)
 from tests.server import running_server
 
 JSON = {"Content-Type": "application/json"}
@@ -45,12 +53,7 @@ def stored(port: int) -> float:
     return 0.0
 
 
-def measure(jobs: int, store: str | None) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
-        return measure_in(Path(work) / "data", jobs, store)
-
-
-def measure_in(data: Path, jobs: int, store: str | None) -> dict[str, float]:
+def measure(data: Path, jobs: int, store: str | None) -> dict[str, float]:
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     options = ["--max-queue", str(jobs + 10)] + (["--output-store", store] if store else [])
@@ -113,9 +116,10 @@ def main() -> None:
     boto3.client("s3").create_bucket(Bucket="bench")
     results: dict[str, list[dict[str, float]]] = {"no output store": [], "--output-store (moto, loopback)": []}
     try:
-        for _ in range(args.rounds):
-            results["no output store"].append(measure(args.jobs, None))
-            results["--output-store (moto, loopback)"].append(measure(args.jobs, "s3://bench/out"))
+        with Scratch() as scratch:
+            for _ in range(args.rounds):
+                results["no output store"].append(measure(scratch.data(), args.jobs, None))
+                results["--output-store (moto, loopback)"].append(measure(scratch.data(), args.jobs, "s3://bench/out"))
     finally:
         moto.stop()
     print_medians(f"{args.jobs} model-free jobs, 8 clients, {args.rounds} rounds (medians)", results, 44)

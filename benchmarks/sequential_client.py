@@ -29,7 +29,6 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -38,7 +37,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import graph, print_medians, read_response
+from benchmarks.server_throughput import Scratch, graph, print_medians, read_response
 from tests.server import running_server
 
 from zimage_serve.security.tokens import TokenStore
@@ -136,8 +135,8 @@ def main() -> None:
         help="start at once even while creating a file in the data folder is slow (see file_creation_us)",
     )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
-        results, creation_us = measure(args, Path(work) / "data")
+    with Scratch() as scratch:
+        results, creation_us = measure(args, scratch.data())
     title = f"{args.jobs} model-free jobs, one at a time, authentication {args.auth}, {args.rounds} rounds"
     print_medians(f"{title}; creating a file in our data folder took {creation_us:.0f} µs", results)
     if creation_us > SLOW_CREATION_US:

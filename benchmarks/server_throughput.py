@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any, BinaryIO
 
 from PIL import Image
@@ -40,6 +43,34 @@ from zimage_serve import workflows
 from zimage_serve.security.tokens import TokenStore
 
 AUTH: dict[str, str] = {}  # the header lines every request sends (a Bearer token, when measuring with auth)
+
+
+class Scratch:
+    """Where one benchmark run keeps its files: a temporary folder, a new data folder in it for each
+    measurement, all removed together once the run is over. Not removed between measurements: on ext4
+    without a journal, deleting a measurement's thousand images would slow the next one's file creation for
+    minutes. Kept, and its path printed, when the run fails: the server logs are in it."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="zimage-bench-"))
+        self._numbers = itertools.count()
+
+    def data(self) -> Path:
+        """A new data folder, not made yet (its parent is, for the server's log)."""
+        run = self.root / f"run-{next(self._numbers)}"
+        run.mkdir()
+        return run / "data"
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if kind is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            print(f"the run's files, its server logs among them, are kept in {self.root}", file=sys.stderr)
 
 
 def graph(prefix: str) -> dict[str, object]:
@@ -140,12 +171,7 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return {"server": used(pid), "worker": sum(used(child) for child in worker_processes(pid))}
 
 
-def measure(args: argparse.Namespace, *server_args: str, auth: bool = False) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
-        return measure_in(Path(work) / "data", args, *server_args, auth=auth)
-
-
-def measure_in(data: Path, args: argparse.Namespace, *server_args: str, auth: bool = False) -> dict[str, float]:
+def measure(data: Path, args: argparse.Namespace, *server_args: str, auth: bool = False) -> dict[str, float]:
     inputs = data / "input" / "users" / "bench" if auth else data / "input"  # a user's uploads are their own
     inputs.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")
@@ -231,7 +257,8 @@ def main() -> None:
     else:
         modes = list(MODES) if args.mode == "both" else [args.mode]
         runs = [(mode if args.auth == "off" else f"{mode}, auth on", mode, args.auth == "on") for mode in modes]
-    results = {label: measure(args, *MODES[mode], auth=auth) for label, mode, auth in runs}
+    with Scratch() as scratch:
+        results = {label: measure(scratch.data(), args, *MODES[mode], auth=auth) for label, mode, auth in runs}
     labels = list(results)
     print(f"{args.jobs} jobs from {args.clients} client threads (LoadImage -> SaveImage), queue in SQLite (WAL)")
     print(f"{'':34}" + "".join(f"{label:>24}" for label in labels))

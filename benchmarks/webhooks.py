@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -29,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.server_throughput import cpu_seconds, drained, per_job, print_medians, submit_all
+from benchmarks.server_throughput import Scratch, cpu_seconds, drained, per_job, print_medians, submit_all
 from tests.server import running_server
 
 from zimage_serve.webhooks.store import WebhookStore
@@ -53,12 +52,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def measure(jobs: int, with_endpoint: bool) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as work:
-        return measure_in(Path(work) / "data", jobs, with_endpoint)
-
-
-def measure_in(data: Path, jobs: int, with_endpoint: bool) -> dict[str, float]:
+def measure(data: Path, jobs: int, with_endpoint: bool) -> dict[str, float]:
     (data / "input").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "input" / "bench.png")
     receiver = Receiver(("127.0.0.1", 0), Handler)
@@ -114,9 +108,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     results: dict[str, list[dict[str, float]]] = {"no endpoint": [], "one endpoint, every event": []}
-    for _ in range(args.rounds):
-        results["no endpoint"].append(measure(args.jobs, False))
-        results["one endpoint, every event"].append(measure(args.jobs, True))
+    with Scratch() as scratch:
+        for _ in range(args.rounds):
+            results["no endpoint"].append(measure(scratch.data(), args.jobs, False))
+            results["one endpoint, every event"].append(measure(scratch.data(), args.jobs, True))
     print_medians(f"{args.jobs} model-free jobs, 8 clients, {args.rounds} rounds (medians)", results, 32)
 
 

@@ -42,7 +42,7 @@ def connect(path: Path, tables: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA wal_autocheckpoint=4000")  # rarely: the queue's own thread checkpoints the log
     db.execute(f"PRAGMA busy_timeout={int(sqlite_busy.BUSY_TIMEOUT_S * 1000)}")
-    db.executescript(tables)  # the queue makes the same tables, and the triggers, as it opens the file
+    db.executescript(tables)  # the queue makes the same tables, and fits the triggers, as it opens the file
     db.execute("PRAGMA busy_timeout=0")
     return db
 

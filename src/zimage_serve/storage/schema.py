@@ -3,8 +3,8 @@
 A job that succeeds while an output store is configured (the one row of `output_store`) gets one outbox row,
 written by the trigger (there only while a store is configured) in the transaction that records its end, with
 the history entry that lists its files: no output is forgotten by a crash between the job's end and its
-upload. Each file uploaded is recorded in
-`output_objects` (the key it went to) for as long as its job is kept.
+upload. Each file uploaded is recorded in `output_objects` (the key it went to) for as long as its job is
+kept.
 """
 
 from __future__ import annotations
