@@ -153,12 +153,11 @@ def measure(args: argparse.Namespace, data: Path) -> tuple[dict[str, list[dict[s
     server_args: tuple[str, ...] = ()
     inputs = data / "input"
     if args.auth == "on":
-        inputs.mkdir(parents=True)
         store = TokenStore(data / "auth.sqlite3")
         headers["Authorization"] = "Bearer " + store.create("bench", "user")[0]
         store.close()
         inputs, server_args = data / "input" / "users" / "bench", ("--auth", "on")
-    inputs.mkdir(parents=True, exist_ok=True)
+    inputs.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(inputs / "bench.png")
     results: dict[str, list[dict[str, float]]] = {"zimage-serve": [], "zimage-serve, Comfy API v2": [], "ComfyUI": []}
     queued = args.jobs * (args.rounds + 1) * 2 + 10
