@@ -69,29 +69,32 @@ def test_unknown_dtype() -> None:
 
 
 @pytest.mark.parametrize(
-    ("vram_gib", "mode"),
-    [
-        (80, MemoryMode.GPU),
-        (48, MemoryMode.GPU),
-        (24, MemoryMode.MODEL),
-        (16, MemoryMode.MODEL),
-        (12, MemoryMode.SEQUENTIAL),
-        (8, MemoryMode.SEQUENTIAL),
-    ],
+    ("free_gib", "mode"),
+    [(80, MemoryMode.GPU), (48, MemoryMode.GPU), (32, MemoryMode.GPU), (24, MemoryMode.SMART), (8, MemoryMode.SMART)],
 )
-def test_auto_memory_mode_by_card_size(vram_gib: int, mode: MemoryMode) -> None:
-    assert memory_mode_for(vram_gib * GIB, TURBO_BF16) is mode
-    assert pick_memory_mode(torch.device("cuda"), "auto", TURBO_BF16, total_memory=vram_gib * GIB) is mode
+def test_auto_keeps_everything_on_the_card_only_where_the_largest_default_image_fits_beside_it(
+    free_gib: int, mode: MemoryMode
+) -> None:
+    # Turbo's 20.5 GiB and the VAE's estimate for a 2048² image (10 GiB) need about 31 GiB.
+    assert memory_mode_for(free_gib * GIB, TURBO_BF16) is mode
+    assert pick_memory_mode(torch.device("cuda"), "auto", TURBO_BF16, free_memory=free_gib * GIB) is mode
 
 
-def test_small_model_stays_on_a_small_card() -> None:
+def test_a_smaller_default_image_or_model_fits_a_smaller_card() -> None:
+    assert memory_mode_for(24 * GIB, TURBO_BF16, pixels=1024 * 1024) is MemoryMode.GPU
     assert memory_mode_for(8 * GIB, 50 * 1024**2) is MemoryMode.GPU
 
 
-def test_offload_needs_cuda() -> None:
-    with pytest.raises(DeviceError, match="memory_mode"):
-        pick_memory_mode(torch.device("cpu"), "model", TURBO_BF16)
+def test_smart_memory_needs_cuda() -> None:
+    with pytest.raises(DeviceError, match="memory_mode: smart keeps weights in host memory for a CUDA GPU"):
+        pick_memory_mode(torch.device("cpu"), "smart", TURBO_BF16)
     assert pick_memory_mode(torch.device("cpu"), "auto", TURBO_BF16) is MemoryMode.GPU
+
+
+@pytest.mark.parametrize("former", ["model", "sequential"])
+def test_the_former_offload_modes_are_smart_memory_now(former: str, caplog: pytest.LogCaptureFixture) -> None:
+    assert pick_memory_mode(torch.device("cuda"), former, TURBO_BF16) is MemoryMode.SMART
+    assert f"memory mode {former!r} is now called 'smart'" in caplog.text
 
 
 def test_unknown_memory_mode() -> None:

@@ -30,7 +30,8 @@ DeviceFlag = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or
 DtypeFlag = Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 [default: auto]")]
 
 MemoryModeFlag = Annotated[
-    str | None, typer.Option(help="auto (what fits Z-Image-Turbo on the card), gpu, model or sequential")
+    str | None,
+    typer.Option(help="auto (all on the card where it fits, else smart), gpu, or smart (what fits stays on the card)"),
 ]
 
 AttentionFlag = Annotated[

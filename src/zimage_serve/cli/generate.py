@@ -77,7 +77,7 @@ def generate(
     tokenizer: TokenizerOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (the VAE never runs in fp16)")] = "auto",
-    memory_mode: Annotated[str, typer.Option(help="auto, gpu, model or sequential")] = "auto",
+    memory_mode: Annotated[str, typer.Option(help="auto, gpu or smart")] = "auto",
     attention: AttentionOption = "auto",
     compile: CompileOption = "auto",
     int8_matmul: Int8MatmulOption = "auto",

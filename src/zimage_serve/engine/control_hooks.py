@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zimage_serve.engine.control_patch import ControlPatch
 from zimage_serve.engine.controlnet import OWN, PATCH, PLAIN
+from zimage_serve.engine.residency import holding
 from zimage_serve.engine.resize import repeat_to_batch
 
 if TYPE_CHECKING:
@@ -158,14 +159,14 @@ def steering(
         return
     height, width = latent.shape[-2:]
     streams = []
-    for patch in patches:
-        if patch.controlnet.swap is not None:
-            patch.controlnet.swap.accompany(patch.controlnet.module)
-        context = patch.context(height, width, fmt, cancel)
-        streams.append(_Stream(patch, context, len(transformer.layers)))
-    previous = getattr(_steering, "streams", None)
-    _steering.streams = streams
-    try:
-        yield
-    finally:
-        _steering.streams = previous
+    with ExitStack() as held:
+        for patch in patches:
+            held.enter_context(holding(patch.controlnet.module))  # smart memory: on the card beside the transformer
+            context = patch.context(height, width, fmt, cancel)
+            streams.append(_Stream(patch, context, len(transformer.layers)))
+        previous = getattr(_steering, "streams", None)
+        _steering.streams = streams
+        try:
+            yield
+        finally:
+            _steering.streams = previous

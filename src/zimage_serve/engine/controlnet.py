@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from zimage_serve.engine import activations
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.checkpoint import Checkpoint
 from zimage_serve.errors import ModelLoadError, ZImageError
 
 if TYPE_CHECKING:
-    from zimage_serve.engine.offload import ModelSwap
     from zimage_serve.engine.parts import Placing
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,6 @@ class FunControlNet:
     name: str
     module: Any  # diffusers ZImageControlNetModel: the weights and the blocks
     variant: ControlNetVariant
-    swap: ModelSwap | None = field(default=None, repr=False)  # model offload: rides along with the transformer
 
     def check_fits(self, transformer: Any) -> None:
         """The patch was trained for a model of this width and head count."""
@@ -197,7 +196,6 @@ def _agree(config: dict[str, Any], variant: ControlNetVariant, origin: Path) -> 
 def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
     from zimage_serve.engine.components import check_keys
     from zimage_serve.engine.construction import building
-    from zimage_serve.engine.devices import MemoryMode
     from zimage_serve.engine.libraries import load_model_libraries
 
     # A ControlNet may be a prompt's first model (ModelPatchLoader has no model input): the libraries'
@@ -231,9 +229,9 @@ def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
     module.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
     install_cancel_checks(module)
-    swap = placing.swap if placing.memory_mode is MemoryMode.MODEL else None
-    if swap is None:
-        placing.place(module)
+    placing.place(
+        module, name, activations.controlnet(module.config)
+    )  # under smart memory, held beside the transformer
     level = logging.WARNING if variant.broken else logging.INFO
     log.log(level, "loaded %s: %s", name, variant.describe())
-    return FunControlNet(name, module, variant, swap)
+    return FunControlNet(name, module, variant)

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from zimage_serve.engine.activations import largest_activations
 from zimage_serve.errors import DeviceError
 
+log = logging.getLogger(__name__)
+
 GIB = 1024**3
-# Cards of this size and less stream weights layer by layer (sequential offload).
-SEQUENTIAL_OFFLOAD_MAX_VRAM = 12 * GIB
 # Z-Image-Turbo in bf16: transformer 12.3 GB, text encoder 8.0 GB, VAE 0.2 GB. Workflows load components one
 # by one, so the server chooses their memory mode for the product's main model before any is loaded.
 TURBO_BF16_BYTES = int(20.5 * GIB)
-# Headroom over the weights for activations, the CUDA context and the allocator's slack.
-ACTIVATION_HEADROOM = 1.25
+# The largest image the server accepts by default (--max-pixels): `auto` keeps everything on the card only
+# where that size's activations fit beside all the weights.
+AUTO_PIXELS = 2048 * 2048
+CONTEXT_BYTES = GIB // 2  # the CUDA context and the allocator's slack, outside what PyTorch counts
+# Names of the offload modes before smart memory replaced them: still accepted, as `smart`.
+FORMER_MODES = ("model", "sequential")
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -26,9 +32,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 class MemoryMode(enum.StrEnum):
-    GPU = "gpu"  # every component resident on the accelerator
-    MODEL = "model"  # one component on the accelerator at a time
-    SEQUENTIAL = "sequential"  # weights streamed to the accelerator module by module
+    GPU = "gpu"  # every component loaded onto the accelerator, to stay
+    SMART = "smart"  # as much as fits stays on it, the rest in pinned host memory (engine/residency.py)
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,14 @@ class Placement:
 
 
 def load_device(device: torch.device, mode: MemoryMode) -> torch.device:
-    """Offload modes keep weights in host memory and let hooks move them."""
+    """Smart memory loads weights into host memory and brings them onto the card as they are needed."""
     return device if mode is MemoryMode.GPU else torch.device("cpu")
 
 
 def describe_memory_mode(mode: MemoryMode, device: torch.device) -> str:
     return {
         MemoryMode.GPU: f"all on {device.type}",
-        MemoryMode.MODEL: "model offload (one component on the GPU at a time)",
-        MemoryMode.SEQUENTIAL: "sequential offload (weights streamed to the GPU)",
+        MemoryMode.SMART: "smart (as much as fits stays on the GPU, the rest in pinned host memory)",
     }[mode]
 
 
@@ -123,9 +127,13 @@ def pick_dtypes(device: torch.device, requested: str = "auto") -> tuple[torch.dt
 
 
 def pick_memory_mode(
-    device: torch.device, requested: str, weight_bytes: int, total_memory: int | None = None
+    device: torch.device, requested: str, weight_bytes: int, free_memory: int | None = None
 ) -> MemoryMode:
-    """Offload only where it is needed: all on the GPU when the weights fit with headroom."""
+    """`auto`: everything on the card where the weights and the activations of the largest default image fit
+    in its free memory now; smart memory otherwise. Off CUDA, always everything on the device."""
+    if requested in FORMER_MODES:
+        log.warning("memory mode %r is now called 'smart' (as much as fits stays on the GPU)", requested)
+        requested = MemoryMode.SMART.value
     if requested != "auto":
         try:
             mode = MemoryMode(requested)
@@ -134,22 +142,34 @@ def pick_memory_mode(
             raise DeviceError(f"memory_mode: {requested!r} is not one of auto, {choices}") from exc
         if mode is not MemoryMode.GPU and device.type != "cuda":
             raise DeviceError(
-                f"memory_mode: {mode} offloads to host memory from a CUDA GPU; the device here is {device}"
+                f"memory_mode: {mode} keeps weights in host memory for a CUDA GPU; the device here is {device}"
             )
         return mode
     if device.type != "cuda":
         return MemoryMode.GPU
-    if total_memory is None:
-        total_memory = torch.cuda.get_device_properties(device).total_memory
-    return memory_mode_for(total_memory, weight_bytes)
+    if free_memory is None:
+        free_memory = usable_memory(device)
+    return memory_mode_for(free_memory, weight_bytes)
 
 
-def memory_mode_for(total_memory: int, weight_bytes: int) -> MemoryMode:
-    if weight_bytes * ACTIVATION_HEADROOM <= total_memory:
+def memory_mode_for(free_memory: int, weight_bytes: int, pixels: int = AUTO_PIXELS) -> MemoryMode:
+    if weight_bytes + largest_activations(pixels, weight_bytes, TURBO_BF16_BYTES) + CONTEXT_BYTES <= free_memory:
         return MemoryMode.GPU
-    if total_memory <= SEQUENTIAL_OFFLOAD_MAX_VRAM:
-        return MemoryMode.SEQUENTIAL
-    return MemoryMode.MODEL
+    return MemoryMode.SMART
+
+
+def usable_memory(device: torch.device) -> int:
+    """What this process may still take on the card: its free memory, within the process's memory fraction."""
+    free, total = torch.cuda.mem_get_info(device)
+    capped = int(total * memory_fraction(device)) - torch.cuda.memory_reserved(device)
+    return min(free, capped)
+
+
+def memory_fraction(device: torch.device) -> float:
+    """The share of the card this process may take (`torch.cuda.set_per_process_memory_fraction`), where the
+    installed PyTorch can tell."""
+    read = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(read(device)) if read is not None else 1.0
 
 
 def _mps_available() -> bool:

@@ -59,8 +59,8 @@ class FastPath:
             raise DeviceError(f"prompt_cache: {self.prompt_cache} entries; must be 0 or more")
 
 
-def for_offload(fast: FastPath) -> FastPath:
-    """With offload hooks moving weights in and out under the blocks, compile only when asked for."""
+def for_smart_memory(fast: FastPath) -> FastPath:
+    """With smart memory moving weights in and out under the blocks, compile only when asked for."""
     return replace(fast, compile="off") if fast.compile == "auto" else fast
 
 

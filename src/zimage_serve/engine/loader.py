@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from zimage_serve.engine import components
+from zimage_serve.engine import activations, components
 from zimage_serve.engine.components import PreparedComponent
-from zimage_serve.engine.devices import Placement, pick_device, pick_dtypes, pick_memory_mode
+from zimage_serve.engine.devices import MemoryMode, Placement, pick_device, pick_dtypes, pick_memory_mode
 from zimage_serve.engine.fastpath import FastPath, int8_matmul_enabled
 from zimage_serve.engine.fp8 import check_weight_dtype, fp8_bytes_saved, quantise_transformer
 from zimage_serve.engine.layouts import ModelSources
 from zimage_serve.engine.libraries import load_model_libraries
-from zimage_serve.engine.offload import OffloadHooks, apply_memory_mode
+from zimage_serve.engine.residency import Residency
 from zimage_serve.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class LoadedModel:
     text_encoder: Any  # transformers Qwen3Model
     vae: Any  # diffusers AutoencoderKL
     tokenizer: PreTrainedTokenizerBase
-    hooks: OffloadHooks = field(default_factory=OffloadHooks)
+    residency: Residency | None = field(default=None, repr=False)  # smart memory's, when in use
 
 
 def prepare_all(sources: ModelSources) -> dict[str, PreparedComponent]:
@@ -106,7 +106,12 @@ def load_model(
         vae=components.load(prepared["vae"], placement.load_device, placement.vae_dtype),
         tokenizer=tokenizer,
     )
-    loaded.hooks = apply_memory_mode(placement, [loaded.text_encoder, loaded.transformer, loaded.vae])
+    if placement.memory_mode is MemoryMode.SMART:
+        residency = loaded.residency = Residency(placement.device)
+        text, transformer, vae = loaded.text_encoder, loaded.transformer, loaded.vae
+        residency.add(text, "text encoder", activations.text_encoder(text.config), one_pass=True)
+        residency.add(transformer, "transformer", activations.transformer(transformer.config))
+        residency.add(vae, "VAE", activations.vae(vae.config))
     return loaded
 
 

@@ -24,6 +24,7 @@ from zimage_serve.engine.checkpoint import read_header
 from zimage_serve.engine.comfy_quant import Int8Linear, quantise_int8
 from zimage_serve.engine.fp8 import Fp8Linear, quantise_rows
 from zimage_serve.engine.libraries import load_model_libraries
+from zimage_serve.engine.residency import holding
 from zimage_serve.engine.weight_lock import lock_for
 from zimage_serve.errors import ModelLoadError
 
@@ -89,8 +90,6 @@ def check_fits(lora: LoraWeights, model: torch.nn.Module) -> None:
         weight = getattr(layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             raise ModelLoadError(lora.name, f"targets {name}, which this diffusion model does not have")
-        if weight.device.type == "meta":  # accelerate streams these weights in per call; a patch would be lost
-            raise ModelLoadError(lora.name, "LoRAs cannot be applied with sequential offload; use model offload")
         if (up.shape[0], down.shape[1]) != tuple(weight.shape):
             raise ModelLoadError(
                 lora.name,
@@ -111,7 +110,9 @@ def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[No
         with lock_for(model).shared():
             yield
         return
-    with lock_for(model).exclusive():
+    # Under smart memory the model stays where it is while patched: the deltas go to the tensors in use (on the
+    # card, or the host copies of blocks streamed in per call) and must come off the same ones.
+    with lock_for(model).exclusive(), holding(model):
         yield from _apply(model, active)
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from zimage_serve.engine import components, control_hooks
+from zimage_serve.engine import activations, components, control_hooks
+from zimage_serve.engine.activations import Activation
 from zimage_serve.engine.cancel import cancellable
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.components import ComponentSource
@@ -35,15 +36,15 @@ from zimage_serve.engine.fastpath import (
     FastPath,
     accelerate_transformer,
     accelerate_vae,
-    for_offload,
+    for_smart_memory,
     int8_matmul_enabled,
 )
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.names import LATENT_FACTOR
-from zimage_serve.engine.offload import ModelSwap, execution_device
 from zimage_serve.engine.prompt import prompt_token_ids
+from zimage_serve.engine.residency import Residency, execution_device, holding
 from zimage_serve.engine.resize import repeat_to_batch
 from zimage_serve.engine.sampling import CancelCheck, Sampler, StepHook
 from zimage_serve.engine.text import PromptEmbedding, encode_text
@@ -78,20 +79,22 @@ class Placing:
     vae_dtype: torch.dtype
     fast: FastPath = field(default_factory=FastPath)
     memory_mode: MemoryMode = MemoryMode.GPU
-    swap: ModelSwap | None = field(default=None, compare=False)  # the components sharing the card (model offload)
+    residency: Residency | None = field(default=None, compare=False)  # the components sharing the card (smart)
 
     @classmethod
     def choose(
         cls, device: str = "auto", dtype: str = "auto", fast: FastPath | None = None, memory_mode: str = "auto"
     ) -> Placing:
-        """`memory_mode` auto: what fits Z-Image-Turbo in bf16 on this card (all on it from ~26 GB, one
-        component at a time above 12 GB, weights streamed below); always all-on-device off CUDA."""
+        """`memory_mode` auto: everything on the card where Z-Image-Turbo in bf16 and the activations of the
+        largest default image fit in its free memory, smart memory otherwise; always all-on-device off CUDA."""
         target = pick_device(device)
         model_dtype, vae_dtype = pick_dtypes(target, dtype)
         mode = pick_memory_mode(target, memory_mode, TURBO_BF16_BYTES)
-        swap = ModelSwap(target) if mode is MemoryMode.MODEL else None
+        residency = Residency(target) if mode is MemoryMode.SMART else None
         fast = FastPath() if fast is None else fast
-        return cls(target, model_dtype, vae_dtype, fast if mode is MemoryMode.GPU else for_offload(fast), mode, swap)
+        return cls(
+            target, model_dtype, vae_dtype, fast if mode is MemoryMode.GPU else for_smart_memory(fast), mode, residency
+        )
 
     @property
     def load_device(self) -> torch.device:
@@ -100,21 +103,16 @@ class Placing:
     def on_cpu(self) -> Placing:
         """The same fast path, all on the CPU in fp32 (CLIPLoader's device "cpu")."""
         cpu = torch.device("cpu")
-        return replace(self, device=cpu, dtype=torch.float32, memory_mode=MemoryMode.GPU, swap=None)
+        return replace(self, device=cpu, dtype=torch.float32, memory_mode=MemoryMode.GPU, residency=None)
 
     def concurrency_cap(self, requested: int) -> int:
-        """Prompts that may run at once: offloading moves shared components on and off the card, so one."""
+        """Prompts that may run at once: smart memory moves shared components on and off the card, so one."""
         return requested if self.memory_mode is MemoryMode.GPU else 1
 
-    def place(self, module: Any) -> Any:
-        """Attach the memory mode's hooks to a freshly loaded component (loaded on `load_device`)."""
-        if self.memory_mode is MemoryMode.MODEL:
-            assert self.swap is not None
-            self.swap.add(module)
-        elif self.memory_mode is MemoryMode.SEQUENTIAL:
-            from accelerate import cpu_offload
-
-            cpu_offload(module, execution_device=self.device)
+    def place(self, module: Any, name: str, activation: Activation, one_pass: bool = False) -> Any:
+        """Hand a freshly loaded component (loaded on `load_device`) to smart memory, when it is in use."""
+        if self.residency is not None:
+            self.residency.add(module, name, activation, one_pass)
         return module
 
 
@@ -222,7 +220,7 @@ class Vae:
         top, left = (pixels.shape[1] % LATENT_FACTOR) // 2, (pixels.shape[2] % LATENT_FACTOR) // 2
         pixels = pixels[:, top : top + height, left : left + width, :3]  # centred whole cells, as ComfyUI crops
         latents = []
-        with cancellable(cancel):
+        with cancellable(cancel), holding(self.model, _latent_elements(pixels[:1])):
             for image in pixels:
                 _stop_if(cancel)
                 x = image.permute(2, 0, 1)[None].to(self.device, self.model.dtype) * 2 - 1
@@ -233,7 +231,7 @@ class Vae:
     def decode(self, latents: torch.Tensor, cancel: CancelCheck | None = None) -> torch.Tensor:
         """Pixels; stops between images and between the decoder's blocks once `cancel()` is true."""
         images = []
-        with cancellable(cancel):
+        with cancellable(cancel), holding(self.model, latents[:1].numel()):
             for latent in latents:  # one at a time: decoding dominates peak memory at large sizes
                 _stop_if(cancel)
                 pixels = self.model.decode(latent[None].to(self.device, self.model.dtype), return_dict=False)[0]
@@ -256,6 +254,12 @@ def prepare_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
     mask = torch.nn.functional.interpolate(mask, size=tuple(shape[-2:]), mode="bilinear")
     return repeat_to_batch(mask.expand(-1, shape[1], -1, -1), shape[0])
+
+
+def _latent_elements(pixels: torch.Tensor) -> int:
+    """The elements of the latent an image (B, H, W, C) encodes to: the size smart memory keys the VAE's calls by,
+    in either direction."""
+    return activations.latent_elements(pixels.shape[0] * pixels.shape[1] * pixels.shape[2])
 
 
 def _patch_grid(latent: torch.Tensor) -> tuple[int, int]:
@@ -285,7 +289,7 @@ def load_diffusion_model(
     applied = accelerate_transformer(transformer, placing.device, placing.fast)
     install_cancel_checks(transformer)
     control_hooks.install(transformer)
-    placing.place(transformer)
+    placing.place(transformer, name, activations.transformer(transformer.config))
     log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
     return DiffusionModel(name, transformer, latent_format)
 
@@ -293,7 +297,8 @@ def load_diffusion_model(
 def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placing: Placing) -> TextEncoder:
     prepared = components.prepare(source)
     loaded_tokenizer = load_tokenizer(tokenizer, prepared.config["vocab_size"])
-    model = placing.place(install_cancel_checks(components.load(prepared, placing.load_device, placing.dtype)))
+    model = components.load(prepared, placing.load_device, placing.dtype)
+    placing.place(install_cancel_checks(model), name, activations.text_encoder(model.config), one_pass=True)
     log.info("loaded text encoder %s on %s (%s)", name, placing.device, placing.memory_mode)
     return TextEncoder(name, model, loaded_tokenizer)
 
@@ -303,7 +308,7 @@ def load_vae(name: str, source: ComponentSource, placing: Placing) -> Vae:
     model = components.load(prepared, placing.load_device, placing.vae_dtype)
     accelerate_vae(model, placing.device, placing.fast)
     install_cancel_checks(model)
-    placing.place(model)
+    placing.place(model, name, activations.vae(model.config))
     config = prepared.config
     scaling = LatentFormat(float(config.get("scaling_factor", 0.3611)), float(config.get("shift_factor") or 0.0))
     log.info("loaded VAE %s on %s", name, placing.device)

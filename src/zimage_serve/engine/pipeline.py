@@ -23,7 +23,7 @@ from zimage_serve.engine.control_hooks import install as install_control_hooks
 from zimage_serve.engine.control_patch import ControlPatch
 from zimage_serve.engine.controlnet import FunControlNet, load_controlnet
 from zimage_serve.engine.devices import MemoryMode
-from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_offload
+from zimage_serve.engine.fastpath import FastPath, apply_fast_path, for_smart_memory
 from zimage_serve.engine.loader import LoadedModel
 from zimage_serve.engine.lora import LoraWeights
 from zimage_serve.engine.model_sampling import FlowSampling
@@ -102,7 +102,7 @@ class ZImageEngine:
         self.device = model.placement.device
         self.fast = FastPath() if fast is None else fast
         if model.placement.memory_mode is not MemoryMode.GPU:
-            self.fast = for_offload(self.fast)
+            self.fast = for_smart_memory(self.fast)
         self.fast_path = apply_fast_path(model.transformer, model.vae, self.device, self.fast)
         install_control_hooks(model.transformer)
         self._encode: Callable[[str, int], PromptEmbedding] = self._encode_uncached
@@ -189,7 +189,6 @@ class ZImageEngine:
     def decode(self, latents: torch.Tensor, cancel: CancelCheck | None = None) -> list[Image.Image]:
         """Raw latents to pictures, one image at a time (decoding dominates peak memory at large sizes)."""
         pixels = Vae(self.model.sources.name, self.model.vae).decode(latents, cancel)
-        self.model.hooks.offload_all()
         return to_pil(pixels)
 
     def _pasted(
@@ -197,7 +196,6 @@ class ZImageEngine:
     ) -> list[Image.Image]:
         """Decoded images with the source image kept outside the mask, pixel for pixel."""
         pixels = self.vae().decode(latents, cancel)
-        self.model.hooks.offload_all()
         size = pixels.shape[1:3]
         regenerate = torch.nn.functional.interpolate(mask.float().reshape(-1, 1, *mask.shape[-2:]), size=size,
                                                      mode="bilinear").movedim(1, -1)  # fmt: skip
@@ -224,13 +222,15 @@ class ZImageEngine:
         return resolved
 
     def load_controlnet(self, path: Path) -> FunControlNet:
-        """A Fun ControlNet for this model, on its device; with model offload it stays on the card (it is
-        used inside every transformer call)."""
+        """A Fun ControlNet for this model, on its device; under smart memory it shares the card with the
+        model's components (and is held on it beside the transformer while it steers)."""
         from zimage_serve.engine.parts import Placing
 
         placement = self.model.placement
-        mode = MemoryMode.GPU if placement.memory_mode is MemoryMode.MODEL else placement.memory_mode
-        placing = Placing(placement.device, placement.dtype, placement.vae_dtype, memory_mode=mode)
+        placing = Placing(
+            placement.device, placement.dtype, placement.vae_dtype, memory_mode=placement.memory_mode,
+            residency=self.model.residency,
+        )  # fmt: skip
         controlnet = load_controlnet(path.name, path, placing)
         try:
             controlnet.check_fits(self.model.transformer)

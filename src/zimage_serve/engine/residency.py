@@ -1,0 +1,508 @@
+"""Smart memory: each component's weights stay on the accelerator as far as they fit, across images.
+
+A component registered here (`Residency.add`) keeps a host copy of every weight, in pinned memory on a
+CUDA card, filled once: weights never change, so moving a component out of the card only points its
+tensors back at that copy, and bringing it in is one copy from pinned memory. Before a component runs, the
+plan (`residency_plan.plan`) says what stays: the card's real free memory, less the activations the call
+is expected to need at this input size (measured on its first call at that size, estimated before), is
+shared by the least recently used rule, and a component that does not fit whole runs partly resident,
+its other blocks copied in one by one, the next on a side stream while the current one computes.
+
+Forward calls trigger it through hooks; the VAE and the ControlNet, which are not called through their
+`forward`, are brought in with `holding`, which also keeps a component on the card for a whole block (a
+LoRA patch changes the resident weights in place, so the transformer must not move while it is applied).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from zimage_serve.engine.activations import Activation
+from zimage_serve.engine.devices import memory_fraction
+from zimage_serve.engine.residency_plan import Footprint, NoRoom, Residents, plan
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+SAFETY_MARGIN = 512 * 2**20  # left free on the card: the allocator's rounding and fragmentation
+_MANAGED = "_zimage_residency"
+
+
+class Budget(Protocol):
+    """The card's memory as the plan sees it."""
+
+    def room(self, held: int) -> int:
+        """Bytes the managed weights may take on the card in all, `held` of them being there now."""
+
+    def watch(self) -> None:
+        """Start measuring the memory a call takes above what is allocated now."""
+
+    def peak(self) -> int | None:
+        """The most taken above the start since `watch`, or None where it cannot be measured."""
+
+    def activations(self, expected: int) -> int:
+        """The memory to set aside for a call whose activations are `expected` to take that much."""
+
+
+@dataclass
+class FixedBudget:
+    """A card of `size` bytes on which every call takes `activations` bytes beside the weights (None: as
+    estimated): the CPU's stand-in for a card, in tests and the benchmarks' CPU runs."""
+
+    size: int
+    calls_take: int | None = None
+
+    def room(self, held: int) -> int:
+        return self.size
+
+    def activations(self, expected: int) -> int:
+        return expected if self.calls_take is None else self.calls_take
+
+    def watch(self) -> None:
+        pass
+
+    def peak(self) -> int | None:
+        return None
+
+
+@dataclass
+class CudaBudget:
+    """A CUDA card's real free memory, within the process's memory fraction (and `limit`, if given), less
+    what is not weights."""
+
+    device: torch.device
+    limit: int | None = None
+    margin: int = SAFETY_MARGIN
+    _base: int = 0
+
+    def room(self, held: int) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        limit = min(int(total * memory_fraction(self.device)), free + reserved)
+        if self.limit is not None:
+            limit = min(limit, self.limit)
+        others = torch.cuda.memory_allocated(self.device) - held  # latents, embeddings, caches: not ours to move
+        return limit - others - self.margin
+
+    def watch(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._base = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int | None:
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+
+    def activations(self, expected: int) -> int:
+        return expected
+
+
+class _Slot:
+    """One weight tensor of a component (a parameter or a buffer, wherever it is registered) and its host copy."""
+
+    __slots__ = ("buffers", "host", "parameter")
+
+    def __init__(self, host: torch.Tensor, parameter: torch.nn.Parameter | None, buffers: list[tuple[Any, str]]):
+        self.host = host
+        self.parameter = parameter
+        self.buffers = buffers
+
+    def put(self, tensor: torch.Tensor) -> None:
+        if self.parameter is not None:
+            self.parameter.data = tensor
+        for module, name in self.buffers:
+            module._buffers[name] = tensor
+
+    @property
+    def size(self) -> int:
+        return self.host.numel() * self.host.element_size()
+
+
+@dataclass
+class _Part:
+    """The base or one block: its slots, and its tensors on the card while it is there."""
+
+    slots: list[_Slot]
+    on_card: list[torch.Tensor] | None = None
+    arriving: Any = None  # the CUDA event of a copy under way on the side stream
+
+    @property
+    def size(self) -> int:
+        return sum(slot.size for slot in self.slots)
+
+
+@dataclass
+class _Component:
+    name: str
+    base: _Part
+    blocks: list[_Part]
+    footprint: Footprint
+    activation: Activation
+    resident: int | None = None  # base and the first `resident` blocks are on the card
+    last_used: int = -1
+    in_use: int = 0  # running (its forward) or held: the plan leaves it as it is
+    streaming: bool = False  # running with some blocks left in host memory
+    peaks: dict[int | None, int] = field(default_factory=dict)
+
+
+class Residency:
+    """The components sharing one accelerator. Thread-safe; the worker runs one prompt at a time with it."""
+
+    def __init__(self, device: torch.device, budget: Budget | None = None, prefetch: bool = True) -> None:
+        self.device = device
+        if budget is None:  # off CUDA, a card without limit (smart memory is for CUDA cards: tests give a budget)
+            budget = CudaBudget(device) if device.type == "cuda" else FixedBudget(2**62)
+        self.budget = budget
+        self._cuda = device.type == "cuda"
+        self._prefetch = prefetch and self._cuda
+        self._side: Any = None  # the copy stream, made on first use (not in a process that never runs a model)
+        self._lock = threading.RLock()
+        self._clock = itertools.count()
+        self._names = itertools.count(1)
+        # Weak: a component the executor's cache lets go of (POST /free, eviction) must not live on here.
+        self._modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._measuring: tuple[_Component, int | None] | None = None
+        self.moved_in = 0  # bytes copied to the card, for the benchmarks and /system_stats
+
+    # -- registration ------------------------------------------------------------------------------
+    def add(
+        self, module: torch.nn.Module, name: str, activation: Activation | None = None, one_pass: bool = False
+    ) -> torch.nn.Module:
+        """Manage `module` (loaded in host memory): its weights go to host copies (pinned on CUDA) and come
+        onto the card when it runs. Its blocks are its largest list of submodules."""
+        if getattr(module, _MANAGED, None) is not None:
+            return module
+        blocks = _blocks_of(module)
+        slots = self._slots(module)
+        owned = [_owned(slots, block) for block in blocks]
+        owners = collections.Counter(id(slot) for block_slots in owned for slot in block_slots)
+        # A tensor shared between blocks (tied weights) belongs to the base: it must stay while either runs.
+        parts = [_Part([slot for slot in block_slots if owners[id(slot)] == 1]) for block_slots in owned]
+        base = _Part([slot for slot in slots.values() if owners[id(slot)] != 1])
+        for slot in slots.values():
+            slot.put(slot.host)
+        footprint = Footprint(f"{name}#{next(self._names)}", base.size, tuple(p.size for p in parts), one_pass)
+        estimate = activation if activation is not None else _default_activation(footprint.total)
+        component = _Component(footprint.name, base, parts, footprint, estimate)
+        setattr(module, _MANAGED, (self, component))
+        module.register_forward_pre_hook(_compiler_disabled(self._before_call), with_kwargs=True)
+        module.register_forward_hook(_compiler_disabled(self._after_call), always_call=True)
+        for index, block in enumerate(blocks):
+            block.register_forward_pre_hook(_compiler_disabled(self._stream_in(component, index)))
+            block.register_forward_hook(_compiler_disabled(self._stream_out(component, index)), always_call=True)
+        with self._lock:
+            self._modules.add(module)
+        log.info(
+            "%s: %.2f GiB of weights in %d blocks, kept on %s as far as they fit",
+            name, footprint.total / GIB, len(blocks), self.device,
+        )  # fmt: skip
+        return module
+
+    def _slots(self, module: torch.nn.Module) -> dict[int, _Slot]:
+        """Every tensor once, by identity (a tied weight is one slot), with its host copy."""
+        slots: dict[int, _Slot] = {}
+        for owner in module.modules():
+            for parameter in owner._parameters.values():
+                if parameter is not None and id(parameter) not in slots:
+                    slots[id(parameter)] = _Slot(self._host(parameter.data), parameter, [])
+            for name, buffer in owner._buffers.items():
+                if buffer is None:
+                    continue
+                slot = slots.get(id(buffer))
+                if slot is None:
+                    slot = slots[id(buffer)] = _Slot(self._host(buffer), None, [])
+                slot.buffers.append((owner, name))
+        return slots
+
+    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = tensor.detach().to("cpu")
+        return host.pin_memory() if self._cuda else host
+
+    # -- the plan --------------------------------------------------------------------------------
+    def need(self, module: torch.nn.Module, key: int | None = None, hold: bool = False) -> None:
+        """Make room for `module` to run on an input of `key` elements, and bring in what fits of it; with
+        `hold`, it is in use (left as it is by other plans) until `release`."""
+        component = _component(module, self)
+        if component is None:
+            return
+        with self._lock:
+            self._settle_measurement()
+            component.last_used = next(self._clock)
+            components = self._components()
+            held = sum(c.footprint.held(c.resident) for c in components)
+            expected, measured = self._expected(component, key)
+            room = self.budget.room(held) - self.budget.activations(expected)
+            if component.resident != len(component.blocks) or held > room:  # else all fits as it is: no plan
+                footprints = {c.name: c.footprint for c in components}
+                now = Residents({c.name: c.resident for c in components}, {c.name: c.last_used for c in components})
+                in_use = frozenset(c.name for c in components if c.in_use and c is not component)
+                try:
+                    after = plan(component.name, footprints, now, room, in_use)
+                except NoRoom:
+                    if measured:
+                        raise
+                    # Only estimated: tried with all the card can give, and measured (the estimates are generous).
+                    after = plan(component.name, footprints, now, self.budget.room(held), in_use)
+                if component.in_use and component.resident is not None:  # held: its weights may be patched
+                    after[component.name] = max(after[component.name] or 0, component.resident)
+                for other in components:
+                    if other is not component:
+                        self._shrink(other, after[other.name])
+                self._set(component, after[component.name])
+            component.streaming = component.resident is not None and component.resident < len(component.blocks)
+            if hold:
+                component.in_use += 1
+            if key not in component.peaks and self._measuring is None:
+                self.budget.watch()
+                self._measuring = (component, key)
+
+    def release(self, module: torch.nn.Module) -> None:
+        """The end of a `need(..., hold=True)`."""
+        component = _component(module, self)
+        if component is None:
+            return
+        with self._lock:
+            component.in_use = max(0, component.in_use - 1)
+            if not component.in_use:
+                self._settle_measurement()
+                if component.streaming:  # a stopped run can leave streamed blocks behind
+                    for part in component.blocks[component.resident or 0 :]:
+                        self._drop(part)
+
+    @contextlib.contextmanager
+    def holding(self, module: torch.nn.Module, key: int | None = None) -> Iterator[None]:
+        """`module` on the card (as far as it fits) for the whole block, left where it is by other plans."""
+        component = _component(module, self)
+        if component is None:
+            yield
+            return
+        self.need(module, key, hold=True)
+        try:
+            yield
+        finally:
+            self.release(module)
+
+    def free(self) -> None:
+        """Move every component out of the card (POST /free, a shutdown)."""
+        with self._lock:
+            for component in self._components():
+                if not component.in_use:
+                    self._shrink(component, None)
+
+    def resident(self) -> dict[str, float]:
+        """GiB on the card per component."""
+        with self._lock:
+            return {c.name: c.footprint.held(c.resident) / GIB for c in self._components()}
+
+    def _components(self) -> list[_Component]:
+        found = []
+        for module in list(self._modules):
+            managed = getattr(module, _MANAGED, None)
+            if managed is not None:
+                found.append(managed[1])
+        return found
+
+    def _expected(self, component: _Component, key: int | None) -> tuple[int, bool]:
+        """The activations a call is expected to take, and whether that was measured: as measured at this size,
+        else scaled from the largest size measured, else the component's estimate."""
+        if key in component.peaks:
+            return component.peaks[key], True
+        measured = [(k, v) for k, v in component.peaks.items() if k is not None]
+        if key is None and component.peaks:
+            return max(component.peaks.values()), True
+        if key is not None and measured:
+            size, peak = max(measured)
+            return max(peak, peak * key // max(size, 1)), True
+        return component.activation(key), False
+
+    def _settle_measurement(self) -> None:
+        if self._measuring is None:
+            return
+        component, key = self._measuring
+        self._measuring = None
+        peak = self.budget.peak()
+        if peak is not None:
+            streamed = component.footprint.needs(component.resident or 0) - component.footprint.held(component.resident)
+            component.peaks[key] = max(0, peak - streamed) if component.streaming else peak
+
+    # -- moves -----------------------------------------------------------------------------------
+    def _shrink(self, component: _Component, resident: int | None) -> None:
+        """Move blocks out from the last (streamed ones left over too), then the base when `resident` is None."""
+        if component.resident is None:
+            return
+        for index in range(len(component.blocks) - 1, (resident or 0) - 1, -1):
+            self._drop(component.blocks[index])
+        if resident is None:
+            self._drop(component.base)
+        component.resident = resident
+
+    def _set(self, component: _Component, resident: int | None) -> None:
+        if resident is None or (component.resident is not None and resident <= component.resident):
+            self._shrink(component, resident)
+            return
+        if component.resident is None:
+            self._load(component.base)
+        for index, part in enumerate(component.blocks):
+            if index < resident:
+                self._load(part)
+            else:  # streamed blocks left over from an earlier call, or on their way
+                self._drop(part)
+        component.resident = resident
+
+    def _load(self, part: _Part) -> None:
+        if part.on_card is not None:
+            self._arrived(part)
+            return
+        tensors = [slot.host.to(self.device, non_blocking=self._cuda, copy=True) for slot in part.slots]
+        for slot, tensor in zip(part.slots, tensors, strict=True):
+            slot.put(tensor)
+        part.on_card = tensors
+        self.moved_in += part.size
+
+    def _drop(self, part: _Part) -> None:
+        if part.on_card is None:
+            return
+        self._arrived(part)
+        for slot in part.slots:
+            slot.put(slot.host)
+        part.on_card = None
+
+    def _arrived(self, part: _Part) -> None:
+        """Wait (on the compute stream, not the host) for a copy made on the side stream."""
+        if part.arriving is not None:
+            torch.cuda.current_stream(self.device).wait_event(part.arriving)
+            part.arriving = None
+
+    def _prefetch_part(self, part: _Part) -> None:
+        """Copy a streamed block in on the side stream while the current one computes."""
+        if part.on_card is not None or not self._prefetch:
+            return
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        compute = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(compute)  # its memory may be what a block just dropped was using
+        with torch.cuda.stream(self._side):
+            tensors = [slot.host.to(self.device, non_blocking=True, copy=True) for slot in part.slots]
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self._side)
+        for tensor in tensors:
+            tensor.record_stream(compute)  # freed only once the compute stream is done with it
+        for slot, tensor in zip(part.slots, tensors, strict=True):
+            slot.put(tensor)
+        part.on_card, part.arriving = tensors, event
+        self.moved_in += part.size
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _before_call(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.need(module, _elements(args, kwargs), hold=True)
+        component = _component(module, self)
+        if component is not None and component.streaming and component.resident is not None:
+            with self._lock:  # the first streamed block comes in while the resident ones compute
+                self._prefetch_part(component.blocks[component.resident])
+
+    def _after_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        component = _component(module, self)
+        if component is not None and component.streaming:
+            with self._lock:  # a stopped call can leave streamed blocks behind: none stays between calls
+                for part in component.blocks[component.resident or 0 :]:
+                    self._drop(part)
+        self.release(module)
+
+    def _stream_in(self, component: _Component, index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            if not component.streaming or component.resident is None or index < component.resident:
+                return
+            with self._lock:
+                self._load(component.blocks[index])
+                if index + 1 < len(component.blocks):
+                    self._prefetch_part(component.blocks[index + 1])
+
+        return hook
+
+    def _stream_out(self, component: _Component, index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not component.streaming or component.resident is None or index < component.resident:
+                return
+            with self._lock:
+                self._drop(component.blocks[index])
+
+        return hook
+
+
+def _component(module: torch.nn.Module, residency: Residency | None = None) -> _Component | None:
+    managed = getattr(module, _MANAGED, None)
+    if managed is None or (residency is not None and managed[0] is not residency):
+        return None
+    component: _Component = managed[1]
+    return component
+
+
+def managed_by(module: torch.nn.Module) -> Residency | None:
+    managed = getattr(module, _MANAGED, None)
+    return None if managed is None else managed[0]
+
+
+@contextlib.contextmanager
+def holding(module: torch.nn.Module, key: int | None = None) -> Iterator[None]:
+    """`Residency.holding` for a managed module; nothing for one that lives on its device."""
+    residency = managed_by(module)
+    if residency is None:
+        yield
+        return
+    with residency.holding(module, key):
+        yield
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its residency's device (its weights may be in host memory between calls),
+    else where its weights are."""
+    residency = managed_by(module)
+    if residency is not None:
+        return residency.device
+    return next(module.parameters()).device
+
+
+def _blocks_of(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The module's largest list of submodules by weight (a transformer's or text encoder's layers)."""
+    lists = [child for child in module.modules() if isinstance(child, torch.nn.ModuleList) and len(child) > 1]
+    if not lists:
+        return []
+    largest = max(lists, key=lambda blocks: sum(p.numel() * p.element_size() for p in blocks.parameters()))
+    return list(largest)
+
+
+def _owned(slots: dict[int, _Slot], block: torch.nn.Module) -> list[_Slot]:
+    found: dict[int, _Slot] = {}
+    for tensor in itertools.chain(block.parameters(), block.buffers()):
+        slot = slots.get(id(tensor))
+        if slot is not None:
+            found[id(slot)] = slot
+    return list(found.values())
+
+
+def _elements(args: Any, kwargs: dict[str, Any]) -> int | None:
+    """The size of a call's input: the elements of its first tensor argument (lists of tensors summed)."""
+    for value in itertools.chain(args, kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+        if isinstance(value, list | tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return int(sum(v.numel() for v in value))
+    return None
+
+
+def _default_activation(weights: int) -> Activation:
+    """Before anything was measured: a tenth of the weights, the same at every size."""
+    return lambda key: weights // 10
+
+
+def _compiler_disabled(hook: Callable[..., Any]) -> Callable[..., Any]:
+    disable: Callable[[Callable[..., Any]], Callable[..., Any]] = torch.compiler.disable
+    return disable(hook)

@@ -1,0 +1,293 @@
+"""Smart memory: the plan's decisions against a fake card, and the moves on real modules.
+
+The plan is checked on sizes alone (what stays, what moves out and in which order, what runs partly
+resident). The moves run on the CPU, which stands for the card here: a weight "on the card" is a copy
+of its host tensor, so the tests can see which tensors are the host copies and which are not."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from zimage_serve.engine.residency import FixedBudget, Residency, _Component, execution_device, holding
+from zimage_serve.engine.residency_plan import Footprint, NoRoom, Residents, plan
+
+MB = 1_000_000
+CPU = torch.device("cpu")
+
+
+def card(**blocks: int | None) -> Residents:
+    """What is on the card, the components listed from least to most recently used."""
+    return Residents(blocks, {name: order for order, name in enumerate(blocks)})
+
+
+# -- the plan ------------------------------------------------------------------------------------------
+
+TEXT = Footprint("text", 2 * MB, (1 * MB,) * 6, one_pass=True)  # 8 MB
+DIT = Footprint("dit", 2 * MB, (1 * MB,) * 10)  # 12 MB
+VAE = Footprint("vae", 1 * MB)
+ALL = {f.name: f for f in (TEXT, DIT, VAE)}
+
+
+def test_what_fits_stays_and_nothing_moves() -> None:
+    after = plan("dit", ALL, card(text=6, vae=0, dit=10), room=21 * MB)
+    assert after == {"text": 6, "dit": 10, "vae": 0}
+
+
+def test_the_least_recently_used_gives_up_just_the_blocks_that_are_lacking_last_ones_first() -> None:
+    # 8 + 1 + 12 = 21 MB wanted in 18: the text encoder (used longest ago) gives 3 of its last blocks.
+    after = plan("dit", ALL, card(text=6, vae=0, dit=None), room=18 * MB)
+    assert after == {"text": 3, "vae": 0, "dit": 10}
+
+
+def test_a_component_is_moved_out_whole_base_last_before_the_next_least_recent_one_gives_anything() -> None:
+    after = plan("dit", ALL, card(text=6, vae=0, dit=None), room=13 * MB)
+    assert after == {"text": None, "vae": 0, "dit": 10}
+    after = plan("dit", ALL, card(vae=0, text=6, dit=None), room=15 * MB)  # now the VAE is the older one
+    assert after == {"vae": None, "text": 1, "dit": 10}
+
+
+def test_a_component_in_use_keeps_what_it_has() -> None:
+    control = Footprint("control", 1 * MB, (1 * MB,) * 2)
+    footprints = {**ALL, "control": control}
+    after = plan("dit", footprints, card(control=2, text=6, dit=None), 15 * MB, in_use=frozenset({"control"}))
+    assert after == {"control": 2, "text": None, "vae": None, "dit": 10}  # the text encoder went instead
+
+
+def test_a_component_too_big_for_the_card_runs_partly_resident_with_room_for_two_streamed_blocks() -> None:
+    after = plan("dit", ALL, card(text=6, vae=0, dit=None), room=9 * MB)
+    # Everything else moved out; 2 MB base + k blocks + 2 streamed blocks <= 9 MB: k = 5.
+    assert after == {"text": None, "vae": None, "dit": 5}
+    assert DIT.needs(5) == 9 * MB
+
+
+def test_a_one_pass_component_streams_what_does_not_fit_rather_than_moving_others_out() -> None:
+    # 12 MB of transformer on a 16 MB card: the text encoder runs in the 4 MB left, two of its blocks
+    # streamed, rather than pushing the transformer out (which would come back for the next image).
+    after = plan("text", ALL, card(dit=10, text=None), room=16 * MB)
+    assert after == {"dit": 10, "vae": None, "text": 0}
+    # Only when even its base and two streamed blocks do not fit does it take room from the others.
+    after = plan("text", ALL, card(dit=10, text=None), room=14 * MB)
+    assert after == {"dit": 8, "vae": None, "text": 0}
+    # And with the room free, all of it stays, to be used again by the next prompt.
+    assert plan("text", ALL, card(dit=None, text=None), room=16 * MB)["text"] == 6
+
+
+def test_a_component_whose_base_cannot_fit_is_refused_with_the_sizes() -> None:
+    with pytest.raises(NoRoom, match=r"dit needs 3.8 MiB .* but only 2.9 MiB is left"):
+        plan("dit", ALL, card(text=6, vae=0, dit=None), room=3 * MB)
+
+
+def test_a_component_resident_for_a_small_image_shrinks_when_a_larger_one_leaves_less_room() -> None:
+    assert plan("dit", ALL, card(dit=10), room=12 * MB)["dit"] == 10
+    assert plan("dit", ALL, card(dit=10), room=10 * MB)["dit"] == 6
+
+
+# -- the moves -----------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.register_buffer("gain", torch.rand(width) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x)) * self.gain
+
+
+class Toy(nn.Module):
+    """A base (embedding, output) and six blocks, the last one tied to the first one's weight."""
+
+    def __init__(self, width: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(6))
+        self.blocks[5].linear.weight = self.blocks[0].linear.weight
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.to(execution_device(self)))
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def weights(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def component(residency: Residency, module: nn.Module) -> _Component:
+    managed = module._zimage_residency
+    assert managed[0] is residency
+    found: _Component = managed[1]
+    return found
+
+
+def on_card(residency: Residency, module: nn.Module) -> set[str]:
+    """The names of the module's tensors that are not their host copies."""
+    managed = component(residency, module)
+    hosts = {slot.host.data_ptr() for part in [managed.base, *managed.blocks] for slot in part.slots}
+    tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {name for name, tensor in tensors if tensor.data_ptr() not in hosts}
+
+
+def test_a_managed_module_computes_the_same_and_keeps_host_copies_filled_once() -> None:
+    reference, managed = Toy(), Toy()
+    x = torch.randn(3, 8)
+    expected = reference(x)
+    residency = Residency(CPU, FixedBudget(10 * MB, calls_take=0))
+    residency.add(managed, "toy")
+    assert on_card(residency, managed) == set()  # nothing brought in before it runs
+    assert torch.equal(managed(x), expected)
+    assert len(on_card(residency, managed)) == len(list(managed.named_parameters(remove_duplicate=False))) + 6
+    moved = residency.moved_in
+    assert moved == weights(managed)
+    assert torch.equal(managed(x), expected)
+    assert residency.moved_in == moved  # resident across calls: nothing copied again
+
+
+def test_the_least_recently_used_module_is_moved_out_for_the_next_and_comes_back_exactly() -> None:
+    first, second = Toy(seed=1), Toy(seed=2)
+    x = torch.randn(2, 8)
+    expected = (Toy(seed=1)(x), Toy(seed=2)(x))
+    residency = Residency(CPU, FixedBudget(weights(first) + weights(second) // 2, calls_take=0))
+    residency.add(first, "first")
+    residency.add(second, "second")
+    assert torch.equal(first(x), expected[0])
+    assert torch.equal(second(x), expected[1])
+    assert "embed.weight" in on_card(residency, first)  # its base stays: only blocks, last first, went
+    assert "blocks.4.linear.weight" not in on_card(residency, first)
+    assert torch.equal(first(x), expected[0])  # brought back: the host copies were never written
+    assert "blocks.4.linear.weight" not in on_card(residency, second)
+
+
+def test_a_module_bigger_than_the_card_streams_its_blocks_through_and_keeps_none_of_them_after() -> None:
+    toy = Toy(width=64)
+    x = torch.randn(2, 8)
+    expected = Toy(width=64)(x)
+    residency = Residency(CPU, FixedBudget(10 * MB, calls_take=0))
+    residency.add(toy, "toy")
+    footprint = component(residency, toy).footprint
+    assert footprint.blocks[0] < footprint.blocks[1]  # block 0's weight, tied to block 5's, is in the base
+    residency.budget = FixedBudget(footprint.needs(2), calls_take=0)
+    seen: dict[int, set[str]] = {}
+    for index in range(6):
+        toy.blocks[index].register_forward_pre_hook(lambda _, __, i=index: seen.update({i: on_card(residency, toy)}))
+    assert torch.equal(toy(x), expected)
+    resident = {"embed.weight", "out.weight", "blocks.0.linear.weight", "blocks.0.gain", "blocks.1.linear.weight"}
+    for index in range(2, 6):  # each streamed block on the card for its own call only
+        streamed = {f"blocks.{i}.gain" for i in range(2, 6)}
+        assert resident <= seen[index] and seen[index] & streamed == {f"blocks.{index}.gain"}
+    assert on_card(residency, toy) == seen[2] - {"blocks.2.gain", "blocks.2.linear.weight", "blocks.2.linear.bias"}
+    assert torch.equal(toy(x), expected)
+
+
+def test_a_held_module_stays_on_the_card_while_another_runs() -> None:
+    held, other = Toy(seed=3), Toy(seed=4)
+    residency = Residency(CPU, FixedBudget(10 * MB, calls_take=0))
+    residency.add(held, "held")
+    residency.add(other, "other")
+    residency.budget = FixedBudget(weights(held) + component(residency, other).footprint.needs(0), calls_take=0)
+    x = torch.randn(1, 8)
+    with holding(held):
+        names = on_card(residency, held)
+        assert len(names) == len(list(held.named_parameters(remove_duplicate=False))) + 6
+        other(x)  # runs streamed, in what is left
+        assert on_card(residency, held) == names
+    other(x)  # released: the next plan may take from it
+    assert on_card(residency, held) != names
+
+
+def test_a_patch_made_while_held_and_streamed_is_undone_exactly() -> None:
+    """As a LoRA is applied: deltas added to the weights where they are while held, removed after."""
+    toy = Toy(width=64)
+    x = torch.randn(2, 8)
+    expected = Toy(width=64)(x)
+    block = weights(toy.blocks[1])
+    residency = Residency(CPU, FixedBudget(weights(toy) - 2 * block, calls_take=0))
+    residency.add(toy, "toy")
+    with holding(toy):
+        originals = [b.linear.weight.detach().clone() for b in toy.blocks]
+        for b in toy.blocks:
+            b.linear.weight.data.add_(1.0)
+        patched = toy(x)
+        for b, original in zip(toy.blocks, originals, strict=True):
+            b.linear.weight.data.copy_(original)
+    assert not torch.equal(patched, expected)
+    assert torch.equal(toy(x), expected)
+
+
+def test_free_moves_everything_out_and_a_dropped_module_is_not_kept_alive() -> None:
+    toy = Toy()
+    residency = Residency(CPU, FixedBudget(10 * MB, calls_take=0))
+    residency.add(toy, "toy")
+    toy(torch.randn(1, 8))
+    residency.free()
+    assert on_card(residency, toy) == set()
+    gone = weakref.ref(toy)
+    del toy
+    gc.collect()
+    assert gone() is None and residency._components() == []
+
+
+def test_activations_measured_or_estimated_are_set_aside_per_input_size() -> None:
+    toy = Toy()
+    estimates: list[int | None] = []
+
+    def estimate(elements: int | None) -> int:
+        estimates.append(elements)
+        return weights(toy) // 5
+
+    residency = Residency(CPU, FixedBudget(weights(toy)))  # the estimate leaves room for part of the blocks
+    residency.add(toy, "toy", activation=estimate)
+    toy(torch.randn(3, 8))
+    assert estimates == [24]
+    assert "blocks.4.linear.weight" not in on_card(residency, toy)
+
+
+@dataclass
+class MeasuringCard:
+    """A card of `size` bytes on which each call is measured to take `peak` bytes."""
+
+    size: int
+    peak_bytes: int
+    watched: int = 0
+
+    def room(self, held: int) -> int:
+        return self.size
+
+    def watch(self) -> None:
+        self.watched += 1
+
+    def peak(self) -> int | None:
+        return self.peak_bytes
+
+    def activations(self, expected: int) -> int:
+        return expected
+
+
+def test_a_measured_peak_replaces_the_estimate_and_scales_to_larger_inputs() -> None:
+    toy = Toy()
+    total = weights(toy)
+    card = MeasuringCard(size=total + 1000, peak_bytes=1000)
+    residency = Residency(CPU, card)
+    residency.add(toy, "toy", activation=lambda elements: 10 * total)  # far too much: tried anyway, and measured
+    x = torch.randn(3, 8)
+    assert torch.equal(toy(x), Toy()(x))
+    assert component(residency, toy).peaks == {24: 1000}
+    toy(x)
+    assert card.watched == 1  # measured once per input size
+    toy(torch.randn(6, 8))  # twice the input: 2000 expected, so a block goes out for it
+    assert 48 in component(residency, toy).peaks  # (less the streamed blocks, which a card's peak includes)
+    assert "blocks.4.linear.weight" not in on_card(residency, toy)
+    card.peak_bytes = 10 * total
+    toy(torch.randn(9, 8))  # measured now, so a call that cannot fit is refused by name
+    with pytest.raises(NoRoom, match="toy#1 needs"):
+        toy(torch.randn(9, 8))
