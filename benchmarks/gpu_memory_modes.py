@@ -1,18 +1,20 @@
-"""Memory modes and FP8 weights at full size on one GPU, each against bf16 all-on-GPU in the same run.
+"""Smart memory on the cards the field runs, each against everything on the GPU in the same run.
 
-    python benchmarks/gpu_memory_modes.py [--runs 3] [--size 1024] [--out DIR]   # on a CUDA GPU
+    python benchmarks/gpu_memory_modes.py [--runs 2] [--size 1024] [--out DIR]   # on a CUDA GPU
     python benchmarks/gpu_memory_modes.py --tiny --size 64 --runs 1            # the same code on the CPU
 
-Turbo's architecture with random weights (benchmarks/gpu_bench.py explains why that is the same work).
-Rows, one prompt (the field report's medium tier), 8 steps, median of `--runs` after a warm-up:
-- bf16, all on the GPU (the reference), and FP8 weights all on the GPU (`fp8_e4m3fn_fast`: FP8 matmuls;
-  `fp8_e4m3fn`: FP8 storage), both with the whole fast path (regional compile);
-- model offload and sequential offload in bf16, and FP8 with model offload, FP8 with sequential offload
-  (eager: offload hooks and compiled blocks do not mix);
-- "16 GB card" and "8 GB card" rows run under `torch.cuda.set_per_process_memory_fraction`, the card's
-  size less 0.5 GiB for the CUDA context; the row reports whether the peak stayed under the cap.
-For each: end to end, peak memory (allocated and reserved), the ratio to the reference, and the final
-latents' relative error against bf16 (same noise). Writes `gpu_memory_modes.json` and `.md` under --out.
+Turbo's architecture with random weights (benchmarks/gpu_bench.py explains why that is the same work),
+8 steps at --size, eager throughout (smart memory does not compile by default). Rows:
+- bf16 and fp8_e4m3fn_fast with everything on the GPU: the references;
+- smart memory under per-process memory caps standing for the cards: 24 GB (23.5 GiB, bf16), 16 GB (15.5 GiB,
+  bf16 and FP8), 12 GB (11.5 GiB, FP8) and 8 GB (7.5 GiB, FP8).
+Each row times images with a new prompt each (the text encoder runs for every image) and with one prompt
+repeated (the prompt cache skips it): the median of --runs after a warm-up, each against bf16 all on the GPU
+in the same case. It also gives the peak memory, the bytes copied to the card per new-prompt image, the
+final latents' relative error against the all-on-GPU row of the same weights (0: the same image), and
+whether one image at the largest default size (--large, 2048²: `--max-pixels`' default) in 2 steps ran
+under the cap. Writes `gpu_memory_modes.json` and `.md` under --out, after each row.
+On the CPU the caps are fake cards (`FixedBudget`) holding the same share of the tiny model's weights.
 """
 
 from __future__ import annotations
@@ -27,35 +29,47 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from gpu_common import build_model, device_name, parse_arguments, relative_error
+from gpu_common import add_model_arguments, build_model, device_name, relative_error
 
+from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fp8 import quantise_transformer
-from zimage_serve.engine.loader import LoadedModel
-from zimage_serve.engine.offload import apply_memory_mode
+from zimage_serve.engine.loader import LoadedModel, manage
+from zimage_serve.engine.residency import CudaBudget, FixedBudget, Residency
 
 PROMPT = "一位穿着汉服的女孩站在樱花树下，阳光洒落，写实风格"
 STEPS = 8
 GIB = 2**30
-CONTEXT_GIB = 0.5  # what a CUDA context takes outside PyTorch's allocator
+TURBO_GIB = 20.5  # Turbo's bf16 weights: a fake card on the CPU holds the same share of the tiny model's
+FP8 = "fp8_e4m3fn_fast"
+CARDS = (  # (row, cap in GiB: the card less 0.5 GiB for the CUDA context, transformer weights)
+    ("24 GB card", 23.5, "default"),
+    ("16 GB card", 15.5, "default"),
+    ("16 GB card", 15.5, FP8),
+    ("12 GB card", 11.5, FP8),
+    ("8 GB card", 7.5, FP8),
+)
 
 
 @dataclass
 class Row:
     name: str
-    seconds: float
+    new_prompt_s: float
+    same_prompt_s: float
     peak_allocated: int
     peak_reserved: int
+    moved_per_image: int
     relative_error: float
+    large: str
     cap_gib: float | None = None
-    oom: str = ""
+    failed: str = ""
 
     @property
     def held(self) -> bool | None:
         if self.cap_gib is None:
             return None
-        return not self.oom and self.peak_reserved <= self.cap_gib * GIB
+        return not self.failed and self.peak_reserved <= self.cap_gib * GIB
 
 
 def cuda(device: torch.device) -> bool:
@@ -63,65 +77,75 @@ def cuda(device: torch.device) -> bool:
 
 
 def measure(
-    name: str,
-    engine: ZImageEngine,
-    args: argparse.Namespace,
-    reference: torch.Tensor | None,
-    cap_gib: float | None = None,
+    name: str, engine: ZImageEngine, args: argparse.Namespace, reference: torch.Tensor | None, cap_gib: float | None
 ) -> tuple[Row, torch.Tensor | None]:
+    """Time new-prompt and repeated-prompt images, take the final latents, then try the large size."""
     device = engine.device
     if cuda(device) and device.index is None:  # the memory-fraction call wants an indexed device
         device = torch.device("cuda", torch.cuda.current_device())
-    size = args.size
     if cuda(device):
         gc.collect()
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
-        fraction = 1.0 if cap_gib is None else min(1.0, (cap_gib * GIB) / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total), device)
         torch.cuda.reset_peak_memory_stats(device)
-    params = GenerationParams(PROMPT, width=size, height=size, steps=STEPS, seed=11)
-    samples: list[float] = []
+    residency = engine.model.residency
+
+    def timed(prompt: str, size: int = args.size, steps: int = STEPS) -> float:
+        if cuda(device):
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        engine.generate(GenerationParams(prompt, width=size, height=size, steps=steps, seed=11))
+        if cuda(device):
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    new: list[float] = []
+    same: list[float] = []
+    moved = 0
     latents = None
+    failed = ""
     try:
-        engine.generate(params)  # warm-up
-        for _ in range(args.runs):
-            if cuda(device):
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            engine.generate(params)
-            if cuda(device):
-                torch.cuda.synchronize(device)
-            samples.append(time.perf_counter() - started)
-        noise = engine.initial_noise([7], size, size)
+        timed(f"{PROMPT} (warm-up)")
+        before = residency.moved_in if residency is not None else 0
+        new = [timed(f"{PROMPT} ({run})") for run in range(args.runs)]
+        moved = ((residency.moved_in if residency is not None else 0) - before) // max(args.runs, 1)
+        timed(PROMPT)
+        same = [timed(PROMPT) for _ in range(args.runs)]
+        noise = engine.initial_noise([7], args.size, args.size)
         latents = engine.denoise(noise, engine.encode_prompt(PROMPT), steps=STEPS).float()
-        engine.model.hooks.offload_all()
-        oom = ""
-    except torch.OutOfMemoryError as exc:
-        oom = str(exc).splitlines()[0]
     except Exception as exc:  # a row that breaks is reported as such; the rows after it still run
-        oom = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     peak_allocated = torch.cuda.max_memory_allocated(device) if cuda(device) else 0
     peak_reserved = torch.cuda.max_memory_reserved(device) if cuda(device) else 0
+    large = "not tried"
+    if not failed:
+        try:
+            large = f"ran ({timed(PROMPT, args.large, 2):.1f} s)"
+        except Exception as exc:
+            large = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     if cuda(device):
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     error = relative_error(latents, reference) if latents is not None and reference is not None else 0.0
-    seconds = statistics.median(samples) if samples else float("nan")
-    row = Row(name, seconds, peak_allocated, peak_reserved, error, cap_gib, oom)
-    print(f"{name}: {seconds:.3f} s, peak {peak_reserved / GIB:.2f} GiB {oom}", flush=True)
+    row = Row(name, _median(new), _median(same), peak_allocated, peak_reserved, moved, error, large, cap_gib, failed)
+    print(
+        f"{name}: new prompt {row.new_prompt_s:.3f} s, same prompt {row.same_prompt_s:.3f} s, peak "
+        f"{peak_reserved / GIB:.2f} GiB, moved {_size(moved)} an image, {args.large}²: {large} {failed}",
+        flush=True,
+    )
     return row, latents
 
 
-def engine_for(model: LoadedModel, mode: MemoryMode, fast: FastPath, size: int) -> ZImageEngine:
-    """An engine over `model`'s modules (already on the host for offload modes) with `mode`'s hooks."""
-    placement = replace(model.placement, memory_mode=mode)
-    modules = [model.text_encoder, model.transformer, model.vae]
-    loaded = replace(model, placement=placement, hooks=apply_memory_mode(placement, modules))
-    return ZImageEngine(loaded, native_size=size, fast=fast)
+def _size(size: int) -> str:
+    return f"{size / GIB:.2f} GiB" if size >= GIB // 10 or not size else f"{size / 2**20:.2f} MiB"
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
 
 
 def host_copy(model: LoadedModel) -> LoadedModel:
-    """The components copied to host memory (hooks are attached to copies, never to the originals)."""
+    """The components copied to host memory (each smart row manages copies, never the originals)."""
     return replace(
         model,
         transformer=copy.deepcopy(model.transformer).to("cpu"),
@@ -130,54 +154,73 @@ def host_copy(model: LoadedModel) -> LoadedModel:
     )
 
 
+def quantised(model: LoadedModel, weight_dtype: str) -> LoadedModel:
+    if weight_dtype == "default":
+        return model
+    quantise_transformer(model.transformer, weight_dtype)
+    return replace(model, placement=replace(model.placement, weight_dtype=weight_dtype))
+
+
+def smart(host: LoadedModel, weight_dtype: str, cap_gib: float, size: int) -> ZImageEngine:
+    """`host`'s weights (copied) under smart memory, on a card of `cap_gib` (a fake one of the same share of
+    the weights on the CPU)."""
+    model = quantised(host_copy(host), weight_dtype)
+    device = model.placement.device
+    if cuda(device):
+        budget: Any = CudaBudget(device)  # the cap is the process's memory fraction, which the budget reads
+    else:
+        budget = FixedBudget(0, calls_take=0)
+    model = manage(
+        replace(model, placement=replace(model.placement, memory_mode=MemoryMode.SMART)), Residency(device, budget)
+    )
+    if not cuda(device):  # the share of Turbo's weights, but never less than the largest component needs to run
+        assert model.residency is not None
+        footprints = [c.footprint for c in model.residency._components()]
+        weights = sum(f.total for f in footprints)
+        budget.size = max(int(weights * cap_gib / TURBO_GIB), max(f.needs(0) for f in footprints))
+    return ZImageEngine(model, native_size=size, fast=FastPath(compile="off"))
+
+
 def main() -> None:
-    args = parse_arguments(__doc__.splitlines()[0], runs=3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser, runs=2)
+    parser.add_argument("--large", type=int, default=None, help="the large size tried per row (2048; 128 --tiny)")
+    args = parser.parse_args()
+    args.large = args.large or (128 if args.tiny else 2048)
+    quiet_libraries()
     started = time.perf_counter()
     model = build_model(args)
     device = model.placement.device
-    host = host_copy(model)  # taken before the fast path compiles the blocks
-    fast = FastPath(compile=args.compile)
+    host = host_copy(model)
     eager = FastPath(compile="off")
     rows: list[Row] = []
+    references: dict[str, torch.Tensor | None] = {}
 
-    reference_row, reference = measure("bf16, all on the GPU", ZImageEngine(model, args.size, fast), args, None)
-    assert reference is not None
-    rows.append(reference_row)
+    reference = ZImageEngine(model, args.size, eager)
+    row, references["default"] = measure("bf16, all on the GPU", reference, args, None, None)
+    rows.append(row)
     save(args, device, rows)
-    for weight_dtype in ("fp8_e4m3fn_fast", "fp8_e4m3fn"):
-        transformer = copy.deepcopy(host.transformer)  # the host copy has no compiled blocks yet
-        quantise_transformer(transformer, weight_dtype)
-        placement = replace(model.placement, weight_dtype=weight_dtype)
-        quantised = replace(model, transformer=transformer.to(device), placement=placement)
-        rows.append(
-            measure(f"{weight_dtype}, all on the GPU", ZImageEngine(quantised, args.size, fast), args, reference)[0]
-        )
-        save(args, device, rows)
-        del quantised, transformer
-    del model
-    torch._dynamo.reset()  # compiled blocks hold the all-on-GPU weights; the capped rows must start empty
+    transformer = copy.deepcopy(host.transformer)
+    quantise_transformer(transformer, FP8)
+    fp8 = replace(model, transformer=transformer.to(device), placement=replace(model.placement, weight_dtype=FP8))
+    fp8_engine = ZImageEngine(fp8, args.size, eager)
+    row, references[FP8] = measure(f"{FP8}, all on the GPU", fp8_engine, args, references["default"], None)
+    rows.append(row)
+    save(args, device, rows)
+    del reference, fp8_engine, transformer
+    del model, fp8
     gc.collect()
     if cuda(device):
         torch.cuda.empty_cache()
-        print(f"before the offload rows: {torch.cuda.memory_allocated(device) / GIB:.2f} GiB allocated", flush=True)
+        print(f"before the capped rows: {torch.cuda.memory_allocated(device) / GIB:.2f} GiB allocated", flush=True)
 
-    # On the CPU (the script's own check) the hooks run with the CPU as their device and nothing is capped.
-    card16, card8 = (16 - CONTEXT_GIB, 8 - CONTEXT_GIB) if cuda(device) else (None, None)
-    # The capped rows (the issue's goals) first, the slowest row last.
-    for label, mode, weight_dtype, cap in (
-        ("16 GB card: bf16, model offload", MemoryMode.MODEL, "default", card16),
-        ("16 GB card: fp8_e4m3fn, model offload", MemoryMode.MODEL, "fp8_e4m3fn", card16),
-        ("8 GB card: fp8_e4m3fn, sequential offload", MemoryMode.SEQUENTIAL, "fp8_e4m3fn", card8),
-        ("bf16, model offload", MemoryMode.MODEL, "default", None),
-        ("bf16, sequential offload", MemoryMode.SEQUENTIAL, "default", None),
-    ):
-        offloaded = host_copy(host)
-        if weight_dtype != "default":
-            quantise_transformer(offloaded.transformer, weight_dtype)
-            offloaded.placement = replace(offloaded.placement, weight_dtype=weight_dtype)
-        rows.append(measure(label, engine_for(offloaded, mode, eager, args.size), args, reference, cap_gib=cap)[0])
+    for card, cap, weight_dtype in CARDS:
+        label = f"{card}: {'bf16' if weight_dtype == 'default' else weight_dtype}, smart"
+        engine = smart(host, weight_dtype, cap, args.size)
+        rows.append(measure(label, engine, args, references[weight_dtype], cap if cuda(device) else None)[0])
         save(args, device, rows)
-        del offloaded
+        del engine
+        gc.collect()
 
     print("\n".join(save(args, device, rows)))
     print(f"total {time.perf_counter() - started:.0f}s")
@@ -185,31 +228,33 @@ def main() -> None:
 
 def save(args: argparse.Namespace, device: torch.device, rows: list[Row]) -> list[str]:
     """Write the rows measured so far (a run cut short by its time limit still leaves them)."""
-    base = rows[0].seconds
+    base = rows[0]
     name = device_name(device)
     lines = [
         f"Card: {name}; torch {torch.__version__}; {args.size}x{args.size}, {STEPS} steps, median of {args.runs} "
-        f"after a warm-up; compile {args.compile} for the all-on-GPU rows; {time.strftime('%Y-%m-%d')}.",
+        f"after a warm-up, eager; {time.strftime('%Y-%m-%d')}.",
         "",
-        "| mode | end to end | vs bf16 all-on-GPU | peak allocated | peak reserved | cap | cap held | latent error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | new prompt | vs bf16 on the GPU | same prompt | vs bf16 on the GPU | moved per image | "
+        "peak reserved | cap | cap held | latent error | " + f"{args.large}², 2 steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cap = "" if row.cap_gib is None else f"{row.cap_gib:.1f} GiB"
-        held = "" if row.held is None else ("yes" if row.held else f"NO {row.oom}")
-        failed = f" ({row.oom})" if row.oom and row.cap_gib is None else ""
+        held = "" if row.held is None else ("yes" if row.held else "NO")
+        failed = f" ({row.failed})" if row.failed else ""
         lines.append(
-            f"| {row.name}{failed} | {row.seconds:.3f} s | {row.seconds / base:.2f}x | "
-            f"{row.peak_allocated / GIB:.2f} GiB | {row.peak_reserved / GIB:.2f} GiB | {cap} | {held} | "
-            f"{row.relative_error:.2e} |"
+            f"| {row.name}{failed} | {row.new_prompt_s:.3f} s | {row.new_prompt_s / base.new_prompt_s:.2f}x | "
+            f"{row.same_prompt_s:.3f} s | {row.same_prompt_s / base.same_prompt_s:.2f}x | "
+            f"{_size(row.moved_per_image)} | {row.peak_reserved / GIB:.2f} GiB | {cap} | {held} | "
+            f"{row.relative_error:.2e} | {row.large} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "device": name,
         "torch": torch.__version__,
         "size": args.size,
+        "large": args.large,
         "runs": args.runs,
-        "compile": args.compile,
         "rows": [{**row.__dict__, "held": row.held} for row in rows],
     }
     (args.out / "gpu_memory_modes.json").write_text(json.dumps(report, indent=2))

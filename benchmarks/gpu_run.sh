@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU run: the INT8 layers, then the engine and memory-mode benchmarks, results under $OUT
-# (or ./gpu-results).
-# On the lent GPU machine (which has torch and transformers but not diffusers), carry the wheels:
+# The prepared GPU run, results under $OUT (or ./gpu-results): smart memory on the capped "cards" first
+# (gpu_memory_modes.py), then the engine's speed (gpu_bench.py) and the INT8 layers (int8_matmul.py), each
+# under a time limit that keeps the whole run within one device call of 580 s.
+#   bash benchmarks/gpu_run.sh           # on the lent GPU machine
+#   bash benchmarks/gpu_run.sh --tiny    # the same scripts here, on the CPU, with a tiny config
+# On the GPU machine (which has torch and transformers but not diffusers), carry the wheels:
 #   here:  pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #            --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #   there: run with carry [".whl"], command "bash benchmarks/gpu_run.sh", timeout_s 580.
@@ -9,16 +12,30 @@
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
+tiny=()
+python=python3
+if [[ "${1:-}" == "--tiny" ]]; then
+    tiny=(--tiny --size 64 --runs 1 --device cpu)
+    [[ -x .venv/bin/python ]] && python=.venv/bin/python
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv | tee "$out/nvidia-smi.csv"
-python3 -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "cuda", torch.version.cuda,
-    "cudnn", torch.backends.cudnn.version(), "transformers", transformers.__version__, "diffusers", diffusers.__version__)' \
-    2>&1 | tee "$out/versions.txt"
-timeout 60 python3 benchmarks/int8_matmul.py --out "$out" 2>&1 | tee "$out/int8_matmul.log"
-timeout 285 python3 benchmarks/gpu_bench.py --runs 3 --out "$out" 2>&1 | tee "$out/gpu_bench.log"
-timeout 265 python3 benchmarks/gpu_memory_modes.py --runs 1 --out "$out" 2>&1 | tee "$out/gpu_memory_modes.log"
+if [[ ${#tiny[@]} -eq 0 ]]; then
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv | tee "$out/nvidia-smi.csv"
+fi
+"$python" -c 'import torch, transformers, diffusers; print("torch", torch.__version__, "cuda", torch.version.cuda,
+    "transformers", transformers.__version__, "diffusers", diffusers.__version__)' 2>&1 | tee "$out/versions.txt"
+status=0
+timeout 300 "$python" benchmarks/gpu_memory_modes.py "${tiny[@]}" --out "$out" 2>&1 | tee "$out/gpu_memory_modes.log" \
+    || status=1
+bench=(--runs 3)
+[[ ${#tiny[@]} -gt 0 ]] && bench=("${tiny[@]}" --compile off)
+timeout 190 "$python" benchmarks/gpu_bench.py "${bench[@]}" --out "$out" 2>&1 | tee "$out/gpu_bench.log" || status=1
+int8=()
+[[ ${#tiny[@]} -gt 0 ]] && int8=(--tiny --runs 1)
+timeout 60 "$python" benchmarks/int8_matmul.py "${int8[@]}" --out "$out" 2>&1 | tee "$out/int8_matmul.log" || status=1
+exit $status

@@ -21,7 +21,9 @@ from zimage_serve.engine.checkpoint import Checkpoint
 from zimage_serve.engine.control_hooks import _Stream
 from zimage_serve.engine.control_patch import ControlPatch
 from zimage_serve.engine.controlnet import ControlNetError, FunControlNet, detect_variant
+from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.parts import FLUX_LATENT, Placing
+from zimage_serve.engine.residency import FixedBudget, Residency
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -282,6 +284,22 @@ def test_lora_and_fp8_work_with_a_patch_applied(executor: Executor) -> None:
     graph["46"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
     with_fp8 = image(executor, graph)
     assert np.abs(patched - with_lora).mean() > 0.5 and np.abs(with_lora - with_fp8).mean() > 0
+
+
+def test_a_patch_with_a_lora_gives_the_same_image_under_smart_memory_on_a_small_card(executor: Executor) -> None:
+    """The ControlNet is held on the card beside the transformer while it steers; the others move around it."""
+    graph = template()
+    graph["44"]["inputs"]["steps"] = 2
+    graph["70"] = {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["46", 0], "lora_name": "style.safetensors", "strength_model": 1.0}}  # fmt: skip
+    graph["60"]["inputs"]["model"] = ["70", 0]
+    cpu = torch.device("cpu")
+    residency = Residency(cpu, FixedBudget(3_700_000, calls_take=0))  # the model and patch: 5.3 MB
+    placing = Placing(cpu, torch.float32, torch.float32, memory_mode=MemoryMode.SMART, residency=residency)
+    smart = Executor(NODES, executor.folders, placing)
+    assert np.array_equal(image(smart, graph), image(executor, graph))
+    assert len(residency._components()) == 4  # text encoder, transformer, VAE and the ControlNet
+    assert residency.moved_in > sum(c.footprint.total for c in residency._components())
 
 
 # -- zimage generate ----------------------------------------------------------------------------------

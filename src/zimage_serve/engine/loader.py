@@ -107,11 +107,17 @@ def load_model(
         tokenizer=tokenizer,
     )
     if placement.memory_mode is MemoryMode.SMART:
-        residency = loaded.residency = Residency(placement.device)
-        text, transformer, vae = loaded.text_encoder, loaded.transformer, loaded.vae
-        residency.add(text, "text encoder", activations.text_encoder(text.config), one_pass=True)
-        residency.add(transformer, "transformer", activations.transformer(transformer.config))
-        residency.add(vae, "VAE", activations.vae(vae.config))
+        manage(loaded, Residency(placement.device))
+    return loaded
+
+
+def manage(loaded: LoadedModel, residency: Residency) -> LoadedModel:
+    """Hand the model's components (loaded in host memory) to smart memory."""
+    text, transformer, vae = loaded.text_encoder, loaded.transformer, loaded.vae
+    residency.add(text, "text encoder", activations.text_encoder(text.config), one_pass=True)
+    residency.add(transformer, "transformer", activations.transformer(transformer.config))
+    residency.add(vae, "VAE", activations.vae(vae.config))
+    loaded.residency = residency
     return loaded
 
 

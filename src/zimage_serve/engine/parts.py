@@ -429,8 +429,9 @@ def sample(
 
         denoiser = recorded
 
+    with torch.inference_mode(), cancellable(cancel):
+        model.prepare_controls(latent, cancel)  # before the patch: its VAE need not share the card with it held
     with torch.inference_mode(), model.patched(), cancellable(cancel):
-        model.prepare_controls(latent, cancel)
         run = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel, sampling=model.sampling)
         result = run(denoiser, x, sigmas)
     if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does
