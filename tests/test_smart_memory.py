@@ -37,3 +37,13 @@ def test_smart_memory_gives_the_same_images_on_a_card_too_small_for_the_model(ti
     # Each image brought the transformer back after the VAE had pushed it out: more moved than the weights.
     assert smart.residency.moved_in > 2 * weights
     assert sum(smart.residency.resident().values()) * 2**30 <= CARD
+    # A repeated prompt comes from the prompt cache: the text encoder is not brought back for it.
+    text = next(c for c in smart.residency._components() if c.name.startswith("text encoder"))
+    used = text.last_used
+    ZImageEngine(smart).generate(GenerationParams(PROMPTS[0], seed=1, width=64, height=64))
+    assert text.last_used > used  # a new engine has its own cache: the text encoder ran
+    engine = ZImageEngine(smart)
+    engine.generate(GenerationParams(PROMPTS[1], seed=1, width=64, height=64))
+    used = text.last_used
+    engine.generate(GenerationParams(PROMPTS[1], seed=2, width=64, height=64))
+    assert text.last_used == used

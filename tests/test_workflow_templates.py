@@ -233,7 +233,10 @@ def test_smart_memory_gives_the_same_images_with_and_after_a_lora(executor: Exec
     assert len(residency._components()) == 3  # text encoder, transformer, VAE
     assert sum(residency.resident().values()) * 2**30 <= 2_500_000
     assert placing.concurrency_cap(2) == 1
-    assert smart.device_stats()["zimage_memory_mode"] == "smart"
+    stats = smart.device_stats()
+    assert stats["zimage_memory_mode"] == "smart"
+    resident = stats["zimage_resident_gib"]
+    assert isinstance(resident, dict) and sorted(resident) == sorted(c.name for c in residency._components())
 
 
 def test_previews_of_split_files_use_a_map_fitted_from_their_vae(executor: Executor) -> None:

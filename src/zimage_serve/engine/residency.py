@@ -186,9 +186,7 @@ class Residency:
         owners = collections.Counter(id(slot) for block_slots in owned for slot in block_slots)
         # A tensor shared between blocks (tied weights) belongs to the base: it must stay while either runs.
         parts = [_Part([slot for slot in block_slots if owners[id(slot)] == 1]) for block_slots in owned]
-        base = _Part([slot for slot in slots.values() if owners[id(slot)] != 1])
-        for slot in slots.values():
-            slot.put(slot.host)
+        base = _Part([slot for slot in set(slots.values()) if owners[id(slot)] != 1])
         footprint = Footprint(f"{name}#{next(self._names)}", base.size, tuple(p.size for p in parts), one_pass)
         estimate = activation if activation is not None else _default_activation(footprint.total)
         component = _Component(footprint.name, base, parts, footprint, estimate)
@@ -206,20 +204,26 @@ class Residency:
         )  # fmt: skip
         return module
 
-    def _slots(self, module: torch.nn.Module) -> dict[int, _Slot]:
-        """Every tensor once, by identity (a tied weight is one slot), with its host copy."""
-        slots: dict[int, _Slot] = {}
+    def _slots(self, module: torch.nn.Module) -> dict[Any, _Slot]:
+        """Every tensor once (a tied weight is one slot), each moved to its host copy at once, so that a
+        component never has two copies in host memory. Keyed by parameter, and by (module, name) for buffers."""
+        slots: dict[Any, _Slot] = {}
+        buffers: dict[int, _Slot] = {}
         for owner in module.modules():
             for parameter in owner._parameters.values():
                 if parameter is not None and id(parameter) not in slots:
-                    slots[id(parameter)] = _Slot(self._host(parameter.data), parameter, [])
+                    slot = slots[id(parameter)] = _Slot(self._host(parameter.data), parameter, [])
+                    slot.put(slot.host)
             for name, buffer in owner._buffers.items():
                 if buffer is None:
                     continue
-                slot = slots.get(id(buffer))
-                if slot is None:
-                    slot = slots[id(buffer)] = _Slot(self._host(buffer), None, [])
-                slot.buffers.append((owner, name))
+                shared = buffers.get(id(buffer))
+                if shared is None:
+                    shared = buffers[id(buffer)] = _Slot(self._host(buffer), None, [])
+                shared.buffers.append((owner, name))
+                slots[(id(owner), name)] = shared
+        for slot in buffers.values():
+            slot.put(slot.host)
         return slots
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -388,7 +392,6 @@ class Residency:
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         compute = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(compute)  # its memory may be what a block just dropped was using
         with torch.cuda.stream(self._side):
             tensors = [slot.host.to(self.device, non_blocking=True, copy=True) for slot in part.slots]
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -479,12 +482,15 @@ def _blocks_of(module: torch.nn.Module) -> list[torch.nn.Module]:
     return list(largest)
 
 
-def _owned(slots: dict[int, _Slot], block: torch.nn.Module) -> list[_Slot]:
+def _owned(slots: dict[Any, _Slot], block: torch.nn.Module) -> list[_Slot]:
     found: dict[int, _Slot] = {}
-    for tensor in itertools.chain(block.parameters(), block.buffers()):
-        slot = slots.get(id(tensor))
-        if slot is not None:
-            found[id(slot)] = slot
+    for owner in block.modules():
+        keys: list[Any] = [id(p) for p in owner._parameters.values() if p is not None]
+        keys += [(id(owner), name) for name, b in owner._buffers.items() if b is not None]
+        for key in keys:
+            slot = slots.get(key)
+            if slot is not None:
+                found[id(slot)] = slot
     return list(found.values())
 
 

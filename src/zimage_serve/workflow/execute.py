@@ -125,11 +125,16 @@ class Executor:
 
     def device_stats(self) -> dict[str, object]:
         # ComfyUI's entry, plus our own keys (new names; clients that do not know them ignore them).
-        return {
+        stats = {
             **device_stats(self.placing.device),
             "zimage_memory_mode": str(self.placing.memory_mode),
             "zimage_attention": self.placing.fast.attention,
         }
+        if self.placing.residency is not None:  # smart memory: what of each loaded component is on the card now
+            stats["zimage_resident_gib"] = {
+                name: round(gib, 3) for name, gib in self.placing.residency.resident().items()
+            }
+        return stats
 
     # -- one run -------------------------------------------------------------------------------------
     def run(
