@@ -291,3 +291,23 @@ def test_a_measured_peak_replaces_the_estimate_and_scales_to_larger_inputs() -> 
     toy(torch.randn(9, 8))  # measured now, so a call that cannot fit is refused by name
     with pytest.raises(NoRoom, match="toy#1 needs"):
         toy(torch.randn(9, 8))
+
+
+def test_room_for_a_guest_comes_from_the_least_recently_used_and_spares_what_is_in_use() -> None:
+    """As an upscaler asks for its weights and a tile before it moves onto the card."""
+    first, second, third = Toy(seed=5), Toy(seed=6), Toy(seed=7)
+    residency = Residency(CPU, FixedBudget(3 * weights(first), calls_take=0))
+    for name, toy in (("first", first), ("second", second), ("third", third)):
+        residency.add(toy, name)
+        toy(torch.randn(1, 8))
+    everything = {name for name, _ in first.named_parameters()} | {f"blocks.{i}.gain" for i in range(6)}
+    assert on_card(residency, first) >= everything - {"blocks.5.linear.weight"}
+    residency.make_room(weights(first) // 2)  # the least recently used gives it
+    assert "blocks.4.linear.weight" not in on_card(residency, first)
+    assert "blocks.4.linear.weight" in on_card(residency, second)
+    with holding(first):  # in use: even when more is asked for than the others hold, it keeps what it has
+        held = on_card(residency, first)
+        residency.make_room(3 * weights(first))
+        assert on_card(residency, first) == held and on_card(residency, second) == on_card(residency, third) == set()
+    residency.make_room(10 * weights(first))  # more than the card: everything not in use goes
+    assert on_card(residency, first) == on_card(residency, second) == on_card(residency, third) == set()

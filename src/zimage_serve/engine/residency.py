@@ -294,6 +294,29 @@ class Residency:
         finally:
             self.release(module)
 
+    def make_room(self, size: int) -> None:
+        """Room on the card for `size` bytes it does not manage (an upscaler and its tiles, for one call),
+        taken from the least recently used components that are not in use; as much as can be had."""
+        with self._lock:
+            components = self._components()
+            held = sum(c.footprint.held(c.resident) for c in components)
+            room = self.budget.room(held)
+            if held + size <= room:
+                return
+            guest = Footprint("(room)", size)
+            footprints = {c.name: c.footprint for c in components} | {guest.name: guest}
+            now = Residents(
+                {c.name: c.resident for c in components}, {c.name: c.last_used for c in components}
+            )  # fmt: skip
+            in_use = frozenset(c.name for c in components if c.in_use)
+            try:
+                after = plan(guest.name, footprints, now, room, in_use)
+            except NoRoom:  # everything that may move goes: the caller's own retries (smaller tiles) do the rest
+                after = {c.name: None for c in components if not c.in_use}
+            for component in components:
+                if component.name in after:
+                    self._shrink(component, after[component.name])
+
     def free(self) -> None:
         """Move every component out of the card (POST /free, a shutdown)."""
         with self._lock:

@@ -11,11 +11,14 @@ from typing import Any
 
 import torch
 
+from zimage_serve.engine.residency import Residency
 from zimage_serve.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 TILE, OVERLAP, MIN_TILE = 512, 32, 128
+# A tile's activations per output pixel: an ESRGAN's 64 float32 features, a few tensors of them alive at once.
+TILE_BYTES_PER_PIXEL = 64 * 4 * 4
 
 
 def load_upscale_model(path: Path) -> Any:
@@ -107,8 +110,14 @@ def tiled_scale(
     return out / weight
 
 
-def upscale(descriptor: Any, image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """IMAGE (batch, H, W, C) → IMAGE scaled by the model, in 0..1; tiles halve on out-of-memory, down to 128."""
+def upscale(
+    descriptor: Any, image: torch.Tensor, device: torch.device, residency: Residency | None = None
+) -> torch.Tensor:
+    """IMAGE (batch, H, W, C) → IMAGE scaled by the model, in 0..1; tiles halve on out-of-memory, down to 128.
+    Under smart memory (`residency`), room for the model and a tile is made on the card first."""
+    if residency is not None:
+        weights = sum(p.numel() * p.element_size() for p in descriptor.model.parameters())
+        residency.make_room(weights + TILE_BYTES_PER_PIXEL * TILE * TILE * descriptor.scale**2)
     model = descriptor.to(device)
     pixels = image[..., :3].float().movedim(-1, 1)
     tile = TILE
