@@ -32,11 +32,12 @@ import torch
 from gpu_common import add_model_arguments, build_model, device_name, relative_error
 
 from zimage_serve.cli.common import quiet_libraries
-from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine
+from zimage_serve.engine import FastPath, GenerationParams, ZImageEngine, activations
 from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.fp8 import quantise_transformer
 from zimage_serve.engine.loader import LoadedModel, manage
 from zimage_serve.engine.residency import CudaBudget, FixedBudget, Residency
+from zimage_serve.engine.residency_plan import Footprint
 
 PROMPT = "一位穿着汉服的女孩站在樱花树下，阳光洒落，写实风格"
 STEPS = 8
@@ -145,7 +146,7 @@ def _median(samples: list[float]) -> float:
 
 
 def host_copy(model: LoadedModel) -> LoadedModel:
-    """The components copied to host memory (each smart row manages copies, never the originals)."""
+    """The components copied to host memory (smart memory manages copies, never the reference's modules)."""
     return replace(
         model,
         transformer=copy.deepcopy(model.transformer).to("cpu"),
@@ -154,31 +155,20 @@ def host_copy(model: LoadedModel) -> LoadedModel:
     )
 
 
-def quantised(model: LoadedModel, weight_dtype: str) -> LoadedModel:
-    if weight_dtype == "default":
-        return model
-    quantise_transformer(model.transformer, weight_dtype)
-    return replace(model, placement=replace(model.placement, weight_dtype=weight_dtype))
-
-
-def smart(host: LoadedModel, weight_dtype: str, cap_gib: float, size: int) -> ZImageEngine:
-    """`host`'s weights (copied) under smart memory, on a card of `cap_gib` (a fake one of the same share of
-    the weights on the CPU)."""
-    model = quantised(host_copy(host), weight_dtype)
-    device = model.placement.device
-    if cuda(device):
-        budget: Any = CudaBudget(device)  # the cap is the process's memory fraction, which the budget reads
-    else:
-        budget = FixedBudget(0, calls_take=0)
-    model = manage(
-        replace(model, placement=replace(model.placement, memory_mode=MemoryMode.SMART)), Residency(device, budget)
-    )
-    if not cuda(device):  # the share of Turbo's weights, but never less than the largest component needs to run
-        assert model.residency is not None
-        footprints = [c.footprint for c in model.residency._components()]
+def card_for(residency: Residency, model: LoadedModel, cap_gib: float) -> None:
+    """Everything moved out, as on a fresh card. On CUDA the cap is the process's memory fraction, which the
+    budget reads; on the CPU, a fake card holding the same share of the model's weights as the cap holds of
+    Turbo's (never less than its largest component needs to run)."""
+    residency.free()
+    if isinstance(residency.budget, FixedBudget):
+        footprints = [footprint(module) for module in (model.text_encoder, model.transformer, model.vae)]
         weights = sum(f.total for f in footprints)
-        budget.size = max(int(weights * cap_gib / TURBO_GIB), max(f.needs(0) for f in footprints))
-    return ZImageEngine(model, native_size=size, fast=FastPath(compile="off"))
+        residency.budget.size = max(int(weights * cap_gib / TURBO_GIB), max(f.needs(0) for f in footprints))
+
+
+def footprint(module: Any) -> Footprint:
+    found: Footprint = module._zimage_residency[1].footprint
+    return found
 
 
 def main() -> None:
@@ -196,31 +186,38 @@ def main() -> None:
     rows: list[Row] = []
     references: dict[str, torch.Tensor | None] = {}
 
-    reference = ZImageEngine(model, args.size, eager)
-    row, references["default"] = measure("bf16, all on the GPU", reference, args, None, None)
+    engine = ZImageEngine(model, args.size, eager)
+    row, references["default"] = measure("bf16, all on the GPU", engine, args, None, None)
     rows.append(row)
     save(args, device, rows)
-    transformer = copy.deepcopy(host.transformer)
-    quantise_transformer(transformer, FP8)
-    fp8 = replace(model, transformer=transformer.to(device), placement=replace(model.placement, weight_dtype=FP8))
-    fp8_engine = ZImageEngine(fp8, args.size, eager)
-    row, references[FP8] = measure(f"{FP8}, all on the GPU", fp8_engine, args, references["default"], None)
+    fp8_transformer = copy.deepcopy(host.transformer)  # quantised once, for its reference and its smart rows
+    quantise_transformer(fp8_transformer, FP8)
+    fp8 = replace(model, transformer=fp8_transformer.to(device), placement=replace(model.placement, weight_dtype=FP8))
+    engine = ZImageEngine(fp8, args.size, eager)
+    row, references[FP8] = measure(f"{FP8}, all on the GPU", engine, args, references["default"], None)
     rows.append(row)
     save(args, device, rows)
-    del reference, fp8_engine, transformer
-    del model, fp8
+    fp8_transformer.to("cpu")
+    del model, fp8, engine
     gc.collect()
     if cuda(device):
         torch.cuda.empty_cache()
         print(f"before the capped rows: {torch.cuda.memory_allocated(device) / GIB:.2f} GiB allocated", flush=True)
 
+    # One set of host weights for every capped row: the text encoder, the VAE and both transformers, each
+    # copied once into (pinned) host memory; each row starts with all of them moved out.
+    residency = Residency(device, CudaBudget(device) if cuda(device) else FixedBudget(0, calls_take=0))
+    smart_bf16 = manage(replace(host, placement=replace(host.placement, memory_mode=MemoryMode.SMART)), residency)
+    residency.add(fp8_transformer, f"transformer ({FP8})", activations.transformer(fp8_transformer.config))
+    fp8_placement = replace(smart_bf16.placement, weight_dtype=FP8)
+    smart_fp8 = replace(smart_bf16, transformer=fp8_transformer, placement=fp8_placement)
     for card, cap, weight_dtype in CARDS:
+        smart = smart_bf16 if weight_dtype == "default" else smart_fp8
+        card_for(residency, smart, cap)
         label = f"{card}: {'bf16' if weight_dtype == 'default' else weight_dtype}, smart"
-        engine = smart(host, weight_dtype, cap, args.size)
+        engine = ZImageEngine(smart, args.size, eager)
         rows.append(measure(label, engine, args, references[weight_dtype], cap if cuda(device) else None)[0])
         save(args, device, rows)
-        del engine
-        gc.collect()
 
     print("\n".join(save(args, device, rows)))
     print(f"total {time.perf_counter() - started:.0f}s")

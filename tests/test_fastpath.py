@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zimage_serve.engine import FastPath, GenerationParams, open_engine
-from zimage_serve.engine.fastpath import attention_available, best_attention, compiled_blocks, for_offload
+from zimage_serve.engine.fastpath import attention_available, best_attention, compiled_blocks, for_smart_memory
 from zimage_serve.errors import DeviceError
 
 # Operators that read a device tensor back to the host: on a GPU each one stalls the CPU until the GPU
@@ -117,7 +117,7 @@ def test_regional_compile_matches_eager(tiny_model: Path) -> None:
     assert torch.linalg.norm(got - expected) / torch.linalg.norm(expected) < 1e-4
 
 
-def test_offload_turns_automatic_compile_off() -> None:
-    assert for_offload(FastPath()).compile == "off"
-    assert for_offload(FastPath(compile="on")).compile == "on"  # asked for explicitly: kept
-    assert for_offload(FastPath(attention="native")).attention == "native"
+def test_smart_memory_turns_automatic_compile_off() -> None:
+    assert for_smart_memory(FastPath()).compile == "off"
+    assert for_smart_memory(FastPath(compile="on")).compile == "on"  # asked for explicitly: kept
+    assert for_smart_memory(FastPath(attention="native")).attention == "native"
