@@ -311,3 +311,25 @@ def test_room_for_a_guest_comes_from_the_least_recently_used_and_spares_what_is_
         assert on_card(residency, first) == held and on_card(residency, second) == on_card(residency, third) == set()
     residency.make_room(10 * weights(first))  # more than the card: everything not in use goes
     assert on_card(residency, first) == on_card(residency, second) == on_card(residency, third) == set()
+
+
+def test_host_copies_are_pinned_up_to_a_share_of_the_machines_memory_then_pageable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a CUDA machine (pinning is faked here: this one has no CUDA), as a 6B model would on a small one."""
+    pinned: list[int] = []
+
+    def pin(tensor: torch.Tensor) -> torch.Tensor:
+        pinned.append(tensor.numel() * tensor.element_size())
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    toy = Toy()
+    residency = Residency(CPU, FixedBudget(10 * MB, calls_take=0), prefetch=False)
+    residency._cuda = True
+    residency._pinnable = weights(toy) // 2
+    residency.add(toy, "toy")
+    assert 0 < sum(pinned) <= weights(toy) // 2 < weights(toy)
+    assert "the rest stays pageable" in caplog.text
+    x = torch.randn(2, 8)
+    assert torch.equal(toy(x), Toy()(x))

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 SAFETY_MARGIN = 512 * 2**20  # left free on the card: the allocator's rounding and fragmentation
+PINNED_SHARE = 0.6  # of the machine's memory, at most, in pinned host copies
 _MANAGED = "_zimage_residency"
 
 
@@ -171,6 +173,9 @@ class Residency:
         self._modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._measuring: tuple[_Component, int | None] | None = None
         self.moved_in = 0  # bytes copied to the card, for the benchmarks and /system_stats
+        self._pinned = 0
+        self._pinnable = int(physical_memory() * PINNED_SHARE)
+        self._warned = False
 
     # -- registration ------------------------------------------------------------------------------
     def add(
@@ -227,8 +232,28 @@ class Residency:
         return slots
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The host copy: pinned while pinned copies stay within PINNED_SHARE of the machine's memory (pinned
+        pages cannot be swapped out, and a 6B model is 20 GB of them); pageable after that, slower to copy."""
         host = tensor.detach().to("cpu")
-        return host.pin_memory() if self._cuda else host
+        if not self._cuda:
+            return host
+        size = host.numel() * host.element_size()
+        if self._pinned + size <= self._pinnable:
+            try:
+                pinned = host.pin_memory()
+            except RuntimeError as exc:  # the driver refused: what is left stays pageable
+                log.warning("host copies stay pageable from here (pinning failed: %s)", exc)
+                self._pinnable = self._pinned
+            else:
+                self._pinned += size
+                return pinned
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "pinned host copies reached %.1f GiB, %.0f%% of this machine's memory: the rest stays pageable, "
+                "and moves to the card take longer", self._pinned / GIB, PINNED_SHARE * 100,
+            )  # fmt: skip
+        return host
 
     # -- the plan --------------------------------------------------------------------------------
     def need(self, module: torch.nn.Module, key: int | None = None, hold: bool = False) -> None:
@@ -461,6 +486,14 @@ class Residency:
                 self._drop(component.blocks[index])
 
         return hook
+
+
+def physical_memory() -> int:
+    """The machine's memory in bytes (a large number where the system cannot say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 2**62
 
 
 def _component(module: torch.nn.Module, residency: Residency | None = None) -> _Component | None:
