@@ -14,7 +14,8 @@ from typing import Any
 
 KIB = 1024
 MIB = 1024 * KIB
-LATENT_ELEMENTS_PER_PIXEL = 16 / 64  # 16 channels at an eighth of each side
+LATENT_CHANNELS = 16
+LATENT_ELEMENTS_PER_PIXEL = LATENT_CHANNELS / 64  # 16 channels at an eighth of each side
 DEFAULT_ELEMENTS = int(1024 * 1024 * LATENT_ELEMENTS_PER_PIXEL)  # a call of unknown size: a 1024² image
 # Turbo's, per latent element: the transformer (3840 wide) 8 KiB, the VAE decoding (512 channels at its
 # widest) 10 KiB; the text encoder (2560 wide), per token, 512 KiB and 64 MiB more.

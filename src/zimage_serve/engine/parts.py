@@ -10,8 +10,9 @@ diffusion model's `LatentFormat` maps them to the normalised space the network w
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.names import LATENT_FACTOR
 from zimage_serve.engine.prompt import prompt_token_ids
 from zimage_serve.engine.residency import Residency, execution_device, holding
+from zimage_serve.engine.residency_plan import NoRoom
 from zimage_serve.engine.resize import repeat_to_batch
 from zimage_serve.engine.sampling import CancelCheck, Sampler, StepHook
 from zimage_serve.engine.text import PromptEmbedding, encode_text
@@ -214,29 +216,68 @@ class Vae:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, cancel: CancelCheck | None = None) -> torch.Tensor:
         """Raw latents; stops (GenerationCancelled) between images and between the encoder's blocks once
-        `cancel()` is true."""
+        `cancel()` is true. In tiles when the whole image does not fit in the card's memory."""
         height = pixels.shape[1] // LATENT_FACTOR * LATENT_FACTOR
         width = pixels.shape[2] // LATENT_FACTOR * LATENT_FACTOR
         top, left = (pixels.shape[1] % LATENT_FACTOR) // 2, (pixels.shape[2] % LATENT_FACTOR) // 2
         pixels = pixels[:, top : top + height, left : left + width, :3]  # centred whole cells, as ComfyUI crops
-        latents = []
-        with cancellable(cancel), holding(self.model, _latent_elements(pixels[:1])):
-            for image in pixels:
-                _stop_if(cancel)
-                x = image.permute(2, 0, 1)[None].to(self.device, self.model.dtype) * 2 - 1
-                latents.append(self.model.encode(x).latent_dist.mode().float().cpu())
-        return torch.cat(latents)
+
+        def encode(x: torch.Tensor, tiled: bool) -> torch.Tensor:
+            if tiled:  # the moments diffusers' encode makes in tiles itself: the mode is their first half
+                moments: torch.Tensor = self.model._tiled_encode(x)
+                return moments.chunk(2, dim=1)[0]
+            mode: torch.Tensor = self.model.encode(x).latent_dist.mode()
+            return mode
+
+        def run(tiled: bool) -> torch.Tensor:
+            latents = []
+            with cancellable(cancel), holding(self.model, self._elements(_latent_elements(pixels[:1]), tiled)):
+                for image in pixels:
+                    _stop_if(cancel)
+                    x = image.permute(2, 0, 1)[None].to(self.device, self.model.dtype) * 2 - 1
+                    latents.append(encode(x, tiled).float().cpu())
+            return torch.cat(latents)
+
+        return self._whole_or_tiled(run, "encoding", pixels.shape[2], pixels.shape[1])
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, cancel: CancelCheck | None = None) -> torch.Tensor:
-        """Pixels; stops between images and between the decoder's blocks once `cancel()` is true."""
-        images = []
-        with cancellable(cancel), holding(self.model, latents[:1].numel()):
-            for latent in latents:  # one at a time: decoding dominates peak memory at large sizes
-                _stop_if(cancel)
-                pixels = self.model.decode(latent[None].to(self.device, self.model.dtype), return_dict=False)[0]
-                images.append(((pixels.float().cpu() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0))
-        return torch.stack(images)
+        """Pixels; stops between images and between the decoder's blocks once `cancel()` is true. In tiles
+        when the whole image does not fit in the card's memory."""
+
+        def run(tiled: bool) -> torch.Tensor:
+            decode = self.model.tiled_decode if tiled else self.model.decode
+            images = []
+            with cancellable(cancel), holding(self.model, self._elements(latents[:1].numel(), tiled)):
+                for latent in latents:  # one at a time: decoding dominates peak memory at large sizes
+                    _stop_if(cancel)
+                    pixels = decode(latent[None].to(self.device, self.model.dtype), return_dict=False)[0]
+                    images.append(((pixels.float().cpu() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0))
+            return torch.stack(images)
+
+        width, height = latents.shape[-1] * LATENT_FACTOR, latents.shape[-2] * LATENT_FACTOR
+        return self._whole_or_tiled(run, "decoding", width, height)
+
+    def _whole_or_tiled(self, run: Callable[[bool], torch.Tensor], what: str, width: int, height: int) -> torch.Tensor:
+        """`run(False)`; on running out of the card's memory, as ComfyUI does, `run(True)` (the VAE's own
+        tiles, blended where they overlap: the pixels differ slightly from a whole decode)."""
+        try:
+            return run(False)
+        except (torch.OutOfMemoryError, NoRoom) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("VAE %s at %dx%d did not fit in the GPU's memory (%s): %s it again in tiles",
+                    what, width, height, reason, what)  # fmt: skip
+        gc.collect()  # the failed attempt's tensors, held by its traceback until now
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return run(True)
+
+    def _elements(self, elements: int, tiled: bool) -> int:
+        """The latent elements of one call: the whole image's, or at most one tile's."""
+        if not tiled:
+            return elements
+        tile = int(getattr(self.model, "tile_latent_min_size", 0)) or 1
+        return min(elements, activations.LATENT_CHANNELS * tile * tile)
 
 
 def _capped(x: torch.Tensor, cond: torch.Tensor, combined: torch.Tensor, sigma: float, k: float) -> torch.Tensor:
