@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from zimage_serve.engine.lora import LoraPatch, LoraWeights, patched
 from zimage_serve.engine.residency import FixedBudget, Residency, _Component, execution_device, holding
 from zimage_serve.engine.residency_plan import Footprint, NoRoom, Residents, plan
 
@@ -333,3 +334,95 @@ def test_host_copies_are_pinned_up_to_a_share_of_the_machines_memory_then_pageab
     assert "the rest stays pageable" in caplog.text
     x = torch.randn(2, 8)
     assert torch.equal(toy(x), Toy()(x))
+
+
+def test_a_held_component_keeps_exactly_its_blocks_and_the_others_make_room_around_it() -> None:
+    # Held with 4 blocks (its weights may be patched where they are): more room does not bring more in,
+    # less room takes from the others, never from it.
+    assert plan("dit", ALL, card(text=6, dit=4), room=40 * MB, fixed=4)["dit"] == 4
+    assert plan("dit", ALL, card(text=6, dit=4), room=12 * MB, fixed=4) == {"text": 2, "vae": None, "dit": 4}
+
+
+def test_a_lora_leaves_the_host_copies_as_they_were_even_when_the_card_could_take_more_during_it() -> None:
+    """A hold plans without knowing the input size: the generous estimate leaves some blocks streamed. The
+    calls inside it know the size and could bring more in, but a held component stays exactly as it is:
+    its streamed blocks' host copies carry the patch, which must come off them, not off a card copy."""
+    toy = Toy(width=64)
+    x = torch.randn(2, 8)
+    expected = Toy(width=64)(x)
+    residency = Residency(CPU, FixedBudget(weights(toy)))
+    residency.add(toy, "toy", activation=lambda elements: weights(toy) // 3 if elements is None else 0)
+    hosts = {name: t.clone() for name, t in toy.named_parameters()}
+    lora = LoraWeights("style", {f"blocks.{i}.linear": (torch.randn(2, 64), torch.randn(64, 2)) for i in range(1, 5)})
+    with patched(toy, [LoraPatch(lora, 1.0)]):
+        assert 0 < component(residency, toy).resident < 6  # the hold: part of the blocks streamed
+        styled = toy(x)
+        assert component(residency, toy).resident < 6  # the call could have taken them all: it did not
+    assert not torch.equal(styled, expected)
+    residency.free()  # every weight back to its host copy: the copies are as they were
+    assert all(torch.equal(t, hosts[name]) for name, t in toy.named_parameters())
+    assert torch.equal(toy(x), expected)
+
+
+def test_a_call_refused_or_failed_neither_releases_a_hold_it_never_took_nor_counts_as_a_measure() -> None:
+    toy = Toy()
+    card = MeasuringCard(size=weights(toy) + 1000, peak_bytes=100)
+    residency = Residency(CPU, card)
+    residency.add(toy, "toy", activation=lambda elements: 0)
+    managed = component(residency, toy)
+    broken = toy.blocks[3].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("broke")))
+    with pytest.raises(RuntimeError, match="broke"):
+        toy(torch.randn(5, 8))
+    assert 40 not in managed.peaks and managed.in_use == 0  # a failed call measures nothing
+    broken.remove()
+    with holding(toy):
+        pass
+    assert None not in managed.peaks  # a hold without a size measures nothing
+    toy(torch.randn(3, 8))  # measured: 100 bytes at this size
+    card.peak_bytes = 10 * weights(toy)
+    toy(torch.randn(5, 8))  # measured: too much for the card at this size
+    with holding(toy, 24):
+        with pytest.raises(NoRoom):
+            toy(torch.randn(5, 8))
+        assert managed.in_use == 1  # the refused call's after-call hook released nothing: still held
+    assert managed.in_use == 0
+
+
+class TiedToBase(Toy):
+    """A base layer sharing its weight with the third block's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(32, 32)
+        self.mix.weight = self.blocks[2].linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.out(self.mix(self.embed(x.to(execution_device(self)))))
+
+
+def test_a_weight_tied_between_the_base_and_a_block_stays_with_the_base() -> None:
+    toy = TiedToBase()
+    x = torch.randn(2, 8)
+    expected = toy(x)
+    residency = Residency(CPU, FixedBudget(10 * MB, calls_take=0))
+    residency.add(toy, "toy")
+    managed = component(residency, toy)
+    tied = id(toy.blocks[2].linear.weight)
+    assert tied in {id(slot.parameter) for slot in managed.base.slots}
+    assert tied not in {id(slot.parameter) for slot in managed.blocks[2].slots}
+    residency.budget = FixedBudget(managed.footprint.needs(0), calls_take=0)  # every block streamed
+    assert torch.equal(toy(x), expected)
+
+
+def test_what_a_held_component_needs_inside_a_call_is_set_aside_for_that_call() -> None:
+    """A ControlNet is held while the transformer runs: its activations come on top of the transformer's."""
+    inside, outer = Toy(seed=8), Toy(seed=9)
+    residency = Residency(CPU, FixedBudget(weights(inside) + weights(outer)))
+    residency.add(inside, "control", activation=lambda elements: weights(outer) // 4)
+    residency.add(outer, "transformer", activation=lambda elements: 0)
+    x = torch.randn(1, 8)
+    outer(x)
+    assert component(residency, outer).resident == 6  # alone, it all fits
+    with holding(inside):
+        outer(x)
+        assert component(residency, outer).resident < 6  # beside the held one's activations, it does not

@@ -60,8 +60,9 @@ class FastPath:
 
 
 def for_smart_memory(fast: FastPath) -> FastPath:
-    """With smart memory moving weights in and out under the blocks, compile only when asked for."""
-    return replace(fast, compile="off") if fast.compile == "auto" else fast
+    """With smart memory moving weights in and out under the blocks, compile only when asked for; and no
+    channels-last VAE, whose conversion would make new weights beside the host copies smart memory keeps."""
+    return replace(fast, compile="off" if fast.compile == "auto" else fast.compile, vae_channels_last=False)
 
 
 def attention_available(backend: str, device: torch.device) -> bool:

@@ -24,7 +24,7 @@ from zimage_serve.engine.checkpoint import read_header
 from zimage_serve.engine.comfy_quant import Int8Linear, quantise_int8
 from zimage_serve.engine.fp8 import Fp8Linear, quantise_rows
 from zimage_serve.engine.libraries import load_model_libraries
-from zimage_serve.engine.residency import holding
+from zimage_serve.engine.residency import copies_done, holding, original_of
 from zimage_serve.engine.weight_lock import lock_for
 from zimage_serve.errors import ModelLoadError
 
@@ -119,29 +119,38 @@ def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[No
 def _apply(model: torch.nn.Module, active: Sequence[LoraPatch]) -> Iterator[None]:
     modules = dict(model.named_modules())
     originals: dict[str, list[torch.Tensor]] = {}
+    copies_done(model)  # under smart memory, host copies may still be read by copies to the card
     try:
         with torch.no_grad():
             for patch in active:
                 for name, (down, up) in patch.lora.pairs.items():
                     module = modules[name]
                     if name not in originals:
-                        originals[name] = [t.detach().clone() for t in _stored(module)]
+                        originals[name] = [_original(model, module, n, t) for n, t in _stored(module)]
                     delta = (up.to(module.weight.device) @ down.to(module.weight.device)) * patch.strength
                     _add(module, delta)
         yield
     finally:
+        copies_done(model)
         with torch.no_grad():
             for name, saved in originals.items():
-                for tensor, original in zip(_stored(modules[name]), saved, strict=True):
+                for (_, tensor), original in zip(_stored(modules[name]), saved, strict=True):
                     tensor.copy_(original)
 
 
-def _stored(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The tensors a patch changes: the weight, and for FP8 and INT8 weights their row scales."""
+def _original(model: torch.nn.Module, module: torch.nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """What to restore a patched tensor from: under smart memory, for a weight on the card, its untouched host
+    copy (no second copy on the card); otherwise a copy made now."""
+    host = original_of(model, module, name)
+    return host if host is not None else tensor.detach().clone()
+
+
+def _stored(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a patch changes, by name: the weight, and for FP8 and INT8 weights their row scales."""
     if isinstance(module, Fp8Linear | Int8Linear):
-        return [module.weight, module.scale]
+        return [("weight", module.weight), ("scale", module.scale)]
     weight: torch.Tensor = module.weight  # type: ignore[assignment]  # check_fits saw a 2-D weight
-    return [weight]
+    return [("weight", weight)]
 
 
 def _add(module: torch.nn.Module, delta: torch.Tensor) -> None:
@@ -157,5 +166,5 @@ def _add(module: torch.nn.Module, delta: torch.Tensor) -> None:
         module.weight.copy_(codes)
         module.scale.copy_(scale)
     else:
-        [plain] = _stored(module)
+        [(_, plain)] = _stored(module)
         plain.add_(delta.to(plain.dtype))

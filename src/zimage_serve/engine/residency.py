@@ -135,6 +135,7 @@ class _Part:
     slots: list[_Slot]
     on_card: list[torch.Tensor] | None = None
     arriving: Any = None  # the CUDA event of a copy under way on the side stream
+    computed: Any = None  # the CUDA event recorded after its last call, while streamed
 
     @property
     def size(self) -> int:
@@ -152,7 +153,9 @@ class _Component:
     last_used: int = -1
     in_use: int = 0  # running (its forward) or held: the plan leaves it as it is
     streaming: bool = False  # running with some blocks left in host memory
+    refused: int = 0  # calls whose plan raised: their after-call hook releases nothing
     peaks: dict[int | None, int] = field(default_factory=dict)
+    slots: dict[Any, _Slot] = field(default_factory=dict)  # by parameter, and by (module, name) for buffers
 
 
 class Residency:
@@ -186,15 +189,22 @@ class Residency:
         if getattr(module, _MANAGED, None) is not None:
             return module
         blocks = _blocks_of(module)
+        pinned_before = self._pinned
         slots = self._slots(module)
+        weakref.finalize(module, self._unpinned, self._pinned - pinned_before)
         owned = [_owned(slots, block) for block in blocks]
         owners = collections.Counter(id(slot) for block_slots in owned for slot in block_slots)
-        # A tensor shared between blocks (tied weights) belongs to the base: it must stay while either runs.
+        in_blocks = {id(m) for block in blocks for m in block.modules()}
+        outside = [m for m in module.modules() if id(m) not in in_blocks]
+        for slot in _owned(slots, *outside, recurse=False):
+            owners[id(slot)] += 2  # also used outside the blocks: part of the base
+        # A tensor shared between blocks, or with the base (tied weights), belongs to the base: it must be
+        # on the card whenever any of its users runs.
         parts = [_Part([slot for slot in block_slots if owners[id(slot)] == 1]) for block_slots in owned]
         base = _Part([slot for slot in set(slots.values()) if owners[id(slot)] != 1])
         footprint = Footprint(f"{name}#{next(self._names)}", base.size, tuple(p.size for p in parts), one_pass)
         estimate = activation if activation is not None else _default_activation(footprint.total)
-        component = _Component(footprint.name, base, parts, footprint, estimate)
+        component = _Component(footprint.name, base, parts, footprint, estimate, slots=slots)
         setattr(module, _MANAGED, (self, component))
         module.register_forward_pre_hook(_compiler_disabled(self._before_call), with_kwargs=True)
         module.register_forward_hook(_compiler_disabled(self._after_call), always_call=True)
@@ -230,6 +240,11 @@ class Residency:
         for slot in buffers.values():
             slot.put(slot.host)
         return slots
+
+    def _unpinned(self, size: int) -> None:
+        """A component's module was collected: its pinned host copies went with it."""
+        with self._lock:
+            self._pinned = max(0, self._pinned - size)
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
         """The host copy: pinned while pinned copies stay within PINNED_SHARE of the machine's memory (pinned
@@ -268,20 +283,24 @@ class Residency:
             components = self._components()
             held = sum(c.footprint.held(c.resident) for c in components)
             expected, measured = self._expected(component, key)
+            around = [c for c in components if c.in_use and c is not component]
+            for other in around:  # held components run inside this call (a ControlNet in the transformer's)
+                expected += self._expected(other, key)[0] + other.footprint.needs(other.resident or 0)
+                expected -= other.footprint.held(other.resident)
             room = self.budget.room(held) - self.budget.activations(expected)
             if component.resident != len(component.blocks) or held > room:  # else all fits as it is: no plan
                 footprints = {c.name: c.footprint for c in components}
                 now = Residents({c.name: c.resident for c in components}, {c.name: c.last_used for c in components})
-                in_use = frozenset(c.name for c in components if c.in_use and c is not component)
+                in_use = frozenset(c.name for c in around)
+                # Held, its weights may be patched where they are (a LoRA): they stay exactly where they are.
+                fixed = component.resident if component.in_use else None
                 try:
-                    after = plan(component.name, footprints, now, room, in_use)
+                    after = plan(component.name, footprints, now, room, in_use, fixed)
                 except NoRoom:
                     if measured:
                         raise
                     # Only estimated: tried with all the card can give, and measured (the estimates are generous).
-                    after = plan(component.name, footprints, now, self.budget.room(held), in_use)
-                if component.in_use and component.resident is not None:  # held: its weights may be patched
-                    after[component.name] = max(after[component.name] or 0, component.resident)
+                    after = plan(component.name, footprints, now, self.budget.room(held), in_use, fixed)
                 for other in components:
                     if other is not component:
                         self._shrink(other, after[other.name])
@@ -289,17 +308,19 @@ class Residency:
             component.streaming = component.resident is not None and component.resident < len(component.blocks)
             if hold:
                 component.in_use += 1
-            if key not in component.peaks and self._measuring is None:
+            if key is not None and key not in component.peaks and self._measuring is None:
                 self.budget.watch()
                 self._measuring = (component, key)
 
-    def release(self, module: torch.nn.Module) -> None:
-        """The end of a `need(..., hold=True)`."""
+    def release(self, module: torch.nn.Module, failed: bool = False) -> None:
+        """The end of a `need(..., hold=True)`; `failed`: the call raised, and what it took is no measure."""
         component = _component(module, self)
         if component is None:
             return
         with self._lock:
             component.in_use = max(0, component.in_use - 1)
+            if failed and self._measuring is not None and self._measuring[0] is component:
+                self._measuring = None
             if not component.in_use:
                 self._settle_measurement()
                 if component.streaming:  # a stopped run can leave streamed blocks behind
@@ -316,8 +337,10 @@ class Residency:
         self.need(module, key, hold=True)
         try:
             yield
-        finally:
-            self.release(module)
+        except BaseException:
+            self.release(module, failed=True)
+            raise
+        self.release(module)
 
     def make_room(self, size: int) -> None:
         """Room on the card for `size` bytes it does not manage (an upscaler and its tiles, for one call),
@@ -453,19 +476,29 @@ class Residency:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _before_call(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.need(module, _elements(args, kwargs), hold=True)
         component = _component(module, self)
+        try:
+            self.need(module, _elements(args, kwargs), hold=True)
+        except BaseException:
+            if component is not None:
+                component.refused += 1  # torch still calls the after-call hook, which must release nothing
+            raise
         if component is not None and component.streaming and component.resident is not None:
             with self._lock:  # the first streamed block comes in while the resident ones compute
                 self._prefetch_part(component.blocks[component.resident])
 
     def _after_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         component = _component(module, self)
-        if component is not None and component.streaming:
+        if component is None:
+            return
+        if component.refused:
+            component.refused -= 1
+            return
+        if component.streaming:
             with self._lock:  # a stopped call can leave streamed blocks behind: none stays between calls
                 for part in component.blocks[component.resident or 0 :]:
                     self._drop(part)
-        self.release(module)
+        self.release(module, failed=output is None)  # None: the call raised (always_call hooks still run)
 
     def _stream_in(self, component: _Component, index: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any) -> None:
@@ -474,6 +507,11 @@ class Residency:
             with self._lock:
                 self._load(component.blocks[index])
                 if index + 1 < len(component.blocks):
+                    # The host waits for the block before this one to be computed: the memory it frees is
+                    # then free on the card's timeline too, and no more than two blocks are ever in flight.
+                    previous = component.blocks[index - 1].computed if index > 0 else None
+                    if previous is not None:
+                        previous.synchronize()
                     self._prefetch_part(component.blocks[index + 1])
 
         return hook
@@ -483,7 +521,11 @@ class Residency:
             if not component.streaming or component.resident is None or index < component.resident:
                 return
             with self._lock:
-                self._drop(component.blocks[index])
+                part = component.blocks[index]
+                if self._cuda:
+                    part.computed = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    part.computed.record(torch.cuda.current_stream(self.device))
+                self._drop(part)
 
         return hook
 
@@ -520,6 +562,30 @@ def holding(module: torch.nn.Module, key: int | None = None) -> Iterator[None]:
         yield
 
 
+def original_of(root: torch.nn.Module, module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """For a weight of a managed component (`module.<name>`, `module` inside `root`) whose tensor is now a
+    copy on the card: its host copy, which nothing changes while the copy is there (a LoRA restores from it
+    rather than keep a second copy on the card). None otherwise."""
+    managed = getattr(root, _MANAGED, None)
+    if managed is None:
+        return None
+    component: _Component = managed[1]
+    parameter = module._parameters.get(name)
+    slot = component.slots.get(id(parameter) if parameter is not None else (id(module), name))
+    current = parameter if parameter is not None else module._buffers.get(name)
+    if slot is None or current is None or current.data_ptr() == slot.host.data_ptr():
+        return None
+    return slot.host
+
+
+def copies_done(module: torch.nn.Module) -> None:
+    """Wait until every copy from a managed component's host copies has been made: before anything writes
+    to them (a LoRA patching or restoring streamed blocks), as copies from pinned memory run asynchronously."""
+    residency = managed_by(module)
+    if residency is not None and residency.device.type == "cuda":
+        torch.cuda.synchronize(residency.device)
+
+
 def execution_device(module: torch.nn.Module) -> torch.device:
     """Where `module` computes: its residency's device (its weights may be in host memory between calls),
     else where its weights are."""
@@ -538,9 +604,11 @@ def _blocks_of(module: torch.nn.Module) -> list[torch.nn.Module]:
     return list(largest)
 
 
-def _owned(slots: dict[Any, _Slot], block: torch.nn.Module) -> list[_Slot]:
+def _owned(slots: dict[Any, _Slot], *modules: torch.nn.Module, recurse: bool = True) -> list[_Slot]:
+    """The slots of the tensors registered in `modules` (and their submodules, with `recurse`)."""
     found: dict[int, _Slot] = {}
-    for owner in block.modules():
+    owners = [m for module in modules for m in module.modules()] if recurse else list(modules)
+    for owner in owners:
         keys: list[Any] = [id(p) for p in owner._parameters.values() if p is not None]
         keys += [(id(owner), name) for name, b in owner._buffers.items() if b is not None]
         for key in keys:

@@ -67,10 +67,12 @@ def plan(
     now: Residents,
     room: int,
     in_use: frozenset[str] = frozenset(),
+    fixed: int | None = None,
 ) -> dict[str, int | None]:
     """Every component's resident blocks once `need` may run, within `room` bytes of weights (the card's
-    free memory for weights, with the needed component's activations set aside). `in_use` components
-    (running around this one, or held) keep what they have."""
+    free memory for weights, with the activations set aside). `in_use` components (running around this
+    one, or held) keep what they have. With `fixed`, the needed component keeps exactly that many blocks
+    (it is held, and its weights may be patched where they are): only the others make room for it."""
     wanted = footprints[need]
     after = {name: now.blocks.get(name) for name in footprints}
     after[need] = None
@@ -79,15 +81,17 @@ def plan(
         return sum(footprints[name].held(blocks) for name, blocks in after.items() if name != need)
 
     full = len(wanted.blocks)
-    goal = wanted.needs(0) if wanted.one_pass else wanted.needs(full)
+    least = fixed if fixed is not None else 0 if wanted.one_pass else full  # what the others must make room for
+    goal = wanted.needs(least)
     if others() + goal > room:
         _give_up(after, footprints, now, need, in_use, goal + others() - room)
     left = room - others()
-    resident = max((k for k in range(full + 1) if wanted.needs(k) <= left), default=None)
+    candidates = [fixed] if fixed is not None else range(full + 1)
+    resident = max((k for k in candidates if wanted.needs(k) <= left), default=None)
     if resident is None:
         raise NoRoom(
-            f"{need} needs {_size(wanted.needs(0))} on the card to run (its fixed part and two streamed "
-            f"blocks) but only {_size(max(left, 0))} is left for weights"
+            f"{need} needs {_size(wanted.needs(fixed or 0))} on the card to run (its fixed part, the blocks it "
+            f"keeps and two streamed ones) but only {_size(max(left, 0))} is left for weights"
         )
     after[need] = resident
     return after
