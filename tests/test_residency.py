@@ -423,6 +423,26 @@ def test_what_a_held_component_needs_inside_a_call_is_set_aside_for_that_call() 
     x = torch.randn(1, 8)
     outer(x)
     assert component(residency, outer).resident == 6  # alone, it all fits
-    with holding(inside):
+    with holding(inside):  # held, but not to run inside its calls (as a LoRA holds the transformer)
         outer(x)
-        assert component(residency, outer).resident < 6  # beside the held one's activations, it does not
+        assert component(residency, outer).resident == 6
+    with holding(inside, inside=True):
+        outer(x)
+        # The transformer stays whole; the held ControlNet gives up blocks (it streams them) until both fit
+        # beside its activations and two of its streamed blocks.
+        control = component(residency, inside)
+        reserve = weights(outer) // 4 + control.footprint.needs(0) - control.footprint.held(0)
+        assert component(residency, outer).resident == 6 and control.resident is not None
+        assert 0 < control.resident < 6
+        assert control.footprint.held(control.resident) + weights(outer) + reserve <= residency.budget.room(0)
+        assert control.footprint.held(control.resident + 1) + weights(outer) + reserve > residency.budget.room(0)
+
+
+def test_a_held_component_that_can_stream_gives_up_blocks_but_keeps_its_base() -> None:
+    control = Footprint("control", 1 * MB, (1 * MB,) * 3)
+    footprints = {**ALL, "control": control}
+    now = card(control=3, dit=None)  # the ControlNet was used last, yet it is the only one to give room
+    after = plan("dit", footprints, now, room=14 * MB, streaming=frozenset({"control"}))
+    assert after["control"] == 1 and after["dit"] == 10
+    after = plan("dit", footprints, now, room=12 * MB, streaming=frozenset({"control"}))
+    assert after["control"] == 0 and after["dit"] == 7  # its base stays: the transformer streams some blocks

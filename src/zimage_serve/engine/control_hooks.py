@@ -161,7 +161,7 @@ def steering(
     streams = []
     with ExitStack() as held:
         for patch in patches:
-            held.enter_context(holding(patch.controlnet.module))  # smart memory: on the card beside the transformer
+            held.enter_context(holding(patch.controlnet.module, inside=True))  # smart memory: beside the transformer
             context = patch.context(height, width, fmt, cancel)
             streams.append(_Stream(patch, context, len(transformer.layers)))
         previous = getattr(_steering, "streams", None)

@@ -99,11 +99,12 @@ def check_fits(lora: LoraWeights, model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[None]:
+def patched(model: torch.nn.Module, patches: Sequence[LoraPatch], elements: int | None = None) -> Iterator[None]:
     """Add the LoRA deltas to the weights for the duration of the block, then restore them exactly.
 
     The block holds the weights shared (no patches) or alone (patches): concurrent runs on one model
-    never see each other's deltas.
+    never see each other's deltas. `elements`: the size of the model's calls in the block (smart memory
+    plans the held model's room for it).
     """
     active = [p for p in patches if p.strength != 0]
     if not active:
@@ -112,7 +113,7 @@ def patched(model: torch.nn.Module, patches: Sequence[LoraPatch]) -> Iterator[No
         return
     # Under smart memory the model stays where it is while patched: the deltas go to the tensors in use (on the
     # card, or the host copies of blocks streamed in per call) and must come off the same ones.
-    with lock_for(model).exclusive(), holding(model):
+    with lock_for(model).exclusive(), holding(model, elements, exact=True):
         yield from _apply(model, active)
 
 

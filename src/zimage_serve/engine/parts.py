@@ -162,8 +162,14 @@ class DiffusionModel:
             control.context(height, width, self.latent_format, cancel)
 
     @contextlib.contextmanager
-    def patched(self) -> Iterator[None]:
-        with patched(self.transformer, self.patches):
+    def patched(self, elements: int | None = None) -> Iterator[None]:
+        """The LoRAs applied for the block; under smart memory, the ControlNets held first (they run inside
+        the transformer's calls: its room is planned beside them) and the transformer held for calls on
+        `elements` latent elements."""
+        with contextlib.ExitStack() as held:
+            for control in self.controls:
+                held.enter_context(holding(control.controlnet.module, inside=True))
+            held.enter_context(patched(self.transformer, self.patches, elements))
             yield
 
     def velocity(self, x: torch.Tensor, sigma: float, captions: list[torch.Tensor]) -> torch.Tensor:
@@ -472,7 +478,8 @@ def sample(
 
     with torch.inference_mode(), cancellable(cancel):
         model.prepare_controls(latent, cancel)  # before the patch: its VAE need not share the card with it held
-    with torch.inference_mode(), model.patched(), cancellable(cancel):
+    calls = x.numel() * (2 if use_cfg else 1)  # a step's transformer call: the negative doubles the batch
+    with torch.inference_mode(), model.patched(calls), cancellable(cancel):
         run = Sampler(sampler, seed=seed, on_step=on_step, cancel=cancel, sampling=model.sampling)
         result = run(denoiser, x, sigmas)
     if sigmas[-1] > 0:  # leftover noise (KSamplerAdvanced): undo the signal scaling as ComfyUI does

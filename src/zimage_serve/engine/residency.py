@@ -154,6 +154,9 @@ class _Component:
     in_use: int = 0  # running (its forward) or held: the plan leaves it as it is
     streaming: bool = False  # running with some blocks left in host memory
     refused: int = 0  # calls whose plan raised: their after-call hook releases nothing
+    inside: int = 0  # holds of it to run inside other components' calls (it may stream: others may shrink it)
+    exact: int = 0  # holds that keep it exactly as it is (its weights patched where they are)
+    calls: int = 0  # its forward calls running
     peaks: dict[int | None, int] = field(default_factory=dict)
     slots: dict[Any, _Slot] = field(default_factory=dict)  # by parameter, and by (module, name) for buffers
 
@@ -189,9 +192,10 @@ class Residency:
         if getattr(module, _MANAGED, None) is not None:
             return module
         blocks = _blocks_of(module)
-        pinned_before = self._pinned
-        slots = self._slots(module)
-        weakref.finalize(module, self._unpinned, self._pinned - pinned_before)
+        with self._lock:
+            pinned_before = self._pinned
+            slots = self._slots(module)
+            weakref.finalize(module, self._unpinned, self._pinned - pinned_before)
         owned = [_owned(slots, block) for block in blocks]
         owners = collections.Counter(id(slot) for block_slots in owned for slot in block_slots)
         in_blocks = {id(m) for block in blocks for m in block.modules()}
@@ -242,9 +246,14 @@ class Residency:
         return slots
 
     def _unpinned(self, size: int) -> None:
-        """A component's module was collected: its pinned host copies went with it."""
+        """A component's module was collected: its pinned host copies went with it, and PyTorch's cache of
+        pinned memory gives their pages back."""
         with self._lock:
             self._pinned = max(0, self._pinned - size)
+        if size:
+            empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:
+                empty()
 
     def _host(self, tensor: torch.Tensor) -> torch.Tensor:
         """The host copy: pinned while pinned copies stay within PINNED_SHARE of the machine's memory (pinned
@@ -252,7 +261,7 @@ class Residency:
         host = tensor.detach().to("cpu")
         if not self._cuda:
             return host
-        size = host.numel() * host.element_size()
+        size = _pinned_size(host.numel() * host.element_size())
         if self._pinned + size <= self._pinnable:
             try:
                 pinned = host.pin_memory()
@@ -284,23 +293,25 @@ class Residency:
             held = sum(c.footprint.held(c.resident) for c in components)
             expected, measured = self._expected(component, key)
             around = [c for c in components if c.in_use and c is not component]
-            for other in around:  # held components run inside this call (a ControlNet in the transformer's)
-                expected += self._expected(other, key)[0] + other.footprint.needs(other.resident or 0)
-                expected -= other.footprint.held(other.resident)
+            inside = [c for c in around if c.inside and not c.exact and not c.calls]
+            for other in inside:  # they run inside this call (a ControlNet): activations, two streamed blocks
+                expected += self._expected(other, key)[0] + other.footprint.needs(0) - other.footprint.held(0)
             room = self.budget.room(held) - self.budget.activations(expected)
             if component.resident != len(component.blocks) or held > room:  # else all fits as it is: no plan
                 footprints = {c.name: c.footprint for c in components}
                 now = Residents({c.name: c.resident for c in components}, {c.name: c.last_used for c in components})
-                in_use = frozenset(c.name for c in around)
-                # Held, its weights may be patched where they are (a LoRA): they stay exactly where they are.
-                fixed = component.resident if component.in_use else None
+                fixed_others = frozenset(c.name for c in around if c not in inside)
+                streaming = frozenset(c.name for c in inside)
+                # Held as it is, its weights may be patched where they are (a LoRA): they stay exactly there.
+                fixed = component.resident if component.exact else None
                 try:
-                    after = plan(component.name, footprints, now, room, in_use, fixed)
+                    after = plan(component.name, footprints, now, room, fixed_others, fixed, streaming)
                 except NoRoom:
                     if measured:
                         raise
                     # Only estimated: tried with all the card can give, and measured (the estimates are generous).
-                    after = plan(component.name, footprints, now, self.budget.room(held), in_use, fixed)
+                    room = self.budget.room(held)
+                    after = plan(component.name, footprints, now, room, fixed_others, fixed, streaming)
                 for other in components:
                     if other is not component:
                         self._shrink(other, after[other.name])
@@ -328,19 +339,32 @@ class Residency:
                         self._drop(part)
 
     @contextlib.contextmanager
-    def holding(self, module: torch.nn.Module, key: int | None = None) -> Iterator[None]:
-        """`module` on the card (as far as it fits) for the whole block, left where it is by other plans."""
+    def holding(
+        self, module: torch.nn.Module, key: int | None = None, inside: bool = False, exact: bool = False
+    ) -> Iterator[None]:
+        """`module` on the card (as far as it fits) for the whole block, for calls on `key` elements.
+        `inside`: it runs inside other components' calls (a ControlNet in the transformer's): their plans set
+        its activations and two streamed blocks aside, and may make it stream more of its blocks. `exact`:
+        its weights are patched where they are (a LoRA), so nothing of it moves until the block ends."""
         component = _component(module, self)
         if component is None:
             yield
             return
         self.need(module, key, hold=True)
+        self._count(component, inside, exact, 1)
         try:
             yield
         except BaseException:
+            self._count(component, inside, exact, -1)
             self.release(module, failed=True)
             raise
+        self._count(component, inside, exact, -1)
         self.release(module)
+
+    def _count(self, component: _Component, inside: bool, exact: bool, step: int) -> None:
+        with self._lock:
+            component.inside += step if inside else 0
+            component.exact += step if exact else 0
 
     def make_room(self, size: int) -> None:
         """Room on the card for `size` bytes it does not manage (an upscaler and its tiles, for one call),
@@ -418,6 +442,7 @@ class Residency:
         if resident is None:
             self._drop(component.base)
         component.resident = resident
+        component.streaming = resident is not None and resident < len(component.blocks)
 
     def _set(self, component: _Component, resident: int | None) -> None:
         if resident is None or (component.resident is not None and resident <= component.resident):
@@ -431,6 +456,7 @@ class Residency:
             else:  # streamed blocks left over from an earlier call, or on their way
                 self._drop(part)
         component.resident = resident
+        component.streaming = resident < len(component.blocks)
 
     def _load(self, part: _Part) -> None:
         if part.on_card is not None:
@@ -479,10 +505,13 @@ class Residency:
         component = _component(module, self)
         try:
             self.need(module, _elements(args, kwargs), hold=True)
-        except BaseException:
+        except Exception:  # (torch runs the after-call hooks of a call that raised an Exception, not others)
             if component is not None:
                 component.refused += 1  # torch still calls the after-call hook, which must release nothing
             raise
+        if component is not None:
+            with self._lock:
+                component.calls += 1
         if component is not None and component.streaming and component.resident is not None:
             with self._lock:  # the first streamed block comes in while the resident ones compute
                 self._prefetch_part(component.blocks[component.resident])
@@ -494,6 +523,8 @@ class Residency:
         if component.refused:
             component.refused -= 1
             return
+        with self._lock:
+            component.calls = max(0, component.calls - 1)
         if component.streaming:
             with self._lock:  # a stopped call can leave streamed blocks behind: none stays between calls
                 for part in component.blocks[component.resident or 0 :]:
@@ -506,7 +537,7 @@ class Residency:
                 return
             with self._lock:
                 self._load(component.blocks[index])
-                if index + 1 < len(component.blocks):
+                if self._prefetch and index + 1 < len(component.blocks):
                     # The host waits for the block before this one to be computed: the memory it frees is
                     # then free on the card's timeline too, and no more than two blocks are ever in flight.
                     previous = component.blocks[index - 1].computed if index > 0 else None
@@ -528,6 +559,11 @@ class Residency:
                 self._drop(part)
 
         return hook
+
+
+def _pinned_size(size: int) -> int:
+    """What pinning `size` bytes takes: PyTorch's pinned-memory cache hands out powers of two."""
+    return 1 << max(size - 1, 0).bit_length()
 
 
 def physical_memory() -> int:
@@ -552,13 +588,15 @@ def managed_by(module: torch.nn.Module) -> Residency | None:
 
 
 @contextlib.contextmanager
-def holding(module: torch.nn.Module, key: int | None = None) -> Iterator[None]:
+def holding(
+    module: torch.nn.Module, key: int | None = None, inside: bool = False, exact: bool = False
+) -> Iterator[None]:
     """`Residency.holding` for a managed module; nothing for one that lives on its device."""
     residency = managed_by(module)
     if residency is None:
         yield
         return
-    with residency.holding(module, key):
+    with residency.holding(module, key, inside, exact):
         yield
 
 

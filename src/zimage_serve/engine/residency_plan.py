@@ -68,11 +68,14 @@ def plan(
     room: int,
     in_use: frozenset[str] = frozenset(),
     fixed: int | None = None,
+    streaming: frozenset[str] = frozenset(),
 ) -> dict[str, int | None]:
     """Every component's resident blocks once `need` may run, within `room` bytes of weights (the card's
     free memory for weights, with the activations set aside). `in_use` components (running around this
-    one, or held) keep what they have. With `fixed`, the needed component keeps exactly that many blocks
-    (it is held, and its weights may be patched where they are): only the others make room for it."""
+    one, or held as they are) keep what they have; `streaming` ones (held, and able to stream blocks, as a
+    ControlNet inside the transformer's calls) may give up blocks but keep their base. With `fixed`, the
+    needed component keeps exactly that many blocks (it is held, and its weights may be patched where they
+    are): only the others make room for it."""
     wanted = footprints[need]
     after = {name: now.blocks.get(name) for name in footprints}
     after[need] = None
@@ -84,7 +87,7 @@ def plan(
     least = fixed if fixed is not None else 0 if wanted.one_pass else full  # what the others must make room for
     goal = wanted.needs(least)
     if others() + goal > room:
-        _give_up(after, footprints, now, need, in_use, goal + others() - room)
+        _give_up(after, footprints, now, need, in_use, streaming, goal + others() - room)
     left = room - others()
     candidates = [fixed] if fixed is not None else range(full + 1)
     resident = max((k for k in candidates if wanted.needs(k) <= left), default=None)
@@ -103,9 +106,11 @@ def _give_up(
     now: Residents,
     need: str,
     in_use: frozenset[str],
+    streaming: frozenset[str],
     lacking: int,
 ) -> None:
-    """Move out `lacking` bytes from the least recently used components, last blocks first."""
+    """Move out `lacking` bytes from the least recently used components, last blocks first (base last, and
+    never a streaming component's)."""
     candidates = sorted(
         (name for name, blocks in after.items() if name != need and name not in in_use and blocks is not None),
         key=lambda name: now.last_used.get(name, -1),
@@ -118,6 +123,8 @@ def _give_up(
             if blocks > 0:
                 lacking -= footprint.blocks[blocks - 1]
                 after[name] = blocks - 1
+            elif name in streaming:
+                break
             else:
                 lacking -= footprint.base
                 after[name] = None
