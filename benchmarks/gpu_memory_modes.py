@@ -91,6 +91,7 @@ def measure(
         torch.cuda.set_per_process_memory_fraction(1.0 if cap_gib is None else min(1.0, cap_gib * GIB / total), device)
         torch.cuda.reset_peak_memory_stats(device)
     residency = engine.model.residency
+    peaks = RowPeaks(device)  # smart memory resets the peak counters to measure its calls: kept across resets
 
     def timed(prompt: str, size: int = args.size, steps: int = STEPS) -> float:
         if cuda(device):
@@ -117,8 +118,7 @@ def measure(
         latents = engine.denoise(noise, engine.encode_prompt(PROMPT), steps=STEPS).float()
     except Exception as exc:  # a row that breaks is reported as such; the rows after it still run
         failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    peak_allocated = torch.cuda.max_memory_allocated(device) if cuda(device) else 0
-    peak_reserved = torch.cuda.max_memory_reserved(device) if cuda(device) else 0
+    peak_allocated, peak_reserved = peaks.end()
     large = "not tried"
     if not failed:
         try:
@@ -135,6 +135,32 @@ def measure(
         flush=True,
     )
     return row, latents
+
+
+class RowPeaks:
+    """The row's peak memory, though smart memory resets PyTorch's peak counters on a call at a new size."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.allocated = self.reserved = 0
+        self._reset = torch.cuda.reset_peak_memory_stats
+        if cuda(device):
+            torch.cuda.reset_peak_memory_stats = self._before_reset  # type: ignore[assignment]
+
+    def _before_reset(self, device: Any = None) -> None:
+        self._take()
+        self._reset(device)
+
+    def _take(self) -> None:
+        self.allocated = max(self.allocated, torch.cuda.max_memory_allocated(self.device))
+        self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(self.device))
+
+    def end(self) -> tuple[int, int]:
+        if not cuda(self.device):
+            return 0, 0
+        self._take()
+        torch.cuda.reset_peak_memory_stats = self._reset  # type: ignore[assignment]
+        return self.allocated, self.reserved
 
 
 def _size(size: int) -> str:
@@ -160,6 +186,8 @@ def card_for(residency: Residency, model: LoadedModel, cap_gib: float) -> None:
     budget reads; on the CPU, a fake card holding the same share of the model's weights as the cap holds of
     Turbo's (never less than its largest component needs to run)."""
     residency.free()
+    if isinstance(residency.budget, CudaBudget):  # as well as the memory fraction, which older PyTorch cannot read
+        residency.budget.limit = int(cap_gib * GIB)
     if isinstance(residency.budget, FixedBudget):
         footprints = [footprint(module) for module in (model.text_encoder, model.transformer, model.vae)]
         weights = sum(f.total for f in footprints)
