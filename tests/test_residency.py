@@ -446,3 +446,17 @@ def test_a_held_component_that_can_stream_gives_up_blocks_but_keeps_its_base() -
     assert after["control"] == 1 and after["dit"] == 10
     after = plan("dit", footprints, now, room=12 * MB, streaming=frozenset({"control"}))
     assert after["control"] == 0 and after["dit"] == 7  # its base stays: the transformer streams some blocks
+
+
+def test_a_lora_or_controlnet_hold_measures_nothing_the_call_inside_it_is_measured() -> None:
+    """What a LoRA's patching or a ControlNet's hold allocates is no measure of the model's calls."""
+    toy, control = Toy(seed=10), Toy(seed=11)
+    card = MeasuringCard(size=10 * MB, peak_bytes=1234)
+    residency = Residency(CPU, card)
+    residency.add(toy, "transformer")
+    residency.add(control, "control")
+    with holding(control, 24, inside=True), holding(toy, 24, exact=True):
+        assert card.watched == 0
+        toy(torch.randn(3, 8))
+        assert card.watched == 1
+    assert component(residency, toy).peaks == {24: 1234} and component(residency, control).peaks == {}

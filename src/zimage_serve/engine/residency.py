@@ -58,7 +58,7 @@ class Budget(Protocol):
 
 @dataclass
 class FixedBudget:
-    """A card of `size` bytes on which every call takes `activations` bytes beside the weights (None: as
+    """A card of `size` bytes on which every call takes `calls_take` bytes beside the weights (None: as
     estimated): the CPU's stand-in for a card, in tests and the benchmarks' CPU runs."""
 
     size: int
@@ -151,7 +151,7 @@ class _Component:
     activation: Activation
     resident: int | None = None  # base and the first `resident` blocks are on the card
     last_used: int = -1
-    in_use: int = 0  # running (its forward) or held: the plan leaves it as it is
+    in_use: int = 0  # held or running: `free` and `make_room` leave it alone, plans as `inside` and `exact` say
     streaming: bool = False  # running with some blocks left in host memory
     refused: int = 0  # calls whose plan raised: their after-call hook releases nothing
     inside: int = 0  # holds of it to run inside other components' calls (it may stream: others may shrink it)
@@ -178,7 +178,7 @@ class Residency:
         # Weak: a component the executor's cache lets go of (POST /free, eviction) must not live on here.
         self._modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._measuring: tuple[_Component, int | None] | None = None
-        self.moved_in = 0  # bytes copied to the card, for the benchmarks and /system_stats
+        self.moved_in = 0  # bytes copied to the card, for the benchmarks
         self._pinned = 0
         self._pinnable = int(physical_memory() * PINNED_SHARE)
         self._warned = False
@@ -280,9 +280,10 @@ class Residency:
         return host
 
     # -- the plan --------------------------------------------------------------------------------
-    def need(self, module: torch.nn.Module, key: int | None = None, hold: bool = False) -> None:
+    def need(self, module: torch.nn.Module, key: int | None = None, hold: bool = False, measure: bool = True) -> None:
         """Make room for `module` to run on an input of `key` elements, and bring in what fits of it; with
-        `hold`, it is in use (left as it is by other plans) until `release`."""
+        `hold`, it is in use until `release`. `measure`: what is allocated until then is the call's own (a
+        forward, a VAE's encode or decode), to be measured at a size not measured yet."""
         component = _component(module, self)
         if component is None:
             return
@@ -319,7 +320,7 @@ class Residency:
             component.streaming = component.resident is not None and component.resident < len(component.blocks)
             if hold:
                 component.in_use += 1
-            if key is not None and key not in component.peaks and self._measuring is None:
+            if measure and key is not None and key not in component.peaks and self._measuring is None:
                 self.budget.watch()
                 self._measuring = (component, key)
 
@@ -350,7 +351,8 @@ class Residency:
         if component is None:
             yield
             return
-        self.need(module, key, hold=True)
+        # A hold for other work (a LoRA's patching, a ControlNet's part in another call) measures nothing.
+        self.need(module, key, hold=True, measure=not inside and not exact)
         self._count(component, inside, exact, 1)
         try:
             yield
