@@ -14,8 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+from zimage_serve.engine.devices import usable_memory
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, patched
-from zimage_serve.engine.residency import FixedBudget, Residency, _Component, execution_device, holding
+from zimage_serve.engine.residency import (
+    CudaBudget,
+    FixedBudget,
+    Residency,
+    _Component,
+    execution_device,
+    holding,
+)
 from zimage_serve.engine.residency_plan import Footprint, NoRoom, Residents, plan
 
 MB = 1_000_000
@@ -460,3 +468,25 @@ def test_a_lora_or_controlnet_hold_measures_nothing_the_call_inside_it_is_measur
         toy(torch.randn(3, 8))
         assert card.watched == 1
     assert component(residency, toy).peaks == {24: 1234} and component(residency, control).peaks == {}
+
+
+def test_a_cuda_cards_room_is_its_free_memory_within_the_process_share_less_what_is_not_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CudaBudget against a fake CUDA card (this machine has none): 80 GiB, 30 GiB used by another process,
+    the allocator holding 12 GiB of which 10 are allocated, 6 of those being managed weights."""
+    gib = 2**30
+    fraction = {"value": 1.0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * gib - 30 * gib - 12 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: fraction["value"], raising=False)
+    budget = CudaBudget(torch.device("cuda", 0), margin=0)
+    # What this process can reach: the 38 GiB free and its own 12 GiB; less the 4 GiB allocated that are not weights.
+    assert budget.room(held=6 * gib) == 50 * gib - 4 * gib
+    fraction["value"] = 0.25  # a process capped at 20 GiB, as the benchmark's cards are
+    assert budget.room(held=6 * gib) == 20 * gib - 4 * gib
+    budget.limit = 15 * gib
+    assert budget.room(held=6 * gib) == 15 * gib - 4 * gib
+    assert budget.activations(123) == 123
+    assert usable_memory(torch.device("cuda", 0)) == 20 * gib - 12 * gib  # for `auto`: within the share, now
