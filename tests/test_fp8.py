@@ -14,6 +14,7 @@ from zimage_serve.engine.fp8 import (
     Fp8Linear,
     fp8_bytes_saved,
     quantise_rows,
+    quantise_text_encoder,
     quantise_transformer,
     quantised_layers,
 )
@@ -109,3 +110,19 @@ def test_memory_estimate_counts_the_projections_in_both_spellings() -> None:
 def test_unknown_weight_dtype_is_named(tiny_model: Path) -> None:
     with pytest.raises(DeviceError, match=r"^weight_dtype: 'int4' is not one of"):
         open_engine(tiny_model, device="cpu", weight_dtype="int4")
+
+
+@pytest.mark.parametrize(("weight_dtype", "bound"), [("fp8_e4m3fn", 0.1), ("fp8_e4m3fn_fast", 0.2)])
+def test_a_quantised_text_encoder_gives_close_embeddings(tiny_model: Path, weight_dtype: str, bound: float) -> None:
+    """(`_fast` quantises the activations too: random weights through every layer drift a little more.)"""
+    reference = open_engine(tiny_model, device="cpu")
+    quantised = open_engine(tiny_model, device="cpu")
+    encoder = quantised.model.text_encoder
+    per_layer = 7  # q, k, v, o; gate, up, down
+    assert quantise_text_encoder(encoder, weight_dtype) == per_layer * len(encoder.layers)
+    assert quantise_text_encoder(encoder, "default") == 0
+    assert all(name.startswith("layers.") for name, m in encoder.named_modules() if isinstance(m, Fp8Linear))
+    assert isinstance(encoder.embed_tokens, nn.Embedding)
+    expected = reference.encode_prompt("a red circle on a blue square").embeds
+    got = quantised.encode_prompt("a red circle on a blue square").embeds
+    assert torch.isfinite(got).all() and 0 < relative_error(got, expected) < bound

@@ -30,6 +30,7 @@ FP8_MAX = float(torch.finfo(FP8).max)
 WeightDtype = Literal["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 STORAGE = {"fp8_e4m3fn": FP8, "fp8_e4m3fn_fast": FP8, "fp8_e5m2": torch.float8_e5m2}
 QUANTISED_PARTS = ("attention.", "feed_forward.")
+TEXT_QUANTISED_PARTS = ("self_attn.", "mlp.")  # Qwen3's
 # The same projections by checkpoint name, in diffusers' and ComfyUI's spellings (prefix or not).
 QUANTISED_NAME = re.compile(r"(^|\.)layers\.\d+\.(attention|feed_forward)\.[^.]+(\.0)?\.weight$")
 
@@ -96,15 +97,25 @@ def check_weight_dtype(weight_dtype: str) -> WeightDtype:
 
 def quantise_transformer(transformer: Any, weight_dtype: str, keep_last: int = 0) -> int:
     """Replace the main blocks' attention and feed-forward projections in place; returns how many."""
+    blocks = list(transformer.layers)
+    return _quantise(blocks[: max(0, len(blocks) - keep_last)], QUANTISED_PARTS, weight_dtype)
+
+
+def quantise_text_encoder(text_encoder: Any, weight_dtype: str) -> int:
+    """The same for Qwen3's layers (attention and MLP projections; embeddings and norms stay): half the
+    memory, and on an H100 with `fp8_e4m3fn_fast` FP8 matmuls. Returns how many projections."""
+    return _quantise(list(text_encoder.layers), TEXT_QUANTISED_PARTS, weight_dtype)
+
+
+def _quantise(blocks: list[nn.Module], parts: tuple[str, ...], weight_dtype: str) -> int:
     if check_weight_dtype(weight_dtype) == "default":
         return 0
     fast = weight_dtype == "fp8_e4m3fn_fast"
     storage = STORAGE[weight_dtype]
-    blocks = list(transformer.layers)
     replaced = 0
-    for block in blocks[: max(0, len(blocks) - keep_last)]:
+    for block in blocks:
         for name, module in list(block.named_modules()):
-            if isinstance(module, nn.Linear) and name.startswith(QUANTISED_PARTS):
+            if isinstance(module, nn.Linear) and name.startswith(parts):
                 parent_name, _, child = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, child, Fp8Linear.from_linear(module, fast, storage))
