@@ -50,7 +50,7 @@ def counting(pid: int, state: str, busy: object = None) -> None:
 
 def worker_inside(jobs: int) -> None:
     """Run under callgrind: the worker loop over `jobs` jobs, counted."""
-    from zimage_serve.engine.parts import Placing
+    from zimage_serve.engine.placement import Placement
     from zimage_serve.queue.jobs import Job, NewJob
     from zimage_serve.queue.sqlite_queue import SQLiteQueue
     from zimage_serve.worker.loop import OTHER_JOB_TIMEOUT_S, Worker
@@ -83,7 +83,7 @@ def worker_inside(jobs: int) -> None:
         ]
     )
     # As the server's worker process runs: the output journal on, the CPU's default time limit.
-    executor = Executor(NODES, folders, Placing.choose("cpu"), journal=OutputJournal(data / "runs"))
+    executor = Executor(NODES, folders, Placement.choose("cpu"), journal=OutputJournal(data / "runs"))
     worker = Worker(store, executor, Quiet(), job_timeout=OTHER_JOB_TIMEOUT_S)
     job = store.claim(worker.id, worker.lease_s)  # as the worker's loop claims: its own, leased
     for _ in range(WARM_UP):

@@ -23,7 +23,7 @@ import torch
 
 from zimage_serve import workflows
 from zimage_serve.cli.common import quiet_libraries
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.workflow import previews as run_previews
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -43,9 +43,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scratch = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, at the end
     folders = Folders.default(Path(scratch.name))
-    placing = Placing.choose("cpu")
+    placement = Placement.choose("cpu")
     # One executor (the same loaded models for both): a run asks for no previews as a prompt can.
-    executor = Executor(NODES, folders, placing, previews=PreviewSettings("auto"))
+    executor = Executor(NODES, folders, placement, previews=PreviewSettings("auto"))
     executors = {"previews on": {}, "previews off": {"preview_method": "none"}}
     validator = Validator(NODES, folders)
     making = [0.0]

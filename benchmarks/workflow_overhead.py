@@ -23,7 +23,7 @@ from rich.console import Console
 from zimage_serve import workflows
 from zimage_serve.cli.common import quiet_libraries
 from zimage_serve.engine import GenerationParams, open_engine
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.nano.default import default_model
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -49,7 +49,7 @@ def main() -> None:
     engine = open_engine(default_model(), device="cpu")
     scratch = tempfile.TemporaryDirectory(prefix="zimage-bench-")  # removed with the object, at the end
     folders = Folders.default(Path(scratch.name))
-    executor = Executor(NODES, folders, Placing.choose("cpu"))
+    executor = Executor(NODES, folders, Placement.choose("cpu"))
     validator = Validator(NODES, folders)
     template = json.loads(WORKFLOW.read_text())
 

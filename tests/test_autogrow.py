@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.workflows import validate
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -23,7 +23,7 @@ def executor(tmp_path_factory: pytest.TempPathFactory) -> Executor:
     for name, size, colour in (("a.png", (32, 24), (250, 0, 0)), ("b.png", (32, 24), (0, 250, 0)),
                                ("c.png", (16, 16), (0, 0, 250))):  # fmt: skip
         Image.new("RGB", size, colour).save(folders.input / name)
-    return Executor(NODES, folders, Placing.choose("cpu"))
+    return Executor(NODES, folders, Placement.choose("cpu"))
 
 
 def graph(**members: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 
 from tests.checkpoints import copy_tokenizer, write_comfy_root
 from tests.workflows import TEMPLATES, saved_image
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -29,7 +29,7 @@ def executor(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Exec
     )
     copy_tokenizer(tiny_model, root / "text_encoders" / "qwen_3_4b_tokenizer")
     data = tmp_path_factory.mktemp("data")
-    return Executor(NODES, Folders.default(data, [root]), Placing.choose("cpu"))
+    return Executor(NODES, Folders.default(data, [root]), Placement.choose("cpu"))
 
 
 def prompt(**changes: Any) -> dict[str, Any]:

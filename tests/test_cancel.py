@@ -13,7 +13,7 @@ from tests.support.jobs import wait_until
 from tests.support.listeners import Quiet
 from tests.support.queues import enqueue
 from zimage_serve.engine.cancel import cancellable, install
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.errors import GenerationCancelled
 from zimage_serve.nano.default import default_model
 from zimage_serve.queue.jobs import LEASE_S, Job
@@ -56,7 +56,7 @@ def test_the_nano_transformer_stops_inside_its_call(tmp_path: object) -> None:
     from zimage_serve.workflow.context import NodeContext
 
     assert default_model().is_dir()
-    ctx = NodeContext(Folders(builtin=builtin_models()), Placing.choose("cpu"), "1")
+    ctx = NodeContext(Folders(builtin=builtin_models()), Placement.choose("cpu"), "1")
     model = load_model_file(replace(ctx), "diffusion_models", "zimage-nano")
     blocks = [m for m in model.transformer.modules() if isinstance(m, torch.nn.ModuleList) for m in m]
     ran: list[int] = []
@@ -89,7 +89,7 @@ class PausedClaims(SQLiteQueue):
 
 def test_a_cancel_between_a_jobs_claim_and_its_start_stops_it(tmp_path: Path) -> None:
     store = PausedClaims(tmp_path / "queue.sqlite3")
-    executor = Executor(NODES, Folders.default(tmp_path / "data"), Placing.choose("cpu"))
+    executor = Executor(NODES, Folders.default(tmp_path / "data"), Placement.choose("cpu"))
     worker = Worker(store, executor, Quiet())
     graph = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},

@@ -14,7 +14,7 @@ from PIL import Image
 from tests.quant_checkpoints import write_quant_models_root
 from tests.support.images import read_png_text
 from tests.workflows import validate
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -25,7 +25,7 @@ from zimage_serve.workflows import templates
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory: pytest.TempPathFactory) -> Executor:
     root = write_quant_models_root(tmp_path_factory.mktemp("comfy-org") / "models")
-    return Executor(NODES, Folders.default(root.parent / "data", [root]), Placing.choose("cpu"))
+    return Executor(NODES, Folders.default(root.parent / "data", [root]), Placement.choose("cpu"))
 
 
 def workflow(name: str) -> dict[str, Any]:

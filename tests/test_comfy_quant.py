@@ -27,7 +27,7 @@ from zimage_serve.engine import comfy_quant, components
 from zimage_serve.engine.comfy_quant import Int8Linear, QuantConf, regular_hadamard
 from zimage_serve.engine.fastpath import FastPath
 from zimage_serve.engine.layouts import single_file
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -41,8 +41,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def executor(models: Path, tmp_path: Path, int8_matmul: str = "off") -> Executor:
-    placing = Placing.choose("cpu", fast=FastPath(int8_matmul=int8_matmul))  # type: ignore[arg-type]
-    return Executor(NODES, Folders.default(tmp_path / "data", [models]), placing)
+    placement = Placement.choose("cpu", fast=FastPath(int8_matmul=int8_matmul))  # type: ignore[arg-type]
+    return Executor(NODES, Folders.default(tmp_path / "data", [models]), placement)
 
 
 def graph(unet: str, clip: str = "qwen_3_4b.safetensors", lora: str | None = None) -> dict[str, Any]:
@@ -241,7 +241,7 @@ def test_a_controlnet_with_quantised_layers_loads_dequantised(tmp_path: Path) ->
     tensors[f"{layer}.comfy_quant"] = marker({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 16})
     quantised = tmp_path / "quantised.safetensors"
     save_file(tensors, quantised)
-    placing = Placing.choose("cpu")
-    original = load_controlnet("plain", plain, placing).module.state_dict()[f"{layer}.weight"]
-    loaded = load_controlnet("quantised", quantised, placing).module.state_dict()[f"{layer}.weight"]
+    placement = Placement.choose("cpu")
+    original = load_controlnet("plain", plain, placement).module.state_dict()[f"{layer}.weight"]
+    loaded = load_controlnet("quantised", quantised, placement).module.state_dict()[f"{layer}.weight"]
     assert 0 < float((loaded - original).norm() / original.norm()) < 0.02

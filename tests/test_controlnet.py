@@ -22,7 +22,8 @@ from zimage_serve.engine.control_hooks import _Stream
 from zimage_serve.engine.control_patch import ControlPatch
 from zimage_serve.engine.controlnet import ControlNetError, FunControlNet, detect_variant
 from zimage_serve.engine.devices import MemoryMode
-from zimage_serve.engine.parts import FLUX_LATENT, Placing
+from zimage_serve.engine.parts import FLUX_LATENT
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.residency import FixedBudget, Residency
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.workflow.execute import Executor
@@ -73,7 +74,7 @@ def executor(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Exec
     folders = Folders.default(data, [root])
     folders.input.mkdir(parents=True)
     picture().save(folders.input / INPUT_IMAGE)
-    return Executor(NODES, folders, Placing.choose("cpu"))
+    return Executor(NODES, folders, Placement.choose("cpu"))
 
 
 def template() -> dict[str, Any]:
@@ -198,7 +199,7 @@ def test_the_inpaint_input_is_built_as_comfyui_builds_it(executor: Executor) -> 
     from zimage_serve.engine.parts import load_vae
     from zimage_serve.workflow.nodes.loading import component
 
-    vae = load_vae("ae", component(executor.folders.resolve("vae", "ae.safetensors"), "vae"), Placing.choose("cpu"))
+    vae = load_vae("ae", component(executor.folders.resolve("vae", "ae.safetensors"), "vae"), Placement.choose("cpu"))
     net = FunControlNet("t", build_controlnet("2.1").float(), detect_variant_of("2.1"))
     pixels = torch.from_numpy(np.asarray(picture(), dtype=np.float32) / 255)[None]
     mask = torch.zeros(1, 64, 64)
@@ -295,8 +296,8 @@ def test_a_patch_with_a_lora_gives_the_same_image_under_smart_memory_on_a_small_
     graph["60"]["inputs"]["model"] = ["70", 0]
     cpu = torch.device("cpu")
     residency = Residency(cpu, FixedBudget(3_700_000, calls_take=0))  # the model and patch: 5.3 MB
-    placing = Placing(cpu, torch.float32, torch.float32, memory_mode=MemoryMode.SMART, residency=residency)
-    smart = Executor(NODES, executor.folders, placing)
+    placement = Placement(cpu, torch.float32, torch.float32, memory_mode=MemoryMode.SMART, residency=residency)
+    smart = Executor(NODES, executor.folders, placement)
     assert np.array_equal(image(smart, graph), image(executor, graph))
     assert len(residency._components()) == 4  # text encoder, transformer, VAE and the ControlNet
     assert residency.moved_in > sum(c.footprint.total for c in residency._components())

@@ -207,7 +207,7 @@ def test_composite_masked_pastes_through_the_mask() -> None:
 
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory: pytest.TempPathFactory) -> Executor:
-    from zimage_serve.engine.parts import Placing
+    from zimage_serve.engine.placement import Placement
 
     folders = Folders.default(tmp_path_factory.mktemp("inpaint"), [])
     folders.input.mkdir(parents=True)
@@ -215,7 +215,7 @@ def executor(tmp_path_factory: pytest.TempPathFactory) -> Executor:
     picture[:, :, 0] = np.linspace(0, 255, 128, dtype=np.uint8)[None, :]
     picture[40:90, 30:100, 2] = 200
     Image.fromarray(picture).save(folders.input / "photo.png")
-    return Executor(NODES, folders, Placing.choose("cpu"))
+    return Executor(NODES, folders, Placement.choose("cpu"))
 
 
 def inpaint_graph() -> dict[str, Any]:
@@ -272,11 +272,12 @@ def test_an_inpaint_workflow_keeps_the_unmasked_pixels(executor: Executor) -> No
 
 
 def nano_vae() -> Any:
-    from zimage_serve.engine.parts import Placing, load_vae
+    from zimage_serve.engine.parts import load_vae
+    from zimage_serve.engine.placement import Placement
     from zimage_serve.nano.default import SHIPPED
     from zimage_serve.workflow.nodes.loading import component
 
-    return load_vae("nano", component(SHIPPED, "vae"), Placing.choose("cpu"))
+    return load_vae("nano", component(SHIPPED, "vae"), Placement.choose("cpu"))
 
 
 def test_vae_encode_for_inpaint_greys_the_mask_and_grows_the_noise_mask() -> None:

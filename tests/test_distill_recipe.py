@@ -18,7 +18,7 @@ from tests.support.cli import run
 from tests.support.images import read_png_text
 from tests.workflows import saved_image
 from zimage_serve import workflows
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.variants import DISTILL_LORAS
 from zimage_serve.templates.builtin import builtin
 from zimage_serve.workflow.execute import Executor
@@ -58,7 +58,7 @@ def test_the_template_runs_the_base_model_with_the_lora_at_8_steps_and_cfg_1(roo
     assert (sampler["steps"], sampler["cfg"]) == (8, 1)
     assert prompt["28"]["inputs"]["unet_name"] == "z_image.safetensors"
     assert prompt["41"]["inputs"] == {"lora_name": LORA, "strength_model": 0.8, "model": ["28", 0]}
-    executor = Executor(NODES, Folders.default(tmp_path / "data", [root]), Placing.choose("cpu"))
+    executor = Executor(NODES, Folders.default(tmp_path / "data", [root]), Placement.choose("cpu"))
     with_lora, without = saved_image(executor, small(), "9"), saved_image(executor, small(strength=0.0), "9")
     assert np.abs(with_lora - without).mean() > 2  # the LoRA is on
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.workflows import run, validate
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.limits import Limits
 from zimage_serve.workflow.execute import Executor
 from zimage_serve.workflow.folders import Folders
@@ -21,7 +21,7 @@ from zimage_serve.workflow.nodes.image_ops import scale
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Executor:
-    return Executor(NODES, Folders.default(tmp_path, []), Placing.choose("cpu"))
+    return Executor(NODES, Folders.default(tmp_path, []), Placement.choose("cpu"))
 
 
 def saved(executor: Executor, graph: dict[str, Any], source: str) -> list[np.ndarray]:
@@ -133,7 +133,7 @@ def test_object_info_shows_them_in_comfyuis_shape(tmp_path: Path) -> None:
 def _ctx(limits: Limits | None = None) -> Any:
     from zimage_serve.workflow.context import NodeContext
 
-    return NodeContext(folders=None, placing=None, node_id="n", limits=limits or Limits())  # type: ignore[arg-type]
+    return NodeContext(folders=None, placement=None, node_id="n", limits=limits or Limits())  # type: ignore[arg-type]
 
 
 def test_scale_to_max_dimension_keeps_the_aspect_ratio() -> None:

@@ -108,11 +108,12 @@ def test_the_shipped_nano_map_comes_close_to_its_vaes_decodes() -> None:
     from zimage_serve.engine.latent_preview import fit
     from zimage_serve.engine.layouts import diffusers_component
     from zimage_serve.engine.libraries import load_model_libraries
-    from zimage_serve.engine.parts import Placing, load_vae
+    from zimage_serve.engine.parts import load_vae
+    from zimage_serve.engine.placement import Placement
 
     load_model_libraries()
     table = LatentToRGB.of(json.loads((Path(SHIPPED) / "vae" / TABLE_FILE).read_text()))
-    vae = load_vae("zimage-nano", diffusers_component(SHIPPED, "vae"), Placing.choose("cpu"))
+    vae = load_vae("zimage-nano", diffusers_component(SHIPPED, "vae"), Placement.choose("cpu"))
     pictures = fit_pictures(count=4, seed=7)
     raw = vae.encode(pictures)
     decoded = vae.decode(raw)
@@ -128,10 +129,11 @@ def test_a_map_fitted_from_a_vae_is_kept_for_the_next_process(comfy_root: Path, 
     from zimage_serve.engine.latent_preview import Previews, kept_name
     from zimage_serve.engine.layouts import single_file
     from zimage_serve.engine.libraries import load_model_libraries
-    from zimage_serve.engine.parts import Placing, load_vae
+    from zimage_serve.engine.parts import load_vae
+    from zimage_serve.engine.placement import Placement
 
     load_model_libraries()
-    vae = load_vae("ae.safetensors", single_file("vae", comfy_root / "vae" / "ae.safetensors"), Placing.choose("cpu"))
+    vae = load_vae("ae.safetensors", single_file("vae", comfy_root / "vae" / "ae.safetensors"), Placement.choose("cpu"))
     first = Previews()
     first.keep_in(tmp_path / "previews")
     assert first.table(vae.scaling) is None  # no VAE of that space seen yet

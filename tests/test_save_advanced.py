@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.workflows import validate
 from zimage_serve import image_formats
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.workflow.execute import Executor, RunResult
 from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.nodes import NODES
@@ -35,7 +35,7 @@ def executor(tmp_path_factory: pytest.TempPathFactory) -> Executor:
     ramp[..., 1] = np.linspace(255, 0, HEIGHT, dtype=np.uint8)[:, None]
     ramp[..., 2] = 90
     Image.fromarray(ramp).save(folders.input / "ramp.png")
-    return Executor(NODES, folders, Placing.choose("cpu"))
+    return Executor(NODES, folders, Placement.choose("cpu"))
 
 
 def graph(prefix: str, batch: int = 1, **format_inputs: Any) -> dict[str, Any]:

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from zimage_serve.engine import GenerationParams, ZImageEngine
-from zimage_serve.engine.devices import MemoryMode, Placement
+from zimage_serve.engine.devices import MemoryMode
 from zimage_serve.engine.layouts import resolve
 from zimage_serve.engine.loader import LoadedModel, load_model
 from zimage_serve.engine.parts import Vae
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.residency import FixedBudget
 
 PROMPTS = ("a purple square", "a green circle", "a purple square")

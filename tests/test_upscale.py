@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.workflows import run
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.upscale import load_upscale_model, tiled_scale
 from zimage_serve.errors import ModelLoadError
 from zimage_serve.nano.random_model import randomise
@@ -52,7 +52,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def executor(models: Path, tmp_path: Path) -> Executor:
-    return Executor(NODES, Folders.default(tmp_path, [models]), Placing.choose("cpu"))
+    return Executor(NODES, Folders.default(tmp_path, [models]), Placement.choose("cpu"))
 
 
 @pytest.mark.parametrize(("name", "architecture", "scale"), [

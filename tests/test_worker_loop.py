@@ -12,7 +12,7 @@ import pytest
 from tests.support.jobs import wait_until
 from tests.support.listeners import Quiet
 from tests.support.queues import enqueue
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.queue.jobs import LEASE_S, Job
 from zimage_serve.queue.sqlite_queue import SQLiteQueue
 from zimage_serve.worker import loop
@@ -58,7 +58,7 @@ def test_a_job_queued_between_an_empty_claim_and_the_sleep_runs_at_once(
 ) -> None:
     monkeypatch.setattr(loop, "IDLE_WAIT_S", 600.0)  # a lost wake-up would leave the job for ten minutes
     store = WatchedQueue(tmp_path / "queue.sqlite3")
-    worker = Worker(store, Executor(NODES, Folders.default(tmp_path / "data"), Placing.choose("cpu")), Quiet())
+    worker = Worker(store, Executor(NODES, Folders.default(tmp_path / "data"), Placement.choose("cpu")), Quiet())
 
     def queued_meanwhile() -> None:  # as the server does: store the job, then wake the worker
         enqueue(store, "meanwhile", 1, picture("meanwhile"), {}, ["2"])
@@ -76,7 +76,7 @@ def test_the_fence_asks_the_queue_only_past_half_a_lease(tmp_path: Path, monkeyp
     now = [1000.0]  # the workers' lease clock, moved by the test
     monkeypatch.setattr(loop, "lease_clock", lambda: now[0])
     store = WatchedQueue(tmp_path / "queue.sqlite3")
-    executor = Executor(NODES, Folders.default(tmp_path / "data"), Placing.choose("cpu"), journal=None)
+    executor = Executor(NODES, Folders.default(tmp_path / "data"), Placement.choose("cpu"), journal=None)
     worker = Worker(store, executor, Quiet(), lease_s=60)
     for number in range(3):
         enqueue(store, f"fresh{number}", number, picture("fresh"), {}, ["2"])

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from tests.support.images import read_png_text
 from tests.workflows import nano_prompt, run, validate
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.nano import checker, scenes
 from zimage_serve.workflow.context import Stop
 from zimage_serve.workflow.execute import Executor
@@ -24,7 +24,7 @@ from zimage_serve.workflow.nodes import NODES
 
 @pytest.fixture
 def executor(tmp_path: Path) -> Executor:
-    return Executor(NODES, Folders.default(tmp_path / "data"), Placing.choose("cpu"))
+    return Executor(NODES, Folders.default(tmp_path / "data"), Placement.choose("cpu"))
 
 
 def saved(executor: Executor, result: Any, node: str = "9") -> list[Path]:
@@ -95,7 +95,7 @@ def test_free_empties_the_cache_and_the_model_is_loaded_again(executor: Executor
 
 
 def test_the_cache_keeps_within_its_bound_what_the_last_run_did_not_use(tmp_path: Path) -> None:
-    executor = Executor(NODES, Folders.default(tmp_path), Placing.choose("cpu"), cache_bytes=0)
+    executor = Executor(NODES, Folders.default(tmp_path), Placement.choose("cpu"), cache_bytes=0)
     prompt = nano_prompt()
     run(executor, prompt)
     entries = len(executor.cache)
@@ -103,7 +103,7 @@ def test_the_cache_keeps_within_its_bound_what_the_last_run_did_not_use(tmp_path
     prompt["3"]["inputs"]["seed"] = 1
     run(executor, prompt)
     assert len(executor.cache) == entries  # the old sampler/decode/save outputs went
-    roomy = Executor(NODES, Folders.default(tmp_path / "b"), Placing.choose("cpu"))
+    roomy = Executor(NODES, Folders.default(tmp_path / "b"), Placement.choose("cpu"))
     run(roomy, prompt)
     prompt["3"]["inputs"]["seed"] = 2
     run(roomy, prompt)
@@ -165,7 +165,7 @@ def test_a_failing_node_is_reported_with_its_id_and_class(tmp_path: Path) -> Non
     models = tmp_path / "models"
     (models / "checkpoints").mkdir(parents=True)
     save_file({"weight": torch.zeros(2)}, models / "checkpoints" / "bundle.safetensors")
-    executor = Executor(NODES, Folders.default(tmp_path / "data", [models]), Placing.choose("cpu"))
+    executor = Executor(NODES, Folders.default(tmp_path / "data", [models]), Placement.choose("cpu"))
     prompt = nano_prompt()
     prompt["4"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "bundle.safetensors"}}
     prompt["11"]["inputs"]["model"] = ["4", 0]

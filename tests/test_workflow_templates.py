@@ -20,7 +20,7 @@ from tests.loras import lora_pairs, shared_qkv_down, write_comfy, write_diffuser
 from tests.support.images import read_png_text
 from tests.workflows import TEMPLATES, TURBO_WORKFLOW, validate
 from zimage_serve.engine.devices import MemoryMode
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.residency import FixedBudget, Residency
 from zimage_serve.workflow.execute import Executor, RunResult
 from zimage_serve.workflow.folders import Folders
@@ -46,7 +46,7 @@ def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def executor(models: Path, tmp_path: Path) -> Executor:
-    return Executor(NODES, Folders.default(tmp_path / "data", [models]), Placing.choose("cpu"))
+    return Executor(NODES, Folders.default(tmp_path / "data", [models]), Placement.choose("cpu"))
 
 
 def run(executor: Executor, prompt: dict[str, Any], extra: dict[str, Any] | None = None) -> RunResult:
@@ -153,7 +153,7 @@ def test_fp8_weights_stay_close_and_take_loras(executor: Executor, weight_dtype:
 
 
 def test_concurrent_runs_share_one_model_and_a_lora_run_never_leaks_into_a_plain_one(executor: Executor) -> None:
-    alone = Executor(NODES, executor.folders, Placing.choose("cpu"))  # its own cache: loads its own model
+    alone = Executor(NODES, executor.folders, Placement.choose("cpu"))  # its own cache: loads its own model
     base = pixels(output_image(alone, alone.run("alone", *_checked(executor, lora_graph(None)), {}, None)))
     jobs = {f"job{i}": lora_graph("ai-toolkit.safetensors" if i % 2 else None) for i in range(6)}
     for name, prompt in jobs.items():
@@ -224,15 +224,15 @@ def test_smart_memory_gives_the_same_images_with_and_after_a_lora(executor: Exec
 
     cpu = torch.device("cpu")  # the execution device here; on a GPU the weights move to it
     residency = Residency(cpu, FixedBudget(2_500_000, calls_take=0))
-    placing = Placing(cpu, torch.float32, torch.float32, memory_mode=MemoryMode.SMART, residency=residency)
-    smart = Executor(NODES, executor.folders, placing)
+    placement = Placement(cpu, torch.float32, torch.float32, memory_mode=MemoryMode.SMART, residency=residency)
+    smart = Executor(NODES, executor.folders, placement)
     runs = [(None, 1), ("ai-toolkit.safetensors", 2), (None, 3)]  # new seeds: nothing comes from the cache
     for lora, seed in runs:
         assert np.array_equal(image(smart, lora, seed), image(executor, lora, seed)), (lora, seed)
     assert np.abs(image(executor, "ai-toolkit.safetensors", 3) - image(executor, None, 3)).mean() > 2
     assert len(residency._components()) == 3  # text encoder, transformer, VAE
     assert sum(residency.resident().values()) * 2**30 <= 2_500_000
-    assert placing.concurrency_cap(2) == 1
+    assert placement.concurrency_cap(2) == 1
     stats = smart.device_stats()
     assert stats["zimage_memory_mode"] == "smart"
     resident = stats["zimage_resident_gib"]

@@ -143,7 +143,7 @@ class LocalBackend:
         device: str,
         dtype: str,
     ) -> None:
-        from zimage_serve.engine.parts import Placing
+        from zimage_serve.engine.placement import Placement
         from zimage_serve.workflow.execute import Executor
         from zimage_serve.workflow.folders import Folders, builtin_models
         from zimage_serve.workflow.nodes import NODES
@@ -154,7 +154,7 @@ class LocalBackend:
         self.work = work
         self.folders = Folders(models, input_dir, work, work / "temp", builtin_models())
         self.validator = Validator(NODES, self.folders)
-        self.executor = Executor(NODES, self.folders, Placing.choose(device, dtype))
+        self.executor = Executor(NODES, self.folders, Placement.choose(device, dtype))
         self._lock = asyncio.Lock()
         self._stopping = False
 

@@ -74,10 +74,10 @@ def run(
     if checked.node_errors:
         console_err.print(f"[yellow]warning:[/] {checked.describe()}", highlight=False)
 
-    from zimage_serve.engine.parts import Placing
+    from zimage_serve.engine.placement import Placement
     from zimage_serve.workflow.execute import Executor
 
-    executor = Executor(NODES, folders, Placing.choose(device, dtype, fast))
+    executor = Executor(NODES, folders, Placement.choose(device, dtype, fast))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console_err, transient=True) as bar:
         task = bar.add_task("starting", total=None)

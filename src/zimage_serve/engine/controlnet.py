@@ -38,7 +38,7 @@ from zimage_serve.engine.checkpoint import Checkpoint
 from zimage_serve.errors import ModelLoadError, ZImageError
 
 if TYPE_CHECKING:
-    from zimage_serve.engine.parts import Placing
+    from zimage_serve.engine.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def _agree(config: dict[str, Any], variant: ControlNetVariant, origin: Path) -> 
         raise ModelLoadError(origin, "config.json disagrees with its weights: " + "; ".join(wrong))
 
 
-def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
+def load_controlnet(name: str, path: Path, placement: Placement) -> FunControlNet:
     from zimage_serve.engine.components import check_keys
     from zimage_serve.engine.construction import building
     from zimage_serve.engine.libraries import load_model_libraries
@@ -225,11 +225,11 @@ def load_controlnet(name: str, path: Path, placing: Placing) -> FunControlNet:
             n_kv_heads=variant.heads,
         )
     check_keys(checkpoint.origin, "ControlNet", checkpoint.meta_state_dict(), [], module)
-    tensors = checkpoint.load(checkpoint.weight_keys(), placing.load_device, placing.dtype)
+    tensors = checkpoint.load(checkpoint.weight_keys(), placement.load_device, placement.dtype)
     module.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
     install_cancel_checks(module)
-    placing.place(
+    placement.place(
         module, name, activations.controlnet(module.config)
     )  # under smart memory, held beside the transformer
     level = logging.WARNING if variant.broken else logging.INFO

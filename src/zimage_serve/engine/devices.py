@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -34,27 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
 class MemoryMode(enum.StrEnum):
     GPU = "gpu"  # every component loaded onto the accelerator, to stay
     SMART = "smart"  # as much as fits stays on it, the rest in pinned host memory (engine/residency.py)
-
-
-@dataclass(frozen=True)
-class Placement:
-    device: torch.device
-    dtype: torch.dtype  # transformer and text encoder
-    vae_dtype: torch.dtype  # never fp16: the Flux VAE overflows to black images in it
-    memory_mode: MemoryMode
-    weight_dtype: str = "default"  # the transformer's: default, or an FP8 kind (engine/fp8.py)
-
-    @property
-    def load_device(self) -> torch.device:
-        return load_device(self.device, self.memory_mode)
-
-    def describe(self) -> str:
-        mode = describe_memory_mode(self.memory_mode, self.device)
-        weights = "" if self.weight_dtype == "default" else f", transformer weights {self.weight_dtype}"
-        return (
-            f"device {self.device}, dtype {dtype_name(self.dtype)} "
-            f"(VAE {dtype_name(self.vae_dtype)}){weights}, memory mode: {mode}"
-        )
 
 
 def load_device(device: torch.device, mode: MemoryMode) -> torch.device:

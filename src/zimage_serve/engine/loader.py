@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,11 +11,12 @@ import torch
 
 from zimage_serve.engine import activations, components
 from zimage_serve.engine.components import PreparedComponent
-from zimage_serve.engine.devices import MemoryMode, Placement, pick_device, pick_dtypes, pick_memory_mode
+from zimage_serve.engine.devices import MemoryMode, pick_device, pick_dtypes, pick_memory_mode
 from zimage_serve.engine.fastpath import FastPath, int8_matmul_enabled
 from zimage_serve.engine.fp8 import check_weight_dtype, fp8_bytes_saved, quantise_transformer
 from zimage_serve.engine.layouts import ModelSources
 from zimage_serve.engine.libraries import load_model_libraries
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.residency import Residency
 from zimage_serve.errors import ModelLoadError
 
@@ -33,7 +34,11 @@ class LoadedModel:
     text_encoder: Any  # transformers Qwen3Model
     vae: Any  # diffusers AutoencoderKL
     tokenizer: PreTrainedTokenizerBase
-    residency: Residency | None = field(default=None, repr=False)  # smart memory's, when in use
+
+    @property
+    def residency(self) -> Residency | None:
+        """Smart memory's, when in use."""
+        return self.placement.residency
 
 
 def prepare_all(sources: ModelSources) -> dict[str, PreparedComponent]:
@@ -107,7 +112,7 @@ def load_model(
         tokenizer=tokenizer,
     )
     if placement.memory_mode is MemoryMode.SMART:
-        manage(loaded, Residency(placement.device))
+        manage(loaded, placement.residency or Residency(placement.device))
     return loaded
 
 
@@ -117,7 +122,7 @@ def manage(loaded: LoadedModel, residency: Residency) -> LoadedModel:
     residency.add(text, "text encoder", activations.text_encoder(text.config), one_pass=True)
     residency.add(transformer, "transformer", activations.transformer(transformer.config))
     residency.add(vae, "VAE", activations.vae(vae.config))
-    loaded.residency = residency
+    loaded.placement = replace(loaded.placement, residency=residency)
     return loaded
 
 

@@ -20,32 +20,22 @@ from typing import Any
 import torch
 
 from zimage_serve.engine import activations, components, control_hooks
-from zimage_serve.engine.activations import Activation
 from zimage_serve.engine.cancel import cancellable
 from zimage_serve.engine.cancel import install as install_cancel_checks
 from zimage_serve.engine.components import ComponentSource
 from zimage_serve.engine.control_patch import ControlPatch
-from zimage_serve.engine.devices import (
-    TURBO_BF16_BYTES,
-    MemoryMode,
-    load_device,
-    pick_device,
-    pick_dtypes,
-    pick_memory_mode,
-)
 from zimage_serve.engine.fastpath import (
-    FastPath,
     accelerate_transformer,
     accelerate_vae,
-    for_smart_memory,
     int8_matmul_enabled,
 )
 from zimage_serve.engine.loader import load_tokenizer, load_transformer
 from zimage_serve.engine.lora import LoraPatch, LoraWeights, check_fits, patched
 from zimage_serve.engine.model_sampling import FlowSampling
 from zimage_serve.engine.names import LATENT_FACTOR
+from zimage_serve.engine.placement import Placement
 from zimage_serve.engine.prompt import prompt_token_ids
-from zimage_serve.engine.residency import Residency, execution_device, holding
+from zimage_serve.engine.residency import execution_device, holding
 from zimage_serve.engine.residency_plan import NoRoom
 from zimage_serve.engine.resize import repeat_to_batch
 from zimage_serve.engine.sampling import CancelCheck, Sampler, StepHook
@@ -70,52 +60,6 @@ class LatentFormat:
 
 
 FLUX_LATENT = LatentFormat(scale=0.3611, shift=0.1159)  # Z-Image-Turbo's (the Flux VAE's) factors
-
-
-@dataclass(frozen=True)
-class Placing:
-    """Where the loader nodes put components, and how they keep within the card's memory."""
-
-    device: torch.device
-    dtype: torch.dtype
-    vae_dtype: torch.dtype
-    fast: FastPath = field(default_factory=FastPath)
-    memory_mode: MemoryMode = MemoryMode.GPU
-    residency: Residency | None = field(default=None, compare=False)  # the components sharing the card (smart)
-
-    @classmethod
-    def choose(
-        cls, device: str = "auto", dtype: str = "auto", fast: FastPath | None = None, memory_mode: str = "auto"
-    ) -> Placing:
-        """`memory_mode` auto: everything on the card where Z-Image-Turbo in bf16 and the activations of the
-        largest default image fit in its free memory, smart memory otherwise; always all-on-device off CUDA."""
-        target = pick_device(device)
-        model_dtype, vae_dtype = pick_dtypes(target, dtype)
-        mode = pick_memory_mode(target, memory_mode, TURBO_BF16_BYTES)
-        residency = Residency(target) if mode is MemoryMode.SMART else None
-        fast = FastPath() if fast is None else fast
-        return cls(
-            target, model_dtype, vae_dtype, fast if mode is MemoryMode.GPU else for_smart_memory(fast), mode, residency
-        )
-
-    @property
-    def load_device(self) -> torch.device:
-        return load_device(self.device, self.memory_mode)
-
-    def on_cpu(self) -> Placing:
-        """The same fast path, all on the CPU in fp32 (CLIPLoader's device "cpu")."""
-        cpu = torch.device("cpu")
-        return replace(self, device=cpu, dtype=torch.float32, memory_mode=MemoryMode.GPU, residency=None)
-
-    def concurrency_cap(self, requested: int) -> int:
-        """Prompts that may run at once: smart memory moves shared components on and off the card, so one."""
-        return requested if self.memory_mode is MemoryMode.GPU else 1
-
-    def place(self, module: Any, name: str, activation: Activation, one_pass: bool = False) -> Any:
-        """Hand a freshly loaded component (loaded on `load_device`) to smart memory, when it is in use."""
-        if self.residency is not None:
-            self.residency.add(module, name, activation, one_pass)
-        return module
 
 
 @dataclass(frozen=True)
@@ -326,39 +270,39 @@ def _stop_if(cancel: CancelCheck | None) -> None:
 def load_diffusion_model(
     name: str,
     source: ComponentSource,
-    placing: Placing,
+    placement: Placement,
     latent_format: LatentFormat = FLUX_LATENT,
     weight_dtype: str = "default",
 ) -> DiffusionModel:
     prepared = components.prepare(source)
-    int8 = int8_matmul_enabled(placing.fast, placing.device)
-    transformer = load_transformer(prepared, placing.load_device, placing.dtype, weight_dtype, int8)
-    applied = accelerate_transformer(transformer, placing.device, placing.fast)
+    int8 = int8_matmul_enabled(placement.fast, placement.device)
+    transformer = load_transformer(prepared, placement.load_device, placement.dtype, weight_dtype, int8)
+    applied = accelerate_transformer(transformer, placement.device, placement.fast)
     install_cancel_checks(transformer)
     control_hooks.install(transformer)
-    placing.place(transformer, name, activations.transformer(transformer.config))
-    log.info("loaded diffusion model %s on %s (%s)", name, placing.device, applied)
+    placement.place(transformer, name, activations.transformer(transformer.config))
+    log.info("loaded diffusion model %s on %s (%s)", name, placement.device, applied)
     return DiffusionModel(name, transformer, latent_format)
 
 
-def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placing: Placing) -> TextEncoder:
+def load_text_encoder(name: str, source: ComponentSource, tokenizer: Path, placement: Placement) -> TextEncoder:
     prepared = components.prepare(source)
     loaded_tokenizer = load_tokenizer(tokenizer, prepared.config["vocab_size"])
-    model = components.load(prepared, placing.load_device, placing.dtype)
-    placing.place(install_cancel_checks(model), name, activations.text_encoder(model.config), one_pass=True)
-    log.info("loaded text encoder %s on %s (%s)", name, placing.device, placing.memory_mode)
+    model = components.load(prepared, placement.load_device, placement.dtype)
+    placement.place(install_cancel_checks(model), name, activations.text_encoder(model.config), one_pass=True)
+    log.info("loaded text encoder %s on %s (%s)", name, placement.device, placement.memory_mode)
     return TextEncoder(name, model, loaded_tokenizer)
 
 
-def load_vae(name: str, source: ComponentSource, placing: Placing) -> Vae:
+def load_vae(name: str, source: ComponentSource, placement: Placement) -> Vae:
     prepared = components.prepare(source)
-    model = components.load(prepared, placing.load_device, placing.vae_dtype)
-    accelerate_vae(model, placing.device, placing.fast)
+    model = components.load(prepared, placement.load_device, placement.vae_dtype)
+    accelerate_vae(model, placement.device, placement.fast)
     install_cancel_checks(model)
-    placing.place(model, name, activations.vae(model.config))
+    placement.place(model, name, activations.vae(model.config))
     config = prepared.config
     scaling = LatentFormat(float(config.get("scaling_factor", 0.3611)), float(config.get("shift_factor") or 0.0))
-    log.info("loaded VAE %s on %s", name, placing.device)
+    log.info("loaded VAE %s on %s", name, placement.device)
     return Vae(name, model, scaling)
 
 

@@ -224,14 +224,7 @@ class ZImageEngine:
     def load_controlnet(self, path: Path) -> FunControlNet:
         """A Fun ControlNet for this model, on its device; under smart memory it shares the card with the
         model's components (and is held on it beside the transformer while it steers)."""
-        from zimage_serve.engine.parts import Placing
-
-        placement = self.model.placement
-        placing = Placing(
-            placement.device, placement.dtype, placement.vae_dtype, memory_mode=placement.memory_mode,
-            residency=self.model.residency,
-        )  # fmt: skip
-        controlnet = load_controlnet(path.name, path, placing)
+        controlnet = load_controlnet(path.name, path, self.model.placement)  # smart memory: with its residency
         try:
             controlnet.check_fits(self.model.transformer)
         except ZImageError as exc:

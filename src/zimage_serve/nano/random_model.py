@@ -141,9 +141,10 @@ def build_random_model(
     from transformers import AutoTokenizer
 
     from zimage_serve.engine.components import ComponentSource
-    from zimage_serve.engine.devices import MemoryMode, Placement
+    from zimage_serve.engine.devices import MemoryMode
     from zimage_serve.engine.layouts import ModelSources
     from zimage_serve.engine.loader import LoadedModel
+    from zimage_serve.engine.placement import Placement
     from zimage_serve.nano.default import SHIPPED
 
     tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED / "tokenizer"))

@@ -32,7 +32,7 @@ class RunSettings:
     device: str = "auto"
     dtype: str = "auto"
     fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
-    memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placing.choose)
+    memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placement.choose)
     preload: bool = True  # load the default model at start, before the first prompt asks for it
     job_timeout: float | None = None  # as configured: None is the device's default, decided where it runs
     concurrency: int = 1  # prompts run at once on the device
@@ -70,7 +70,7 @@ class WorkerConfig:
 def build_executor(config: WorkerConfig) -> Executor:
     """The executor a worker runs prompts with: the folders, the device placement, the limits."""
     from zimage_serve.engine.latent_preview import PREVIEWS
-    from zimage_serve.engine.parts import Placing
+    from zimage_serve.engine.placement import Placement
     from zimage_serve.image_safety import use_bomb_limit
     from zimage_serve.workflow.execute import Executor
     from zimage_serve.workflow.folders import Folders, builtin_models
@@ -81,11 +81,11 @@ def build_executor(config: WorkerConfig) -> Executor:
     run = config.run
     folders = Folders(config.models, config.input, config.output, config.temp, builtin_models())
     use_bomb_limit(run.limits.upload_pixels)
-    placing = Placing.choose(run.device, run.dtype, run.fast, run.memory_mode)
+    placement = Placement.choose(run.device, run.dtype, run.fast, run.memory_mode)
     journal = OutputJournal(config.journal) if config.journal is not None else None
     previews = PreviewSettings(run.preview_method, run.preview_size)
     PREVIEWS.keep_in(config.preview_maps)
-    return Executor(NODES, folders, placing, limits=run.limits, journal=journal, previews=previews)
+    return Executor(NODES, folders, placement, limits=run.limits, journal=journal, previews=previews)
 
 
 def build_worker(
@@ -100,8 +100,8 @@ def build_worker(
         store,
         executor,
         listener,
-        job_timeout=job_timeout(config.run.job_timeout, executor.placing.device),
-        concurrency=executor.placing.concurrency_cap(config.run.concurrency),
+        job_timeout=job_timeout(config.run.job_timeout, executor.placement.device),
+        concurrency=executor.placement.concurrency_cap(config.run.concurrency),
         preload=config.run.preload,
         lease_s=config.run.lease_s,
         **hooks,

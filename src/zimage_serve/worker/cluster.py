@@ -117,7 +117,7 @@ def run(config: WorkerConfig, stopping: Stopping) -> int:
     listening = threading.Event()
     listener = bus.listen(bus.control, heard, listening)
     worker.start()
-    log.warning("worker %s takes jobs from %s (device %s)", worker.id, redacted(store.url), executor.placing.device)
+    log.warning("worker %s takes jobs from %s (device %s)", worker.id, redacted(store.url), executor.placement.device)
     stopping.wait()
     clean = worker.stop(config.run.shutdown_grace_s)
     listening.set()

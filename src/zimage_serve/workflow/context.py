@@ -13,7 +13,7 @@ from zimage_serve.workflow.folders import Folders
 from zimage_serve.workflow.naming import RunOutputs
 
 if TYPE_CHECKING:
-    from zimage_serve.engine.parts import Placing
+    from zimage_serve.engine.placement import Placement
 
 
 class ResourceLists(Protocol):
@@ -46,7 +46,7 @@ class Stop:
 @dataclass
 class NodeContext:
     folders: Folders
-    placing: Placing
+    placement: Placement
     node_id: str
     prompt: dict[str, Any] = field(default_factory=dict)  # hidden PROMPT
     extra_pnginfo: dict[str, Any] | None = None  # hidden EXTRA_PNGINFO

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zimage_serve.engine.devices import device_stats
-from zimage_serve.engine.parts import Placing
+from zimage_serve.engine.placement import Placement
 from zimage_serve.errors import ZImageError
 from zimage_serve.identity import LOCAL, Identity
 from zimage_serve.limits import Limits
@@ -74,7 +74,7 @@ class Executor:
         self,
         nodes: Mapping[str, type[Node]],
         folders: Folders,
-        placing: Placing | None = None,
+        placement: Placement | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         limits: Limits | None = None,
         journal: OutputJournal | None = None,
@@ -84,7 +84,7 @@ class Executor:
         self.previews = previews or PreviewSettings()
         self.limits = limits or Limits()
         self.journal = journal  # where runs note the files they write (None: not noted, as for `zimage run`)
-        self.placing = placing or Placing.choose()
+        self.placement = placement or Placement.choose()
         self.cache = OutputCache(cache_bytes)
         self._lock = threading.Lock()
         self._active: dict[str, _Run] = {}  # prompt id → its run
@@ -126,13 +126,13 @@ class Executor:
     def device_stats(self) -> dict[str, object]:
         # ComfyUI's entry, plus our own keys (new names; clients that do not know them ignore them).
         stats = {
-            **device_stats(self.placing.device),
-            "zimage_memory_mode": str(self.placing.memory_mode),
-            "zimage_attention": self.placing.fast.attention,
+            **device_stats(self.placement.device),
+            "zimage_memory_mode": str(self.placement.memory_mode),
+            "zimage_attention": self.placement.fast.attention,
         }
-        if self.placing.residency is not None:  # smart memory: what of each loaded component is on the card now
+        if self.placement.residency is not None:  # smart memory: what of each loaded component is on the card now
             stats["zimage_resident_gib"] = {
-                name: round(gib, 3) for name, gib in self.placing.residency.resident().items()
+                name: round(gib, 3) for name, gib in self.placement.residency.resident().items()
             }
         return stats
 
@@ -343,7 +343,7 @@ class _Run:
         inputs = self._inputs(node_id, node_class)
         ctx = NodeContext(
             folders=self.folders,
-            placing=self.ex.placing,
+            placement=self.ex.placement,
             node_id=node_id,
             prompt=self.prompt,
             extra_pnginfo=self.extra_data.get("extra_pnginfo"),

@@ -44,7 +44,7 @@ class CLIPLoader(Node):
         if inputs.get("device") == "cpu":
             from dataclasses import replace
 
-            ctx = replace(ctx, placing=ctx.placing.on_cpu())
+            ctx = replace(ctx, placement=ctx.placement.on_cpu())
         from zimage_serve.workflow.nodes.loading import load_clip_file
 
         return NodeResult((load_clip_file(ctx, "text_encoders", inputs["clip_name"]),))

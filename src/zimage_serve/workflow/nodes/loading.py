@@ -52,7 +52,7 @@ def latent_format_of(path: Path) -> LatentFormat:
 def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: str = "default") -> DiffusionModel:
     path = ctx.folders.resolve(resource, name)
     model = load_diffusion_model(
-        name, component(path, "transformer"), ctx.placing, latent_format_of(path), weight_dtype
+        name, component(path, "transformer"), ctx.placement, latent_format_of(path), weight_dtype
     )
     if not path.is_dir():
         return model
@@ -63,7 +63,7 @@ def load_model_file(ctx: NodeContext, resource: str, name: str, weight_dtype: st
 def load_vae_file(ctx: NodeContext, resource: str, name: str) -> Vae:
     """A VAE; the previews of its latent space learn their map from it (or from the map its folder brings)."""
     path = ctx.folders.resolve(resource, name)
-    vae = load_vae(name, component(path, "vae"), ctx.placing)
+    vae = load_vae(name, component(path, "vae"), ctx.placement)
     if not (path.is_dir() and PREVIEWS.know_file(vae.scaling, path / "vae")):
         PREVIEWS.teach(vae)
     return vae
@@ -72,4 +72,4 @@ def load_vae_file(ctx: NodeContext, resource: str, name: str) -> Vae:
 def load_clip_file(ctx: NodeContext, resource: str, name: str) -> TextEncoder:
     path = ctx.folders.resolve(resource, name)
     tokenizer = tokenizer_folder(ctx.folders, resource, name)
-    return load_text_encoder(name, component(path, "text_encoder"), tokenizer, ctx.placing)
+    return load_text_encoder(name, component(path, "text_encoder"), tokenizer, ctx.placement)

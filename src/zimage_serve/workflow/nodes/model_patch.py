@@ -24,7 +24,7 @@ class ModelPatchLoader(Node):
         from zimage_serve.engine.controlnet import load_controlnet
 
         name = inputs["name"]
-        return NodeResult((load_controlnet(name, ctx.folders.resolve("model_patches", name), ctx.placing),))
+        return NodeResult((load_controlnet(name, ctx.folders.resolve("model_patches", name), ctx.placement),))
 
 
 class QwenImageDiffsynthControlnet(Node):

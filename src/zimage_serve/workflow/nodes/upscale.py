@@ -37,6 +37,6 @@ class ImageUpscaleWithModel(Node):
         enforce(ctx.limits, "pixels", image.shape[1] * image.shape[2] * model.scale**2, "image")
         try:
             with cancellable(ctx.interrupted):
-                return NodeResult((upscale(model, image, ctx.placing.device, ctx.placing.residency),))
+                return NodeResult((upscale(model, image, ctx.placement.device, ctx.placement.residency),))
         except GenerationCancelled as exc:
             raise Interrupted(str(exc)) from exc
