@@ -229,9 +229,8 @@ def load_controlnet(name: str, path: Path, placement: Placement) -> FunControlNe
     module.load_state_dict({k: v.contiguous() for k, v in tensors.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
     install_cancel_checks(module)
-    placement.place(
-        module, name, activations.controlnet(module.config)
-    )  # under smart memory, held beside the transformer
+    # Under smart memory it shares the card, and is held beside the transformer while it steers.
+    placement.place(module, name, activations.controlnet(module.config))
     level = logging.WARNING if variant.broken else logging.INFO
     log.log(level, "loaded %s: %s", name, variant.describe())
     return FunControlNet(name, module, variant)
