@@ -22,7 +22,8 @@ import torch
 from zimage_serve.engine.latent_preview import TABLE_FILE, LatentToRGB, fit, fit_pictures
 from zimage_serve.engine.layouts import diffusers_component, single_file
 from zimage_serve.engine.libraries import load_model_libraries
-from zimage_serve.engine.parts import LatentFormat, Placing, Vae, load_vae
+from zimage_serve.engine.parts import LatentFormat, Vae, load_vae
+from zimage_serve.engine.placement import Placement
 from zimage_serve.nano.default import SHIPPED
 
 
@@ -46,13 +47,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where to write the map (default: the folder's vae/)")
     args = parser.parse_args()
     load_model_libraries()
-    placing = Placing.choose("cpu")
+    placement = Placement.choose("cpu")
     if args.vae is not None:
-        vae = load_vae(args.vae.name, single_file("vae", args.vae), placing)
+        vae = load_vae(args.vae.name, single_file("vae", args.vae), placement)
         out = args.out
     else:
         folder = args.model or SHIPPED
-        vae = load_vae(folder.name, diffusers_component(folder, "vae"), placing)
+        vae = load_vae(folder.name, diffusers_component(folder, "vae"), placement)
         out = args.out or folder / "vae" / TABLE_FILE
     fmt = vae.scaling
     table = fit(vae, fmt)

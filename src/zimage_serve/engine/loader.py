@@ -149,7 +149,7 @@ def choose_placement(
     tensors = {name: info.numel for name, info in prepared["transformer"].checkpoint.tensors.items()}
     weight_bytes -= fp8_bytes_saved(tensors, weight_dtype, element)
     mode = pick_memory_mode(target, memory_mode, weight_bytes)
-    return Placement(target, model_dtype, vae_dtype, mode, weight_dtype)
+    return Placement(target, model_dtype, vae_dtype, weight_dtype=weight_dtype).with_memory_mode(mode)
 
 
 def _bytes_at(prepared: PreparedComponent, dtype: torch.dtype) -> int:

@@ -32,7 +32,7 @@ class RunSettings:
     device: str = "auto"
     dtype: str = "auto"
     fast: FastPath = field(default_factory=FastPath)  # the engine's speed-ups (attention backend, compile)
-    memory_mode: str = "auto"  # auto: what fits Z-Image-Turbo on the card (engine/parts.py Placement.choose)
+    memory_mode: str = "auto"  # auto: gpu or smart for Z-Image-Turbo on the card (engine/placement.py)
     preload: bool = True  # load the default model at start, before the first prompt asks for it
     job_timeout: float | None = None  # as configured: None is the device's default, decided where it runs
     concurrency: int = 1  # prompts run at once on the device
