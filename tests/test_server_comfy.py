@@ -116,3 +116,16 @@ def test_system_stats_has_comfyuis_shape_at_once_and_the_worker_process_adds_its
         device = reported() or {}
         assert device["zimage_memory_mode"] == "gpu"  # on the CPU: everything on the one device
         assert device["zimage_attention"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("body", "asked"),
+    [({"unload_models": True}, [False]), ({"unload_models": True, "free_memory": True}, [True]), ({}, [])],
+)
+def test_free_unloads_models_and_free_memory_also_drops_the_caches_as_comfyui_does(
+    server: AppServer, monkeypatch: pytest.MonkeyPatch, body: dict[str, bool], asked: list[bool]
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(server.runtime.worker, "free", lambda caches=True: calls.append(caches))
+    assert server.request("POST", "/free", body)[0] == 200
+    assert calls == asked

@@ -237,6 +237,12 @@ def test_smart_memory_gives_the_same_images_with_and_after_a_lora(executor: Exec
     assert stats["zimage_memory_mode"] == "smart"
     resident = stats["zimage_resident_gib"]
     assert isinstance(resident, dict) and sorted(resident) == sorted(c.name for c in residency._components())
+    # POST /free with unload_models alone: out of the card, still loaded (and cached) in host memory.
+    loaded = {id(module) for module in residency._modules}
+    smart.free(caches=False)
+    assert sum(residency.resident().values()) == 0 and len(residency._components()) == 3
+    assert np.array_equal(image(smart, None, 4), image(executor, None, 4))
+    assert sum(residency.resident().values()) > 0 and {id(module) for module in residency._modules} == loaded
 
 
 def test_previews_of_split_files_use_a_map_fitted_from_their_vae(executor: Executor) -> None:

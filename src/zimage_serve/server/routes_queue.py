@@ -347,8 +347,8 @@ async def post_free(request: Request) -> Response:
     body = await _object_body(request)
     if isinstance(body, Response):
         return body
-    if body.get("free_memory") or body.get("unload_models"):
-        rt.service.free()
+    if body.get("free_memory") or body.get("unload_models"):  # as ComfyUI: free_memory resets the caches too
+        rt.service.free(caches=bool(body.get("free_memory")))
     return Response(status_code=200)
 
 

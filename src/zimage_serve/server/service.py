@@ -41,7 +41,7 @@ class DeviceWorker(Protocol):
 
     def interrupt(self, prompt_id: str | None = None) -> bool: ...
 
-    def free(self) -> None: ...
+    def free(self, caches: bool = True) -> None: ...
 
     def executing(self) -> list[Executing]: ...
 
@@ -313,9 +313,9 @@ class QueueService:
         admin."""
         return self.store.usage(identity.owner_filter())
 
-    def free(self) -> None:
-        """Unload models and drop cached outputs; the next prompt loads what it needs again."""
-        self.worker.free()
+    def free(self, caches: bool = True) -> None:
+        """Unload models (see `Executor.free`): with `caches`, drop them and the cached outputs."""
+        self.worker.free(caches)
 
     def worker_state(self) -> str:
         """ "ready", "starting" (loading the models' code and the default model) or "stopped"."""

@@ -107,8 +107,8 @@ def run(config: WorkerConfig, stopping: Stopping) -> int:
                 worker.notify()
             case Interrupt(prompt_id):
                 worker.interrupt(prompt_id)
-            case Free():
-                executor.free()
+            case Free(caches):
+                executor.free(caches)
 
     if config.metrics_port is not None:
         from zimage_serve.metrics import node_registry, serve_on

@@ -122,8 +122,8 @@ class ClusterWorkers:
         job = self.store.get(prompt_id)
         return job is not None and job.state == "running"
 
-    def free(self) -> None:
-        self.bus.publish(self.bus.control, Free())
+    def free(self, caches: bool = True) -> None:
+        self.bus.publish(self.bus.control, Free(caches))
 
     def executing(self) -> list[Executing]:
         return [

@@ -288,8 +288,8 @@ class Worker:
     def executing(self) -> list[Executing]:
         return [Executing(r.job.id, r.job.extra_data.get("client_id"), r.node, r.job.owner) for r in self.running]
 
-    def free(self) -> None:
-        self.executor.free()
+    def free(self, caches: bool = True) -> None:
+        self.executor.free(caches)
 
     def ends_wanted(self, count: int) -> None:
         """Job ends are told to the listener as they happen, in this process: nothing to change."""

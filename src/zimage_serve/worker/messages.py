@@ -84,7 +84,10 @@ class Interrupt:
 
 @dataclass(frozen=True, slots=True)
 class Free:
-    """Unload models and free memory (POST /free)."""
+    """Unload models (POST /free): with `caches`, drop them with every cached output; without, under smart
+    memory, only move them out of the card (they stay loaded in host memory)."""
+
+    caches: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,9 +193,9 @@ class WorkerProcess:
         job = self.store.get(prompt_id)
         return job is not None and job.state == "running"
 
-    def free(self) -> None:
+    def free(self, caches: bool = True) -> None:
         with self._lock:
-            self._send_locked(Free())
+            self._send_locked(Free(caches))
 
     def executing(self) -> list[Executing]:
         """Asked of the child, which alone knows each prompt's current node (it sends no events while no
@@ -414,8 +414,8 @@ def _child_main(
                 worker.notify()
             case Interrupt(prompt_id):
                 worker.interrupt(prompt_id)
-            case Free():
-                executor.free()
+            case Free(caches):
+                executor.free(caches)
             case Report(token):
                 listener.send(RunningNow(token, worker.executing()))
             case Stop(timeout):

@@ -100,9 +100,14 @@ class Executor:
             run.interrupted.set()
         return bool(runs)
 
-    def free(self) -> None:
-        """Drop every cached output (models included); the next run loads again."""
-        self.cache.clear()
+    def free(self, caches: bool = True) -> None:
+        """ComfyUI's POST /free: drop every cached output (models included; the next run loads again), or,
+        without `caches` and under smart memory, only move the models out of the card (the next run brings
+        them back from host memory). With everything kept on the card, unloading a model means dropping it."""
+        if caches or self.placement.residency is None:
+            self.cache.clear()
+        else:
+            self.placement.residency.free()
 
     # -- the files runs write (see workflow/output_journal.py) -----------------------------------------
     def discard_outputs(self, prompt_id: str) -> int:
