@@ -57,7 +57,7 @@ def largest_activations(pixels: int, weight_bytes: int, reference_bytes: int) ->
     """The most any one call of a Turbo-like model takes for an image of `pixels` (its components run one
     after another), scaled down for a smaller model by its weights (before it is loaded, the one size known)."""
     elements = latent_elements(pixels)
-    turbo = max(TRANSFORMER_PER_ELEMENT * elements, VAE_PER_ELEMENT * elements, TEXT_FIXED + TEXT_PER_TOKEN * 512)
+    turbo = max(transformer({})(elements), vae({})(elements), text_encoder({})(None))  # Turbo's widths: the defaults
     return turbo if weight_bytes >= reference_bytes else turbo * weight_bytes // reference_bytes
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from zimage_serve.engine.control_patch import ControlPatch
 from zimage_serve.engine.controlnet import OWN, PATCH, PLAIN
-from zimage_serve.engine.residency import holding
 from zimage_serve.engine.resize import repeat_to_batch
 
 if TYPE_CHECKING:
@@ -159,14 +158,12 @@ def steering(
         return
     height, width = latent.shape[-2:]
     streams = []
-    with ExitStack() as held:
-        for patch in patches:
-            held.enter_context(holding(patch.controlnet.module, inside=True))  # smart memory: beside the transformer
-            context = patch.context(height, width, fmt, cancel)
-            streams.append(_Stream(patch, context, len(transformer.layers)))
-        previous = getattr(_steering, "streams", None)
-        _steering.streams = streams
-        try:
-            yield
-        finally:
-            _steering.streams = previous
+    for patch in patches:  # (under smart memory, DiffusionModel.patched holds them on the card for the sampling)
+        context = patch.context(height, width, fmt, cancel)
+        streams.append(_Stream(patch, context, len(transformer.layers)))
+    previous = getattr(_steering, "streams", None)
+    _steering.streams = streams
+    try:
+        yield
+    finally:
+        _steering.streams = previous

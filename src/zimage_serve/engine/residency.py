@@ -152,13 +152,17 @@ class _Component:
     resident: int | None = None  # base and the first `resident` blocks are on the card
     last_used: int = -1
     in_use: int = 0  # held or running: `free` and `make_room` leave it alone, plans as `inside` and `exact` say
-    streaming: bool = False  # running with some blocks left in host memory
     refused: int = 0  # calls whose plan raised: their after-call hook releases nothing
     inside: int = 0  # holds of it to run inside other components' calls (it may stream: others may shrink it)
     exact: int = 0  # holds that keep it exactly as it is (its weights patched where they are)
     calls: int = 0  # its forward calls running
     peaks: dict[int | None, int] = field(default_factory=dict)
     slots: dict[Any, _Slot] = field(default_factory=dict)  # by parameter, and by (module, name) for buffers
+
+    @property
+    def streaming(self) -> bool:
+        """Part of it is on the card and the rest streams in block by block when it runs."""
+        return self.resident is not None and self.resident < len(self.blocks)
 
 
 class Residency:
@@ -317,7 +321,6 @@ class Residency:
                     if other is not component:
                         self._shrink(other, after[other.name])
                 self._set(component, after[component.name])
-            component.streaming = component.resident is not None and component.resident < len(component.blocks)
             if hold:
                 component.in_use += 1
             if measure and key is not None and key not in component.peaks and self._measuring is None:
@@ -444,7 +447,6 @@ class Residency:
         if resident is None:
             self._drop(component.base)
         component.resident = resident
-        component.streaming = resident is not None and resident < len(component.blocks)
 
     def _set(self, component: _Component, resident: int | None) -> None:
         if resident is None or (component.resident is not None and resident <= component.resident):
@@ -458,7 +460,6 @@ class Residency:
             else:  # streamed blocks left over from an earlier call, or on their way
                 self._drop(part)
         component.resident = resident
-        component.streaming = resident < len(component.blocks)
 
     def _load(self, part: _Part) -> None:
         if part.on_card is not None:
